@@ -1,0 +1,166 @@
+//! What PID 1 of a bare initramfs must do before anything else works: mount the kernel's
+//! filesystems, load the virtio drivers (modular in Debian's kernels) and configure eth0.
+//!
+//! The crate may use std only, so the two libc calls needed are declared here by hand; std
+//! already links libc, so no extra dependency is involved. Shell-level work goes through the
+//! initramfs's `/bin/busybox`.
+
+use std::ffi::CString;
+use std::os::raw::{c_char, c_int, c_ulong, c_void};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::log;
+
+const BUSYBOX: &str = "/bin/busybox";
+const MODULE_DIR: &str = "/lib/modules";
+
+/// Load order that satisfies each module's `depends=` with plain `insmod` (see LAB-NOTES).
+pub const MODULE_ORDER: &[&str] = &[
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_pci",
+    "failover",
+    "net_failover",
+    "virtio_net",
+    "virtio_blk",
+];
+
+#[repr(C)]
+struct Timespec {
+    tv_sec: i64,
+    tv_nsec: i64,
+}
+
+const CLOCK_MONOTONIC: c_int = 1;
+
+extern "C" {
+    fn mount(
+        source: *const c_char,
+        target: *const c_char,
+        fstype: *const c_char,
+        flags: c_ulong,
+        data: *const c_void,
+    ) -> c_int;
+    fn clock_gettime(clock: c_int, ts: *mut Timespec) -> c_int;
+}
+
+/// Milliseconds of CLOCK_MONOTONIC: the guest's own clock, since boot. Heartbeats carry it so
+/// the host can tell guest time from host time across a pause.
+pub fn monotonic_ms() -> u64 {
+    let mut ts = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    let rc = unsafe { clock_gettime(CLOCK_MONOTONIC, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64) * 1000 + (ts.tv_nsec as u64) / 1_000_000
+}
+
+fn mount_fs(fstype: &str, target: &str) {
+    if let Err(e) = std::fs::create_dir_all(target) {
+        log(&format!("warning: mkdir {target}: {e}"));
+    }
+    let (Ok(src), Ok(tgt), Ok(fst)) = (
+        CString::new(fstype),
+        CString::new(target),
+        CString::new(fstype),
+    ) else {
+        return;
+    };
+    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call; data is NULL.
+    let rc = unsafe {
+        mount(
+            src.as_ptr(),
+            tgt.as_ptr(),
+            fst.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        log(&format!(
+            "warning: mount {fstype} on {target}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+}
+
+/// Mounts proc, sysfs and devtmpfs.
+pub fn mount_filesystems() {
+    mount_fs("proc", "/proc");
+    mount_fs("sysfs", "/sys");
+    mount_fs("devtmpfs", "/dev");
+    let _ = std::fs::create_dir_all("/tmp");
+}
+
+/// Loads the virtio modules present in /lib/modules, in dependency order; a missing or failing
+/// module is logged and skipped (it may be built in, or not needed).
+pub fn load_modules() {
+    for name in MODULE_ORDER {
+        let path = format!("{MODULE_DIR}/{name}.ko");
+        if !Path::new(&path).exists() {
+            log(&format!("module {name}: not in initramfs, skipped"));
+            continue;
+        }
+        match Command::new(BUSYBOX).args(["insmod", &path]).output() {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => log(&format!(
+                "warning: insmod {name}: {} {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+            Err(e) => log(&format!("warning: insmod {name}: {e}")),
+        }
+    }
+}
+
+fn ip(args: &[&str]) {
+    match Command::new(BUSYBOX).arg("ip").args(args).output() {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => log(&format!(
+            "warning: ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Err(e) => log(&format!("warning: ip {}: {e}", args.join(" "))),
+    }
+}
+
+/// Brings up lo, and eth0 with the configured address and default route. Waits a few seconds
+/// for eth0 to appear, since virtio-net probes asynchronously after insmod.
+pub fn configure_network(cfg: &Config) {
+    ip(&["link", "set", "lo", "up"]);
+    let Some((addr, prefix)) = cfg.ip else {
+        log("no ferry.ip= given, eth0 left unconfigured");
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !Path::new("/sys/class/net/eth0").exists() {
+        if Instant::now() > deadline {
+            log("warning: eth0 did not appear within 5 s");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ip(&["link", "set", "eth0", "up"]);
+    ip(&["addr", "add", &format!("{addr}/{prefix}"), "dev", "eth0"]);
+    if let Some(gw) = cfg.gateway {
+        ip(&["route", "add", "default", "via", &gw.to_string()]);
+    }
+}
+
+/// MemAvailable in MiB from /proc/meminfo, if readable.
+pub fn mem_available_mib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}

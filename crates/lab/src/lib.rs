@@ -1,0 +1,20 @@
+//! Lab hosts on one machine, the guest image and probes of the test guest.
+//!
+//! Tests, benchmarks and the demo all stand on this crate, so that every figure Ferry reports is
+//! measured on the same real parts: network namespaces as hosts, real QEMU guests, and a guest
+//! program that checks its own memory.
+
+mod error;
+pub mod guest_client;
+pub mod guest_config;
+pub mod image;
+#[allow(clippy::module_inception)]
+mod lab;
+mod migration;
+pub mod net;
+pub mod serial;
+mod vm;
+
+pub use error::LabError;
+pub use lab::{GuestRequest, Lab, LabOptions};
+pub use vm::LabVm;

@@ -1,0 +1,114 @@
+//! The lab's driver of one live migration: both halves run in this process, each QEMU in its
+//! host's namespace. (The server drives the same phases through agents.)
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use ferry_migrate::{
+    destination, source, AbortSignal, MigrateError, MigrationHalves, MigrationParams, Progress,
+    SourceOutcome,
+};
+use ferry_qemu::{QemuProcess, StartMode};
+
+use crate::net::LabHostNet;
+use crate::serial::SerialMonitor;
+use crate::vm::LabVm;
+use crate::Lab;
+
+pub(crate) struct LabMigration<'a> {
+    lab: &'a Lab,
+    vm: &'a mut LabVm,
+    dest: LabHostNet,
+    params: MigrationParams,
+    abort: AbortSignal,
+    incoming: Option<(QemuProcess, SerialMonitor)>,
+}
+
+impl<'a> LabMigration<'a> {
+    pub(crate) fn new(
+        lab: &'a Lab,
+        vm: &'a mut LabVm,
+        dest: LabHostNet,
+        params: MigrationParams,
+        abort: AbortSignal,
+    ) -> Self {
+        LabMigration {
+            lab,
+            vm,
+            dest,
+            params,
+            abort,
+            incoming: None,
+        }
+    }
+
+    fn dest_err(e: impl std::fmt::Display) -> MigrateError {
+        MigrateError::Destination(e.to_string())
+    }
+}
+
+impl MigrationHalves for LabMigration<'_> {
+    async fn prepare_destination(&mut self) -> Result<SocketAddr, MigrateError> {
+        self.lab
+            .net
+            .add_tap(&self.dest.name, &self.vm.tap)
+            .map_err(Self::dest_err)?;
+        let (qemu, serial) = self
+            .lab
+            .launch(&self.vm.spec, &self.dest.name, StartMode::Incoming)
+            .await
+            .map_err(Self::dest_err)?;
+        let qmp = qemu.qmp().clone();
+        self.incoming = Some((qemu, serial));
+        destination::listen(&qmp, &self.params, IpAddr::V4(self.dest.migration_addr)).await
+    }
+
+    async fn run_source(
+        &mut self,
+        dest: SocketAddr,
+        observe: &mut (dyn FnMut(&Progress) + Send),
+    ) -> Result<SourceOutcome, MigrateError> {
+        source::run_source(
+            self.vm.qemu.qmp(),
+            dest,
+            &self.params,
+            observe,
+            self.abort.clone(),
+        )
+        .await
+    }
+
+    async fn confirm_destination(&mut self) -> Result<(), MigrateError> {
+        let (qemu, _) = self
+            .incoming
+            .as_ref()
+            .ok_or_else(|| MigrateError::DestinationNotRunning("no destination process".into()))?;
+        destination::confirm_running(qemu.qmp(), Duration::from_secs(10)).await
+    }
+
+    async fn finish_source(&mut self) {
+        let Some((qemu, serial)) = self.incoming.take() else {
+            return;
+        };
+        let old_qemu = std::mem::replace(&mut self.vm.qemu, qemu);
+        let old_serial = std::mem::replace(&mut self.vm.serial, serial);
+        let old_host = std::mem::replace(&mut self.vm.host, self.dest.name.clone());
+        old_qemu.shutdown(Duration::from_secs(5)).await;
+        // Let the reader take the source's last (possibly unterminated) line.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.vm.past_beats.push(old_serial.beats());
+        let _ = self.lab.net.remove_tap(&old_host, &self.vm.tap);
+    }
+
+    async fn remove_destination(&mut self) {
+        if let Some((mut qemu, _)) = self.incoming.take() {
+            qemu.kill();
+            let _ = qemu.wait_exit(Duration::from_secs(5)).await;
+        }
+        let _ = self.lab.net.remove_tap(&self.dest.name, &self.vm.tap);
+    }
+
+    async fn resume_source(&mut self) -> Result<(), MigrateError> {
+        source::ensure_running(self.vm.qemu.qmp()).await
+    }
+}

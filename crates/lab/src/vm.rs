@@ -1,0 +1,78 @@
+//! A guest running in the lab, and how the host talks to it.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use ferry_qemu::{InstanceSpec, QemuProcess};
+
+use crate::guest_client::{self, GuestStatus, VerifyReport};
+use crate::guest_config::CONTROL_PORT;
+use crate::net::tcp_connect_in;
+use crate::serial::{heartbeat_gap, Beat, HeartbeatGap, SerialMonitor};
+use crate::{Lab, LabError};
+
+/// A lab guest: its QEMU process, where it runs, and its serial heartbeat.
+#[derive(Debug)]
+pub struct LabVm {
+    pub name: String,
+    /// The lab host it runs on now.
+    pub host: String,
+    pub ip: Ipv4Addr,
+    pub tap: String,
+    pub spec: InstanceSpec,
+    pub qemu: QemuProcess,
+    pub serial: SerialMonitor,
+    /// Heartbeats seen on hosts it ran on before, oldest first.
+    pub past_beats: Vec<Vec<Beat>>,
+}
+
+impl LabVm {
+    /// Sends one command to the guest's control service from the lab's client namespace,
+    /// i.e. over the guest network, as a user of the VM would reach it.
+    pub async fn control(&self, lab: &Lab, command: &str) -> Result<String, LabError> {
+        let ns = lab.net.client_netns.clone();
+        let addr = SocketAddr::from((self.ip, CONTROL_PORT));
+        let guest_err = |detail: String| LabError::Guest {
+            name: self.name.clone(),
+            detail,
+        };
+        let stream = tokio::task::spawn_blocking(move || {
+            tcp_connect_in(&ns, addr, Duration::from_secs(5))
+        })
+        .await
+        .map_err(|e| guest_err(format!("connect task failed: {e}")))?
+        .map_err(|e| guest_err(format!("cannot reach the control port {addr}: {e}")))?;
+        stream
+            .set_nonblocking(true)
+            .map_err(|e| guest_err(e.to_string()))?;
+        let stream =
+            tokio::net::TcpStream::from_std(stream).map_err(|e| guest_err(e.to_string()))?;
+        guest_client::control(stream, command)
+            .await
+            .map_err(|e| guest_err(format!("'{command}': {e}")))
+    }
+
+    pub async fn status(&self, lab: &Lab) -> Result<GuestStatus, LabError> {
+        let line = self.control(lab, "status").await?;
+        guest_client::parse_status(&line).map_err(|e| LabError::Guest {
+            name: self.name.clone(),
+            detail: format!("bad status reply '{line}': {e}"),
+        })
+    }
+
+    /// Asks the guest to check every page of its working set.
+    pub async fn verify(&self, lab: &Lab) -> Result<VerifyReport, LabError> {
+        let line = self.control(lab, "verify").await?;
+        guest_client::parse_verify(&line).map_err(|e| LabError::Guest {
+            name: self.name.clone(),
+            detail: format!("bad verify reply '{line}': {e}"),
+        })
+    }
+
+    /// Heartbeat gap and continuity over every host this guest has run on.
+    pub fn heartbeat_gap(&self) -> HeartbeatGap {
+        let mut all = self.past_beats.clone();
+        all.push(self.serial.beats());
+        heartbeat_gap(&all)
+    }
+}

@@ -1,0 +1,75 @@
+use std::net::IpAddr;
+
+/// Why a migration (or one of its halves) did not complete.
+///
+/// Every variant says where the guest is left, which is what an operator needs first.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// The request itself is unusable; nothing was started.
+    #[error("invalid migration parameter: {0}")]
+    InvalidParams(String),
+    /// The source guest is not running, so there is nothing to live-migrate.
+    #[error("the source guest is not running (state {0})")]
+    SourceNotRunning(String),
+    /// Every port of the destination's migration range is taken.
+    #[error("no free migration port on {addr} in {first}-{last}; the guest stays on the source")]
+    PortUnavailable { addr: IpAddr, first: u16, last: u16 },
+    /// QEMU reported the migration failed; the guest stays on the source.
+    #[error("QEMU failed the migration: {0}; the guest stays on the source")]
+    Failed(String),
+    /// The migration was aborted on request before switchover; the guest stays on the source.
+    #[error("migration cancelled; the guest stays on the source")]
+    Cancelled,
+    /// The migration ran past its completion budget and was aborted.
+    #[error("migration did not complete within {0} s and was aborted; the guest stays on the source")]
+    Timeout(u64),
+    /// The destination did not take over after switchover.
+    #[error("destination did not start the guest: {0}")]
+    DestinationNotRunning(String),
+    /// The destination side could not be prepared (process, tap, ...).
+    #[error("destination preparation failed: {0}")]
+    Destination(String),
+    /// A QMP command failed.
+    #[error(transparent)]
+    Qmp(#[from] ferry_qmp::QmpError),
+}
+
+impl MigrateError {
+    /// A stable, kebab-case identifier of the error kind.
+    pub fn code(&self) -> &'static str {
+        match self {
+            MigrateError::InvalidParams(_) => "invalid-migration-params",
+            MigrateError::SourceNotRunning(_) => "source-not-running",
+            MigrateError::PortUnavailable { .. } => "migration-port-unavailable",
+            MigrateError::Failed(_) => "migration-failed",
+            MigrateError::Cancelled => "migration-cancelled",
+            MigrateError::Timeout(_) => "migration-timeout",
+            MigrateError::DestinationNotRunning(_) => "destination-not-running",
+            MigrateError::Destination(_) => "destination-prepare-failed",
+            MigrateError::Qmp(_) => "qmp-failed",
+        }
+    }
+
+    /// What the operator can do next.
+    pub fn hint(&self) -> &'static str {
+        match self {
+            MigrateError::InvalidParams(_) => "fix the named parameter and try again",
+            MigrateError::SourceNotRunning(_) => "start the instance first, or use a cold migration",
+            MigrateError::PortUnavailable { .. } => {
+                "free a port in the destination's migration range or widen the range"
+            }
+            MigrateError::Failed(_) => {
+                "check that the destination's migration address is reachable from the source, then retry"
+            }
+            MigrateError::Cancelled => "start the migration again when ready",
+            MigrateError::Timeout(_) => {
+                "raise the bandwidth or the downtime target, or enable auto-converge, then retry"
+            }
+            MigrateError::DestinationNotRunning(_) => {
+                "read the destination's QEMU log; the source was resumed if the destination is gone"
+            }
+            MigrateError::Destination(_) => "check the destination host's QEMU and network setup",
+            MigrateError::Qmp(_) => "a QEMU process stopped answering; check that it still runs",
+        }
+    }
+}

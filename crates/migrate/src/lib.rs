@@ -1,0 +1,19 @@
+//! The migration engine.
+//!
+//! A live migration is split into the halves that run next to each QEMU process
+//! ([`source`] and [`destination`]), the pure progress model both report with ([`progress`]),
+//! and the explicit phase sequence with its undo steps ([`phases`]) that whoever drives the
+//! halves (the demo in one process today, the server over agents later) follows.
+
+pub mod destination;
+mod error;
+pub mod params;
+pub mod phases;
+pub mod progress;
+pub mod source;
+
+pub use error::MigrateError;
+pub use params::{Bandwidth, MigrationParams, PortRange};
+pub use phases::{live_migrate, MigrationHalves, MigrationOutcome};
+pub use progress::{Phase, Progress, ProgressTracker};
+pub use source::{AbortHandle, AbortSignal, SourceOutcome};

@@ -1,0 +1,199 @@
+use std::time::Duration;
+
+use ferry_qmp::commands::{CapabilityState, MigrateSetParameters};
+use serde::{Deserialize, Serialize};
+
+use crate::MigrateError;
+
+/// A migration bandwidth cap.
+///
+/// `Unlimited` is set explicitly on QEMU: its own default silently caps a migration at
+/// 128 MiB/s, which on a fast link turns a sub-second migration into a long one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Bandwidth {
+    #[default]
+    Unlimited,
+    /// Bytes per second.
+    Limited(u64),
+}
+
+/// What QEMU is told for `Unlimited`: 1 TiB/s, far above any link, and far below the values
+/// that overflow QEMU's rate arithmetic.
+pub const UNLIMITED_BYTES_PER_SEC: u64 = 1 << 40;
+
+impl Bandwidth {
+    pub fn bytes_per_sec(self) -> u64 {
+        match self {
+            Bandwidth::Unlimited => UNLIMITED_BYTES_PER_SEC,
+            Bandwidth::Limited(b) => b,
+        }
+    }
+}
+
+/// An inclusive range of TCP ports a destination may listen on for migration streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl Default for PortRange {
+    /// 49152-49215, the range libvirt uses as well, so firewalls already opened for it work.
+    fn default() -> Self {
+        PortRange {
+            first: 49152,
+            last: 49215,
+        }
+    }
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = MigrateError;
+    fn from_str(s: &str) -> Result<Self, MigrateError> {
+        let bad = || MigrateError::InvalidParams(format!("port range '{s}' must look like 49152-49215"));
+        let (a, b) = s.split_once('-').unwrap_or((s, s));
+        let first: u16 = a.trim().parse().map_err(|_| bad())?;
+        let last: u16 = b.trim().parse().map_err(|_| bad())?;
+        if first == 0 || last < first {
+            return Err(bad());
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
+/// The per-migration settings, mapped onto QEMU capabilities and parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationParams {
+    pub bandwidth: Bandwidth,
+    /// The pause QEMU aims for at switchover. QEMU's default is 300 ms.
+    pub downtime_limit_ms: u64,
+    pub auto_converge: bool,
+    pub postcopy: bool,
+    /// Parallel streams (multifd); `None` means one stream.
+    pub multifd_channels: Option<u8>,
+    pub port_range: PortRange,
+    /// How often progress is sampled from the source.
+    pub sample_interval: Duration,
+    /// Abort (leaving the guest on the source) if the migration has not completed by then.
+    pub completion_timeout: Option<Duration>,
+}
+
+impl Default for MigrationParams {
+    fn default() -> Self {
+        MigrationParams {
+            bandwidth: Bandwidth::Unlimited,
+            downtime_limit_ms: 300,
+            auto_converge: false,
+            postcopy: false,
+            multifd_channels: None,
+            port_range: PortRange::default(),
+            sample_interval: Duration::from_millis(250),
+            completion_timeout: None,
+        }
+    }
+}
+
+impl MigrationParams {
+    /// Rejects values QEMU would refuse, or that are almost surely a mistake, before anything
+    /// starts.
+    pub fn validate(&self) -> Result<(), MigrateError> {
+        let bad = |m: String| Err(MigrateError::InvalidParams(m));
+        if let Bandwidth::Limited(b) = self.bandwidth {
+            if b < 1 << 20 {
+                return bad(format!("bandwidth {b} B/s is below 1 MiB/s"));
+            }
+        }
+        if self.downtime_limit_ms == 0 || self.downtime_limit_ms > 60_000 {
+            return bad(format!(
+                "downtime target {} ms must be between 1 and 60000 ms",
+                self.downtime_limit_ms
+            ));
+        }
+        if let Some(n) = self.multifd_channels {
+            if n == 0 || n > 64 {
+                return bad(format!("{n} multifd channels must be between 1 and 64"));
+            }
+        }
+        if self.sample_interval.is_zero() || self.sample_interval > Duration::from_millis(500) {
+            return bad("progress sample interval must be between 1 and 500 ms".into());
+        }
+        Ok(())
+    }
+
+    /// Capabilities; both sides must be given the same set before the stream starts.
+    pub fn capabilities(&self) -> Vec<CapabilityState> {
+        let cap = |name: &str, state: bool| CapabilityState {
+            capability: name.to_string(),
+            state,
+        };
+        vec![
+            cap("events", true),
+            cap("auto-converge", self.auto_converge),
+            cap("postcopy-ram", self.postcopy),
+            cap("multifd", self.multifd_channels.is_some()),
+        ]
+    }
+
+    /// Parameters both sides need to agree on (stream layout).
+    pub fn shared_parameters(&self) -> MigrateSetParameters {
+        MigrateSetParameters {
+            multifd_channels: self.multifd_channels.map(u64::from),
+            ..Default::default()
+        }
+    }
+
+    /// Parameters only the source uses (pacing).
+    pub fn source_parameters(&self) -> MigrateSetParameters {
+        MigrateSetParameters {
+            max_bandwidth: Some(self.bandwidth.bytes_per_sec()),
+            downtime_limit: Some(self.downtime_limit_ms),
+            ..self.shared_parameters()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_unlimited_is_explicit() {
+        let p = MigrationParams::default();
+        p.validate().unwrap();
+        let sp = p.source_parameters();
+        assert_eq!(sp.max_bandwidth, Some(UNLIMITED_BYTES_PER_SEC));
+        assert_eq!(sp.downtime_limit, Some(300));
+    }
+
+    #[test]
+    fn invalid_values_are_refused_with_the_value_named() {
+        let cases = [
+            MigrationParams { downtime_limit_ms: 0, ..Default::default() },
+            MigrationParams { bandwidth: Bandwidth::Limited(10), ..Default::default() },
+            MigrationParams { multifd_channels: Some(0), ..Default::default() },
+            MigrationParams { sample_interval: Duration::from_secs(2), ..Default::default() },
+        ];
+        for p in cases {
+            let e = p.validate().unwrap_err();
+            assert_eq!(e.code(), "invalid-migration-params", "{e}");
+        }
+    }
+
+    #[test]
+    fn port_range_parses() {
+        assert_eq!("49152-49215".parse::<PortRange>().unwrap(), PortRange::default());
+        assert_eq!("5000".parse::<PortRange>().unwrap(), PortRange { first: 5000, last: 5000 });
+        assert!("9-3".parse::<PortRange>().is_err());
+        assert!("0-10".parse::<PortRange>().is_err());
+        assert!("a-b".parse::<PortRange>().is_err());
+    }
+
+    #[test]
+    fn capabilities_follow_options() {
+        let p = MigrationParams { auto_converge: true, multifd_channels: Some(2), ..Default::default() };
+        let on: Vec<_> = p.capabilities().into_iter().filter(|c| c.state).map(|c| c.capability).collect();
+        assert_eq!(on, ["events", "auto-converge", "multifd"]);
+        assert_eq!(p.shared_parameters().multifd_channels, Some(2));
+    }
+}

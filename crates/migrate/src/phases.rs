@@ -1,0 +1,175 @@
+//! The phase sequence of one live migration and its undo steps.
+//!
+//! The order and the rules live here once, whoever drives the halves:
+//! 1. prepare the destination (start QEMU in incoming mode, listen);
+//! 2. run the source until QEMU reports completion;
+//! 3. confirm the destination runs the guest;
+//! 4. stop the source, which has handed over.
+//!
+//! Undo: any failure before step 3 removes the destination and leaves the guest running on the
+//! source. A failure at step 3 resumes the source only after the destination was killed, so the
+//! guest never runs twice.
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use tracing::{error, warn};
+
+use crate::progress::Progress;
+use crate::source::SourceOutcome;
+use crate::MigrateError;
+
+/// The operations a driver provides for each side; [`live_migrate`] calls them in order.
+pub trait MigrationHalves {
+    /// Start the destination in incoming mode and make it listen; returns the stream address.
+    fn prepare_destination(&mut self) -> impl Future<Output = Result<SocketAddr, MigrateError>> + Send;
+    /// Run the source's half to completion (see [`crate::source::run_source`]).
+    fn run_source(
+        &mut self,
+        dest: SocketAddr,
+        observe: &mut (dyn FnMut(&Progress) + Send),
+    ) -> impl Future<Output = Result<SourceOutcome, MigrateError>> + Send;
+    /// Wait for the destination guest to run.
+    fn confirm_destination(&mut self) -> impl Future<Output = Result<(), MigrateError>> + Send;
+    /// Stop the handed-over source process.
+    fn finish_source(&mut self) -> impl Future<Output = ()> + Send;
+    /// Kill the destination process and free what it held (port, tap, files).
+    fn remove_destination(&mut self) -> impl Future<Output = ()> + Send;
+    /// Resume the source guest; only called once the destination is gone.
+    fn resume_source(&mut self) -> impl Future<Output = Result<(), MigrateError>> + Send;
+}
+
+/// The result of a completed live migration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrationOutcome {
+    pub destination: SocketAddr,
+    pub source: SourceOutcome,
+}
+
+/// Runs one live migration through its phases, undoing on failure (see the module docs).
+pub async fn live_migrate<H: MigrationHalves + Send>(
+    halves: &mut H,
+    observe: &mut (dyn FnMut(&Progress) + Send),
+) -> Result<MigrationOutcome, MigrateError> {
+    let dest = match halves.prepare_destination().await {
+        Ok(d) => d,
+        Err(e) => {
+            halves.remove_destination().await;
+            return Err(e);
+        }
+    };
+    let source = match halves.run_source(dest, observe).await {
+        Ok(s) => s,
+        Err(e) => {
+            halves.remove_destination().await;
+            // The source half resumes its guest itself; make sure of it once more now that the
+            // destination is certainly gone.
+            if let Err(resume) = halves.resume_source().await {
+                error!(%resume, "source guest could not be resumed after a failed migration");
+            }
+            return Err(e);
+        }
+    };
+    if let Err(e) = halves.confirm_destination().await {
+        warn!(%e, "destination did not take over; killing it and resuming the source");
+        halves.remove_destination().await;
+        halves.resume_source().await?;
+        return Err(e);
+    }
+    halves.finish_source().await;
+    Ok(MigrationOutcome {
+        destination: dest,
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records the calls and fails where told; pure logic, no QEMU.
+    #[derive(Default)]
+    struct Script {
+        fail_at: Option<&'static str>,
+        calls: Vec<&'static str>,
+    }
+
+    impl Script {
+        fn step(&mut self, name: &'static str) -> Result<(), MigrateError> {
+            self.calls.push(name);
+            if self.fail_at == Some(name) {
+                Err(MigrateError::Failed(format!("{name} failed")))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    fn outcome() -> SourceOutcome {
+        SourceOutcome {
+            total_time_ms: 1,
+            downtime_ms: 1,
+            setup_time_ms: None,
+            transferred_bytes: 1,
+            iterations: 1,
+            final_progress: crate::ProgressTracker::new()
+                .update(0, &serde_json::from_value(serde_json::json!({"status": "completed"})).unwrap()),
+        }
+    }
+
+    impl MigrationHalves for Script {
+        async fn prepare_destination(&mut self) -> Result<SocketAddr, MigrateError> {
+            self.step("prepare")?;
+            Ok("10.0.0.1:49152".parse().unwrap())
+        }
+        async fn run_source(
+            &mut self,
+            _dest: SocketAddr,
+            _observe: &mut (dyn FnMut(&Progress) + Send),
+        ) -> Result<SourceOutcome, MigrateError> {
+            self.step("source")?;
+            Ok(outcome())
+        }
+        async fn confirm_destination(&mut self) -> Result<(), MigrateError> {
+            self.step("confirm")
+        }
+        async fn finish_source(&mut self) {
+            self.calls.push("finish");
+        }
+        async fn remove_destination(&mut self) {
+            self.calls.push("remove-dest");
+        }
+        async fn resume_source(&mut self) -> Result<(), MigrateError> {
+            self.step("resume")
+        }
+    }
+
+    async fn run(fail_at: Option<&'static str>) -> (bool, Vec<&'static str>) {
+        let mut s = Script { fail_at, ..Default::default() };
+        let ok = live_migrate(&mut s, &mut |_| {}).await.is_ok();
+        (ok, s.calls)
+    }
+
+    #[tokio::test]
+    async fn success_stops_the_source_last() {
+        assert_eq!(run(None).await, (true, vec!["prepare", "source", "confirm", "finish"]));
+    }
+
+    #[tokio::test]
+    async fn failures_before_switchover_remove_the_destination_and_keep_the_source() {
+        assert_eq!(run(Some("prepare")).await, (false, vec!["prepare", "remove-dest"]));
+        assert_eq!(
+            run(Some("source")).await,
+            (false, vec!["prepare", "source", "remove-dest", "resume"])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_destination_that_never_runs_is_killed_before_the_source_resumes() {
+        let (ok, calls) = run(Some("confirm")).await;
+        assert!(!ok);
+        assert_eq!(calls, vec!["prepare", "source", "confirm", "remove-dest", "resume"]);
+        assert!(!calls.contains(&"finish"), "a source must not be stopped when nobody took over");
+    }
+}

@@ -1,0 +1,200 @@
+//! The source half: start the stream, sample progress, abort on request.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ferry_qmp::commands::{
+    Cont, Migrate, MigrateCancel, MigrateSetCapabilities, MigrationStatus, QueryMigrate,
+    QueryStatus, RunState,
+};
+use ferry_qmp::Qmp;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::progress::{Progress, ProgressTracker};
+use crate::{MigrateError, MigrationParams};
+
+/// Asks a running migration to stop before switchover.
+#[derive(Debug, Clone)]
+pub struct AbortHandle(watch::Sender<bool>);
+
+/// The receiving end of an [`AbortHandle`], handed to the source half.
+#[derive(Debug, Clone)]
+pub struct AbortSignal(watch::Receiver<bool>);
+
+impl AbortHandle {
+    pub fn new() -> (AbortHandle, AbortSignal) {
+        let (tx, rx) = watch::channel(false);
+        (AbortHandle(tx), AbortSignal(rx))
+    }
+
+    pub fn abort(&self) {
+        let _ = self.0.send(true);
+    }
+}
+
+impl AbortSignal {
+    pub fn is_aborted(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves once abort was requested; never, if the handle is dropped without aborting.
+    pub async fn aborted(&mut self) {
+        if self.0.wait_for(|a| *a).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// What the source saw of a completed migration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SourceOutcome {
+    pub total_time_ms: u64,
+    pub downtime_ms: u64,
+    pub setup_time_ms: Option<u64>,
+    pub transferred_bytes: u64,
+    pub iterations: u64,
+    pub final_progress: Progress,
+}
+
+/// Sets the capabilities both sides need; the destination calls this too, before listening.
+pub async fn set_capabilities(qmp: &Qmp, params: &MigrationParams) -> Result<(), MigrateError> {
+    qmp.execute(&MigrateSetCapabilities {
+        capabilities: params.capabilities(),
+    })
+    .await?;
+    Ok(())
+}
+
+/// Migrates the guest behind `qmp` to a destination already listening at `dest`.
+///
+/// Samples progress every `params.sample_interval` and hands each sample to `observe`. On
+/// abort, or when the completion budget runs out, it cancels and makes sure the guest runs on
+/// the source again before returning the error.
+pub async fn run_source(
+    qmp: &Qmp,
+    dest: SocketAddr,
+    params: &MigrationParams,
+    observe: &mut (dyn FnMut(&Progress) + Send),
+    mut abort: AbortSignal,
+) -> Result<SourceOutcome, MigrateError> {
+    params.validate()?;
+    let status = qmp.execute(&QueryStatus {}).await?;
+    if !status.running {
+        return Err(MigrateError::SourceNotRunning(status.status.to_string()));
+    }
+    set_capabilities(qmp, params).await?;
+    qmp.execute(&params.source_parameters()).await?;
+    let started = Instant::now();
+    qmp.execute(&Migrate {
+        uri: format!("tcp:{dest}"),
+    })
+    .await?;
+    info!(%dest, "migration started");
+
+    let mut tracker = ProgressTracker::new();
+    let mut ticker = tokio::time::interval(params.sample_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stop_reason = tokio::select! {
+            _ = ticker.tick() => None,
+            _ = abort.aborted() => Some(MigrateError::Cancelled),
+        };
+        let stop_reason = stop_reason.or_else(|| {
+            params
+                .completion_timeout
+                .filter(|t| started.elapsed() > *t)
+                .map(|t| MigrateError::Timeout(t.as_secs()))
+        });
+        if let Some(reason) = stop_reason {
+            return cancel(qmp, &mut tracker, started, observe, reason).await;
+        }
+        let info = qmp.execute(&QueryMigrate {}).await?;
+        let progress = tracker.update(started.elapsed().as_millis() as u64, &info);
+        observe(&progress);
+        match info.status {
+            Some(MigrationStatus::Completed) => {
+                return Ok(SourceOutcome {
+                    total_time_ms: info.total_time.unwrap_or(progress.elapsed_ms),
+                    downtime_ms: info.downtime.unwrap_or(0),
+                    setup_time_ms: info.setup_time,
+                    transferred_bytes: progress.transferred_bytes,
+                    iterations: progress.iteration,
+                    final_progress: progress,
+                })
+            }
+            Some(MigrationStatus::Failed) => {
+                ensure_running(qmp).await?;
+                return Err(MigrateError::Failed(
+                    info.error_desc.unwrap_or_else(|| "no reason given".into()),
+                ));
+            }
+            Some(MigrationStatus::Cancelled) => {
+                ensure_running(qmp).await?;
+                return Err(MigrateError::Cancelled);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Cancels the stream and waits until QEMU confirms; if the migration completed anyway (the
+/// cancel raced switchover), that is reported as success would be: the caller sees `Ok` never
+/// here, but a `Failed` naming the race, so it re-checks the destination.
+async fn cancel(
+    qmp: &Qmp,
+    tracker: &mut ProgressTracker,
+    started: Instant,
+    observe: &mut (dyn FnMut(&Progress) + Send),
+    reason: MigrateError,
+) -> Result<SourceOutcome, MigrateError> {
+    warn!(%reason, "cancelling migration");
+    qmp.execute(&MigrateCancel {}).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = qmp.execute(&QueryMigrate {}).await?;
+        let progress = tracker.update(started.elapsed().as_millis() as u64, &info);
+        observe(&progress);
+        match info.status {
+            Some(MigrationStatus::Cancelled) | Some(MigrationStatus::Failed) => break,
+            Some(MigrationStatus::Completed) => {
+                return Err(MigrateError::Failed(
+                    "cancel arrived after switchover; the guest now runs on the destination".into(),
+                ))
+            }
+            _ if Instant::now() > deadline => {
+                return Err(MigrateError::Failed("QEMU did not confirm the cancel within 30 s".into()))
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    ensure_running(qmp).await?;
+    Err(reason)
+}
+
+/// After a failed or cancelled migration the source must run the guest again. QEMU resumes it
+/// by itself in most cases; if it was left paused (a failure during the final stop-and-copy),
+/// resume it, because the destination never took over.
+pub async fn ensure_running(qmp: &Qmp) -> Result<(), MigrateError> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = qmp.execute(&QueryStatus {}).await?;
+        if status.running {
+            return Ok(());
+        }
+        match status.status {
+            RunState::Paused | RunState::Postmigrate | RunState::FinishMigrate
+                if Instant::now() > deadline =>
+            {
+                warn!(state = %status.status, "source left stopped after a failed migration; resuming it");
+                qmp.execute(&Cont {}).await?;
+                return Ok(());
+            }
+            RunState::Paused | RunState::Postmigrate | RunState::FinishMigrate => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            other => return Err(MigrateError::SourceNotRunning(other.to_string())),
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! One QEMU process, as Ferry runs it.
+//!
+//! Every host-side decision about a QEMU process lives here: the command line an
+//! [`InstanceSpec`] turns into (identical on both sides of a migration, which QEMU requires),
+//! which accelerator really works on this host, starting normally or in incoming mode, and
+//! stopping without leaving a process, a socket or a file behind. Migration policy does not:
+//! that is `ferry-migrate`'s.
+
+mod accel;
+mod cmdline;
+mod error;
+mod process;
+mod spec;
+
+pub use accel::{probe_accelerator, Accel, AccelChoice, BootProbe};
+pub use cmdline::qemu_args;
+pub use error::QemuError;
+pub use process::{LaunchOptions, QemuProcess, RunPaths, StartMode};
+pub use spec::{BootSource, InstanceSpec, MacAddr, NicSpec};

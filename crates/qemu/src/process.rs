@@ -1,0 +1,274 @@
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use ferry_qmp::{commands, Qmp};
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::cmdline::qemu_args;
+use crate::spec::InstanceSpec;
+use crate::{Accel, QemuError};
+
+/// Where one QEMU process keeps its sockets and logs.
+///
+/// One directory per process, owned by it: removing the directory is the whole cleanup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunPaths {
+    pub dir: PathBuf,
+    pub qmp_socket: PathBuf,
+    pub serial_socket: PathBuf,
+    pub serial_log: PathBuf,
+    pub pidfile: PathBuf,
+    pub qemu_log: PathBuf,
+}
+
+impl RunPaths {
+    pub fn in_dir(dir: &Path) -> RunPaths {
+        RunPaths {
+            dir: dir.to_path_buf(),
+            qmp_socket: dir.join("qmp.sock"),
+            serial_socket: dir.join("serial.sock"),
+            serial_log: dir.join("serial.log"),
+            pidfile: dir.join("qemu.pid"),
+            qemu_log: dir.join("qemu.log"),
+        }
+    }
+}
+
+/// Whether QEMU runs the guest or waits for its state from a migration source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartMode {
+    Normal,
+    /// `-incoming defer`: the process waits until `migrate-incoming` names the address, which
+    /// lets the destination choose a free port and set capabilities first.
+    Incoming,
+}
+
+/// How and where to start a process, as opposed to what machine it is ([`InstanceSpec`]).
+#[derive(Debug, Clone)]
+pub struct LaunchOptions {
+    pub qemu_binary: PathBuf,
+    pub accel: Accel,
+    /// Network namespace to run in (a lab host); `None` on a real host.
+    pub netns: Option<String>,
+    /// The process's own directory; created, and removed when the process is stopped.
+    pub run_dir: PathBuf,
+    pub mode: StartMode,
+    /// How long QEMU may take to open its monitor.
+    pub start_timeout: Duration,
+}
+
+impl LaunchOptions {
+    pub fn new(run_dir: PathBuf, accel: Accel) -> LaunchOptions {
+        LaunchOptions {
+            qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            accel,
+            netns: None,
+            run_dir,
+            mode: StartMode::Normal,
+            start_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// A running QEMU process with its monitor connection.
+///
+/// Dropping it kills the process and removes its run directory, so an error path or a
+/// panicking test never leaves a guest behind.
+pub struct QemuProcess {
+    spec: InstanceSpec,
+    paths: RunPaths,
+    pid: i32,
+    qmp: Qmp,
+    exit: watch::Receiver<Option<String>>,
+    cleaned: bool,
+}
+
+impl std::fmt::Debug for QemuProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QemuProcess")
+            .field("name", &self.spec.name)
+            .field("pid", &self.pid)
+            .field("dir", &self.paths.dir)
+            .finish()
+    }
+}
+
+impl QemuProcess {
+    /// Starts QEMU for `spec` and connects to its monitor.
+    ///
+    /// Fails with the tail of QEMU's own output when it exits during start-up (a busy tap, a
+    /// bad option), so the caller never has to dig for the reason.
+    pub async fn launch(spec: &InstanceSpec, opts: &LaunchOptions) -> Result<QemuProcess, QemuError> {
+        spec.validate()?;
+        let paths = RunPaths::in_dir(&opts.run_dir);
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| QemuError::Io { path, source }
+        };
+        if paths.dir.exists() {
+            std::fs::remove_dir_all(&paths.dir).map_err(io(&paths.dir))?;
+        }
+        std::fs::create_dir_all(&paths.dir).map_err(io(&paths.dir))?;
+        let log = std::fs::File::create(&paths.qemu_log).map_err(io(&paths.qemu_log))?;
+        let log2 = log.try_clone().map_err(io(&paths.qemu_log))?;
+
+        let args = qemu_args(spec, opts.accel, &paths, opts.mode);
+        let mut cmd = match &opts.netns {
+            Some(ns) => {
+                let mut c = tokio::process::Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&opts.qemu_binary);
+                c
+            }
+            None => tokio::process::Command::new(&opts.qemu_binary),
+        };
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            // Its own process group: a Ctrl-C at the terminal reaches Ferry, which then stops
+            // its guests in order, instead of killing QEMU behind its back.
+            .process_group(0);
+        debug!(name = %spec.name, ?args, "starting QEMU");
+        let mut child = cmd.spawn().map_err(|source| QemuError::Spawn {
+            program: opts.qemu_binary.display().to_string(),
+            source,
+        })?;
+        let pid = child.id().unwrap_or(0) as i32;
+        let (tx, exit) = watch::channel(None);
+        tokio::spawn(async move {
+            let status = match child.wait().await {
+                Ok(s) => s.to_string(),
+                Err(e) => format!("unknown status ({e})"),
+            };
+            let _ = tx.send(Some(status));
+        });
+
+        let connect = Qmp::connect(&paths.qmp_socket, opts.start_timeout);
+        let mut exit_rx = exit.clone();
+        let qmp = tokio::select! {
+            r = connect => r,
+            _ = exit_rx.wait_for(|s| s.is_some()) => Err(ferry_qmp::QmpError::Closed),
+        };
+        let mut process = QemuProcess {
+            spec: spec.clone(),
+            paths,
+            pid,
+            qmp: match qmp {
+                Ok(q) => q,
+                Err(e) => {
+                    // Give QEMU a moment to finish writing why it quit.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let status = exit.borrow().clone();
+                    let output = tail(&RunPaths::in_dir(&opts.run_dir).qemu_log, 800);
+                    let err = match status {
+                        Some(status) => QemuError::Exited {
+                            name: spec.name.clone(),
+                            status,
+                            output,
+                        },
+                        None => QemuError::Qmp(e),
+                    };
+                    kill_pid(pid);
+                    let _ = std::fs::remove_dir_all(&opts.run_dir);
+                    return Err(err);
+                }
+            },
+            exit,
+            cleaned: false,
+        };
+        if let Some(status) = process.exit_status() {
+            let output = process.output_tail();
+            process.kill();
+            return Err(QemuError::Exited {
+                name: spec.name.clone(),
+                status,
+                output,
+            });
+        }
+        Ok(process)
+    }
+
+    pub fn qmp(&self) -> &Qmp {
+        &self.qmp
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    pub fn spec(&self) -> &InstanceSpec {
+        &self.spec
+    }
+
+    pub fn paths(&self) -> &RunPaths {
+        &self.paths
+    }
+
+    /// `Some(status)` once the process has exited.
+    pub fn exit_status(&self) -> Option<String> {
+        self.exit.borrow().clone()
+    }
+
+    /// The last bytes QEMU printed; what to show an operator when it misbehaves.
+    pub fn output_tail(&self) -> String {
+        tail(&self.paths.qemu_log, 800)
+    }
+
+    /// Waits up to `timeout` for the process to exit; `Some(status)` if it did.
+    pub async fn wait_exit(&self, timeout: Duration) -> Option<String> {
+        let mut rx = self.exit.clone();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|s| s.is_some())).await;
+        self.exit_status()
+    }
+
+    /// Stops QEMU: `quit` over QMP, then SIGKILL if it has not exited within `timeout`.
+    /// Always removes the run directory.
+    pub async fn shutdown(mut self, timeout: Duration) {
+        if self.exit_status().is_none() {
+            if let Err(e) = self.qmp.execute(&commands::Quit {}).await {
+                debug!(name = %self.spec.name, error = %e, "quit failed; killing");
+            }
+            if self.wait_exit(timeout).await.is_none() {
+                warn!(name = %self.spec.name, pid = self.pid, "QEMU ignored quit; killing it");
+            }
+        }
+        self.kill();
+    }
+
+    /// Kills the process (if still running) and removes its run directory. Idempotent.
+    pub fn kill(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        if self.exit_status().is_none() {
+            kill_pid(self.pid);
+        }
+        let _ = std::fs::remove_dir_all(&self.paths.dir);
+        self.cleaned = true;
+    }
+}
+
+impl Drop for QemuProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn kill_pid(pid: i32) {
+    if pid > 0 {
+        // SAFETY: kill(2) with a pid we spawned and have not reaped yet (the supervisor task
+        // marks the exit first); it has no memory-safety preconditions.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+}
+
+fn tail(path: &Path, max: usize) -> String {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    let start = s.len().saturating_sub(max);
+    let start = (start..s.len()).find(|i| s.is_char_boundary(*i)).unwrap_or(s.len());
+    s[start..].trim().to_string()
+}

@@ -1,0 +1,269 @@
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::QemuError;
+
+/// Smallest guest Ferry will start: below this Debian's kernel does not reach init.
+pub const MIN_MEMORY_MIB: u32 = 64;
+/// Largest guest Ferry will start (1 TiB): anything above is almost surely a unit mistake.
+pub const MAX_MEMORY_MIB: u32 = 1 << 20;
+/// Upper bound on vCPUs, far above what a migration lab or a typical fleet VM uses.
+pub const MAX_VCPUS: u32 = 256;
+
+/// What a virtual machine is, independent of the host it runs on.
+///
+/// Both sides of a live migration start QEMU from the same spec, because QEMU only accepts an
+/// incoming migration into a machine with the same devices, memory and CPU model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceSpec {
+    /// Instance name; also names files and the QEMU process (`-name`).
+    pub name: String,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    /// A named QEMU CPU model (`qemu64`, `Westmere`, ...). `host` and `max` are refused: they
+    /// make the guest depend on the exact host, which defeats migration.
+    pub cpu_model: String,
+    /// QEMU machine type (`pc`, `q35`, or a versioned one like `pc-i440fx-7.2`).
+    pub machine: String,
+    pub boot: BootSource,
+    pub nics: Vec<NicSpec>,
+}
+
+/// How the guest boots. Only direct kernel boot exists today; disk boot comes with disks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum BootSource {
+    Kernel {
+        kernel: PathBuf,
+        initrd: PathBuf,
+        cmdline: String,
+    },
+}
+
+/// A virtio NIC attached to a host tap device.
+///
+/// The MAC is fixed in the spec so that the guest keeps its identity on the network across a
+/// migration; the tap is host-local and re-created with the same name on the destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicSpec {
+    pub tap: String,
+    pub mac: MacAddr,
+}
+
+/// A unicast Ethernet address, validated on parse so QEMU never sees a bad one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    /// A locally administered address in QEMU's usual 52:54:00 range, derived from a number,
+    /// so that lab guests get stable, distinct MACs.
+    pub fn local(n: u32) -> MacAddr {
+        let b = n.to_be_bytes();
+        MacAddr([0x52, 0x54, 0x00, b[1], b[2], b[3]])
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl FromStr for MacAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parts: Vec<&str> = s.split(':').collect();
+        if parts.len() != 6 {
+            return Err(format!("'{s}' is not a MAC address (six hex bytes separated by ':')"));
+        }
+        let mut out = [0u8; 6];
+        for (slot, part) in out.iter_mut().zip(&parts) {
+            *slot = u8::from_str_radix(part, 16)
+                .ok()
+                .filter(|_| part.len() == 2)
+                .ok_or_else(|| format!("'{s}' is not a MAC address ('{part}' is not a hex byte)"))?;
+        }
+        if out[0] & 1 == 1 {
+            return Err(format!("'{s}' is a multicast address; a NIC needs a unicast one"));
+        }
+        Ok(MacAddr(out))
+    }
+}
+
+impl TryFrom<String> for MacAddr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<MacAddr> for String {
+    fn from(m: MacAddr) -> String {
+        m.to_string()
+    }
+}
+
+/// Names that end up in file names, QEMU options and tap names: keep them boring.
+pub(crate) fn is_simple_name(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && !s.starts_with('-')
+}
+
+impl InstanceSpec {
+    /// The memory bounds alone, for callers that want to refuse a size before building a
+    /// whole spec.
+    pub fn check_memory(memory_mib: u32) -> Result<(), QemuError> {
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&memory_mib) {
+            return Err(QemuError::InvalidSpec {
+                field: "memory_mib",
+                reason: format!(
+                    "{memory_mib} MiB is out of range ({MIN_MEMORY_MIB} MiB to {MAX_MEMORY_MIB} MiB)"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks everything that can be checked without a host, so that a bad request fails before
+    /// any process, tap or port exists.
+    pub fn validate(&self) -> Result<(), QemuError> {
+        let bad = |field, reason: String| Err(QemuError::InvalidSpec { field, reason });
+        if !is_simple_name(&self.name, 40) {
+            return bad(
+                "name",
+                format!(
+                    "'{}' must be 1-40 characters of a-z, 0-9, '-' or '_'",
+                    self.name
+                ),
+            );
+        }
+        Self::check_memory(self.memory_mib)?;
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return bad(
+                "vcpus",
+                format!("{} is out of range (1 to {MAX_VCPUS})", self.vcpus),
+            );
+        }
+        if matches!(self.cpu_model.as_str(), "host" | "max") {
+            return bad(
+                "cpu_model",
+                format!(
+                    "'{}' ties the guest to this exact host and cannot migrate safely; name a model such as qemu64 or Westmere",
+                    self.cpu_model
+                ),
+            );
+        }
+        if !is_simple_name(&self.cpu_model.to_ascii_lowercase().replace('.', "-"), 64) {
+            return bad("cpu_model", format!("'{}' is not a CPU model name", self.cpu_model));
+        }
+        if !is_simple_name(&self.machine.replace('.', "-"), 64) {
+            return bad("machine", format!("'{}' is not a machine type", self.machine));
+        }
+        let BootSource::Kernel { kernel, initrd, cmdline } = &self.boot;
+        for (field, path) in [("boot.kernel", kernel), ("boot.initrd", initrd)] {
+            if !path.is_file() {
+                return bad(field, format!("{} does not exist", path.display()));
+            }
+        }
+        if cmdline.contains('\n') {
+            return bad("boot.cmdline", "must be one line".into());
+        }
+        for nic in &self.nics {
+            if !is_simple_name(&nic.tap, 15) {
+                return bad(
+                    "nics.tap",
+                    format!("'{}' must be 1-15 characters of a-z, 0-9, '-' or '_'", nic.tap),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample(dir: &std::path::Path) -> InstanceSpec {
+        let kernel = dir.join("vmlinuz");
+        let initrd = dir.join("initrd");
+        std::fs::write(&kernel, b"k").unwrap();
+        std::fs::write(&initrd, b"i").unwrap();
+        InstanceSpec {
+            name: "web-1".into(),
+            memory_mib: 512,
+            vcpus: 1,
+            cpu_model: "qemu64".into(),
+            machine: "pc".into(),
+            boot: BootSource::Kernel {
+                kernel,
+                initrd,
+                cmdline: "console=ttyS0".into(),
+            },
+            nics: vec![NicSpec {
+                tap: "tap-web1".into(),
+                mac: MacAddr::local(1),
+            }],
+        }
+    }
+
+    #[test]
+    fn mac_round_trips_and_rejects_garbage() {
+        let m: MacAddr = "52:54:00:12:34:56".parse().unwrap();
+        assert_eq!(m.to_string(), "52:54:00:12:34:56");
+        assert!("52:54:00:12:34".parse::<MacAddr>().is_err());
+        assert!("52:54:00:12:34:zz".parse::<MacAddr>().is_err());
+        assert!("01:00:5e:00:00:01".parse::<MacAddr>().is_err());
+        assert!("5:54:00:12:34:56".parse::<MacAddr>().is_err());
+        assert_eq!(MacAddr::local(258).to_string(), "52:54:00:00:01:02");
+    }
+
+    #[test]
+    fn validate_accepts_a_sane_spec() {
+        let dir = tempfile::tempdir().unwrap();
+        sample(dir.path()).validate().unwrap();
+    }
+
+    #[test]
+    fn validate_rejects_bad_fields_with_the_field_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases: Vec<(&str, Box<dyn Fn(&mut InstanceSpec)>)> = vec![
+            ("memory_mib", Box::new(|s| s.memory_mib = 0)),
+            ("memory_mib", Box::new(|s| s.memory_mib = u32::MAX)),
+            ("vcpus", Box::new(|s| s.vcpus = 0)),
+            ("name", Box::new(|s| s.name = "Bad Name".into())),
+            ("name", Box::new(|s| s.name = "-x".into())),
+            ("cpu_model", Box::new(|s| s.cpu_model = "host".into())),
+            ("cpu_model", Box::new(|s| s.cpu_model = "a,b=c".into())),
+            ("machine", Box::new(|s| s.machine = "pc,accel=kvm".into())),
+            ("nics.tap", Box::new(|s| s.nics[0].tap = "a-very-long-tap-name".into())),
+            (
+                "boot.kernel",
+                Box::new(|s| {
+                    let BootSource::Kernel { kernel, .. } = &mut s.boot;
+                    *kernel = "/nonexistent/vmlinuz".into();
+                }),
+            ),
+        ];
+        for (field, mutate) in cases {
+            let mut s = sample(dir.path());
+            mutate(&mut s);
+            match s.validate() {
+                Err(QemuError::InvalidSpec { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("expected InvalidSpec on {field}, got {other:?}"),
+            }
+        }
+    }
+}
