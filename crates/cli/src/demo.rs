@@ -129,7 +129,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::from(1));
     }
-    Ok(if report.memory_verified { ExitCode::SUCCESS } else { ExitCode::from(2) })
+    Ok(if report.memory_verified {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
 }
 
 async fn shutdown_signal() {
@@ -158,10 +162,10 @@ async fn demo(args: &DemoArgs, report: &mut DemoReport) -> Result<(), LabError> 
         ..GuestConfig::default()
     };
     // Refuse bad input before anything is created.
+    ferry_qemu::InstanceSpec::check_memory(args.memory_mib)?;
     config
         .validate(args.memory_mib)
         .map_err(|e| LabError::InvalidRequest(format!("guest: {e}")))?;
-    ferry_qemu::InstanceSpec::check_memory(args.memory_mib)?;
     let params = MigrationParams {
         bandwidth: args
             .bandwidth_mib_s
@@ -175,7 +179,10 @@ async fn demo(args: &DemoArgs, report: &mut DemoReport) -> Result<(), LabError> 
     opts.image = args.image.options();
     opts.accel = args.accel.parse()?;
 
-    say(args, "preparing: guest image, accelerator, lab hosts hv1 and hv2");
+    say(
+        args,
+        "preparing: guest image, accelerator, lab hosts hv1 and hv2",
+    );
     let lab = Lab::start(opts).await?;
     report.accel = lab.accel.name().into();
     say(
@@ -238,7 +245,9 @@ async fn migrate_and_measure(
             p.iteration,
             p.throughput_bps / (1 << 20) as f64,
             p.remaining_bytes >> 20,
-            p.eta_ms.map(|ms| format!("{:.1}s", ms as f64 / 1000.0)).unwrap_or_else(|| "-".into()),
+            p.eta_ms
+                .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
+                .unwrap_or_else(|| "-".into()),
         ));
     };
     let migrated = lab.migrate(vm, "hv2", params, &mut observe, signal).await;
@@ -254,10 +263,11 @@ async fn migrate_and_measure(
     report.qemu_downtime_ms = Some(outcome.source.downtime_ms);
     report.bytes_transferred = Some(outcome.source.transferred_bytes);
     report.iterations = Some(outcome.source.iterations);
-    let tcp_ok = tokio::task::spawn_blocking(move || tcp_echo_roundtrip(&mut tcp, b"after migration"))
-        .await
-        .map(|r| r.is_ok())
-        .unwrap_or(false);
+    let tcp_ok =
+        tokio::task::spawn_blocking(move || tcp_echo_roundtrip(&mut tcp, b"after migration"))
+            .await
+            .map(|r| r.is_ok())
+            .unwrap_or(false);
     report.tcp_echo_survived = Some(tcp_ok);
     let gap = vm.heartbeat_gap();
     report.heartbeat_gap_ms = Some(gap.longest_gap.as_secs_f64() * 1000.0);
@@ -294,8 +304,14 @@ fn progress_bar(hidden: bool) -> ProgressBar {
 
 fn print_report(r: &DemoReport) {
     let ms = |v: Option<u64>| v.map(|v| format!("{v} ms")).unwrap_or_else(|| "-".into());
-    let fms = |v: Option<f64>| v.map(|v| format!("{v:.1} ms")).unwrap_or_else(|| "-".into());
-    println!("\nFerry demo: {} -> {} ({} MiB guest, {})", r.source, r.destination, r.memory_mib, r.accel);
+    let fms = |v: Option<f64>| {
+        v.map(|v| format!("{v:.1} ms"))
+            .unwrap_or_else(|| "-".into())
+    };
+    println!(
+        "\nFerry demo: {} -> {} ({} MiB guest, {})",
+        r.source, r.destination, r.memory_mib, r.accel
+    );
     println!("  status                 {}", r.status);
     println!("  total time             {}", ms(r.total_ms));
     println!("  QEMU downtime          {}", ms(r.qemu_downtime_ms));
@@ -308,21 +324,34 @@ fn print_report(r: &DemoReport) {
     println!(
         "  longest heartbeat gap  {} (counter continuous: {})",
         fms(r.heartbeat_gap_ms),
-        r.heartbeat_continuous.map(|c| if c { "yes" } else { "NO" }).unwrap_or("-")
+        r.heartbeat_continuous
+            .map(|c| if c { "yes" } else { "NO" })
+            .unwrap_or("-")
     );
     println!(
         "  TCP echo connection    {}",
-        r.tcp_echo_survived.map(|c| if c { "survived" } else { "BROKEN" }).unwrap_or("-")
+        r.tcp_echo_survived
+            .map(|c| if c { "survived" } else { "BROKEN" })
+            .unwrap_or("-")
     );
     println!(
         "  transferred            {}",
-        r.bytes_transferred.map(|b| format!("{:.1} MiB", b as f64 / (1 << 20) as f64)).unwrap_or_else(|| "-".into())
+        r.bytes_transferred
+            .map(|b| format!("{:.1} MiB", b as f64 / (1 << 20) as f64))
+            .unwrap_or_else(|| "-".into())
     );
-    println!("  iterations             {}", r.iterations.map(|i| i.to_string()).unwrap_or_else(|| "-".into()));
+    println!(
+        "  iterations             {}",
+        r.iterations
+            .map(|i| i.to_string())
+            .unwrap_or_else(|| "-".into())
+    );
     println!(
         "  memory verification    {} ({} pages checked, {} errors)",
         if r.memory_verified { "OK" } else { "FAILED" },
         r.memory_pages_checked.unwrap_or(0),
-        r.memory_errors.map(|e| e.to_string()).unwrap_or_else(|| "-".into())
+        r.memory_errors
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| "-".into())
     );
 }

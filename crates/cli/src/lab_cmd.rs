@@ -30,9 +30,15 @@ pub async fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
                 .await?
                 .map_err(LabError::from)?;
             for h in &net.hosts {
-                println!("{}\tnetns {}\tmigration {}", h.name, h.netns, h.migration_addr);
+                println!(
+                    "{}\tnetns {}\tmigration {}",
+                    h.name, h.netns, h.migration_addr
+                );
             }
-            println!("client\tnetns {}\taddress {}", net.client_netns, net.client_addr);
+            println!(
+                "client\tnetns {}\taddress {}",
+                net.client_netns, net.client_addr
+            );
             net.leak();
         }
         LabCommand::Down { name } => {

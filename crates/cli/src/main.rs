@@ -10,7 +10,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "ferry", version, about = "Live migration of KVM/QEMU virtual machines")]
+#[command(
+    name = "ferry",
+    version,
+    about = "Live migration of KVM/QEMU virtual machines"
+)]
 struct Cli {
     /// Log filter (RUST_LOG syntax), e.g. `info` or `ferry_migrate=debug`.
     #[arg(long, global = true, env = "FERRY_LOG", default_value = "warn")]
@@ -41,7 +45,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error[runtime]: cannot start the async runtime: {e}");

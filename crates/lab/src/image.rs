@@ -191,7 +191,7 @@ pub fn ensure_image(opts: &ImageOptions) -> Result<(GuestImage, bool), ImageErro
     }
     fs::create_dir_all(&images).map_err(io_err(format!("creating {}", images.display())))?;
     let staging = images.join(format!(".staging-{id}-{}", unique_suffix()));
-    let result = build_into(&staging, &deb, &busybox, &id);
+    let result = build_into(&staging, &dir, &deb, &busybox, &id);
     let image = match result {
         Ok(image) => image,
         Err(e) => {
@@ -210,7 +210,7 @@ pub fn ensure_image(opts: &ImageOptions) -> Result<(GuestImage, bool), ImageErro
         };
     }
     tracing::info!(id = %id, kernel = %image.kernel_version, "guest image built");
-    Ok((with_paths(image, &dir), true))
+    Ok((image, true))
 }
 
 /// sha256 over everything that determines the image's content.
@@ -250,8 +250,10 @@ fn load_image(dir: &Path) -> Option<GuestImage> {
     (image.kernel.is_file() && image.initrd.is_file()).then_some(image)
 }
 
+/// Builds the image in `staging`; its image.json already names the files in `final_dir`.
 fn build_into(
     staging: &Path,
+    final_dir: &Path,
     deb: &Path,
     busybox: &[u8],
     id: &str,
@@ -284,12 +286,15 @@ fn build_into(
         .map_err(io_err(format!("writing {}", initrd_path.display())))?;
     fs::remove_dir_all(&unpacked).map_err(io_err(format!("removing {}", unpacked.display())))?;
 
-    let image = GuestImage {
-        kernel: staging.join("vmlinuz"),
-        initrd: initrd_path,
-        kernel_version,
-        id: id.to_string(),
-    };
+    let image = with_paths(
+        GuestImage {
+            kernel: PathBuf::new(),
+            initrd: PathBuf::new(),
+            kernel_version,
+            id: id.to_string(),
+        },
+        final_dir,
+    );
     let json = serde_json::to_vec_pretty(&image).map_err(|e| ImageError::Io {
         context: "encoding image.json".into(),
         source: io::Error::other(e),
@@ -424,8 +429,7 @@ fn find_cached_deb(debs: &Path, package: &str) -> Option<PathBuf> {
     let prefix = format!("{package}_");
     cached_debs(debs)
         .into_iter()
-        .filter(|(name, _)| name.starts_with(&prefix))
-        .next_back()
+        .rfind(|(name, _)| name.starts_with(&prefix))
         .map(|(_, path)| path)
 }
 
@@ -435,10 +439,7 @@ fn newest_cached_kernel(debs: &Path) -> Option<PathBuf> {
         .into_iter()
         .filter(|(n, _)| n.starts_with("linux-image-"))
         .collect();
-    let cloud = all
-        .iter()
-        .filter(|(n, _)| n.contains("-cloud-"))
-        .next_back();
+    let cloud = all.iter().rfind(|(n, _)| n.contains("-cloud-"));
     cloud.or(all.last()).map(|(_, p)| p.clone())
 }
 
@@ -766,8 +767,11 @@ mod tests {
         assert_eq!(ensure_image(&opts).unwrap_err().code(), "busybox-missing");
     }
 
-    /// Parses a newc archive back into (name, mode, rdev, data).
-    fn parse_newc(mut bytes: &[u8]) -> Vec<(String, u32, (u32, u32), Vec<u8>)> {
+    /// One parsed archive entry: name, mode, rdev, data.
+    type Entry = (String, u32, (u32, u32), Vec<u8>);
+
+    /// Parses a newc archive back into entries.
+    fn parse_newc(mut bytes: &[u8]) -> Vec<Entry> {
         let mut out = Vec::new();
         let total = bytes.len();
         let field = |h: &[u8], i: usize| {
@@ -795,7 +799,8 @@ mod tests {
             }
             out.push((name, mode, (rmaj, rmin), data));
         }
-        assert!(bytes.is_empty() && total % 4 == 0);
+        assert!(bytes.is_empty());
+        assert_eq!(total % 4, 0);
         out
     }
 

@@ -104,6 +104,7 @@ impl Lab {
     /// Boots a guest on `host` and waits until its services answer.
     pub async fn boot_guest(&self, host: &str, req: &GuestRequest) -> Result<LabVm, LabError> {
         let host_net = self.net.host(host)?.clone();
+        InstanceSpec::check_memory(req.memory_mib)?;
         req.config
             .validate(req.memory_mib)
             .map_err(|e| LabError::InvalidRequest(format!("guest {}: {e}", req.name)))?;
@@ -148,11 +149,24 @@ impl Lab {
             serial,
             past_beats: Vec::new(),
         };
-        if vm.serial.wait_for_line("ferry-guest ready", BOOT_TIMEOUT).await.is_none() {
+        if vm
+            .serial
+            .wait_for_line("ferry-guest ready", BOOT_TIMEOUT)
+            .await
+            .is_none()
+        {
             let detail = format!(
                 "did not print its ready line within {} s; last output: {}",
                 BOOT_TIMEOUT.as_secs(),
-                vm.serial.lines().iter().rev().take(5).rev().cloned().collect::<Vec<_>>().join(" | ")
+                vm.serial
+                    .lines()
+                    .iter()
+                    .rev()
+                    .take(5)
+                    .rev()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(" | ")
             );
             self.discard(vm);
             return Err(LabError::Guest {
@@ -214,13 +228,20 @@ impl Lab {
 
     /// Stops a guest and removes its tap.
     pub async fn stop_guest(&self, vm: LabVm) {
-        let LabVm { qemu, host, tap, .. } = vm;
+        let LabVm {
+            qemu, host, tap, ..
+        } = vm;
         qemu.shutdown(Duration::from_secs(5)).await;
         let _ = self.net.remove_tap(&host, &tap);
     }
 
     fn discard(&self, vm: LabVm) {
-        let LabVm { mut qemu, host, tap, .. } = vm;
+        let LabVm {
+            mut qemu,
+            host,
+            tap,
+            ..
+        } = vm;
         qemu.kill();
         let _ = self.net.remove_tap(&host, &tap);
     }

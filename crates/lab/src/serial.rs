@@ -71,7 +71,12 @@ impl SerialMonitor {
     }
 
     pub fn last_beat(&self) -> Option<Beat> {
-        self.log.lock().expect("serial log lock").beats.last().copied()
+        self.log
+            .lock()
+            .expect("serial log lock")
+            .beats
+            .last()
+            .copied()
     }
 
     /// The non-heartbeat lines so far (boot messages, the ready line, warnings).
@@ -151,7 +156,10 @@ mod tests {
 
     fn beats(t0: Instant, list: &[(u64, u64)]) -> Vec<Beat> {
         list.iter()
-            .map(|&(ms, c)| Beat { at: t0 + Duration::from_millis(ms), counter: c })
+            .map(|&(ms, c)| Beat {
+                at: t0 + Duration::from_millis(ms),
+                counter: c,
+            })
             .collect()
     }
 

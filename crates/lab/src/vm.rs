@@ -36,12 +36,11 @@ impl LabVm {
             name: self.name.clone(),
             detail,
         };
-        let stream = tokio::task::spawn_blocking(move || {
-            tcp_connect_in(&ns, addr, Duration::from_secs(5))
-        })
-        .await
-        .map_err(|e| guest_err(format!("connect task failed: {e}")))?
-        .map_err(|e| guest_err(format!("cannot reach the control port {addr}: {e}")))?;
+        let stream =
+            tokio::task::spawn_blocking(move || tcp_connect_in(&ns, addr, Duration::from_secs(5)))
+                .await
+                .map_err(|e| guest_err(format!("connect task failed: {e}")))?
+                .map_err(|e| guest_err(format!("cannot reach the control port {addr}: {e}")))?;
         stream
             .set_nonblocking(true)
             .map_err(|e| guest_err(e.to_string()))?;

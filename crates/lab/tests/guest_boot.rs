@@ -5,13 +5,14 @@
 //! to a persistent directory so repeated runs do not download the kernel again.
 
 use std::fs;
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ferry_lab::guest_client::{self, parse_heartbeat};
-use ferry_lab::guest_config::{GuestConfig, CONTROL_PORT};
+use ferry_lab::guest_client::{tcp_echo_roundtrip, EchoProbe};
+use ferry_lab::guest_config::{GuestConfig, CONTROL_PORT, ECHO_PORT};
 use ferry_lab::image::{ensure_image, ImageOptions};
 
 const QEMU: &str = "qemu-system-x86_64";
@@ -96,10 +97,19 @@ async fn guest_boots_serves_and_verifies_its_memory() {
     };
     cfg.validate(256).expect("valid config");
     let port = free_port();
+    let echo_port = free_port();
     let log = tmp.path().join("serial.log");
     let boot_started = Instant::now();
     let child = Command::new(QEMU)
-        .args(["-accel", "tcg", "-m", "256", "-nodefaults", "-display", "none"])
+        .args([
+            "-accel",
+            "tcg",
+            "-m",
+            "256",
+            "-nodefaults",
+            "-display",
+            "none",
+        ])
         .args(["-no-user-config", "-kernel"])
         .arg(&image.kernel)
         .arg("-initrd")
@@ -110,7 +120,9 @@ async fn guest_boots_serves_and_verifies_its_memory() {
         .arg(format!("file:{}", log.display()))
         .arg("-netdev")
         .arg(format!(
-            "user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:{CONTROL_PORT}"
+            "user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:{CONTROL_PORT},\
+             hostfwd=tcp:127.0.0.1:{echo_port}-:{ECHO_PORT},\
+             hostfwd=udp:127.0.0.1:{echo_port}-:{ECHO_PORT}"
         ))
         .args(["-device", "virtio-net-pci,netdev=n0"])
         .stdin(Stdio::null())
@@ -152,7 +164,10 @@ async fn guest_boots_serves_and_verifies_its_memory() {
     for (i, (counter, _)) in later.iter().enumerate() {
         assert_eq!(*counter, i as u64 + 1, "heartbeat counters not consecutive");
     }
-    assert!(later.windows(2).all(|w| w[1].1 >= w[0].1), "guest clock went back");
+    assert!(
+        later.windows(2).all(|w| w[1].1 >= w[0].1),
+        "guest clock went back"
+    );
 
     let status = guest_client::parse_status(&control(port, "status").await).expect("status");
     eprintln!("status: {status:?}");
@@ -172,6 +187,31 @@ async fn guest_boots_serves_and_verifies_its_memory() {
     let verify = guest_client::parse_verify(&control(port, "verify").await).expect("verify");
     assert!(verify.errors >= 1, "{verify:?}");
     assert_eq!(verify.first_error, Some(5), "{verify:?}");
+
+    // Echo services: a TCP stream and a UDP probe through the port forwards.
+    let echo_addr: SocketAddr = ([127, 0, 0, 1], echo_port).into();
+    let (tcp_ok, udp) = tokio::task::spawn_blocking(move || {
+        let mut stream = TcpStream::connect(echo_addr).expect("connect echo");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let tcp_ok = (0..3).all(|_| tcp_echo_roundtrip(&mut stream, &payload).is_ok());
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+        let probe = EchoProbe::start(socket, echo_addr, Duration::from_millis(10)).expect("probe");
+        std::thread::sleep(Duration::from_secs(1));
+        (tcp_ok, probe.stop())
+    })
+    .await
+    .expect("join");
+    eprintln!("udp echo: {udp:?}");
+    assert!(tcp_ok, "tcp echo roundtrip failed");
+    assert!(udp.received > 0 && udp.received + 5 >= udp.sent, "{udp:?}");
+    let status = guest_client::parse_status(&control(port, "status").await).expect("status");
+    assert!(
+        status.echo_tcp >= 1 && status.echo_udp >= udp.received,
+        "{status:?}"
+    );
 
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await

@@ -21,7 +21,9 @@ pub enum MigrateError {
     #[error("migration cancelled; the guest stays on the source")]
     Cancelled,
     /// The migration ran past its completion budget and was aborted.
-    #[error("migration did not complete within {0} s and was aborted; the guest stays on the source")]
+    #[error(
+        "migration did not complete within {0} s and was aborted; the guest stays on the source"
+    )]
     Timeout(u64),
     /// The destination did not take over after switchover.
     #[error("destination did not start the guest: {0}")]

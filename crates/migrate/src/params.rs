@@ -51,7 +51,8 @@ impl Default for PortRange {
 impl std::str::FromStr for PortRange {
     type Err = MigrateError;
     fn from_str(s: &str) -> Result<Self, MigrateError> {
-        let bad = || MigrateError::InvalidParams(format!("port range '{s}' must look like 49152-49215"));
+        let bad =
+            || MigrateError::InvalidParams(format!("port range '{s}' must look like 49152-49215"));
         let (a, b) = s.split_once('-').unwrap_or((s, s));
         let first: u16 = a.trim().parse().map_err(|_| bad())?;
         let last: u16 = b.trim().parse().map_err(|_| bad())?;
@@ -169,10 +170,22 @@ mod tests {
     #[test]
     fn invalid_values_are_refused_with_the_value_named() {
         let cases = [
-            MigrationParams { downtime_limit_ms: 0, ..Default::default() },
-            MigrationParams { bandwidth: Bandwidth::Limited(10), ..Default::default() },
-            MigrationParams { multifd_channels: Some(0), ..Default::default() },
-            MigrationParams { sample_interval: Duration::from_secs(2), ..Default::default() },
+            MigrationParams {
+                downtime_limit_ms: 0,
+                ..Default::default()
+            },
+            MigrationParams {
+                bandwidth: Bandwidth::Limited(10),
+                ..Default::default()
+            },
+            MigrationParams {
+                multifd_channels: Some(0),
+                ..Default::default()
+            },
+            MigrationParams {
+                sample_interval: Duration::from_secs(2),
+                ..Default::default()
+            },
         ];
         for p in cases {
             let e = p.validate().unwrap_err();
@@ -182,8 +195,17 @@ mod tests {
 
     #[test]
     fn port_range_parses() {
-        assert_eq!("49152-49215".parse::<PortRange>().unwrap(), PortRange::default());
-        assert_eq!("5000".parse::<PortRange>().unwrap(), PortRange { first: 5000, last: 5000 });
+        assert_eq!(
+            "49152-49215".parse::<PortRange>().unwrap(),
+            PortRange::default()
+        );
+        assert_eq!(
+            "5000".parse::<PortRange>().unwrap(),
+            PortRange {
+                first: 5000,
+                last: 5000
+            }
+        );
         assert!("9-3".parse::<PortRange>().is_err());
         assert!("0-10".parse::<PortRange>().is_err());
         assert!("a-b".parse::<PortRange>().is_err());
@@ -191,8 +213,17 @@ mod tests {
 
     #[test]
     fn capabilities_follow_options() {
-        let p = MigrationParams { auto_converge: true, multifd_channels: Some(2), ..Default::default() };
-        let on: Vec<_> = p.capabilities().into_iter().filter(|c| c.state).map(|c| c.capability).collect();
+        let p = MigrationParams {
+            auto_converge: true,
+            multifd_channels: Some(2),
+            ..Default::default()
+        };
+        let on: Vec<_> = p
+            .capabilities()
+            .into_iter()
+            .filter(|c| c.state)
+            .map(|c| c.capability)
+            .collect();
         assert_eq!(on, ["events", "auto-converge", "multifd"]);
         assert_eq!(p.shared_parameters().multifd_channels, Some(2));
     }

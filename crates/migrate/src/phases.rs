@@ -23,7 +23,9 @@ use crate::MigrateError;
 /// The operations a driver provides for each side; [`live_migrate`] calls them in order.
 pub trait MigrationHalves {
     /// Start the destination in incoming mode and make it listen; returns the stream address.
-    fn prepare_destination(&mut self) -> impl Future<Output = Result<SocketAddr, MigrateError>> + Send;
+    fn prepare_destination(
+        &mut self,
+    ) -> impl Future<Output = Result<SocketAddr, MigrateError>> + Send;
     /// Run the source's half to completion (see [`crate::source::run_source`]).
     fn run_source(
         &mut self,
@@ -113,8 +115,10 @@ mod tests {
             setup_time_ms: None,
             transferred_bytes: 1,
             iterations: 1,
-            final_progress: crate::ProgressTracker::new()
-                .update(0, &serde_json::from_value(serde_json::json!({"status": "completed"})).unwrap()),
+            final_progress: crate::ProgressTracker::new().update(
+                0,
+                &serde_json::from_value(serde_json::json!({"status": "completed"})).unwrap(),
+            ),
         }
     }
 
@@ -146,19 +150,28 @@ mod tests {
     }
 
     async fn run(fail_at: Option<&'static str>) -> (bool, Vec<&'static str>) {
-        let mut s = Script { fail_at, ..Default::default() };
+        let mut s = Script {
+            fail_at,
+            ..Default::default()
+        };
         let ok = live_migrate(&mut s, &mut |_| {}).await.is_ok();
         (ok, s.calls)
     }
 
     #[tokio::test]
     async fn success_stops_the_source_last() {
-        assert_eq!(run(None).await, (true, vec!["prepare", "source", "confirm", "finish"]));
+        assert_eq!(
+            run(None).await,
+            (true, vec!["prepare", "source", "confirm", "finish"])
+        );
     }
 
     #[tokio::test]
     async fn failures_before_switchover_remove_the_destination_and_keep_the_source() {
-        assert_eq!(run(Some("prepare")).await, (false, vec!["prepare", "remove-dest"]));
+        assert_eq!(
+            run(Some("prepare")).await,
+            (false, vec!["prepare", "remove-dest"])
+        );
         assert_eq!(
             run(Some("source")).await,
             (false, vec!["prepare", "source", "remove-dest", "resume"])
@@ -169,7 +182,13 @@ mod tests {
     async fn a_destination_that_never_runs_is_killed_before_the_source_resumes() {
         let (ok, calls) = run(Some("confirm")).await;
         assert!(!ok);
-        assert_eq!(calls, vec!["prepare", "source", "confirm", "remove-dest", "resume"]);
-        assert!(!calls.contains(&"finish"), "a source must not be stopped when nobody took over");
+        assert_eq!(
+            calls,
+            vec!["prepare", "source", "confirm", "remove-dest", "resume"]
+        );
+        assert!(
+            !calls.contains(&"finish"),
+            "a source must not be stopped when nobody took over"
+        );
     }
 }

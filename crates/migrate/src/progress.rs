@@ -184,7 +184,7 @@ mod tests {
     fn active(transferred: u64, remaining: u64, dirty_pages_rate: u64, sync: u64) -> MigrationInfo {
         info(serde_json::json!({
             "status": "active", "expected-downtime": 40, "total-time": 500,
-            "ram": {"transferred": transferred, "remaining": remaining, "total": 1000_000_000u64,
+            "ram": {"transferred": transferred, "remaining": remaining, "total": 1_000_000_000_u64,
                     "duplicate": 0, "normal": 0, "normal-bytes": 0, "skipped": 0,
                     "dirty-pages-rate": dirty_pages_rate, "mbps": 800.0, "dirty-sync-count": sync,
                     "postcopy-requests": 0, "page-size": 4096, "multifd-bytes": 0,
@@ -196,7 +196,7 @@ mod tests {
     #[test]
     fn first_sample_uses_qemus_rate_then_the_window() {
         let mut t = ProgressTracker::new();
-        let p = t.update(250, &active(0, 1000_000_000, 0, 1));
+        let p = t.update(250, &active(0, 1_000_000_000, 0, 1));
         assert_eq!(p.phase, Phase::Precopy);
         assert_eq!(p.throughput_bps, 100e6);
         assert_eq!(p.percent, 0.0);
@@ -241,7 +241,10 @@ mod tests {
         let p = t.update(10, &info(serde_json::json!({"status": "setup"})));
         assert_eq!(p.phase, Phase::Setup);
         assert_eq!(p.percent, 0.0);
-        let p = t.update(20, &info(serde_json::json!({"status": "some-future-state", "ram": {}})));
+        let p = t.update(
+            20,
+            &info(serde_json::json!({"status": "some-future-state", "ram": {}})),
+        );
         assert_eq!(p.phase, Phase::Setup);
     }
 
@@ -253,6 +256,10 @@ mod tests {
         // Rate drops to 100 MB/s; after more than a second only the slow samples count.
         t.update(1500, &active(600_000_000, 400_000_000, 0, 2));
         let p = t.update(2500, &active(700_000_000, 300_000_000, 0, 3));
-        assert!((p.throughput_bps - 100e6).abs() < 1.0, "{}", p.throughput_bps);
+        assert!(
+            (p.throughput_bps - 100e6).abs() < 1.0,
+            "{}",
+            p.throughput_bps
+        );
     }
 }

@@ -164,7 +164,9 @@ async fn cancel(
                 ))
             }
             _ if Instant::now() > deadline => {
-                return Err(MigrateError::Failed("QEMU did not confirm the cancel within 30 s".into()))
+                return Err(MigrateError::Failed(
+                    "QEMU did not confirm the cancel within 30 s".into(),
+                ))
             }
             _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }

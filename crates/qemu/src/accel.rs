@@ -119,11 +119,13 @@ fn kvm_runs_instructions(qemu: &Path) -> Result<(), String> {
     rom[0xFFF0..0xFFF5].copy_from_slice(&[0xB0, 0x10, 0xE6, 0xF4, 0xF4]); // mov al,16; out 0xf4,al; hlt
     std::fs::write(&bios, &rom).map_err(|e| e.to_string())?;
     let mut cmd = Command::new(qemu);
-    cmd.args(["-accel", "kvm", "-machine", "pc", "-cpu", "qemu64", "-m", "16"])
-        .args(["-nodefaults", "-no-user-config", "-display", "none"])
-        .arg("-bios")
-        .arg(&bios)
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
+    cmd.args([
+        "-accel", "kvm", "-machine", "pc", "-cpu", "qemu64", "-m", "16",
+    ])
+    .args(["-nodefaults", "-no-user-config", "-display", "none"])
+    .arg("-bios")
+    .arg(&bios)
+    .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
     let result = run_with_timeout(cmd, Duration::from_secs(10), None);
     let _ = std::fs::remove_dir_all(&dir);
     match result? {
@@ -137,18 +139,23 @@ fn kvm_runs_instructions(qemu: &Path) -> Result<(), String> {
 
 fn kvm_boots(qemu: &Path, boot: &BootProbe) -> Result<(), String> {
     let mut cmd = Command::new(qemu);
-    cmd.args(["-accel", "kvm", "-machine", "pc", "-cpu", "qemu64", "-m", "256"])
-        .args(["-nodefaults", "-no-user-config", "-display", "none"])
-        .arg("-kernel")
-        .arg(&boot.kernel)
-        .arg("-initrd")
-        .arg(&boot.initrd)
-        .args(["-append", &boot.cmdline])
-        .args(["-serial", "stdio"]);
+    cmd.args([
+        "-accel", "kvm", "-machine", "pc", "-cpu", "qemu64", "-m", "256",
+    ])
+    .args(["-nodefaults", "-no-user-config", "-display", "none"])
+    .arg("-kernel")
+    .arg(&boot.kernel)
+    .arg("-initrd")
+    .arg(&boot.initrd)
+    .args(["-append", &boot.cmdline])
+    .args(["-serial", "stdio"]);
     let start = Instant::now();
     let (_, out) = run_with_timeout(cmd, boot.timeout, Some(&boot.ready_marker))?;
     if out.contains(&boot.ready_marker) {
-        debug!(elapsed_ms = start.elapsed().as_millis() as u64, "KVM boot probe reached user space");
+        debug!(
+            elapsed_ms = start.elapsed().as_millis() as u64,
+            "KVM boot probe reached user space"
+        );
         Ok(())
     } else {
         Err(format!(
@@ -226,14 +233,15 @@ mod tests {
 
     #[test]
     fn forced_tcg_needs_no_probe() {
-        let acc = probe_accelerator(Path::new("/nonexistent/qemu"), AccelChoice::Tcg, None).unwrap();
+        let acc =
+            probe_accelerator(Path::new("/nonexistent/qemu"), AccelChoice::Tcg, None).unwrap();
         assert_eq!(acc, Accel::Tcg);
     }
 
     #[test]
     fn forced_kvm_with_a_broken_binary_is_an_error_not_a_hang() {
-        let err = probe_accelerator(Path::new("/nonexistent/qemu"), AccelChoice::Kvm, None)
-            .unwrap_err();
+        let err =
+            probe_accelerator(Path::new("/nonexistent/qemu"), AccelChoice::Kvm, None).unwrap_err();
         assert_eq!(err.code(), "accelerator-unusable");
     }
 }

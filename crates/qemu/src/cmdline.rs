@@ -6,7 +6,12 @@ use crate::Accel;
 ///
 /// Kept a pure function so that the exact command line is unit-tested, and so that source and
 /// destination provably get the same machine: only the run paths and the incoming flag differ.
-pub fn qemu_args(spec: &InstanceSpec, accel: Accel, paths: &RunPaths, mode: StartMode) -> Vec<String> {
+pub fn qemu_args(
+    spec: &InstanceSpec,
+    accel: Accel,
+    paths: &RunPaths,
+    mode: StartMode,
+) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |parts: &[&str]| a.extend(parts.iter().map(|s| s.to_string()));
     push(&["-name", &format!("guest={},debug-threads=on", spec.name)]);
@@ -16,7 +21,11 @@ pub fn qemu_args(spec: &InstanceSpec, accel: Accel, paths: &RunPaths, mode: Star
     push(&["-cpu", &spec.cpu_model]);
     push(&["-m", &format!("{}M", spec.memory_mib)]);
     push(&["-smp", &spec.vcpus.to_string()]);
-    let BootSource::Kernel { kernel, initrd, cmdline } = &spec.boot;
+    let BootSource::Kernel {
+        kernel,
+        initrd,
+        cmdline,
+    } = &spec.boot;
     push(&["-kernel", &kernel.display().to_string()]);
     push(&["-initrd", &initrd.display().to_string()]);
     push(&["-append", cmdline]);

@@ -100,7 +100,10 @@ impl QemuProcess {
     ///
     /// Fails with the tail of QEMU's own output when it exits during start-up (a busy tap, a
     /// bad option), so the caller never has to dig for the reason.
-    pub async fn launch(spec: &InstanceSpec, opts: &LaunchOptions) -> Result<QemuProcess, QemuError> {
+    pub async fn launch(
+        spec: &InstanceSpec,
+        opts: &LaunchOptions,
+    ) -> Result<QemuProcess, QemuError> {
         spec.validate()?;
         let paths = RunPaths::in_dir(&opts.run_dir);
         let io = |path: &Path| {
@@ -269,6 +272,8 @@ fn kill_pid(pid: i32) {
 fn tail(path: &Path, max: usize) -> String {
     let s = std::fs::read_to_string(path).unwrap_or_default();
     let start = s.len().saturating_sub(max);
-    let start = (start..s.len()).find(|i| s.is_char_boundary(*i)).unwrap_or(s.len());
+    let start = (start..s.len())
+        .find(|i| s.is_char_boundary(*i))
+        .unwrap_or(s.len());
     s[start..].trim().to_string()
 }

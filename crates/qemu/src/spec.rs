@@ -83,17 +83,23 @@ impl FromStr for MacAddr {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let parts: Vec<&str> = s.split(':').collect();
         if parts.len() != 6 {
-            return Err(format!("'{s}' is not a MAC address (six hex bytes separated by ':')"));
+            return Err(format!(
+                "'{s}' is not a MAC address (six hex bytes separated by ':')"
+            ));
         }
         let mut out = [0u8; 6];
         for (slot, part) in out.iter_mut().zip(&parts) {
             *slot = u8::from_str_radix(part, 16)
                 .ok()
                 .filter(|_| part.len() == 2)
-                .ok_or_else(|| format!("'{s}' is not a MAC address ('{part}' is not a hex byte)"))?;
+                .ok_or_else(|| {
+                    format!("'{s}' is not a MAC address ('{part}' is not a hex byte)")
+                })?;
         }
         if out[0] & 1 == 1 {
-            return Err(format!("'{s}' is a multicast address; a NIC needs a unicast one"));
+            return Err(format!(
+                "'{s}' is a multicast address; a NIC needs a unicast one"
+            ));
         }
         Ok(MacAddr(out))
     }
@@ -166,12 +172,22 @@ impl InstanceSpec {
             );
         }
         if !is_simple_name(&self.cpu_model.to_ascii_lowercase().replace('.', "-"), 64) {
-            return bad("cpu_model", format!("'{}' is not a CPU model name", self.cpu_model));
+            return bad(
+                "cpu_model",
+                format!("'{}' is not a CPU model name", self.cpu_model),
+            );
         }
         if !is_simple_name(&self.machine.replace('.', "-"), 64) {
-            return bad("machine", format!("'{}' is not a machine type", self.machine));
+            return bad(
+                "machine",
+                format!("'{}' is not a machine type", self.machine),
+            );
         }
-        let BootSource::Kernel { kernel, initrd, cmdline } = &self.boot;
+        let BootSource::Kernel {
+            kernel,
+            initrd,
+            cmdline,
+        } = &self.boot;
         for (field, path) in [("boot.kernel", kernel), ("boot.initrd", initrd)] {
             if !path.is_file() {
                 return bad(field, format!("{} does not exist", path.display()));
@@ -184,7 +200,10 @@ impl InstanceSpec {
             if !is_simple_name(&nic.tap, 15) {
                 return bad(
                     "nics.tap",
-                    format!("'{}' must be 1-15 characters of a-z, 0-9, '-' or '_'", nic.tap),
+                    format!(
+                        "'{}' must be 1-15 characters of a-z, 0-9, '-' or '_'",
+                        nic.tap
+                    ),
                 );
             }
         }
@@ -239,7 +258,8 @@ mod tests {
     #[test]
     fn validate_rejects_bad_fields_with_the_field_named() {
         let dir = tempfile::tempdir().unwrap();
-        let cases: Vec<(&str, Box<dyn Fn(&mut InstanceSpec)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut InstanceSpec)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("memory_mib", Box::new(|s| s.memory_mib = 0)),
             ("memory_mib", Box::new(|s| s.memory_mib = u32::MAX)),
             ("vcpus", Box::new(|s| s.vcpus = 0)),
@@ -248,7 +268,10 @@ mod tests {
             ("cpu_model", Box::new(|s| s.cpu_model = "host".into())),
             ("cpu_model", Box::new(|s| s.cpu_model = "a,b=c".into())),
             ("machine", Box::new(|s| s.machine = "pc,accel=kvm".into())),
-            ("nics.tap", Box::new(|s| s.nics[0].tap = "a-very-long-tap-name".into())),
+            (
+                "nics.tap",
+                Box::new(|s| s.nics[0].tap = "a-very-long-tap-name".into()),
+            ),
             (
                 "boot.kernel",
                 Box::new(|s| {

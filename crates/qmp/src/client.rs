@@ -480,6 +480,11 @@ async fn read_loop(
                 break;
             }
             Ok(_) => handle_line(&line, &shared, &events),
+            // QEMU exiting (quit, kill) resets the socket: that is a close, not a fault.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                debug!("QMP socket reset by QEMU");
+                break;
+            }
             Err(e) => {
                 warn!(error = %e, "QMP read failed");
                 break;

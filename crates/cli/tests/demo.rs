@@ -1,0 +1,176 @@
+//! `ferry demo` as a user runs it: the real binary, real lab hosts, a real guest.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn ferry() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+}
+
+fn namespaces_of(lab: &str) -> Vec<String> {
+    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(&format!("ferry-{lab}-")))
+        .map(String::from)
+        .collect()
+}
+
+fn qemu_processes_of(lab: &str) -> usize {
+    // Lab QEMUs keep their run directory under /tmp/ferry-lab-<lab>/ on the command line.
+    let out = Command::new("pgrep")
+        .args(["-f", &format!("ferry-lab-{lab}/")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+#[test]
+fn demo_json_reports_a_verified_migration_and_cleans_up() {
+    let lab = format!("d{}", std::process::id());
+    let out = ferry()
+        .args([
+            "demo",
+            "--json",
+            "--memory-mib",
+            "256",
+            "--wss-mib",
+            "32",
+            "--lab-name",
+            &lab,
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert_eq!(report["status"], "completed");
+    assert_eq!(report["source"], "hv1");
+    assert_eq!(report["destination"], "hv2");
+    assert_eq!(report["memory_mib"], 256);
+    assert_eq!(report["memory_verified"], true);
+    assert_eq!(report["memory_errors"], 0);
+    // QEMU rounds the pause to whole milliseconds: 0 is a possible (excellent) value.
+    assert!(report["qemu_downtime_ms"].as_u64().is_some(), "{report}");
+    for key in ["total_ms", "bytes_transferred", "iterations"] {
+        assert!(
+            report[key].as_u64().is_some_and(|v| v > 0),
+            "{key}: {report}"
+        );
+    }
+    for key in ["guest_downtime_ms", "heartbeat_gap_ms"] {
+        assert!(
+            report[key].as_f64().is_some_and(|v| v > 0.0),
+            "{key}: {report}"
+        );
+    }
+    assert_eq!(report["tcp_echo_survived"], true);
+    assert!(namespaces_of(&lab).is_empty());
+    assert_eq!(qemu_processes_of(&lab), 0);
+}
+
+#[test]
+fn bad_input_is_a_clear_error_with_nothing_created() {
+    let lab = format!("b{}", std::process::id());
+    for (args, code) in [
+        (vec!["--memory-mib", "0"], "error[invalid-instance-spec]"),
+        (
+            vec!["--memory-mib", "99999999"],
+            "error[invalid-instance-spec]",
+        ),
+        (
+            vec!["--downtime-ms", "0"],
+            "error[invalid-migration-params]",
+        ),
+        (vec!["--accel", "warp"], "error[unknown-accelerator]"),
+        (
+            vec!["--memory-mib", "128", "--wss-mib", "512"],
+            "error[invalid-request]",
+        ),
+    ] {
+        let out = ferry()
+            .args(["demo", "--lab-name", &lab])
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(code), "{args:?}: {stderr}");
+        assert!(stderr.contains("hint:"), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(namespaces_of(&lab).is_empty());
+    }
+    let out = ferry()
+        .args(["demo", "--json", "--memory-mib", "0", "--lab-name", &lab])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["status"], "failed");
+    assert_eq!(report["error"]["code"], "invalid-instance-spec");
+    assert!(report["error"]["hint"]
+        .as_str()
+        .is_some_and(|h| !h.is_empty()));
+}
+
+#[test]
+fn ctrl_c_during_the_demo_removes_everything_it_created() {
+    let lab = format!("c{}", std::process::id());
+    let mut child = ferry()
+        .args([
+            "demo",
+            "--memory-mib",
+            "256",
+            "--bandwidth-mib-s",
+            "2",
+            "--lab-name",
+            &lab,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Drain stderr in a thread (a closed pipe would kill the demo), and tell the test when
+    // the (slow, 2 MiB/s) migration has begun, so the interrupt lands in the middle of it.
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in stderr.lines().map_while(Result::ok) {
+            if line.contains("migrating") {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    rx.recv_timeout(Duration::from_secs(240))
+        .expect("the demo starts migrating");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !namespaces_of(&lab).is_empty(),
+        "the lab exists while the demo runs"
+    );
+    assert!(
+        qemu_processes_of(&lab) >= 2,
+        "source and destination QEMU run"
+    );
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    let stderr = reader.join().unwrap();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(
+        namespaces_of(&lab).is_empty(),
+        "namespaces removed: {:?}",
+        namespaces_of(&lab)
+    );
+    assert_eq!(qemu_processes_of(&lab), 0, "QEMU processes stopped");
+}

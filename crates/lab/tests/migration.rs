@@ -1,0 +1,330 @@
+//! Live migration between lab hosts with real QEMU guests (needs root and QEMU; CI has both).
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use ferry_lab::guest_client::{tcp_echo_roundtrip, EchoProbe};
+use ferry_lab::guest_config::{GuestConfig, ECHO_PORT};
+use ferry_lab::net::{tcp_connect_in, tcp_listen_in, udp_bind_in, unique_test_lab_name};
+use ferry_lab::{GuestRequest, Lab, LabError, LabOptions, LabVm};
+use ferry_migrate::{AbortHandle, Bandwidth, MigrateError, MigrationParams, PortRange};
+
+async fn lab() -> Lab {
+    ferry_lab::net::remove_orphan_test_labs();
+    Lab::start(LabOptions::new(&unique_test_lab_name(), 2))
+        .await
+        .expect("lab starts")
+}
+
+fn small_guest() -> GuestRequest {
+    GuestRequest {
+        name: "t-vm".into(),
+        memory_mib: 256,
+        vcpus: 1,
+        config: GuestConfig {
+            wss_mib: 32,
+            rate_mib_s: 16,
+            ..GuestConfig::default()
+        },
+    }
+}
+
+/// Processes running inside a lab host's namespace (QEMU is the only thing we start there).
+fn pids_in(lab: &Lab, host: &str) -> Vec<String> {
+    let ns = &lab.net.host(host).unwrap().netns;
+    let out = Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(String::from)
+        .collect()
+}
+
+fn tap_exists(lab: &Lab, host: &str, tap: &str) -> bool {
+    let ns = &lab.net.host(host).unwrap().netns;
+    Command::new("ip")
+        .args(["-n", ns, "link", "show", tap])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+async fn assert_alive_and_intact(lab: &Lab, vm: &LabVm) {
+    let before = vm.serial.last_beat().expect("heartbeats seen").counter;
+    vm.serial
+        .wait_beat_after(before + 20, Duration::from_secs(10))
+        .await
+        .expect("heartbeat keeps counting");
+    let report = vm.verify(lab).await.expect("verify answers");
+    let pages = u64::from(small_guest().config.wss_mib) * 256;
+    assert_eq!(report.checked, pages, "{report:?}");
+    assert_eq!(report.errors, 0, "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrates_there_and_back_with_clients_connected_and_memory_intact() {
+    let lab = lab().await;
+    let mut vm = lab.boot_guest("hv1", &small_guest()).await.unwrap();
+    let echo = SocketAddr::from((vm.ip, ECHO_PORT));
+    let ns = lab.net.client_netns.clone();
+    let (udp, mut tcp) = tokio::task::spawn_blocking(move || {
+        (
+            udp_bind_in(&ns, "0.0.0.0:0".parse().unwrap()).unwrap(),
+            tcp_connect_in(&ns, echo, Duration::from_secs(5)).unwrap(),
+        )
+    })
+    .await
+    .unwrap();
+    tcp_echo_roundtrip(&mut tcp, b"hello").unwrap();
+    let probe = EchoProbe::start(udp, echo, Duration::from_millis(5)).unwrap();
+
+    let mut samples = Vec::new();
+    let (_abort, signal) = AbortHandle::new();
+    let out = lab
+        .migrate(
+            &mut vm,
+            "hv2",
+            &MigrationParams::default(),
+            &mut |p| samples.push(p.clone()),
+            signal,
+        )
+        .await
+        .expect("migration completes");
+    assert_eq!(vm.host, "hv2");
+    assert!(out.source.transferred_bytes > 0);
+    assert!(out.source.iterations >= 1);
+    assert!(!samples.is_empty(), "progress was sampled");
+    assert_eq!(samples.last().unwrap().percent, 100.0);
+    assert!(pids_in(&lab, "hv1").is_empty(), "source QEMU is gone");
+    assert!(!tap_exists(&lab, "hv1", &vm.tap), "source tap is gone");
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let echoed = probe.stop();
+    assert!(
+        echoed.received > 0 && echoed.received + 200 > echoed.sent,
+        "{echoed:?}"
+    );
+    let mut tcp = tokio::task::spawn_blocking(move || {
+        tcp_echo_roundtrip(&mut tcp, b"still there").map(|_| tcp)
+    })
+    .await
+    .unwrap()
+    .expect("the TCP connection survives the migration");
+    let gap = vm.heartbeat_gap();
+    assert!(
+        gap.continuous,
+        "the heartbeat counter went on where it stopped: {gap:?}"
+    );
+    assert_alive_and_intact(&lab, &vm).await;
+
+    let (_abort, signal) = AbortHandle::new();
+    lab.migrate(
+        &mut vm,
+        "hv1",
+        &MigrationParams::default(),
+        &mut |_| {},
+        signal,
+    )
+    .await
+    .expect("migration back completes");
+    assert_eq!(vm.host, "hv1");
+    assert!(pids_in(&lab, "hv2").is_empty());
+    tokio::task::spawn_blocking(move || tcp_echo_roundtrip(&mut tcp, b"and back"))
+        .await
+        .unwrap()
+        .expect("the TCP connection survives the way back");
+    assert!(vm.heartbeat_gap().continuous);
+    assert_alive_and_intact(&lab, &vm).await;
+    lab.stop_guest(vm).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_during_the_copy_leaves_the_guest_on_the_source_and_nothing_on_the_destination() {
+    let lab = lab().await;
+    let mut vm = lab.boot_guest("hv1", &small_guest()).await.unwrap();
+    // 4 MiB/s for 256 MiB of RAM: the copy takes far longer than the moment we abort at.
+    let params = MigrationParams {
+        bandwidth: Bandwidth::Limited(4 << 20),
+        ..MigrationParams::default()
+    };
+    let (abort, signal) = AbortHandle::new();
+    let mut seen_copying = false;
+    let mut observe = |p: &ferry_migrate::Progress| {
+        if p.phase == ferry_migrate::Phase::Precopy && p.transferred_bytes > 1 << 20 {
+            seen_copying = true;
+            abort.abort();
+        }
+    };
+    let err = lab
+        .migrate(&mut vm, "hv2", &params, &mut observe, signal)
+        .await
+        .expect_err("aborted");
+    assert!(seen_copying, "abort came during the copy");
+    assert!(
+        matches!(err, LabError::Migrate(MigrateError::Cancelled)),
+        "{err}"
+    );
+    assert_eq!(err.code(), "migration-cancelled");
+    assert_eq!(vm.host, "hv1");
+    assert_alive_and_intact(&lab, &vm).await;
+    assert!(
+        pids_in(&lab, "hv2").is_empty(),
+        "no QEMU left on the destination"
+    );
+    assert!(
+        !tap_exists(&lab, "hv2", &vm.tap),
+        "no tap left on the destination"
+    );
+    let dest = lab.net.host("hv2").unwrap().clone();
+    let port = PortRange::default().first;
+    let listener = tokio::task::spawn_blocking(move || {
+        tcp_listen_in(&dest.netns, SocketAddr::from((dest.migration_addr, port)))
+    })
+    .await
+    .unwrap();
+    assert!(
+        listener.is_ok(),
+        "the migration port is free again: {listener:?}"
+    );
+    lab.stop_guest(vm).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_destination_port_is_a_clear_error_and_the_next_free_port_is_used() {
+    let lab = lab().await;
+    let mut vm = lab.boot_guest("hv1", &small_guest()).await.unwrap();
+    let dest = lab.net.host("hv2").unwrap().clone();
+    let port = 49200;
+    let (ns, addr) = (dest.netns.clone(), dest.migration_addr);
+    let _squatter =
+        tokio::task::spawn_blocking(move || tcp_listen_in(&ns, SocketAddr::from((addr, port))))
+            .await
+            .unwrap()
+            .unwrap();
+
+    let only_busy = MigrationParams {
+        port_range: PortRange {
+            first: port,
+            last: port,
+        },
+        ..MigrationParams::default()
+    };
+    let (_a, signal) = AbortHandle::new();
+    let err = lab
+        .migrate(&mut vm, "hv2", &only_busy, &mut |_| {}, signal)
+        .await
+        .expect_err("no free port");
+    assert_eq!(err.code(), "migration-port-unavailable", "{err}");
+    assert!(err.to_string().contains("49200"), "{err}");
+    assert!(err.to_string().contains("stays on the source"), "{err}");
+    assert_eq!(vm.host, "hv1");
+    assert!(pids_in(&lab, "hv2").is_empty());
+    assert_alive_and_intact(&lab, &vm).await;
+
+    let two = MigrationParams {
+        port_range: PortRange {
+            first: port,
+            last: port + 1,
+        },
+        ..MigrationParams::default()
+    };
+    let (_a, signal) = AbortHandle::new();
+    let out = lab
+        .migrate(&mut vm, "hv2", &two, &mut |_| {}, signal)
+        .await
+        .unwrap();
+    assert_eq!(out.destination.port(), port + 1);
+    assert_alive_and_intact(&lab, &vm).await;
+    lab.stop_guest(vm).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_clear_errors_and_change_nothing() {
+    let lab = lab().await;
+    let unknown = lab.boot_guest("hv9", &small_guest()).await.unwrap_err();
+    assert_eq!(unknown.code(), "unknown-host", "{unknown}");
+    assert!(unknown.to_string().contains("hv9"));
+
+    for memory_mib in [0, 10, u32::MAX] {
+        let req = GuestRequest {
+            memory_mib,
+            ..small_guest()
+        };
+        let err = lab.boot_guest("hv1", &req).await.unwrap_err();
+        assert_eq!(err.code(), "invalid-instance-spec", "{memory_mib}: {err}");
+        assert!(err.to_string().contains("memory_mib"), "{err}");
+    }
+    let too_big_wss = GuestRequest {
+        config: GuestConfig {
+            wss_mib: 4096,
+            ..small_guest().config
+        },
+        ..small_guest()
+    };
+    assert_eq!(
+        lab.boot_guest("hv1", &too_big_wss)
+            .await
+            .unwrap_err()
+            .code(),
+        "invalid-request"
+    );
+    assert!(
+        pids_in(&lab, "hv1").is_empty(),
+        "nothing was started for bad requests"
+    );
+
+    let mut vm = lab.boot_guest("hv1", &small_guest()).await.unwrap();
+    let (_a, signal) = AbortHandle::new();
+    let err = lab
+        .migrate(
+            &mut vm,
+            "hv9",
+            &MigrationParams::default(),
+            &mut |_| {},
+            signal.clone(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "unknown-host");
+    let err = lab
+        .migrate(
+            &mut vm,
+            "hv1",
+            &MigrationParams::default(),
+            &mut |_| {},
+            signal.clone(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "invalid-request", "{err}");
+    let zero_downtime = MigrationParams {
+        downtime_limit_ms: 0,
+        ..MigrationParams::default()
+    };
+    let err = lab
+        .migrate(&mut vm, "hv2", &zero_downtime, &mut |_| {}, signal.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "invalid-migration-params", "{err}");
+    assert!(pids_in(&lab, "hv2").is_empty());
+
+    // A destination nobody listens at (no such host on the migration network): QEMU's
+    // connection fails, the source half reports it and the guest keeps running.
+    let nowhere: SocketAddr = "10.78.0.99:49152".parse().unwrap();
+    let err = ferry_migrate::source::run_source(
+        vm.qemu.qmp(),
+        nowhere,
+        &MigrationParams::default(),
+        &mut |_| {},
+        signal,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), "migration-failed", "{err}");
+    assert_alive_and_intact(&lab, &vm).await;
+    lab.stop_guest(vm).await;
+}
