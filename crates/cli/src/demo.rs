@@ -312,42 +312,42 @@ fn print_report(r: &DemoReport) {
         "\nFerry demo: {} -> {} ({} MiB guest, {})",
         r.source, r.destination, r.memory_mib, r.accel
     );
-    println!("  status                 {}", r.status);
-    println!("  total time             {}", ms(r.total_ms));
-    println!("  QEMU downtime          {}", ms(r.qemu_downtime_ms));
+    println!("  status                   {}", r.status);
+    println!("  total time               {}", ms(r.total_ms));
+    println!("  QEMU downtime            {}", ms(r.qemu_downtime_ms));
     println!(
-        "  guest-observed downtime {} (UDP echo every 5 ms; {} of {} lost)",
+        "  guest-observed downtime  {} (UDP echo every 5 ms; {} of {} lost)",
         fms(r.guest_downtime_ms),
         r.echo_lost.unwrap_or(0),
         r.echo_sent.unwrap_or(0)
     );
     println!(
-        "  longest heartbeat gap  {} (counter continuous: {})",
+        "  longest heartbeat gap    {} (counter continuous: {})",
         fms(r.heartbeat_gap_ms),
         r.heartbeat_continuous
             .map(|c| if c { "yes" } else { "NO" })
             .unwrap_or("-")
     );
     println!(
-        "  TCP echo connection    {}",
+        "  TCP echo connection      {}",
         r.tcp_echo_survived
             .map(|c| if c { "survived" } else { "BROKEN" })
             .unwrap_or("-")
     );
     println!(
-        "  transferred            {}",
+        "  transferred              {}",
         r.bytes_transferred
             .map(|b| format!("{:.1} MiB", b as f64 / (1 << 20) as f64))
             .unwrap_or_else(|| "-".into())
     );
     println!(
-        "  iterations             {}",
+        "  iterations               {}",
         r.iterations
             .map(|i| i.to_string())
             .unwrap_or_else(|| "-".into())
     );
     println!(
-        "  memory verification    {} ({} pages checked, {} errors)",
+        "  memory verification      {} ({} pages checked, {} errors)",
         if r.memory_verified { "OK" } else { "FAILED" },
         r.memory_pages_checked.unwrap_or(0),
         r.memory_errors
