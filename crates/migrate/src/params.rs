@@ -73,6 +73,8 @@ pub struct MigrationParams {
     pub postcopy: bool,
     /// Parallel streams (multifd); `None` means one stream.
     pub multifd_channels: Option<u8>,
+    /// Compression of multifd streams (`zstd`, `zlib`); needs `multifd_channels`.
+    pub multifd_compression: Option<String>,
     pub port_range: PortRange,
     /// How often progress is sampled from the source.
     pub sample_interval: Duration,
@@ -88,6 +90,7 @@ impl Default for MigrationParams {
             auto_converge: false,
             postcopy: false,
             multifd_channels: None,
+            multifd_compression: None,
             port_range: PortRange::default(),
             sample_interval: Duration::from_millis(250),
             completion_timeout: None,
@@ -116,6 +119,13 @@ impl MigrationParams {
                 return bad(format!("{n} multifd channels must be between 1 and 64"));
             }
         }
+        if let Some(c) = &self.multifd_compression {
+            if self.multifd_channels.is_none() || !matches!(c.as_str(), "none" | "zlib" | "zstd") {
+                return bad(format!(
+                    "compression '{c}' needs multifd channels and one of none, zlib, zstd"
+                ));
+            }
+        }
         if self.sample_interval.is_zero() || self.sample_interval > Duration::from_millis(500) {
             return bad("progress sample interval must be between 1 and 500 ms".into());
         }
@@ -140,6 +150,7 @@ impl MigrationParams {
     pub fn shared_parameters(&self) -> MigrateSetParameters {
         MigrateSetParameters {
             multifd_channels: self.multifd_channels.map(u64::from),
+            multifd_compression: self.multifd_compression.clone(),
             ..Default::default()
         }
     }

@@ -1,0 +1,118 @@
+//! The agent API: what the server asks of each host's agent, and what agents tell the server.
+//!
+//! Agent endpoints (all under the agent's URL, bearer = the agent's credential):
+//! - `GET  /v1/facts` -> [`crate::hosts::HostFacts`]
+//! - `GET  /v1/instances` -> `Vec<AgentInstance>`
+//! - `PUT  /v1/instances/{id}` [`DefineInstance`] -> [`AgentInstance`] (idempotent)
+//! - `POST /v1/instances/{id}/start` | `/stop` -> [`AgentInstance`]
+//! - `DELETE /v1/instances/{id}` -> `()` (refused while running)
+//! - `POST /v1/migrations/{mid}/incoming` [`PrepareIncoming`] -> [`IncomingReady`]
+//! - `DELETE /v1/migrations/{mid}/incoming` -> `()` (refused once the guest runs there)
+//! - `POST /v1/migrations/{mid}/confirm` -> [`AgentInstance`] (destination: guest runs)
+//! - `POST /v1/migrations/{mid}/source` [`StartSource`] -> [`SourceStatus`]
+//! - `GET  /v1/migrations/{mid}?after=SEQ` -> [`SourceStatus`]
+//! - `POST /v1/migrations/{mid}/cancel` -> [`SourceStatus`]
+//! - `POST /v1/migrations/{mid}/finish` -> `()` (source: stop the handed-over QEMU)
+//! - `POST /v1/migrations/{mid}/resume` -> [`AgentInstance`] (source: make sure it runs)
+//!
+//! Server endpoints for agents (bearer = join token for join, then the agent credential):
+//! - `POST /v1/agents/join` [`JoinRequest`] -> [`JoinResponse`]
+//! - `POST /v1/agents/heartbeat` [`Heartbeat`] -> `()`
+
+use ferry_migrate::{MigrationParams, Progress, SourceOutcome};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::hosts::HostFacts;
+use crate::instances::{InstanceSpec, InstanceState};
+use crate::ErrorBody;
+
+/// An agent introduces itself with the cluster's join token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub join_token: String,
+    pub name: String,
+    /// Where the server reaches this agent's API.
+    pub agent_url: String,
+    pub facts: HostFacts,
+}
+
+/// The agent's own credential, used both ways from then on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinResponse {
+    pub agent_token: String,
+}
+
+/// Sent every few seconds; the server marks a silent host offline.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub name: String,
+    pub facts: HostFacts,
+    pub instances: Vec<AgentInstance>,
+}
+
+/// `PUT /v1/instances/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DefineInstance {
+    pub name: String,
+    pub spec: InstanceSpec,
+}
+
+/// An instance as one agent sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentInstance {
+    pub id: Uuid,
+    pub name: String,
+    pub state: InstanceState,
+    /// QEMU's run state (`running`, `paused`, `inmigrate`, `postmigrate`, ...), if a process
+    /// exists.
+    pub qemu_state: Option<String>,
+    pub pid: Option<i32>,
+    /// Set while this host is the destination of a migration that has not been confirmed.
+    pub incoming: Option<Uuid>,
+}
+
+/// `POST /v1/migrations/{mid}/incoming`: start the instance in incoming mode here.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PrepareIncoming {
+    pub instance_id: Uuid,
+    pub name: String,
+    pub spec: InstanceSpec,
+    pub params: MigrationParams,
+}
+
+/// Where the destination listens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IncomingReady {
+    pub addr: String,
+}
+
+/// `POST /v1/migrations/{mid}/source`: start migrating this host's instance to `destination`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StartSource {
+    pub instance_id: Uuid,
+    pub destination: String,
+    pub params: MigrationParams,
+}
+
+/// The source half's state as the source agent knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceState {
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+    /// The agent has no record of this migration.
+    Unknown,
+}
+
+/// Progress of the source half since a sequence number, and its end.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SourceStatus {
+    pub state: SourceState,
+    /// `(seq, sample)`, in order, after the `after` the caller gave.
+    pub samples: Vec<(u64, Progress)>,
+    pub outcome: Option<SourceOutcome>,
+    pub error: Option<ErrorBody>,
+}

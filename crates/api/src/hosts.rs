@@ -1,0 +1,88 @@
+//! Hosts and what their agents report about them.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Facts an agent measures on its host and reports with every heartbeat: what the pre-flight
+/// checks and the destination ranking are computed from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HostFacts {
+    pub name: String,
+    pub cpu_vendor: String,
+    pub cpu_model: String,
+    pub cpu_flags: Vec<String>,
+    pub cores: u32,
+    pub ram_total_mib: u64,
+    pub ram_free_mib: u64,
+    /// `kvm` or `tcg`: what this host's guests run with.
+    pub accel: String,
+    pub qemu_version: String,
+    pub machine_types: Vec<String>,
+    pub datastores: Vec<DatastoreFacts>,
+    pub networks: Vec<NetworkFacts>,
+    /// Where this host receives migration streams.
+    pub migration_addr: String,
+    pub migration_ports: String,
+    pub agent_version: String,
+}
+
+/// A storage location for disks and images, as seen from one host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DatastoreFacts {
+    pub name: String,
+    pub path: String,
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+    /// Content of the datastore's identity file: equal on two hosts means the same shared
+    /// storage, not merely the same path.
+    pub identity: Option<String>,
+}
+
+/// A network a host can attach guests to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NetworkFacts {
+    pub name: String,
+    pub bridge: String,
+    pub subnet: Option<String>,
+}
+
+/// Whether the server hears from a host's agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    Online,
+    /// No heartbeat for longer than the server's timeout.
+    Offline,
+}
+
+/// A host as the server knows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Host {
+    pub name: String,
+    /// The agent's API address.
+    pub agent_url: String,
+    /// Disabled hosts receive no new instances or migrations.
+    pub enabled: bool,
+    pub state: HostState,
+    pub last_heartbeat: Option<DateTime<Utc>>,
+    pub facts: Option<HostFacts>,
+    pub instances: u32,
+}
+
+/// A datastore across the fleet: where it is mounted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Datastore {
+    pub name: String,
+    pub hosts: Vec<DatastoreFacts>,
+    #[serde(default)]
+    pub host_names: Vec<String>,
+}
+
+/// A network across the fleet: which hosts attach to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Network {
+    pub name: String,
+    pub subnet: Option<String>,
+    pub host_names: Vec<String>,
+}

@@ -1,0 +1,217 @@
+//! Migrations: the jobs that move instances.
+
+use chrono::{DateTime, Utc};
+use ferry_migrate::{Bandwidth, MigrationParams, Progress};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::ErrorBody;
+
+/// A migration's life. Terminal: Completed, Failed, Cancelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationState {
+    /// Waiting for a slot (limits per host and cluster).
+    Pending,
+    /// Checks, destination start, stream setup.
+    Preparing,
+    /// Memory is being copied.
+    Migrating,
+    /// Switchover done; the destination is being confirmed and the source torn down.
+    Completing,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl MigrationState {
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            MigrationState::Completed | MigrationState::Failed | MigrationState::Cancelled
+        )
+    }
+
+    /// Holds a concurrency slot.
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            MigrationState::Preparing | MigrationState::Migrating | MigrationState::Completing
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationState::Pending => "pending",
+            MigrationState::Preparing => "preparing",
+            MigrationState::Migrating => "migrating",
+            MigrationState::Completing => "completing",
+            MigrationState::Completed => "completed",
+            MigrationState::Failed => "failed",
+            MigrationState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<MigrationState> {
+        [
+            MigrationState::Pending,
+            MigrationState::Preparing,
+            MigrationState::Migrating,
+            MigrationState::Completing,
+            MigrationState::Completed,
+            MigrationState::Failed,
+            MigrationState::Cancelled,
+        ]
+        .into_iter()
+        .find(|m| m.as_str() == s)
+    }
+}
+
+/// Live (the guest keeps running) or cold (a stopped instance's definition moves).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationKind {
+    Live,
+    Cold,
+}
+
+/// What the user may choose per migration. Absent fields take Ferry's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MigrationOptions {
+    /// Cap in MiB/s; default unlimited.
+    pub bandwidth_mib_s: Option<u64>,
+    /// Downtime target in ms; default 300.
+    pub downtime_ms: Option<u64>,
+    #[serde(default)]
+    pub auto_converge: bool,
+    /// Send pages compressed (parallel zstd streams).
+    #[serde(default)]
+    pub compress: bool,
+    /// Allow post-copy (opt-in: a network failure during post-copy loses the guest's state
+    /// that only the destination has).
+    #[serde(default)]
+    pub post_copy: bool,
+}
+
+impl MigrationOptions {
+    /// Checks the values a user typed, naming the bad one.
+    pub fn validate(&self) -> Result<(), ErrorBody> {
+        self.to_params().validate().map_err(|e| {
+            ErrorBody::new("invalid-migration-options", e.to_string(), "fix the named option and retry")
+        })
+    }
+
+    /// The engine's parameters for these options.
+    pub fn to_params(&self) -> MigrationParams {
+        let defaults = MigrationParams::default();
+        MigrationParams {
+            bandwidth: self
+                .bandwidth_mib_s
+                .map(|m| Bandwidth::Limited(m.saturating_mul(1 << 20)))
+                .unwrap_or(Bandwidth::Unlimited),
+            downtime_limit_ms: self.downtime_ms.unwrap_or(defaults.downtime_limit_ms),
+            auto_converge: self.auto_converge,
+            postcopy: self.post_copy,
+            multifd_channels: if self.compress { Some(2) } else { None },
+            multifd_compression: if self.compress { Some("zstd".into()) } else { None },
+            ..defaults
+        }
+    }
+}
+
+/// `POST /v1/migrations`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateMigration {
+    /// Instance name or id.
+    pub instance: String,
+    /// Destination host; required until pre-flight ranking picks one.
+    pub destination: Option<String>,
+    #[serde(default)]
+    pub options: MigrationOptions,
+    /// `cold` for a stopped instance; default `live`.
+    pub kind: Option<MigrationKind>,
+}
+
+/// What QEMU measured at the end of a live migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MigrationStats {
+    pub total_ms: u64,
+    pub downtime_ms: u64,
+    pub bytes_transferred: u64,
+    pub iterations: u64,
+}
+
+/// A migration job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Migration {
+    pub id: Uuid,
+    pub instance_id: Uuid,
+    pub instance_name: String,
+    pub kind: MigrationKind,
+    pub source: String,
+    pub destination: String,
+    pub state: MigrationState,
+    pub options: MigrationOptions,
+    pub created_at: DateTime<Utc>,
+    pub preparing_at: Option<DateTime<Utc>>,
+    pub migrating_at: Option<DateTime<Utc>>,
+    pub completing_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub error: Option<ErrorBody>,
+    /// The latest progress sample.
+    #[schema(value_type = Option<Object>)]
+    pub progress: Option<Progress>,
+    pub stats: Option<MigrationStats>,
+    /// Set when a user asked to cancel; the job ends Cancelled unless switchover already
+    /// happened.
+    pub cancel_requested: bool,
+}
+
+/// One line of a migration's log: what Ferry did and what QEMU reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LogLine {
+    pub seq: u64,
+    pub at: DateTime<Utc>,
+    pub level: String,
+    pub message: String,
+}
+
+/// A live event, as sent on the SSE streams (`event:` is [`Event::kind`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Event {
+    /// A migration changed state (or was created).
+    Migration { migration: Box<Migration> },
+    /// A progress sample of a running migration.
+    Progress {
+        migration_id: Uuid,
+        #[schema(value_type = Object)]
+        progress: Progress,
+    },
+    /// An instance changed (state, host).
+    Instance { instance: Box<Instance> },
+    /// A host changed (online/offline, enabled).
+    Host { name: String },
+}
+
+impl Event {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::Migration { .. } => "migration",
+            Event::Progress { .. } => "progress",
+            Event::Instance { .. } => "instance",
+            Event::Host { .. } => "host",
+        }
+    }
+
+    pub fn migration_id(&self) -> Option<Uuid> {
+        match self {
+            Event::Migration { migration } => Some(migration.id),
+            Event::Progress { migration_id, .. } => Some(*migration_id),
+            _ => None,
+        }
+    }
+}
+
+use crate::instances::Instance;
