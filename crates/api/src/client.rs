@@ -107,7 +107,11 @@ impl ApiClient {
                 body,
             });
         }
-        let bytes = if bytes.is_empty() { &b"null"[..] } else { &bytes[..] };
+        let bytes = if bytes.is_empty() {
+            &b"null"[..]
+        } else {
+            &bytes[..]
+        };
         serde_json::from_slice(bytes).map_err(|e| ApiError::Decode {
             url,
             detail: e.to_string(),

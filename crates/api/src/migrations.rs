@@ -98,7 +98,11 @@ impl MigrationOptions {
     /// Checks the values a user typed, naming the bad one.
     pub fn validate(&self) -> Result<(), ErrorBody> {
         self.to_params().validate().map_err(|e| {
-            ErrorBody::new("invalid-migration-options", e.to_string(), "fix the named option and retry")
+            ErrorBody::new(
+                "invalid-migration-options",
+                e.to_string(),
+                "fix the named option and retry",
+            )
         })
     }
 
@@ -114,7 +118,11 @@ impl MigrationOptions {
             auto_converge: self.auto_converge,
             postcopy: self.post_copy,
             multifd_channels: if self.compress { Some(2) } else { None },
-            multifd_compression: if self.compress { Some("zstd".into()) } else { None },
+            multifd_compression: if self.compress {
+                Some("zstd".into())
+            } else {
+                None
+            },
             ..defaults
         }
     }

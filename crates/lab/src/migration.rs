@@ -100,12 +100,19 @@ impl MigrationHalves for LabMigration<'_> {
         let _ = self.lab.net.remove_tap(&old_host, &self.vm.tap);
     }
 
-    async fn remove_destination(&mut self) {
+    async fn remove_destination(&mut self) -> Result<(), MigrateError> {
         if let Some((mut qemu, _)) = self.incoming.take() {
             qemu.kill();
-            let _ = qemu.wait_exit(Duration::from_secs(5)).await;
+            if qemu.wait_exit(Duration::from_secs(5)).await.is_none() {
+                return Err(Self::dest_err(
+                    "destination QEMU did not exit after SIGKILL",
+                ));
+            }
         }
-        let _ = self.lab.net.remove_tap(&self.dest.name, &self.vm.tap);
+        self.lab
+            .net
+            .remove_tap(&self.dest.name, &self.vm.tap)
+            .map_err(Self::dest_err)
     }
 
     async fn resume_source(&mut self) -> Result<(), MigrateError> {

@@ -36,8 +36,9 @@ pub trait MigrationHalves {
     fn confirm_destination(&mut self) -> impl Future<Output = Result<(), MigrateError>> + Send;
     /// Stop the handed-over source process.
     fn finish_source(&mut self) -> impl Future<Output = ()> + Send;
-    /// Kill the destination process and free what it held (port, tap, files).
-    fn remove_destination(&mut self) -> impl Future<Output = ()> + Send;
+    /// Kill the destination process and free what it held (port, tap, files). An error means
+    /// the destination may still run the guest, so the source must not be resumed.
+    fn remove_destination(&mut self) -> impl Future<Output = Result<(), MigrateError>> + Send;
     /// Resume the source guest; only called once the destination is gone.
     fn resume_source(&mut self) -> impl Future<Output = Result<(), MigrateError>> + Send;
 }
@@ -57,14 +58,18 @@ pub async fn live_migrate<H: MigrationHalves + Send>(
     let dest = match halves.prepare_destination().await {
         Ok(d) => d,
         Err(e) => {
-            halves.remove_destination().await;
+            if let Err(undo) = halves.remove_destination().await {
+                warn!(%undo, "destination could not be removed after a failed preparation");
+            }
             return Err(e);
         }
     };
     let source = match halves.run_source(dest, observe).await {
         Ok(s) => s,
         Err(e) => {
-            halves.remove_destination().await;
+            if let Err(undo) = halves.remove_destination().await {
+                warn!(%undo, "destination could not be removed after a failed migration");
+            }
             // The source half resumes its guest itself; make sure of it once more now that the
             // destination is certainly gone.
             if let Err(resume) = halves.resume_source().await {
@@ -75,7 +80,11 @@ pub async fn live_migrate<H: MigrationHalves + Send>(
     };
     if let Err(e) = halves.confirm_destination().await {
         warn!(%e, "destination did not take over; killing it and resuming the source");
-        halves.remove_destination().await;
+        if let Err(undo) = halves.remove_destination().await {
+            // The destination may run the guest: resuming the source could make two copies.
+            error!(%undo, "destination could not be removed; the source stays paused");
+            return Err(e);
+        }
         halves.resume_source().await?;
         return Err(e);
     }
@@ -93,14 +102,14 @@ mod tests {
     /// Records the calls and fails where told; pure logic, no QEMU.
     #[derive(Default)]
     struct Script {
-        fail_at: Option<&'static str>,
+        fail_at: &'static [&'static str],
         calls: Vec<&'static str>,
     }
 
     impl Script {
         fn step(&mut self, name: &'static str) -> Result<(), MigrateError> {
             self.calls.push(name);
-            if self.fail_at == Some(name) {
+            if self.fail_at.contains(&name) {
                 Err(MigrateError::Failed(format!("{name} failed")))
             } else {
                 Ok(())
@@ -141,15 +150,15 @@ mod tests {
         async fn finish_source(&mut self) {
             self.calls.push("finish");
         }
-        async fn remove_destination(&mut self) {
-            self.calls.push("remove-dest");
+        async fn remove_destination(&mut self) -> Result<(), MigrateError> {
+            self.step("remove-dest")
         }
         async fn resume_source(&mut self) -> Result<(), MigrateError> {
             self.step("resume")
         }
     }
 
-    async fn run(fail_at: Option<&'static str>) -> (bool, Vec<&'static str>) {
+    async fn run(fail_at: &'static [&'static str]) -> (bool, Vec<&'static str>) {
         let mut s = Script {
             fail_at,
             ..Default::default()
@@ -161,7 +170,7 @@ mod tests {
     #[tokio::test]
     async fn success_stops_the_source_last() {
         assert_eq!(
-            run(None).await,
+            run(&[]).await,
             (true, vec!["prepare", "source", "confirm", "finish"])
         );
     }
@@ -169,18 +178,26 @@ mod tests {
     #[tokio::test]
     async fn failures_before_switchover_remove_the_destination_and_keep_the_source() {
         assert_eq!(
-            run(Some("prepare")).await,
+            run(&["prepare"]).await,
             (false, vec!["prepare", "remove-dest"])
         );
         assert_eq!(
-            run(Some("source")).await,
+            run(&["source"]).await,
             (false, vec!["prepare", "source", "remove-dest", "resume"])
         );
     }
 
     #[tokio::test]
+    async fn a_destination_that_cannot_be_removed_keeps_the_source_paused() {
+        let (ok, calls) = run(&["confirm", "remove-dest"]).await;
+        assert!(!ok);
+        assert_eq!(calls, vec!["prepare", "source", "confirm", "remove-dest"]);
+        assert!(!calls.contains(&"resume"), "two copies could run");
+    }
+
+    #[tokio::test]
     async fn a_destination_that_never_runs_is_killed_before_the_source_resumes() {
-        let (ok, calls) = run(Some("confirm")).await;
+        let (ok, calls) = run(&["confirm"]).await;
         assert!(!ok);
         assert_eq!(
             calls,

@@ -1,1 +1,20 @@
-//! (being written)
+//! The control plane: the fleet's desired and observed state, the migration queue and its state
+//! machine, the REST API with its OpenAPI document, live events, and recovery after a crash.
+//!
+//! Agents do the work on hosts; the server decides what happens, in which order, and records
+//! it, so that a restarted server knows every job and finishes it.
+
+pub mod agents;
+pub mod api;
+mod auth;
+pub mod config;
+pub mod driver;
+pub mod error;
+pub mod events;
+pub mod scheduler;
+pub mod server;
+pub mod store;
+
+pub use config::ServerConfig;
+pub use error::ServerError;
+pub use server::{run, start, ServerHandle};

@@ -1,0 +1,90 @@
+//! The endpoints agents call: join and heartbeat.
+
+use axum::extract::State;
+use axum::Json;
+use chrono::Utc;
+use ferry_api::agent::{Heartbeat, JoinRequest, JoinResponse};
+use ferry_api::migrations::Event;
+use rand::RngCore;
+
+use super::ApiJson;
+use crate::auth::{AgentCaller, Joiner};
+use crate::server::AppState;
+use crate::ServerError;
+
+/// An agent with the join token gets a credential of its own. Joining again (an agent that
+/// lost its state) replaces the old credential.
+pub async fn join(
+    State(state): State<AppState>,
+    _j: Joiner,
+    ApiJson(req): ApiJson<JoinRequest>,
+) -> Result<Json<JoinResponse>, ServerError> {
+    let name_ok = !req.name.is_empty()
+        && req.name.len() <= 40
+        && req
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if !name_ok {
+        return Err(ServerError::bad_request(
+            "invalid-host-name",
+            format!("'{}' is not a host name", req.name),
+            "use letters, digits, '-' and '.'",
+        ));
+    }
+    let mut secret = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut secret);
+    let secret = hex::encode(secret);
+    state
+        .store
+        .join_host(&req.name, &req.agent_url, &secret, &req.facts)
+        .await?;
+    state
+        .store
+        .record_heartbeat(&req.name, &req.facts, Utc::now())
+        .await?;
+    state
+        .store
+        .audit(
+            &format!("agent:{}", req.name),
+            "host.join",
+            &req.name,
+            &serde_json::json!({"agent_url": req.agent_url}),
+        )
+        .await?;
+    state.events.publish(Event::Host {
+        name: req.name.clone(),
+    });
+    state.queue.notify_one();
+    Ok(Json(JoinResponse {
+        agent_token: secret,
+    }))
+}
+
+/// Facts and instance states, every few seconds.
+pub async fn heartbeat(
+    State(state): State<AppState>,
+    caller: AgentCaller,
+    ApiJson(hb): ApiJson<Heartbeat>,
+) -> Result<Json<()>, ServerError> {
+    if hb.name != caller.host {
+        return Err(ServerError::forbidden());
+    }
+    state
+        .store
+        .record_heartbeat(&hb.name, &hb.facts, Utc::now())
+        .await?;
+    // Instance states: only for instances this host owns and that are not mid-migration
+    // (the migration driver is the authority on those).
+    for reported in &hb.instances {
+        if reported.incoming.is_some() {
+            continue;
+        }
+        if let Some(i) = state.store.get_instance(&reported.id.to_string()).await? {
+            if i.host == hb.name && i.migration.is_none() && i.state != reported.state {
+                state.store.set_instance_state(i.id, reported.state).await?;
+            }
+        }
+    }
+    Ok(Json(()))
+}

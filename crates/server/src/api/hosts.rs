@@ -1,0 +1,139 @@
+//! Hosts, and the datastores and networks their agents report.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, State};
+use axum::Json;
+use chrono::Utc;
+use ferry_api::hosts::{Datastore, Host, Network};
+use ferry_api::migrations::Event;
+
+use crate::auth::{Admin, Reader};
+use crate::server::AppState;
+use crate::ServerError;
+
+fn offline_after(state: &AppState) -> chrono::Duration {
+    chrono::Duration::seconds(state.config.heartbeat_timeout_s as i64)
+}
+
+pub(crate) async fn all_hosts(state: &AppState) -> Result<Vec<Host>, ServerError> {
+    Ok(state
+        .store
+        .list_hosts(offline_after(state), Utc::now())
+        .await?)
+}
+
+pub(crate) async fn one_host(state: &AppState, name: &str) -> Result<Host, ServerError> {
+    state
+        .store
+        .get_host(name, offline_after(state), Utc::now())
+        .await?
+        .ok_or_else(|| ServerError::not_found("host", name))
+}
+
+/// Every host with its state and latest facts.
+#[utoipa::path(get, path = "/v1/hosts", responses((status = 200, body = Vec<Host>)))]
+pub async fn list(
+    State(state): State<AppState>,
+    _r: Reader,
+) -> Result<Json<Vec<Host>>, ServerError> {
+    Ok(Json(all_hosts(&state).await?))
+}
+
+#[utoipa::path(get, path = "/v1/hosts/{name}", responses((status = 200, body = Host), (status = 404, body = ferry_api::ErrorBody)))]
+pub async fn show(
+    State(state): State<AppState>,
+    _r: Reader,
+    Path(name): Path<String>,
+) -> Result<Json<Host>, ServerError> {
+    Ok(Json(one_host(&state, &name).await?))
+}
+
+async fn set_enabled(
+    state: &AppState,
+    who: &Admin,
+    name: &str,
+    enabled: bool,
+) -> Result<Json<Host>, ServerError> {
+    if !state.store.set_host_enabled(name, enabled).await? {
+        return Err(ServerError::not_found("host", name));
+    }
+    let action = if enabled {
+        "host.enable"
+    } else {
+        "host.disable"
+    };
+    state
+        .store
+        .audit(&who.name, action, name, &serde_json::json!({}))
+        .await?;
+    state.events.publish(Event::Host {
+        name: name.to_string(),
+    });
+    state.queue.notify_one();
+    Ok(Json(one_host(state, name).await?))
+}
+
+/// Lets the host receive instances and migrations again.
+#[utoipa::path(post, path = "/v1/hosts/{name}/enable", responses((status = 200, body = Host)))]
+pub async fn enable(
+    State(state): State<AppState>,
+    who: Admin,
+    Path(name): Path<String>,
+) -> Result<Json<Host>, ServerError> {
+    set_enabled(&state, &who, &name, true).await
+}
+
+/// Stops new instances and migrations from landing on the host.
+#[utoipa::path(post, path = "/v1/hosts/{name}/disable", responses((status = 200, body = Host)))]
+pub async fn disable(
+    State(state): State<AppState>,
+    who: Admin,
+    Path(name): Path<String>,
+) -> Result<Json<Host>, ServerError> {
+    set_enabled(&state, &who, &name, false).await
+}
+
+/// Datastores by name, with the hosts that mount each.
+#[utoipa::path(get, path = "/v1/datastores", responses((status = 200, body = Vec<Datastore>)))]
+pub async fn datastores(
+    State(state): State<AppState>,
+    _r: Reader,
+) -> Result<Json<Vec<Datastore>>, ServerError> {
+    let mut by_name: BTreeMap<String, Datastore> = BTreeMap::new();
+    for host in all_hosts(&state).await? {
+        for ds in host.facts.iter().flat_map(|f| f.datastores.iter()) {
+            let entry = by_name.entry(ds.name.clone()).or_insert_with(|| Datastore {
+                name: ds.name.clone(),
+                hosts: Vec::new(),
+                host_names: Vec::new(),
+            });
+            entry.hosts.push(ds.clone());
+            entry.host_names.push(host.name.clone());
+        }
+    }
+    Ok(Json(by_name.into_values().collect()))
+}
+
+/// Networks by name, with the hosts attached to each.
+#[utoipa::path(get, path = "/v1/networks", responses((status = 200, body = Vec<Network>)))]
+pub async fn networks(
+    State(state): State<AppState>,
+    _r: Reader,
+) -> Result<Json<Vec<Network>>, ServerError> {
+    let mut by_name: BTreeMap<String, Network> = BTreeMap::new();
+    for host in all_hosts(&state).await? {
+        for n in host.facts.iter().flat_map(|f| f.networks.iter()) {
+            by_name
+                .entry(n.name.clone())
+                .or_insert_with(|| Network {
+                    name: n.name.clone(),
+                    subnet: n.subnet.clone(),
+                    host_names: Vec::new(),
+                })
+                .host_names
+                .push(host.name.clone());
+        }
+    }
+    Ok(Json(by_name.into_values().collect()))
+}

@@ -1,0 +1,293 @@
+//! Instances: define, start, stop, delete; each change goes to the instance's agent first,
+//! and is recorded only when the agent did it.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use ferry_api::agent::{AgentInstance, DefineInstance};
+use ferry_api::hosts::{Host, HostState};
+use ferry_api::instances::{CreateInstance, Instance, InstanceSpec, InstanceState};
+use ferry_api::migrations::Event;
+use uuid::Uuid;
+
+use super::hosts::{all_hosts, one_host};
+use super::ApiJson;
+use crate::agents::agent_client;
+use crate::auth::{Admin, Reader};
+use crate::server::AppState;
+use crate::ServerError;
+
+pub(crate) async fn find(state: &AppState, id_or_name: &str) -> Result<Instance, ServerError> {
+    state
+        .store
+        .get_instance(id_or_name)
+        .await?
+        .ok_or_else(|| ServerError::not_found("instance", id_or_name))
+}
+
+fn publish(state: &AppState, i: &Instance) {
+    state.events.publish(Event::Instance {
+        instance: Box::new(i.clone()),
+    });
+}
+
+fn invalid(message: String) -> ServerError {
+    ServerError::bad_request("invalid-instance", message, "fix the named field and retry")
+}
+
+/// Checks what can be checked without a host.
+fn validate(req: &CreateInstance) -> Result<(), ServerError> {
+    let name_ok = !req.name.is_empty()
+        && req.name.len() <= 40
+        && req
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !req.name.starts_with('-');
+    if !name_ok {
+        return Err(invalid(format!(
+            "name '{}' must be 1-40 characters of a-z, 0-9 and '-'",
+            req.name
+        )));
+    }
+    let s: &InstanceSpec = &req.spec;
+    if !(64..=1 << 20).contains(&s.memory_mib) {
+        return Err(invalid(format!(
+            "memory_mib {} is out of range (64 to 1048576)",
+            s.memory_mib
+        )));
+    }
+    if !(1..=256).contains(&s.vcpus) {
+        return Err(invalid(format!(
+            "vcpus {} is out of range (1 to 256)",
+            s.vcpus
+        )));
+    }
+    if s.boot.kernel.is_empty() || s.boot.initrd.is_empty() {
+        return Err(invalid("boot.kernel and boot.initrd are required".into()));
+    }
+    Ok(())
+}
+
+/// The default placement: the enabled, online host with the most free memory.
+fn pick_host(hosts: &[Host]) -> Option<&Host> {
+    hosts
+        .iter()
+        .filter(|h| h.enabled && h.state == HostState::Online)
+        .max_by_key(|h| h.facts.as_ref().map(|f| f.ram_free_mib).unwrap_or(0))
+}
+
+#[utoipa::path(get, path = "/v1/instances", responses((status = 200, body = Vec<Instance>)))]
+pub async fn list(
+    State(state): State<AppState>,
+    _r: Reader,
+) -> Result<Json<Vec<Instance>>, ServerError> {
+    Ok(Json(state.store.list_instances(None).await?))
+}
+
+#[utoipa::path(get, path = "/v1/instances/{id}", responses((status = 200, body = Instance), (status = 404, body = ferry_api::ErrorBody)))]
+pub async fn show(
+    State(state): State<AppState>,
+    _r: Reader,
+    Path(id): Path<String>,
+) -> Result<Json<Instance>, ServerError> {
+    Ok(Json(find(&state, &id).await?))
+}
+
+/// Defines an instance on a host (and starts it if asked). Nothing is recorded unless the
+/// agent accepted it.
+#[utoipa::path(post, path = "/v1/instances", request_body = CreateInstance, responses((status = 201, body = Instance), (status = 400, body = ferry_api::ErrorBody), (status = 409, body = ferry_api::ErrorBody)))]
+pub async fn create(
+    State(state): State<AppState>,
+    who: Admin,
+    ApiJson(req): ApiJson<CreateInstance>,
+) -> Result<(StatusCode, Json<Instance>), ServerError> {
+    validate(&req)?;
+    let host = match &req.host {
+        Some(name) => one_host(&state, name).await?,
+        None => {
+            let hosts = all_hosts(&state).await?;
+            pick_host(&hosts).cloned().ok_or_else(|| {
+                ServerError::conflict(
+                    "no-host-available",
+                    "no enabled host is online",
+                    "enable a host or start its agent",
+                )
+            })?
+        }
+    };
+    if !host.enabled {
+        return Err(ServerError::conflict(
+            "host-disabled",
+            format!("host {} is disabled", host.name),
+            "enable it or pick another host",
+        ));
+    }
+    if host.state != HostState::Online {
+        return Err(ServerError::conflict(
+            "host-offline",
+            format!("host {} is offline", host.name),
+            "start its agent or pick another host",
+        ));
+    }
+    if state.store.get_instance(&req.name).await?.is_some() {
+        return Err(ServerError::conflict(
+            "instance-exists",
+            format!("an instance named {} exists", req.name),
+            "pick another name",
+        ));
+    }
+    let id = Uuid::new_v4();
+    let instance = state
+        .store
+        .insert_instance(id, &req.name, &host.name, &req.spec, InstanceState::Stopped)
+        .await?;
+    let agent = agent_client(&state.store, &host.name).await?;
+    let defined: Result<AgentInstance, _> = agent
+        .put(
+            &format!("/v1/instances/{id}"),
+            &DefineInstance {
+                name: req.name.clone(),
+                spec: req.spec.clone(),
+            },
+        )
+        .await;
+    if let Err(e) = defined {
+        state.store.delete_instance(id).await?;
+        return Err(ServerError::from_agent(&host.name, e));
+    }
+    state
+        .store
+        .audit(
+            &who.name,
+            "instance.create",
+            &req.name,
+            &serde_json::json!({"host": host.name, "spec": req.spec}),
+        )
+        .await?;
+    let mut instance = instance;
+    if req.start {
+        instance = start_on_agent(&state, &who, instance).await?;
+    }
+    publish(&state, &instance);
+    Ok((StatusCode::CREATED, Json(instance)))
+}
+
+fn refuse_if_migrating(i: &Instance) -> Result<(), ServerError> {
+    match i.migration {
+        Some(m) => Err(ServerError::conflict(
+            "migration-in-progress",
+            format!("{} is being migrated ({m})", i.name),
+            "wait for the migration to end or cancel it",
+        )),
+        None => Ok(()),
+    }
+}
+
+async fn start_on_agent(
+    state: &AppState,
+    who: &Admin,
+    i: Instance,
+) -> Result<Instance, ServerError> {
+    let agent = agent_client(&state.store, &i.host).await?;
+    let _: AgentInstance = agent
+        .post(&format!("/v1/instances/{}/start", i.id), &())
+        .await
+        .map_err(|e| ServerError::from_agent(&i.host, e))?;
+    state
+        .store
+        .set_instance_state(i.id, InstanceState::Running)
+        .await?;
+    state
+        .store
+        .audit(
+            &who.name,
+            "instance.start",
+            &i.name,
+            &serde_json::json!({"host": i.host}),
+        )
+        .await?;
+    find(state, &i.id.to_string()).await
+}
+
+#[utoipa::path(post, path = "/v1/instances/{id}/start", responses((status = 200, body = Instance)))]
+pub async fn start(
+    State(state): State<AppState>,
+    who: Admin,
+    Path(id): Path<String>,
+) -> Result<Json<Instance>, ServerError> {
+    let i = find(&state, &id).await?;
+    refuse_if_migrating(&i)?;
+    let i = start_on_agent(&state, &who, i).await?;
+    publish(&state, &i);
+    Ok(Json(i))
+}
+
+#[utoipa::path(post, path = "/v1/instances/{id}/stop", responses((status = 200, body = Instance)))]
+pub async fn stop(
+    State(state): State<AppState>,
+    who: Admin,
+    Path(id): Path<String>,
+) -> Result<Json<Instance>, ServerError> {
+    let i = find(&state, &id).await?;
+    refuse_if_migrating(&i)?;
+    let agent = agent_client(&state.store, &i.host).await?;
+    let _: AgentInstance = agent
+        .post(&format!("/v1/instances/{}/stop", i.id), &())
+        .await
+        .map_err(|e| ServerError::from_agent(&i.host, e))?;
+    state
+        .store
+        .set_instance_state(i.id, InstanceState::Stopped)
+        .await?;
+    state
+        .store
+        .audit(
+            &who.name,
+            "instance.stop",
+            &i.name,
+            &serde_json::json!({"host": i.host}),
+        )
+        .await?;
+    let i = find(&state, &id).await?;
+    publish(&state, &i);
+    Ok(Json(i))
+}
+
+/// Deletes a stopped instance's definition (its files on shared storage stay).
+#[utoipa::path(delete, path = "/v1/instances/{id}", responses((status = 200, body = Instance), (status = 409, body = ferry_api::ErrorBody)))]
+pub async fn delete(
+    State(state): State<AppState>,
+    who: Admin,
+    Path(id): Path<String>,
+) -> Result<Json<Instance>, ServerError> {
+    let i = find(&state, &id).await?;
+    refuse_if_migrating(&i)?;
+    if i.state == InstanceState::Running {
+        return Err(ServerError::conflict(
+            "instance-running",
+            format!("{} is running", i.name),
+            "stop it first",
+        ));
+    }
+    let agent = agent_client(&state.store, &i.host).await?;
+    if let Err(e) = agent
+        .delete::<serde_json::Value>(&format!("/v1/instances/{}", i.id))
+        .await
+    {
+        if e.status() != Some(404) {
+            return Err(ServerError::from_agent(&i.host, e));
+        }
+    }
+    state.store.delete_instance(i.id).await?;
+    state
+        .store
+        .audit(
+            &who.name,
+            "instance.delete",
+            &i.name,
+            &serde_json::json!({"host": i.host}),
+        )
+        .await?;
+    Ok(Json(i))
+}

@@ -1,0 +1,263 @@
+//! Migration jobs: create (queued), list, show, cancel, logs; and the audit log.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use ferry_api::hosts::HostState;
+use ferry_api::instances::InstanceState;
+use ferry_api::migrations::{CreateMigration, LogLine, Migration, MigrationKind, MigrationState};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use super::hosts::one_host;
+use super::instances::find;
+use super::{ApiJson, ApiQuery};
+use crate::auth::{Admin, Reader};
+use crate::driver::{log, publish_migration};
+use crate::server::AppState;
+use crate::store::{AuditEntry, MigrationFilter, NewMigration};
+use crate::ServerError;
+
+async fn get(state: &AppState, id: &str) -> Result<Migration, ServerError> {
+    let uuid = Uuid::parse_str(id).map_err(|_| ServerError::not_found("migration", id))?;
+    state
+        .store
+        .get_migration(uuid)
+        .await?
+        .ok_or_else(|| ServerError::not_found("migration", id))
+}
+
+/// Queues a migration. It starts when a slot is free (see the scheduler); the answer is the
+/// Pending job.
+#[utoipa::path(post, path = "/v1/migrations", request_body = CreateMigration, responses((status = 202, body = Migration), (status = 400, body = ferry_api::ErrorBody), (status = 404, body = ferry_api::ErrorBody), (status = 409, body = ferry_api::ErrorBody)))]
+pub async fn create(
+    State(state): State<AppState>,
+    who: Admin,
+    ApiJson(req): ApiJson<CreateMigration>,
+) -> Result<(StatusCode, Json<Migration>), ServerError> {
+    let instance = find(&state, &req.instance).await?;
+    req.options
+        .validate()
+        .map_err(|body| ServerError { status: 400, body })?;
+    let kind = req.kind.unwrap_or(MigrationKind::Live);
+    let destination = req.destination.clone().ok_or_else(|| {
+        ServerError::bad_request(
+            "destination-required",
+            "no destination host given",
+            "pass --to HOST",
+        )
+    })?;
+    let dest = one_host(&state, &destination).await?;
+    if dest.name == instance.host {
+        return Err(ServerError::bad_request(
+            "same-host",
+            format!("{} already is on {}", instance.name, dest.name),
+            "pick another destination",
+        ));
+    }
+    if !dest.enabled {
+        return Err(ServerError::conflict(
+            "host-disabled",
+            format!("host {} is disabled", dest.name),
+            "enable it or pick another host",
+        ));
+    }
+    if dest.state != HostState::Online {
+        return Err(ServerError::conflict(
+            "host-offline",
+            format!("host {} is offline", dest.name),
+            "start its agent or pick another host",
+        ));
+    }
+    match (kind, instance.state) {
+        (MigrationKind::Live, InstanceState::Running)
+        | (MigrationKind::Cold, InstanceState::Stopped) => {}
+        (MigrationKind::Live, _) => {
+            return Err(ServerError::conflict(
+                "instance-not-running",
+                format!(
+                    "{} is not running, so it cannot be migrated live",
+                    instance.name
+                ),
+                "use a cold migration (--cold) for a stopped instance",
+            ))
+        }
+        (MigrationKind::Cold, _) => {
+            return Err(ServerError::conflict(
+                "instance-running",
+                format!(
+                    "{} is running; a cold migration needs it stopped",
+                    instance.name
+                ),
+                "stop it first, or migrate it live",
+            ))
+        }
+    }
+    if let Some(existing) = instance.migration {
+        return Err(ServerError::conflict(
+            "migration-in-progress",
+            format!(
+                "{} already has migration {existing} in flight",
+                instance.name
+            ),
+            "wait for it to end or cancel it",
+        ));
+    }
+    let m = state
+        .store
+        .insert_migration(&NewMigration {
+            id: Uuid::new_v4(),
+            instance_id: instance.id,
+            kind,
+            source: instance.host.clone(),
+            destination: dest.name.clone(),
+            options: req.options.clone(),
+        })
+        .await?;
+    state
+        .store
+        .audit(
+            &who.name,
+            "migration.create",
+            &m.id.to_string(),
+            &serde_json::to_value(&req).unwrap_or_default(),
+        )
+        .await?;
+    log(
+        &state,
+        m.id,
+        "info",
+        &format!(
+            "requested by {}: {} {} -> {}",
+            who.name, instance.name, m.source, m.destination
+        ),
+    )
+    .await;
+    publish_migration(&state, &m);
+    state.queue.notify_one();
+    Ok((StatusCode::ACCEPTED, Json(m)))
+}
+
+/// Filters of `GET /v1/migrations`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct ListQuery {
+    pub state: Option<String>,
+    /// Instance name or id.
+    pub instance: Option<String>,
+    /// Source or destination host.
+    pub host: Option<String>,
+    pub limit: Option<u32>,
+}
+
+#[utoipa::path(get, path = "/v1/migrations", params(ListQuery), responses((status = 200, body = Vec<Migration>)))]
+pub async fn list(
+    State(state): State<AppState>,
+    _r: Reader,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<Json<Vec<Migration>>, ServerError> {
+    let state_filter = match &q.state {
+        Some(s) => Some(MigrationState::parse(s).ok_or_else(|| {
+            ServerError::bad_request(
+                "bad-query",
+                format!("unknown state '{s}'"),
+                "use pending, preparing, migrating, completing, completed, failed or cancelled",
+            )
+        })?),
+        None => None,
+    };
+    let instance = match &q.instance {
+        Some(i) => Some(find(&state, i).await?.id),
+        None => None,
+    };
+    let filter = MigrationFilter {
+        state: state_filter,
+        instance,
+        host: q.host.clone(),
+        active_only: false,
+        limit: q.limit,
+    };
+    Ok(Json(state.store.list_migrations(&filter).await?))
+}
+
+#[utoipa::path(get, path = "/v1/migrations/{id}", responses((status = 200, body = Migration), (status = 404, body = ferry_api::ErrorBody)))]
+pub async fn show(
+    State(state): State<AppState>,
+    _r: Reader,
+    Path(id): Path<String>,
+) -> Result<Json<Migration>, ServerError> {
+    Ok(Json(get(&state, &id).await?))
+}
+
+/// Cancels a job before switchover: a Pending job ends at once; a running one is stopped by
+/// the source and ends Cancelled with the guest on the source.
+#[utoipa::path(post, path = "/v1/migrations/{id}/cancel", responses((status = 200, body = Migration), (status = 409, body = ferry_api::ErrorBody)))]
+pub async fn cancel(
+    State(state): State<AppState>,
+    who: Admin,
+    Path(id): Path<String>,
+) -> Result<Json<Migration>, ServerError> {
+    let m = get(&state, &id).await?;
+    let m = match m.state {
+        MigrationState::Pending => {
+            let m = state
+                .store
+                .set_migration_state(m.id, MigrationState::Cancelled, None)
+                .await?;
+            log(&state, m.id, "info", "cancelled while pending").await;
+            m
+        }
+        MigrationState::Preparing | MigrationState::Migrating => {
+            let m = state.store.set_cancel_requested(m.id).await?;
+            state.signal_cancel(m.id);
+            log(
+                &state,
+                m.id,
+                "info",
+                &format!("cancel requested by {}", who.name),
+            )
+            .await;
+            m
+        }
+        s => return Err(ServerError::conflict(
+            "cannot-cancel",
+            format!(
+                "migration {} is {}; only pending, preparing or migrating jobs can be cancelled",
+                m.id,
+                s.as_str()
+            ),
+            "after switchover, migrate the instance back instead",
+        )),
+    };
+    state
+        .store
+        .audit(
+            &who.name,
+            "migration.cancel",
+            &m.id.to_string(),
+            &serde_json::json!({}),
+        )
+        .await?;
+    publish_migration(&state, &m);
+    state.queue.notify_one();
+    Ok(Json(m))
+}
+
+/// What Ferry did for this migration and what QEMU reported, in order.
+#[utoipa::path(get, path = "/v1/migrations/{id}/logs", responses((status = 200, body = Vec<LogLine>)))]
+pub async fn logs(
+    State(state): State<AppState>,
+    _r: Reader,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<LogLine>>, ServerError> {
+    let m = get(&state, &id).await?;
+    Ok(Json(state.store.logs(m.id).await?))
+}
+
+/// Every change made through the API, newest first.
+#[utoipa::path(get, path = "/v1/audit", responses((status = 200, body = Vec<AuditEntry>)))]
+pub async fn audit(
+    State(state): State<AppState>,
+    _a: Admin,
+) -> Result<Json<Vec<AuditEntry>>, ServerError> {
+    Ok(Json(state.store.list_audit(1000).await?))
+}

@@ -1,0 +1,131 @@
+//! The REST API under `/v1`, and its OpenAPI document at `/v1/openapi.json`.
+
+mod agents;
+mod events;
+mod hosts;
+mod instances;
+mod migrations;
+
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use utoipa::OpenApi;
+
+use crate::server::AppState;
+use crate::ServerError;
+
+/// A JSON body whose rejection is an [`ServerError`] (code `malformed-json`), not axum's
+/// plain-text one.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ServerError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ServerError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) => Err(ServerError::bad_request(
+                "malformed-json",
+                rejection.body_text(),
+                "send a JSON body as described in /v1/openapi.json",
+            )),
+        }
+    }
+}
+
+/// Query parameters whose rejection is a [`ServerError`] (code `bad-query`).
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ServerError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ServerError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
+            Err(rejection) => Err(ServerError::bad_request(
+                "bad-query",
+                rejection.body_text(),
+                "check the query parameters against /v1/openapi.json",
+            )),
+        }
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Ferry",
+        description = "Live migration of KVM/QEMU virtual machines"
+    ),
+    paths(
+        hosts::list,
+        hosts::show,
+        hosts::enable,
+        hosts::disable,
+        hosts::datastores,
+        hosts::networks,
+        instances::list,
+        instances::create,
+        instances::show,
+        instances::start,
+        instances::stop,
+        instances::delete,
+        migrations::create,
+        migrations::list,
+        migrations::show,
+        migrations::cancel,
+        migrations::logs,
+        migrations::audit,
+        events::cluster_events,
+        events::migration_events,
+    ),
+    components(schemas(ferry_api::ErrorBody))
+)]
+struct ApiDoc;
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+/// Every route of the server.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/hosts", get(hosts::list))
+        .route("/v1/hosts/{name}", get(hosts::show))
+        .route("/v1/hosts/{name}/enable", post(hosts::enable))
+        .route("/v1/hosts/{name}/disable", post(hosts::disable))
+        .route("/v1/datastores", get(hosts::datastores))
+        .route("/v1/networks", get(hosts::networks))
+        .route(
+            "/v1/instances",
+            get(instances::list).post(instances::create),
+        )
+        .route(
+            "/v1/instances/{id}",
+            get(instances::show).delete(instances::delete),
+        )
+        .route("/v1/instances/{id}/start", post(instances::start))
+        .route("/v1/instances/{id}/stop", post(instances::stop))
+        .route(
+            "/v1/migrations",
+            get(migrations::list).post(migrations::create),
+        )
+        .route("/v1/migrations/{id}", get(migrations::show))
+        .route("/v1/migrations/{id}/cancel", post(migrations::cancel))
+        .route("/v1/migrations/{id}/logs", get(migrations::logs))
+        .route("/v1/migrations/{id}/events", get(events::migration_events))
+        .route("/v1/events", get(events::cluster_events))
+        .route("/v1/audit", get(migrations::audit))
+        .route("/v1/agents/join", post(agents::join))
+        .route("/v1/agents/heartbeat", post(agents::heartbeat))
+        .fallback(|| async {
+            ServerError::new(
+                404,
+                "no-such-endpoint",
+                "no such API endpoint",
+                "see /v1/openapi.json",
+            )
+        })
+        .with_state(state)
+}

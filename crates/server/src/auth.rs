@@ -1,0 +1,99 @@
+//! Who is calling: API tokens (admin or read-only) and agent credentials.
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+
+use crate::server::AppState;
+use crate::store::Role;
+use crate::ServerError;
+
+fn bearer(parts: &Parts) -> Option<&str> {
+    parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+/// Any valid API token: reads are open to read-only tokens.
+#[derive(Debug, Clone)]
+pub struct Reader;
+
+/// An admin token: required for every change, so each change has an accountable actor.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub name: String,
+}
+
+/// An agent, authenticated by the credential it got at join.
+#[derive(Debug, Clone)]
+pub struct AgentCaller {
+    pub host: String,
+}
+
+/// A caller presenting the cluster's join token.
+#[derive(Debug, Clone)]
+pub struct Joiner;
+
+async fn api_role(parts: &Parts, state: &AppState) -> Result<(String, Role), ServerError> {
+    let secret = bearer(parts).ok_or_else(ServerError::unauthorized)?;
+    let info = state
+        .store
+        .authenticate(secret)
+        .await?
+        .ok_or_else(ServerError::unauthorized)?;
+    Ok((info.name, info.role))
+}
+
+impl FromRequestParts<AppState> for Reader {
+    type Rejection = ServerError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ServerError> {
+        api_role(parts, state).await?;
+        Ok(Reader)
+    }
+}
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ServerError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ServerError> {
+        match api_role(parts, state).await? {
+            (name, Role::Admin) => Ok(Admin { name }),
+            _ => Err(ServerError::forbidden()),
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for AgentCaller {
+    type Rejection = ServerError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ServerError> {
+        let secret = bearer(parts).ok_or_else(ServerError::unauthorized)?;
+        let host = state
+            .store
+            .host_for_agent_secret(secret)
+            .await?
+            .ok_or_else(ServerError::unauthorized)?;
+        Ok(AgentCaller { host })
+    }
+}
+
+impl FromRequestParts<AppState> for Joiner {
+    type Rejection = ServerError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ServerError> {
+        let secret = bearer(parts).ok_or_else(ServerError::unauthorized)?;
+        if constant_time_eq(secret.as_bytes(), state.config.join_token.as_bytes()) {
+            Ok(Joiner)
+        } else {
+            Err(ServerError::unauthorized())
+        }
+    }
+}
+
+/// Compares secrets without leaking, through timing, how much of a guess was right.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,138 @@
+//! `ferry server --config FILE`: a TOML file, every field but the tokens with a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ServerError;
+
+/// How many migrations may run at once, and where.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Limits {
+    /// Outgoing migrations per source host.
+    pub per_host_outbound: u32,
+    /// Incoming migrations per destination host.
+    pub per_host_inbound: u32,
+    /// Migrations in the whole cluster.
+    pub cluster: u32,
+}
+
+impl Default for Limits {
+    /// Two each way per host and five in all: a migration saturates a host's link, and more
+    /// in parallel only makes each slower and less likely to converge.
+    fn default() -> Self {
+        Limits {
+            per_host_outbound: 2,
+            per_host_inbound: 2,
+            cluster: 5,
+        }
+    }
+}
+
+/// The server's configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Where the REST API listens.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The SQLite database file.
+    pub database: PathBuf,
+    /// An admin API token accepted from the first start on (stored hashed). Without it the
+    /// server creates one and writes it to `admin.token` next to the database.
+    pub admin_token: Option<String>,
+    /// The token agents present to join.
+    pub join_token: String,
+    /// A host without a heartbeat for this long is offline.
+    #[serde(default = "default_heartbeat_timeout")]
+    pub heartbeat_timeout_s: u64,
+    #[serde(default)]
+    pub limits: Limits,
+    /// How often the server polls a source agent for progress.
+    #[serde(default = "default_poll_ms")]
+    pub progress_poll_ms: u64,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7400))
+}
+fn default_heartbeat_timeout() -> u64 {
+    10
+}
+fn default_poll_ms() -> u64 {
+    250
+}
+
+impl ServerConfig {
+    /// Reads and checks a config file; errors name the file and the problem.
+    pub fn from_toml_file(path: &Path) -> Result<ServerConfig, ServerError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ServerError::config(format!("cannot read {}: {e}", path.display())))?;
+        let config: ServerConfig = toml::from_str(&text)
+            .map_err(|e| ServerError::config(format!("{}: {e}", path.display())))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ServerError> {
+        if self.join_token.len() < 16 {
+            return Err(ServerError::config(
+                "join_token must be at least 16 characters".into(),
+            ));
+        }
+        if self.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
+            return Err(ServerError::config(
+                "admin_token must be at least 16 characters".into(),
+            ));
+        }
+        let l = self.limits;
+        if l.per_host_inbound == 0 || l.per_host_outbound == 0 || l.cluster == 0 {
+            return Err(ServerError::config("limits must be at least 1".into()));
+        }
+        if !(50..=1000).contains(&self.progress_poll_ms) {
+            return Err(ServerError::config(
+                "progress_poll_ms must be between 50 and 1000".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The file an auto-created admin token is written to.
+    pub fn admin_token_file(&self) -> PathBuf {
+        self.database
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("admin.token")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_config_takes_defaults() {
+        let c: ServerConfig =
+            toml::from_str("database = \"/tmp/f.db\"\njoin_token = \"0123456789abcdef\"").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.limits, Limits::default());
+        assert_eq!(c.listen.port(), 7400);
+    }
+
+    #[test]
+    fn bad_configs_are_named() {
+        let short: ServerConfig =
+            toml::from_str("database = \"/tmp/f.db\"\njoin_token = \"short\"").unwrap();
+        assert!(short
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("join_token"));
+        let unknown = toml::from_str::<ServerConfig>(
+            "database = \"/tmp/f.db\"\njoin_token = \"0123456789abcdef\"\nlisten_port = 3",
+        );
+        assert!(unknown.unwrap_err().to_string().contains("listen_port"));
+    }
+}

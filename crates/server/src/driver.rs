@@ -1,0 +1,590 @@
+//! Drives one migration job through its phases over the two agents, recording every step.
+//!
+//! The phase order and undo rules are `ferry_migrate::live_migrate`'s; this module supplies
+//! halves that call the agents ([`AgentHalves`]), persists state changes, samples and log
+//! lines, and finishes the job in the store. After a server restart, [`recover`] re-attaches to
+//! every job that was in flight: the source agent is the authority on how far it got.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ferry_api::agent::{
+    AgentInstance, DefineInstance, IncomingReady, PrepareIncoming, SourceState, SourceStatus,
+    StartSource,
+};
+use ferry_api::instances::{Instance, InstanceState};
+use ferry_api::migrations::{Event, Migration, MigrationKind, MigrationState, MigrationStats};
+use ferry_api::{ApiClient, ApiError, ErrorBody};
+use ferry_migrate::{MigrateError, MigrationHalves, MigrationParams, Progress, SourceOutcome};
+use tokio::sync::watch;
+use tracing::{info, warn, Instrument};
+use uuid::Uuid;
+
+use crate::agents::agent_client;
+use crate::server::AppState;
+use crate::store::MigrationFilter;
+use crate::ServerError;
+
+/// Starts driving migration `id` in the background. `attach`: the job was already running
+/// before this server started; pick it up where the agents are.
+pub fn spawn(state: AppState, id: Uuid, attach: bool) {
+    let span = tracing::info_span!("migration", %id);
+    tokio::spawn(
+        async move {
+            drive(&state, id, attach).await;
+            state.queue.notify_one();
+        }
+        .instrument(span),
+    );
+}
+
+/// Re-attaches to every job that was Preparing, Migrating or Completing when the server
+/// stopped.
+pub async fn recover(state: &AppState) {
+    let active = match state
+        .store
+        .list_migrations(&MigrationFilter {
+            active_only: true,
+            ..Default::default()
+        })
+        .await
+    {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(error = %e, "cannot list migrations to recover");
+            return;
+        }
+    };
+    for m in active {
+        log(
+            state,
+            m.id,
+            "info",
+            "server restarted: re-attaching to this migration",
+        )
+        .await;
+        spawn(state.clone(), m.id, true);
+    }
+}
+
+/// Sends the migration's current record to watchers.
+pub fn publish_migration(state: &AppState, m: &Migration) {
+    state.events.publish(Event::Migration {
+        migration: Box::new(m.clone()),
+    });
+}
+
+fn publish_instance(state: &AppState, i: Instance) {
+    state.events.publish(Event::Instance {
+        instance: Box::new(i),
+    });
+}
+
+/// Appends to the migration's log (and the server log).
+pub async fn log(state: &AppState, id: Uuid, level: &str, message: &str) {
+    match level {
+        "warn" | "error" => warn!(%id, "{message}"),
+        _ => info!(%id, "{message}"),
+    }
+    if let Err(e) = state.store.add_log(id, level, message).await {
+        warn!(%id, error = %e, "cannot store a migration log line");
+    }
+}
+
+/// How a job ended, before it is written down.
+enum Ending {
+    Completed(Option<MigrationStats>),
+    Cancelled,
+    Failed(ErrorBody),
+}
+
+async fn drive(state: &AppState, id: Uuid, attach: bool) {
+    let (cancel_tx, cancel_rx) = watch::channel(false);
+    state
+        .cancels
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(id, cancel_tx.clone());
+    let ending = match state.store.get_migration(id).await {
+        Ok(Some(m)) => {
+            if m.cancel_requested {
+                let _ = cancel_tx.send(true);
+            }
+            match m.kind {
+                MigrationKind::Live => drive_live(state, &m, attach, cancel_rx).await,
+                MigrationKind::Cold => drive_cold(state, &m).await,
+            }
+        }
+        Ok(None) => Ending::Failed(ErrorBody::new("migration-not-found", "job vanished", "")),
+        Err(e) => Ending::Failed(ServerError::from(e).body),
+    };
+    finish(state, id, ending).await;
+    state
+        .cancels
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&id);
+}
+
+async fn finish(state: &AppState, id: Uuid, ending: Ending) {
+    let result = match &ending {
+        Ending::Completed(stats) => {
+            log(state, id, "info", "completed").await;
+            state.store.complete_migration(id, stats.as_ref()).await
+        }
+        Ending::Cancelled => {
+            log(
+                state,
+                id,
+                "info",
+                "cancelled; the guest stays on the source",
+            )
+            .await;
+            state
+                .store
+                .set_migration_state(id, MigrationState::Cancelled, None)
+                .await
+        }
+        Ending::Failed(body) => {
+            log(
+                state,
+                id,
+                "error",
+                &format!("failed: {}: {}", body.code, body.message),
+            )
+            .await;
+            state
+                .store
+                .set_migration_state(id, MigrationState::Failed, Some(body))
+                .await
+        }
+    };
+    match result {
+        Ok(m) => {
+            publish_migration(state, &m);
+            if let Ok(Some(i)) = state.store.get_instance(&m.instance_id.to_string()).await {
+                publish_instance(state, i);
+            }
+        }
+        Err(e) => warn!(%id, error = %e, "cannot record the end of a migration"),
+    }
+}
+
+async fn set_state(state: &AppState, id: Uuid, to: MigrationState) -> Result<(), ServerError> {
+    let m = state.store.set_migration_state(id, to, None).await?;
+    publish_migration(state, &m);
+    Ok(())
+}
+
+async fn drive_cold(state: &AppState, m: &Migration) -> Ending {
+    match cold(state, m).await {
+        Ok(()) => Ending::Completed(None),
+        Err(e) => Ending::Failed(e.body),
+    }
+}
+
+/// A stopped instance's definition moves: defined on the destination, undefined on the
+/// source, ownership moved in the store when the job completes. Shared-storage files stay.
+async fn cold(state: &AppState, m: &Migration) -> Result<(), ServerError> {
+    let instance = state
+        .store
+        .get_instance(&m.instance_id.to_string())
+        .await?
+        .ok_or_else(|| ServerError::not_found("instance", &m.instance_id.to_string()))?;
+    let src = agent_client(&state.store, &m.source).await?;
+    let dst = agent_client(&state.store, &m.destination).await?;
+    let on_source: Vec<AgentInstance> = src
+        .get("/v1/instances")
+        .await
+        .map_err(|e| ServerError::from_agent(&m.source, e))?;
+    if on_source
+        .iter()
+        .any(|i| i.id == m.instance_id && i.state == InstanceState::Running)
+    {
+        return Err(ServerError::conflict(
+            "instance-running",
+            format!(
+                "{} runs on {}; a cold migration needs it stopped",
+                instance.name, m.source
+            ),
+            "stop it first, or migrate it live",
+        ));
+    }
+    set_state(state, m.id, MigrationState::Migrating).await?;
+    log(
+        state,
+        m.id,
+        "info",
+        &format!("defining {} on {}", instance.name, m.destination),
+    )
+    .await;
+    let path = format!("/v1/instances/{}", m.instance_id);
+    let _: AgentInstance = dst
+        .put(
+            &path,
+            &DefineInstance {
+                name: instance.name.clone(),
+                spec: instance.spec.clone(),
+            },
+        )
+        .await
+        .map_err(|e| ServerError::from_agent(&m.destination, e))?;
+    set_state(state, m.id, MigrationState::Completing).await?;
+    log(
+        state,
+        m.id,
+        "info",
+        &format!("removing the definition from {}", m.source),
+    )
+    .await;
+    if let Err(e) = src.delete::<serde_json::Value>(&path).await {
+        if e.status() != Some(404) {
+            let _ = dst.delete::<serde_json::Value>(&path).await;
+            return Err(ServerError::from_agent(&m.source, e));
+        }
+    }
+    Ok(())
+}
+
+async fn drive_live(
+    state: &AppState,
+    m: &Migration,
+    attach: bool,
+    cancel: watch::Receiver<bool>,
+) -> Ending {
+    let mut halves = match AgentHalves::new(state, m, attach, cancel).await {
+        Ok(h) => h,
+        Err(e) => return Ending::Failed(e.body),
+    };
+    let mut observe = |_: &Progress| {};
+    let result = ferry_migrate::live_migrate(&mut halves, &mut observe).await;
+    match result {
+        Ok(outcome) => Ending::Completed(Some(MigrationStats {
+            total_ms: outcome.source.total_time_ms,
+            downtime_ms: outcome.source.downtime_ms,
+            bytes_transferred: outcome.source.transferred_bytes,
+            iterations: outcome.source.iterations,
+        })),
+        Err(MigrateError::Cancelled) => Ending::Cancelled,
+        Err(e) => Ending::Failed(
+            halves
+                .last_error
+                .take()
+                .unwrap_or_else(|| ErrorBody::new(e.code(), e.to_string(), e.hint())),
+        ),
+    }
+}
+
+/// The two halves, each on its host's agent.
+struct AgentHalves<'a> {
+    state: &'a AppState,
+    m: Migration,
+    instance: Instance,
+    params: MigrationParams,
+    src: ApiClient,
+    dst: ApiClient,
+    attach: bool,
+    cancel: watch::Receiver<bool>,
+    /// Last sample sequence number received from the source agent.
+    seq: u64,
+    /// The most precise error seen (an agent's own code), preferred over the engine's.
+    last_error: Option<ErrorBody>,
+}
+
+/// How long the server keeps retrying an agent that does not answer before a step fails.
+/// The source agent is waited for without limit while the copy runs: only it knows whether
+/// the guest was handed over.
+const AGENT_RETRY: Duration = Duration::from_secs(60);
+
+impl<'a> AgentHalves<'a> {
+    async fn new(
+        state: &'a AppState,
+        m: &Migration,
+        attach: bool,
+        cancel: watch::Receiver<bool>,
+    ) -> Result<AgentHalves<'a>, ServerError> {
+        let instance = state
+            .store
+            .get_instance(&m.instance_id.to_string())
+            .await?
+            .ok_or_else(|| ServerError::not_found("instance", &m.instance_id.to_string()))?;
+        Ok(AgentHalves {
+            state,
+            params: m.options.to_params(),
+            src: agent_client(&state.store, &m.source).await?,
+            dst: agent_client(&state.store, &m.destination).await?,
+            m: m.clone(),
+            instance,
+            attach,
+            cancel,
+            seq: 0,
+            last_error: None,
+        })
+    }
+
+    fn path(&self, tail: &str) -> String {
+        format!("/v1/migrations/{}{tail}", self.m.id)
+    }
+
+    async fn log(&self, level: &str, message: &str) {
+        log(self.state, self.m.id, level, message).await;
+    }
+
+    /// Records an agent's error and turns it into the engine's error type.
+    fn agent_failed(&mut self, host: &str, e: ApiError) -> MigrateError {
+        let body = ServerError::from_agent(host, e).body;
+        let err = MigrateError::Failed(format!("{}: {}", body.code, body.message));
+        self.last_error = Some(body);
+        err
+    }
+
+    fn cancel_requested(&self) -> bool {
+        *self.cancel.borrow()
+    }
+
+    /// Calls an agent, retrying while it cannot be reached, up to [`AGENT_RETRY`].
+    async fn retrying<T, F, Fut>(&self, host: &str, mut call: F) -> Result<T, ApiError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ApiError>>,
+    {
+        let deadline = Instant::now() + AGENT_RETRY;
+        loop {
+            match call().await {
+                Err(ApiError::Unreachable { .. }) if Instant::now() < deadline => {
+                    self.log("warn", &format!("agent on {host} unreachable; retrying"))
+                        .await;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn record(&mut self, samples: Vec<(u64, Progress)>) {
+        for (seq, p) in samples {
+            self.seq = self.seq.max(seq);
+            let _ = self.state.store.add_sample(self.m.id, &p).await;
+            let _ = self.state.store.set_progress(self.m.id, &p).await;
+            self.state.events.publish(Event::Progress {
+                migration_id: self.m.id,
+                progress: p,
+            });
+        }
+    }
+}
+
+impl MigrationHalves for AgentHalves<'_> {
+    async fn prepare_destination(&mut self) -> Result<SocketAddr, MigrateError> {
+        if self.attach {
+            // The stream address only matters to start the source, which already happened
+            // (or will be found never to have happened).
+            return Ok(SocketAddr::from(([0, 0, 0, 0], 0)));
+        }
+        self.log(
+            "info",
+            &format!(
+                "starting {} in incoming mode on {}",
+                self.instance.name, self.m.destination
+            ),
+        )
+        .await;
+        let body = PrepareIncoming {
+            instance_id: self.instance.id,
+            name: self.instance.name.clone(),
+            spec: self.instance.spec.clone(),
+            params: self.params.clone(),
+        };
+        let path = self.path("/incoming");
+        let dst = self.dst.clone();
+        let ready: Result<IncomingReady, ApiError> = self
+            .retrying(&self.m.destination.clone(), || dst.post(&path, &body))
+            .await;
+        let ready = ready.map_err(|e| self.agent_failed(&self.m.destination.clone(), e))?;
+        self.log("info", &format!("destination listening on {}", ready.addr))
+            .await;
+        ready
+            .addr
+            .parse()
+            .map_err(|_| MigrateError::Destination(format!("bad address {}", ready.addr)))
+    }
+
+    async fn run_source(
+        &mut self,
+        dest: SocketAddr,
+        _observe: &mut (dyn FnMut(&Progress) + Send),
+    ) -> Result<SourceOutcome, MigrateError> {
+        if !self.attach {
+            if self.cancel_requested() {
+                return Err(MigrateError::Cancelled);
+            }
+            let _ = set_state(self.state, self.m.id, MigrationState::Migrating).await;
+            self.log(
+                "info",
+                &format!("{} -> {} at {dest}", self.m.source, self.m.destination),
+            )
+            .await;
+            let body = StartSource {
+                instance_id: self.instance.id,
+                destination: dest.to_string(),
+                params: self.params.clone(),
+            };
+            let path = self.path("/source");
+            let src = self.src.clone();
+            let started: Result<SourceStatus, ApiError> = self
+                .retrying(&self.m.source.clone(), || src.post(&path, &body))
+                .await;
+            started.map_err(|e| self.agent_failed(&self.m.source.clone(), e))?;
+        }
+        let poll = Duration::from_millis(self.state.config.progress_poll_ms);
+        let mut cancel_sent = false;
+        let mut last_unreachable_log: Option<Instant> = None;
+        loop {
+            if self.cancel_requested() && !cancel_sent {
+                self.log("info", "cancel requested; asking the source to stop")
+                    .await;
+                match self
+                    .src
+                    .post::<_, SourceStatus>(&self.path("/cancel"), &())
+                    .await
+                {
+                    Ok(_) => cancel_sent = true,
+                    Err(e) => {
+                        self.log("warn", &format!("cancel not delivered yet: {e}"))
+                            .await
+                    }
+                }
+            }
+            let status: SourceStatus = match self
+                .src
+                .get(&format!("{}?after={}", self.path(""), self.seq))
+                .await
+            {
+                Ok(s) => s,
+                Err(ApiError::Unreachable { .. }) => {
+                    // Only the source knows whether it handed over: wait for it.
+                    if last_unreachable_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                        self.log(
+                            "warn",
+                            &format!(
+                                "source agent on {} unreachable; waiting for it",
+                                self.m.source
+                            ),
+                        )
+                        .await;
+                        last_unreachable_log = Some(Instant::now());
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+                Err(e) => return Err(self.agent_failed(&self.m.source.clone(), e)),
+            };
+            self.record(status.samples).await;
+            match status.state {
+                SourceState::Running => {}
+                SourceState::Completed => {
+                    return status.outcome.ok_or_else(|| {
+                        MigrateError::Failed("source reported completion without figures".into())
+                    })
+                }
+                SourceState::Cancelled => return Err(MigrateError::Cancelled),
+                SourceState::Failed => {
+                    let body = status.error.unwrap_or_else(|| {
+                        ErrorBody::new("migration-failed", "the source reported a failure", "")
+                    });
+                    let err = MigrateError::Failed(body.message.clone());
+                    self.last_error = Some(body);
+                    return Err(err);
+                }
+                SourceState::Unknown => {
+                    return Err(MigrateError::Failed(
+                        "the source agent has no record of this migration (it never started)"
+                            .into(),
+                    ))
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(poll) => {},
+                _ = self.cancel.changed() => {},
+            }
+        }
+    }
+
+    async fn confirm_destination(&mut self) -> Result<(), MigrateError> {
+        let _ = set_state(self.state, self.m.id, MigrationState::Completing).await;
+        self.log(
+            "info",
+            &format!(
+                "switchover done; confirming the guest runs on {}",
+                self.m.destination
+            ),
+        )
+        .await;
+        let path = self.path("/confirm");
+        let dst = self.dst.clone();
+        let confirmed: Result<AgentInstance, ApiError> = self
+            .retrying(&self.m.destination.clone(), || dst.post(&path, &()))
+            .await;
+        confirmed.map_err(|e| self.agent_failed(&self.m.destination.clone(), e))?;
+        // The guest runs on the destination: ownership moves now, before the source is torn
+        // down, so a crash from here on still finds the instance where it runs.
+        if let Err(e) = self.state.store.move_instance_for(self.m.id).await {
+            warn!(error = %e, "cannot record the instance's new host yet");
+        }
+        let _ = self
+            .state
+            .store
+            .set_instance_state(self.instance.id, InstanceState::Running)
+            .await;
+        Ok(())
+    }
+
+    async fn finish_source(&mut self) {
+        let path = self.path("/finish");
+        let src = self.src.clone();
+        let done: Result<serde_json::Value, ApiError> = self
+            .retrying(&self.m.source.clone(), || src.post(&path, &()))
+            .await;
+        match done {
+            Ok(_) => self.log("info", &format!("source QEMU on {} stopped", self.m.source)).await,
+            Err(e) if e.status() == Some(404) => {}
+            Err(e) => {
+                self.log("warn", &format!("source cleanup on {} failed: {e}; the paused source stays until the agent cleans it", self.m.source))
+                    .await
+            }
+        }
+    }
+
+    async fn remove_destination(&mut self) -> Result<(), MigrateError> {
+        let path = self.path("/incoming");
+        let dst = self.dst.clone();
+        let removed: Result<serde_json::Value, ApiError> = self
+            .retrying(&self.m.destination.clone(), || dst.delete(&path))
+            .await;
+        match removed {
+            Ok(_) => {
+                self.log(
+                    "info",
+                    &format!("destination on {} removed", self.m.destination),
+                )
+                .await;
+                Ok(())
+            }
+            Err(e) if e.status() == Some(404) => Ok(()),
+            Err(e) => Err(self.agent_failed(&self.m.destination.clone(), e)),
+        }
+    }
+
+    async fn resume_source(&mut self) -> Result<(), MigrateError> {
+        let path = self.path("/resume");
+        let src = self.src.clone();
+        let resumed: Result<AgentInstance, ApiError> = self
+            .retrying(&self.m.source.clone(), || src.post(&path, &()))
+            .await;
+        match resumed {
+            Ok(_) => Ok(()),
+            Err(e) if e.status() == Some(404) => Ok(()),
+            Err(e) => Err(self.agent_failed(&self.m.source.clone(), e)),
+        }
+    }
+}

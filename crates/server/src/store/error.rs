@@ -1,0 +1,75 @@
+use std::path::PathBuf;
+
+use ferry_api::migrations::MigrationState;
+use ferry_api::ErrorBody;
+
+/// What a [`super::Store`] call can fail with, split by what the caller does about it:
+/// `Conflict`, `NotFound` and `InvalidTransition` are the user's or the scheduler's business
+/// (HTTP 409/404), the others are the operator's (HTTP 500).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be opened or its schema could not be brought up to date.
+    #[error("cannot open the database {}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: sqlx::Error,
+    },
+    /// A statement failed for a reason other than the ones below (I/O, lock timeout, ...).
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    /// The change collides with existing state (duplicate name, a second running migration).
+    #[error("{0}")]
+    Conflict(String),
+    /// The row the call refers to does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// A migration job cannot go from `from` to `to` (it already ended).
+    #[error("migration cannot go from {} to {}", from.as_str(), to.as_str())]
+    InvalidTransition {
+        from: MigrationState,
+        to: MigrationState,
+    },
+    /// A row holds a value Ferry cannot read (bad JSON, unknown enum value, negative count).
+    #[error("corrupt database row: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// Stable kebab-case code for API error bodies and scripts.
+    pub fn code(&self) -> &'static str {
+        match self {
+            StoreError::Open { .. } => "database-unavailable",
+            StoreError::Db(_) => "database-error",
+            StoreError::Conflict(_) => "conflict",
+            StoreError::NotFound(_) => "not-found",
+            StoreError::InvalidTransition { .. } => "invalid-transition",
+            StoreError::Corrupt(_) => "database-corrupt",
+        }
+    }
+
+    /// What the reader of the error should do next.
+    pub fn hint(&self) -> &'static str {
+        match self {
+            StoreError::Open { .. } => {
+                "check that the directory exists and is writable by the server, and that the \
+                 file is a Ferry database"
+            }
+            StoreError::Db(_) => "retry; if it persists, check the server log and the disk",
+            StoreError::Conflict(_) => "check the current state (list or show it) and retry",
+            StoreError::NotFound(_) => "check the name or id (list them to see what exists)",
+            StoreError::InvalidTransition { .. } => {
+                "the migration has already ended; start a new one if needed"
+            }
+            StoreError::Corrupt(_) => {
+                "the database holds data this server cannot read: check the server version \
+                 and restore from a backup if needed"
+            }
+        }
+    }
+
+    /// The error as an API error body.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody::new(self.code(), self.to_string(), self.hint())
+    }
+}

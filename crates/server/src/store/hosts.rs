@@ -1,0 +1,178 @@
+use chrono::{DateTime, Utc};
+use ferry_api::hosts::{Host, HostFacts, HostState};
+use sqlx::sqlite::SqliteRow;
+
+use super::{
+    col, is_unique_violation, ms, now, opt_json_col, opt_time_col, sha256_hex, to_json, u64_col,
+    Store, StoreError,
+};
+
+const HOST_SELECT: &str = "SELECT h.name, h.agent_url, h.enabled, h.last_heartbeat, h.facts,
+        (SELECT COUNT(*) FROM instances i WHERE i.host = h.name) AS instance_count
+    FROM hosts h";
+
+fn host_from_row(
+    row: &SqliteRow,
+    offline_after: chrono::Duration,
+    now: DateTime<Utc>,
+) -> Result<Host, StoreError> {
+    let last_heartbeat = opt_time_col(row, "last_heartbeat")?;
+    let state = match last_heartbeat {
+        Some(at) if now.signed_duration_since(at) <= offline_after => HostState::Online,
+        _ => HostState::Offline,
+    };
+    let instances = u64_col(row, "instance_count")?;
+    Ok(Host {
+        name: col(row, "name")?,
+        agent_url: col(row, "agent_url")?,
+        enabled: col(row, "enabled")?,
+        state,
+        last_heartbeat,
+        facts: opt_json_col::<HostFacts>(row, "facts")?,
+        instances: u32::try_from(instances).unwrap_or(u32::MAX),
+    })
+}
+
+impl Store {
+    /// Registers an agent's host, or re-registers it: an agent that lost its state joins
+    /// again with a new secret and possibly a new URL, which replace the old ones. The
+    /// enabled flag (an operator's choice) survives a re-join; a new host starts enabled.
+    /// Joining counts as a heartbeat, so the host is online right away.
+    ///
+    /// The agent secret is stored as given because the server must present it when calling
+    /// the agent; it is not encrypted at rest (out of scope: protect the database file).
+    /// Fails with [`StoreError::Conflict`] if another host already uses the same secret.
+    pub async fn join_host(
+        &self,
+        name: &str,
+        agent_url: &str,
+        agent_secret: &str,
+        facts: &HostFacts,
+    ) -> Result<(), StoreError> {
+        let at = ms(now());
+        sqlx::query(
+            "INSERT INTO hosts (name, agent_url, agent_secret, agent_secret_sha256, enabled,
+                                facts, last_heartbeat, joined_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $7)
+             ON CONFLICT (name) DO UPDATE SET
+                 agent_url = excluded.agent_url,
+                 agent_secret = excluded.agent_secret,
+                 agent_secret_sha256 = excluded.agent_secret_sha256,
+                 facts = excluded.facts,
+                 last_heartbeat = excluded.last_heartbeat,
+                 joined_at = excluded.joined_at",
+        )
+        .bind(name)
+        .bind(agent_url)
+        .bind(agent_secret)
+        .bind(sha256_hex(agent_secret))
+        .bind(true)
+        .bind(to_json(facts, "host facts")?)
+        .bind(at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::Conflict(format!(
+                    "another host already uses this agent secret (joining {name})"
+                ))
+            } else {
+                StoreError::Db(e)
+            }
+        })?;
+        Ok(())
+    }
+
+    /// The host whose agent holds `secret`: how the server authenticates agent calls
+    /// (heartbeats). Looked up by hash.
+    pub async fn host_for_agent_secret(&self, secret: &str) -> Result<Option<String>, StoreError> {
+        if secret.is_empty() {
+            return Ok(None);
+        }
+        let row = sqlx::query("SELECT name FROM hosts WHERE agent_secret_sha256 = $1")
+            .bind(sha256_hex(secret))
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(|r| col(r, "name")).transpose()
+    }
+
+    /// The agent's URL and the secret the server presents to it. The secret is stored in the
+    /// clear because the server needs it to call the agent; encryption at rest is out of
+    /// scope (protect the database file like a key file).
+    pub async fn agent_credential(
+        &self,
+        host: &str,
+    ) -> Result<Option<(String, String)>, StoreError> {
+        let row = sqlx::query("SELECT agent_url, agent_secret FROM hosts WHERE name = $1")
+            .bind(host)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(r) => Ok(Some((col(&r, "agent_url")?, col(&r, "agent_secret")?))),
+            None => Ok(None),
+        }
+    }
+
+    /// Records a heartbeat: the host's latest facts and when they arrived. Fails with
+    /// [`StoreError::NotFound`] for a host that never joined (the agent must join first).
+    pub async fn record_heartbeat(
+        &self,
+        host: &str,
+        facts: &HostFacts,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let done = sqlx::query("UPDATE hosts SET facts = $2, last_heartbeat = $3 WHERE name = $1")
+            .bind(host)
+            .bind(to_json(facts, "host facts")?)
+            .bind(ms(at))
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("host {host}")));
+        }
+        Ok(())
+    }
+
+    /// All hosts by name. A host is online if its last heartbeat is at most `offline_after`
+    /// before `now` (both passed in so the caller's clock and timeout rule, and tests can
+    /// fix them).
+    pub async fn list_hosts(
+        &self,
+        offline_after: chrono::Duration,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Host>, StoreError> {
+        let rows = sqlx::query(&format!("{HOST_SELECT} ORDER BY h.name"))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| host_from_row(r, offline_after, now))
+            .collect()
+    }
+
+    /// One host, with its state computed as in [`Store::list_hosts`].
+    pub async fn get_host(
+        &self,
+        name: &str,
+        offline_after: chrono::Duration,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Host>, StoreError> {
+        let row = sqlx::query(&format!("{HOST_SELECT} WHERE h.name = $1"))
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref()
+            .map(|r| host_from_row(r, offline_after, now))
+            .transpose()
+    }
+
+    /// Enables or disables a host (disabled hosts get no new instances or migrations).
+    /// Returns whether the host exists.
+    pub async fn set_host_enabled(&self, name: &str, enabled: bool) -> Result<bool, StoreError> {
+        let done = sqlx::query("UPDATE hosts SET enabled = $2 WHERE name = $1")
+            .bind(name)
+            .bind(enabled)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+}

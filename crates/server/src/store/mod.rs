@@ -1,0 +1,311 @@
+//! The control plane's persistent state: tokens, hosts, instances, migration jobs, their
+//! progress history and logs, and the audit trail.
+//!
+//! Everything the server must remember across a restart goes through [`Store`], and all SQL of
+//! the server lives in this module, so moving from the SQLite file used today to PostgreSQL
+//! means touching only here. The queries are written to run on both: numbered placeholders
+//! (`$1`), UUIDs as TEXT, timestamps as BIGINT unix milliseconds, JSON as TEXT, no
+//! SQLite-only functions. Statements that must not interleave with other writers run in one
+//! transaction and start with their write, so SQLite takes the write lock up front (waiting on
+//! the busy timeout) instead of failing a read-to-write upgrade.
+
+mod audit;
+mod error;
+mod hosts;
+mod instances;
+mod migrations;
+mod tokens;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+};
+use sqlx::Row;
+
+pub use audit::AuditEntry;
+pub use error::StoreError;
+pub use migrations::{MigrationFilter, NewMigration};
+pub use tokens::{ParseRoleError, Role, TokenInfo};
+
+/// How long a statement waits for another connection's write lock before failing: long
+/// enough to ride out a burst of heartbeats and progress samples, short enough that a stuck
+/// writer surfaces as an error instead of a hung API call.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connections to a database file. SQLite serialises writers anyway; a few connections let
+/// reads (API listings) proceed while a write waits.
+const MAX_CONNECTIONS: u32 = 8;
+
+/// The schema, in order. A version, once released, never changes: fixes go in a new file.
+const SCHEMA: &[(i64, &str)] = &[(1, include_str!("../../migrations/0001_initial.sql"))];
+
+/// Migration states that end a job, as an SQL list. Kept equal to
+/// [`ferry_api::migrations::MigrationState::is_terminal`] by a unit test, and to the partial
+/// index in `0001_initial.sql`.
+const TERMINAL_STATES_SQL: &str = "('completed', 'failed', 'cancelled')";
+
+/// Migration states that hold a concurrency slot, as an SQL list. Kept equal to
+/// [`ferry_api::migrations::MigrationState::is_active`] by a unit test.
+const ACTIVE_STATES_SQL: &str = "('preparing', 'migrating', 'completing')";
+
+/// The control plane's database handle. Cheap to clone (it wraps a connection pool), so every
+/// handler and task keeps its own copy.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+impl Store {
+    /// Opens (creating it and its parent directory if missing) the database file at `path`
+    /// and brings its schema up to date.
+    ///
+    /// WAL journaling lets readers run while a writer commits; foreign keys are enforced;
+    /// writers wait up to 5 s for the lock. Any failure, including a failed schema migration,
+    /// is reported as [`StoreError::Open`] naming the path.
+    pub async fn open(path: &Path) -> Result<Store, StoreError> {
+        let open_err = |source: sqlx::Error| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|e| open_err(sqlx::Error::Io(e)))?;
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .connect_with(options)
+            .await
+            .map_err(open_err)?;
+        let store = Store { pool };
+        store.apply_schema().await.map_err(|e| match e {
+            StoreError::Db(source) => open_err(source),
+            other => other,
+        })?;
+        Ok(store)
+    }
+
+    /// A fresh, private in-memory database with the full schema, for unit tests.
+    ///
+    /// The pool holds exactly one connection that never expires: each SQLite connection to
+    /// `:memory:` is its own database, so a second connection would see empty tables.
+    pub async fn open_memory() -> Result<Store, StoreError> {
+        let open_err = |source: sqlx::Error| StoreError::Open {
+            path: ":memory:".into(),
+            source,
+        };
+        let options = SqliteConnectOptions::new()
+            .in_memory(true)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options)
+            .await
+            .map_err(open_err)?;
+        let store = Store { pool };
+        store.apply_schema().await.map_err(|e| match e {
+            StoreError::Db(source) => open_err(source),
+            other => other,
+        })?;
+        Ok(store)
+    }
+
+    /// Closes every connection, checkpointing the WAL into the main file. Call on shutdown;
+    /// the store must not be used afterwards.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Applies the schema versions this database lacks, each in its own transaction.
+    ///
+    /// Each transaction starts by claiming its version in `schema_migrations`, so two servers
+    /// opening the same file cannot both apply it. A database written by a newer Ferry (a
+    /// version we do not know) is refused rather than used with a schema we cannot read.
+    async fn apply_schema(&self) -> Result<(), StoreError> {
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version BIGINT PRIMARY KEY,
+                 applied_at BIGINT NOT NULL
+             )",
+        )
+        .execute(&self.pool)
+        .await?;
+        let newest: Option<i64> = col(
+            &sqlx::query("SELECT MAX(version) AS newest FROM schema_migrations")
+                .fetch_one(&self.pool)
+                .await?,
+            "newest",
+        )?;
+        let known = SCHEMA.last().map(|(v, _)| *v).unwrap_or(0);
+        if let Some(newest) = newest.filter(|n| *n > known) {
+            return Err(StoreError::Corrupt(format!(
+                "the database has schema version {newest}, newer than this server's {known}"
+            )));
+        }
+        for (version, sql) in SCHEMA {
+            let mut tx = self.pool.begin().await?;
+            let claimed = sqlx::query(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)
+                 ON CONFLICT (version) DO NOTHING",
+            )
+            .bind(version)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if claimed == 0 {
+                tx.rollback().await?;
+                continue;
+            }
+            sqlx::raw_sql(sql).execute(&mut *tx).await?;
+            tx.commit().await?;
+            tracing::info!(version, "applied database schema migration");
+        }
+        Ok(())
+    }
+}
+
+/// Now, truncated to what the database keeps (milliseconds), so a value returned by an insert
+/// equals the one read back later.
+fn now() -> DateTime<Utc> {
+    to_time(now_ms()).unwrap_or_else(Utc::now)
+}
+
+fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+fn ms(at: DateTime<Utc>) -> i64 {
+    at.timestamp_millis()
+}
+
+fn to_time(ms: i64) -> Option<DateTime<Utc>> {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+}
+
+/// Reads a column, reporting a value of the wrong type as a corrupt row (not a panic, and not
+/// a generic database error: the database works, its content is wrong).
+fn col<'r, T>(row: &'r SqliteRow, name: &str) -> Result<T, StoreError>
+where
+    T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
+{
+    row.try_get::<T, _>(name).map_err(|e| match e {
+        sqlx::Error::ColumnDecode { .. } => {
+            StoreError::Corrupt(format!("column {name} has an unreadable value: {e}"))
+        }
+        other => StoreError::Db(other),
+    })
+}
+
+/// A timestamp column (unix milliseconds).
+fn time_col(row: &SqliteRow, name: &str) -> Result<DateTime<Utc>, StoreError> {
+    let v: i64 = col(row, name)?;
+    to_time(v).ok_or_else(|| StoreError::Corrupt(format!("column {name}: bad timestamp {v}")))
+}
+
+/// A nullable timestamp column.
+fn opt_time_col(row: &SqliteRow, name: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+    let v: Option<i64> = col(row, name)?;
+    v.map(|v| {
+        to_time(v).ok_or_else(|| StoreError::Corrupt(format!("column {name}: bad timestamp {v}")))
+    })
+    .transpose()
+}
+
+/// A non-negative integer column.
+fn u64_col(row: &SqliteRow, name: &str) -> Result<u64, StoreError> {
+    let v: i64 = col(row, name)?;
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("column {name}: negative value {v}")))
+}
+
+/// A UUID stored as text.
+fn uuid_col(row: &SqliteRow, name: &str) -> Result<uuid::Uuid, StoreError> {
+    let v: String = col(row, name)?;
+    uuid::Uuid::parse_str(&v)
+        .map_err(|_| StoreError::Corrupt(format!("column {name}: bad uuid {v:?}")))
+}
+
+/// A JSON column.
+fn json_col<T: DeserializeOwned>(row: &SqliteRow, name: &str) -> Result<T, StoreError> {
+    let v: String = col(row, name)?;
+    parse_json(&v, name)
+}
+
+/// A nullable JSON column.
+fn opt_json_col<T: DeserializeOwned>(row: &SqliteRow, name: &str) -> Result<Option<T>, StoreError> {
+    let v: Option<String> = col(row, name)?;
+    v.map(|v| parse_json(&v, name)).transpose()
+}
+
+/// An enum stored as its text name.
+fn enum_col<T: FromStr>(row: &SqliteRow, name: &str) -> Result<T, StoreError> {
+    let v: String = col(row, name)?;
+    v.parse()
+        .map_err(|_| StoreError::Corrupt(format!("column {name}: unknown value {v:?}")))
+}
+
+fn parse_json<T: DeserializeOwned>(text: &str, what: &str) -> Result<T, StoreError> {
+    serde_json::from_str(text)
+        .map_err(|e| StoreError::Corrupt(format!("column {what} holds invalid JSON: {e}")))
+}
+
+fn to_json<T: Serialize + ?Sized>(value: &T, what: &str) -> Result<String, StoreError> {
+    serde_json::to_string(value)
+        .map_err(|e| StoreError::Corrupt(format!("cannot encode {what} as JSON: {e}")))
+}
+
+/// Lower-case hex SHA-256: how secrets are looked up without comparing them in the clear.
+fn sha256_hex(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+/// Runs an insert that allocates its sequence number as `MAX(seq) + 1`, retrying if another
+/// writer took the same number first. Never retries on SQLite, whose writers are serialised;
+/// kept so the same statements are safe on PostgreSQL.
+async fn insert_with_seq<F, Fut>(mut insert: F) -> Result<(), sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<sqlx::sqlite::SqliteQueryResult, sqlx::Error>>,
+{
+    const ATTEMPTS: usize = 3;
+    let mut attempt = 1;
+    loop {
+        match insert().await {
+            Ok(_) => return Ok(()),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() && attempt < ATTEMPTS => {
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Whether an error is a violated UNIQUE or PRIMARY KEY constraint.
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+/// Whether an error is a violated foreign key (a referenced host or migration is missing).
+fn is_foreign_key_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_foreign_key_violation())
+}

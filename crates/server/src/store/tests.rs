@@ -1,0 +1,856 @@
+use chrono::{Duration, Utc};
+use ferry_api::hosts::{HostFacts, HostState};
+use ferry_api::instances::{BootSpec, InstanceSpec, InstanceState};
+use ferry_api::migrations::{MigrationKind, MigrationOptions, MigrationState, MigrationStats};
+use ferry_api::ErrorBody;
+use ferry_migrate::{Phase, Progress};
+use uuid::Uuid;
+
+use super::*;
+
+fn facts(name: &str) -> HostFacts {
+    HostFacts {
+        name: name.into(),
+        cpu_vendor: "GenuineIntel".into(),
+        cpu_model: "test".into(),
+        cpu_flags: vec!["sse2".into()],
+        cores: 4,
+        ram_total_mib: 8192,
+        ram_free_mib: 4096,
+        accel: "tcg".into(),
+        qemu_version: "8.2.0".into(),
+        machine_types: vec!["pc".into()],
+        datastores: vec![],
+        networks: vec![],
+        migration_addr: "127.0.0.1".into(),
+        migration_ports: "49152-49215".into(),
+        agent_version: "0.1.0".into(),
+    }
+}
+
+fn spec() -> InstanceSpec {
+    InstanceSpec {
+        memory_mib: 256,
+        vcpus: 1,
+        cpu_model: "qemu64".into(),
+        machine: "pc".into(),
+        boot: BootSpec {
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            cmdline: String::new(),
+        },
+        nics: vec![],
+    }
+}
+
+fn progress(percent: f64) -> Progress {
+    Progress {
+        phase: Phase::Precopy,
+        elapsed_ms: 10,
+        percent,
+        transferred_bytes: 1,
+        remaining_bytes: 2,
+        total_bytes: 3,
+        iteration: 1,
+        throughput_bps: 1.5,
+        dirty_rate_bps: 0.0,
+        eta_ms: None,
+        expected_downtime_ms: Some(5),
+        total_time_ms: None,
+        downtime_ms: None,
+        cpu_throttle_percent: None,
+    }
+}
+
+/// A store with hosts `a` and `b` and instance `vm1` on `a`.
+async fn fleet() -> (Store, Uuid) {
+    let s = Store::open_memory().await.expect("open");
+    s.join_host("a", "http://a:7001", "secret-a", &facts("a"))
+        .await
+        .expect("join a");
+    s.join_host("b", "http://b:7001", "secret-b", &facts("b"))
+        .await
+        .expect("join b");
+    let id = Uuid::new_v4();
+    s.insert_instance(id, "vm1", "a", &spec(), InstanceState::Running)
+        .await
+        .expect("insert");
+    (s, id)
+}
+
+fn new_migration(instance_id: Uuid) -> NewMigration {
+    NewMigration {
+        id: Uuid::new_v4(),
+        instance_id,
+        kind: MigrationKind::Live,
+        source: "a".into(),
+        destination: "b".into(),
+        options: MigrationOptions {
+            downtime_ms: Some(100),
+            ..MigrationOptions::default()
+        },
+    }
+}
+
+#[test]
+fn state_lists_match_the_api() {
+    let all = [
+        MigrationState::Pending,
+        MigrationState::Preparing,
+        MigrationState::Migrating,
+        MigrationState::Completing,
+        MigrationState::Completed,
+        MigrationState::Failed,
+        MigrationState::Cancelled,
+    ];
+    let list = |pred: fn(MigrationState) -> bool| {
+        let names: Vec<String> = all
+            .iter()
+            .filter(|s| pred(**s))
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect();
+        format!("({})", names.join(", "))
+    };
+    assert_eq!(list(MigrationState::is_terminal), TERMINAL_STATES_SQL);
+    assert_eq!(list(MigrationState::is_active), ACTIVE_STATES_SQL);
+    assert!(SCHEMA[0].1.contains(TERMINAL_STATES_SQL));
+}
+
+#[tokio::test]
+async fn schema_applied_once_and_reopen_keeps_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("nested/dir/ferry.db");
+    let s = Store::open(&path).await.expect("open new");
+    s.join_host("a", "http://a", "sa", &facts("a"))
+        .await
+        .expect("join");
+    let first: Vec<(i64, i64)> =
+        sqlx::query_as("SELECT version, applied_at FROM schema_migrations")
+            .fetch_all(&s.pool)
+            .await
+            .expect("versions");
+    assert_eq!(first.len(), SCHEMA.len());
+    s.close().await;
+
+    let s = Store::open(&path).await.expect("reopen");
+    let again: Vec<(i64, i64)> =
+        sqlx::query_as("SELECT version, applied_at FROM schema_migrations")
+            .fetch_all(&s.pool)
+            .await
+            .expect("versions");
+    assert_eq!(first, again, "re-opening must not re-apply the schema");
+    let hosts = s
+        .list_hosts(Duration::seconds(30), Utc::now())
+        .await
+        .expect("hosts");
+    assert_eq!(hosts.len(), 1);
+    s.close().await;
+}
+
+#[tokio::test]
+async fn newer_schema_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ferry.db");
+    let s = Store::open(&path).await.expect("open");
+    sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES (999, 0)")
+        .execute(&s.pool)
+        .await
+        .expect("insert");
+    s.close().await;
+    let err = Store::open(&path).await.expect_err("must refuse");
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+}
+
+#[tokio::test]
+async fn open_failure_names_the_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A directory where the file should be: SQLite cannot open it.
+    let path = dir.path().join("is-a-dir");
+    std::fs::create_dir(&path).expect("mkdir");
+    let err = Store::open(&path).await.expect_err("must fail");
+    assert!(matches!(err, StoreError::Open { .. }));
+    assert!(err.to_string().contains("is-a-dir"), "{err}");
+    assert_eq!(err.code(), "database-unavailable");
+}
+
+#[tokio::test]
+async fn tokens_store_only_a_hash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ferry.db");
+    let s = Store::open(&path).await.expect("open");
+    let (admin, secret) = s.create_token("alice", Role::Admin).await.expect("create");
+    assert_eq!(secret.len(), 64);
+    assert!(secret.chars().all(|c| c.is_ascii_hexdigit()));
+    let ro = s
+        .insert_token_secret("dash", Role::ReadOnly, "bootstrap-secret-value")
+        .await
+        .expect("insert");
+    // Idempotent: same id, role updated from the config.
+    let again = s
+        .insert_token_secret("dash", Role::Admin, "bootstrap-secret-value")
+        .await
+        .expect("insert again");
+    assert_eq!(again.id, ro.id);
+    assert_eq!(again.role, Role::Admin);
+    assert_eq!(s.list_tokens().await.expect("list").len(), 2);
+
+    let found = s.authenticate(&secret).await.expect("auth").expect("known");
+    assert_eq!(found, admin);
+    assert_eq!(found.role, Role::Admin);
+    assert!(s.authenticate("nope").await.expect("auth").is_none());
+    assert!(s.authenticate("").await.expect("auth").is_none());
+
+    assert!(s.revoke_token(&admin.id).await.expect("revoke"));
+    assert!(s.authenticate(&secret).await.expect("auth").is_none());
+    s.close().await;
+
+    let mut bytes = Vec::new();
+    for entry in std::fs::read_dir(dir.path()).expect("ls") {
+        bytes.extend(std::fs::read(entry.expect("entry").path()).expect("read"));
+    }
+    let haystack = String::from_utf8_lossy(&bytes);
+    assert!(haystack.contains(&sha256_hex("bootstrap-secret-value")));
+    assert!(!haystack.contains(&secret));
+    assert!(!haystack.contains("bootstrap-secret-value"));
+}
+
+#[test]
+fn roles_parse() {
+    assert_eq!("admin".parse::<Role>(), Ok(Role::Admin));
+    assert_eq!("read_only".parse::<Role>(), Ok(Role::ReadOnly));
+    assert_eq!(Role::ReadOnly.as_str(), "read_only");
+    assert!("root".parse::<Role>().is_err());
+}
+
+#[tokio::test]
+async fn hosts_join_heartbeat_online_offline() {
+    let s = Store::open_memory().await.expect("open");
+    s.join_host("a", "http://a:1", "s1", &facts("a"))
+        .await
+        .expect("join");
+    assert_eq!(
+        s.host_for_agent_secret("s1").await.expect("q"),
+        Some("a".into())
+    );
+    assert_eq!(
+        s.agent_credential("a").await.expect("q"),
+        Some(("http://a:1".into(), "s1".into()))
+    );
+    // Re-join after state loss: new secret and URL replace the old ones; enabled kept.
+    assert!(s.set_host_enabled("a", false).await.expect("disable"));
+    s.join_host("a", "http://a:2", "s2", &facts("a"))
+        .await
+        .expect("rejoin");
+    assert_eq!(s.host_for_agent_secret("s1").await.expect("q"), None);
+    assert_eq!(
+        s.host_for_agent_secret("s2").await.expect("q"),
+        Some("a".into())
+    );
+    assert_eq!(
+        s.agent_credential("a").await.expect("q"),
+        Some(("http://a:2".into(), "s2".into()))
+    );
+    // Another host cannot take the same secret.
+    let err = s
+        .join_host("b", "http://b", "s2", &facts("b"))
+        .await
+        .expect_err("dup secret");
+    assert!(matches!(err, StoreError::Conflict(_)));
+
+    let t0 = Utc::now();
+    let mut f = facts("a");
+    f.ram_free_mib = 1;
+    s.record_heartbeat("a", &f, t0).await.expect("hb");
+    let timeout = Duration::seconds(15);
+    let h = s
+        .get_host("a", timeout, t0 + Duration::seconds(10))
+        .await
+        .expect("get")
+        .expect("a");
+    assert_eq!(h.state, HostState::Online);
+    assert!(!h.enabled);
+    assert_eq!(h.facts.as_ref().map(|f| f.ram_free_mib), Some(1));
+    assert_eq!(
+        h.last_heartbeat.map(|t| t.timestamp_millis()),
+        Some(t0.timestamp_millis())
+    );
+    let h = s
+        .get_host("a", timeout, t0 + Duration::seconds(16))
+        .await
+        .expect("get")
+        .expect("a");
+    assert_eq!(h.state, HostState::Offline);
+    assert!(s.get_host("zz", timeout, t0).await.expect("get").is_none());
+    assert!(!s.set_host_enabled("zz", true).await.expect("enable"));
+    assert!(matches!(
+        s.record_heartbeat("zz", &f, t0).await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    s.insert_instance(Uuid::new_v4(), "vm", "a", &spec(), InstanceState::Stopped)
+        .await
+        .expect("insert");
+    let hosts = s.list_hosts(timeout, t0).await.expect("list");
+    assert_eq!(hosts.len(), 1);
+    assert_eq!(hosts[0].instances, 1);
+}
+
+#[tokio::test]
+async fn instances_insert_get_conflict() {
+    let (s, id) = fleet().await;
+    let by_id = s
+        .get_instance(&id.to_string())
+        .await
+        .expect("get")
+        .expect("by id");
+    let by_upper = s
+        .get_instance(&id.to_string().to_uppercase())
+        .await
+        .expect("get")
+        .expect("by upper id");
+    let by_name = s.get_instance("vm1").await.expect("get").expect("by name");
+    assert_eq!(by_id, by_name);
+    assert_eq!(by_id, by_upper);
+    assert_eq!(by_id.host, "a");
+    assert_eq!(by_id.generation, 0);
+    assert_eq!(by_id.spec, spec());
+    assert_eq!(by_id.migration, None);
+    assert!(s.get_instance("nope").await.expect("get").is_none());
+
+    let err = s
+        .insert_instance(Uuid::new_v4(), "vm1", "b", &spec(), InstanceState::Stopped)
+        .await
+        .expect_err("duplicate name");
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+    assert_eq!(err.code(), "conflict");
+    let err = s
+        .insert_instance(
+            Uuid::new_v4(),
+            "vm2",
+            "nohost",
+            &spec(),
+            InstanceState::Stopped,
+        )
+        .await
+        .expect_err("unknown host");
+    assert!(matches!(err, StoreError::NotFound(_)), "{err}");
+
+    s.set_instance_state(id, InstanceState::Stopped)
+        .await
+        .expect("state");
+    assert_eq!(
+        s.get_instance("vm1")
+            .await
+            .expect("get")
+            .expect("vm1")
+            .state,
+        InstanceState::Stopped
+    );
+    s.insert_instance(Uuid::new_v4(), "vm0", "b", &spec(), InstanceState::Stopped)
+        .await
+        .expect("insert");
+    let all = s.list_instances(None).await.expect("list");
+    assert_eq!(
+        all.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
+        ["vm0", "vm1"]
+    );
+    assert_eq!(s.list_instances(Some("b")).await.expect("list").len(), 1);
+
+    s.delete_instance(id).await.expect("delete");
+    assert!(s.get_instance("vm1").await.expect("get").is_none());
+    assert!(matches!(
+        s.delete_instance(id).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn migration_insert_and_single_open_job() {
+    let (s, id) = fleet().await;
+    let new = new_migration(id);
+    let m = s.insert_migration(&new).await.expect("insert");
+    assert_eq!(m.state, MigrationState::Pending);
+    assert_eq!(m.instance_name, "vm1");
+    assert_eq!(m.options, new.options);
+    assert!(!m.cancel_requested);
+    assert_eq!(s.get_migration(m.id).await.expect("get"), Some(m.clone()));
+    assert_eq!(
+        s.get_instance("vm1")
+            .await
+            .expect("get")
+            .expect("vm1")
+            .migration,
+        Some(m.id)
+    );
+
+    let err = s
+        .insert_migration(&new_migration(id))
+        .await
+        .expect_err("second open job");
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+    // Deleting an instance with a job in flight is refused.
+    assert!(matches!(
+        s.delete_instance(id).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let err = s
+        .insert_migration(&new_migration(Uuid::new_v4()))
+        .await
+        .expect_err("unknown instance");
+    assert!(matches!(err, StoreError::NotFound(_)), "{err}");
+    let mut bad_host = new_migration(id);
+    bad_host.destination = "nowhere".into();
+    s.set_migration_state(m.id, MigrationState::Failed, None)
+        .await
+        .expect("fail");
+    let err = s
+        .insert_migration(&bad_host)
+        .await
+        .expect_err("unknown host");
+    assert!(matches!(err, StoreError::NotFound(_)), "{err}");
+
+    // Once the first has ended, a new one is allowed.
+    let m2 = s
+        .insert_migration(&new_migration(id))
+        .await
+        .expect("second");
+    assert_eq!(
+        s.get_instance("vm1")
+            .await
+            .expect("get")
+            .expect("vm1")
+            .migration,
+        Some(m2.id)
+    );
+}
+
+#[tokio::test]
+async fn pending_is_fifo_and_listing_is_newest_first() {
+    let (s, id) = fleet().await;
+    let mut ids = vec![];
+    let mut instances = vec![id];
+    for n in 2..=4 {
+        let iid = Uuid::new_v4();
+        s.insert_instance(iid, &format!("vm{n}"), "a", &spec(), InstanceState::Running)
+            .await
+            .expect("insert");
+        instances.push(iid);
+    }
+    for iid in &instances {
+        ids.push(
+            s.insert_migration(&new_migration(*iid))
+                .await
+                .expect("insert")
+                .id,
+        );
+    }
+    let pending: Vec<Uuid> = s
+        .pending_in_order()
+        .await
+        .expect("pending")
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(pending, ids);
+
+    s.set_migration_state(ids[1], MigrationState::Preparing, None)
+        .await
+        .expect("prep");
+    let listed: Vec<Uuid> = s
+        .list_migrations(&MigrationFilter::default())
+        .await
+        .expect("list")
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    let mut newest_first = ids.clone();
+    newest_first.reverse();
+    assert_eq!(listed, newest_first);
+
+    let active = s
+        .list_migrations(&MigrationFilter {
+            active_only: true,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(active.len(), 1);
+    assert_eq!(active[0].id, ids[1]);
+    let pending_state = s
+        .list_migrations(&MigrationFilter {
+            state: Some(MigrationState::Pending),
+            host: Some("b".into()),
+            limit: Some(2),
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(
+        pending_state.iter().map(|m| m.id).collect::<Vec<_>>(),
+        [ids[3], ids[2]]
+    );
+    let for_instance = s
+        .list_migrations(&MigrationFilter {
+            instance: Some(instances[0]),
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(for_instance.len(), 1);
+    let none = s
+        .list_migrations(&MigrationFilter {
+            host: Some("c".into()),
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert!(none.is_empty());
+    assert_eq!(
+        s.pending_in_order()
+            .await
+            .expect("pending")
+            .iter()
+            .map(|m| m.id)
+            .collect::<Vec<_>>(),
+        [ids[0], ids[2], ids[3]]
+    );
+}
+
+#[tokio::test]
+async fn state_timestamps_and_terminal_states() {
+    let (s, id) = fleet().await;
+    let m = s
+        .insert_migration(&new_migration(id))
+        .await
+        .expect("insert");
+    assert!(m.preparing_at.is_none() && m.finished_at.is_none());
+    let m = s
+        .set_migration_state(m.id, MigrationState::Preparing, None)
+        .await
+        .expect("prep");
+    assert_eq!(m.state, MigrationState::Preparing);
+    let preparing_at = m.preparing_at.expect("preparing_at");
+    let m = s
+        .set_migration_state(m.id, MigrationState::Migrating, None)
+        .await
+        .expect("mig");
+    assert!(m.migrating_at.is_some());
+    assert_eq!(m.preparing_at, Some(preparing_at));
+    let m = s
+        .set_migration_state(m.id, MigrationState::Completing, None)
+        .await
+        .expect("completing");
+    assert!(m.completing_at.is_some());
+    assert!(m.finished_at.is_none());
+    let m = s.set_cancel_requested(m.id).await.expect("cancel req");
+    assert!(m.cancel_requested);
+
+    let error = ErrorBody::new("qemu-failed", "it broke", "look at the log");
+    let m = s
+        .set_migration_state(m.id, MigrationState::Failed, Some(&error))
+        .await
+        .expect("fail");
+    assert_eq!(m.state, MigrationState::Failed);
+    assert!(m.finished_at.is_some());
+    assert_eq!(m.error, Some(error.clone()));
+
+    // Terminal: nothing moves it any more.
+    for to in [
+        MigrationState::Pending,
+        MigrationState::Migrating,
+        MigrationState::Completed,
+        MigrationState::Cancelled,
+    ] {
+        let err = s
+            .set_migration_state(m.id, to, None)
+            .await
+            .expect_err("terminal");
+        assert!(
+            matches!(err, StoreError::InvalidTransition { from: MigrationState::Failed, to: t } if t == to),
+            "{err}"
+        );
+    }
+    // Re-setting the same terminal state is a harmless no-op.
+    let same = s
+        .set_migration_state(m.id, MigrationState::Failed, None)
+        .await
+        .expect("same");
+    assert_eq!(same, m);
+    assert!(matches!(
+        s.complete_migration(m.id, None).await,
+        Err(StoreError::InvalidTransition { .. })
+    ));
+    assert!(matches!(
+        s.set_cancel_requested(m.id).await,
+        Err(StoreError::InvalidTransition { .. })
+    ));
+    assert!(matches!(
+        s.move_instance_for(m.id).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        s.set_migration_state(Uuid::new_v4(), MigrationState::Failed, None)
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+    // The instance did not move.
+    let vm = s.get_instance("vm1").await.expect("get").expect("vm1");
+    assert_eq!(
+        (vm.host.as_str(), vm.generation, vm.migration),
+        ("a", 0, None)
+    );
+}
+
+#[tokio::test]
+async fn complete_migration_moves_instance_atomically() {
+    let (s, id) = fleet().await;
+    let m = s
+        .insert_migration(&new_migration(id))
+        .await
+        .expect("insert");
+    s.set_migration_state(m.id, MigrationState::Migrating, None)
+        .await
+        .expect("mig");
+    let stats = MigrationStats {
+        total_ms: 1000,
+        downtime_ms: 20,
+        bytes_transferred: 1 << 30,
+        iterations: 3,
+    };
+    let done = s
+        .complete_migration(m.id, Some(&stats))
+        .await
+        .expect("complete");
+    assert_eq!(done.state, MigrationState::Completed);
+    assert!(done.finished_at.is_some());
+    assert_eq!(done.stats, Some(stats));
+    let vm = s.get_instance("vm1").await.expect("get").expect("vm1");
+    assert_eq!(
+        (vm.host.as_str(), vm.generation, vm.migration),
+        ("b", 1, None)
+    );
+    assert_eq!(done.instance_name, "vm1");
+
+    // Completing twice changes nothing.
+    let again = s.complete_migration(m.id, None).await.expect("again");
+    assert_eq!(again, done);
+    let vm = s.get_instance("vm1").await.expect("get").expect("vm1");
+    assert_eq!(vm.generation, 1);
+    assert!(matches!(
+        s.complete_migration(Uuid::new_v4(), None).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn complete_migration_rolls_back_when_the_move_fails() {
+    let (s, id) = fleet().await;
+    let m = s
+        .insert_migration(&new_migration(id))
+        .await
+        .expect("insert");
+    // Make the instance update fail inside the transaction.
+    sqlx::query(
+        "CREATE TRIGGER no_moves BEFORE UPDATE OF host ON instances
+         BEGIN SELECT RAISE(ABORT, 'blocked'); END",
+    )
+    .execute(&s.pool)
+    .await
+    .expect("trigger");
+    assert!(s.complete_migration(m.id, None).await.is_err());
+    let m = s.get_migration(m.id).await.expect("get").expect("m");
+    assert_eq!(
+        m.state,
+        MigrationState::Pending,
+        "job must not complete alone"
+    );
+}
+
+#[tokio::test]
+async fn move_instance_for_is_idempotent() {
+    let (s, id) = fleet().await;
+    let m = s
+        .insert_migration(&new_migration(id))
+        .await
+        .expect("insert");
+    s.set_migration_state(m.id, MigrationState::Completing, None)
+        .await
+        .expect("completing");
+    s.move_instance_for(m.id).await.expect("move");
+    s.move_instance_for(m.id).await.expect("move again");
+    let vm = s.get_instance("vm1").await.expect("get").expect("vm1");
+    assert_eq!(
+        (vm.host.as_str(), vm.generation, vm.migration),
+        ("b", 1, Some(m.id))
+    );
+    let m = s.get_migration(m.id).await.expect("get").expect("m");
+    assert_eq!(m.state, MigrationState::Completing);
+    // Then completing does not move it a second time.
+    s.complete_migration(m.id, None).await.expect("complete");
+    let vm = s.get_instance("vm1").await.expect("get").expect("vm1");
+    assert_eq!(
+        (vm.host.as_str(), vm.generation, vm.migration),
+        ("b", 1, None)
+    );
+    assert!(matches!(
+        s.move_instance_for(Uuid::new_v4()).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn progress_samples_and_logs() {
+    let (s, id) = fleet().await;
+    let m = s
+        .insert_migration(&new_migration(id))
+        .await
+        .expect("insert");
+    s.set_progress(m.id, &progress(50.0))
+        .await
+        .expect("progress");
+    let mut odd = progress(f64::NAN);
+    odd.throughput_bps = f64::INFINITY;
+    s.set_progress(m.id, &odd).await.expect("progress nan");
+    let got = s.get_migration(m.id).await.expect("get").expect("m");
+    assert_eq!(got.progress.map(|p| p.percent), Some(0.0));
+
+    s.add_sample(m.id, &progress(10.0)).await.expect("sample");
+    s.add_sample(m.id, &progress(20.0)).await.expect("sample");
+    let samples = s.samples(m.id).await.expect("samples");
+    assert_eq!(
+        samples.iter().map(|p| p.percent).collect::<Vec<_>>(),
+        [10.0, 20.0]
+    );
+    assert!(matches!(
+        s.add_sample(Uuid::new_v4(), &progress(1.0)).await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    for n in 0..5 {
+        s.add_log(m.id, "info", &format!("line {n}"))
+            .await
+            .expect("log");
+    }
+    let other = {
+        s.set_migration_state(m.id, MigrationState::Cancelled, None)
+            .await
+            .expect("cancel");
+        s.insert_migration(&new_migration(id))
+            .await
+            .expect("insert")
+    };
+    s.add_log(other.id, "warn", "other job").await.expect("log");
+    let logs = s.logs(m.id).await.expect("logs");
+    assert_eq!(
+        logs.iter().map(|l| l.seq).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    assert_eq!(logs[4].message, "line 4");
+    assert_eq!(logs[0].level, "info");
+    let other_logs = s.logs(other.id).await.expect("logs");
+    assert_eq!(other_logs.len(), 1);
+    assert_eq!(other_logs[0].seq, 1);
+    assert!(matches!(
+        s.add_log(Uuid::new_v4(), "info", "x").await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    let stats = MigrationStats {
+        total_ms: 1,
+        downtime_ms: 1,
+        bytes_transferred: 1,
+        iterations: 1,
+    };
+    s.set_stats(m.id, &stats).await.expect("stats");
+    assert_eq!(
+        s.get_migration(m.id).await.expect("get").expect("m").stats,
+        Some(stats)
+    );
+}
+
+#[tokio::test]
+async fn migration_history_outlives_the_instance() {
+    let (s, id) = fleet().await;
+    let m = s
+        .insert_migration(&new_migration(id))
+        .await
+        .expect("insert");
+    s.complete_migration(m.id, None).await.expect("complete");
+    s.delete_instance(id).await.expect("delete");
+    let m = s.get_migration(m.id).await.expect("get").expect("m");
+    assert_eq!(m.instance_name, "vm1");
+}
+
+#[tokio::test]
+async fn audit_newest_first() {
+    let s = Store::open_memory().await.expect("open");
+    for n in 0..3 {
+        s.audit(
+            "alice",
+            "instance.create",
+            &format!("vm{n}"),
+            &serde_json::json!({ "n": n }),
+        )
+        .await
+        .expect("audit");
+    }
+    let entries = s.list_audit(2).await.expect("list");
+    assert_eq!(entries.len(), 2);
+    assert_eq!(entries[0].target, "vm2");
+    assert_eq!(entries[0].detail, serde_json::json!({ "n": 2 }));
+    assert_eq!(entries[1].target, "vm1");
+    assert_eq!(entries[0].actor, "alice");
+    assert_eq!(entries[0].action, "instance.create");
+}
+
+#[tokio::test]
+async fn corrupt_rows_are_errors_not_panics() {
+    let (s, id) = fleet().await;
+    let m = s
+        .insert_migration(&new_migration(id))
+        .await
+        .expect("insert");
+    sqlx::query("UPDATE instances SET spec = $1")
+        .bind("{not json")
+        .execute(&s.pool)
+        .await
+        .expect("corrupt");
+    let err = s.get_instance("vm1").await.expect_err("corrupt spec");
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+    assert_eq!(err.code(), "database-corrupt");
+    assert!(matches!(
+        s.list_instances(None).await,
+        Err(StoreError::Corrupt(_))
+    ));
+
+    sqlx::query("UPDATE migrations SET options = $1, state = $2")
+        .bind("42")
+        .bind("pending")
+        .execute(&s.pool)
+        .await
+        .expect("corrupt");
+    assert!(matches!(
+        s.get_migration(m.id).await,
+        Err(StoreError::Corrupt(_))
+    ));
+    sqlx::query("UPDATE migrations SET options = $1, state = $2")
+        .bind("{}")
+        .bind("teleporting")
+        .execute(&s.pool)
+        .await
+        .expect("corrupt");
+    assert!(matches!(
+        s.get_migration(m.id).await,
+        Err(StoreError::Corrupt(_))
+    ));
+    sqlx::query("UPDATE hosts SET facts = $1, last_heartbeat = $2")
+        .bind("nope")
+        .bind("not a number")
+        .execute(&s.pool)
+        .await
+        .expect("corrupt");
+    assert!(matches!(
+        s.list_hosts(Duration::seconds(1), Utc::now()).await,
+        Err(StoreError::Corrupt(_))
+    ));
+}

@@ -1,0 +1,302 @@
+//! A real cluster for tests: lab namespaces, a server on a temporary SQLite file, one agent
+//! per lab host (in-process), and the lab guest image.
+
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+
+use ferry_agent::{AgentConfig, AgentHandle, NetworkConfig};
+use ferry_api::hosts::{Host, HostState};
+use ferry_api::instances::{
+    BootSpec, CreateInstance, Instance, InstanceSpec, InstanceState, NicSpec,
+};
+use ferry_api::migrations::{CreateMigration, Migration, MigrationOptions};
+use ferry_api::ApiClient;
+use ferry_lab::guest_client::{self, VerifyReport};
+use ferry_lab::guest_config::{GuestConfig, CONTROL_PORT};
+use ferry_lab::image::{ensure_image, GuestImage, ImageOptions};
+use ferry_lab::net::{remove_orphan_test_labs, tcp_connect_in, unique_test_lab_name, LabNet};
+use ferry_server::config::Limits;
+use ferry_server::{ServerConfig, ServerHandle};
+
+pub const ADMIN: &str = "admin-token-for-tests-0123456789";
+pub const JOIN: &str = "join-token-for-tests-0123456789";
+
+pub struct Cluster {
+    pub server: ServerHandle,
+    pub agents: Vec<Option<AgentHandle>>,
+    pub agent_configs: Vec<AgentConfig>,
+    pub admin: ApiClient,
+    pub image: GuestImage,
+    // Dropped last: namespaces go, and with them every QEMU the agents started.
+    pub lab: LabNet,
+    pub dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Cluster {
+    pub async fn start(hosts: usize, limits: Limits) -> Cluster {
+        remove_orphan_test_labs();
+        let dir = tempfile::tempdir().unwrap();
+        let (image, _) = tokio::task::spawn_blocking(|| ensure_image(&ImageOptions::default()))
+            .await
+            .unwrap()
+            .expect("guest image");
+        let lab_name = unique_test_lab_name();
+        let lab = tokio::task::spawn_blocking(move || LabNet::create(&lab_name, hosts))
+            .await
+            .unwrap()
+            .expect("lab network");
+        let server = ferry_server::start(ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            database: dir.path().join("ferry.db"),
+            admin_token: Some(ADMIN.into()),
+            join_token: JOIN.into(),
+            heartbeat_timeout_s: 10,
+            limits,
+            progress_poll_ms: 200,
+        })
+        .await
+        .expect("server starts");
+        let mut agents = Vec::new();
+        let mut agent_configs = Vec::new();
+        for h in &lab.hosts {
+            let port = free_port();
+            let config = AgentConfig {
+                name: h.name.clone(),
+                listen: SocketAddr::from(([127, 0, 0, 1], port)),
+                advertise_url: None,
+                server_url: Some(server.url()),
+                join_token: Some(JOIN.into()),
+                credential: None,
+                state_dir: dir.path().join(&h.name),
+                netns: Some(h.netns.clone()),
+                migration_addr: h.migration_addr.into(),
+                migration_ports: "49152-49215".into(),
+                qemu_binary: "qemu-system-x86_64".into(),
+                accel: "tcg".into(),
+                datastores: vec![],
+                networks: vec![NetworkConfig {
+                    name: "lab".into(),
+                    bridge: "br0".into(),
+                    subnet: Some("10.77.0.0/24".into()),
+                }],
+                heartbeat_ms: 500,
+            };
+            agents.push(Some(
+                ferry_agent::start(config.clone())
+                    .await
+                    .expect("agent starts"),
+            ));
+            agent_configs.push(config);
+        }
+        let admin = ApiClient::new(&server.url(), Some(ADMIN.into()));
+        let cluster = Cluster {
+            server,
+            agents,
+            agent_configs,
+            admin,
+            image,
+            lab,
+            dir,
+        };
+        cluster.wait_hosts_online(hosts).await;
+        cluster
+    }
+
+    pub async fn wait_hosts_online(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let hosts: Vec<Host> = self.admin.get("/v1/hosts").await.unwrap();
+            if hosts
+                .iter()
+                .filter(|h| h.state == HostState::Online)
+                .count()
+                == n
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "hosts did not come online: {hosts:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// A lab guest spec: guest index `k` gets address 10.77.0.(100+k).
+    pub fn guest_spec(&self, k: u8, memory_mib: u32, config: GuestConfig) -> InstanceSpec {
+        let config = GuestConfig {
+            ip: Some((self.lab.guest_addr(k), 24)),
+            ..config
+        };
+        InstanceSpec {
+            memory_mib,
+            vcpus: 1,
+            cpu_model: "qemu64".into(),
+            machine: "pc".into(),
+            boot: BootSpec {
+                kernel: self.image.kernel.display().to_string(),
+                initrd: self.image.initrd.display().to_string(),
+                cmdline: config.kernel_cmdline(),
+            },
+            nics: vec![NicSpec {
+                network: "lab".into(),
+                mac: format!("52:54:00:aa:00:{k:02x}"),
+            }],
+        }
+    }
+
+    pub fn small_guest() -> GuestConfig {
+        GuestConfig {
+            wss_mib: 16,
+            rate_mib_s: 8,
+            ..GuestConfig::default()
+        }
+    }
+
+    /// Creates and starts an instance on `host`, waits until its services answer.
+    pub async fn running_vm(&self, name: &str, host: &str, k: u8) -> Instance {
+        let req = CreateInstance {
+            name: name.into(),
+            host: Some(host.into()),
+            spec: self.guest_spec(k, 192, Self::small_guest()),
+            start: true,
+        };
+        let i: Instance = self
+            .admin
+            .post("/v1/instances", &req)
+            .await
+            .expect("instance created");
+        assert_eq!(i.state, InstanceState::Running);
+        self.guest_control(k, "status", Duration::from_secs(90))
+            .await;
+        i
+    }
+
+    /// Sends a control command to guest `k` from the lab's client namespace, retrying until
+    /// it answers or `patience` runs out.
+    pub async fn guest_control(&self, k: u8, command: &str, patience: Duration) -> String {
+        let addr = SocketAddr::from((self.lab.guest_addr(k), CONTROL_PORT));
+        let deadline = Instant::now() + patience;
+        loop {
+            let ns = self.lab.client_netns.clone();
+            let stream = tokio::task::spawn_blocking(move || {
+                tcp_connect_in(&ns, addr, Duration::from_secs(2))
+            })
+            .await
+            .unwrap();
+            if let Ok(s) = stream {
+                s.set_nonblocking(true).unwrap();
+                let s = tokio::net::TcpStream::from_std(s).unwrap();
+                if let Ok(reply) = guest_client::control(s, command).await {
+                    return reply;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "guest {k} does not answer '{command}'"
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    pub async fn verify(&self, k: u8) -> VerifyReport {
+        let reply = self
+            .guest_control(k, "verify", Duration::from_secs(10))
+            .await;
+        guest_client::parse_verify(&reply).unwrap()
+    }
+
+    pub async fn migrate(&self, instance: &str, to: &str, options: MigrationOptions) -> Migration {
+        self.admin
+            .post(
+                "/v1/migrations",
+                &CreateMigration {
+                    instance: instance.into(),
+                    destination: Some(to.into()),
+                    options,
+                    kind: None,
+                },
+            )
+            .await
+            .expect("migration accepted")
+    }
+
+    pub async fn migration(&self, id: uuid::Uuid) -> Migration {
+        self.admin
+            .get(&format!("/v1/migrations/{id}"))
+            .await
+            .unwrap()
+    }
+
+    /// Waits until the migration reaches a terminal state.
+    pub async fn wait_end(&self, id: uuid::Uuid, patience: Duration) -> Migration {
+        let deadline = Instant::now() + patience;
+        loop {
+            let m = self.migration(id).await;
+            if m.state.is_terminal() {
+                return m;
+            }
+            assert!(Instant::now() < deadline, "migration did not end: {m:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn wait_state(
+        &self,
+        id: uuid::Uuid,
+        want: ferry_api::migrations::MigrationState,
+    ) -> Migration {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let m = self.migration(id).await;
+            if m.state == want {
+                return m;
+            }
+            assert!(
+                !m.state.is_terminal() || want.is_terminal(),
+                "ended before {want:?}: {m:?}"
+            );
+            assert!(Instant::now() < deadline, "never reached {want:?}: {m:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn instance(&self, name: &str) -> Instance {
+        self.admin
+            .get(&format!("/v1/instances/{name}"))
+            .await
+            .unwrap()
+    }
+
+    /// QEMU processes running in a lab host's namespace.
+    pub fn qemus_on(&self, host: &str) -> usize {
+        let ns = &self.lab.host(host).unwrap().netns;
+        let out = std::process::Command::new("ip")
+            .args(["netns", "pids", ns])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .count()
+    }
+
+    pub async fn shutdown(mut self) {
+        for a in self.agents.iter_mut() {
+            if let Some(a) = a.take() {
+                a.shutdown().await;
+            }
+        }
+        let Cluster { server, .. } = self;
+        server.shutdown().await;
+    }
+}

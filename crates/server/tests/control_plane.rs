@@ -1,0 +1,528 @@
+//! The control plane with real agents and real QEMU guests in lab hosts.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Cluster, ADMIN};
+use ferry_api::instances::{CreateInstance, Instance, InstanceState};
+use ferry_api::migrations::{
+    CreateMigration, Event, LogLine, Migration, MigrationKind, MigrationOptions, MigrationState,
+};
+use ferry_api::ApiClient;
+use ferry_server::config::Limits;
+
+fn slow() -> MigrationOptions {
+    MigrationOptions {
+        bandwidth_mib_s: Some(4),
+        ..MigrationOptions::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_migration_through_the_api_with_progress_logs_and_events() {
+    let c = Cluster::start(2, Limits::default()).await;
+    let vm = c.running_vm("web-1", "hv1", 0).await;
+    assert_eq!(vm.host, "hv1");
+    assert_eq!(vm.generation, 0);
+
+    // Watch the cluster's events while the migration runs.
+    let watcher = ApiClient::new(&c.server.url(), Some(ADMIN.into()));
+    let events = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        let _ = watcher
+            .follow_events("/v1/events", |kind, data| {
+                let e: Event = serde_json::from_str(data).unwrap();
+                let end =
+                    matches!(&e, Event::Migration { migration } if migration.state.is_terminal());
+                seen.push((kind.to_string(), e));
+                !end
+            })
+            .await;
+        seen
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let m = c.migrate("web-1", "hv2", MigrationOptions::default()).await;
+    assert_eq!(m.state, MigrationState::Pending);
+    let m = c.wait_end(m.id, Duration::from_secs(120)).await;
+    assert_eq!(m.state, MigrationState::Completed, "{m:?}");
+    assert!(m.preparing_at.is_some() && m.migrating_at.is_some() && m.completing_at.is_some());
+    assert!(m.finished_at >= m.completing_at);
+    let stats = m.stats.clone().expect("stats recorded");
+    assert!(stats.bytes_transferred > 0 && stats.total_ms > 0);
+    assert!(m.progress.is_some(), "latest progress recorded");
+
+    let vm = c.instance("web-1").await;
+    assert_eq!(
+        (vm.host.as_str(), vm.generation, vm.state),
+        ("hv2", 1, InstanceState::Running)
+    );
+    assert_eq!(vm.migration, None);
+    assert_eq!(c.qemus_on("hv1"), 0, "the source QEMU is gone");
+    assert_eq!(c.qemus_on("hv2"), 1);
+    let report = c.verify(0).await;
+    assert_eq!(report.errors, 0, "{report:?}");
+    assert_eq!(report.checked, 16 * 256);
+
+    let logs: Vec<LogLine> = c
+        .admin
+        .get(&format!("/v1/migrations/{}/logs", m.id))
+        .await
+        .unwrap();
+    assert!(logs.len() >= 4, "{logs:?}");
+    assert!(logs.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert!(logs.iter().any(|l| l.message.contains("completed")));
+
+    let seen = tokio::time::timeout(Duration::from_secs(10), events)
+        .await
+        .unwrap()
+        .unwrap();
+    let states: Vec<MigrationState> = seen
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::Migration { migration } if migration.id == m.id => Some(migration.state),
+            _ => None,
+        })
+        .collect();
+    for s in [
+        MigrationState::Pending,
+        MigrationState::Preparing,
+        MigrationState::Migrating,
+        MigrationState::Completing,
+        MigrationState::Completed,
+    ] {
+        assert!(states.contains(&s), "missing {s:?} in {states:?}");
+    }
+    assert!(
+        seen.iter().any(|(kind, _)| kind == "progress"),
+        "progress events streamed"
+    );
+
+    // The per-migration stream of a finished job: its record, then the end.
+    let mut per_job = Vec::new();
+    c.admin
+        .follow_events(&format!("/v1/migrations/{}/events", m.id), |_, data| {
+            per_job.push(serde_json::from_str::<Event>(data).unwrap());
+            true
+        })
+        .await
+        .unwrap();
+    assert_eq!(per_job.len(), 1);
+
+    // And back.
+    let back = c.migrate("web-1", "hv1", MigrationOptions::default()).await;
+    let back = c.wait_end(back.id, Duration::from_secs(120)).await;
+    assert_eq!(back.state, MigrationState::Completed, "{back:?}");
+    let vm = c.instance("web-1").await;
+    assert_eq!((vm.host.as_str(), vm.generation), ("hv1", 2));
+    assert_eq!(c.verify(0).await.errors, 0);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_honours_limits_in_order_and_one_migration_per_instance() {
+    let c = Cluster::start(
+        2,
+        Limits {
+            per_host_outbound: 1,
+            per_host_inbound: 2,
+            cluster: 5,
+        },
+    )
+    .await;
+    c.running_vm("a", "hv1", 0).await;
+    c.running_vm("b", "hv1", 1).await;
+    let first = c.migrate("a", "hv2", slow()).await;
+    let second = c.migrate("b", "hv2", MigrationOptions::default()).await;
+    c.wait_state(first.id, MigrationState::Migrating).await;
+    assert_eq!(
+        c.migration(second.id).await.state,
+        MigrationState::Pending,
+        "hv1's only outbound slot is taken"
+    );
+
+    let again = c
+        .admin
+        .post::<_, Migration>(
+            "/v1/migrations",
+            &CreateMigration {
+                instance: "a".into(),
+                destination: Some("hv2".into()),
+                options: MigrationOptions::default(),
+                kind: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(again.status(), Some(409));
+    assert_eq!(again.code(), "migration-in-progress");
+
+    // Let the first finish quickly: cancel it, then the second starts.
+    let cancelled: Migration = c
+        .admin
+        .post(&format!("/v1/migrations/{}/cancel", first.id), &())
+        .await
+        .unwrap();
+    assert!(cancelled.cancel_requested);
+    let first = c.wait_end(first.id, Duration::from_secs(60)).await;
+    assert_eq!(first.state, MigrationState::Cancelled);
+    let second = c.wait_end(second.id, Duration::from_secs(120)).await;
+    assert_eq!(second.state, MigrationState::Completed, "{second:?}");
+    assert!(
+        second.preparing_at.unwrap() >= first.finished_at.unwrap(),
+        "FIFO: the second waited for the slot"
+    );
+    assert_eq!(c.instance("a").await.host, "hv1");
+    assert_eq!(c.instance("b").await.host, "hv2");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_in_pending_preparing_and_migrating_leaves_the_guest_on_the_source() {
+    let c = Cluster::start(
+        2,
+        Limits {
+            per_host_outbound: 1,
+            per_host_inbound: 2,
+            cluster: 5,
+        },
+    )
+    .await;
+    c.running_vm("busy", "hv1", 0).await;
+    c.running_vm("waiting", "hv1", 1).await;
+
+    // Migrating: a slow copy, cancelled mid-way.
+    let running = c.migrate("busy", "hv2", slow()).await;
+    let pending = c.migrate("waiting", "hv2", slow()).await;
+    let m = c.wait_state(running.id, MigrationState::Migrating).await;
+    assert_eq!(m.state, MigrationState::Migrating);
+
+    // Pending: ends at once.
+    let p: Migration = c
+        .admin
+        .post(&format!("/v1/migrations/{}/cancel", pending.id), &())
+        .await
+        .unwrap();
+    assert_eq!(p.state, MigrationState::Cancelled);
+
+    let _: Migration = c
+        .admin
+        .post(&format!("/v1/migrations/{}/cancel", running.id), &())
+        .await
+        .unwrap();
+    let m = c.wait_end(running.id, Duration::from_secs(60)).await;
+    assert_eq!(m.state, MigrationState::Cancelled, "{m:?}");
+    let logs: Vec<LogLine> = c
+        .admin
+        .get(&format!("/v1/migrations/{}/logs", m.id))
+        .await
+        .unwrap();
+    assert!(
+        logs.iter().any(|l| l.message.contains("cancel")),
+        "{logs:?}"
+    );
+
+    // Preparing: cancelled right after the scheduler picked it up.
+    let prep = c.migrate("busy", "hv2", slow()).await;
+    let seen = c.wait_state(prep.id, MigrationState::Preparing).await;
+    let _: Migration = c
+        .admin
+        .post(&format!("/v1/migrations/{}/cancel", seen.id), &())
+        .await
+        .unwrap();
+    let prep = c.wait_end(prep.id, Duration::from_secs(60)).await;
+    assert_eq!(prep.state, MigrationState::Cancelled, "{prep:?}");
+
+    for (name, k) in [("busy", 0), ("waiting", 1)] {
+        let vm = c.instance(name).await;
+        assert_eq!(
+            (vm.host.as_str(), vm.state, vm.generation),
+            ("hv1", InstanceState::Running, 0)
+        );
+        assert_eq!(c.verify(k).await.errors, 0);
+    }
+    assert_eq!(c.qemus_on("hv2"), 0, "nothing left on the destination");
+    assert_eq!(c.qemus_on("hv1"), 2);
+
+    // A finished job cannot be cancelled.
+    let err = c
+        .admin
+        .post::<_, Migration>(&format!("/v1/migrations/{}/cancel", m.id), &())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.status(), err.code().as_str()),
+        (Some(409), "cannot-cancel")
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_4xx_with_code_and_hint_and_change_nothing() {
+    let c = Cluster::start(2, Limits::default()).await;
+    c.running_vm("vm", "hv1", 0).await;
+    let stopped = CreateInstance {
+        name: "cold".into(),
+        host: Some("hv1".into()),
+        spec: c.guest_spec(1, 128, Cluster::small_guest()),
+        start: false,
+    };
+    let _: Instance = c.admin.post("/v1/instances", &stopped).await.unwrap();
+
+    let http = reqwest::Client::new();
+    let url = |p: &str| format!("{}{p}", c.server.url());
+    let post_raw = |path: &str, body: &'static str, token: Option<&str>| {
+        let mut r = http
+            .post(url(path))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    let check = |resp: reqwest::Response, status: u16, code: &'static str| async move {
+        assert_eq!(resp.status().as_u16(), status);
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(body["code"], code, "{body}");
+        assert!(
+            body["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{body}"
+        );
+        assert!(
+            body["hint"].as_str().is_some_and(|h| !h.is_empty()),
+            "{body}"
+        );
+    };
+    let migrate = |instance: &str, to: &str, options: &str| {
+        format!(r#"{{"instance":"{instance}","destination":"{to}","options":{options}}}"#)
+    };
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+
+    check(
+        post_raw(
+            "/v1/migrations",
+            leak(migrate("nope", "hv2", "{}")),
+            Some(ADMIN),
+        )
+        .await
+        .unwrap(),
+        404,
+        "instance-not-found",
+    )
+    .await;
+    check(
+        post_raw(
+            "/v1/migrations",
+            leak(migrate("vm", "hv9", "{}")),
+            Some(ADMIN),
+        )
+        .await
+        .unwrap(),
+        404,
+        "host-not-found",
+    )
+    .await;
+    check(
+        post_raw(
+            "/v1/migrations",
+            leak(migrate("vm", "hv1", "{}")),
+            Some(ADMIN),
+        )
+        .await
+        .unwrap(),
+        400,
+        "same-host",
+    )
+    .await;
+    check(
+        post_raw("/v1/migrations", "{not json", Some(ADMIN))
+            .await
+            .unwrap(),
+        400,
+        "malformed-json",
+    )
+    .await;
+    check(
+        post_raw(
+            "/v1/migrations",
+            leak(migrate("vm", "hv2", r#"{"bandwidth_mib_s":-5}"#)),
+            Some(ADMIN),
+        )
+        .await
+        .unwrap(),
+        400,
+        "malformed-json",
+    )
+    .await;
+    check(
+        post_raw(
+            "/v1/migrations",
+            leak(migrate("vm", "hv2", r#"{"downtime_ms":0}"#)),
+            Some(ADMIN),
+        )
+        .await
+        .unwrap(),
+        400,
+        "invalid-migration-options",
+    )
+    .await;
+    check(
+        post_raw(
+            "/v1/migrations",
+            leak(migrate("cold", "hv2", "{}")),
+            Some(ADMIN),
+        )
+        .await
+        .unwrap(),
+        409,
+        "instance-not-running",
+    )
+    .await;
+    check(
+        post_raw("/v1/migrations", leak(migrate("vm", "hv2", "{}")), None)
+            .await
+            .unwrap(),
+        401,
+        "unauthorized",
+    )
+    .await;
+    check(
+        post_raw(
+            "/v1/migrations",
+            leak(migrate("vm", "hv2", "{}")),
+            Some("wrong-token"),
+        )
+        .await
+        .unwrap(),
+        401,
+        "unauthorized",
+    )
+    .await;
+    let (_, ro) = c
+        .server
+        .state
+        .store
+        .create_token("viewer", ferry_server::store::Role::ReadOnly)
+        .await
+        .unwrap();
+    check(
+        post_raw(
+            "/v1/migrations",
+            leak(migrate("vm", "hv2", "{}")),
+            Some(&ro),
+        )
+        .await
+        .unwrap(),
+        403,
+        "forbidden",
+    )
+    .await;
+    let ro_client = ApiClient::new(&c.server.url(), Some(ro));
+    let hosts: Vec<serde_json::Value> = ro_client.get("/v1/hosts").await.unwrap();
+    assert_eq!(hosts.len(), 2, "read-only tokens can read");
+    check(
+        http.get(url("/v1/migrations/not-a-uuid"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "migration-not-found",
+    )
+    .await;
+    check(
+        http.get(url("/v1/migrations?state=bogus"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "bad-query",
+    )
+    .await;
+    check(
+        post_raw(
+            "/v1/instances",
+            r#"{"name":"x","spec":{"memory_mib":0,"boot":{"kernel":"k","initrd":"i"}}}"#,
+            Some(ADMIN),
+        )
+        .await
+        .unwrap(),
+        400,
+        "invalid-instance",
+    )
+    .await;
+    check(
+        http.delete(url("/v1/instances/vm"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap(),
+        409,
+        "instance-running",
+    )
+    .await;
+
+    let all: Vec<Migration> = c.admin.get("/v1/migrations").await.unwrap();
+    assert!(all.is_empty(), "no bad request created a job: {all:?}");
+    let vm = c.instance("vm").await;
+    assert_eq!(
+        (vm.host.as_str(), vm.generation, vm.state),
+        ("hv1", 0, InstanceState::Running)
+    );
+    let doc: serde_json::Value = c.admin.get("/v1/openapi.json").await.unwrap();
+    assert!(
+        doc["paths"]["/v1/migrations"]["post"].is_object(),
+        "OpenAPI documents the API"
+    );
+    let audit: Vec<serde_json::Value> = c.admin.get("/v1/audit").await.unwrap();
+    assert!(
+        audit.iter().any(|a| a["action"] == "instance.create"),
+        "{audit:?}"
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_migration_moves_a_stopped_instance() {
+    let c = Cluster::start(2, Limits::default()).await;
+    let req = CreateInstance {
+        name: "parked".into(),
+        host: Some("hv1".into()),
+        spec: c.guest_spec(0, 128, Cluster::small_guest()),
+        start: false,
+    };
+    let _: Instance = c.admin.post("/v1/instances", &req).await.unwrap();
+    let m: Migration = c
+        .admin
+        .post(
+            "/v1/migrations",
+            &CreateMigration {
+                instance: "parked".into(),
+                destination: Some("hv2".into()),
+                options: MigrationOptions::default(),
+                kind: Some(MigrationKind::Cold),
+            },
+        )
+        .await
+        .unwrap();
+    let m = c.wait_end(m.id, Duration::from_secs(60)).await;
+    assert_eq!(m.state, MigrationState::Completed, "{m:?}");
+    let vm = c.instance("parked").await;
+    assert_eq!(
+        (vm.host.as_str(), vm.generation, vm.state),
+        ("hv2", 1, InstanceState::Stopped)
+    );
+    let started: Instance = c
+        .admin
+        .post("/v1/instances/parked/start", &())
+        .await
+        .unwrap();
+    assert_eq!(started.state, InstanceState::Running);
+    c.guest_control(0, "status", Duration::from_secs(90)).await;
+    assert_eq!(c.qemus_on("hv2"), 1);
+    assert_eq!(c.qemus_on("hv1"), 0);
+    c.shutdown().await;
+}
