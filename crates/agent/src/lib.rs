@@ -1,1 +1,212 @@
-//! (being written)
+//! The Ferry host agent.
+//!
+//! One agent runs on every hypervisor host, next to its QEMU processes. It reports what the
+//! host offers ([`facts`]), runs instances from their spec ([`instances`]), performs this
+//! host's half of each live migration ([`migrations`]), and answers the server over an
+//! authenticated HTTP API (see `ferry_api::agent` for the endpoint list).
+//!
+//! Guests never depend on the agent being up: QEMU runs in its own process group, the agent
+//! keeps every instance and migration record on disk, and a restarted agent re-adopts the
+//! running QEMU processes and re-derives in-flight migrations from QEMU itself.
+
+mod api;
+mod auth;
+pub mod config;
+mod error;
+pub mod facts;
+mod instances;
+mod join;
+mod migrations;
+mod net;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use ferry_migrate::PortRange;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+pub use config::{AgentConfig, DatastoreConfig, NetworkConfig};
+pub use error::AgentError;
+pub use net::tap_name;
+
+use facts::StaticFacts;
+use instances::Slot;
+use migrations::MigrationEntry;
+
+/// The agent's shared state, behind one `Arc` used by the HTTP handlers and the background
+/// tasks.
+pub(crate) struct Agent {
+    pub(crate) config: AgentConfig,
+    pub(crate) facts: StaticFacts,
+    pub(crate) port_range: PortRange,
+    credential: RwLock<Option<String>>,
+    /// Per-instance locks serialise operations on one instance (start, stop, migration
+    /// steps) without blocking the others.
+    pub(crate) instances: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<Slot>>>>,
+    pub(crate) migrations: Mutex<HashMap<Uuid, Arc<MigrationEntry>>>,
+    /// Migration tasks, aborted at shutdown so that no monitor connection outlives the agent.
+    pub(crate) tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Agent {
+    /// The credential requests must carry; `None` until joined.
+    pub(crate) fn credential(&self) -> Option<String> {
+        self.credential
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_credential(&self, credential: String) {
+        *self.credential.write().unwrap_or_else(|p| p.into_inner()) = Some(credential);
+    }
+
+    /// Remembers a background task so that shutdown can stop it.
+    pub(crate) fn track(&self, task: JoinHandle<()>) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task);
+    }
+}
+
+/// A running agent: its API server and background tasks.
+///
+/// Dropping or shutting it down never stops guests; they keep running and the next agent
+/// started with the same state directory re-adopts them.
+pub struct AgentHandle {
+    url: String,
+    agent: Arc<Agent>,
+    stop: watch::Sender<bool>,
+    server: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
+}
+
+impl AgentHandle {
+    /// The API's URL as bound (with the real port when `listen` asked for port 0).
+    pub fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    /// Stops the HTTP server and background tasks, and lets go of the QEMU processes without
+    /// stopping them.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for task in &self.background {
+            task.abort();
+        }
+        let tasks: Vec<JoinHandle<()>> =
+            std::mem::take(&mut *self.agent.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in &tasks {
+            task.abort();
+        }
+        for task in self.background.into_iter().chain(tasks) {
+            let _ = task.await;
+        }
+        let mut server = self.server;
+        if tokio::time::timeout(Duration::from_secs(5), &mut server)
+            .await
+            .is_err()
+        {
+            warn!("API server did not stop within 5 s; aborting it");
+            server.abort();
+            let _ = server.await;
+        }
+        self.agent.release_all().await;
+        info!(name = %self.agent.config.name, "agent stopped; guests keep running");
+    }
+}
+
+/// Starts an agent: binds the API, loads state, re-adopts running guests and in-flight
+/// migrations, and starts joining/heartbeating when a server is configured.
+pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
+    config.validate("config")?;
+    let port_range = config.port_range()?;
+    for sub in ["instances", "run", "migrations"] {
+        let dir = config.state_dir.join(sub);
+        std::fs::create_dir_all(&dir).map_err(AgentError::io(&dir))?;
+    }
+    let credential = match &config.credential {
+        Some(c) => Some(c.clone()),
+        None => auth::load_credential(&config.state_dir)?,
+    };
+    if credential.is_none() && config.join_token.is_none() {
+        return Err(AgentError::Config {
+            file: "config".into(),
+            message: "field `join_token`: needed to join the server (no stored credential)".into(),
+        });
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| AgentError::Listen {
+            addr: config.listen.to_string(),
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| AgentError::Listen {
+        addr: config.listen.to_string(),
+        source,
+    })?;
+    let measure_config = config.clone();
+    let facts = tokio::task::spawn_blocking(move || StaticFacts::measure(&measure_config))
+        .await
+        .map_err(|e| AgentError::Internal(format!("fact collection panicked: {e}")))??;
+    info!(name = %config.name, accel = facts.accel.name(), qemu = %facts.qemu_version, "host facts measured");
+
+    let agent = Arc::new(Agent {
+        config,
+        facts,
+        port_range,
+        credential: RwLock::new(credential),
+        instances: Mutex::new(HashMap::new()),
+        migrations: Mutex::new(HashMap::new()),
+        tasks: Mutex::new(Vec::new()),
+    });
+    agent.readopt_instances().await;
+    agent.load_migrations().await;
+
+    let url = format!("http://{local}");
+    let advertise = agent.config.advertise_url.clone().unwrap_or(url.clone());
+    let (stop, mut stop_rx) = watch::channel(false);
+    let router = api::router(agent.clone());
+    let server = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            warn!(error = %e, "agent API server failed");
+        }
+    });
+    let background = vec![tokio::spawn(join::join_and_heartbeat(
+        agent.clone(),
+        advertise,
+    ))];
+    info!(name = %agent.config.name, %url, "agent listening");
+    Ok(AgentHandle {
+        url,
+        agent,
+        stop,
+        server,
+        background,
+    })
+}
+
+/// Runs an agent until SIGINT or SIGTERM, then shuts it down (guests keep running). This is
+/// `ferry agent`.
+pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let handle = start(config).await?;
+    let mut term = signal(SignalKind::terminate())
+        .map_err(|e| AgentError::Internal(format!("cannot watch SIGTERM: {e}")))?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+        _ = term.recv() => info!("SIGTERM received"),
+    }
+    handle.shutdown().await;
+    Ok(())
+}

@@ -75,7 +75,10 @@ impl LaunchOptions {
 /// A running QEMU process with its monitor connection.
 ///
 /// Dropping it kills the process and removes its run directory, so an error path or a
-/// panicking test never leaves a guest behind.
+/// panicking test never leaves a guest behind. A long-lived owner (the host agent) whose
+/// guests must outlive it calls [`QemuProcess::set_detached`] instead: then dropping only
+/// closes the monitor connection, and a later owner takes the process over with
+/// [`QemuProcess::adopt`].
 pub struct QemuProcess {
     spec: InstanceSpec,
     paths: RunPaths,
@@ -83,6 +86,7 @@ pub struct QemuProcess {
     qmp: Qmp,
     exit: watch::Receiver<Option<String>>,
     cleaned: bool,
+    detached: bool,
 }
 
 impl std::fmt::Debug for QemuProcess {
@@ -180,6 +184,7 @@ impl QemuProcess {
             },
             exit,
             cleaned: false,
+            detached: false,
         };
         if let Some(status) = process.exit_status() {
             let output = process.output_tail();
@@ -191,6 +196,67 @@ impl QemuProcess {
             });
         }
         Ok(process)
+    }
+
+    /// Takes over a QEMU process that this process did not start, or whose owner is gone: an
+    /// agent restarted while its guests kept running.
+    ///
+    /// `pid` must be alive and `run_dir` must hold the monitor socket of that process (the
+    /// caller checks that the pid belongs to this guest, e.g. from its pidfile and
+    /// `/proc/<pid>/cmdline`). Such a process is not our child, so its exit is noticed by
+    /// polling `/proc` rather than by `wait`. Like a launched process, the adopted one is
+    /// killed when dropped unless [`QemuProcess::set_detached`] is called.
+    pub async fn adopt(
+        spec: &InstanceSpec,
+        run_dir: &Path,
+        pid: i32,
+        timeout: Duration,
+    ) -> Result<QemuProcess, QemuError> {
+        let paths = RunPaths::in_dir(run_dir);
+        if !pid_alive(pid) {
+            return Err(QemuError::Exited {
+                name: spec.name.clone(),
+                status: format!("process {pid} is not running"),
+                output: tail(&paths.qemu_log, 800),
+            });
+        }
+        let qmp = Qmp::connect(&paths.qmp_socket, timeout).await?;
+        let (tx, exit) = watch::channel(None);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(ADOPTED_EXIT_POLL).await;
+                if tx.is_closed() {
+                    // Nobody watches any more (the owner dropped the process).
+                    return;
+                }
+                if !pid_alive(pid) {
+                    let _ = tx.send(Some(format!("adopted process {pid} exited")));
+                    return;
+                }
+            }
+        });
+        debug!(name = %spec.name, pid, "adopted QEMU");
+        Ok(QemuProcess {
+            spec: spec.clone(),
+            paths,
+            pid,
+            qmp,
+            exit,
+            cleaned: false,
+            detached: false,
+        })
+    }
+
+    /// With `true`, dropping this value leaves the process running and its run directory in
+    /// place (only the monitor connection closes), so the guest survives its owner; explicit
+    /// [`QemuProcess::kill`] and [`QemuProcess::shutdown`] still stop it.
+    pub fn set_detached(&mut self, detached: bool) {
+        self.detached = detached;
+    }
+
+    /// Whether dropping leaves the process running (see [`QemuProcess::set_detached`]).
+    pub fn is_detached(&self) -> bool {
+        self.detached
     }
 
     pub fn qmp(&self) -> &Qmp {
@@ -255,13 +321,34 @@ impl QemuProcess {
 
 impl Drop for QemuProcess {
     fn drop(&mut self) {
-        self.kill();
+        if !self.detached {
+            self.kill();
+        }
+    }
+}
+
+/// How often an adopted process (not our child, so no `wait`) is checked for exit.
+const ADOPTED_EXIT_POLL: Duration = Duration::from_millis(200);
+
+/// Whether `pid` runs: it exists and is not a zombie waiting for its parent to reap it.
+fn pid_alive(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state letter follows the command name, which is in parentheses and may contain
+        // spaces or parentheses itself: take what follows the last ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
     }
 }
 
 fn kill_pid(pid: i32) {
     if pid > 0 {
-        // SAFETY: kill(2) with a pid we spawned and have not reaped yet (the supervisor task
+        // SAFETY: kill(2) with a pid we spawned or adopted and have not seen exit (the supervisor task
         // marks the exit first); it has no memory-safety preconditions.
         unsafe {
             libc::kill(pid, libc::SIGKILL);
@@ -276,4 +363,39 @@ fn tail(path: &Path, max: usize) -> String {
         .find(|i| s.is_char_boundary(*i))
         .unwrap_or(s.len());
     s[start..].trim().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pid_alive_sees_this_process_and_not_a_missing_one() {
+        assert!(pid_alive(std::process::id() as i32));
+        assert!(!pid_alive(0));
+        assert!(!pid_alive(-1));
+        assert!(!pid_alive(i32::MAX));
+    }
+
+    #[tokio::test]
+    async fn adopting_a_dead_pid_is_an_error_not_a_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = crate::spec::InstanceSpec {
+            name: "x".into(),
+            memory_mib: 128,
+            vcpus: 1,
+            cpu_model: "qemu64".into(),
+            machine: "pc".into(),
+            boot: crate::spec::BootSource::Kernel {
+                kernel: "/k".into(),
+                initrd: "/i".into(),
+                cmdline: String::new(),
+            },
+            nics: vec![],
+        };
+        let err = QemuProcess::adopt(&spec, dir.path(), i32::MAX, Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "qemu-exited");
+    }
 }

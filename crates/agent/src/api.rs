@@ -1,0 +1,186 @@
+//! The agent's HTTP API (axum): one handler per endpoint listed in `ferry_api::agent`, all
+//! behind the bearer check, every error a JSON `ErrorBody`.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::routing::{get, post, put};
+use axum::{middleware, Json, Router};
+use ferry_api::agent::{
+    AgentInstance, DefineInstance, IncomingReady, PrepareIncoming, SourceStatus, StartSource,
+};
+use ferry_api::hosts::HostFacts;
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::{auth, Agent, AgentError};
+
+type ApiResult<T> = Result<Json<T>, AgentError>;
+
+/// The router with every endpoint, the bearer check, and a JSON 404 for unknown paths.
+pub(crate) fn router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/v1/facts", get(facts))
+        .route("/v1/instances", get(list_instances))
+        .route(
+            "/v1/instances/{id}",
+            put(define_instance)
+                .get(get_instance)
+                .delete(delete_instance),
+        )
+        .route("/v1/instances/{id}/start", post(start_instance))
+        .route("/v1/instances/{id}/stop", post(stop_instance))
+        .route("/v1/migrations/{mid}", get(source_status))
+        .route(
+            "/v1/migrations/{mid}/incoming",
+            post(prepare_incoming).delete(remove_incoming),
+        )
+        .route("/v1/migrations/{mid}/confirm", post(confirm))
+        .route("/v1/migrations/{mid}/source", post(start_source))
+        .route("/v1/migrations/{mid}/cancel", post(cancel))
+        .route("/v1/migrations/{mid}/finish", post(finish))
+        .route("/v1/migrations/{mid}/resume", post(resume))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            agent.clone(),
+            auth::require_bearer,
+        ))
+        .with_state(agent)
+}
+
+/// Parses an id from the path; a malformed one is a 400, not axum's plain-text rejection.
+fn uuid(s: &str) -> Result<Uuid, AgentError> {
+    s.parse()
+        .map_err(|_| AgentError::BadRequest(format!("'{s}' is not a UUID")))
+}
+
+/// A JSON body, or a 400 saying what is wrong with it.
+fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, AgentError> {
+    b.map(|Json(t)| t)
+        .map_err(|e| AgentError::BadRequest(e.body_text()))
+}
+
+async fn not_found(uri: axum::http::Uri) -> AgentError {
+    AgentError::NoSuchEndpoint(uri.path().to_string())
+}
+
+async fn facts(State(agent): State<Arc<Agent>>) -> ApiResult<HostFacts> {
+    let a = agent.clone();
+    let facts = tokio::task::spawn_blocking(move || a.facts.current(&a.config))
+        .await
+        .map_err(|e| AgentError::Internal(format!("fact collection panicked: {e}")))?;
+    Ok(Json(facts))
+}
+
+async fn list_instances(State(agent): State<Arc<Agent>>) -> ApiResult<Vec<AgentInstance>> {
+    Ok(Json(agent.list_instances().await))
+}
+
+async fn get_instance(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> ApiResult<AgentInstance> {
+    let id = uuid(&id)?;
+    let mut slot = agent.lock_slot(&id).await?;
+    Ok(Json(agent.describe(&mut slot).await))
+}
+
+async fn define_instance(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+    req: Result<Json<DefineInstance>, JsonRejection>,
+) -> ApiResult<AgentInstance> {
+    let id = uuid(&id)?;
+    Ok(Json(agent.define(id, body(req)?).await?))
+}
+
+async fn start_instance(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> ApiResult<AgentInstance> {
+    Ok(Json(agent.start_instance(uuid(&id)?).await?))
+}
+
+async fn stop_instance(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> ApiResult<AgentInstance> {
+    Ok(Json(agent.stop_instance(uuid(&id)?).await?))
+}
+
+async fn delete_instance(State(agent): State<Arc<Agent>>, Path(id): Path<String>) -> ApiResult<()> {
+    agent.delete_instance(uuid(&id)?).await?;
+    Ok(Json(()))
+}
+
+/// `?after=SEQ` of the status poll.
+#[derive(Debug, Deserialize)]
+struct After {
+    #[serde(default)]
+    after: u64,
+}
+
+async fn source_status(
+    State(agent): State<Arc<Agent>>,
+    Path(mid): Path<String>,
+    q: Result<Query<After>, QueryRejection>,
+) -> ApiResult<SourceStatus> {
+    let mid = uuid(&mid)?;
+    let after = q
+        .map(|Query(a)| a.after)
+        .map_err(|e| AgentError::BadRequest(e.body_text()))?;
+    Ok(Json(agent.source_status(mid, after)))
+}
+
+async fn prepare_incoming(
+    State(agent): State<Arc<Agent>>,
+    Path(mid): Path<String>,
+    req: Result<Json<PrepareIncoming>, JsonRejection>,
+) -> ApiResult<IncomingReady> {
+    let mid = uuid(&mid)?;
+    Ok(Json(agent.prepare_incoming(mid, body(req)?).await?))
+}
+
+async fn remove_incoming(
+    State(agent): State<Arc<Agent>>,
+    Path(mid): Path<String>,
+) -> ApiResult<()> {
+    agent.remove_incoming(uuid(&mid)?).await?;
+    Ok(Json(()))
+}
+
+async fn confirm(
+    State(agent): State<Arc<Agent>>,
+    Path(mid): Path<String>,
+) -> ApiResult<AgentInstance> {
+    Ok(Json(agent.confirm_incoming(uuid(&mid)?).await?))
+}
+
+async fn start_source(
+    State(agent): State<Arc<Agent>>,
+    Path(mid): Path<String>,
+    req: Result<Json<StartSource>, JsonRejection>,
+) -> ApiResult<SourceStatus> {
+    let mid = uuid(&mid)?;
+    Ok(Json(agent.start_source(mid, body(req)?).await?))
+}
+
+async fn cancel(
+    State(agent): State<Arc<Agent>>,
+    Path(mid): Path<String>,
+) -> ApiResult<SourceStatus> {
+    Ok(Json(agent.cancel_source(uuid(&mid)?).await?))
+}
+
+async fn finish(State(agent): State<Arc<Agent>>, Path(mid): Path<String>) -> ApiResult<()> {
+    agent.finish_source(uuid(&mid)?).await?;
+    Ok(Json(()))
+}
+
+async fn resume(
+    State(agent): State<Arc<Agent>>,
+    Path(mid): Path<String>,
+) -> ApiResult<AgentInstance> {
+    Ok(Json(agent.resume_source(uuid(&mid)?).await?))
+}

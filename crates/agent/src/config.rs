@@ -1,0 +1,247 @@
+//! The agent's configuration: a TOML file, with defaults for everything a lab or a small
+//! host does not need to say.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use ferry_migrate::PortRange;
+use serde::{Deserialize, Serialize};
+
+use crate::AgentError;
+
+/// How one agent runs: who it is, where it listens, where it keeps state, and what the host
+/// offers (datastores, networks, migration address).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Host name, e.g. "hv1"; what the server and operators call this host.
+    pub name: String,
+    /// Address of the agent API, e.g. 127.0.0.1:7411 (port 0 picks a free port).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Where the server reaches the API; default `http://{listen}` (with the bound port).
+    #[serde(default)]
+    pub advertise_url: Option<String>,
+    /// The control plane; `None` runs standalone (tests), which needs `credential`.
+    #[serde(default)]
+    pub server_url: Option<String>,
+    /// The cluster's join token, used once to obtain the agent credential.
+    #[serde(default)]
+    pub join_token: Option<String>,
+    /// A preset agent credential (standalone agents, tests); skips joining.
+    #[serde(default)]
+    pub credential: Option<String>,
+    /// Instances, migration records and the credential live here.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Lab only: run QEMU and taps inside this network namespace.
+    #[serde(default)]
+    pub netns: Option<String>,
+    /// Where this host receives migration streams.
+    #[serde(default = "default_migration_addr")]
+    pub migration_addr: IpAddr,
+    /// Ports a destination may listen on, "first-last".
+    #[serde(default = "default_migration_ports")]
+    pub migration_ports: String,
+    #[serde(default = "default_qemu_binary")]
+    pub qemu_binary: PathBuf,
+    /// `auto`, `kvm` or `tcg`; the `FERRY_ACCEL` environment variable overrides it.
+    #[serde(default = "default_accel")]
+    pub accel: String,
+    #[serde(default)]
+    pub datastores: Vec<DatastoreConfig>,
+    #[serde(default)]
+    pub networks: Vec<NetworkConfig>,
+    /// Interval between heartbeats to the server.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+}
+
+/// A storage location guests' files live in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatastoreConfig {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// A fleet network and the host bridge that carries it here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    pub name: String,
+    pub bridge: String,
+    #[serde(default)]
+    pub subnet: Option<String>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7411))
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/ferry/agent")
+}
+fn default_migration_addr() -> IpAddr {
+    IpAddr::from([127, 0, 0, 1])
+}
+fn default_migration_ports() -> String {
+    "49152-49215".into()
+}
+fn default_qemu_binary() -> PathBuf {
+    PathBuf::from("qemu-system-x86_64")
+}
+fn default_accel() -> String {
+    "auto".into()
+}
+fn default_heartbeat_ms() -> u64 {
+    2000
+}
+
+impl AgentConfig {
+    /// Reads and checks a TOML configuration file; errors name the file and the field.
+    pub fn from_toml_file(path: &Path) -> Result<Self, AgentError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| AgentError::Config {
+            file: file.clone(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::from_toml_str(&text, &file)
+    }
+
+    /// Parses TOML text; `file` names its origin in errors.
+    pub fn from_toml_str(text: &str, file: &str) -> Result<Self, AgentError> {
+        let config: AgentConfig = toml::from_str(text).map_err(|e| AgentError::Config {
+            file: file.to_string(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: value ranges and combinations. `origin` names the file (or
+    /// "config" for a value built in code).
+    pub fn validate(&self, origin: &str) -> Result<(), AgentError> {
+        let bad = |field: &str, message: String| AgentError::Config {
+            file: origin.to_string(),
+            message: format!("field `{field}`: {message}"),
+        };
+        if self.name.trim().is_empty() {
+            return Err(bad("name", "must not be empty".into()));
+        }
+        self.port_range()
+            .map_err(|e| bad("migration_ports", e.to_string()))?;
+        crate::facts::parse_accel_choice(&self.accel).map_err(|e| bad("accel", e.to_string()))?;
+        if self.heartbeat_ms < 100 {
+            return Err(bad(
+                "heartbeat_ms",
+                format!("{} ms is below 100 ms", self.heartbeat_ms),
+            ));
+        }
+        if self.server_url.is_none() && self.credential.is_none() {
+            return Err(bad(
+                "credential",
+                "a standalone agent (no `server_url`) needs a preset `credential`".into(),
+            ));
+        }
+        for n in &self.networks {
+            if n.bridge.is_empty() || n.bridge.len() > 15 || n.bridge.contains('/') {
+                return Err(bad(
+                    "networks.bridge",
+                    format!("'{}' is not an interface name", n.bridge),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The migration port range.
+    pub fn port_range(&self) -> Result<PortRange, ferry_migrate::MigrateError> {
+        self.migration_ports.parse()
+    }
+
+    /// The network named `name`, if this host carries it.
+    pub fn network(&self, name: &str) -> Option<&NetworkConfig> {
+        self.networks.iter().find(|n| n.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let c = AgentConfig::from_toml_str(
+            "name = \"hv1\"\nserver_url = \"http://10.0.0.1:7400\"\njoin_token = \"t\"\n",
+            "agent.toml",
+        )
+        .unwrap();
+        assert_eq!(c.listen, default_listen());
+        assert_eq!(c.heartbeat_ms, 2000);
+        assert_eq!(c.accel, "auto");
+        assert_eq!(c.migration_ports, "49152-49215");
+        assert!(c.networks.is_empty());
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let c = AgentConfig::from_toml_str(
+            r#"
+name = "hv2"
+listen = "0.0.0.0:7411"
+credential = "secret"
+state_dir = "/tmp/x"
+netns = "ferry-lab-hv2"
+migration_addr = "10.78.0.12"
+migration_ports = "5000-5010"
+accel = "tcg"
+heartbeat_ms = 500
+[[datastores]]
+name = "local"
+path = "/srv/ferry"
+[[networks]]
+name = "lab"
+bridge = "br0"
+subnet = "10.77.0.0/24"
+"#,
+            "agent.toml",
+        )
+        .unwrap();
+        assert_eq!(c.netns.as_deref(), Some("ferry-lab-hv2"));
+        assert_eq!(c.port_range().unwrap().last, 5010);
+        assert_eq!(c.network("lab").unwrap().bridge, "br0");
+        assert_eq!(c.datastores[0].path, PathBuf::from("/srv/ferry"));
+    }
+
+    #[test]
+    fn bad_files_name_the_file_and_field() {
+        let cases = [
+            ("listen = \"x\"\nname = \"a\"\ncredential = \"c\"", "listen"),
+            (
+                "name = \"a\"\ncredential = \"c\"\nmigration_ports = \"9-1\"",
+                "migration_ports",
+            ),
+            ("name = \"a\"\ncredential = \"c\"\naccel = \"hvf\"", "accel"),
+            ("name = \"a\"", "credential"),
+            ("name = \"a\"\ncredential = \"c\"\ntypo = 1", "typo"),
+            ("credential = \"c\"", "name"),
+            (
+                "name = \"a\"\ncredential = \"c\"\nheartbeat_ms = 1",
+                "heartbeat_ms",
+            ),
+        ];
+        for (text, field) in cases {
+            let err = AgentConfig::from_toml_str(text, "/etc/ferry/agent.toml").unwrap_err();
+            let msg = err.to_string();
+            assert_eq!(err.code(), "agent-config-invalid");
+            assert!(msg.contains("/etc/ferry/agent.toml"), "{msg}");
+            assert!(msg.contains(field), "{field} not in {msg}");
+        }
+    }
+
+    #[test]
+    fn missing_file_is_a_config_error() {
+        let err = AgentConfig::from_toml_file(Path::new("/nonexistent/agent.toml")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/agent.toml"));
+    }
+}

@@ -1,0 +1,108 @@
+//! Joining the cluster and heartbeating to the server.
+//!
+//! An agent without a credential introduces itself with the join token until the server
+//! answers (retrying every 2 s, logging once a minute), stores the credential, and from then on
+//! reports its facts and instances every `heartbeat_ms`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_api::agent::{Heartbeat, JoinRequest, JoinResponse};
+use ferry_api::ApiClient;
+use tracing::{debug, info, warn};
+
+use crate::{auth, Agent};
+
+/// Pause between join attempts.
+const JOIN_RETRY: Duration = Duration::from_secs(2);
+/// Repeated failures are logged at most this often.
+const LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Logs a repeated failure once per [`LOG_EVERY`], at debug level in between.
+struct Throttle(Option<Instant>);
+
+impl Throttle {
+    fn should_log(&mut self) -> bool {
+        let now = Instant::now();
+        if self.0.is_none_or(|t| now.duration_since(t) >= LOG_EVERY) {
+            self.0 = Some(now);
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Joins when needed, then heartbeats forever; returns at once for a standalone agent.
+pub(crate) async fn join_and_heartbeat(agent: Arc<Agent>, advertise_url: String) {
+    let Some(server) = agent.config.server_url.clone() else {
+        return;
+    };
+    if agent.credential().is_none() {
+        join(&agent, &server, &advertise_url).await;
+    }
+    let Some(credential) = agent.credential() else {
+        return;
+    };
+    let client = ApiClient::new(&server, Some(credential));
+    let mut throttle = Throttle(None);
+    let mut ticker = tokio::time::interval(Duration::from_millis(agent.config.heartbeat_ms));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let a = agent.clone();
+        let facts = match tokio::task::spawn_blocking(move || a.facts.current(&a.config)).await {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(error = %e, "fact collection failed");
+                continue;
+            }
+        };
+        let beat = Heartbeat {
+            name: agent.config.name.clone(),
+            facts,
+            instances: agent.list_instances().await,
+        };
+        match client
+            .post::<_, serde_json::Value>("/v1/agents/heartbeat", &beat)
+            .await
+        {
+            Ok(_) => debug!("heartbeat sent"),
+            Err(e) if throttle.should_log() => warn!(error = %e, "heartbeat failed"),
+            Err(e) => debug!(error = %e, "heartbeat failed"),
+        }
+    }
+}
+
+/// Tries to join until it works, then stores and installs the credential.
+async fn join(agent: &Agent, server: &str, advertise_url: &str) {
+    let token = agent.config.join_token.clone().unwrap_or_default();
+    let client = ApiClient::new(server, Some(token.clone()));
+    let mut throttle = Throttle(None);
+    loop {
+        let request = JoinRequest {
+            join_token: token.clone(),
+            name: agent.config.name.clone(),
+            agent_url: advertise_url.to_string(),
+            facts: agent.facts.current(&agent.config),
+        };
+        match client
+            .post::<_, JoinResponse>("/v1/agents/join", &request)
+            .await
+        {
+            Ok(resp) => {
+                if let Err(e) = auth::store_credential(&agent.config.state_dir, &resp.agent_token) {
+                    warn!(error = %e, "joined, but cannot store the credential; it lasts until restart");
+                }
+                agent.set_credential(resp.agent_token);
+                info!(%server, "joined the cluster");
+                return;
+            }
+            Err(e) if throttle.should_log() => {
+                warn!(%server, error = %e, "cannot join yet; retrying every 2 s")
+            }
+            Err(e) => debug!(error = %e, "join failed"),
+        }
+        tokio::time::sleep(JOIN_RETRY).await;
+    }
+}

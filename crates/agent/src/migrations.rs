@@ -1,0 +1,733 @@
+//! This host's half of each live migration, and the records that let a restarted agent say
+//! where every migration stands.
+//!
+//! Records live in `state_dir/migrations/<mid>.json`. Progress samples are kept in memory
+//! with increasing sequence numbers (the record stores the last one, so numbering continues
+//! after a restart). A source migration whose task died with the agent is re-derived from
+//! QEMU itself, which keeps migrating while the agent is away.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_api::agent::{
+    AgentInstance, IncomingReady, PrepareIncoming, SourceState, SourceStatus, StartSource,
+};
+use ferry_api::ErrorBody;
+use ferry_migrate::{
+    destination, source, AbortHandle, AbortSignal, MigrateError, MigrationParams, Progress,
+    ProgressTracker, SourceOutcome,
+};
+use ferry_qemu::StartMode;
+use ferry_qmp::commands::{MigrateCancel, MigrationInfo, MigrationStatus, QueryMigrate, RunState};
+use ferry_qmp::Qmp;
+use serde::{Deserialize, Serialize};
+use tracing::{info, info_span, warn, Instrument};
+use uuid::Uuid;
+
+use crate::instances::InstanceRecord;
+use crate::{Agent, AgentError};
+
+/// Samples kept per migration; older ones are dropped (a poller that far behind only needs
+/// the recent ones).
+const MAX_SAMPLES: usize = 10_000;
+/// How long the destination waits for its guest to run after the source completed.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `cancel` waits for the source to confirm.
+const CANCEL_WAIT: Duration = Duration::from_secs(35);
+/// Poll interval of a re-derived migration (same as the default sample interval).
+const RESAMPLE_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Which half of the migration this host performs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Role {
+    Source,
+    Destination,
+}
+
+/// What is stored about one migration on this host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct MigrationRecord {
+    pub id: Uuid,
+    pub role: Role,
+    pub instance_id: Uuid,
+    pub state: SourceState,
+    #[serde(default)]
+    pub outcome: Option<SourceOutcome>,
+    #[serde(default)]
+    pub error: Option<ErrorBody>,
+    /// Sequence number of the last progress sample handed out.
+    #[serde(default)]
+    pub last_seq: u64,
+    /// Source: where the stream goes.
+    #[serde(default)]
+    pub destination: Option<String>,
+    /// Destination: where QEMU listens.
+    #[serde(default)]
+    pub listen_addr: Option<String>,
+    /// Source: the handed-over QEMU has been stopped.
+    #[serde(default)]
+    pub finished: bool,
+}
+
+struct MigrationData {
+    record: MigrationRecord,
+    samples: Vec<(u64, Progress)>,
+}
+
+/// One migration in memory: its record, samples, and the abort handle of a running source.
+pub(crate) struct MigrationEntry {
+    path: PathBuf,
+    data: Mutex<MigrationData>,
+    abort: Mutex<Option<AbortHandle>>,
+}
+
+impl MigrationEntry {
+    fn new(path: PathBuf, record: MigrationRecord) -> Arc<MigrationEntry> {
+        Arc::new(MigrationEntry {
+            path,
+            data: Mutex::new(MigrationData {
+                record,
+                samples: Vec::new(),
+            }),
+            abort: Mutex::new(None),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MigrationData> {
+        self.data.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn record(&self) -> MigrationRecord {
+        self.lock().record.clone()
+    }
+
+    /// Changes the record and writes it to disk (temporary file, then rename).
+    fn update(&self, change: impl FnOnce(&mut MigrationRecord)) {
+        let json = {
+            let mut data = self.lock();
+            change(&mut data.record);
+            serde_json::to_vec_pretty(&data.record)
+        };
+        let written = json.map_err(|e| e.to_string()).and_then(|json| {
+            let tmp = self.path.with_extension("json.tmp");
+            std::fs::write(&tmp, json)
+                .and_then(|_| std::fs::rename(&tmp, &self.path))
+                .map_err(|e| e.to_string())
+        });
+        if let Err(e) = written {
+            warn!(path = %self.path.display(), error = %e, "cannot persist migration record");
+        }
+    }
+
+    fn push_sample(&self, progress: Progress) {
+        let seq = {
+            let mut data = self.lock();
+            let seq = data.record.last_seq + 1;
+            data.samples.push((seq, progress));
+            if data.samples.len() > MAX_SAMPLES {
+                let excess = data.samples.len() - MAX_SAMPLES;
+                data.samples.drain(..excess);
+            }
+            seq
+        };
+        self.update(|r| r.last_seq = seq);
+    }
+
+    /// Records how the source half ended.
+    fn finish(&self, result: Result<SourceOutcome, MigrateError>) {
+        self.update(|r| match result {
+            Ok(outcome) => {
+                r.state = SourceState::Completed;
+                r.outcome = Some(outcome);
+            }
+            Err(e) => {
+                r.state = match e {
+                    MigrateError::Cancelled => SourceState::Cancelled,
+                    _ => SourceState::Failed,
+                };
+                r.error = Some(AgentError::Migrate(e).body());
+            }
+        });
+        let r = self.record();
+        info!(state = ?r.state, error = ?r.error.as_ref().map(|e| &e.message), "source half ended");
+    }
+
+    fn status(&self, after: u64) -> SourceStatus {
+        let data = self.lock();
+        SourceStatus {
+            state: data.record.state,
+            samples: data
+                .samples
+                .iter()
+                .filter(|(seq, _)| *seq > after)
+                .cloned()
+                .collect(),
+            outcome: data.record.outcome.clone(),
+            error: data.record.error.clone(),
+        }
+    }
+}
+
+fn span(mid: &Uuid) -> tracing::Span {
+    info_span!("migration", id = %mid)
+}
+
+/// The outcome QEMU reports for a completed migration.
+fn outcome_from(info: &MigrationInfo, progress: Progress) -> SourceOutcome {
+    SourceOutcome {
+        total_time_ms: info.total_time.unwrap_or(progress.elapsed_ms),
+        downtime_ms: info.downtime.unwrap_or(0),
+        setup_time_ms: info.setup_time,
+        transferred_bytes: progress.transferred_bytes,
+        iterations: progress.iteration,
+        final_progress: progress,
+    }
+}
+
+/// Follows a migration QEMU is already running (started before an agent restart) without
+/// issuing a new `migrate`, until it ends; an abort cancels it in QEMU.
+async fn follow_source(entry: Arc<MigrationEntry>, qmp: Qmp, mut abort: AbortSignal) {
+    let mut tracker = ProgressTracker::new();
+    let mut ticker = tokio::time::interval(RESAMPLE_INTERVAL);
+    let mut cancel_sent = false;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = abort.aborted(), if !cancel_sent => {
+                cancel_sent = true;
+                warn!("cancelling migration");
+                if let Err(e) = qmp.execute(&MigrateCancel {}).await {
+                    warn!(error = %e, "migrate_cancel failed");
+                }
+            }
+        }
+        let info = match qmp.execute(&QueryMigrate {}).await {
+            Ok(info) => info,
+            Err(e) if e.is_fatal() => {
+                entry.finish(Err(MigrateError::Failed(format!(
+                    "the source QEMU went away: {e}"
+                ))));
+                return;
+            }
+            Err(e) => {
+                warn!(error = %e, "query-migrate failed; retrying");
+                continue;
+            }
+        };
+        let progress = tracker.update(info.total_time.unwrap_or(0), &info);
+        entry.push_sample(progress.clone());
+        let ended = |e: MigrateError| async {
+            if let Err(resume) = source::ensure_running(&qmp).await {
+                warn!(error = %resume, "source guest could not be resumed");
+            }
+            entry.finish(Err(e));
+        };
+        match info.status {
+            Some(MigrationStatus::Completed) => {
+                entry.finish(Ok(outcome_from(&info, progress)));
+                return;
+            }
+            Some(MigrationStatus::Failed) => {
+                let desc = info.error_desc.unwrap_or_else(|| "no reason given".into());
+                ended(MigrateError::Failed(desc)).await;
+                return;
+            }
+            Some(MigrationStatus::Cancelled) => {
+                ended(MigrateError::Cancelled).await;
+                return;
+            }
+            None | Some(MigrationStatus::None) => {
+                entry.finish(Err(MigrateError::Failed(
+                    "QEMU has no record of the migration (was it restarted?)".into(),
+                )));
+                return;
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Agent {
+    fn migration_path(&self, mid: &Uuid) -> PathBuf {
+        self.config
+            .state_dir
+            .join("migrations")
+            .join(format!("{mid}.json"))
+    }
+
+    fn migration(&self, mid: &Uuid) -> Option<Arc<MigrationEntry>> {
+        self.migrations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(mid)
+            .cloned()
+    }
+
+    fn migration_or_404(&self, mid: &Uuid) -> Result<Arc<MigrationEntry>, AgentError> {
+        self.migration(mid)
+            .ok_or(AgentError::MigrationNotFound(*mid))
+    }
+
+    fn new_migration(&self, record: MigrationRecord) -> Arc<MigrationEntry> {
+        let entry = MigrationEntry::new(self.migration_path(&record.id), record.clone());
+        entry.update(|_| {});
+        self.migrations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(record.id, entry.clone());
+        entry
+    }
+
+    /// 409 when instance `id` is the source of a running migration.
+    pub(crate) fn refuse_if_migrating(&self, id: &Uuid) -> Result<(), AgentError> {
+        let busy = self
+            .migrations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|e| e.record())
+            .find(|r| {
+                r.role == Role::Source && r.instance_id == *id && r.state == SourceState::Running
+            });
+        match busy {
+            Some(r) => Err(AgentError::conflict(
+                "migration-in-progress",
+                format!("instance {id} is the source of running migration {}", r.id),
+                "cancel the migration or wait for it to end",
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Loads the migration records; re-derives source migrations whose task died with the
+    /// previous agent, and fails destinations whose incoming QEMU is gone.
+    pub(crate) async fn load_migrations(self: &Arc<Self>) {
+        let dir = self.config.state_dir.join("migrations");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for file in entries.flatten() {
+            let path = file.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let record: MigrationRecord = match std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "skipping unreadable migration record");
+                    continue;
+                }
+            };
+            let mid = record.id;
+            let running = record.state == SourceState::Running;
+            let role = record.role;
+            let instance_id = record.instance_id;
+            let entry = MigrationEntry::new(path, record);
+            self.migrations
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(mid, entry.clone());
+            if !running {
+                continue;
+            }
+            let qmp = match self.lock_slot(&instance_id).await {
+                Ok(slot) if role == Role::Source || slot.record.incoming == Some(mid) => {
+                    slot.process.as_ref().map(|p| p.qmp().clone())
+                }
+                _ => None,
+            };
+            match (role, qmp) {
+                (Role::Source, Some(qmp)) => {
+                    info!(migration = %mid, "re-deriving a source migration from QEMU");
+                    let (handle, signal) = AbortHandle::new();
+                    *entry.abort.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+                    let task = tokio::spawn(
+                        follow_source(entry.clone(), qmp, signal).instrument(span(&mid)),
+                    );
+                    self.track(task);
+                }
+                (Role::Source, None) => entry.finish(Err(MigrateError::Failed(
+                    "the source QEMU is gone (it ended while the agent was down)".into(),
+                ))),
+                (Role::Destination, Some(_)) => {
+                    info!(migration = %mid, "incoming QEMU re-adopted; waiting for confirm");
+                }
+                (Role::Destination, None) => entry.update(|r| {
+                    r.state = SourceState::Failed;
+                    r.error = Some(ErrorBody::new(
+                        "destination-prepare-failed",
+                        "the incoming QEMU ended while the agent was down",
+                        "start the migration again",
+                    ));
+                }),
+            }
+        }
+    }
+
+    /// `POST /v1/migrations/{mid}/incoming`: define the instance here, start QEMU in incoming
+    /// mode with its taps, and listen on a free port of this host's range.
+    pub(crate) async fn prepare_incoming(
+        &self,
+        mid: Uuid,
+        req: PrepareIncoming,
+    ) -> Result<IncomingReady, AgentError> {
+        async {
+            req.params.validate()?;
+            if let Some(entry) = self.migration(&mid) {
+                let r = entry.record();
+                return match (r.role, r.state, r.listen_addr) {
+                    (Role::Destination, SourceState::Running, Some(addr)) => {
+                        Ok(IncomingReady { addr })
+                    }
+                    _ => Err(AgentError::conflict(
+                        "migration-exists",
+                        format!(
+                            "migration {mid} is already known here (state {:?})",
+                            r.state
+                        ),
+                        "use a new migration id",
+                    )),
+                };
+            }
+            let id = req.instance_id;
+            let record = InstanceRecord {
+                id,
+                name: req.name,
+                spec: req.spec,
+                incoming: Some(mid),
+            };
+            self.translate(&record)?;
+            self.check_name_free(&id, &record.name)?;
+            let (mut slot, previous) = match self.lock_slot(&id).await {
+                Ok(mut slot) => {
+                    if self.run_state(&mut slot).await.is_some() || slot.process.is_some() {
+                        return Err(AgentError::conflict(
+                            "guest-running-here",
+                            format!("instance {id} already has a QEMU process on this host"),
+                            "a guest cannot migrate to the host it runs on",
+                        ));
+                    }
+                    let previous = std::mem::replace(&mut slot.record, record);
+                    (slot, Some(previous))
+                }
+                Err(_) => (self.insert_slot(record), None),
+            };
+            let entry = self.new_migration(MigrationRecord {
+                id: mid,
+                role: Role::Destination,
+                instance_id: id,
+                state: SourceState::Running,
+                outcome: None,
+                error: None,
+                last_seq: 0,
+                destination: None,
+                listen_addr: None,
+                finished: false,
+            });
+            let prepared = async {
+                self.save_record(&slot.record)?;
+                self.launch(&mut slot, StartMode::Incoming).await?;
+                let qmp = slot
+                    .process
+                    .as_ref()
+                    .map(|p| p.qmp().clone())
+                    .ok_or_else(|| AgentError::Internal("incoming QEMU vanished".into()))?;
+                let mut params = req.params.clone();
+                params.port_range = self.port_range;
+                Ok::<_, AgentError>(
+                    destination::listen(&qmp, &params, self.config.migration_addr).await?,
+                )
+            }
+            .await;
+            match prepared {
+                Ok(addr) => {
+                    entry.update(|r| r.listen_addr = Some(addr.to_string()));
+                    info!(instance = %id, %addr, "destination listening");
+                    Ok(IncomingReady {
+                        addr: addr.to_string(),
+                    })
+                }
+                Err(e) => {
+                    warn!(error = %e, "destination preparation failed; removing it");
+                    self.teardown(&mut slot, false).await;
+                    match previous {
+                        Some(previous) => {
+                            slot.record = previous;
+                            let _ = self.save_record(&slot.record);
+                        }
+                        None => self.forget_instance(&mut slot),
+                    }
+                    let body = e.body();
+                    entry.update(|r| {
+                        r.state = SourceState::Failed;
+                        r.error = Some(body);
+                    });
+                    Err(e)
+                }
+            }
+        }
+        .instrument(span(&mid))
+        .await
+    }
+
+    /// `DELETE /v1/migrations/{mid}/incoming`: remove the incoming QEMU, its taps and the
+    /// instance, unless the guest already runs here.
+    pub(crate) async fn remove_incoming(&self, mid: Uuid) -> Result<(), AgentError> {
+        async {
+            let entry = self.migration_or_404(&mid)?;
+            let r = entry.record();
+            if r.role != Role::Destination {
+                return Err(AgentError::BadRequest(format!(
+                    "this host is the source of migration {mid}, not its destination"
+                )));
+            }
+            let running_here = AgentError::conflict(
+                "guest-running-here",
+                format!("the guest of migration {mid} already runs on this host"),
+                "the migration completed; stop or migrate the instance instead",
+            );
+            let mut slot = match self.lock_slot(&r.instance_id).await {
+                Ok(slot) if slot.record.incoming == Some(mid) => slot,
+                // Gone or confirmed: nothing of the incoming side is left to remove.
+                _ if r.state == SourceState::Completed => return Err(running_here),
+                _ => {
+                    entry.update(|r| {
+                        if r.state == SourceState::Running {
+                            r.state = SourceState::Cancelled;
+                        }
+                    });
+                    return Ok(());
+                }
+            };
+            if self.run_state(&mut slot).await == Some(RunState::Running) {
+                return Err(running_here);
+            }
+            self.teardown(&mut slot, false).await;
+            self.forget_instance(&mut slot);
+            entry.update(|r| {
+                if r.state == SourceState::Running {
+                    r.state = SourceState::Cancelled;
+                }
+            });
+            info!(instance = %r.instance_id, "incoming destination removed");
+            Ok(())
+        }
+        .instrument(span(&mid))
+        .await
+    }
+
+    /// `POST /v1/migrations/{mid}/confirm`: wait until the guest runs here, then it is an
+    /// ordinary instance of this host.
+    pub(crate) async fn confirm_incoming(&self, mid: Uuid) -> Result<AgentInstance, AgentError> {
+        async {
+            let entry = self.migration_or_404(&mid)?;
+            let r = entry.record();
+            let mut slot = self.lock_slot(&r.instance_id).await?;
+            if slot.record.incoming != Some(mid) {
+                if r.state == SourceState::Completed {
+                    return Ok(self.describe(&mut slot).await);
+                }
+                return Err(AgentError::conflict(
+                    "migration-not-incoming",
+                    format!(
+                        "instance {} is not waiting for migration {mid}",
+                        r.instance_id
+                    ),
+                    "prepare the destination first",
+                ));
+            }
+            let qmp = slot
+                .process
+                .as_ref()
+                .map(|p| p.qmp().clone())
+                .ok_or_else(|| {
+                    MigrateError::DestinationNotRunning("the incoming QEMU is gone".into())
+                })?;
+            destination::confirm_running(&qmp, CONFIRM_TIMEOUT).await?;
+            slot.record.incoming = None;
+            self.save_record(&slot.record)?;
+            entry.update(|r| r.state = SourceState::Completed);
+            info!(instance = %r.instance_id, "guest confirmed running on this host");
+            Ok(self.describe(&mut slot).await)
+        }
+        .instrument(span(&mid))
+        .await
+    }
+
+    /// `POST /v1/migrations/{mid}/source`: start migrating the instance to `destination` in a
+    /// background task.
+    pub(crate) async fn start_source(
+        &self,
+        mid: Uuid,
+        req: StartSource,
+    ) -> Result<SourceStatus, AgentError> {
+        req.params.validate()?;
+        let dest: SocketAddr = req.destination.parse().map_err(|_| {
+            AgentError::BadRequest(format!(
+                "destination '{}' is not an address like 10.0.0.2:49152",
+                req.destination
+            ))
+        })?;
+        if let Some(entry) = self.migration(&mid) {
+            let r = entry.record();
+            if r.role == Role::Source && r.instance_id == req.instance_id {
+                return Ok(entry.status(0));
+            }
+            return Err(AgentError::conflict(
+                "migration-exists",
+                format!("migration {mid} is already known here for another purpose"),
+                "use a new migration id",
+            ));
+        }
+        let mut slot = self.lock_slot(&req.instance_id).await?;
+        self.refuse_if_migrating(&req.instance_id)?;
+        let state = self.run_state(&mut slot).await;
+        let qmp = match (&slot.process, &state) {
+            (Some(p), Some(RunState::Running)) => p.qmp().clone(),
+            _ => {
+                return Err(MigrateError::SourceNotRunning(
+                    state
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| "stopped".into()),
+                )
+                .into())
+            }
+        };
+        let entry = self.new_migration(MigrationRecord {
+            id: mid,
+            role: Role::Source,
+            instance_id: req.instance_id,
+            state: SourceState::Running,
+            outcome: None,
+            error: None,
+            last_seq: 0,
+            destination: Some(dest.to_string()),
+            listen_addr: None,
+            finished: false,
+        });
+        let (handle, signal) = AbortHandle::new();
+        *entry.abort.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        let params: MigrationParams = req.params;
+        let task_entry = entry.clone();
+        let task = tokio::spawn(
+            async move {
+                info!(%dest, "source half starting");
+                let sampler = task_entry.clone();
+                let mut observe = move |p: &Progress| sampler.push_sample(p.clone());
+                let result = source::run_source(&qmp, dest, &params, &mut observe, signal).await;
+                task_entry.finish(result);
+            }
+            .instrument(span(&mid)),
+        );
+        self.track(task);
+        Ok(entry.status(0))
+    }
+
+    /// `GET /v1/migrations/{mid}?after=SEQ`; an unknown migration is `Unknown`, not an error,
+    /// so a poller can tell "this host never heard of it" from a failure.
+    pub(crate) fn source_status(&self, mid: Uuid, after: u64) -> SourceStatus {
+        match self.migration(&mid) {
+            Some(entry) => entry.status(after),
+            None => SourceStatus {
+                state: SourceState::Unknown,
+                samples: Vec::new(),
+                outcome: None,
+                error: None,
+            },
+        }
+    }
+
+    /// `POST /v1/migrations/{mid}/cancel`: abort a running source half and wait until QEMU
+    /// confirms (the guest then runs on this host again).
+    pub(crate) async fn cancel_source(&self, mid: Uuid) -> Result<SourceStatus, AgentError> {
+        let entry = self.migration_or_404(&mid)?;
+        if entry.record().state == SourceState::Running {
+            if let Some(h) = entry
+                .abort
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+            {
+                h.abort();
+            }
+            let deadline = Instant::now() + CANCEL_WAIT;
+            while entry.record().state == SourceState::Running && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(entry.status(0))
+    }
+
+    /// `POST /v1/migrations/{mid}/finish`: quit the handed-over source QEMU (only in
+    /// `postmigrate`), remove its taps and the instance.
+    pub(crate) async fn finish_source(&self, mid: Uuid) -> Result<(), AgentError> {
+        async {
+            let entry = self.migration_or_404(&mid)?;
+            let r = entry.record();
+            if r.role != Role::Source || r.state != SourceState::Completed {
+                return Err(AgentError::conflict(
+                    "migration-not-completed",
+                    format!(
+                        "migration {mid} has not completed on this host (state {:?})",
+                        r.state
+                    ),
+                    "finish only after the source reports completed",
+                ));
+            }
+            let mut slot = match self.lock_slot(&r.instance_id).await {
+                Ok(slot) => slot,
+                Err(_) => return Ok(()),
+            };
+            let state = self.run_state(&mut slot).await;
+            if slot.process.is_some() && state != Some(RunState::Postmigrate) {
+                return Err(AgentError::conflict(
+                    "source-not-handed-over",
+                    format!(
+                        "the source QEMU is in state {}, not postmigrate",
+                        state.map(|s| s.to_string()).unwrap_or("unknown".into())
+                    ),
+                    "a source that still runs the guest is never stopped by finish",
+                ));
+            }
+            self.teardown(&mut slot, true).await;
+            self.forget_instance(&mut slot);
+            entry.update(|r| r.finished = true);
+            info!(instance = %r.instance_id, "handed-over source removed");
+            Ok(())
+        }
+        .instrument(span(&mid))
+        .await
+    }
+
+    /// `POST /v1/migrations/{mid}/resume`: make sure the guest runs on this (source) host.
+    pub(crate) async fn resume_source(&self, mid: Uuid) -> Result<AgentInstance, AgentError> {
+        async {
+            let entry = self.migration_or_404(&mid)?;
+            let r = entry.record();
+            if r.state == SourceState::Running {
+                return Err(AgentError::conflict(
+                    "migration-in-progress",
+                    format!("migration {mid} is still running"),
+                    "cancel it first",
+                ));
+            }
+            let mut slot = self.lock_slot(&r.instance_id).await?;
+            let qmp = slot
+                .process
+                .as_ref()
+                .map(|p| p.qmp().clone())
+                .ok_or_else(|| MigrateError::SourceNotRunning("stopped".into()))?;
+            source::ensure_running(&qmp).await?;
+            info!(instance = %r.instance_id, "source guest runs");
+            Ok(self.describe(&mut slot).await)
+        }
+        .instrument(span(&mid))
+        .await
+    }
+}

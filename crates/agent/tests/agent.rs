@@ -1,0 +1,584 @@
+//! The agent API end to end: two standalone agents on two lab hosts drive real QEMU guests
+//! through define/start, a live migration exactly as the server would, and agent restarts
+//! (needs root and QEMU).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ferry_agent::{AgentConfig, AgentHandle, NetworkConfig};
+use ferry_api::agent::{
+    AgentInstance, DefineInstance, IncomingReady, PrepareIncoming, SourceState, SourceStatus,
+    StartSource,
+};
+use ferry_api::hosts::HostFacts;
+use ferry_api::instances::{BootSpec, InstanceSpec, InstanceState, NicSpec};
+use ferry_api::{ApiClient, ApiError};
+use ferry_lab::guest_client::{control, parse_verify};
+use ferry_lab::guest_config::{GuestConfig, CONTROL_PORT};
+use ferry_lab::image::{ensure_image, ImageOptions};
+use ferry_lab::net::{remove_orphan_test_labs, tcp_connect_in, unique_test_lab_name, LabNet};
+use ferry_migrate::{Bandwidth, MigrationParams};
+use uuid::Uuid;
+
+const CREDENTIAL: &str = "test-credential";
+
+fn config(name: &str, state_dir: &Path, netns: Option<String>, mig: Ipv4Addr) -> AgentConfig {
+    AgentConfig {
+        name: name.into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        advertise_url: None,
+        server_url: None,
+        join_token: None,
+        credential: Some(CREDENTIAL.into()),
+        state_dir: state_dir.to_path_buf(),
+        netns,
+        migration_addr: mig.into(),
+        migration_ports: "49152-49215".into(),
+        qemu_binary: "qemu-system-x86_64".into(),
+        accel: "tcg".into(),
+        datastores: vec![],
+        networks: vec![NetworkConfig {
+            name: "lab".into(),
+            bridge: "br0".into(),
+            subnet: None,
+        }],
+        heartbeat_ms: 2000,
+    }
+}
+
+fn client(agent: &AgentHandle) -> ApiClient {
+    ApiClient::new(&agent.url(), Some(CREDENTIAL.into()))
+}
+
+fn status_of(e: &ApiError) -> (Option<u16>, String) {
+    (e.status(), e.code())
+}
+
+/// Kills every QEMU the agents left (they are detached on purpose) when the test ends, also on
+/// failure; the lab's own drop then removes the namespaces.
+struct Reaper(Vec<PathBuf>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for state in &self.0 {
+            let Ok(dirs) = std::fs::read_dir(state.join("run")) else {
+                continue;
+            };
+            for d in dirs.flatten() {
+                if let Some(pid) = std::fs::read_to_string(d.path().join("qemu.pid"))
+                    .ok()
+                    .and_then(|s| s.trim().parse::<i32>().ok())
+                {
+                    if pid > 1 {
+                        // SAFETY: kill(2) has no memory-safety preconditions.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn tap_exists(netns: &str, tap: &str) -> bool {
+    std::process::Command::new("ip")
+        .args(["-n", netns, "link", "show", "dev", tap])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+async fn guest_control(lab: &LabNet, ip: Ipv4Addr, cmd: &str) -> Result<String, String> {
+    let ns = lab.client_netns.clone();
+    let addr = SocketAddr::from((ip, CONTROL_PORT));
+    let stream =
+        tokio::task::spawn_blocking(move || tcp_connect_in(&ns, addr, Duration::from_secs(3)))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+    stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let stream = tokio::net::TcpStream::from_std(stream).map_err(|e| e.to_string())?;
+    control(stream, cmd).await.map_err(|e| e.to_string())
+}
+
+async fn wait_guest_answers(lab: &LabNet, ip: Ipv4Addr) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match guest_control(lab, ip, "status").await {
+            Ok(_) => return,
+            Err(e) if Instant::now() > deadline => panic!("guest never answered: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+async fn assert_guest_intact(lab: &LabNet, ip: Ipv4Addr) {
+    let reply = guest_control(lab, ip, "verify")
+        .await
+        .expect("verify answers");
+    let report = parse_verify(&reply).expect("verify parses");
+    assert!(report.checked > 0, "{report:?}");
+    assert_eq!(report.errors, 0, "{report:?}");
+}
+
+async fn instances(c: &ApiClient) -> Vec<AgentInstance> {
+    c.get("/v1/instances").await.expect("list instances")
+}
+
+async fn wait_state(c: &ApiClient, id: Uuid, want: InstanceState) -> AgentInstance {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let found = instances(c).await.into_iter().find(|i| i.id == id);
+        if let Some(i) = &found {
+            if i.state == want {
+                return i.clone();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "instance never {want:?}: {found:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Polls the source until its half ends; returns the final status and every sample seq.
+async fn poll_until_done(c: &ApiClient, mid: Uuid, mut after: u64) -> (SourceStatus, Vec<u64>) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seqs = Vec::new();
+    loop {
+        let st: SourceStatus = c
+            .get(&format!("/v1/migrations/{mid}?after={after}"))
+            .await
+            .expect("status");
+        for (seq, _) in &st.samples {
+            assert!(*seq > after, "samples come after {after}");
+            after = *seq;
+            seqs.push(*seq);
+        }
+        if st.state != SourceState::Running {
+            return (st, seqs);
+        }
+        assert!(Instant::now() < deadline, "migration never ended");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_refuses_bad_requests_with_codes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let agent = ferry_agent::start(config("solo", tmp.path(), None, Ipv4Addr::LOCALHOST))
+        .await
+        .expect("agent starts");
+    let anon = ApiClient::new(&agent.url(), None);
+    let e = anon
+        .get::<Vec<AgentInstance>>("/v1/instances")
+        .await
+        .unwrap_err();
+    assert_eq!(status_of(&e), (Some(401), "unauthorized".into()));
+    let wrong = ApiClient::new(&agent.url(), Some("nope".into()));
+    let e = wrong.get::<HostFacts>("/v1/facts").await.unwrap_err();
+    assert_eq!(status_of(&e), (Some(401), "unauthorized".into()));
+
+    let c = client(&agent);
+    let facts: HostFacts = c.get("/v1/facts").await.unwrap();
+    assert_eq!(facts.name, "solo");
+    assert_eq!(facts.accel, "tcg");
+    assert!(facts.cores > 0 && facts.ram_total_mib > 0);
+    assert!(instances(&c).await.is_empty());
+
+    let unknown = Uuid::new_v4();
+    let e = c
+        .post::<_, AgentInstance>(&format!("/v1/instances/{unknown}/start"), &())
+        .await
+        .unwrap_err();
+    assert_eq!(status_of(&e), (Some(404), "instance-not-found".into()));
+    let e = c
+        .delete::<()>(&format!("/v1/instances/{unknown}"))
+        .await
+        .unwrap_err();
+    assert_eq!(status_of(&e), (Some(404), "instance-not-found".into()));
+    let e = c
+        .post::<_, AgentInstance>("/v1/instances/not-a-uuid/start", &())
+        .await
+        .unwrap_err();
+    assert_eq!(status_of(&e), (Some(400), "bad-request".into()));
+    let e = c
+        .put::<_, AgentInstance>(
+            &format!("/v1/instances/{unknown}"),
+            &serde_json::json!({"name": 3}),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status_of(&e), (Some(400), "bad-request".into()));
+    let bad_net = DefineInstance {
+        name: "x".into(),
+        spec: InstanceSpec {
+            memory_mib: 128,
+            vcpus: 1,
+            cpu_model: "qemu64".into(),
+            machine: "pc".into(),
+            boot: BootSpec {
+                kernel: "/nonexistent".into(),
+                initrd: "/nonexistent".into(),
+                cmdline: String::new(),
+            },
+            nics: vec![NicSpec {
+                network: "nowhere".into(),
+                mac: "52:54:00:00:00:01".into(),
+            }],
+        },
+    };
+    let e = c
+        .put::<_, AgentInstance>(&format!("/v1/instances/{unknown}"), &bad_net)
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+
+    let e = c.get::<()>("/v1/nothing-here").await.unwrap_err();
+    assert_eq!(status_of(&e), (Some(404), "no-such-endpoint".into()));
+    let st: SourceStatus = c.get(&format!("/v1/migrations/{unknown}")).await.unwrap();
+    assert_eq!(st.state, SourceState::Unknown);
+    let e = c
+        .post::<_, SourceStatus>(&format!("/v1/migrations/{unknown}/cancel"), &())
+        .await
+        .unwrap_err();
+    assert_eq!(status_of(&e), (Some(404), "migration-not-found".into()));
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn live_migration_through_two_agents_survives_agent_restarts() {
+    remove_orphan_test_labs();
+    let lab = LabNet::create(&unique_test_lab_name(), 2).expect("lab");
+    let (image, _) = ensure_image(&ImageOptions::default()).expect("guest image");
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir1, dir2) = (tmp.path().join("a1"), tmp.path().join("a2"));
+    let _reaper = Reaper(vec![dir1.clone(), dir2.clone()]);
+    let h1 = lab.host("hv1").unwrap().clone();
+    let h2 = lab.host("hv2").unwrap().clone();
+    let cfg1 = config("hv1", &dir1, Some(h1.netns.clone()), h1.migration_addr);
+    let cfg2 = config("hv2", &dir2, Some(h2.netns.clone()), h2.migration_addr);
+    let mut a1 = ferry_agent::start(cfg1.clone()).await.expect("agent 1");
+    let mut a2 = ferry_agent::start(cfg2.clone()).await.expect("agent 2");
+    let (mut c1, mut c2) = (client(&a1), client(&a2));
+
+    // Define and start on hv1.
+    let ip = lab.guest_addr(0);
+    let id = Uuid::new_v4();
+    let name = "agent-vm".to_string();
+    let spec = InstanceSpec {
+        memory_mib: 128,
+        vcpus: 1,
+        cpu_model: "qemu64".into(),
+        machine: "pc".into(),
+        boot: BootSpec {
+            kernel: image.kernel.display().to_string(),
+            initrd: image.initrd.display().to_string(),
+            cmdline: GuestConfig {
+                ip: Some((ip, 24)),
+                wss_mib: 16,
+                rate_mib_s: 8,
+                ..GuestConfig::default()
+            }
+            .kernel_cmdline(),
+        },
+        nics: vec![NicSpec {
+            network: "lab".into(),
+            mac: "52:54:00:a9:00:01".into(),
+        }],
+    };
+    let define = DefineInstance {
+        name: name.clone(),
+        spec: spec.clone(),
+    };
+    let path = format!("/v1/instances/{id}");
+    let defined: AgentInstance = c1.put(&path, &define).await.expect("define");
+    assert_eq!(defined.state, InstanceState::Stopped);
+    let again: AgentInstance = c1.put(&path, &define).await.expect("define is idempotent");
+    assert_eq!(again, defined);
+    let _: AgentInstance = c1.post(&format!("{path}/start"), &()).await.expect("start");
+    let running = wait_state(&c1, id, InstanceState::Running).await;
+    wait_guest_answers(&lab, ip).await;
+
+    let e = c1.delete::<()>(&path).await.unwrap_err();
+    assert_eq!(status_of(&e), (Some(409), "instance-running".into()));
+    let e = c1
+        .post::<_, AgentInstance>(&format!("{path}/start"), &())
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(409));
+
+    // Restart agent 1: the guest keeps running and is re-adopted.
+    a1.shutdown().await;
+    assert!(
+        guest_control(&lab, ip, "status").await.is_ok(),
+        "guest survives the agent"
+    );
+    a1 = ferry_agent::start(cfg1.clone())
+        .await
+        .expect("agent 1 restarts");
+    c1 = client(&a1);
+    let adopted = wait_state(&c1, id, InstanceState::Running).await;
+    assert_eq!(adopted.pid, running.pid, "the same QEMU was re-adopted");
+
+    // Live migration hv1 -> hv2, driven as the server would.
+    let mid = Uuid::new_v4();
+    let params = MigrationParams::default();
+    let ready: IncomingReady = c2
+        .post(
+            &format!("/v1/migrations/{mid}/incoming"),
+            &PrepareIncoming {
+                instance_id: id,
+                name: name.clone(),
+                spec: spec.clone(),
+                params: params.clone(),
+            },
+        )
+        .await
+        .expect("incoming");
+    assert!(
+        ready.addr.starts_with(&h2.migration_addr.to_string()),
+        "{}",
+        ready.addr
+    );
+    let incoming = instances(&c2).await;
+    assert_eq!(incoming[0].incoming, Some(mid));
+    let started: SourceStatus = c1
+        .post(
+            &format!("/v1/migrations/{mid}/source"),
+            &StartSource {
+                instance_id: id,
+                destination: ready.addr.clone(),
+                params: params.clone(),
+            },
+        )
+        .await
+        .expect("source starts");
+    assert_eq!(started.state, SourceState::Running);
+    let (done, seqs) = poll_until_done(&c1, mid, 0).await;
+    assert_eq!(done.state, SourceState::Completed, "{:?}", done.error);
+    assert!(!seqs.is_empty(), "progress was sampled");
+    assert!(done.outcome.as_ref().unwrap().transferred_bytes > 0);
+    let confirmed: AgentInstance = c2
+        .post(&format!("/v1/migrations/{mid}/confirm"), &())
+        .await
+        .expect("confirm");
+    assert_eq!(confirmed.state, InstanceState::Running);
+    assert_eq!(confirmed.incoming, None);
+    let e = c2
+        .delete::<()>(&format!("/v1/migrations/{mid}/incoming"))
+        .await
+        .unwrap_err();
+    assert_eq!(status_of(&e), (Some(409), "guest-running-here".into()));
+    let _: () = c1
+        .post(&format!("/v1/migrations/{mid}/finish"), &())
+        .await
+        .expect("finish");
+    assert!(instances(&c1).await.is_empty(), "gone from hv1");
+    assert!(
+        !tap_exists(&h1.netns, &ferry_agent::tap_name(&id, 0)),
+        "hv1 tap removed"
+    );
+    assert!(
+        tap_exists(&h2.netns, &ferry_agent::tap_name(&id, 0)),
+        "hv2 tap exists"
+    );
+    let on2 = instances(&c2).await;
+    assert_eq!(on2.len(), 1);
+    assert_eq!((on2[0].id, on2[0].state), (id, InstanceState::Running));
+    assert_guest_intact(&lab, ip).await;
+
+    // A slow migration hv2 -> hv1, with the source agent restarted mid-way, then cancelled.
+    let mid2 = Uuid::new_v4();
+    let slow = MigrationParams {
+        bandwidth: Bandwidth::Limited(4 << 20),
+        ..MigrationParams::default()
+    };
+    let ready: IncomingReady = c1
+        .post(
+            &format!("/v1/migrations/{mid2}/incoming"),
+            &PrepareIncoming {
+                instance_id: id,
+                name: name.clone(),
+                spec: spec.clone(),
+                params: slow.clone(),
+            },
+        )
+        .await
+        .expect("incoming on hv1");
+    let _: SourceStatus = c2
+        .post(
+            &format!("/v1/migrations/{mid2}/source"),
+            &StartSource {
+                instance_id: id,
+                destination: ready.addr.clone(),
+                params: slow.clone(),
+            },
+        )
+        .await
+        .expect("slow source starts");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last_seq = 0;
+    while last_seq < 3 {
+        let st: SourceStatus = c2.get(&format!("/v1/migrations/{mid2}")).await.unwrap();
+        assert_eq!(st.state, SourceState::Running, "{:?}", st.error);
+        last_seq = st.samples.last().map(|s| s.0).unwrap_or(0);
+        assert!(Instant::now() < deadline, "no samples");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let pid_on2 = instances(&c2).await[0].pid;
+    a2.shutdown().await;
+    a2 = ferry_agent::start(cfg2.clone())
+        .await
+        .expect("agent 2 restarts");
+    c2 = client(&a2);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let st: SourceStatus = c2
+        .get(&format!("/v1/migrations/{mid2}?after={last_seq}"))
+        .await
+        .unwrap();
+    assert_eq!(st.state, SourceState::Running, "{:?}", st.error);
+    assert!(
+        st.samples.iter().all(|(s, _)| *s > last_seq) && !st.samples.is_empty(),
+        "sampling goes on after the restart with later seqs: {:?}",
+        st.samples.iter().map(|s| s.0).collect::<Vec<_>>()
+    );
+    let cancelled: SourceStatus = c2
+        .post(&format!("/v1/migrations/{mid2}/cancel"), &())
+        .await
+        .expect("cancel");
+    assert_eq!(
+        cancelled.state,
+        SourceState::Cancelled,
+        "{:?}",
+        cancelled.error
+    );
+    let back = wait_state(&c2, id, InstanceState::Running).await;
+    assert_eq!(back.pid, pid_on2, "still the same QEMU on hv2");
+    let _: () = c1
+        .delete(&format!("/v1/migrations/{mid2}/incoming"))
+        .await
+        .expect("remove incoming");
+    assert!(instances(&c1).await.is_empty());
+    assert_guest_intact(&lab, ip).await;
+
+    // Stop and delete.
+    let stopped: AgentInstance = c2.post(&format!("{path}/stop"), &()).await.expect("stop");
+    assert_eq!(stopped.state, InstanceState::Stopped);
+    let _: () = c2.delete(&path).await.expect("delete");
+    assert!(instances(&c2).await.is_empty());
+    assert!(
+        !tap_exists(&h2.netns, &ferry_agent::tap_name(&id, 0)),
+        "hv2 tap removed"
+    );
+    let e = c2.delete::<()>(&path).await.unwrap_err();
+    assert_eq!(status_of(&e), (Some(404), "instance-not-found".into()));
+    a1.shutdown().await;
+    a2.shutdown().await;
+}
+
+/// A stand-in for the server's two agent endpoints: refuses the first joins, then issues a
+/// credential, and records heartbeats.
+#[derive(Clone, Default)]
+struct FakeServer {
+    joins: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    beats: std::sync::Arc<std::sync::Mutex<Vec<ferry_api::agent::Heartbeat>>>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_with_the_token_then_heartbeats() {
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::routing::post;
+    use ferry_api::agent::{Heartbeat, JoinRequest, JoinResponse};
+    use std::sync::atomic::Ordering;
+
+    let fake = FakeServer::default();
+    let app = axum::Router::new()
+        .route(
+            "/v1/agents/join",
+            post(
+                |axum::extract::State(f): axum::extract::State<FakeServer>,
+                 headers: HeaderMap,
+                 axum::Json(req): axum::Json<JoinRequest>| async move {
+                    let n = f.joins.fetch_add(1, Ordering::SeqCst);
+                    let bearer = headers.get("authorization").and_then(|v| v.to_str().ok());
+                    if n == 0 || bearer != Some("Bearer jt") || req.join_token != "jt" {
+                        return Err(StatusCode::SERVICE_UNAVAILABLE);
+                    }
+                    Ok(axum::Json(JoinResponse {
+                        agent_token: format!("issued-{}", req.name),
+                    }))
+                },
+            ),
+        )
+        .route(
+            "/v1/agents/heartbeat",
+            post(
+                |axum::extract::State(f): axum::extract::State<FakeServer>,
+                 headers: HeaderMap,
+                 axum::Json(beat): axum::Json<Heartbeat>| async move {
+                    let bearer = headers.get("authorization").and_then(|v| v.to_str().ok());
+                    if bearer != Some("Bearer issued-hvj") {
+                        return Err(StatusCode::UNAUTHORIZED);
+                    }
+                    f.beats.lock().unwrap().push(beat);
+                    Ok(axum::Json(()))
+                },
+            ),
+        )
+        .with_state(fake.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server_url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config("hvj", tmp.path(), None, Ipv4Addr::LOCALHOST);
+    cfg.credential = None;
+    cfg.server_url = Some(server_url);
+    cfg.join_token = Some("jt".into());
+    cfg.heartbeat_ms = 200;
+    let agent = ferry_agent::start(cfg.clone()).await.expect("agent starts");
+    let e = ApiClient::new(&agent.url(), Some("anything".into()))
+        .get::<HostFacts>("/v1/facts")
+        .await
+        .unwrap_err();
+    assert_eq!(status_of(&e), (Some(503), "agent-not-joined".into()));
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while fake.beats.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "no heartbeat after joining");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        fake.joins.load(Ordering::SeqCst) >= 2,
+        "the refused join was retried"
+    );
+    let beat = fake.beats.lock().unwrap()[0].clone();
+    assert_eq!(
+        (beat.name.as_str(), beat.facts.name.as_str()),
+        ("hvj", "hvj")
+    );
+    let issued = ApiClient::new(&agent.url(), Some("issued-hvj".into()));
+    let facts: HostFacts = issued.get("/v1/facts").await.expect("new credential works");
+    assert_eq!(facts.migration_ports, "49152-49215");
+    agent.shutdown().await;
+
+    // The stored credential is reused: no second join.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(tmp.path().join("credential"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let joins = fake.joins.load(Ordering::SeqCst);
+    let agent = ferry_agent::start(cfg).await.expect("agent restarts");
+    let facts: HostFacts = ApiClient::new(&agent.url(), Some("issued-hvj".into()))
+        .get("/v1/facts")
+        .await
+        .expect("stored credential works at once");
+    assert_eq!(facts.name, "hvj");
+    assert_eq!(fake.joins.load(Ordering::SeqCst), joins);
+    agent.shutdown().await;
+    server.abort();
+}
