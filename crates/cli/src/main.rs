@@ -1,19 +1,22 @@
-//! `ferry`: one binary for every role. Today: the demo, the lab and the guest image.
+//! `ferry`: one binary for every role: the demo, the lab, the guest image, the server, the
+//! agent, and the REST client commands.
 
 mod demo;
 mod image_cmd;
-mod lab_cmd;
 mod report;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use ferry_cli::commands::ClusterCommand;
+use ferry_cli::error::{exit, EXIT_CODES_HELP};
 
 #[derive(Parser)]
 #[command(
     name = "ferry",
     version,
-    about = "Live migration of KVM/QEMU virtual machines"
+    about = "Live migration of KVM/QEMU virtual machines",
+    after_help = EXIT_CODES_HELP
 )]
 struct Cli {
     /// Log filter (RUST_LOG syntax), e.g. `info` or `ferry_migrate=debug`.
@@ -28,16 +31,27 @@ enum Command {
     /// Boot a guest on lab host A and live-migrate it to lab host B, with a live progress
     /// display and a report.
     Demo(demo::DemoArgs),
-    /// Create or remove lab hosts (network namespaces) on this machine.
-    #[command(subcommand)]
-    Lab(lab_cmd::LabCommand),
     /// Build the test guest's kernel and initramfs.
     #[command(subcommand)]
     Image(image_cmd::ImageCommand),
+    #[command(flatten)]
+    Cluster(ClusterCommand),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version are not errors; usage errors exit 1 like every other
+            // error (clap's default 2 means "migration failed" here).
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() {
+                exit::ERROR
+            } else {
+                exit::OK
+            });
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&cli.log)
@@ -52,21 +66,31 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error[runtime]: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
+            return ExitCode::from(exit::ERROR);
         }
     };
-    let result = runtime.block_on(async {
+    runtime.block_on(async {
         match cli.command {
-            Command::Demo(args) => demo::run(args).await,
-            Command::Lab(cmd) => lab_cmd::run(cmd).await,
-            Command::Image(cmd) => image_cmd::run(cmd).await,
+            Command::Demo(args) => edge(demo::run(args).await),
+            Command::Image(cmd) => edge(image_cmd::run(cmd).await),
+            Command::Cluster(cmd) => match cmd.run().await {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => {
+                    eprintln!("{}", e.render());
+                    ExitCode::from(e.exit_code())
+                }
+            },
         }
-    });
+    })
+}
+
+/// The anyhow edge of the older commands.
+fn edge(result: anyhow::Result<ExitCode>) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
             report::print_error(&e);
-            ExitCode::from(1)
+            ExitCode::from(exit::ERROR)
         }
     }
 }

@@ -218,15 +218,17 @@ pub async fn cancel(
             .await;
             m
         }
-        s => return Err(ServerError::conflict(
-            "cannot-cancel",
-            format!(
+        s => {
+            return Err(ServerError::conflict(
+                "cannot-cancel",
+                format!(
                 "migration {} is {}; only pending, preparing or migrating jobs can be cancelled",
                 m.id,
                 s.as_str()
             ),
-            "after switchover, migrate the instance back instead",
-        )),
+                "after switchover, migrate the instance back instead",
+            ))
+        }
     };
     state
         .store

@@ -1,0 +1,317 @@
+//! `ferry migrate` (start one) and `ferry migration` (inspect, follow, cancel jobs).
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use ferry_api::migrations::{
+    CreateMigration, Event, LogLine, Migration, MigrationKind, MigrationOptions, MigrationState,
+};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use uuid::Uuid;
+
+use super::{seg, Ctx};
+use crate::error::{exit, CliError};
+use crate::output;
+
+/// `ferry migrate INSTANCE --to HOST`.
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
+pub struct MigrateArgs {
+    /// Instance name or id.
+    pub instance: String,
+    /// Destination host.
+    #[arg(long)]
+    pub to: String,
+    /// Bandwidth cap in MiB/s (default: unlimited).
+    #[arg(long, value_name = "MIB_S")]
+    pub bandwidth: Option<u64>,
+    /// Longest acceptable pause at switchover, ms (default 300).
+    #[arg(long)]
+    pub downtime_ms: Option<u64>,
+    /// Throttle the guest's vCPUs if it dirties memory faster than it can be sent.
+    #[arg(long)]
+    pub auto_converge: bool,
+    /// Send pages compressed (multifd + zstd).
+    #[arg(long)]
+    pub compress: bool,
+    /// Allow post-copy. Opt-in: a network failure during post-copy loses the guest.
+    #[arg(long)]
+    pub post_copy: bool,
+    /// Move a stopped instance's definition instead of a running guest.
+    #[arg(long)]
+    pub cold: bool,
+    /// Follow it live with a progress bar, then print the result.
+    #[arg(long, conflicts_with = "wait")]
+    pub watch: bool,
+    /// Wait for the end without a progress bar, then print the result.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+impl MigrateArgs {
+    /// The request `ferry migrate` sends; options are checked here too, so a typo fails before
+    /// anything is queued.
+    pub fn to_request(&self) -> Result<CreateMigration, CliError> {
+        let options = MigrationOptions {
+            bandwidth_mib_s: self.bandwidth,
+            downtime_ms: self.downtime_ms,
+            auto_converge: self.auto_converge,
+            compress: self.compress,
+            post_copy: self.post_copy,
+        };
+        options.validate().map_err(CliError::Local)?;
+        Ok(CreateMigration {
+            instance: self.instance.clone(),
+            destination: Some(self.to.clone()),
+            options,
+            kind: Some(if self.cold {
+                MigrationKind::Cold
+            } else {
+                MigrationKind::Live
+            }),
+        })
+    }
+}
+
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum MigrationCommand {
+    /// List migrations, newest first.
+    List {
+        /// Only this state (pending, preparing, migrating, completing, completed, failed,
+        /// cancelled).
+        #[arg(long, value_parser = parse_state)]
+        state: Option<MigrationState>,
+        /// Only this instance (name or id).
+        #[arg(long)]
+        instance: Option<String>,
+        /// Only migrations from or to this host.
+        #[arg(long)]
+        host: Option<String>,
+        /// At most this many.
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+    /// Show one migration (full id, or a unique prefix such as the 8 characters of `list`).
+    Show { id: String },
+    /// Print what Ferry did and what QEMU reported during a migration.
+    Logs { id: String },
+    /// Ask a migration to stop; the guest keeps running on the source unless switchover
+    /// already happened.
+    Cancel { id: String },
+    /// Follow a migration live until it ends.
+    Watch { id: String },
+}
+
+pub fn parse_state(s: &str) -> Result<MigrationState, String> {
+    MigrationState::parse(s).ok_or_else(|| {
+        format!(
+            "{s:?} is not a state (pending, preparing, migrating, completing, completed, \
+             failed, cancelled)"
+        )
+    })
+}
+
+/// The query string of `migration list`.
+pub fn list_query(
+    state: Option<MigrationState>,
+    instance: Option<&str>,
+    host: Option<&str>,
+    limit: Option<u32>,
+) -> String {
+    let mut q = Vec::new();
+    if let Some(s) = state {
+        q.push(format!("state={}", s.as_str()));
+    }
+    if let Some(i) = instance {
+        q.push(format!("instance={}", seg(i)));
+    }
+    if let Some(h) = host {
+        q.push(format!("host={}", seg(h)));
+    }
+    if let Some(l) = limit {
+        q.push(format!("limit={l}"));
+    }
+    if q.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", q.join("&"))
+    }
+}
+
+/// The exit code a finished migration maps to (non-terminal states are the caller's bug and
+/// map to the generic error).
+pub fn exit_code_for(state: MigrationState) -> u8 {
+    match state {
+        MigrationState::Completed => exit::OK,
+        MigrationState::Failed => exit::MIGRATION_FAILED,
+        MigrationState::Cancelled => exit::MIGRATION_CANCELLED,
+        _ => exit::ERROR,
+    }
+}
+
+pub async fn run_migrate(ctx: &Ctx, args: MigrateArgs) -> Result<u8, CliError> {
+    let req = args.to_request()?;
+    let m: Migration = ctx.post("/v1/migrations", &req).await?;
+    if !(args.watch || args.wait) {
+        ctx.print(&m, output::migration_detail);
+        return Ok(exit::OK);
+    }
+    if args.watch {
+        eprintln!(
+            "migrating {} from {} to {} (migration {})",
+            m.instance_name, m.source, m.destination, m.id
+        );
+    }
+    finish(ctx, m.id, args.watch).await
+}
+
+pub async fn run(ctx: &Ctx, cmd: MigrationCommand) -> Result<u8, CliError> {
+    match cmd {
+        MigrationCommand::List {
+            state,
+            instance,
+            host,
+            limit,
+        } => {
+            let q = list_query(state, instance.as_deref(), host.as_deref(), limit);
+            let list: Vec<Migration> = ctx.get(&format!("/v1/migrations{q}")).await?;
+            ctx.print(&list, |l| output::migrations_table(l));
+        }
+        MigrationCommand::Show { id } => {
+            let id = resolve_id(ctx, &id).await?;
+            let m: Migration = ctx.get(&format!("/v1/migrations/{id}")).await?;
+            ctx.print(&m, output::migration_detail);
+        }
+        MigrationCommand::Logs { id } => {
+            let id = resolve_id(ctx, &id).await?;
+            let lines: Vec<LogLine> = ctx.get(&format!("/v1/migrations/{id}/logs")).await?;
+            ctx.print(&lines, |l| output::logs(l));
+        }
+        MigrationCommand::Cancel { id } => {
+            let id = resolve_id(ctx, &id).await?;
+            let m: Migration = ctx
+                .post(&format!("/v1/migrations/{id}/cancel"), &())
+                .await?;
+            ctx.print(&m, output::migration_detail);
+        }
+        MigrationCommand::Watch { id } => {
+            let id = resolve_id(ctx, &id).await?;
+            return finish(ctx, id, true).await;
+        }
+    }
+    Ok(exit::OK)
+}
+
+/// A full id, or the one migration whose id starts with `prefix` (lists show 8 characters).
+async fn resolve_id(ctx: &Ctx, prefix: &str) -> Result<Uuid, CliError> {
+    if let Ok(id) = Uuid::parse_str(prefix) {
+        return Ok(id);
+    }
+    let p = prefix.to_ascii_lowercase().replace('-', "");
+    if p.is_empty() || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(CliError::new(
+            "invalid-migration-id",
+            format!("{prefix:?} is not a migration id"),
+            "use the id from `ferry migration list` (8 characters are enough)",
+        ));
+    }
+    let all: Vec<Migration> = ctx.get("/v1/migrations").await?;
+    let matches: Vec<Uuid> = all
+        .iter()
+        .map(|m| m.id)
+        .filter(|id| id.simple().to_string().starts_with(&p))
+        .collect();
+    match matches.as_slice() {
+        [one] => Ok(*one),
+        [] => Err(CliError::new(
+            "migration-not-found",
+            format!("no migration id starts with {prefix}"),
+            "list them with `ferry migration list`",
+        )),
+        _ => Err(CliError::new(
+            "ambiguous-migration-id",
+            format!("{} migrations start with {prefix}", matches.len()),
+            "give more characters of the id",
+        )),
+    }
+}
+
+/// Follows migration `id` to its end (live bar if `bar`), prints it, and returns its exit
+/// code. The event stream drives the bar; the final state always comes from a fresh GET, and
+/// if the stream breaks or is missing the function polls instead, so a flaky stream can only
+/// make the bar coarser, never the result wrong.
+pub async fn finish(ctx: &Ctx, id: Uuid, bar: bool) -> Result<u8, CliError> {
+    let pb = bar.then(progress_bar);
+    let stream = ctx
+        .client
+        .follow_events(&format!("/v1/migrations/{id}/events"), |event, data| {
+            match serde_json::from_str::<Event>(data) {
+                Ok(Event::Migration { migration }) => {
+                    if let Some(pb) = &pb {
+                        show(pb, &migration);
+                    }
+                    !migration.state.is_terminal()
+                }
+                Ok(Event::Progress { progress, .. }) => {
+                    if let Some(pb) = &pb {
+                        pb.set_position((progress.percent * 10.0).clamp(0.0, 1000.0) as u64);
+                        pb.set_message(output::progress_message(&progress));
+                    }
+                    true
+                }
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::debug!(event, error = %e, "undecodable event");
+                    true
+                }
+            }
+        })
+        .await;
+    if let Err(e) = stream {
+        tracing::debug!(error = %e, "event stream unavailable; polling");
+    }
+    let m = loop {
+        let m: Migration = ctx.get(&format!("/v1/migrations/{id}")).await?;
+        if m.state.is_terminal() {
+            break m;
+        }
+        if let Some(pb) = &pb {
+            show(pb, &m);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    if let Some(pb) = &pb {
+        pb.finish_and_clear();
+    }
+    ctx.print(&m, output::migration_detail);
+    Ok(exit_code_for(m.state))
+}
+
+fn progress_bar() -> ProgressBar {
+    let pb = ProgressBar::new(1000);
+    if !std::io::stderr().is_terminal() {
+        pb.set_draw_target(ProgressDrawTarget::hidden());
+    } else {
+        pb.set_draw_target(ProgressDrawTarget::stderr());
+    }
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {prefix:<10} [{bar:30}] {msg} ({elapsed})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.enable_steady_tick(Duration::from_millis(100));
+    pb.set_prefix("pending");
+    pb
+}
+
+/// Updates the bar from a migration object (state changes, and progress when polling).
+fn show(pb: &ProgressBar, m: &Migration) {
+    pb.set_prefix(m.state.as_str());
+    if let Some(p) = &m.progress {
+        pb.set_position((p.percent * 10.0).clamp(0.0, 1000.0) as u64);
+        pb.set_message(output::progress_message(p));
+    }
+    if m.state == MigrationState::Completed {
+        pb.set_position(1000);
+    }
+}

@@ -1,0 +1,183 @@
+//! The CLI's command groups, one file each. Each `run` returns the process exit code or a
+//! [`CliError`]; main.rs prints and exits.
+
+pub mod daemon;
+pub mod host;
+pub mod instance;
+pub mod lab;
+pub mod migrate;
+
+use clap::Args;
+use ferry_api::{ApiClient, ApiError, ErrorBody};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::config::{self, ClientConfig};
+use crate::error::CliError;
+use crate::output::{self, OutputFormat};
+
+/// Flags every API command takes (also after the subcommand: `ferry host list -o json`).
+#[derive(Args, Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApiOpts {
+    /// Server URL, e.g. http://127.0.0.1:7400 (else `url` in $FERRY_CONFIG or
+    /// ~/.config/ferry/cli.toml).
+    #[arg(long, env = "FERRY_URL", global = true)]
+    pub url: Option<String>,
+    /// API token (else `token` in the config file).
+    #[arg(long, env = "FERRY_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t, global = true)]
+    pub output: OutputFormat,
+}
+
+impl ApiOpts {
+    pub fn resolve(&self) -> Result<ClientConfig, CliError> {
+        config::resolve(self.url.clone(), self.token.clone(), || {
+            config::load_file(config::config_path())
+        })
+    }
+}
+
+/// A connection to the server plus how to print what it answers.
+pub struct Ctx {
+    pub client: ApiClient,
+    pub output: OutputFormat,
+    token_missing: bool,
+}
+
+impl Ctx {
+    pub fn new(opts: &ApiOpts) -> Result<Ctx, CliError> {
+        let cfg = opts.resolve()?;
+        Ok(Ctx::from_config(&cfg, opts.output))
+    }
+
+    pub fn from_config(cfg: &ClientConfig, output: OutputFormat) -> Ctx {
+        Ctx {
+            client: ApiClient::new(&cfg.url, cfg.token.clone()),
+            output,
+            token_missing: cfg.token.is_none(),
+        }
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
+        self.client.get(path).await.map_err(|e| self.api_err(e))
+    }
+
+    pub async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, CliError> {
+        self.client
+            .post(path, body)
+            .await
+            .map_err(|e| self.api_err(e))
+    }
+
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
+        self.client.delete(path).await.map_err(|e| self.api_err(e))
+    }
+
+    /// A 401 without any token configured is the user's setup, not a wrong token: say how to
+    /// configure one.
+    pub fn api_err(&self, e: ApiError) -> CliError {
+        match e {
+            ApiError::Status { status: 401, body } if self.token_missing => {
+                CliError::Api(ApiError::Status {
+                    status: 401,
+                    body: ErrorBody::new(
+                        &body.code,
+                        format!("{} (no token was sent)", body.message),
+                        "pass --token, set FERRY_TOKEN, or put `token = \"...\"` in \
+                         ~/.config/ferry/cli.toml (or $FERRY_CONFIG)",
+                    ),
+                })
+            }
+            e => CliError::Api(e),
+        }
+    }
+
+    /// Prints one API object (or a list): JSON as is, else the given table rendering.
+    pub fn print<T: Serialize + ?Sized>(&self, value: &T, table: impl FnOnce(&T) -> String) {
+        match self.output {
+            OutputFormat::Json => println!("{}", output::json(value)),
+            OutputFormat::Table => {
+                let text = table(value);
+                if !text.is_empty() {
+                    println!("{text}");
+                }
+            }
+        }
+    }
+}
+
+/// Percent-encodes one path segment, so a name can never change the route.
+pub fn seg(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Every command the library implements (all but `demo` and `image`, which live in the
+/// binary); main.rs flattens this into the top-level command list.
+#[derive(clap::Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum ClusterCommand {
+    /// Hypervisor hosts: list, show, enable, disable.
+    Host {
+        #[command(flatten)]
+        api: ApiOpts,
+        #[command(subcommand)]
+        cmd: host::HostCommand,
+    },
+    /// Instances (virtual machines): list, show, create, start, stop, delete.
+    Instance {
+        #[command(flatten)]
+        api: ApiOpts,
+        #[command(subcommand)]
+        cmd: instance::InstanceCommand,
+    },
+    /// Move an instance to another host (live unless --cold).
+    Migrate {
+        #[command(flatten)]
+        api: ApiOpts,
+        #[command(flatten)]
+        args: migrate::MigrateArgs,
+    },
+    /// Migration jobs: list, show, logs, cancel, watch.
+    Migration {
+        #[command(flatten)]
+        api: ApiOpts,
+        #[command(subcommand)]
+        cmd: migrate::MigrationCommand,
+    },
+    /// Run the control plane (REST API, migration queue, database).
+    Server(daemon::DaemonArgs),
+    /// Run a host agent (this host's QEMU processes and migration halves).
+    Agent(daemon::DaemonArgs),
+    /// A whole cluster on this machine: lab hosts as namespaces, server and agents as daemons.
+    #[command(subcommand)]
+    Lab(lab::LabCommand),
+}
+
+impl ClusterCommand {
+    pub async fn run(self) -> Result<u8, CliError> {
+        match self {
+            ClusterCommand::Host { api, cmd } => host::run(&Ctx::new(&api)?, cmd).await,
+            ClusterCommand::Instance { api, cmd } => instance::run(&Ctx::new(&api)?, cmd).await,
+            ClusterCommand::Migrate { api, args } => {
+                migrate::run_migrate(&Ctx::new(&api)?, args).await
+            }
+            ClusterCommand::Migration { api, cmd } => migrate::run(&Ctx::new(&api)?, cmd).await,
+            ClusterCommand::Server(args) => daemon::run_server(args).await,
+            ClusterCommand::Agent(args) => daemon::run_agent(args).await,
+            ClusterCommand::Lab(cmd) => lab::run(cmd).await,
+        }
+    }
+}

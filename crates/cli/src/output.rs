@@ -1,0 +1,438 @@
+//! How API objects look on the terminal: aligned tables for people, pretty JSON for scripts.
+//!
+//! Every function here is pure (the clock is a parameter) and returns a String, so the exact
+//! output is pinned by snapshot-style tests and the commands only decide where it goes.
+
+use chrono::{DateTime, Utc};
+use clap::ValueEnum;
+use ferry_api::hosts::{Host, HostState};
+use ferry_api::instances::{Instance, InstanceState};
+use ferry_api::migrations::{LogLine, Migration, MigrationKind, MigrationState};
+use ferry_migrate::Progress;
+use serde::Serialize;
+use uuid::Uuid;
+
+/// `--output`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned columns (lists) or `key  value` lines (one object).
+    #[default]
+    Table,
+    /// The API object(s), as pretty JSON.
+    Json,
+}
+
+/// Columns padded to their widest cell, two spaces apart, no trailing blanks.
+#[derive(Debug, Clone, Default)]
+pub struct Table {
+    headers: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(headers: &[&str]) -> Table {
+        Table {
+            headers: headers.iter().map(|h| h.to_string()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    pub fn render(&self) -> String {
+        let cols = self.headers.len();
+        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();
+        for row in &self.rows {
+            for (i, cell) in row.iter().enumerate().take(cols) {
+                widths[i] = widths[i].max(cell.chars().count());
+            }
+        }
+        let line = |cells: &[String]| {
+            let mut s = String::new();
+            for (i, w) in widths.iter().enumerate() {
+                let cell = cells.get(i).map(String::as_str).unwrap_or("");
+                if i > 0 {
+                    s.push_str("  ");
+                }
+                s.push_str(cell);
+                s.push_str(&" ".repeat(w - cell.chars().count()));
+            }
+            s.trim_end().to_string()
+        };
+        let mut out = line(&self.headers);
+        for row in &self.rows {
+            out.push('\n');
+            out.push_str(&line(row));
+        }
+        out
+    }
+}
+
+/// `key  value` lines for one object, keys padded to the longest.
+pub fn key_values(pairs: &[(&str, String)]) -> String {
+    let width = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k:<width$}  {v}").trim_end().to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Pretty JSON of any API object (lists too).
+pub fn json<T: Serialize + ?Sized>(value: &T) -> String {
+    serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}
+
+/// The first 8 hex digits: enough to tell jobs apart in a list, and accepted nowhere as an id
+/// (show commands need the full one, which `-o json` and `show` print).
+pub fn short_id(id: &Uuid) -> String {
+    id.simple().to_string()[..8].to_string()
+}
+
+pub fn fmt_mib(mib: u64) -> String {
+    if mib >= 1024 {
+        format!("{:.1} GiB", mib as f64 / 1024.0)
+    } else {
+        format!("{mib} MiB")
+    }
+}
+
+pub fn fmt_bytes(bytes: u64) -> String {
+    const KIB: f64 = 1024.0;
+    let b = bytes as f64;
+    if b < KIB {
+        format!("{bytes} B")
+    } else if b < KIB * KIB {
+        format!("{:.1} KiB", b / KIB)
+    } else if b < KIB * KIB * KIB {
+        format!("{:.1} MiB", b / (KIB * KIB))
+    } else {
+        format!("{:.2} GiB", b / (KIB * KIB * KIB))
+    }
+}
+
+pub fn fmt_rate(bytes_per_s: f64) -> String {
+    format!("{:.1} MiB/s", bytes_per_s.max(0.0) / (1024.0 * 1024.0))
+}
+
+pub fn fmt_ms(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms} ms")
+    } else if ms < 60_000 {
+        format!("{:.1} s", ms as f64 / 1000.0)
+    } else {
+        format!("{}m{:02}s", ms / 60_000, (ms % 60_000) / 1000)
+    }
+}
+
+pub fn fmt_time(t: &DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S").to_string()
+}
+
+/// "3s ago": a heartbeat's age matters more than its date.
+pub fn fmt_age(now: DateTime<Utc>, t: &DateTime<Utc>) -> String {
+    let s = (now - *t).num_seconds().max(0);
+    match s {
+        0..=59 => format!("{s}s ago"),
+        60..=3599 => format!("{}m ago", s / 60),
+        3600..=86_399 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86_400),
+    }
+}
+
+fn opt<T: ToString>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+fn yes_no(b: bool) -> String {
+    if b { "yes" } else { "no" }.into()
+}
+
+pub fn host_state(s: HostState) -> &'static str {
+    match s {
+        HostState::Online => "online",
+        HostState::Offline => "offline",
+    }
+}
+
+pub fn instance_state(s: InstanceState) -> &'static str {
+    match s {
+        InstanceState::Stopped => "stopped",
+        InstanceState::Running => "running",
+        InstanceState::Error => "error",
+        InstanceState::Unknown => "unknown",
+    }
+}
+
+pub fn migration_kind(k: MigrationKind) -> &'static str {
+    match k {
+        MigrationKind::Live => "live",
+        MigrationKind::Cold => "cold",
+    }
+}
+
+pub fn hosts_table(hosts: &[Host], now: DateTime<Utc>) -> String {
+    let mut t = Table::new(&[
+        "NAME",
+        "STATE",
+        "ENABLED",
+        "INSTANCES",
+        "ACCEL",
+        "CORES",
+        "RAM FREE/TOTAL",
+        "MIGRATION ADDR",
+        "LAST SEEN",
+    ]);
+    for h in hosts {
+        let f = h.facts.as_ref();
+        t.row(vec![
+            h.name.clone(),
+            host_state(h.state).into(),
+            yes_no(h.enabled),
+            h.instances.to_string(),
+            opt(f.map(|f| f.accel.clone())),
+            opt(f.map(|f| f.cores)),
+            opt(f.map(|f| format!("{} / {}", fmt_mib(f.ram_free_mib), fmt_mib(f.ram_total_mib)))),
+            opt(f.map(|f| f.migration_addr.clone())),
+            opt(h.last_heartbeat.as_ref().map(|t| fmt_age(now, t))),
+        ]);
+    }
+    t.render()
+}
+
+pub fn host_detail(h: &Host, now: DateTime<Utc>) -> String {
+    let mut pairs = vec![
+        ("name", h.name.clone()),
+        ("state", host_state(h.state).into()),
+        ("enabled", yes_no(h.enabled)),
+        ("agent url", h.agent_url.clone()),
+        ("instances", h.instances.to_string()),
+        (
+            "last seen",
+            opt(h
+                .last_heartbeat
+                .as_ref()
+                .map(|t| format!("{} ({})", fmt_time(t), fmt_age(now, t)))),
+        ),
+    ];
+    if let Some(f) = &h.facts {
+        pairs.extend([
+            (
+                "cpu",
+                format!("{} {} ({} cores)", f.cpu_vendor, f.cpu_model, f.cores),
+            ),
+            ("cpu flags", f.cpu_flags.len().to_string()),
+            (
+                "ram",
+                format!(
+                    "{} free of {}",
+                    fmt_mib(f.ram_free_mib),
+                    fmt_mib(f.ram_total_mib)
+                ),
+            ),
+            ("accel", f.accel.clone()),
+            ("qemu", f.qemu_version.clone()),
+            (
+                "migration",
+                format!("{} ports {}", f.migration_addr, f.migration_ports),
+            ),
+            (
+                "datastores",
+                f.datastores
+                    .iter()
+                    .map(|d| format!("{} ({}, {} free)", d.name, d.path, fmt_bytes(d.free_bytes)))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+            (
+                "networks",
+                f.networks
+                    .iter()
+                    .map(|n| format!("{} (bridge {})", n.name, n.bridge))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+            ("agent", f.agent_version.clone()),
+        ]);
+    }
+    key_values(&pairs)
+}
+
+pub fn instances_table(instances: &[Instance]) -> String {
+    let mut t = Table::new(&[
+        "ID",
+        "NAME",
+        "HOST",
+        "STATE",
+        "GEN",
+        "MEMORY",
+        "VCPUS",
+        "MIGRATION",
+    ]);
+    for i in instances {
+        t.row(vec![
+            short_id(&i.id),
+            i.name.clone(),
+            i.host.clone(),
+            instance_state(i.state).into(),
+            i.generation.to_string(),
+            fmt_mib(u64::from(i.spec.memory_mib)),
+            i.spec.vcpus.to_string(),
+            opt(i.migration.as_ref().map(short_id)),
+        ]);
+    }
+    t.render()
+}
+
+pub fn instance_detail(i: &Instance) -> String {
+    let nics = i
+        .spec
+        .nics
+        .iter()
+        .map(|n| format!("{} ({})", n.network, n.mac))
+        .collect::<Vec<_>>()
+        .join(", ");
+    key_values(&[
+        ("id", i.id.to_string()),
+        ("name", i.name.clone()),
+        ("host", i.host.clone()),
+        ("state", instance_state(i.state).into()),
+        ("generation", i.generation.to_string()),
+        ("memory", fmt_mib(u64::from(i.spec.memory_mib))),
+        ("vcpus", i.spec.vcpus.to_string()),
+        ("cpu model", i.spec.cpu_model.clone()),
+        ("machine", i.spec.machine.clone()),
+        ("kernel", i.spec.boot.kernel.clone()),
+        ("initrd", i.spec.boot.initrd.clone()),
+        ("cmdline", i.spec.boot.cmdline.clone()),
+        ("nics", if nics.is_empty() { "-".into() } else { nics }),
+        ("migration", opt(i.migration)),
+        ("created", fmt_time(&i.created_at)),
+        ("updated", fmt_time(&i.updated_at)),
+    ])
+}
+
+/// The PROGRESS column: a percentage while memory moves, "-" when nothing is known.
+fn progress_cell(m: &Migration) -> String {
+    match (m.state, &m.progress) {
+        (MigrationState::Completed, _) => "100%".into(),
+        (_, Some(p)) => format!("{:.0}%", p.percent),
+        _ => "-".into(),
+    }
+}
+
+pub fn migrations_table(migrations: &[Migration]) -> String {
+    let mut t = Table::new(&[
+        "ID", "INSTANCE", "KIND", "FROM", "TO", "STATE", "PROGRESS", "DOWNTIME", "CREATED",
+    ]);
+    for m in migrations {
+        t.row(vec![
+            short_id(&m.id),
+            m.instance_name.clone(),
+            migration_kind(m.kind).into(),
+            m.source.clone(),
+            m.destination.clone(),
+            m.state.as_str().into(),
+            progress_cell(m),
+            opt(m.stats.as_ref().map(|s| fmt_ms(s.downtime_ms))),
+            fmt_time(&m.created_at),
+        ]);
+    }
+    t.render()
+}
+
+pub fn migration_detail(m: &Migration) -> String {
+    let o = &m.options;
+    let mut options = vec![
+        format!(
+            "bandwidth {}",
+            o.bandwidth_mib_s
+                .map(|b| format!("{b} MiB/s"))
+                .unwrap_or_else(|| "unlimited".into())
+        ),
+        format!("downtime {} ms", o.downtime_ms.unwrap_or(300)),
+    ];
+    for (on, name) in [
+        (o.auto_converge, "auto-converge"),
+        (o.compress, "compress"),
+        (o.post_copy, "post-copy"),
+    ] {
+        if on {
+            options.push(name.into());
+        }
+    }
+    let mut pairs = vec![
+        ("id", m.id.to_string()),
+        (
+            "instance",
+            format!("{} ({})", m.instance_name, m.instance_id),
+        ),
+        ("kind", migration_kind(m.kind).into()),
+        ("from", m.source.clone()),
+        ("to", m.destination.clone()),
+        ("state", m.state.as_str().into()),
+        ("options", options.join(", ")),
+        ("created", fmt_time(&m.created_at)),
+    ];
+    for (key, t) in [
+        ("preparing", &m.preparing_at),
+        ("migrating", &m.migrating_at),
+        ("completing", &m.completing_at),
+        ("finished", &m.finished_at),
+    ] {
+        if let Some(t) = t {
+            pairs.push((key, fmt_time(t)));
+        }
+    }
+    if m.cancel_requested {
+        pairs.push(("cancel", "requested".into()));
+    }
+    if let Some(p) = &m.progress {
+        if !m.state.is_terminal() {
+            pairs.push(("progress", progress_message(p)));
+        }
+    }
+    if let Some(s) = &m.stats {
+        pairs.extend([
+            ("total time", fmt_ms(s.total_ms)),
+            ("downtime", fmt_ms(s.downtime_ms)),
+            ("transferred", fmt_bytes(s.bytes_transferred)),
+            ("iterations", s.iterations.to_string()),
+        ]);
+    }
+    if let Some(e) = &m.error {
+        pairs.push(("error", format!("[{}] {}", e.code, e.message)));
+        pairs.push(("hint", e.hint.clone()));
+    }
+    key_values(&pairs)
+}
+
+pub fn logs(lines: &[LogLine]) -> String {
+    lines
+        .iter()
+        .map(|l| {
+            format!(
+                "{}  {:<5}  {}",
+                l.at.format("%H:%M:%S%.3f"),
+                l.level.to_uppercase(),
+                l.message
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// One progress sample as a line: the live bar's message and `migration show`'s progress.
+pub fn progress_message(p: &Progress) -> String {
+    format!(
+        "{} {:.1}%  {}  remaining {}  iter {}  ETA {}",
+        p.phase.as_str(),
+        p.percent,
+        fmt_rate(p.throughput_bps),
+        fmt_bytes(p.remaining_bytes),
+        p.iteration,
+        p.eta_ms.map(fmt_ms).unwrap_or_else(|| "-".into())
+    )
+}

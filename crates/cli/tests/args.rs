@@ -1,0 +1,467 @@
+//! How command lines become requests: parsing, the request bodies the CLI sends, and where the
+//! server URL and token come from. No server and no root needed.
+
+use std::net::Ipv4Addr;
+
+use clap::Parser;
+use ferry_api::migrations::{MigrationKind, MigrationState};
+use ferry_cli::commands::instance::{
+    create_request, mac_for, parse_ip_prefix, parse_nic, InstanceCommand, LabImage, NicArg,
+};
+use ferry_cli::commands::lab::{agent_config, server_config, to_toml};
+use ferry_cli::commands::migrate::{exit_code_for, list_query, MigrationCommand};
+use ferry_cli::commands::{seg, ClusterCommand};
+use ferry_cli::config::{resolve, FileConfig};
+use ferry_cli::error::{exit, CliError};
+use ferry_cli::output::OutputFormat;
+
+/// The library's commands under a stand-in top level, as main.rs flattens them.
+#[derive(Parser, Debug)]
+#[command(name = "ferry")]
+struct Top {
+    #[command(subcommand)]
+    cmd: ClusterCommand,
+}
+
+fn parse(args: &[&str]) -> Result<ClusterCommand, String> {
+    let mut argv = vec!["ferry"];
+    argv.extend_from_slice(args);
+    Top::try_parse_from(argv)
+        .map(|t| t.cmd)
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn api_flags_go_before_or_after_the_subcommand() {
+    for argv in [
+        &["host", "--url", "http://h:1", "-o", "json", "list"][..],
+        &["host", "list", "--url", "http://h:1", "--output", "json"][..],
+    ] {
+        let ClusterCommand::Host { api, cmd } = parse(argv).unwrap() else {
+            panic!("not a host command")
+        };
+        assert_eq!(api.url.as_deref(), Some("http://h:1"));
+        assert_eq!(api.output, OutputFormat::Json);
+        assert_eq!(cmd, ferry_cli::commands::host::HostCommand::List);
+    }
+}
+
+#[test]
+fn migrate_flags_build_the_request() {
+    let ClusterCommand::Migrate { api, args } = parse(&[
+        "migrate",
+        "web-1",
+        "--to",
+        "hv2",
+        "--bandwidth",
+        "200",
+        "--downtime-ms",
+        "50",
+        "--auto-converge",
+        "--compress",
+        "--wait",
+    ])
+    .unwrap() else {
+        panic!("not migrate")
+    };
+    assert_eq!(api.output, OutputFormat::Table);
+    assert!(args.wait && !args.watch);
+    let req = args.to_request().unwrap();
+    assert_eq!(
+        serde_json::to_value(&req).unwrap(),
+        serde_json::json!({
+            "instance": "web-1",
+            "destination": "hv2",
+            "options": {
+                "bandwidth_mib_s": 200,
+                "downtime_ms": 50,
+                "auto_converge": true,
+                "compress": true,
+                "post_copy": false
+            },
+            "kind": "live"
+        })
+    );
+}
+
+#[test]
+fn migrate_cold_and_conflicts() {
+    let ClusterCommand::Migrate { args, .. } =
+        parse(&["migrate", "vm", "--to", "hv1", "--cold"]).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(args.to_request().unwrap().kind, Some(MigrationKind::Cold));
+    let err = parse(&["migrate", "vm", "--to", "hv1", "--watch", "--wait"]).unwrap_err();
+    assert!(err.contains("cannot be used with"), "{err}");
+    assert!(parse(&["migrate", "vm"]).unwrap_err().contains("--to"));
+}
+
+#[test]
+fn migrate_rejects_a_zero_downtime_before_sending() {
+    let ClusterCommand::Migrate { args, .. } =
+        parse(&["migrate", "vm", "--to", "hv1", "--downtime-ms", "0"]).unwrap()
+    else {
+        panic!()
+    };
+    match args.to_request() {
+        Err(CliError::Local(body)) => assert_eq!(body.code, "invalid-migration-options"),
+        other => panic!("expected an options error, got {other:?}"),
+    }
+}
+
+#[test]
+fn migration_list_filters() {
+    let ClusterCommand::Migration { cmd, .. } = parse(&[
+        "migration",
+        "list",
+        "--state",
+        "failed",
+        "--instance",
+        "vm 1",
+        "--host",
+        "hv1",
+    ])
+    .unwrap() else {
+        panic!()
+    };
+    let MigrationCommand::List {
+        state,
+        instance,
+        host,
+        limit,
+    } = cmd
+    else {
+        panic!()
+    };
+    assert_eq!(state, Some(MigrationState::Failed));
+    assert_eq!(
+        list_query(state, instance.as_deref(), host.as_deref(), limit),
+        "?state=failed&instance=vm%201&host=hv1"
+    );
+    assert_eq!(list_query(None, None, None, Some(5)), "?limit=5");
+    assert_eq!(list_query(None, None, None, None), "");
+    assert!(parse(&["migration", "list", "--state", "done"])
+        .unwrap_err()
+        .contains("is not a state"));
+}
+
+#[test]
+fn exit_codes_of_finished_migrations() {
+    assert_eq!(exit_code_for(MigrationState::Completed), exit::OK);
+    assert_eq!(
+        exit_code_for(MigrationState::Failed),
+        exit::MIGRATION_FAILED
+    );
+    assert_eq!(
+        exit_code_for(MigrationState::Cancelled),
+        exit::MIGRATION_CANCELLED
+    );
+}
+
+#[test]
+fn nic_values() {
+    assert_eq!(
+        parse_nic("lab").unwrap(),
+        NicArg {
+            network: "lab".into(),
+            mac: None
+        }
+    );
+    assert_eq!(
+        parse_nic("prod,mac=52:54:00:AA:bb:01")
+            .unwrap()
+            .mac
+            .as_deref(),
+        Some("52:54:00:aa:bb:01")
+    );
+    assert!(parse_nic("").is_err());
+    assert!(parse_nic("lab,mac=52:54").is_err());
+    assert!(parse_nic("lab,vlan=3").is_err());
+    assert_eq!(
+        parse_ip_prefix("10.77.0.100/24").unwrap(),
+        (Ipv4Addr::new(10, 77, 0, 100), 24)
+    );
+    assert!(parse_ip_prefix("10.77.0.100").is_err());
+    assert!(parse_ip_prefix("10.77.0.100/33").is_err());
+}
+
+#[test]
+fn macs_are_stable_per_name_and_index() {
+    assert_eq!(mac_for("vm1", 0), mac_for("vm1", 0));
+    assert_ne!(mac_for("vm1", 0), mac_for("vm1", 1));
+    assert_ne!(mac_for("vm1", 0), mac_for("vm2", 0));
+    assert!(mac_for("vm1", 0).starts_with("52:54:00:"));
+}
+
+#[test]
+fn create_with_explicit_kernel() {
+    let ClusterCommand::Instance {
+        cmd: InstanceCommand::Create(args),
+        ..
+    } = parse(&[
+        "instance",
+        "create",
+        "web-1",
+        "--memory-mib",
+        "1024",
+        "--vcpus",
+        "2",
+        "--kernel",
+        "/srv/k",
+        "--initrd",
+        "/srv/i",
+        "--cmdline",
+        "console=ttyS0",
+        "--nic",
+        "prod,mac=52:54:00:00:00:09",
+        "--nic",
+        "backup",
+        "--start",
+    ])
+    .unwrap()
+    else {
+        panic!()
+    };
+    let req = create_request(&args, None).unwrap();
+    assert_eq!(
+        serde_json::to_value(&req).unwrap(),
+        serde_json::json!({
+            "name": "web-1",
+            "host": null,
+            "spec": {
+                "memory_mib": 1024,
+                "vcpus": 2,
+                "cpu_model": "qemu64",
+                "machine": "pc",
+                "boot": {"kernel": "/srv/k", "initrd": "/srv/i", "cmdline": "console=ttyS0"},
+                "nics": [
+                    {"network": "prod", "mac": "52:54:00:00:00:09"},
+                    {"network": "backup", "mac": mac_for("web-1", 1)}
+                ]
+            },
+            "start": true
+        })
+    );
+}
+
+#[test]
+fn create_needs_a_kernel_or_the_lab_guest() {
+    let err = parse(&["instance", "create", "x", "--memory-mib", "256"]).unwrap_err();
+    assert!(err.contains("--kernel"), "{err}");
+    let err = parse(&["instance", "create", "x", "--lab-guest", "--kernel", "/k"]).unwrap_err();
+    assert!(err.contains("cannot be used with"), "{err}");
+    let ClusterCommand::Instance {
+        cmd: InstanceCommand::Create(args),
+        ..
+    } = parse(&[
+        "instance",
+        "create",
+        "x",
+        "--memory-mib",
+        "256",
+        "--kernel",
+        "/k",
+        "--initrd",
+        "/i",
+        "--ip",
+        "10.0.0.1/24",
+    ])
+    .unwrap()
+    else {
+        panic!()
+    };
+    let err = create_request(&args, None).unwrap_err();
+    assert!(err.body().message.contains("--lab-guest"), "{err}");
+}
+
+#[test]
+fn create_lab_guest_fills_boot_and_nic() {
+    let ClusterCommand::Instance {
+        cmd: InstanceCommand::Create(args),
+        ..
+    } = parse(&[
+        "instance",
+        "create",
+        "vm1",
+        "--lab-guest",
+        "--ip",
+        "10.77.0.100/24",
+        "--host",
+        "hv1",
+    ])
+    .unwrap()
+    else {
+        panic!()
+    };
+    let image = LabImage {
+        kernel: "/cache/vmlinuz".into(),
+        initrd: "/cache/initrd.cpio".into(),
+    };
+    let req = create_request(&args, Some(&image)).unwrap();
+    assert_eq!(req.host.as_deref(), Some("hv1"));
+    assert_eq!(req.spec.memory_mib, 256);
+    assert_eq!(req.spec.boot.kernel, "/cache/vmlinuz");
+    assert_eq!(
+        req.spec.boot.cmdline,
+        "console=ttyS0 panic=-1 quiet ferry.ip=10.77.0.100/24 ferry.wss=64 ferry.rate=32 \
+         ferry.fill=pattern ferry.hb_ms=10"
+    );
+    assert_eq!(req.spec.nics.len(), 1);
+    assert_eq!(req.spec.nics[0].network, "lab");
+    assert_eq!(req.spec.nics[0].mac, mac_for("vm1", 0));
+    // The guest's working set must fit.
+    let ClusterCommand::Instance {
+        cmd: InstanceCommand::Create(small),
+        ..
+    } = parse(&[
+        "instance",
+        "create",
+        "vm2",
+        "--lab-guest",
+        "--memory-mib",
+        "128",
+    ])
+    .unwrap()
+    else {
+        panic!()
+    };
+    assert!(matches!(
+        create_request(&small, Some(&image)),
+        Err(CliError::Local(b)) if b.code == "invalid-instance"
+    ));
+}
+
+#[test]
+fn daemons_and_lab_parse() {
+    assert!(matches!(
+        parse(&["server", "--config", "/etc/ferry/server.toml"]).unwrap(),
+        ClusterCommand::Server(a) if a.config.to_str() == Some("/etc/ferry/server.toml")
+    ));
+    assert!(parse(&["agent"]).unwrap_err().contains("--config"));
+    assert_eq!(
+        parse(&["lab", "up", "--hosts", "3", "--no-instance"]).unwrap(),
+        ClusterCommand::Lab(ferry_cli::commands::lab::LabCommand::Up {
+            name: "lab".into(),
+            hosts: 3,
+            no_instance: true
+        })
+    );
+}
+
+#[test]
+fn path_segments_are_escaped() {
+    assert_eq!(seg("vm-1_a.b"), "vm-1_a.b");
+    assert_eq!(seg("../x y"), "..%2Fx%20y");
+}
+
+fn file(url: Option<&str>, token: Option<&str>) -> Result<FileConfig, CliError> {
+    Ok(FileConfig {
+        url: url.map(String::from),
+        token: token.map(String::from),
+    })
+}
+
+#[test]
+fn config_resolution_order() {
+    // Flags/env win and the file is not even read.
+    let c = resolve(Some("http://a:1".into()), Some("t1".into()), || {
+        panic!("file read although flags were complete")
+    })
+    .unwrap();
+    assert_eq!(
+        (c.url.as_str(), c.token.as_deref()),
+        ("http://a:1", Some("t1"))
+    );
+    // Each field falls back on its own.
+    let c = resolve(Some("http://a:1".into()), None, || {
+        file(Some("http://b:2"), Some("t2"))
+    })
+    .unwrap();
+    assert_eq!(
+        (c.url.as_str(), c.token.as_deref()),
+        ("http://a:1", Some("t2"))
+    );
+    // Empty values count as unset.
+    let c = resolve(Some("".into()), Some("".into()), || {
+        file(Some("http://b:2"), None)
+    })
+    .unwrap();
+    assert_eq!((c.url.as_str(), c.token), ("http://b:2", None));
+    // No URL anywhere, or a URL without scheme, is a usage error.
+    let e = resolve(None, None, || file(None, None)).unwrap_err();
+    assert_eq!(
+        (e.body().code.as_str(), e.exit_code()),
+        ("no-server-url", exit::ERROR)
+    );
+    let e = resolve(Some("127.0.0.1:7400".into()), None, || file(None, None)).unwrap_err();
+    assert_eq!(e.body().code, "invalid-url");
+}
+
+#[test]
+fn config_file_format() {
+    let p = std::path::Path::new("cli.toml");
+    assert_eq!(
+        FileConfig::parse("url = \"http://h:7400\"\ntoken = \"abc\"\n", p).unwrap(),
+        FileConfig {
+            url: Some("http://h:7400".into()),
+            token: Some("abc".into())
+        }
+    );
+    assert_eq!(FileConfig::parse("", p).unwrap(), FileConfig::default());
+    let e = FileConfig::parse("url = 3", p).unwrap_err();
+    assert_eq!(e.body().code, "config-invalid");
+    assert!(e.body().message.contains("cli.toml"));
+}
+
+#[test]
+fn lab_config_files_are_read_back_by_the_server_and_agents() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_config(
+        "127.0.0.1:4000".parse().unwrap(),
+        "/l/ferry.db".into(),
+        &"a".repeat(32),
+        &"j".repeat(32),
+    );
+    let path = dir.path().join("server.toml");
+    std::fs::write(&path, to_toml(&server).unwrap()).unwrap();
+    let parsed = ferry_server::ServerConfig::from_toml_file(&path).unwrap();
+    assert_eq!(parsed.listen.port(), 4000);
+    assert_eq!(parsed.admin_token, server.admin_token);
+
+    let host = ferry_lab::net::LabHostNet {
+        name: "hv1".into(),
+        netns: "ferry-lab-hv1".into(),
+        migration_addr: "10.78.0.11".parse().unwrap(),
+        guest_bridge: "br0".into(),
+    };
+    let agent = agent_config(
+        &host,
+        "127.0.0.1:4001".parse().unwrap(),
+        "http://127.0.0.1:4000",
+        &"j".repeat(32),
+        "/l/agents/hv1".into(),
+        "tcg",
+        vec![ferry_agent::DatastoreConfig {
+            name: "images".into(),
+            path: "/cache".into(),
+        }],
+    );
+    let text = to_toml(&agent).unwrap();
+    let parsed = ferry_agent::AgentConfig::from_toml_str(&text, "agent.toml").unwrap();
+    assert_eq!(parsed.netns.as_deref(), Some("ferry-lab-hv1"));
+    assert_eq!(parsed.networks[0].bridge, "br0");
+    assert_eq!(
+        parsed.datastores[0].path,
+        std::path::PathBuf::from("/cache")
+    );
+}
+
+#[test]
+fn the_deployment_examples_parse() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy");
+    let server = ferry_server::ServerConfig::from_toml_file(&root.join("server.toml")).unwrap();
+    assert_eq!(server.limits.cluster, 5);
+    let agent = ferry_agent::AgentConfig::from_toml_file(&root.join("agent.toml")).unwrap();
+    assert_eq!(agent.name, "hv1");
+}

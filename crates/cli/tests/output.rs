@@ -1,0 +1,316 @@
+//! The CLI's table output, pinned as exact strings: a changed column is a visible diff here
+//! before it breaks someone's `awk`.
+
+use chrono::{DateTime, TimeZone, Utc};
+use ferry_api::hosts::{Host, HostFacts, HostState};
+use ferry_api::instances::{BootSpec, Instance, InstanceSpec, InstanceState, NicSpec};
+use ferry_api::migrations::{
+    LogLine, Migration, MigrationKind, MigrationOptions, MigrationState, MigrationStats,
+};
+use ferry_api::ErrorBody;
+use ferry_cli::error::{exit, render_error, CliError};
+use ferry_cli::output::{self, Table};
+use ferry_migrate::{Phase, Progress};
+use uuid::Uuid;
+
+fn t(s: u32) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2025, 3, 1, 12, 0, 0).unwrap() + chrono::Duration::seconds(s.into())
+}
+
+fn id(n: u128) -> Uuid {
+    Uuid::from_u128(n)
+}
+
+fn host(name: &str, state: HostState, facts: bool) -> Host {
+    Host {
+        name: name.into(),
+        agent_url: "http://127.0.0.1:7411".into(),
+        enabled: state == HostState::Online,
+        state,
+        last_heartbeat: Some(t(0)),
+        facts: facts.then(|| HostFacts {
+            name: name.into(),
+            cpu_vendor: "GenuineIntel".into(),
+            cpu_model: "Xeon".into(),
+            cpu_flags: vec!["sse2".into(), "avx".into()],
+            cores: 2,
+            ram_total_mib: 24064,
+            ram_free_mib: 512,
+            accel: "tcg".into(),
+            qemu_version: "7.2.0".into(),
+            machine_types: vec!["pc".into()],
+            datastores: vec![],
+            networks: vec![],
+            migration_addr: "10.78.0.11".into(),
+            migration_ports: "49152-49215".into(),
+            agent_version: "0.1.0".into(),
+        }),
+        instances: 1,
+    }
+}
+
+fn instance() -> Instance {
+    Instance {
+        id: id(0xabcdef12_0000_0000_0000_000000000001),
+        name: "vm1".into(),
+        host: "hv1".into(),
+        state: InstanceState::Running,
+        generation: 3,
+        spec: InstanceSpec {
+            memory_mib: 2048,
+            vcpus: 2,
+            cpu_model: "qemu64".into(),
+            machine: "pc".into(),
+            boot: BootSpec {
+                kernel: "/k".into(),
+                initrd: "/i".into(),
+                cmdline: "console=ttyS0".into(),
+            },
+            nics: vec![NicSpec {
+                network: "lab".into(),
+                mac: "52:54:00:00:00:01".into(),
+            }],
+        },
+        migration: Some(id(0x12345678_9000_0000_0000_000000000000)),
+        created_at: t(0),
+        updated_at: t(61),
+    }
+}
+
+fn progress() -> Progress {
+    Progress {
+        phase: Phase::Precopy,
+        elapsed_ms: 1500,
+        percent: 42.25,
+        transferred_bytes: 100 << 20,
+        remaining_bytes: 150 << 20,
+        total_bytes: 256 << 20,
+        iteration: 2,
+        throughput_bps: 812.0 * 1024.0 * 1024.0,
+        dirty_rate_bps: 0.0,
+        eta_ms: Some(1200),
+        expected_downtime_ms: None,
+        total_time_ms: None,
+        downtime_ms: None,
+        cpu_throttle_percent: None,
+    }
+}
+
+fn migration(state: MigrationState) -> Migration {
+    let done = state == MigrationState::Completed;
+    Migration {
+        id: id(0x12345678_9000_0000_0000_000000000000),
+        instance_id: instance().id,
+        instance_name: "vm1".into(),
+        kind: MigrationKind::Live,
+        source: "hv1".into(),
+        destination: "hv2".into(),
+        state,
+        options: MigrationOptions {
+            bandwidth_mib_s: Some(100),
+            auto_converge: true,
+            ..MigrationOptions::default()
+        },
+        created_at: t(0),
+        preparing_at: Some(t(1)),
+        migrating_at: Some(t(2)),
+        completing_at: done.then(|| t(3)),
+        finished_at: done.then(|| t(3)),
+        error: None,
+        progress: Some(progress()),
+        stats: done.then_some(MigrationStats {
+            total_ms: 1500,
+            downtime_ms: 11,
+            bytes_transferred: 300 << 20,
+            iterations: 3,
+        }),
+        cancel_requested: false,
+    }
+}
+
+#[test]
+fn table_pads_columns_and_trims_line_ends() {
+    let mut table = Table::new(&["A", "LONG HEADER", "C"]);
+    table.row(vec!["wide cell".into(), "x".into(), "".into()]);
+    table.row(vec!["y".into(), "z".into(), "end".into()]);
+    assert_eq!(
+        table.render(),
+        "A          LONG HEADER  C\n\
+         wide cell  x\n\
+         y          z            end"
+    );
+}
+
+#[test]
+fn hosts_table() {
+    let hosts = [
+        host("hv1", HostState::Online, true),
+        host("hv2", HostState::Offline, false),
+    ];
+    assert_eq!(
+        output::hosts_table(&hosts, t(75)),
+        "NAME  STATE    ENABLED  INSTANCES  ACCEL  CORES  RAM FREE/TOTAL      MIGRATION ADDR  LAST SEEN\n\
+         hv1   online   yes      1          tcg    2      512 MiB / 23.5 GiB  10.78.0.11      1m ago\n\
+         hv2   offline  no       1          -      -      -                   -               1m ago"
+    );
+}
+
+#[test]
+fn instances_table_shortens_ids() {
+    assert_eq!(
+        output::instances_table(&[instance()]),
+        "ID        NAME  HOST  STATE    GEN  MEMORY   VCPUS  MIGRATION\n\
+         abcdef12  vm1   hv1   running  3    2.0 GiB  2      12345678"
+    );
+}
+
+#[test]
+fn instance_detail_shows_the_full_id() {
+    let text = output::instance_detail(&instance());
+    assert!(text.starts_with("id          abcdef12-0000-0000-0000-000000000001\nname        vm1\n"));
+    assert!(
+        text.contains("\nnics        lab (52:54:00:00:00:01)\n"),
+        "{text}"
+    );
+}
+
+#[test]
+fn migrations_table() {
+    let list = [
+        migration(MigrationState::Migrating),
+        migration(MigrationState::Completed),
+    ];
+    assert_eq!(
+        output::migrations_table(&list),
+        "ID        INSTANCE  KIND  FROM  TO   STATE      PROGRESS  DOWNTIME  CREATED\n\
+         12345678  vm1       live  hv1   hv2  migrating  42%       -         2025-03-01 12:00:00\n\
+         12345678  vm1       live  hv1   hv2  completed  100%      11 ms     2025-03-01 12:00:00"
+    );
+}
+
+#[test]
+fn migration_detail_of_a_completed_job() {
+    assert_eq!(
+        output::migration_detail(&migration(MigrationState::Completed)),
+        "id           12345678-9000-0000-0000-000000000000\n\
+         instance     vm1 (abcdef12-0000-0000-0000-000000000001)\n\
+         kind         live\n\
+         from         hv1\n\
+         to           hv2\n\
+         state        completed\n\
+         options      bandwidth 100 MiB/s, downtime 300 ms, auto-converge\n\
+         created      2025-03-01 12:00:00\n\
+         preparing    2025-03-01 12:00:01\n\
+         migrating    2025-03-01 12:00:02\n\
+         completing   2025-03-01 12:00:03\n\
+         finished     2025-03-01 12:00:03\n\
+         total time   1.5 s\n\
+         downtime     11 ms\n\
+         transferred  300.0 MiB\n\
+         iterations   3"
+    );
+}
+
+#[test]
+fn migration_detail_of_a_failed_job_shows_error_and_hint() {
+    let mut m = migration(MigrationState::Failed);
+    m.error = Some(ErrorBody::new(
+        "cpu-incompatible",
+        "hv2 lacks avx512f",
+        "pick another host",
+    ));
+    let text = output::migration_detail(&m);
+    assert!(
+        text.ends_with(
+            "error      [cpu-incompatible] hv2 lacks avx512f\nhint       pick another host"
+        ),
+        "{text}"
+    );
+    // A live job shows its latest sample; a finished one does not.
+    assert!(!text.contains("progress"));
+    let live = output::migration_detail(&migration(MigrationState::Migrating));
+    assert!(live
+        .contains("progress   precopy 42.2%  812.0 MiB/s  remaining 150.0 MiB  iter 2  ETA 1.2 s"));
+}
+
+#[test]
+fn progress_message_without_eta() {
+    let mut p = progress();
+    p.eta_ms = None;
+    assert_eq!(
+        output::progress_message(&p),
+        "precopy 42.2%  812.0 MiB/s  remaining 150.0 MiB  iter 2  ETA -"
+    );
+}
+
+#[test]
+fn logs_are_time_level_message() {
+    let lines = [
+        LogLine {
+            seq: 1,
+            at: t(0),
+            level: "info".into(),
+            message: "starting".into(),
+        },
+        LogLine {
+            seq: 2,
+            at: t(1),
+            level: "warn".into(),
+            message: "slow".into(),
+        },
+    ];
+    assert_eq!(
+        output::logs(&lines),
+        "12:00:00.000  INFO   starting\n12:00:01.000  WARN   slow"
+    );
+}
+
+#[test]
+fn json_is_the_api_object() {
+    let m = migration(MigrationState::Completed);
+    let text = output::json(&m);
+    let back: Migration = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, m);
+    assert!(text.contains("\n  \"state\": \"completed\""));
+}
+
+#[test]
+fn units() {
+    assert_eq!(output::fmt_bytes(512), "512 B");
+    assert_eq!(output::fmt_bytes(1536), "1.5 KiB");
+    assert_eq!(output::fmt_bytes(3 << 30), "3.00 GiB");
+    assert_eq!(output::fmt_ms(999), "999 ms");
+    assert_eq!(output::fmt_ms(61_000), "1m01s");
+    assert_eq!(output::fmt_mib(1024), "1.0 GiB");
+    assert_eq!(output::fmt_age(t(100_000), &t(0)), "1d ago");
+}
+
+#[test]
+fn errors_render_as_code_message_hint_with_exit_codes() {
+    let unreachable = CliError::Api(ferry_api::ApiError::Unreachable {
+        url: "http://x/v1/hosts".into(),
+        detail: "refused".into(),
+    });
+    assert_eq!(unreachable.exit_code(), exit::UNREACHABLE);
+    assert!(unreachable
+        .render()
+        .starts_with("error[unreachable]: cannot reach http://x/v1/hosts"));
+    let status = |status| {
+        CliError::Api(ferry_api::ApiError::Status {
+            status,
+            body: ErrorBody::new("x", "m", "h"),
+        })
+    };
+    assert_eq!(status(401).exit_code(), exit::AUTH);
+    assert_eq!(status(403).exit_code(), exit::AUTH);
+    assert_eq!(status(404).exit_code(), exit::ERROR);
+    assert_eq!(status(500).exit_code(), exit::ERROR);
+    assert_eq!(
+        render_error(&ErrorBody::new(
+            "instance-not-found",
+            "there is no instance 'x'",
+            "list them with `ferry instance list`"
+        )),
+        "error[instance-not-found]: there is no instance 'x'\n  hint: list them with `ferry instance list`"
+    );
+}
