@@ -3,20 +3,28 @@
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Args;
-use ferry_lab::guest_client::{tcp_echo_roundtrip, EchoProbe};
-use ferry_lab::guest_config::{Fill, GuestConfig, ECHO_PORT};
-use ferry_lab::net::{tcp_connect_in, udp_bind_in};
-use ferry_lab::{GuestRequest, Lab, LabError, LabOptions, LabVm};
-use ferry_migrate::{AbortHandle, Bandwidth, MigrationParams, Progress};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use ferry_api::instances::{BootSpec, CreateInstance, Instance, InstanceSpec, NicSpec};
+use ferry_api::migrations::{CreateMigration, Migration, MigrationOptions, MigrationState};
+use ferry_api::ErrorBody;
+use ferry_cli::commands::instance::{mac_for, LAB_NETWORK};
+use ferry_cli::commands::migrate::follow;
+use ferry_cli::error::CliError;
+use ferry_cli::local_cluster::LocalCluster;
+use ferry_lab::guest_client::{self, tcp_echo_roundtrip, EchoProbe};
+use ferry_lab::guest_config::{Fill, GuestConfig, CONTROL_PORT, ECHO_PORT};
+use ferry_lab::image::ensure_image;
+use ferry_lab::net::{tcp_connect_in, udp_bind_in, LabNet};
+use ferry_lab::serial::{heartbeat_gap, SerialMonitor};
+use ferry_lab::LabError;
+use ferry_qemu::AccelChoice;
 use serde::Serialize;
 
 use crate::image_cmd::ImageArgs;
-use crate::report::error_json;
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -105,8 +113,8 @@ impl DemoReport {
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let mut report = DemoReport::new(&args);
-    // Ctrl-C or SIGTERM drops the demo future: every QEMU process, tap and namespace it
-    // created is owned by a value whose Drop removes it.
+    // Ctrl-C or SIGTERM drops the demo future: the local cluster it owns removes every
+    // namespace (and with them every QEMU process and tap) and its directory on drop.
     let outcome = tokio::select! {
         r = demo(&args, &mut report) => r,
         _ = shutdown_signal() => {
@@ -116,7 +124,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     };
     if let Err(e) = &outcome {
         report.status = "failed";
-        report.error = Some(error_json(e));
+        report.error = Some(serde_json::to_value(e.body())?);
     }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -125,7 +133,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
     if let Err(e) = outcome {
         if !args.json {
-            eprintln!("error[{}]: {e}\n  hint: {}", e.code(), e.hint());
+            eprintln!("{}", e.render());
         }
         return Ok(ExitCode::from(1));
     }
@@ -154,7 +162,18 @@ fn say(args: &DemoArgs, msg: &str) {
     }
 }
 
-async fn demo(args: &DemoArgs, report: &mut DemoReport) -> Result<(), LabError> {
+fn guest_err(detail: String) -> CliError {
+    CliError::new(
+        "guest-unresponsive",
+        detail,
+        "read the guest's serial log in the agent's run directory",
+    )
+}
+
+/// The guest's address in the demo lab, and its name.
+const VM: &str = "demo-vm";
+
+async fn demo(args: &DemoArgs, report: &mut DemoReport) -> Result<(), CliError> {
     let config = GuestConfig {
         wss_mib: args.wss_mib,
         rate_mib_s: args.rate_mib_s,
@@ -162,67 +181,114 @@ async fn demo(args: &DemoArgs, report: &mut DemoReport) -> Result<(), LabError> 
         ..GuestConfig::default()
     };
     // Refuse bad input before anything is created.
-    ferry_qemu::InstanceSpec::check_memory(args.memory_mib)?;
+    ferry_qemu::InstanceSpec::check_memory(args.memory_mib).map_err(LabError::from)?;
     config
         .validate(args.memory_mib)
         .map_err(|e| LabError::InvalidRequest(format!("guest: {e}")))?;
-    let params = MigrationParams {
-        bandwidth: args
-            .bandwidth_mib_s
-            .map(|m| Bandwidth::Limited(m.saturating_mul(1 << 20)))
-            .unwrap_or(Bandwidth::Unlimited),
-        downtime_limit_ms: args.downtime_ms,
-        ..MigrationParams::default()
+    let options = MigrationOptions {
+        bandwidth_mib_s: args.bandwidth_mib_s,
+        downtime_ms: Some(args.downtime_ms),
+        ..MigrationOptions::default()
     };
-    params.validate()?;
-    let mut opts = LabOptions::new(&args.lab_name, 2);
-    opts.image = args.image.options();
-    opts.accel = args.accel.parse()?;
+    options.validate().map_err(CliError::Local)?;
+    let choice: AccelChoice = args.accel.parse().map_err(LabError::from)?;
 
     say(
         args,
         "preparing: guest image, accelerator, lab hosts hv1 and hv2",
     );
-    let lab = Lab::start(opts).await?;
-    report.accel = lab.accel.name().into();
+    let image_opts = args.image.options();
+    let cache_dir = image_opts.cache_dir.clone();
+    let (image, _) = tokio::task::spawn_blocking(move || ensure_image(&image_opts))
+        .await
+        .map_err(|e| CliError::new("internal", e.to_string(), ""))?
+        .map_err(LabError::from)?;
+    let accel =
+        ferry_lab::choose_accel(choice, Path::new("qemu-system-x86_64"), &cache_dir, &image)
+            .await?;
+    report.accel = accel.name().into();
+    say(args, "starting ferry server and an agent per host");
+    let cluster = LocalCluster::start(&args.lab_name, 2, accel.name()).await?;
+
     say(
         args,
         &format!(
             "booting a {} MiB guest on hv1 ({}; writer {} MiB at {} MiB/s)",
             args.memory_mib,
-            lab.accel.name(),
+            accel.name(),
             args.wss_mib,
             args.rate_mib_s
         ),
     );
-    let req = GuestRequest {
-        name: "demo-vm".into(),
+    let ip = cluster.net.guest_addr(0);
+    let spec = InstanceSpec {
         memory_mib: args.memory_mib,
         vcpus: 1,
-        config,
+        cpu_model: "qemu64".into(),
+        machine: "pc".into(),
+        boot: BootSpec {
+            kernel: image.kernel.display().to_string(),
+            initrd: image.initrd.display().to_string(),
+            cmdline: GuestConfig {
+                ip: Some((ip, LabNet::GUEST_PREFIX)),
+                ..config
+            }
+            .kernel_cmdline(),
+        },
+        nics: vec![NicSpec {
+            network: LAB_NETWORK.into(),
+            mac: mac_for(VM, 0),
+        }],
     };
-    let mut vm = lab.boot_guest("hv1", &req).await?;
-    let result = migrate_and_measure(args, &lab, &mut vm, &params, report).await;
-    lab.stop_guest(vm).await;
+    let vm: Instance = cluster
+        .ctx
+        .post(
+            "/v1/instances",
+            &CreateInstance {
+                name: VM.into(),
+                host: Some("hv1".into()),
+                spec,
+                start: true,
+            },
+        )
+        .await?;
+    let result = migrate_and_measure(args, &cluster, &vm, &options, report).await;
+    cluster.shutdown().await;
     result
 }
 
 async fn migrate_and_measure(
     args: &DemoArgs,
-    lab: &Lab,
-    vm: &mut LabVm,
-    params: &MigrationParams,
+    cluster: &LocalCluster,
+    vm: &Instance,
+    options: &MigrationOptions,
     report: &mut DemoReport,
-) -> Result<(), LabError> {
-    let guest_err = |detail: String| LabError::Guest {
-        name: vm.name.clone(),
-        detail,
-    };
-    let echo_addr = SocketAddr::from((vm.ip, ECHO_PORT));
-    let client_ns = lab.net.client_netns.clone();
+) -> Result<(), CliError> {
+    let ip = cluster.net.guest_addr(0);
+    let client_ns = cluster.net.client_netns.clone();
+    let control = SocketAddr::from((ip, CONTROL_PORT));
+    let source_serial =
+        SerialMonitor::connect(&cluster.serial_socket(0, vm.id), Duration::from_secs(10))
+            .await
+            .map_err(|e| guest_err(format!("cannot read the guest's serial port: {e}")))?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while guest_client::control_in(&client_ns, control, "status")
+        .await
+        .is_err()
+    {
+        if Instant::now() > deadline {
+            return Err(guest_err(format!(
+                "the guest at {ip} did not answer within 120 s"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let echo_addr = SocketAddr::from((ip, ECHO_PORT));
+    let ns = client_ns.clone();
     let (udp, mut tcp) = tokio::task::spawn_blocking(move || {
-        let udp = udp_bind_in(&client_ns, "0.0.0.0:0".parse().expect("literal address"))?;
-        let tcp = tcp_connect_in(&client_ns, echo_addr, Duration::from_secs(5))?;
+        let udp = udp_bind_in(&ns, "0.0.0.0:0".parse().expect("literal address"))?;
+        let tcp = tcp_connect_in(&ns, echo_addr, Duration::from_secs(5))?;
         Ok::<_, std::io::Error>((udp, tcp))
     })
     .await
@@ -232,48 +298,67 @@ async fn migrate_and_measure(
         .map_err(|e| guest_err(format!("TCP echo before migration: {e}")))?;
     let probe = EchoProbe::start(udp, echo_addr, Duration::from_millis(5))
         .map_err(|e| guest_err(format!("cannot start the echo probe: {e}")))?;
+    // The destination's serial socket appears when its agent starts QEMU in incoming mode;
+    // the reader connects as soon as it exists, well before switchover.
+    let dest_socket = cluster.serial_socket(1, vm.id);
+    let dest_serial = tokio::spawn(async move {
+        SerialMonitor::connect(&dest_socket, Duration::from_secs(300)).await
+    });
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    say(args, "migrating hv1 -> hv2");
-    let bar = progress_bar(args.json && !std::io::stderr().is_terminal());
-    let (_abort, signal) = AbortHandle::new();
-    let mut observe = |p: &Progress| {
-        bar.set_position(p.percent as u64);
-        bar.set_message(format!(
-            "{:<10} iter {:>2}  {:>7.1} MiB/s  {:>6} MiB left  ETA {}",
-            p.phase.as_str(),
-            p.iteration,
-            p.throughput_bps / (1 << 20) as f64,
-            p.remaining_bytes >> 20,
-            p.eta_ms
-                .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
-                .unwrap_or_else(|| "-".into()),
-        ));
-    };
-    let migrated = lab.migrate(vm, "hv2", params, &mut observe, signal).await;
-    bar.finish_and_clear();
+    say(args, "migrating hv1 -> hv2 through the server");
+    let m: Migration = cluster
+        .ctx
+        .post(
+            "/v1/migrations",
+            &CreateMigration {
+                instance: VM.into(),
+                destination: Some("hv2".into()),
+                options: options.clone(),
+                kind: None,
+            },
+        )
+        .await?;
+    let bar = !args.json || std::io::stderr().is_terminal();
+    let m = follow(&cluster.ctx, m.id, bar).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let echo = probe.stop();
     report.echo_sent = Some(echo.sent);
     report.echo_lost = Some(echo.lost);
     report.guest_downtime_ms = Some(echo.longest_gap_ms);
-    let outcome = migrated?;
+    if m.state != MigrationState::Completed {
+        dest_serial.abort();
+        return Err(CliError::Local(m.error.unwrap_or_else(|| {
+            ErrorBody::new(
+                "migration-failed",
+                format!("migration ended {}", m.state.as_str()),
+                "see `ferry migration logs`",
+            )
+        })));
+    }
     report.status = "completed";
-    report.total_ms = Some(outcome.source.total_time_ms);
-    report.qemu_downtime_ms = Some(outcome.source.downtime_ms);
-    report.bytes_transferred = Some(outcome.source.transferred_bytes);
-    report.iterations = Some(outcome.source.iterations);
+    if let Some(stats) = &m.stats {
+        report.total_ms = Some(stats.total_ms);
+        report.qemu_downtime_ms = Some(stats.downtime_ms);
+        report.bytes_transferred = Some(stats.bytes_transferred);
+        report.iterations = Some(stats.iterations);
+    }
     let tcp_ok =
         tokio::task::spawn_blocking(move || tcp_echo_roundtrip(&mut tcp, b"after migration"))
             .await
             .map(|r| r.is_ok())
             .unwrap_or(false);
     report.tcp_echo_survived = Some(tcp_ok);
-    let gap = vm.heartbeat_gap();
-    report.heartbeat_gap_ms = Some(gap.longest_gap.as_secs_f64() * 1000.0);
-    report.heartbeat_continuous = Some(gap.continuous);
+    if let Ok(Ok(dest)) = dest_serial.await {
+        let gap = heartbeat_gap(&[source_serial.beats(), dest.beats()]);
+        report.heartbeat_gap_ms = Some(gap.longest_gap.as_secs_f64() * 1000.0);
+        report.heartbeat_continuous = Some(gap.continuous);
+    }
     say(args, "verifying guest memory on hv2");
-    let verify = vm.verify(lab).await?;
+    let reply = guest_client::control_in(&client_ns, control, "verify")
+        .await
+        .map_err(|e| guest_err(format!("verify: {e}")))?;
+    let verify = guest_client::parse_verify(&reply).map_err(|e| guest_err(e.to_string()))?;
     report.memory_pages_checked = Some(verify.checked);
     report.memory_errors = Some(verify.errors);
     report.memory_verified = verify.errors == 0 && verify.checked > 0;
@@ -286,20 +371,6 @@ fn parse_fill(s: &str) -> Result<Fill, String> {
         "random" => Ok(Fill::Random),
         _ => Err(format!("'{s}' is not a fill; use pattern or random")),
     }
-}
-
-fn progress_bar(hidden: bool) -> ProgressBar {
-    let bar = ProgressBar::new(100);
-    if hidden {
-        bar.set_draw_target(ProgressDrawTarget::hidden());
-    }
-    bar.set_style(
-        ProgressStyle::with_template("  [{bar:30}] {pos:>3}%  {msg}")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
-    bar.enable_steady_tick(Duration::from_millis(100));
-    bar
 }
 
 fn print_report(r: &DemoReport) {

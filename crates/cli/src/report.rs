@@ -12,8 +12,3 @@ pub fn print_error(e: &anyhow::Error) {
         eprintln!("error[ferry]: {e:#}");
     }
 }
-
-/// `{code, message, hint}` for JSON output.
-pub fn error_json(e: &LabError) -> serde_json::Value {
-    serde_json::json!({"code": e.code(), "message": e.to_string(), "hint": e.hint()})
-}

@@ -19,9 +19,9 @@ fn namespaces_of(lab: &str) -> Vec<String> {
 }
 
 fn qemu_processes_of(lab: &str) -> usize {
-    // Lab QEMUs keep their run directory under /tmp/ferry-lab-<lab>/ on the command line.
+    // The demo's QEMUs run from <tmp>/ferry-<lab>-<pid>/ (agent state dirs).
     let out = Command::new("pgrep")
-        .args(["-f", &format!("ferry-lab-{lab}/")])
+        .args(["-f", &format!("qemu-system.*/ferry-{lab}-")])
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).lines().count()
@@ -86,7 +86,7 @@ fn bad_input_is_a_clear_error_with_nothing_created() {
         ),
         (
             vec!["--downtime-ms", "0"],
-            "error[invalid-migration-params]",
+            "error[invalid-migration-options]",
         ),
         (vec!["--accel", "warp"], "error[unknown-accelerator]"),
         (

@@ -31,6 +31,23 @@ pub enum GuestError {
     Parse { reply: String, reason: String },
 }
 
+/// Sends one command to a guest's control port at `addr`, connecting from inside network
+/// namespace `netns` (the lab's client namespace), as a user of the VM would reach it.
+pub async fn control_in(
+    netns: &str,
+    addr: SocketAddr,
+    command: &str,
+) -> Result<String, GuestError> {
+    let ns = netns.to_string();
+    let stream = tokio::task::spawn_blocking(move || {
+        crate::net::tcp_connect_in(&ns, addr, Duration::from_secs(5))
+    })
+    .await
+    .map_err(|e| GuestError::Io(io::Error::other(e.to_string())))??;
+    stream.set_nonblocking(true)?;
+    control(tokio::net::TcpStream::from_std(stream)?, command).await
+}
+
 /// Sends one command line and returns the guest's `ok ...` reply line (trimmed). `verify`
 /// walks the whole working set, so it gets 30 s; everything else 5 s.
 pub async fn control(stream: tokio::net::TcpStream, command: &str) -> Result<String, GuestError> {

@@ -1,7 +1,7 @@
 //! A running lab: hosts as network namespaces, the guest image, and the accelerator to use.
 
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -80,7 +80,8 @@ impl Lab {
             .await
             .map_err(|e| LabError::InvalidRequest(format!("image builder panicked: {e}")))??;
         info!(image = %image.id, rebuilt, "guest image ready");
-        let accel = choose_accel(&opts, &image).await?;
+        let accel =
+            choose_accel(opts.accel, &opts.qemu_binary, &opts.image.cache_dir, &image).await?;
         let (name, hosts) = (opts.name.clone(), opts.hosts);
         let net = tokio::task::spawn_blocking(move || LabNet::create(&name, hosts))
             .await
@@ -258,22 +259,26 @@ impl Drop for Lab {
     }
 }
 
-/// Probes KVM once per boot of this machine and remembers the answer in the cache, since a
-/// real boot probe costs seconds.
-async fn choose_accel(opts: &LabOptions, image: &GuestImage) -> Result<Accel, LabError> {
-    if opts.accel != AccelChoice::Auto {
-        let qemu = opts.qemu_binary.clone();
-        let choice = opts.accel;
+/// Chooses the accelerator for lab guests: a forced choice is checked; `Auto` boots the guest
+/// image under KVM once per boot of this machine (a real boot costs seconds) and remembers
+/// the answer in `cache_dir`.
+pub async fn choose_accel(
+    choice: AccelChoice,
+    qemu_binary: &Path,
+    cache_dir: &Path,
+    image: &GuestImage,
+) -> Result<Accel, LabError> {
+    let join_err =
+        |e: tokio::task::JoinError| LabError::InvalidRequest(format!("probe panicked: {e}"));
+    let qemu = qemu_binary.to_path_buf();
+    if choice != AccelChoice::Auto {
         return tokio::task::spawn_blocking(move || probe_accelerator(&qemu, choice, None))
             .await
-            .map_err(|e| LabError::InvalidRequest(format!("probe panicked: {e}")))?
+            .map_err(join_err)?
             .map_err(LabError::from);
     }
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-    let cache = opts
-        .image
-        .cache_dir
-        .join(format!("accel-{}.json", boot_id.trim()));
+    let cache = cache_dir.join(format!("accel-{}.json", boot_id.trim()));
     if let Some(accel) = std::fs::read(&cache)
         .ok()
         .and_then(|b| serde_json::from_slice::<Accel>(&b).ok())
@@ -291,14 +296,13 @@ async fn choose_accel(opts: &LabOptions, image: &GuestImage) -> Result<Accel, La
         ready_marker: "ferry-guest ready".into(),
         timeout: Duration::from_secs(15),
     };
-    let qemu = opts.qemu_binary.clone();
     let accel = tokio::task::spawn_blocking(move || {
         probe_accelerator(&qemu, AccelChoice::Auto, Some(&probe))
     })
     .await
-    .map_err(|e| LabError::InvalidRequest(format!("probe panicked: {e}")))??;
+    .map_err(join_err)??;
     info!(accel = accel.name(), "accelerator chosen by probe");
-    let _ = std::fs::create_dir_all(&opts.image.cache_dir);
+    let _ = std::fs::create_dir_all(cache_dir);
     let _ = std::fs::write(&cache, serde_json::to_vec(&accel).unwrap_or_default());
     Ok(accel)
 }

@@ -16,5 +16,5 @@ pub mod serial;
 mod vm;
 
 pub use error::LabError;
-pub use lab::{GuestRequest, Lab, LabOptions};
+pub use lab::{choose_accel, GuestRequest, Lab, LabOptions};
 pub use vm::LabVm;

@@ -1,13 +1,11 @@
 //! A guest running in the lab, and how the host talks to it.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::time::Duration;
 
 use ferry_qemu::{InstanceSpec, QemuProcess};
 
 use crate::guest_client::{self, GuestStatus, VerifyReport};
 use crate::guest_config::CONTROL_PORT;
-use crate::net::tcp_connect_in;
 use crate::serial::{heartbeat_gap, Beat, HeartbeatGap, SerialMonitor};
 use crate::{Lab, LabError};
 
@@ -30,25 +28,13 @@ impl LabVm {
     /// Sends one command to the guest's control service from the lab's client namespace,
     /// i.e. over the guest network, as a user of the VM would reach it.
     pub async fn control(&self, lab: &Lab, command: &str) -> Result<String, LabError> {
-        let ns = lab.net.client_netns.clone();
         let addr = SocketAddr::from((self.ip, CONTROL_PORT));
-        let guest_err = |detail: String| LabError::Guest {
-            name: self.name.clone(),
-            detail,
-        };
-        let stream =
-            tokio::task::spawn_blocking(move || tcp_connect_in(&ns, addr, Duration::from_secs(5)))
-                .await
-                .map_err(|e| guest_err(format!("connect task failed: {e}")))?
-                .map_err(|e| guest_err(format!("cannot reach the control port {addr}: {e}")))?;
-        stream
-            .set_nonblocking(true)
-            .map_err(|e| guest_err(e.to_string()))?;
-        let stream =
-            tokio::net::TcpStream::from_std(stream).map_err(|e| guest_err(e.to_string()))?;
-        guest_client::control(stream, command)
+        guest_client::control_in(&lab.net.client_netns, addr, command)
             .await
-            .map_err(|e| guest_err(format!("'{command}': {e}")))
+            .map_err(|e| LabError::Guest {
+                name: self.name.clone(),
+                detail: format!("'{command}' at {addr}: {e}"),
+            })
     }
 
     pub async fn status(&self, lab: &Lab) -> Result<GuestStatus, LabError> {

@@ -129,6 +129,16 @@ async fn drive(state: &AppState, id: Uuid, attach: bool) {
 async fn finish(state: &AppState, id: Uuid, ending: Ending) {
     let result = match &ending {
         Ending::Completed(stats) => {
+            if let Some(s) = stats {
+                let message = format!(
+                    "qemu: completed in {} ms with {} ms of downtime, {:.1} MiB sent in {} rounds",
+                    s.total_ms,
+                    s.downtime_ms,
+                    s.bytes_transferred as f64 / (1 << 20) as f64,
+                    s.iterations
+                );
+                log(state, id, "info", &message).await;
+            }
             log(state, id, "info", "completed").await;
             state.store.complete_migration(id, stats.as_ref()).await
         }
@@ -289,6 +299,8 @@ struct AgentHalves<'a> {
     seq: u64,
     /// The most precise error seen (an agent's own code), preferred over the engine's.
     last_error: Option<ErrorBody>,
+    /// Phase and round of the last sample written to the log.
+    last_reported: Option<(ferry_migrate::Phase, u64)>,
 }
 
 /// How long the server keeps retrying an agent that does not answer before a step fails.
@@ -319,6 +331,7 @@ impl<'a> AgentHalves<'a> {
             cancel,
             seq: 0,
             last_error: None,
+            last_reported: None,
         })
     }
 
@@ -364,6 +377,25 @@ impl<'a> AgentHalves<'a> {
     async fn record(&mut self, samples: Vec<(u64, Progress)>) {
         for (seq, p) in samples {
             self.seq = self.seq.max(seq);
+            // What QEMU reported, once per phase or round, so the log tells the story without
+            // every sample.
+            if self.last_reported != Some((p.phase, p.iteration)) {
+                self.last_reported = Some((p.phase, p.iteration));
+                let mib = |b: u64| b as f64 / (1 << 20) as f64;
+                self.log(
+                    "info",
+                    &format!(
+                        "qemu: {} round {}: {:.1} MiB sent, {:.1} MiB remaining, sending {:.1} MiB/s, guest dirtying {:.1} MiB/s",
+                        p.phase.as_str(),
+                        p.iteration,
+                        mib(p.transferred_bytes),
+                        mib(p.remaining_bytes),
+                        p.throughput_bps / (1 << 20) as f64,
+                        p.dirty_rate_bps / (1 << 20) as f64,
+                    ),
+                )
+                .await;
+            }
             let _ = self.state.store.add_sample(self.m.id, &p).await;
             let _ = self.state.store.set_progress(self.m.id, &p).await;
             self.state.events.publish(Event::Progress {

@@ -73,6 +73,15 @@ async fn live_migration_through_the_api_with_progress_logs_and_events() {
     assert!(logs.len() >= 4, "{logs:?}");
     assert!(logs.windows(2).all(|w| w[0].seq < w[1].seq));
     assert!(logs.iter().any(|l| l.message.contains("completed")));
+    assert!(
+        logs.iter()
+            .any(|l| l.message.starts_with("qemu: ") && l.message.contains(" round ")),
+        "what QEMU reported is logged: {logs:?}"
+    );
+    assert!(
+        logs.iter().any(|l| l.message.contains("ms of downtime")),
+        "{logs:?}"
+    );
 
     let seen = tokio::time::timeout(Duration::from_secs(10), events)
         .await

@@ -235,7 +235,15 @@ async fn start(
     let (image, _) = blocking(move || ensure_image(&image_opts))
         .await?
         .map_err(LabError::from)?;
-    let accel = choose_accel(&cache_dir);
+    let choice = std::env::var("FERRY_ACCEL")
+        .ok()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_default();
+    let accel =
+        ferry_lab::choose_accel(choice, Path::new("qemu-system-x86_64"), &cache_dir, &image)
+            .await?
+            .name()
+            .to_string();
 
     let ports = free_ports(1 + hosts)?;
     let server_url = format!("http://127.0.0.1:{}", ports[0]);
@@ -283,19 +291,7 @@ async fn start(
         spawn_daemon(dir, &h.name, "agent", &dir.join(format!("{}.toml", h.name)))?;
     }
     let names: Vec<String> = host_nets.iter().map(|h| h.name.clone()).collect();
-    let names_ref = &names;
-    wait_until(
-        ONLINE_TIMEOUT,
-        "every host to be online",
-        move || async move {
-            let list: Vec<Host> = ctx.get("/v1/hosts").await?;
-            Ok(names_ref.iter().all(|n| {
-                list.iter()
-                    .any(|h| &h.name == n && h.state == HostState::Online)
-            }))
-        },
-    )
-    .await?;
+    wait_hosts_online(ctx, names.len()).await?;
 
     let mut summary = format!(
         "lab {name}: {hosts} host(s) online ({}), accelerator {accel}\n  server {server_url}\n  dir    {}",
@@ -340,22 +336,17 @@ fn image_datastore(_image: &GuestImage, cache_dir: &Path) -> PathBuf {
     cache_dir.to_path_buf()
 }
 
-/// `FERRY_ACCEL` (kvm|tcg) if set, else what the lab's boot probe cached for this boot of the
-/// machine (`<cache>/accel-<boot_id>.json`, written by `ferry demo` and the lab tests), else
-/// TCG: KVM can be present yet unusable (nested virtualization), and a slow-but-working lab is
-/// better than one whose guests never boot.
-pub fn choose_accel(cache_dir: &Path) -> String {
-    if let Ok(a) = std::env::var("FERRY_ACCEL") {
-        if a == "kvm" || a == "tcg" {
-            return a;
-        }
-    }
-    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-    std::fs::read(cache_dir.join(format!("accel-{}.json", boot_id.trim())))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<String>(&b).ok())
-        .filter(|a| a == "kvm" || a == "tcg")
-        .unwrap_or_else(|| "tcg".into())
+/// Waits until `n` hosts report online (agents joined and heartbeating).
+pub async fn wait_hosts_online(ctx: &Ctx, n: usize) -> Result<(), CliError> {
+    wait_until(
+        ONLINE_TIMEOUT,
+        "every host to be online",
+        move || async move {
+            let list: Vec<Host> = ctx.get("/v1/hosts").await?;
+            Ok(list.iter().filter(|h| h.state == HostState::Online).count() >= n)
+        },
+    )
+    .await
 }
 
 /// Ports the kernel hands out for port 0, all held at once so they differ.

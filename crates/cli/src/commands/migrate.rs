@@ -237,10 +237,18 @@ async fn resolve_id(ctx: &Ctx, prefix: &str) -> Result<Uuid, CliError> {
 }
 
 /// Follows migration `id` to its end (live bar if `bar`), prints it, and returns its exit
-/// code. The event stream drives the bar; the final state always comes from a fresh GET, and
+/// code.
+pub async fn finish(ctx: &Ctx, id: Uuid, bar: bool) -> Result<u8, CliError> {
+    let m = follow(ctx, id, bar).await?;
+    ctx.print(&m, output::migration_detail);
+    Ok(exit_code_for(m.state))
+}
+
+/// Follows migration `id` to its end (live bar on stderr if `bar`) and returns its final
+/// record. The event stream drives the bar; the final state always comes from a fresh GET, and
 /// if the stream breaks or is missing the function polls instead, so a flaky stream can only
 /// make the bar coarser, never the result wrong.
-pub async fn finish(ctx: &Ctx, id: Uuid, bar: bool) -> Result<u8, CliError> {
+pub async fn follow(ctx: &Ctx, id: Uuid, bar: bool) -> Result<Migration, CliError> {
     let pb = bar.then(progress_bar);
     let stream = ctx
         .client
@@ -283,8 +291,7 @@ pub async fn finish(ctx: &Ctx, id: Uuid, bar: bool) -> Result<u8, CliError> {
     if let Some(pb) = &pb {
         pb.finish_and_clear();
     }
-    ctx.print(&m, output::migration_detail);
-    Ok(exit_code_for(m.state))
+    Ok(m)
 }
 
 fn progress_bar() -> ProgressBar {

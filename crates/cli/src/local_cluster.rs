@@ -1,0 +1,128 @@
+//! A whole Ferry cluster inside this process: lab namespaces as hosts, `ferry server` on a
+//! fresh SQLite file and one agent per host, all talking over their real HTTP APIs. The demo
+//! runs on it; dropping it removes every namespace (and so every guest) and its directory.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use ferry_agent::{AgentConfig, AgentHandle};
+use ferry_lab::net::LabNet;
+use ferry_server::ServerHandle;
+use uuid::Uuid;
+
+use crate::commands::lab::{agent_config, server_config};
+use crate::commands::Ctx;
+use crate::config::ClientConfig;
+use crate::error::CliError;
+use crate::output::OutputFormat;
+
+/// Tokens of a cluster that lives only as long as this process.
+const ADMIN_TOKEN: &str = "local-cluster-admin-token-0000000";
+const JOIN_TOKEN: &str = "local-cluster-join-token-00000000";
+
+pub struct LocalCluster {
+    pub ctx: Ctx,
+    pub server: Option<ServerHandle>,
+    pub agents: Vec<AgentHandle>,
+    pub agent_configs: Vec<AgentConfig>,
+    pub net: LabNet,
+    dir: PathBuf,
+}
+
+impl LocalCluster {
+    /// Creates lab `name` with `hosts` hosts (a stale lab of that name is removed first),
+    /// starts the server and the agents, and waits until every host is online.
+    pub async fn start(name: &str, hosts: usize, accel: &str) -> Result<LocalCluster, CliError> {
+        let n = name.to_string();
+        let net = tokio::task::spawn_blocking(move || LabNet::create(&n, hosts))
+            .await
+            .map_err(|e| CliError::new("internal", e.to_string(), ""))?
+            .map_err(ferry_lab::LabError::from)?;
+        let dir = std::env::temp_dir().join(format!("ferry-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            CliError::new(
+                "io",
+                format!("cannot create {}: {e}", dir.display()),
+                "check /tmp",
+            )
+        })?;
+        let mut cluster = LocalCluster {
+            ctx: Ctx::from_config(
+                &ClientConfig {
+                    url: String::new(),
+                    token: None,
+                },
+                OutputFormat::Table,
+            ),
+            server: None,
+            agents: Vec::new(),
+            agent_configs: Vec::new(),
+            net,
+            dir,
+        };
+        let server = ferry_server::start(server_config(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            cluster.dir.join("ferry.db"),
+            ADMIN_TOKEN,
+            JOIN_TOKEN,
+        ))
+        .await
+        .map_err(|e| CliError::Local(e.body))?;
+        let url = server.url();
+        cluster.ctx = Ctx::from_config(
+            &ClientConfig {
+                url: url.clone(),
+                token: Some(ADMIN_TOKEN.into()),
+            },
+            OutputFormat::Table,
+        );
+        cluster.server = Some(server);
+        for h in cluster.net.hosts.clone() {
+            let config = agent_config(
+                &h,
+                SocketAddr::from(([127, 0, 0, 1], 0)),
+                &url,
+                JOIN_TOKEN,
+                cluster.dir.join(&h.name),
+                accel,
+                vec![],
+            );
+            let agent = ferry_agent::start(config.clone())
+                .await
+                .map_err(|e| CliError::Local(e.body()))?;
+            cluster.agents.push(agent);
+            cluster.agent_configs.push(config);
+        }
+        crate::commands::lab::wait_hosts_online(&cluster.ctx, hosts).await?;
+        Ok(cluster)
+    }
+
+    /// The serial socket of instance `id` on host `index` (0-based): the agent keeps each
+    /// QEMU's run directory under its state dir, named by the id's first 8 hex digits.
+    pub fn serial_socket(&self, index: usize, id: Uuid) -> PathBuf {
+        let short: String = id.simple().to_string().chars().take(8).collect();
+        self.agent_configs[index]
+            .state_dir
+            .join("run")
+            .join(short)
+            .join("serial.sock")
+    }
+
+    /// Stops agents and server in order; guests go with the namespaces on drop.
+    pub async fn shutdown(mut self) {
+        for a in self.agents.drain(..) {
+            a.shutdown().await;
+        }
+        if let Some(s) = self.server.take() {
+            s.shutdown().await;
+        }
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        self.net.destroy();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
