@@ -20,7 +20,7 @@ use ferry_migrate::{
     ProgressTracker, SourceOutcome,
 };
 use ferry_qemu::StartMode;
-use ferry_qmp::commands::{MigrateCancel, MigrationInfo, MigrationStatus, QueryMigrate, RunState};
+use ferry_qmp::commands::{MigrateCancel, MigrationStatus, QueryMigrate, RunState};
 use ferry_qmp::Qmp;
 use serde::{Deserialize, Serialize};
 use tracing::{info, info_span, warn, Instrument};
@@ -175,18 +175,6 @@ fn span(mid: &Uuid) -> tracing::Span {
     info_span!("migration", id = %mid)
 }
 
-/// The outcome QEMU reports for a completed migration.
-fn outcome_from(info: &MigrationInfo, progress: Progress) -> SourceOutcome {
-    SourceOutcome {
-        total_time_ms: info.total_time.unwrap_or(progress.elapsed_ms),
-        downtime_ms: info.downtime.unwrap_or(0),
-        setup_time_ms: info.setup_time,
-        transferred_bytes: progress.transferred_bytes,
-        iterations: progress.iteration,
-        final_progress: progress,
-    }
-}
-
 /// Follows a migration QEMU is already running (started before an agent restart) without
 /// issuing a new `migrate`, until it ends; an abort cancels it in QEMU.
 async fn follow_source(entry: Arc<MigrationEntry>, qmp: Qmp, mut abort: AbortSignal) {
@@ -227,7 +215,7 @@ async fn follow_source(entry: Arc<MigrationEntry>, qmp: Qmp, mut abort: AbortSig
         };
         match info.status {
             Some(MigrationStatus::Completed) => {
-                entry.finish(Ok(outcome_from(&info, progress)));
+                entry.finish(Ok(SourceOutcome::completed(&info, progress)));
                 return;
             }
             Some(MigrationStatus::Failed) => {

@@ -17,6 +17,7 @@ use ferry_api::{ApiClient, ApiError};
 use ferry_lab::guest_client::{control, parse_verify};
 use ferry_lab::guest_config::{GuestConfig, CONTROL_PORT};
 use ferry_lab::image::{ensure_image, ImageOptions};
+use ferry_lab::instance::guest_instance_spec;
 use ferry_lab::net::{remove_orphan_test_labs, tcp_connect_in, unique_test_lab_name, LabNet};
 use ferry_migrate::{Bandwidth, MigrationParams};
 use uuid::Uuid;
@@ -267,27 +268,13 @@ async fn live_migration_through_two_agents_survives_agent_restarts() {
     let ip = lab.guest_addr(0);
     let id = Uuid::new_v4();
     let name = "agent-vm".to_string();
-    let spec = InstanceSpec {
-        memory_mib: 128,
-        vcpus: 1,
-        cpu_model: "qemu64".into(),
-        machine: "pc".into(),
-        boot: BootSpec {
-            kernel: image.kernel.display().to_string(),
-            initrd: image.initrd.display().to_string(),
-            cmdline: GuestConfig {
-                ip: Some((ip, 24)),
-                wss_mib: 16,
-                rate_mib_s: 8,
-                ..GuestConfig::default()
-            }
-            .kernel_cmdline(),
-        },
-        nics: vec![NicSpec {
-            network: "lab".into(),
-            mac: "52:54:00:a9:00:01".into(),
-        }],
+    let config = GuestConfig {
+        ip: Some((ip, 24)),
+        wss_mib: 16,
+        rate_mib_s: 8,
+        ..GuestConfig::default()
     };
+    let spec = guest_instance_spec(&image, &config, 128, "52:54:00:a9:00:01");
     let define = DefineInstance {
         name: name.clone(),
         spec: spec.clone(),

@@ -8,16 +8,17 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use ferry_api::instances::{BootSpec, CreateInstance, Instance, InstanceSpec, NicSpec};
+use ferry_api::instances::{CreateInstance, Instance};
 use ferry_api::migrations::{CreateMigration, Migration, MigrationOptions, MigrationState};
 use ferry_api::ErrorBody;
-use ferry_cli::commands::instance::{mac_for, LAB_NETWORK};
+use ferry_cli::commands::instance::mac_for;
 use ferry_cli::commands::migrate::follow;
 use ferry_cli::error::CliError;
 use ferry_cli::local_cluster::LocalCluster;
 use ferry_lab::guest_client::{self, tcp_echo_roundtrip, EchoProbe};
 use ferry_lab::guest_config::{Fill, GuestConfig, CONTROL_PORT, ECHO_PORT};
 use ferry_lab::image::ensure_image;
+use ferry_lab::instance::guest_instance_spec;
 use ferry_lab::net::{tcp_connect_in, udp_bind_in, LabNet};
 use ferry_lab::serial::{heartbeat_gap, SerialMonitor};
 use ferry_lab::LabError;
@@ -221,25 +222,11 @@ async fn demo(args: &DemoArgs, report: &mut DemoReport) -> Result<(), CliError> 
         ),
     );
     let ip = cluster.net.guest_addr(0);
-    let spec = InstanceSpec {
-        memory_mib: args.memory_mib,
-        vcpus: 1,
-        cpu_model: "qemu64".into(),
-        machine: "pc".into(),
-        boot: BootSpec {
-            kernel: image.kernel.display().to_string(),
-            initrd: image.initrd.display().to_string(),
-            cmdline: GuestConfig {
-                ip: Some((ip, LabNet::GUEST_PREFIX)),
-                ..config
-            }
-            .kernel_cmdline(),
-        },
-        nics: vec![NicSpec {
-            network: LAB_NETWORK.into(),
-            mac: mac_for(VM, 0),
-        }],
+    let config = GuestConfig {
+        ip: Some((ip, LabNet::GUEST_PREFIX)),
+        ..config
     };
+    let spec = guest_instance_spec(&image, &config, args.memory_mib, &mac_for(VM, 0));
     let vm: Instance = cluster
         .ctx
         .post(

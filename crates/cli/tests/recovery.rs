@@ -7,15 +7,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ferry_api::hosts::{Host, HostState};
-use ferry_api::instances::{
-    BootSpec, CreateInstance, Instance, InstanceSpec, InstanceState, NicSpec,
-};
+use ferry_api::instances::{CreateInstance, Instance, InstanceState};
 use ferry_api::migrations::{CreateMigration, Migration, MigrationOptions, MigrationState};
 use ferry_api::ApiClient;
 use ferry_cli::commands::lab::{agent_config, server_config};
 use ferry_lab::guest_client;
 use ferry_lab::guest_config::{GuestConfig, CONTROL_PORT};
 use ferry_lab::image::{ensure_image, ImageOptions};
+use ferry_lab::instance::guest_instance_spec;
 use ferry_lab::net::{remove_orphan_test_labs, tcp_connect_in, unique_test_lab_name, LabNet};
 
 const ADMIN: &str = "admin-token-recovery-0123456789";
@@ -35,6 +34,8 @@ struct Procs {
     server: Option<Child>,
     agents: Vec<Option<Child>>,
     api: ApiClient,
+    /// The migration a crash test followed to its end.
+    last: Option<Migration>,
     // Last: removing the namespaces also kills the QEMUs the agents left.
     lab: LabNet,
 }
@@ -96,6 +97,7 @@ impl Procs {
             dir,
             server: None,
             agents: vec![None, None],
+            last: None,
             lab,
         };
         p.server = Some(p.spawn("server"));
@@ -160,21 +162,7 @@ impl Procs {
         let req = CreateInstance {
             name: "survivor".into(),
             host: Some("hv1".into()),
-            spec: InstanceSpec {
-                memory_mib: 192,
-                vcpus: 1,
-                cpu_model: "qemu64".into(),
-                machine: "pc".into(),
-                boot: BootSpec {
-                    kernel: image.kernel.display().to_string(),
-                    initrd: image.initrd.display().to_string(),
-                    cmdline: config.kernel_cmdline(),
-                },
-                nics: vec![NicSpec {
-                    network: "lab".into(),
-                    mac: "52:54:00:bb:00:01".into(),
-                }],
-            },
+            spec: guest_instance_spec(&image, &config, 192, "52:54:00:bb:00:01"),
             start: true,
         };
         let vm: Instance = self.api.post("/v1/instances", &req).await.unwrap();
@@ -314,19 +302,34 @@ impl Drop for Procs {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_killed_mid_migration_finishes_the_job_after_restart() {
+/// Which process a crash test kills: `None` the server, `Some(i)` agent `i` (0: the source).
+async fn crash_mid_migration(agent: Option<usize>) -> Procs {
     let mut p = Procs::start().await;
     p.vm().await;
     let m = p.start_slow_migration().await;
-    Procs::kill9(&mut p.server);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    p.server = Some(p.spawn("server"));
+    match agent {
+        None => Procs::kill9(&mut p.server),
+        Some(i) => Procs::kill9(&mut p.agents[i]),
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    match agent {
+        None => p.server = Some(p.spawn("server")),
+        Some(i) => p.agents[i] = Some(p.spawn(&format!("hv{}", i + 1))),
+    }
     let m = p.wait_end(m.id).await;
     assert!(
         matches!(m.state, MigrationState::Completed | MigrationState::Failed),
         "{m:?}"
     );
+    p.assert_one_copy_where_recorded().await;
+    p.last = Some(m);
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_killed_mid_migration_finishes_the_job_after_restart() {
+    let p = crash_mid_migration(None).await;
+    let m = p.last.clone().unwrap();
     let logs: Vec<ferry_api::migrations::LogLine> = p
         .api
         .get(&format!("/v1/migrations/{}/logs", m.id))
@@ -336,39 +339,16 @@ async fn server_killed_mid_migration_finishes_the_job_after_restart() {
         logs.iter().any(|l| l.message.contains("re-attaching")),
         "{logs:?}"
     );
-    p.assert_one_copy_where_recorded().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_agent_killed_mid_migration_ends_cleanly_and_readopts() {
-    let mut p = Procs::start().await;
-    p.vm().await;
-    let m = p.start_slow_migration().await;
-    Procs::kill9(&mut p.agents[0]);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    p.agents[0] = Some(p.spawn("hv1"));
-    let m = p.wait_end(m.id).await;
-    assert!(
-        matches!(m.state, MigrationState::Completed | MigrationState::Failed),
-        "{m:?}"
-    );
-    p.assert_one_copy_where_recorded().await;
+    crash_mid_migration(Some(0)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destination_agent_killed_mid_migration_ends_cleanly_and_readopts() {
-    let mut p = Procs::start().await;
-    p.vm().await;
-    let m = p.start_slow_migration().await;
-    Procs::kill9(&mut p.agents[1]);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    p.agents[1] = Some(p.spawn("hv2"));
-    let m = p.wait_end(m.id).await;
-    assert!(
-        matches!(m.state, MigrationState::Completed | MigrationState::Failed),
-        "{m:?}"
-    );
-    p.assert_one_copy_where_recorded().await;
+    crash_mid_migration(Some(1)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

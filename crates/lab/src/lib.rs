@@ -8,6 +8,7 @@ mod error;
 pub mod guest_client;
 pub mod guest_config;
 pub mod image;
+pub mod instance;
 #[allow(clippy::module_inception)]
 mod lab;
 mod migration;

@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ferry_qmp::commands::{
-    Cont, Migrate, MigrateCancel, MigrateSetCapabilities, MigrationStatus, QueryMigrate,
-    QueryStatus, RunState,
+    Cont, Migrate, MigrateCancel, MigrateSetCapabilities, MigrationInfo, MigrationStatus,
+    QueryMigrate, QueryStatus, RunState,
 };
 use ferry_qmp::Qmp;
 use serde::{Deserialize, Serialize};
@@ -56,6 +56,20 @@ pub struct SourceOutcome {
     pub transferred_bytes: u64,
     pub iterations: u64,
     pub final_progress: Progress,
+}
+
+impl SourceOutcome {
+    /// QEMU's figures of a completed migration, with the last sample taken of it.
+    pub fn completed(info: &MigrationInfo, progress: Progress) -> SourceOutcome {
+        SourceOutcome {
+            total_time_ms: info.total_time.unwrap_or(progress.elapsed_ms),
+            downtime_ms: info.downtime.unwrap_or(0),
+            setup_time_ms: info.setup_time,
+            transferred_bytes: progress.transferred_bytes,
+            iterations: progress.iteration,
+            final_progress: progress,
+        }
+    }
 }
 
 /// Sets the capabilities both sides need; the destination calls this too, before listening.
@@ -115,14 +129,7 @@ pub async fn run_source(
         observe(&progress);
         match info.status {
             Some(MigrationStatus::Completed) => {
-                return Ok(SourceOutcome {
-                    total_time_ms: info.total_time.unwrap_or(progress.elapsed_ms),
-                    downtime_ms: info.downtime.unwrap_or(0),
-                    setup_time_ms: info.setup_time,
-                    transferred_bytes: progress.transferred_bytes,
-                    iterations: progress.iteration,
-                    final_progress: progress,
-                })
+                return Ok(SourceOutcome::completed(&info, progress))
             }
             Some(MigrationStatus::Failed) => {
                 ensure_running(qmp).await?;

@@ -82,8 +82,7 @@ pub struct CreateArgs {
 
 /// The lab guest's default RAM: its 64 MiB working set plus the kernel's reserve, with room.
 pub const LAB_GUEST_MEMORY_MIB: u32 = 256;
-/// The network every lab host offers (bridge `br0` in each host namespace).
-pub const LAB_NETWORK: &str = "lab";
+pub use ferry_lab::instance::LAB_NETWORK;
 
 /// One `--nic` value.
 #[derive(Debug, Clone, PartialEq, Eq)]

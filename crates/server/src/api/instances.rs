@@ -165,11 +165,12 @@ pub async fn create(
             &serde_json::json!({"host": host.name, "spec": req.spec}),
         )
         .await?;
-    let mut instance = instance;
-    if req.start {
-        instance = start_on_agent(&state, &who, instance).await?;
-    }
-    publish(&state, &instance);
+    let instance = if req.start {
+        power(&state, &who, instance, InstanceState::Running).await?
+    } else {
+        publish(&state, &instance);
+        instance
+    };
     Ok((StatusCode::CREATED, Json(instance)))
 }
 
@@ -184,30 +185,36 @@ fn refuse_if_migrating(i: &Instance) -> Result<(), ServerError> {
     }
 }
 
-async fn start_on_agent(
+/// Starts or stops an instance on its agent, then records and audits it.
+async fn power(
     state: &AppState,
     who: &Admin,
     i: Instance,
+    to: InstanceState,
 ) -> Result<Instance, ServerError> {
+    let verb = if to == InstanceState::Running {
+        "start"
+    } else {
+        "stop"
+    };
     let agent = agent_client(&state.store, &i.host).await?;
     let _: AgentInstance = agent
-        .post(&format!("/v1/instances/{}/start", i.id), &())
+        .post(&format!("/v1/instances/{}/{verb}", i.id), &())
         .await
         .map_err(|e| ServerError::from_agent(&i.host, e))?;
-    state
-        .store
-        .set_instance_state(i.id, InstanceState::Running)
-        .await?;
+    state.store.set_instance_state(i.id, to).await?;
     state
         .store
         .audit(
             &who.name,
-            "instance.start",
+            &format!("instance.{verb}"),
             &i.name,
             &serde_json::json!({"host": i.host}),
         )
         .await?;
-    find(state, &i.id.to_string()).await
+    let i = find(state, &i.id.to_string()).await?;
+    publish(state, &i);
+    Ok(i)
 }
 
 #[utoipa::path(post, path = "/v1/instances/{id}/start", responses((status = 200, body = Instance)))]
@@ -218,9 +225,7 @@ pub async fn start(
 ) -> Result<Json<Instance>, ServerError> {
     let i = find(&state, &id).await?;
     refuse_if_migrating(&i)?;
-    let i = start_on_agent(&state, &who, i).await?;
-    publish(&state, &i);
-    Ok(Json(i))
+    Ok(Json(power(&state, &who, i, InstanceState::Running).await?))
 }
 
 #[utoipa::path(post, path = "/v1/instances/{id}/stop", responses((status = 200, body = Instance)))]
@@ -231,27 +236,7 @@ pub async fn stop(
 ) -> Result<Json<Instance>, ServerError> {
     let i = find(&state, &id).await?;
     refuse_if_migrating(&i)?;
-    let agent = agent_client(&state.store, &i.host).await?;
-    let _: AgentInstance = agent
-        .post(&format!("/v1/instances/{}/stop", i.id), &())
-        .await
-        .map_err(|e| ServerError::from_agent(&i.host, e))?;
-    state
-        .store
-        .set_instance_state(i.id, InstanceState::Stopped)
-        .await?;
-    state
-        .store
-        .audit(
-            &who.name,
-            "instance.stop",
-            &i.name,
-            &serde_json::json!({"host": i.host}),
-        )
-        .await?;
-    let i = find(&state, &id).await?;
-    publish(&state, &i);
-    Ok(Json(i))
+    Ok(Json(power(&state, &who, i, InstanceState::Stopped).await?))
 }
 
 /// Deletes a stopped instance's definition (its files on shared storage stay).

@@ -8,14 +8,13 @@ use std::time::{Duration, Instant};
 
 use ferry_agent::{AgentConfig, AgentHandle, NetworkConfig};
 use ferry_api::hosts::{Host, HostState};
-use ferry_api::instances::{
-    BootSpec, CreateInstance, Instance, InstanceSpec, InstanceState, NicSpec,
-};
+use ferry_api::instances::{CreateInstance, Instance, InstanceSpec, InstanceState};
 use ferry_api::migrations::{CreateMigration, Migration, MigrationOptions};
 use ferry_api::ApiClient;
 use ferry_lab::guest_client::{self, VerifyReport};
 use ferry_lab::guest_config::{GuestConfig, CONTROL_PORT};
 use ferry_lab::image::{ensure_image, GuestImage, ImageOptions};
+use ferry_lab::instance::guest_instance_spec;
 use ferry_lab::net::{remove_orphan_test_labs, tcp_connect_in, unique_test_lab_name, LabNet};
 use ferry_server::config::Limits;
 use ferry_server::{ServerConfig, ServerHandle};
@@ -138,21 +137,12 @@ impl Cluster {
             ip: Some((self.lab.guest_addr(k), 24)),
             ..config
         };
-        InstanceSpec {
+        guest_instance_spec(
+            &self.image,
+            &config,
             memory_mib,
-            vcpus: 1,
-            cpu_model: "qemu64".into(),
-            machine: "pc".into(),
-            boot: BootSpec {
-                kernel: self.image.kernel.display().to_string(),
-                initrd: self.image.initrd.display().to_string(),
-                cmdline: config.kernel_cmdline(),
-            },
-            nics: vec![NicSpec {
-                network: "lab".into(),
-                mac: format!("52:54:00:aa:00:{k:02x}"),
-            }],
-        }
+            &format!("52:54:00:aa:00:{k:02x}"),
+        )
     }
 
     pub fn small_guest() -> GuestConfig {

@@ -1,0 +1,35 @@
+//! The lab guest as an instance of the API: what the demo, the lab CLI and the tests ask the
+//! server (or an agent) to run.
+
+use ferry_api::instances::{BootSpec, InstanceSpec, NicSpec};
+
+use crate::guest_config::GuestConfig;
+use crate::image::GuestImage;
+
+/// The network every lab host attaches guests to (its `br0`).
+pub const LAB_NETWORK: &str = "lab";
+
+/// A lab guest booting `image` with `config`, `memory_mib` of RAM, and one NIC on the lab
+/// network with `mac`.
+pub fn guest_instance_spec(
+    image: &GuestImage,
+    config: &GuestConfig,
+    memory_mib: u32,
+    mac: &str,
+) -> InstanceSpec {
+    InstanceSpec {
+        memory_mib,
+        vcpus: 1,
+        cpu_model: "qemu64".into(),
+        machine: "pc".into(),
+        boot: BootSpec {
+            kernel: image.kernel.display().to_string(),
+            initrd: image.initrd.display().to_string(),
+            cmdline: config.kernel_cmdline(),
+        },
+        nics: vec![NicSpec {
+            network: LAB_NETWORK.into(),
+            mac: mac.into(),
+        }],
+    }
+}
