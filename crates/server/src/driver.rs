@@ -355,19 +355,42 @@ impl<'a> AgentHalves<'a> {
         *self.cancel.borrow()
     }
 
-    /// Calls an agent, retrying while it cannot be reached, up to [`AGENT_RETRY`].
-    async fn retrying<T, F, Fut>(&self, host: &str, mut call: F) -> Result<T, ApiError>
+    /// Calls an agent, retrying while it cannot be reached, up to [`AGENT_RETRY`]. Before
+    /// switchover (`cancellable`) a cancel request ends the retries at once, so cancelling
+    /// works while a host is down.
+    async fn retrying<T, F, Fut>(
+        &self,
+        host: &str,
+        cancellable: bool,
+        mut call: F,
+    ) -> Result<T, ApiError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, ApiError>>,
     {
         let deadline = Instant::now() + AGENT_RETRY;
+        let mut logged = false;
         loop {
             match call().await {
-                Err(ApiError::Unreachable { .. }) if Instant::now() < deadline => {
-                    self.log("warn", &format!("agent on {host} unreachable; retrying"))
+                Err(ApiError::Unreachable { .. })
+                    if Instant::now() < deadline && !(cancellable && self.cancel_requested()) =>
+                {
+                    if !logged {
+                        self.log(
+                            "warn",
+                            &format!(
+                                "agent on {host} unreachable; retrying for up to {} s",
+                                AGENT_RETRY.as_secs()
+                            ),
+                        )
                         .await;
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                        logged = true;
+                    }
+                    let mut cancel = self.cancel.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {},
+                        _ = cancel.changed(), if cancellable => {},
+                    }
                 }
                 other => return other,
             }
@@ -430,8 +453,11 @@ impl MigrationHalves for AgentHalves<'_> {
         let path = self.path("/incoming");
         let dst = self.dst.clone();
         let ready: Result<IncomingReady, ApiError> = self
-            .retrying(&self.m.destination.clone(), || dst.post(&path, &body))
+            .retrying(&self.m.destination.clone(), true, || dst.post(&path, &body))
             .await;
+        if ready.is_err() && self.cancel_requested() {
+            return Err(MigrateError::Cancelled);
+        }
         let ready = ready.map_err(|e| self.agent_failed(&self.m.destination.clone(), e))?;
         self.log("info", &format!("destination listening on {}", ready.addr))
             .await;
@@ -464,8 +490,11 @@ impl MigrationHalves for AgentHalves<'_> {
             let path = self.path("/source");
             let src = self.src.clone();
             let started: Result<SourceStatus, ApiError> = self
-                .retrying(&self.m.source.clone(), || src.post(&path, &body))
+                .retrying(&self.m.source.clone(), true, || src.post(&path, &body))
                 .await;
+            if started.is_err() && self.cancel_requested() {
+                return Err(MigrateError::Cancelled);
+            }
             started.map_err(|e| self.agent_failed(&self.m.source.clone(), e))?;
         }
         let poll = Duration::from_millis(self.state.config.progress_poll_ms);
@@ -555,7 +584,7 @@ impl MigrationHalves for AgentHalves<'_> {
         let path = self.path("/confirm");
         let dst = self.dst.clone();
         let confirmed: Result<AgentInstance, ApiError> = self
-            .retrying(&self.m.destination.clone(), || dst.post(&path, &()))
+            .retrying(&self.m.destination.clone(), false, || dst.post(&path, &()))
             .await;
         confirmed.map_err(|e| self.agent_failed(&self.m.destination.clone(), e))?;
         // The guest runs on the destination: ownership moves now, before the source is torn
@@ -575,7 +604,7 @@ impl MigrationHalves for AgentHalves<'_> {
         let path = self.path("/finish");
         let src = self.src.clone();
         let done: Result<serde_json::Value, ApiError> = self
-            .retrying(&self.m.source.clone(), || src.post(&path, &()))
+            .retrying(&self.m.source.clone(), false, || src.post(&path, &()))
             .await;
         match done {
             Ok(_) => self.log("info", &format!("source QEMU on {} stopped", self.m.source)).await,
@@ -591,7 +620,7 @@ impl MigrationHalves for AgentHalves<'_> {
         let path = self.path("/incoming");
         let dst = self.dst.clone();
         let removed: Result<serde_json::Value, ApiError> = self
-            .retrying(&self.m.destination.clone(), || dst.delete(&path))
+            .retrying(&self.m.destination.clone(), false, || dst.delete(&path))
             .await;
         match removed {
             Ok(_) => {
@@ -611,7 +640,7 @@ impl MigrationHalves for AgentHalves<'_> {
         let path = self.path("/resume");
         let src = self.src.clone();
         let resumed: Result<AgentInstance, ApiError> = self
-            .retrying(&self.m.source.clone(), || src.post(&path, &()))
+            .retrying(&self.m.source.clone(), false, || src.post(&path, &()))
             .await;
         match resumed {
             Ok(_) => Ok(()),

@@ -189,7 +189,7 @@ async fn the_queue_honours_limits_in_order_and_one_migration_per_instance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_in_pending_preparing_and_migrating_leaves_the_guest_on_the_source() {
-    let c = Cluster::start(
+    let mut c = Cluster::start(
         2,
         Limits {
             per_host_outbound: 1,
@@ -232,14 +232,24 @@ async fn cancel_in_pending_preparing_and_migrating_leaves_the_guest_on_the_sourc
         "{logs:?}"
     );
 
-    // Preparing: cancelled right after the scheduler picked it up.
+    // Preparing: with hv2's agent down, the job stays in Preparing (the server retries the
+    // destination) until the cancel arrives.
+    let agent2 = c.agents[1].take().unwrap();
+    agent2.shutdown().await;
     let prep = c.migrate("busy", "hv2", slow()).await;
     let seen = c.wait_state(prep.id, MigrationState::Preparing).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(c.migration(seen.id).await.state, MigrationState::Preparing);
     let _: Migration = c
         .admin
         .post(&format!("/v1/migrations/{}/cancel", seen.id), &())
         .await
         .unwrap();
+    c.agents[1] = Some(
+        ferry_agent::start(c.agent_configs[1].clone())
+            .await
+            .unwrap(),
+    );
     let prep = c.wait_end(prep.id, Duration::from_secs(60)).await;
     assert_eq!(prep.state, MigrationState::Cancelled, "{prep:?}");
 
