@@ -114,7 +114,7 @@ fn kvm_runs_instructions(qemu: &Path) -> Result<(), String> {
         return Err("/dev/kvm does not exist".into());
     }
     let dir = tempdir()?;
-    let bios = dir.join("probe.bin");
+    let bios = dir.0.join("probe.bin");
     let mut rom = vec![0xF4u8; 65536]; // hlt everywhere
     rom[0xFFF0..0xFFF5].copy_from_slice(&[0xB0, 0x10, 0xE6, 0xF4, 0xF4]); // mov al,16; out 0xf4,al; hlt
     std::fs::write(&bios, &rom).map_err(|e| e.to_string())?;
@@ -126,9 +126,7 @@ fn kvm_runs_instructions(qemu: &Path) -> Result<(), String> {
     .arg("-bios")
     .arg(&bios)
     .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
-    let result = run_with_timeout(cmd, Duration::from_secs(10), None);
-    let _ = std::fs::remove_dir_all(&dir);
-    match result? {
+    match run_with_timeout(cmd, Duration::from_secs(10), None)? {
         (Some(33), _) => Ok(()),
         (code, out) => Err(format!(
             "the KVM instruction probe ended with {code:?}: {}",
@@ -174,7 +172,7 @@ fn run_with_timeout(
 ) -> Result<(Option<i32>, String), String> {
     use std::io::Read;
     let dir = tempdir()?;
-    let out_path = dir.join("out");
+    let out_path = dir.0.join("out");
     let out = std::fs::File::create(&out_path).map_err(|e| e.to_string())?;
     let err = out.try_clone().map_err(|e| e.to_string())?;
     let mut child = cmd
@@ -202,12 +200,19 @@ fn run_with_timeout(
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let output = read_out();
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok((code, output))
+    Ok((code, read_out()))
 }
 
-fn tempdir() -> Result<PathBuf, String> {
+/// A scratch directory removed when dropped, so no return path leaks it.
+struct ScratchDir(PathBuf);
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempdir() -> Result<ScratchDir, String> {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
     let dir = std::env::temp_dir().join(format!(
@@ -216,7 +221,7 @@ fn tempdir() -> Result<PathBuf, String> {
         N.fetch_add(1, Ordering::Relaxed)
     ));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    Ok(dir)
+    Ok(ScratchDir(dir))
 }
 
 #[cfg(test)]

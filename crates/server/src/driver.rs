@@ -402,7 +402,9 @@ impl<'a> AgentHalves<'a> {
             self.seq = self.seq.max(seq);
             // What QEMU reported, once per phase or round, so the log tells the story without
             // every sample.
-            if self.last_reported != Some((p.phase, p.iteration)) {
+            if p.phase != ferry_migrate::Phase::Setup
+                && self.last_reported != Some((p.phase, p.iteration))
+            {
                 self.last_reported = Some((p.phase, p.iteration));
                 let mib = |b: u64| b as f64 / (1 << 20) as f64;
                 self.log(
