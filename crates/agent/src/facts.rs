@@ -145,6 +145,7 @@ impl StaticFacts {
             cores: self.cpu.cores,
             ram_total_mib,
             ram_free_mib,
+            ram_reserve_mib: 0,
             accel: self.accel.name().to_string(),
             qemu_version: self.qemu_version.clone(),
             machine_types: self.machine_types.clone(),

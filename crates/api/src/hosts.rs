@@ -15,6 +15,9 @@ pub struct HostFacts {
     pub cores: u32,
     pub ram_total_mib: u64,
     pub ram_free_mib: u64,
+    /// RAM the host keeps for itself; a destination needs instance RAM plus this free.
+    #[serde(default)]
+    pub ram_reserve_mib: u64,
     /// `kvm` or `tcg`: what this host's guests run with.
     pub accel: String,
     pub qemu_version: String,

@@ -5,6 +5,7 @@
 //! Keeping them in one crate means a field renamed on one side fails to compile on the other.
 
 pub mod agent;
+pub mod checks;
 mod client;
 mod error;
 pub mod hosts;

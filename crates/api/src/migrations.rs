@@ -92,6 +92,9 @@ pub struct MigrationOptions {
     /// that only the destination has).
     #[serde(default)]
     pub post_copy: bool,
+    /// Start even though pre-flight checks documented as overridable fail.
+    #[serde(default)]
+    pub force: bool,
 }
 
 impl MigrationOptions {

@@ -58,6 +58,7 @@ impl MigrateArgs {
             auto_converge: self.auto_converge,
             compress: self.compress,
             post_copy: self.post_copy,
+            force: false,
         };
         options.validate().map_err(CliError::Local)?;
         Ok(CreateMigration {
