@@ -36,6 +36,7 @@ fn host(name: &str, state: HostState, facts: bool) -> Host {
             cores: 2,
             ram_total_mib: 24064,
             ram_free_mib: 512,
+            ram_reserve_mib: 0,
             accel: "tcg".into(),
             qemu_version: "7.2.0".into(),
             machine_types: vec!["pc".into()],

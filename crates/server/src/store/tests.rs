@@ -17,6 +17,7 @@ fn facts(name: &str) -> HostFacts {
         cores: 4,
         ram_total_mib: 8192,
         ram_free_mib: 4096,
+        ram_reserve_mib: 0,
         accel: "tcg".into(),
         qemu_version: "8.2.0".into(),
         machine_types: vec!["pc".into()],
