@@ -77,7 +77,8 @@ fn migrate_flags_build_the_request() {
                 "downtime_ms": 50,
                 "auto_converge": true,
                 "compress": true,
-                "post_copy": false
+                "post_copy": false,
+                "force": false
             },
             "kind": "live"
         })
