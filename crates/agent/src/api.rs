@@ -10,11 +10,12 @@ use axum::{middleware, Json, Router};
 use ferry_api::agent::{
     AgentInstance, DefineInstance, IncomingReady, PrepareIncoming, SourceStatus, StartSource,
 };
+use ferry_api::checks::{CpuModelFeatures, ProbeConnect, ProbeListening, ProbeResult};
 use ferry_api::hosts::HostFacts;
 use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::{auth, Agent, AgentError};
+use crate::{auth, checks, Agent, AgentError};
 
 type ApiResult<T> = Result<Json<T>, AgentError>;
 
@@ -41,6 +42,9 @@ pub(crate) fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/migrations/{mid}/cancel", post(cancel))
         .route("/v1/migrations/{mid}/finish", post(finish))
         .route("/v1/migrations/{mid}/resume", post(resume))
+        .route("/v1/probe/listen", post(probe_listen))
+        .route("/v1/probe/connect", post(probe_connect))
+        .route("/v1/cpu-models/{model}", get(cpu_model))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             agent.clone(),
@@ -66,11 +70,7 @@ async fn not_found(uri: axum::http::Uri) -> AgentError {
 }
 
 async fn facts(State(agent): State<Arc<Agent>>) -> ApiResult<HostFacts> {
-    let a = agent.clone();
-    let facts = tokio::task::spawn_blocking(move || a.facts.current(&a.config))
-        .await
-        .map_err(|e| AgentError::Internal(format!("fact collection panicked: {e}")))?;
-    Ok(Json(facts))
+    Ok(Json(agent.host_facts().await?))
 }
 
 async fn list_instances(State(agent): State<Arc<Agent>>) -> ApiResult<Vec<AgentInstance>> {
@@ -183,4 +183,22 @@ async fn resume(
     Path(mid): Path<String>,
 ) -> ApiResult<AgentInstance> {
     Ok(Json(agent.resume_source(uuid(&mid)?).await?))
+}
+
+async fn probe_listen(State(agent): State<Arc<Agent>>) -> ApiResult<ProbeListening> {
+    Ok(Json(checks::probe_listen(&agent).await?))
+}
+
+async fn probe_connect(
+    State(agent): State<Arc<Agent>>,
+    req: Result<Json<ProbeConnect>, JsonRejection>,
+) -> ApiResult<ProbeResult> {
+    Ok(Json(checks::probe_connect(&agent, body(req)?).await?))
+}
+
+async fn cpu_model(
+    State(agent): State<Arc<Agent>>,
+    Path(model): Path<String>,
+) -> ApiResult<CpuModelFeatures> {
+    Ok(Json(checks::cpu_model_features(&agent, &model).await?))
 }

@@ -55,6 +55,19 @@ pub struct AgentConfig {
     /// Interval between heartbeats to the server.
     #[serde(default = "default_heartbeat_ms")]
     pub heartbeat_ms: u64,
+    /// RAM (MiB) kept for the host itself and never planned for guests; reported as
+    /// `ram_reserve_mib` so the server subtracts it from the free RAM.
+    #[serde(default = "default_reserve_mib")]
+    pub reserve_mib: u64,
+    /// Lab only: pretend the host has this much RAM (MiB). Reported as the total, and the free
+    /// RAM becomes `min(real free, capacity - RAM of the guests running here)`, so lab hosts on
+    /// one machine can be given honestly different sizes.
+    #[serde(default)]
+    pub ram_capacity_mib: Option<u64>,
+    /// Lab only: CPU flags (cpuinfo spelling, e.g. `avx2`) left out of the reported flags, so a
+    /// lab host can pretend to lack them.
+    #[serde(default)]
+    pub cpu_flags_mask: Vec<String>,
 }
 
 /// A storage location guests' files live in.
@@ -95,6 +108,9 @@ fn default_accel() -> String {
 }
 fn default_heartbeat_ms() -> u64 {
     2000
+}
+fn default_reserve_mib() -> u64 {
+    2048
 }
 
 impl AgentConfig {
@@ -181,6 +197,9 @@ mod tests {
         assert_eq!(c.accel, "auto");
         assert_eq!(c.migration_ports, "49152-49215");
         assert!(c.networks.is_empty());
+        assert_eq!(c.reserve_mib, 2048);
+        assert_eq!(c.ram_capacity_mib, None);
+        assert!(c.cpu_flags_mask.is_empty());
     }
 
     #[test]
@@ -196,6 +215,9 @@ migration_addr = "10.78.0.12"
 migration_ports = "5000-5010"
 accel = "tcg"
 heartbeat_ms = 500
+reserve_mib = 512
+ram_capacity_mib = 4096
+cpu_flags_mask = ["avx2", "avx512f"]
 [[datastores]]
 name = "local"
 path = "/srv/ferry"
@@ -211,6 +233,9 @@ subnet = "10.77.0.0/24"
         assert_eq!(c.port_range().unwrap().last, 5010);
         assert_eq!(c.network("lab").unwrap().bridge, "br0");
         assert_eq!(c.datastores[0].path, PathBuf::from("/srv/ferry"));
+        assert_eq!(c.reserve_mib, 512);
+        assert_eq!(c.ram_capacity_mib, Some(4096));
+        assert_eq!(c.cpu_flags_mask, ["avx2", "avx512f"]);
     }
 
     #[test]

@@ -36,6 +36,9 @@ pub enum AgentError {
     /// No migration with this id known to this host.
     #[error("migration {0} is not known on this host")]
     MigrationNotFound(Uuid),
+    /// QEMU does not know this CPU model.
+    #[error("QEMU on this host does not know CPU model '{0}'")]
+    CpuModelUnknown(String),
     /// The request contradicts the current state (running guest, migration in flight, ...).
     #[error("{message}")]
     Conflict {
@@ -100,6 +103,7 @@ impl AgentError {
             AgentError::InstanceNotFound(_) => "instance-not-found",
             AgentError::MigrationNotFound(_) => "migration-not-found",
             AgentError::NoSuchEndpoint(_) => "no-such-endpoint",
+            AgentError::CpuModelUnknown(_) => "cpu-model-unknown",
             AgentError::Conflict { code, .. } => code,
             AgentError::Qemu(e) => e.code(),
             AgentError::Migrate(e) => e.code(),
@@ -127,6 +131,9 @@ impl AgentError {
                 "the migration never reached this host, or its record was removed"
             }
             AgentError::NoSuchEndpoint(_) => "see ferry_api::agent for the agent's endpoints",
+            AgentError::CpuModelUnknown(_) => {
+                "names are case-sensitive; `qemu-system-x86_64 -cpu help` lists this host's models"
+            }
             AgentError::Conflict { hint, .. } => hint,
             AgentError::Qemu(e) => e.hint(),
             AgentError::Migrate(e) => e.hint(),
@@ -148,7 +155,8 @@ impl AgentError {
             AgentError::NotJoined => StatusCode::SERVICE_UNAVAILABLE,
             AgentError::InstanceNotFound(_)
             | AgentError::MigrationNotFound(_)
-            | AgentError::NoSuchEndpoint(_) => StatusCode::NOT_FOUND,
+            | AgentError::NoSuchEndpoint(_)
+            | AgentError::CpuModelUnknown(_) => StatusCode::NOT_FOUND,
             AgentError::Conflict { .. } => StatusCode::CONFLICT,
             AgentError::Qemu(QemuError::InvalidSpec { .. } | QemuError::UnknownAccel(_)) => {
                 StatusCode::BAD_REQUEST
@@ -222,6 +230,11 @@ mod tests {
                 "invalid-instance-spec",
             ),
             (AgentError::Internal("x".into()), 500, "agent-internal"),
+            (
+                AgentError::CpuModelUnknown("nope".into()),
+                404,
+                "cpu-model-unknown",
+            ),
             (
                 AgentError::Qmp(ferry_qmp::QmpError::Closed),
                 500,

@@ -133,19 +133,21 @@ impl StaticFacts {
         })
     }
 
-    /// Full facts: the static part plus memory and datastores measured now.
-    pub fn current(&self, config: &AgentConfig) -> HostFacts {
+    /// Full facts: the static part plus memory and datastores measured now. `guest_ram_mib` is
+    /// the RAM of the guests running here (used only with `ram_capacity_mib`).
+    pub fn current(&self, config: &AgentConfig, guest_ram_mib: u64) -> HostFacts {
+        let real = parse_meminfo(&std::fs::read_to_string("/proc/meminfo").unwrap_or_default());
         let (ram_total_mib, ram_free_mib) =
-            parse_meminfo(&std::fs::read_to_string("/proc/meminfo").unwrap_or_default());
+            apply_capacity(real, config.ram_capacity_mib, guest_ram_mib);
         HostFacts {
             name: config.name.clone(),
             cpu_vendor: self.cpu.vendor.clone(),
             cpu_model: self.cpu.model.clone(),
-            cpu_flags: self.cpu.flags.clone(),
+            cpu_flags: mask_flags(&self.cpu.flags, &config.cpu_flags_mask),
             cores: self.cpu.cores,
             ram_total_mib,
             ram_free_mib,
-            ram_reserve_mib: 0,
+            ram_reserve_mib: config.reserve_mib,
             accel: self.accel.name().to_string(),
             qemu_version: self.qemu_version.clone(),
             machine_types: self.machine_types.clone(),
@@ -168,6 +170,24 @@ impl StaticFacts {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
         }
     }
+}
+
+/// `(total, free)` RAM to report: the real figures, or with a configured capacity
+/// `(capacity, min(real free, capacity - guest RAM))`.
+pub fn apply_capacity(real: (u64, u64), capacity: Option<u64>, guest_ram_mib: u64) -> (u64, u64) {
+    match capacity {
+        None => real,
+        Some(cap) => (cap, real.1.min(cap.saturating_sub(guest_ram_mib))),
+    }
+}
+
+/// `flags` without those named in `mask`, in their original order.
+pub fn mask_flags(flags: &[String], mask: &[String]) -> Vec<String> {
+    flags
+        .iter()
+        .filter(|f| !mask.contains(f))
+        .cloned()
+        .collect()
 }
 
 /// Space and identity of one datastore; zero sizes when the path cannot be measured.
@@ -240,6 +260,61 @@ q35                  Standard PC (Q35 + ICH9, 2009) (alias of pc-q35-7.2)\nnone 
             parse_machine_help(m),
             ["microvm", "pc", "pc-i440fx-7.2", "q35", "none"]
         );
+    }
+
+    #[test]
+    fn capacity_caps_total_and_free() {
+        assert_eq!(apply_capacity((24000, 20000), None, 4096), (24000, 20000));
+        // Capacity minus guests is below the real free RAM.
+        assert_eq!(
+            apply_capacity((24000, 20000), Some(4096), 1024),
+            (4096, 3072)
+        );
+        // The real free RAM is the smaller one.
+        assert_eq!(
+            apply_capacity((24000, 1000), Some(4096), 1024),
+            (4096, 1000)
+        );
+        // Guests above the capacity leave nothing, not an underflow.
+        assert_eq!(apply_capacity((24000, 20000), Some(1024), 2048), (1024, 0));
+    }
+
+    #[test]
+    fn mask_removes_flags() {
+        let flags: Vec<String> = ["fpu", "sse2", "avx2", "avx512f"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(
+            mask_flags(&flags, &["avx2".into(), "nothere".into()]),
+            ["fpu", "sse2", "avx512f"]
+        );
+        assert_eq!(mask_flags(&flags, &[]), flags);
+    }
+
+    #[test]
+    fn current_facts_honour_reserve_capacity_and_mask() {
+        let mut config = AgentConfig::from_toml_str(
+            "name = \"hv1\"\ncredential = \"c\"\nreserve_mib = 300\nram_capacity_mib = 2048\ncpu_flags_mask = [\"sse2\"]\n",
+            "agent.toml",
+        )
+        .unwrap();
+        let facts = StaticFacts {
+            cpu: parse_cpuinfo(CPUINFO),
+            accel: Accel::Tcg,
+            qemu_version: "7.2.22".into(),
+            machine_types: vec![],
+        };
+        let f = facts.current(&config, 512);
+        assert_eq!(f.ram_reserve_mib, 300);
+        assert_eq!(f.ram_total_mib, 2048);
+        assert!(f.ram_free_mib <= 1536, "{}", f.ram_free_mib);
+        assert_eq!(f.cpu_flags, ["fpu", "vme", "avx2", "hypervisor"]);
+        config.ram_capacity_mib = None;
+        config.cpu_flags_mask.clear();
+        let f = facts.current(&config, 512);
+        assert!(f.ram_total_mib > 0);
+        assert_eq!(f.cpu_flags.len(), 5);
+        assert_eq!(f.ram_reserve_mib, 300);
     }
 
     #[test]

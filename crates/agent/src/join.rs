@@ -50,8 +50,7 @@ pub(crate) async fn join_and_heartbeat(agent: Arc<Agent>, advertise_url: String)
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let a = agent.clone();
-        let facts = match tokio::task::spawn_blocking(move || a.facts.current(&a.config)).await {
+        let facts = match agent.host_facts().await {
             Ok(f) => f,
             Err(e) => {
                 warn!(error = %e, "fact collection failed");
@@ -84,7 +83,7 @@ async fn join(agent: &Agent, server: &str, advertise_url: &str) {
             join_token: token.clone(),
             name: agent.config.name.clone(),
             agent_url: advertise_url.to_string(),
-            facts: agent.facts.current(&agent.config),
+            facts: agent.facts.current(&agent.config, agent.guest_ram_mib()),
         };
         match client
             .post::<_, JoinResponse>("/v1/agents/join", &request)

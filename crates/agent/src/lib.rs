@@ -11,6 +11,7 @@
 
 mod api;
 mod auth;
+pub mod checks;
 pub mod config;
 mod error;
 pub mod facts;
@@ -50,6 +51,8 @@ pub(crate) struct Agent {
     pub(crate) migrations: Mutex<HashMap<Uuid, Arc<MigrationEntry>>>,
     /// Migration tasks, aborted at shutdown so that no monitor connection outlives the agent.
     pub(crate) tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Required features per CPU model (cpuinfo spelling), from QEMU's static expansion.
+    pub(crate) cpu_models: Mutex<HashMap<String, Vec<String>>>,
 }
 
 impl Agent {
@@ -63,6 +66,38 @@ impl Agent {
 
     pub(crate) fn set_credential(&self, credential: String) {
         *self.credential.write().unwrap_or_else(|p| p.into_inner()) = Some(credential);
+    }
+
+    /// RAM (MiB) of the instances that have a QEMU process here. An instance whose lock is
+    /// held (an operation in progress) cannot be looked at without waiting and is left out;
+    /// the next report counts it.
+    pub(crate) fn guest_ram_mib(&self) -> u64 {
+        let slots: Vec<_> = self
+            .instances
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        slots
+            .iter()
+            .map(|slot| match slot.try_lock() {
+                Ok(s) if s.deleted || s.process.is_none() => 0,
+                Ok(s) => u64::from(s.record.spec.memory_mib),
+                Err(_) => 0,
+            })
+            .sum()
+    }
+
+    /// The host's facts now (blocking file reads run off the async threads).
+    pub(crate) async fn host_facts(
+        self: &Arc<Self>,
+    ) -> Result<ferry_api::hosts::HostFacts, AgentError> {
+        let guest_ram = self.guest_ram_mib();
+        let a = self.clone();
+        tokio::task::spawn_blocking(move || a.facts.current(&a.config, guest_ram))
+            .await
+            .map_err(|e| AgentError::Internal(format!("fact collection panicked: {e}")))
     }
 
     /// Remembers a background task so that shutdown can stop it.
@@ -163,6 +198,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         instances: Mutex::new(HashMap::new()),
         migrations: Mutex::new(HashMap::new()),
         tasks: Mutex::new(Vec::new()),
+        cpu_models: Mutex::new(HashMap::new()),
     });
     agent.readopt_instances().await;
     agent.load_migrations().await;

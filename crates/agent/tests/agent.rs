@@ -45,6 +45,9 @@ fn config(name: &str, state_dir: &Path, netns: Option<String>, mig: Ipv4Addr) ->
             subnet: None,
         }],
         heartbeat_ms: 2000,
+        reserve_mib: 2048,
+        ram_capacity_mib: None,
+        cpu_flags_mask: vec![],
     }
 }
 

@@ -14,6 +14,8 @@
 //! - `POST /v1/migrations/{mid}/cancel` -> [`SourceStatus`]
 //! - `POST /v1/migrations/{mid}/finish` -> `()` (source: stop the handed-over QEMU)
 //! - `POST /v1/migrations/{mid}/resume` -> [`AgentInstance`] (source: make sure it runs)
+//! - `POST /v1/probe/listen`, `POST /v1/probe/connect`, `GET /v1/cpu-models/{model}`: the
+//!   agent's part of the pre-flight checks, see [`crate::checks`]
 //!
 //! Server endpoints for agents (bearer = join token for join, then the agent credential):
 //! - `POST /v1/agents/join` [`JoinRequest`] -> [`JoinResponse`]

@@ -9,7 +9,7 @@ use ferry_cli::commands::instance::{
     create_request, mac_for, parse_ip_prefix, parse_nic, InstanceCommand, LabImage, NicArg,
 };
 use ferry_cli::commands::lab::{agent_config, server_config, to_toml};
-use ferry_cli::commands::migrate::{exit_code_for, list_query, MigrationCommand};
+use ferry_cli::commands::migrate::{candidates_path, exit_code_for, list_query, MigrationCommand};
 use ferry_cli::commands::{seg, ClusterCommand};
 use ferry_cli::config::{resolve, FileConfig};
 use ferry_cli::error::{exit, CliError};
@@ -95,7 +95,37 @@ fn migrate_cold_and_conflicts() {
     assert_eq!(args.to_request().unwrap().kind, Some(MigrationKind::Cold));
     let err = parse(&["migrate", "vm", "--to", "hv1", "--watch", "--wait"]).unwrap_err();
     assert!(err.contains("cannot be used with"), "{err}");
-    assert!(parse(&["migrate", "vm"]).unwrap_err().contains("--to"));
+    // Without --to the server picks the destination.
+    let ClusterCommand::Migrate { args, .. } = parse(&["migrate", "vm"]).unwrap() else {
+        panic!()
+    };
+    assert_eq!(args.to_request().unwrap().destination, None);
+}
+
+#[test]
+fn migrate_check_and_force() {
+    let ClusterCommand::Migrate { args, .. } =
+        parse(&["migrate", "vm", "--to", "hv2", "--check"]).unwrap()
+    else {
+        panic!()
+    };
+    assert!(args.check && !args.force);
+    assert_eq!(
+        candidates_path(&args.instance, args.to.as_deref()),
+        "/v1/instances/vm/migration-candidates?destination=hv2"
+    );
+    assert_eq!(
+        candidates_path("a b", None),
+        "/v1/instances/a%20b/migration-candidates"
+    );
+    let err = parse(&["migrate", "vm", "--check", "--watch"]).unwrap_err();
+    assert!(err.contains("cannot be used with"), "{err}");
+    let ClusterCommand::Migrate { args, .. } =
+        parse(&["migrate", "vm", "--to", "hv2", "--force"]).unwrap()
+    else {
+        panic!()
+    };
+    assert!(args.to_request().unwrap().options.force);
 }
 
 #[test]
@@ -465,4 +495,50 @@ fn the_deployment_examples_parse() {
     assert_eq!(server.limits.cluster, 5);
     let agent = ferry_agent::AgentConfig::from_toml_file(&root.join("agent.toml")).unwrap();
     assert_eq!(agent.name, "hv1");
+}
+
+#[test]
+fn check_tables_show_status_message_and_hint() {
+    use ferry_api::checks::{Candidate, CheckResult, CheckStatus};
+    use ferry_cli::commands::migrate::{candidates_table, checks_table};
+    let check = |name: &str, status, overridable| CheckResult {
+        name: name.into(),
+        status,
+        message: format!("{name} message"),
+        hint: if status == CheckStatus::Pass {
+            String::new()
+        } else {
+            format!("{name} hint")
+        },
+        values: serde_json::json!({}),
+        overridable,
+    };
+    let unfit = Candidate {
+        host: "hv2".into(),
+        fit: false,
+        rank: 2,
+        free_ram_mib: 512,
+        checks: vec![
+            check("network", CheckStatus::Pass, false),
+            check("memory", CheckStatus::Fail, true),
+        ],
+    };
+    let table = checks_table(&unfit);
+    assert!(table.starts_with("CHECK"), "{table}");
+    assert!(
+        table.contains("memory   FAIL (--force)  memory message   memory hint"),
+        "{table}"
+    );
+    assert!(table.ends_with("hv2 does not fit"), "{table}");
+    let fit = Candidate {
+        host: "hv3".into(),
+        fit: true,
+        rank: 1,
+        free_ram_mib: 4096,
+        checks: vec![check("network", CheckStatus::Pass, false)],
+    };
+    let list = candidates_table(&[fit, unfit]);
+    let lines: Vec<&str> = list.lines().collect();
+    assert!(lines[1].starts_with("1     hv3   yes"), "{list}");
+    assert!(lines[2].contains("memory: memory message"), "{list}");
 }

@@ -124,6 +124,30 @@ fn lab_cluster_migrates_through_the_cli_and_cleans_up() {
         .collect();
     assert_eq!(&row[2..4], ["hv1", "running"], "{listing}");
 
+    // Pre-flight checks: print, exit 0 when fit, change nothing.
+    let check = run(&["migrate", "vm1", "--to", "hv2", "--check"]);
+    assert_eq!(check.status.code(), Some(0), "{}", describe(&check));
+    let table = text(&check.stdout);
+    assert!(table.starts_with("CHECK "), "{table}");
+    assert!(
+        table.contains("memory ") && table.trim_end().ends_with("hv2 fits"),
+        "{table}"
+    );
+    let one = json(&["migrate", "vm1", "--to", "hv2", "--check", "-o", "json"]);
+    assert_eq!(
+        (&one["host"], &one["fit"]),
+        (&"hv2".into(), &true.into()),
+        "{one}"
+    );
+    let all = json(&["migrate", "vm1", "--check", "-o", "json"]);
+    assert_eq!(all[0]["rank"], 1, "{all}");
+    assert_eq!(all[0]["host"], "hv2", "{all}");
+    let none = json(&["migration", "list", "-o", "json"]);
+    assert!(
+        none.as_array().unwrap().is_empty(),
+        "--check creates no job: {none}"
+    );
+
     let m = json(&["migrate", "vm1", "--to", "hv2", "--wait", "-o", "json"]);
     assert_eq!(m["state"], "completed", "{m}");
     assert_eq!(m["source"], "hv1");

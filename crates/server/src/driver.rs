@@ -12,6 +12,7 @@ use ferry_api::agent::{
     AgentInstance, DefineInstance, IncomingReady, PrepareIncoming, SourceState, SourceStatus,
     StartSource,
 };
+use ferry_api::checks::CheckStatus;
 use ferry_api::instances::{Instance, InstanceState};
 use ferry_api::migrations::{Event, Migration, MigrationKind, MigrationState, MigrationStats};
 use ferry_api::{ApiClient, ApiError, ErrorBody};
@@ -24,6 +25,7 @@ use crate::agents::agent_client;
 use crate::server::AppState;
 use crate::store::MigrationFilter;
 use crate::ServerError;
+use crate::{checks, preflight};
 
 /// Starts driving migration `id` in the background. `attach`: the job was already running
 /// before this server started; pick it up where the agents are.
@@ -110,9 +112,15 @@ async fn drive(state: &AppState, id: Uuid, attach: bool) {
             if m.cancel_requested {
                 let _ = cancel_tx.send(true);
             }
-            match m.kind {
-                MigrationKind::Live => drive_live(state, &m, attach, cancel_rx).await,
-                MigrationKind::Cold => drive_cold(state, &m).await,
+            let refused = if attach {
+                None
+            } else {
+                preflight_gate(state, &m).await
+            };
+            match (refused, m.kind) {
+                (Some(body), _) => Ending::Failed(body),
+                (None, MigrationKind::Live) => drive_live(state, &m, attach, cancel_rx).await,
+                (None, MigrationKind::Cold) => drive_cold(state, &m).await,
             }
         }
         Ok(None) => Ending::Failed(ErrorBody::new("migration-not-found", "job vanished", "")),
@@ -124,6 +132,72 @@ async fn drive(state: &AppState, id: Uuid, attach: bool) {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .remove(&id);
+}
+
+/// Runs the full pre-flight suite for the job's destination before anything starts, logging
+/// every verdict. A failure that is not overridden (`options.force` on an overridable check)
+/// is the job's error: the check's name as code, its message and hint.
+async fn preflight_gate(state: &AppState, m: &Migration) -> Option<ErrorBody> {
+    let instance = match state.store.get_instance(&m.instance_id.to_string()).await {
+        Ok(Some(i)) => i,
+        Ok(None) => {
+            return Some(ServerError::not_found("instance", &m.instance_id.to_string()).body)
+        }
+        Err(e) => return Some(ServerError::from(e).body),
+    };
+    log(state, m.id, "info", "pre-flight checks").await;
+    let candidates = match preflight::evaluate(
+        state,
+        &preflight::Request {
+            instance: &instance,
+            kind: m.kind,
+            destination: Some(&m.destination),
+            probe: true,
+            migration: Some(m.id),
+        },
+    )
+    .await
+    {
+        Ok(c) => c,
+        Err(e) => return Some(e.body),
+    };
+    let Some(candidate) = candidates.into_iter().find(|c| c.host == m.destination) else {
+        return Some(ErrorBody::new(
+            "host-not-found",
+            format!("host {} is not a possible destination", m.destination),
+            "pick another destination",
+        ));
+    };
+    let mut refused = None;
+    for c in &candidate.checks {
+        // An agent that does not answer right now is retried by every step below (and a
+        // cancel ends the wait), so it does not fail the job here.
+        let retried = c.name == "agent-reachable";
+        let blocking = checks::blocks(c, m.options.force) && !retried;
+        let (level, verdict) = match c.status {
+            CheckStatus::Pass => ("info", "pass"),
+            CheckStatus::Warn => ("warn", "warn"),
+            CheckStatus::Fail if retried => ("warn", "fail, retried while preparing"),
+            CheckStatus::Fail if !blocking => ("warn", "fail, overridden by --force"),
+            CheckStatus::Fail => ("error", "fail"),
+        };
+        let hint = if c.hint.is_empty() {
+            String::new()
+        } else {
+            format!(" (hint: {})", c.hint)
+        };
+        log(
+            state,
+            m.id,
+            level,
+            &format!("check {}: {verdict}: {}{hint}", c.name, c.message),
+        )
+        .await;
+        if blocking && refused.is_none() {
+            refused = Some(ErrorBody::new(&c.name, c.message.clone(), c.hint.clone()));
+        }
+    }
+    refused
 }
 
 async fn finish(state: &AppState, id: Uuid, ending: Ending) {

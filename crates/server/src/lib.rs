@@ -7,10 +7,12 @@
 pub mod agents;
 pub mod api;
 mod auth;
+pub mod checks;
 pub mod config;
 pub mod driver;
 pub mod error;
 pub mod events;
+pub mod preflight;
 pub mod scheduler;
 pub mod server;
 pub mod store;

@@ -104,6 +104,9 @@ pub fn agent_config(
             subnet: Some("10.77.0.0/24".into()),
         }],
         heartbeat_ms: 1000,
+        reserve_mib: 2048,
+        ram_capacity_mib: None,
+        cpu_flags_mask: Vec::new(),
     }
 }
 

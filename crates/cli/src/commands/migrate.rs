@@ -4,6 +4,7 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
+use ferry_api::checks::{Candidate, CheckResult, CheckStatus};
 use ferry_api::migrations::{
     CreateMigration, Event, LogLine, Migration, MigrationKind, MigrationOptions, MigrationState,
 };
@@ -12,16 +13,23 @@ use uuid::Uuid;
 
 use super::{seg, Ctx};
 use crate::error::{exit, CliError};
-use crate::output;
+use crate::output::{self, Table};
 
-/// `ferry migrate INSTANCE --to HOST`.
+/// `ferry migrate INSTANCE [--to HOST] [--check]`.
 #[derive(Args, Debug, Clone, PartialEq, Eq)]
 pub struct MigrateArgs {
     /// Instance name or id.
     pub instance: String,
-    /// Destination host.
+    /// Destination host (default: the best fit host by the pre-flight checks).
     #[arg(long)]
-    pub to: String,
+    pub to: Option<String>,
+    /// Only run the pre-flight checks and print them (every candidate, ranked, without
+    /// --to); changes nothing. Exit code 0 if the destination (or some host) fits, 1 if not.
+    #[arg(long, conflicts_with_all = ["watch", "wait"])]
+    pub check: bool,
+    /// Start even though checks documented as overridable fail (memory, QEMU version).
+    #[arg(long)]
+    pub force: bool,
     /// Bandwidth cap in MiB/s (default: unlimited).
     #[arg(long, value_name = "MIB_S")]
     pub bandwidth: Option<u64>,
@@ -58,12 +66,12 @@ impl MigrateArgs {
             auto_converge: self.auto_converge,
             compress: self.compress,
             post_copy: self.post_copy,
-            force: false,
+            force: self.force,
         };
         options.validate().map_err(CliError::Local)?;
         Ok(CreateMigration {
             instance: self.instance.clone(),
-            destination: Some(self.to.clone()),
+            destination: self.to.clone(),
             options,
             kind: Some(if self.cold {
                 MigrationKind::Cold
@@ -150,7 +158,95 @@ pub fn exit_code_for(state: MigrationState) -> u8 {
     }
 }
 
+/// The path of `ferry migrate --check`: candidates of `instance`, or just `to`.
+pub fn candidates_path(instance: &str, to: Option<&str>) -> String {
+    let mut p = format!("/v1/instances/{}/migration-candidates", seg(instance));
+    if let Some(h) = to {
+        p.push_str(&format!("?destination={}", seg(h)));
+    }
+    p
+}
+
+/// One candidate's checks: name, status, message, hint.
+pub fn checks_table(c: &Candidate) -> String {
+    let mut t = Table::new(&["CHECK", "STATUS", "MESSAGE", "HINT"]);
+    for k in &c.checks {
+        t.row(vec![
+            k.name.clone(),
+            status_word(k).to_string(),
+            k.message.clone(),
+            k.hint.clone(),
+        ]);
+    }
+    let verdict = if c.fit {
+        format!("{} fits", c.host)
+    } else {
+        format!("{} does not fit", c.host)
+    };
+    format!("{}\n\n{verdict}", t.render())
+}
+
+fn status_word(k: &CheckResult) -> &'static str {
+    match k.status {
+        CheckStatus::Pass => "pass",
+        CheckStatus::Warn => "warn",
+        CheckStatus::Fail if k.overridable => "FAIL (--force)",
+        CheckStatus::Fail => "FAIL",
+    }
+}
+
+/// Every candidate, best first, with what keeps the unfit ones out.
+pub fn candidates_table(list: &[Candidate]) -> String {
+    if list.is_empty() {
+        return "no other host in the cluster".into();
+    }
+    let mut t = Table::new(&["RANK", "HOST", "FIT", "FREE RAM", "FAILING CHECKS"]);
+    for c in list {
+        let failing: Vec<String> = c
+            .checks
+            .iter()
+            .filter(|k| k.status == CheckStatus::Fail)
+            .map(|k| format!("{}: {}", k.name, k.message))
+            .collect();
+        t.row(vec![
+            c.rank.to_string(),
+            c.host.clone(),
+            if c.fit { "yes" } else { "no" }.into(),
+            output::fmt_mib(c.free_ram_mib),
+            failing.join("; "),
+        ]);
+    }
+    t.render()
+}
+
+async fn run_check(ctx: &Ctx, args: &MigrateArgs) -> Result<u8, CliError> {
+    let list: Vec<Candidate> = ctx
+        .get(&candidates_path(&args.instance, args.to.as_deref()))
+        .await?;
+    let fit = match &args.to {
+        Some(_) => {
+            let Some(c) = list.first() else {
+                return Err(CliError::new(
+                    "no-candidate",
+                    "the server evaluated no destination",
+                    "check the host name with `ferry host list`",
+                ));
+            };
+            ctx.print(c, checks_table);
+            c.fit
+        }
+        None => {
+            ctx.print(&list, |l| candidates_table(l));
+            list.iter().any(|c| c.fit)
+        }
+    };
+    Ok(if fit { exit::OK } else { exit::ERROR })
+}
+
 pub async fn run_migrate(ctx: &Ctx, args: MigrateArgs) -> Result<u8, CliError> {
+    if args.check {
+        return run_check(ctx, &args).await;
+    }
     let req = args.to_request()?;
     let m: Migration = ctx.post("/v1/migrations", &req).await?;
     if !(args.watch || args.wait) {

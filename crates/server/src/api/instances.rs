@@ -5,13 +5,15 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use ferry_api::agent::{AgentInstance, DefineInstance};
+use ferry_api::checks::Candidate;
 use ferry_api::hosts::{Host, HostState};
 use ferry_api::instances::{CreateInstance, Instance, InstanceSpec, InstanceState};
-use ferry_api::migrations::Event;
+use ferry_api::migrations::{Event, MigrationKind};
+use serde::Deserialize;
 use uuid::Uuid;
 
 use super::hosts::{all_hosts, one_host};
-use super::ApiJson;
+use super::{ApiJson, ApiQuery};
 use crate::agents::agent_client;
 use crate::auth::{Admin, Reader};
 use crate::server::AppState;
@@ -275,4 +277,43 @@ pub async fn delete(
         )
         .await?;
     Ok(Json(i))
+}
+
+/// Query of `GET /v1/instances/{id}/migration-candidates`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct CandidatesQuery {
+    /// Evaluate only this host.
+    pub destination: Option<String>,
+    /// Probe the migration port from the source to each host that passes the other checks
+    /// (default true).
+    pub probe: Option<bool>,
+}
+
+/// Where the instance can go: every other host (or the one asked for) with the pre-flight
+/// checks' verdicts, best first. Changes nothing.
+#[utoipa::path(get, path = "/v1/instances/{id}/migration-candidates", params(CandidatesQuery), responses((status = 200, body = Vec<Candidate>), (status = 404, body = ferry_api::ErrorBody)))]
+pub async fn migration_candidates(
+    State(state): State<AppState>,
+    _r: Reader,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<CandidatesQuery>,
+) -> Result<Json<Vec<Candidate>>, ServerError> {
+    let i = find(&state, &id).await?;
+    let kind = if i.state == InstanceState::Stopped {
+        MigrationKind::Cold
+    } else {
+        MigrationKind::Live
+    };
+    let candidates = crate::preflight::evaluate(
+        &state,
+        &crate::preflight::Request {
+            instance: &i,
+            kind,
+            destination: q.destination.as_deref(),
+            probe: q.probe.unwrap_or(true),
+            migration: None,
+        },
+    )
+    .await?;
+    Ok(Json(candidates))
 }

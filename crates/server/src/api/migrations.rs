@@ -4,7 +4,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use ferry_api::hosts::HostState;
-use ferry_api::instances::InstanceState;
+use ferry_api::instances::{Instance, InstanceState};
 use ferry_api::migrations::{CreateMigration, LogLine, Migration, MigrationKind, MigrationState};
 use serde::Deserialize;
 use uuid::Uuid;
@@ -14,6 +14,7 @@ use super::instances::find;
 use super::{ApiJson, ApiQuery};
 use crate::auth::{Admin, Reader};
 use crate::driver::{log, publish_migration};
+use crate::preflight;
 use crate::server::AppState;
 use crate::store::{AuditEntry, MigrationFilter, NewMigration};
 use crate::ServerError;
@@ -28,7 +29,7 @@ async fn get(state: &AppState, id: &str) -> Result<Migration, ServerError> {
 }
 
 /// Queues a migration. It starts when a slot is free (see the scheduler); the answer is the
-/// Pending job.
+/// Pending job. Without a destination, the best fit host by the pre-flight checks is picked.
 #[utoipa::path(post, path = "/v1/migrations", request_body = CreateMigration, responses((status = 202, body = Migration), (status = 400, body = ferry_api::ErrorBody), (status = 404, body = ferry_api::ErrorBody), (status = 409, body = ferry_api::ErrorBody)))]
 pub async fn create(
     State(state): State<AppState>,
@@ -40,35 +41,6 @@ pub async fn create(
         .validate()
         .map_err(|body| ServerError { status: 400, body })?;
     let kind = req.kind.unwrap_or(MigrationKind::Live);
-    let destination = req.destination.clone().ok_or_else(|| {
-        ServerError::bad_request(
-            "destination-required",
-            "no destination host given",
-            "pass --to HOST",
-        )
-    })?;
-    let dest = one_host(&state, &destination).await?;
-    if dest.name == instance.host {
-        return Err(ServerError::bad_request(
-            "same-host",
-            format!("{} already is on {}", instance.name, dest.name),
-            "pick another destination",
-        ));
-    }
-    if !dest.enabled {
-        return Err(ServerError::conflict(
-            "host-disabled",
-            format!("host {} is disabled", dest.name),
-            "enable it or pick another host",
-        ));
-    }
-    if dest.state != HostState::Online {
-        return Err(ServerError::conflict(
-            "host-offline",
-            format!("host {} is offline", dest.name),
-            "start its agent or pick another host",
-        ));
-    }
     match (kind, instance.state) {
         (MigrationKind::Live, InstanceState::Running)
         | (MigrationKind::Cold, InstanceState::Stopped) => {}
@@ -101,6 +73,32 @@ pub async fn create(
                 instance.name
             ),
             "wait for it to end or cancel it",
+        ));
+    }
+    let destination = match req.destination.clone() {
+        Some(d) => d,
+        None => pick_destination(&state, &instance, kind).await?,
+    };
+    let dest = one_host(&state, &destination).await?;
+    if dest.name == instance.host {
+        return Err(ServerError::bad_request(
+            "same-host",
+            format!("{} already is on {}", instance.name, dest.name),
+            "pick another destination",
+        ));
+    }
+    if !dest.enabled {
+        return Err(ServerError::conflict(
+            "host-disabled",
+            format!("host {} is disabled", dest.name),
+            "enable it or pick another host",
+        ));
+    }
+    if dest.state != HostState::Online {
+        return Err(ServerError::conflict(
+            "host-offline",
+            format!("host {} is offline", dest.name),
+            "start its agent or pick another host",
         ));
     }
     let m = state
@@ -136,6 +134,46 @@ pub async fn create(
     publish_migration(&state, &m);
     state.queue.notify_one();
     Ok((StatusCode::ACCEPTED, Json(m)))
+}
+
+/// The best fit destination by the pre-flight checks; 409 `no-fit-destination` explains each
+/// host when none fits.
+async fn pick_destination(
+    state: &AppState,
+    instance: &Instance,
+    kind: MigrationKind,
+) -> Result<String, ServerError> {
+    let candidates = preflight::evaluate(
+        state,
+        &preflight::Request {
+            instance,
+            kind,
+            destination: None,
+            probe: true,
+            migration: None,
+        },
+    )
+    .await?;
+    match candidates.iter().find(|c| c.fit) {
+        Some(c) => Ok(c.host.clone()),
+        None if candidates.is_empty() => Err(ServerError::conflict(
+            "no-fit-destination",
+            format!("there is no other host to move {} to", instance.name),
+            "add a host to the cluster",
+        )),
+        None => Err(ServerError::conflict(
+            "no-fit-destination",
+            format!(
+                "no host can take {}: {}",
+                instance.name,
+                preflight::why_unfit(&candidates)
+            ),
+            format!(
+                "see `ferry migrate {} --check` for every check and its hint",
+                instance.name
+            ),
+        )),
+    }
 }
 
 /// Filters of `GET /v1/migrations`.

@@ -70,6 +70,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
         instances::start,
         instances::stop,
         instances::delete,
+        instances::migration_candidates,
         migrations::create,
         migrations::list,
         migrations::show,
@@ -79,7 +80,12 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
         events::cluster_events,
         events::migration_events,
     ),
-    components(schemas(ferry_api::ErrorBody))
+    components(schemas(
+        ferry_api::ErrorBody,
+        ferry_api::checks::Candidate,
+        ferry_api::checks::CheckResult,
+        ferry_api::checks::CheckStatus
+    ))
 )]
 struct ApiDoc;
 
@@ -108,6 +114,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/instances/{id}/start", post(instances::start))
         .route("/v1/instances/{id}/stop", post(instances::stop))
         .route(
+            "/v1/instances/{id}/migration-candidates",
+            get(instances::migration_candidates),
+        )
+        .route(
             "/v1/migrations",
             get(migrations::list).post(migrations::create),
         )
@@ -128,4 +138,22 @@ pub fn router(state: AppState) -> Router {
             )
         })
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openapi_documents_the_candidates() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        assert!(
+            doc["paths"]["/v1/instances/{id}/migration-candidates"]["get"].is_object(),
+            "{}",
+            doc["paths"]
+        );
+        for schema in ["Candidate", "CheckResult", "CheckStatus"] {
+            assert!(doc["components"]["schemas"][schema].is_object(), "{schema}");
+        }
+    }
 }

@@ -43,6 +43,16 @@ fn free_port() -> u16 {
 
 impl Cluster {
     pub async fn start(hosts: usize, limits: Limits) -> Cluster {
+        Self::start_with(hosts, limits, |_| {}).await
+    }
+
+    /// Like [`Cluster::start`], with `tweak` applied to each agent's configuration before it
+    /// starts (match on `config.name` to change one host).
+    pub async fn start_with(
+        hosts: usize,
+        limits: Limits,
+        tweak: impl Fn(&mut AgentConfig),
+    ) -> Cluster {
         remove_orphan_test_labs();
         let dir = tempfile::tempdir().unwrap();
         let (image, _) = tokio::task::spawn_blocking(|| ensure_image(&ImageOptions::default()))
@@ -69,7 +79,7 @@ impl Cluster {
         let mut agent_configs = Vec::new();
         for h in &lab.hosts {
             let port = free_port();
-            let config = AgentConfig {
+            let mut config = AgentConfig {
                 name: h.name.clone(),
                 listen: SocketAddr::from(([127, 0, 0, 1], port)),
                 advertise_url: None,
@@ -89,7 +99,11 @@ impl Cluster {
                     subnet: Some("10.77.0.0/24".into()),
                 }],
                 heartbeat_ms: 500,
+                reserve_mib: 256,
+                ram_capacity_mib: None,
+                cpu_flags_mask: vec![],
             };
+            tweak(&mut config);
             agents.push(Some(
                 ferry_agent::start(config.clone())
                     .await

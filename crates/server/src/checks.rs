@@ -1,0 +1,983 @@
+//! Pre-flight checks: pure functions over what the server knows about an instance, its source
+//! and one candidate destination. Each returns a [`CheckResult`] with a stable name (also the
+//! error code when it fails a migration). Gathering the inputs (fresh facts, CPU model
+//! features, probes) is [`crate::preflight`]'s job.
+
+use std::path::Path;
+
+use ferry_api::checks::{CheckResult, CheckStatus, ProbeResult};
+use ferry_api::hosts::{DatastoreFacts, HostFacts};
+use ferry_api::instances::{Instance, InstanceState};
+use ferry_api::migrations::MigrationKind;
+use serde_json::json;
+use uuid::Uuid;
+
+/// QEMU's named x86 models, oldest first, used to suggest a model every online host runs.
+pub const BASELINE_MODELS: &[&str] = &[
+    "qemu64",
+    "Nehalem",
+    "Westmere",
+    "SandyBridge",
+    "Haswell",
+    "Skylake-Client",
+];
+
+/// Everything the checks of one (instance, destination) pair are decided on.
+#[derive(Debug, Clone)]
+pub struct CheckInput<'a> {
+    pub instance: &'a Instance,
+    pub kind: MigrationKind,
+    pub source_name: &'a str,
+    pub source: Option<&'a HostFacts>,
+    pub dest_name: &'a str,
+    pub dest: Option<&'a HostFacts>,
+    pub dest_enabled: bool,
+    pub dest_online: bool,
+    /// The destination agent answered `GET /v1/facts` just now.
+    pub dest_agent_answered: bool,
+    /// When the agent did not answer: the facts are the last heartbeat's.
+    pub dest_facts_stale: bool,
+    pub inbound_active: u32,
+    pub inbound_limit: u32,
+    /// Migrations of this instance in flight, other than the one being checked.
+    pub other_migrations: Vec<Uuid>,
+    /// `None`: not probed.
+    pub probe: Option<&'a ProbeResult>,
+    /// Features the instance's CPU model needs (from the source agent); `None`: unknown.
+    pub cpu_features: Option<&'a [String]>,
+    /// Why the features are unknown.
+    pub cpu_features_error: Option<&'a str>,
+    /// The newest model every online host supports, for hints.
+    pub cluster_baseline: Option<&'a str>,
+}
+
+fn result(
+    name: &str,
+    status: CheckStatus,
+    message: impl Into<String>,
+    hint: impl Into<String>,
+    values: serde_json::Value,
+    overridable: bool,
+) -> CheckResult {
+    let hint = if status == CheckStatus::Pass {
+        String::new()
+    } else {
+        hint.into()
+    };
+    CheckResult {
+        name: name.into(),
+        status,
+        message: message.into(),
+        hint,
+        values,
+        overridable,
+    }
+}
+
+fn pass(name: &str, message: impl Into<String>, values: serde_json::Value) -> CheckResult {
+    result(name, CheckStatus::Pass, message, "", values, false)
+}
+
+/// Whether this verdict stops a migration (`force` overrides overridable failures).
+pub fn blocks(c: &CheckResult, force: bool) -> bool {
+    c.status == CheckStatus::Fail && !(c.overridable && force)
+}
+
+/// The whole suite, in a stable order. Checks that need facts are skipped when there are none.
+pub fn run_all(input: &CheckInput) -> Vec<CheckResult> {
+    let mut out = vec![
+        host_online(input),
+        host_enabled(input),
+        agent_reachable(input),
+        inbound_limit(input),
+        instance_state(input),
+    ];
+    if let (Some(src), Some(dst)) = (input.source, input.dest) {
+        out.push(memory(input.instance, dst));
+        out.push(cpu_vendor(src, dst));
+        out.push(cpu_features(input, dst));
+        out.push(storage(input.instance, src, dst));
+        out.push(qemu_version(src, dst));
+        out.push(machine_type(input.instance, src, dst));
+        out.push(network(input.instance, dst));
+    } else {
+        let missing = if input.source.is_none() {
+            input.source_name
+        } else {
+            input.dest_name
+        };
+        out.push(result(
+            "facts",
+            CheckStatus::Fail,
+            format!("no facts known for host {missing}"),
+            "start its agent and wait for a heartbeat",
+            json!({"host": missing}),
+            false,
+        ));
+    }
+    if let Some(p) = input.probe {
+        out.push(migration_port(p));
+    }
+    out
+}
+
+pub fn host_online(i: &CheckInput) -> CheckResult {
+    if i.dest_online {
+        pass(
+            "host-online",
+            format!("{} is online", i.dest_name),
+            json!({}),
+        )
+    } else {
+        result(
+            "host-online",
+            CheckStatus::Fail,
+            format!("host {} is offline", i.dest_name),
+            "start its agent or pick another host",
+            json!({}),
+            false,
+        )
+    }
+}
+
+pub fn host_enabled(i: &CheckInput) -> CheckResult {
+    if i.dest_enabled {
+        pass(
+            "host-enabled",
+            format!("{} is enabled", i.dest_name),
+            json!({}),
+        )
+    } else {
+        result(
+            "host-enabled",
+            CheckStatus::Fail,
+            format!("host {} is disabled", i.dest_name),
+            format!(
+                "enable it (`ferry host enable {}`) or pick another host",
+                i.dest_name
+            ),
+            json!({}),
+            false,
+        )
+    }
+}
+
+pub fn agent_reachable(i: &CheckInput) -> CheckResult {
+    if i.dest_agent_answered {
+        pass(
+            "agent-reachable",
+            format!("the agent on {} answered", i.dest_name),
+            json!({}),
+        )
+    } else {
+        let how = if i.dest_facts_stale {
+            "; the checks used its last heartbeat's facts"
+        } else {
+            ""
+        };
+        result(
+            "agent-reachable",
+            CheckStatus::Fail,
+            format!("the agent on {} did not answer{how}", i.dest_name),
+            "check that the agent on that host runs (`ferry host list`)",
+            json!({"stale_facts": i.dest_facts_stale}),
+            false,
+        )
+    }
+}
+
+pub fn inbound_limit(i: &CheckInput) -> CheckResult {
+    let values = json!({"active": i.inbound_active, "limit": i.inbound_limit});
+    if i.inbound_active >= i.inbound_limit {
+        result(
+            "inbound-limit",
+            CheckStatus::Warn,
+            format!(
+                "{} already receives {} migration(s), its limit; this one would queue",
+                i.dest_name, i.inbound_active
+            ),
+            "it starts when a slot frees up, or pick another host",
+            values,
+            false,
+        )
+    } else {
+        pass(
+            "inbound-limit",
+            format!(
+                "{} of {} inbound slots in use",
+                i.inbound_active, i.inbound_limit
+            ),
+            values,
+        )
+    }
+}
+
+pub fn instance_state(i: &CheckInput) -> CheckResult {
+    let inst = i.instance;
+    let values = json!({"state": inst.state, "kind": i.kind, "in_flight": i.other_migrations});
+    if let Some(other) = i.other_migrations.first() {
+        return result(
+            "instance-state",
+            CheckStatus::Fail,
+            format!("{} already has migration {other} in flight", inst.name),
+            "wait for it to end or cancel it",
+            values,
+            false,
+        );
+    }
+    match (i.kind, inst.state) {
+        (MigrationKind::Live, InstanceState::Running) => pass(
+            "instance-state",
+            format!("{} is running", inst.name),
+            values,
+        ),
+        (MigrationKind::Cold, InstanceState::Stopped) => pass(
+            "instance-state",
+            format!("{} is stopped", inst.name),
+            values,
+        ),
+        (MigrationKind::Live, s) => result(
+            "instance-state",
+            CheckStatus::Fail,
+            format!(
+                "{} is {}, so it cannot be migrated live",
+                inst.name,
+                state_word(s)
+            ),
+            "use a cold migration (--cold) for a stopped instance",
+            values,
+            false,
+        ),
+        (MigrationKind::Cold, s) => result(
+            "instance-state",
+            CheckStatus::Fail,
+            format!(
+                "{} is {}; a cold migration needs it stopped",
+                inst.name,
+                state_word(s)
+            ),
+            "stop it first, or migrate it live",
+            values,
+            false,
+        ),
+    }
+}
+
+fn state_word(s: InstanceState) -> &'static str {
+    match s {
+        InstanceState::Stopped => "stopped",
+        InstanceState::Running => "running",
+        InstanceState::Error => "in error",
+        InstanceState::Unknown => "in an unknown state",
+    }
+}
+
+pub fn memory(inst: &Instance, dst: &HostFacts) -> CheckResult {
+    let needed = inst.spec.memory_mib as u64;
+    let reserve = dst.ram_reserve_mib;
+    let free = dst.ram_free_mib;
+    let values = json!({"free_mib": free, "needed_mib": needed, "reserve_mib": reserve});
+    if free >= needed + reserve {
+        pass(
+            "memory",
+            format!(
+                "{} MiB free on {}, {needed} MiB needed plus {reserve} MiB reserve",
+                free, dst.name
+            ),
+            values,
+        )
+    } else {
+        result(
+            "memory",
+            CheckStatus::Fail,
+            format!(
+                "{} has {free} MiB free; {} needs {needed} MiB plus the host's {reserve} MiB reserve",
+                dst.name, inst.name
+            ),
+            "free memory on that host, pick another, or --force if you know better",
+            values,
+            true,
+        )
+    }
+}
+
+pub fn cpu_vendor(src: &HostFacts, dst: &HostFacts) -> CheckResult {
+    let values = json!({"source": src.cpu_vendor, "destination": dst.cpu_vendor});
+    if src.cpu_vendor == dst.cpu_vendor {
+        pass(
+            "cpu-vendor",
+            format!("both hosts are {}", src.cpu_vendor),
+            values,
+        )
+    } else {
+        result(
+            "cpu-vendor",
+            CheckStatus::Fail,
+            format!(
+                "{} is {} but {} is {}; a guest cannot move between CPU vendors live",
+                src.name, src.cpu_vendor, dst.name, dst.cpu_vendor
+            ),
+            "pick a host with the same CPU vendor, or migrate it cold",
+            values,
+            false,
+        )
+    }
+}
+
+/// Features of `needed` the host flags lack, in order.
+pub fn missing_features(needed: &[String], flags: &[String]) -> Vec<String> {
+    needed
+        .iter()
+        .filter(|f| !flags.iter().any(|h| h == *f))
+        .cloned()
+        .collect()
+}
+
+/// The newest of [`BASELINE_MODELS`] whose features every host has. `models` pairs a model
+/// name with its features (models the source could not expand are left out).
+pub fn cluster_baseline(models: &[(String, Vec<String>)], hosts: &[&[String]]) -> Option<String> {
+    BASELINE_MODELS.iter().rev().find_map(|name| {
+        let (_, features) = models.iter().find(|(m, _)| m == name)?;
+        hosts
+            .iter()
+            .all(|flags| missing_features(features, flags).is_empty())
+            .then(|| name.to_string())
+    })
+}
+
+pub fn cpu_features(i: &CheckInput, dst: &HostFacts) -> CheckResult {
+    let model = &i.instance.spec.cpu_model;
+    let Some(needed) = i.cpu_features else {
+        return result(
+            "cpu-features",
+            CheckStatus::Warn,
+            format!(
+                "the features of CPU model {model} are unknown{}",
+                i.cpu_features_error
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            ),
+            "check that the source agent runs; the destination QEMU refuses a CPU it cannot run",
+            json!({"model": model}),
+            false,
+        );
+    };
+    let missing = missing_features(needed, &dst.cpu_flags);
+    let values = json!({"model": model, "missing": missing});
+    if missing.is_empty() {
+        pass(
+            "cpu-features",
+            format!(
+                "{} has all {} features CPU model {model} needs",
+                dst.name,
+                needed.len()
+            ),
+            values,
+        )
+    } else {
+        let suggestion = match i.cluster_baseline {
+            Some(b) => format!("; CPU model {b} runs on every online host"),
+            None => "; no named model runs on every online host".into(),
+        };
+        result(
+            "cpu-features",
+            CheckStatus::Fail,
+            format!(
+                "{} lacks {} of CPU model {model}",
+                dst.name,
+                missing.join(", ")
+            ),
+            format!(
+                "pick a host with {}, or give the instance an older CPU model{suggestion}",
+                missing.join(", ")
+            ),
+            values,
+            false,
+        )
+    }
+}
+
+/// The datastore of `stores` whose path holds `file`, the deepest one.
+fn covering<'a>(stores: &'a [DatastoreFacts], file: &str) -> Option<&'a DatastoreFacts> {
+    stores
+        .iter()
+        .filter(|d| Path::new(file).starts_with(Path::new(&d.path)))
+        .max_by_key(|d| d.path.len())
+}
+
+pub fn storage(inst: &Instance, src: &HostFacts, dst: &HostFacts) -> CheckResult {
+    let mut fails = Vec::new();
+    let mut warns = Vec::new();
+    let mut details = Vec::new();
+    for file in [&inst.spec.boot.kernel, &inst.spec.boot.initrd] {
+        let s = covering(&src.datastores, file);
+        let d = covering(&dst.datastores, file);
+        let verdict = match (s, d) {
+            (Some(s), None) => {
+                fails.push(format!(
+                    "{file} is on datastore {} of {}, which {} does not have",
+                    s.name, src.name, dst.name
+                ));
+                "fail"
+            }
+            (None, None) => {
+                warns.push(format!(
+                    "{file} is on no datastore of either host; it cannot be shown to be shared"
+                ));
+                "warn"
+            }
+            (None, Some(d)) => {
+                warns.push(format!(
+                    "{file} is on datastore {} of {} but on none of {}",
+                    d.name, dst.name, src.name
+                ));
+                "warn"
+            }
+            (Some(s), Some(d)) => match (&s.identity, &d.identity) {
+                (Some(a), Some(b)) if a == b => "pass",
+                (None, None) => {
+                    warns.push(format!(
+                        "{file}: datastores {} and {} have no identity file, so they cannot be \
+                         shown to be the same storage",
+                        s.name, d.name
+                    ));
+                    "warn"
+                }
+                (a, b) => {
+                    fails.push(format!(
+                        "{file}: datastore {} on {} (identity {}) is not the same storage as {} \
+                         on {} (identity {})",
+                        s.name,
+                        src.name,
+                        a.as_deref().unwrap_or("none"),
+                        d.name,
+                        dst.name,
+                        b.as_deref().unwrap_or("none")
+                    ));
+                    "fail"
+                }
+            },
+        };
+        details.push(json!({
+            "file": file,
+            "source_datastore": s.map(|d| &d.name),
+            "destination_datastore": d.map(|d| &d.name),
+            "verdict": verdict,
+        }));
+    }
+    let values = json!({"files": details});
+    if !fails.is_empty() {
+        result(
+            "storage",
+            CheckStatus::Fail,
+            fails.join("; "),
+            format!(
+                "mount the same shared datastore on {} (with the same .ferry-datastore-id), or \
+                 pick a host that has it",
+                dst.name
+            ),
+            values,
+            false,
+        )
+    } else if !warns.is_empty() {
+        result(
+            "storage",
+            CheckStatus::Warn,
+            warns.join("; "),
+            "put the instance's files on a datastore with a .ferry-datastore-id file",
+            values,
+            false,
+        )
+    } else {
+        pass(
+            "storage",
+            format!("the instance's files are on storage {} shares", dst.name),
+            values,
+        )
+    }
+}
+
+/// `major.minor` of a QEMU version string ("8.2.2", "QEMU emulator version 7.2.0 (...)").
+pub fn parse_major_minor(v: &str) -> Option<(u32, u32)> {
+    v.split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .find(|w| w.contains('.'))
+        .and_then(|w| {
+            let mut parts = w.split('.');
+            let major = parts.next()?.parse().ok()?;
+            let minor = parts.next()?.parse().ok()?;
+            Some((major, minor))
+        })
+}
+
+pub fn qemu_version(src: &HostFacts, dst: &HostFacts) -> CheckResult {
+    let values = json!({"source": src.qemu_version, "destination": dst.qemu_version});
+    match (
+        parse_major_minor(&src.qemu_version),
+        parse_major_minor(&dst.qemu_version),
+    ) {
+        (Some(s), Some(d)) if d == s => pass(
+            "qemu-version",
+            format!("both hosts run QEMU {}.{}", s.0, s.1),
+            values,
+        ),
+        (Some(s), Some(d)) if d > s => pass(
+            "qemu-version",
+            format!(
+                "{} runs a newer QEMU ({}.{}) than {} ({}.{}); a migration back may not work",
+                dst.name, d.0, d.1, src.name, s.0, s.1
+            ),
+            values,
+        ),
+        (Some(s), Some(d)) => result(
+            "qemu-version",
+            CheckStatus::Fail,
+            format!(
+                "{} runs QEMU {}.{}, older than {}.{} on {}; an older QEMU may not load the stream",
+                dst.name, d.0, d.1, s.0, s.1, src.name
+            ),
+            "upgrade QEMU on the destination, pick another host, or --force",
+            values,
+            true,
+        ),
+        _ => result(
+            "qemu-version",
+            CheckStatus::Warn,
+            "a QEMU version is unknown",
+            "check `qemu-system-x86_64 --version` on both hosts",
+            values,
+            true,
+        ),
+    }
+}
+
+/// The machine type `machine` names on a host offering `types`: an unversioned alias (`pc`,
+/// `q35`) is the newest versioned type of its family there.
+pub fn resolve_machine(machine: &str, types: &[String]) -> String {
+    let family = match machine {
+        "pc" => "pc-i440fx-",
+        "q35" => "pc-q35-",
+        _ => return machine.to_string(),
+    };
+    types
+        .iter()
+        .filter_map(|t| {
+            let v = t.strip_prefix(family)?;
+            let (a, b) = v.split_once('.')?;
+            Some(((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?), t))
+        })
+        .max_by_key(|(v, _)| *v)
+        .map(|(_, t)| t.clone())
+        .unwrap_or_else(|| machine.to_string())
+}
+
+pub fn machine_type(inst: &Instance, src: &HostFacts, dst: &HostFacts) -> CheckResult {
+    let machine = &inst.spec.machine;
+    let resolved = resolve_machine(machine, &src.machine_types);
+    let values = json!({"machine": machine, "resolved": resolved});
+    if dst.machine_types.contains(&resolved) {
+        let via = if resolved != *machine {
+            format!(" ({machine} on {})", src.name)
+        } else {
+            String::new()
+        };
+        pass(
+            "machine-type",
+            format!("{} offers machine type {resolved}{via}", dst.name),
+            values,
+        )
+    } else {
+        result(
+            "machine-type",
+            CheckStatus::Fail,
+            format!(
+                "{} does not offer machine type {resolved}{}",
+                dst.name,
+                if resolved != *machine {
+                    format!(" (what {machine} means on {})", src.name)
+                } else {
+                    String::new()
+                }
+            ),
+            "pick a host whose QEMU has that machine type, or upgrade its QEMU",
+            values,
+            false,
+        )
+    }
+}
+
+pub fn network(inst: &Instance, dst: &HostFacts) -> CheckResult {
+    let missing: Vec<String> = inst
+        .spec
+        .nics
+        .iter()
+        .map(|n| n.network.clone())
+        .filter(|n| !dst.networks.iter().any(|d| d.name == *n))
+        .collect();
+    let values = json!({"missing": missing});
+    if missing.is_empty() {
+        pass(
+            "network",
+            format!("{} attaches every network of {}", dst.name, inst.name),
+            values,
+        )
+    } else {
+        result(
+            "network",
+            CheckStatus::Fail,
+            format!(
+                "{} is not attached to network {}",
+                dst.name,
+                missing.join(", ")
+            ),
+            "attach the network in that host's agent configuration, or pick another host",
+            values,
+            false,
+        )
+    }
+}
+
+pub fn migration_port(p: &ProbeResult) -> CheckResult {
+    let values = json!({
+        "latency_ms": p.latency_ms,
+        "bandwidth_mbit_s": p.bandwidth_mbit_s,
+        "error": p.error,
+    });
+    if p.connected {
+        let mut msg = "the source reaches the destination's migration port".to_string();
+        if let Some(l) = p.latency_ms {
+            msg.push_str(&format!(", {l:.2} ms round trip"));
+        }
+        if let Some(b) = p.bandwidth_mbit_s {
+            msg.push_str(&format!(", {b:.0} Mbit/s"));
+        }
+        pass("migration-port-reachable", msg, values)
+    } else {
+        result(
+            "migration-port-reachable",
+            CheckStatus::Fail,
+            format!(
+                "the source cannot reach the destination's migration port{}",
+                p.error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            ),
+            "check the migration network and firewalls between the hosts (migration_addr, \
+             migration_ports)",
+            values,
+            false,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+    use ferry_api::hosts::NetworkFacts;
+    use ferry_api::instances::{BootSpec, InstanceSpec, NicSpec};
+
+    fn facts(name: &str) -> HostFacts {
+        HostFacts {
+            name: name.into(),
+            cpu_vendor: "GenuineIntel".into(),
+            cpu_model: "Xeon".into(),
+            cpu_flags: ["fpu", "sse", "sse2", "cx16", "lm"]
+                .map(String::from)
+                .to_vec(),
+            cores: 4,
+            ram_total_mib: 8192,
+            ram_free_mib: 4096,
+            ram_reserve_mib: 512,
+            accel: "kvm".into(),
+            qemu_version: "8.2.2".into(),
+            machine_types: ["pc", "pc-i440fx-8.1", "pc-i440fx-8.2", "q35", "pc-q35-8.2"]
+                .map(String::from)
+                .to_vec(),
+            datastores: vec![DatastoreFacts {
+                name: "shared".into(),
+                path: "/srv/shared".into(),
+                total_bytes: 1,
+                free_bytes: 1,
+                identity: Some("nfs-1".into()),
+            }],
+            networks: vec![NetworkFacts {
+                name: "lab".into(),
+                bridge: "br0".into(),
+                subnet: None,
+            }],
+            migration_addr: "10.0.0.1".into(),
+            migration_ports: "49152-49215".into(),
+            agent_version: "0.1.0".into(),
+        }
+    }
+
+    fn instance() -> Instance {
+        Instance {
+            id: Uuid::nil(),
+            name: "vm".into(),
+            host: "a".into(),
+            state: InstanceState::Running,
+            generation: 0,
+            spec: InstanceSpec {
+                memory_mib: 1024,
+                vcpus: 1,
+                cpu_model: "qemu64".into(),
+                machine: "pc".into(),
+                boot: BootSpec {
+                    kernel: "/srv/shared/vmlinuz".into(),
+                    initrd: "/srv/shared/initrd".into(),
+                    cmdline: String::new(),
+                },
+                nics: vec![NicSpec {
+                    network: "lab".into(),
+                    mac: "52:54:00:00:00:01".into(),
+                }],
+            },
+            migration: None,
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+        }
+    }
+
+    fn input<'a>(inst: &'a Instance, src: &'a HostFacts, dst: &'a HostFacts) -> CheckInput<'a> {
+        CheckInput {
+            instance: inst,
+            kind: MigrationKind::Live,
+            source_name: "a",
+            source: Some(src),
+            dest_name: "b",
+            dest: Some(dst),
+            dest_enabled: true,
+            dest_online: true,
+            dest_agent_answered: true,
+            dest_facts_stale: false,
+            inbound_active: 0,
+            inbound_limit: 2,
+            other_migrations: vec![],
+            probe: None,
+            cpu_features: None,
+            cpu_features_error: None,
+            cluster_baseline: None,
+        }
+    }
+
+    fn status_of(checks: &[CheckResult], name: &str) -> CheckStatus {
+        checks.iter().find(|c| c.name == name).unwrap().status
+    }
+
+    #[test]
+    fn a_fit_pair_passes_everything_but_unknown_features() {
+        let (i, s, d) = (instance(), facts("a"), facts("b"));
+        let feats: Vec<String> = vec!["sse2".into()];
+        let mut inp = input(&i, &s, &d);
+        inp.cpu_features = Some(&feats);
+        let all = run_all(&inp);
+        assert!(
+            all.iter()
+                .all(|c| c.status == CheckStatus::Pass && c.hint.is_empty()),
+            "{all:#?}"
+        );
+        assert!(!all.iter().any(|c| c.name == "migration-port-reachable"));
+        inp.cpu_features = None;
+        assert_eq!(status_of(&run_all(&inp), "cpu-features"), CheckStatus::Warn);
+    }
+
+    #[test]
+    fn host_state_checks() {
+        let (i, s, d) = (instance(), facts("a"), facts("b"));
+        let mut inp = input(&i, &s, &d);
+        inp.dest_online = false;
+        inp.dest_enabled = false;
+        inp.dest_agent_answered = false;
+        inp.dest_facts_stale = true;
+        for c in [host_online(&inp), host_enabled(&inp), agent_reachable(&inp)] {
+            assert_eq!(c.status, CheckStatus::Fail, "{c:?}");
+            assert!(!c.overridable && !c.hint.is_empty());
+        }
+        assert!(agent_reachable(&inp).message.contains("heartbeat"));
+    }
+
+    #[test]
+    fn inbound_limit_warns_at_the_limit() {
+        let (i, s, d) = (instance(), facts("a"), facts("b"));
+        let mut inp = input(&i, &s, &d);
+        inp.inbound_active = 1;
+        assert_eq!(inbound_limit(&inp).status, CheckStatus::Pass);
+        inp.inbound_active = 2;
+        assert_eq!(inbound_limit(&inp).status, CheckStatus::Warn);
+    }
+
+    #[test]
+    fn instance_state_for_live_cold_and_in_flight() {
+        let (mut i, s, d) = (instance(), facts("a"), facts("b"));
+        assert_eq!(instance_state(&input(&i, &s, &d)).status, CheckStatus::Pass);
+        let mut inp = input(&i, &s, &d);
+        inp.kind = MigrationKind::Cold;
+        assert_eq!(instance_state(&inp).status, CheckStatus::Fail);
+        inp.other_migrations = vec![Uuid::new_v4()];
+        inp.kind = MigrationKind::Live;
+        let c = instance_state(&inp);
+        assert!(c.status == CheckStatus::Fail && c.message.contains("in flight"));
+        i.state = InstanceState::Stopped;
+        let mut inp = input(&i, &s, &d);
+        assert_eq!(instance_state(&inp).status, CheckStatus::Fail);
+        inp.kind = MigrationKind::Cold;
+        assert_eq!(instance_state(&inp).status, CheckStatus::Pass);
+    }
+
+    #[test]
+    fn memory_needs_instance_plus_reserve() {
+        let (i, mut d) = (instance(), facts("b"));
+        d.ram_free_mib = 1536;
+        assert_eq!(memory(&i, &d).status, CheckStatus::Pass);
+        d.ram_free_mib = 1535;
+        let c = memory(&i, &d);
+        assert_eq!(c.status, CheckStatus::Fail);
+        assert!(c.overridable);
+        assert_eq!(c.values["needed_mib"], 1024);
+        assert_eq!(c.values["free_mib"], 1535);
+        assert_eq!(c.values["reserve_mib"], 512);
+        assert!(blocks(&c, false) && !blocks(&c, true));
+    }
+
+    #[test]
+    fn cpu_vendor_must_match() {
+        let (s, mut d) = (facts("a"), facts("b"));
+        assert_eq!(cpu_vendor(&s, &d).status, CheckStatus::Pass);
+        d.cpu_vendor = "AuthenticAMD".into();
+        let c = cpu_vendor(&s, &d);
+        assert!(c.status == CheckStatus::Fail && !c.overridable && blocks(&c, true));
+    }
+
+    #[test]
+    fn cpu_features_name_what_is_missing_and_a_baseline() {
+        let (i, s, mut d) = (instance(), facts("a"), facts("b"));
+        d.cpu_flags.retain(|f| f != "cx16");
+        let feats: Vec<String> = vec!["sse2".into(), "cx16".into()];
+        let mut inp = input(&i, &s, &d);
+        inp.cpu_features = Some(&feats);
+        inp.cluster_baseline = Some("qemu64");
+        let c = cpu_features(&inp, &d);
+        assert_eq!(c.status, CheckStatus::Fail);
+        assert_eq!(c.values["missing"], json!(["cx16"]));
+        assert!(
+            c.hint.contains("cx16") && c.hint.contains("qemu64"),
+            "{c:?}"
+        );
+        assert!(!c.overridable);
+    }
+
+    #[test]
+    fn baseline_is_the_newest_model_every_host_runs() {
+        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let models = vec![
+            ("qemu64".to_string(), v(&["sse2"])),
+            ("Nehalem".to_string(), v(&["sse2", "sse4_2"])),
+            ("Haswell".to_string(), v(&["sse2", "sse4_2", "avx2"])),
+        ];
+        let a = v(&["sse2", "sse4_2", "avx2"]);
+        let b = v(&["sse2", "sse4_2"]);
+        let c = v(&["sse"]);
+        assert_eq!(
+            cluster_baseline(&models, &[&a, &b]).as_deref(),
+            Some("Nehalem")
+        );
+        assert_eq!(cluster_baseline(&models, &[&a]).as_deref(), Some("Haswell"));
+        assert_eq!(cluster_baseline(&models, &[&a, &c]), None);
+    }
+
+    #[test]
+    fn storage_compares_datastore_identities() {
+        let (i, s, mut d) = (instance(), facts("a"), facts("b"));
+        assert_eq!(storage(&i, &s, &d).status, CheckStatus::Pass);
+        d.datastores[0].identity = Some("other".into());
+        let c = storage(&i, &s, &d);
+        assert_eq!(c.status, CheckStatus::Fail, "same path, other storage");
+        d.datastores.clear();
+        let c = storage(&i, &s, &d);
+        assert!(c.status == CheckStatus::Fail && c.message.contains("does not have"));
+        let mut s2 = s.clone();
+        s2.datastores.clear();
+        assert_eq!(storage(&i, &s2, &d).status, CheckStatus::Warn);
+        let (mut s3, mut d3) = (s.clone(), facts("b"));
+        s3.datastores[0].identity = None;
+        d3.datastores[0].identity = None;
+        assert_eq!(storage(&i, &s3, &d3).status, CheckStatus::Warn);
+    }
+
+    #[test]
+    fn qemu_versions() {
+        let (s, mut d) = (facts("a"), facts("b"));
+        assert_eq!(parse_major_minor("8.2.2"), Some((8, 2)));
+        assert_eq!(
+            parse_major_minor("QEMU emulator version 7.2.0 (Debian)"),
+            Some((7, 2))
+        );
+        assert_eq!(qemu_version(&s, &d).status, CheckStatus::Pass);
+        d.qemu_version = "9.0.0".into();
+        let c = qemu_version(&s, &d);
+        assert!(c.status == CheckStatus::Pass && c.message.contains("newer"));
+        d.qemu_version = "8.1.5".into();
+        let c = qemu_version(&s, &d);
+        assert!(c.status == CheckStatus::Fail && c.overridable);
+    }
+
+    #[test]
+    fn machine_types_resolve_aliases() {
+        let (i, s, mut d) = (instance(), facts("a"), facts("b"));
+        assert_eq!(resolve_machine("pc", &s.machine_types), "pc-i440fx-8.2");
+        assert_eq!(resolve_machine("q35", &s.machine_types), "pc-q35-8.2");
+        assert_eq!(resolve_machine("microvm", &s.machine_types), "microvm");
+        assert_eq!(machine_type(&i, &s, &d).status, CheckStatus::Pass);
+        d.machine_types = ["pc", "pc-i440fx-8.1"].map(String::from).to_vec();
+        let c = machine_type(&i, &s, &d);
+        assert!(c.status == CheckStatus::Fail && c.message.contains("pc-i440fx-8.2"));
+    }
+
+    #[test]
+    fn networks_must_be_attached() {
+        let (i, mut d) = (instance(), facts("b"));
+        assert_eq!(network(&i, &d).status, CheckStatus::Pass);
+        d.networks.clear();
+        let c = network(&i, &d);
+        assert_eq!(c.status, CheckStatus::Fail);
+        assert_eq!(c.values["missing"], json!(["lab"]));
+    }
+
+    #[test]
+    fn probe_verdicts() {
+        let ok = ProbeResult {
+            connected: true,
+            latency_ms: Some(0.4),
+            bandwidth_mbit_s: Some(900.0),
+            error: None,
+        };
+        let c = migration_port(&ok);
+        assert_eq!(c.status, CheckStatus::Pass);
+        assert_eq!(c.values["latency_ms"], json!(0.4));
+        let bad = ProbeResult {
+            connected: false,
+            latency_ms: None,
+            bandwidth_mbit_s: None,
+            error: Some("connection refused".into()),
+        };
+        let c = migration_port(&bad);
+        assert!(c.status == CheckStatus::Fail && !c.overridable && c.message.contains("refused"));
+        let (i, s, d) = (instance(), facts("a"), facts("b"));
+        let mut inp = input(&i, &s, &d);
+        inp.probe = Some(&bad);
+        assert_eq!(
+            status_of(&run_all(&inp), "migration-port-reachable"),
+            CheckStatus::Fail
+        );
+    }
+
+    #[test]
+    fn missing_facts_fail() {
+        let (i, s) = (instance(), facts("a"));
+        let mut inp = input(&i, &s, &s);
+        inp.dest = None;
+        assert_eq!(status_of(&run_all(&inp), "facts"), CheckStatus::Fail);
+    }
+}

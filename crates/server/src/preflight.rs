@@ -1,0 +1,410 @@
+//! Gathers what the pre-flight checks need (fresh facts from every agent, the CPU model's
+//! features from the source agent, probes of the migration port) and ranks the candidates.
+//! The checks themselves are pure: [`crate::checks`].
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Duration;
+
+use chrono::Utc;
+use ferry_api::checks::{
+    Candidate, CheckResult, CheckStatus, CpuModelFeatures, ProbeConnect, ProbeListening,
+    ProbeResult,
+};
+use ferry_api::hosts::{Host, HostFacts, HostState};
+use ferry_api::instances::Instance;
+use ferry_api::migrations::MigrationKind;
+use ferry_api::{ApiClient, ApiError};
+use futures_util::future::join_all;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::agents::agent_client;
+use crate::checks::{self, CheckInput, BASELINE_MODELS};
+use crate::server::AppState;
+use crate::store::MigrationFilter;
+use crate::ServerError;
+
+/// How long an agent gets to answer `GET /v1/facts`.
+const FACTS_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a CPU model expansion may take (the agent asks QEMU).
+const CPU_MODEL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Bound of one probe (listen + connect + bandwidth).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the source pushes data for the bandwidth estimate.
+const PROBE_BANDWIDTH_MS: u64 = 300;
+
+/// What to evaluate.
+pub struct Request<'a> {
+    pub instance: &'a Instance,
+    pub kind: MigrationKind,
+    /// Only this destination; else every other host.
+    pub destination: Option<&'a str>,
+    pub probe: bool,
+    /// The job being checked (the driver's own job is not "another migration in flight").
+    pub migration: Option<Uuid>,
+}
+
+async fn timed<T>(
+    limit: Duration,
+    f: impl Future<Output = Result<T, ApiError>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {} s", limit.as_secs())),
+    }
+}
+
+/// Facts as the agent reports them now, or the last heartbeat's (`stale`).
+struct Fresh {
+    facts: Option<HostFacts>,
+    answered: bool,
+    stale: bool,
+}
+
+async fn fresh_facts(state: &AppState, host: &Host) -> Fresh {
+    let answer = match agent_client(&state.store, &host.name).await {
+        Ok(c) => timed(FACTS_TIMEOUT, c.get::<HostFacts>("/v1/facts"))
+            .await
+            .ok(),
+        Err(_) => None,
+    };
+    match answer {
+        Some(f) => Fresh {
+            facts: Some(f),
+            answered: true,
+            stale: false,
+        },
+        None => Fresh {
+            facts: host.facts.clone(),
+            answered: false,
+            stale: host.facts.is_some(),
+        },
+    }
+}
+
+async fn cpu_model(src: &ApiClient, model: &str) -> Result<Vec<String>, String> {
+    let path = format!("/v1/cpu-models/{}", seg(model));
+    timed(CPU_MODEL_TIMEOUT, src.get::<CpuModelFeatures>(&path))
+        .await
+        .map(|m| m.features)
+}
+
+fn seg(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// Listen on the destination, connect from the source. `None`: an agent cannot probe (too
+/// old), which the caller reports as a warning.
+async fn probe(src: &ApiClient, dst: &ApiClient) -> Option<ProbeResult> {
+    let run = async {
+        let listening: ProbeListening = match dst.post("/v1/probe/listen", &()).await {
+            Ok(l) => l,
+            Err(e) if e.status() == Some(404) => return None,
+            Err(e) => return Some(not_connected(format!("destination cannot listen: {e}"))),
+        };
+        let body = ProbeConnect {
+            addr: listening.addr,
+            token: listening.token,
+            bandwidth_ms: PROBE_BANDWIDTH_MS,
+        };
+        match src.post::<_, ProbeResult>("/v1/probe/connect", &body).await {
+            Ok(r) => Some(r),
+            Err(e) if e.status() == Some(404) => None,
+            Err(e) => Some(not_connected(format!("source cannot probe: {e}"))),
+        }
+    };
+    match tokio::time::timeout(PROBE_TIMEOUT, run).await {
+        Ok(r) => r,
+        Err(_) => Some(not_connected(format!(
+            "no answer within {} s",
+            PROBE_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+fn not_connected(error: String) -> ProbeResult {
+    ProbeResult {
+        connected: false,
+        latency_ms: None,
+        bandwidth_mbit_s: None,
+        error: Some(error),
+    }
+}
+
+fn probe_unsupported() -> CheckResult {
+    CheckResult {
+        name: "migration-port-reachable".into(),
+        status: CheckStatus::Warn,
+        message: "an agent cannot probe the migration port (no /v1/probe endpoints)".into(),
+        hint: "upgrade the agents; the port is only tried when the migration starts".into(),
+        values: json!({}),
+        overridable: false,
+    }
+}
+
+fn facts_stale(host: &str) -> CheckResult {
+    CheckResult {
+        name: "facts".into(),
+        status: CheckStatus::Warn,
+        message: format!("{host}'s agent did not answer; using its last heartbeat's facts"),
+        hint: "check that the agent runs; the numbers may be out of date".into(),
+        values: json!({"stale": true}),
+        overridable: false,
+    }
+}
+
+/// Orders candidates (fit first, then most free RAM, then name) and numbers them from 1.
+pub fn rank(mut candidates: Vec<Candidate>) -> Vec<Candidate> {
+    candidates.sort_by(|a, b| {
+        b.fit
+            .cmp(&a.fit)
+            .then(b.free_ram_mib.cmp(&a.free_ram_mib))
+            .then(a.host.cmp(&b.host))
+    });
+    for (i, c) in candidates.iter_mut().enumerate() {
+        c.rank = i as u32 + 1;
+    }
+    candidates
+}
+
+/// Every destination of the request, evaluated and ranked (best first).
+pub async fn evaluate(state: &AppState, req: &Request<'_>) -> Result<Vec<Candidate>, ServerError> {
+    let instance = req.instance;
+    let offline_after = chrono::Duration::seconds(state.config.heartbeat_timeout_s as i64);
+    let hosts = state.store.list_hosts(offline_after, Utc::now()).await?;
+    if let Some(d) = req.destination {
+        if !hosts.iter().any(|h| h.name == d) {
+            return Err(ServerError::not_found("host", d));
+        }
+    }
+    let targets: Vec<&Host> = hosts
+        .iter()
+        .filter(|h| h.name != instance.host)
+        .filter(|h| req.destination.is_none_or(|d| d == h.name))
+        .collect();
+    let source_host = hosts.iter().find(|h| h.name == instance.host);
+
+    // Fresh facts from every host involved, in parallel.
+    let involved: Vec<&Host> = hosts
+        .iter()
+        .filter(|h| h.name == instance.host || targets.iter().any(|t| t.name == h.name))
+        .collect();
+    let fresh: HashMap<String, Fresh> = join_all(
+        involved
+            .iter()
+            .map(|h| async move { (h.name.clone(), fresh_facts(state, h).await) }),
+    )
+    .await
+    .into_iter()
+    .collect();
+    let source_facts = fresh.get(&instance.host).and_then(|f| f.facts.clone());
+    let source_stale = fresh.get(&instance.host).is_some_and(|f| f.stale);
+
+    // The features the instance's CPU model needs, from the source agent.
+    let src = agent_client(&state.store, &instance.host).await.ok();
+    let (cpu_features, cpu_error) = match &src {
+        Some(c) => match cpu_model(c, &instance.spec.cpu_model).await {
+            Ok(f) => (Some(f), None),
+            Err(e) => (
+                None,
+                Some(format!("the source agent could not expand it: {e}")),
+            ),
+        },
+        None => (None, Some("the source host has no agent".to_string())),
+    };
+    // The cluster baseline, only worth computing when some host lacks features.
+    let any_missing = cpu_features.as_ref().is_some_and(|needed| {
+        targets.iter().any(|t| {
+            fresh
+                .get(&t.name)
+                .and_then(|f| f.facts.as_ref())
+                .is_some_and(|f| !checks::missing_features(needed, &f.cpu_flags).is_empty())
+        })
+    });
+    let baseline = match (&src, any_missing) {
+        (Some(c), true) => {
+            let models: Vec<(String, Vec<String>)> =
+                join_all(BASELINE_MODELS.iter().map(|m| async move {
+                    cpu_model(c, m).await.ok().map(|f| (m.to_string(), f))
+                }))
+                .await
+                .into_iter()
+                .flatten()
+                .collect();
+            let online_flags: Vec<Vec<String>> = hosts
+                .iter()
+                .filter(|h| h.state == HostState::Online)
+                .filter_map(|h| {
+                    fresh
+                        .get(&h.name)
+                        .and_then(|f| f.facts.as_ref())
+                        .or(h.facts.as_ref())
+                        .map(|f| f.cpu_flags.clone())
+                })
+                .collect();
+            let refs: Vec<&[String]> = online_flags.iter().map(Vec::as_slice).collect();
+            checks::cluster_baseline(&models, &refs)
+        }
+        _ => None,
+    };
+
+    // Slots and other jobs.
+    let active = state
+        .store
+        .list_migrations(&MigrationFilter {
+            active_only: true,
+            ..Default::default()
+        })
+        .await?;
+    let mut inbound: HashMap<&str, u32> = HashMap::new();
+    for m in active.iter().filter(|m| Some(m.id) != req.migration) {
+        *inbound.entry(m.destination.as_str()).or_default() += 1;
+    }
+    let other_migrations: Vec<Uuid> = instance
+        .migration
+        .into_iter()
+        .filter(|id| Some(*id) != req.migration)
+        .collect();
+
+    let input_for = |t: &Host, probe: Option<&ProbeResult>| -> Vec<CheckResult> {
+        let f = fresh.get(&t.name);
+        let input = CheckInput {
+            instance,
+            kind: req.kind,
+            source_name: &instance.host,
+            source: source_facts.as_ref(),
+            dest_name: &t.name,
+            dest: f.and_then(|f| f.facts.as_ref()),
+            dest_enabled: t.enabled,
+            dest_online: t.state == HostState::Online,
+            dest_agent_answered: f.is_some_and(|f| f.answered),
+            dest_facts_stale: f.is_some_and(|f| f.stale),
+            inbound_active: inbound.get(t.name.as_str()).copied().unwrap_or(0),
+            inbound_limit: state.config.limits.per_host_inbound,
+            other_migrations: other_migrations.clone(),
+            probe: None,
+            cpu_features: cpu_features.as_deref(),
+            cpu_features_error: cpu_error.as_deref(),
+            cluster_baseline: baseline.as_deref(),
+        };
+        let mut out = checks::run_all(&CheckInput { probe, ..input });
+        if f.is_some_and(|f| f.stale) {
+            out.push(facts_stale(&t.name));
+        }
+        if source_stale {
+            out.push(facts_stale(&instance.host));
+        }
+        if source_host.is_none() {
+            out.push(CheckResult {
+                name: "facts".into(),
+                status: CheckStatus::Fail,
+                message: format!("the source host {} is not known", instance.host),
+                hint: "see `ferry host list`".into(),
+                values: json!({}),
+                overridable: false,
+            });
+        }
+        out
+    };
+
+    // Cheap checks first; probe only the hosts that pass them.
+    let cheap: Vec<Vec<CheckResult>> = targets.iter().map(|t| input_for(t, None)).collect();
+    let probes: Vec<Option<Option<ProbeResult>>> = if req.probe && req.kind == MigrationKind::Live {
+        join_all(targets.iter().zip(&cheap).map(|(t, checks)| {
+            let src = src.clone();
+            async move {
+                if checks.iter().any(|c| c.status == CheckStatus::Fail) {
+                    return None;
+                }
+                let src = src?;
+                let dst = agent_client(&state.store, &t.name).await.ok()?;
+                Some(probe(&src, &dst).await)
+            }
+        }))
+        .await
+    } else {
+        targets.iter().map(|_| None).collect()
+    };
+
+    let candidates = targets
+        .iter()
+        .zip(cheap)
+        .zip(probes)
+        .map(|((t, cheap), probed)| {
+            let checks = match probed {
+                None => cheap,
+                Some(Some(p)) => input_for(t, Some(&p)),
+                Some(None) => {
+                    let mut c = cheap;
+                    c.push(probe_unsupported());
+                    c
+                }
+            };
+            Candidate {
+                host: t.name.clone(),
+                fit: !checks.iter().any(|c| c.status == CheckStatus::Fail),
+                rank: 0,
+                free_ram_mib: fresh
+                    .get(&t.name)
+                    .and_then(|f| f.facts.as_ref())
+                    .map(|f| f.ram_free_mib)
+                    .unwrap_or(0),
+                checks,
+            }
+        })
+        .collect();
+    Ok(rank(candidates))
+}
+
+/// One line per unfit host: its failing checks.
+pub fn why_unfit(candidates: &[Candidate]) -> String {
+    candidates
+        .iter()
+        .map(|c| {
+            let fails: Vec<String> = c
+                .checks
+                .iter()
+                .filter(|k| k.status == CheckStatus::Fail)
+                .map(|k| format!("{}: {}", k.name, k.message))
+                .collect();
+            format!("{}: {}", c.host, fails.join("; "))
+        })
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(host: &str, fit: bool, free: u64) -> Candidate {
+        Candidate {
+            host: host.into(),
+            fit,
+            rank: 0,
+            free_ram_mib: free,
+            checks: vec![],
+        }
+    }
+
+    #[test]
+    fn fit_hosts_first_then_most_free_ram() {
+        let ranked = rank(vec![
+            cand("a", false, 9000),
+            cand("b", true, 1000),
+            cand("c", true, 3000),
+        ]);
+        let order: Vec<(&str, u32)> = ranked.iter().map(|c| (c.host.as_str(), c.rank)).collect();
+        assert_eq!(order, vec![("c", 1), ("b", 2), ("a", 3)]);
+    }
+}
