@@ -84,3 +84,13 @@ pub struct CpuModelFeatures {
     /// Feature names in /proc/cpuinfo spelling (`sse4_2`, `avx2`, ...).
     pub features: Vec<String>,
 }
+
+/// `GET /v1/cpu-baseline`: the newest named CPU model every online host can run. New
+/// instances given this model can migrate to any host of the cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CpuBaseline {
+    /// `None` when not even the oldest known model runs everywhere.
+    pub model: Option<String>,
+    /// The hosts it was computed over.
+    pub hosts: Vec<String>,
+}

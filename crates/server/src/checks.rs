@@ -9,6 +9,8 @@ use ferry_api::checks::{CheckResult, CheckStatus, ProbeResult};
 use ferry_api::hosts::{DatastoreFacts, HostFacts};
 use ferry_api::instances::{Instance, InstanceState};
 use ferry_api::migrations::MigrationKind;
+
+use crate::config::QemuVersionRule;
 use serde_json::json;
 use uuid::Uuid;
 
@@ -49,6 +51,7 @@ pub struct CheckInput<'a> {
     pub cpu_features_error: Option<&'a str>,
     /// The newest model every online host supports, for hints.
     pub cluster_baseline: Option<&'a str>,
+    pub qemu_rule: QemuVersionRule,
 }
 
 fn result(
@@ -97,7 +100,7 @@ pub fn run_all(input: &CheckInput) -> Vec<CheckResult> {
         out.push(cpu_vendor(src, dst));
         out.push(cpu_features(input, dst));
         out.push(storage(input.instance, src, dst));
-        out.push(qemu_version(src, dst));
+        out.push(qemu_version(src, dst, input.qemu_rule));
         out.push(machine_type(input.instance, src, dst));
         out.push(network(input.instance, dst));
     } else {
@@ -509,8 +512,12 @@ pub fn parse_major_minor(v: &str) -> Option<(u32, u32)> {
         })
 }
 
-pub fn qemu_version(src: &HostFacts, dst: &HostFacts) -> CheckResult {
-    let values = json!({"source": src.qemu_version, "destination": dst.qemu_version});
+/// QEMU versions compatible under the configured rule.
+pub fn qemu_version(src: &HostFacts, dst: &HostFacts, rule: QemuVersionRule) -> CheckResult {
+    let values = json!({"source": src.qemu_version, "destination": dst.qemu_version, "rule": rule});
+    if rule == QemuVersionRule::Any {
+        return pass("qemu-version", "the version rule is `any`", values);
+    }
     match (
         parse_major_minor(&src.qemu_version),
         parse_major_minor(&dst.qemu_version),
@@ -519,6 +526,17 @@ pub fn qemu_version(src: &HostFacts, dst: &HostFacts) -> CheckResult {
             "qemu-version",
             format!("both hosts run QEMU {}.{}", s.0, s.1),
             values,
+        ),
+        (Some(s), Some(d)) if d > s && rule == QemuVersionRule::SameMinor => result(
+            "qemu-version",
+            CheckStatus::Fail,
+            format!(
+                "{} runs QEMU {}.{} and {} runs {}.{}; the rule asks for the same version",
+                dst.name, d.0, d.1, src.name, s.0, s.1
+            ),
+            "pick a host with the same QEMU, or --force",
+            values,
+            true,
         ),
         (Some(s), Some(d)) if d > s => pass(
             "qemu-version",
@@ -759,6 +777,7 @@ mod tests {
             cpu_features: None,
             cpu_features_error: None,
             cluster_baseline: None,
+            qemu_rule: QemuVersionRule::SameOrNewer,
         }
     }
 
@@ -914,13 +933,20 @@ mod tests {
             parse_major_minor("QEMU emulator version 7.2.0 (Debian)"),
             Some((7, 2))
         );
-        assert_eq!(qemu_version(&s, &d).status, CheckStatus::Pass);
+        let rule = QemuVersionRule::SameOrNewer;
+        assert_eq!(qemu_version(&s, &d, rule).status, CheckStatus::Pass);
         d.qemu_version = "9.0.0".into();
-        let c = qemu_version(&s, &d);
+        let c = qemu_version(&s, &d, rule);
         assert!(c.status == CheckStatus::Pass && c.message.contains("newer"));
+        let c = qemu_version(&s, &d, QemuVersionRule::SameMinor);
+        assert!(c.status == CheckStatus::Fail && c.overridable, "{c:?}");
         d.qemu_version = "8.1.5".into();
-        let c = qemu_version(&s, &d);
+        let c = qemu_version(&s, &d, rule);
         assert!(c.status == CheckStatus::Fail && c.overridable);
+        assert_eq!(
+            qemu_version(&s, &d, QemuVersionRule::Any).status,
+            CheckStatus::Pass
+        );
     }
 
     #[test]

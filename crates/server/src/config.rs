@@ -31,6 +31,38 @@ impl Default for Limits {
     }
 }
 
+/// Which QEMU versions may receive a stream from which.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QemuVersionRule {
+    /// The destination runs the same or a newer major.minor (QEMU loads older streams).
+    #[default]
+    SameOrNewer,
+    /// Exactly the same major.minor on both sides.
+    SameMinor,
+    /// No version check (the operator knows the versions are compatible).
+    Any,
+}
+
+/// Settings of the pre-flight checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Preflight {
+    pub qemu_version_rule: QemuVersionRule,
+    /// How long the connectivity probe pushes data to estimate bandwidth; 0 turns the
+    /// bandwidth probe off (the TCP connect and latency are always checked).
+    pub bandwidth_probe_ms: u64,
+}
+
+impl Default for Preflight {
+    fn default() -> Self {
+        Preflight {
+            qemu_version_rule: QemuVersionRule::SameOrNewer,
+            bandwidth_probe_ms: 300,
+        }
+    }
+}
+
 /// The server's configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -50,6 +82,8 @@ pub struct ServerConfig {
     pub heartbeat_timeout_s: u64,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub preflight: Preflight,
     /// How often the server polls a source agent for progress.
     #[serde(default = "default_poll_ms")]
     pub progress_poll_ms: u64,
@@ -91,6 +125,11 @@ impl ServerConfig {
         if l.per_host_inbound == 0 || l.per_host_outbound == 0 || l.cluster == 0 {
             return Err(ServerError::config("limits must be at least 1".into()));
         }
+        if self.preflight.bandwidth_probe_ms > 2000 {
+            return Err(ServerError::config(
+                "preflight.bandwidth_probe_ms must be at most 2000".into(),
+            ));
+        }
         if !(50..=1000).contains(&self.progress_poll_ms) {
             return Err(ServerError::config(
                 "progress_poll_ms must be between 50 and 1000".into(),
@@ -119,6 +158,28 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.limits, Limits::default());
         assert_eq!(c.listen.port(), 7400);
+    }
+
+    #[test]
+    fn preflight_settings_parse_and_are_checked() {
+        let c: ServerConfig = toml::from_str(
+            "database = \"/tmp/f.db\"\njoin_token = \"0123456789abcdef\"\n[preflight]\nqemu_version_rule = \"same_minor\"\nbandwidth_probe_ms = 0",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.preflight.qemu_version_rule, QemuVersionRule::SameMinor);
+        assert_eq!(c.preflight.bandwidth_probe_ms, 0);
+        let mut slow = c.clone();
+        slow.preflight.bandwidth_probe_ms = 5000;
+        assert!(slow
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("bandwidth_probe_ms"));
+        assert!(toml::from_str::<ServerConfig>(
+            "database = \"/tmp/f.db\"\njoin_token = \"0123456789abcdef\"\n[preflight]\nqemu_version_rule = \"newest\"",
+        )
+        .is_err());
     }
 
     #[test]

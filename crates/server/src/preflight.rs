@@ -31,8 +31,6 @@ const FACTS_TIMEOUT: Duration = Duration::from_secs(3);
 const CPU_MODEL_TIMEOUT: Duration = Duration::from_secs(15);
 /// Bound of one probe (listen + connect + bandwidth).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long the source pushes data for the bandwidth estimate.
-const PROBE_BANDWIDTH_MS: u64 = 300;
 
 /// What to evaluate.
 pub struct Request<'a> {
@@ -103,9 +101,26 @@ fn seg(s: &str) -> String {
         .collect()
 }
 
+/// The newest of the known named CPU models whose features every one of `host_flags` has,
+/// with the features of each model as `expander`'s QEMU reports them.
+pub async fn baseline_model(expander: &ApiClient, host_flags: &[Vec<String>]) -> Option<String> {
+    let models: Vec<(String, Vec<String>)> = join_all(BASELINE_MODELS.iter().map(|m| async move {
+        cpu_model(expander, m)
+            .await
+            .ok()
+            .map(|f| (m.to_string(), f))
+    }))
+    .await
+    .into_iter()
+    .flatten()
+    .collect();
+    let refs: Vec<&[String]> = host_flags.iter().map(Vec::as_slice).collect();
+    checks::cluster_baseline(&models, &refs)
+}
+
 /// Listen on the destination, connect from the source. `None`: an agent cannot probe (too
 /// old), which the caller reports as a warning.
-async fn probe(src: &ApiClient, dst: &ApiClient) -> Option<ProbeResult> {
+async fn probe(src: &ApiClient, dst: &ApiClient, bandwidth_ms: u64) -> Option<ProbeResult> {
     let run = async {
         let listening: ProbeListening = match dst.post("/v1/probe/listen", &()).await {
             Ok(l) => l,
@@ -115,7 +130,7 @@ async fn probe(src: &ApiClient, dst: &ApiClient) -> Option<ProbeResult> {
         let body = ProbeConnect {
             addr: listening.addr,
             token: listening.token,
-            bandwidth_ms: PROBE_BANDWIDTH_MS,
+            bandwidth_ms,
         };
         match src.post::<_, ProbeResult>("/v1/probe/connect", &body).await {
             Ok(r) => Some(r),
@@ -233,14 +248,6 @@ pub async fn evaluate(state: &AppState, req: &Request<'_>) -> Result<Vec<Candida
     });
     let baseline = match (&src, any_missing) {
         (Some(c), true) => {
-            let models: Vec<(String, Vec<String>)> =
-                join_all(BASELINE_MODELS.iter().map(|m| async move {
-                    cpu_model(c, m).await.ok().map(|f| (m.to_string(), f))
-                }))
-                .await
-                .into_iter()
-                .flatten()
-                .collect();
             let online_flags: Vec<Vec<String>> = hosts
                 .iter()
                 .filter(|h| h.state == HostState::Online)
@@ -252,8 +259,7 @@ pub async fn evaluate(state: &AppState, req: &Request<'_>) -> Result<Vec<Candida
                         .map(|f| f.cpu_flags.clone())
                 })
                 .collect();
-            let refs: Vec<&[String]> = online_flags.iter().map(Vec::as_slice).collect();
-            checks::cluster_baseline(&models, &refs)
+            baseline_model(c, &online_flags).await
         }
         _ => None,
     };
@@ -296,6 +302,7 @@ pub async fn evaluate(state: &AppState, req: &Request<'_>) -> Result<Vec<Candida
             cpu_features: cpu_features.as_deref(),
             cpu_features_error: cpu_error.as_deref(),
             cluster_baseline: baseline.as_deref(),
+            qemu_rule: state.config.preflight.qemu_version_rule,
         };
         let mut out = checks::run_all(&CheckInput { probe, ..input });
         if f.is_some_and(|f| f.stale) {
@@ -328,7 +335,7 @@ pub async fn evaluate(state: &AppState, req: &Request<'_>) -> Result<Vec<Candida
                 }
                 let src = src?;
                 let dst = agent_client(&state.store, &t.name).await.ok()?;
-                Some(probe(&src, &dst).await)
+                Some(probe(&src, &dst, state.config.preflight.bandwidth_probe_ms).await)
             }
         }))
         .await

@@ -289,3 +289,57 @@ async fn storage_on_the_source_only_makes_no_host_fit() {
     assert_refused(&c, &m, "storage", "hv1", 0).await;
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_migration_network_is_found_before_anything_starts() {
+    let c = Cluster::start(2, Limits::default()).await;
+    c.running_vm("cut", "hv1", 0).await;
+    let baseline: ferry_api::checks::CpuBaseline = c.admin.get("/v1/cpu-baseline").await.unwrap();
+    assert_eq!(baseline.hosts.len(), 2);
+    assert!(
+        baseline.model.is_some(),
+        "every host runs at least qemu64: {baseline:?}"
+    );
+
+    let ok = candidates(&c, "cut", "?destination=hv2").await;
+    assert!(ok[0].fit, "{ok:?}");
+    let probe = ok[0]
+        .checks
+        .iter()
+        .find(|k| k.name == "migration-port-reachable")
+        .expect("probed");
+    assert!(probe.values["latency_ms"].as_f64().is_some(), "{probe:?}");
+
+    // hv1's link to the migration network goes down: the source cannot reach hv2's ports.
+    let ns = c.lab.host("hv1").unwrap().netns.clone();
+    let down = std::process::Command::new("ip")
+        .args(["-n", &ns, "link", "set", "mig0", "down"])
+        .status()
+        .unwrap();
+    assert!(down.success());
+    let cut = candidates(&c, "cut", "?destination=hv2").await;
+    assert!(!cut[0].fit);
+    assert_eq!(
+        failing(&cut[0]),
+        set(&["migration-port-reachable"]),
+        "{cut:?}"
+    );
+    let probe_off = candidates(&c, "cut", "?destination=hv2&probe=false").await;
+    assert!(
+        probe_off[0].fit,
+        "without the probe only the cheap checks run"
+    );
+
+    let m = c
+        .migrate(
+            "cut",
+            "hv2",
+            MigrationOptions {
+                force: true,
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_refused(&c, &m, "migration-port-reachable", "hv1", 0).await;
+    c.shutdown().await;
+}

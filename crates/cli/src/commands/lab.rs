@@ -124,6 +124,7 @@ pub fn server_config(
         join_token: join_token.to_string(),
         heartbeat_timeout_s: 10,
         limits: Default::default(),
+        preflight: Default::default(),
         progress_poll_ms: 250,
     }
 }

@@ -5,7 +5,10 @@ use std::collections::BTreeMap;
 use axum::extract::{Path, State};
 use axum::Json;
 use chrono::Utc;
-use ferry_api::hosts::{Datastore, Host, Network};
+use ferry_api::checks::CpuBaseline;
+use ferry_api::hosts::{Datastore, Host, HostState, Network};
+
+use crate::agents::agent_client;
 use ferry_api::migrations::Event;
 
 use crate::auth::{Admin, Reader};
@@ -136,4 +139,33 @@ pub async fn networks(
         }
     }
     Ok(Json(by_name.into_values().collect()))
+}
+
+/// The newest named CPU model every online host can run: what new instances should use so
+/// that they can migrate anywhere in the cluster.
+#[utoipa::path(get, path = "/v1/cpu-baseline", responses((status = 200, body = CpuBaseline)))]
+pub async fn cpu_baseline(
+    State(state): State<AppState>,
+    _r: Reader,
+) -> Result<Json<CpuBaseline>, ServerError> {
+    let online: Vec<Host> = all_hosts(&state)
+        .await?
+        .into_iter()
+        .filter(|h| h.state == HostState::Online && h.facts.is_some())
+        .collect();
+    let Some(first) = online.first() else {
+        return Ok(Json(CpuBaseline {
+            model: None,
+            hosts: Vec::new(),
+        }));
+    };
+    let expander = agent_client(&state.store, &first.name).await?;
+    let flags: Vec<Vec<String>> = online
+        .iter()
+        .filter_map(|h| h.facts.as_ref().map(|f| f.cpu_flags.clone()))
+        .collect();
+    Ok(Json(CpuBaseline {
+        model: crate::preflight::baseline_model(&expander, &flags).await,
+        hosts: online.into_iter().map(|h| h.name).collect(),
+    }))
 }

@@ -63,6 +63,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
         hosts::enable,
         hosts::disable,
         hosts::datastores,
+        hosts::cpu_baseline,
         hosts::networks,
         instances::list,
         instances::create,
@@ -103,6 +104,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/hosts/{name}/disable", post(hosts::disable))
         .route("/v1/datastores", get(hosts::datastores))
         .route("/v1/networks", get(hosts::networks))
+        .route("/v1/cpu-baseline", get(hosts::cpu_baseline))
         .route(
             "/v1/instances",
             get(instances::list).post(instances::create),

@@ -71,6 +71,7 @@ impl Cluster {
             join_token: JOIN.into(),
             heartbeat_timeout_s: 10,
             limits,
+            preflight: Default::default(),
             progress_poll_ms: 200,
         })
         .await
