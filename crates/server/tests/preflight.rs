@@ -343,3 +343,21 @@ async fn a_broken_migration_network_is_found_before_anything_starts() {
     assert_refused(&c, &m, "migration-port-reachable", "hv1", 0).await;
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_whose_agent_is_down_is_not_fit() {
+    let mut c = Cluster::start(2, Limits::default()).await;
+    c.running_vm("alone", "hv1", 0).await;
+    c.agents[1].take().unwrap().shutdown().await;
+    let down = candidates(&c, "alone", "?destination=hv2").await;
+    assert!(!down[0].fit, "{down:?}");
+    assert!(failing(&down[0]).contains("agent-reachable"), "{down:?}");
+    let check = down[0]
+        .checks
+        .iter()
+        .find(|k| k.name == "agent-reachable")
+        .unwrap();
+    assert!(!check.hint.is_empty() && !check.overridable, "{check:?}");
+    assert!(migrations(&c).await.is_empty(), "asking changed nothing");
+    c.shutdown().await;
+}
