@@ -317,15 +317,8 @@ impl Agent {
 
     /// Every instance on this host, sorted by name.
     pub(crate) async fn list_instances(&self) -> Vec<AgentInstance> {
-        let slots: Vec<_> = self
-            .instances
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
         let mut out = Vec::new();
-        for slot in slots {
+        for slot in self.slots() {
             let mut slot = slot.lock().await;
             if !slot.deleted {
                 out.push(self.describe(&mut slot).await);

@@ -68,18 +68,21 @@ impl Agent {
         *self.credential.write().unwrap_or_else(|p| p.into_inner()) = Some(credential);
     }
 
-    /// RAM (MiB) of the instances that have a QEMU process here. An instance whose lock is
-    /// held (an operation in progress) cannot be looked at without waiting and is left out;
-    /// the next report counts it.
-    pub(crate) fn guest_ram_mib(&self) -> u64 {
-        let slots: Vec<_> = self
-            .instances
+    /// A snapshot of the instance slots, so the map's lock is not held across awaits.
+    pub(crate) fn slots(&self) -> Vec<Arc<tokio::sync::Mutex<Slot>>> {
+        self.instances
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
             .cloned()
-            .collect();
-        slots
+            .collect()
+    }
+
+    /// RAM (MiB) of the instances that have a QEMU process here. An instance whose lock is
+    /// held (an operation in progress) cannot be looked at without waiting and is left out;
+    /// the next report counts it.
+    pub(crate) fn guest_ram_mib(&self) -> u64 {
+        self.slots()
             .iter()
             .map(|slot| match slot.try_lock() {
                 Ok(s) if s.deleted || s.process.is_none() => 0,

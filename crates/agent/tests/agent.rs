@@ -3,10 +3,9 @@
 //! (needs root and QEMU).
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use ferry_agent::{AgentConfig, AgentHandle, NetworkConfig};
 use ferry_api::agent::{
     AgentInstance, DefineInstance, IncomingReady, PrepareIncoming, SourceState, SourceStatus,
     StartSource,
@@ -14,46 +13,17 @@ use ferry_api::agent::{
 use ferry_api::hosts::HostFacts;
 use ferry_api::instances::{BootSpec, InstanceSpec, InstanceState, NicSpec};
 use ferry_api::{ApiClient, ApiError};
-use ferry_lab::guest_client::{control, parse_verify};
+use ferry_lab::guest_client::{control_in, control_in_within, parse_verify};
 use ferry_lab::guest_config::{GuestConfig, CONTROL_PORT};
 use ferry_lab::image::{ensure_image, ImageOptions};
 use ferry_lab::instance::guest_instance_spec;
-use ferry_lab::net::{remove_orphan_test_labs, tcp_connect_in, unique_test_lab_name, LabNet};
+use ferry_lab::net::{remove_orphan_test_labs, unique_test_lab_name, LabNet};
 use ferry_migrate::{Bandwidth, MigrationParams};
 use uuid::Uuid;
 
-const CREDENTIAL: &str = "test-credential";
+mod common;
 
-fn config(name: &str, state_dir: &Path, netns: Option<String>, mig: Ipv4Addr) -> AgentConfig {
-    AgentConfig {
-        name: name.into(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        advertise_url: None,
-        server_url: None,
-        join_token: None,
-        credential: Some(CREDENTIAL.into()),
-        state_dir: state_dir.to_path_buf(),
-        netns,
-        migration_addr: mig.into(),
-        migration_ports: "49152-49215".into(),
-        qemu_binary: "qemu-system-x86_64".into(),
-        accel: "tcg".into(),
-        datastores: vec![],
-        networks: vec![NetworkConfig {
-            name: "lab".into(),
-            bridge: "br0".into(),
-            subnet: None,
-        }],
-        heartbeat_ms: 2000,
-        reserve_mib: 2048,
-        ram_capacity_mib: None,
-        cpu_flags_mask: vec![],
-    }
-}
-
-fn client(agent: &AgentHandle) -> ApiClient {
-    ApiClient::new(&agent.url(), Some(CREDENTIAL.into()))
-}
+use common::{client, config};
 
 fn status_of(e: &ApiError) -> (Option<u16>, String) {
     (e.status(), e.code())
@@ -93,27 +63,17 @@ fn tap_exists(netns: &str, tap: &str) -> bool {
 }
 
 async fn guest_control(lab: &LabNet, ip: Ipv4Addr, cmd: &str) -> Result<String, String> {
-    let ns = lab.client_netns.clone();
     let addr = SocketAddr::from((ip, CONTROL_PORT));
-    let stream =
-        tokio::task::spawn_blocking(move || tcp_connect_in(&ns, addr, Duration::from_secs(3)))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-    stream.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let stream = tokio::net::TcpStream::from_std(stream).map_err(|e| e.to_string())?;
-    control(stream, cmd).await.map_err(|e| e.to_string())
+    control_in(&lab.client_netns, addr, cmd)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 async fn wait_guest_answers(lab: &LabNet, ip: Ipv4Addr) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        match guest_control(lab, ip, "status").await {
-            Ok(_) => return,
-            Err(e) if Instant::now() > deadline => panic!("guest never answered: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-        }
-    }
+    let addr = SocketAddr::from((ip, CONTROL_PORT));
+    control_in_within(&lab.client_netns, addr, "status", Duration::from_secs(120))
+        .await
+        .expect("guest answers");
 }
 
 async fn assert_guest_intact(lab: &LabNet, ip: Ipv4Addr) {

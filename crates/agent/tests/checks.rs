@@ -3,47 +3,16 @@
 //! shaped by the lab knobs (needs root and QEMU).
 
 use std::net::Ipv4Addr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ferry_agent::{AgentConfig, AgentHandle, NetworkConfig};
 use ferry_api::checks::{CpuModelFeatures, ProbeConnect, ProbeListening, ProbeResult};
 use ferry_api::hosts::HostFacts;
 use ferry_api::ApiClient;
 use ferry_lab::net::{remove_orphan_test_labs, unique_test_lab_name, LabNet};
 
-const CREDENTIAL: &str = "test-credential";
+mod common;
 
-fn config(name: &str, state_dir: &Path, netns: Option<String>, mig: Ipv4Addr) -> AgentConfig {
-    AgentConfig {
-        name: name.into(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        advertise_url: None,
-        server_url: None,
-        join_token: None,
-        credential: Some(CREDENTIAL.into()),
-        state_dir: state_dir.to_path_buf(),
-        netns,
-        migration_addr: mig.into(),
-        migration_ports: "49152-49215".into(),
-        qemu_binary: "qemu-system-x86_64".into(),
-        accel: "tcg".into(),
-        datastores: vec![],
-        networks: vec![NetworkConfig {
-            name: "lab".into(),
-            bridge: "br0".into(),
-            subnet: None,
-        }],
-        heartbeat_ms: 2000,
-        reserve_mib: 2048,
-        ram_capacity_mib: None,
-        cpu_flags_mask: vec![],
-    }
-}
-
-fn client(agent: &AgentHandle) -> ApiClient {
-    ApiClient::new(&agent.url(), Some(CREDENTIAL.into()))
-}
+use common::{client, config};
 
 async fn connect(c: &ApiClient, addr: &str, token: &str, bandwidth_ms: u64) -> ProbeResult {
     c.post(

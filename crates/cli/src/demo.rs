@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Args;
 use ferry_api::instances::{CreateInstance, Instance};
@@ -258,18 +258,13 @@ async fn migrate_and_measure(
         SerialMonitor::connect(&cluster.serial_socket(0, vm.id), Duration::from_secs(10))
             .await
             .map_err(|e| guest_err(format!("cannot read the guest's serial port: {e}")))?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while guest_client::control_in(&client_ns, control, "status")
+    guest_client::control_in_within(&client_ns, control, "status", Duration::from_secs(120))
         .await
-        .is_err()
-    {
-        if Instant::now() > deadline {
-            return Err(guest_err(format!(
-                "the guest at {ip} did not answer within 120 s"
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        .map_err(|e| {
+            guest_err(format!(
+                "the guest at {ip} did not answer within 120 s: {e}"
+            ))
+        })?;
 
     let echo_addr = SocketAddr::from((ip, ECHO_PORT));
     let ns = client_ns.clone();

@@ -15,7 +15,7 @@ use ferry_lab::guest_client;
 use ferry_lab::guest_config::{GuestConfig, CONTROL_PORT};
 use ferry_lab::image::{ensure_image, ImageOptions};
 use ferry_lab::instance::guest_instance_spec;
-use ferry_lab::net::{remove_orphan_test_labs, tcp_connect_in, unique_test_lab_name, LabNet};
+use ferry_lab::net::{remove_orphan_test_labs, unique_test_lab_name, LabNet};
 
 const ADMIN: &str = "admin-token-recovery-0123456789";
 const JOIN: &str = "join-token-recovery-0123456789";
@@ -172,25 +172,9 @@ impl Procs {
 
     async fn guest(&self, command: &str, patience: Duration) -> String {
         let addr = SocketAddr::from((self.lab.guest_addr(0), CONTROL_PORT));
-        let deadline = Instant::now() + patience;
-        loop {
-            let ns = self.lab.client_netns.clone();
-            if let Ok(Ok(s)) = tokio::task::spawn_blocking(move || {
-                tcp_connect_in(&ns, addr, Duration::from_secs(2))
-            })
+        guest_client::control_in_within(&self.lab.client_netns, addr, command, patience)
             .await
-            {
-                s.set_nonblocking(true).unwrap();
-                if let Ok(r) =
-                    guest_client::control(tokio::net::TcpStream::from_std(s).unwrap(), command)
-                        .await
-                {
-                    return r;
-                }
-            }
-            assert!(Instant::now() < deadline, "guest does not answer {command}");
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
+            .unwrap_or_else(|e| panic!("guest does not answer {command}: {e}"))
     }
 
     /// A copy capped at 6 MiB/s: slow enough (about ten seconds) to crash something in the

@@ -48,6 +48,24 @@ pub async fn control_in(
     control(tokio::net::TcpStream::from_std(stream)?, command).await
 }
 
+/// Like [`control_in`], retrying until the guest answers or `patience` runs out: for a guest
+/// that is still booting or just moved. Returns the last error when it never answered.
+pub async fn control_in_within(
+    netns: &str,
+    addr: SocketAddr,
+    command: &str,
+    patience: Duration,
+) -> Result<String, GuestError> {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        match control_in(netns, addr, command).await {
+            Ok(reply) => return Ok(reply),
+            Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
 /// Sends one command line and returns the guest's `ok ...` reply line (trimmed). `verify`
 /// walks the whole working set, so it gets 30 s; everything else 5 s.
 pub async fn control(stream: tokio::net::TcpStream, command: &str) -> Result<String, GuestError> {

@@ -15,7 +15,7 @@ use ferry_lab::guest_client::{self, VerifyReport};
 use ferry_lab::guest_config::{GuestConfig, CONTROL_PORT};
 use ferry_lab::image::{ensure_image, GuestImage, ImageOptions};
 use ferry_lab::instance::guest_instance_spec;
-use ferry_lab::net::{remove_orphan_test_labs, tcp_connect_in, unique_test_lab_name, LabNet};
+use ferry_lab::net::{remove_orphan_test_labs, unique_test_lab_name, LabNet};
 use ferry_server::config::Limits;
 use ferry_server::{ServerConfig, ServerHandle};
 
@@ -191,27 +191,9 @@ impl Cluster {
     /// it answers or `patience` runs out.
     pub async fn guest_control(&self, k: u8, command: &str, patience: Duration) -> String {
         let addr = SocketAddr::from((self.lab.guest_addr(k), CONTROL_PORT));
-        let deadline = Instant::now() + patience;
-        loop {
-            let ns = self.lab.client_netns.clone();
-            let stream = tokio::task::spawn_blocking(move || {
-                tcp_connect_in(&ns, addr, Duration::from_secs(2))
-            })
+        guest_client::control_in_within(&self.lab.client_netns, addr, command, patience)
             .await
-            .unwrap();
-            if let Ok(s) = stream {
-                s.set_nonblocking(true).unwrap();
-                let s = tokio::net::TcpStream::from_std(s).unwrap();
-                if let Ok(reply) = guest_client::control(s, command).await {
-                    return reply;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "guest {k} does not answer '{command}'"
-            );
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
+            .unwrap_or_else(|e| panic!("guest {k} does not answer '{command}': {e}"))
     }
 
     pub async fn verify(&self, k: u8) -> VerifyReport {
