@@ -93,6 +93,15 @@ impl Store {
             .connect_with(options)
             .await
             .map_err(open_err)?;
+        Store::with_schema(pool, open_err).await
+    }
+
+    /// Brings a new pool's database to the current schema; a failure is reported as an open
+    /// failure of that database.
+    async fn with_schema(
+        pool: sqlx::SqlitePool,
+        open_err: impl Fn(sqlx::Error) -> StoreError,
+    ) -> Result<Store, StoreError> {
         let store = Store { pool };
         store.apply_schema().await.map_err(|e| match e {
             StoreError::Db(source) => open_err(source),
@@ -122,12 +131,7 @@ impl Store {
             .connect_with(options)
             .await
             .map_err(open_err)?;
-        let store = Store { pool };
-        store.apply_schema().await.map_err(|e| match e {
-            StoreError::Db(source) => open_err(source),
-            other => other,
-        })?;
-        Ok(store)
+        Store::with_schema(pool, open_err).await
     }
 
     /// Closes every connection, checkpointing the WAL into the main file. Call on shutdown;
