@@ -8,7 +8,8 @@ use axum::extract::{Path, Query, State};
 use axum::routing::{get, post, put};
 use axum::{middleware, Json, Router};
 use ferry_api::agent::{
-    AgentInstance, DefineInstance, IncomingReady, PrepareIncoming, SourceStatus, StartSource,
+    AgentInstance, DefineInstance, IncomingReady, PrepareIncoming, SetSourceParams, SourceStatus,
+    StartSource,
 };
 use ferry_api::checks::{CpuModelFeatures, ProbeConnect, ProbeListening, ProbeResult};
 use ferry_api::hosts::HostFacts;
@@ -42,6 +43,7 @@ pub(crate) fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/migrations/{mid}/cancel", post(cancel))
         .route("/v1/migrations/{mid}/finish", post(finish))
         .route("/v1/migrations/{mid}/resume", post(resume))
+        .route("/v1/migrations/{mid}/params", post(set_params))
         .route("/v1/probe/listen", post(probe_listen))
         .route("/v1/probe/connect", post(probe_connect))
         .route("/v1/cpu-models/{model}", get(cpu_model))
@@ -183,6 +185,15 @@ async fn resume(
     Path(mid): Path<String>,
 ) -> ApiResult<AgentInstance> {
     Ok(Json(agent.resume_source(uuid(&mid)?).await?))
+}
+
+async fn set_params(
+    State(agent): State<Arc<Agent>>,
+    Path(mid): Path<String>,
+    req: Result<Json<SetSourceParams>, JsonRejection>,
+) -> ApiResult<()> {
+    agent.set_source_params(uuid(&mid)?, body(req)?).await?;
+    Ok(Json(()))
 }
 
 async fn probe_listen(State(agent): State<Arc<Agent>>) -> ApiResult<ProbeListening> {

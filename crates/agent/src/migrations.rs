@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_api::agent::{
-    AgentInstance, IncomingReady, PrepareIncoming, SourceState, SourceStatus, StartSource,
+    AgentInstance, IncomingReady, PrepareIncoming, SetSourceParams, SourceState, SourceStatus,
+    StartSource,
 };
 use ferry_api::ErrorBody;
 use ferry_migrate::{
@@ -20,7 +21,9 @@ use ferry_migrate::{
     ProgressTracker, SourceOutcome,
 };
 use ferry_qemu::StartMode;
-use ferry_qmp::commands::{MigrateCancel, MigrationStatus, QueryMigrate, RunState};
+use ferry_qmp::commands::{
+    MigrateCancel, MigrateSetParameters, MigrationStatus, QueryMigrate, RunState,
+};
 use ferry_qmp::Qmp;
 use serde::{Deserialize, Serialize};
 use tracing::{info, info_span, warn, Instrument};
@@ -687,6 +690,43 @@ impl Agent {
             self.forget_instance(&mut slot);
             entry.update(|r| r.finished = true);
             info!(instance = %r.instance_id, "handed-over source removed");
+            Ok(())
+        }
+        .instrument(span(&mid))
+        .await
+    }
+
+    /// `POST /v1/migrations/{mid}/params`: new bandwidth and downtime target for a running
+    /// source stream; QEMU applies them to the migration in flight.
+    pub(crate) async fn set_source_params(
+        &self,
+        mid: Uuid,
+        req: SetSourceParams,
+    ) -> Result<(), AgentError> {
+        async {
+            let entry = self.migration_or_404(&mid)?;
+            let r = entry.record();
+            if r.role != Role::Source || r.state != SourceState::Running {
+                return Err(AgentError::conflict(
+                    "migration-not-running",
+                    format!("migration {mid} is not copying from this host"),
+                    "change the pacing of a running migration on its source",
+                ));
+            }
+            let qmp = {
+                let slot = self.lock_slot(&r.instance_id).await?;
+                slot.process
+                    .as_ref()
+                    .map(|p| p.qmp().clone())
+                    .ok_or_else(|| MigrateError::SourceNotRunning("stopped".into()))?
+            };
+            let params = MigrateSetParameters {
+                max_bandwidth: req.bandwidth.map(|b| b.bytes_per_sec()),
+                downtime_limit: req.downtime_limit_ms,
+                ..Default::default()
+            };
+            qmp.execute(&params).await.map_err(MigrateError::from)?;
+            info!(?req, "migration pacing changed");
             Ok(())
         }
         .instrument(span(&mid))

@@ -14,6 +14,8 @@
 //! - `POST /v1/migrations/{mid}/cancel` -> [`SourceStatus`]
 //! - `POST /v1/migrations/{mid}/finish` -> `()` (source: stop the handed-over QEMU)
 //! - `POST /v1/migrations/{mid}/resume` -> [`AgentInstance`] (source: make sure it runs)
+//! - `POST /v1/migrations/{mid}/params` [`SetSourceParams`] -> `()` (source: change bandwidth
+//!   and downtime target of the running stream)
 //! - `POST /v1/probe/listen`, `POST /v1/probe/connect`, `GET /v1/cpu-models/{model}`: the
 //!   agent's part of the pre-flight checks, see [`crate::checks`]
 //!
@@ -117,4 +119,11 @@ pub struct SourceStatus {
     pub samples: Vec<(u64, Progress)>,
     pub outcome: Option<SourceOutcome>,
     pub error: Option<ErrorBody>,
+}
+
+/// `POST /v1/migrations/{mid}/params`: new pacing for a running source; absent fields stay.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SetSourceParams {
+    pub bandwidth: Option<ferry_migrate::Bandwidth>,
+    pub downtime_limit_ms: Option<u64>,
 }

@@ -131,6 +131,15 @@ impl MigrationOptions {
     }
 }
 
+/// `PATCH /v1/migrations/{id}`: change the pacing of a job, also while it copies.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct UpdateMigration {
+    /// New cap in MiB/s; `0` means unlimited.
+    pub bandwidth_mib_s: Option<u64>,
+    /// New downtime target in ms.
+    pub downtime_ms: Option<u64>,
+}
+
 /// `POST /v1/migrations`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CreateMigration {

@@ -178,6 +178,35 @@ fn migration_list_filters() {
 }
 
 #[test]
+fn migration_set_takes_new_pacing() {
+    let ClusterCommand::Migration { cmd, .. } = parse(&[
+        "migration",
+        "set",
+        "ab12cd34",
+        "--bandwidth",
+        "0",
+        "--downtime-ms",
+        "200",
+    ])
+    .unwrap() else {
+        panic!()
+    };
+    let MigrationCommand::Set {
+        id,
+        bandwidth,
+        downtime_ms,
+    } = cmd
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (id.as_str(), bandwidth, downtime_ms),
+        ("ab12cd34", Some(0), Some(200))
+    );
+    assert!(parse(&["migration", "set", "x", "--bandwidth", "-1"]).is_err());
+}
+
+#[test]
 fn exit_codes_of_finished_migrations() {
     assert_eq!(exit_code_for(MigrationState::Completed), exit::OK);
     assert_eq!(

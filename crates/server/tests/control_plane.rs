@@ -545,3 +545,78 @@ async fn cold_migration_moves_a_stopped_instance() {
     assert_eq!(c.qemus_on("hv1"), 0);
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bandwidth_change_during_the_copy_takes_effect() {
+    let c = Cluster::start(2, Limits::default()).await;
+    c.running_vm("paced", "hv1", 0).await;
+    // 4 MiB/s is below the guest's 8 MiB/s dirty rate: this copy would never converge.
+    let m = c.migrate("paced", "hv2", slow()).await;
+    c.wait_state(m.id, MigrationState::Migrating).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = c.migration(m.id).await;
+    let rate = before.progress.as_ref().expect("sampled").throughput_bps;
+    assert!(rate < 6.0 * 1048576.0, "capped at 4 MiB/s: {rate}");
+
+    let bad = c
+        .admin
+        .patch::<_, Migration>(
+            &format!("/v1/migrations/{}", m.id),
+            &ferry_api::migrations::UpdateMigration {
+                bandwidth_mib_s: None,
+                downtime_ms: Some(0),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (bad.status(), bad.code().as_str()),
+        (Some(400), "invalid-migration-options")
+    );
+
+    let changed: Migration = c
+        .admin
+        .patch(
+            &format!("/v1/migrations/{}", m.id),
+            &ferry_api::migrations::UpdateMigration {
+                bandwidth_mib_s: Some(0),
+                downtime_ms: Some(500),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(changed.options.bandwidth_mib_s, None, "0 means unlimited");
+    assert_eq!(changed.options.downtime_ms, Some(500));
+    let done = c.wait_end(m.id, Duration::from_secs(60)).await;
+    assert_eq!(
+        done.state,
+        MigrationState::Completed,
+        "the uncapped copy converges: {done:?}"
+    );
+    assert_eq!(c.verify(0).await.errors, 0);
+    let logs: Vec<LogLine> = c
+        .admin
+        .get(&format!("/v1/migrations/{}/logs", m.id))
+        .await
+        .unwrap();
+    assert!(
+        logs.iter().any(|l| l.message.contains("pacing changed")),
+        "{logs:?}"
+    );
+    let late = c
+        .admin
+        .patch::<_, Migration>(
+            &format!("/v1/migrations/{}", m.id),
+            &ferry_api::migrations::UpdateMigration {
+                bandwidth_mib_s: Some(10),
+                downtime_ms: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (late.status(), late.code().as_str()),
+        (Some(409), "cannot-update")
+    );
+    c.shutdown().await;
+}

@@ -7,6 +7,7 @@ use clap::{Args, Subcommand};
 use ferry_api::checks::{Candidate, CheckResult, CheckStatus};
 use ferry_api::migrations::{
     CreateMigration, Event, LogLine, Migration, MigrationKind, MigrationOptions, MigrationState,
+    UpdateMigration,
 };
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use uuid::Uuid;
@@ -109,6 +110,16 @@ pub enum MigrationCommand {
     Cancel { id: String },
     /// Follow a migration live until it ends.
     Watch { id: String },
+    /// Change the pacing of a pending or copying migration; a copying one follows at once.
+    Set {
+        id: String,
+        /// New bandwidth cap in MiB/s (0: unlimited).
+        #[arg(long)]
+        bandwidth: Option<u64>,
+        /// New downtime target in ms.
+        #[arg(long)]
+        downtime_ms: Option<u64>,
+    },
 }
 
 pub fn parse_state(s: &str) -> Result<MigrationState, String> {
@@ -289,6 +300,19 @@ pub async fn run(ctx: &Ctx, cmd: MigrationCommand) -> Result<u8, CliError> {
             let m: Migration = ctx
                 .post(&format!("/v1/migrations/{id}/cancel"), &())
                 .await?;
+            ctx.print(&m, output::migration_detail);
+        }
+        MigrationCommand::Set {
+            id,
+            bandwidth,
+            downtime_ms,
+        } => {
+            let id = resolve_id(ctx, &id).await?;
+            let body = UpdateMigration {
+                bandwidth_mib_s: bandwidth,
+                downtime_ms,
+            };
+            let m: Migration = ctx.patch(&format!("/v1/migrations/{id}"), &body).await?;
             ctx.print(&m, output::migration_detail);
         }
         MigrationCommand::Watch { id } => {

@@ -75,6 +75,17 @@ impl Ctx {
             .map_err(|e| self.api_err(e))
     }
 
+    pub async fn patch<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, CliError> {
+        self.client
+            .patch(path, body)
+            .await
+            .map_err(|e| self.api_err(e))
+    }
+
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
         self.client.delete(path).await.map_err(|e| self.api_err(e))
     }

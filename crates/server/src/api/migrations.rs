@@ -3,15 +3,20 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
+use ferry_api::agent::SetSourceParams;
 use ferry_api::hosts::HostState;
 use ferry_api::instances::{Instance, InstanceState};
-use ferry_api::migrations::{CreateMigration, LogLine, Migration, MigrationKind, MigrationState};
+use ferry_api::migrations::{
+    CreateMigration, LogLine, Migration, MigrationKind, MigrationState, UpdateMigration,
+};
+
 use serde::Deserialize;
 use uuid::Uuid;
 
 use super::hosts::one_host;
 use super::instances::find;
 use super::{ApiJson, ApiQuery};
+use crate::agents::agent_client;
 use crate::auth::{Admin, Reader};
 use crate::driver::{log, publish_migration};
 use crate::preflight;
@@ -279,6 +284,77 @@ pub async fn cancel(
         .await?;
     publish_migration(&state, &m);
     state.queue.notify_one();
+    Ok(Json(m))
+}
+
+/// Changes the pacing (bandwidth cap, downtime target) of a pending or copying job; a
+/// copying job's source QEMU applies it at once.
+#[utoipa::path(patch, path = "/v1/migrations/{id}", request_body = UpdateMigration, responses((status = 200, body = Migration), (status = 400, body = ferry_api::ErrorBody), (status = 409, body = ferry_api::ErrorBody)))]
+pub async fn update(
+    State(state): State<AppState>,
+    who: Admin,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<UpdateMigration>,
+) -> Result<Json<Migration>, ServerError> {
+    let m = get(&state, &id).await?;
+    let mut options = m.options.clone();
+    if let Some(b) = req.bandwidth_mib_s {
+        options.bandwidth_mib_s = (b > 0).then_some(b);
+    }
+    if let Some(d) = req.downtime_ms {
+        options.downtime_ms = Some(d);
+    }
+    options
+        .validate()
+        .map_err(|body| ServerError { status: 400, body })?;
+    match m.state {
+        MigrationState::Pending => {}
+        MigrationState::Migrating if m.kind == MigrationKind::Live => {
+            let params = options.to_params();
+            let body = SetSourceParams {
+                bandwidth: Some(params.bandwidth),
+                downtime_limit_ms: Some(params.downtime_limit_ms),
+            };
+            let src = agent_client(&state.store, &m.source).await?;
+            let _: () = src
+                .post(&format!("/v1/migrations/{}/params", m.id), &body)
+                .await
+                .map_err(|e| ServerError::from_agent(&m.source, e))?;
+        }
+        s => {
+            return Err(ServerError::conflict(
+                "cannot-update",
+                format!(
+                    "migration {} is {}; pacing changes apply to pending or copying jobs",
+                    m.id,
+                    s.as_str()
+                ),
+                "retry while it copies, or start a new migration",
+            ))
+        }
+    }
+    let m = state.store.set_options(m.id, &options).await?;
+    log(
+        &state,
+        m.id,
+        "info",
+        &format!(
+            "pacing changed by {}: {}",
+            who.name,
+            serde_json::to_string(&req).unwrap_or_default()
+        ),
+    )
+    .await;
+    state
+        .store
+        .audit(
+            &who.name,
+            "migration.update",
+            &m.id.to_string(),
+            &serde_json::to_value(&req).unwrap_or_default(),
+        )
+        .await?;
+    publish_migration(&state, &m);
     Ok(Json(m))
 }
 

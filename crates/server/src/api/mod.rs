@@ -75,6 +75,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
         migrations::create,
         migrations::list,
         migrations::show,
+        migrations::update,
         migrations::cancel,
         migrations::logs,
         migrations::audit,
@@ -123,7 +124,10 @@ pub fn router(state: AppState) -> Router {
             "/v1/migrations",
             get(migrations::list).post(migrations::create),
         )
-        .route("/v1/migrations/{id}", get(migrations::show))
+        .route(
+            "/v1/migrations/{id}",
+            get(migrations::show).patch(migrations::update),
+        )
         .route("/v1/migrations/{id}/cancel", post(migrations::cancel))
         .route("/v1/migrations/{id}/logs", get(migrations::logs))
         .route("/v1/migrations/{id}/events", get(events::migration_events))

@@ -333,6 +333,29 @@ impl Store {
         Ok(current)
     }
 
+    /// Records new options of a job that has not ended (a pacing change while it runs).
+    pub async fn set_options(
+        &self,
+        id: Uuid,
+        options: &MigrationOptions,
+    ) -> Result<Migration, StoreError> {
+        let json = serde_json::to_string(options)
+            .map_err(|e| StoreError::Corrupt(format!("options: {e}")))?;
+        let done = sqlx::query(&format!(
+            "UPDATE migrations SET options = $2 WHERE id = $1 AND state NOT IN {TERMINAL_STATES_SQL}"
+        ))
+        .bind(id.to_string())
+        .bind(json)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("open migration {id}")));
+        }
+        self.get_migration(id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("migration {id}")))
+    }
+
     /// Keeps the latest progress sample on the job, for listings and for clients that
     /// connect mid-migration.
     pub async fn set_progress(&self, id: Uuid, progress: &Progress) -> Result<(), StoreError> {
