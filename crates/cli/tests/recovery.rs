@@ -2,7 +2,7 @@
 //! SIGKILL in the middle of a live migration and started again. Every job must end, the guest
 //! must run on exactly one host, and the recorded host must be that one.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -21,11 +21,7 @@ const ADMIN: &str = "admin-token-recovery-0123456789";
 const JOIN: &str = "join-token-recovery-0123456789";
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    ferry_lab::net::free_local_ports(1).expect("a free loopback port")[0]
 }
 
 /// Server and agents as real child processes of the `ferry` binary.

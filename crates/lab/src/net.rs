@@ -28,4 +28,6 @@ pub use names::{
     client_netns_name, host_netns_name, switch_netns_name, unique_test_lab_name, validate_lab_name,
     validate_tap_name, MAX_HOSTS, MAX_LAB_NAME_LEN, MAX_TAP_NAME_LEN,
 };
-pub use sockets::{in_netns, tcp_connect_in, tcp_listen_in, tcp_throughput, udp_bind_in};
+pub use sockets::{
+    free_local_ports, in_netns, tcp_connect_in, tcp_listen_in, tcp_throughput, udp_bind_in,
+};

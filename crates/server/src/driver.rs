@@ -23,7 +23,6 @@ use uuid::Uuid;
 
 use crate::agents::agent_client;
 use crate::server::AppState;
-use crate::store::MigrationFilter;
 use crate::ServerError;
 use crate::{checks, preflight};
 
@@ -43,14 +42,7 @@ pub fn spawn(state: AppState, id: Uuid, attach: bool) {
 /// Re-attaches to every job that was Preparing, Migrating or Completing when the server
 /// stopped.
 pub async fn recover(state: &AppState) {
-    let active = match state
-        .store
-        .list_migrations(&MigrationFilter {
-            active_only: true,
-            ..Default::default()
-        })
-        .await
-    {
+    let active = match state.store.active_migrations().await {
         Ok(a) => a,
         Err(e) => {
             warn!(error = %e, "cannot list migrations to recover");
@@ -377,6 +369,13 @@ struct AgentHalves<'a> {
     last_reported: Option<(ferry_migrate::Phase, u64)>,
 }
 
+/// Which half an agent call is for.
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    Source,
+    Destination,
+}
+
 /// How long the server keeps retrying an agent that does not answer before a step fails.
 /// The source agent is waited for without limit while the copy runs: only it knows whether
 /// the guest was handed over.
@@ -411,6 +410,68 @@ impl<'a> AgentHalves<'a> {
 
     fn path(&self, tail: &str) -> String {
         format!("/v1/migrations/{}{tail}", self.m.id)
+    }
+
+    fn host(&self, side: Side) -> String {
+        match side {
+            Side::Source => self.m.source.clone(),
+            Side::Destination => self.m.destination.clone(),
+        }
+    }
+
+    fn client(&self, side: Side) -> ApiClient {
+        match side {
+            Side::Source => self.src.clone(),
+            Side::Destination => self.dst.clone(),
+        }
+    }
+
+    /// One step of the migration on `side`'s agent: POST `tail` with `body`, retrying while
+    /// the agent is unreachable. Before switchover (`cancellable`) a cancel request wins;
+    /// an agent's refusal becomes the job's error with the agent's own code.
+    async fn step<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &mut self,
+        side: Side,
+        tail: &str,
+        body: &B,
+        cancellable: bool,
+    ) -> Result<T, MigrateError> {
+        let (client, host, path) = (self.client(side), self.host(side), self.path(tail));
+        let result = self
+            .retrying(&host, cancellable, || client.post(&path, body))
+            .await;
+        if result.is_err() && cancellable && self.cancel_requested() {
+            return Err(MigrateError::Cancelled);
+        }
+        result.map_err(|e| self.agent_failed(&host, e))
+    }
+
+    /// A cleanup step on `side`'s agent (`DELETE` when `delete`, else `POST`): `Ok(false)`
+    /// when the agent had nothing to clean (404).
+    async fn cleanup(
+        &mut self,
+        side: Side,
+        tail: &str,
+        delete: bool,
+    ) -> Result<bool, MigrateError> {
+        let (client, host, path) = (self.client(side), self.host(side), self.path(tail));
+        let result: Result<serde_json::Value, ApiError> = self
+            .retrying(&host, false, || {
+                let (client, path) = (client.clone(), path.clone());
+                async move {
+                    if delete {
+                        client.delete(&path).await
+                    } else {
+                        client.post(&path, &()).await
+                    }
+                }
+            })
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(e) if e.status() == Some(404) => Ok(false),
+            Err(e) => Err(self.agent_failed(&host, e)),
+        }
     }
 
     async fn log(&self, level: &str, message: &str) {
@@ -526,15 +587,9 @@ impl MigrationHalves for AgentHalves<'_> {
             spec: self.instance.spec.clone(),
             params: self.params.clone(),
         };
-        let path = self.path("/incoming");
-        let dst = self.dst.clone();
-        let ready: Result<IncomingReady, ApiError> = self
-            .retrying(&self.m.destination.clone(), true, || dst.post(&path, &body))
-            .await;
-        if ready.is_err() && self.cancel_requested() {
-            return Err(MigrateError::Cancelled);
-        }
-        let ready = ready.map_err(|e| self.agent_failed(&self.m.destination.clone(), e))?;
+        let ready: IncomingReady = self
+            .step(Side::Destination, "/incoming", &body, true)
+            .await?;
         self.log("info", &format!("destination listening on {}", ready.addr))
             .await;
         ready
@@ -563,15 +618,7 @@ impl MigrationHalves for AgentHalves<'_> {
                 destination: dest.to_string(),
                 params: self.params.clone(),
             };
-            let path = self.path("/source");
-            let src = self.src.clone();
-            let started: Result<SourceStatus, ApiError> = self
-                .retrying(&self.m.source.clone(), true, || src.post(&path, &body))
-                .await;
-            if started.is_err() && self.cancel_requested() {
-                return Err(MigrateError::Cancelled);
-            }
-            started.map_err(|e| self.agent_failed(&self.m.source.clone(), e))?;
+            let _: SourceStatus = self.step(Side::Source, "/source", &body, true).await?;
         }
         let poll = Duration::from_millis(self.state.config.progress_poll_ms);
         let mut cancel_sent = false;
@@ -657,12 +704,7 @@ impl MigrationHalves for AgentHalves<'_> {
             ),
         )
         .await;
-        let path = self.path("/confirm");
-        let dst = self.dst.clone();
-        let confirmed: Result<AgentInstance, ApiError> = self
-            .retrying(&self.m.destination.clone(), false, || dst.post(&path, &()))
-            .await;
-        confirmed.map_err(|e| self.agent_failed(&self.m.destination.clone(), e))?;
+        let _: AgentInstance = self.step(Side::Destination, "/confirm", &(), false).await?;
         // The guest runs on the destination: ownership moves now, before the source is torn
         // down, so a crash from here on still finds the instance where it runs.
         if let Err(e) = self.state.store.move_instance_for(self.m.id).await {
@@ -677,51 +719,33 @@ impl MigrationHalves for AgentHalves<'_> {
     }
 
     async fn finish_source(&mut self) {
-        let path = self.path("/finish");
-        let src = self.src.clone();
-        let done: Result<serde_json::Value, ApiError> = self
-            .retrying(&self.m.source.clone(), false, || src.post(&path, &()))
-            .await;
-        match done {
-            Ok(_) => self.log("info", &format!("source QEMU on {} stopped", self.m.source)).await,
-            Err(e) if e.status() == Some(404) => {}
+        match self.cleanup(Side::Source, "/finish", false).await {
+            Ok(true) => {
+                let message = format!("source QEMU on {} stopped", self.m.source);
+                self.log("info", &message).await
+            }
+            Ok(false) => {}
             Err(e) => {
-                self.log("warn", &format!("source cleanup on {} failed: {e}; the paused source stays until the agent cleans it", self.m.source))
-                    .await
+                let message = format!(
+                    "source cleanup on {} failed: {e}; the paused source stays until the agent cleans it",
+                    self.m.source
+                );
+                self.log("warn", &message).await
             }
         }
     }
 
     async fn remove_destination(&mut self) -> Result<(), MigrateError> {
-        let path = self.path("/incoming");
-        let dst = self.dst.clone();
-        let removed: Result<serde_json::Value, ApiError> = self
-            .retrying(&self.m.destination.clone(), false, || dst.delete(&path))
-            .await;
-        match removed {
-            Ok(_) => {
-                self.log(
-                    "info",
-                    &format!("destination on {} removed", self.m.destination),
-                )
-                .await;
-                Ok(())
-            }
-            Err(e) if e.status() == Some(404) => Ok(()),
-            Err(e) => Err(self.agent_failed(&self.m.destination.clone(), e)),
+        if self.cleanup(Side::Destination, "/incoming", true).await? {
+            let message = format!("destination on {} removed", self.m.destination);
+            self.log("info", &message).await;
         }
+        Ok(())
     }
 
     async fn resume_source(&mut self) -> Result<(), MigrateError> {
-        let path = self.path("/resume");
-        let src = self.src.clone();
-        let resumed: Result<AgentInstance, ApiError> = self
-            .retrying(&self.m.source.clone(), false, || src.post(&path, &()))
-            .await;
-        match resumed {
-            Ok(_) => Ok(()),
-            Err(e) if e.status() == Some(404) => Ok(()),
-            Err(e) => Err(self.agent_failed(&self.m.source.clone(), e)),
-        }
+        self.cleanup(Side::Source, "/resume", false)
+            .await
+            .map(|_| ())
     }
 }

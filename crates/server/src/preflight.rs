@@ -22,7 +22,6 @@ use uuid::Uuid;
 use crate::agents::agent_client;
 use crate::checks::{self, CheckInput, BASELINE_MODELS};
 use crate::server::AppState;
-use crate::store::MigrationFilter;
 use crate::ServerError;
 
 /// How long an agent gets to answer `GET /v1/facts`.
@@ -265,13 +264,7 @@ pub async fn evaluate(state: &AppState, req: &Request<'_>) -> Result<Vec<Candida
     };
 
     // Slots and other jobs.
-    let active = state
-        .store
-        .list_migrations(&MigrationFilter {
-            active_only: true,
-            ..Default::default()
-        })
-        .await?;
+    let active = state.store.active_migrations().await?;
     let mut inbound: HashMap<&str, u32> = HashMap::new();
     for m in active.iter().filter(|m| Some(m.id) != req.migration) {
         *inbound.entry(m.destination.as_str()).or_default() += 1;

@@ -14,7 +14,6 @@ use tracing::warn;
 use crate::config::Limits;
 use crate::driver;
 use crate::server::AppState;
-use crate::store::MigrationFilter;
 use crate::ServerError;
 
 /// Runs until `stop` turns true: schedules whenever woken, and at least twice a second.
@@ -62,13 +61,7 @@ impl Slots {
 }
 
 async fn schedule_once(state: &AppState) -> Result<(), ServerError> {
-    let active = state
-        .store
-        .list_migrations(&MigrationFilter {
-            active_only: true,
-            ..Default::default()
-        })
-        .await?;
+    let active = state.store.active_migrations().await?;
     let mut slots = Slots::from_active(&active);
     for m in state.store.pending_in_order().await? {
         if !slots.fits(&m, &state.config.limits) {

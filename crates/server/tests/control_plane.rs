@@ -152,16 +152,7 @@ async fn the_queue_honours_limits_in_order_and_one_migration_per_instance() {
     );
 
     let again = c
-        .admin
-        .post::<_, Migration>(
-            "/v1/migrations",
-            &CreateMigration {
-                instance: "a".into(),
-                destination: Some("hv2".into()),
-                options: MigrationOptions::default(),
-                kind: None,
-            },
-        )
+        .try_migrate("a", "hv2", MigrationOptions::default())
         .await
         .unwrap_err();
     assert_eq!(again.status(), Some(409));
@@ -289,20 +280,157 @@ async fn bad_requests_are_4xx_with_code_and_hint_and_change_nothing() {
     };
     let _: Instance = c.admin.post("/v1/instances", &stopped).await.unwrap();
 
-    let http = reqwest::Client::new();
-    let url = |p: &str| format!("{}{p}", c.server.url());
-    let post_raw = |path: &str, body: &'static str, token: Option<&str>| {
-        let mut r = http
-            .post(url(path))
-            .header("content-type", "application/json")
-            .body(body);
-        if let Some(t) = token {
-            r = r.bearer_auth(t);
-        }
-        r.send()
+    let (_, ro) = c
+        .server
+        .state
+        .store
+        .create_token("viewer", ferry_server::store::Role::ReadOnly)
+        .await
+        .unwrap();
+    let ro_client = ApiClient::new(&c.server.url(), Some(ro.clone()));
+    let hosts: Vec<serde_json::Value> = ro_client.get("/v1/hosts").await.unwrap();
+    assert_eq!(hosts.len(), 2, "read-only tokens can read");
+
+    let migrate = |instance: &str, to: &str, options: &str| {
+        format!(r#"{{"instance":"{instance}","destination":"{to}","options":{options}}}"#)
     };
-    let check = |resp: reqwest::Response, status: u16, code: &'static str| async move {
-        assert_eq!(resp.status().as_u16(), status);
+    let admin = Some(ADMIN.to_string());
+    /// method, path, JSON body, token, expected status, expected code
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        Option<String>,
+        Option<String>,
+        u16,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "POST",
+            "/v1/migrations",
+            Some(migrate("nope", "hv2", "{}")),
+            admin.clone(),
+            404,
+            "instance-not-found",
+        ),
+        (
+            "POST",
+            "/v1/migrations",
+            Some(migrate("vm", "hv9", "{}")),
+            admin.clone(),
+            404,
+            "host-not-found",
+        ),
+        (
+            "POST",
+            "/v1/migrations",
+            Some(migrate("vm", "hv1", "{}")),
+            admin.clone(),
+            400,
+            "same-host",
+        ),
+        (
+            "POST",
+            "/v1/migrations",
+            Some("{not json".into()),
+            admin.clone(),
+            400,
+            "malformed-json",
+        ),
+        (
+            "POST",
+            "/v1/migrations",
+            Some(migrate("vm", "hv2", r#"{"bandwidth_mib_s":-5}"#)),
+            admin.clone(),
+            400,
+            "malformed-json",
+        ),
+        (
+            "POST",
+            "/v1/migrations",
+            Some(migrate("vm", "hv2", r#"{"downtime_ms":0}"#)),
+            admin.clone(),
+            400,
+            "invalid-migration-options",
+        ),
+        (
+            "POST",
+            "/v1/migrations",
+            Some(migrate("cold", "hv2", "{}")),
+            admin.clone(),
+            409,
+            "instance-not-running",
+        ),
+        (
+            "POST",
+            "/v1/migrations",
+            Some(migrate("vm", "hv2", "{}")),
+            None,
+            401,
+            "unauthorized",
+        ),
+        (
+            "POST",
+            "/v1/migrations",
+            Some(migrate("vm", "hv2", "{}")),
+            Some("wrong-token".into()),
+            401,
+            "unauthorized",
+        ),
+        (
+            "POST",
+            "/v1/migrations",
+            Some(migrate("vm", "hv2", "{}")),
+            Some(ro),
+            403,
+            "forbidden",
+        ),
+        (
+            "GET",
+            "/v1/migrations/not-a-uuid",
+            None,
+            admin.clone(),
+            404,
+            "migration-not-found",
+        ),
+        (
+            "GET",
+            "/v1/migrations?state=bogus",
+            None,
+            admin.clone(),
+            400,
+            "bad-query",
+        ),
+        (
+            "POST",
+            "/v1/instances",
+            Some(
+                r#"{"name":"x","spec":{"memory_mib":0,"boot":{"kernel":"k","initrd":"i"}}}"#.into(),
+            ),
+            admin.clone(),
+            400,
+            "invalid-instance",
+        ),
+        (
+            "DELETE",
+            "/v1/instances/vm",
+            None,
+            admin.clone(),
+            409,
+            "instance-running",
+        ),
+    ];
+    let http = reqwest::Client::new();
+    for (method, path, body, token, status, code) in cases {
+        let mut req = http.request(method.parse().unwrap(), format!("{}{path}", c.server.url()));
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b);
+        }
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{method} {path}");
         let body: serde_json::Value = resp.json().await.unwrap();
         assert_eq!(body["code"], code, "{body}");
         assert!(
@@ -313,176 +441,7 @@ async fn bad_requests_are_4xx_with_code_and_hint_and_change_nothing() {
             body["hint"].as_str().is_some_and(|h| !h.is_empty()),
             "{body}"
         );
-    };
-    let migrate = |instance: &str, to: &str, options: &str| {
-        format!(r#"{{"instance":"{instance}","destination":"{to}","options":{options}}}"#)
-    };
-    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
-
-    check(
-        post_raw(
-            "/v1/migrations",
-            leak(migrate("nope", "hv2", "{}")),
-            Some(ADMIN),
-        )
-        .await
-        .unwrap(),
-        404,
-        "instance-not-found",
-    )
-    .await;
-    check(
-        post_raw(
-            "/v1/migrations",
-            leak(migrate("vm", "hv9", "{}")),
-            Some(ADMIN),
-        )
-        .await
-        .unwrap(),
-        404,
-        "host-not-found",
-    )
-    .await;
-    check(
-        post_raw(
-            "/v1/migrations",
-            leak(migrate("vm", "hv1", "{}")),
-            Some(ADMIN),
-        )
-        .await
-        .unwrap(),
-        400,
-        "same-host",
-    )
-    .await;
-    check(
-        post_raw("/v1/migrations", "{not json", Some(ADMIN))
-            .await
-            .unwrap(),
-        400,
-        "malformed-json",
-    )
-    .await;
-    check(
-        post_raw(
-            "/v1/migrations",
-            leak(migrate("vm", "hv2", r#"{"bandwidth_mib_s":-5}"#)),
-            Some(ADMIN),
-        )
-        .await
-        .unwrap(),
-        400,
-        "malformed-json",
-    )
-    .await;
-    check(
-        post_raw(
-            "/v1/migrations",
-            leak(migrate("vm", "hv2", r#"{"downtime_ms":0}"#)),
-            Some(ADMIN),
-        )
-        .await
-        .unwrap(),
-        400,
-        "invalid-migration-options",
-    )
-    .await;
-    check(
-        post_raw(
-            "/v1/migrations",
-            leak(migrate("cold", "hv2", "{}")),
-            Some(ADMIN),
-        )
-        .await
-        .unwrap(),
-        409,
-        "instance-not-running",
-    )
-    .await;
-    check(
-        post_raw("/v1/migrations", leak(migrate("vm", "hv2", "{}")), None)
-            .await
-            .unwrap(),
-        401,
-        "unauthorized",
-    )
-    .await;
-    check(
-        post_raw(
-            "/v1/migrations",
-            leak(migrate("vm", "hv2", "{}")),
-            Some("wrong-token"),
-        )
-        .await
-        .unwrap(),
-        401,
-        "unauthorized",
-    )
-    .await;
-    let (_, ro) = c
-        .server
-        .state
-        .store
-        .create_token("viewer", ferry_server::store::Role::ReadOnly)
-        .await
-        .unwrap();
-    check(
-        post_raw(
-            "/v1/migrations",
-            leak(migrate("vm", "hv2", "{}")),
-            Some(&ro),
-        )
-        .await
-        .unwrap(),
-        403,
-        "forbidden",
-    )
-    .await;
-    let ro_client = ApiClient::new(&c.server.url(), Some(ro));
-    let hosts: Vec<serde_json::Value> = ro_client.get("/v1/hosts").await.unwrap();
-    assert_eq!(hosts.len(), 2, "read-only tokens can read");
-    check(
-        http.get(url("/v1/migrations/not-a-uuid"))
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .unwrap(),
-        404,
-        "migration-not-found",
-    )
-    .await;
-    check(
-        http.get(url("/v1/migrations?state=bogus"))
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .unwrap(),
-        400,
-        "bad-query",
-    )
-    .await;
-    check(
-        post_raw(
-            "/v1/instances",
-            r#"{"name":"x","spec":{"memory_mib":0,"boot":{"kernel":"k","initrd":"i"}}}"#,
-            Some(ADMIN),
-        )
-        .await
-        .unwrap(),
-        400,
-        "invalid-instance",
-    )
-    .await;
-    check(
-        http.delete(url("/v1/instances/vm"))
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .unwrap(),
-        409,
-        "instance-running",
-    )
-    .await;
+    }
 
     let all: Vec<Migration> = c.admin.get("/v1/migrations").await.unwrap();
     assert!(all.is_empty(), "no bad request created a job: {all:?}");

@@ -173,16 +173,7 @@ async fn each_unfit_host_is_explained_and_refused_and_the_fit_one_is_picked() {
     assert_refused(&c, &m, "cpu-features", "hv1", 0).await;
     // A disabled host is refused at once.
     let err = c
-        .admin
-        .post::<_, Migration>(
-            "/v1/migrations",
-            &CreateMigration {
-                instance: "vm".into(),
-                destination: Some("hv5".into()),
-                options: MigrationOptions::default(),
-                kind: None,
-            },
-        )
+        .try_migrate("vm", "hv5", MigrationOptions::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), "host-disabled");

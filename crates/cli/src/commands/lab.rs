@@ -5,7 +5,7 @@
 //! after the shell that started it is gone.
 
 use std::io::Read;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -17,7 +17,9 @@ use ferry_api::instances::{Instance, InstanceState};
 use ferry_api::ApiError;
 use ferry_api::ErrorBody;
 use ferry_lab::image::{ensure_image, GuestImage, ImageOptions};
-use ferry_lab::net::{destroy_lab, list_labs, validate_lab_name, LabHostNet, LabNet, MAX_HOSTS};
+use ferry_lab::net::{
+    destroy_lab, free_local_ports, list_labs, validate_lab_name, LabHostNet, LabNet, MAX_HOSTS,
+};
 use ferry_lab::LabError;
 use ferry_server::ServerConfig;
 use serde::Serialize;
@@ -249,7 +251,13 @@ async fn start(
             .name()
             .to_string();
 
-    let ports = free_ports(1 + hosts)?;
+    let ports = free_local_ports(1 + hosts).map_err(|e| {
+        CliError::new(
+            "no-free-port",
+            format!("cannot bind a local port: {e}"),
+            "free some loopback ports",
+        )
+    })?;
     let server_url = format!("http://127.0.0.1:{}", ports[0]);
     let admin_token = random_token()?;
     let join_token = random_token()?;
@@ -351,19 +359,6 @@ pub async fn wait_hosts_online(ctx: &Ctx, n: usize) -> Result<(), CliError> {
         },
     )
     .await
-}
-
-/// Ports the kernel hands out for port 0, all held at once so they differ.
-fn free_ports(n: usize) -> Result<Vec<u16>, CliError> {
-    let listeners = (0..n)
-        .map(|_| TcpListener::bind(("127.0.0.1", 0)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| CliError::new("no-free-port", format!("cannot bind a local port: {e}"), ""))?;
-    listeners
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect::<Result<_, _>>()
-        .map_err(|e| CliError::new("no-free-port", e.to_string(), ""))
 }
 
 /// 32 hex characters from the kernel's CSPRNG.

@@ -92,6 +92,19 @@ pub fn udp_bind_in(ns: &str, addr: SocketAddr) -> io::Result<UdpSocket> {
 /// can carry on this machine. A receiver thread counts bytes from accept to end of stream; the
 /// sender writes for `duration`. Every wait is bounded, so the call returns within about
 /// `duration` plus a few seconds even if the path is broken.
+/// `n` distinct loopback ports that were free a moment ago, for processes that must be
+/// configured with a fixed port (they bind it themselves later). All are held at once, so
+/// they differ.
+pub fn free_local_ports(n: usize) -> io::Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| std::net::TcpListener::bind(("127.0.0.1", 0)))
+        .collect::<io::Result<Vec<_>>>()?;
+    listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect()
+}
+
 pub fn tcp_throughput(
     ns_from: &str,
     ns_to: &str,

@@ -246,6 +246,16 @@ impl Store {
         rows.iter().map(migration_from_row).collect()
     }
 
+    /// Jobs holding a concurrency slot (Preparing, Migrating, Completing): what the
+    /// scheduler counts, the checks see as load, and a restarted server re-attaches to.
+    pub async fn active_migrations(&self) -> Result<Vec<Migration>, StoreError> {
+        self.list_migrations(&MigrationFilter {
+            active_only: true,
+            ..Default::default()
+        })
+        .await
+    }
+
     /// The queue: Pending jobs, oldest first, so the scheduler starts them in the order
     /// users asked.
     pub async fn pending_in_order(&self) -> Result<Vec<Migration>, StoreError> {

@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ferry_agent::{AgentConfig, AgentHandle, NetworkConfig};
@@ -34,11 +34,7 @@ pub struct Cluster {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    ferry_lab::net::free_local_ports(1).expect("a free loopback port")[0]
 }
 
 impl Cluster {
@@ -203,7 +199,13 @@ impl Cluster {
         guest_client::parse_verify(&reply).unwrap()
     }
 
-    pub async fn migrate(&self, instance: &str, to: &str, options: MigrationOptions) -> Migration {
+    /// Asks for a live migration; the server's answer, accepted or not.
+    pub async fn try_migrate(
+        &self,
+        instance: &str,
+        to: &str,
+        options: MigrationOptions,
+    ) -> Result<Migration, ferry_api::ApiError> {
         self.admin
             .post(
                 "/v1/migrations",
@@ -214,6 +216,11 @@ impl Cluster {
                     kind: None,
                 },
             )
+            .await
+    }
+
+    pub async fn migrate(&self, instance: &str, to: &str, options: MigrationOptions) -> Migration {
+        self.try_migrate(instance, to, options)
             .await
             .expect("migration accepted")
     }
