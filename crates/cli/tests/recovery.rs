@@ -338,8 +338,22 @@ async fn an_agent_restart_readopts_running_guests() {
     let before = p.qemus_on("hv1");
     Procs::kill9(&mut p.agents[0]);
     assert_eq!(p.qemus_on("hv1"), before, "the guest survives its agent");
+    let restarted = chrono::Utc::now();
     p.agents[0] = Some(p.spawn("hv1"));
-    p.wait_online().await;
+    // The server still counts hv1 online from its last heartbeat before the kill: wait for a
+    // heartbeat of the restarted agent.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let host: Host = p.api.get("/v1/hosts/hv1").await.unwrap();
+        if host.last_heartbeat.is_some_and(|t| t > restarted) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted agent never reported"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let again: Instance = p
         .api
         .get(&format!("/v1/instances/{}", vm.id))
