@@ -63,7 +63,7 @@ async fn assert_alive_and_intact(lab: &Lab, vm: &LabVm) {
         .expect("heartbeats seen")
         .counter;
     vm.serial
-        .wait_beat_after(before + 20, Duration::from_secs(10))
+        .wait_beat_after(before + 20, Duration::from_secs(30))
         .await
         .expect("heartbeat keeps counting");
     let report = vm.verify(lab).await.expect("verify answers");
