@@ -8,8 +8,8 @@ use axum::extract::{Path, Query, State};
 use axum::routing::{get, post, put};
 use axum::{middleware, Json, Router};
 use ferry_api::agent::{
-    AgentInstance, DefineInstance, IncomingReady, PrepareIncoming, SetSourceParams, SourceStatus,
-    StartSource,
+    AgentInstance, DefineInstance, DirtyRate, IncomingReady, PrepareIncoming, SetSourceParams,
+    SourceStatus, StartSource,
 };
 use ferry_api::checks::{CpuModelFeatures, ProbeConnect, ProbeListening, ProbeResult};
 use ferry_api::hosts::HostFacts;
@@ -44,6 +44,8 @@ pub(crate) fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/migrations/{mid}/finish", post(finish))
         .route("/v1/migrations/{mid}/resume", post(resume))
         .route("/v1/migrations/{mid}/params", post(set_params))
+        .route("/v1/migrations/{mid}/postcopy", post(postcopy))
+        .route("/v1/instances/{id}/dirty-rate", post(dirty_rate))
         .route("/v1/probe/listen", post(probe_listen))
         .route("/v1/probe/connect", post(probe_connect))
         .route("/v1/cpu-models/{model}", get(cpu_model))
@@ -194,6 +196,18 @@ async fn set_params(
 ) -> ApiResult<()> {
     agent.set_source_params(uuid(&mid)?, body(req)?).await?;
     Ok(Json(()))
+}
+
+async fn postcopy(State(agent): State<Arc<Agent>>, Path(mid): Path<String>) -> ApiResult<()> {
+    agent.start_postcopy(uuid(&mid)?).await?;
+    Ok(Json(()))
+}
+
+async fn dirty_rate(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> ApiResult<DirtyRate> {
+    Ok(Json(agent.measure_dirty_rate(uuid(&id)?).await?))
 }
 
 async fn probe_listen(State(agent): State<Arc<Agent>>) -> ApiResult<ProbeListening> {

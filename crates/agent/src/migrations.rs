@@ -12,17 +12,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_api::agent::{
-    AgentInstance, IncomingReady, PrepareIncoming, SetSourceParams, SourceState, SourceStatus,
-    StartSource,
+    AgentInstance, DirtyRate, IncomingReady, PrepareIncoming, SetSourceParams, SourceState,
+    SourceStatus, StartSource,
 };
 use ferry_api::ErrorBody;
 use ferry_migrate::{
-    destination, source, AbortHandle, AbortSignal, MigrateError, MigrationParams, Progress,
-    ProgressTracker, SourceOutcome,
+    destination, source, AbortHandle, AbortSignal, Decision, MigrateError, MigrationParams,
+    Progress, ProgressTracker, SourceEvent, SourceOutcome,
 };
 use ferry_qemu::StartMode;
 use ferry_qmp::commands::{
-    MigrateCancel, MigrateSetParameters, MigrationStatus, QueryMigrate, RunState,
+    MigrateCancel, MigrateSetParameters, MigrateStartPostcopy, MigrationStatus, QueryMigrate,
+    RunState,
 };
 use ferry_qmp::Qmp;
 use serde::{Deserialize, Serialize};
@@ -73,11 +74,15 @@ pub(crate) struct MigrationRecord {
     /// Source: the handed-over QEMU has been stopped.
     #[serde(default)]
     pub finished: bool,
+    /// Source: the migration may switch to post-copy.
+    #[serde(default)]
+    pub postcopy_permitted: bool,
 }
 
 struct MigrationData {
     record: MigrationRecord,
     samples: Vec<(u64, Progress)>,
+    decisions: Vec<(u64, Decision)>,
 }
 
 /// One migration in memory: its record, samples, and the abort handle of a running source.
@@ -94,6 +99,7 @@ impl MigrationEntry {
             data: Mutex::new(MigrationData {
                 record,
                 samples: Vec::new(),
+                decisions: Vec::new(),
             }),
             abort: Mutex::new(None),
         })
@@ -122,6 +128,21 @@ impl MigrationEntry {
         });
         if let Err(e) = written {
             warn!(path = %self.path.display(), error = %e, "cannot persist migration record");
+        }
+    }
+
+    fn push_event(&self, event: &SourceEvent) {
+        match event {
+            SourceEvent::Progress(p) => self.push_sample(p.clone()),
+            SourceEvent::Decision(d) => {
+                let seq = {
+                    let mut data = self.lock();
+                    let seq = data.record.last_seq + 1;
+                    data.decisions.push((seq, d.clone()));
+                    seq
+                };
+                self.update(|r| r.last_seq = seq);
+            }
         }
     }
 
@@ -164,6 +185,12 @@ impl MigrationEntry {
             state: data.record.state,
             samples: data
                 .samples
+                .iter()
+                .filter(|(seq, _)| *seq > after)
+                .cloned()
+                .collect(),
+            decisions: data
+                .decisions
                 .iter()
                 .filter(|(seq, _)| *seq > after)
                 .cloned()
@@ -420,6 +447,7 @@ impl Agent {
                 destination: None,
                 listen_addr: None,
                 finished: false,
+                postcopy_permitted: false,
             });
             let prepared = async {
                 self.save_record(&slot.record)?;
@@ -601,6 +629,7 @@ impl Agent {
             destination: Some(dest.to_string()),
             listen_addr: None,
             finished: false,
+            postcopy_permitted: req.params.postcopy,
         });
         let (handle, signal) = AbortHandle::new();
         *entry.abort.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
@@ -610,7 +639,7 @@ impl Agent {
             async move {
                 info!(%dest, "source half starting");
                 let sampler = task_entry.clone();
-                let mut observe = move |p: &Progress| sampler.push_sample(p.clone());
+                let mut observe = move |e: &SourceEvent| sampler.push_event(e);
                 let result = source::run_source(&qmp, dest, &params, &mut observe, signal).await;
                 task_entry.finish(result);
             }
@@ -628,6 +657,7 @@ impl Agent {
             None => SourceStatus {
                 state: SourceState::Unknown,
                 samples: Vec::new(),
+                decisions: Vec::new(),
                 outcome: None,
                 error: None,
             },
@@ -704,22 +734,7 @@ impl Agent {
         req: SetSourceParams,
     ) -> Result<(), AgentError> {
         async {
-            let entry = self.migration_or_404(&mid)?;
-            let r = entry.record();
-            if r.role != Role::Source || r.state != SourceState::Running {
-                return Err(AgentError::conflict(
-                    "migration-not-running",
-                    format!("migration {mid} is not copying from this host"),
-                    "change the pacing of a running migration on its source",
-                ));
-            }
-            let qmp = {
-                let slot = self.lock_slot(&r.instance_id).await?;
-                slot.process
-                    .as_ref()
-                    .map(|p| p.qmp().clone())
-                    .ok_or_else(|| MigrateError::SourceNotRunning("stopped".into()))?
-            };
+            let (_, qmp) = self.running_source(mid).await?;
             let params = MigrateSetParameters {
                 max_bandwidth: req.bandwidth.map(|b| b.bytes_per_sec()),
                 downtime_limit: req.downtime_limit_ms,
@@ -731,6 +746,73 @@ impl Agent {
         }
         .instrument(span(&mid))
         .await
+    }
+
+    /// The QMP connection of a migration this host is running as the source.
+    async fn running_source(&self, mid: Uuid) -> Result<(MigrationRecord, Qmp), AgentError> {
+        let entry = self.migration_or_404(&mid)?;
+        let r = entry.record();
+        if r.role != Role::Source || r.state != SourceState::Running {
+            return Err(AgentError::conflict(
+                "migration-not-running",
+                format!("migration {mid} is not copying from this host"),
+                "only a running migration can be steered, on its source host",
+            ));
+        }
+        let slot = self.lock_slot(&r.instance_id).await?;
+        let qmp = slot
+            .process
+            .as_ref()
+            .map(|p| p.qmp().clone())
+            .ok_or_else(|| MigrateError::SourceNotRunning("stopped".into()))?;
+        Ok((r, qmp))
+    }
+
+    /// `POST /v1/migrations/{mid}/postcopy`: switch a running pre-copy to post-copy now. Only
+    /// for migrations started with post-copy permitted (both QEMUs need the capability).
+    pub(crate) async fn start_postcopy(&self, mid: Uuid) -> Result<(), AgentError> {
+        async {
+            let (r, qmp) = self.running_source(mid).await?;
+            if !r.postcopy_permitted {
+                return Err(AgentError::conflict(
+                    "postcopy-not-permitted",
+                    format!("migration {mid} was started without post-copy permitted"),
+                    "start the migration with post-copy allowed (--post-copy) to switch later",
+                ));
+            }
+            qmp.execute(&MigrateStartPostcopy {})
+                .await
+                .map_err(MigrateError::from)?;
+            info!("switched to post-copy on request");
+            Ok(())
+        }
+        .instrument(span(&mid))
+        .await
+    }
+
+    /// `POST /v1/instances/{id}/dirty-rate`: how fast the running guest dirties memory,
+    /// measured by QEMU over one second, for the auto policy's plan.
+    pub(crate) async fn measure_dirty_rate(&self, id: Uuid) -> Result<DirtyRate, AgentError> {
+        let qmp = {
+            let mut slot = self.lock_slot(&id).await?;
+            match (self.run_state(&mut slot).await, slot.process.as_ref()) {
+                (Some(RunState::Running), Some(p)) => p.qmp().clone(),
+                (state, _) => {
+                    return Err(MigrateError::SourceNotRunning(
+                        state
+                            .map(|s| s.to_string())
+                            .unwrap_or_else(|| "stopped".into()),
+                    )
+                    .into())
+                }
+            }
+        };
+        let period = Duration::from_secs(1);
+        let bps = ferry_migrate::dirty_rate::measure(&qmp, period).await?;
+        Ok(DirtyRate {
+            dirty_rate_bps: bps,
+            period_ms: period.as_millis() as u64,
+        })
     }
 
     /// `POST /v1/migrations/{mid}/resume`: make sure the guest runs on this (source) host.

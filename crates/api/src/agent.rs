@@ -16,6 +16,8 @@
 //! - `POST /v1/migrations/{mid}/resume` -> [`AgentInstance`] (source: make sure it runs)
 //! - `POST /v1/migrations/{mid}/params` [`SetSourceParams`] -> `()` (source: change bandwidth
 //!   and downtime target of the running stream)
+//! - `POST /v1/migrations/{mid}/postcopy` -> `()` (source: switch to post-copy now)
+//! - `POST /v1/instances/{id}/dirty-rate` -> [`DirtyRate`] (measured over one second)
 //! - `POST /v1/probe/listen`, `POST /v1/probe/connect`, `GET /v1/cpu-models/{model}`: the
 //!   agent's part of the pre-flight checks, see [`crate::checks`]
 //!
@@ -23,7 +25,7 @@
 //! - `POST /v1/agents/join` [`JoinRequest`] -> [`JoinResponse`]
 //! - `POST /v1/agents/heartbeat` [`Heartbeat`] -> `()`
 
-use ferry_migrate::{MigrationParams, Progress, SourceOutcome};
+use ferry_migrate::{Decision, MigrationParams, Progress, SourceOutcome};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -117,6 +119,9 @@ pub struct SourceStatus {
     pub state: SourceState,
     /// `(seq, sample)`, in order, after the `after` the caller gave.
     pub samples: Vec<(u64, Progress)>,
+    /// `(seq, decision)` of the convergence controller, numbered with the samples.
+    #[serde(default)]
+    pub decisions: Vec<(u64, Decision)>,
     pub outcome: Option<SourceOutcome>,
     pub error: Option<ErrorBody>,
 }
@@ -126,4 +131,11 @@ pub struct SourceStatus {
 pub struct SetSourceParams {
     pub bandwidth: Option<ferry_migrate::Bandwidth>,
     pub downtime_limit_ms: Option<u64>,
+}
+
+/// `POST /v1/instances/{id}/dirty-rate`: distinct bytes dirtied per second, QEMU's estimate.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DirtyRate {
+    pub dirty_rate_bps: f64,
+    pub period_ms: u64,
 }

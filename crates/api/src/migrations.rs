@@ -1,7 +1,7 @@
 //! Migrations: the jobs that move instances.
 
 use chrono::{DateTime, Utc};
-use ferry_migrate::{Bandwidth, MigrationParams, Progress};
+use ferry_migrate::{Bandwidth, MigrationParams, Plan, Progress, TimeoutAction};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -95,6 +95,31 @@ pub struct MigrationOptions {
     /// Start even though pre-flight checks documented as overridable fail.
     #[serde(default)]
     pub force: bool,
+    /// `auto` (default): measure, predict and steer; `manual`: exactly the options given.
+    #[serde(default)]
+    pub policy: Policy,
+    /// Completion budget in seconds; default under auto: 60 s per GiB of RAM (at least 30 s,
+    /// and at least three times the predicted copy time).
+    pub budget_s: Option<u64>,
+    /// What happens when the budget runs out: `abort` (default) or `postcopy` (needs
+    /// `post_copy`).
+    #[schema(value_type = Option<String>)]
+    pub timeout_action: Option<TimeoutAction>,
+    /// XBZRLE delta compression with this cache in MiB.
+    pub xbzrle_cache_mib: Option<u64>,
+    /// Parallel (multifd) streams.
+    pub parallel: Option<u8>,
+}
+
+/// How a migration's parameters are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// Measure the dirty rate and link, predict, choose the strategy, and escalate on stalls.
+    #[default]
+    Auto,
+    /// Run with exactly the options given; only the budget applies.
+    Manual,
 }
 
 impl MigrationOptions {
@@ -120,12 +145,15 @@ impl MigrationOptions {
             downtime_limit_ms: self.downtime_ms.unwrap_or(defaults.downtime_limit_ms),
             auto_converge: self.auto_converge,
             postcopy: self.post_copy,
-            multifd_channels: if self.compress { Some(2) } else { None },
+            multifd_channels: self.parallel.or(if self.compress { Some(2) } else { None }),
             multifd_compression: if self.compress {
                 Some("zstd".into())
             } else {
                 None
             },
+            completion_timeout: self.budget_s.map(std::time::Duration::from_secs),
+            timeout_action: self.timeout_action.unwrap_or_default(),
+            xbzrle_cache_bytes: self.xbzrle_cache_mib.map(|m| m.saturating_mul(1 << 20)),
             ..defaults
         }
     }
@@ -186,6 +214,17 @@ pub struct Migration {
     /// Set when a user asked to cancel; the job ends Cancelled unless switchover already
     /// happened.
     pub cancel_requested: bool,
+    /// What the auto policy measured, predicted and chose; set once the job is prepared.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub plan: Option<MigrationPlan>,
+}
+
+/// The auto policy's plan and the engine parameters both halves run with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationPlan {
+    pub plan: Plan,
+    pub params: MigrationParams,
 }
 
 /// One line of a migration's log: what Ferry did and what QEMU reported.

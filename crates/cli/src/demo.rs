@@ -145,7 +145,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = match signal(SignalKind::terminate()) {
         Ok(s) => s,
@@ -325,11 +325,14 @@ async fn migrate_and_measure(
         report.bytes_transferred = Some(stats.bytes_transferred);
         report.iterations = Some(stats.iterations);
     }
-    let tcp_ok =
-        tokio::task::spawn_blocking(move || tcp_echo_roundtrip(&mut tcp, b"after migration"))
-            .await
-            .map(|r| r.is_ok())
-            .unwrap_or(false);
+    // A guest that lost the connection must not hang the demo: give the echo 10 s.
+    let tcp_ok = tokio::task::spawn_blocking(move || {
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+        tcp_echo_roundtrip(&mut tcp, b"after migration")
+    })
+    .await
+    .map(|r| r.is_ok())
+    .unwrap_or(false);
     report.tcp_echo_survived = Some(tcp_ok);
     if let Ok(Ok(dest)) = dest_serial.await {
         let gap = heartbeat_gap(&[source_serial.beats(), dest.beats()]);

@@ -1,6 +1,7 @@
 //! `ferry`: one binary for every role: the demo, the lab, the guest image, the server, the
 //! agent, and the REST client commands.
 
+mod bench;
 mod demo;
 mod image_cmd;
 mod report;
@@ -31,6 +32,9 @@ enum Command {
     /// Boot a guest on lab host A and live-migrate it to lab host B, with a live progress
     /// display and a report.
     Demo(demo::DemoArgs),
+    /// Compare migration policies (QEMU defaults, virsh, Nova, KubeVirt, Proxmox, Ferry auto)
+    /// side by side on lab guests; prints a table, writes JSON, markdown and a plot.
+    Bench(bench::BenchArgs),
     /// Build the test guest's kernel and initramfs.
     #[command(subcommand)]
     Image(image_cmd::ImageCommand),
@@ -72,6 +76,7 @@ fn main() -> ExitCode {
     runtime.block_on(async {
         match cli.command {
             Command::Demo(args) => edge(demo::run(args).await),
+            Command::Bench(args) => edge(bench::run(args).await),
             Command::Image(cmd) => edge(image_cmd::run(cmd).await),
             Command::Cluster(cmd) => match cmd.run().await {
                 Ok(code) => ExitCode::from(code),

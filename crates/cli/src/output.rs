@@ -354,6 +354,9 @@ pub fn migration_detail(m: &Migration) -> String {
         ),
         format!("downtime {} ms", o.downtime_ms.unwrap_or(300)),
     ];
+    if o.policy == ferry_api::migrations::Policy::Manual {
+        options.push("policy manual".into());
+    }
     for (on, name) in [
         (o.auto_converge, "auto-converge"),
         (o.compress, "compress"),
@@ -388,6 +391,9 @@ pub fn migration_detail(m: &Migration) -> String {
     }
     if m.cancel_requested {
         pairs.push(("cancel", "requested".into()));
+    }
+    if let Some(p) = &m.plan {
+        pairs.push(("plan", p.plan.summary()));
     }
     if let Some(p) = &m.progress {
         if !m.state.is_terminal() {

@@ -59,6 +59,17 @@ fn migrate_flags_build_the_request() {
         "50",
         "--auto-converge",
         "--compress",
+        "--policy",
+        "manual",
+        "--budget",
+        "120",
+        "--on-timeout",
+        "postcopy",
+        "--post-copy",
+        "--xbzrle-cache",
+        "64",
+        "--parallel",
+        "4",
         "--wait",
     ])
     .unwrap() else {
@@ -77,12 +88,40 @@ fn migrate_flags_build_the_request() {
                 "downtime_ms": 50,
                 "auto_converge": true,
                 "compress": true,
-                "post_copy": false,
-                "force": false
+                "post_copy": true,
+                "force": false,
+                "policy": "manual",
+                "budget_s": 120,
+                "timeout_action": "postcopy",
+                "xbzrle_cache_mib": 64,
+                "parallel": 4
             },
             "kind": "live"
         })
     );
+}
+
+#[test]
+fn migrate_policy_defaults_to_auto_and_bad_values_are_refused() {
+    let ClusterCommand::Migrate { args, .. } = parse(&["migrate", "vm"]).unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        args.to_request().unwrap().options.policy,
+        ferry_api::migrations::Policy::Auto
+    );
+    let err = parse(&["migrate", "vm", "--policy", "fast"]).unwrap_err();
+    assert!(err.contains("not a policy"), "{err}");
+    let err = parse(&["migrate", "vm", "--on-timeout", "pause"]).unwrap_err();
+    assert!(err.contains("not a timeout action"), "{err}");
+    // Post-copy as the timeout action needs post-copy permitted.
+    let ClusterCommand::Migrate { args, .. } =
+        parse(&["migrate", "vm", "--on-timeout", "postcopy"]).unwrap()
+    else {
+        panic!()
+    };
+    let err = args.to_request().unwrap_err();
+    assert!(err.to_string().contains("post-copy"), "{err}");
 }
 
 #[test]

@@ -154,9 +154,13 @@ fn ctrl_c_during_the_demo_removes_everything_it_created() {
     // Observe first, interrupt always, assert last: a failed check must not leave the demo
     // running.
     let started = rx.recv_timeout(Duration::from_secs(240)).is_ok();
-    if started {
-        std::thread::sleep(Duration::from_secs(1));
+    // The server plans first (a one-second dirty-rate measurement), then starts the
+    // destination: wait until both QEMUs run, i.e. the copy is under way.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while started && qemu_processes_of(&lab) < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
     }
+    std::thread::sleep(Duration::from_millis(500));
     let namespaces_during = namespaces_of(&lab).len();
     let qemus_during = qemu_processes_of(&lab);
     // SAFETY: kill(2) on our own child's pid.

@@ -126,6 +126,7 @@ fn migration(state: MigrationState) -> Migration {
             iterations: 3,
         }),
         cancel_requested: false,
+        plan: None,
     }
 }
 

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use ferry_migrate::{AbortSignal, MigrationOutcome, MigrationParams, Progress};
+use ferry_migrate::{AbortSignal, MigrationOutcome, MigrationParams};
 use ferry_qemu::{
     probe_accelerator, Accel, AccelChoice, BootProbe, BootSource, InstanceSpec, LaunchOptions,
     MacAddr, NicSpec, QemuProcess, StartMode,
@@ -211,7 +211,7 @@ impl Lab {
         vm: &mut LabVm,
         to: &str,
         params: &MigrationParams,
-        observe: &mut (dyn FnMut(&Progress) + Send),
+        observe: &mut ferry_migrate::source::Observer<'_>,
         abort: AbortSignal,
     ) -> Result<MigrationOutcome, LabError> {
         params.validate()?;

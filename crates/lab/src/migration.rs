@@ -5,8 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use ferry_migrate::{
-    destination, source, AbortSignal, MigrateError, MigrationHalves, MigrationParams, Progress,
-    SourceOutcome,
+    destination, source, AbortSignal, MigrateError, MigrationHalves, MigrationParams, SourceOutcome,
 };
 use ferry_qemu::{QemuProcess, StartMode};
 
@@ -66,9 +65,37 @@ impl MigrationHalves for LabMigration<'_> {
     async fn run_source(
         &mut self,
         dest: SocketAddr,
-        observe: &mut (dyn FnMut(&Progress) + Send),
+        observe: &mut source::Observer<'_>,
     ) -> Result<SourceOutcome, MigrateError> {
         source::run_source(
+            self.vm.qemu.qmp(),
+            dest,
+            &self.params,
+            observe,
+            self.abort.clone(),
+        )
+        .await
+    }
+
+    async fn recover_destination(&mut self) -> Result<SocketAddr, MigrateError> {
+        let (qemu, _) = self
+            .incoming
+            .as_ref()
+            .ok_or_else(|| MigrateError::PostcopyFailed("no destination process".into()))?;
+        destination::recover(
+            qemu.qmp(),
+            &self.params,
+            IpAddr::V4(self.dest.migration_addr),
+        )
+        .await
+    }
+
+    async fn reconnect_source(
+        &mut self,
+        dest: SocketAddr,
+        observe: &mut source::Observer<'_>,
+    ) -> Result<SourceOutcome, MigrateError> {
+        source::reconnect(
             self.vm.qemu.qmp(),
             dest,
             &self.params,

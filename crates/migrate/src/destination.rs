@@ -3,7 +3,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use ferry_qmp::commands::{MigrateIncoming, QueryStatus, RunState};
+use ferry_qmp::commands::{Command, MigrateIncoming, MigrateRecover, QueryStatus, RunState};
 use ferry_qmp::{Qmp, QmpError};
 use tracing::debug;
 
@@ -22,14 +22,38 @@ pub async fn listen(
 ) -> Result<SocketAddr, MigrateError> {
     set_capabilities(qmp, params).await?;
     qmp.execute(&params.shared_parameters()).await?;
+    on_free_port(qmp, params, addr, false, |uri| MigrateIncoming { uri }).await
+}
+
+/// Makes a destination whose post-copy stream broke listen again, on the first free port of
+/// the range, for the source to reconnect with [`crate::source::reconnect`].
+pub async fn recover(
+    qmp: &Qmp,
+    params: &MigrationParams,
+    addr: IpAddr,
+) -> Result<SocketAddr, MigrateError> {
+    // Out of band: the destination's main thread may be stuck on a missing page.
+    on_free_port(qmp, params, addr, true, |uri| MigrateRecover { uri }).await
+}
+
+/// Issues `make(uri)` (out of band if `oob`) for each port of the range until QEMU accepts
+/// one.
+async fn on_free_port<C: Command<Output = ()>>(
+    qmp: &Qmp,
+    params: &MigrationParams,
+    addr: IpAddr,
+    oob: bool,
+    make: impl Fn(String) -> C,
+) -> Result<SocketAddr, MigrateError> {
     for port in params.port_range.first..=params.port_range.last {
         let at = SocketAddr::new(addr, port);
-        match qmp
-            .execute(&MigrateIncoming {
-                uri: format!("tcp:{at}"),
-            })
-            .await
-        {
+        let cmd = make(format!("tcp:{at}"));
+        let sent = if oob {
+            qmp.execute_oob(&cmd).await
+        } else {
+            qmp.execute(&cmd).await
+        };
+        match sent {
             Ok(()) => return Ok(at),
             Err(QmpError::Command { ref desc, .. }) if desc.contains("in use") => {
                 debug!(%at, "migration port busy, trying the next");

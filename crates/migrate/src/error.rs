@@ -25,6 +25,14 @@ pub enum MigrateError {
         "migration did not complete within {0} s and was aborted; the guest stays on the source"
     )]
     Timeout(u64),
+    /// The post-copy stream broke; both sides wait, paused, for it to be recovered over a new
+    /// connection. The source must not be resumed.
+    #[error("post-copy stream interrupted: {0}; the guest is paused on the destination until the stream is recovered")]
+    PostcopyPaused(String),
+    /// The stream failed after post-copy started: the guest's newest state is on the
+    /// destination, which keeps it paused; the source must not be resumed.
+    #[error("post-copy failed: {0}; the guest is held paused on the destination")]
+    PostcopyFailed(String),
     /// The destination did not take over after switchover.
     #[error("destination did not start the guest: {0}")]
     DestinationNotRunning(String),
@@ -46,6 +54,8 @@ impl MigrateError {
             MigrateError::Failed(_) => "migration-failed",
             MigrateError::Cancelled => "migration-cancelled",
             MigrateError::Timeout(_) => "migration-timeout",
+            MigrateError::PostcopyFailed(_) => "postcopy-failed",
+            MigrateError::PostcopyPaused(_) => "postcopy-paused",
             MigrateError::DestinationNotRunning(_) => "destination-not-running",
             MigrateError::Destination(_) => "destination-prepare-failed",
             MigrateError::Qmp(_) => "qmp-failed",
@@ -66,6 +76,12 @@ impl MigrateError {
             MigrateError::Cancelled => "start the migration again when ready",
             MigrateError::Timeout(_) => {
                 "raise the bandwidth or the downtime target, or enable auto-converge, then retry"
+            }
+            MigrateError::PostcopyPaused(_) => {
+                "restore the migration network; Ferry reconnects the stream by itself"
+            }
+            MigrateError::PostcopyFailed(_) => {
+                "restore the migration network, then recover the stream; never restart the source copy"
             }
             MigrateError::DestinationNotRunning(_) => {
                 "read the destination's QEMU log; the source was resumed if the destination is gone"

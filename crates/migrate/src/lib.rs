@@ -5,15 +5,20 @@
 //! and the explicit phase sequence with its undo steps ([`phases`]) that whoever drives the
 //! halves (the demo in one process today, the server over agents later) follows.
 
+pub mod control;
 pub mod destination;
+pub mod dirty_rate;
 mod error;
 pub mod params;
 pub mod phases;
+pub mod plan;
 pub mod progress;
 pub mod source;
 
+pub use control::{Action, ControlPolicy, Controller, Decision, EscalateConfig, TimeoutAction};
 pub use error::MigrateError;
-pub use params::{Bandwidth, MigrationParams, PortRange};
+pub use params::{Announce, Bandwidth, MigrationParams, PortRange};
 pub use phases::{live_migrate, MigrationHalves, MigrationOutcome};
+pub use plan::{Plan, PlanInputs, Prediction};
 pub use progress::{Phase, Progress, ProgressTracker};
-pub use source::{AbortHandle, AbortSignal, SourceOutcome};
+pub use source::{AbortHandle, AbortSignal, SourceEvent, SourceOutcome};

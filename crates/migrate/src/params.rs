@@ -3,7 +3,32 @@ use std::time::Duration;
 use ferry_qmp::commands::{CapabilityState, MigrateSetParameters};
 use serde::{Deserialize, Serialize};
 
+use crate::control::{ControlPolicy, TimeoutAction};
 use crate::MigrateError;
+
+/// When and how often the destination announces the guest's MAC (RARP) after switchover, so
+/// switches learn where it went. Until then replies to the guest go to the old port: QEMU's
+/// 50 ms first delay is 50 ms of extra outage as the guest's peers see it. Not shortened by
+/// default: announcing at once ([`Announce::PROMPT`]) broke the guest's network after
+/// migrations on a loaded lab host (TCP connections reset, ARP unanswered), so the default
+/// keeps QEMU's schedule until that is understood.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announce {
+    pub initial_ms: u64,
+    pub max_ms: u64,
+    pub rounds: u64,
+    pub step_ms: u64,
+}
+
+impl Announce {
+    /// Announce at once, then a few times quickly (opt-in; see above).
+    pub const PROMPT: Announce = Announce {
+        initial_ms: 0,
+        max_ms: 100,
+        rounds: 5,
+        step_ms: 25,
+    };
+}
 
 /// A migration bandwidth cap.
 ///
@@ -78,8 +103,43 @@ pub struct MigrationParams {
     pub port_range: PortRange,
     /// How often progress is sampled from the source.
     pub sample_interval: Duration,
-    /// Abort (leaving the guest on the source) if the migration has not completed by then.
+    /// The completion budget: past it the controller applies `timeout_action`.
     pub completion_timeout: Option<Duration>,
+    #[serde(default)]
+    pub timeout_action: TimeoutAction,
+    /// Bandwidth of post-copy's background stream in bytes per second (pages the destination
+    /// asks for jump the queue); `None` is unlimited.
+    #[serde(default)]
+    pub postcopy_bandwidth: Option<u64>,
+    /// XBZRLE delta compression of re-sent pages with this cache size; `None` is off.
+    #[serde(default)]
+    pub xbzrle_cache_bytes: Option<u64>,
+    /// Auto-converge's first throttle, its step and its ceiling, in percent.
+    #[serde(default = "default_throttle_initial")]
+    pub throttle_initial_pct: u8,
+    #[serde(default = "default_throttle_increment")]
+    pub throttle_increment_pct: u8,
+    #[serde(default = "default_max_throttle")]
+    pub max_throttle_pct: u8,
+    /// MAC announcements after switchover; `None` keeps QEMU's defaults.
+    #[serde(default)]
+    pub announce: Option<Announce>,
+    /// How the running migration is steered (see [`crate::control`]).
+    #[serde(default = "default_policy")]
+    pub policy: ControlPolicy,
+}
+
+fn default_throttle_initial() -> u8 {
+    20
+}
+fn default_throttle_increment() -> u8 {
+    10
+}
+fn default_max_throttle() -> u8 {
+    99
+}
+fn default_policy() -> ControlPolicy {
+    ControlPolicy::Fixed
 }
 
 impl Default for MigrationParams {
@@ -94,6 +154,14 @@ impl Default for MigrationParams {
             port_range: PortRange::default(),
             sample_interval: Duration::from_millis(250),
             completion_timeout: None,
+            timeout_action: TimeoutAction::Abort,
+            postcopy_bandwidth: None,
+            xbzrle_cache_bytes: None,
+            throttle_initial_pct: default_throttle_initial(),
+            throttle_increment_pct: default_throttle_increment(),
+            max_throttle_pct: default_max_throttle(),
+            announce: None,
+            policy: ControlPolicy::Fixed,
         }
     }
 }
@@ -126,6 +194,23 @@ impl MigrationParams {
                 ));
             }
         }
+        for (name, pct) in [
+            ("initial throttle", self.throttle_initial_pct),
+            ("throttle increment", self.throttle_increment_pct),
+            ("maximum throttle", self.max_throttle_pct),
+        ] {
+            if !(1..=99).contains(&pct) {
+                return bad(format!("{name} {pct} % must be between 1 and 99"));
+            }
+        }
+        if let Some(c) = self.xbzrle_cache_bytes {
+            if c < 1 << 20 {
+                return bad(format!("XBZRLE cache of {c} bytes is below 1 MiB"));
+            }
+        }
+        if self.timeout_action == TimeoutAction::Postcopy && !self.postcopy {
+            return bad("timeout action post-copy needs post-copy permitted".into());
+        }
         if self.sample_interval.is_zero() || self.sample_interval > Duration::from_millis(500) {
             return bad("progress sample interval must be between 1 and 500 ms".into());
         }
@@ -143,14 +228,20 @@ impl MigrationParams {
             cap("auto-converge", self.auto_converge),
             cap("postcopy-ram", self.postcopy),
             cap("multifd", self.multifd_channels.is_some()),
+            cap("xbzrle", self.xbzrle_cache_bytes.is_some()),
         ]
     }
 
     /// Parameters both sides need to agree on (stream layout).
     pub fn shared_parameters(&self) -> MigrateSetParameters {
+        let a = self.announce;
         MigrateSetParameters {
             multifd_channels: self.multifd_channels.map(u64::from),
             multifd_compression: self.multifd_compression.clone(),
+            announce_initial: a.map(|a| a.initial_ms),
+            announce_max: a.map(|a| a.max_ms),
+            announce_rounds: a.map(|a| a.rounds),
+            announce_step: a.map(|a| a.step_ms),
             ..Default::default()
         }
     }
@@ -160,6 +251,11 @@ impl MigrationParams {
         MigrateSetParameters {
             max_bandwidth: Some(self.bandwidth.bytes_per_sec()),
             downtime_limit: Some(self.downtime_limit_ms),
+            xbzrle_cache_size: self.xbzrle_cache_bytes,
+            max_postcopy_bandwidth: self.postcopy_bandwidth,
+            cpu_throttle_initial: Some(self.throttle_initial_pct.into()),
+            cpu_throttle_increment: Some(self.throttle_increment_pct.into()),
+            max_cpu_throttle: Some(self.max_throttle_pct.into()),
             ..self.shared_parameters()
         }
     }
@@ -195,6 +291,14 @@ mod tests {
             },
             MigrationParams {
                 sample_interval: Duration::from_secs(2),
+                ..Default::default()
+            },
+            MigrationParams {
+                max_throttle_pct: 100,
+                ..Default::default()
+            },
+            MigrationParams {
+                timeout_action: TimeoutAction::Postcopy,
                 ..Default::default()
             },
         ];
@@ -237,5 +341,14 @@ mod tests {
             .collect();
         assert_eq!(on, ["events", "auto-converge", "multifd"]);
         assert_eq!(p.shared_parameters().multifd_channels, Some(2));
+        let p = MigrationParams {
+            xbzrle_cache_bytes: Some(64 << 20),
+            ..Default::default()
+        };
+        assert!(p
+            .capabilities()
+            .iter()
+            .any(|c| c.capability == "xbzrle" && c.state));
+        assert_eq!(p.source_parameters().xbzrle_cache_size, Some(64 << 20));
     }
 }

@@ -16,8 +16,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
 
-use crate::progress::Progress;
-use crate::source::SourceOutcome;
+use crate::source::{Observer, SourceOutcome};
 use crate::MigrateError;
 
 /// The operations a driver provides for each side; [`live_migrate`] calls them in order.
@@ -30,7 +29,7 @@ pub trait MigrationHalves {
     fn run_source(
         &mut self,
         dest: SocketAddr,
-        observe: &mut (dyn FnMut(&Progress) + Send),
+        observe: &mut Observer<'_>,
     ) -> impl Future<Output = Result<SourceOutcome, MigrateError>> + Send;
     /// Wait for the destination guest to run.
     fn confirm_destination(&mut self) -> impl Future<Output = Result<(), MigrateError>> + Send;
@@ -41,6 +40,79 @@ pub trait MigrationHalves {
     fn remove_destination(&mut self) -> impl Future<Output = Result<(), MigrateError>> + Send;
     /// Resume the source guest; only called once the destination is gone.
     fn resume_source(&mut self) -> impl Future<Output = Result<(), MigrateError>> + Send;
+    /// Post-copy recovery, destination side: listen again for the broken stream (see
+    /// [`crate::destination::recover`]). Drivers that cannot leave the migration held.
+    fn recover_destination(
+        &mut self,
+    ) -> impl Future<Output = Result<SocketAddr, MigrateError>> + Send {
+        async {
+            Err(MigrateError::PostcopyFailed(
+                "this driver cannot recover a post-copy stream".into(),
+            ))
+        }
+    }
+    /// Post-copy recovery, source side: reconnect to `dest` and follow to the end (see
+    /// [`crate::source::reconnect`]).
+    fn reconnect_source(
+        &mut self,
+        dest: SocketAddr,
+        observe: &mut Observer<'_>,
+    ) -> impl Future<Output = Result<SourceOutcome, MigrateError>> + Send {
+        let _ = (dest, observe);
+        async {
+            Err(MigrateError::PostcopyFailed(
+                "this driver cannot recover a post-copy stream".into(),
+            ))
+        }
+    }
+}
+
+/// How often a broken post-copy stream is reconnected before the migration is left held
+/// (destination paused with the newest memory, source stopped) for the operator.
+const POSTCOPY_RECOVERY_ATTEMPTS: u32 = 10;
+/// Pause between recovery attempts, while the network may still be down.
+const POSTCOPY_RECOVERY_BACKOFF: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Runs the source half; when its post-copy stream breaks, reconnects it through the halves
+/// until it completes or the attempts run out.
+async fn run_source_with_recovery<H: MigrationHalves + Send>(
+    halves: &mut H,
+    dest: SocketAddr,
+    observe: &mut Observer<'_>,
+) -> Result<SourceOutcome, MigrateError> {
+    let mut result = halves.run_source(dest, observe).await;
+    let mut attempt = 0;
+    while let Err(MigrateError::PostcopyPaused(why)) = &result {
+        attempt += 1;
+        if attempt > POSTCOPY_RECOVERY_ATTEMPTS {
+            return Err(MigrateError::PostcopyFailed(format!(
+                "the post-copy stream broke ({why}) and {POSTCOPY_RECOVERY_ATTEMPTS} reconnects failed"
+            )));
+        }
+        warn!(%why, attempt, "post-copy stream broke; reconnecting");
+        if attempt > 1 {
+            tokio::time::sleep(POSTCOPY_RECOVERY_BACKOFF).await;
+        }
+        result = match halves.recover_destination().await {
+            Ok(addr) => halves.reconnect_source(addr, observe).await,
+            Err(e @ MigrateError::PostcopyFailed(_)) => return Err(e),
+            Err(e) => {
+                warn!(%e, "destination cannot listen again yet");
+                Err(MigrateError::PostcopyPaused(why.clone()))
+            }
+        };
+        if let Err(e) = &result {
+            if !matches!(
+                e,
+                MigrateError::PostcopyPaused(_) | MigrateError::PostcopyFailed(_)
+            ) {
+                warn!(%e, "reconnect failed");
+                // A failed reconnect leaves both sides paused: try again.
+                result = Err(MigrateError::PostcopyPaused(e.to_string()));
+            }
+        }
+    }
+    result
 }
 
 /// The result of a completed live migration.
@@ -53,7 +125,7 @@ pub struct MigrationOutcome {
 /// Runs one live migration through its phases, undoing on failure (see the module docs).
 pub async fn live_migrate<H: MigrationHalves + Send>(
     halves: &mut H,
-    observe: &mut (dyn FnMut(&Progress) + Send),
+    observe: &mut Observer<'_>,
 ) -> Result<MigrationOutcome, MigrateError> {
     let dest = match halves.prepare_destination().await {
         Ok(d) => d,
@@ -64,8 +136,14 @@ pub async fn live_migrate<H: MigrationHalves + Send>(
             return Err(e);
         }
     };
-    let source = match halves.run_source(dest, observe).await {
+    let source = match run_source_with_recovery(halves, dest, observe).await {
         Ok(s) => s,
+        Err(e @ (MigrateError::PostcopyFailed(_) | MigrateError::PostcopyPaused(_))) => {
+            // The destination holds the guest's newest memory: removing it or resuming the
+            // source would lose writes. Both stay as they are for recovery.
+            error!(%e, "post-copy failed; destination kept, source not resumed");
+            return Err(e);
+        }
         Err(e) => {
             if let Err(undo) = halves.remove_destination().await {
                 warn!(%undo, "destination could not be removed after a failed migration");
@@ -124,6 +202,8 @@ mod tests {
             setup_time_ms: None,
             transferred_bytes: 1,
             iterations: 1,
+            zero_bytes: 0,
+            normal_bytes: 0,
             final_progress: crate::ProgressTracker::new().update(
                 0,
                 &serde_json::from_value(serde_json::json!({"status": "completed"})).unwrap(),
@@ -139,7 +219,7 @@ mod tests {
         async fn run_source(
             &mut self,
             _dest: SocketAddr,
-            _observe: &mut (dyn FnMut(&Progress) + Send),
+            _observe: &mut Observer<'_>,
         ) -> Result<SourceOutcome, MigrateError> {
             self.step("source")?;
             Ok(outcome())

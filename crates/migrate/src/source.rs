@@ -4,15 +4,16 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ferry_qmp::commands::{
-    Cont, Migrate, MigrateCancel, MigrateSetCapabilities, MigrationInfo, MigrationStatus,
-    QueryMigrate, QueryStatus, RunState,
+    Cont, Migrate, MigrateCancel, MigrateSetCapabilities, MigrateSetParameters,
+    MigrateStartPostcopy, MigrationInfo, MigrationStatus, QueryMigrate, QueryStatus, RunState,
 };
 use ferry_qmp::Qmp;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::progress::{Progress, ProgressTracker};
+use crate::control::{Action, ControlPolicy, Controller, Decision};
+use crate::progress::{Phase, Progress, ProgressTracker};
 use crate::{MigrateError, MigrationParams};
 
 /// Asks a running migration to stop before switchover.
@@ -55,6 +56,12 @@ pub struct SourceOutcome {
     pub setup_time_ms: Option<u64>,
     pub transferred_bytes: u64,
     pub iterations: u64,
+    /// Guest RAM found zero (sent as a marker only), bytes; the rest is what had to move.
+    #[serde(default)]
+    pub zero_bytes: u64,
+    /// Bytes of pages sent in full, re-sends included.
+    #[serde(default)]
+    pub normal_bytes: u64,
     pub final_progress: Progress,
 }
 
@@ -67,6 +74,12 @@ impl SourceOutcome {
             setup_time_ms: info.setup_time,
             transferred_bytes: progress.transferred_bytes,
             iterations: progress.iteration,
+            zero_bytes: info
+                .ram
+                .as_ref()
+                .map(|r| r.duplicate.unwrap_or(0) * r.page_size.unwrap_or(4096))
+                .unwrap_or(0),
+            normal_bytes: info.ram.as_ref().and_then(|r| r.normal_bytes).unwrap_or(0),
             final_progress: progress,
         }
     }
@@ -81,17 +94,30 @@ pub async fn set_capabilities(qmp: &Qmp, params: &MigrationParams) -> Result<(),
     Ok(())
 }
 
+/// What the source half reports while it runs: samples, and the controller's decisions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum SourceEvent {
+    Progress(Progress),
+    Decision(Decision),
+}
+
+/// Receives every [`SourceEvent`] of a running source half.
+pub type Observer<'a> = dyn FnMut(&SourceEvent) + Send + 'a;
+
 /// Migrates the guest behind `qmp` to a destination already listening at `dest`.
 ///
-/// Samples progress every `params.sample_interval` and hands each sample to `observe`. On
-/// abort, or when the completion budget runs out, it cancels and makes sure the guest runs on
-/// the source again before returning the error.
+/// Samples progress every `params.sample_interval`, hands each sample to `observe`, and lets
+/// the [`Controller`] built from `params` steer: its decisions are applied to QEMU and
+/// reported too. On abort, or when the controller gives up, it cancels and makes sure the
+/// guest runs on the source again before returning the error. Once post-copy has started the
+/// guest runs on the destination: abort requests are refused and the source is never resumed.
 pub async fn run_source(
     qmp: &Qmp,
     dest: SocketAddr,
     params: &MigrationParams,
-    observe: &mut (dyn FnMut(&Progress) + Send),
-    mut abort: AbortSignal,
+    observe: &mut Observer<'_>,
+    abort: AbortSignal,
 ) -> Result<SourceOutcome, MigrateError> {
     params.validate()?;
     let status = qmp.execute(&QueryStatus {}).await?;
@@ -100,36 +126,87 @@ pub async fn run_source(
     }
     set_capabilities(qmp, params).await?;
     qmp.execute(&params.source_parameters()).await?;
+    let mut controller = Controller::new(
+        params.policy.clone(),
+        params.downtime_limit_ms,
+        params.completion_timeout.map(|t| t.as_millis() as u64),
+        params.timeout_action,
+        params.postcopy,
+    );
     let started = Instant::now();
+    qmp.execute(&Migrate::new(format!("tcp:{dest}"))).await?;
+    info!(%dest, "migration started");
+    follow(qmp, params, &mut controller, started, false, observe, abort).await
+}
+
+/// Resumes a post-copy migration whose stream broke, over a new connection to `dest` (where
+/// the destination listens after `migrate-recover`), and follows it to the end as
+/// [`run_source`] does.
+pub async fn reconnect(
+    qmp: &Qmp,
+    dest: SocketAddr,
+    params: &MigrationParams,
+    observe: &mut Observer<'_>,
+    abort: AbortSignal,
+) -> Result<SourceOutcome, MigrateError> {
     qmp.execute(&Migrate {
         uri: format!("tcp:{dest}"),
+        resume: Some(true),
     })
     .await?;
-    info!(%dest, "migration started");
+    info!(%dest, "post-copy stream resumed");
+    let mut controller = Controller::new(
+        ControlPolicy::Fixed,
+        params.downtime_limit_ms,
+        None,
+        params.timeout_action,
+        params.postcopy,
+    );
+    follow(
+        qmp,
+        params,
+        &mut controller,
+        Instant::now(),
+        true,
+        observe,
+        abort,
+    )
+    .await
+}
 
+/// Samples a started migration until it ends, applying the controller's decisions.
+async fn follow(
+    qmp: &Qmp,
+    params: &MigrationParams,
+    controller: &mut Controller,
+    started: Instant,
+    mut postcopy_seen: bool,
+    observe: &mut Observer<'_>,
+    mut abort: AbortSignal,
+) -> Result<SourceOutcome, MigrateError> {
     let mut tracker = ProgressTracker::new();
     let mut ticker = tokio::time::interval(params.sample_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let stop_reason = tokio::select! {
-            _ = ticker.tick() => None,
-            _ = abort.aborted() => Some(MigrateError::Cancelled),
+        let aborted = tokio::select! {
+            _ = ticker.tick() => false,
+            _ = abort.aborted(), if !postcopy_seen => true,
         };
-        let stop_reason = stop_reason.or_else(|| {
-            params
-                .completion_timeout
-                .filter(|t| started.elapsed() > *t)
-                .map(|t| MigrateError::Timeout(t.as_secs()))
-        });
-        if let Some(reason) = stop_reason {
-            return cancel(qmp, &mut tracker, started, observe, reason).await;
+        if aborted {
+            return cancel(qmp, &mut tracker, started, observe, MigrateError::Cancelled).await;
         }
         let info = qmp.execute(&QueryMigrate {}).await?;
         let progress = tracker.update(started.elapsed().as_millis() as u64, &info);
-        observe(&progress);
+        observe(&SourceEvent::Progress(progress.clone()));
+        postcopy_seen |= progress.phase == Phase::Postcopy;
         match info.status {
             Some(MigrationStatus::Completed) => {
                 return Ok(SourceOutcome::completed(&info, progress))
+            }
+            Some(MigrationStatus::Failed) if postcopy_seen => {
+                return Err(MigrateError::PostcopyFailed(
+                    info.error_desc.unwrap_or_else(|| "no reason given".into()),
+                ));
             }
             Some(MigrationStatus::Failed) => {
                 ensure_running(qmp).await?;
@@ -141,7 +218,47 @@ pub async fn run_source(
                 ensure_running(qmp).await?;
                 return Err(MigrateError::Cancelled);
             }
+            Some(MigrationStatus::PostcopyPaused) => {
+                return Err(MigrateError::PostcopyPaused(
+                    info.error_desc
+                        .unwrap_or_else(|| "the post-copy stream broke".into()),
+                ));
+            }
             _ => {}
+        }
+        for decision in controller.on_sample(&progress) {
+            info!(action = ?decision.action, reason = %decision.reason, "controller decision");
+            observe(&SourceEvent::Decision(decision.clone()));
+            match decision.action {
+                Action::SetDowntime { ms } => {
+                    qmp.execute(&MigrateSetParameters {
+                        downtime_limit: Some(ms),
+                        ..Default::default()
+                    })
+                    .await?
+                }
+                Action::SetThrottleCeiling {
+                    max_pct,
+                    increment_pct,
+                } => {
+                    qmp.execute(&MigrateSetParameters {
+                        max_cpu_throttle: Some(max_pct.into()),
+                        cpu_throttle_increment: Some(increment_pct.into()),
+                        ..Default::default()
+                    })
+                    .await?
+                }
+                Action::StartPostcopy => qmp.execute(&MigrateStartPostcopy {}).await?,
+                Action::Abort { timeout } => {
+                    let reason = if timeout {
+                        MigrateError::Timeout(started.elapsed().as_secs())
+                    } else {
+                        MigrateError::Cancelled
+                    };
+                    return cancel(qmp, &mut tracker, started, observe, reason).await;
+                }
+                Action::Hold => {}
+            }
         }
     }
 }
@@ -153,7 +270,7 @@ async fn cancel(
     qmp: &Qmp,
     tracker: &mut ProgressTracker,
     started: Instant,
-    observe: &mut (dyn FnMut(&Progress) + Send),
+    observe: &mut Observer<'_>,
     reason: MigrateError,
 ) -> Result<SourceOutcome, MigrateError> {
     warn!(%reason, "cancelling migration");
@@ -162,7 +279,7 @@ async fn cancel(
     loop {
         let info = qmp.execute(&QueryMigrate {}).await?;
         let progress = tracker.update(started.elapsed().as_millis() as u64, &info);
-        observe(&progress);
+        observe(&SourceEvent::Progress(progress));
         match info.status {
             Some(MigrationStatus::Cancelled) | Some(MigrationStatus::Failed) => break,
             Some(MigrationStatus::Completed) => {

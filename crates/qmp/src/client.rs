@@ -71,6 +71,8 @@ struct Inner {
     events: broadcast::Sender<Event>,
     version: QemuVersion,
     capabilities: Vec<String>,
+    /// Out-of-band execution was offered and enabled (see [`Qmp::execute_oob`]).
+    oob: bool,
     path: PathBuf,
     reader: JoinHandle<()>,
     writer: JoinHandle<()>,
@@ -249,20 +251,34 @@ impl Qmp {
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let reader = tokio::spawn(read_loop(reader, shared.clone(), events.clone()));
         let writer = tokio::spawn(write_loop(write_half, out_rx, shared.clone()));
+        let oob = capabilities.iter().any(|c| c == "oob");
         let qmp = Qmp {
             inner: Arc::new(Inner {
                 shared,
                 events,
                 version,
                 capabilities,
+                oob,
                 path: path.to_path_buf(),
                 reader,
                 writer,
             }),
             timeout: DEFAULT_TIMEOUT,
         };
-        qmp.execute_raw("qmp_capabilities", None).await?;
+        // Out-of-band commands are what still answers while QEMU's main thread is blocked,
+        // e.g. a post-copy destination waiting for a page from a broken stream.
+        let enable = oob.then(|| json!({"enable": ["oob"]}));
+        qmp.send("qmp_capabilities", enable, false).await?;
         Ok(qmp)
+    }
+
+    /// Runs a command out of band (`exec-oob`), ahead of queued commands and without the main
+    /// thread; only commands QEMU marks `allow-oob` (`migrate-recover`, `migrate-pause`, ...).
+    /// Falls back to in-band execution when QEMU did not offer OOB.
+    pub async fn execute_oob<C: Command>(&self, cmd: &C) -> Result<C::Output, QmpError> {
+        let args = command_args::<C>(cmd)?;
+        let ret = self.send(C::NAME, args, self.inner.oob).await?;
+        decode_return::<C::Output>(C::NAME, ret)
     }
 
     /// Runs any command and returns its `return` value. `args`, when given, must be a
@@ -272,6 +288,10 @@ impl Qmp {
     /// after the per-command timeout (see [`Qmp::with_timeout`]) and [`QmpError::Closed`]
     /// when QEMU goes away first.
     pub async fn execute_raw(&self, command: &str, args: Option<Value>) -> Result<Value, QmpError> {
+        self.send(command, args, false).await
+    }
+
+    async fn send(&self, command: &str, args: Option<Value>, oob: bool) -> Result<Value, QmpError> {
         let shared = &*self.inner.shared;
         let (tx, rx) = oneshot::channel();
         let id = {
@@ -282,7 +302,8 @@ impl Qmp {
             let id = st.next_id;
             st.next_id += 1;
             let mut msg = Map::new();
-            msg.insert("execute".into(), json!(command));
+            let verb = if oob { "exec-oob" } else { "execute" };
+            msg.insert(verb.into(), json!(command));
             match args {
                 None => {}
                 Some(Value::Object(a)) => {
@@ -332,15 +353,7 @@ impl Qmp {
 
     /// Runs a typed command and decodes its reply into `C::Output`.
     pub async fn execute<C: Command>(&self, cmd: &C) -> Result<C::Output, QmpError> {
-        let args = serde_json::to_value(cmd).map_err(|e| QmpError::Protocol {
-            command: Some(C::NAME.to_string()),
-            detail: format!("cannot serialize arguments: {e}"),
-        })?;
-        let args = match args {
-            Value::Null => None,
-            Value::Object(m) if m.is_empty() => None,
-            other => Some(other),
-        };
+        let args = command_args::<C>(cmd)?;
         let ret = self.execute_raw(C::NAME, args).await?;
         decode_return::<C::Output>(C::NAME, ret)
     }
@@ -366,7 +379,7 @@ impl Qmp {
         &self.inner.version
     }
 
-    /// The capabilities QEMU offered in its greeting (e.g. `oob`); none are enabled.
+    /// The capabilities QEMU offered in its greeting (e.g. `oob`, which is enabled).
     pub fn capabilities(&self) -> &[String] {
         &self.inner.capabilities
     }
@@ -403,6 +416,19 @@ impl Qmp {
 }
 
 /// Parses `{"QMP": {"version": {...}, "capabilities": [...]}}`.
+/// A typed command's `arguments`: `None` for commands without any.
+fn command_args<C: Command>(cmd: &C) -> Result<Option<Value>, QmpError> {
+    let args = serde_json::to_value(cmd).map_err(|e| QmpError::Protocol {
+        command: Some(C::NAME.to_string()),
+        detail: format!("cannot serialize arguments: {e}"),
+    })?;
+    Ok(match args {
+        Value::Null => None,
+        Value::Object(m) if m.is_empty() => None,
+        other => Some(other),
+    })
+}
+
 fn parse_greeting(line: &[u8]) -> Result<(QemuVersion, Vec<String>), QmpError> {
     #[derive(Deserialize)]
     struct Greeting {

@@ -56,7 +56,7 @@ impl Peer {
     async fn greet(&mut self) {
         self.send_raw(GREETING).await;
         let (id, msg) = self.expect("qmp_capabilities").await;
-        assert!(msg.get("arguments").is_none(), "{msg}");
+        assert_eq!(msg["arguments"], json!({"enable": ["oob"]}), "{msg}");
         self.reply(&id, json!({})).await;
     }
 }
@@ -508,4 +508,21 @@ async fn bad_greeting_is_protocol_error() {
         .unwrap_err();
     assert!(matches!(err, QmpError::Protocol { .. }), "{err:?}");
     assert!(err.to_string().contains("greeting"), "{err}");
+}
+
+#[tokio::test]
+async fn oob_commands_are_sent_as_exec_oob() {
+    let (_dir, path, server) = serve(|mut p| async move {
+        p.greet().await;
+        let msg = p.recv().await.expect("a command");
+        assert_eq!(msg["exec-oob"], "migrate-pause", "{msg}");
+        assert!(msg.get("execute").is_none(), "{msg}");
+        p.reply(&msg["id"].clone(), json!({})).await;
+    });
+    let qmp = connect(&path).await;
+    qmp.execute_oob(&ferry_qmp::commands::MigratePause {})
+        .await
+        .unwrap();
+    drop(qmp);
+    server.await.unwrap();
 }

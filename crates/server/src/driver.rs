@@ -8,15 +8,20 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use chrono::Utc;
 use ferry_api::agent::{
-    AgentInstance, DefineInstance, IncomingReady, PrepareIncoming, SourceState, SourceStatus,
-    StartSource,
+    AgentInstance, DefineInstance, DirtyRate, IncomingReady, PrepareIncoming, SourceState,
+    SourceStatus, StartSource,
 };
 use ferry_api::checks::CheckStatus;
 use ferry_api::instances::{Instance, InstanceState};
-use ferry_api::migrations::{Event, Migration, MigrationKind, MigrationState, MigrationStats};
+use ferry_api::migrations::{
+    Event, Migration, MigrationKind, MigrationPlan, MigrationState, MigrationStats, Policy,
+};
 use ferry_api::{ApiClient, ApiError, ErrorBody};
-use ferry_migrate::{MigrateError, MigrationHalves, MigrationParams, Progress, SourceOutcome};
+use ferry_migrate::{
+    Decision, MigrateError, MigrationHalves, MigrationParams, PlanInputs, Progress, SourceOutcome,
+};
 use tokio::sync::watch;
 use tracing::{info, warn, Instrument};
 use uuid::Uuid;
@@ -104,15 +109,21 @@ async fn drive(state: &AppState, id: Uuid, attach: bool) {
             if m.cancel_requested {
                 let _ = cancel_tx.send(true);
             }
-            let refused = if attach {
-                None
+            let gate = if attach {
+                Ok(None)
             } else {
                 preflight_gate(state, &m).await
             };
-            match (refused, m.kind) {
-                (Some(body), _) => Ending::Failed(body),
-                (None, MigrationKind::Live) => drive_live(state, &m, attach, cancel_rx).await,
-                (None, MigrationKind::Cold) => drive_cold(state, &m).await,
+            match (gate, m.kind) {
+                (Err(body), _) => Ending::Failed(body),
+                (Ok(link_bps), MigrationKind::Live) => {
+                    let mut m = m;
+                    if !attach && m.options.policy == Policy::Auto {
+                        m.plan = Some(plan_live(state, &m, link_bps).await);
+                    }
+                    drive_live(state, &m, attach, cancel_rx).await
+                }
+                (Ok(_), MigrationKind::Cold) => drive_cold(state, &m).await,
             }
         }
         Ok(None) => Ending::Failed(ErrorBody::new("migration-not-found", "job vanished", "")),
@@ -126,16 +137,80 @@ async fn drive(state: &AppState, id: Uuid, attach: bool) {
         .remove(&id);
 }
 
+/// The auto policy's plan for a live job: the source agent measures the guest's dirty rate,
+/// the pre-flight probe gave the link, and [`ferry_migrate::plan::plan`] chooses. Logged line
+/// by line and stored with the job, so a server restarted mid-migration uses the same
+/// parameters. A failed measurement is logged and planned around, never fatal.
+async fn plan_live(state: &AppState, m: &Migration, link_bps: Option<f64>) -> MigrationPlan {
+    let base = m.options.to_params();
+    let instance = state
+        .store
+        .get_instance(&m.instance_id.to_string())
+        .await
+        .ok()
+        .flatten();
+    let measured = async {
+        let src = agent_client(&state.store, &m.source)
+            .await
+            .map_err(|e| e.body.message)?;
+        let path = format!("/v1/instances/{}/dirty-rate", m.instance_id);
+        src.post::<_, DirtyRate>(&path, &())
+            .await
+            .map_err(|e| e.to_string())
+    }
+    .await;
+    let dirty = match measured {
+        Ok(d) => Some(d.dirty_rate_bps),
+        Err(e) => {
+            let message = format!("dirty rate not measured: {e}");
+            log(state, m.id, "warn", &message).await;
+            None
+        }
+    };
+    let offline_after = chrono::Duration::seconds(state.config.heartbeat_timeout_s as i64);
+    let cpus = match state
+        .store
+        .get_host(&m.source, offline_after, Utc::now())
+        .await
+    {
+        Ok(Some(h)) => h.facts.map(|f| f.cores).unwrap_or(1),
+        _ => 1,
+    };
+    let inputs = PlanInputs {
+        ram_bytes: instance
+            .map(|i| u64::from(i.spec.memory_mib) << 20)
+            .unwrap_or(0),
+        dirty_rate_bps: dirty,
+        link_bps,
+        host_cpus: cpus,
+        downtime_ms: m.options.downtime_ms,
+        postcopy_permitted: m.options.post_copy,
+        budget: m.options.budget_s.map(Duration::from_secs),
+        timeout_action: m.options.timeout_action.unwrap_or_default(),
+    };
+    let (params, plan) = ferry_migrate::plan::plan(&inputs, &base);
+    log(state, m.id, "info", &plan.summary()).await;
+    for reason in &plan.reasons {
+        log(state, m.id, "info", &format!("plan: {reason}")).await;
+    }
+    let planned = MigrationPlan { plan, params };
+    if let Err(e) = state.store.set_plan(m.id, &planned).await {
+        log(state, m.id, "warn", &format!("plan not stored: {e}")).await;
+    }
+    planned
+}
+
 /// Runs the full pre-flight suite for the job's destination before anything starts, logging
 /// every verdict. A failure that is not overridden (`options.force` on an overridable check)
-/// is the job's error: the check's name as code, its message and hint.
-async fn preflight_gate(state: &AppState, m: &Migration) -> Option<ErrorBody> {
+/// is the job's error: the check's name as code, its message and hint. Otherwise returns the
+/// link bandwidth the probe measured, for the plan.
+async fn preflight_gate(state: &AppState, m: &Migration) -> Result<Option<f64>, ErrorBody> {
     let instance = match state.store.get_instance(&m.instance_id.to_string()).await {
         Ok(Some(i)) => i,
         Ok(None) => {
-            return Some(ServerError::not_found("instance", &m.instance_id.to_string()).body)
+            return Err(ServerError::not_found("instance", &m.instance_id.to_string()).body)
         }
-        Err(e) => return Some(ServerError::from(e).body),
+        Err(e) => return Err(ServerError::from(e).body),
     };
     log(state, m.id, "info", "pre-flight checks").await;
     let candidates = match preflight::evaluate(
@@ -151,10 +226,10 @@ async fn preflight_gate(state: &AppState, m: &Migration) -> Option<ErrorBody> {
     .await
     {
         Ok(c) => c,
-        Err(e) => return Some(e.body),
+        Err(e) => return Err(e.body),
     };
     let Some(candidate) = candidates.into_iter().find(|c| c.host == m.destination) else {
-        return Some(ErrorBody::new(
+        return Err(ErrorBody::new(
             "host-not-found",
             format!("host {} is not a possible destination", m.destination),
             "pick another destination",
@@ -189,7 +264,17 @@ async fn preflight_gate(state: &AppState, m: &Migration) -> Option<ErrorBody> {
             refused = Some(ErrorBody::new(&c.name, c.message.clone(), c.hint.clone()));
         }
     }
-    refused
+    if let Some(body) = refused {
+        return Err(body);
+    }
+    let link_bps = candidate
+        .checks
+        .iter()
+        .find(|c| c.name == "migration-port-reachable")
+        .and_then(|c| c.values.get("bandwidth_mbit_s"))
+        .and_then(|v| v.as_f64())
+        .map(|mbit| mbit * 1e6 / 8.0);
+    Ok(link_bps)
 }
 
 async fn finish(state: &AppState, id: Uuid, ending: Ending) {
@@ -332,7 +417,7 @@ async fn drive_live(
         Ok(h) => h,
         Err(e) => return Ending::Failed(e.body),
     };
-    let mut observe = |_: &Progress| {};
+    let mut observe = |_: &ferry_migrate::SourceEvent| {};
     let result = ferry_migrate::live_migrate(&mut halves, &mut observe).await;
     match result {
         Ok(outcome) => Ending::Completed(Some(MigrationStats {
@@ -395,7 +480,11 @@ impl<'a> AgentHalves<'a> {
             .ok_or_else(|| ServerError::not_found("instance", &m.instance_id.to_string()))?;
         Ok(AgentHalves {
             state,
-            params: m.options.to_params(),
+            params: m
+                .plan
+                .as_ref()
+                .map(|p| p.params.clone())
+                .unwrap_or_else(|| m.options.to_params()),
             src: agent_client(&state.store, &m.source).await?,
             dst: agent_client(&state.store, &m.destination).await?,
             m: m.clone(),
@@ -532,6 +621,28 @@ impl<'a> AgentHalves<'a> {
         }
     }
 
+    /// The controller's decisions, each a log line with the numbers behind it.
+    async fn record_decisions(&mut self, decisions: Vec<(u64, Decision)>) {
+        for (seq, d) in decisions {
+            self.seq = self.seq.max(seq);
+            let level = match d.action {
+                ferry_migrate::Action::Abort { .. } | ferry_migrate::Action::StartPostcopy => {
+                    "warn"
+                }
+                _ => "info",
+            };
+            self.log(
+                level,
+                &format!(
+                    "controller at {:.1} s: {}",
+                    d.elapsed_ms as f64 / 1000.0,
+                    d.reason
+                ),
+            )
+            .await;
+        }
+    }
+
     async fn record(&mut self, samples: Vec<(u64, Progress)>) {
         for (seq, p) in samples {
             self.seq = self.seq.max(seq);
@@ -601,7 +712,7 @@ impl MigrationHalves for AgentHalves<'_> {
     async fn run_source(
         &mut self,
         dest: SocketAddr,
-        _observe: &mut (dyn FnMut(&Progress) + Send),
+        _observe: &mut ferry_migrate::source::Observer<'_>,
     ) -> Result<SourceOutcome, MigrateError> {
         if !self.attach {
             if self.cancel_requested() {
@@ -663,6 +774,7 @@ impl MigrationHalves for AgentHalves<'_> {
                 }
                 Err(e) => return Err(self.agent_failed(&self.m.source.clone(), e)),
             };
+            self.record_decisions(status.decisions).await;
             self.record(status.samples).await;
             match status.state {
                 SourceState::Running => {}
@@ -676,7 +788,13 @@ impl MigrationHalves for AgentHalves<'_> {
                     let body = status.error.unwrap_or_else(|| {
                         ErrorBody::new("migration-failed", "the source reported a failure", "")
                     });
-                    let err = MigrateError::Failed(body.message.clone());
+                    // After post-copy started the destination holds the newest memory: the
+                    // phases must neither remove it nor resume the source.
+                    let err = if body.code.starts_with("postcopy-") {
+                        MigrateError::PostcopyFailed(body.message.clone())
+                    } else {
+                        MigrateError::Failed(body.message.clone())
+                    };
                     self.last_error = Some(body);
                     return Err(err);
                 }

@@ -105,6 +105,7 @@ mod tests {
             progress: None,
             stats: None,
             cancel_requested: false,
+            plan: None,
         }
     }
 

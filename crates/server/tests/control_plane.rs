@@ -579,3 +579,70 @@ async fn a_bandwidth_change_during_the_copy_takes_effect() {
     );
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_plans_and_post_copy_is_opt_in_and_switchable_by_the_operator() {
+    let c = Cluster::start(2, Limits::default()).await;
+    c.running_vm("pc", "hv1", 0).await;
+
+    // Without post-copy permitted the switch is refused and nothing changes.
+    let m = c.migrate("pc", "hv2", slow()).await;
+    let m = c.wait_state(m.id, MigrationState::Migrating).await;
+    let plan = m.plan.clone().expect("auto planned before copying");
+    // The user's 4 MiB/s cap is the rate the plan works with, and the guest writes 8 MiB/s.
+    assert!(plan.plan.prediction.rate_bps <= 4.0 * 1048576.0, "{plan:?}");
+    assert!(!plan.plan.prediction.converges, "{plan:?}");
+    assert!(plan.params.auto_converge && !plan.params.postcopy);
+    let refused = c
+        .admin
+        .post::<_, Migration>(&format!("/v1/migrations/{}/postcopy", m.id), &())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (refused.status(), refused.code().as_str()),
+        (Some(409), "postcopy-not-permitted")
+    );
+    let _: Migration = c
+        .admin
+        .post(&format!("/v1/migrations/{}/cancel", m.id), &())
+        .await
+        .unwrap();
+    let m = c.wait_end(m.id, Duration::from_secs(60)).await;
+    assert_eq!(m.state, MigrationState::Cancelled, "{m:?}");
+    assert_eq!(c.instance("pc").await.host, "hv1");
+
+    // Permitted: the operator switches a copy that cannot converge, and it completes.
+    let m = c
+        .migrate(
+            "pc",
+            "hv2",
+            MigrationOptions {
+                post_copy: true,
+                ..slow()
+            },
+        )
+        .await;
+    c.wait_state(m.id, MigrationState::Migrating).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _: Migration = c
+        .admin
+        .post(&format!("/v1/migrations/{}/postcopy", m.id), &())
+        .await
+        .expect("post-copy switch accepted");
+    let m = c.wait_end(m.id, Duration::from_secs(120)).await;
+    assert_eq!(m.state, MigrationState::Completed, "{m:?}");
+    assert_eq!(c.instance("pc").await.host, "hv2");
+    assert_eq!(c.verify(0).await.errors, 0);
+    let logs: Vec<LogLine> = c
+        .admin
+        .get(&format!("/v1/migrations/{}/logs", m.id))
+        .await
+        .unwrap();
+    for needle in ["plan: ", "dirties", "switched to post-copy by"] {
+        assert!(
+            logs.iter().any(|l| l.message.contains(needle)),
+            "{needle:?} not in {logs:?}"
+        );
+    }
+    c.shutdown().await;
+}

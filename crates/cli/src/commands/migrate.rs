@@ -7,8 +7,9 @@ use clap::{Args, Subcommand};
 use ferry_api::checks::{Candidate, CheckResult, CheckStatus};
 use ferry_api::migrations::{
     CreateMigration, Event, LogLine, Migration, MigrationKind, MigrationOptions, MigrationState,
-    UpdateMigration,
+    Policy, UpdateMigration,
 };
+use ferry_migrate::TimeoutAction;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use uuid::Uuid;
 
@@ -43,9 +44,27 @@ pub struct MigrateArgs {
     /// Send pages compressed (multifd + zstd).
     #[arg(long)]
     pub compress: bool,
-    /// Allow post-copy. Opt-in: a network failure during post-copy loses the guest.
+    /// Allow post-copy. Opt-in: once switched, the guest runs on the destination while its
+    /// memory follows, and a migration-network failure pauses it until the link is back.
     #[arg(long)]
     pub post_copy: bool,
+    /// `auto` (default: measure, predict, choose, escalate on stalls) or `manual` (exactly
+    /// the options given).
+    #[arg(long, value_parser = parse_policy, default_value = "auto")]
+    pub policy: Policy,
+    /// Completion budget in seconds (default under auto: 60 s per GiB of RAM, at least 30 s).
+    #[arg(long, value_name = "SECONDS")]
+    pub budget: Option<u64>,
+    /// What happens when the budget runs out: abort (default; the guest stays on the source)
+    /// or postcopy (needs --post-copy).
+    #[arg(long, value_parser = parse_timeout_action)]
+    pub on_timeout: Option<TimeoutAction>,
+    /// XBZRLE delta compression of re-sent pages with this cache, MiB.
+    #[arg(long, value_name = "MIB")]
+    pub xbzrle_cache: Option<u64>,
+    /// Parallel migration streams (multifd).
+    #[arg(long, value_name = "N")]
+    pub parallel: Option<u8>,
     /// Move a stopped instance's definition instead of a running guest.
     #[arg(long)]
     pub cold: bool,
@@ -68,6 +87,11 @@ impl MigrateArgs {
             compress: self.compress,
             post_copy: self.post_copy,
             force: self.force,
+            policy: self.policy,
+            budget_s: self.budget,
+            timeout_action: self.on_timeout,
+            xbzrle_cache_mib: self.xbzrle_cache,
+            parallel: self.parallel,
         };
         options.validate().map_err(CliError::Local)?;
         Ok(CreateMigration {
@@ -110,6 +134,9 @@ pub enum MigrationCommand {
     Cancel { id: String },
     /// Follow a migration live until it ends.
     Watch { id: String },
+    /// Switch a copying migration to post-copy now (only if started with --post-copy): the
+    /// guest continues on the destination at once and its memory follows on demand.
+    Postcopy { id: String },
     /// Change the pacing of a pending or copying migration; a copying one follows at once.
     Set {
         id: String,
@@ -120,6 +147,22 @@ pub enum MigrationCommand {
         #[arg(long)]
         downtime_ms: Option<u64>,
     },
+}
+
+pub fn parse_policy(s: &str) -> Result<Policy, String> {
+    match s {
+        "auto" => Ok(Policy::Auto),
+        "manual" => Ok(Policy::Manual),
+        _ => Err(format!("{s:?} is not a policy (auto, manual)")),
+    }
+}
+
+pub fn parse_timeout_action(s: &str) -> Result<TimeoutAction, String> {
+    match s {
+        "abort" => Ok(TimeoutAction::Abort),
+        "postcopy" | "post-copy" => Ok(TimeoutAction::Postcopy),
+        _ => Err(format!("{s:?} is not a timeout action (abort, postcopy)")),
+    }
 }
 
 pub fn parse_state(s: &str) -> Result<MigrationState, String> {
@@ -313,6 +356,13 @@ pub async fn run(ctx: &Ctx, cmd: MigrationCommand) -> Result<u8, CliError> {
                 downtime_ms,
             };
             let m: Migration = ctx.patch(&format!("/v1/migrations/{id}"), &body).await?;
+            ctx.print(&m, output::migration_detail);
+        }
+        MigrationCommand::Postcopy { id } => {
+            let id = resolve_id(ctx, &id).await?;
+            let m: Migration = ctx
+                .post(&format!("/v1/migrations/{id}/postcopy"), &())
+                .await?;
             ctx.print(&m, output::migration_detail);
         }
         MigrationCommand::Watch { id } => {

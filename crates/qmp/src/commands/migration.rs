@@ -322,14 +322,34 @@ pub struct QueryMigrateParameters;
 pub struct Migrate {
     /// Destination URI.
     pub uri: String,
+    /// Resume a paused post-copy migration over a new connection (destination after
+    /// `migrate-recover`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resume: Option<bool>,
 }
 
 impl Migrate {
-    /// Shorthand for `Migrate { uri: uri.into() }`.
+    /// Shorthand for `Migrate { uri: uri.into(), resume: None }`.
     pub fn new(uri: impl Into<String>) -> Self {
-        Migrate { uri: uri.into() }
+        Migrate {
+            uri: uri.into(),
+            resume: None,
+        }
     }
 }
+
+/// `migrate-recover`: on a destination whose post-copy is paused, listen at `uri` for the
+/// source's resumed stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MigrateRecover {
+    /// Where to listen, e.g. `tcp:10.0.0.2:49153`.
+    pub uri: String,
+}
+
+/// `migrate-pause`: pause a post-copy migration (shut its stream down), e.g. when the network
+/// is known to be broken but the sockets have not noticed yet.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct MigratePause;
 
 /// `migrate-incoming`: start listening for a migration on a QEMU started with
 /// `-incoming defer`.
@@ -410,6 +430,8 @@ commands! {
     QueryMigrateParameters => "query-migrate-parameters" -> MigrationParameters;
     Migrate => "migrate" -> ();
     MigrateIncoming => "migrate-incoming" -> ();
+    MigrateRecover => "migrate-recover" -> ();
+    MigratePause => "migrate-pause" -> ();
     MigrateCancel => "migrate_cancel" -> ();
     MigrateStartPostcopy => "migrate-start-postcopy" -> ();
     MigrateContinue => "migrate-continue" -> ();

@@ -287,6 +287,58 @@ pub async fn cancel(
     Ok(Json(m))
 }
 
+/// Switches a copying live migration to post-copy now: the guest continues on the destination
+/// at once and the rest of its memory follows on demand. Only for jobs started with post-copy
+/// permitted, because from here a broken migration network pauses the guest until it is back.
+#[utoipa::path(post, path = "/v1/migrations/{id}/postcopy", responses((status = 200, body = Migration), (status = 409, body = ferry_api::ErrorBody)))]
+pub async fn postcopy(
+    State(state): State<AppState>,
+    who: Admin,
+    Path(id): Path<String>,
+) -> Result<Json<Migration>, ServerError> {
+    let m = get(&state, &id).await?;
+    if !m.options.post_copy {
+        return Err(ServerError::conflict(
+            "postcopy-not-permitted",
+            format!("migration {} was started without post-copy permitted", m.id),
+            "start a migration with --post-copy to be able to switch",
+        ));
+    }
+    if m.state != MigrationState::Migrating || m.kind != MigrationKind::Live {
+        return Err(ServerError::conflict(
+            "cannot-postcopy",
+            format!(
+                "migration {} is {}; only a copying live migration can switch to post-copy",
+                m.id,
+                m.state.as_str()
+            ),
+            "wait until it copies (state migrating)",
+        ));
+    }
+    let src = agent_client(&state.store, &m.source).await?;
+    let _: () = src
+        .post(&format!("/v1/migrations/{}/postcopy", m.id), &())
+        .await
+        .map_err(|e| ServerError::from_agent(&m.source, e))?;
+    log(
+        &state,
+        m.id,
+        "warn",
+        &format!("switched to post-copy by {}", who.name),
+    )
+    .await;
+    state
+        .store
+        .audit(
+            &who.name,
+            "migration.postcopy",
+            &m.id.to_string(),
+            &serde_json::json!({}),
+        )
+        .await?;
+    Ok(Json(get(&state, &id).await?))
+}
+
 /// Changes the pacing (bandwidth cap, downtime target) of a pending or copying job; a
 /// copying job's source QEMU applies it at once.
 #[utoipa::path(patch, path = "/v1/migrations/{id}", request_body = UpdateMigration, responses((status = 200, body = Migration), (status = 400, body = ferry_api::ErrorBody), (status = 409, body = ferry_api::ErrorBody)))]
@@ -310,10 +362,11 @@ pub async fn update(
     match m.state {
         MigrationState::Pending => {}
         MigrationState::Migrating if m.kind == MigrationKind::Live => {
+            // Only what the request names: the controller may have moved the rest.
             let params = options.to_params();
             let body = SetSourceParams {
-                bandwidth: Some(params.bandwidth),
-                downtime_limit_ms: Some(params.downtime_limit_ms),
+                bandwidth: req.bandwidth_mib_s.map(|_| params.bandwidth),
+                downtime_limit_ms: req.downtime_ms,
             };
             let src = agent_client(&state.store, &m.source).await?;
             let _: () = src

@@ -77,6 +77,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
         migrations::show,
         migrations::update,
         migrations::cancel,
+        migrations::postcopy,
         migrations::logs,
         migrations::audit,
         events::cluster_events,
@@ -129,6 +130,7 @@ pub fn router(state: AppState) -> Router {
             get(migrations::show).patch(migrations::update),
         )
         .route("/v1/migrations/{id}/cancel", post(migrations::cancel))
+        .route("/v1/migrations/{id}/postcopy", post(migrations::postcopy))
         .route("/v1/migrations/{id}/logs", get(migrations::logs))
         .route("/v1/migrations/{id}/events", get(events::migration_events))
         .route("/v1/events", get(events::cluster_events))

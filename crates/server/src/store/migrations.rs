@@ -1,5 +1,6 @@
 use ferry_api::migrations::{
-    LogLine, Migration, MigrationKind, MigrationOptions, MigrationState, MigrationStats,
+    LogLine, Migration, MigrationKind, MigrationOptions, MigrationPlan, MigrationState,
+    MigrationStats,
 };
 use ferry_api::ErrorBody;
 use ferry_migrate::Progress;
@@ -55,7 +56,7 @@ fn parse_kind(s: &str) -> Option<MigrationKind> {
 const MIGRATION_SELECT: &str = "SELECT m.id, m.instance_id,
         COALESCE(i.name, m.instance_name) AS instance_name, m.kind, m.source, m.destination,
         m.state, m.options, m.created_at, m.preparing_at, m.migrating_at, m.completing_at,
-        m.finished_at, m.error, m.progress, m.stats, m.cancel_requested
+        m.finished_at, m.error, m.progress, m.stats, m.cancel_requested, m.plan
     FROM migrations m LEFT JOIN instances i ON i.id = m.instance_id";
 
 /// Moves the migration's instance to the destination and bumps its generation, unless it is
@@ -90,6 +91,7 @@ fn migration_from_row(row: &SqliteRow) -> Result<Migration, StoreError> {
         progress: opt_json_col::<Progress>(row, "progress")?,
         stats: opt_json_col::<MigrationStats>(row, "stats")?,
         cancel_requested: col(row, "cancel_requested")?,
+        plan: opt_json_col::<MigrationPlan>(row, "plan")?,
     })
 }
 
@@ -368,6 +370,19 @@ impl Store {
 
     /// Keeps the latest progress sample on the job, for listings and for clients that
     /// connect mid-migration.
+    /// Records the plan the auto policy made for the job, and the parameters it chose.
+    pub async fn set_plan(&self, id: Uuid, plan: &MigrationPlan) -> Result<(), StoreError> {
+        let done = sqlx::query("UPDATE migrations SET plan = $2 WHERE id = $1")
+            .bind(id.to_string())
+            .bind(to_json(plan, "plan")?)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("migration {id}")));
+        }
+        Ok(())
+    }
+
     pub async fn set_progress(&self, id: Uuid, progress: &Progress) -> Result<(), StoreError> {
         let done = sqlx::query("UPDATE migrations SET progress = $2 WHERE id = $1")
             .bind(id.to_string())

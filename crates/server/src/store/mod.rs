@@ -47,7 +47,10 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_CONNECTIONS: u32 = 8;
 
 /// The schema, in order. A version, once released, never changes: fixes go in a new file.
-const SCHEMA: &[(i64, &str)] = &[(1, include_str!("../../migrations/0001_initial.sql"))];
+const SCHEMA: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/0001_initial.sql")),
+    (2, include_str!("../../migrations/0002_plan.sql")),
+];
 
 /// Migration states that end a job, as an SQL list. Kept equal to
 /// [`ferry_api::migrations::MigrationState::is_terminal`] by a unit test, and to the partial

@@ -1,0 +1,674 @@
+//! `ferry bench`: the configurations operators use today against Ferry's auto policy, side by
+//! side in one run, on real lab guests.
+//!
+//! Each cell boots a fresh guest on hv1, lets its writer run at the scenario's rate, and
+//! live-migrates it to hv2 with one configuration, measuring what QEMU reports, what a client
+//! probing the guest over UDP sees, and the bytes that crossed hv1's migration interface.
+//! The raw TCP throughput of the same link is measured in the same run, so ratios compare
+//! like with like on a shared, noisy machine.
+
+mod configs;
+mod render;
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use clap::Args;
+use ferry_lab::guest_client::EchoProbe;
+use ferry_lab::guest_config::{Fill, GuestConfig, ECHO_PORT, KERNEL_RESERVE_MIB};
+use ferry_lab::net::{tcp_throughput, udp_bind_in};
+use ferry_lab::{GuestRequest, Lab, LabOptions};
+use ferry_migrate::{AbortHandle, SourceEvent};
+use serde::Serialize;
+
+use crate::image_cmd::ImageArgs;
+use configs::{Config, Context};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// The reduced matrix: one run per cell, 512 MiB, idle and 200 % scenarios, every
+    /// configuration; well under ten minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Print the cells as JSON on stdout (the table goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// Runs per cell (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Only these configurations (comma-separated names).
+    #[arg(long, value_delimiter = ',')]
+    configs: Vec<String>,
+    /// Guest sizes in MiB (default 512 and 2048; 512 with --quick).
+    #[arg(long, value_delimiter = ',')]
+    sizes: Vec<u32>,
+    /// Rate of the shaped migration link for the writer scenarios, Mbit/s: a TCG guest cannot
+    /// outwrite an unshaped link between namespaces, a real guest outwrites a real NIC.
+    #[arg(long, default_value_t = 1000)]
+    link_mbit: u64,
+    /// Platforms' per-GiB budgets are multiplied by this in the lab (copying a lab guest takes
+    /// seconds, not minutes).
+    #[arg(long, default_value_t = 0.05)]
+    time_scale: f64,
+    /// Where bench.json, bench.md and remaining.svg go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// Accelerator: auto (probe), kvm or tcg.
+    #[arg(long, env = "FERRY_ACCEL", default_value = "auto")]
+    accel: String,
+    #[command(flatten)]
+    image: ImageArgs,
+}
+
+/// A workload and the link it runs over.
+#[derive(Debug, Clone, Serialize)]
+struct Scenario {
+    name: String,
+    memory_mib: u32,
+    fill: Fill,
+    /// Writer rate as a share of the link's raw TCP throughput; 0 = filled, then idle.
+    writer_share: f64,
+    /// Over the shaped link (writer scenarios) or the unshaped one (idle scenarios).
+    shaped: bool,
+}
+
+fn scenarios(quick: bool, sizes: &[u32]) -> Vec<Scenario> {
+    let mut out = Vec::new();
+    let sizes: &[u32] = match (sizes, quick) {
+        ([], true) => &[512],
+        ([], false) => &[512, 2048],
+        (s, _) => s,
+    };
+    let shares: &[f64] = if quick {
+        &[0.0, 2.0]
+    } else {
+        &[0.0, 0.25, 1.0, 2.0]
+    };
+    for &memory_mib in sizes {
+        for &share in shares {
+            let fills: &[Fill] = if quick && share > 0.0 {
+                &[Fill::Pattern]
+            } else if quick {
+                &[Fill::Random]
+            } else {
+                &[Fill::Pattern, Fill::Random]
+            };
+            for &fill in fills {
+                let load = if share == 0.0 {
+                    "idle".to_string()
+                } else {
+                    format!("{:.0}%", share * 100.0)
+                };
+                out.push(Scenario {
+                    name: format!("{memory_mib}M {load} {}", fill.as_str()),
+                    memory_mib,
+                    fill,
+                    writer_share: share,
+                    shaped: share > 0.0,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// One migration of one cell.
+#[derive(Debug, Clone, Serialize)]
+struct Run {
+    converged: bool,
+    verified: bool,
+    total_ms: Option<u64>,
+    qemu_downtime_ms: Option<u64>,
+    guest_downtime_ms: Option<f64>,
+    bytes_on_wire: u64,
+    nonzero_ram_bytes: Option<u64>,
+    writer_mib_s: f64,
+    dirty_rate_mib_s: Option<f64>,
+    plan: Option<String>,
+    decisions: Vec<String>,
+    error: Option<String>,
+    /// (seconds, MiB remaining).
+    remaining: Vec<(f64, f64)>,
+}
+
+/// The median of a cell's runs, as `--json` prints it.
+#[derive(Debug, Clone, Serialize)]
+struct Cell {
+    scenario: String,
+    config: String,
+    runs: usize,
+    converged: bool,
+    converged_runs: usize,
+    total_ms: Option<u64>,
+    qemu_downtime_ms: Option<u64>,
+    guest_downtime_ms: Option<f64>,
+    bytes_transferred: Option<u64>,
+    bytes_per_nonzero_byte: Option<f64>,
+    link_ratio: Option<f64>,
+    link_raw_tcp_mbit_s: f64,
+    budget_ms: Option<u64>,
+    writer_mib_s: f64,
+    detail: Vec<Run>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    command: String,
+    accel: String,
+    link_mbit_shaped: u64,
+    raw_tcp_unshaped_mbit_s: f64,
+    raw_tcp_shaped_mbit_s: f64,
+    time_scale: f64,
+    cells: Vec<Cell>,
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    // Ctrl-C drops the bench future and with it the lab, which removes every namespace,
+    // QEMU process and tap on drop.
+    tokio::select! {
+        r = bench(&args) => r,
+        _ = crate::demo::shutdown_signal() => {
+            eprintln!("interrupted: cleaning up the lab");
+            Ok(ExitCode::from(130))
+        }
+    }
+}
+
+fn say(msg: &str) {
+    eprintln!("{msg}");
+}
+
+async fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    let configs: Vec<Config> = if args.configs.is_empty() {
+        configs::ALL.to_vec()
+    } else {
+        args.configs
+            .iter()
+            .map(|c| {
+                Config::parse(c).with_context(|| {
+                    format!("unknown configuration {c:?}; use qemu-defaults, virsh, nova, kubevirt, proxmox or ferry-auto")
+                })
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
+    let runs = if args.quick { 1 } else { args.runs.max(1) };
+    if !(0.001..=1.0).contains(&args.time_scale) {
+        bail!("--time-scale must be between 0.001 and 1");
+    }
+    ferry_lab::net::destroy_lab("bench");
+    let mut opts = LabOptions::new("bench", 2);
+    opts.image = args.image.options();
+    opts.accel = args
+        .accel
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--accel: {e}"))?;
+    say("starting the lab (2 hosts)...");
+    let lab = Lab::start(opts).await?;
+    let hv1 = lab.net.host("hv1")?.clone();
+    let hv2 = lab.net.host("hv2")?.clone();
+
+    let measure_link = || {
+        let (a, b, to) = (hv1.netns.clone(), hv2.netns.clone(), hv2.migration_addr);
+        async move {
+            tokio::task::spawn_blocking(move || {
+                tcp_throughput(&a, &b, to, Duration::from_millis(1500))
+            })
+            .await?
+            .context("raw TCP throughput between hv1 and hv2")
+        }
+    };
+    let raw_unshaped = measure_link().await?;
+    shape(&hv1.netns, Some(args.link_mbit))?;
+    let raw_shaped = measure_link().await?;
+    shape(&hv1.netns, None)?;
+    say(&format!(
+        "raw TCP hv1 -> hv2: {:.0} Mbit/s unshaped, {:.0} Mbit/s shaped to {} Mbit/s; accel {}",
+        raw_unshaped * 8e-6,
+        raw_shaped * 8e-6,
+        args.link_mbit,
+        lab.accel.name()
+    ));
+
+    let mut cells = Vec::new();
+    if let Some(bad) = args.sizes.iter().find(|s| !(256..=8192).contains(*s)) {
+        bail!("--sizes: {bad} MiB is outside 256..8192");
+    }
+    for sc in scenarios(args.quick, &args.sizes) {
+        let link = if sc.shaped { raw_shaped } else { raw_unshaped };
+        shape(&hv1.netns, sc.shaped.then_some(args.link_mbit))?;
+        for &config in &configs {
+            let mut detail = Vec::new();
+            let mut budget_ms = None;
+            for i in 0..runs {
+                say(&format!(
+                    "{} / {} (run {} of {runs})...",
+                    sc.name,
+                    config.name(),
+                    i + 1
+                ));
+                let (run, budget) = run_cell(&lab, &sc, config, link, args.time_scale).await?;
+                budget_ms = budget;
+                say(&format!("  {}", run_line(&run)));
+                detail.push(run);
+            }
+            cells.push(cell(&sc, config, link, budget_ms, detail));
+        }
+    }
+    shape(&hv1.netns, None)?;
+
+    let report = Report {
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        accel: lab.accel.name().to_string(),
+        link_mbit_shaped: args.link_mbit,
+        raw_tcp_unshaped_mbit_s: raw_unshaped * 8e-6,
+        raw_tcp_shaped_mbit_s: raw_shaped * 8e-6,
+        time_scale: args.time_scale,
+        cells,
+    };
+    drop(lab);
+    write_outputs(args, &report)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report.cells)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_line(r: &Run) -> String {
+    format!(
+        "{} in {} ms, pause {} ms (guest saw {}), {:.1} MiB on the wire{}",
+        if r.converged {
+            "converged"
+        } else {
+            "did not converge"
+        },
+        r.total_ms.map(|v| v.to_string()).unwrap_or("-".into()),
+        r.qemu_downtime_ms
+            .map(|v| v.to_string())
+            .unwrap_or("-".into()),
+        r.guest_downtime_ms
+            .map(|v| format!("{v:.0} ms"))
+            .unwrap_or("-".into()),
+        r.bytes_on_wire as f64 / 1048576.0,
+        r.error
+            .as_ref()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default()
+    )
+}
+
+/// Limits hv1's egress on the migration interface to `mbit` (token bucket), or removes it.
+fn shape(netns: &str, mbit: Option<u64>) -> anyhow::Result<()> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", netns, "tc", "qdisc"]);
+    match mbit {
+        Some(m) => {
+            let rate = format!("{m}mbit");
+            // A burst of ~4 ms at the rate and a 50 ms queue, like a switch port's.
+            let burst = format!("{}", (m * 1_000_000 / 8 / 250).max(16 * 1024));
+            cmd.args([
+                "replace", "dev", "mig0", "root", "tbf", "rate", &rate, "burst", &burst, "latency",
+                "50ms",
+            ]);
+        }
+        None => {
+            cmd.args(["del", "dev", "mig0", "root"]);
+        }
+    }
+    let out = cmd.output().context("running tc")?;
+    // Deleting a qdisc that is not there is fine.
+    if !out.status.success() && mbit.is_some() {
+        bail!("tc failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Bytes sent by hv1's migration interface so far.
+fn tx_bytes(netns: &str) -> anyhow::Result<u64> {
+    let out = Command::new("ip")
+        .args(["-n", netns, "-s", "-j", "link", "show", "dev", "mig0"])
+        .output()
+        .context("running ip")?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    v.get(0)
+        .and_then(|l| l.pointer("/stats64/tx/bytes"))
+        .and_then(|b| b.as_u64())
+        .context("no tx byte counter on mig0")
+}
+
+async fn run_cell(
+    lab: &Lab,
+    sc: &Scenario,
+    config: Config,
+    link_bps: f64,
+    time_scale: f64,
+) -> anyhow::Result<(Run, Option<u64>)> {
+    let rate_mib_s = (link_bps * sc.writer_share / 1048576.0).round() as u32;
+    let wss_mib = sc.memory_mib - KERNEL_RESERVE_MIB - 32;
+    let req = GuestRequest {
+        name: "bench".into(),
+        memory_mib: sc.memory_mib,
+        vcpus: 1,
+        config: GuestConfig {
+            wss_mib,
+            rate_mib_s,
+            fill: sc.fill,
+            ..GuestConfig::default()
+        },
+    };
+    let mut vm = lab.boot_guest("hv1", &req).await?;
+    // The first pass fills the working set; wait for it, then measure what the writer does.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut status = vm.status(lab).await?;
+    while status.writes < status.pages {
+        if Instant::now() > deadline {
+            bail!("the guest did not fill its working set within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        status = vm.status(lab).await?;
+    }
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = vm.status(lab).await?;
+    let writer_mib_s =
+        (after.writes - status.writes) as f64 * 4096.0 / 1048576.0 / t0.elapsed().as_secs_f64();
+
+    let dirty_rate_bps = if config == Config::FerryAuto {
+        Some(ferry_migrate::dirty_rate::measure(vm.qemu.qmp(), Duration::from_secs(1)).await?)
+    } else {
+        None
+    };
+    let ctx = Context {
+        ram_bytes: u64::from(sc.memory_mib) << 20,
+        link_bps,
+        dirty_rate_bps,
+        host_cpus: std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1),
+        time_scale,
+    };
+    let (mut params, plan) = config.params(&ctx);
+    params.sample_interval = Duration::from_millis(50);
+    // Configurations without a budget would run forever on a guest they cannot move; the
+    // bench gives up on them (not converged) after this long.
+    let copy_once = ctx.ram_bytes as f64 / link_bps;
+    let budget = params.completion_timeout.map(|b| b.as_millis() as u64);
+    let cap = Duration::from_secs_f64((6.0 * copy_once).max(30.0))
+        .max(params.completion_timeout.unwrap_or_default());
+    if params.completion_timeout.is_none_or(|b| b > cap) {
+        params.completion_timeout = Some(cap);
+        params.timeout_action = ferry_migrate::TimeoutAction::Abort;
+    }
+
+    let echo = SocketAddr::from((vm.ip, ECHO_PORT));
+    let ns = lab.net.client_netns.clone();
+    let udp = tokio::task::spawn_blocking(move || udp_bind_in(&ns, "0.0.0.0:0".parse().unwrap()))
+        .await??;
+    let probe = EchoProbe::start(udp, echo, Duration::from_millis(5))?;
+    let hv1 = lab.net.host("hv1")?.netns.clone();
+    let tx_before = tx_bytes(&hv1)?;
+    let mut remaining = Vec::new();
+    let mut decisions = Vec::new();
+    let (_abort, signal) = AbortHandle::new();
+    let result = lab
+        .migrate(
+            &mut vm,
+            "hv2",
+            &params,
+            &mut |e| match e {
+                SourceEvent::Progress(p) => remaining.push((
+                    p.elapsed_ms as f64 / 1000.0,
+                    p.remaining_bytes as f64 / 1048576.0,
+                )),
+                SourceEvent::Decision(d) => decisions.push(format!(
+                    "{:.1} s: {}",
+                    d.elapsed_ms as f64 / 1000.0,
+                    d.reason
+                )),
+            },
+            signal,
+        )
+        .await;
+    // Let the probe see the guest answer again before it stops.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let echo_report = probe.stop();
+    let bytes_on_wire = tx_bytes(&hv1)?.saturating_sub(tx_before);
+    let mut run = Run {
+        converged: false,
+        verified: false,
+        total_ms: None,
+        qemu_downtime_ms: None,
+        guest_downtime_ms: None,
+        bytes_on_wire,
+        nonzero_ram_bytes: None,
+        writer_mib_s,
+        dirty_rate_mib_s: dirty_rate_bps.map(|d| d / 1048576.0),
+        plan,
+        decisions,
+        error: None,
+        remaining,
+    };
+    match result {
+        Ok(out) => {
+            let s = out.source;
+            run.converged = true;
+            run.total_ms = Some(s.total_time_ms);
+            run.qemu_downtime_ms = Some(s.downtime_ms);
+            run.guest_downtime_ms = Some(echo_report.longest_gap_ms);
+            run.nonzero_ram_bytes = Some(s.final_progress.total_bytes.saturating_sub(s.zero_bytes));
+            let v = vm.verify(lab).await?;
+            run.verified = v.errors == 0;
+        }
+        Err(e) => run.error = Some(e.to_string()),
+    }
+    lab.stop_guest(vm).await;
+    Ok((run, budget))
+}
+
+fn median_u64(mut v: Vec<u64>) -> Option<u64> {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied()
+}
+
+fn median_f64(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
+fn cell(
+    sc: &Scenario,
+    config: Config,
+    link_bps: f64,
+    budget_ms: Option<u64>,
+    detail: Vec<Run>,
+) -> Cell {
+    let ok: Vec<&Run> = detail.iter().filter(|r| r.converged).collect();
+    let converged_runs = ok.len();
+    let per_nonzero = |r: &&Run| {
+        r.nonzero_ram_bytes
+            .filter(|n| *n > 0)
+            .map(|n| r.bytes_on_wire as f64 / n as f64)
+    };
+    let ratio = |r: &&Run| match (r.nonzero_ram_bytes, r.total_ms) {
+        (Some(n), Some(ms)) if ms > 0 => Some(n as f64 / (ms as f64 / 1000.0) / link_bps),
+        _ => None,
+    };
+    Cell {
+        scenario: sc.name.clone(),
+        config: config.name().into(),
+        runs: detail.len(),
+        converged: converged_runs * 2 > detail.len(),
+        converged_runs,
+        total_ms: median_u64(ok.iter().filter_map(|r| r.total_ms).collect()),
+        qemu_downtime_ms: median_u64(ok.iter().filter_map(|r| r.qemu_downtime_ms).collect()),
+        guest_downtime_ms: median_f64(ok.iter().filter_map(|r| r.guest_downtime_ms).collect()),
+        bytes_transferred: median_u64(ok.iter().map(|r| r.bytes_on_wire).collect()),
+        bytes_per_nonzero_byte: median_f64(ok.iter().filter_map(per_nonzero).collect()),
+        link_ratio: median_f64(ok.iter().filter_map(ratio).collect()),
+        link_raw_tcp_mbit_s: link_bps * 8e-6,
+        budget_ms,
+        writer_mib_s: median_f64(detail.iter().map(|r| r.writer_mib_s).collect()).unwrap_or(0.0),
+        detail,
+    }
+}
+
+fn markdown(report: &Report) -> String {
+    let headers = [
+        "scenario",
+        "config",
+        "converged",
+        ">total ms",
+        ">QEMU pause ms",
+        ">guest pause ms",
+        ">MiB on wire",
+        ">wire / non-zero RAM",
+        ">link ratio",
+        ">writer MiB/s",
+    ];
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    let rows: Vec<Vec<String>> = report
+        .cells
+        .iter()
+        .map(|c| {
+            vec![
+                c.scenario.clone(),
+                c.config.clone(),
+                format!(
+                    "{} ({}/{})",
+                    if c.converged { "yes" } else { "no" },
+                    c.converged_runs,
+                    c.runs
+                ),
+                opt(c.total_ms.map(|v| v.to_string())),
+                opt(c.qemu_downtime_ms.map(|v| v.to_string())),
+                opt(c.guest_downtime_ms.map(|v| format!("{v:.0}"))),
+                opt(c
+                    .bytes_transferred
+                    .map(|v| format!("{:.0}", v as f64 / 1048576.0))),
+                opt(c.bytes_per_nonzero_byte.map(|v| format!("{v:.2}"))),
+                opt(c.link_ratio.map(|v| format!("{v:.2}"))),
+                format!("{:.0}", c.writer_mib_s),
+            ]
+        })
+        .collect();
+    format!(
+        "Command: `{}`\n\nAccelerator {}; raw TCP hv1 -> hv2 {:.0} Mbit/s unshaped (idle scenarios), {:.0} Mbit/s on the link shaped to {} Mbit/s (writer scenarios); platform budgets x {}.\n\n{}",
+        report.command,
+        report.accel,
+        report.raw_tcp_unshaped_mbit_s,
+        report.raw_tcp_shaped_mbit_s,
+        report.link_mbit_shaped,
+        report.time_scale,
+        render::markdown_table(&headers, &rows)
+    )
+}
+
+fn write_outputs(args: &BenchArgs, report: &Report) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let table = markdown(report);
+    std::fs::write(
+        args.out.join("bench.json"),
+        serde_json::to_string_pretty(report)?,
+    )?;
+    std::fs::write(args.out.join("bench.md"), &table)?;
+    let mut panels: Vec<render::Panel> = Vec::new();
+    for c in &report.cells {
+        let series = render::Series {
+            label: c.config.clone(),
+            points: c
+                .detail
+                .first()
+                .map(|r| r.remaining.clone())
+                .unwrap_or_default(),
+        };
+        match panels.iter_mut().find(|p| p.title == c.scenario) {
+            Some(p) => p.series.push(series),
+            None => panels.push(render::Panel {
+                title: c.scenario.clone(),
+                series: vec![series],
+            }),
+        }
+    }
+    std::fs::write(
+        args.out.join("remaining.svg"),
+        render::remaining_memory_svg(
+            "Remaining guest memory during migration (first run per cell)",
+            &panels,
+        ),
+    )?;
+    let out: &mut dyn std::io::Write = &mut std::io::stderr();
+    writeln!(out, "\n{table}")?;
+    if std::io::stderr().is_terminal() || !args.json {
+        writeln!(
+            out,
+            "wrote {0}/bench.json, {0}/bench.md and {0}/remaining.svg",
+            args.out.display()
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(converged: bool, total_ms: u64, wire: u64, nonzero: u64) -> Run {
+        Run {
+            converged,
+            verified: converged,
+            total_ms: converged.then_some(total_ms),
+            qemu_downtime_ms: converged.then_some(10),
+            guest_downtime_ms: converged.then_some(50.0),
+            bytes_on_wire: wire,
+            nonzero_ram_bytes: converged.then_some(nonzero),
+            writer_mib_s: 0.0,
+            dirty_rate_mib_s: None,
+            plan: None,
+            decisions: Vec::new(),
+            error: None,
+            remaining: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn quick_matrix_is_idle_random_and_200_percent_at_512_mib() {
+        let names: Vec<_> = scenarios(true, &[]).into_iter().map(|s| s.name).collect();
+        assert_eq!(names, ["512M idle random", "512M 200% pattern"]);
+        let full = scenarios(false, &[]);
+        assert_eq!(full.len(), 16, "4 loads x 2 fills x 2 sizes");
+        assert!(full.iter().all(|s| s.shaped == (s.writer_share > 0.0)));
+        assert_eq!(scenarios(false, &[1024]).len(), 8);
+    }
+
+    #[test]
+    fn a_cell_takes_medians_of_converged_runs_and_ratios_against_the_link() {
+        let sc = &scenarios(true, &[])[0];
+        // 1 GB of non-zero RAM in 1 s over a 2 GB/s link: ratio 0.5.
+        let runs = vec![
+            run(true, 1000, 1_100_000_000, 1_000_000_000),
+            run(false, 0, 5, 0),
+            run(true, 3000, 1_300_000_000, 1_000_000_000),
+        ];
+        let c = cell(sc, Config::FerryAuto, 2e9, Some(9000), runs);
+        assert!(c.converged);
+        assert_eq!(c.converged_runs, 2);
+        assert_eq!(c.total_ms, Some(3000), "upper median of 1000 and 3000");
+        assert_eq!(c.link_ratio, Some(0.5));
+        assert_eq!(c.bytes_per_nonzero_byte, Some(1.3));
+        let table = markdown(&Report {
+            command: "ferry bench".into(),
+            accel: "tcg".into(),
+            link_mbit_shaped: 1000,
+            raw_tcp_unshaped_mbit_s: 16000.0,
+            raw_tcp_shaped_mbit_s: 950.0,
+            time_scale: 0.05,
+            cells: vec![c],
+        });
+        assert!(table.contains("| ferry-auto"), "{table}");
+        assert!(table.contains("yes (2/3)"), "{table}");
+    }
+}
