@@ -37,13 +37,14 @@ fn writer_guest(rate: u32) -> GuestRequest {
 }
 
 async fn assert_intact(lab: &Lab, vm: &LabVm) {
-    // A guest that was throttled hard may have missed the client's ARP requests; the
-    // client's neighbour entry recovers within seconds.
+    // A guest that was throttled hard stalls for a while after switchover on TCG (seconds,
+    // over 10 s once under full-suite load) and misses the client's ARP requests meanwhile;
+    // allow a minute (a known issue, see docs/PERFORMANCE.md).
     let mut tries = 0;
     let report = loop {
         match vm.verify(lab).await {
             Ok(r) => break r,
-            Err(e) if tries < 20 => {
+            Err(e) if tries < 120 => {
                 tries += 1;
                 eprintln!("verify not answered yet ({e}); retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -103,6 +104,7 @@ async fn a_guest_writing_faster_than_the_link_converges_under_auto_within_its_bu
         downtime_ms: None,
         postcopy_permitted: false,
         budget: None,
+        budget_scale: 1.0,
         timeout_action: TimeoutAction::Abort,
     };
     let base = MigrationParams {

@@ -50,6 +50,9 @@ pub struct PlanInputs {
     pub postcopy_permitted: bool,
     /// The user's completion budget, if they set one.
     pub budget: Option<Duration>,
+    /// Multiplies the per-GiB part of the default budget: 1 in production; the lab benchmark
+    /// scales every platform's per-GiB budgets alike.
+    pub budget_scale: f64,
     pub timeout_action: TimeoutAction,
 }
 
@@ -108,12 +111,23 @@ pub fn precopy_model(
 
 /// The default completion budget: [`BUDGET_PER_GIB`] of RAM, at least [`BUDGET_MIN`], both
 /// multiplied by `scale` (1 in production; the lab benchmark scales every platform's budgets
-/// alike), and never less than three times copying all of RAM once at `rate_bps`.
-pub fn default_budget(ram_bytes: u64, rate_bps: f64, scale: f64) -> Duration {
+/// alike), and never less than `copies` times copying all of RAM once at `rate_bps`: 3 for a
+/// guest that converges, 6 for one that must be throttled (the first pass, the two rounds QEMU
+/// waits before throttling, and the rounds that shrink once it does).
+pub fn default_budget(ram_bytes: u64, rate_bps: f64, scale: f64, copies: f64) -> Duration {
     let per_gib = BUDGET_PER_GIB.as_secs_f64() * ram_bytes as f64 / (1u64 << 30) as f64;
     let rule = per_gib.max(BUDGET_MIN.as_secs_f64()) * scale;
     let copy_all = ram_bytes as f64 / rate_bps.max(1.0);
-    Duration::from_millis((rule.max(3.0 * copy_all) * 1000.0) as u64)
+    Duration::from_millis((rule.max(copies * copy_all) * 1000.0) as u64)
+}
+
+/// How many full copies of RAM the default budget allows (see [`default_budget`]).
+fn budget_copies(converges: bool) -> f64 {
+    if converges {
+        3.0
+    } else {
+        6.0
+    }
 }
 
 /// Chooses the parameters for a migration under the auto policy, starting from `base` (the
@@ -144,9 +158,12 @@ pub fn plan(inputs: &PlanInputs, base: &MigrationParams) -> (MigrationParams, Pl
         0.0
     });
 
-    // Parallel channels when one stream cannot fill the link.
-    let channels =
-        ((link / SINGLE_STREAM_BPS).ceil() as u32).clamp(1, inputs.host_cpus.clamp(1, 4));
+    // Parallel channels when one stream cannot fill the link, and only as many as the host has
+    // cores to spare: each channel is a sending thread here and a receiving one there, and on
+    // a small host they starve the guest's vCPUs (measured: 2 channels on 2 cores were no
+    // faster than one, and the guest's network stalled after switchover under load).
+    let spare_cores = (inputs.host_cpus / 2).clamp(1, 4);
+    let channels = ((link / SINGLE_STREAM_BPS).ceil() as u32).clamp(1, spare_cores);
     let rate = link.min(SINGLE_STREAM_BPS * channels as f64);
     if channels > 1 && p.multifd_channels.is_none() {
         p.multifd_channels = Some(channels as u8);
@@ -174,37 +191,30 @@ pub fn plan(inputs: &PlanInputs, base: &MigrationParams) -> (MigrationParams, Pl
         100.0 * dirty / rate
     ));
 
-    let mut escalate = EscalateConfig {
+    let escalate = EscalateConfig {
         downtime_cap_ms: cap_ms,
         postcopy: inputs.postcopy_permitted,
         link_bps: Some(rate),
         ..Default::default()
     };
-    // Auto-converge cannot be switched on once the stream runs, so it is armed for every
-    // guest that writes at all; its ceiling stays low until the controller raises it.
-    if dirty > 0.0 || inputs.dirty_rate_bps.is_none() {
+    // Throttling is only for a guest that would otherwise never finish: throttled TCG guests
+    // were measured to stall for seconds after switchover (heartbeat gaps, ARP unanswered), a
+    // price worth paying only when the alternative is no migration at all. Auto-converge
+    // cannot be switched on once the stream runs, so the plan decides here.
+    if !converges && dirty >= rate * CONVERGENCE_MARGIN {
         p.auto_converge = true;
-        escalate.throttle = true;
-        if dirty < rate * CONVERGENCE_MARGIN {
-            p.throttle_initial_pct = 10;
-            p.throttle_increment_pct = 10;
-            p.max_throttle_pct = 20;
-            strategy.push("auto-converge armed (ceiling 20 %)".into());
-        } else {
-            // QEMU throttles only after two rounds that dirtied more than half of what they
-            // sent; by then the guest must slow to well below the rate at once: to half the
-            // rate, assuming its writing scales with its CPU time.
-            let needed = (100.0 * (1.0 - 0.5 * rate / dirty)).clamp(20.0, 99.0) as u8;
-            p.throttle_initial_pct = needed;
-            p.throttle_increment_pct = 20;
-            p.max_throttle_pct = 99;
-            // The ceiling is already at the top: nothing for the controller to raise.
-            escalate.throttle = false;
-            strategy.push(format!("auto-converge from {needed} %"));
-            reasons.push(format!(
-                "to send faster than it writes, the guest's vCPUs start throttled at {needed} % once QEMU sees two rounds not converge"
-            ));
-        }
+        // QEMU throttles only after two rounds that dirtied more than half of what they sent;
+        // by then the guest must slow to well below the rate at once: to half the rate,
+        // assuming its writing scales with its CPU time. The ceiling is at the top, so there
+        // is nothing for the controller to raise.
+        let needed = (100.0 * (1.0 - 0.5 * rate / dirty)).clamp(20.0, 99.0) as u8;
+        p.throttle_initial_pct = needed;
+        p.throttle_increment_pct = 20;
+        p.max_throttle_pct = 99;
+        strategy.push(format!("auto-converge from {needed} %"));
+        reasons.push(format!(
+            "to send faster than it writes, the guest's vCPUs start throttled at {needed} % once QEMU sees two rounds not converge"
+        ));
     }
     if !converges {
         reasons.push(match at_cap {
@@ -240,9 +250,14 @@ pub fn plan(inputs: &PlanInputs, base: &MigrationParams) -> (MigrationParams, Pl
     p.policy = ControlPolicy::Escalate(escalate);
     strategy.push(format!("downtime {start_ms} ms, up to {cap_ms} ms"));
 
-    let budget = inputs
-        .budget
-        .unwrap_or_else(|| default_budget(inputs.ram_bytes, rate, 1.0));
+    let budget = inputs.budget.unwrap_or_else(|| {
+        default_budget(
+            inputs.ram_bytes,
+            rate,
+            inputs.budget_scale,
+            budget_copies(converges),
+        )
+    });
     p.completion_timeout = Some(budget);
     p.timeout_action = if inputs.postcopy_permitted {
         inputs.timeout_action
@@ -317,6 +332,7 @@ mod tests {
             downtime_ms: None,
             postcopy_permitted: false,
             budget: None,
+            budget_scale: 1.0,
             timeout_action: TimeoutAction::Abort,
         }
     }
@@ -402,6 +418,19 @@ mod tests {
             ControlPolicy::Escalate(c) => assert_eq!(c.downtime_cap_ms, 200),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn parallel_channels_need_spare_cores() {
+        let mut i = inputs(0.0, 2500.0);
+        i.host_cpus = 2;
+        let (p, _) = plan(&i, &MigrationParams::default());
+        assert_eq!(p.multifd_channels, None, "one stream on a 2-core host");
+        i.host_cpus = 4;
+        assert_eq!(
+            plan(&i, &MigrationParams::default()).0.multifd_channels,
+            Some(2)
+        );
     }
 
     #[test]

@@ -186,6 +186,7 @@ async fn plan_live(state: &AppState, m: &Migration, link_bps: Option<f64>) -> Mi
         downtime_ms: m.options.downtime_ms,
         postcopy_permitted: m.options.post_copy,
         budget: m.options.budget_s.map(Duration::from_secs),
+        budget_scale: 1.0,
         timeout_action: m.options.timeout_action.unwrap_or_default(),
     };
     let (params, plan) = ferry_migrate::plan::plan(&inputs, &base);

@@ -133,6 +133,8 @@ impl Config {
                 None,
             ),
             Config::FerryAuto => {
+                // The lab scale applies to the per-GiB rule; the plan's own floor (a number
+                // of full copies at link speed) is physics and stays.
                 let inputs = PlanInputs {
                     ram_bytes: ctx.ram_bytes,
                     dirty_rate_bps: ctx.dirty_rate_bps,
@@ -140,11 +142,8 @@ impl Config {
                     host_cpus: ctx.host_cpus,
                     downtime_ms: None,
                     postcopy_permitted: false,
-                    budget: Some(plan::default_budget(
-                        ctx.ram_bytes,
-                        ctx.link_bps,
-                        ctx.time_scale,
-                    )),
+                    budget: None,
+                    budget_scale: ctx.time_scale,
                     timeout_action: TimeoutAction::Abort,
                 };
                 let (params, plan) = plan::plan(&inputs, &MigrationParams::default());
