@@ -260,10 +260,7 @@ async fn storage_on_the_source_only_makes_no_host_fit() {
         )
         .await
         .unwrap_err();
-    assert_eq!(
-        (err.status(), err.code().as_str()),
-        (Some(409), "no-fit-destination")
-    );
+    common::assert_refused(&err, 409, "no-fit-destination");
     assert!(err.to_string().contains("hv2: storage"), "{err}");
     assert!(migrations(&c).await.is_empty());
 

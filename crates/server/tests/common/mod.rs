@@ -294,3 +294,12 @@ impl Cluster {
         server.shutdown().await;
     }
 }
+
+/// Asserts that an API call was refused with this HTTP status and stable error code.
+pub fn assert_refused(err: &ferry_api::ApiError, status: u16, code: &str) {
+    assert_eq!(
+        (err.status(), err.code().as_str()),
+        (Some(status), code),
+        "{err}"
+    );
+}
