@@ -83,6 +83,8 @@ struct DemoReport {
     memory_verified: bool,
     memory_pages_checked: Option<u64>,
     memory_errors: Option<u64>,
+    /// What the auto policy measured, predicted and chose.
+    plan: Option<String>,
     error: Option<serde_json::Value>,
 }
 
@@ -107,6 +109,7 @@ impl DemoReport {
             memory_verified: false,
             memory_pages_checked: None,
             memory_errors: None,
+            plan: None,
             error: None,
         }
     }
@@ -321,6 +324,7 @@ async fn migrate_and_measure(
     report.status = "completed";
     if let Some(stats) = &m.stats {
         report.total_ms = Some(stats.total_ms);
+        report.plan = m.plan.as_ref().map(|p| p.plan.summary());
         report.qemu_downtime_ms = Some(stats.downtime_ms);
         report.bytes_transferred = Some(stats.bytes_transferred);
         report.iterations = Some(stats.iterations);
@@ -369,6 +373,9 @@ fn print_report(r: &DemoReport) {
         r.source, r.destination, r.memory_mib, r.accel
     );
     println!("  status                   {}", r.status);
+    if let Some(plan) = &r.plan {
+        println!("  {plan}");
+    }
     println!("  total time               {}", ms(r.total_ms));
     println!("  QEMU downtime            {}", ms(r.qemu_downtime_ms));
     println!(

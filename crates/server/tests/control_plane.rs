@@ -577,7 +577,11 @@ async fn auto_plans_and_post_copy_is_opt_in_and_switchable_by_the_operator() {
     c.running_vm("pc", "hv1", 0).await;
 
     // Without post-copy permitted the switch is refused and nothing changes.
-    let m = c.migrate("pc", "hv2", slow()).await;
+    let auto = || MigrationOptions {
+        policy: ferry_api::migrations::Policy::Auto,
+        ..slow()
+    };
+    let m = c.migrate("pc", "hv2", auto()).await;
     let m = c.wait_state(m.id, MigrationState::Migrating).await;
     let plan = m.plan.clone().expect("auto planned before copying");
     // The user's 4 MiB/s cap is the rate the plan works with, and the guest writes 8 MiB/s.
@@ -606,7 +610,7 @@ async fn auto_plans_and_post_copy_is_opt_in_and_switchable_by_the_operator() {
             "hv2",
             MigrationOptions {
                 post_copy: true,
-                ..slow()
+                ..auto()
             },
         )
         .await;
