@@ -1,6 +1,7 @@
 //! A guest running in the lab, and how the host talks to it.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
 
 use ferry_qemu::{InstanceSpec, QemuProcess};
 
@@ -47,7 +48,23 @@ impl LabVm {
 
     /// Asks the guest to check every page of its working set.
     pub async fn verify(&self, lab: &Lab) -> Result<VerifyReport, LabError> {
-        let line = self.control(lab, "verify").await?;
+        self.verify_within(lab, Duration::ZERO).await
+    }
+
+    /// Like [`LabVm::verify`], retrying for up to `patience` while the guest does not answer
+    /// (e.g. a guest throttled hard before switchover that missed the client's ARP requests).
+    pub async fn verify_within(
+        &self,
+        lab: &Lab,
+        patience: Duration,
+    ) -> Result<VerifyReport, LabError> {
+        let addr = SocketAddr::from((self.ip, CONTROL_PORT));
+        let line = guest_client::control_in_within(&lab.net.client_netns, addr, "verify", patience)
+            .await
+            .map_err(|e| LabError::Guest {
+                name: self.name.clone(),
+                detail: format!("'verify' at {addr}: {e}"),
+            })?;
         guest_client::parse_verify(&line).map_err(|e| LabError::Guest {
             name: self.name.clone(),
             detail: format!("bad verify reply '{line}': {e}"),

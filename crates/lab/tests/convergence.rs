@@ -40,18 +40,10 @@ async fn assert_intact(lab: &Lab, vm: &LabVm) {
     // A guest that was throttled hard stalls for a while after switchover on TCG (seconds,
     // over 10 s once under full-suite load) and misses the client's ARP requests meanwhile;
     // allow a minute (a known issue, see docs/PERFORMANCE.md).
-    let mut tries = 0;
-    let report = loop {
-        match vm.verify(lab).await {
-            Ok(r) => break r,
-            Err(e) if tries < 120 => {
-                tries += 1;
-                eprintln!("verify not answered yet ({e}); retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(e) => panic!("verify answers: {e}"),
-        }
-    };
+    let report = vm
+        .verify_within(lab, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("verify answers: {e}"));
     assert_eq!(report.errors, 0, "{report:?}");
     assert_eq!(report.checked, 64 * 256, "{report:?}");
 }

@@ -174,6 +174,17 @@ impl Controller {
         }
     }
 
+    /// The controller for a migration with these parameters, steered by `policy`.
+    pub fn for_params(params: &crate::MigrationParams, policy: ControlPolicy) -> Controller {
+        Controller::new(
+            policy,
+            params.downtime_limit_ms,
+            params.completion_timeout.map(|t| t.as_millis() as u64),
+            params.timeout_action,
+            params.postcopy,
+        )
+    }
+
     /// The downtime target as last set.
     pub fn downtime_ms(&self) -> u64 {
         self.downtime_ms

@@ -126,13 +126,7 @@ pub async fn run_source(
     }
     set_capabilities(qmp, params).await?;
     qmp.execute(&params.source_parameters()).await?;
-    let mut controller = Controller::new(
-        params.policy.clone(),
-        params.downtime_limit_ms,
-        params.completion_timeout.map(|t| t.as_millis() as u64),
-        params.timeout_action,
-        params.postcopy,
-    );
+    let mut controller = Controller::for_params(params, params.policy.clone());
     let started = Instant::now();
     qmp.execute(&Migrate::new(format!("tcp:{dest}"))).await?;
     info!(%dest, "migration started");
@@ -155,13 +149,8 @@ pub async fn reconnect(
     })
     .await?;
     info!(%dest, "post-copy stream resumed");
-    let mut controller = Controller::new(
-        ControlPolicy::Fixed,
-        params.downtime_limit_ms,
-        None,
-        params.timeout_action,
-        params.postcopy,
-    );
+    // Past the switch to post-copy the controller has nothing left to decide.
+    let mut controller = Controller::for_params(params, ControlPolicy::Fixed);
     follow(
         qmp,
         params,

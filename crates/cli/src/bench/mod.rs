@@ -469,19 +469,9 @@ async fn run_cell(
             run.nonzero_ram_bytes = Some(s.final_progress.total_bytes.saturating_sub(s.zero_bytes));
             // A guest throttled hard on the source may have missed the client's ARP
             // requests; give the neighbour entry time to recover before calling it lost.
-            let mut verified = None;
-            for _ in 0..120 {
-                match vm.verify(lab).await {
-                    Ok(v) => {
-                        verified = Some(v.errors == 0);
-                        break;
-                    }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-                }
-            }
-            run.verified = verified.unwrap_or(false);
-            if verified.is_none() {
-                run.error = Some("the guest did not answer verify within 60 s".into());
+            match vm.verify_within(lab, Duration::from_secs(60)).await {
+                Ok(v) => run.verified = v.errors == 0,
+                Err(_) => run.error = Some("the guest did not answer verify within 60 s".into()),
             }
         }
         Err(e) => run.error = Some(e.to_string()),
