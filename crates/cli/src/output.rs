@@ -353,10 +353,14 @@ pub fn migration_detail(m: &Migration) -> String {
                 .unwrap_or_else(|| "unlimited".into())
         ),
         format!("downtime {} ms", o.downtime_ms.unwrap_or(300)),
+        format!(
+            "policy {}",
+            match o.policy {
+                ferry_api::migrations::Policy::Auto => "auto",
+                ferry_api::migrations::Policy::Manual => "manual",
+            }
+        ),
     ];
-    if o.policy == ferry_api::migrations::Policy::Manual {
-        options.push("policy manual".into());
-    }
     for (on, name) in [
         (o.auto_converge, "auto-converge"),
         (o.compress, "compress"),
