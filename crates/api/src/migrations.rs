@@ -115,11 +115,11 @@ pub struct MigrationOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Policy {
-    /// Measure the dirty rate and link, predict, choose the strategy, and escalate on stalls.
-    Auto,
-    /// Run with exactly the options given; only the budget applies. The default until the
-    /// post-switchover stalls seen with auto on TCG lab hosts are understood (issue 5 notes).
+    /// Measure the dirty rate and link, predict, choose the strategy, and escalate on stalls:
+    /// the default, because a busy guest then still finishes within its budget.
     #[default]
+    Auto,
+    /// Run with exactly the options given; only the budget applies.
     Manual,
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::Args;
 use ferry_api::instances::{CreateInstance, Instance};
-use ferry_api::migrations::{CreateMigration, Migration, MigrationOptions, MigrationState};
+use ferry_api::migrations::{CreateMigration, Migration, MigrationOptions, MigrationState, Policy};
 use ferry_api::ErrorBody;
 use ferry_cli::commands::instance::mac_for;
 use ferry_cli::commands::migrate::follow;
@@ -47,9 +47,12 @@ pub struct DemoArgs {
     /// Migration bandwidth cap in MiB/s (default: unlimited).
     #[arg(long)]
     bandwidth_mib_s: Option<u64>,
-    /// Downtime target in ms.
-    #[arg(long, default_value_t = 300)]
-    downtime_ms: u64,
+    /// Downtime target in ms (under auto, the ceiling its controller may raise it to).
+    #[arg(long)]
+    downtime_ms: Option<u64>,
+    /// Migration policy: auto (measure, plan, adapt) or manual (exactly the options given).
+    #[arg(long, value_parser = ferry_cli::commands::migrate::parse_policy, default_value = "auto")]
+    policy: Policy,
     /// Accelerator: auto (probe), kvm or tcg.
     #[arg(long, env = "FERRY_ACCEL", default_value = "auto")]
     accel: String,
@@ -191,7 +194,8 @@ async fn demo(args: &DemoArgs, report: &mut DemoReport) -> Result<(), CliError> 
         .map_err(|e| LabError::InvalidRequest(format!("guest: {e}")))?;
     let options = MigrationOptions {
         bandwidth_mib_s: args.bandwidth_mib_s,
-        downtime_ms: Some(args.downtime_ms),
+        downtime_ms: args.downtime_ms,
+        policy: args.policy,
         ..MigrationOptions::default()
     };
     options.validate().map_err(CliError::Local)?;

@@ -102,13 +102,13 @@ fn migrate_flags_build_the_request() {
 }
 
 #[test]
-fn migrate_policy_defaults_to_manual_and_bad_values_are_refused() {
+fn migrate_policy_defaults_to_auto_and_bad_values_are_refused() {
     let ClusterCommand::Migrate { args, .. } = parse(&["migrate", "vm"]).unwrap() else {
         panic!()
     };
     assert_eq!(
         args.to_request().unwrap().options.policy,
-        ferry_api::migrations::Policy::Manual
+        ferry_api::migrations::Policy::Auto
     );
     let err = parse(&["migrate", "vm", "--policy", "fast"]).unwrap_err();
     assert!(err.contains("not a policy"), "{err}");

@@ -200,7 +200,7 @@ fn migration_detail_of_a_completed_job() {
          from         hv1\n\
          to           hv2\n\
          state        completed\n\
-         options      bandwidth 100 MiB/s, downtime 300 ms, policy manual, auto-converge\n\
+         options      bandwidth 100 MiB/s, downtime 300 ms, policy auto, auto-converge\n\
          created      2025-03-01 12:00:00\n\
          preparing    2025-03-01 12:00:01\n\
          migrating    2025-03-01 12:00:02\n\

@@ -3,7 +3,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use ferry_qmp::commands::{Command, MigrateIncoming, MigrateRecover, QueryStatus, RunState};
+use ferry_qmp::commands::{MigrateIncoming, MigrateRecover, QueryMigrate, QueryStatus, RunState};
 use ferry_qmp::{Qmp, QmpError};
 use tracing::debug;
 
@@ -13,8 +13,9 @@ use crate::{MigrateError, MigrationParams};
 /// Makes an incoming-mode QEMU listen for the stream on `addr`, on the first free port of the
 /// range, and returns where it listens.
 ///
-/// Trying the ports in QEMU itself (rather than probing with our own socket first) leaves no
-/// window in which another process could take the port.
+/// QEMU searches the range itself (`tcp:addr:first,to=last`), so no other process can take the
+/// port between a probe and the bind, and only one `migrate-incoming` is sent: QEMU 9 and
+/// later refuse a second one after a failed bind.
 pub async fn listen(
     qmp: &Qmp,
     params: &MigrationParams,
@@ -22,42 +23,67 @@ pub async fn listen(
 ) -> Result<SocketAddr, MigrateError> {
     set_capabilities(qmp, params).await?;
     qmp.execute(&params.shared_parameters()).await?;
-    on_free_port(qmp, params, addr, false, |uri| MigrateIncoming { uri }).await
+    let (first, last) = (params.port_range.first, params.port_range.last);
+    match qmp
+        .execute(&MigrateIncoming {
+            uri: range_uri(addr, first, last),
+        })
+        .await
+    {
+        Ok(()) => {}
+        Err(e) if is_port_busy(&e) => {
+            return Err(MigrateError::PortUnavailable { addr, first, last })
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let info = qmp.execute(&QueryMigrate).await?;
+    let port = info
+        .socket_address
+        .iter()
+        .flatten()
+        .filter(|a| a.kind == "inet")
+        .find_map(|a| a.port.as_deref()?.parse::<u16>().ok())
+        .filter(|p| (first..=last).contains(p))
+        .ok_or_else(|| {
+            MigrateError::DestinationNotRunning(format!(
+                "QEMU accepted the listen range {first}-{last} on {addr} but reports no port of it"
+            ))
+        })?;
+    debug!(%addr, port, "destination listening");
+    Ok(SocketAddr::new(addr, port))
+}
+
+/// The URI that lets QEMU bind the first free port of `first..=last` on `addr`.
+pub fn range_uri(addr: IpAddr, first: u16, last: u16) -> String {
+    format!("tcp:{},to={last}", SocketAddr::new(addr, first))
+}
+
+fn is_port_busy(e: &QmpError) -> bool {
+    matches!(e, QmpError::Command { desc, .. }
+        if desc.contains("in use") || desc.contains("available port"))
 }
 
 /// Makes a destination whose post-copy stream broke listen again, on the first free port of
 /// the range, for the source to reconnect with [`crate::source::reconnect`].
+///
+/// Port by port, out of band: the destination's main thread may be stuck on a missing page,
+/// so nothing but out-of-band commands (not `query-migrate`) would tell which port a range
+/// bound. A failed `migrate-recover` leaves the destination paused and ready for the next.
 pub async fn recover(
     qmp: &Qmp,
     params: &MigrationParams,
     addr: IpAddr,
 ) -> Result<SocketAddr, MigrateError> {
-    // Out of band: the destination's main thread may be stuck on a missing page.
-    on_free_port(qmp, params, addr, true, |uri| MigrateRecover { uri }).await
-}
-
-/// Issues `make(uri)` (out of band if `oob`) for each port of the range until QEMU accepts
-/// one.
-async fn on_free_port<C: Command<Output = ()>>(
-    qmp: &Qmp,
-    params: &MigrationParams,
-    addr: IpAddr,
-    oob: bool,
-    make: impl Fn(String) -> C,
-) -> Result<SocketAddr, MigrateError> {
     for port in params.port_range.first..=params.port_range.last {
         let at = SocketAddr::new(addr, port);
-        let cmd = make(format!("tcp:{at}"));
-        let sent = if oob {
-            qmp.execute_oob(&cmd).await
-        } else {
-            qmp.execute(&cmd).await
-        };
-        match sent {
+        match qmp
+            .execute_oob(&MigrateRecover {
+                uri: format!("tcp:{at}"),
+            })
+            .await
+        {
             Ok(()) => return Ok(at),
-            Err(QmpError::Command { ref desc, .. }) if desc.contains("in use") => {
-                debug!(%at, "migration port busy, trying the next");
-            }
+            Err(e) if is_port_busy(&e) => debug!(%at, "recovery port busy, trying the next"),
             Err(e) => return Err(e.into()),
         }
     }
@@ -89,5 +115,18 @@ pub async fn confirm_running(qmp: &Qmp, timeout: Duration) -> Result<(), Migrate
                 )))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_range_uri_names_the_first_and_last_port() {
+        let v4: IpAddr = "10.0.0.2".parse().unwrap();
+        assert_eq!(range_uri(v4, 49152, 49215), "tcp:10.0.0.2:49152,to=49215");
+        let v6: IpAddr = "fd00::2".parse().unwrap();
+        assert_eq!(range_uri(v6, 49152, 49152), "tcp:[fd00::2]:49152,to=49152");
     }
 }

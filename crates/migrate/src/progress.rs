@@ -27,7 +27,8 @@ impl Phase {
             MigrationStatus::PreSwitchover | MigrationStatus::Device => Phase::Switchover,
             MigrationStatus::PostcopyActive
             | MigrationStatus::PostcopyPaused
-            | MigrationStatus::PostcopyRecover => Phase::Postcopy,
+            | MigrationStatus::PostcopyRecover
+            | MigrationStatus::PostcopyRecoverSetup => Phase::Postcopy,
             MigrationStatus::Completed => Phase::Completed,
             MigrationStatus::Failed => Phase::Failed,
             MigrationStatus::Cancelling => Phase::Cancelling,

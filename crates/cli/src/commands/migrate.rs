@@ -48,9 +48,9 @@ pub struct MigrateArgs {
     /// memory follows, and a migration-network failure pauses it until the link is back.
     #[arg(long)]
     pub post_copy: bool,
-    /// `manual` (default: exactly the options given) or `auto` (measure, predict, choose,
-    /// escalate on stalls).
-    #[arg(long, value_parser = parse_policy, default_value = "manual")]
+    /// `auto` (default: measure, predict, choose, escalate on stalls) or `manual` (exactly the
+    /// options given).
+    #[arg(long, value_parser = parse_policy, default_value = "auto")]
     pub policy: Policy,
     /// Completion budget in seconds (default under auto: 60 s per GiB of RAM, at least 30 s).
     #[arg(long, value_name = "SECONDS")]

@@ -1,4 +1,4 @@
-//! Migration commands and statistics (qapi/migration.json, QEMU 7.2).
+//! Migration commands and statistics (qapi/migration.json; QEMU 7.2 to 10.0).
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -24,6 +24,8 @@ lenient_enum! {
         PostcopyPaused => "postcopy-paused",
         /// Post-copy recovering after a pause.
         PostcopyRecover => "postcopy-recover",
+        /// Post-copy recovery reconnecting its channels (QEMU 9.1 and later).
+        PostcopyRecoverSetup => "postcopy-recover-setup",
         /// Finished successfully.
         Completed => "completed",
         /// Failed; see `error-desc`.
@@ -150,10 +152,24 @@ pub struct MigrationInfo {
     pub error_desc: Option<String>,
     /// Why migration is currently blocked (QEMU >= 6.0), e.g. a non-migratable device.
     pub blocked_reasons: Option<Vec<String>>,
-    /// Members this code does not model (`postcopy-blocktime`, `compression`,
-    /// `socket-address`, `vfio`, ...).
+    /// Where an incoming QEMU listens: the port it picked from a `port,to=last` range.
+    pub socket_address: Option<Vec<ListenAddress>>,
+    /// Members this code does not model (`postcopy-blocktime`, `compression`, `vfio`, ...).
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+/// One address an incoming QEMU listens on (QAPI `SocketAddress`); only `inet` carries a
+/// host and port.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ListenAddress {
+    /// `inet`, `unix`, `vsock` or `fd`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The address QEMU bound, for `inet`.
+    pub host: Option<String>,
+    /// The port QEMU bound, for `inet` (QAPI sends it as a string).
+    pub port: Option<String>,
 }
 
 /// `query-migrate`: progress and statistics of the current or last migration.
