@@ -93,6 +93,7 @@ async fn a_guest_writing_faster_than_the_link_converges_under_auto_within_its_bu
         dirty_rate_bps: Some(dirty),
         link_bps: Some(link),
         host_cpus: 2,
+        guest_vcpus: vm.qemu.spec().vcpus,
         downtime_ms: None,
         postcopy_permitted: false,
         budget: None,

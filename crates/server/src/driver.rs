@@ -178,11 +178,13 @@ async fn plan_live(state: &AppState, m: &Migration, link_bps: Option<f64>) -> Mi
     };
     let inputs = PlanInputs {
         ram_bytes: instance
+            .as_ref()
             .map(|i| u64::from(i.spec.memory_mib) << 20)
             .unwrap_or(0),
         dirty_rate_bps: dirty,
         link_bps,
         host_cpus: cpus,
+        guest_vcpus: instance.as_ref().map(|i| i.spec.vcpus).unwrap_or(1),
         downtime_ms: m.options.downtime_ms,
         postcopy_permitted: m.options.post_copy,
         budget: m.options.budget_s.map(Duration::from_secs),

@@ -48,6 +48,7 @@ pub struct Context {
     pub link_bps: f64,
     pub dirty_rate_bps: Option<f64>,
     pub host_cpus: u32,
+    pub guest_vcpus: u32,
     /// Lab budgets are the platforms' per-GiB budgets times this (see PERFORMANCE.md).
     pub time_scale: f64,
 }
@@ -140,6 +141,7 @@ impl Config {
                     dirty_rate_bps: ctx.dirty_rate_bps,
                     link_bps: Some(ctx.link_bps),
                     host_cpus: ctx.host_cpus,
+                    guest_vcpus: ctx.guest_vcpus,
                     downtime_ms: None,
                     postcopy_permitted: false,
                     budget: None,
@@ -163,6 +165,7 @@ mod tests {
             link_bps: 125e6,
             dirty_rate_bps: Some(250e6),
             host_cpus: 2,
+            guest_vcpus: 1,
             time_scale: 0.05,
         }
     }

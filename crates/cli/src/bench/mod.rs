@@ -390,6 +390,7 @@ async fn run_cell(
         host_cpus: std::thread::available_parallelism()
             .map(|n| n.get() as u32)
             .unwrap_or(1),
+        guest_vcpus: vm.qemu.spec().vcpus,
         time_scale,
     };
     let (mut params, plan) = config.params(&ctx);
