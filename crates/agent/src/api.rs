@@ -8,8 +8,8 @@ use axum::extract::{Path, Query, State};
 use axum::routing::{get, post, put};
 use axum::{middleware, Json, Router};
 use ferry_api::agent::{
-    AgentInstance, DefineInstance, DirtyRate, IncomingReady, PrepareIncoming, SetSourceParams,
-    SourceStatus, StartSource,
+    AgentInstance, DefineInstance, DirtyRate, IncomingReady, PrepareIncoming, ReconnectSource,
+    SetSourceParams, SourceStatus, StartSource,
 };
 use ferry_api::checks::{CpuModelFeatures, ProbeConnect, ProbeListening, ProbeResult};
 use ferry_api::hosts::HostFacts;
@@ -45,6 +45,8 @@ pub(crate) fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/migrations/{mid}/resume", post(resume))
         .route("/v1/migrations/{mid}/params", post(set_params))
         .route("/v1/migrations/{mid}/postcopy", post(postcopy))
+        .route("/v1/migrations/{mid}/recover", post(recover))
+        .route("/v1/migrations/{mid}/reconnect", post(reconnect))
         .route("/v1/instances/{id}/dirty-rate", post(dirty_rate))
         .route("/v1/probe/listen", post(probe_listen))
         .route("/v1/probe/connect", post(probe_connect))
@@ -201,6 +203,21 @@ async fn set_params(
 async fn postcopy(State(agent): State<Arc<Agent>>, Path(mid): Path<String>) -> ApiResult<()> {
     agent.start_postcopy(uuid(&mid)?).await?;
     Ok(Json(()))
+}
+
+async fn recover(
+    State(agent): State<Arc<Agent>>,
+    Path(mid): Path<String>,
+) -> ApiResult<IncomingReady> {
+    Ok(Json(agent.recover_destination(uuid(&mid)?).await?))
+}
+
+async fn reconnect(
+    State(agent): State<Arc<Agent>>,
+    Path(mid): Path<String>,
+    Json(req): Json<ReconnectSource>,
+) -> ApiResult<SourceStatus> {
+    Ok(Json(agent.reconnect_source(uuid(&mid)?, req).await?))
 }
 
 async fn dirty_rate(

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_api::agent::{
-    AgentInstance, DirtyRate, IncomingReady, PrepareIncoming, SetSourceParams, SourceState,
-    SourceStatus, StartSource,
+    AgentInstance, DirtyRate, IncomingReady, PrepareIncoming, ReconnectSource, SetSourceParams,
+    SourceState, SourceStatus, StartSource,
 };
 use ferry_api::ErrorBody;
 use ferry_migrate::{
@@ -77,6 +77,10 @@ pub(crate) struct MigrationRecord {
     /// Source: the migration may switch to post-copy.
     #[serde(default)]
     pub postcopy_permitted: bool,
+    /// Source: the parameters it started with, for a reconnect after a broken post-copy
+    /// stream.
+    #[serde(default)]
+    pub params: Option<MigrationParams>,
 }
 
 struct MigrationData {
@@ -170,6 +174,7 @@ impl MigrationEntry {
             Err(e) => {
                 r.state = match e {
                     MigrateError::Cancelled => SourceState::Cancelled,
+                    MigrateError::PostcopyPaused(_) => SourceState::PostcopyPaused,
                     _ => SourceState::Failed,
                 };
                 r.error = Some(AgentError::Migrate(e).body());
@@ -211,6 +216,7 @@ async fn follow_source(entry: Arc<MigrationEntry>, qmp: Qmp, mut abort: AbortSig
     let mut tracker = ProgressTracker::new();
     let mut ticker = tokio::time::interval(RESAMPLE_INTERVAL);
     let mut cancel_sent = false;
+    let mut postcopy_seen = false;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -237,6 +243,7 @@ async fn follow_source(entry: Arc<MigrationEntry>, qmp: Qmp, mut abort: AbortSig
         };
         let progress = tracker.update(info.total_time.unwrap_or(0), &info);
         entry.push_sample(progress.clone());
+        postcopy_seen |= progress.phase == ferry_migrate::Phase::Postcopy;
         let ended = |e: MigrateError| async {
             if let Err(resume) = source::ensure_running(&qmp).await {
                 warn!(error = %resume, "source guest could not be resumed");
@@ -248,6 +255,12 @@ async fn follow_source(entry: Arc<MigrationEntry>, qmp: Qmp, mut abort: AbortSig
                 entry.finish(Ok(SourceOutcome::completed(&info, progress)));
                 return;
             }
+            Some(MigrationStatus::Failed) if postcopy_seen => {
+                // The destination holds the newest memory: the source must not run again.
+                let desc = info.error_desc.unwrap_or_else(|| "no reason given".into());
+                entry.finish(Err(MigrateError::PostcopyFailed(desc)));
+                return;
+            }
             Some(MigrationStatus::Failed) => {
                 let desc = info.error_desc.unwrap_or_else(|| "no reason given".into());
                 ended(MigrateError::Failed(desc)).await;
@@ -255,6 +268,13 @@ async fn follow_source(entry: Arc<MigrationEntry>, qmp: Qmp, mut abort: AbortSig
             }
             Some(MigrationStatus::Cancelled) => {
                 ended(MigrateError::Cancelled).await;
+                return;
+            }
+            Some(MigrationStatus::PostcopyPaused) => {
+                let desc = info
+                    .error_desc
+                    .unwrap_or_else(|| "the post-copy stream broke".into());
+                entry.finish(Err(MigrateError::PostcopyPaused(desc)));
                 return;
             }
             None | Some(MigrationStatus::None) => {
@@ -448,6 +468,7 @@ impl Agent {
                 listen_addr: None,
                 finished: false,
                 postcopy_permitted: false,
+                params: None,
             });
             let prepared = async {
                 self.save_record(&slot.record)?;
@@ -630,6 +651,7 @@ impl Agent {
             listen_addr: None,
             finished: false,
             postcopy_permitted: req.params.postcopy,
+            params: Some(req.params.clone()),
         });
         let (handle, signal) = AbortHandle::new();
         *entry.abort.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
@@ -813,6 +835,97 @@ impl Agent {
             dirty_rate_bps: bps,
             period_ms: period.as_millis() as u64,
         })
+    }
+
+    /// `POST /v1/migrations/{mid}/recover`: make the destination of a broken post-copy stream
+    /// listen again, on a free port of the migration range.
+    pub(crate) async fn recover_destination(&self, mid: Uuid) -> Result<IncomingReady, AgentError> {
+        async {
+            let entry = self.migration_or_404(&mid)?;
+            let r = entry.record();
+            if r.role != Role::Destination || r.state != SourceState::Running {
+                return Err(AgentError::conflict(
+                    "migration-not-incoming",
+                    format!("migration {mid} is not arriving on this host"),
+                    "recover on the destination host of a post-copy migration",
+                ));
+            }
+            let qmp = {
+                let slot = self.lock_slot(&r.instance_id).await?;
+                slot.process
+                    .as_ref()
+                    .map(|p| p.qmp().clone())
+                    .ok_or_else(|| AgentError::Internal("incoming QEMU vanished".into()))?
+            };
+            let params = MigrationParams {
+                port_range: self.port_range,
+                ..MigrationParams::default()
+            };
+            let addr = destination::recover(&qmp, &params, self.config.migration_addr).await?;
+            entry.update(|r| r.listen_addr = Some(addr.to_string()));
+            info!(%addr, "destination listening again for the post-copy stream");
+            Ok(IncomingReady {
+                addr: addr.to_string(),
+            })
+        }
+        .instrument(span(&mid))
+        .await
+    }
+
+    /// `POST /v1/migrations/{mid}/reconnect`: resume a broken post-copy stream from this
+    /// (source) host to where the destination listens again, and follow it in a background
+    /// task as `start_source` does.
+    pub(crate) async fn reconnect_source(
+        &self,
+        mid: Uuid,
+        req: ReconnectSource,
+    ) -> Result<SourceStatus, AgentError> {
+        let dest: SocketAddr = req.destination.parse().map_err(|_| {
+            AgentError::BadRequest(format!(
+                "destination '{}' is not an address like 10.0.0.2:49152",
+                req.destination
+            ))
+        })?;
+        let entry = self.migration_or_404(&mid)?;
+        let r = entry.record();
+        if r.role != Role::Source || r.state != SourceState::PostcopyPaused {
+            return Err(AgentError::conflict(
+                "migration-not-paused",
+                format!("migration {mid} has no broken post-copy stream on this host"),
+                "only a post-copy migration whose stream broke can be reconnected",
+            ));
+        }
+        let qmp = {
+            let slot = self.lock_slot(&r.instance_id).await?;
+            slot.process
+                .as_ref()
+                .map(|p| p.qmp().clone())
+                .ok_or_else(|| MigrateError::SourceNotRunning("stopped".into()))?
+        };
+        entry.update(|r| {
+            r.state = SourceState::Running;
+            r.error = None;
+            r.destination = Some(dest.to_string());
+        });
+        let (handle, signal) = AbortHandle::new();
+        *entry.abort.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        let params = r.params.clone().unwrap_or(MigrationParams {
+            postcopy: true,
+            ..MigrationParams::default()
+        });
+        let task_entry = entry.clone();
+        let task = tokio::spawn(
+            async move {
+                info!(%dest, "reconnecting the post-copy stream");
+                let sampler = task_entry.clone();
+                let mut observe = move |e: &SourceEvent| sampler.push_event(e);
+                let result = source::reconnect(&qmp, dest, &params, &mut observe, signal).await;
+                task_entry.finish(result);
+            }
+            .instrument(span(&mid)),
+        );
+        self.track(task);
+        Ok(entry.status(0))
     }
 
     /// `POST /v1/migrations/{mid}/resume`: make sure the guest runs on this (source) host.

@@ -101,6 +101,13 @@ pub struct StartSource {
     pub params: MigrationParams,
 }
 
+/// `POST /v1/migrations/{mid}/reconnect` on the source agent: resume a broken post-copy
+/// stream to where the destination listens again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReconnectSource {
+    pub destination: String,
+}
+
 /// The source half's state as the source agent knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -109,6 +116,9 @@ pub enum SourceState {
     Completed,
     Failed,
     Cancelled,
+    /// The post-copy stream broke: both QEMUs hold the guest paused until the destination
+    /// listens again (`/recover`) and the source reconnects (`/reconnect`).
+    PostcopyPaused,
     /// The agent has no record of this migration.
     Unknown,
 }

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use ferry_api::agent::{
-    AgentInstance, DefineInstance, DirtyRate, IncomingReady, PrepareIncoming, SourceState,
-    SourceStatus, StartSource,
+    AgentInstance, DefineInstance, DirtyRate, IncomingReady, PrepareIncoming, ReconnectSource,
+    SourceState, SourceStatus, StartSource,
 };
 use ferry_api::checks::CheckStatus;
 use ferry_api::instances::{Instance, InstanceState};
@@ -680,6 +680,98 @@ impl<'a> AgentHalves<'a> {
     }
 }
 
+impl AgentHalves<'_> {
+    /// Polls the source agent until its half ends, recording samples and decisions.
+    async fn follow_source(&mut self) -> Result<SourceOutcome, MigrateError> {
+        let poll = Duration::from_millis(self.state.config.progress_poll_ms);
+        let mut cancel_sent = false;
+        let mut last_unreachable_log: Option<Instant> = None;
+        loop {
+            if self.cancel_requested() && !cancel_sent {
+                self.log("info", "cancel requested; asking the source to stop")
+                    .await;
+                match self
+                    .src
+                    .post::<_, SourceStatus>(&self.path("/cancel"), &())
+                    .await
+                {
+                    Ok(_) => cancel_sent = true,
+                    Err(e) => {
+                        self.log("warn", &format!("cancel not delivered yet: {e}"))
+                            .await
+                    }
+                }
+            }
+            let status: SourceStatus = match self
+                .src
+                .get(&format!("{}?after={}", self.path(""), self.seq))
+                .await
+            {
+                Ok(s) => s,
+                Err(ApiError::Unreachable { .. }) => {
+                    // Only the source knows whether it handed over: wait for it.
+                    if last_unreachable_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                        self.log(
+                            "warn",
+                            &format!(
+                                "source agent on {} unreachable; waiting for it",
+                                self.m.source
+                            ),
+                        )
+                        .await;
+                        last_unreachable_log = Some(Instant::now());
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+                Err(e) => return Err(self.agent_failed(&self.m.source.clone(), e)),
+            };
+            self.record_decisions(status.decisions).await;
+            self.record(status.samples).await;
+            match status.state {
+                SourceState::Running => {}
+                SourceState::Completed => {
+                    return status.outcome.ok_or_else(|| {
+                        MigrateError::Failed("source reported completion without figures".into())
+                    })
+                }
+                SourceState::Cancelled => return Err(MigrateError::Cancelled),
+                SourceState::PostcopyPaused => {
+                    let why = status
+                        .error
+                        .map(|e| e.message)
+                        .unwrap_or_else(|| "the post-copy stream broke".into());
+                    return Err(MigrateError::PostcopyPaused(why));
+                }
+                SourceState::Failed => {
+                    let body = status.error.unwrap_or_else(|| {
+                        ErrorBody::new("migration-failed", "the source reported a failure", "")
+                    });
+                    // After post-copy started the destination holds the newest memory: the
+                    // phases must neither remove it nor resume the source.
+                    let err = if body.code.starts_with("postcopy-") {
+                        MigrateError::PostcopyFailed(body.message.clone())
+                    } else {
+                        MigrateError::Failed(body.message.clone())
+                    };
+                    self.last_error = Some(body);
+                    return Err(err);
+                }
+                SourceState::Unknown => {
+                    return Err(MigrateError::Failed(
+                        "the source agent has no record of this migration (it never started)"
+                            .into(),
+                    ))
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(poll) => {},
+                _ = self.cancel.changed() => {},
+            }
+        }
+    }
+}
+
 impl MigrationHalves for AgentHalves<'_> {
     async fn prepare_destination(&mut self) -> Result<SocketAddr, MigrateError> {
         if self.attach {
@@ -734,85 +826,43 @@ impl MigrationHalves for AgentHalves<'_> {
             };
             let _: SourceStatus = self.step(Side::Source, "/source", &body, true).await?;
         }
-        let poll = Duration::from_millis(self.state.config.progress_poll_ms);
-        let mut cancel_sent = false;
-        let mut last_unreachable_log: Option<Instant> = None;
-        loop {
-            if self.cancel_requested() && !cancel_sent {
-                self.log("info", "cancel requested; asking the source to stop")
-                    .await;
-                match self
-                    .src
-                    .post::<_, SourceStatus>(&self.path("/cancel"), &())
-                    .await
-                {
-                    Ok(_) => cancel_sent = true,
-                    Err(e) => {
-                        self.log("warn", &format!("cancel not delivered yet: {e}"))
-                            .await
-                    }
-                }
-            }
-            let status: SourceStatus = match self
-                .src
-                .get(&format!("{}?after={}", self.path(""), self.seq))
-                .await
-            {
-                Ok(s) => s,
-                Err(ApiError::Unreachable { .. }) => {
-                    // Only the source knows whether it handed over: wait for it.
-                    if last_unreachable_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                        self.log(
-                            "warn",
-                            &format!(
-                                "source agent on {} unreachable; waiting for it",
-                                self.m.source
-                            ),
-                        )
-                        .await;
-                        last_unreachable_log = Some(Instant::now());
-                    }
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-                Err(e) => return Err(self.agent_failed(&self.m.source.clone(), e)),
-            };
-            self.record_decisions(status.decisions).await;
-            self.record(status.samples).await;
-            match status.state {
-                SourceState::Running => {}
-                SourceState::Completed => {
-                    return status.outcome.ok_or_else(|| {
-                        MigrateError::Failed("source reported completion without figures".into())
-                    })
-                }
-                SourceState::Cancelled => return Err(MigrateError::Cancelled),
-                SourceState::Failed => {
-                    let body = status.error.unwrap_or_else(|| {
-                        ErrorBody::new("migration-failed", "the source reported a failure", "")
-                    });
-                    // After post-copy started the destination holds the newest memory: the
-                    // phases must neither remove it nor resume the source.
-                    let err = if body.code.starts_with("postcopy-") {
-                        MigrateError::PostcopyFailed(body.message.clone())
-                    } else {
-                        MigrateError::Failed(body.message.clone())
-                    };
-                    self.last_error = Some(body);
-                    return Err(err);
-                }
-                SourceState::Unknown => {
-                    return Err(MigrateError::Failed(
-                        "the source agent has no record of this migration (it never started)"
-                            .into(),
-                    ))
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(poll) => {},
-                _ = self.cancel.changed() => {},
-            }
-        }
+        self.follow_source().await
+    }
+
+    async fn recover_destination(&mut self) -> Result<SocketAddr, MigrateError> {
+        self.log(
+            "warn",
+            &format!(
+                "post-copy stream broke; {} listens again",
+                self.m.destination
+            ),
+        )
+        .await;
+        let ready: IncomingReady = self.step(Side::Destination, "/recover", &(), false).await?;
+        ready
+            .addr
+            .parse()
+            .map_err(|_| MigrateError::Destination(format!("bad address {}", ready.addr)))
+    }
+
+    async fn reconnect_source(
+        &mut self,
+        dest: SocketAddr,
+        _observe: &mut ferry_migrate::source::Observer<'_>,
+    ) -> Result<SourceOutcome, MigrateError> {
+        self.log(
+            "info",
+            &format!(
+                "{} reconnects the post-copy stream to {dest}",
+                self.m.source
+            ),
+        )
+        .await;
+        let body = ReconnectSource {
+            destination: dest.to_string(),
+        };
+        let _: SourceStatus = self.step(Side::Source, "/reconnect", &body, false).await?;
+        self.follow_source().await
     }
 
     async fn confirm_destination(&mut self) -> Result<(), MigrateError> {

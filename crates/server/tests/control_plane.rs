@@ -638,3 +638,88 @@ async fn auto_plans_and_post_copy_is_opt_in_and_switchable_by_the_operator() {
     }
     c.shutdown().await;
 }
+
+/// Runs a command in lab host `host`'s namespace and insists that it works.
+fn in_host(c: &Cluster, host: &str, args: &[&str]) {
+    let ns = &c.lab.host(host).unwrap().netns;
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_post_copy_stream_is_reconnected_through_the_agents() {
+    let c = Cluster::start(2, Limits::default()).await;
+    c.running_vm("pc", "hv1", 0).await;
+    let m = c
+        .migrate(
+            "pc",
+            "hv2",
+            MigrationOptions {
+                post_copy: true,
+                policy: ferry_api::migrations::Policy::Manual,
+                ..slow()
+            },
+        )
+        .await;
+    c.wait_state(m.id, MigrationState::Migrating).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Slow hv1's migration link so that post-copy runs long enough to be broken.
+    in_host(
+        &c,
+        "hv1",
+        &[
+            "tc", "qdisc", "replace", "dev", "mig0", "root", "tbf", "rate", "16mbit", "burst",
+            "32kb", "latency", "400ms",
+        ],
+    );
+    let _: Migration = c
+        .admin
+        .post(&format!("/v1/migrations/{}/postcopy", m.id), &())
+        .await
+        .expect("post-copy switch accepted");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // A failing link: reset every TCP connection from hv1 to hv2's migration address.
+    let dest = c.lab.host("hv2").unwrap().migration_addr.to_string();
+    in_host(&c, "hv1", &["ss", "-K", "dst", &dest]);
+    let admin = c.admin.clone();
+    let logs_of = move |id: uuid::Uuid| {
+        let admin = admin.clone();
+        async move {
+            admin
+                .get::<Vec<LogLine>>(&format!("/v1/migrations/{id}/logs"))
+                .await
+                .unwrap()
+        }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !logs_of(m.id)
+        .await
+        .iter()
+        .any(|l| l.message.contains("reconnects the post-copy stream"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reconnect logged: {:?}",
+            logs_of(m.id).await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    in_host(&c, "hv1", &["tc", "qdisc", "del", "dev", "mig0", "root"]);
+    let m = c.wait_end(m.id, Duration::from_secs(120)).await;
+    assert_eq!(m.state, MigrationState::Completed, "{m:?}");
+    assert_eq!(c.instance("pc").await.host, "hv2");
+    assert_eq!(c.verify(0).await.errors, 0);
+    assert!(logs_of(m.id)
+        .await
+        .iter()
+        .any(|l| l.message.contains("post-copy stream broke")));
+    c.shutdown().await;
+}
