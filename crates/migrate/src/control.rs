@@ -70,6 +70,11 @@ pub struct EscalateConfig {
     /// speed (what QEMU 8.2+ calls avail-switchover-bandwidth).
     #[serde(default)]
     pub link_bps: Option<f64>,
+    /// While the guest is still being throttled harder, the downtime target stops here: a
+    /// slower guest for a few seconds costs it less than a long pause. Lifted when a stall
+    /// window passes without the throttle rising.
+    #[serde(default)]
+    pub soft_cap_ms: Option<u64>,
 }
 
 impl Default for EscalateConfig {
@@ -81,6 +86,7 @@ impl Default for EscalateConfig {
             throttle: false,
             postcopy: false,
             link_bps: None,
+            soft_cap_ms: None,
         }
     }
 }
@@ -138,6 +144,9 @@ pub struct Controller {
     postcopy_started: bool,
     gave_up: bool,
     exhausted_logged: bool,
+    /// QEMU's throttle at the previous stall, to tell whether auto-converge still rises.
+    throttle_at_last_stall: Option<u64>,
+    soft_cap_lifted: bool,
 }
 
 const MIB: f64 = 1048576.0;
@@ -171,6 +180,8 @@ impl Controller {
             postcopy_started: false,
             gave_up: false,
             exhausted_logged: false,
+            throttle_at_last_stall: None,
+            soft_cap_lifted: false,
         }
     }
 
@@ -307,33 +318,58 @@ impl Controller {
             p.dirty_rate_bps / MIB,
         );
         self.restart_stall_window(p);
+        // While QEMU's auto-converge is still raising the throttle (or the controller has
+        // ceilings left to raise), the pause stops at the soft cap.
+        let throttle_now = p.cpu_throttle_percent.unwrap_or(0);
+        let throttle_rising = throttle_now > self.throttle_at_last_stall.unwrap_or(0)
+            || (cfg.throttle && self.throttle_step < THROTTLE_STEPS.len());
+        self.throttle_at_last_stall = Some(throttle_now);
+        let cap_ms = match cfg.soft_cap_ms {
+            Some(soft) if !self.soft_cap_lifted && throttle_rising => soft.min(cfg.downtime_cap_ms),
+            Some(_) => {
+                self.soft_cap_lifted = true;
+                cfg.downtime_cap_ms
+            }
+            None => cfg.downtime_cap_ms,
+        };
         // 1. A longer pause: what the smallest dirty set needs at link speed, at least double
         // the current target, never more than the cap at link speed. In QEMU's terms (its
         // measured rate) that is the same pause scaled by link / measured rate.
         let link = cfg.link_bps.unwrap_or(rate).max(rate);
         let scale = link / rate;
-        let cap_in_qemu_terms = (cfg.downtime_cap_ms as f64 * scale) as u64;
+        let cap_in_qemu_terms = (cap_ms as f64 * scale) as u64;
         if self.downtime_ms < cap_in_qemu_terms {
             let needed = (low as f64 / link * 1000.0 * 1.25).ceil() as u64;
             let ms = ((needed as f64 * scale) as u64)
                 .max(self.downtime_ms * 2)
                 .min(cap_in_qemu_terms);
+            let why_cap = if cap_ms < cfg.downtime_cap_ms {
+                format!("cap {cap_ms} ms at link speed while the guest is throttled harder")
+            } else {
+                format!("cap {cap_ms} ms at link speed")
+            };
             let reason = format!(
-                "{numbers}; sending {:.1} MiB at link speed ({:.1} MiB/s) pauses about {needed} ms; target raised from {} ms to {ms} ms in QEMU's terms (cap {} ms at link speed)",
+                "{numbers}; sending {:.1} MiB at link speed ({:.1} MiB/s) pauses about {needed} ms; target raised from {} ms to {ms} ms in QEMU's terms ({why_cap})",
                 mib(low),
                 link / MIB,
                 self.downtime_ms,
-                cfg.downtime_cap_ms
             );
             return vec![self.decide(p, Action::SetDowntime { ms }, reason)];
         }
         // 2. Slow the guest down.
+        if cap_ms < cfg.downtime_cap_ms
+            && !(cfg.throttle && self.throttle_step < THROTTLE_STEPS.len())
+        {
+            let reason = format!(
+                "{numbers}; downtime target held at {cap_ms} ms while auto-converge throttles the vCPUs harder (now {throttle_now} %)"
+            );
+            return vec![self.decide(p, Action::Hold, reason)];
+        }
         if cfg.throttle && self.throttle_step < THROTTLE_STEPS.len() {
             let max_pct = THROTTLE_STEPS[self.throttle_step];
             self.throttle_step += 1;
             let reason = format!(
-                "{numbers}; downtime target already at its cap of {} ms, so auto-converge may now throttle the vCPUs up to {max_pct} %",
-                cfg.downtime_cap_ms
+                "{numbers}; downtime target already at its cap of {cap_ms} ms, so auto-converge may now throttle the vCPUs up to {max_pct} %"
             );
             let action = Action::SetThrottleCeiling {
                 max_pct,
@@ -541,6 +577,47 @@ mod tests {
         for w in d.windows(2) {
             assert!(w[1].elapsed_ms - w[0].elapsed_ms >= 1500, "{d:?}");
         }
+    }
+
+    #[test]
+    fn the_pause_waits_at_the_soft_cap_while_the_throttle_rises() {
+        let mut c = Controller::new(
+            ControlPolicy::Escalate(EscalateConfig {
+                soft_cap_ms: Some(100),
+                ..Default::default()
+            }),
+            50,
+            None,
+            TimeoutAction::Abort,
+            false,
+        );
+        // QEMU's auto-converge raises the throttle by 20 about every stall window, up to 99 %.
+        let trace: Vec<_> = stalled_trace()
+            .into_iter()
+            .map(|mut p| {
+                p.cpu_throttle_percent = Some((20 * (p.elapsed_ms / 1400)).min(99));
+                p
+            })
+            .collect();
+        let d = run(&mut c, &trace);
+        assert_eq!(d[0].action, Action::SetDowntime { ms: 100 }, "{d:?}");
+        assert!(d[0].reason.contains("throttled harder"), "{}", d[0].reason);
+        assert_eq!(d[1].action, Action::Hold, "{d:?}");
+        assert!(d[1].reason.contains("held at 100 ms"), "{}", d[1].reason);
+        // Once a stall window passes without the throttle rising, the full cap applies.
+        let full: Vec<_> = d
+            .iter()
+            .filter(|d| d.action == Action::SetDowntime { ms: 500 })
+            .collect();
+        assert_eq!(full.len(), 1, "{d:?}");
+        let at = full[0].elapsed_ms;
+        assert!(
+            trace
+                .iter()
+                .filter(|p| p.elapsed_ms + 1500 >= at && p.elapsed_ms <= at)
+                .all(|p| p.cpu_throttle_percent == Some(99)),
+            "lifted while the throttle still rose: {d:?}"
+        );
     }
 
     #[test]

@@ -46,6 +46,9 @@ pub struct BenchArgs {
     /// Guest sizes in MiB (default 512 and 2048; 512 with --quick).
     #[arg(long, value_delimiter = ',')]
     sizes: Vec<u32>,
+    /// Only these loads: idle, 25, 100, 200 (writer rate in % of the link).
+    #[arg(long, value_delimiter = ',', value_parser = parse_load)]
+    loads: Vec<f64>,
     /// Rate of the shaped migration link for the writer scenarios, Mbit/s: a TCG guest cannot
     /// outwrite an unshaped link between namespaces, a real guest outwrites a real NIC.
     #[arg(long, default_value_t = 1000)]
@@ -76,17 +79,28 @@ struct Scenario {
     shaped: bool,
 }
 
-fn scenarios(quick: bool, sizes: &[u32]) -> Vec<Scenario> {
+/// A `--loads` value as a writer share of the link.
+fn parse_load(s: &str) -> Result<f64, String> {
+    match s.trim_end_matches('%') {
+        "idle" | "0" => Ok(0.0),
+        "25" => Ok(0.25),
+        "100" => Ok(1.0),
+        "200" => Ok(2.0),
+        _ => Err(format!("{s:?} is not a load (idle, 25, 100, 200)")),
+    }
+}
+
+fn scenarios(quick: bool, sizes: &[u32], loads: &[f64]) -> Vec<Scenario> {
     let mut out = Vec::new();
     let sizes: &[u32] = match (sizes, quick) {
         ([], true) => &[512],
         ([], false) => &[512, 2048],
         (s, _) => s,
     };
-    let shares: &[f64] = if quick {
-        &[0.0, 2.0]
-    } else {
-        &[0.0, 0.25, 1.0, 2.0]
+    let shares: &[f64] = match (loads, quick) {
+        ([], true) => &[0.0, 2.0],
+        ([], false) => &[0.0, 0.25, 1.0, 2.0],
+        (l, _) => l,
     };
     for &memory_mib in sizes {
         for &share in shares {
@@ -239,7 +253,7 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     if let Some(bad) = args.sizes.iter().find(|s| !(256..=8192).contains(*s)) {
         bail!("--sizes: {bad} MiB is outside 256..8192");
     }
-    for sc in scenarios(args.quick, &args.sizes) {
+    for sc in scenarios(args.quick, &args.sizes, &args.loads) {
         let link = if sc.shaped { raw_shaped } else { raw_unshaped };
         shape(&hv1.netns, sc.shaped.then_some(args.link_mbit))?;
         for &config in &configs {
@@ -652,17 +666,35 @@ mod tests {
 
     #[test]
     fn quick_matrix_is_idle_random_and_200_percent_at_512_mib() {
-        let names: Vec<_> = scenarios(true, &[]).into_iter().map(|s| s.name).collect();
+        let names: Vec<_> = scenarios(true, &[], &[])
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
         assert_eq!(names, ["512M idle random", "512M 200% pattern"]);
-        let full = scenarios(false, &[]);
+        let full = scenarios(false, &[], &[]);
         assert_eq!(full.len(), 16, "4 loads x 2 fills x 2 sizes");
         assert!(full.iter().all(|s| s.shaped == (s.writer_share > 0.0)));
-        assert_eq!(scenarios(false, &[1024]).len(), 8);
+        assert_eq!(scenarios(false, &[1024], &[]).len(), 8);
+        let loads = [parse_load("100").unwrap(), parse_load("idle").unwrap()];
+        let names: Vec<_> = scenarios(false, &[512], &loads)
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "512M 100% pattern",
+                "512M 100% random",
+                "512M idle pattern",
+                "512M idle random"
+            ]
+        );
+        assert!(parse_load("50").unwrap_err().contains("not a load"));
     }
 
     #[test]
     fn a_cell_takes_medians_of_converged_runs_and_ratios_against_the_link() {
-        let sc = &scenarios(true, &[])[0];
+        let sc = &scenarios(true, &[], &[])[0];
         // 1 GB of non-zero RAM in 1 s over a 2 GB/s link: ratio 0.5.
         let runs = vec![
             run(true, 1000, 1_100_000_000, 1_000_000_000),

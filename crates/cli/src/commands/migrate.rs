@@ -421,11 +421,20 @@ pub async fn finish(ctx: &Ctx, id: Uuid, bar: bool) -> Result<u8, CliError> {
 /// make the bar coarser, never the result wrong.
 pub async fn follow(ctx: &Ctx, id: Uuid, bar: bool) -> Result<Migration, CliError> {
     let pb = bar.then(progress_bar);
+    // The auto policy's prediction, shown once above the bar as soon as the plan exists.
+    let mut plan_shown = false;
+    let mut show_plan = |m: &Migration| {
+        if let (Some(pb), Some(plan), false) = (&pb, &m.plan, plan_shown) {
+            pb.println(plan.plan.summary());
+            plan_shown = true;
+        }
+    };
     let stream = ctx
         .client
         .follow_events(&format!("/v1/migrations/{id}/events"), |event, data| {
             match serde_json::from_str::<Event>(data) {
                 Ok(Event::Migration { migration }) => {
+                    show_plan(&migration);
                     if let Some(pb) = &pb {
                         show(pb, &migration);
                     }
@@ -454,6 +463,7 @@ pub async fn follow(ctx: &Ctx, id: Uuid, bar: bool) -> Result<Migration, CliErro
         if m.state.is_terminal() {
             break m;
         }
+        show_plan(&m);
         if let Some(pb) = &pb {
             show(pb, &m);
         }
