@@ -221,17 +221,28 @@ impl Qmp {
         let greeting_wait = deadline
             .saturating_duration_since(Instant::now())
             .max(MIN_GREETING_WAIT);
+        // QEMU 10 was seen to send an event (RESUME) ahead of the greeting to a client that
+        // connected while the guest started; events before the greeting are skipped.
+        let greeting_deadline = Instant::now() + greeting_wait;
         let mut line = Vec::new();
-        match tokio::time::timeout(greeting_wait, reader.read_until(b'\n', &mut line)).await {
-            Err(_) => {
-                return Err(QmpError::Timeout {
-                    command: "QMP greeting".into(),
-                    after: greeting_wait,
-                })
+        for _ in 0..MAX_EVENTS_BEFORE_GREETING {
+            line.clear();
+            let wait = greeting_deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(wait, reader.read_until(b'\n', &mut line)).await {
+                Err(_) => {
+                    return Err(QmpError::Timeout {
+                        command: "QMP greeting".into(),
+                        after: greeting_wait,
+                    })
+                }
+                Ok(Err(e)) => return Err(QmpError::Io(e)),
+                Ok(Ok(0)) => return Err(QmpError::Closed),
+                Ok(Ok(_)) => {}
             }
-            Ok(Err(e)) => return Err(QmpError::Io(e)),
-            Ok(Ok(0)) => return Err(QmpError::Closed),
-            Ok(Ok(_)) => {}
+            if !is_event(&line) {
+                break;
+            }
+            debug!(path = %path.display(), "event before the QMP greeting skipped");
         }
         let (version, capabilities) = parse_greeting(&line)?;
         debug!(path = %path.display(), %version, "QMP greeting");
@@ -427,6 +438,15 @@ fn command_args<C: Command>(cmd: &C) -> Result<Option<Value>, QmpError> {
         Value::Object(m) if m.is_empty() => None,
         other => Some(other),
     })
+}
+
+/// Events QEMU may send before its greeting that are skipped.
+const MAX_EVENTS_BEFORE_GREETING: usize = 16;
+
+fn is_event(line: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(line)
+        .map(|v| v.get("event").is_some())
+        .unwrap_or(false)
 }
 
 fn parse_greeting(line: &[u8]) -> Result<(QemuVersion, Vec<String>), QmpError> {

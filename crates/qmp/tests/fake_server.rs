@@ -113,6 +113,28 @@ async fn connect_reads_greeting_and_negotiates() {
 }
 
 #[tokio::test]
+async fn events_before_the_greeting_are_skipped_and_garbage_is_refused() {
+    let (_dir, path, _server) = serve(|mut p| async move {
+        p.send(json!({"timestamp": {"seconds": 1, "microseconds": 2}, "event": "RESUME"}))
+            .await;
+        p.greet().await;
+        p.recv().await;
+    });
+    let qmp = connect(&path).await;
+    assert_eq!(qmp.version().major, 7);
+    drop(qmp);
+
+    let (_dir, path, _server) = serve(|mut p| async move {
+        p.send(json!({"return": {}})).await;
+        p.recv().await;
+    });
+    let err = Qmp::connect(&path, Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not a QMP greeting"), "{err}");
+}
+
+#[tokio::test]
 async fn typed_command_without_arguments_sends_no_arguments_key() {
     let (_dir, path, _server) = serve(|mut p| async move {
         p.greet().await;

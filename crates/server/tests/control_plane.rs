@@ -685,7 +685,26 @@ async fn a_broken_post_copy_stream_is_reconnected_through_the_agents() {
         .post(&format!("/v1/migrations/{}/postcopy", m.id), &())
         .await
         .expect("post-copy switch accepted");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Break the link only once the guest runs on hv2: before that the destination is still
+    // loading the switchover package, and a broken stream then ends it. Once the source
+    // reports post-copy it is stopped, so the guest's answer comes from hv2.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let now: Migration = c
+            .admin
+            .get(&format!("/v1/migrations/{}", m.id))
+            .await
+            .unwrap();
+        if now.progress.as_ref().map(|p| p.phase) == Some(ferry_migrate::Phase::Postcopy) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never in post-copy: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.guest_control(0, "status", Duration::from_secs(60)).await;
     // A failing link: reset every TCP connection from hv1 to hv2's migration address.
     let dest = c.lab.host("hv2").unwrap().migration_addr.to_string();
     in_host(&c, "hv1", &["ss", "-K", "dst", &dest]);
