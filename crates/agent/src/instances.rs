@@ -47,6 +47,13 @@ pub(crate) struct Slot {
     pub deleted: bool,
 }
 
+impl Slot {
+    /// A handle on the QEMU's monitor, usable after the slot's lock is released.
+    pub fn qmp(&self) -> Option<ferry_qmp::Qmp> {
+        self.process.as_ref().map(|p| p.qmp().clone())
+    }
+}
+
 /// Whether `/proc/<pid>/cmdline` names guest `name` (`-name guest=<name>,...`), so that a
 /// reused pid of an unrelated process is never adopted.
 fn cmdline_names_guest(cmdline: &[u8], name: &str) -> bool {

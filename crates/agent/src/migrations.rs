@@ -43,6 +43,15 @@ const CANCEL_WAIT: Duration = Duration::from_secs(35);
 /// Poll interval of a re-derived migration (same as the default sample interval).
 const RESAMPLE_INTERVAL: Duration = Duration::from_millis(250);
 
+/// Where a source sends its stream, as the server gave it.
+fn parse_destination(s: &str) -> Result<SocketAddr, AgentError> {
+    s.parse().map_err(|_| {
+        AgentError::BadRequest(format!(
+            "destination '{s}' is not an address like 10.0.0.2:49152"
+        ))
+    })
+}
+
 /// Which half of the migration this host performs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -375,9 +384,7 @@ impl Agent {
                 continue;
             }
             let qmp = match self.lock_slot(&instance_id).await {
-                Ok(slot) if role == Role::Source || slot.record.incoming == Some(mid) => {
-                    slot.process.as_ref().map(|p| p.qmp().clone())
-                }
+                Ok(slot) if role == Role::Source || slot.record.incoming == Some(mid) => slot.qmp(),
                 _ => None,
             };
             match (role, qmp) {
@@ -474,9 +481,7 @@ impl Agent {
                 self.save_record(&slot.record)?;
                 self.launch(&mut slot, StartMode::Incoming).await?;
                 let qmp = slot
-                    .process
-                    .as_ref()
-                    .map(|p| p.qmp().clone())
+                    .qmp()
                     .ok_or_else(|| AgentError::Internal("incoming QEMU vanished".into()))?;
                 let mut params = req.params.clone();
                 params.port_range = self.port_range;
@@ -582,13 +587,9 @@ impl Agent {
                     "prepare the destination first",
                 ));
             }
-            let qmp = slot
-                .process
-                .as_ref()
-                .map(|p| p.qmp().clone())
-                .ok_or_else(|| {
-                    MigrateError::DestinationNotRunning("the incoming QEMU is gone".into())
-                })?;
+            let qmp = slot.qmp().ok_or_else(|| {
+                MigrateError::DestinationNotRunning("the incoming QEMU is gone".into())
+            })?;
             destination::confirm_running(&qmp, CONFIRM_TIMEOUT).await?;
             slot.record.incoming = None;
             self.save_record(&slot.record)?;
@@ -608,12 +609,7 @@ impl Agent {
         req: StartSource,
     ) -> Result<SourceStatus, AgentError> {
         req.params.validate()?;
-        let dest: SocketAddr = req.destination.parse().map_err(|_| {
-            AgentError::BadRequest(format!(
-                "destination '{}' is not an address like 10.0.0.2:49152",
-                req.destination
-            ))
-        })?;
+        let dest = parse_destination(&req.destination)?;
         if let Some(entry) = self.migration(&mid) {
             let r = entry.record();
             if r.role == Role::Source && r.instance_id == req.instance_id {
@@ -770,6 +766,15 @@ impl Agent {
         .await
     }
 
+    /// The QMP connection of the instance's QEMU on this host, which a source half needs.
+    async fn source_qmp(&self, instance_id: &Uuid) -> Result<Qmp, AgentError> {
+        Ok(self
+            .lock_slot(instance_id)
+            .await?
+            .qmp()
+            .ok_or_else(|| MigrateError::SourceNotRunning("stopped".into()))?)
+    }
+
     /// The QMP connection of a migration this host is running as the source.
     async fn running_source(&self, mid: Uuid) -> Result<(MigrationRecord, Qmp), AgentError> {
         let entry = self.migration_or_404(&mid)?;
@@ -781,12 +786,7 @@ impl Agent {
                 "only a running migration can be steered, on its source host",
             ));
         }
-        let slot = self.lock_slot(&r.instance_id).await?;
-        let qmp = slot
-            .process
-            .as_ref()
-            .map(|p| p.qmp().clone())
-            .ok_or_else(|| MigrateError::SourceNotRunning("stopped".into()))?;
+        let qmp = self.source_qmp(&r.instance_id).await?;
         Ok((r, qmp))
     }
 
@@ -850,13 +850,11 @@ impl Agent {
                     "recover on the destination host of a post-copy migration",
                 ));
             }
-            let qmp = {
-                let slot = self.lock_slot(&r.instance_id).await?;
-                slot.process
-                    .as_ref()
-                    .map(|p| p.qmp().clone())
-                    .ok_or_else(|| AgentError::Internal("incoming QEMU vanished".into()))?
-            };
+            let qmp = self
+                .lock_slot(&r.instance_id)
+                .await?
+                .qmp()
+                .ok_or_else(|| AgentError::Internal("incoming QEMU vanished".into()))?;
             let params = MigrationParams {
                 port_range: self.port_range,
                 ..MigrationParams::default()
@@ -880,12 +878,7 @@ impl Agent {
         mid: Uuid,
         req: ReconnectSource,
     ) -> Result<SourceStatus, AgentError> {
-        let dest: SocketAddr = req.destination.parse().map_err(|_| {
-            AgentError::BadRequest(format!(
-                "destination '{}' is not an address like 10.0.0.2:49152",
-                req.destination
-            ))
-        })?;
+        let dest = parse_destination(&req.destination)?;
         let entry = self.migration_or_404(&mid)?;
         let r = entry.record();
         if r.role != Role::Source || r.state != SourceState::PostcopyPaused {
@@ -895,13 +888,7 @@ impl Agent {
                 "only a post-copy migration whose stream broke can be reconnected",
             ));
         }
-        let qmp = {
-            let slot = self.lock_slot(&r.instance_id).await?;
-            slot.process
-                .as_ref()
-                .map(|p| p.qmp().clone())
-                .ok_or_else(|| MigrateError::SourceNotRunning("stopped".into()))?
-        };
+        let qmp = self.source_qmp(&r.instance_id).await?;
         entry.update(|r| {
             r.state = SourceState::Running;
             r.error = None;
@@ -942,9 +929,7 @@ impl Agent {
             }
             let mut slot = self.lock_slot(&r.instance_id).await?;
             let qmp = slot
-                .process
-                .as_ref()
-                .map(|p| p.qmp().clone())
+                .qmp()
                 .ok_or_else(|| MigrateError::SourceNotRunning("stopped".into()))?;
             source::ensure_running(&qmp).await?;
             info!(instance = %r.instance_id, "source guest runs");
