@@ -52,6 +52,13 @@ fn parse_destination(s: &str) -> Result<SocketAddr, AgentError> {
     })
 }
 
+/// How a source half begins: a new stream, or resuming a broken post-copy one.
+#[derive(Debug, Clone, Copy)]
+enum SourceStart {
+    Fresh,
+    Reconnect,
+}
+
 /// Which half of the migration this host performs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -649,22 +656,43 @@ impl Agent {
             postcopy_permitted: req.params.postcopy,
             params: Some(req.params.clone()),
         });
+        self.spawn_source_half(mid, &entry, qmp, dest, req.params, SourceStart::Fresh);
+        Ok(entry.status(0))
+    }
+
+    /// Runs a source half in a background task that records its samples, decisions and end
+    /// in `entry`; the entry's abort handle stops it.
+    fn spawn_source_half(
+        &self,
+        mid: Uuid,
+        entry: &Arc<MigrationEntry>,
+        qmp: Qmp,
+        dest: SocketAddr,
+        params: MigrationParams,
+        start: SourceStart,
+    ) {
         let (handle, signal) = AbortHandle::new();
         *entry.abort.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
-        let params: MigrationParams = req.params;
         let task_entry = entry.clone();
         let task = tokio::spawn(
             async move {
-                info!(%dest, "source half starting");
                 let sampler = task_entry.clone();
                 let mut observe = move |e: &SourceEvent| sampler.push_event(e);
-                let result = source::run_source(&qmp, dest, &params, &mut observe, signal).await;
+                let result = match start {
+                    SourceStart::Fresh => {
+                        info!(%dest, "source half starting");
+                        source::run_source(&qmp, dest, &params, &mut observe, signal).await
+                    }
+                    SourceStart::Reconnect => {
+                        info!(%dest, "reconnecting the post-copy stream");
+                        source::reconnect(&qmp, dest, &params, &mut observe, signal).await
+                    }
+                };
                 task_entry.finish(result);
             }
             .instrument(span(&mid)),
         );
         self.track(task);
-        Ok(entry.status(0))
     }
 
     /// `GET /v1/migrations/{mid}?after=SEQ`; an unknown migration is `Unknown`, not an error,
@@ -894,24 +922,11 @@ impl Agent {
             r.error = None;
             r.destination = Some(dest.to_string());
         });
-        let (handle, signal) = AbortHandle::new();
-        *entry.abort.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
         let params = r.params.clone().unwrap_or(MigrationParams {
             postcopy: true,
             ..MigrationParams::default()
         });
-        let task_entry = entry.clone();
-        let task = tokio::spawn(
-            async move {
-                info!(%dest, "reconnecting the post-copy stream");
-                let sampler = task_entry.clone();
-                let mut observe = move |e: &SourceEvent| sampler.push_event(e);
-                let result = source::reconnect(&qmp, dest, &params, &mut observe, signal).await;
-                task_entry.finish(result);
-            }
-            .instrument(span(&mid)),
-        );
-        self.track(task);
+        self.spawn_source_half(mid, &entry, qmp, dest, params, SourceStart::Reconnect);
         Ok(entry.status(0))
     }
 

@@ -680,6 +680,14 @@ impl<'a> AgentHalves<'a> {
     }
 }
 
+/// Where the destination agent says its QEMU listens.
+fn listen_addr(ready: &IncomingReady) -> Result<SocketAddr, MigrateError> {
+    ready
+        .addr
+        .parse()
+        .map_err(|_| MigrateError::Destination(format!("bad address {}", ready.addr)))
+}
+
 impl AgentHalves<'_> {
     /// Polls the source agent until its half ends, recording samples and decisions.
     async fn follow_source(&mut self) -> Result<SourceOutcome, MigrateError> {
@@ -798,10 +806,7 @@ impl MigrationHalves for AgentHalves<'_> {
             .await?;
         self.log("info", &format!("destination listening on {}", ready.addr))
             .await;
-        ready
-            .addr
-            .parse()
-            .map_err(|_| MigrateError::Destination(format!("bad address {}", ready.addr)))
+        listen_addr(&ready)
     }
 
     async fn run_source(
@@ -839,10 +844,7 @@ impl MigrationHalves for AgentHalves<'_> {
         )
         .await;
         let ready: IncomingReady = self.step(Side::Destination, "/recover", &(), false).await?;
-        ready
-            .addr
-            .parse()
-            .map_err(|_| MigrateError::Destination(format!("bad address {}", ready.addr)))
+        listen_addr(&ready)
     }
 
     async fn reconnect_source(
