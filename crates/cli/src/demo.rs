@@ -20,7 +20,7 @@ use ferry_lab::guest_config::{Fill, GuestConfig, CONTROL_PORT, ECHO_PORT};
 use ferry_lab::image::ensure_image;
 use ferry_lab::instance::guest_instance_spec;
 use ferry_lab::net::{tcp_connect_in, udp_bind_in, LabNet};
-use ferry_lab::serial::{heartbeat_gap, SerialMonitor};
+use ferry_lab::serial::{heartbeat_gap, HostBeats, SerialMonitor};
 use ferry_lab::LabError;
 use ferry_qemu::AccelChoice;
 use serde::Serialize;
@@ -343,7 +343,12 @@ async fn migrate_and_measure(
     .unwrap_or(false);
     report.tcp_echo_survived = Some(tcp_ok);
     if let Ok(Ok(dest)) = dest_serial.await {
-        let gap = heartbeat_gap(&[source_serial.beats(), dest.beats()]);
+        // The source's QEMU has quit with the completed job: read its port to the end.
+        let source = source_serial.finish(Duration::from_secs(5)).await;
+        let gap = heartbeat_gap(&[
+            HostBeats::new("hv1", source),
+            HostBeats::new("hv2", dest.beats()),
+        ]);
         report.heartbeat_gap_ms = Some(gap.longest_gap.as_secs_f64() * 1000.0);
         report.heartbeat_continuous = Some(gap.continuous);
     }

@@ -10,7 +10,7 @@ use ferry_migrate::{
 use ferry_qemu::{QemuProcess, StartMode};
 
 use crate::net::LabHostNet;
-use crate::serial::SerialMonitor;
+use crate::serial::{HostBeats, SerialMonitor};
 use crate::vm::LabVm;
 use crate::Lab;
 
@@ -121,9 +121,10 @@ impl MigrationHalves for LabMigration<'_> {
         let old_serial = std::mem::replace(&mut self.vm.serial, serial);
         let old_host = std::mem::replace(&mut self.vm.host, self.dest.name.clone());
         old_qemu.shutdown(Duration::from_secs(5)).await;
-        // Let the reader take the source's last (possibly unterminated) line.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        self.vm.past_beats.push(old_serial.beats());
+        // QEMU has exited, so its serial socket is closed: read what is left in it, the last
+        // (possibly unterminated) line included.
+        let beats = old_serial.finish(Duration::from_secs(5)).await;
+        self.vm.past_beats.push(HostBeats::new(old_host.clone(), beats));
         let _ = self.lab.net.remove_tap(&old_host, &self.vm.tap);
     }
 

@@ -7,7 +7,7 @@ use ferry_qemu::{InstanceSpec, QemuProcess};
 
 use crate::guest_client::{self, GuestStatus, VerifyReport};
 use crate::guest_config::CONTROL_PORT;
-use crate::serial::{heartbeat_gap, Beat, HeartbeatGap, SerialMonitor};
+use crate::serial::{heartbeat_gap, HeartbeatGap, HostBeats, SerialMonitor};
 use crate::{Lab, LabError};
 
 /// A lab guest: its QEMU process, where it runs, and its serial heartbeat.
@@ -22,7 +22,7 @@ pub struct LabVm {
     pub qemu: QemuProcess,
     pub serial: SerialMonitor,
     /// Heartbeats seen on hosts it ran on before, oldest first.
-    pub past_beats: Vec<Vec<Beat>>,
+    pub past_beats: Vec<HostBeats>,
 }
 
 impl LabVm {
@@ -74,7 +74,7 @@ impl LabVm {
     /// Heartbeat gap and continuity over every host this guest has run on.
     pub fn heartbeat_gap(&self) -> HeartbeatGap {
         let mut all = self.past_beats.clone();
-        all.push(self.serial.beats());
+        all.push(HostBeats::new(self.host.clone(), self.serial.beats()));
         heartbeat_gap(&all)
     }
 }
