@@ -39,6 +39,7 @@ pub(crate) fn router(agent: Arc<Agent>) -> Router {
             post(prepare_incoming).delete(remove_incoming),
         )
         .route("/v1/migrations/{mid}/confirm", post(confirm))
+        .route("/v1/migrations/{mid}/start", post(start_incoming))
         .route("/v1/migrations/{mid}/source", post(start_source))
         .route("/v1/migrations/{mid}/cancel", post(cancel))
         .route("/v1/migrations/{mid}/finish", post(finish))
@@ -120,11 +121,32 @@ async fn delete_instance(State(agent): State<Arc<Agent>>, Path(id): Path<String>
     Ok(Json(()))
 }
 
-/// `?after=SEQ` of the status poll.
+/// `?after=SEQ&wait_ms=MS` of the status poll.
 #[derive(Debug, Deserialize)]
 struct After {
     #[serde(default)]
     after: u64,
+    /// Wait this long for news (at most 10 s) before answering with none.
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+/// `?wait=false` of a cancel: answer once the cancel is accepted, not once QEMU confirmed it.
+#[derive(Debug, Deserialize)]
+struct CancelQuery {
+    #[serde(default = "yes")]
+    wait: bool,
+}
+
+/// `?destination_gone=true` of a resume.
+#[derive(Debug, Deserialize)]
+struct ResumeQuery {
+    #[serde(default)]
+    destination_gone: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 async fn source_status(
@@ -133,10 +155,9 @@ async fn source_status(
     q: Result<Query<After>, QueryRejection>,
 ) -> ApiResult<SourceStatus> {
     let mid = uuid(&mid)?;
-    let after = q
-        .map(|Query(a)| a.after)
-        .map_err(|e| AgentError::BadRequest(e.body_text()))?;
-    Ok(Json(agent.source_status(mid, after)))
+    let Query(q) = q.map_err(|e| AgentError::BadRequest(e.body_text()))?;
+    let wait = std::time::Duration::from_millis(q.wait_ms.min(10_000));
+    Ok(Json(agent.source_status(mid, q.after, wait).await))
 }
 
 async fn prepare_incoming(
@@ -172,11 +193,20 @@ async fn start_source(
     Ok(Json(agent.start_source(mid, body(req)?).await?))
 }
 
+async fn start_incoming(
+    State(agent): State<Arc<Agent>>,
+    Path(mid): Path<String>,
+) -> ApiResult<AgentInstance> {
+    Ok(Json(agent.start_incoming(uuid(&mid)?).await?))
+}
+
 async fn cancel(
     State(agent): State<Arc<Agent>>,
     Path(mid): Path<String>,
+    q: Result<Query<CancelQuery>, QueryRejection>,
 ) -> ApiResult<SourceStatus> {
-    Ok(Json(agent.cancel_source(uuid(&mid)?).await?))
+    let Query(q) = q.map_err(|e| AgentError::BadRequest(e.body_text()))?;
+    Ok(Json(agent.cancel_source(uuid(&mid)?, q.wait).await?))
 }
 
 async fn finish(State(agent): State<Arc<Agent>>, Path(mid): Path<String>) -> ApiResult<()> {
@@ -187,8 +217,12 @@ async fn finish(State(agent): State<Arc<Agent>>, Path(mid): Path<String>) -> Api
 async fn resume(
     State(agent): State<Arc<Agent>>,
     Path(mid): Path<String>,
+    q: Result<Query<ResumeQuery>, QueryRejection>,
 ) -> ApiResult<AgentInstance> {
-    Ok(Json(agent.resume_source(uuid(&mid)?).await?))
+    let Query(q) = q.map_err(|e| AgentError::BadRequest(e.body_text()))?;
+    Ok(Json(
+        agent.resume_source(uuid(&mid)?, q.destination_gone).await?,
+    ))
 }
 
 async fn set_params(

@@ -163,7 +163,10 @@ impl AgentError {
             }
             AgentError::Migrate(MigrateError::InvalidParams(_)) => StatusCode::BAD_REQUEST,
             AgentError::Migrate(
-                MigrateError::PortUnavailable { .. } | MigrateError::SourceNotRunning(_),
+                MigrateError::PortUnavailable { .. }
+                | MigrateError::SourceNotRunning(_)
+                | MigrateError::TooLateToCancel
+                | MigrateError::HandedOver,
             ) => StatusCode::CONFLICT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -17,14 +17,11 @@ use ferry_api::agent::{
 };
 use ferry_api::ErrorBody;
 use ferry_migrate::{
-    destination, source, AbortHandle, AbortSignal, Decision, MigrateError, MigrationParams,
-    Progress, ProgressTracker, SourceEvent, SourceOutcome,
+    destination, source, AbortHandle, Decision, MigrateError, MigrationParams, Progress,
+    SourceEvent, SourceOutcome,
 };
 use ferry_qemu::StartMode;
-use ferry_qmp::commands::{
-    MigrateCancel, MigrateSetParameters, MigrateStartPostcopy, MigrationStatus, QueryMigrate,
-    RunState,
-};
+use ferry_qmp::commands::{MigrateSetParameters, MigrateStartPostcopy, RunState};
 use ferry_qmp::Qmp;
 use serde::{Deserialize, Serialize};
 use tracing::{info, info_span, warn, Instrument};
@@ -40,8 +37,6 @@ const MAX_SAMPLES: usize = 10_000;
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `cancel` waits for the source to confirm.
 const CANCEL_WAIT: Duration = Duration::from_secs(35);
-/// Poll interval of a re-derived migration (same as the default sample interval).
-const RESAMPLE_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Where a source sends its stream, as the server gave it.
 fn parse_destination(s: &str) -> Result<SocketAddr, AgentError> {
@@ -52,11 +47,13 @@ fn parse_destination(s: &str) -> Result<SocketAddr, AgentError> {
     })
 }
 
-/// How a source half begins: a new stream, or resuming a broken post-copy one.
+/// How a source half begins: a new stream, resuming a broken post-copy one, or following a
+/// stream QEMU kept running while the agent was away.
 #[derive(Debug, Clone, Copy)]
 enum SourceStart {
     Fresh,
     Reconnect,
+    Attach,
 }
 
 /// Which half of the migration this host performs.
@@ -110,6 +107,8 @@ pub(crate) struct MigrationEntry {
     path: PathBuf,
     data: Mutex<MigrationData>,
     abort: Mutex<Option<AbortHandle>>,
+    /// Woken on every sample and record change, for status polls that wait for news.
+    changed: tokio::sync::Notify,
 }
 
 impl MigrationEntry {
@@ -122,6 +121,7 @@ impl MigrationEntry {
                 decisions: Vec::new(),
             }),
             abort: Mutex::new(None),
+            changed: tokio::sync::Notify::new(),
         })
     }
 
@@ -149,6 +149,7 @@ impl MigrationEntry {
         if let Err(e) = written {
             warn!(path = %self.path.display(), error = %e, "cannot persist migration record");
         }
+        self.changed.notify_waiters();
     }
 
     fn push_event(&self, event: &SourceEvent) {
@@ -200,10 +201,37 @@ impl MigrationEntry {
         info!(state = ?r.state, error = ?r.error.as_ref().map(|e| &e.message), "source half ended");
     }
 
+    /// True once the source half let QEMU switch over (or start post-copy): from then on a
+    /// cancel is refused.
+    fn switched_over(&self) -> bool {
+        self.abort
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|h| h.is_past_no_return())
+    }
+
+    /// What happened after sequence number `after`; with `wait`, waits up to that long for
+    /// something new when nothing is, so a poller learns of the end within milliseconds.
+    async fn status_after(&self, after: u64, wait: Duration) -> SourceStatus {
+        let changed = self.changed.notified();
+        let news = |s: &SourceStatus| {
+            s.state != SourceState::Running || !s.samples.is_empty() || !s.decisions.is_empty()
+        };
+        let now = self.status(after);
+        if wait.is_zero() || news(&now) {
+            return now;
+        }
+        let _ = tokio::time::timeout(wait, changed).await;
+        self.status(after)
+    }
+
     fn status(&self, after: u64) -> SourceStatus {
+        let switched_over = self.switched_over();
         let data = self.lock();
         SourceStatus {
             state: data.record.state,
+            switched_over,
             samples: data
                 .samples
                 .iter()
@@ -224,84 +252,6 @@ impl MigrationEntry {
 
 fn span(mid: &Uuid) -> tracing::Span {
     info_span!("migration", id = %mid)
-}
-
-/// Follows a migration QEMU is already running (started before an agent restart) without
-/// issuing a new `migrate`, until it ends; an abort cancels it in QEMU.
-async fn follow_source(entry: Arc<MigrationEntry>, qmp: Qmp, mut abort: AbortSignal) {
-    let mut tracker = ProgressTracker::new();
-    let mut ticker = tokio::time::interval(RESAMPLE_INTERVAL);
-    let mut cancel_sent = false;
-    let mut postcopy_seen = false;
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = abort.aborted(), if !cancel_sent => {
-                cancel_sent = true;
-                warn!("cancelling migration");
-                if let Err(e) = qmp.execute(&MigrateCancel {}).await {
-                    warn!(error = %e, "migrate_cancel failed");
-                }
-            }
-        }
-        let info = match qmp.execute(&QueryMigrate {}).await {
-            Ok(info) => info,
-            Err(e) if e.is_fatal() => {
-                entry.finish(Err(MigrateError::Failed(format!(
-                    "the source QEMU went away: {e}"
-                ))));
-                return;
-            }
-            Err(e) => {
-                warn!(error = %e, "query-migrate failed; retrying");
-                continue;
-            }
-        };
-        let progress = tracker.update(info.total_time.unwrap_or(0), &info);
-        entry.push_sample(progress.clone());
-        postcopy_seen |= progress.phase == ferry_migrate::Phase::Postcopy;
-        let ended = |e: MigrateError| async {
-            if let Err(resume) = source::ensure_running(&qmp).await {
-                warn!(error = %resume, "source guest could not be resumed");
-            }
-            entry.finish(Err(e));
-        };
-        match info.status {
-            Some(MigrationStatus::Completed) => {
-                entry.finish(Ok(SourceOutcome::completed(&info, progress)));
-                return;
-            }
-            Some(MigrationStatus::Failed) if postcopy_seen => {
-                // The destination holds the newest memory: the source must not run again.
-                let desc = info.error_desc.unwrap_or_else(|| "no reason given".into());
-                entry.finish(Err(MigrateError::PostcopyFailed(desc)));
-                return;
-            }
-            Some(MigrationStatus::Failed) => {
-                let desc = info.error_desc.unwrap_or_else(|| "no reason given".into());
-                ended(MigrateError::Failed(desc)).await;
-                return;
-            }
-            Some(MigrationStatus::Cancelled) => {
-                ended(MigrateError::Cancelled).await;
-                return;
-            }
-            Some(MigrationStatus::PostcopyPaused) => {
-                let desc = info
-                    .error_desc
-                    .unwrap_or_else(|| "the post-copy stream broke".into());
-                entry.finish(Err(MigrateError::PostcopyPaused(desc)));
-                return;
-            }
-            None | Some(MigrationStatus::None) => {
-                entry.finish(Err(MigrateError::Failed(
-                    "QEMU has no record of the migration (was it restarted?)".into(),
-                )));
-                return;
-            }
-            _ => {}
-        }
-    }
 }
 
 impl Agent {
@@ -397,12 +347,14 @@ impl Agent {
             match (role, qmp) {
                 (Role::Source, Some(qmp)) => {
                     info!(migration = %mid, "re-deriving a source migration from QEMU");
-                    let (handle, signal) = AbortHandle::new();
-                    *entry.abort.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
-                    let task = tokio::spawn(
-                        follow_source(entry.clone(), qmp, signal).instrument(span(&mid)),
-                    );
-                    self.track(task);
+                    let r = entry.record();
+                    let dest = r
+                        .destination
+                        .as_deref()
+                        .and_then(|d| d.parse().ok())
+                        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+                    let params = r.params.unwrap_or_default();
+                    self.spawn_source_half(mid, &entry, qmp, dest, params, SourceStart::Attach);
                 }
                 (Role::Source, None) => entry.finish(Err(MigrateError::Failed(
                     "the source QEMU is gone (it ended while the agent was down)".into(),
@@ -492,9 +444,11 @@ impl Agent {
                     .ok_or_else(|| AgentError::Internal("incoming QEMU vanished".into()))?;
                 let mut params = req.params.clone();
                 params.port_range = self.port_range;
-                Ok::<_, AgentError>(
-                    destination::listen(&qmp, &params, self.config.migration_addr).await?,
-                )
+                let addr = destination::listen(&qmp, &params, self.config.migration_addr).await?;
+                if params.postcopy {
+                    self.track(destination::start_on_postcopy(qmp));
+                }
+                Ok::<_, AgentError>(addr)
             }
             .await;
             match prepared {
@@ -574,38 +528,71 @@ impl Agent {
         .await
     }
 
-    /// `POST /v1/migrations/{mid}/confirm`: wait until the guest runs here, then it is an
-    /// ordinary instance of this host.
+    /// `POST /v1/migrations/{mid}/confirm`: wait until the whole guest has arrived here. QEMU
+    /// keeps it paused (`-S`): it runs only after the server committed it here (`/start`).
     pub(crate) async fn confirm_incoming(&self, mid: Uuid) -> Result<AgentInstance, AgentError> {
         async {
-            let entry = self.migration_or_404(&mid)?;
-            let r = entry.record();
-            let mut slot = self.lock_slot(&r.instance_id).await?;
-            if slot.record.incoming != Some(mid) {
-                if r.state == SourceState::Completed {
-                    return Ok(self.describe(&mut slot).await);
-                }
-                return Err(AgentError::conflict(
-                    "migration-not-incoming",
-                    format!(
-                        "instance {} is not waiting for migration {mid}",
-                        r.instance_id
-                    ),
-                    "prepare the destination first",
-                ));
+            let (entry, mut slot) = self.incoming_slot(mid).await?;
+            if slot.record.incoming == Some(mid) {
+                let qmp = slot.qmp().ok_or_else(|| {
+                    MigrateError::DestinationNotRunning("the incoming QEMU is gone".into())
+                })?;
+                destination::await_complete(&qmp, CONFIRM_TIMEOUT).await?;
+                info!(instance = %entry.record().instance_id, "the whole guest arrived; paused until committed");
             }
-            let qmp = slot.qmp().ok_or_else(|| {
-                MigrateError::DestinationNotRunning("the incoming QEMU is gone".into())
-            })?;
-            destination::confirm_running(&qmp, CONFIRM_TIMEOUT).await?;
-            slot.record.incoming = None;
-            self.save_record(&slot.record)?;
-            entry.update(|r| r.state = SourceState::Completed);
-            info!(instance = %r.instance_id, "guest confirmed running on this host");
             Ok(self.describe(&mut slot).await)
         }
         .instrument(span(&mid))
         .await
+    }
+
+    /// `POST /v1/migrations/{mid}/start`: the server has committed the guest to this host; run
+    /// it. From here on it is an ordinary instance of this host.
+    pub(crate) async fn start_incoming(&self, mid: Uuid) -> Result<AgentInstance, AgentError> {
+        async {
+            let (entry, mut slot) = self.incoming_slot(mid).await?;
+            if slot.record.incoming == Some(mid) {
+                let qmp = slot.qmp().ok_or_else(|| {
+                    MigrateError::DestinationNotRunning("the incoming QEMU is gone".into())
+                })?;
+                destination::start(&qmp, CONFIRM_TIMEOUT).await?;
+                slot.record.incoming = None;
+                self.save_record(&slot.record)?;
+                entry.update(|r| r.state = SourceState::Completed);
+                info!(instance = %entry.record().instance_id, "committed guest runs on this host");
+            }
+            Ok(self.describe(&mut slot).await)
+        }
+        .instrument(span(&mid))
+        .await
+    }
+
+    /// The destination entry of `mid` and its instance's slot; the slot no longer waits for
+    /// `mid` once the guest was started here.
+    async fn incoming_slot(
+        &self,
+        mid: Uuid,
+    ) -> Result<
+        (
+            Arc<MigrationEntry>,
+            tokio::sync::OwnedMutexGuard<crate::instances::Slot>,
+        ),
+        AgentError,
+    > {
+        let entry = self.migration_or_404(&mid)?;
+        let r = entry.record();
+        let slot = self.lock_slot(&r.instance_id).await?;
+        if slot.record.incoming != Some(mid) && r.state != SourceState::Completed {
+            return Err(AgentError::conflict(
+                "migration-not-incoming",
+                format!(
+                    "instance {} is not waiting for migration {mid}",
+                    r.instance_id
+                ),
+                "prepare the destination first",
+            ));
+        }
+        Ok((entry, slot))
     }
 
     /// `POST /v1/migrations/{mid}/source`: start migrating the instance to `destination` in a
@@ -687,6 +674,9 @@ impl Agent {
                         info!(%dest, "reconnecting the post-copy stream");
                         source::reconnect(&qmp, dest, &params, &mut observe, signal).await
                     }
+                    SourceStart::Attach => {
+                        source::attach(&qmp, &params, &mut observe, signal).await
+                    }
                 };
                 task_entry.finish(result);
             }
@@ -697,11 +687,17 @@ impl Agent {
 
     /// `GET /v1/migrations/{mid}?after=SEQ`; an unknown migration is `Unknown`, not an error,
     /// so a poller can tell "this host never heard of it" from a failure.
-    pub(crate) fn source_status(&self, mid: Uuid, after: u64) -> SourceStatus {
+    pub(crate) async fn source_status(
+        &self,
+        mid: Uuid,
+        after: u64,
+        wait: Duration,
+    ) -> SourceStatus {
         match self.migration(&mid) {
-            Some(entry) => entry.status(after),
+            Some(entry) => entry.status_after(after, wait).await,
             None => SourceStatus {
                 state: SourceState::Unknown,
+                switched_over: false,
                 samples: Vec::new(),
                 decisions: Vec::new(),
                 outcome: None,
@@ -710,19 +706,35 @@ impl Agent {
         }
     }
 
-    /// `POST /v1/migrations/{mid}/cancel`: abort a running source half and wait until QEMU
-    /// confirms (the guest then runs on this host again).
-    pub(crate) async fn cancel_source(&self, mid: Uuid) -> Result<SourceStatus, AgentError> {
+    /// `POST /v1/migrations/{mid}/cancel`: abort a running source half before switchover and,
+    /// with `wait`, wait until QEMU confirms (the guest then runs on this host again). Refused
+    /// with `too-late-to-cancel` once the half has let QEMU switch over.
+    pub(crate) async fn cancel_source(
+        &self,
+        mid: Uuid,
+        wait: bool,
+    ) -> Result<SourceStatus, AgentError> {
         let entry = self.migration_or_404(&mid)?;
-        if entry.record().state == SourceState::Running {
-            if let Some(h) = entry
-                .abort
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_ref()
-            {
-                h.abort();
-            }
+        let r = entry.record();
+        if r.role != Role::Source {
+            return Err(AgentError::BadRequest(format!(
+                "this host is the destination of migration {mid}; cancel on its source"
+            )));
+        }
+        match r.state {
+            SourceState::Completed => return Err(MigrateError::TooLateToCancel.into()),
+            SourceState::Running => {}
+            _ => return Ok(entry.status(0)),
+        }
+        let handle = entry
+            .abort
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(h) = handle {
+            h.abort().map_err(|_| MigrateError::TooLateToCancel)?;
+        }
+        if wait {
             let deadline = Instant::now() + CANCEL_WAIT;
             while entry.record().state == SourceState::Running && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -931,7 +943,14 @@ impl Agent {
     }
 
     /// `POST /v1/migrations/{mid}/resume`: make sure the guest runs on this (source) host.
-    pub(crate) async fn resume_source(&self, mid: Uuid) -> Result<AgentInstance, AgentError> {
+    /// A source that handed its guest over (`postmigrate`) runs again only with
+    /// `destination_gone`: the server says so once the destination was removed and the
+    /// migration was never committed.
+    pub(crate) async fn resume_source(
+        &self,
+        mid: Uuid,
+        destination_gone: bool,
+    ) -> Result<AgentInstance, AgentError> {
         async {
             let entry = self.migration_or_404(&mid)?;
             let r = entry.record();
@@ -946,7 +965,11 @@ impl Agent {
             let qmp = slot
                 .qmp()
                 .ok_or_else(|| MigrateError::SourceNotRunning("stopped".into()))?;
-            source::ensure_running(&qmp).await?;
+            if destination_gone {
+                source::resume_handed_over(&qmp).await?;
+            } else {
+                source::ensure_running(&qmp).await?;
+            }
             info!(instance = %r.instance_id, "source guest runs");
             Ok(self.describe(&mut slot).await)
         }

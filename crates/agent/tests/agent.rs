@@ -310,10 +310,32 @@ async fn live_migration_through_two_agents_survives_agent_restarts() {
     assert_eq!(done.state, SourceState::Completed, "{:?}", done.error);
     assert!(!seqs.is_empty(), "progress was sampled");
     assert!(done.outcome.as_ref().unwrap().transferred_bytes > 0);
-    let confirmed: AgentInstance = c2
+    // The completed source never runs again by itself, and cannot be cancelled any more.
+    let e = c1
+        .post::<_, SourceStatus>(&format!("/v1/migrations/{mid}/cancel"), &())
+        .await
+        .unwrap_err();
+    assert_eq!(status_of(&e), (Some(409), "too-late-to-cancel".into()));
+    let e = c1
+        .post::<_, AgentInstance>(&format!("/v1/migrations/{mid}/resume"), &())
+        .await
+        .unwrap_err();
+    assert_eq!(status_of(&e), (Some(409), "source-handed-over".into()));
+    assert_eq!(
+        instances(&c1).await[0].qemu_state.as_deref(),
+        Some("postmigrate")
+    );
+    // The destination holds the whole guest but keeps it paused until the server commits.
+    let ready: AgentInstance = c2
         .post(&format!("/v1/migrations/{mid}/confirm"), &())
         .await
         .expect("confirm");
+    assert_eq!(ready.qemu_state.as_deref(), Some("paused"));
+    assert_eq!(ready.incoming, Some(mid));
+    let confirmed: AgentInstance = c2
+        .post(&format!("/v1/migrations/{mid}/start"), &())
+        .await
+        .expect("start");
     assert_eq!(confirmed.state, InstanceState::Running);
     assert_eq!(confirmed.incoming, None);
     let e = c2

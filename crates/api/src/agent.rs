@@ -8,12 +8,18 @@
 //! - `DELETE /v1/instances/{id}` -> `()` (refused while running)
 //! - `POST /v1/migrations/{mid}/incoming` [`PrepareIncoming`] -> [`IncomingReady`]
 //! - `DELETE /v1/migrations/{mid}/incoming` -> `()` (refused once the guest runs there)
-//! - `POST /v1/migrations/{mid}/confirm` -> [`AgentInstance`] (destination: guest runs)
+//! - `POST /v1/migrations/{mid}/confirm` -> [`AgentInstance`] (destination: the whole guest
+//!   arrived; QEMU keeps it paused until `/start`)
+//! - `POST /v1/migrations/{mid}/start` -> [`AgentInstance`] (destination: the server committed
+//!   the guest here; run it)
 //! - `POST /v1/migrations/{mid}/source` [`StartSource`] -> [`SourceStatus`]
-//! - `GET  /v1/migrations/{mid}?after=SEQ` -> [`SourceStatus`]
-//! - `POST /v1/migrations/{mid}/cancel` -> [`SourceStatus`]
+//! - `GET  /v1/migrations/{mid}?after=SEQ[&wait_ms=MS]` -> [`SourceStatus`] (with `wait_ms`,
+//!   answers as soon as there is news, or after that long)
+//! - `POST /v1/migrations/{mid}/cancel[?wait=false]` -> [`SourceStatus`] (409
+//!   `too-late-to-cancel` once the source switched over)
 //! - `POST /v1/migrations/{mid}/finish` -> `()` (source: stop the handed-over QEMU)
-//! - `POST /v1/migrations/{mid}/resume` -> [`AgentInstance`] (source: make sure it runs)
+//! - `POST /v1/migrations/{mid}/resume[?destination_gone=true]` -> [`AgentInstance`] (source:
+//!   make sure it runs; a handed-over source only with `destination_gone`)
 //! - `POST /v1/migrations/{mid}/params` [`SetSourceParams`] -> `()` (source: change bandwidth
 //!   and downtime target of the running stream)
 //! - `POST /v1/migrations/{mid}/postcopy` -> `()` (source: switch to post-copy now)
@@ -127,6 +133,9 @@ pub enum SourceState {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SourceStatus {
     pub state: SourceState,
+    /// The source let QEMU switch over (or start post-copy): cancels are refused from now.
+    #[serde(default)]
+    pub switched_over: bool,
     /// `(seq, sample)`, in order, after the `after` the caller gave.
     pub samples: Vec<(u64, Progress)>,
     /// `(seq, decision)` of the convergence controller, numbered with the samples.

@@ -149,6 +149,7 @@ impl Lab {
             qemu,
             serial,
             past_beats: Vec::new(),
+            stray_beats: Vec::new(),
         };
         if vm
             .serial

@@ -4,6 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use ferry_migrate::phases::StartError;
 use ferry_migrate::{
     destination, source, AbortSignal, MigrateError, MigrationHalves, MigrationParams, SourceOutcome,
 };
@@ -44,6 +45,13 @@ impl<'a> LabMigration<'a> {
     fn dest_err(e: impl std::fmt::Display) -> MigrateError {
         MigrateError::Destination(e.to_string())
     }
+
+    fn incoming_qmp(&self) -> Result<&ferry_qmp::Qmp, MigrateError> {
+        self.incoming
+            .as_ref()
+            .map(|(qemu, _)| qemu.qmp())
+            .ok_or_else(|| MigrateError::DestinationNotRunning("no destination process".into()))
+    }
 }
 
 impl MigrationHalves for LabMigration<'_> {
@@ -59,7 +67,12 @@ impl MigrationHalves for LabMigration<'_> {
             .map_err(Self::dest_err)?;
         let qmp = qemu.qmp().clone();
         self.incoming = Some((qemu, serial));
-        destination::listen(&qmp, &self.params, IpAddr::V4(self.dest.migration_addr)).await
+        let addr =
+            destination::listen(&qmp, &self.params, IpAddr::V4(self.dest.migration_addr)).await?;
+        if self.params.postcopy {
+            destination::start_on_postcopy(qmp);
+        }
+        Ok(addr)
     }
 
     async fn run_source(
@@ -105,12 +118,27 @@ impl MigrationHalves for LabMigration<'_> {
         .await
     }
 
-    async fn confirm_destination(&mut self) -> Result<(), MigrateError> {
-        let (qemu, _) = self
-            .incoming
-            .as_ref()
-            .ok_or_else(|| MigrateError::DestinationNotRunning("no destination process".into()))?;
-        destination::confirm_running(qemu.qmp(), Duration::from_secs(10)).await
+    async fn destination_ready(&mut self) -> Result<(), MigrateError> {
+        destination::await_complete(self.incoming_qmp()?, Duration::from_secs(10)).await
+    }
+
+    /// In one process there is no record to write: the guest belongs to the destination from
+    /// here on, and `finish_source` makes `vm` point at it.
+    async fn commit(&mut self) -> Result<(), MigrateError> {
+        Ok(())
+    }
+
+    async fn start_destination(&mut self) -> Result<(), StartError> {
+        let qmp = self.incoming_qmp().map_err(|error| StartError {
+            error,
+            retry: false,
+        })?;
+        destination::start(qmp, Duration::from_secs(10))
+            .await
+            .map_err(|error| StartError {
+                error,
+                retry: false,
+            })
     }
 
     async fn finish_source(&mut self) {
@@ -124,17 +152,25 @@ impl MigrationHalves for LabMigration<'_> {
         // QEMU has exited, so its serial socket is closed: read what is left in it, the last
         // (possibly unterminated) line included.
         let beats = old_serial.finish(Duration::from_secs(5)).await;
-        self.vm.past_beats.push(HostBeats::new(old_host.clone(), beats));
+        self.vm
+            .past_beats
+            .push(HostBeats::new(old_host.clone(), beats));
         let _ = self.lab.net.remove_tap(&old_host, &self.vm.tap);
     }
 
     async fn remove_destination(&mut self) -> Result<(), MigrateError> {
-        if let Some((mut qemu, _)) = self.incoming.take() {
+        if let Some((mut qemu, serial)) = self.incoming.take() {
             qemu.kill();
             if qemu.wait_exit(Duration::from_secs(5)).await.is_none() {
                 return Err(Self::dest_err(
                     "destination QEMU did not exit after SIGKILL",
                 ));
+            }
+            let beats = serial.finish(Duration::from_secs(5)).await;
+            if !beats.is_empty() {
+                self.vm
+                    .stray_beats
+                    .push(HostBeats::new(self.dest.name.clone(), beats));
             }
         }
         self.lab
@@ -143,7 +179,11 @@ impl MigrationHalves for LabMigration<'_> {
             .map_err(Self::dest_err)
     }
 
-    async fn resume_source(&mut self) -> Result<(), MigrateError> {
-        source::ensure_running(self.vm.qemu.qmp()).await
+    async fn resume_source(&mut self, destination_gone: bool) -> Result<(), MigrateError> {
+        if destination_gone {
+            source::resume_handed_over(self.vm.qemu.qmp()).await
+        } else {
+            source::ensure_running(self.vm.qemu.qmp()).await
+        }
     }
 }

@@ -329,7 +329,11 @@ mod tests {
         port.write_all(text.as_bytes()).await.unwrap();
         drop(port);
         let beats = monitor.finish(Duration::from_secs(5)).await;
-        assert_eq!(beats.len(), 2001, "every line, the unterminated last one too");
+        assert_eq!(
+            beats.len(),
+            2001,
+            "every line, the unterminated last one too"
+        );
         assert_eq!(beats.last().map(|b| b.counter), Some(2001));
         let _ = std::fs::remove_dir_all(&dir);
     }

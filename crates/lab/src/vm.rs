@@ -23,6 +23,10 @@ pub struct LabVm {
     pub serial: SerialMonitor,
     /// Heartbeats seen on hosts it ran on before, oldest first.
     pub past_beats: Vec<HostBeats>,
+    /// Heartbeats printed by destinations that were removed again (a cancelled or failed
+    /// migration). A destination starts paused and runs only once committed, so any beat here
+    /// is a second running copy.
+    pub stray_beats: Vec<HostBeats>,
 }
 
 impl LabVm {

@@ -60,7 +60,9 @@ async fn assert_heartbeat_continuous(lab: &Lab, vm: &LabVm, leg: &str) {
     let gap = vm.heartbeat_gap();
     if !gap.continuous {
         let verify = vm.verify_within(lab, Duration::from_secs(30)).await;
-        panic!("after {leg} the heartbeat counter broke: {gap}; the guest's verification: {verify:?}");
+        panic!(
+            "after {leg} the heartbeat counter broke: {gap}; the guest's verification: {verify:?}"
+        );
     }
 }
 
@@ -197,7 +199,7 @@ async fn abort_during_the_copy_leaves_the_guest_on_the_source_and_nothing_on_the
         };
         if p.phase == ferry_migrate::Phase::Precopy && p.transferred_bytes > 1 << 20 {
             seen_copying = true;
-            abort.abort();
+            abort.abort().expect("the copy has not switched over yet");
         }
     };
     let err = lab
@@ -456,5 +458,84 @@ async fn every_option_and_sensible_combinations_complete_with_memory_intact() {
         );
         assert_alive_and_intact(&lab, &vm).await;
     }
+    lab.stop_guest(vm).await;
+}
+
+/// The race of issue "Never two copies": a cancel sent the moment QEMU stops the source for
+/// switchover (on its `pre-switchover` event), many times. Each time exactly one side wins:
+/// either the cancel (the guest stays, nothing is left on the destination) or the switchover
+/// (the cancel is refused as too late and the guest runs on the destination). Never both, and
+/// a removed destination never printed a heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_at_the_moment_of_switchover_never_leaves_two_copies() {
+    let lab = lab().await;
+    let mut vm = lab.boot_guest("hv1", &small_guest()).await.unwrap();
+    let (mut cancelled, mut refused) = (0, 0);
+    for round in 0..16 {
+        let from = vm.host.clone();
+        let to = if from == "hv1" { "hv2" } else { "hv1" };
+        let (abort, signal) = AbortHandle::new();
+        let mut events = vm.qemu.qmp().events();
+        let racer = tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(e)
+                        if e.migration_status()
+                            == Some(ferry_qmp::commands::MigrationStatus::PreSwitchover) =>
+                    {
+                        return Some(abort.abort().is_ok())
+                    }
+                    Ok(_) => {}
+                    Err(_) => return None,
+                }
+            }
+        });
+        let result = lab
+            .migrate(
+                &mut vm,
+                to,
+                &MigrationParams::default(),
+                &mut |_| {},
+                signal,
+            )
+            .await;
+        let accepted = tokio::time::timeout(Duration::from_secs(5), racer)
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .flatten();
+        match (&result, accepted) {
+            (Err(LabError::Migrate(MigrateError::Cancelled)), Some(true)) => {
+                cancelled += 1;
+                assert_eq!(vm.host, from, "round {round}: a cancelled guest stays");
+                assert!(
+                    pids_in(&lab, to).is_empty(),
+                    "round {round}: destination left"
+                );
+            }
+            (Ok(_), Some(false)) => {
+                refused += 1;
+                assert_eq!(vm.host, to, "round {round}: the switched-over guest moved");
+                assert!(
+                    pids_in(&lab, &from).is_empty(),
+                    "round {round}: source left"
+                );
+            }
+            other => panic!("round {round}: cancel and switchover disagree: {other:?}"),
+        }
+        assert!(
+            vm.stray_beats.is_empty(),
+            "round {round}: a removed destination ran the guest: {:?}",
+            vm.stray_beats
+        );
+        assert_eq!(
+            pids_in(&lab, "hv1").len() + pids_in(&lab, "hv2").len(),
+            1,
+            "round {round}: exactly one QEMU"
+        );
+        assert_heartbeat_continuous(&lab, &vm, &format!("round {round}")).await;
+    }
+    eprintln!("cancel at switchover: {cancelled} cancelled, {refused} refused as too late");
+    assert_alive_and_intact(&lab, &vm).await;
     lab.stop_guest(vm).await;
 }

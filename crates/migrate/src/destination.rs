@@ -1,9 +1,12 @@
-//! The destination half: listen on a free port of the range, then confirm the guest runs.
+//! The destination half: listen on a free port of the range, wait until the whole guest has
+//! arrived (paused), and start it once the driver has committed it here.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use ferry_qmp::commands::{MigrateIncoming, MigrateRecover, QueryMigrate, QueryStatus, RunState};
+use ferry_qmp::commands::{
+    Cont, MigrateIncoming, MigrateRecover, MigrationStatus, QueryMigrate, QueryStatus, RunState,
+};
 use ferry_qmp::{Qmp, QmpError};
 use tracing::debug;
 
@@ -94,28 +97,95 @@ pub async fn recover(
     })
 }
 
-/// Waits for the destination guest to run after the source reported completion.
-pub async fn confirm_running(qmp: &Qmp, timeout: Duration) -> Result<(), MigrateError> {
+/// Waits until the destination holds the whole guest: its incoming migration completed and
+/// QEMU, started with `-S`, keeps the guest paused for Ferry to commit. A guest that already
+/// runs (post-copy starts it, see [`start_on_postcopy`]) is ready too.
+pub async fn await_complete(qmp: &Qmp, timeout: Duration) -> Result<(), MigrateError> {
     let deadline = Instant::now() + timeout;
     loop {
         let status = qmp.execute(&QueryStatus {}).await?;
         if status.running {
             return Ok(());
         }
-        match status.status {
-            RunState::Inmigrate | RunState::Prelaunch | RunState::Paused
-                if Instant::now() < deadline =>
-            {
-                tokio::time::sleep(Duration::from_millis(10)).await
+        let waiting = match status.status {
+            RunState::Inmigrate | RunState::Prelaunch => true,
+            RunState::Paused => {
+                let info = qmp.execute(&QueryMigrate).await?;
+                match info.status {
+                    Some(MigrationStatus::Completed) => return Ok(()),
+                    Some(MigrationStatus::Failed) => {
+                        return Err(MigrateError::DestinationNotRunning(format!(
+                            "the incoming migration failed: {}",
+                            info.error_desc.unwrap_or_else(|| "no reason given".into())
+                        )))
+                    }
+                    _ => true,
+                }
             }
-            other => {
-                return Err(MigrateError::DestinationNotRunning(format!(
-                    "guest state is {other} {} ms after completion",
-                    timeout.as_millis()
-                )))
+            _ => false,
+        };
+        if !waiting || Instant::now() >= deadline {
+            return Err(MigrateError::DestinationNotRunning(format!(
+                "guest state is {} {} ms after the source completed",
+                status.status,
+                timeout.as_millis()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Starts the guest on a destination that holds it (after the commit) and waits until it runs.
+pub async fn start(qmp: &Qmp, timeout: Duration) -> Result<(), MigrateError> {
+    let status = qmp.execute(&QueryStatus {}).await?;
+    if !status.running {
+        qmp.execute(&Cont {}).await?;
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        let status = qmp.execute(&QueryStatus {}).await?;
+        if status.running {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(MigrateError::DestinationNotRunning(format!(
+                "guest state is {} {} ms after cont",
+                status.status,
+                timeout.as_millis()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// For a migration that may switch to post-copy: once this destination enters post-copy, the
+/// source has stopped for good and the guest must run here, so the destination starts itself
+/// as soon as its device state is loaded (`cont` while still incoming makes QEMU start the
+/// guest then). Ends with the incoming migration or the connection.
+pub fn start_on_postcopy(qmp: Qmp) -> tokio::task::JoinHandle<()> {
+    let mut events = qmp.events();
+    tokio::spawn(async move {
+        loop {
+            let status = match events.recv().await {
+                Ok(e) => e.migration_status(),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return,
+            };
+            match status {
+                Some(MigrationStatus::PostcopyActive) => {
+                    debug!("post-copy started: the destination runs the guest");
+                    if let Err(e) = qmp.execute(&Cont {}).await {
+                        tracing::warn!(error = %e, "cont on entering post-copy failed");
+                    }
+                    return;
+                }
+                Some(MigrationStatus::Completed)
+                | Some(MigrationStatus::Failed)
+                | Some(MigrationStatus::Cancelled) => return,
+                _ => {}
             }
         }
-    }
+    })
 }
 
 #[cfg(test)]

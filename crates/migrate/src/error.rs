@@ -33,6 +33,18 @@ pub enum MigrateError {
     /// destination, which keeps it paused; the source must not be resumed.
     #[error("post-copy failed: {0}; the guest is held paused on the destination")]
     PostcopyFailed(String),
+    /// The source's outgoing migration completed (QEMU `postmigrate`): it handed its guest
+    /// over and is not resumed unless the destination is proven gone before the commit.
+    #[error("the source has handed its guest over and is not resumed")]
+    HandedOver,
+    /// A cancel arrived after the source let QEMU switch over: the guest is on its way to the
+    /// destination.
+    #[error("too late to cancel: the source has switched over and the guest is moving to the destination")]
+    TooLateToCancel,
+    /// The guest was committed to the destination (the record names it) but could not be
+    /// started there; it stays paused there and the source is never resumed.
+    #[error("the guest is committed to the destination but did not start there: {0}; it stays paused there")]
+    NotStarted(String),
     /// The destination did not take over after switchover.
     #[error("destination did not start the guest: {0}")]
     DestinationNotRunning(String),
@@ -56,6 +68,9 @@ impl MigrateError {
             MigrateError::Timeout(_) => "migration-timeout",
             MigrateError::PostcopyFailed(_) => "postcopy-failed",
             MigrateError::PostcopyPaused(_) => "postcopy-paused",
+            MigrateError::HandedOver => "source-handed-over",
+            MigrateError::TooLateToCancel => "too-late-to-cancel",
+            MigrateError::NotStarted(_) => "destination-not-started",
             MigrateError::DestinationNotRunning(_) => "destination-not-running",
             MigrateError::Destination(_) => "destination-prepare-failed",
             MigrateError::Qmp(_) => "qmp-failed",
@@ -82,6 +97,15 @@ impl MigrateError {
             }
             MigrateError::PostcopyFailed(_) => {
                 "restore the migration network, then recover the stream; never restart the source copy"
+            }
+            MigrateError::HandedOver => {
+                "the guest belongs to the destination; read the migration's log for where it runs"
+            }
+            MigrateError::TooLateToCancel => {
+                "wait for the migration to complete, then migrate the instance back if needed"
+            }
+            MigrateError::NotStarted(_) => {
+                "check the destination host's agent and QEMU; `ferry instance start` resumes it there"
             }
             MigrateError::DestinationNotRunning(_) => {
                 "read the destination's QEMU log; the source was resumed if the destination is gone"

@@ -1,13 +1,15 @@
 //! The source half: start the stream, sample progress, abort on request.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_qmp::commands::{
-    Cont, Migrate, MigrateCancel, MigrateSetCapabilities, MigrateSetParameters,
-    MigrateStartPostcopy, MigrationInfo, MigrationStatus, QueryMigrate, QueryStatus, RunState,
+    capability, CapabilityState, Cont, Migrate, MigrateCancel, MigrateContinue,
+    MigrateSetCapabilities, MigrateSetParameters, MigrateStartPostcopy, MigrationInfo,
+    MigrationStatus, QueryMigrate, QueryStatus, RunState,
 };
-use ferry_qmp::Qmp;
+use ferry_qmp::{Qmp, QmpError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -16,35 +18,100 @@ use crate::control::{Action, ControlPolicy, Controller, Decision};
 use crate::progress::{Phase, Progress, ProgressTracker};
 use crate::{MigrateError, MigrationParams};
 
+/// Where a source half stands with respect to the point of no return, shared by the half and
+/// whoever may cancel it, so that "cancel" and "switch over" are decided once, under one lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    /// Copying: a cancel is still accepted.
+    Open,
+    /// A cancel was accepted; the half will stop before switchover.
+    AbortRequested,
+    /// The half has let QEMU switch over (or start post-copy): cancelling is refused from now.
+    PastNoReturn,
+}
+
 /// Asks a running migration to stop before switchover.
 #[derive(Debug, Clone)]
-pub struct AbortHandle(watch::Sender<bool>);
+pub struct AbortHandle(Arc<watch::Sender<Gate>>);
 
 /// The receiving end of an [`AbortHandle`], handed to the source half.
 #[derive(Debug, Clone)]
-pub struct AbortSignal(watch::Receiver<bool>);
+pub struct AbortSignal {
+    gate: Arc<watch::Sender<Gate>>,
+    seen: watch::Receiver<Gate>,
+}
+
+/// A cancel that came after the source half let QEMU switch over: the guest is on its way
+/// to the destination and will run there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("too late to cancel: the source has switched over to the destination")]
+pub struct TooLate;
 
 impl AbortHandle {
     pub fn new() -> (AbortHandle, AbortSignal) {
-        let (tx, rx) = watch::channel(false);
-        (AbortHandle(tx), AbortSignal(rx))
+        let gate = Arc::new(watch::channel(Gate::Open).0);
+        let seen = gate.subscribe();
+        (AbortHandle(gate.clone()), AbortSignal { gate, seen })
     }
 
-    pub fn abort(&self) {
-        let _ = self.0.send(true);
+    /// Asks the half to stop before switchover. Refused once it has passed the point of no
+    /// return; asking twice is fine.
+    pub fn abort(&self) -> Result<(), TooLate> {
+        let mut result = Ok(());
+        self.0.send_if_modified(|g| match *g {
+            Gate::Open => {
+                *g = Gate::AbortRequested;
+                true
+            }
+            Gate::AbortRequested => false,
+            Gate::PastNoReturn => {
+                result = Err(TooLate);
+                false
+            }
+        });
+        result
+    }
+
+    /// True once the half has switched over (or started post-copy).
+    pub fn is_past_no_return(&self) -> bool {
+        *self.0.borrow() == Gate::PastNoReturn
     }
 }
 
 impl AbortSignal {
     pub fn is_aborted(&self) -> bool {
-        *self.0.borrow()
+        *self.gate.borrow() == Gate::AbortRequested
     }
 
     /// Resolves once abort was requested; never, if the handle is dropped without aborting.
     pub async fn aborted(&mut self) {
-        if self.0.wait_for(|a| *a).await.is_err() {
+        if self
+            .seen
+            .wait_for(|g| *g == Gate::AbortRequested)
+            .await
+            .is_err()
+        {
             std::future::pending::<()>().await;
         }
+    }
+
+    /// Passes the point of no return unless a cancel came first: true means the half may let
+    /// QEMU switch over, and every later [`AbortHandle::abort`] is refused with [`TooLate`].
+    pub fn pass_no_return(&self) -> bool {
+        let mut passed = false;
+        self.gate.send_if_modified(|g| match *g {
+            Gate::Open => {
+                *g = Gate::PastNoReturn;
+                passed = true;
+                true
+            }
+            Gate::PastNoReturn => {
+                passed = true;
+                false
+            }
+            Gate::AbortRequested => false,
+        });
+        passed
     }
 }
 
@@ -125,6 +192,15 @@ pub async fn run_source(
         return Err(MigrateError::SourceNotRunning(status.status.to_string()));
     }
     set_capabilities(qmp, params).await?;
+    // Source only: QEMU stops the guest at `pre-switchover` and waits for `migrate-continue`,
+    // so a cancel and the switchover are decided here, once (see `AbortSignal::pass_no_return`).
+    qmp.execute(&MigrateSetCapabilities {
+        capabilities: vec![CapabilityState {
+            capability: capability::PAUSE_BEFORE_SWITCHOVER.into(),
+            state: true,
+        }],
+    })
+    .await?;
     qmp.execute(&params.source_parameters()).await?;
     let mut controller = Controller::for_params(params, params.policy.clone());
     let started = Instant::now();
@@ -163,6 +239,71 @@ pub async fn reconnect(
     .await
 }
 
+/// Follows a migration this QEMU is already running (started before an agent restart) without
+/// issuing a new `migrate`, until it ends, as [`run_source`] does from its start; `postcopy_seen`
+/// when the stream had already switched to post-copy.
+pub async fn attach(
+    qmp: &Qmp,
+    params: &MigrationParams,
+    observe: &mut Observer<'_>,
+    abort: AbortSignal,
+) -> Result<SourceOutcome, MigrateError> {
+    let info = query_patiently(qmp, params).await?;
+    let postcopy_seen = matches!(
+        info.status,
+        Some(
+            MigrationStatus::PostcopyActive
+                | MigrationStatus::PostcopyPaused
+                | MigrationStatus::PostcopyRecover
+                | MigrationStatus::PostcopyRecoverSetup
+        )
+    );
+    if matches!(info.status, None | Some(MigrationStatus::None)) {
+        return Err(MigrateError::Failed(
+            "QEMU has no record of the migration (was it restarted?)".into(),
+        ));
+    }
+    let mut controller = Controller::for_params(params, ControlPolicy::Fixed);
+    follow(
+        qmp,
+        params,
+        &mut controller,
+        Instant::now(),
+        postcopy_seen,
+        observe,
+        abort,
+    )
+    .await
+}
+
+/// How long a QMP command to a migrating source may go unanswered before the half gives up.
+/// During the final copy QEMU's migration thread holds the main loop's lock while it sends,
+/// so over a stalled link `query-migrate` answers only once the stream moves again: slowness
+/// is not failure, and the source's real state is waited for.
+fn qmp_patience(params: &MigrationParams) -> Duration {
+    params
+        .completion_timeout
+        .map(|b| b.max(Duration::from_secs(60)))
+        .unwrap_or(Duration::from_secs(600))
+}
+
+/// `query-migrate`, retried across timeouts for up to [`qmp_patience`].
+async fn query_patiently(
+    qmp: &Qmp,
+    params: &MigrationParams,
+) -> Result<MigrationInfo, MigrateError> {
+    let deadline = Instant::now() + qmp_patience(params);
+    loop {
+        match qmp.execute(&QueryMigrate {}).await {
+            Ok(info) => return Ok(info),
+            Err(e @ QmpError::Timeout { .. }) if Instant::now() < deadline => {
+                warn!(error = %e, "QEMU is slow to answer; waiting for its real state");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Samples a started migration until it ends, applying the controller's decisions.
 async fn follow(
     qmp: &Qmp,
@@ -176,21 +317,43 @@ async fn follow(
     let mut tracker = ProgressTracker::new();
     let mut ticker = tokio::time::interval(params.sample_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut events = qmp.events();
     loop {
         let aborted = tokio::select! {
             _ = ticker.tick() => false,
             _ = abort.aborted(), if !postcopy_seen => true,
+            // QEMU announces every status change (pre-switchover above all): look at once
+            // rather than at the next tick, so a guest stopped for switchover waits for nobody.
+            _ = status_changed(&mut events) => false,
         };
         if aborted {
             return cancel(qmp, &mut tracker, started, observe, MigrateError::Cancelled).await;
         }
-        let info = qmp.execute(&QueryMigrate {}).await?;
+        let info = query_patiently(qmp, params).await?;
         let progress = tracker.update(started.elapsed().as_millis() as u64, &info);
         observe(&SourceEvent::Progress(progress.clone()));
         postcopy_seen |= progress.phase == Phase::Postcopy;
+        if postcopy_seen || info.status == Some(MigrationStatus::Device) {
+            // Already beyond the point of no return (a stream followed after a restart).
+            abort.pass_no_return();
+        }
         match info.status {
             Some(MigrationStatus::Completed) => {
                 return Ok(SourceOutcome::completed(&info, progress))
+            }
+            Some(MigrationStatus::PreSwitchover) => {
+                // The guest is stopped and the last pages wait. Either the cancel that came
+                // first wins (QEMU resumes the guest here), or from now on nothing does.
+                if !abort.pass_no_return() {
+                    return cancel(qmp, &mut tracker, started, observe, MigrateError::Cancelled)
+                        .await;
+                }
+                info!("switching over: the source sends the last pages and device state");
+                qmp.execute(&MigrateContinue {
+                    state: MigrationStatus::PreSwitchover,
+                })
+                .await?;
+                continue;
             }
             Some(MigrationStatus::Failed) if postcopy_seen => {
                 return Err(MigrateError::PostcopyFailed(
@@ -237,7 +400,20 @@ async fn follow(
                     })
                     .await?
                 }
-                Action::StartPostcopy => qmp.execute(&MigrateStartPostcopy {}).await?,
+                Action::StartPostcopy => {
+                    // Post-copy hands the guest to the destination: a point of no return too.
+                    if !abort.pass_no_return() {
+                        return cancel(
+                            qmp,
+                            &mut tracker,
+                            started,
+                            observe,
+                            MigrateError::Cancelled,
+                        )
+                        .await;
+                    }
+                    qmp.execute(&MigrateStartPostcopy {}).await?
+                }
                 Action::Abort { timeout } => {
                     let reason = if timeout {
                         MigrateError::Timeout(started.elapsed().as_secs())
@@ -252,9 +428,23 @@ async fn follow(
     }
 }
 
-/// Cancels the stream and waits until QEMU confirms; if the migration completed anyway (the
-/// cancel raced switchover), that is reported as success would be: the caller sees `Ok` never
-/// here, but a `Failed` naming the race, so it re-checks the destination.
+/// Resolves on the next `MIGRATION` event (or when events were lost); never once the
+/// connection is gone (the next command reports that).
+async fn status_changed(events: &mut tokio::sync::broadcast::Receiver<ferry_qmp::Event>) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match events.recv().await {
+            Ok(e) if e.migration_status().is_some() => return,
+            Ok(_) => {}
+            Err(RecvError::Lagged(_)) => return,
+            Err(RecvError::Closed) => std::future::pending::<()>().await,
+        }
+    }
+}
+
+/// Cancels the stream before switchover and waits until QEMU confirms and the guest runs
+/// here again. Only called before the point of no return: QEMU is then copying or waiting
+/// at `pre-switchover`, and cannot complete without our `migrate-continue`.
 async fn cancel(
     qmp: &Qmp,
     tracker: &mut ProgressTracker,
@@ -268,13 +458,14 @@ async fn cancel(
     loop {
         let info = qmp.execute(&QueryMigrate {}).await?;
         let progress = tracker.update(started.elapsed().as_millis() as u64, &info);
-        observe(&SourceEvent::Progress(progress));
+        observe(&SourceEvent::Progress(progress.clone()));
         match info.status {
             Some(MigrationStatus::Cancelled) | Some(MigrationStatus::Failed) => break,
             Some(MigrationStatus::Completed) => {
-                return Err(MigrateError::Failed(
-                    "cancel arrived after switchover; the guest now runs on the destination".into(),
-                ))
+                // Cannot happen while QEMU pauses before switchover; if it did, the guest is
+                // whole on the destination (still paused) and the caller commits it there.
+                warn!("the migration completed despite the cancel");
+                return Ok(SourceOutcome::completed(&info, progress));
             }
             _ if Instant::now() > deadline => {
                 return Err(MigrateError::Failed(
@@ -290,7 +481,10 @@ async fn cancel(
 
 /// After a failed or cancelled migration the source must run the guest again. QEMU resumes it
 /// by itself in most cases; if it was left paused (a failure during the final stop-and-copy),
-/// resume it, because the destination never took over.
+/// resume it: the destination starts paused and runs only when Ferry commits it there, so it
+/// cannot be running. A source whose outgoing migration completed (`postmigrate`) has handed
+/// its guest over and is never resumed here; only [`resume_handed_over`] does that, once the
+/// destination is proven gone.
 pub async fn ensure_running(qmp: &Qmp) -> Result<(), MigrateError> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -299,17 +493,95 @@ pub async fn ensure_running(qmp: &Qmp) -> Result<(), MigrateError> {
             return Ok(());
         }
         match status.status {
-            RunState::Paused | RunState::Postmigrate | RunState::FinishMigrate
-                if Instant::now() > deadline =>
-            {
+            RunState::Postmigrate => return Err(MigrateError::HandedOver),
+            RunState::Paused | RunState::FinishMigrate if Instant::now() > deadline => {
                 warn!(state = %status.status, "source left stopped after a failed migration; resuming it");
                 qmp.execute(&Cont {}).await?;
                 return Ok(());
             }
-            RunState::Paused | RunState::Postmigrate | RunState::FinishMigrate => {
+            RunState::Paused | RunState::FinishMigrate => {
                 tokio::time::sleep(Duration::from_millis(50)).await
             }
             other => return Err(MigrateError::SourceNotRunning(other.to_string())),
         }
+    }
+}
+
+/// Resumes a source whose guest was handed over (`postmigrate`) or left paused. Only for the
+/// undo of a migration that was never committed, after the destination's QEMU was proven gone:
+/// the source then holds the only copy of the guest.
+pub async fn resume_handed_over(qmp: &Qmp) -> Result<(), MigrateError> {
+    let status = qmp.execute(&QueryStatus {}).await?;
+    if status.running {
+        return Ok(());
+    }
+    match status.status {
+        RunState::Postmigrate => {
+            warn!("resuming a handed-over source: its destination is gone and was never committed");
+            qmp.execute(&Cont {}).await?;
+            Ok(())
+        }
+        _ => ensure_running(qmp).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cancel_before_the_point_of_no_return_wins() {
+        let (handle, signal) = AbortHandle::new();
+        assert_eq!(handle.abort(), Ok(()));
+        assert!(signal.is_aborted());
+        assert!(
+            !signal.pass_no_return(),
+            "the half must cancel, not switch over"
+        );
+        assert!(!handle.is_past_no_return());
+        assert_eq!(handle.abort(), Ok(()), "asking twice is fine");
+    }
+
+    #[test]
+    fn a_cancel_after_the_point_of_no_return_is_refused() {
+        let (handle, signal) = AbortHandle::new();
+        assert!(signal.pass_no_return());
+        assert!(handle.is_past_no_return());
+        assert_eq!(handle.abort(), Err(TooLate));
+        assert!(!signal.is_aborted());
+        assert!(signal.pass_no_return(), "passing twice is fine");
+    }
+
+    /// Cancel and switchover race from two threads many times: exactly one of them wins each
+    /// time, never both (a cancelled half that switched over would leave two copies).
+    #[test]
+    fn cancel_and_switchover_never_both_win() {
+        for _ in 0..2000 {
+            let (handle, signal) = AbortHandle::new();
+            let canceller = std::thread::spawn(move || handle.abort().is_ok());
+            let switched = signal.pass_no_return();
+            let cancelled = canceller.join().unwrap();
+            assert!(
+                switched != cancelled,
+                "switched {switched}, cancelled {cancelled}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn aborted_resolves_on_abort_and_never_after_the_point_of_no_return() {
+        let (handle, mut signal) = AbortHandle::new();
+        let waiter = tokio::spawn(async move { signal.aborted().await });
+        handle.abort().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("aborted() resolved")
+            .unwrap();
+
+        let (handle, mut signal) = AbortHandle::new();
+        assert!(signal.pass_no_return());
+        assert!(handle.abort().is_err());
+        let waited = tokio::time::timeout(Duration::from_millis(50), signal.aborted()).await;
+        assert!(waited.is_err(), "a refused cancel does not abort");
     }
 }

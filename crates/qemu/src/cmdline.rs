@@ -56,7 +56,9 @@ pub fn qemu_args(
         ]);
     }
     if mode == StartMode::Incoming {
-        push(&["-incoming", "defer"]);
+        // -S: the destination never starts the guest by itself when the stream completes;
+        // Ferry starts it only after recording that the guest belongs here (the commit point).
+        push(&["-S", "-incoming", "defer"]);
     }
     a
 }
@@ -108,6 +110,6 @@ mod tests {
         let normal = qemu_args(&spec(), Accel::Kvm, &paths, StartMode::Normal);
         let incoming = qemu_args(&spec(), Accel::Kvm, &paths, StartMode::Incoming);
         assert_eq!(&incoming[..normal.len()], &normal[..]);
-        assert_eq!(&incoming[normal.len()..], &["-incoming", "defer"]);
+        assert_eq!(&incoming[normal.len()..], &["-S", "-incoming", "defer"]);
     }
 }

@@ -19,6 +19,7 @@ use ferry_api::migrations::{
     Event, Migration, MigrationKind, MigrationPlan, MigrationState, MigrationStats, Policy,
 };
 use ferry_api::{ApiClient, ApiError, ErrorBody};
+use ferry_migrate::phases::StartError;
 use ferry_migrate::{
     Decision, MigrateError, MigrationHalves, MigrationParams, PlanInputs, Progress, SourceOutcome,
 };
@@ -420,15 +421,23 @@ async fn drive_live(
         Ok(h) => h,
         Err(e) => return Ending::Failed(e.body),
     };
+    if attach && halves.committed {
+        // The server stopped after the commit point: only the destination may run the guest.
+        halves
+            .log(
+                "info",
+                "the commit was recorded before the restart: finishing on the destination",
+            )
+            .await;
+        return match ferry_migrate::phases::finish_committed(&mut halves).await {
+            Ok(()) => Ending::Completed(halves.source_stats().await),
+            Err(e) => Ending::Failed(ErrorBody::new(e.code(), e.to_string(), e.hint())),
+        };
+    }
     let mut observe = |_: &ferry_migrate::SourceEvent| {};
     let result = ferry_migrate::live_migrate(&mut halves, &mut observe).await;
     match result {
-        Ok(outcome) => Ending::Completed(Some(MigrationStats {
-            total_ms: outcome.source.total_time_ms,
-            downtime_ms: outcome.source.downtime_ms,
-            bytes_transferred: outcome.source.transferred_bytes,
-            iterations: outcome.source.iterations,
-        })),
+        Ok(outcome) => Ending::Completed(Some(stats_of(&outcome.source))),
         Err(MigrateError::Cancelled) => Ending::Cancelled,
         Err(e) => Ending::Failed(
             halves
@@ -455,6 +464,10 @@ struct AgentHalves<'a> {
     last_error: Option<ErrorBody>,
     /// Phase and round of the last sample written to the log.
     last_reported: Option<(ferry_migrate::Phase, u64)>,
+    /// The source agent said it let QEMU switch over: cancels are refused from then on.
+    switched_over: bool,
+    /// The store says the destination owns the guest (the commit point is behind us).
+    committed: bool,
 }
 
 /// Which half an agent call is for.
@@ -491,12 +504,16 @@ impl<'a> AgentHalves<'a> {
             src: agent_client(&state.store, &m.source).await?,
             dst: agent_client(&state.store, &m.destination).await?,
             m: m.clone(),
-            instance,
             attach,
             cancel,
             seq: 0,
             last_error: None,
             last_reported: None,
+            switched_over: false,
+            // After a restart the store tells whether the commit happened: it is the only
+            // thing that moves an instance while its migration runs.
+            committed: instance.host == m.destination,
+            instance,
         })
     }
 
@@ -680,6 +697,23 @@ impl<'a> AgentHalves<'a> {
     }
 }
 
+impl AgentHalves<'_> {
+    /// QEMU's figures of the completed copy, if the source agent still has them.
+    async fn source_stats(&self) -> Option<MigrationStats> {
+        let status: SourceStatus = self.src.get(&self.path("")).await.ok()?;
+        status.outcome.map(|o| stats_of(&o))
+    }
+}
+
+fn stats_of(o: &SourceOutcome) -> MigrationStats {
+    MigrationStats {
+        total_ms: o.total_time_ms,
+        downtime_ms: o.downtime_ms,
+        bytes_transferred: o.transferred_bytes,
+        iterations: o.iterations,
+    }
+}
+
 /// Where the destination agent says its QEMU listens.
 fn listen_addr(ready: &IncomingReady) -> Result<SocketAddr, MigrateError> {
     ready
@@ -704,15 +738,29 @@ impl AgentHalves<'_> {
                     .await
                 {
                     Ok(_) => cancel_sent = true,
+                    Err(e) if e.code() == "too-late-to-cancel" => {
+                        cancel_sent = true;
+                        let message = format!(
+                            "cancel refused: too late, the source has switched over and the guest is moving to {}",
+                            self.m.destination
+                        );
+                        self.log("warn", &message).await;
+                    }
                     Err(e) => {
                         self.log("warn", &format!("cancel not delivered yet: {e}"))
                             .await
                     }
                 }
             }
+            let asked = Instant::now();
             let status: SourceStatus = match self
                 .src
-                .get(&format!("{}?after={}", self.path(""), self.seq))
+                .get(&format!(
+                    "{}?after={}&wait_ms={}",
+                    self.path(""),
+                    self.seq,
+                    poll.as_millis()
+                ))
                 .await
             {
                 Ok(s) => s,
@@ -734,8 +782,35 @@ impl AgentHalves<'_> {
                 }
                 Err(e) => return Err(self.agent_failed(&self.m.source.clone(), e)),
             };
+            let news = !status.samples.is_empty() || !status.decisions.is_empty();
             self.record_decisions(status.decisions).await;
+            let postcopy = status
+                .samples
+                .iter()
+                .any(|(_, p)| p.phase == ferry_migrate::Phase::Postcopy);
             self.record(status.samples).await;
+            if status.switched_over && !self.switched_over {
+                self.switched_over = true;
+                let _ = set_state(self.state, self.m.id, MigrationState::Completing).await;
+                let message = if postcopy {
+                    format!(
+                        "post-copy started: the guest runs on {}; cancels are refused from now",
+                        self.m.destination
+                    )
+                } else {
+                    format!(
+                        "switchover: {} stopped the guest and sends the last pages; cancels are refused from now",
+                        self.m.source
+                    )
+                };
+                self.log("info", &message).await;
+            }
+            if postcopy && !self.committed {
+                // Post-copy hands the guest over when it starts: the destination owns it.
+                if let Err(e) = self.commit().await {
+                    warn!(error = %e, "cannot record the post-copy destination as owner yet");
+                }
+            }
             match status.state {
                 SourceState::Running => {}
                 SourceState::Completed => {
@@ -772,9 +847,13 @@ impl AgentHalves<'_> {
                     ))
                 }
             }
-            tokio::select! {
-                _ = tokio::time::sleep(poll) => {},
-                _ = self.cancel.changed() => {},
+            // The agent answers at once when there is news, else after `poll`: sleep only
+            // when it answered early with nothing (an agent that cannot wait).
+            if !news && asked.elapsed() < poll / 2 {
+                tokio::select! {
+                    _ = tokio::time::sleep(poll) => {},
+                    _ = self.cancel.changed() => {},
+                }
             }
         }
     }
@@ -867,28 +946,86 @@ impl MigrationHalves for AgentHalves<'_> {
         self.follow_source().await
     }
 
-    async fn confirm_destination(&mut self) -> Result<(), MigrateError> {
+    async fn destination_ready(&mut self) -> Result<(), MigrateError> {
         let _ = set_state(self.state, self.m.id, MigrationState::Completing).await;
         self.log(
             "info",
             &format!(
-                "switchover done; confirming the guest runs on {}",
+                "the source handed over; checking that {} holds the whole guest (paused)",
                 self.m.destination
             ),
         )
         .await;
         let _: AgentInstance = self.step(Side::Destination, "/confirm", &(), false).await?;
-        // The guest runs on the destination: ownership moves now, before the source is torn
-        // down, so a crash from here on still finds the instance where it runs.
-        if let Err(e) = self.state.store.move_instance_for(self.m.id).await {
-            warn!(error = %e, "cannot record the instance's new host yet");
+        Ok(())
+    }
+
+    /// The commit point: one transaction moves the instance to the destination (generation +
+    /// 1). Before it only the source may run the guest; after it only the destination.
+    async fn commit(&mut self) -> Result<(), MigrateError> {
+        if self.committed {
+            return Ok(());
         }
-        let _ = self
+        self.state
+            .store
+            .move_instance_for(self.m.id)
+            .await
+            .map_err(|e| MigrateError::Failed(format!("the commit was not recorded: {e}")))?;
+        self.committed = true;
+        let generation = match self
             .state
             .store
-            .set_instance_state(self.instance.id, InstanceState::Running)
-            .await;
+            .get_instance(&self.instance.id.to_string())
+            .await
+        {
+            Ok(Some(i)) => {
+                let generation = i.generation;
+                publish_instance(self.state, i);
+                generation.to_string()
+            }
+            _ => "?".into(),
+        };
+        let message = format!(
+            "commit: {} belongs to {} from now on (generation {generation}); the source is never resumed",
+            self.instance.name, self.m.destination
+        );
+        self.log("info", &message).await;
         Ok(())
+    }
+
+    async fn start_destination(&mut self) -> Result<(), StartError> {
+        let (client, host, path) = (
+            self.client(Side::Destination),
+            self.host(Side::Destination),
+            self.path("/start"),
+        );
+        let result: Result<AgentInstance, ApiError> = self
+            .retrying(&host, false, || client.post(&path, &()))
+            .await;
+        match result {
+            Ok(_) => {
+                let _ = self
+                    .state
+                    .store
+                    .set_instance_state(self.instance.id, InstanceState::Running)
+                    .await;
+                let message = format!("the guest runs on {}", self.m.destination);
+                self.log("info", &message).await;
+                Ok(())
+            }
+            Err(e) => {
+                // Unreachable, or a server-side error that may pass: the guest stays paused
+                // there and the start is tried again. A refusal (4xx) is final.
+                let retry = !matches!(e.status(), Some(400..=499));
+                let error = self.agent_failed(&host, e);
+                let message = format!(
+                    "the committed guest did not start on {host} yet: {error}{}",
+                    if retry { "; retrying" } else { "" }
+                );
+                self.log("warn", &message).await;
+                Err(StartError { error, retry })
+            }
+        }
     }
 
     async fn finish_source(&mut self) {
@@ -916,9 +1053,12 @@ impl MigrationHalves for AgentHalves<'_> {
         Ok(())
     }
 
-    async fn resume_source(&mut self) -> Result<(), MigrateError> {
-        self.cleanup(Side::Source, "/resume", false)
-            .await
-            .map(|_| ())
+    async fn resume_source(&mut self, destination_gone: bool) -> Result<(), MigrateError> {
+        let tail = if destination_gone {
+            "/resume?destination_gone=true"
+        } else {
+            "/resume"
+        };
+        self.cleanup(Side::Source, tail, false).await.map(|_| ())
     }
 }

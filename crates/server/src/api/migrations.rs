@@ -232,7 +232,9 @@ pub async fn show(
 }
 
 /// Cancels a job before switchover: a Pending job ends at once; a running one is stopped by
-/// the source and ends Cancelled with the guest on the source.
+/// the source and ends Cancelled with the guest on the source. Once the source has let QEMU
+/// switch over, the cancel is refused (`too-late-to-cancel`): the guest is moving and will
+/// run on the destination.
 #[utoipa::path(post, path = "/v1/migrations/{id}/cancel", responses((status = 200, body = Migration), (status = 409, body = ferry_api::ErrorBody)))]
 pub async fn cancel(
     State(state): State<AppState>,
@@ -250,6 +252,19 @@ pub async fn cancel(
             m
         }
         MigrationState::Preparing | MigrationState::Migrating => {
+            if m.state == MigrationState::Migrating {
+                // The source agent decides cancel against switchover under one lock: ask it
+                // first, so a refusal reaches the caller. Not reachable, or not started there
+                // yet: the request is recorded and the driver delivers it.
+                if let Ok(src) = agent_client(&state.store, &m.source).await {
+                    let path = format!("/v1/migrations/{}/cancel?wait=false", m.id);
+                    if let Err(e) = src.post::<_, serde_json::Value>(&path, &()).await {
+                        if e.code() == "too-late-to-cancel" {
+                            return Err(too_late_to_cancel(&m));
+                        }
+                    }
+                }
+            }
             let m = state.store.set_cancel_requested(m.id).await?;
             state.signal_cancel(m.id);
             log(
@@ -261,6 +276,7 @@ pub async fn cancel(
             .await;
             m
         }
+        MigrationState::Completing => return Err(too_late_to_cancel(&m)),
         s => {
             return Err(ServerError::conflict(
                 "cannot-cancel",
@@ -285,6 +301,17 @@ pub async fn cancel(
     publish_migration(&state, &m);
     state.queue.notify_one();
     Ok(Json(m))
+}
+
+fn too_late_to_cancel(m: &Migration) -> ServerError {
+    ServerError::conflict(
+        "too-late-to-cancel",
+        format!(
+            "migration {} has switched over: {} is moving to {}",
+            m.id, m.instance_name, m.destination
+        ),
+        "wait for it to complete, then migrate the instance back if needed",
+    )
 }
 
 /// Switches a copying live migration to post-copy now: the guest continues on the destination
