@@ -17,6 +17,7 @@ use super::{ApiJson, ApiQuery};
 use crate::agents::agent_client;
 use crate::auth::{Admin, Reader};
 use crate::server::AppState;
+use crate::store::codes;
 use crate::ServerError;
 
 pub(crate) async fn find(state: &AppState, id_or_name: &str) -> Result<Instance, ServerError> {
@@ -179,7 +180,7 @@ pub async fn create(
 fn refuse_if_migrating(i: &Instance) -> Result<(), ServerError> {
     match i.migration {
         Some(m) => Err(ServerError::conflict(
-            "migration-in-progress",
+            codes::MIGRATION_IN_PROGRESS,
             format!("{} is being migrated ({m})", i.name),
             "wait for the migration to end or cancel it",
         )),

@@ -17,11 +17,11 @@ use super::hosts::one_host;
 use super::instances::find;
 use super::{ApiJson, ApiQuery};
 use crate::agents::agent_client;
-use crate::auth::{Admin, Reader};
+use crate::auth::{Admin, AuditReader, Reader};
 use crate::driver::{log, publish_migration};
 use crate::preflight;
 use crate::server::AppState;
-use crate::store::{AuditEntry, MigrationFilter, NewMigration};
+use crate::store::{codes, AuditEntry, MigrationFilter, NewMigration};
 use crate::ServerError;
 
 async fn get(state: &AppState, id: &str) -> Result<Migration, ServerError> {
@@ -72,7 +72,7 @@ pub async fn create(
     }
     if let Some(existing) = instance.migration {
         return Err(ServerError::conflict(
-            "migration-in-progress",
+            codes::MIGRATION_IN_PROGRESS,
             format!(
                 "{} already has migration {existing} in flight",
                 instance.name
@@ -423,10 +423,10 @@ pub async fn logs(
 }
 
 /// Every change made through the API, newest first.
-#[utoipa::path(get, path = "/v1/audit", responses((status = 200, body = Vec<AuditEntry>)))]
+#[utoipa::path(get, path = "/v1/audit", responses((status = 200, body = Vec<AuditEntry>), (status = 403, description = "reading the audit log needs an admin token", body = ferry_api::ErrorBody)))]
 pub async fn audit(
     State(state): State<AppState>,
-    _a: Admin,
+    _a: AuditReader,
 ) -> Result<Json<Vec<AuditEntry>>, ServerError> {
     Ok(Json(state.store.list_audit(1000).await?))
 }

@@ -33,7 +33,7 @@ use sqlx::sqlite::{
 use sqlx::Row;
 
 pub use audit::AuditEntry;
-pub use error::StoreError;
+pub use error::{codes, StoreError};
 pub use migrations::{MigrationFilter, NewMigration};
 pub use tokens::{ParseRoleError, Role, TokenInfo};
 
