@@ -88,7 +88,7 @@ pub async fn list(
     Ok(Json(state.store.list_instances(None).await?))
 }
 
-#[utoipa::path(get, path = "/v1/instances/{id}", responses((status = 200, body = Instance), (status = 404, body = ferry_api::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/instances/{id}", params(("id" = String, Path, description = "instance name or id")), responses((status = 200, body = Instance), (status = 404, description = "no such instance", body = ferry_api::ErrorBody)))]
 pub async fn show(
     State(state): State<AppState>,
     _r: Reader,
@@ -99,7 +99,7 @@ pub async fn show(
 
 /// Defines an instance on a host (and starts it if asked). Nothing is recorded unless the
 /// agent accepted it.
-#[utoipa::path(post, path = "/v1/instances", request_body = CreateInstance, responses((status = 201, body = Instance), (status = 400, body = ferry_api::ErrorBody), (status = 409, body = ferry_api::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/instances", request_body = CreateInstance, responses((status = 201, body = Instance), (status = 400, description = "invalid request", body = ferry_api::ErrorBody), (status = 404, description = "no such host", body = ferry_api::ErrorBody), (status = 409, description = "the host cannot take it or the name is taken", body = ferry_api::ErrorBody), (status = 413, description = "request body too large", body = ferry_api::ErrorBody)))]
 pub async fn create(
     State(state): State<AppState>,
     who: Admin,
@@ -220,7 +220,7 @@ async fn power(
     Ok(i)
 }
 
-#[utoipa::path(post, path = "/v1/instances/{id}/start", responses((status = 200, body = Instance)))]
+#[utoipa::path(post, path = "/v1/instances/{id}/start", params(("id" = String, Path, description = "instance name or id")), responses((status = 200, body = Instance), (status = 404, description = "no such instance", body = ferry_api::ErrorBody), (status = 409, description = "the instance is being migrated", body = ferry_api::ErrorBody)))]
 pub async fn start(
     State(state): State<AppState>,
     who: Admin,
@@ -231,7 +231,7 @@ pub async fn start(
     Ok(Json(power(&state, &who, i, InstanceState::Running).await?))
 }
 
-#[utoipa::path(post, path = "/v1/instances/{id}/stop", responses((status = 200, body = Instance)))]
+#[utoipa::path(post, path = "/v1/instances/{id}/stop", params(("id" = String, Path, description = "instance name or id")), responses((status = 200, body = Instance), (status = 404, description = "no such instance", body = ferry_api::ErrorBody), (status = 409, description = "the instance is being migrated", body = ferry_api::ErrorBody)))]
 pub async fn stop(
     State(state): State<AppState>,
     who: Admin,
@@ -243,7 +243,7 @@ pub async fn stop(
 }
 
 /// Deletes a stopped instance's definition (its files on shared storage stay).
-#[utoipa::path(delete, path = "/v1/instances/{id}", responses((status = 200, body = Instance), (status = 409, body = ferry_api::ErrorBody)))]
+#[utoipa::path(delete, path = "/v1/instances/{id}", params(("id" = String, Path, description = "instance name or id")), responses((status = 200, body = Instance), (status = 404, description = "no such instance", body = ferry_api::ErrorBody), (status = 409, description = "the instance runs or is being migrated", body = ferry_api::ErrorBody)))]
 pub async fn delete(
     State(state): State<AppState>,
     who: Admin,
@@ -282,6 +282,7 @@ pub async fn delete(
 
 /// Query of `GET /v1/instances/{id}/migration-candidates`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct CandidatesQuery {
     /// Evaluate only this host.
     pub destination: Option<String>,
@@ -292,7 +293,7 @@ pub struct CandidatesQuery {
 
 /// Where the instance can go: every other host (or the one asked for) with the pre-flight
 /// checks' verdicts, best first. Changes nothing.
-#[utoipa::path(get, path = "/v1/instances/{id}/migration-candidates", params(CandidatesQuery), responses((status = 200, body = Vec<Candidate>), (status = 404, body = ferry_api::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/instances/{id}/migration-candidates", params(("id" = String, Path, description = "instance name or id"), CandidatesQuery), responses((status = 200, body = Vec<Candidate>), (status = 400, description = "bad query parameters", body = ferry_api::ErrorBody), (status = 404, description = "no such instance or destination host", body = ferry_api::ErrorBody)))]
 pub async fn migration_candidates(
     State(state): State<AppState>,
     _r: Reader,

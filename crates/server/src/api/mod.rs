@@ -164,4 +164,52 @@ mod tests {
             assert!(doc["components"]["schemas"][schema].is_object(), "{schema}");
         }
     }
+
+    /// Every `{param}` of every path is declared as a path parameter of each of its
+    /// operations, and every operation addressing something by path documents its 404, so
+    /// generated clients get the parameters and callers know the answer for a wrong name.
+    #[test]
+    fn openapi_declares_every_path_parameter_and_its_404() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let paths = doc["paths"].as_object().expect("paths");
+        let mut problems = Vec::new();
+        let mut checked = 0;
+        for (path, item) in paths {
+            let wanted: Vec<&str> = path
+                .split('/')
+                .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+                .collect();
+            for (method, op) in item.as_object().expect("path item") {
+                let Some(op) = op.as_object().filter(|o| o.contains_key("responses")) else {
+                    continue;
+                };
+                let declared: Vec<&str> = op
+                    .get("parameters")
+                    .and_then(|p| p.as_array())
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| p["in"] == "path")
+                    .filter_map(|p| p["name"].as_str())
+                    .collect();
+                for w in &wanted {
+                    checked += 1;
+                    if !declared.contains(w) {
+                        problems.push(format!("{method} {path}: no path parameter {w}"));
+                    }
+                }
+                // Query parameters declared as path parameters (utoipa's default for
+                // IntoParams) would be just as wrong for a generated client.
+                for d in &declared {
+                    if !wanted.contains(d) {
+                        problems.push(format!("{method} {path}: stray path parameter {d}"));
+                    }
+                }
+                if !wanted.is_empty() && op["responses"].get("404").is_none() {
+                    problems.push(format!("{method} {path}: 404 not documented"));
+                }
+            }
+        }
+        assert!(checked >= 13, "only {checked} path parameters seen");
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
 }
