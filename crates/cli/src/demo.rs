@@ -216,7 +216,13 @@ async fn demo(args: &DemoArgs, report: &mut DemoReport) -> Result<(), CliError> 
             .await?;
     report.accel = accel.name().into();
     say(args, "starting ferry server and an agent per host");
-    let cluster = LocalCluster::start(&args.lab_name, 2, accel.name()).await?;
+    // The image's cache directory is a datastore of every host, as in `ferry lab up`: the
+    // server accepts kernel and initrd paths only inside a datastore.
+    let images = ferry_agent::DatastoreConfig {
+        name: "images".into(),
+        path: cache_dir.clone(),
+    };
+    let cluster = LocalCluster::start(&args.lab_name, 2, accel.name(), vec![images]).await?;
 
     say(
         args,

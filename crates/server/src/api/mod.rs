@@ -6,8 +6,9 @@ mod hosts;
 mod instances;
 mod migrations;
 
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
+use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
@@ -16,8 +17,14 @@ use utoipa::OpenApi;
 use crate::server::AppState;
 use crate::ServerError;
 
-/// A JSON body whose rejection is an [`ServerError`] (code `malformed-json`), not axum's
-/// plain-text one.
+/// The largest request body accepted. Every request is a small JSON document (an instance
+/// spec is well under 10 KiB), so 1 MiB leaves room and still bounds what one request can make
+/// the server buffer.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// A JSON body whose rejection is an [`ServerError`], not axum's plain-text one: 413
+/// `body-too-large` above [`MAX_BODY_BYTES`], 400 `unknown-field` for a field the type does not
+/// have, else 400 `malformed-json`.
 pub struct ApiJson<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
@@ -25,6 +32,21 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, ServerError> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ServerError::new(
+                    413,
+                    "body-too-large",
+                    format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
+                    "send only the fields described in /v1/openapi.json",
+                ))
+            }
+            Err(rejection) if rejection.body_text().contains("unknown field") => {
+                Err(ServerError::bad_request(
+                    "unknown-field",
+                    rejection.body_text(),
+                    "remove the field or fix its spelling (see /v1/openapi.json)",
+                ))
+            }
             Err(rejection) => Err(ServerError::bad_request(
                 "malformed-json",
                 rejection.body_text(),
@@ -145,6 +167,7 @@ pub fn router(state: AppState) -> Router {
                 "see /v1/openapi.json",
             )
         })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 
