@@ -161,7 +161,7 @@ pub async fn run(cmd: LabCommand) -> Result<u8, CliError> {
         }
         LabCommand::List => {
             for lab in list_labs() {
-                println!("{lab}");
+                crate::outln!("{lab}");
             }
             Ok(exit::OK)
         }
@@ -194,8 +194,8 @@ async fn up(name: &str, hosts: usize, no_instance: bool) -> Result<u8, CliError>
     std::fs::write(dir.join(MARKER), name).map_err(|e| io_err(&dir, e))?;
     match start(name, hosts, no_instance, &dir).await {
         Ok((cfg, summary)) => {
-            println!("export FERRY_URL={}", cfg.url);
-            println!("export FERRY_TOKEN={}", cfg.token.unwrap_or_default());
+            crate::outln!("export FERRY_URL={}", cfg.url);
+            crate::outln!("export FERRY_TOKEN={}", cfg.token.unwrap_or_default());
             eprintln!("{summary}");
             Ok(exit::OK)
         }
