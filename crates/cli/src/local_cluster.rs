@@ -46,7 +46,8 @@ impl LocalCluster {
             .map_err(ferry_lab::LabError::from)?;
         let dir = std::env::temp_dir().join(format!("ferry-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(|e| {
+        // Holds the database and the agents' credentials: the owner's only.
+        crate::private_fs::create_dir(&dir).map_err(|e| {
             CliError::new(
                 "io",
                 format!("cannot create {}: {e}", dir.display()),

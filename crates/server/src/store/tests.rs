@@ -898,3 +898,34 @@ async fn store_conflicts_carry_the_api_codes() {
     );
     assert_eq!(codes::MIGRATION_IN_PROGRESS, "migration-in-progress");
 }
+
+/// The database holds agent credentials: it and its WAL and SHM files are the owner's only,
+/// and so is a directory the store had to create for it.
+#[tokio::test]
+async fn database_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("state").join("ferry.db");
+    let s = Store::open(&db).await.expect("open");
+    s.join_host("a", "http://a:7001", "secret-a", &facts("a"))
+        .await
+        .expect("join");
+    assert_eq!(mode(&dir.path().join("state")), 0o700);
+    for name in ["ferry.db", "ferry.db-wal", "ferry.db-shm"] {
+        assert_eq!(mode(&dir.path().join("state").join(name)), 0o600, "{name}");
+    }
+    s.close().await;
+
+    // A file an older version left readable by all is made private on the next open.
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let s = Store::open(&db).await.expect("reopen");
+    assert_eq!(mode(&db), 0o600);
+    s.close().await;
+}
