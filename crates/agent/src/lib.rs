@@ -53,6 +53,8 @@ pub(crate) struct Agent {
     pub(crate) tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Required features per CPU model (cpuinfo spelling), from QEMU's static expansion.
     pub(crate) cpu_models: Mutex<HashMap<String, Vec<String>>>,
+    /// Held while this host's one probe listener is open.
+    pub(crate) probe_gate: Arc<checks::ProbeGate>,
 }
 
 impl Agent {
@@ -199,6 +201,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         migrations: Mutex::new(HashMap::new()),
         tasks: Mutex::new(Vec::new()),
         cpu_models: Mutex::new(HashMap::new()),
+        probe_gate: Arc::default(),
     });
     agent.readopt_instances().await;
     agent.load_migrations().await;

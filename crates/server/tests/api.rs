@@ -393,3 +393,55 @@ async fn bad_migration_options_are_refused() {
     assert!(all.is_empty(), "{all:?}");
     api.server.shutdown().await;
 }
+
+/// Seventy read-only candidate requests at once cost the pair of hosts one probe: the result
+/// is shared and reused, probes to a destination run one at a time, and the next request
+/// within the cache window probes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn candidate_requests_share_one_probe_per_host_pair() {
+    let api = api().await;
+    let id = Uuid::new_v4();
+    api.server
+        .state
+        .store
+        .insert_instance(id, "vm", "hv1", &spec(), InstanceState::Running)
+        .await
+        .unwrap();
+    let viewer = ApiClient::new(&api.server.url(), Some(api.read_only.clone()));
+    let answers = futures_util::future::join_all((0..70).map(|_| {
+        let viewer = viewer.clone();
+        async move {
+            viewer
+                .get::<Vec<Candidate>>("/v1/instances/vm/migration-candidates")
+                .await
+        }
+    }))
+    .await;
+    for a in &answers {
+        let candidates = a.as_ref().expect("candidates");
+        assert_eq!(candidates.len(), 1);
+        let probe = candidates[0]
+            .checks
+            .iter()
+            .find(|c| c.name == "migration-port-reachable")
+            .unwrap_or_else(|| panic!("probed: {candidates:#?}"));
+        assert!(probe.values["latency_ms"].as_f64().is_some(), "{probe:?}");
+    }
+    let dst = &api.agents["hv2"].calls;
+    assert_eq!(dst.probe_listen.load(Ordering::SeqCst), 1, "one listener");
+    assert_eq!(dst.listening.lock().unwrap().1, 1, "never two at once");
+    assert_eq!(
+        api.agents["hv1"].calls.probe_connect.load(Ordering::SeqCst),
+        1
+    );
+    assert_eq!(api.server.state.probes.runs(), 1);
+
+    // Within the cache window, again: no new probe.
+    let again: Vec<Candidate> = viewer
+        .get("/v1/instances/vm/migration-candidates?destination=hv2")
+        .await
+        .unwrap();
+    assert!(again[0].fit, "{again:#?}");
+    assert_eq!(dst.probe_listen.load(Ordering::SeqCst), 1);
+    api.server.shutdown().await;
+}
