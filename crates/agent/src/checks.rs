@@ -10,31 +10,35 @@
 //!    answers the byte count it received (`<n>\n`), and the client divides by the time until
 //!    that answer arrived, so socket buffers do not inflate the figure.
 //!
-//! The listener accepts for at most [`LISTEN_FOR`], then closes; each connection ends when the
-//! client closes it or at the same deadline.
+//! The listener accepts for at most [`LISTEN_FOR`], serves one connection at a time, and
+//! closes after the first one with the right token; each connection ends when the client
+//! closes it or at the same deadline. An agent has at most one probe listener open, on a port
+//! from the top of its migration range that a migration can spare (see [`bind_probe_port`]).
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_api::checks::{CpuModelFeatures, ProbeConnect, ProbeListening, ProbeResult};
-use ferry_migrate::MigrateError;
+use ferry_api::checks::{CpuModelFeatures, ProbeConnect, ProbeListening, ProbeResult, PROBE_BUSY};
 use ferry_qmp::commands::{CpuModelExpansionType, QueryCpuModelExpansion};
 use ferry_qmp::{Qmp, QmpError};
 use rand::RngCore;
 use serde_json::{Map, Value};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::{Agent, AgentError};
 
 /// How long a probe listener accepts connections.
 pub const LISTEN_FOR: Duration = Duration::from_secs(10);
-/// Most connections one probe listener serves.
+/// Most connections one probe listener accepts (stray ones with a wrong token included).
 const MAX_PROBE_CONNECTIONS: usize = 8;
+/// How long a probe listen request waits for the host's previous probe listener to close.
+const GATE_WAIT: Duration = Duration::from_millis(500);
 /// Connect timeout of the probe client.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The probe client's whole budget.
@@ -92,17 +96,90 @@ pub(crate) fn in_netns<T: Send + 'static>(
         .map_err(|_| io::Error::other(format!("closure run in network namespace {ns} panicked")))?
 }
 
-/// Binds the first free port of `first..=last` on `ip`.
-fn bind_first_free(ip: IpAddr, first: u16, last: u16) -> io::Result<TcpListener> {
-    let mut last_err = None;
-    for port in first..=last {
-        match TcpListener::bind(SocketAddr::new(ip, port)) {
-            Ok(l) => return Ok(l),
-            Err(e) if e.kind() == io::ErrorKind::AddrInUse => last_err = Some(e),
+/// Binds a port of `first..=last` on `ip` for a probe, searching from the top of the range
+/// because QEMU's `migrate-incoming` binds from the bottom, and only if another port of the
+/// range is still free afterwards: a probe must never take the port a migration needs. `None`
+/// when no port can be spared.
+fn bind_probe_port(ip: IpAddr, first: u16, last: u16) -> io::Result<Option<TcpListener>> {
+    for port in (first..=last).rev() {
+        let listener = match TcpListener::bind(SocketAddr::new(ip, port)) {
+            Ok(l) => l,
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
             Err(e) => return Err(e),
-        }
+        };
+        // Ports above `port` are taken; one below must be free for a migration.
+        let spare = (first..port).any(|p| TcpListener::bind(SocketAddr::new(ip, p)).is_ok());
+        return Ok(spare.then_some(listener));
     }
-    Err(last_err.unwrap_or_else(|| io::Error::from(io::ErrorKind::AddrInUse)))
+    Ok(None)
+}
+
+/// The agent's one probe listener: set while it is open. Held by the listener's thread, so it
+/// is released when the listener closes, however that happens.
+#[derive(Debug, Default)]
+pub(crate) struct ProbeGate(AtomicBool);
+
+/// Proof of holding the [`ProbeGate`]; releases it on drop.
+#[derive(Debug)]
+pub(crate) struct ProbeSlot(Arc<ProbeGate>);
+
+impl ProbeGate {
+    /// The slot, unless a probe listener is open.
+    pub(crate) fn try_take(self: &Arc<Self>) -> Option<ProbeSlot> {
+        self.0
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+            .map(|_| ProbeSlot(self.clone()))
+    }
+}
+
+impl Drop for ProbeSlot {
+    fn drop(&mut self) {
+        self.0 .0.store(false, Ordering::Release);
+    }
+}
+
+fn probe_busy(message: String) -> AgentError {
+    AgentError::conflict(
+        PROBE_BUSY,
+        message,
+        "the probe is skipped; the migration port is tried when the migration starts",
+    )
+}
+
+/// Opens the probe listener: at most one at a time ([`ProbeGate`]), on a port a migration can
+/// spare ([`bind_probe_port`]).
+pub(crate) fn open_probe_listener(
+    gate: &Arc<ProbeGate>,
+    ns: Option<&str>,
+    ip: IpAddr,
+    first: u16,
+    last: u16,
+) -> Result<(TcpListener, ProbeSlot), AgentError> {
+    // A listener whose probe just ended closes a moment after its client got the answer;
+    // wait that moment out rather than refuse the next probe.
+    let deadline = Instant::now() + GATE_WAIT;
+    let slot = loop {
+        match gate.try_take() {
+            Some(slot) => break slot,
+            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            None => {
+                return Err(probe_busy(
+                    "a probe listener is already open on this host".into(),
+                ))
+            }
+        }
+    };
+    let ns = ns.map(str::to_string);
+    let bound = in_netns(ns.as_deref(), move || bind_probe_port(ip, first, last))
+        .map_err(|e| AgentError::Internal(format!("cannot open a probe listener on {ip}: {e}")))?;
+    match bound {
+        Some(listener) => Ok((listener, slot)),
+        None => Err(probe_busy(format!(
+            "fewer than two ports of {first}-{last} on {ip} are free; a probe would take one a \
+             migration may need"
+        ))),
+    }
 }
 
 /// `POST /v1/probe/listen`.
@@ -110,31 +187,19 @@ pub(crate) async fn probe_listen(agent: &Arc<Agent>) -> Result<ProbeListening, A
     let ip = agent.config.migration_addr;
     let range = agent.port_range;
     let ns = agent.config.netns.clone();
-    let listener = tokio::task::spawn_blocking(move || {
-        in_netns(ns.as_deref(), move || {
-            bind_first_free(ip, range.first, range.last)
-        })
+    let gate = agent.probe_gate.clone();
+    let (listener, slot) = tokio::task::spawn_blocking(move || {
+        open_probe_listener(&gate, ns.as_deref(), ip, range.first, range.last)
     })
     .await
-    .map_err(|e| AgentError::Internal(format!("probe listener panicked: {e}")))?
-    .map_err(|e| {
-        if e.kind() == io::ErrorKind::AddrInUse {
-            AgentError::Migrate(MigrateError::PortUnavailable {
-                addr: ip,
-                first: range.first,
-                last: range.last,
-            })
-        } else {
-            AgentError::Internal(format!("cannot open a probe listener on {ip}: {e}"))
-        }
-    })?;
+    .map_err(|e| AgentError::Internal(format!("probe listener panicked: {e}")))??;
     let addr = listener
         .local_addr()
         .map_err(|e| AgentError::Internal(format!("probe listener: {e}")))?;
     let mut bytes = [0u8; 16];
     rand::thread_rng().fill_bytes(&mut bytes);
     let token = hex::encode(bytes);
-    serve_probe(listener, token.clone(), LISTEN_FOR)
+    serve_probe(listener, token.clone(), LISTEN_FOR, slot)
         .map_err(|e| AgentError::Internal(format!("cannot start the probe listener: {e}")))?;
     debug!(%addr, "probe listener open");
     Ok(ProbeListening {
@@ -143,33 +208,29 @@ pub(crate) async fn probe_listen(agent: &Arc<Agent>) -> Result<ProbeListening, A
     })
 }
 
-/// Accepts on `listener` for `period` in a background thread, serving each connection in its
-/// own thread; then closes the listener.
+/// Accepts on `listener` for `period` in a background thread and serves the connections one
+/// after the other, until one presenting `token` has been served; then closes the listener and
+/// lets go of `slot`. One connection at a time bounds the bulk traffic a probe can cause.
 pub(crate) fn serve_probe(
     listener: TcpListener,
     token: String,
     period: Duration,
+    slot: ProbeSlot,
 ) -> io::Result<()> {
     listener.set_nonblocking(true)?;
     let deadline = Instant::now() + period;
     std::thread::Builder::new()
         .name("ferry-probe".into())
         .spawn(move || {
+            let _slot = slot;
             let mut served = 0;
             while Instant::now() < deadline && served < MAX_PROBE_CONNECTIONS {
                 match listener.accept() {
                     Ok((stream, peer)) => {
                         served += 1;
-                        let token = token.clone();
-                        let spawned = std::thread::Builder::new()
-                            .name("ferry-probe-conn".into())
-                            .spawn(move || {
-                                if let Err(e) = serve_connection(stream, &token, deadline) {
-                                    debug!(%peer, error = %e, "probe connection ended");
-                                }
-                            });
-                        if let Err(e) = spawned {
-                            warn!(error = %e, "cannot serve a probe connection");
+                        match serve_connection(stream, &token, deadline) {
+                            Ok(()) => break,
+                            Err(e) => debug!(%peer, error = %e, "probe connection ended"),
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -622,6 +683,72 @@ mod tests {
         assert!(validate_connect(&no_token).is_err());
     }
 
+    /// A free range of `n` consecutive loopback ports (bound and released again).
+    fn free_range(n: u16) -> (u16, u16) {
+        for base in (20000..60000u16).step_by(97) {
+            let held: Vec<TcpListener> = (base..base + n)
+                .filter_map(|p| TcpListener::bind(("127.0.0.1", p)).ok())
+                .collect();
+            if held.len() == usize::from(n) {
+                return (base, base + n - 1);
+            }
+        }
+        panic!("no {n} free consecutive loopback ports");
+    }
+
+    /// A probe takes the top port of the range, never the last free one, and only one probe
+    /// listener is open at a time: the migration range stays usable for QEMU, which binds from
+    /// the bottom.
+    #[test]
+    fn probes_leave_the_migration_range_usable() {
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let (first, last) = free_range(3);
+        let gate = Arc::new(ProbeGate::default());
+        let (listener, slot) = open_probe_listener(&gate, None, ip, first, last).unwrap();
+        assert_eq!(listener.local_addr().unwrap().port(), last, "from the top");
+        // A second probe while the first listener is open is refused, not given a port.
+        let busy = open_probe_listener(&gate, None, ip, first, last).unwrap_err();
+        assert_eq!(busy.code(), PROBE_BUSY);
+        assert_eq!(busy.status().as_u16(), 409);
+        // The bottom of the range is still free for a migration.
+        let migration = TcpListener::bind((ip, first)).expect("first port free");
+        drop(slot);
+        drop(listener);
+
+        // With only one port free, a probe would take it: refused.
+        let _taken = TcpListener::bind((ip, first + 1)).unwrap();
+        let _taken2 = TcpListener::bind((ip, last)).unwrap();
+        drop(migration);
+        let err = open_probe_listener(&gate, None, ip, first, last).unwrap_err();
+        assert_eq!(err.code(), PROBE_BUSY, "{err}");
+        assert!(
+            TcpListener::bind((ip, first)).is_ok(),
+            "the last port stays free"
+        );
+        // And the gate was released by the refused attempt.
+        assert!(gate.try_take().is_some());
+    }
+
+    /// The listener closes after the first connection with the right token, releasing the
+    /// agent's probe slot.
+    #[test]
+    fn the_probe_listener_closes_after_one_probe() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let gate = Arc::new(ProbeGate::default());
+        let slot = gate.try_take().unwrap();
+        serve_probe(listener, "t".into(), Duration::from_secs(5), slot).unwrap();
+        assert!(gate.try_take().is_none(), "held while open");
+        let r = run_probe(None, addr, "t", Duration::ZERO);
+        assert!(r.connected, "{r:?}");
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while gate.0.load(Ordering::Acquire) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(gate.try_take().is_some(), "released after one probe");
+        assert!(TcpListener::bind(addr).is_ok(), "port given back");
+    }
+
     #[test]
     fn median_of_round_trips() {
         assert_eq!(median(&mut [3.0, 1.0, 2.0, 5.0, 4.0]), 3.0);
@@ -633,7 +760,9 @@ mod tests {
     fn probe_over_loopback_measures_and_refuses_wrong_tokens() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        serve_probe(listener, "secret".into(), Duration::from_secs(5)).unwrap();
+        let gate = Arc::new(ProbeGate::default());
+        let slot = gate.try_take().unwrap();
+        serve_probe(listener, "secret".into(), Duration::from_secs(5), slot).unwrap();
         let wrong = run_probe(None, addr, "guess", Duration::ZERO);
         assert!(!wrong.connected && wrong.error.is_some(), "{wrong:?}");
         let t = Instant::now();

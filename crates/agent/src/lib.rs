@@ -53,6 +53,8 @@ pub(crate) struct Agent {
     pub(crate) tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Required features per CPU model (cpuinfo spelling), from QEMU's static expansion.
     pub(crate) cpu_models: Mutex<HashMap<String, Vec<String>>>,
+    /// Held while this host's one probe listener is open.
+    pub(crate) probe_gate: Arc<checks::ProbeGate>,
 }
 
 impl Agent {
@@ -163,10 +165,7 @@ impl AgentHandle {
 pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     config.validate("config")?;
     let port_range = config.port_range()?;
-    for sub in ["instances", "run", "migrations"] {
-        let dir = config.state_dir.join(sub);
-        std::fs::create_dir_all(&dir).map_err(AgentError::io(&dir))?;
-    }
+    prepare_state_dir(&config.state_dir)?;
     let credential = match &config.credential {
         Some(c) => Some(c.clone()),
         None => auth::load_credential(&config.state_dir)?,
@@ -202,6 +201,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         migrations: Mutex::new(HashMap::new()),
         tasks: Mutex::new(Vec::new()),
         cpu_models: Mutex::new(HashMap::new()),
+        probe_gate: Arc::default(),
     });
     agent.readopt_instances().await;
     agent.load_migrations().await;
@@ -235,6 +235,28 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     })
 }
 
+/// Creates the state directory and its parts, the state directory itself mode 0700 (also when
+/// it existed): it holds the agent credential and the QEMU monitor sockets, which no other
+/// local user may read or connect to.
+fn prepare_state_dir(state_dir: &std::path::Path) -> Result<(), AgentError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state_dir)
+        .and_then(|()| std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700)))
+        .map_err(AgentError::io(state_dir))?;
+    for sub in ["instances", "run", "migrations"] {
+        let dir = state_dir.join(sub);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(AgentError::io(&dir))?;
+    }
+    Ok(())
+}
+
 /// Runs an agent until SIGINT or SIGTERM, then shuts it down (guests keep running). This is
 /// `ferry agent`.
 pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
@@ -248,4 +270,25 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     }
     handle.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_state_directory_is_the_owners_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("agent");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        super::prepare_state_dir(&dir).unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        for sub in ["instances", "run", "migrations"] {
+            assert_eq!(mode(&dir.join(sub)), 0o700, "{sub}");
+        }
+        super::auth::store_credential(&dir, "secret").unwrap();
+        assert_eq!(mode(&super::auth::credential_path(&dir)), 0o600);
+    }
 }

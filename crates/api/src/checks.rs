@@ -3,7 +3,9 @@
 //! Server endpoint: `GET /v1/instances/{id}/migration-candidates[?destination=H][&probe=false]`
 //! -> `Vec<Candidate>`, best first. Agent endpoints used by the checks (agent bearer):
 //! - `POST /v1/probe/listen` -> [`ProbeListening`]: the destination opens a one-shot TCP
-//!   listener on its migration address, on a port of its migration range;
+//!   listener on its migration address, on a port of its migration range, taken from the top
+//!   of the range (QEMU binds from the bottom) and only while another port of the range stays
+//!   free; one listener at a time, else 409 [`PROBE_BUSY`];
 //! - `POST /v1/probe/connect` [`ProbeConnect`] -> [`ProbeResult`]: the source connects to it
 //!   from its migration address, measures round-trip latency and, optionally, bandwidth;
 //! - `GET /v1/cpu-models/{model}` -> [`CpuModelFeatures`]: the CPU features QEMU's expansion of
@@ -11,6 +13,11 @@
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+
+/// The agent's refusal of `POST /v1/probe/listen` (409) while its one probe listener is open,
+/// or when a probe would take the last free port of the migration range: the probe is
+/// skipped (a warning), never a failed check, because a migration would still find a port.
+pub const PROBE_BUSY: &str = "probe-busy";
 
 /// How bad a finding is. Only `Fail` stops a migration (unless forced, where allowed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]

@@ -6,7 +6,10 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 /// What a VM is, independent of where it runs; the agent turns it into a QEMU command line.
+/// This and the other request types refuse unknown fields: a misspelt field must be an error,
+/// not a silently applied default.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct InstanceSpec {
     pub memory_mib: u32,
     #[serde(default = "one")]
@@ -32,6 +35,7 @@ fn default_machine() -> String {
 
 /// Direct kernel boot from files every host can read (a shared datastore or an image cache).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct BootSpec {
     pub kernel: String,
     pub initrd: String,
@@ -41,6 +45,7 @@ pub struct BootSpec {
 
 /// A NIC on one of the fleet's networks. The MAC stays with the instance across migrations.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct NicSpec {
     pub network: String,
     pub mac: String,
@@ -48,6 +53,7 @@ pub struct NicSpec {
 
 /// `POST /v1/instances`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct CreateInstance {
     pub name: String,
     /// Host to define it on; default: the enabled online host with the most free RAM.

@@ -76,8 +76,11 @@ pub enum MigrationKind {
     Cold,
 }
 
-/// What the user may choose per migration. Absent fields take Ferry's defaults.
+/// What the user may choose per migration. Absent fields take Ferry's defaults; unknown ones
+/// are refused, so a misspelt option (`bandwith_mib_s`) is an error instead of a silent
+/// default.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct MigrationOptions {
     /// Cap in MiB/s; default unlimited.
     pub bandwidth_mib_s: Option<u64>,
@@ -126,6 +129,13 @@ pub enum Policy {
 impl MigrationOptions {
     /// Checks the values a user typed, naming the bad one.
     pub fn validate(&self) -> Result<(), ErrorBody> {
+        if self.budget_s == Some(0) {
+            return Err(ErrorBody::new(
+                "invalid-migration-options",
+                "budget_s 0 leaves no time to migrate; it must be at least 1 s",
+                "give budget_s of 1 or more seconds, or leave it out for the default",
+            ));
+        }
         self.to_params().validate().map_err(|e| {
             ErrorBody::new(
                 "invalid-migration-options",
@@ -162,6 +172,7 @@ impl MigrationOptions {
 
 /// `PATCH /v1/migrations/{id}`: change the pacing of a job, also while it copies.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct UpdateMigration {
     /// New cap in MiB/s; `0` means unlimited.
     pub bandwidth_mib_s: Option<u64>,
@@ -171,6 +182,7 @@ pub struct UpdateMigration {
 
 /// `POST /v1/migrations`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct CreateMigration {
     /// Instance name or id.
     pub instance: String,

@@ -89,6 +89,9 @@ struct DemoReport {
     /// What the auto policy measured, predicted and chose.
     plan: Option<String>,
     error: Option<serde_json::Value>,
+    /// Whether the server accepted the migration: before that there is nothing to report.
+    #[serde(skip)]
+    migration_started: bool,
 }
 
 impl DemoReport {
@@ -114,6 +117,7 @@ impl DemoReport {
             memory_errors: None,
             plan: None,
             error: None,
+            migration_started: false,
         }
     }
 }
@@ -129,26 +133,56 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(130));
         }
     };
-    if let Err(e) = &outcome {
+    let end = conclude(&mut report, outcome, args.json);
+    if let Some(out) = &end.stdout {
+        ferry_cli::output::emit(out);
+    }
+    if let Some(err) = &end.stderr {
+        eprintln!("{err}");
+    }
+    Ok(ExitCode::from(end.code))
+}
+
+/// What the demo prints at its end, and its exit code.
+#[derive(Debug)]
+struct Conclusion {
+    stdout: Option<String>,
+    stderr: Option<String>,
+    code: u8,
+}
+
+/// The end of a demo run. A report describes a migration, so it is printed only once one was
+/// started: a demo that failed before (bad input, not root, no image, no lab) prints its
+/// error alone, as `error[code]` and one hint line, and not a report full of dashes and a
+/// "memory verification FAILED" about a guest that never moved. `--json` always prints the
+/// report object, with the error in it, because scripts parse stdout.
+fn conclude(report: &mut DemoReport, outcome: Result<(), CliError>, json: bool) -> Conclusion {
+    let error = outcome.err();
+    if let Some(e) = &error {
         report.status = "failed";
-        report.error = Some(serde_json::to_value(e.body())?);
+        report.error = serde_json::to_value(e.body()).ok();
     }
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+    let stdout = if json {
+        Some(serde_json::to_string(&report).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}")))
+    } else if report.migration_started {
+        Some(render_report(report))
     } else {
-        print_report(&report);
+        None
+    };
+    let stderr = match &error {
+        Some(e) if !json => Some(e.render()),
+        _ => None,
+    };
+    let code = match (&error, report.memory_verified) {
+        (Some(_), _) => 1,
+        (None, true) => 0,
+        (None, false) => 2,
+    };
+    Conclusion {
+        stdout,
+        stderr,
+        code,
     }
-    if let Err(e) = outcome {
-        if !args.json {
-            eprintln!("{}", e.render());
-        }
-        return Ok(ExitCode::from(1));
-    }
-    Ok(if report.memory_verified {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(2)
-    })
 }
 
 pub(crate) async fn shutdown_signal() {
@@ -200,6 +234,14 @@ async fn demo(args: &DemoArgs, report: &mut DemoReport) -> Result<(), CliError> 
     };
     options.validate().map_err(CliError::Local)?;
     let choice: AccelChoice = args.accel.parse().map_err(LabError::from)?;
+    // SAFETY: geteuid(2) cannot fail and has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(CliError::new(
+            "needs-root",
+            "the demo creates network namespaces, bridges and taps, which only root may do",
+            "run it as root, e.g. `sudo ferry demo`",
+        ));
+    }
 
     say(
         args,
@@ -216,7 +258,13 @@ async fn demo(args: &DemoArgs, report: &mut DemoReport) -> Result<(), CliError> 
             .await?;
     report.accel = accel.name().into();
     say(args, "starting ferry server and an agent per host");
-    let cluster = LocalCluster::start(&args.lab_name, 2, accel.name()).await?;
+    // The image's cache directory is a datastore of every host, as in `ferry lab up`: the
+    // server accepts kernel and initrd paths only inside a datastore.
+    let images = ferry_agent::DatastoreConfig {
+        name: "images".into(),
+        path: cache_dir.clone(),
+    };
+    let cluster = LocalCluster::start(&args.lab_name, 2, accel.name(), vec![images]).await?;
 
     say(
         args,
@@ -308,6 +356,7 @@ async fn migrate_and_measure(
             },
         )
         .await?;
+    report.migration_started = true;
     let bar = !args.json || std::io::stderr().is_terminal();
     let m = follow(&cluster.ctx, m.id, bar).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -371,54 +420,64 @@ fn parse_fill(s: &str) -> Result<Fill, String> {
     }
 }
 
-fn print_report(r: &DemoReport) {
+/// The report as the text `ferry demo` prints.
+fn render_report(r: &DemoReport) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
     let ms = |v: Option<u64>| v.map(|v| format!("{v} ms")).unwrap_or_else(|| "-".into());
     let fms = |v: Option<f64>| {
         v.map(|v| format!("{v:.1} ms"))
             .unwrap_or_else(|| "-".into())
     };
-    println!(
+    let _ = writeln!(
+        out,
         "\nFerry demo: {} -> {} ({} MiB guest, {})",
         r.source, r.destination, r.memory_mib, r.accel
     );
-    println!("  status                   {}", r.status);
+    let _ = writeln!(out, "  status                   {}", r.status);
     if let Some(plan) = &r.plan {
-        println!("  {plan}");
+        let _ = writeln!(out, "  {plan}");
     }
-    println!("  total time               {}", ms(r.total_ms));
-    println!("  QEMU downtime            {}", ms(r.qemu_downtime_ms));
-    println!(
+    let _ = writeln!(out, "  total time               {}", ms(r.total_ms));
+    let _ = writeln!(out, "  QEMU downtime            {}", ms(r.qemu_downtime_ms));
+    let _ = writeln!(
+        out,
         "  guest-observed downtime  {} (UDP echo every 5 ms; {} of {} lost)",
         fms(r.guest_downtime_ms),
         r.echo_lost.unwrap_or(0),
         r.echo_sent.unwrap_or(0)
     );
-    println!(
+    let _ = writeln!(
+        out,
         "  longest heartbeat gap    {} (counter continuous: {})",
         fms(r.heartbeat_gap_ms),
         r.heartbeat_continuous
             .map(|c| if c { "yes" } else { "NO" })
             .unwrap_or("-")
     );
-    println!(
+    let _ = writeln!(
+        out,
         "  TCP echo connection      {}",
         r.tcp_echo_survived
             .map(|c| if c { "survived" } else { "BROKEN" })
             .unwrap_or("-")
     );
-    println!(
+    let _ = writeln!(
+        out,
         "  transferred              {}",
         r.bytes_transferred
             .map(|b| format!("{:.1} MiB", b as f64 / (1 << 20) as f64))
             .unwrap_or_else(|| "-".into())
     );
-    println!(
+    let _ = writeln!(
+        out,
         "  iterations               {}",
         r.iterations
             .map(|i| i.to_string())
             .unwrap_or_else(|| "-".into())
     );
-    println!(
+    let _ = writeln!(
+        out,
         "  memory verification      {} ({} pages checked, {} errors)",
         if r.memory_verified { "OK" } else { "FAILED" },
         r.memory_pages_checked.unwrap_or(0),
@@ -426,4 +485,99 @@ fn print_report(r: &DemoReport) {
             .map(|e| e.to_string())
             .unwrap_or_else(|| "-".into())
     );
+    out.truncate(out.trim_end_matches('\n').len());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(json: bool) -> DemoArgs {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            demo: DemoArgs,
+        }
+        let mut argv = vec!["ferry"];
+        if json {
+            argv.push("--json");
+        }
+        Cli::parse_from(argv).demo
+    }
+
+    /// A demo that fails before its migration started (here: not root) prints the error once,
+    /// with its hint once, and no report.
+    #[test]
+    fn a_demo_that_never_migrated_prints_only_its_error() {
+        let mut report = DemoReport::new(&args(false));
+        let err = CliError::new(
+            "needs-root",
+            "the demo creates network namespaces, which only root may do",
+            "run it as root, e.g. `sudo ferry demo`",
+        );
+        let end = conclude(&mut report, Err(err), false);
+        assert_eq!(end.code, 1);
+        assert_eq!(end.stdout, None, "no report for a run that never started");
+        let stderr = end.stderr.expect("the error");
+        assert!(stderr.starts_with("error[needs-root]: "), "{stderr}");
+        assert_eq!(stderr.matches("hint:").count(), 1, "{stderr}");
+        assert!(!stderr.contains("verification"), "{stderr}");
+
+        // An image error's hint used to be in its message too, and so printed twice.
+        let image = ferry_lab::image::ensure_image(&ferry_lab::image::ImageOptions {
+            cache_dir: std::path::PathBuf::from("/proc/ferry-no-such-dir"),
+            kernel_package: None,
+            busybox: std::path::PathBuf::from("/proc/ferry-no-busybox"),
+            offline: true,
+        })
+        .expect_err("no image can be built in /proc");
+        let mut report = DemoReport::new(&args(false));
+        let end = conclude(&mut report, Err(LabError::from(image).into()), false);
+        let stderr = end.stderr.expect("the error");
+        assert_eq!(stderr.matches("hint").count(), 1, "{stderr}");
+        assert_eq!(end.stdout, None);
+    }
+
+    #[test]
+    fn json_always_prints_the_report_object() {
+        let mut report = DemoReport::new(&args(true));
+        let end = conclude(
+            &mut report,
+            Err(CliError::new("needs-root", "not root", "use sudo")),
+            true,
+        );
+        assert_eq!(end.code, 1);
+        assert_eq!(end.stderr, None);
+        let v: serde_json::Value = serde_json::from_str(&end.stdout.unwrap()).unwrap();
+        assert_eq!(v["status"], "failed");
+        assert_eq!(v["error"]["code"], "needs-root");
+    }
+
+    #[test]
+    fn a_started_migration_is_reported() {
+        let mut report = DemoReport::new(&args(false));
+        report.migration_started = true;
+        report.status = "completed";
+        report.memory_verified = true;
+        report.memory_pages_checked = Some(10);
+        report.memory_errors = Some(0);
+        let end = conclude(&mut report, Ok(()), false);
+        assert_eq!(end.code, 0);
+        assert_eq!(end.stderr, None);
+        let out = end.stdout.unwrap();
+        assert!(out.contains("memory verification      OK"), "{out}");
+
+        let mut failed = DemoReport::new(&args(false));
+        failed.migration_started = true;
+        let err = CliError::new("migration-failed", "migration ended failed", "see the logs");
+        let end = conclude(&mut failed, Err(err), false);
+        assert_eq!(end.code, 1);
+        assert!(end
+            .stdout
+            .unwrap()
+            .contains("status                   failed"));
+        assert_eq!(end.stderr.unwrap().matches("hint:").count(), 1);
+    }
 }

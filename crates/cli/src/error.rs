@@ -20,6 +20,9 @@ pub mod exit {
     pub const UNREACHABLE: u8 = 4;
     /// The server rejected the credential (HTTP 401 or 403).
     pub const AUTH: u8 = 5;
+    /// Stdout was closed before the output was written (`ferry host list | head -1`): 128 +
+    /// SIGPIPE, as a shell reports it for programs that die of the signal.
+    pub const STDOUT_CLOSED: u8 = 141;
 }
 
 /// The help text's exit code table, shared by `--help` and the README.
@@ -29,7 +32,8 @@ pub const EXIT_CODES_HELP: &str = "Exit codes:
   2  the migration waited for ended Failed
   3  the migration waited for ended Cancelled
   4  cannot reach the server
-  5  authentication error (HTTP 401/403: missing or wrong token)";
+  5  authentication error (HTTP 401/403: missing or wrong token)
+  141  stdout was closed before everything was written (e.g. piped into head)";
 
 /// A failure of a CLI command.
 #[derive(Debug, thiserror::Error)]

@@ -46,7 +46,7 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
     let (image, rebuilt) = tokio::task::spawn_blocking(move || ensure_image(&opts))
         .await?
         .map_err(LabError::from)?;
-    println!(
+    ferry_cli::outln!(
         "{} image {}\n  kernel {} ({})\n  initrd {}",
         if rebuilt { "built" } else { "reused" },
         image.id,

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use ferry_agent::{AgentConfig, AgentHandle};
+use ferry_agent::{AgentConfig, AgentHandle, DatastoreConfig};
 use ferry_lab::net::LabNet;
 use ferry_server::ServerHandle;
 use uuid::Uuid;
@@ -31,8 +31,14 @@ pub struct LocalCluster {
 
 impl LocalCluster {
     /// Creates lab `name` with `hosts` hosts (a stale lab of that name is removed first),
-    /// starts the server and the agents, and waits until every host is online.
-    pub async fn start(name: &str, hosts: usize, accel: &str) -> Result<LocalCluster, CliError> {
+    /// starts the server and the agents, and waits until every host is online. Every agent
+    /// offers `datastores`; the server accepts instance files only inside one of them.
+    pub async fn start(
+        name: &str,
+        hosts: usize,
+        accel: &str,
+        datastores: Vec<DatastoreConfig>,
+    ) -> Result<LocalCluster, CliError> {
         let n = name.to_string();
         let net = tokio::task::spawn_blocking(move || LabNet::create(&n, hosts))
             .await
@@ -40,7 +46,8 @@ impl LocalCluster {
             .map_err(ferry_lab::LabError::from)?;
         let dir = std::env::temp_dir().join(format!("ferry-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(|e| {
+        // Holds the database and the agents' credentials: the owner's only.
+        crate::private_fs::create_dir(&dir).map_err(|e| {
             CliError::new(
                 "io",
                 format!("cannot create {}: {e}", dir.display()),
@@ -86,7 +93,7 @@ impl LocalCluster {
                 JOIN_TOKEN,
                 cluster.dir.join(&h.name),
                 accel,
-                vec![],
+                datastores.clone(),
             );
             let agent = ferry_agent::start(config.clone())
                 .await

@@ -12,6 +12,38 @@ use ferry_migrate::Progress;
 use serde::Serialize;
 use uuid::Uuid;
 
+use crate::error::exit;
+
+/// Writes `text` and a newline to stdout, flushed. When the reader has gone away
+/// (`ferry host list | head -1`, `| true`), the program ends quietly with
+/// [`exit::STDOUT_CLOSED`] (141, what a shell reports for a program stopped by SIGPIPE) instead
+/// of panicking like `println!`: the output nobody reads is not an error worth a backtrace.
+/// Call it only where nothing needs cleaning up afterwards (the lab demo prints after its lab
+/// is gone).
+pub fn emit(text: &str) {
+    if let Err(e) = write_line(&mut std::io::stdout().lock(), text) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(i32::from(exit::STDOUT_CLOSED));
+        }
+        eprintln!("error[stdout]: cannot write the output: {e}");
+        std::process::exit(i32::from(exit::ERROR));
+    }
+}
+
+/// `text` and a newline into `out`, flushed; the part of [`emit`] that tests can drive.
+pub fn write_line(out: &mut impl std::io::Write, text: &str) -> std::io::Result<()> {
+    writeln!(out, "{text}")?;
+    out.flush()
+}
+
+/// `println!` through [`emit`]: never panics on a closed stdout.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::output::emit(&format!($($arg)*))
+    };
+}
+
 /// `--output`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
 pub enum OutputFormat {

@@ -565,6 +565,30 @@ fn the_deployment_examples_parse() {
     assert_eq!(agent.name, "hv1");
 }
 
+/// Tokens, credentials and the database must be root's only on real hosts too: the units
+/// create every file 0600 and the state and configuration directories 0700, and the install
+/// script installs the configuration that way.
+#[test]
+fn the_deployment_keeps_secrets_private() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy");
+    for unit in ["ferry-server.service", "ferry-agent.service"] {
+        let text = std::fs::read_to_string(root.join(unit)).unwrap();
+        for line in [
+            "UMask=0077",
+            "StateDirectoryMode=0700",
+            "ConfigurationDirectoryMode=0700",
+        ] {
+            assert!(text.lines().any(|l| l.trim() == line), "{unit}: {line}");
+        }
+    }
+    let install = std::fs::read_to_string(root.join("install.sh")).unwrap();
+    assert!(
+        install.contains("install -d -m 0700 /etc/ferry"),
+        "{install}"
+    );
+    assert!(install.contains("install -m 0600"), "{install}");
+}
+
 #[test]
 fn check_tables_show_status_message_and_hint() {
     use ferry_api::checks::{Candidate, CheckResult, CheckStatus};

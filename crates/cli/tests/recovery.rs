@@ -80,7 +80,11 @@ impl Procs {
                 JOIN,
                 dir.path().join(&h.name),
                 "tcg",
-                vec![],
+                // The server accepts kernel and initrd only inside a datastore of the host.
+                vec![ferry_agent::DatastoreConfig {
+                    name: "images".into(),
+                    path: ImageOptions::default().cache_dir,
+                }],
             );
             std::fs::write(
                 dir.path().join(format!("{}.toml", h.name)),

@@ -98,20 +98,21 @@ pub struct GuestImage {
     pub id: String,
 }
 
-/// Why the image could not be built; each variant carries a hint on what to do.
+/// Why the image could not be built; each variant has a hint on what to do ([`ImageError::hint`]),
+/// kept out of the message because every caller prints the hint on its own line.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("apt is not usable: {message} (hint: {})", self.hint())]
+    #[error("apt is not usable: {message}")]
     AptMissing { message: String },
-    #[error("kernel package {package:?} not found: {message} (hint: {})", self.hint())]
+    #[error("kernel package {package:?} not found: {message}")]
     PackageNotFound { package: String, message: String },
-    #[error("downloading {package:?} failed: {message} (hint: {})", self.hint())]
+    #[error("downloading {package:?} failed: {message}")]
     DownloadFailed { package: String, message: String },
-    #[error("busybox {path:?} is unusable: {message} (hint: {})", self.hint())]
+    #[error("busybox {path:?} is unusable: {message}")]
     BusyboxMissing { path: PathBuf, message: String },
-    #[error("unpacking the kernel package failed: {message} (hint: {})", self.hint())]
+    #[error("unpacking the kernel package failed: {message}")]
     DpkgDebFailed { message: String },
-    #[error("{context}: {source} (hint: {})", self.hint())]
+    #[error("{context}: {source}")]
     Io {
         context: String,
         #[source]
@@ -752,7 +753,11 @@ mod tests {
         };
         let err = ensure_image(&opts).unwrap_err();
         assert_eq!(err.code(), "package-not-found");
-        assert!(err.to_string().contains("hint:"), "{err}");
+        assert!(!err.hint().is_empty());
+        assert!(
+            !err.to_string().contains("hint"),
+            "printed once, by the caller: {err}"
+        );
     }
 
     #[test]

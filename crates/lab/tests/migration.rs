@@ -58,6 +58,7 @@ fn tap_exists(lab: &Lab, host: &str, tap: &str) -> bool {
 /// harness fault and a stale guest can be told apart from CI's output alone.
 async fn assert_heartbeat_continuous(lab: &Lab, vm: &LabVm, leg: &str) {
     let gap = vm.heartbeat_gap();
+    eprintln!("heartbeats after {leg}: {gap}");
     if !gap.continuous {
         let verify = vm.verify_within(lab, Duration::from_secs(30)).await;
         panic!(

@@ -16,4 +16,7 @@ pub use accel::{probe_accelerator, Accel, AccelChoice, BootProbe};
 pub use cmdline::qemu_args;
 pub use error::QemuError;
 pub use process::{LaunchOptions, QemuProcess, RunPaths, StartMode};
-pub use spec::{BootSource, InstanceSpec, MacAddr, NicSpec};
+pub use spec::{
+    has_control_chars, is_known_machine_type, BootSource, InstanceSpec, MacAddr, NicSpec,
+    MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB,
+};

@@ -10,8 +10,39 @@ use crate::QemuError;
 pub const MIN_MEMORY_MIB: u32 = 64;
 /// Largest guest Ferry will start (1 TiB): anything above is almost surely a unit mistake.
 pub const MAX_MEMORY_MIB: u32 = 1 << 20;
-/// Upper bound on vCPUs, far above what a migration lab or a typical fleet VM uses.
-pub const MAX_VCPUS: u32 = 256;
+/// Upper bound on vCPUs: QEMU's x86 machines refuse more than 255 without an IOMMU with
+/// interrupt remapping (x2APIC), which Ferry does not configure; a bigger number would only
+/// fail when QEMU starts.
+pub const MAX_VCPUS: u32 = 255;
+
+/// Whether `name` is an x86 machine type QEMU knows: the aliases `pc` and `q35`, their
+/// versioned names (`pc-i440fx-9.2`, `pc-q35-7.2`, and distribution suffixes such as
+/// `pc-q35-noble`), `isapc` and `microvm`. `none` and `x-remote` run no guest and are refused.
+/// Checked without a host, so a typo is refused when the instance is defined rather than when
+/// QEMU starts; the hosts' own lists (their facts) are checked where they are known.
+pub fn is_known_machine_type(name: &str) -> bool {
+    if matches!(name, "pc" | "q35" | "isapc" | "microvm") {
+        return true;
+    }
+    let Some(version) = name
+        .strip_prefix("pc-i440fx-")
+        .or_else(|| name.strip_prefix("pc-q35-"))
+    else {
+        return false;
+    };
+    !version.is_empty()
+        && version.len() <= 24
+        && version.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && version
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+}
+
+/// Whether `s` holds a control character (NUL, newline, escape, DEL, ...): such bytes in a
+/// name or path end up in command lines, file names and terminals, and are refused everywhere.
+pub fn has_control_chars(s: &str) -> bool {
+    s.chars().any(char::is_control)
+}
 
 /// What a virtual machine is, independent of the host it runs on.
 ///
@@ -177,10 +208,13 @@ impl InstanceSpec {
                 format!("'{}' is not a CPU model name", self.cpu_model),
             );
         }
-        if !is_simple_name(&self.machine.replace('.', "-"), 64) {
+        if !is_known_machine_type(&self.machine) {
             return bad(
                 "machine",
-                format!("'{}' is not a machine type", self.machine),
+                format!(
+                    "'{}' is not an x86 machine type QEMU knows (pc, q35, pc-i440fx-X.Y, pc-q35-X.Y)",
+                    self.machine.escape_debug()
+                ),
             );
         }
         let BootSource::Kernel {
@@ -189,12 +223,18 @@ impl InstanceSpec {
             cmdline,
         } = &self.boot;
         for (field, path) in [("boot.kernel", kernel), ("boot.initrd", initrd)] {
+            if has_control_chars(&path.to_string_lossy()) {
+                return bad(field, "must not contain control characters".into());
+            }
             if !path.is_file() {
                 return bad(field, format!("{} does not exist", path.display()));
             }
         }
-        if cmdline.contains('\n') {
-            return bad("boot.cmdline", "must be one line".into());
+        if has_control_chars(cmdline) {
+            return bad(
+                "boot.cmdline",
+                "must be one line without control characters".into(),
+            );
         }
         for nic in &self.nics {
             if !is_simple_name(&nic.tap, 15) {
@@ -250,6 +290,35 @@ mod tests {
     }
 
     #[test]
+    fn machine_types_are_those_qemu_knows_for_x86() {
+        for ok in [
+            "pc",
+            "q35",
+            "pc-i440fx-9.2",
+            "pc-q35-7.2",
+            "pc-q35-noble",
+            "microvm",
+        ] {
+            assert!(is_known_machine_type(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "bogus",
+            "none",
+            "x-remote",
+            "pc-i440fx-",
+            "pc,accel=kvm",
+            "pc-q35-9.2,x=y",
+            "virt",
+            "pc\0",
+        ] {
+            assert!(!is_known_machine_type(bad), "{bad:?}");
+        }
+        assert!(has_control_chars("a\0b") && has_control_chars("a\x1bb"));
+        assert!(!has_control_chars("vmlinuz-6.1 console=ttyS0"));
+    }
+
+    #[test]
     fn validate_accepts_a_sane_spec() {
         let dir = tempfile::tempdir().unwrap();
         sample(dir.path()).validate().unwrap();
@@ -263,6 +332,17 @@ mod tests {
             ("memory_mib", Box::new(|s| s.memory_mib = 0)),
             ("memory_mib", Box::new(|s| s.memory_mib = u32::MAX)),
             ("vcpus", Box::new(|s| s.vcpus = 0)),
+            ("vcpus", Box::new(|s| s.vcpus = 256)),
+            ("machine", Box::new(|s| s.machine = "bogus".into())),
+            ("machine", Box::new(|s| s.machine = "none".into())),
+            ("name", Box::new(|s| s.name = "a\0b".into())),
+            (
+                "boot.cmdline",
+                Box::new(|s| {
+                    let BootSource::Kernel { cmdline, .. } = &mut s.boot;
+                    *cmdline = "console=ttyS0\0x".into();
+                }),
+            ),
             ("name", Box::new(|s| s.name = "Bad Name".into())),
             ("name", Box::new(|s| s.name = "-x".into())),
             ("cpu_model", Box::new(|s| s.cpu_model = "host".into())),

@@ -27,6 +27,11 @@ pub struct Admin {
     pub name: String,
 }
 
+/// An admin token used to read what only admins may see (the audit log names every actor and
+/// what they did). Refused read-only tokens are told what needed the admin token.
+#[derive(Debug, Clone)]
+pub struct AuditReader;
+
 /// An agent, authenticated by the credential it got at join.
 #[derive(Debug, Clone)]
 pub struct AgentCaller {
@@ -61,6 +66,16 @@ impl FromRequestParts<AppState> for Admin {
         match api_role(parts, state).await? {
             (name, Role::Admin) => Ok(Admin { name }),
             _ => Err(ServerError::forbidden()),
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for AuditReader {
+    type Rejection = ServerError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ServerError> {
+        match api_role(parts, state).await? {
+            (_, Role::Admin) => Ok(AuditReader),
+            _ => Err(ServerError::forbidden_read("reading the audit log")),
         }
     }
 }

@@ -402,7 +402,7 @@ pub fn cpu_features(i: &CheckInput, dst: &HostFacts) -> CheckResult {
 }
 
 /// The datastore of `stores` whose path holds `file`, the deepest one.
-fn covering<'a>(stores: &'a [DatastoreFacts], file: &str) -> Option<&'a DatastoreFacts> {
+pub(crate) fn covering<'a>(stores: &'a [DatastoreFacts], file: &str) -> Option<&'a DatastoreFacts> {
     stores
         .iter()
         .filter(|d| Path::new(file).starts_with(Path::new(&d.path)))

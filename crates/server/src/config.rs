@@ -52,6 +52,10 @@ pub struct Preflight {
     /// How long the connectivity probe pushes data to estimate bandwidth; 0 turns the
     /// bandwidth probe off (the TCP connect and latency are always checked).
     pub bandwidth_probe_ms: u64,
+    /// How long a probe's result between two hosts is reused. Probes open a listener on the
+    /// destination and push bulk data; any token (read-only ones too) may ask for candidates,
+    /// so without reuse a burst of requests would be a burst of probes.
+    pub probe_cache_s: u64,
 }
 
 impl Default for Preflight {
@@ -59,6 +63,7 @@ impl Default for Preflight {
         Preflight {
             qemu_version_rule: QemuVersionRule::SameOrNewer,
             bandwidth_probe_ms: 300,
+            probe_cache_s: 15,
         }
     }
 }
@@ -128,6 +133,12 @@ impl ServerConfig {
         if self.preflight.bandwidth_probe_ms > 2000 {
             return Err(ServerError::config(
                 "preflight.bandwidth_probe_ms must be at most 2000".into(),
+            ));
+        }
+        if !(1..=3600).contains(&self.preflight.probe_cache_s) {
+            return Err(ServerError::config(
+                "preflight.probe_cache_s must be between 1 and 3600 (probes are always reused for a while)"
+                    .into(),
             ));
         }
         if !(50..=1000).contains(&self.progress_poll_ms) {

@@ -64,6 +64,17 @@ impl ServerError {
         )
     }
 
+    /// A read-only token asking for something only admins may read; `what` names it, e.g.
+    /// "reading the audit log" (saying the request "changes something" would be untrue).
+    pub fn forbidden_read(what: &str) -> Self {
+        Self::new(
+            403,
+            "forbidden",
+            format!("{what} needs an admin token; this token is read-only"),
+            "use an admin token",
+        )
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(
             500,
@@ -103,7 +114,7 @@ impl ServerError {
 impl From<StoreError> for ServerError {
     fn from(e: StoreError) -> Self {
         let status = match &e {
-            StoreError::Conflict(_) | StoreError::InvalidTransition { .. } => 409,
+            StoreError::Conflict { .. } | StoreError::InvalidTransition { .. } => 409,
             StoreError::NotFound(_) => 404,
             _ => 500,
         };

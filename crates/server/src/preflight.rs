@@ -1,15 +1,18 @@
 //! Gathers what the pre-flight checks need (fresh facts from every agent, the CPU model's
-//! features from the source agent, probes of the migration port) and ranks the candidates.
+//! features from the source agent, probes of the migration port, shared and rate-limited by
+//! [`ProbeCache`]) and ranks the candidates.
 //! The checks themselves are pure: [`crate::checks`].
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use ferry_api::checks::{
     Candidate, CheckResult, CheckStatus, CpuModelFeatures, ProbeConnect, ProbeListening,
-    ProbeResult,
+    ProbeResult, PROBE_BUSY,
 };
 use ferry_api::hosts::{Host, HostFacts, HostState};
 use ferry_api::instances::Instance;
@@ -117,14 +120,95 @@ pub async fn baseline_model(expander: &ApiClient, host_flags: &[Vec<String>]) ->
     checks::cluster_baseline(&models, &refs)
 }
 
-/// Listen on the destination, connect from the source. `None`: an agent cannot probe (too
-/// old), which the caller reports as a warning.
-async fn probe(src: &ApiClient, dst: &ApiClient, bandwidth_ms: u64) -> Option<ProbeResult> {
+/// What a probe between two hosts found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Probed {
+    Done(ProbeResult),
+    /// An agent has no probe endpoints (too old): a warning.
+    Unsupported,
+    /// The destination could not spare a port or already runs a probe: a warning, because a
+    /// migration would still find a port.
+    Busy(String),
+}
+
+/// Probes between hosts, shared by every request: a recent result per (source, destination)
+/// is reused, and probes to one destination run one at a time, so that any number of
+/// candidate requests costs each pair of hosts at most one probe per cache window and never
+/// more than one listener on a destination.
+#[derive(Debug, Default)]
+pub struct ProbeCache {
+    results: std::sync::Mutex<HashMap<(String, String), (Instant, Probed)>>,
+    destinations: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    runs: AtomicU64,
+}
+
+impl ProbeCache {
+    /// How many probes this server has run.
+    pub fn runs(&self) -> u64 {
+        self.runs.load(Ordering::Relaxed)
+    }
+
+    fn fresh(&self, key: &(String, String), ttl: Duration) -> Option<Probed> {
+        let results = self.results.lock().unwrap_or_else(|p| p.into_inner());
+        results
+            .get(key)
+            .filter(|(at, _)| at.elapsed() < ttl)
+            .map(|(_, r)| r.clone())
+    }
+
+    fn remember(&self, key: (String, String), result: Probed, ttl: Duration) {
+        let mut results = self.results.lock().unwrap_or_else(|p| p.into_inner());
+        results.retain(|_, (at, _)| at.elapsed() < ttl);
+        results.insert(key, (Instant::now(), result));
+    }
+
+    fn destination_lock(&self, destination: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.destinations.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(destination.to_string()).or_default().clone()
+    }
+
+    /// The probe from `source` to `destination`: a result younger than `ttl`, else a new
+    /// probe, run while holding the destination's lock.
+    pub async fn probe<F, Fut>(
+        &self,
+        source: &str,
+        destination: &str,
+        ttl: Duration,
+        run: F,
+    ) -> Probed
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Probed>,
+    {
+        let key = (source.to_string(), destination.to_string());
+        if let Some(r) = self.fresh(&key, ttl) {
+            return r;
+        }
+        let lock = self.destination_lock(destination);
+        let _one_at_a_time = lock.lock().await;
+        // Another request may have probed this pair while this one waited.
+        if let Some(r) = self.fresh(&key, ttl) {
+            return r;
+        }
+        self.runs.fetch_add(1, Ordering::Relaxed);
+        let result = run().await;
+        self.remember(key, result.clone(), ttl);
+        result
+    }
+}
+
+/// Listen on the destination, connect from the source.
+async fn probe(src: &ApiClient, dst: &ApiClient, bandwidth_ms: u64) -> Probed {
     let run = async {
         let listening: ProbeListening = match dst.post("/v1/probe/listen", &()).await {
             Ok(l) => l,
-            Err(e) if e.status() == Some(404) => return None,
-            Err(e) => return Some(not_connected(format!("destination cannot listen: {e}"))),
+            Err(e) if e.status() == Some(404) => return Probed::Unsupported,
+            Err(e) if e.status() == Some(409) && e.code() == PROBE_BUSY => {
+                return Probed::Busy(e.to_string())
+            }
+            Err(e) => {
+                return Probed::Done(not_connected(format!("destination cannot listen: {e}")))
+            }
         };
         let body = ProbeConnect {
             addr: listening.addr,
@@ -132,14 +216,14 @@ async fn probe(src: &ApiClient, dst: &ApiClient, bandwidth_ms: u64) -> Option<Pr
             bandwidth_ms,
         };
         match src.post::<_, ProbeResult>("/v1/probe/connect", &body).await {
-            Ok(r) => Some(r),
-            Err(e) if e.status() == Some(404) => None,
-            Err(e) => Some(not_connected(format!("source cannot probe: {e}"))),
+            Ok(r) => Probed::Done(r),
+            Err(e) if e.status() == Some(404) => Probed::Unsupported,
+            Err(e) => Probed::Done(not_connected(format!("source cannot probe: {e}"))),
         }
     };
     match tokio::time::timeout(PROBE_TIMEOUT, run).await {
         Ok(r) => r,
-        Err(_) => Some(not_connected(format!(
+        Err(_) => Probed::Done(not_connected(format!(
             "no answer within {} s",
             PROBE_TIMEOUT.as_secs()
         ))),
@@ -161,6 +245,17 @@ fn probe_unsupported() -> CheckResult {
         status: CheckStatus::Warn,
         message: "an agent cannot probe the migration port (no /v1/probe endpoints)".into(),
         hint: "upgrade the agents; the port is only tried when the migration starts".into(),
+        values: json!({}),
+        overridable: false,
+    }
+}
+
+fn probe_busy(detail: &str) -> CheckResult {
+    CheckResult {
+        name: "migration-port-reachable".into(),
+        status: CheckStatus::Warn,
+        message: format!("the destination could not take a probe now ({detail})"),
+        hint: "the port is tried when the migration starts; ask again in a few seconds".into(),
         values: json!({}),
         overridable: false,
     }
@@ -319,7 +414,9 @@ pub async fn evaluate(state: &AppState, req: &Request<'_>) -> Result<Vec<Candida
 
     // Cheap checks first; probe only the hosts that pass them.
     let cheap: Vec<Vec<CheckResult>> = targets.iter().map(|t| input_for(t, None)).collect();
-    let probes: Vec<Option<Option<ProbeResult>>> = if req.probe && req.kind == MigrationKind::Live {
+    // Probes are shared with every other request (see [`ProbeCache`]).
+    let ttl = Duration::from_secs(state.config.preflight.probe_cache_s);
+    let probes: Vec<Option<Probed>> = if req.probe && req.kind == MigrationKind::Live {
         join_all(targets.iter().zip(&cheap).map(|(t, checks)| {
             let src = src.clone();
             async move {
@@ -328,7 +425,15 @@ pub async fn evaluate(state: &AppState, req: &Request<'_>) -> Result<Vec<Candida
                 }
                 let src = src?;
                 let dst = agent_client(&state.store, &t.name).await.ok()?;
-                Some(probe(&src, &dst, state.config.preflight.bandwidth_probe_ms).await)
+                let bandwidth_ms = state.config.preflight.bandwidth_probe_ms;
+                Some(
+                    state
+                        .probes
+                        .probe(&instance.host, &t.name, ttl, || {
+                            probe(&src, &dst, bandwidth_ms)
+                        })
+                        .await,
+                )
             }
         }))
         .await
@@ -343,10 +448,15 @@ pub async fn evaluate(state: &AppState, req: &Request<'_>) -> Result<Vec<Candida
         .map(|((t, cheap), probed)| {
             let checks = match probed {
                 None => cheap,
-                Some(Some(p)) => input_for(t, Some(&p)),
-                Some(None) => {
+                Some(Probed::Done(p)) => input_for(t, Some(&p)),
+                Some(Probed::Unsupported) => {
                     let mut c = cheap;
                     c.push(probe_unsupported());
+                    c
+                }
+                Some(Probed::Busy(detail)) => {
+                    let mut c = cheap;
+                    c.push(probe_busy(&detail));
                     c
                 }
             };

@@ -22,6 +22,8 @@ pub struct AppState {
     pub queue: Arc<Notify>,
     /// Cancel signals of the migrations being driven, by id.
     pub cancels: Arc<Mutex<HashMap<Uuid, watch::Sender<bool>>>>,
+    /// Connectivity probes between hosts, reused and one at a time per destination.
+    pub probes: Arc<crate::preflight::ProbeCache>,
 }
 
 impl AppState {
@@ -80,6 +82,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         events: EventBus::default(),
         queue: Arc::new(Notify::new()),
         cancels: Arc::new(Mutex::new(HashMap::new())),
+        probes: Arc::default(),
     };
     let (stop, stop_rx) = watch::channel(false);
     driver::recover(&state).await;

@@ -235,6 +235,8 @@ async fn storage_on_the_source_only_makes_no_host_fit() {
                 name: "images".into(),
                 path: dir.clone(),
             }];
+        } else {
+            a.datastores.clear();
         }
     })
     .await;

@@ -288,7 +288,7 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     drop(lab);
     write_outputs(args, &report)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report.cells)?);
+        ferry_cli::outln!("{}", serde_json::to_string_pretty(&report.cells)?);
     }
     Ok(ExitCode::SUCCESS)
 }

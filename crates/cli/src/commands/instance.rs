@@ -281,14 +281,16 @@ pub async fn run(ctx: &Ctx, cmd: InstanceCommand) -> Result<u8, CliError> {
                 .delete(&format!("/v1/instances/{}", seg(&instance)))
                 .await?;
             match ctx.output {
-                OutputFormat::Json if !answer.is_null() => println!("{}", output::json(&answer)),
+                OutputFormat::Json if !answer.is_null() => {
+                    crate::outln!("{}", output::json(&answer))
+                }
                 OutputFormat::Json => {
-                    println!(
+                    crate::outln!(
                         "{}",
                         output::json(&serde_json::json!({"deleted": instance}))
                     )
                 }
-                OutputFormat::Table => println!("deleted instance {instance}"),
+                OutputFormat::Table => crate::outln!("deleted instance {instance}"),
             }
             return Ok(exit::OK);
         }

@@ -29,6 +29,7 @@ use super::Ctx;
 use crate::config::ClientConfig;
 use crate::error::{exit, CliError};
 use crate::output::OutputFormat;
+use crate::private_fs;
 
 #[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
 pub enum LabCommand {
@@ -161,7 +162,7 @@ pub async fn run(cmd: LabCommand) -> Result<u8, CliError> {
         }
         LabCommand::List => {
             for lab in list_labs() {
-                println!("{lab}");
+                crate::outln!("{lab}");
             }
             Ok(exit::OK)
         }
@@ -190,12 +191,13 @@ async fn up(name: &str, hosts: usize, no_instance: bool) -> Result<u8, CliError>
         let (n, d) = (name.to_string(), dir.clone());
         blocking(move || teardown(&n, &d)).await?;
     }
-    std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
-    std::fs::write(dir.join(MARKER), name).map_err(|e| io_err(&dir, e))?;
+    // The directory holds tokens, agent credentials and the database: the owner's only.
+    private_fs::create_dir(&dir).map_err(|e| io_err(&dir, e))?;
+    write(&dir.join(MARKER), name)?;
     match start(name, hosts, no_instance, &dir).await {
         Ok((cfg, summary)) => {
-            println!("export FERRY_URL={}", cfg.url);
-            println!("export FERRY_TOKEN={}", cfg.token.unwrap_or_default());
+            crate::outln!("export FERRY_URL={}", cfg.url);
+            crate::outln!("export FERRY_TOKEN={}", cfg.token.unwrap_or_default());
             eprintln!("{summary}");
             Ok(exit::OK)
         }
@@ -378,8 +380,10 @@ fn io_err(path: &Path, e: std::io::Error) -> CliError {
     )
 }
 
+/// Writes a file of the lab directory, mode 0600: configs carry tokens, and logs may quote
+/// them.
 fn write(path: &Path, text: &str) -> Result<(), CliError> {
-    std::fs::write(path, text).map_err(|e| io_err(path, e))
+    private_fs::write_file(path, text).map_err(|e| io_err(path, e))
 }
 
 /// Starts `ferry <role> --config <config>` detached: its own process group (a Ctrl-C in the
@@ -394,7 +398,7 @@ fn spawn_daemon(dir: &Path, name: &str, role: &str, config: &Path) -> Result<(),
         )
     })?;
     let log_path = dir.join(format!("{name}.log"));
-    let log = std::fs::File::create(&log_path).map_err(|e| io_err(&log_path, e))?;
+    let log = private_fs::create_file(&log_path).map_err(|e| io_err(&log_path, e))?;
     let log2 = log.try_clone().map_err(|e| io_err(&log_path, e))?;
     let level = std::env::var("FERRY_LOG").unwrap_or_else(|_| "info".into());
     let child = Command::new(exe)

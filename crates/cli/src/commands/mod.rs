@@ -112,11 +112,11 @@ impl Ctx {
     /// Prints one API object (or a list): JSON as is, else the given table rendering.
     pub fn print<T: Serialize + ?Sized>(&self, value: &T, table: impl FnOnce(&T) -> String) {
         match self.output {
-            OutputFormat::Json => println!("{}", output::json(value)),
+            OutputFormat::Json => crate::outln!("{}", output::json(value)),
             OutputFormat::Table => {
                 let text = table(value);
                 if !text.is_empty() {
-                    println!("{text}");
+                    crate::outln!("{text}");
                 }
             }
         }

@@ -34,7 +34,7 @@ pub async fn cluster_events(
 
 /// One migration's state changes and progress samples: first its current record, then live
 /// events; the stream ends after the terminal state.
-#[utoipa::path(get, path = "/v1/migrations/{id}/events", responses((status = 200, description = "text/event-stream of Event")))]
+#[utoipa::path(get, path = "/v1/migrations/{id}/events", params(("id" = String, Path, description = "migration id (UUID)")), responses((status = 200, description = "text/event-stream of Event"), (status = 404, description = "no such migration", body = ferry_api::ErrorBody)))]
 pub async fn migration_events(
     State(state): State<AppState>,
     _r: Reader,

@@ -43,7 +43,7 @@ pub async fn list(
     Ok(Json(all_hosts(&state).await?))
 }
 
-#[utoipa::path(get, path = "/v1/hosts/{name}", responses((status = 200, body = Host), (status = 404, body = ferry_api::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/hosts/{name}", params(("name" = String, Path, description = "host name")), responses((status = 200, body = Host), (status = 404, description = "no such host", body = ferry_api::ErrorBody)))]
 pub async fn show(
     State(state): State<AppState>,
     _r: Reader,
@@ -78,7 +78,7 @@ async fn set_enabled(
 }
 
 /// Lets the host receive instances and migrations again.
-#[utoipa::path(post, path = "/v1/hosts/{name}/enable", responses((status = 200, body = Host)))]
+#[utoipa::path(post, path = "/v1/hosts/{name}/enable", params(("name" = String, Path, description = "host name")), responses((status = 200, body = Host), (status = 404, description = "no such host", body = ferry_api::ErrorBody)))]
 pub async fn enable(
     State(state): State<AppState>,
     who: Admin,
@@ -88,7 +88,7 @@ pub async fn enable(
 }
 
 /// Stops new instances and migrations from landing on the host.
-#[utoipa::path(post, path = "/v1/hosts/{name}/disable", responses((status = 200, body = Host)))]
+#[utoipa::path(post, path = "/v1/hosts/{name}/disable", params(("name" = String, Path, description = "host name")), responses((status = 200, body = Host), (status = 404, description = "no such host", body = ferry_api::ErrorBody)))]
 pub async fn disable(
     State(state): State<AppState>,
     who: Admin,

@@ -17,6 +17,7 @@ use super::{ApiJson, ApiQuery};
 use crate::agents::agent_client;
 use crate::auth::{Admin, Reader};
 use crate::server::AppState;
+use crate::store::codes;
 use crate::ServerError;
 
 pub(crate) async fn find(state: &AppState, id_or_name: &str) -> Result<Instance, ServerError> {
@@ -37,8 +38,45 @@ fn invalid(message: String) -> ServerError {
     ServerError::bad_request("invalid-instance", message, "fix the named field and retry")
 }
 
-/// Checks what can be checked without a host.
+/// `s` for an error message: quoted, with control characters escaped so that a NUL or an
+/// escape sequence in a request never reaches a terminal or a log raw.
+fn shown(s: &str) -> String {
+    format!("'{}'", s.escape_debug())
+}
+
+/// Refuses control characters (NUL, newline, escape, ...) in a string field: they would end
+/// up in QEMU's command line, file names and terminals.
+fn no_control_chars(field: &str, value: &str) -> Result<(), ServerError> {
+    if ferry_qemu::has_control_chars(value) {
+        return Err(ServerError::bad_request(
+            "invalid-instance",
+            format!("{field} {} contains control characters", shown(value)),
+            "use printable characters only",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks what can be checked without a host, so that a request QEMU would refuse is a 400
+/// here instead of a 502 when the instance starts.
 fn validate(req: &CreateInstance) -> Result<(), ServerError> {
+    let s: &InstanceSpec = &req.spec;
+    let texts = [
+        ("name", req.name.as_str()),
+        ("host", req.host.as_deref().unwrap_or("")),
+        ("cpu_model", s.cpu_model.as_str()),
+        ("machine", s.machine.as_str()),
+        ("boot.kernel", s.boot.kernel.as_str()),
+        ("boot.initrd", s.boot.initrd.as_str()),
+        ("boot.cmdline", s.boot.cmdline.as_str()),
+    ];
+    for (field, value) in texts {
+        no_control_chars(field, value)?;
+    }
+    for nic in &s.nics {
+        no_control_chars("nics.network", &nic.network)?;
+        no_control_chars("nics.mac", &nic.mac)?;
+    }
     let name_ok = !req.name.is_empty()
         && req.name.len() <= 40
         && req
@@ -48,25 +86,129 @@ fn validate(req: &CreateInstance) -> Result<(), ServerError> {
         && !req.name.starts_with('-');
     if !name_ok {
         return Err(invalid(format!(
-            "name '{}' must be 1-40 characters of a-z, 0-9 and '-'",
-            req.name
+            "name {} must be 1-40 characters of a-z, 0-9 and '-'",
+            shown(&req.name)
         )));
     }
-    let s: &InstanceSpec = &req.spec;
-    if !(64..=1 << 20).contains(&s.memory_mib) {
+    let (min, max) = (ferry_qemu::MIN_MEMORY_MIB, ferry_qemu::MAX_MEMORY_MIB);
+    if !(min..=max).contains(&s.memory_mib) {
         return Err(invalid(format!(
-            "memory_mib {} is out of range (64 to 1048576)",
+            "memory_mib {} is out of range ({min} to {max})",
             s.memory_mib
         )));
     }
-    if !(1..=256).contains(&s.vcpus) {
-        return Err(invalid(format!(
-            "vcpus {} is out of range (1 to 256)",
-            s.vcpus
-        )));
+    let max_vcpus = ferry_qemu::MAX_VCPUS;
+    if !(1..=max_vcpus).contains(&s.vcpus) {
+        return Err(ServerError::bad_request(
+            "invalid-instance",
+            format!("vcpus {} is out of range (1 to {max_vcpus})", s.vcpus),
+            format!("QEMU starts an x86 guest with at most {max_vcpus} vCPUs"),
+        ));
     }
-    if s.boot.kernel.is_empty() || s.boot.initrd.is_empty() {
-        return Err(invalid("boot.kernel and boot.initrd are required".into()));
+    let model_ok = !s.cpu_model.is_empty()
+        && s.cpu_model.len() <= 64
+        && s.cpu_model
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+    if !model_ok || matches!(s.cpu_model.as_str(), "host" | "max") {
+        return Err(ServerError::bad_request(
+            "invalid-instance",
+            format!(
+                "cpu_model {} is not a migratable CPU model",
+                shown(&s.cpu_model)
+            ),
+            "name a QEMU CPU model such as qemu64 or Westmere (see GET /v1/cpu-baseline)",
+        ));
+    }
+    if !ferry_qemu::is_known_machine_type(&s.machine) {
+        return Err(unknown_machine(&s.machine));
+    }
+    for (field, path) in [
+        ("boot.kernel", &s.boot.kernel),
+        ("boot.initrd", &s.boot.initrd),
+    ] {
+        if path.is_empty() {
+            return Err(invalid(format!("{field} is required")));
+        }
+        let p = std::path::Path::new(path);
+        let plain = p.is_absolute()
+            && p.components()
+                .all(|c| !matches!(c, std::path::Component::ParentDir));
+        if !plain {
+            return Err(ServerError::bad_request(
+                "invalid-instance",
+                format!(
+                    "{field} {} must be an absolute path without '..'",
+                    shown(path)
+                ),
+                "give the file's full path inside a datastore",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn unknown_machine(machine: &str) -> ServerError {
+    ServerError::bad_request(
+        "unknown-machine-type",
+        format!(
+            "machine {} is not an x86 machine type QEMU knows",
+            shown(machine)
+        ),
+        "use pc or q35, or a versioned name such as pc-q35-9.2 (see `ferry host show`)",
+    )
+}
+
+/// Checks the spec against what the chosen host reported (its facts): its RAM, machine types
+/// and datastores. A host that reported no facts yet is not second-guessed; its agent checks
+/// the spec again when it defines the instance.
+fn validate_for_host(spec: &InstanceSpec, host: &Host) -> Result<(), ServerError> {
+    let Some(facts) = &host.facts else {
+        return Ok(());
+    };
+    if facts.ram_total_mib > 0 && u64::from(spec.memory_mib) > facts.ram_total_mib {
+        return Err(ServerError::bad_request(
+            "memory-exceeds-host",
+            format!(
+                "memory_mib {} is more than host {}'s {} MiB of RAM",
+                spec.memory_mib, host.name, facts.ram_total_mib
+            ),
+            "ask for less memory or pick a bigger host (`ferry host list`)",
+        ));
+    }
+    if !facts.machine_types.is_empty() && !facts.machine_types.contains(&spec.machine) {
+        return Err(ServerError::bad_request(
+            "unknown-machine-type",
+            format!(
+                "machine {} is not one host {}'s QEMU offers",
+                shown(&spec.machine),
+                host.name
+            ),
+            "use pc or q35, or one of the host's machine_types (`ferry host show`)",
+        ));
+    }
+    for (field, path) in [
+        ("boot.kernel", &spec.boot.kernel),
+        ("boot.initrd", &spec.boot.initrd),
+    ] {
+        if crate::checks::covering(&facts.datastores, path).is_none() {
+            let stores: Vec<&str> = facts.datastores.iter().map(|d| d.path.as_str()).collect();
+            return Err(ServerError::bad_request(
+                "path-outside-datastores",
+                format!(
+                    "{field} {} is not inside a datastore of host {} ({})",
+                    shown(path),
+                    host.name,
+                    if stores.is_empty() {
+                        "it has none".to_string()
+                    } else {
+                        stores.join(", ")
+                    }
+                ),
+                "put the guest's files into a datastore (`datastores` in the agent's config) \
+                 and give their paths there",
+            ));
+        }
     }
     Ok(())
 }
@@ -87,7 +229,7 @@ pub async fn list(
     Ok(Json(state.store.list_instances(None).await?))
 }
 
-#[utoipa::path(get, path = "/v1/instances/{id}", responses((status = 200, body = Instance), (status = 404, body = ferry_api::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/instances/{id}", params(("id" = String, Path, description = "instance name or id")), responses((status = 200, body = Instance), (status = 404, description = "no such instance", body = ferry_api::ErrorBody)))]
 pub async fn show(
     State(state): State<AppState>,
     _r: Reader,
@@ -98,7 +240,7 @@ pub async fn show(
 
 /// Defines an instance on a host (and starts it if asked). Nothing is recorded unless the
 /// agent accepted it.
-#[utoipa::path(post, path = "/v1/instances", request_body = CreateInstance, responses((status = 201, body = Instance), (status = 400, body = ferry_api::ErrorBody), (status = 409, body = ferry_api::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/instances", request_body = CreateInstance, responses((status = 201, body = Instance), (status = 400, description = "invalid request", body = ferry_api::ErrorBody), (status = 404, description = "no such host", body = ferry_api::ErrorBody), (status = 409, description = "the host cannot take it or the name is taken", body = ferry_api::ErrorBody), (status = 413, description = "request body too large", body = ferry_api::ErrorBody)))]
 pub async fn create(
     State(state): State<AppState>,
     who: Admin,
@@ -132,9 +274,10 @@ pub async fn create(
             "start its agent or pick another host",
         ));
     }
+    validate_for_host(&req.spec, &host)?;
     if state.store.get_instance(&req.name).await?.is_some() {
         return Err(ServerError::conflict(
-            "instance-exists",
+            codes::INSTANCE_EXISTS,
             format!("an instance named {} exists", req.name),
             "pick another name",
         ));
@@ -179,7 +322,7 @@ pub async fn create(
 fn refuse_if_migrating(i: &Instance) -> Result<(), ServerError> {
     match i.migration {
         Some(m) => Err(ServerError::conflict(
-            "migration-in-progress",
+            codes::MIGRATION_IN_PROGRESS,
             format!("{} is being migrated ({m})", i.name),
             "wait for the migration to end or cancel it",
         )),
@@ -219,7 +362,7 @@ async fn power(
     Ok(i)
 }
 
-#[utoipa::path(post, path = "/v1/instances/{id}/start", responses((status = 200, body = Instance)))]
+#[utoipa::path(post, path = "/v1/instances/{id}/start", params(("id" = String, Path, description = "instance name or id")), responses((status = 200, body = Instance), (status = 404, description = "no such instance", body = ferry_api::ErrorBody), (status = 409, description = "the instance is being migrated", body = ferry_api::ErrorBody)))]
 pub async fn start(
     State(state): State<AppState>,
     who: Admin,
@@ -230,7 +373,7 @@ pub async fn start(
     Ok(Json(power(&state, &who, i, InstanceState::Running).await?))
 }
 
-#[utoipa::path(post, path = "/v1/instances/{id}/stop", responses((status = 200, body = Instance)))]
+#[utoipa::path(post, path = "/v1/instances/{id}/stop", params(("id" = String, Path, description = "instance name or id")), responses((status = 200, body = Instance), (status = 404, description = "no such instance", body = ferry_api::ErrorBody), (status = 409, description = "the instance is being migrated", body = ferry_api::ErrorBody)))]
 pub async fn stop(
     State(state): State<AppState>,
     who: Admin,
@@ -242,7 +385,7 @@ pub async fn stop(
 }
 
 /// Deletes a stopped instance's definition (its files on shared storage stay).
-#[utoipa::path(delete, path = "/v1/instances/{id}", responses((status = 200, body = Instance), (status = 409, body = ferry_api::ErrorBody)))]
+#[utoipa::path(delete, path = "/v1/instances/{id}", params(("id" = String, Path, description = "instance name or id")), responses((status = 200, body = Instance), (status = 404, description = "no such instance", body = ferry_api::ErrorBody), (status = 409, description = "the instance runs or is being migrated", body = ferry_api::ErrorBody)))]
 pub async fn delete(
     State(state): State<AppState>,
     who: Admin,
@@ -281,6 +424,7 @@ pub async fn delete(
 
 /// Query of `GET /v1/instances/{id}/migration-candidates`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct CandidatesQuery {
     /// Evaluate only this host.
     pub destination: Option<String>,
@@ -291,7 +435,7 @@ pub struct CandidatesQuery {
 
 /// Where the instance can go: every other host (or the one asked for) with the pre-flight
 /// checks' verdicts, best first. Changes nothing.
-#[utoipa::path(get, path = "/v1/instances/{id}/migration-candidates", params(CandidatesQuery), responses((status = 200, body = Vec<Candidate>), (status = 404, body = ferry_api::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/instances/{id}/migration-candidates", params(("id" = String, Path, description = "instance name or id"), CandidatesQuery), responses((status = 200, body = Vec<Candidate>), (status = 400, description = "bad query parameters", body = ferry_api::ErrorBody), (status = 404, description = "no such instance or destination host", body = ferry_api::ErrorBody)))]
 pub async fn migration_candidates(
     State(state): State<AppState>,
     _r: Reader,

@@ -17,11 +17,11 @@ use super::hosts::one_host;
 use super::instances::find;
 use super::{ApiJson, ApiQuery};
 use crate::agents::agent_client;
-use crate::auth::{Admin, Reader};
+use crate::auth::{Admin, AuditReader, Reader};
 use crate::driver::{log, publish_migration};
 use crate::preflight;
 use crate::server::AppState;
-use crate::store::{AuditEntry, MigrationFilter, NewMigration};
+use crate::store::{codes, AuditEntry, MigrationFilter, NewMigration};
 use crate::ServerError;
 
 async fn get(state: &AppState, id: &str) -> Result<Migration, ServerError> {
@@ -35,7 +35,7 @@ async fn get(state: &AppState, id: &str) -> Result<Migration, ServerError> {
 
 /// Queues a migration. It starts when a slot is free (see the scheduler); the answer is the
 /// Pending job. Without a destination, the best fit host by the pre-flight checks is picked.
-#[utoipa::path(post, path = "/v1/migrations", request_body = CreateMigration, responses((status = 202, body = Migration), (status = 400, body = ferry_api::ErrorBody), (status = 404, body = ferry_api::ErrorBody), (status = 409, body = ferry_api::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/migrations", request_body = CreateMigration, responses((status = 202, body = Migration), (status = 400, description = "invalid request", body = ferry_api::ErrorBody), (status = 404, description = "no such instance or host", body = ferry_api::ErrorBody), (status = 409, description = "the instance or destination cannot take part now", body = ferry_api::ErrorBody), (status = 413, description = "request body too large", body = ferry_api::ErrorBody)))]
 pub async fn create(
     State(state): State<AppState>,
     who: Admin,
@@ -72,7 +72,7 @@ pub async fn create(
     }
     if let Some(existing) = instance.migration {
         return Err(ServerError::conflict(
-            "migration-in-progress",
+            codes::MIGRATION_IN_PROGRESS,
             format!(
                 "{} already has migration {existing} in flight",
                 instance.name
@@ -183,6 +183,7 @@ async fn pick_destination(
 
 /// Filters of `GET /v1/migrations`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     pub state: Option<String>,
     /// Instance name or id.
@@ -192,7 +193,7 @@ pub struct ListQuery {
     pub limit: Option<u32>,
 }
 
-#[utoipa::path(get, path = "/v1/migrations", params(ListQuery), responses((status = 200, body = Vec<Migration>)))]
+#[utoipa::path(get, path = "/v1/migrations", params(ListQuery), responses((status = 200, body = Vec<Migration>), (status = 400, description = "bad query parameters", body = ferry_api::ErrorBody), (status = 404, description = "no such instance (filter)", body = ferry_api::ErrorBody)))]
 pub async fn list(
     State(state): State<AppState>,
     _r: Reader,
@@ -222,7 +223,7 @@ pub async fn list(
     Ok(Json(state.store.list_migrations(&filter).await?))
 }
 
-#[utoipa::path(get, path = "/v1/migrations/{id}", responses((status = 200, body = Migration), (status = 404, body = ferry_api::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/migrations/{id}", params(("id" = String, Path, description = "migration id (UUID)")), responses((status = 200, body = Migration), (status = 404, description = "no such migration", body = ferry_api::ErrorBody)))]
 pub async fn show(
     State(state): State<AppState>,
     _r: Reader,
@@ -235,7 +236,7 @@ pub async fn show(
 /// the source and ends Cancelled with the guest on the source. Once the source has let QEMU
 /// switch over, the cancel is refused (`too-late-to-cancel`): the guest is moving and will
 /// run on the destination.
-#[utoipa::path(post, path = "/v1/migrations/{id}/cancel", responses((status = 200, body = Migration), (status = 409, body = ferry_api::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/migrations/{id}/cancel", params(("id" = String, Path, description = "migration id (UUID)")), responses((status = 200, body = Migration), (status = 404, description = "no such migration", body = ferry_api::ErrorBody), (status = 409, description = "the job is past switchover or ended", body = ferry_api::ErrorBody)))]
 pub async fn cancel(
     State(state): State<AppState>,
     who: Admin,
@@ -317,7 +318,7 @@ fn too_late_to_cancel(m: &Migration) -> ServerError {
 /// Switches a copying live migration to post-copy now: the guest continues on the destination
 /// at once and the rest of its memory follows on demand. Only for jobs started with post-copy
 /// permitted, because from here a broken migration network pauses the guest until it is back.
-#[utoipa::path(post, path = "/v1/migrations/{id}/postcopy", responses((status = 200, body = Migration), (status = 409, body = ferry_api::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/migrations/{id}/postcopy", params(("id" = String, Path, description = "migration id (UUID)")), responses((status = 200, body = Migration), (status = 404, description = "no such migration", body = ferry_api::ErrorBody), (status = 409, description = "post-copy is not permitted or the job is not copying", body = ferry_api::ErrorBody)))]
 pub async fn postcopy(
     State(state): State<AppState>,
     who: Admin,
@@ -368,7 +369,7 @@ pub async fn postcopy(
 
 /// Changes the pacing (bandwidth cap, downtime target) of a pending or copying job; a
 /// copying job's source QEMU applies it at once.
-#[utoipa::path(patch, path = "/v1/migrations/{id}", request_body = UpdateMigration, responses((status = 200, body = Migration), (status = 400, body = ferry_api::ErrorBody), (status = 409, body = ferry_api::ErrorBody)))]
+#[utoipa::path(patch, path = "/v1/migrations/{id}", params(("id" = String, Path, description = "migration id (UUID)")), request_body = UpdateMigration, responses((status = 200, body = Migration), (status = 400, description = "invalid request", body = ferry_api::ErrorBody), (status = 404, description = "no such migration", body = ferry_api::ErrorBody), (status = 409, description = "the job is neither pending nor copying", body = ferry_api::ErrorBody), (status = 413, description = "request body too large", body = ferry_api::ErrorBody)))]
 pub async fn update(
     State(state): State<AppState>,
     who: Admin,
@@ -439,7 +440,7 @@ pub async fn update(
 }
 
 /// What Ferry did for this migration and what QEMU reported, in order.
-#[utoipa::path(get, path = "/v1/migrations/{id}/logs", responses((status = 200, body = Vec<LogLine>)))]
+#[utoipa::path(get, path = "/v1/migrations/{id}/logs", params(("id" = String, Path, description = "migration id (UUID)")), responses((status = 200, body = Vec<LogLine>), (status = 404, description = "no such migration", body = ferry_api::ErrorBody)))]
 pub async fn logs(
     State(state): State<AppState>,
     _r: Reader,
@@ -450,10 +451,10 @@ pub async fn logs(
 }
 
 /// Every change made through the API, newest first.
-#[utoipa::path(get, path = "/v1/audit", responses((status = 200, body = Vec<AuditEntry>)))]
+#[utoipa::path(get, path = "/v1/audit", responses((status = 200, body = Vec<AuditEntry>), (status = 403, description = "reading the audit log needs an admin token", body = ferry_api::ErrorBody)))]
 pub async fn audit(
     State(state): State<AppState>,
-    _a: Admin,
+    _a: AuditReader,
 ) -> Result<Json<Vec<AuditEntry>>, ServerError> {
     Ok(Json(state.store.list_audit(1000).await?))
 }

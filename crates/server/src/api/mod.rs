@@ -6,8 +6,9 @@ mod hosts;
 mod instances;
 mod migrations;
 
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
+use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
@@ -16,8 +17,14 @@ use utoipa::OpenApi;
 use crate::server::AppState;
 use crate::ServerError;
 
-/// A JSON body whose rejection is an [`ServerError`] (code `malformed-json`), not axum's
-/// plain-text one.
+/// The largest request body accepted. Every request is a small JSON document (an instance
+/// spec is well under 10 KiB), so 1 MiB leaves room and still bounds what one request can make
+/// the server buffer.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// A JSON body whose rejection is an [`ServerError`], not axum's plain-text one: 413
+/// `body-too-large` above [`MAX_BODY_BYTES`], 400 `unknown-field` for a field the type does not
+/// have, else 400 `malformed-json`.
 pub struct ApiJson<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
@@ -25,6 +32,21 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, ServerError> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ServerError::new(
+                    413,
+                    "body-too-large",
+                    format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
+                    "send only the fields described in /v1/openapi.json",
+                ))
+            }
+            Err(rejection) if rejection.body_text().contains("unknown field") => {
+                Err(ServerError::bad_request(
+                    "unknown-field",
+                    rejection.body_text(),
+                    "remove the field or fix its spelling (see /v1/openapi.json)",
+                ))
+            }
             Err(rejection) => Err(ServerError::bad_request(
                 "malformed-json",
                 rejection.body_text(),
@@ -145,6 +167,7 @@ pub fn router(state: AppState) -> Router {
                 "see /v1/openapi.json",
             )
         })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 
@@ -163,5 +186,53 @@ mod tests {
         for schema in ["Candidate", "CheckResult", "CheckStatus"] {
             assert!(doc["components"]["schemas"][schema].is_object(), "{schema}");
         }
+    }
+
+    /// Every `{param}` of every path is declared as a path parameter of each of its
+    /// operations, and every operation addressing something by path documents its 404, so
+    /// generated clients get the parameters and callers know the answer for a wrong name.
+    #[test]
+    fn openapi_declares_every_path_parameter_and_its_404() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let paths = doc["paths"].as_object().expect("paths");
+        let mut problems = Vec::new();
+        let mut checked = 0;
+        for (path, item) in paths {
+            let wanted: Vec<&str> = path
+                .split('/')
+                .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+                .collect();
+            for (method, op) in item.as_object().expect("path item") {
+                let Some(op) = op.as_object().filter(|o| o.contains_key("responses")) else {
+                    continue;
+                };
+                let declared: Vec<&str> = op
+                    .get("parameters")
+                    .and_then(|p| p.as_array())
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| p["in"] == "path")
+                    .filter_map(|p| p["name"].as_str())
+                    .collect();
+                for w in &wanted {
+                    checked += 1;
+                    if !declared.contains(w) {
+                        problems.push(format!("{method} {path}: no path parameter {w}"));
+                    }
+                }
+                // Query parameters declared as path parameters (utoipa's default for
+                // IntoParams) would be just as wrong for a generated client.
+                for d in &declared {
+                    if !wanted.contains(d) {
+                        problems.push(format!("{method} {path}: stray path parameter {d}"));
+                    }
+                }
+                if !wanted.is_empty() && op["responses"].get("404").is_none() {
+                    problems.push(format!("{method} {path}: 404 not documented"));
+                }
+            }
+        }
+        assert!(checked >= 13, "only {checked} path parameters seen");
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
     }
 }

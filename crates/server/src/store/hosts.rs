@@ -73,9 +73,10 @@ impl Store {
         .await
         .map_err(|e| {
             if is_unique_violation(&e) {
-                StoreError::Conflict(format!(
-                    "another host already uses this agent secret (joining {name})"
-                ))
+                StoreError::conflict(
+                    "agent-secret-in-use",
+                    format!("another host already uses this agent secret (joining {name})"),
+                )
             } else {
                 StoreError::Db(e)
             }

@@ -90,7 +90,10 @@ impl Store {
         .await
         .map_err(|e| {
             if is_unique_violation(&e) {
-                StoreError::Conflict(format!("an instance named {name} (or with id {id}) exists"))
+                StoreError::conflict(
+                    super::error::codes::INSTANCE_EXISTS,
+                    format!("an instance named {name} (or with id {id}) exists"),
+                )
             } else if is_foreign_key_violation(&e) {
                 StoreError::NotFound(format!("host {host}"))
             } else {
@@ -191,9 +194,10 @@ impl Store {
                 .is_some();
             tx.rollback().await?;
             return Err(if exists {
-                StoreError::Conflict(format!(
-                    "instance {id} has a migration in flight; cancel it or wait for it to end"
-                ))
+                StoreError::conflict(
+                    super::error::codes::MIGRATION_IN_PROGRESS,
+                    format!("instance {id} has a migration in flight"),
+                )
             } else {
                 StoreError::NotFound(format!("instance {id}"))
             });

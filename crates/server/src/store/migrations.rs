@@ -162,10 +162,13 @@ impl Store {
         let inserted = match inserted {
             Ok(done) => done.rows_affected(),
             Err(e) if is_unique_violation(&e) => {
-                return Err(StoreError::Conflict(format!(
-                    "migration {} exists or instance {} already has one in flight",
-                    m.id, m.instance_id
-                )))
+                return Err(StoreError::conflict(
+                    super::error::codes::MIGRATION_IN_PROGRESS,
+                    format!(
+                        "migration {} exists or instance {} already has one in flight",
+                        m.id, m.instance_id
+                    ),
+                ))
             }
             Err(e) if is_foreign_key_violation(&e) => {
                 return Err(StoreError::NotFound(format!(
@@ -188,10 +191,13 @@ impl Store {
                 Some(row) => {
                     let other: String = col(&row, "id")?;
                     let state: String = col(&row, "state")?;
-                    StoreError::Conflict(format!(
-                        "instance {} already has migration {other} ({state})",
-                        m.instance_id
-                    ))
+                    StoreError::conflict(
+                        super::error::codes::MIGRATION_IN_PROGRESS,
+                        format!(
+                            "instance {} already has migration {other} ({state})",
+                            m.instance_id
+                        ),
+                    )
                 }
                 None => StoreError::NotFound(format!("instance {}", m.instance_id)),
             });
@@ -509,11 +515,14 @@ impl Store {
             MigrationState::Failed | MigrationState::Cancelled
         ) {
             tx.rollback().await?;
-            return Err(StoreError::Conflict(format!(
-                "migration {id} is {}; its instance stays on {}",
-                current.state.as_str(),
-                current.source
-            )));
+            return Err(StoreError::conflict(
+                "migration-ended",
+                format!(
+                    "migration {id} is {}; its instance stays on {}",
+                    current.state.as_str(),
+                    current.source
+                ),
+            ));
         }
         tx.commit().await?;
         Ok(())

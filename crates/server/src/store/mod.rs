@@ -33,7 +33,7 @@ use sqlx::sqlite::{
 use sqlx::Row;
 
 pub use audit::AuditEntry;
-pub use error::StoreError;
+pub use error::{codes, StoreError};
 pub use migrations::{MigrationFilter, NewMigration};
 pub use tokens::{ParseRoleError, Role, TokenInfo};
 
@@ -61,6 +61,34 @@ const TERMINAL_STATES_SQL: &str = "('completed', 'failed', 'cancelled')";
 /// [`ferry_api::migrations::MigrationState::is_active`] by a unit test.
 const ACTIVE_STATES_SQL: &str = "('preparing', 'migrating', 'completing')";
 
+/// Creates `dir` (and missing parents) readable by the owner only: the database holds agent
+/// credentials, which are stored as given because the server presents them to the agents.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Creates the database file with mode 0600 before SQLite opens it (SQLite would create it
+/// 0644 under the usual umask, and its WAL and SHM files after it), or makes an existing
+/// one 0600.
+fn private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    set_mode(path, 0o600)
+}
+
+fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
 /// The control plane's database handle. Cheap to clone (it wraps a connection pool), so every
 /// handler and task keeps its own copy.
 #[derive(Debug, Clone)]
@@ -81,10 +109,11 @@ impl Store {
             source,
         };
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            tokio::fs::create_dir_all(parent)
-                .await
-                .map_err(|e| open_err(sqlx::Error::Io(e)))?;
+            if !parent.exists() {
+                private_dir(parent).map_err(|e| open_err(sqlx::Error::Io(e)))?;
+            }
         }
+        private_file(path).map_err(|e| open_err(sqlx::Error::Io(e)))?;
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -96,7 +125,18 @@ impl Store {
             .connect_with(options)
             .await
             .map_err(open_err)?;
-        Store::with_schema(pool, open_err).await
+        let store = Store::with_schema(pool, open_err).await?;
+        // SQLite gives the WAL and shared-memory files the main file's mode; making sure
+        // covers files left by an older version that created them readable by all.
+        for suffix in ["-wal", "-shm"] {
+            let mut side = path.as_os_str().to_owned();
+            side.push(suffix);
+            let side = std::path::PathBuf::from(side);
+            if side.exists() {
+                set_mode(&side, 0o600).map_err(|e| open_err(sqlx::Error::Io(e)))?;
+            }
+        }
+        Ok(store)
     }
 
     /// Brings a new pool's database to the current schema; a failure is reported as an open

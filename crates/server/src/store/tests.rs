@@ -262,7 +262,7 @@ async fn hosts_join_heartbeat_online_offline() {
         .join_host("b", "http://b", "s2", &facts("b"))
         .await
         .expect_err("dup secret");
-    assert!(matches!(err, StoreError::Conflict(_)));
+    assert!(matches!(err, StoreError::Conflict { .. }));
 
     let t0 = Utc::now();
     let mut f = facts("a");
@@ -328,8 +328,8 @@ async fn instances_insert_get_conflict() {
         .insert_instance(Uuid::new_v4(), "vm1", "b", &spec(), InstanceState::Stopped)
         .await
         .expect_err("duplicate name");
-    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
-    assert_eq!(err.code(), "conflict");
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+    assert_eq!(err.code(), "instance-exists");
     let err = s
         .insert_instance(
             Uuid::new_v4(),
@@ -394,11 +394,11 @@ async fn migration_insert_and_single_open_job() {
         .insert_migration(&new_migration(id))
         .await
         .expect_err("second open job");
-    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
     // Deleting an instance with a job in flight is refused.
     assert!(matches!(
         s.delete_instance(id).await,
-        Err(StoreError::Conflict(_))
+        Err(StoreError::Conflict { .. })
     ));
     let err = s
         .insert_migration(&new_migration(Uuid::new_v4()))
@@ -593,7 +593,7 @@ async fn state_timestamps_and_terminal_states() {
     ));
     assert!(matches!(
         s.move_instance_for(m.id).await,
-        Err(StoreError::Conflict(_))
+        Err(StoreError::Conflict { .. })
     ));
     assert!(matches!(
         s.set_migration_state(Uuid::new_v4(), MigrationState::Failed, None)
@@ -860,4 +860,72 @@ async fn corrupt_rows_are_errors_not_panics() {
         s.list_hosts(Duration::seconds(1), Utc::now()).await,
         Err(StoreError::Corrupt(_))
     ));
+}
+
+/// The store's own conflict checks (which catch the races the API's checks cannot) answer
+/// with the code the API gives for the same situation: one situation, one code.
+#[tokio::test]
+async fn store_conflicts_carry_the_api_codes() {
+    let (s, id) = fleet().await;
+    let err = s
+        .insert_instance(Uuid::new_v4(), "vm1", "b", &spec(), InstanceState::Stopped)
+        .await
+        .expect_err("duplicate name");
+    let api = crate::ServerError::from(err);
+    assert_eq!(
+        (api.status, api.body.code.as_str()),
+        (409, "instance-exists")
+    );
+
+    s.insert_migration(&new_migration(id)).await.expect("first");
+    let err = s
+        .insert_migration(&new_migration(id))
+        .await
+        .expect_err("second open job");
+    let api = crate::ServerError::from(err);
+    assert_eq!(
+        (api.status, api.body.code.as_str()),
+        (409, "migration-in-progress"),
+        "{api}"
+    );
+    assert!(api.body.hint.contains("cancel"), "{api}");
+    let err = s.delete_instance(id).await.expect_err("job in flight");
+    let api = crate::ServerError::from(err);
+    assert_eq!(
+        (api.status, api.body.code.as_str()),
+        (409, "migration-in-progress"),
+        "{api}"
+    );
+    assert_eq!(codes::MIGRATION_IN_PROGRESS, "migration-in-progress");
+}
+
+/// The database holds agent credentials: it and its WAL and SHM files are the owner's only,
+/// and so is a directory the store had to create for it.
+#[tokio::test]
+async fn database_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("state").join("ferry.db");
+    let s = Store::open(&db).await.expect("open");
+    s.join_host("a", "http://a:7001", "secret-a", &facts("a"))
+        .await
+        .expect("join");
+    assert_eq!(mode(&dir.path().join("state")), 0o700);
+    for name in ["ferry.db", "ferry.db-wal", "ferry.db-shm"] {
+        assert_eq!(mode(&dir.path().join("state").join(name)), 0o600, "{name}");
+    }
+    s.close().await;
+
+    // A file an older version left readable by all is made private on the next open.
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let s = Store::open(&db).await.expect("reopen");
+    assert_eq!(mode(&db), 0o600);
+    s.close().await;
 }

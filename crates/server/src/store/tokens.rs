@@ -102,7 +102,7 @@ impl Store {
         .await
         .map_err(|e| {
             if is_unique_violation(&e) {
-                StoreError::Conflict("a token with this secret already exists".into())
+                StoreError::conflict("token-exists", "a token with this secret already exists")
             } else {
                 StoreError::Db(e)
             }

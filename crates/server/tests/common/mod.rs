@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use ferry_agent::{AgentConfig, AgentHandle, NetworkConfig};
+use ferry_agent::{AgentConfig, AgentHandle, DatastoreConfig, NetworkConfig};
 use ferry_api::hosts::{Host, HostState};
 use ferry_api::instances::{CreateInstance, Instance, InstanceSpec, InstanceState};
 use ferry_api::migrations::{CreateMigration, Migration, MigrationOptions};
@@ -89,7 +89,11 @@ impl Cluster {
                 migration_ports: "49152-49215".into(),
                 qemu_binary: "qemu-system-x86_64".into(),
                 accel: "tcg".into(),
-                datastores: vec![],
+                // The server accepts kernel and initrd only inside a datastore of the host.
+                datastores: vec![DatastoreConfig {
+                    name: "images".into(),
+                    path: image.kernel.parent().expect("image dir").to_path_buf(),
+                }],
                 networks: vec![NetworkConfig {
                     name: "lab".into(),
                     bridge: "br0".into(),

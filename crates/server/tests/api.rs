@@ -1,0 +1,447 @@
+//! The REST API against a real server on a temporary SQLite file, with fake agents (small HTTP
+//! servers that answer like agents and count what they are asked): no lab, no QEMU, no root.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use chrono::Utc;
+use ferry_api::agent::{AgentInstance, DefineInstance};
+use ferry_api::checks::{Candidate, CpuModelFeatures, ProbeListening, ProbeResult};
+use ferry_api::hosts::{DatastoreFacts, HostFacts};
+use ferry_api::instances::{BootSpec, InstanceSpec, InstanceState};
+use ferry_api::ApiClient;
+use ferry_server::store::Role;
+use ferry_server::{ServerConfig, ServerHandle};
+use uuid::Uuid;
+
+const ADMIN: &str = "admin-token-for-api-tests-0123456";
+const JOIN: &str = "join-token-for-api-tests-01234567";
+const IMAGES: &str = "/srv/ferry/images";
+
+/// What a fake agent was asked.
+#[derive(Default)]
+struct Calls {
+    probe_listen: AtomicU64,
+    probe_connect: AtomicU64,
+    define: AtomicU64,
+    /// Probe listeners open at this moment, and the most ever open at once.
+    listening: Mutex<(u64, u64)>,
+}
+
+struct FakeAgent {
+    url: String,
+    calls: Arc<Calls>,
+}
+
+fn facts(name: &str) -> HostFacts {
+    HostFacts {
+        name: name.into(),
+        cpu_vendor: "GenuineIntel".into(),
+        cpu_model: "test".into(),
+        cpu_flags: vec!["sse2".into(), "lm".into()],
+        cores: 4,
+        ram_total_mib: 24 * 1024,
+        ram_free_mib: 16 * 1024,
+        ram_reserve_mib: 0,
+        accel: "tcg".into(),
+        qemu_version: "9.2.0".into(),
+        machine_types: vec!["pc".into(), "q35".into(), "pc-i440fx-9.2".into()],
+        datastores: vec![DatastoreFacts {
+            name: "images".into(),
+            path: IMAGES.into(),
+            total_bytes: 1 << 40,
+            free_bytes: 1 << 39,
+            identity: Some("shared-images".into()),
+        }],
+        networks: vec![],
+        migration_addr: "127.0.0.1".into(),
+        migration_ports: "49152-49215".into(),
+        agent_version: "0.1.0".into(),
+    }
+}
+
+async fn fake_agent(name: &str) -> FakeAgent {
+    let calls = Arc::new(Calls::default());
+    let facts = facts(name);
+    let router = Router::new()
+        .route("/v1/facts", get(move || async move { Json(facts) }))
+        .route(
+            "/v1/cpu-models/{model}",
+            get(|Path(model): Path<String>| async move {
+                Json(CpuModelFeatures {
+                    model,
+                    features: vec!["sse2".into()],
+                })
+            }),
+        )
+        .route(
+            "/v1/probe/listen",
+            post(|State(c): State<Arc<Calls>>| async move {
+                c.probe_listen.fetch_add(1, Ordering::SeqCst);
+                {
+                    let mut l = c.listening.lock().unwrap();
+                    l.0 += 1;
+                    l.1 = l.1.max(l.0);
+                }
+                // A listener stays open while the source connects.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                c.listening.lock().unwrap().0 -= 1;
+                Json(ProbeListening {
+                    addr: "127.0.0.1:49215".into(),
+                    token: "t".into(),
+                })
+            }),
+        )
+        .route(
+            "/v1/probe/connect",
+            post(|State(c): State<Arc<Calls>>| async move {
+                c.probe_connect.fetch_add(1, Ordering::SeqCst);
+                Json(ProbeResult {
+                    connected: true,
+                    latency_ms: Some(0.2),
+                    bandwidth_mbit_s: Some(9000.0),
+                    error: None,
+                })
+            }),
+        )
+        .route(
+            "/v1/instances/{id}",
+            put(
+                |State(c): State<Arc<Calls>>,
+                 Path(id): Path<Uuid>,
+                 Json(req): Json<DefineInstance>| async move {
+                    c.define.fetch_add(1, Ordering::SeqCst);
+                    Json(AgentInstance {
+                        id,
+                        name: req.name,
+                        state: InstanceState::Stopped,
+                        qemu_state: None,
+                        pid: None,
+                        incoming: None,
+                    })
+                },
+            ),
+        )
+        .with_state(calls.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    FakeAgent { url, calls }
+}
+
+struct Api {
+    server: ServerHandle,
+    agents: HashMap<String, FakeAgent>,
+    admin: ApiClient,
+    read_only: String,
+    _dir: tempfile::TempDir,
+}
+
+/// A server with hosts hv1 and hv2 (fake agents, online) and a read-only token.
+async fn api() -> Api {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ferry_server::start(ServerConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        database: dir.path().join("ferry.db"),
+        admin_token: Some(ADMIN.into()),
+        join_token: JOIN.into(),
+        heartbeat_timeout_s: 600,
+        limits: Default::default(),
+        preflight: Default::default(),
+        progress_poll_ms: 250,
+    })
+    .await
+    .expect("server starts");
+    let store = &server.state.store;
+    let mut agents = HashMap::new();
+    for name in ["hv1", "hv2"] {
+        let agent = fake_agent(name).await;
+        store
+            .join_host(name, &agent.url, &format!("secret-{name}"), &facts(name))
+            .await
+            .unwrap();
+        store
+            .record_heartbeat(name, &facts(name), Utc::now())
+            .await
+            .unwrap();
+        agents.insert(name.to_string(), agent);
+    }
+    let (_, read_only) = store.create_token("viewer", Role::ReadOnly).await.unwrap();
+    let admin = ApiClient::new(&server.url(), Some(ADMIN.into()));
+    Api {
+        server,
+        agents,
+        admin,
+        read_only,
+        _dir: dir,
+    }
+}
+
+fn spec() -> InstanceSpec {
+    InstanceSpec {
+        memory_mib: 256,
+        vcpus: 1,
+        cpu_model: "qemu64".into(),
+        machine: "pc".into(),
+        boot: BootSpec {
+            kernel: format!("{IMAGES}/vmlinuz"),
+            initrd: format!("{IMAGES}/initrd"),
+            cmdline: "console=ttyS0".into(),
+        },
+        nics: vec![],
+    }
+}
+
+/// Sends `body` to `path` and returns status and JSON answer.
+async fn send(
+    api: &Api,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<Vec<u8>>,
+) -> (u16, serde_json::Value) {
+    let mut req = reqwest::Client::new()
+        .request(
+            method.parse().unwrap(),
+            format!("{}{path}", api.server.url()),
+        )
+        .bearer_auth(token);
+    if let Some(b) = body {
+        req = req.header("content-type", "application/json").body(b);
+    }
+    let resp = req.send().await.expect("the server answers");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    let json = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text:?}"));
+    (status, json)
+}
+
+/// Asserts the project's error style: the code, one sentence, a hint.
+fn assert_error(status: u16, body: &serde_json::Value, want_status: u16, code: &str) {
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (want_status, Some(code)),
+        "{body}"
+    );
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(!message.is_empty(), "{body}");
+    assert!(
+        !message.contains('\0'),
+        "control characters escaped: {body}"
+    );
+    assert!(
+        body["hint"].as_str().is_some_and(|h| !h.is_empty()),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_the_audit_log_needs_an_admin_token_and_says_so() {
+    let api = api().await;
+    let (status, body) = send(&api, "GET", "/v1/audit", &api.read_only, None).await;
+    assert_error(status, &body, 403, "forbidden");
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("reading the audit log"), "{body}");
+    assert!(!message.contains("changes"), "{body}");
+    let (status, _) = send(&api, "GET", "/v1/audit", ADMIN, None).await;
+    assert_eq!(status, 200);
+    // Changes by a read-only token keep their own message.
+    let (status, body) = send(&api, "POST", "/v1/hosts/hv1/disable", &api.read_only, None).await;
+    assert_error(status, &body, 403, "forbidden");
+    assert!(
+        body["message"].as_str().unwrap().contains("changes"),
+        "{body}"
+    );
+    api.server.shutdown().await;
+}
+
+/// Requests QEMU would refuse when the instance starts (a 502 then) are refused at create
+/// with a 400, and nothing reaches the agent or the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_instances_are_refused_at_create() {
+    let api = api().await;
+    let create = |name: &str, spec: InstanceSpec| {
+        serde_json::to_vec(&serde_json::json!({
+            "name": name, "host": "hv1", "spec": spec, "start": false
+        }))
+        .unwrap()
+    };
+    let with = |f: &dyn Fn(&mut InstanceSpec)| {
+        let mut s = spec();
+        f(&mut s);
+        s
+    };
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (create("vm", with(&|s| s.vcpus = 256)), 400, "invalid-instance"),
+        (
+            create("vm", with(&|s| s.machine = "bogus".into())),
+            400,
+            "unknown-machine-type",
+        ),
+        // Known to QEMU in general, but not offered by this host's QEMU.
+        (
+            create("vm", with(&|s| s.machine = "pc-q35-2.0".into())),
+            400,
+            "unknown-machine-type",
+        ),
+        (create("v\0m", spec()), 400, "invalid-instance"),
+        (
+            create("vm", with(&|s| s.boot.cmdline = "console=ttyS0\u{1b}[2J".into())),
+            400,
+            "invalid-instance",
+        ),
+        (
+            create("vm", with(&|s| s.memory_mib = 1 << 20)),
+            400,
+            "memory-exceeds-host",
+        ),
+        (
+            create("vm", with(&|s| s.boot.kernel = "/etc/shadow".into())),
+            400,
+            "path-outside-datastores",
+        ),
+        (
+            create("vm", with(&|s| s.boot.initrd = format!("{IMAGES}/../../../etc/shadow"))),
+            400,
+            "invalid-instance",
+        ),
+        (
+            br#"{"name":"vm","host":"hv1","spec":{"memory_mib":256,"boot":{"kernel":"/srv/ferry/images/k","initrd":"/srv/ferry/images/i"}},"colour":"blue"}"#.to_vec(),
+            400,
+            "unknown-field",
+        ),
+        (
+            br#"{"name":"vm","host":"hv1","spec":{"memory_mib":256,"vpcus":4,"boot":{"kernel":"/srv/ferry/images/k","initrd":"/srv/ferry/images/i"}}}"#.to_vec(),
+            400,
+            "unknown-field",
+        ),
+    ];
+    for (body, want, code) in cases {
+        let (status, answer) = send(&api, "POST", "/v1/instances", ADMIN, Some(body)).await;
+        assert_error(status, &answer, want, code);
+    }
+    // A 10 MiB body is too large, answered as the API's error JSON.
+    let mut huge = br#"{"name":"vm","spec":{"memory_mib":256,"boot":{"kernel":""#.to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 10 << 20));
+    huge.extend(br#"","initrd":"/i"}}}"#);
+    let (status, answer) = send(&api, "POST", "/v1/instances", ADMIN, Some(huge)).await;
+    assert_error(status, &answer, 413, "body-too-large");
+
+    assert_eq!(api.agents["hv1"].calls.define.load(Ordering::SeqCst), 0);
+    let listed: Vec<serde_json::Value> = api.admin.get("/v1/instances").await.unwrap();
+    assert!(listed.is_empty(), "{listed:?}");
+
+    // The good spec passes every check and reaches the agent.
+    let (status, answer) = send(
+        &api,
+        "POST",
+        "/v1/instances",
+        ADMIN,
+        Some(create("vm", spec())),
+    )
+    .await;
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(api.agents["hv1"].calls.define.load(Ordering::SeqCst), 1);
+    api.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_migration_options_are_refused() {
+    let api = api().await;
+    let id = Uuid::new_v4();
+    api.server
+        .state
+        .store
+        .insert_instance(id, "vm", "hv1", &spec(), InstanceState::Running)
+        .await
+        .unwrap();
+    let migrate = |options: &str| {
+        format!(r#"{{"instance":"vm","destination":"hv2","options":{options}}}"#).into_bytes()
+    };
+    for (options, code) in [
+        (r#"{"budget_s":0}"#, "invalid-migration-options"),
+        (r#"{"bandwith_mib_s":100}"#, "unknown-field"),
+    ] {
+        let (status, answer) = send(
+            &api,
+            "POST",
+            "/v1/migrations",
+            ADMIN,
+            Some(migrate(options)),
+        )
+        .await;
+        assert_error(status, &answer, 400, code);
+    }
+    let (status, answer) = send(
+        &api,
+        "POST",
+        "/v1/migrations",
+        ADMIN,
+        Some(br#"{"instance":"vm","destination":"hv2","priority":1}"#.to_vec()),
+    )
+    .await;
+    assert_error(status, &answer, 400, "unknown-field");
+    let all: Vec<serde_json::Value> = api.admin.get("/v1/migrations").await.unwrap();
+    assert!(all.is_empty(), "{all:?}");
+    api.server.shutdown().await;
+}
+
+/// Seventy read-only candidate requests at once cost the pair of hosts one probe: the result
+/// is shared and reused, probes to a destination run one at a time, and the next request
+/// within the cache window probes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn candidate_requests_share_one_probe_per_host_pair() {
+    let api = api().await;
+    let id = Uuid::new_v4();
+    api.server
+        .state
+        .store
+        .insert_instance(id, "vm", "hv1", &spec(), InstanceState::Running)
+        .await
+        .unwrap();
+    let viewer = ApiClient::new(&api.server.url(), Some(api.read_only.clone()));
+    let answers = futures_util::future::join_all((0..70).map(|_| {
+        let viewer = viewer.clone();
+        async move {
+            viewer
+                .get::<Vec<Candidate>>("/v1/instances/vm/migration-candidates")
+                .await
+        }
+    }))
+    .await;
+    for a in &answers {
+        let candidates = a.as_ref().expect("candidates");
+        assert_eq!(candidates.len(), 1);
+        let probe = candidates[0]
+            .checks
+            .iter()
+            .find(|c| c.name == "migration-port-reachable")
+            .unwrap_or_else(|| panic!("probed: {candidates:#?}"));
+        assert!(probe.values["latency_ms"].as_f64().is_some(), "{probe:?}");
+    }
+    let dst = &api.agents["hv2"].calls;
+    assert_eq!(dst.probe_listen.load(Ordering::SeqCst), 1, "one listener");
+    assert_eq!(dst.listening.lock().unwrap().1, 1, "never two at once");
+    assert_eq!(
+        api.agents["hv1"].calls.probe_connect.load(Ordering::SeqCst),
+        1
+    );
+    assert_eq!(api.server.state.probes.runs(), 1);
+
+    // Within the cache window, again: no new probe.
+    let again: Vec<Candidate> = viewer
+        .get("/v1/instances/vm/migration-candidates?destination=hv2")
+        .await
+        .unwrap();
+    assert!(again[0].fit, "{again:#?}");
+    assert_eq!(dst.probe_listen.load(Ordering::SeqCst), 1);
+    api.server.shutdown().await;
+}
