@@ -33,6 +33,7 @@ pub(crate) fn router(agent: Arc<Agent>) -> Router {
         )
         .route("/v1/instances/{id}/start", post(start_instance))
         .route("/v1/instances/{id}/stop", post(stop_instance))
+        .route("/v1/instances/{id}/fence", post(fence_instance))
         .route("/v1/migrations/{mid}", get(source_status))
         .route(
             "/v1/migrations/{mid}/incoming",
@@ -107,6 +108,13 @@ async fn start_instance(
     Path(id): Path<String>,
 ) -> ApiResult<AgentInstance> {
     Ok(Json(agent.start_instance(uuid(&id)?).await?))
+}
+
+async fn fence_instance(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> ApiResult<AgentInstance> {
+    Ok(Json(agent.fence_instance(uuid(&id)?).await?))
 }
 
 async fn stop_instance(

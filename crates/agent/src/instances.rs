@@ -45,6 +45,9 @@ pub(crate) struct Slot {
     pub process: Option<QemuProcess>,
     /// Set when the instance was removed while someone waited for this slot.
     pub deleted: bool,
+    /// QEMU ended by itself with an error (or a signal) since it was last started: shown as
+    /// crashed, not stopped, until the instance is started or stopped again.
+    pub crashed: bool,
 }
 
 impl Slot {
@@ -133,6 +136,7 @@ impl Agent {
             record,
             process: None,
             deleted: false,
+            crashed: false,
         }));
         let guard = slot
             .clone()
@@ -225,6 +229,7 @@ impl Agent {
     /// Creates the taps and starts QEMU for the slot's record; on failure nothing is left.
     pub(crate) async fn launch(&self, slot: &mut Slot, mode: StartMode) -> Result<(), AgentError> {
         let (spec, taps) = self.translate(&slot.record)?;
+        slot.crashed = false;
         let ns = self.config.netns.as_deref();
         for (i, (tap, bridge)) in taps.iter().enumerate() {
             if let Err(e) = add_tap(ns, tap, bridge).await {
@@ -264,6 +269,7 @@ impl Agent {
     /// Stops the slot's QEMU (gracefully: `quit`, then kill after 10 s; or at once) and
     /// removes its taps.
     pub(crate) async fn teardown(&self, slot: &mut Slot, graceful: bool) {
+        slot.crashed = false;
         if let Some(mut process) = slot.process.take() {
             if graceful {
                 process.shutdown(STOP_TIMEOUT).await;
@@ -285,7 +291,11 @@ impl Agent {
             .is_some();
         if exited {
             if let Some(mut p) = slot.process.take() {
-                warn!(instance = %slot.record.id, status = ?p.exit_status(), output = %p.output_tail(), "QEMU exited");
+                let status = p.exit_status();
+                warn!(instance = %slot.record.id, ?status, output = %p.output_tail(), "QEMU exited");
+                // A clean exit (the guest powered off) is a stop; anything else a crash. An
+                // adopted process's status cannot be known and counts as a crash.
+                slot.crashed = status.as_deref() != Some("exit status: 0");
                 p.kill();
             }
             self.remove_taps(&slot.record).await;
@@ -308,9 +318,10 @@ impl Agent {
         let qemu_state = self.run_state(slot).await;
         let pid = slot.process.as_ref().map(|p| p.pid());
         let state = match (&slot.process, &qemu_state) {
+            (None, _) if slot.crashed => InstanceState::Crashed,
             (None, _) => InstanceState::Stopped,
-            (Some(_), Some(RunState::Running)) => InstanceState::Running,
-            (Some(_), _) => InstanceState::Error,
+            (Some(_), Some(s)) => state_of(s),
+            (Some(_), None) => InstanceState::Error,
         };
         AgentInstance {
             id: slot.record.id,
@@ -414,6 +425,22 @@ impl Agent {
         }
         self.refuse_if_migrating(&id)?;
         self.teardown(&mut slot, true).await;
+        Ok(self.describe(&mut slot).await)
+    }
+
+    /// `POST /v1/instances/{id}/fence`: pause this copy of the guest (QMP `stop`) because the
+    /// server found another host running it. Nothing is lost: the copy stays as it was, and
+    /// `cont` (an instance start) or a stop decides later.
+    pub(crate) async fn fence_instance(&self, id: Uuid) -> Result<AgentInstance, AgentError> {
+        let mut slot = self.lock_slot(&id).await?;
+        if self.run_state(&mut slot).await == Some(RunState::Running) {
+            if let Some(qmp) = slot.qmp() {
+                qmp.execute(&ferry_qmp::commands::Stop {})
+                    .await
+                    .map_err(ferry_migrate::MigrateError::from)?;
+                warn!(instance = %id, "copy fenced: paused because another host runs the guest");
+            }
+        }
         Ok(self.describe(&mut slot).await)
     }
 
@@ -536,6 +563,26 @@ fn incoming_conflict(id: Uuid) -> AgentError {
         format!("instance {id} is the destination of a migration that is not confirmed"),
         "confirm or remove the incoming migration first",
     )
+}
+
+/// What a QEMU run state means to an operator.
+fn state_of(s: &RunState) -> InstanceState {
+    match s {
+        RunState::Running => InstanceState::Running,
+        RunState::Paused
+        | RunState::Inmigrate
+        | RunState::Postmigrate
+        | RunState::Prelaunch
+        | RunState::FinishMigrate
+        | RunState::Suspended
+        | RunState::Debug => InstanceState::Paused,
+        RunState::GuestPanicked
+        | RunState::InternalError
+        | RunState::IoError
+        | RunState::Shutdown
+        | RunState::Watchdog => InstanceState::Crashed,
+        _ => InstanceState::Error,
+    }
 }
 
 #[cfg(test)]

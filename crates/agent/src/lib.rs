@@ -205,6 +205,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     });
     agent.readopt_instances().await;
     agent.load_migrations().await;
+    agent.prune_migration_records();
 
     let url = format!("http://{local}");
     let advertise = agent.config.advertise_url.clone().unwrap_or(url.clone());

@@ -38,6 +38,32 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `cancel` waits for the source to confirm.
 const CANCEL_WAIT: Duration = Duration::from_secs(35);
 
+/// How long the record of an ended migration is kept on the host (the server keeps the
+/// history); a migration still in flight is always kept.
+const RECORD_RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// At most this many ended records are kept, whatever their age.
+const MAX_ENDED_RECORDS: usize = 200;
+
+/// Which ended records to forget: older than `retention`, or beyond the newest `keep`.
+/// `records` are (id, still in flight, last written).
+fn records_to_prune(
+    records: &[(Uuid, bool, std::time::SystemTime)],
+    now: std::time::SystemTime,
+    retention: Duration,
+    keep: usize,
+) -> Vec<Uuid> {
+    let mut ended: Vec<_> = records.iter().filter(|(_, live, _)| !live).collect();
+    ended.sort_by_key(|r| std::cmp::Reverse(r.2));
+    ended
+        .iter()
+        .enumerate()
+        .filter(|(i, (_, _, at))| {
+            *i >= keep || now.duration_since(*at).is_ok_and(|age| age > retention)
+        })
+        .map(|(_, (id, _, _))| *id)
+        .collect()
+}
+
 /// Where a source sends its stream, as the server gave it.
 fn parse_destination(s: &str) -> Result<SocketAddr, AgentError> {
     s.parse().map_err(|_| {
@@ -275,7 +301,36 @@ impl Agent {
             .ok_or(AgentError::MigrationNotFound(*mid))
     }
 
+    /// Forgets ended migration records past their retention (files and memory), so that a
+    /// host migrating for months does not keep one file per migration forever.
+    pub(crate) fn prune_migration_records(&self) {
+        let mut map = self.migrations.lock().unwrap_or_else(|p| p.into_inner());
+        let records: Vec<_> = map
+            .values()
+            .map(|e| {
+                let r = e.record();
+                let live = matches!(r.state, SourceState::Running | SourceState::PostcopyPaused);
+                let at = std::fs::metadata(&e.path)
+                    .and_then(|m| m.modified())
+                    .unwrap_or_else(|_| std::time::SystemTime::now());
+                (r.id, live, at)
+            })
+            .collect();
+        let prune = records_to_prune(
+            &records,
+            std::time::SystemTime::now(),
+            RECORD_RETENTION,
+            MAX_ENDED_RECORDS,
+        );
+        for id in prune {
+            if let Some(e) = map.remove(&id) {
+                let _ = std::fs::remove_file(&e.path);
+            }
+        }
+    }
+
     fn new_migration(&self, record: MigrationRecord) -> Arc<MigrationEntry> {
+        self.prune_migration_records();
         let entry = MigrationEntry::new(self.migration_path(&record.id), record.clone());
         entry.update(|_| {});
         self.migrations
@@ -975,5 +1030,34 @@ impl Agent {
         }
         .instrument(span(&mid))
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    #[test]
+    fn ended_records_go_after_their_retention_or_beyond_the_newest_few() {
+        let now = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        let ids: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
+        let records = vec![
+            (ids[0], true, now - 48 * hour),  // in flight: kept however old
+            (ids[1], false, now - 48 * hour), // ended two days ago: gone
+            (ids[2], false, now - hour),
+            (ids[3], false, now - 2 * hour),
+            (ids[4], false, now),
+        ];
+        let mut pruned = records_to_prune(&records, now, 24 * hour, 10);
+        pruned.sort();
+        assert_eq!(pruned, vec![ids[1]]);
+        // Keep only the two newest ended ones.
+        let mut pruned = records_to_prune(&records, now, 24 * hour, 2);
+        pruned.sort();
+        let mut expected = vec![ids[1], ids[3]];
+        expected.sort();
+        assert_eq!(pruned, expected);
     }
 }

@@ -5,6 +5,7 @@
 //! - `GET  /v1/instances` -> `Vec<AgentInstance>`
 //! - `PUT  /v1/instances/{id}` [`DefineInstance`] -> [`AgentInstance`] (idempotent)
 //! - `POST /v1/instances/{id}/start` | `/stop` -> [`AgentInstance`]
+//! - `POST /v1/instances/{id}/fence` -> [`AgentInstance`] (pause a copy that another host runs)
 //! - `DELETE /v1/instances/{id}` -> `()` (refused while running)
 //! - `POST /v1/migrations/{mid}/incoming` [`PrepareIncoming`] -> [`IncomingReady`]
 //! - `DELETE /v1/migrations/{mid}/incoming` -> `()` (refused once the guest runs there)

@@ -70,10 +70,42 @@ pub struct CreateInstance {
 pub enum InstanceState {
     Stopped,
     Running,
-    /// QEMU on the host is in a state other than running or stopped (paused, crashed).
+    /// QEMU holds the guest but does not run it: an incoming copy waiting for its commit, a
+    /// handed-over source, a copy fenced because another host runs the guest.
+    Paused,
+    /// QEMU ended by itself with an error, or the guest panicked: not a stop anyone asked for.
+    Crashed,
+    /// QEMU is in a state Ferry does not expect.
     Error,
     /// The host's agent has not reported it recently.
     Unknown,
+}
+
+impl InstanceState {
+    pub const ALL: [InstanceState; 6] = [
+        InstanceState::Stopped,
+        InstanceState::Running,
+        InstanceState::Paused,
+        InstanceState::Crashed,
+        InstanceState::Error,
+        InstanceState::Unknown,
+    ];
+
+    /// The name in JSON, in the store and in the CLI's tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceState::Stopped => "stopped",
+            InstanceState::Running => "running",
+            InstanceState::Paused => "paused",
+            InstanceState::Crashed => "crashed",
+            InstanceState::Error => "error",
+            InstanceState::Unknown => "unknown",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<InstanceState> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
 }
 
 /// An instance and where it is.

@@ -265,6 +265,13 @@ pub enum Event {
     Instance { instance: Box<Instance> },
     /// A host changed (online/offline, enabled).
     Host { name: String },
+    /// Something an operator must know at once: two hosts running one guest, a record
+    /// corrected from the agents' reports.
+    Alarm {
+        instance_id: Uuid,
+        code: String,
+        message: String,
+    },
 }
 
 impl Event {
@@ -274,6 +281,7 @@ impl Event {
             Event::Progress { .. } => "progress",
             Event::Instance { .. } => "instance",
             Event::Host { .. } => "host",
+            Event::Alarm { .. } => "alarm",
         }
     }
 

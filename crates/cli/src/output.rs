@@ -190,12 +190,7 @@ pub fn host_state(s: HostState) -> &'static str {
 }
 
 pub fn instance_state(s: InstanceState) -> &'static str {
-    match s {
-        InstanceState::Stopped => "stopped",
-        InstanceState::Running => "running",
-        InstanceState::Error => "error",
-        InstanceState::Unknown => "unknown",
-    }
+    s.as_str()
 }
 
 pub fn migration_kind(k: MigrationKind) -> &'static str {

@@ -271,6 +271,8 @@ fn state_word(s: InstanceState) -> &'static str {
     match s {
         InstanceState::Stopped => "stopped",
         InstanceState::Running => "running",
+        InstanceState::Paused => "paused",
+        InstanceState::Crashed => "crashed",
         InstanceState::Error => "in error",
         InstanceState::Unknown => "in an unknown state",
     }

@@ -13,6 +13,7 @@ pub mod driver;
 pub mod error;
 pub mod events;
 pub mod preflight;
+pub mod reconcile;
 pub mod scheduler;
 pub mod server;
 pub mod store;

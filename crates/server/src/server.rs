@@ -24,6 +24,8 @@ pub struct AppState {
     pub cancels: Arc<Mutex<HashMap<Uuid, watch::Sender<bool>>>>,
     /// Connectivity probes between hosts, reused and one at a time per destination.
     pub probes: Arc<crate::preflight::ProbeCache>,
+    /// What each agent reported last: where every copy of every guest really is.
+    pub reports: Arc<crate::reconcile::Reports>,
 }
 
 impl AppState {
@@ -83,6 +85,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         queue: Arc::new(Notify::new()),
         cancels: Arc::new(Mutex::new(HashMap::new())),
         probes: Arc::default(),
+        reports: Arc::default(),
     };
     let (stop, stop_rx) = watch::channel(false);
     driver::recover(&state).await;

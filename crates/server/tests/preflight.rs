@@ -307,6 +307,8 @@ async fn a_broken_migration_network_is_found_before_anything_starts() {
         .status()
         .unwrap();
     assert!(down.success());
+    // Past the probe cache's window (1 s in the test cluster), the next check probes again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let cut = candidates(&c, "cut", "?destination=hv2").await;
     assert!(!cut[0].fit);
     assert_eq!(

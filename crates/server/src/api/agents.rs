@@ -74,17 +74,8 @@ pub async fn heartbeat(
         .store
         .record_heartbeat(&hb.name, &hb.facts, Utc::now())
         .await?;
-    // Instance states: only for instances this host owns and that are not mid-migration
-    // (the migration driver is the authority on those).
-    for reported in &hb.instances {
-        if reported.incoming.is_some() {
-            continue;
-        }
-        if let Some(i) = state.store.get_instance(&reported.id.to_string()).await? {
-            if i.host == hb.name && i.migration.is_none() && i.state != reported.state {
-                state.store.set_instance_state(i.id, reported.state).await?;
-            }
-        }
-    }
+    // Where every copy really is: the record follows the agents' reports.
+    state.reports.record(&hb.name, hb.instances.clone());
+    crate::reconcile::after_heartbeat(&state, &hb.name, &hb.instances).await;
     Ok(Json(()))
 }

@@ -362,7 +362,7 @@ async fn power(
     Ok(i)
 }
 
-#[utoipa::path(post, path = "/v1/instances/{id}/start", params(("id" = String, Path, description = "instance name or id")), responses((status = 200, body = Instance), (status = 404, description = "no such instance", body = ferry_api::ErrorBody), (status = 409, description = "the instance is being migrated", body = ferry_api::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/instances/{id}/start", params(("id" = String, Path, description = "instance name or id")), responses((status = 200, body = Instance), (status = 404, description = "no such instance", body = ferry_api::ErrorBody), (status = 409, description = "the instance is being migrated, or another host holds a copy", body = ferry_api::ErrorBody)))]
 pub async fn start(
     State(state): State<AppState>,
     who: Admin,
@@ -370,6 +370,22 @@ pub async fn start(
 ) -> Result<Json<Instance>, ServerError> {
     let i = find(&state, &id).await?;
     refuse_if_migrating(&i)?;
+    // A copy of the guest on another host (a migration's leftover, a fenced copy) would make
+    // this start a second running guest.
+    let fresh = std::time::Duration::from_secs(state.config.heartbeat_timeout_s);
+    let elsewhere = state.reports.copies(i.id, fresh);
+    if let Some((host, copy)) = elsewhere.iter().find(|(h, _)| *h != i.host) {
+        return Err(ServerError::conflict(
+            "copy-elsewhere",
+            format!(
+                "{} has a copy on {host} ({}); starting it on {} would make two",
+                i.name,
+                copy.state.as_str(),
+                i.host
+            ),
+            "stop the copy on that host first, or wait for the server to move the record to where the guest runs",
+        ));
+    }
     Ok(Json(power(&state, &who, i, InstanceState::Running).await?))
 }
 

@@ -9,23 +9,11 @@ use super::{
 
 /// The name stored for an instance state (the same as its JSON form).
 pub(super) fn instance_state_str(state: InstanceState) -> &'static str {
-    match state {
-        InstanceState::Stopped => "stopped",
-        InstanceState::Running => "running",
-        InstanceState::Error => "error",
-        InstanceState::Unknown => "unknown",
-    }
+    state.as_str()
 }
 
 fn parse_instance_state(s: &str) -> Option<InstanceState> {
-    [
-        InstanceState::Stopped,
-        InstanceState::Running,
-        InstanceState::Error,
-        InstanceState::Unknown,
-    ]
-    .into_iter()
-    .find(|st| instance_state_str(*st) == s)
+    InstanceState::parse(s)
 }
 
 /// Instances with their unfinished migration (at most one, by the partial unique index).
@@ -165,6 +153,24 @@ impl Store {
             .execute(&self.pool)
             .await?;
         if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("instance {id}")));
+        }
+        Ok(())
+    }
+
+    /// Moves the record to the host the agents report running the guest (generation + 1):
+    /// the correction of a record that did not follow the truth.
+    pub async fn move_instance_to(&self, id: Uuid, host: &str) -> Result<(), StoreError> {
+        let done = sqlx::query(
+            "UPDATE instances SET host = $2, generation = generation + 1, updated_at = $3
+              WHERE id = $1 AND host <> $2",
+        )
+        .bind(id.to_string())
+        .bind(host)
+        .bind(ms(now()))
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 && self.get_instance(&id.to_string()).await?.is_none() {
             return Err(StoreError::NotFound(format!("instance {id}")));
         }
         Ok(())

@@ -67,7 +67,12 @@ impl Cluster {
             join_token: JOIN.into(),
             heartbeat_timeout_s: 10,
             limits,
-            preflight: Default::default(),
+            // Probe results are reused for a second only, so a test can change the network
+            // and see the next check probe again.
+            preflight: ferry_server::config::Preflight {
+                probe_cache_s: 1,
+                ..Default::default()
+            },
             progress_poll_ms: 200,
         })
         .await
