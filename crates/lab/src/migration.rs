@@ -149,12 +149,13 @@ impl MigrationHalves for LabMigration<'_> {
         let old_serial = std::mem::replace(&mut self.vm.serial, serial);
         let old_host = std::mem::replace(&mut self.vm.host, self.dest.name.clone());
         old_qemu.shutdown(Duration::from_secs(5)).await;
+        let exited = std::time::Instant::now();
         // QEMU has exited, so its serial socket is closed: read what is left in it, the last
         // (possibly unterminated) line included.
         let beats = old_serial.finish(Duration::from_secs(5)).await;
         self.vm
             .past_beats
-            .push(HostBeats::new(old_host.clone(), beats));
+            .push(HostBeats::exited(old_host.clone(), beats, exited));
         let _ = self.lab.net.remove_tap(&old_host, &self.vm.tap);
     }
 

@@ -136,6 +136,8 @@ impl Drop for SerialMonitor {
 pub struct HostBeats {
     pub host: String,
     pub beats: Vec<Beat>,
+    /// When that host's QEMU had exited, if it has.
+    pub exited_at: Option<Instant>,
 }
 
 impl HostBeats {
@@ -143,7 +145,24 @@ impl HostBeats {
         HostBeats {
             host: host.into(),
             beats,
+            exited_at: None,
         }
+    }
+
+    /// The beats of a host whose QEMU exited at `at`.
+    pub fn exited(host: impl Into<String>, beats: Vec<Beat>, at: Instant) -> HostBeats {
+        HostBeats {
+            exited_at: Some(at),
+            ..HostBeats::new(host, beats)
+        }
+    }
+
+    /// Beats that reached the reader more than `after` past the QEMU's exit: what a reader
+    /// stopped after a fixed wait would have lost.
+    pub fn late(&self, after: Duration) -> usize {
+        self.exited_at.map_or(0, |exit| {
+            self.beats.iter().filter(|b| b.at > exit + after).count()
+        })
     }
 }
 
@@ -159,6 +178,9 @@ pub struct HeartbeatGap {
     /// Beats of one host that reached the host's reader after the next host's first beat:
     /// what a merge by arrival time would have put out of order.
     pub reordered: usize,
+    /// Beats read more than 50 ms after their QEMU exited: what a reader dropped 50 ms after
+    /// the exit (the harness before issue 18) would have lost.
+    pub late: usize,
     /// The first place the counter broke, with the beats around it.
     pub first_break: Option<BeatBreak>,
 }
@@ -176,7 +198,7 @@ impl std::fmt::Display for HeartbeatGap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} beats, longest gap {:.1} ms, {}, {} reordered across hosts",
+            "{} beats, longest gap {:.1} ms, {}, {} reordered across hosts, {} read >50 ms after exit",
             self.beats,
             self.longest_gap.as_secs_f64() * 1000.0,
             if self.continuous {
@@ -184,7 +206,8 @@ impl std::fmt::Display for HeartbeatGap {
             } else {
                 "BROKEN"
             },
-            self.reordered
+            self.reordered,
+            self.late
         )?;
         if let Some(b) = &self.first_break {
             write!(f, "; around the break (host counter +ms):")?;
@@ -239,6 +262,10 @@ pub fn heartbeat_gap(hosts: &[HostBeats]) -> HeartbeatGap {
         continuous: first_break.is_none(),
         beats: all.len(),
         reordered,
+        late: hosts
+            .iter()
+            .map(|h| h.late(Duration::from_millis(50)))
+            .sum(),
         first_break,
     }
 }
@@ -283,6 +310,17 @@ mod tests {
         let text = g.to_string();
         assert!(text.contains("BROKEN"), "{text}");
         assert!(text.contains("hv1 51 +10.0 | hv2 1 +500.0"), "{text}");
+    }
+
+    #[test]
+    fn beats_read_long_after_their_qemu_exited_are_counted_as_late() {
+        let t0 = Instant::now();
+        let mut src = host("hv1", t0, &[(0, 1), (10, 2), (90, 3)]);
+        src.exited_at = Some(t0 + Duration::from_millis(20));
+        assert_eq!(src.late(Duration::from_millis(50)), 1);
+        let g = heartbeat_gap(&[src, host("hv2", t0, &[(100, 4)])]);
+        assert_eq!(g.late, 1);
+        assert!(g.continuous);
     }
 
     #[test]

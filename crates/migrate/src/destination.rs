@@ -5,7 +5,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ferry_qmp::commands::{
-    Cont, MigrateIncoming, MigrateRecover, MigrationStatus, QueryMigrate, QueryStatus, RunState,
+    capability, CapabilityState, Cont, MigrateIncoming, MigrateRecover, MigrateSetCapabilities,
+    MigrationStatus, QueryMigrate, QueryStatus, RunState,
 };
 use ferry_qmp::{Qmp, QmpError};
 use tracing::debug;
@@ -25,6 +26,15 @@ pub async fn listen(
     addr: IpAddr,
 ) -> Result<SocketAddr, MigrateError> {
     set_capabilities(qmp, params).await?;
+    // Destination only: its images stay inactive (no write locks) until the guest is started
+    // here after the commit, so an undo can still hand them back to the source.
+    qmp.execute(&MigrateSetCapabilities {
+        capabilities: vec![CapabilityState {
+            capability: capability::LATE_BLOCK_ACTIVATE.into(),
+            state: true,
+        }],
+    })
+    .await?;
     qmp.execute(&params.shared_parameters()).await?;
     let (first, last) = (params.port_range.first, params.port_range.last);
     match qmp
