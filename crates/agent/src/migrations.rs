@@ -38,6 +38,14 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `cancel` waits for the source to confirm.
 const CANCEL_WAIT: Duration = Duration::from_secs(35);
 
+/// A destination's migration entry, its instance's locked slot, and the incoming QEMU's
+/// monitor while the guest has not been started there.
+type IncomingSlot = (
+    Arc<MigrationEntry>,
+    tokio::sync::OwnedMutexGuard<crate::instances::Slot>,
+    Option<Qmp>,
+);
+
 /// How long the record of an ended migration is kept on the host (the server keeps the
 /// history); a migration still in flight is always kept.
 const RECORD_RETENTION: Duration = Duration::from_secs(24 * 3600);
@@ -587,11 +595,8 @@ impl Agent {
     /// keeps it paused (`-S`): it runs only after the server committed it here (`/start`).
     pub(crate) async fn confirm_incoming(&self, mid: Uuid) -> Result<AgentInstance, AgentError> {
         async {
-            let (entry, mut slot) = self.incoming_slot(mid).await?;
-            if slot.record.incoming == Some(mid) {
-                let qmp = slot.qmp().ok_or_else(|| {
-                    MigrateError::DestinationNotRunning("the incoming QEMU is gone".into())
-                })?;
+            let (entry, mut slot, qmp) = self.incoming_slot(mid).await?;
+            if let Some(qmp) = qmp {
                 destination::await_complete(&qmp, CONFIRM_TIMEOUT).await?;
                 info!(instance = %entry.record().instance_id, "the whole guest arrived; paused until committed");
             }
@@ -605,11 +610,8 @@ impl Agent {
     /// it. From here on it is an ordinary instance of this host.
     pub(crate) async fn start_incoming(&self, mid: Uuid) -> Result<AgentInstance, AgentError> {
         async {
-            let (entry, mut slot) = self.incoming_slot(mid).await?;
-            if slot.record.incoming == Some(mid) {
-                let qmp = slot.qmp().ok_or_else(|| {
-                    MigrateError::DestinationNotRunning("the incoming QEMU is gone".into())
-                })?;
+            let (entry, mut slot, qmp) = self.incoming_slot(mid).await?;
+            if let Some(qmp) = qmp {
                 destination::start(&qmp, CONFIRM_TIMEOUT).await?;
                 slot.record.incoming = None;
                 self.save_record(&slot.record)?;
@@ -622,18 +624,9 @@ impl Agent {
         .await
     }
 
-    /// The destination entry of `mid` and its instance's slot; the slot no longer waits for
-    /// `mid` once the guest was started here.
-    async fn incoming_slot(
-        &self,
-        mid: Uuid,
-    ) -> Result<
-        (
-            Arc<MigrationEntry>,
-            tokio::sync::OwnedMutexGuard<crate::instances::Slot>,
-        ),
-        AgentError,
-    > {
+    /// The destination entry of `mid`, its instance's slot, and the incoming QEMU's monitor
+    /// while the slot still waits for `mid` (`None` once the guest was started here).
+    async fn incoming_slot(&self, mid: Uuid) -> Result<IncomingSlot, AgentError> {
         let entry = self.migration_or_404(&mid)?;
         let r = entry.record();
         let slot = self.lock_slot(&r.instance_id).await?;
@@ -647,7 +640,13 @@ impl Agent {
                 "prepare the destination first",
             ));
         }
-        Ok((entry, slot))
+        let qmp = match slot.record.incoming == Some(mid) {
+            true => Some(slot.qmp().ok_or_else(|| {
+                MigrateError::DestinationNotRunning("the incoming QEMU is gone".into())
+            })?),
+            false => None,
+        };
+        Ok((entry, slot, qmp))
     }
 
     /// `POST /v1/migrations/{mid}/source`: start migrating the instance to `destination` in a

@@ -225,14 +225,25 @@ pub async fn reconnect(
     })
     .await?;
     info!(%dest, "post-copy stream resumed");
-    // Past the switch to post-copy the controller has nothing left to decide.
+    follow_fixed(qmp, params, true, observe, abort).await
+}
+
+/// Follows a stream past the point where the controller has a say (after a reconnect or a
+/// restart): samples and the end only.
+async fn follow_fixed(
+    qmp: &Qmp,
+    params: &MigrationParams,
+    postcopy_seen: bool,
+    observe: &mut Observer<'_>,
+    abort: AbortSignal,
+) -> Result<SourceOutcome, MigrateError> {
     let mut controller = Controller::for_params(params, ControlPolicy::Fixed);
     follow(
         qmp,
         params,
         &mut controller,
         Instant::now(),
-        true,
+        postcopy_seen,
         observe,
         abort,
     )
@@ -249,31 +260,13 @@ pub async fn attach(
     abort: AbortSignal,
 ) -> Result<SourceOutcome, MigrateError> {
     let info = query_patiently(qmp, params).await?;
-    let postcopy_seen = matches!(
-        info.status,
-        Some(
-            MigrationStatus::PostcopyActive
-                | MigrationStatus::PostcopyPaused
-                | MigrationStatus::PostcopyRecover
-                | MigrationStatus::PostcopyRecoverSetup
-        )
-    );
-    if matches!(info.status, None | Some(MigrationStatus::None)) {
+    let Some(status) = info.status.filter(|s| *s != MigrationStatus::None) else {
         return Err(MigrateError::Failed(
             "QEMU has no record of the migration (was it restarted?)".into(),
         ));
-    }
-    let mut controller = Controller::for_params(params, ControlPolicy::Fixed);
-    follow(
-        qmp,
-        params,
-        &mut controller,
-        Instant::now(),
-        postcopy_seen,
-        observe,
-        abort,
-    )
-    .await
+    };
+    let postcopy_seen = Phase::from_status(&status) == Phase::Postcopy;
+    follow_fixed(qmp, params, postcopy_seen, observe, abort).await
 }
 
 /// How long a QMP command to a migrating source may go unanswered before the half gives up.
