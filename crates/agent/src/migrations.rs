@@ -713,6 +713,10 @@ impl Agent {
         start: SourceStart,
     ) {
         let (handle, signal) = AbortHandle::new();
+        if matches!(start, SourceStart::Reconnect) {
+            // A broken post-copy stream being resumed: the guest was handed over long ago.
+            handle.pass_no_return();
+        }
         *entry.abort.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
         let task_entry = entry.clone();
         let task = tokio::spawn(
@@ -775,16 +779,20 @@ impl Agent {
                 "this host is the destination of migration {mid}; cancel on its source"
             )));
         }
-        match r.state {
-            SourceState::Completed => return Err(MigrateError::TooLateToCancel.into()),
-            SourceState::Running => {}
-            _ => return Ok(entry.status(0)),
-        }
         let handle = entry
             .abort
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        match r.state {
+            // Handed over, or in post-copy (a broken post-copy stream too): the guest's newest
+            // state is on the destination.
+            SourceState::Completed | SourceState::PostcopyPaused => {
+                return Err(MigrateError::TooLateToCancel.into())
+            }
+            SourceState::Running => {}
+            _ => return Ok(entry.status(0)),
+        }
         if let Some(h) = handle {
             h.abort().map_err(|_| MigrateError::TooLateToCancel)?;
         }
@@ -894,6 +902,21 @@ impl Agent {
                     "postcopy-not-permitted",
                     format!("migration {mid} was started without post-copy permitted"),
                     "start the migration with post-copy allowed (--post-copy) to switch later",
+                ));
+            }
+            // Post-copy hands the guest over: past the same point of no return as a
+            // switchover, decided against a cancel under the same gate.
+            let entry = self.migration_or_404(&mid)?;
+            let gate = entry
+                .abort
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if gate.is_some_and(|h| !h.pass_no_return()) {
+                return Err(AgentError::conflict(
+                    "migration-cancelling",
+                    format!("migration {mid} is being cancelled"),
+                    "wait for the cancel to finish; the guest stays on the source",
                 ));
             }
             qmp.execute(&MigrateStartPostcopy {})

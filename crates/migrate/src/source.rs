@@ -72,6 +72,12 @@ impl AbortHandle {
         result
     }
 
+    /// For a switch the half does not make itself (an operator's switch to post-copy): passes
+    /// the point of no return as [`AbortSignal::pass_no_return`] does.
+    pub fn pass_no_return(&self) -> bool {
+        pass_no_return(&self.0)
+    }
+
     /// True once the half has switched over (or started post-copy).
     pub fn is_past_no_return(&self) -> bool {
         *self.0.borrow() == Gate::PastNoReturn
@@ -98,21 +104,26 @@ impl AbortSignal {
     /// Passes the point of no return unless a cancel came first: true means the half may let
     /// QEMU switch over, and every later [`AbortHandle::abort`] is refused with [`TooLate`].
     pub fn pass_no_return(&self) -> bool {
-        let mut passed = false;
-        self.gate.send_if_modified(|g| match *g {
-            Gate::Open => {
-                *g = Gate::PastNoReturn;
-                passed = true;
-                true
-            }
-            Gate::PastNoReturn => {
-                passed = true;
-                false
-            }
-            Gate::AbortRequested => false,
-        });
-        passed
+        pass_no_return(&self.gate)
     }
+}
+
+/// The one place the gate moves past the point of no return (see [`AbortSignal::pass_no_return`]).
+fn pass_no_return(gate: &watch::Sender<Gate>) -> bool {
+    let mut passed = false;
+    gate.send_if_modified(|g| match *g {
+        Gate::Open => {
+            *g = Gate::PastNoReturn;
+            passed = true;
+            true
+        }
+        Gate::PastNoReturn => {
+            passed = true;
+            false
+        }
+        Gate::AbortRequested => false,
+    });
+    passed
 }
 
 /// What the source saw of a completed migration.

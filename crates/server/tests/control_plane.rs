@@ -621,6 +621,13 @@ async fn auto_plans_and_post_copy_is_opt_in_and_switchable_by_the_operator() {
         .post(&format!("/v1/migrations/{}/postcopy", m.id), &())
         .await
         .expect("post-copy switch accepted");
+    // Post-copy handed the guest over: a cancel now is refused, and the job completes.
+    let late = c
+        .admin
+        .post::<_, Migration>(&format!("/v1/migrations/{}/cancel", m.id), &())
+        .await
+        .unwrap_err();
+    common::assert_refused(&late, 409, "too-late-to-cancel");
     let m = c.wait_end(m.id, Duration::from_secs(120)).await;
     assert_eq!(m.state, MigrationState::Completed, "{m:?}");
     assert_eq!(c.instance("pc").await.host, "hv2");
@@ -731,6 +738,13 @@ async fn a_broken_post_copy_stream_is_reconnected_through_the_agents() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // A reconnected post-copy stream is past the point of no return like the first one.
+    let late = c
+        .admin
+        .post::<_, Migration>(&format!("/v1/migrations/{}/cancel", m.id), &())
+        .await
+        .unwrap_err();
+    common::assert_refused(&late, 409, "too-late-to-cancel");
     in_host(&c, "hv1", &["tc", "qdisc", "del", "dev", "mig0", "root"]);
     let m = c.wait_end(m.id, Duration::from_secs(120)).await;
     assert_eq!(m.state, MigrationState::Completed, "{m:?}");
