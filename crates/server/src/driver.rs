@@ -468,6 +468,8 @@ struct AgentHalves<'a> {
     switched_over: bool,
     /// The store says the destination owns the guest (the commit point is behind us).
     committed: bool,
+    /// Whether log lines are held, and those held (see `hold_logs`).
+    held_logs: std::sync::Mutex<(bool, Vec<(String, String)>)>,
 }
 
 /// Which half an agent call is for.
@@ -513,6 +515,7 @@ impl<'a> AgentHalves<'a> {
             // After a restart the store tells whether the commit happened: it is the only
             // thing that moves an instance while its migration runs.
             committed: instance.host == m.destination,
+            held_logs: Default::default(),
             instance,
         })
     }
@@ -584,7 +587,32 @@ impl<'a> AgentHalves<'a> {
     }
 
     async fn log(&self, level: &str, message: &str) {
+        {
+            let mut held = self.held_logs.lock().unwrap_or_else(|e| e.into_inner());
+            if held.0 {
+                held.1.push((level.to_string(), message.to_string()));
+                return;
+            }
+        }
         log(self.state, self.m.id, level, message).await;
+    }
+
+    /// While the guest is stopped on both sides (from the source's completion to the start on
+    /// the destination) log lines wait in memory, so that no store write but the commit stands
+    /// between the source's stop and the start; `release_logs` writes them.
+    fn hold_logs(&self) {
+        self.held_logs.lock().unwrap_or_else(|e| e.into_inner()).0 = true;
+    }
+
+    async fn release_logs(&self) {
+        let lines = {
+            let mut held = self.held_logs.lock().unwrap_or_else(|e| e.into_inner());
+            held.0 = false;
+            std::mem::take(&mut held.1)
+        };
+        for (level, message) in lines {
+            log(self.state, self.m.id, &level, &message).await;
+        }
     }
 
     /// Records an agent's error and turns it into the engine's error type.
@@ -947,16 +975,17 @@ impl MigrationHalves for AgentHalves<'_> {
     }
 
     async fn destination_ready(&mut self) -> Result<(), MigrateError> {
-        let _ = set_state(self.state, self.m.id, MigrationState::Completing).await;
-        self.log(
-            "info",
-            &format!(
-                "the source handed over; checking that {} holds the whole guest (paused)",
-                self.m.destination
-            ),
-        )
-        .await;
+        // The guest is stopped everywhere until the start: what is not needed for it waits.
+        self.hold_logs();
         let _: AgentInstance = self.step(Side::Destination, "/confirm", &(), false).await?;
+        if !self.switched_over {
+            let _ = set_state(self.state, self.m.id, MigrationState::Completing).await;
+        }
+        let message = format!(
+            "the source handed over; {} holds the whole guest, paused",
+            self.m.destination
+        );
+        self.log("info", &message).await;
         Ok(())
     }
 
@@ -972,21 +1001,8 @@ impl MigrationHalves for AgentHalves<'_> {
             .await
             .map_err(|e| MigrateError::Failed(format!("the commit was not recorded: {e}")))?;
         self.committed = true;
-        let generation = match self
-            .state
-            .store
-            .get_instance(&self.instance.id.to_string())
-            .await
-        {
-            Ok(Some(i)) => {
-                let generation = i.generation;
-                publish_instance(self.state, i);
-                generation.to_string()
-            }
-            _ => "?".into(),
-        };
         let message = format!(
-            "commit: {} belongs to {} from now on (generation {generation}); the source is never resumed",
+            "commit: {} belongs to {} from now on; the source is never resumed",
             self.instance.name, self.m.destination
         );
         self.log("info", &message).await;
@@ -1002,6 +1018,7 @@ impl MigrationHalves for AgentHalves<'_> {
         let result: Result<AgentInstance, ApiError> = self
             .retrying(&host, false, || client.post(&path, &()))
             .await;
+        self.release_logs().await;
         match result {
             Ok(_) => {
                 let _ = self
@@ -1009,6 +1026,14 @@ impl MigrationHalves for AgentHalves<'_> {
                     .store
                     .set_instance_state(self.instance.id, InstanceState::Running)
                     .await;
+                if let Ok(Some(i)) = self
+                    .state
+                    .store
+                    .get_instance(&self.instance.id.to_string())
+                    .await
+                {
+                    publish_instance(self.state, i);
+                }
                 let message = format!("the guest runs on {}", self.m.destination);
                 self.log("info", &message).await;
                 Ok(())
@@ -1046,6 +1071,7 @@ impl MigrationHalves for AgentHalves<'_> {
     }
 
     async fn remove_destination(&mut self) -> Result<(), MigrateError> {
+        self.release_logs().await;
         if self.cleanup(Side::Destination, "/incoming", true).await? {
             let message = format!("destination on {} removed", self.m.destination);
             self.log("info", &message).await;
