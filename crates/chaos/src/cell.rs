@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ferry_api::instances::{CreateInstance, Instance, InstanceState};
-use ferry_api::migrations::{CreateMigration, Migration, MigrationOptions, Policy};
+use ferry_api::migrations::{CreateMigration, Migration, MigrationOptions, MigrationState, Policy};
 use ferry_lab::guest_client;
 use ferry_lab::guest_config::{GuestConfig, CONTROL_PORT};
 use ferry_lab::instance::guest_instance_spec;
@@ -53,6 +53,8 @@ impl Default for CellOptions {
 /// How fast the record is polled while waiting for a phase: short phases (switchover,
 /// completing) last a few hundred ms.
 const PHASE_POLL: Duration = Duration::from_millis(20);
+/// The downtime target of pre-switchover cells, ms.
+const PRE_SWITCHOVER_DOWNTIME_MS: u64 = 4000;
 /// How long a guest may take to boot and answer on its control port (TCG is slow).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -118,6 +120,7 @@ fn empty_result(spec: CellSpec) -> CellResult {
         seconds: 0.0,
         delay_ms: spec.delay_ms,
         error: None,
+        logs: None,
     }
 }
 
@@ -149,6 +152,11 @@ async fn drive(
                 destination: Some(lab.host_name(1).to_string()),
                 options: MigrationOptions {
                     bandwidth_mib_s: Some(opts.bandwidth_mib_s),
+                    // QEMU sends the last pages unthrottled, so the switchover lasts only as
+                    // long as there is much left: a generous downtime target makes QEMU
+                    // switch over earlier, with more left, and the phase long enough to hit.
+                    downtime_ms: (spec.phase == Some(Phase::PreSwitchover))
+                        .then_some(PRE_SWITCHOVER_DOWNTIME_MS),
                     post_copy,
                     policy: Policy::Manual,
                     ..Default::default()
@@ -220,16 +228,21 @@ async fn reach(
     let mut switched = false;
     loop {
         let m = get_migration(lab, id).await?;
-        let p = point(&m);
+        let mut p = point(&m);
         if phase == Phase::PostCopy && !switched && p.phase == Some(Phase::FirstRound) {
             let r: Result<Migration, _> = lab
                 .api
                 .post(&format!("/v1/migrations/{id}/postcopy"), &())
                 .await;
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "switching to post-copy failed");
+            match r {
+                Ok(_) => switched = true,
+                Err(e) => tracing::warn!(error = %e, "switching to post-copy failed"),
             }
-            switched = true;
+        }
+        if switched && m.state == MigrationState::Completing {
+            // Switched over after our post-copy request: post-copy started, even if no sample
+            // says "postcopy" yet (the record's phase is then the switchover's).
+            p.phase = Some(Phase::PostCopy);
         }
         let qemu_ready = match fault {
             Fault::KillDestinationQemu => lab

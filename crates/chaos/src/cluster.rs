@@ -17,6 +17,7 @@ use ferry_api::{ApiClient, ApiError};
 use ferry_lab::image::{ensure_image, GuestImage, ImageOptions};
 use ferry_lab::net::{free_local_ports, validate_lab_name, LabNet};
 use ferry_lab::LabError;
+use ferry_server::config::Limits;
 use uuid::Uuid;
 
 use crate::daemons::{
@@ -51,12 +52,15 @@ pub struct ChaosLab {
     pub net: LabNet,
     pub image: GuestImage,
     pub accel: String,
+    spec: LabSpec,
     name: String,
     dir: PathBuf,
     exe: PathBuf,
     server: Option<Child>,
     agents: Vec<Option<Child>>,
     keep: bool,
+    /// Set once shut down: dropping it then does nothing.
+    down: bool,
 }
 
 impl ChaosLab {
@@ -70,6 +74,8 @@ impl ChaosLab {
         std::fs::create_dir_all(&dir).map_err(|e| ChaosError::io(dir.display().to_string(), e))?;
         write(&dir.join(MARKER), &spec.name)?;
         let n = spec.name.clone();
+        // Owned until the lab value exists (an error before removes the namespaces); then the
+        // lab value removes them itself, by name, exactly once (see `shutdown`).
         let net = blocking(move || LabNet::create(&n, 2)).await??;
         let image_opts = ImageOptions::default();
         let cache_dir = image_opts.cache_dir.clone();
@@ -89,12 +95,19 @@ impl ChaosLab {
         let url = format!("http://127.0.0.1:{}", ports[0]);
         let admin = random_token()?;
         let join = random_token()?;
-        let server = server_config(
+        let mut server = server_config(
             SocketAddr::from(([127, 0, 0, 1], ports[0])),
             dir.join("ferry.db"),
             &admin,
             &join,
         );
+        // Cells run one at a time, but a job a fault left stuck keeps its slot until the lab
+        // is rebuilt; the queue's limits must never be what a cell measures.
+        server.limits = Limits {
+            per_host_outbound: 64,
+            per_host_inbound: 64,
+            cluster: 64,
+        };
         write(&dir.join("server.toml"), &to_toml(&server)?)?;
         for (i, h) in net.hosts.iter().enumerate() {
             let agent = agent_config(
@@ -112,8 +125,9 @@ impl ChaosLab {
             write(&dir.join(format!("{}.toml", h.name)), &to_toml(&agent)?)?;
         }
         let mut lab = ChaosLab {
+            spec: spec.clone(),
             api: ApiClient::new(&url, Some(admin)),
-            net,
+            net: net.into_persistent(),
             image,
             accel,
             name: spec.name.clone(),
@@ -122,6 +136,7 @@ impl ChaosLab {
             server: None,
             agents: vec![None, None],
             keep: false,
+            down: false,
         };
         lab.restart(Daemon::Server)?;
         lab.restart(Daemon::Agent(0))?;
@@ -237,6 +252,35 @@ impl ChaosLab {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// A fresh lab in place of this one (same name and spec): after a cell left a job stuck
+    /// or the lab broken, so the next cell starts from a clean cluster.
+    pub async fn rebuild(&mut self) -> Result<(), ChaosError> {
+        let spec = self.spec.clone();
+        // Remove the old lab (daemons, namespaces, directory) before the new one takes its
+        // names; the old value's drop then does nothing.
+        self.keep = false;
+        self.shutdown();
+        *self = ChaosLab::start(&spec).await?;
+        Ok(())
+    }
+
+    /// Copies the lab directory (daemon logs, database) to `<dir>-cells/<label>`, for the
+    /// reproduction of a failed cell; returns where.
+    pub fn save_logs(&self, label: &str) -> Option<PathBuf> {
+        let mut name = self.dir.file_name()?.to_os_string();
+        name.push("-cells");
+        let to = self.dir.with_file_name(name).join(label);
+        let _ = std::fs::remove_dir_all(&to);
+        std::fs::create_dir_all(to.parent()?).ok()?;
+        let ok = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&self.dir)
+            .arg(&to)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(to)
+    }
 }
 
 /// Whether `pid` is a live (not zombie) QEMU: a pidfile outlives its process.
@@ -251,8 +295,14 @@ pub fn qemu_alive(pid: i32) -> bool {
     comm.contains("qemu") && !rest.trim_start().starts_with('Z')
 }
 
-impl Drop for ChaosLab {
-    fn drop(&mut self) {
+impl ChaosLab {
+    /// Kills the daemons, removes the namespaces (every QEMU and tap with them) and, unless
+    /// told to keep it, the directory. Idempotent.
+    pub fn shutdown(&mut self) {
+        if self.down {
+            return;
+        }
+        self.down = true;
         for c in self
             .agents
             .iter_mut()
@@ -268,6 +318,12 @@ impl Drop for ChaosLab {
         } else {
             teardown(&self.name, &self.dir);
         }
+    }
+}
+
+impl Drop for ChaosLab {
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }
 

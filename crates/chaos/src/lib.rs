@@ -44,7 +44,17 @@ pub async fn run_cells(
     let mut results = Vec::new();
     for (i, spec) in cells.iter().enumerate() {
         let n = u8::try_from(i % 150 + 1).unwrap_or(1);
-        let r = cell::run_cell(lab, *spec, n, opts).await?;
+        let mut r = cell::run_cell(lab, *spec, n, opts).await?;
+        if !r.ok {
+            let label = format!("{:02}-{}-{}", i + 1, r.fault, r.phase);
+            r.logs = lab.save_logs(&label).map(|p| p.display().to_string());
+        }
+        let stuck = !matches!(r.job_state.as_str(), "completed" | "failed" | "cancelled");
+        if stuck && i + 1 < cells.len() {
+            // A job left running holds its guest's QEMUs and the driver's retries: the next
+            // cell gets a fresh cluster.
+            lab.rebuild().await?;
+        }
         each(&r);
         results.push(r);
     }

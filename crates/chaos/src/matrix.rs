@@ -90,9 +90,12 @@ pub enum Phase {
     FirstRound,
     /// Migrating, iteration 2 or later: resending dirtied pages.
     LaterRounds,
-    /// The source QEMU stopped the guest for the last pages (progress phase switchover).
+    /// The source QEMU stopped the guest for the last pages: its newest sample says
+    /// switchover (QEMU's pre-switchover and device states). The source agent passes the point
+    /// of no return at once, so the record is then Completing already, or still Migrating.
     PreSwitchover,
-    /// The job is Completing: switched over, destination being confirmed and started.
+    /// The job is Completing and the source QEMU has completed: the destination is being
+    /// confirmed, committed, started, and the source torn down.
     Completing,
     /// Post-copy, switched by the operator through the API: the guest runs on the destination
     /// while its memory follows.

@@ -18,15 +18,17 @@ pub struct Point {
     pub label: &'static str,
 }
 
-/// The rank of each matrix phase along a job's life. Post-copy replaces pre-switchover, so
-/// both share a rank.
+/// The rank of each matrix phase along a job's life. Post-copy replaces pre-switchover and
+/// runs while the job is Completing, so it shares Completing's rank.
 pub fn rank_of(p: Phase) -> u8 {
     match p {
         Phase::Preparing => 1,
         Phase::FirstRound => 3,
         Phase::LaterRounds => 4,
-        Phase::PreSwitchover | Phase::PostCopy => 5,
+        Phase::PreSwitchover => 5,
         Phase::Completing => 6,
+        // A post-copy job is Completing from the start of post-copy; its end is "ended".
+        Phase::PostCopy => 6,
     }
 }
 
@@ -54,7 +56,16 @@ pub fn point(m: &Migration) -> Point {
                 label: "stream-setup",
             },
         },
-        MigrationState::Completing => at(Phase::Completing),
+        // Post-copy reports switched-over when it starts, so the job is Completing while the
+        // rest of memory follows.
+        // The source agent passes the point of no return as soon as QEMU stops the guest, so
+        // the server marks the job Completing with the switchover sample: while the newest
+        // sample still says switchover, the last pages are on their way.
+        MigrationState::Completing => match &m.progress {
+            Some(p) if p.phase == CopyPhase::Postcopy => at(Phase::PostCopy),
+            Some(p) if p.phase == CopyPhase::Switchover => at(Phase::PreSwitchover),
+            _ => at(Phase::Completing),
+        },
         _ => Point {
             rank: 7,
             phase: None,
@@ -93,6 +104,6 @@ mod tests {
         for w in order.windows(2) {
             assert!(rank_of(w[0]) < rank_of(w[1]), "{w:?}");
         }
-        assert_eq!(rank_of(Phase::PostCopy), rank_of(Phase::PreSwitchover));
+        assert_eq!(rank_of(Phase::PostCopy), rank_of(Phase::Completing));
     }
 }

@@ -40,6 +40,8 @@ pub struct CellResult {
     pub delay_ms: Option<u64>,
     /// Why the cell is not ok (empty when it is).
     pub error: Option<String>,
+    /// Where the lab's logs and database were saved for a cell that is not ok.
+    pub logs: Option<String>,
 }
 
 /// A whole run, as `--json` prints it.
@@ -99,6 +101,9 @@ pub fn table_row(c: &CellResult) -> String {
     }
     if let Some(e) = &c.error {
         detail.push_str(&format!("; NOT OK: {e}"));
+    }
+    if let Some(l) = &c.logs {
+        detail.push_str(&format!("; logs {l}"));
     }
     format!(
         "| {:<22} | {:<14} | {:<3} | {:<3} | {:<3} | {:<10} | {:<20} | {:<6} | {:<7} | {:>5.0} | {} |",

@@ -142,7 +142,9 @@ pub fn cells(args: &ChaosArgs) -> Result<(Vec<CellSpec>, Option<u64>), CliError>
         });
         return Ok((matrix::random(seed, n, RANDOM_WINDOW), Some(seed)));
     }
-    let base = if args.full {
+    // Naming faults or phases picks from the whole matrix; alone, --quick is the slice.
+    let named = !faults.is_empty() || !phases.is_empty();
+    let base = if args.full || (named && !args.quick) {
         matrix::full()
     } else {
         matrix::quick()
