@@ -53,6 +53,8 @@ impl Default for CellOptions {
 /// How fast the record is polled while waiting for a phase: short phases (switchover,
 /// completing) last a few hundred ms.
 const PHASE_POLL: Duration = Duration::from_millis(20);
+/// How long the record and the heartbeats must agree before the record counts as true.
+const RECORD_STABLE: Duration = Duration::from_secs(2);
 /// The downtime target of pre-switchover cells, ms.
 const PRE_SWITCHOVER_DOWNTIME_MS: u64 = 4000;
 /// How long a guest may take to boot and answer on its control port (TCG is slow).
@@ -295,6 +297,9 @@ async fn check_record(
     r: &mut CellResult,
 ) {
     let deadline = (cleared + bound).max(Instant::now() + Duration::from_secs(5));
+    // A copy counts as running for one window after its last beat, and the record may lag
+    // the same way: a match counts once it has held for RECORD_STABLE.
+    let mut since: Option<Instant> = None;
     loop {
         let running = watcher.running();
         let record: Option<Instance> = lab.api.get(&format!("/v1/instances/{vm}")).await.ok();
@@ -311,8 +316,12 @@ async fn check_record(
                 [h] => i.host == lab.host_name(*h) && i.state == InstanceState::Running,
                 _ => false,
             };
-            if matches {
-                let after = cleared.elapsed().as_secs_f64();
+            if !matches {
+                since = None;
+            } else if since.get_or_insert_with(Instant::now).elapsed() >= RECORD_STABLE {
+                let after = since
+                    .map(|t| t.saturating_duration_since(cleared).as_secs_f64())
+                    .unwrap_or_default();
                 r.record_matched_s = Some(after);
                 if after > bound.as_secs_f64() && r.error.is_none() {
                     r.error = Some(format!("the record was right only {after:.0} s after"));
@@ -320,7 +329,7 @@ async fn check_record(
                 return;
             }
         }
-        if Instant::now() >= deadline {
+        if Instant::now() >= deadline && since.is_none() {
             if r.error.is_none() {
                 r.error = Some(format!(
                     "record says {} {}, the guest runs on {}",
