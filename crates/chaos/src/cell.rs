@@ -100,7 +100,9 @@ pub async fn run_cell(
     Ok(result)
 }
 
-fn empty_result(spec: CellSpec) -> CellResult {
+/// A result with nothing checked yet: also what a cell the runner could not even start
+/// reports.
+pub(crate) fn empty_result(spec: CellSpec) -> CellResult {
     CellResult {
         fault: spec.fault.as_str().into(),
         phase: spec.phase.map(|p| p.as_str()).unwrap_or("random").into(),

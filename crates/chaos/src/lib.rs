@@ -44,12 +44,22 @@ pub async fn run_cells(
     let mut results = Vec::new();
     for (i, spec) in cells.iter().enumerate() {
         let n = u8::try_from(i % 150 + 1).unwrap_or(1);
-        let mut r = cell::run_cell(lab, *spec, n, opts).await?;
+        let mut r = match cell::run_cell(lab, *spec, n, opts).await {
+            Ok(r) => r,
+            // The guest could not even be created (the cluster is broken): the cell says so
+            // and the next one gets a fresh cluster.
+            Err(e) => {
+                let mut r = cell::empty_result(*spec);
+                r.error = Some(format!("runner: {}", e.body()));
+                r
+            }
+        };
         if !r.ok {
             let label = format!("{:02}-{}-{}", i + 1, r.fault, r.phase);
             r.logs = lab.save_logs(&label).map(|p| p.display().to_string());
         }
-        let stuck = !matches!(r.job_state.as_str(), "completed" | "failed" | "cancelled");
+        let stuck = !matches!(r.job_state.as_str(), "completed" | "failed" | "cancelled")
+            || r.error.as_deref().is_some_and(|e| e.starts_with("runner:"));
         if stuck && i + 1 < cells.len() {
             // A job left running holds its guest's QEMUs and the driver's retries: the next
             // cell gets a fresh cluster.
