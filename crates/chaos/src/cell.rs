@@ -53,6 +53,8 @@ impl Default for CellOptions {
 /// How fast the record is polled while waiting for a phase: short phases (switchover,
 /// completing) last a few hundred ms.
 const PHASE_POLL: Duration = Duration::from_millis(20);
+/// How long after the job ended the record may take to agree with the heartbeats.
+const FINAL_RECORD_WAIT: Duration = Duration::from_secs(30);
 /// How long the record and the heartbeats must agree before the record counts as true.
 const RECORD_STABLE: Duration = Duration::from_secs(2);
 /// The downtime target of pre-switchover cells, ms.
@@ -195,21 +197,49 @@ async fn drive(
         }
     };
 
+    // Within the bound after the fault cleared the record must name where the guest runs,
+    // whether or not the job has ended by then (a copy slowed by a long outage still runs on
+    // its source, and the record must say so).
+    match record_agrees(lab, vm.id, watcher, cleared, cleared + opts.record_bound, r).await {
+        Some(after) => r.record_matched_s = Some(after),
+        None => {
+            let e = format!(
+                "{} s after the fault cleared the record says {}, the guest runs on {}",
+                opts.record_bound.as_secs(),
+                record_words(r),
+                r.running_on
+            );
+            add_error(r, e)
+        }
+    }
     let end = wait_end(lab, m.id, cleared + opts.job_bound).await;
     r.job_state = end.state.as_str().into();
     r.job_error = end.error.as_ref().map(|e| e.code.clone());
     if !end.state.is_terminal() {
-        r.error = Some(format!(
+        let e = format!(
             "job still {} {} s after the fault cleared",
             describe(&end),
             opts.job_bound.as_secs()
-        ));
+        );
+        add_error(r, e);
     }
-    check_record(lab, vm.id, watcher, cleared, opts.record_bound, r).await;
+    // And once the job is over, the record must still (or now) be true.
+    let settle = Instant::now() + FINAL_RECORD_WAIT;
+    if record_agrees(lab, vm.id, watcher, cleared, settle, r)
+        .await
+        .is_none()
+    {
+        let e = format!(
+            "after the job ended the record says {}, the guest runs on {}",
+            record_words(r),
+            r.running_on
+        );
+        add_error(r, e);
+    }
     if r.running_on != "none" {
         verify(lab, addr, r).await;
-    } else if !spec.fault.kills_qemu() && r.error.is_none() {
-        r.error = Some("the guest runs nowhere, yet no QEMU was killed".into());
+    } else if !spec.fault.kills_qemu() {
+        add_error(r, "the guest runs nowhere, yet no QEMU was killed".into());
     }
     Ok(())
 }
@@ -288,19 +318,20 @@ async fn wait_end(lab: &ChaosLab, id: Uuid, deadline: Instant) -> Migration {
     }
 }
 
-/// Waits (up to `bound` after the fault cleared, and at least a few seconds) until the record
-/// names where the heartbeats show the guest: its host if one copy runs, not Running if none.
-async fn check_record(
+/// Polls until the record and the heartbeats agree, and have for [`RECORD_STABLE`]: the
+/// record names the host whose copy runs (state running), or, if none runs, is not running.
+/// Returns the seconds after `cleared` when the agreement began, or `None` at `deadline`.
+/// Leaves the newest record and where the guest runs in `r`.
+async fn record_agrees(
     lab: &ChaosLab,
     vm: Uuid,
     watcher: &Watcher,
     cleared: Instant,
-    bound: Duration,
+    deadline: Instant,
     r: &mut CellResult,
-) {
-    let deadline = (cleared + bound).max(Instant::now() + Duration::from_secs(5));
+) -> Option<f64> {
     // A copy counts as running for one window after its last beat, and the record may lag
-    // the same way: a match counts once it has held for RECORD_STABLE.
+    // the same way: agreement counts once it has held for RECORD_STABLE.
     let mut since: Option<Instant> = None;
     loop {
         let running = watcher.running();
@@ -310,40 +341,41 @@ async fn check_record(
             [h] => lab.host_name(*h).into(),
             _ => "both".into(),
         };
-        if let Some(i) = &record {
+        let agrees = record.as_ref().is_some_and(|i| {
             r.record_host = Some(i.host.clone());
             r.record_state = Some(state_name(i.state).into());
-            let matches = match running.as_slice() {
+            match running.as_slice() {
                 [] => i.state != InstanceState::Running,
                 [h] => i.host == lab.host_name(*h) && i.state == InstanceState::Running,
                 _ => false,
-            };
-            if !matches {
-                since = None;
-            } else if since.get_or_insert_with(Instant::now).elapsed() >= RECORD_STABLE {
-                let after = since
-                    .map(|t| t.saturating_duration_since(cleared).as_secs_f64())
-                    .unwrap_or_default();
-                r.record_matched_s = Some(after);
-                if after > bound.as_secs_f64() && r.error.is_none() {
-                    r.error = Some(format!("the record was right only {after:.0} s after"));
-                }
-                return;
             }
+        });
+        if !agrees {
+            since = None;
+        } else if since.get_or_insert_with(Instant::now).elapsed() >= RECORD_STABLE {
+            return since.map(|t| t.saturating_duration_since(cleared).as_secs_f64());
         }
         if Instant::now() >= deadline && since.is_none() {
-            if r.error.is_none() {
-                r.error = Some(format!(
-                    "record says {} {}, the guest runs on {}",
-                    r.record_host.as_deref().unwrap_or("?"),
-                    r.record_state.as_deref().unwrap_or("?"),
-                    r.running_on
-                ));
-            }
-            return;
+            return None;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Adds one reason a cell is not ok to those found before.
+fn add_error(r: &mut CellResult, e: String) {
+    r.error = Some(match r.error.take() {
+        Some(before) => format!("{before}; {e}"),
+        None => e,
+    });
+}
+
+fn record_words(r: &CellResult) -> String {
+    format!(
+        "{} {}",
+        r.record_host.as_deref().unwrap_or("?"),
+        r.record_state.as_deref().unwrap_or("?")
+    )
 }
 
 fn state_name(s: InstanceState) -> &'static str {
@@ -363,18 +395,15 @@ async fn verify(lab: &ChaosLab, addr: SocketAddr, r: &mut CellResult) {
         Ok(v) => {
             r.verify_checked = Some(v.checked);
             r.verify_errors = Some(v.errors);
-            if v.errors > 0 && r.error.is_none() {
-                r.error = Some(format!(
+            if v.errors > 0 {
+                let e = format!(
                     "memory verification: {} bad pages (first {:?})",
                     v.errors, v.first_error
-                ));
+                );
+                add_error(r, e);
             }
         }
-        Err(e) => {
-            if r.error.is_none() {
-                r.error = Some(format!("the running guest does not verify: {e}"));
-            }
-        }
+        Err(e) => add_error(r, format!("the running guest does not verify: {e}")),
     }
 }
 
