@@ -114,11 +114,13 @@ async fn run_matrix(
         eprintln!("{}", report::table_row(r))
     })
     .await?;
-    let summary = Summary::new(results, seed, &lab.accel, started.elapsed().as_secs_f64());
-    if !summary.ok {
-        lab.keep_logs();
-    }
-    Ok(summary)
+    // Failed cells' logs were saved as each failed; the lab itself goes.
+    Ok(Summary::new(
+        results,
+        seed,
+        &lab.accel,
+        started.elapsed().as_secs_f64(),
+    ))
 }
 
 /// The cells the arguments ask for, and the seed of a random run.

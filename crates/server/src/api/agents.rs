@@ -75,11 +75,11 @@ pub async fn heartbeat(
         .record_heartbeat(&hb.name, &hb.facts, Utc::now())
         .await?;
     // Instance states: only for instances this host owns and that are not mid-migration
-    // (the migration driver is the authority on those).
+    // (the migration driver is the authority on those). An incoming copy is reported too once
+    // its job is over and the instance was committed here: a committed destination whose QEMU
+    // died before it was started still carries the incoming mark, and its record would
+    // otherwise say running forever.
     for reported in &hb.instances {
-        if reported.incoming.is_some() {
-            continue;
-        }
         if let Some(i) = state.store.get_instance(&reported.id.to_string()).await? {
             if i.host == hb.name && i.migration.is_none() && i.state != reported.state {
                 state.store.set_instance_state(i.id, reported.state).await?;
