@@ -5,6 +5,7 @@
 //! disagree.
 
 use ferry_api::{ApiError, ErrorBody};
+use ferry_chaos::ChaosError;
 use ferry_lab::LabError;
 
 /// Exit codes of every `ferry` command; `ferry --help` and the README list them.
@@ -47,6 +48,16 @@ pub enum CliError {
     /// Anything else the CLI itself detects: configuration, arguments, local files, daemons.
     #[error("{0}")]
     Local(ErrorBody),
+}
+
+impl From<ChaosError> for CliError {
+    fn from(e: ChaosError) -> CliError {
+        match e {
+            ChaosError::Api(e) => CliError::Api(e),
+            ChaosError::Lab(e) => CliError::Lab(e),
+            e => CliError::Local(e.body()),
+        }
+    }
 }
 
 impl CliError {

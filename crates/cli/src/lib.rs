@@ -9,4 +9,3 @@ pub mod config;
 pub mod error;
 pub mod local_cluster;
 pub mod output;
-pub mod private_fs;

@@ -47,7 +47,7 @@ impl LocalCluster {
         let dir = std::env::temp_dir().join(format!("ferry-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         // Holds the database and the agents' credentials: the owner's only.
-        crate::private_fs::create_dir(&dir).map_err(|e| {
+        ferry_lab::private_fs::create_dir(&dir).map_err(|e| {
             CliError::new(
                 "io",
                 format!("cannot create {}: {e}", dir.display()),

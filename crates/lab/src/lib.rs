@@ -13,6 +13,7 @@ pub mod instance;
 mod lab;
 mod migration;
 pub mod net;
+pub mod private_fs;
 pub mod serial;
 mod vm;
 

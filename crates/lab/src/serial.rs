@@ -79,6 +79,12 @@ impl SerialMonitor {
             .copied()
     }
 
+    /// Whether the port was read to its end (QEMU quit or closed the socket): a watcher that
+    /// follows a host across QEMU restarts then connects again.
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
     /// The non-heartbeat lines so far (boot messages, the ready line, warnings).
     pub fn lines(&self) -> Vec<String> {
         self.log.lock().expect("serial log lock").lines.clone()

@@ -32,7 +32,8 @@ impl Reports {
             .insert(host.to_string(), (Instant::now(), instances));
     }
 
-    /// Every copy of instance `id` that a host reported within `fresh`: (host, what it said).
+    /// Every host that reported instance `id` within `fresh` (with a QEMU or without, e.g.
+    /// crashed): (host, what it said).
     pub fn copies(&self, id: Uuid, fresh: Duration) -> Vec<(String, AgentInstance)> {
         let mut out: Vec<_> = self
             .lock()
@@ -40,7 +41,7 @@ impl Reports {
             .filter(|(_, (at, _))| at.elapsed() <= fresh)
             .flat_map(|(host, (_, list))| {
                 list.iter()
-                    .filter(|i| i.id == id && i.pid.is_some())
+                    .filter(|i| i.id == id)
                     .map(|i| (host.clone(), i.clone()))
             })
             .collect();

@@ -4,32 +4,30 @@
 //! `ferry lab down` (or the next `lab up` of the same name) can find and remove everything even
 //! after the shell that started it is gone.
 
-use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Subcommand;
-use ferry_agent::{AgentConfig, DatastoreConfig, NetworkConfig};
+use ferry_agent::DatastoreConfig;
 use ferry_api::hosts::{Host, HostState};
 use ferry_api::instances::{Instance, InstanceState};
 use ferry_api::ApiError;
-use ferry_api::ErrorBody;
+use ferry_chaos::daemons::{
+    lab_dir, log_tails, random_token, spawn_daemon, stop_daemons, teardown, write, MARKER,
+};
+use ferry_chaos::ChaosError;
 use ferry_lab::image::{ensure_image, GuestImage, ImageOptions};
 use ferry_lab::net::{
-    destroy_lab, free_local_ports, list_labs, validate_lab_name, LabHostNet, LabNet, MAX_HOSTS,
+    destroy_lab, free_local_ports, list_labs, validate_lab_name, LabNet, MAX_HOSTS,
 };
 use ferry_lab::LabError;
-use ferry_server::ServerConfig;
-use serde::Serialize;
 
-use super::instance::{create_request, wait_for_state, CreateArgs, LabImage, LAB_NETWORK};
+use super::instance::{create_request, wait_for_state, CreateArgs, LabImage};
 use super::Ctx;
 use crate::config::ClientConfig;
 use crate::error::{exit, CliError};
 use crate::output::OutputFormat;
-use crate::private_fs;
 
 #[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
 pub enum LabCommand {
@@ -57,91 +55,12 @@ pub enum LabCommand {
 
 /// How long hosts may take to join and report online.
 const ONLINE_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a daemon gets between SIGTERM and SIGKILL.
-const TERM_GRACE: Duration = Duration::from_secs(5);
-/// Marks a directory as created by `ferry lab up`: only such a directory is ever removed
-/// whole, so a mistaken `$FERRY_LAB_DIR=/` cannot cost anything.
-const MARKER: &str = ".ferry-lab";
+/// The daemons' configuration, shared with the fault matrix and the tests.
+pub use ferry_chaos::daemons::{agent_config, server_config, to_toml};
+
 /// The test guest `lab up` creates, and its address.
 const LAB_VM: &str = "vm1";
 const LAB_VM_IP: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 77, 0, 100), 24);
-
-/// `$FERRY_LAB_DIR`, else `/var/tmp/ferry-lab/<name>` (survives reboots' /tmp cleaning, so
-/// logs of a crashed lab stay readable).
-pub fn lab_dir(name: &str) -> PathBuf {
-    match std::env::var_os("FERRY_LAB_DIR").filter(|v| !v.is_empty()) {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from("/var/tmp/ferry-lab").join(name),
-    }
-}
-
-/// The configuration of lab host `h`'s agent: the lab runs agents in the root namespace and
-/// their QEMUs inside the host's namespace. Shared with the tests that start agents
-/// themselves, so a lab is always configured one way.
-pub fn agent_config(
-    h: &LabHostNet,
-    listen: SocketAddr,
-    server_url: &str,
-    join_token: &str,
-    state_dir: PathBuf,
-    accel: &str,
-    datastores: Vec<DatastoreConfig>,
-) -> AgentConfig {
-    AgentConfig {
-        name: h.name.clone(),
-        listen,
-        advertise_url: None,
-        server_url: Some(server_url.to_string()),
-        join_token: Some(join_token.to_string()),
-        credential: None,
-        state_dir,
-        netns: Some(h.netns.clone()),
-        migration_addr: h.migration_addr.into(),
-        migration_ports: "49152-49215".into(),
-        qemu_binary: "qemu-system-x86_64".into(),
-        accel: accel.to_string(),
-        datastores,
-        networks: vec![NetworkConfig {
-            name: LAB_NETWORK.into(),
-            bridge: h.guest_bridge.clone(),
-            subnet: Some("10.77.0.0/24".into()),
-        }],
-        heartbeat_ms: 1000,
-        reserve_mib: 2048,
-        ram_capacity_mib: None,
-        cpu_flags_mask: Vec::new(),
-    }
-}
-
-/// The lab server's configuration.
-pub fn server_config(
-    listen: SocketAddr,
-    database: PathBuf,
-    admin_token: &str,
-    join_token: &str,
-) -> ServerConfig {
-    ServerConfig {
-        listen,
-        database,
-        admin_token: Some(admin_token.to_string()),
-        join_token: join_token.to_string(),
-        heartbeat_timeout_s: 10,
-        limits: Default::default(),
-        preflight: Default::default(),
-        progress_poll_ms: 250,
-    }
-}
-
-/// A config as TOML; both config types serialize without fail.
-pub fn to_toml<T: Serialize>(value: &T) -> Result<String, CliError> {
-    toml::to_string(value).map_err(|e| {
-        CliError::Local(ErrorBody::new(
-            "config-write",
-            e.to_string(),
-            "report this bug",
-        ))
-    })
-}
 
 pub async fn run(cmd: LabCommand) -> Result<u8, CliError> {
     match cmd {
@@ -162,7 +81,7 @@ pub async fn run(cmd: LabCommand) -> Result<u8, CliError> {
         }
         LabCommand::List => {
             for lab in list_labs() {
-                crate::outln!("{lab}");
+                println!("{lab}");
             }
             Ok(exit::OK)
         }
@@ -192,12 +111,13 @@ async fn up(name: &str, hosts: usize, no_instance: bool) -> Result<u8, CliError>
         blocking(move || teardown(&n, &d)).await?;
     }
     // The directory holds tokens, agent credentials and the database: the owner's only.
-    private_fs::create_dir(&dir).map_err(|e| io_err(&dir, e))?;
+    ferry_lab::private_fs::create_dir(&dir)
+        .map_err(|e| ChaosError::io(dir.display().to_string(), e))?;
     write(&dir.join(MARKER), name)?;
     match start(name, hosts, no_instance, &dir).await {
         Ok((cfg, summary)) => {
-            crate::outln!("export FERRY_URL={}", cfg.url);
-            crate::outln!("export FERRY_TOKEN={}", cfg.token.unwrap_or_default());
+            println!("export FERRY_URL={}", cfg.url);
+            println!("export FERRY_TOKEN={}", cfg.token.unwrap_or_default());
             eprintln!("{summary}");
             Ok(exit::OK)
         }
@@ -288,7 +208,14 @@ async fn start(
         token: Some(admin_token),
     };
     let ctx = &Ctx::from_config(&cfg, OutputFormat::Table);
-    spawn_daemon(dir, "server", "server", &dir.join("server.toml"))?;
+    let exe = std::env::current_exe().map_err(|e| {
+        CliError::new(
+            "no-executable",
+            format!("cannot find this program: {e}"),
+            "",
+        )
+    })?;
+    spawn_daemon(&exe, dir, "server", "server", &dir.join("server.toml"))?;
     wait_until(
         Duration::from_secs(30),
         "the server to answer",
@@ -302,7 +229,13 @@ async fn start(
     )
     .await?;
     for h in &host_nets {
-        spawn_daemon(dir, &h.name, "agent", &dir.join(format!("{}.toml", h.name)))?;
+        spawn_daemon(
+            &exe,
+            dir,
+            &h.name,
+            "agent",
+            &dir.join(format!("{}.toml", h.name)),
+        )?;
     }
     let names: Vec<String> = host_nets.iter().map(|h| h.name.clone()).collect();
     wait_hosts_online(ctx, names.len()).await?;
@@ -363,68 +296,6 @@ pub async fn wait_hosts_online(ctx: &Ctx, n: usize) -> Result<(), CliError> {
     .await
 }
 
-/// 32 hex characters from the kernel's CSPRNG.
-fn random_token() -> Result<String, CliError> {
-    let mut b = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .map_err(|e| CliError::new("no-randomness", format!("/dev/urandom: {e}"), ""))?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
-}
-
-fn io_err(path: &Path, e: std::io::Error) -> CliError {
-    CliError::new(
-        "lab-dir",
-        format!("{}: {e}", path.display()),
-        "run as root, or set FERRY_LAB_DIR to a writable directory",
-    )
-}
-
-/// Writes a file of the lab directory, mode 0600: configs carry tokens, and logs may quote
-/// them.
-fn write(path: &Path, text: &str) -> Result<(), CliError> {
-    private_fs::write_file(path, text).map_err(|e| io_err(path, e))
-}
-
-/// Starts `ferry <role> --config <config>` detached: its own process group (a Ctrl-C in the
-/// shell does not reach it), output to `<dir>/<name>.log`, pid to `<dir>/<name>.pid`.
-fn spawn_daemon(dir: &Path, name: &str, role: &str, config: &Path) -> Result<(), CliError> {
-    use std::os::unix::process::CommandExt;
-    let exe = std::env::current_exe().map_err(|e| {
-        CliError::new(
-            "no-executable",
-            format!("cannot find this program: {e}"),
-            "",
-        )
-    })?;
-    let log_path = dir.join(format!("{name}.log"));
-    let log = private_fs::create_file(&log_path).map_err(|e| io_err(&log_path, e))?;
-    let log2 = log.try_clone().map_err(|e| io_err(&log_path, e))?;
-    let level = std::env::var("FERRY_LOG").unwrap_or_else(|_| "info".into());
-    let child = Command::new(exe)
-        .arg("--log")
-        .arg(level)
-        .arg(role)
-        .arg("--config")
-        .arg(config)
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log2)
-        .process_group(0)
-        .spawn()
-        .map_err(|e| {
-            CliError::new(
-                "spawn-failed",
-                format!("cannot start ferry {role}: {e}"),
-                "",
-            )
-        })?;
-    write(
-        &dir.join(format!("{name}.pid")),
-        &format!("{}\n", child.id()),
-    )
-}
-
 /// Polls `check` every 250 ms until it says yes, or fails with what was awaited.
 async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<(), CliError>
 where
@@ -454,101 +325,4 @@ where
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-}
-
-/// The last lines of every daemon log, for error messages.
-fn log_tails(dir: &Path) -> String {
-    let mut logs: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "log"))
-                .collect()
-        })
-        .unwrap_or_default();
-    logs.sort();
-    let mut out = Vec::new();
-    for p in logs {
-        let text = std::fs::read_to_string(&p).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let tail = &lines[lines.len().saturating_sub(10)..];
-        if tail.is_empty() {
-            continue;
-        }
-        out.push(format!("--- {} (last {} lines)", p.display(), tail.len()));
-        out.extend(tail.iter().map(|l| format!("    {l}")));
-    }
-    out.join("\n")
-}
-
-/// Removes lab `name`: its daemons, its namespaces (and with them every QEMU), its directory.
-/// Idempotent; used by `lab down` and before `lab up`.
-fn teardown(name: &str, dir: &Path) {
-    stop_daemons(dir);
-    destroy_lab(name);
-    if dir.join(MARKER).exists() {
-        if let Err(e) = std::fs::remove_dir_all(dir) {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove the lab directory");
-        }
-    }
-}
-
-/// SIGTERMs the daemons named by `<dir>/*.pid`, SIGKILLs what still runs after the grace time.
-/// A pid is only signalled if its command line still names this lab's directory, so a pid
-/// reused by an unrelated process after a reboot is never touched.
-fn stop_daemons(dir: &Path) {
-    let pidfiles: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "pid"))
-                .collect()
-        })
-        .unwrap_or_default();
-    let ours: Vec<i32> = pidfiles
-        .iter()
-        .filter_map(|p| std::fs::read_to_string(p).ok()?.trim().parse::<i32>().ok())
-        .filter(|&pid| is_lab_daemon(pid, dir))
-        .collect();
-    for &pid in &ours {
-        // SAFETY: kill(2) has no memory-safety preconditions; pid was checked to be ours.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-    }
-    let deadline = Instant::now() + TERM_GRACE;
-    while ours.iter().any(|&p| is_lab_daemon(p, dir)) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    for &pid in &ours {
-        if is_lab_daemon(pid, dir) {
-            // SAFETY: as above.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
-    for p in pidfiles {
-        let _ = std::fs::remove_file(p);
-    }
-}
-
-/// Whether `pid` is a live (not zombie) ferry daemon started with a config in `dir`.
-fn is_lab_daemon(pid: i32, dir: &Path) -> bool {
-    if pid <= 1 {
-        return false;
-    }
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let zombie = stat
-        .rsplit_once(')')
-        .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
-    if zombie {
-        return false;
-    }
-    let mut cmdline = Vec::new();
-    if std::fs::File::open(format!("/proc/{pid}/cmdline"))
-        .and_then(|mut f| f.read_to_end(&mut cmdline))
-        .is_err()
-    {
-        return false;
-    }
-    let cmdline = String::from_utf8_lossy(&cmdline);
-    let dir = dir.to_string_lossy();
-    cmdline
-        .split('\0')
-        .any(|a| a.starts_with(dir.as_ref()) && a.ends_with(".toml"))
 }

@@ -1,6 +1,7 @@
 //! The CLI's command groups, one file each. Each `run` returns the process exit code or a
 //! [`CliError`]; main.rs prints and exits.
 
+pub mod chaos;
 pub mod daemon;
 pub mod host;
 pub mod instance;
@@ -175,6 +176,10 @@ pub enum ClusterCommand {
     /// A whole cluster on this machine: lab hosts as namespaces, server and agents as daemons.
     #[command(subcommand)]
     Lab(lab::LabCommand),
+    /// The fault matrix: lab migrations with a fault each (cancel, kill -9 of a QEMU, agent
+    /// or server, migration link down) in each phase, checked for never two copies, an ended
+    /// job, a true record and intact memory. Exits 1 if any cell is not ok.
+    Chaos(chaos::ChaosArgs),
 }
 
 impl ClusterCommand {
@@ -189,6 +194,7 @@ impl ClusterCommand {
             ClusterCommand::Server(args) => daemon::run_server(args).await,
             ClusterCommand::Agent(args) => daemon::run_agent(args).await,
             ClusterCommand::Lab(cmd) => lab::run(cmd).await,
+            ClusterCommand::Chaos(args) => chaos::run(args).await,
         }
     }
 }

@@ -374,7 +374,10 @@ pub async fn start(
     // this start a second running guest.
     let fresh = std::time::Duration::from_secs(state.config.heartbeat_timeout_s);
     let elsewhere = state.reports.copies(i.id, fresh);
-    if let Some((host, copy)) = elsewhere.iter().find(|(h, _)| *h != i.host) {
+    if let Some((host, copy)) = elsewhere
+        .iter()
+        .find(|(h, c)| *h != i.host && c.pid.is_some())
+    {
         return Err(ServerError::conflict(
             "copy-elsewhere",
             format!(

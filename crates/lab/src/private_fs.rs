@@ -25,6 +25,17 @@ pub fn create_file(path: &Path) -> io::Result<File> {
     Ok(file)
 }
 
+/// Opens `path` for appending, creating it mode 0600 (a restarted daemon's log goes on).
+pub fn append_file(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(Permissions::from_mode(0o600))?;
+    Ok(file)
+}
+
 /// Writes `text` to `path`, mode 0600.
 pub fn write_file(path: &Path, text: &str) -> io::Result<()> {
     create_file(path)?.write_all(text.as_bytes())
