@@ -283,7 +283,7 @@ impl Agent {
     }
 
     /// Notices a QEMU that exited by itself: frees its run directory and taps.
-    async fn reap(&self, slot: &mut Slot) {
+    pub(crate) async fn reap(&self, slot: &mut Slot) {
         let exited = slot
             .process
             .as_ref()

@@ -121,6 +121,10 @@ pub(crate) struct MigrationRecord {
     /// Source: the handed-over QEMU has been stopped.
     #[serde(default)]
     pub finished: bool,
+    /// Destination: `cont` was (about to be) sent; written before it, so that "gone and never
+    /// started" can be proven after a crash of QEMU or the agent.
+    #[serde(default)]
+    pub start_sent: bool,
     /// Source: the migration may switch to post-copy.
     #[serde(default)]
     pub postcopy_permitted: bool,
@@ -496,6 +500,7 @@ impl Agent {
                 destination: None,
                 listen_addr: None,
                 finished: false,
+                start_sent: false,
                 postcopy_permitted: false,
                 params: None,
             });
@@ -610,8 +615,14 @@ impl Agent {
     /// it. From here on it is an ordinary instance of this host.
     pub(crate) async fn start_incoming(&self, mid: Uuid) -> Result<AgentInstance, AgentError> {
         async {
-            let (entry, mut slot, qmp) = self.incoming_slot(mid).await?;
+            let (entry, mut slot, qmp) = match self.incoming_slot(mid).await {
+                Err(AgentError::Migrate(MigrateError::DestinationNotRunning(why))) => {
+                    return Err(self.destination_lost(mid, why))
+                }
+                other => other?,
+            };
             if let Some(qmp) = qmp {
+                entry.update(|r| r.start_sent = true);
                 destination::start(&qmp, CONFIRM_TIMEOUT).await?;
                 slot.record.incoming = None;
                 self.save_record(&slot.record)?;
@@ -624,12 +635,34 @@ impl Agent {
         .await
     }
 
+    /// The incoming QEMU of `mid` is gone: `destination-never-started` when this agent never
+    /// sent it `cont` (the source's copy is then the newest and may run again),
+    /// `destination-lost` when it may have run.
+    fn destination_lost(&self, mid: Uuid, why: String) -> AgentError {
+        let started = self.migration(&mid).is_some_and(|e| e.record().start_sent);
+        if started {
+            AgentError::conflict(
+                "destination-lost",
+                format!("{why}; it may have run the guest before it ended"),
+                "the guest is lost here; start the instance again from its last state",
+            )
+        } else {
+            AgentError::conflict(
+                "destination-never-started",
+                format!("{why}; it never ran the guest"),
+                "the source still holds the guest",
+            )
+        }
+    }
+
     /// The destination entry of `mid`, its instance's slot, and the incoming QEMU's monitor
     /// while the slot still waits for `mid` (`None` once the guest was started here).
     async fn incoming_slot(&self, mid: Uuid) -> Result<IncomingSlot, AgentError> {
         let entry = self.migration_or_404(&mid)?;
         let r = entry.record();
-        let slot = self.lock_slot(&r.instance_id).await?;
+        let mut slot = self.lock_slot(&r.instance_id).await?;
+        // A QEMU that exited is noticed now, not taken for a live one.
+        self.reap(&mut slot).await;
         if slot.record.incoming != Some(mid) && r.state != SourceState::Completed {
             return Err(AgentError::conflict(
                 "migration-not-incoming",
@@ -694,6 +727,7 @@ impl Agent {
             destination: Some(dest.to_string()),
             listen_addr: None,
             finished: false,
+            start_sent: false,
             postcopy_permitted: req.params.postcopy,
             params: Some(req.params.clone()),
         });

@@ -378,7 +378,6 @@ fn record_words(r: &CellResult) -> String {
     )
 }
 
-
 async fn verify(lab: &ChaosLab, addr: SocketAddr, r: &mut CellResult) {
     let reply =
         guest_client::control_in_within(&lab.net.client_netns, addr, "verify", VERIFY_PATIENCE)

@@ -129,16 +129,19 @@ impl MigrationHalves for LabMigration<'_> {
     }
 
     async fn start_destination(&mut self) -> Result<(), StartError> {
-        let qmp = self.incoming_qmp().map_err(|error| StartError {
+        let fail = |error| StartError {
             error,
             retry: false,
-        })?;
+            never_ran: false,
+        };
+        let qmp = self.incoming_qmp().map_err(fail)?;
         destination::start(qmp, Duration::from_secs(10))
             .await
-            .map_err(|error| StartError {
-                error,
-                retry: false,
-            })
+            .map_err(fail)
+    }
+
+    async fn uncommit(&mut self) -> Result<(), MigrateError> {
+        Ok(())
     }
 
     async fn finish_source(&mut self) {

@@ -46,8 +46,12 @@ pub trait MigrationHalves {
     /// The commit point: record that the destination owns the guest. An error means nothing
     /// was recorded and the guest still belongs to the source.
     fn commit(&mut self) -> impl Future<Output = Result<(), MigrateError>> + Send;
+    /// Undo the commit, only after the destination is proven gone without ever having run
+    /// the guest (`StartError::never_ran`): the guest belongs to the source again.
+    fn uncommit(&mut self) -> impl Future<Output = Result<(), MigrateError>> + Send;
     /// Let the committed destination run the guest and confirm it runs. An error with
-    /// `retry` true (its host cannot be reached) is tried again; the source is never resumed.
+    /// `retry` true (its host cannot be reached) is tried again; the source is resumed only
+    /// when the destination is proven gone without having run (`never_ran`).
     fn start_destination(&mut self) -> impl Future<Output = Result<(), StartError>> + Send;
     /// Stop the handed-over source process.
     fn finish_source(&mut self) -> impl Future<Output = ()> + Send;
@@ -100,6 +104,9 @@ pub struct StartError {
     /// The destination may still start (its host is unreachable, QEMU slow): try again. False
     /// when it is proven it cannot (its QEMU is gone).
     pub retry: bool,
+    /// Proven: the destination's QEMU is gone and was never told to run the guest, so the
+    /// source's stopped copy is the newest one.
+    pub never_ran: bool,
 }
 
 /// How often a broken post-copy stream is reconnected before the migration is left held
@@ -249,10 +256,28 @@ async fn start_committed<H: MigrationHalves + Send>(halves: &mut H) -> Result<()
     loop {
         match halves.start_destination().await {
             Ok(()) => return Ok(()),
-            Err(StartError { error, retry: true }) => {
+            Err(StartError {
+                error, retry: true, ..
+            }) => {
                 attempt += 1;
                 warn!(%error, attempt, "committed destination not started yet; retrying");
                 tokio::time::sleep(halves.retry_backoff(attempt)).await;
+            }
+            Err(StartError {
+                error,
+                never_ran: true,
+                ..
+            }) => {
+                // The only other copy is the stopped source, and nothing ran since it stopped.
+                warn!(%error, "committed destination is gone and never ran; giving the guest back to the source");
+                if let Err(e) = halves.uncommit().await {
+                    error!(%e, "the commit could not be undone; the source stays stopped");
+                    return Err(MigrateError::NotStarted(error.to_string()));
+                }
+                halves.resume_source(true).await?;
+                return Err(MigrateError::DestinationNotRunning(format!(
+                    "{error}; the guest runs on the source again"
+                )));
             }
             Err(StartError { error, .. }) => {
                 error!(%error, "committed destination cannot start; the source stays stopped");
@@ -274,6 +299,7 @@ mod tests {
         fail_once: &'static [&'static str],
         source_error: Option<fn() -> MigrateError>,
         start_retry: bool,
+        start_never_ran: bool,
         calls: Vec<&'static str>,
     }
 
@@ -328,9 +354,15 @@ mod tests {
             self.step("commit")
         }
         async fn start_destination(&mut self) -> Result<(), StartError> {
-            let retry = self.start_retry;
-            self.step("start")
-                .map_err(|error| StartError { error, retry })
+            let (retry, never_ran) = (self.start_retry, self.start_never_ran);
+            self.step("start").map_err(|error| StartError {
+                error,
+                retry,
+                never_ran,
+            })
+        }
+        async fn uncommit(&mut self) -> Result<(), MigrateError> {
+            self.step("uncommit")
         }
         async fn finish_source(&mut self) {
             self.calls.push("finish");
@@ -500,6 +532,43 @@ mod tests {
         let mut s = Script::default();
         finish_committed(&mut s).await.unwrap();
         assert_eq!(s.calls, vec!["start", "finish"]);
+    }
+
+    /// The chaos matrix's case: the destination's QEMU killed between the commit and the
+    /// start. It never ran, so the commit is undone and the stopped source runs again.
+    #[tokio::test]
+    async fn a_committed_destination_gone_before_it_ran_gives_the_guest_back_to_the_source() {
+        let (r, calls) = run_script(Script {
+            fail_at: &["start"],
+            start_never_ran: true,
+            ..Default::default()
+        })
+        .await;
+        assert_eq!(r.unwrap_err().code(), "destination-not-running");
+        assert_eq!(
+            calls,
+            vec![
+                "prepare",
+                "source",
+                "ready",
+                "commit",
+                "start",
+                "uncommit",
+                "resume-after-removal"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_commit_that_cannot_be_undone_keeps_the_source_stopped() {
+        let (r, calls) = run_script(Script {
+            fail_at: &["start", "uncommit"],
+            start_never_ran: true,
+            ..Default::default()
+        })
+        .await;
+        assert_eq!(r.unwrap_err().code(), "destination-not-started");
+        assert!(!calls.iter().any(|c| c.starts_with("resume")), "{calls:?}");
     }
 
     #[tokio::test]

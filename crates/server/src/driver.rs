@@ -1009,6 +1009,23 @@ impl MigrationHalves for AgentHalves<'_> {
         Ok(())
     }
 
+    /// Only after the destination is proven gone without having run: the instance belongs
+    /// to the source again (generation + 1).
+    async fn uncommit(&mut self) -> Result<(), MigrateError> {
+        self.state
+            .store
+            .move_instance_to(self.instance.id, &self.m.source)
+            .await
+            .map_err(|e| MigrateError::Failed(format!("the commit was not undone: {e}")))?;
+        self.committed = false;
+        let message = format!(
+            "commit undone: {} never ran the guest and is gone; {} belongs to {} again",
+            self.m.destination, self.instance.name, self.m.source
+        );
+        self.log("warn", &message).await;
+        Ok(())
+    }
+
     async fn start_destination(&mut self) -> Result<(), StartError> {
         let (client, host, path) = (
             self.client(Side::Destination),
@@ -1042,13 +1059,18 @@ impl MigrationHalves for AgentHalves<'_> {
                 // Unreachable, or a server-side error that may pass: the guest stays paused
                 // there and the start is tried again. A refusal (4xx) is final.
                 let retry = !matches!(e.status(), Some(400..=499));
+                let never_ran = e.code() == "destination-never-started";
                 let error = self.agent_failed(&host, e);
                 let message = format!(
                     "the committed guest did not start on {host} yet: {error}{}",
                     if retry { "; retrying" } else { "" }
                 );
                 self.log("warn", &message).await;
-                Err(StartError { error, retry })
+                Err(StartError {
+                    error,
+                    retry,
+                    never_ran,
+                })
             }
         }
     }
