@@ -1060,10 +1060,19 @@ impl MigrationHalves for AgentHalves<'_> {
                 // there and the start is tried again. A refusal (4xx) is final.
                 let retry = !matches!(e.status(), Some(400..=499));
                 let never_ran = e.code() == "destination-never-started";
-                let error = self.agent_failed(&host, e);
+                // Past the commit: the agent's words, not the engine's "stays on the source".
+                let body = ServerError::from_agent(&host, e).body;
+                let error = MigrateError::NotStarted(format!("{}: {}", body.code, body.message));
+                self.last_error = Some(body.clone());
                 let message = format!(
-                    "the committed guest did not start on {host} yet: {error}{}",
-                    if retry { "; retrying" } else { "" }
+                    "the committed guest did not start on {host} yet: {}: {}{}",
+                    body.code,
+                    body.message,
+                    if retry {
+                        "; it stays paused there, retrying"
+                    } else {
+                        ""
+                    }
                 );
                 self.log("warn", &message).await;
                 Err(StartError {
