@@ -128,7 +128,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     // namespace (and with them every QEMU process and tap) and its directory on drop.
     let outcome = tokio::select! {
         r = demo(&args, &mut report) => r,
-        _ = shutdown_signal() => {
+        _ = ferry_cli::commands::shutdown_signal() => {
             eprintln!("interrupted: cleaning up the lab");
             return Ok(ExitCode::from(130));
         }
@@ -182,18 +182,6 @@ fn conclude(report: &mut DemoReport, outcome: Result<(), CliError>, json: bool) 
         stdout,
         stderr,
         code,
-    }
-}
-
-pub(crate) async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
     }
 }
 

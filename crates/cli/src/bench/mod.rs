@@ -187,7 +187,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     // QEMU process and tap on drop.
     tokio::select! {
         r = bench(&args) => r,
-        _ = crate::demo::shutdown_signal() => {
+        _ = ferry_cli::commands::shutdown_signal() => {
             eprintln!("interrupted: cleaning up the lab");
             Ok(ExitCode::from(130))
         }

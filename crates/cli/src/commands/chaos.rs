@@ -58,13 +58,7 @@ pub async fn run(args: ChaosArgs) -> Result<u8, CliError> {
             cells.len()
         );
     }
-    let exe = std::env::current_exe().map_err(|e| {
-        CliError::new(
-            "no-executable",
-            format!("cannot find this program: {e}"),
-            "",
-        )
-    })?;
+    let exe = super::this_program()?;
     let spec = LabSpec {
         name: args.name.clone(),
         ferry_binary: exe,
@@ -78,7 +72,7 @@ pub async fn run(args: ChaosArgs) -> Result<u8, CliError> {
     // namespaces (every QEMU and tap with them) and its directory on drop.
     let summary = tokio::select! {
         r = run_matrix(&spec, &cells, &opts, seed) => r?,
-        _ = shutdown_signal() => {
+        _ = super::shutdown_signal() => {
             eprintln!("chaos: interrupted; the lab was removed");
             return Ok(130);
         }
@@ -152,16 +146,4 @@ pub fn cells(args: &ChaosArgs) -> Result<(Vec<CellSpec>, Option<u64>), CliError>
         matrix::quick()
     };
     Ok((matrix::select(base, &faults, &phases)?, None))
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-    }
 }

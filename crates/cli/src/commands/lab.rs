@@ -208,13 +208,7 @@ async fn start(
         token: Some(admin_token),
     };
     let ctx = &Ctx::from_config(&cfg, OutputFormat::Table);
-    let exe = std::env::current_exe().map_err(|e| {
-        CliError::new(
-            "no-executable",
-            format!("cannot find this program: {e}"),
-            "",
-        )
-    })?;
+    let exe = super::this_program()?;
     spawn_daemon(&exe, dir, "server", "server", &dir.join("server.toml"))?;
     wait_until(
         Duration::from_secs(30),

@@ -198,3 +198,28 @@ impl ClusterCommand {
         }
     }
 }
+
+/// This `ferry` binary's path, to start daemons (`ferry server`, `ferry agent`) from it.
+pub(crate) fn this_program() -> Result<std::path::PathBuf, crate::error::CliError> {
+    std::env::current_exe().map_err(|e| {
+        crate::error::CliError::new(
+            "no-executable",
+            format!("cannot find this program: {e}"),
+            "",
+        )
+    })
+}
+
+/// Resolves on Ctrl-C or SIGTERM: what the demo, the bench and the fault matrix stop on, so
+/// that they clean up their labs.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+}
