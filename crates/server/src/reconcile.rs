@@ -79,6 +79,16 @@ pub enum Verdict {
     Nothing,
 }
 
+/// What a reported copy really is: an incoming copy whose migration ended without completing
+/// (a post-copy destination whose source went away) lacks the pages it never received, so
+/// however QEMU calls it, its guest cannot go on.
+pub fn effective_state(reported: InstanceState, incoming_job_ended: bool) -> InstanceState {
+    match (reported, incoming_job_ended) {
+        (InstanceState::Running | InstanceState::Paused, true) => InstanceState::Error,
+        (s, _) => s,
+    }
+}
+
 /// The pure decision, for one instance not being migrated: `owner` is the recorded host,
 /// `owner_fresh` whether it reported recently, `copies` what the hosts report.
 pub fn decide(
@@ -192,13 +202,35 @@ async fn reconcile_one(state: &AppState, id: Uuid, fresh: Duration) -> Result<()
         return Ok(());
     }
     let copies = state.reports.copies(id, fresh);
-    let seen: Vec<(String, InstanceState)> =
-        copies.iter().map(|(h, i)| (h.clone(), i.state)).collect();
+    let mut seen = Vec::new();
+    let mut lost = None;
+    for (host, copy) in &copies {
+        let ended = match copy.incoming {
+            Some(mid) => matches!(
+                state.store.get_migration(mid).await?,
+                Some(m) if matches!(m.state, MigrationState::Failed | MigrationState::Cancelled)
+            ),
+            None => false,
+        };
+        let s = effective_state(copy.state, ended);
+        if s != copy.state {
+            lost = Some((host.clone(), copy.incoming));
+        }
+        seen.push((host.clone(), s));
+    }
     let owner_fresh = state.reports.is_fresh(&instance.host, fresh);
     match decide(&instance.host, instance.state, owner_fresh, &seen) {
         Verdict::Nothing => {}
         Verdict::SetState(s) => {
             state.store.set_instance_state(id, s).await?;
+            if let Some((host, Some(mid))) = lost.filter(|_| s == InstanceState::Error) {
+                let message = format!(
+                    "{} on {host} never received all of its memory (migration {mid} ended in post-copy): the guest cannot go on; stop it and start it again",
+                    instance.name
+                );
+                error!(instance = %instance.name, "{message}");
+                alarm(state, &instance, "guest-lost", &message).await;
+            }
             publish(state, id).await;
         }
         Verdict::Move { to } => {
@@ -335,6 +367,20 @@ mod tests {
     fn an_owner_that_has_not_reported_may_still_run_it_so_nothing_moves() {
         let v = decide("hv1", Running, false, &copies(&[("hv2", Running)]));
         assert_eq!(v, Verdict::Nothing);
+    }
+
+    /// The chaos matrix's case: the source QEMU killed during post-copy. The destination's
+    /// QEMU still says running, but it never got all of its memory: the record says error.
+    #[test]
+    fn a_post_copy_destination_whose_job_ended_is_in_error_not_running() {
+        assert_eq!(effective_state(Running, true), Error);
+        assert_eq!(effective_state(Running, false), Running);
+        assert_eq!(effective_state(Crashed, true), Crashed);
+        let seen = copies(&[("hv2", effective_state(Running, true))]);
+        assert_eq!(
+            decide("hv2", Running, true, &seen),
+            Verdict::SetState(Error)
+        );
     }
 
     #[test]
