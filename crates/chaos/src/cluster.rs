@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use ferry_agent::DatastoreConfig;
 use ferry_api::hosts::{Host, HostState};
 use ferry_api::{ApiClient, ApiError};
 use ferry_lab::image::{ensure_image, GuestImage, ImageOptions};
@@ -21,7 +20,8 @@ use ferry_server::config::Limits;
 use uuid::Uuid;
 
 use crate::daemons::{
-    agent_config, random_token, server_config, spawn_daemon, teardown, to_toml, write, MARKER,
+    random_token, server_config, spawn_daemon, teardown, to_toml, write, write_agent_configs,
+    MARKER,
 };
 use crate::error::ChaosError;
 
@@ -110,21 +110,15 @@ impl ChaosLab {
             cluster: 64,
         };
         write(&dir.join("server.toml"), &to_toml(&server)?)?;
-        for (i, h) in net.hosts.iter().enumerate() {
-            let agent = agent_config(
-                h,
-                SocketAddr::from(([127, 0, 0, 1], ports[i + 1])),
-                &url,
-                &join,
-                dir.join("agents").join(&h.name),
-                &accel,
-                vec![DatastoreConfig {
-                    name: "images".into(),
-                    path: cache_dir.clone(),
-                }],
-            );
-            write(&dir.join(format!("{}.toml", h.name)), &to_toml(&agent)?)?;
-        }
+        write_agent_configs(
+            &dir,
+            &net.hosts,
+            &ports[1..],
+            &url,
+            &join,
+            &accel,
+            &cache_dir,
+        )?;
         let mut lab = ChaosLab {
             spec: spec.clone(),
             api: ApiClient::new(&url, Some(admin)),

@@ -98,6 +98,36 @@ pub fn to_toml<T: Serialize>(value: &T) -> Result<String, ChaosError> {
     toml::to_string(value).map_err(|e| ChaosError::Invalid(format!("config as TOML: {e}")))
 }
 
+/// Writes `<dir>/<host>.toml` for every lab host: agent i listens on loopback `ports[i]`,
+/// keeps its state under `<dir>/agents/<host>`, and has the guest images as datastore
+/// `images`.
+pub fn write_agent_configs(
+    dir: &Path,
+    hosts: &[LabHostNet],
+    ports: &[u16],
+    server_url: &str,
+    join_token: &str,
+    accel: &str,
+    images: &Path,
+) -> Result<(), ChaosError> {
+    for (h, port) in hosts.iter().zip(ports) {
+        let agent = agent_config(
+            h,
+            SocketAddr::from(([127, 0, 0, 1], *port)),
+            server_url,
+            join_token,
+            dir.join("agents").join(&h.name),
+            accel,
+            vec![DatastoreConfig {
+                name: "images".into(),
+                path: images.to_path_buf(),
+            }],
+        );
+        write(&dir.join(format!("{}.toml", h.name)), &to_toml(&agent)?)?;
+    }
+    Ok(())
+}
+
 /// Writes `text` to `path`, saying which file failed.
 pub fn write(path: &Path, text: &str) -> Result<(), ChaosError> {
     // Configs carry tokens and credentials: the owner's only.

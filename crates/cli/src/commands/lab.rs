@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::Subcommand;
-use ferry_agent::DatastoreConfig;
 use ferry_api::hosts::{Host, HostState};
 use ferry_api::instances::{Instance, InstanceState};
 use ferry_api::ApiError;
 use ferry_chaos::daemons::{
-    lab_dir, log_tails, random_token, spawn_daemon, stop_daemons, teardown, write, MARKER,
+    lab_dir, log_tails, random_token, spawn_daemon, stop_daemons, teardown, write,
+    write_agent_configs, MARKER,
 };
 use ferry_chaos::ChaosError;
 use ferry_lab::image::{ensure_image, GuestImage, ImageOptions};
@@ -187,21 +187,15 @@ async fn start(
     let server = server_config(listen, dir.join("ferry.db"), &admin_token, &join_token);
     write(&dir.join("server.toml"), &to_toml(&server)?)?;
     let datastore_dir = image_datastore(&image, &cache_dir);
-    for (i, h) in host_nets.iter().enumerate() {
-        let agent = agent_config(
-            h,
-            SocketAddr::from(([127, 0, 0, 1], ports[i + 1])),
-            &server_url,
-            &join_token,
-            dir.join("agents").join(&h.name),
-            &accel,
-            vec![DatastoreConfig {
-                name: "images".into(),
-                path: datastore_dir.clone(),
-            }],
-        );
-        write(&dir.join(format!("{}.toml", h.name)), &to_toml(&agent)?)?;
-    }
+    write_agent_configs(
+        dir,
+        &host_nets,
+        &ports[1..],
+        &server_url,
+        &join_token,
+        &accel,
+        &datastore_dir,
+    )?;
 
     let cfg = ClientConfig {
         url: server_url.clone(),
