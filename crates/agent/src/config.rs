@@ -45,6 +45,12 @@ pub struct AgentConfig {
     pub migration_ports: String,
     #[serde(default = "default_qemu_binary")]
     pub qemu_binary: PathBuf,
+    /// UEFI firmware code (OVMF, read-only, shared by every guest); from Debian's `ovmf`.
+    #[serde(default = "default_ovmf_code")]
+    pub ovmf_code: PathBuf,
+    /// The empty UEFI variable store copied for each new UEFI instance.
+    #[serde(default = "default_ovmf_vars")]
+    pub ovmf_vars: PathBuf,
     /// `auto`, `kvm` or `tcg`; the `FERRY_ACCEL` environment variable overrides it.
     #[serde(default = "default_accel")]
     pub accel: String,
@@ -102,6 +108,12 @@ fn default_migration_ports() -> String {
 }
 fn default_qemu_binary() -> PathBuf {
     PathBuf::from("qemu-system-x86_64")
+}
+fn default_ovmf_code() -> PathBuf {
+    PathBuf::from("/usr/share/OVMF/OVMF_CODE_4M.fd")
+}
+fn default_ovmf_vars() -> PathBuf {
+    PathBuf::from("/usr/share/OVMF/OVMF_VARS_4M.fd")
 }
 fn default_accel() -> String {
     "auto".into()

@@ -46,6 +46,14 @@ pub enum AgentError {
         message: String,
         hint: &'static str,
     },
+    /// A well-formed request this host cannot carry out as asked: an unknown datastore, a
+    /// path outside every datastore, no room, an unreadable image. Nothing was changed.
+    #[error("{message}")]
+    Refused {
+        code: &'static str,
+        message: String,
+        hint: &'static str,
+    },
     /// A QEMU process could not be described, started or stopped.
     #[error(transparent)]
     Qemu(#[from] QemuError),
@@ -87,6 +95,15 @@ impl AgentError {
         }
     }
 
+    /// Shorthand for a [`AgentError::Refused`].
+    pub fn refused(code: &'static str, message: impl Into<String>, hint: &'static str) -> Self {
+        AgentError::Refused {
+            code,
+            message: message.into(),
+            hint,
+        }
+    }
+
     /// Wraps an I/O error with the path it concerns, for `map_err`.
     pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> AgentError {
         let path = path.into();
@@ -104,7 +121,7 @@ impl AgentError {
             AgentError::MigrationNotFound(_) => "migration-not-found",
             AgentError::NoSuchEndpoint(_) => "no-such-endpoint",
             AgentError::CpuModelUnknown(_) => "cpu-model-unknown",
-            AgentError::Conflict { code, .. } => code,
+            AgentError::Conflict { code, .. } | AgentError::Refused { code, .. } => code,
             AgentError::Qemu(e) => e.code(),
             AgentError::Migrate(e) => e.code(),
             AgentError::Qmp(_) => "qmp-failed",
@@ -134,7 +151,7 @@ impl AgentError {
             AgentError::CpuModelUnknown(_) => {
                 "names are case-sensitive; `qemu-system-x86_64 -cpu help` lists this host's models"
             }
-            AgentError::Conflict { hint, .. } => hint,
+            AgentError::Conflict { hint, .. } | AgentError::Refused { hint, .. } => hint,
             AgentError::Qemu(e) => e.hint(),
             AgentError::Migrate(e) => e.hint(),
             AgentError::Qmp(_) => "QEMU stopped answering its monitor; check that it still runs",
@@ -158,6 +175,7 @@ impl AgentError {
             | AgentError::NoSuchEndpoint(_)
             | AgentError::CpuModelUnknown(_) => StatusCode::NOT_FOUND,
             AgentError::Conflict { .. } => StatusCode::CONFLICT,
+            AgentError::Refused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             AgentError::Qemu(QemuError::InvalidSpec { .. } | QemuError::UnknownAccel(_)) => {
                 StatusCode::BAD_REQUEST
             }

@@ -151,6 +151,7 @@ impl StaticFacts {
             accel: self.accel.name().to_string(),
             qemu_version: self.qemu_version.clone(),
             machine_types: self.machine_types.clone(),
+            firmware: firmware(config),
             datastores: config
                 .datastores
                 .iter()
@@ -170,6 +171,15 @@ impl StaticFacts {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
         }
     }
+}
+
+/// The firmware this host can boot: SeaBIOS comes with QEMU; UEFI needs both OVMF files.
+fn firmware(config: &AgentConfig) -> Vec<String> {
+    let mut out = vec!["bios".to_string()];
+    if config.ovmf_code.is_file() && config.ovmf_vars.is_file() {
+        out.push("uefi".into());
+    }
+    out
 }
 
 /// `(total, free)` RAM to report: the real figures, or with a configured capacity

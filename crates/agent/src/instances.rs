@@ -11,13 +11,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_api::agent::{AgentInstance, DefineInstance};
-use ferry_api::instances::{InstanceSpec, InstanceState};
-use ferry_qemu::{BootSource, LaunchOptions, MacAddr, NicSpec, QemuProcess, StartMode};
+use ferry_api::instances::{BootFrom, FirmwareKind, InstanceSpec, InstanceState};
+use ferry_qemu::{
+    BackingImage, BootSource, DiskSpec, Firmware, LaunchOptions, MacAddr, NicSpec, QemuProcess,
+    StartMode,
+};
 use ferry_qmp::commands::{QueryStatus, RunState};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 use uuid::Uuid;
 
+use crate::datastores;
 use crate::net::{add_tap, remove_tap, tap_name, MAX_NICS};
 use crate::{Agent, AgentError};
 
@@ -209,17 +213,62 @@ impl Agent {
             });
             taps.push((tap, network.bridge.clone()));
         }
+        let boot = match spec.boot.from {
+            BootFrom::Kernel => {
+                let (Some(kernel), Some(initrd)) = (&spec.boot.kernel, &spec.boot.initrd) else {
+                    return Err(AgentError::BadRequest(
+                        "boot.from = kernel needs boot.kernel and boot.initrd".into(),
+                    ));
+                };
+                BootSource::Kernel {
+                    kernel: kernel.into(),
+                    initrd: initrd.into(),
+                    cmdline: spec.boot.cmdline.clone(),
+                }
+            }
+            BootFrom::Disk => BootSource::Disk,
+        };
+        let firmware = match spec.boot.firmware {
+            FirmwareKind::Bios => Firmware::Bios,
+            FirmwareKind::Uefi => {
+                let nvram = spec.boot.nvram.as_ref().ok_or_else(|| {
+                    AgentError::BadRequest("a UEFI instance needs boot.nvram".into())
+                })?;
+                Firmware::Uefi {
+                    code: self.config.ovmf_code.clone(),
+                    vars: datastores::resolve(&self.config, nvram)?,
+                }
+            }
+        };
+        let mut disks = Vec::new();
+        for d in &spec.disks {
+            let backing = match &d.backing {
+                Some(b) => Some(BackingImage {
+                    path: datastores::resolve(&self.config, &b.image)?,
+                    format: b.format,
+                }),
+                None => None,
+            };
+            disks.push(DiskSpec {
+                id: d.id.clone(),
+                path: datastores::resolve(&self.config, &d.image)?,
+                format: d.format,
+                bus: d.bus,
+                cache: d.cache,
+                read_only: d.read_only,
+                serial: d.serial.clone(),
+                backing,
+            });
+        }
         let qemu = ferry_qemu::InstanceSpec {
             name: record.name.clone(),
             memory_mib: spec.memory_mib,
             vcpus: spec.vcpus,
             cpu_model: spec.cpu_model.clone(),
             machine: spec.machine.clone(),
-            boot: BootSource::Kernel {
-                kernel: spec.boot.kernel.clone().into(),
-                initrd: spec.boot.initrd.clone().into(),
-                cmdline: spec.boot.cmdline.clone(),
-            },
+            boot,
+            firmware,
+            disks,
             nics,
         };
         qemu.validate()?;

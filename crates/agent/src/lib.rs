@@ -13,6 +13,7 @@ mod api;
 mod auth;
 pub mod checks;
 pub mod config;
+pub mod datastores;
 mod error;
 pub mod facts;
 mod instances;

@@ -183,10 +183,12 @@ async fn api_refuses_bad_requests_with_codes() {
             cpu_model: "qemu64".into(),
             machine: "pc".into(),
             boot: BootSpec {
-                kernel: "/nonexistent".into(),
-                initrd: "/nonexistent".into(),
+                kernel: Some("/nonexistent".into()),
+                initrd: Some("/nonexistent".into()),
                 cmdline: String::new(),
+                ..BootSpec::default()
             },
+            disks: vec![],
             nics: vec![NicSpec {
                 network: "nowhere".into(),
                 mac: "52:54:00:00:00:01".into(),

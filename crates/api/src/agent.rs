@@ -25,6 +25,9 @@
 //!   and downtime target of the running stream)
 //! - `POST /v1/migrations/{mid}/postcopy` -> `()` (source: switch to post-copy now)
 //! - `POST /v1/instances/{id}/dirty-rate` -> [`DirtyRate`] (measured over one second)
+//! - `POST /v1/disks` [`PrepareDisk`] -> [`PreparedDisk`] (create, copy or inspect one image
+//!   on a datastore of this host; nothing is left behind when it fails)
+//! - `POST /v1/disks/delete` [`ImageRef`] -> `()` (only images Ferry created)
 //! - `POST /v1/probe/listen`, `POST /v1/probe/connect`, `GET /v1/cpu-models/{model}`: the
 //!   agent's part of the pre-flight checks, see [`crate::checks`]
 //!
@@ -37,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::hosts::HostFacts;
-use crate::instances::{InstanceSpec, InstanceState};
+use crate::instances::{BackingRef, DiskFormat, ImageRef, InstanceSpec, InstanceState};
 use crate::ErrorBody;
 
 /// An agent introduces itself with the cluster's join token.
@@ -158,4 +161,61 @@ pub struct SetSourceParams {
 pub struct DirtyRate {
     pub dirty_rate_bps: f64,
     pub period_ms: u64,
+}
+
+/// `POST /v1/disks`: one disk image for an instance being created on this host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrepareDisk {
+    /// The instance's name and the disk's id name a new file: `NAME-ID.FORMAT`.
+    pub instance: String,
+    pub id: String,
+    /// Where a new or copied image goes; the agent picks the datastore with the most free
+    /// room (shared ones first) when absent.
+    #[serde(default)]
+    pub datastore: Option<String>,
+    pub source: DiskSource,
+}
+
+/// Where a disk's content comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DiskSource {
+    /// A new image: empty, or a qcow2 overlay on `backing` (an absolute path inside a
+    /// datastore). `size_bytes` may be absent only for an overlay (the base's size).
+    New {
+        #[serde(default)]
+        size_bytes: Option<u64>,
+        format: DiskFormat,
+        #[serde(default)]
+        backing: Option<String>,
+    },
+    /// An existing image used in place (never deleted by Ferry).
+    Existing {
+        path: String,
+        #[serde(default)]
+        format: Option<DiskFormat>,
+    },
+    /// An existing image copied onto the datastore; the copy is Ferry's.
+    Copy {
+        path: String,
+        #[serde(default)]
+        format: Option<DiskFormat>,
+    },
+    /// A fresh UEFI variable store from this host's OVMF template.
+    UefiVars,
+}
+
+/// The image as it now exists on the datastore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreparedDisk {
+    pub image: ImageRef,
+    pub format: DiskFormat,
+    /// Virtual size.
+    pub size_bytes: u64,
+    /// Bytes the image takes on the datastore now.
+    pub allocated_bytes: u64,
+    pub backing: Option<BackingRef>,
+    /// Whether the agent created the file (and so Ferry owns it).
+    pub created: bool,
 }

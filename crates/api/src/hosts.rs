@@ -22,6 +22,9 @@ pub struct HostFacts {
     pub accel: String,
     pub qemu_version: String,
     pub machine_types: Vec<String>,
+    /// Firmware this host can boot (`bios` always; `uefi` when OVMF is installed).
+    #[serde(default)]
+    pub firmware: Vec<String>,
     pub datastores: Vec<DatastoreFacts>,
     pub networks: Vec<NetworkFacts>,
     /// Where this host receives migration streams.
@@ -73,13 +76,32 @@ pub struct Host {
     pub instances: u32,
 }
 
-/// A datastore across the fleet: where it is mounted.
+/// A datastore across the fleet: one storage, and the hosts that mount it. Hosts reporting
+/// the same identity share it; one without an identity file is local to its host.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Datastore {
     pub name: String,
-    pub hosts: Vec<DatastoreFacts>,
-    #[serde(default)]
-    pub host_names: Vec<String>,
+    pub identity: Option<String>,
+    /// Mounted by more than one host, so a guest's disks on it need not be copied when it
+    /// moves between them.
+    pub shared: bool,
+    /// Space as the most recently reporting host measured it.
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+    pub mounts: Vec<DatastoreMount>,
+    /// Set when hosts disagree about the storage, e.g. one identity under two names: disks
+    /// name datastores, so a shared datastore must have one name on every host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
+/// Where one host mounts a datastore.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DatastoreMount {
+    pub host: String,
+    pub path: String,
+    pub total_bytes: u64,
+    pub free_bytes: u64,
 }
 
 /// A network across the fleet: which hosts attach to it.

@@ -1,6 +1,7 @@
 //! Instances: virtual machines the fleet runs.
 
 use chrono::{DateTime, Utc};
+pub use ferry_qemu::{CacheMode, DiskBus, DiskFormat};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -18,7 +19,13 @@ pub struct InstanceSpec {
     pub cpu_model: String,
     #[serde(default = "default_machine")]
     pub machine: String,
+    #[serde(default)]
     pub boot: BootSpec,
+    /// The disks, in the order the guest sees them; with `boot.from = disk` the first one
+    /// is the boot disk. Written by the server when the instance is created (from
+    /// [`CreateInstance::disks`]); never given directly.
+    #[serde(default)]
+    pub disks: Vec<DiskSpec>,
     #[serde(default)]
     pub nics: Vec<NicSpec>,
 }
@@ -33,14 +40,164 @@ fn default_machine() -> String {
     "pc".into()
 }
 
-/// Direct kernel boot from files every host can read (a shared datastore or an image cache).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+/// How the instance boots: a kernel from files every host can read (a shared datastore or an
+/// image cache), or its first disk through the firmware.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BootSpec {
-    pub kernel: String,
-    pub initrd: String,
+    #[serde(default)]
+    pub from: BootFrom,
+    #[serde(default)]
+    pub firmware: FirmwareKind,
+    /// Kernel image, for `from = kernel`: a path inside a datastore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
     #[serde(default)]
     pub cmdline: String,
+    /// The UEFI variable store (the guest's NVRAM): created by the server next to the first
+    /// disk for `firmware = uefi`, and moved with the instance like a disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nvram: Option<ImageRef>,
+}
+
+/// What the machine boots.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BootFrom {
+    /// Direct kernel boot (`boot.kernel`, `boot.initrd`, `boot.cmdline`).
+    #[default]
+    Kernel,
+    /// The firmware boots the first disk, as real hardware does.
+    Disk,
+}
+
+impl BootFrom {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BootFrom::Kernel => "kernel",
+            BootFrom::Disk => "disk",
+        }
+    }
+}
+
+/// The firmware of the machine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FirmwareKind {
+    /// SeaBIOS, shipped with QEMU.
+    #[default]
+    Bios,
+    /// OVMF, from Debian's `ovmf` package on every host that runs the instance.
+    Uefi,
+}
+
+impl FirmwareKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FirmwareKind::Bios => "bios",
+            FirmwareKind::Uefi => "uefi",
+        }
+    }
+}
+
+/// A file on a datastore, named the same way on every host that mounts the datastore.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImageRef {
+    pub datastore: String,
+    /// Path relative to the datastore's root, without `..`.
+    pub file: String,
+}
+
+impl std::fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.datastore, self.file)
+    }
+}
+
+/// One disk of an instance, as recorded: where its image is and how the guest sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    /// Stable id (`disk0`, ...): the guest device's id and the stem of QEMU's node names,
+    /// which block jobs and storage mappings refer to.
+    pub id: String,
+    pub image: ImageRef,
+    #[schema(value_type = String, example = "qcow2")]
+    pub format: DiskFormat,
+    /// Virtual size: what the guest sees.
+    pub size_bytes: u64,
+    #[serde(default)]
+    #[schema(value_type = String, example = "virtio-blk")]
+    pub bus: DiskBus,
+    #[serde(default)]
+    #[schema(value_type = String, example = "none")]
+    pub cache: CacheMode,
+    #[serde(default)]
+    pub read_only: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// The read-only base image under a qcow2 overlay (on a shared datastore).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing: Option<BackingRef>,
+    /// Ferry created (or copied) this image, so deleting the instance deletes it; an image
+    /// Ferry was only given is never deleted.
+    #[serde(default)]
+    pub managed: bool,
+}
+
+/// A base image and its format.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BackingRef {
+    pub image: ImageRef,
+    #[schema(value_type = String, example = "qcow2")]
+    pub format: DiskFormat,
+}
+
+/// A disk to create or attach with a new instance (`POST /v1/instances`, `disks`).
+/// Exactly one of `size_bytes` (a new empty image, or an overlay's size), `image` (an existing
+/// image) or `backing` alone (a new overlay of the base's size) says where its content comes
+/// from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskRequest {
+    /// Default: `disk0`, `disk1`, ... in order.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Where a new or copied image goes. Default: the instance host's datastore with the most
+    /// free room (shared ones first); for an image attached in place, the one holding it.
+    #[serde(default)]
+    pub datastore: Option<String>,
+    /// A new empty image of this virtual size.
+    #[serde(default)]
+    pub size_bytes: Option<u64>,
+    /// An existing image: an absolute path on the instance's host, inside a datastore.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Copy `image` onto the datastore (Ferry then owns the copy) instead of using it in place.
+    #[serde(default)]
+    pub copy: bool,
+    /// Format of a new image (default qcow2); for an existing image it must match what
+    /// `qemu-img info` finds.
+    #[serde(default)]
+    #[schema(value_type = Option<String>, example = "qcow2")]
+    pub format: Option<DiskFormat>,
+    /// A new qcow2 overlay on this base image (an absolute path on a shared datastore).
+    #[serde(default)]
+    pub backing: Option<String>,
+    #[serde(default)]
+    #[schema(value_type = String, example = "virtio-blk")]
+    pub bus: DiskBus,
+    #[serde(default)]
+    #[schema(value_type = String, example = "none")]
+    pub cache: CacheMode,
+    #[serde(default)]
+    pub read_only: bool,
+    #[serde(default)]
+    pub serial: Option<String>,
 }
 
 /// A NIC on one of the fleet's networks. The MAC stays with the instance across migrations.
@@ -59,6 +216,9 @@ pub struct CreateInstance {
     /// Host to define it on; default: the enabled online host with the most free RAM.
     pub host: Option<String>,
     pub spec: InstanceSpec,
+    /// Disks to create or attach; they become `spec.disks`.
+    #[serde(default)]
+    pub disks: Vec<DiskRequest>,
     /// Start it right away.
     #[serde(default)]
     pub start: bool,

@@ -423,6 +423,7 @@ async fn create_guest(
             opts.memory_mib,
             &format!("52:54:00:cc:00:{n:02x}"),
         ),
+        disks: vec![],
         start: true,
     };
     Ok(lab.api.post("/v1/instances", &req).await?)

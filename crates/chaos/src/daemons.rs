@@ -60,6 +60,8 @@ pub fn agent_config(
         migration_addr: h.migration_addr.into(),
         migration_ports: "49152-49215".into(),
         qemu_binary: "qemu-system-x86_64".into(),
+        ovmf_code: "/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
+        ovmf_vars: "/usr/share/OVMF/OVMF_VARS_4M.fd".into(),
         accel: accel.to_string(),
         datastores,
         networks: vec![NetworkConfig {

@@ -278,6 +278,7 @@ async fn demo(args: &DemoArgs, report: &mut DemoReport) -> Result<(), CliError> 
                 name: VM.into(),
                 host: Some("hv1".into()),
                 spec,
+                disks: vec![],
                 start: true,
             },
         )

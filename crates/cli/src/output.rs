@@ -331,14 +331,62 @@ pub fn instance_detail(i: &Instance) -> String {
         ("vcpus", i.spec.vcpus.to_string()),
         ("cpu model", i.spec.cpu_model.clone()),
         ("machine", i.spec.machine.clone()),
-        ("kernel", i.spec.boot.kernel.clone()),
-        ("initrd", i.spec.boot.initrd.clone()),
+        (
+            "boot",
+            format!(
+                "{} ({})",
+                i.spec.boot.from.as_str(),
+                i.spec.boot.firmware.as_str()
+            ),
+        ),
+        (
+            "kernel",
+            i.spec.boot.kernel.clone().unwrap_or_else(|| "-".into()),
+        ),
+        (
+            "initrd",
+            i.spec.boot.initrd.clone().unwrap_or_else(|| "-".into()),
+        ),
         ("cmdline", i.spec.boot.cmdline.clone()),
+        ("disks", disks_cell(&i.spec.disks)),
         ("nics", if nics.is_empty() { "-".into() } else { nics }),
         ("migration", opt(i.migration)),
         ("created", fmt_time(&i.created_at)),
         ("updated", fmt_time(&i.updated_at)),
     ])
+}
+
+/// Each disk on one line: id, image, format, size, bus, flags.
+fn disks_cell(disks: &[ferry_api::instances::DiskSpec]) -> String {
+    if disks.is_empty() {
+        return "-".into();
+    }
+    disks
+        .iter()
+        .map(|d| {
+            let mut flags = vec![d.bus.as_str(), d.cache.as_str()];
+            if d.read_only {
+                flags.push("read-only");
+            }
+            if !d.managed {
+                flags.push("not owned");
+            }
+            let backing = d
+                .backing
+                .as_ref()
+                .map(|b| format!(" over {}", b.image))
+                .unwrap_or_default();
+            format!(
+                "{} {} {} {}{backing} ({})",
+                d.id,
+                d.image,
+                d.format,
+                fmt_mib(d.size_bytes >> 20),
+                flags.join(", ")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The PROGRESS column: a percentage while memory moves, "-" when nothing is known.

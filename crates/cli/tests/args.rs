@@ -400,7 +400,7 @@ fn create_lab_guest_fills_boot_and_nic() {
     let req = create_request(&args, Some(&image)).unwrap();
     assert_eq!(req.host.as_deref(), Some("hv1"));
     assert_eq!(req.spec.memory_mib, 256);
-    assert_eq!(req.spec.boot.kernel, "/cache/vmlinuz");
+    assert_eq!(req.spec.boot.kernel.as_deref(), Some("/cache/vmlinuz"));
     assert_eq!(
         req.spec.boot.cmdline,
         "console=ttyS0 panic=-1 quiet ferry.ip=10.77.0.100/24 ferry.wss=64 ferry.rate=32 \

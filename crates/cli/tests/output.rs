@@ -40,6 +40,7 @@ fn host(name: &str, state: HostState, facts: bool) -> Host {
             accel: "tcg".into(),
             qemu_version: "7.2.0".into(),
             machine_types: vec!["pc".into()],
+            firmware: vec!["bios".into()],
             datastores: vec![],
             networks: vec![],
             migration_addr: "10.78.0.11".into(),
@@ -63,10 +64,12 @@ fn instance() -> Instance {
             cpu_model: "qemu64".into(),
             machine: "pc".into(),
             boot: BootSpec {
-                kernel: "/k".into(),
-                initrd: "/i".into(),
+                kernel: Some("/k".into()),
+                initrd: Some("/i".into()),
                 cmdline: "console=ttyS0".into(),
+                ..BootSpec::default()
             },
+            disks: vec![],
             nics: vec![NicSpec {
                 network: "lab".into(),
                 mac: "52:54:00:00:00:01".into(),

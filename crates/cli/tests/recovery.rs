@@ -163,6 +163,7 @@ impl Procs {
             name: "survivor".into(),
             host: Some("hv1".into()),
             spec: guest_instance_spec(&image, &config, 192, "52:54:00:bb:00:01"),
+            disks: vec![],
             start: true,
         };
         let vm: Instance = self.api.post("/v1/instances", &req).await.unwrap();

@@ -23,10 +23,12 @@ pub fn guest_instance_spec(
         cpu_model: "qemu64".into(),
         machine: "pc".into(),
         boot: BootSpec {
-            kernel: image.kernel.display().to_string(),
-            initrd: image.initrd.display().to_string(),
+            kernel: Some(image.kernel.display().to_string()),
+            initrd: Some(image.initrd.display().to_string()),
             cmdline: config.kernel_cmdline(),
+            ..BootSpec::default()
         },
+        disks: vec![],
         nics: vec![NicSpec {
             network: LAB_NETWORK.into(),
             mac: mac.into(),

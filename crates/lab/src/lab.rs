@@ -56,6 +56,8 @@ pub struct GuestRequest {
     pub name: String,
     pub memory_mib: u32,
     pub vcpus: u32,
+    /// Disks with their images' paths on the host (a datastore every lab host shares).
+    pub disks: Vec<ferry_qemu::DiskSpec>,
     pub config: GuestConfig,
 }
 
@@ -125,6 +127,8 @@ impl Lab {
                 initrd: self.image.initrd.clone(),
                 cmdline: config.kernel_cmdline(),
             },
+            firmware: ferry_qemu::Firmware::Bios,
+            disks: req.disks.clone(),
             nics: vec![NicSpec {
                 tap: tap.clone(),
                 mac: MacAddr::local(0x10000 + index),

@@ -28,6 +28,7 @@ fn writer_guest(rate: u32) -> GuestRequest {
         name: "c-vm".into(),
         memory_mib: 256,
         vcpus: 1,
+        disks: vec![],
         config: GuestConfig {
             wss_mib: 64,
             rate_mib_s: rate,

@@ -22,6 +22,7 @@ fn small_guest() -> GuestRequest {
         name: "t-vm".into(),
         memory_mib: 256,
         vcpus: 1,
+        disks: vec![],
         config: GuestConfig {
             wss_mib: 32,
             rate_mib_s: 16,

@@ -1,6 +1,12 @@
+use serde_json::json;
+
+use crate::disk::disk_args;
 use crate::process::{RunPaths, StartMode};
-use crate::spec::{BootSource, InstanceSpec};
+use crate::spec::{BootSource, Firmware, InstanceSpec};
 use crate::Accel;
+
+/// The virtio-serial port name qemu-guest-agent opens inside the guest.
+pub const GUEST_AGENT_PORT: &str = "org.qemu.guest_agent.0";
 
 /// The QEMU arguments for `spec` (without the binary).
 ///
@@ -16,19 +22,42 @@ pub fn qemu_args(
     let mut push = |parts: &[&str]| a.extend(parts.iter().map(|s| s.to_string()));
     push(&["-name", &format!("guest={},debug-threads=on", spec.name)]);
     push(&["-no-user-config", "-nodefaults", "-display", "none"]);
-    push(&["-machine", &spec.machine]);
+    match &spec.firmware {
+        Firmware::Bios => push(&["-machine", &spec.machine]),
+        Firmware::Uefi { code, vars } => {
+            for (node, path, read_only) in [
+                ("ferry-fw-code", code, true),
+                ("ferry-fw-vars", vars, false),
+            ] {
+                push(&["-blockdev", &json!({"driver": "file", "node-name": format!("{node}-file"), "filename": path, "read-only": read_only}).to_string()]);
+                push(&["-blockdev", &json!({"driver": "raw", "node-name": node, "file": format!("{node}-file"), "read-only": read_only}).to_string()]);
+            }
+            push(&[
+                "-machine",
+                &format!(
+                    "{},pflash0=ferry-fw-code,pflash1=ferry-fw-vars",
+                    spec.machine
+                ),
+            ]);
+        }
+    }
     push(&["-accel", accel.qemu_option()]);
     push(&["-cpu", &spec.cpu_model]);
     push(&["-m", &format!("{}M", spec.memory_mib)]);
     push(&["-smp", &spec.vcpus.to_string()]);
-    let BootSource::Kernel {
-        kernel,
-        initrd,
-        cmdline,
-    } = &spec.boot;
-    push(&["-kernel", &kernel.display().to_string()]);
-    push(&["-initrd", &initrd.display().to_string()]);
-    push(&["-append", cmdline]);
+    let boot_disk = match &spec.boot {
+        BootSource::Kernel {
+            kernel,
+            initrd,
+            cmdline,
+        } => {
+            push(&["-kernel", &kernel.display().to_string()]);
+            push(&["-initrd", &initrd.display().to_string()]);
+            push(&["-append", cmdline]);
+            None
+        }
+        BootSource::Disk => Some(0),
+    };
     push(&[
         "-chardev",
         &format!(
@@ -43,13 +72,29 @@ pub fn qemu_args(
         &format!("unix:{},server=on,wait=off", paths.qmp_socket.display()),
     ]);
     push(&["-pidfile", &paths.pidfile.display().to_string()]);
+    a.extend(disk_args(&spec.disks, boot_disk));
+    let mut push = |parts: &[&str]| a.extend(parts.iter().map(|s| s.to_string()));
+    // Every instance gets the guest agent's channel, so an OS that runs qemu-guest-agent is
+    // seen (OS, addresses) and shut down cleanly without Ferry knowing it in advance.
+    push(&[
+        "-chardev",
+        &format!(
+            "socket,id=qga0,path={},server=on,wait=off",
+            paths.qga_socket.display()
+        ),
+    ]);
+    push(&["-device", "virtio-serial-pci,id=vser0"]);
+    push(&[
+        "-device",
+        &format!("virtserialport,bus=vser0.0,chardev=qga0,name={GUEST_AGENT_PORT}"),
+    ]);
     for (i, nic) in spec.nics.iter().enumerate() {
         push(&[
             "-netdev",
             &format!("tap,id=net{i},ifname={},script=no,downscript=no", nic.tap),
         ]);
-        // romfile= keeps the PXE ROM out: it is useless with direct kernel boot, and would be
-        // migrated with every guest.
+        // romfile= keeps the PXE ROM out: Ferry's guests boot a kernel or a disk, never the
+        // network, and the ROM would be migrated with every guest.
         push(&[
             "-device",
             &format!("virtio-net-pci,netdev=net{i},mac={},romfile=", nic.mac),
@@ -80,6 +125,8 @@ mod tests {
                 initrd: "/img/initrd".into(),
                 cmdline: "console=ttyS0 ferry.wss=64".into(),
             },
+            firmware: Firmware::Bios,
+            disks: vec![],
             nics: vec![NicSpec {
                 tap: "tap-web1".into(),
                 mac: MacAddr::local(7),
@@ -99,9 +146,39 @@ mod tests {
              -chardev socket,id=serial0,path=/run/ferry/web-1/serial.sock,server=on,wait=off,logfile=/run/ferry/web-1/serial.log,logappend=on \
              -serial chardev:serial0 -qmp unix:/run/ferry/web-1/qmp.sock,server=on,wait=off \
              -pidfile /run/ferry/web-1/qemu.pid \
+             -chardev socket,id=qga0,path=/run/ferry/web-1/qga.sock,server=on,wait=off \
+             -device virtio-serial-pci,id=vser0 \
+             -device virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0 \
              -netdev tap,id=net0,ifname=tap-web1,script=no,downscript=no \
              -device virtio-net-pci,netdev=net0,mac=52:54:00:00:00:07,romfile="
         );
+    }
+
+    #[test]
+    fn a_uefi_disk_boot_has_flash_nodes_and_a_boot_disk() {
+        let mut s = spec();
+        s.boot = BootSource::Disk;
+        s.firmware = Firmware::Uefi {
+            code: "/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
+            vars: "/ds/web-1-VARS.fd".into(),
+        };
+        s.disks = vec![crate::disk::DiskSpec {
+            id: "root".into(),
+            path: "/ds/web-1.qcow2".into(),
+            format: crate::DiskFormat::Qcow2,
+            bus: crate::DiskBus::VirtioBlk,
+            cache: crate::CacheMode::None,
+            read_only: false,
+            serial: None,
+            backing: None,
+        }];
+        let paths = RunPaths::in_dir("/r".as_ref());
+        let args = qemu_args(&s, Accel::Tcg, &paths, StartMode::Normal);
+        let joined = args.join(" ");
+        assert!(joined.contains("-machine pc,pflash0=ferry-fw-code,pflash1=ferry-fw-vars"));
+        assert!(joined.contains(r#""filename":"/ds/web-1-VARS.fd""#));
+        assert!(!joined.contains("-kernel"));
+        assert!(joined.contains(r#""bootindex":0"#));
     }
 
     #[test]

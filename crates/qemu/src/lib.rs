@@ -8,15 +8,19 @@
 
 mod accel;
 mod cmdline;
+mod disk;
 mod error;
 mod process;
 mod spec;
 
 pub use accel::{probe_accelerator, Accel, AccelChoice, BootProbe};
-pub use cmdline::qemu_args;
+pub use cmdline::{qemu_args, GUEST_AGENT_PORT};
+pub use disk::{
+    node_name, BackingImage, CacheMode, DiskBus, DiskFormat, DiskSpec, MAX_DISK_ID, MAX_SERIAL,
+};
 pub use error::QemuError;
 pub use process::{LaunchOptions, QemuProcess, RunPaths, StartMode};
 pub use spec::{
-    has_control_chars, is_known_machine_type, BootSource, InstanceSpec, MacAddr, NicSpec,
+    has_control_chars, is_known_machine_type, BootSource, Firmware, InstanceSpec, MacAddr, NicSpec,
     MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB,
 };

@@ -17,6 +17,8 @@ use crate::{Accel, QemuError};
 pub struct RunPaths {
     pub dir: PathBuf,
     pub qmp_socket: PathBuf,
+    /// The host end of the guest agent's virtio-serial port.
+    pub qga_socket: PathBuf,
     pub serial_socket: PathBuf,
     pub serial_log: PathBuf,
     pub pidfile: PathBuf,
@@ -28,6 +30,7 @@ impl RunPaths {
         RunPaths {
             dir: dir.to_path_buf(),
             qmp_socket: dir.join("qmp.sock"),
+            qga_socket: dir.join("qga.sock"),
             serial_socket: dir.join("serial.sock"),
             serial_log: dir.join("serial.log"),
             pidfile: dir.join("qemu.pid"),
@@ -391,6 +394,8 @@ mod tests {
                 initrd: "/i".into(),
                 cmdline: String::new(),
             },
+            firmware: crate::spec::Firmware::Bios,
+            disks: vec![],
             nics: vec![],
         };
         let err = QemuProcess::adopt(&spec, dir.path(), i32::MAX, Duration::from_secs(1))

@@ -4,6 +4,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::disk::{validate_disks, DiskSpec};
 use crate::QemuError;
 
 /// Smallest guest Ferry will start: below this Debian's kernel does not reach init.
@@ -60,18 +61,37 @@ pub struct InstanceSpec {
     /// QEMU machine type (`pc`, `q35`, or a versioned one like `pc-i440fx-7.2`).
     pub machine: String,
     pub boot: BootSource,
+    pub firmware: Firmware,
+    /// In order; with [`BootSource::Disk`] the first one is the boot disk.
+    pub disks: Vec<DiskSpec>,
     pub nics: Vec<NicSpec>,
 }
 
-/// How the guest boots. Only direct kernel boot exists today; disk boot comes with disks.
+/// How the guest boots.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum BootSource {
+    /// QEMU loads a kernel and initrd from host files (fast; the lab guest, or a root disk
+    /// without a bootloader).
     Kernel {
         kernel: PathBuf,
         initrd: PathBuf,
         cmdline: String,
     },
+    /// The firmware boots the first disk, as on real hardware: any OS with a bootloader.
+    Disk,
+}
+
+/// The machine's firmware.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Firmware {
+    /// SeaBIOS, which QEMU loads by itself.
+    #[default]
+    Bios,
+    /// OVMF: its code (read-only, shared by every guest) and this instance's own variable
+    /// store, which is the guest's NVRAM and so belongs with its disks.
+    Uefi { code: PathBuf, vars: PathBuf },
 }
 
 /// A virtio NIC attached to a host tap device.
@@ -217,24 +237,46 @@ impl InstanceSpec {
                 ),
             );
         }
-        let BootSource::Kernel {
-            kernel,
-            initrd,
-            cmdline,
-        } = &self.boot;
-        for (field, path) in [("boot.kernel", kernel), ("boot.initrd", initrd)] {
+        let mut files: Vec<(&'static str, &PathBuf)> = Vec::new();
+        match &self.boot {
+            BootSource::Kernel {
+                kernel,
+                initrd,
+                cmdline,
+            } => {
+                files.extend([("boot.kernel", kernel), ("boot.initrd", initrd)]);
+                if has_control_chars(cmdline) {
+                    return bad(
+                        "boot.cmdline",
+                        "must be one line without control characters".into(),
+                    );
+                }
+            }
+            BootSource::Disk if self.disks.is_empty() => {
+                return bad(
+                    "boot",
+                    "boots from disk but has no disk; add one or boot a kernel".into(),
+                );
+            }
+            BootSource::Disk => {}
+        }
+        if let Firmware::Uefi { code, vars } = &self.firmware {
+            files.extend([("firmware.code", code), ("firmware.vars", vars)]);
+        }
+        validate_disks(&self.disks, &self.machine)?;
+        for d in &self.disks {
+            files.push(("disks.path", &d.path));
+            if let Some(b) = &d.backing {
+                files.push(("disks.backing", &b.path));
+            }
+        }
+        for (field, path) in files {
             if has_control_chars(&path.to_string_lossy()) {
                 return bad(field, "must not contain control characters".into());
             }
             if !path.is_file() {
                 return bad(field, format!("{} does not exist", path.display()));
             }
-        }
-        if has_control_chars(cmdline) {
-            return bad(
-                "boot.cmdline",
-                "must be one line without control characters".into(),
-            );
         }
         for nic in &self.nics {
             if !is_simple_name(&nic.tap, 15) {
@@ -271,6 +313,8 @@ mod tests {
                 initrd,
                 cmdline: "console=ttyS0".into(),
             },
+            firmware: Firmware::Bios,
+            disks: vec![],
             nics: vec![NicSpec {
                 tap: "tap-web1".into(),
                 mac: MacAddr::local(1),
@@ -324,6 +368,13 @@ mod tests {
         sample(dir.path()).validate().unwrap();
     }
 
+    fn s_kernel(s: &InstanceSpec) -> PathBuf {
+        match &s.boot {
+            BootSource::Kernel { kernel, .. } => kernel.clone(),
+            BootSource::Disk => unreachable!(),
+        }
+    }
+
     #[test]
     fn validate_rejects_bad_fields_with_the_field_named() {
         let dir = tempfile::tempdir().unwrap();
@@ -339,8 +390,9 @@ mod tests {
             (
                 "boot.cmdline",
                 Box::new(|s| {
-                    let BootSource::Kernel { cmdline, .. } = &mut s.boot;
-                    *cmdline = "console=ttyS0\0x".into();
+                    if let BootSource::Kernel { cmdline, .. } = &mut s.boot {
+                        *cmdline = "console=ttyS0\0x".into();
+                    }
                 }),
             ),
             ("name", Box::new(|s| s.name = "Bad Name".into())),
@@ -355,8 +407,19 @@ mod tests {
             (
                 "boot.kernel",
                 Box::new(|s| {
-                    let BootSource::Kernel { kernel, .. } = &mut s.boot;
-                    *kernel = "/nonexistent/vmlinuz".into();
+                    if let BootSource::Kernel { kernel, .. } = &mut s.boot {
+                        *kernel = "/nonexistent/vmlinuz".into();
+                    }
+                }),
+            ),
+            ("boot", Box::new(|s| s.boot = BootSource::Disk)),
+            (
+                "firmware.vars",
+                Box::new(|s| {
+                    s.firmware = Firmware::Uefi {
+                        code: s_kernel(s),
+                        vars: "/nonexistent/VARS.fd".into(),
+                    }
                 }),
             ),
         ];

@@ -411,11 +411,16 @@ pub(crate) fn covering<'a>(stores: &'a [DatastoreFacts], file: &str) -> Option<&
         .max_by_key(|d| d.path.len())
 }
 
+/// Whether the instance's files and disks are on storage the destination shares. Kernel files
+/// not provably shared are a warning (they are only read at boot); a disk or NVRAM that is
+/// not on a datastore both hosts share is a failure: the destination would open another
+/// file, or none, and the guest's writes would be lost.
 pub fn storage(inst: &Instance, src: &HostFacts, dst: &HostFacts) -> CheckResult {
     let mut fails = Vec::new();
     let mut warns = Vec::new();
     let mut details = Vec::new();
-    for file in [&inst.spec.boot.kernel, &inst.spec.boot.initrd] {
+    let boot = &inst.spec.boot;
+    for file in [&boot.kernel, &boot.initrd].into_iter().flatten() {
         let s = covering(&src.datastores, file);
         let d = covering(&dst.datastores, file);
         let verdict = match (s, d) {
@@ -470,6 +475,52 @@ pub fn storage(inst: &Instance, src: &HostFacts, dst: &HostFacts) -> CheckResult
             "destination_datastore": d.map(|d| &d.name),
             "verdict": verdict,
         }));
+    }
+    let images = inst
+        .spec
+        .disks
+        .iter()
+        .map(|d| (format!("disk {}", d.id), &d.image))
+        .chain(boot.nvram.iter().map(|n| ("UEFI NVRAM".to_string(), n)));
+    let mut unshared = 0;
+    for (what, image) in images {
+        let s = src.datastores.iter().find(|d| d.name == image.datastore);
+        let d = dst.datastores.iter().find(|d| d.name == image.datastore);
+        let shared = matches!((s, d), (Some(s), Some(d)) if s.identity.is_some() && s.identity == d.identity);
+        if !shared {
+            unshared += 1;
+            fails.push(match d {
+                None => format!("{what} ({image}) is on datastore {}, which {} does not mount", image.datastore, dst.name),
+                Some(_) => format!(
+                    "{what} ({image}) is on datastore {}, which is local to {} (not the same storage on {})",
+                    image.datastore, src.name, dst.name
+                ),
+            });
+        }
+        details.push(json!({
+            "disk": what,
+            "image": image.to_string(),
+            "source_identity": s.and_then(|d| d.identity.as_ref()),
+            "destination_identity": d.and_then(|d| d.identity.as_ref()),
+            "verdict": if shared { "pass" } else { "fail" },
+            "needs_block_migration": !shared,
+        }));
+    }
+    if unshared > 0 {
+        let values = json!({"files": details});
+        return result(
+            "storage",
+            CheckStatus::Fail,
+            fails.join("; "),
+            format!(
+                "a disk on storage {} does not share needs block migration, which this Ferry \
+                 cannot do yet: pick a host that mounts the same shared datastore (same name \
+                 and .ferry-datastore-id), or stop the instance and migrate it cold",
+                dst.name
+            ),
+            values,
+            false,
+        );
     }
     let values = json!({"files": details});
     if !fails.is_empty() {
@@ -751,6 +802,7 @@ mod tests {
             machine_types: ["pc", "pc-i440fx-8.1", "pc-i440fx-8.2", "q35", "pc-q35-8.2"]
                 .map(String::from)
                 .to_vec(),
+            firmware: vec!["bios".into()],
             datastores: vec![DatastoreFacts {
                 name: "shared".into(),
                 path: "/srv/shared".into(),
@@ -782,10 +834,11 @@ mod tests {
                 cpu_model: "qemu64".into(),
                 machine: "pc".into(),
                 boot: BootSpec {
-                    kernel: "/srv/shared/vmlinuz".into(),
-                    initrd: "/srv/shared/initrd".into(),
-                    cmdline: String::new(),
+                    kernel: Some("/srv/shared/vmlinuz".into()),
+                    initrd: Some("/srv/shared/initrd".into()),
+                    ..BootSpec::default()
                 },
+                disks: vec![],
                 nics: vec![NicSpec {
                     network: "lab".into(),
                     mac: "52:54:00:00:00:01".into(),
@@ -962,6 +1015,48 @@ mod tests {
         s3.datastores[0].identity = None;
         d3.datastores[0].identity = None;
         assert_eq!(storage(&i, &s3, &d3).status, CheckStatus::Warn);
+    }
+
+    #[test]
+    fn a_disk_not_on_shared_storage_fails_and_says_block_migration() {
+        use ferry_api::instances::{DiskSpec, ImageRef};
+        let (mut i, mut s, mut d) = (instance(), facts("a"), facts("b"));
+        i.spec.disks = vec![DiskSpec {
+            id: "disk0".into(),
+            image: ImageRef {
+                datastore: "shared".into(),
+                file: "vm-disk0.qcow2".into(),
+            },
+            format: ferry_api::instances::DiskFormat::Qcow2,
+            size_bytes: 1 << 30,
+            bus: Default::default(),
+            cache: Default::default(),
+            read_only: false,
+            serial: None,
+            backing: None,
+            managed: true,
+        }];
+        assert_eq!(storage(&i, &s, &d).status, CheckStatus::Pass);
+        for ds in [&mut s.datastores, &mut d.datastores] {
+            ds.push(DatastoreFacts {
+                name: "local".into(),
+                path: "/var/lib/ferry/local".into(),
+                total_bytes: 1,
+                free_bytes: 1,
+                identity: None,
+            });
+        }
+        i.spec.disks[0].image.datastore = "local".into();
+        let c = storage(&i, &s, &d);
+        assert_eq!(
+            c.status,
+            CheckStatus::Fail,
+            "same name, no identity: not shared"
+        );
+        assert!(c.hint.contains("block migration"), "{}", c.hint);
+        assert_eq!(c.values["files"][2]["needs_block_migration"], true);
+        d.datastores.pop();
+        assert!(storage(&i, &s, &d).message.contains("does not mount"));
     }
 
     #[test]

@@ -52,6 +52,7 @@ fn facts(name: &str) -> HostFacts {
         accel: "tcg".into(),
         qemu_version: "9.2.0".into(),
         machine_types: vec!["pc".into(), "q35".into(), "pc-i440fx-9.2".into()],
+        firmware: vec!["bios".into()],
         datastores: vec![DatastoreFacts {
             name: "images".into(),
             path: IMAGES.into(),
@@ -192,10 +193,12 @@ fn spec() -> InstanceSpec {
         cpu_model: "qemu64".into(),
         machine: "pc".into(),
         boot: BootSpec {
-            kernel: format!("{IMAGES}/vmlinuz"),
-            initrd: format!("{IMAGES}/initrd"),
+            kernel: Some(format!("{IMAGES}/vmlinuz")),
+            initrd: Some(format!("{IMAGES}/initrd")),
             cmdline: "console=ttyS0".into(),
+            ..BootSpec::default()
         },
+        disks: vec![],
         nics: vec![],
     }
 }
@@ -304,12 +307,12 @@ async fn bad_instances_are_refused_at_create() {
             "memory-exceeds-host",
         ),
         (
-            create("vm", with(&|s| s.boot.kernel = "/etc/shadow".into())),
+            create("vm", with(&|s| s.boot.kernel = Some("/etc/shadow".into()))),
             400,
             "path-outside-datastores",
         ),
         (
-            create("vm", with(&|s| s.boot.initrd = format!("{IMAGES}/../../../etc/shadow"))),
+            create("vm", with(&|s| s.boot.initrd = Some(format!("{IMAGES}/../../../etc/shadow")))),
             400,
             "invalid-instance",
         ),

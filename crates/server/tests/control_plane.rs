@@ -273,6 +273,7 @@ async fn bad_requests_are_4xx_with_code_and_hint_and_change_nothing() {
         name: "cold".into(),
         host: Some("hv1".into()),
         spec: c.guest_spec(1, 128, Cluster::small_guest()),
+        disks: vec![],
         start: false,
     };
     let _: Instance = c.admin.post("/v1/instances", &stopped).await.unwrap();
@@ -467,6 +468,7 @@ async fn cold_migration_moves_a_stopped_instance() {
         name: "parked".into(),
         host: Some("hv1".into()),
         spec: c.guest_spec(0, 128, Cluster::small_guest()),
+        disks: vec![],
         start: false,
     };
     let _: Instance = c.admin.post("/v1/instances", &req).await.unwrap();

@@ -24,6 +24,8 @@ pub fn config(name: &str, state_dir: &Path, netns: Option<String>, mig: Ipv4Addr
         migration_addr: mig.into(),
         migration_ports: "49152-49215".into(),
         qemu_binary: "qemu-system-x86_64".into(),
+        ovmf_code: "/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
+        ovmf_vars: "/usr/share/OVMF/OVMF_VARS_4M.fd".into(),
         accel: "tcg".into(),
         datastores: vec![],
         networks: vec![NetworkConfig {

@@ -368,6 +368,7 @@ async fn run_cell(
         name: "bench".into(),
         memory_mib: sc.memory_mib,
         vcpus: 1,
+        disks: vec![],
         config: GuestConfig {
             wss_mib,
             rate_mib_s,

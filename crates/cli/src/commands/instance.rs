@@ -211,15 +211,17 @@ pub fn create_request(
             )
         })?;
         BootSpec {
-            kernel: lab.kernel.clone(),
-            initrd: lab.initrd.clone(),
+            kernel: Some(lab.kernel.clone()),
+            initrd: Some(lab.initrd.clone()),
             cmdline: config.kernel_cmdline(),
+            ..BootSpec::default()
         }
     } else {
         BootSpec {
-            kernel: args.kernel.clone().unwrap_or_default(),
-            initrd: args.initrd.clone().unwrap_or_default(),
+            kernel: args.kernel.clone(),
+            initrd: args.initrd.clone(),
             cmdline: args.cmdline.clone().unwrap_or_default(),
+            ..BootSpec::default()
         }
     };
     let memory_mib = args
@@ -229,12 +231,14 @@ pub fn create_request(
     Ok(CreateInstance {
         name: args.name.clone(),
         host: args.host.clone(),
+        disks: vec![],
         spec: InstanceSpec {
             memory_mib,
             vcpus: args.vcpus,
             cpu_model: "qemu64".into(),
             machine: "pc".into(),
             boot,
+            disks: vec![],
             nics: nics
                 .iter()
                 .enumerate()

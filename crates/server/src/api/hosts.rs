@@ -6,7 +6,7 @@ use axum::extract::{Path, State};
 use axum::Json;
 use chrono::Utc;
 use ferry_api::checks::CpuBaseline;
-use ferry_api::hosts::{Datastore, Host, HostState, Network};
+use ferry_api::hosts::{Datastore, DatastoreFacts, DatastoreMount, Host, HostState, Network};
 
 use crate::agents::agent_client;
 use ferry_api::migrations::Event;
@@ -97,25 +97,65 @@ pub async fn disable(
     set_enabled(&state, &who, &name, false).await
 }
 
-/// Datastores by name, with the hosts that mount each.
+/// Datastores across the fleet: hosts that report the same identity share one datastore;
+/// a datastore without an identity is local to its host.
 #[utoipa::path(get, path = "/v1/datastores", responses((status = 200, body = Vec<Datastore>)))]
 pub async fn datastores(
     State(state): State<AppState>,
     _r: Reader,
 ) -> Result<Json<Vec<Datastore>>, ServerError> {
-    let mut by_name: BTreeMap<String, Datastore> = BTreeMap::new();
-    for host in all_hosts(&state).await? {
-        for ds in host.facts.iter().flat_map(|f| f.datastores.iter()) {
-            let entry = by_name.entry(ds.name.clone()).or_insert_with(|| Datastore {
-                name: ds.name.clone(),
-                hosts: Vec::new(),
-                host_names: Vec::new(),
-            });
-            entry.hosts.push(ds.clone());
-            entry.host_names.push(host.name.clone());
+    let hosts = all_hosts(&state).await?;
+    let reports = hosts.iter().flat_map(|h| {
+        h.facts
+            .iter()
+            .flat_map(|f| f.datastores.iter())
+            .map(move |d| (h.name.as_str(), d))
+    });
+    Ok(Json(group_datastores(reports)))
+}
+
+/// One [`Datastore`] per storage: grouped by identity, or by host when there is none.
+pub(crate) fn group_datastores<'a>(
+    reports: impl Iterator<Item = (&'a str, &'a DatastoreFacts)>,
+) -> Vec<Datastore> {
+    let mut groups: BTreeMap<(String, String), Datastore> = BTreeMap::new();
+    for (host, ds) in reports {
+        let key = match &ds.identity {
+            Some(id) => (format!("id:{id}"), String::new()),
+            None => (format!("local:{}", ds.name), host.to_string()),
+        };
+        let entry = groups.entry(key).or_insert_with(|| Datastore {
+            name: ds.name.clone(),
+            identity: ds.identity.clone(),
+            shared: false,
+            total_bytes: ds.total_bytes,
+            free_bytes: ds.free_bytes,
+            mounts: Vec::new(),
+            problem: None,
+        });
+        if entry.name != ds.name {
+            entry.problem = Some(format!(
+                "hosts name this storage differently ('{}' and '{}' on {host}); disks name \
+                 their datastore, so give it one name on every host",
+                entry.name, ds.name
+            ));
         }
+        entry.mounts.push(DatastoreMount {
+            host: host.to_string(),
+            path: ds.path.clone(),
+            total_bytes: ds.total_bytes,
+            free_bytes: ds.free_bytes,
+        });
+        entry.shared = entry.mounts.len() > 1;
+        entry.free_bytes = entry.free_bytes.min(ds.free_bytes);
     }
-    Ok(Json(by_name.into_values().collect()))
+    let mut out: Vec<Datastore> = groups.into_values().collect();
+    out.sort_by(|a, b| {
+        a.name
+            .cmp(&b.name)
+            .then(a.mounts[0].host.cmp(&b.mounts[0].host))
+    });
+    out
 }
 
 /// Networks by name, with the hosts attached to each.

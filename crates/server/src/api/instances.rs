@@ -7,7 +7,7 @@ use axum::Json;
 use ferry_api::agent::{AgentInstance, DefineInstance};
 use ferry_api::checks::Candidate;
 use ferry_api::hosts::{Host, HostState};
-use ferry_api::instances::{CreateInstance, Instance, InstanceSpec, InstanceState};
+use ferry_api::instances::{BootFrom, CreateInstance, Instance, InstanceSpec, InstanceState};
 use ferry_api::migrations::{Event, MigrationKind};
 use serde::Deserialize;
 use uuid::Uuid;
@@ -66,8 +66,8 @@ fn validate(req: &CreateInstance) -> Result<(), ServerError> {
         ("host", req.host.as_deref().unwrap_or("")),
         ("cpu_model", s.cpu_model.as_str()),
         ("machine", s.machine.as_str()),
-        ("boot.kernel", s.boot.kernel.as_str()),
-        ("boot.initrd", s.boot.initrd.as_str()),
+        ("boot.kernel", s.boot.kernel.as_deref().unwrap_or("")),
+        ("boot.initrd", s.boot.initrd.as_deref().unwrap_or("")),
         ("boot.cmdline", s.boot.cmdline.as_str()),
     ];
     for (field, value) in texts {
@@ -123,13 +123,35 @@ fn validate(req: &CreateInstance) -> Result<(), ServerError> {
     if !ferry_qemu::is_known_machine_type(&s.machine) {
         return Err(unknown_machine(&s.machine));
     }
-    for (field, path) in [
+    if !s.disks.is_empty() || s.boot.nvram.is_some() {
+        return Err(invalid(
+            "spec.disks and spec.boot.nvram are written by Ferry; ask for disks with `disks`"
+                .into(),
+        ));
+    }
+    let kernel_files = [
         ("boot.kernel", &s.boot.kernel),
         ("boot.initrd", &s.boot.initrd),
-    ] {
-        if path.is_empty() {
-            return Err(invalid(format!("{field} is required")));
+    ];
+    if s.boot.from == BootFrom::Disk {
+        if let Some((field, _)) = kernel_files.iter().find(|(_, p)| p.is_some()) {
+            return Err(invalid(format!(
+                "{field} is given but the instance boots from disk; drop it or boot the kernel"
+            )));
         }
+        if req.disks.is_empty() {
+            return Err(invalid(
+                "boot.from is disk but no disk is given; add one with `disks`".into(),
+            ));
+        }
+    }
+    for (field, path) in kernel_files {
+        let Some(path) = path else {
+            if s.boot.from == BootFrom::Kernel {
+                return Err(invalid(format!("{field} is required to boot a kernel")));
+            }
+            continue;
+        };
         let p = std::path::Path::new(path);
         let plain = p.is_absolute()
             && p.components()
@@ -191,6 +213,7 @@ fn validate_for_host(spec: &InstanceSpec, host: &Host) -> Result<(), ServerError
         ("boot.kernel", &spec.boot.kernel),
         ("boot.initrd", &spec.boot.initrd),
     ] {
+        let Some(path) = path else { continue };
         if crate::checks::covering(&facts.datastores, path).is_none() {
             let stores: Vec<&str> = facts.datastores.iter().map(|d| d.path.as_str()).collect();
             return Err(ServerError::bad_request(

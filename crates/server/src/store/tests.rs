@@ -21,6 +21,7 @@ fn facts(name: &str) -> HostFacts {
         accel: "tcg".into(),
         qemu_version: "8.2.0".into(),
         machine_types: vec!["pc".into()],
+        firmware: vec!["bios".into()],
         datastores: vec![],
         networks: vec![],
         migration_addr: "127.0.0.1".into(),
@@ -36,10 +37,12 @@ fn spec() -> InstanceSpec {
         cpu_model: "qemu64".into(),
         machine: "pc".into(),
         boot: BootSpec {
-            kernel: "/k".into(),
-            initrd: "/i".into(),
+            kernel: Some("/k".into()),
+            initrd: Some("/i".into()),
             cmdline: String::new(),
+            ..BootSpec::default()
         },
+        disks: vec![],
         nics: vec![],
     }
 }

@@ -93,6 +93,8 @@ impl Cluster {
                 migration_addr: h.migration_addr.into(),
                 migration_ports: "49152-49215".into(),
                 qemu_binary: "qemu-system-x86_64".into(),
+                ovmf_code: "/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
+                ovmf_vars: "/usr/share/OVMF/OVMF_VARS_4M.fd".into(),
                 accel: "tcg".into(),
                 // The server accepts kernel and initrd only inside a datastore of the host.
                 datastores: vec![DatastoreConfig {
@@ -179,6 +181,7 @@ impl Cluster {
             name: name.into(),
             host: Some(host.into()),
             spec: self.guest_spec(k, 192, Self::small_guest()),
+            disks: vec![],
             start: true,
         };
         let i: Instance = self
