@@ -1,0 +1,1 @@
+//! `qemu-img`: create, inspect and copy images.
