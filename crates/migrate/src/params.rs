@@ -230,6 +230,10 @@ impl MigrationParams {
             cap("postcopy-ram", self.postcopy),
             cap("multifd", self.multifd_channels.is_some()),
             cap("xbzrle", self.xbzrle_cache_bytes.is_some()),
+            // The destination opens shared disks for writing (takes their locks) only when
+            // Ferry starts it after the commit, never when the stream ends: until then the
+            // source may still be resumed. Without effect on the source.
+            cap("late-block-activate", true),
         ]
     }
 
@@ -340,7 +344,7 @@ mod tests {
             .filter(|c| c.state)
             .map(|c| c.capability)
             .collect();
-        assert_eq!(on, ["events", "auto-converge", "multifd"]);
+        assert_eq!(on, ["events", "auto-converge", "multifd", "late-block-activate"]);
         assert_eq!(p.shared_parameters().multifd_channels, Some(2));
         let p = MigrationParams {
             xbzrle_cache_bytes: Some(64 << 20),
