@@ -103,6 +103,7 @@ pub fn run_all(input: &CheckInput) -> Vec<CheckResult> {
         out.push(qemu_version(src, dst, input.qemu_rule));
         out.push(dirty_tracking(input.kind, src));
         out.push(machine_type(input.instance, src, dst));
+        out.push(firmware(input.instance, dst));
         out.push(network(input.instance, dst));
     } else {
         let missing = if input.source.is_none() {
@@ -713,6 +714,27 @@ pub fn machine_type(inst: &Instance, src: &HostFacts, dst: &HostFacts) -> CheckR
     }
 }
 
+/// The destination must have the instance's firmware: a UEFI guest's NVRAM and flash layout
+/// only exist where OVMF is installed.
+pub fn firmware(inst: &Instance, dst: &HostFacts) -> CheckResult {
+    let wanted = inst.spec.boot.firmware.as_str();
+    let values = json!({"firmware": wanted, "offered": dst.firmware});
+    // Agents older than disks report no list; they boot SeaBIOS only.
+    if wanted == "bios" || dst.firmware.iter().any(|f| f == wanted) {
+        pass("firmware", format!("{} boots {wanted} guests", dst.name), values)
+    } else {
+        result(
+            "firmware",
+            CheckStatus::Fail,
+            format!("{} has no {wanted} firmware", dst.name),
+            "install Debian's ovmf package on that host (its agent reports it at once), or \
+             pick another host",
+            values,
+            false,
+        )
+    }
+}
+
 pub fn network(inst: &Instance, dst: &HostFacts) -> CheckResult {
     let missing: Vec<String> = inst
         .spec
@@ -1015,6 +1037,17 @@ mod tests {
         s3.datastores[0].identity = None;
         d3.datastores[0].identity = None;
         assert_eq!(storage(&i, &s3, &d3).status, CheckStatus::Warn);
+    }
+
+    #[test]
+    fn a_uefi_guest_needs_ovmf_on_the_destination() {
+        let (mut i, mut d) = (instance(), facts("b"));
+        assert_eq!(firmware(&i, &d).status, CheckStatus::Pass);
+        i.spec.boot.firmware = ferry_api::instances::FirmwareKind::Uefi;
+        let c = firmware(&i, &d);
+        assert!(c.status == CheckStatus::Fail && c.hint.contains("ovmf"), "{c:?}");
+        d.firmware.push("uefi".into());
+        assert_eq!(firmware(&i, &d).status, CheckStatus::Pass);
     }
 
     #[test]
