@@ -13,6 +13,7 @@ use ferry_api::agent::{
 };
 use ferry_api::checks::{CpuModelFeatures, ProbeConnect, ProbeListening, ProbeResult};
 use ferry_api::hosts::HostFacts;
+use ferry_api::instances::StopOptions;
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -120,8 +121,10 @@ async fn fence_instance(
 async fn stop_instance(
     State(agent): State<Arc<Agent>>,
     Path(id): Path<String>,
+    q: Result<Query<StopOptions>, QueryRejection>,
 ) -> ApiResult<AgentInstance> {
-    Ok(Json(agent.stop_instance(uuid(&id)?).await?))
+    let Query(opts) = q.map_err(|e| AgentError::BadRequest(e.body_text()))?;
+    Ok(Json(agent.stop_instance(uuid(&id)?, opts).await?))
 }
 
 async fn delete_instance(State(agent): State<Arc<Agent>>, Path(id): Path<String>) -> ApiResult<()> {

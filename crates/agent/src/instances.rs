@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_api::agent::{AgentInstance, DefineInstance};
-use ferry_api::instances::{BootFrom, FirmwareKind, InstanceSpec, InstanceState};
+use ferry_api::instances::{
+    BootFrom, FirmwareKind, InstanceSpec, InstanceState, StopMethod, StopOptions,
+};
 use ferry_qemu::{
     BackingImage, BootSource, DiskSpec, Firmware, LaunchOptions, MacAddr, NicSpec, QemuProcess,
     StartMode,
@@ -379,6 +381,7 @@ impl Agent {
             qemu_state: qemu_state.map(|s| s.to_string()),
             pid,
             incoming: slot.record.incoming,
+            stopped_by: None,
         }
     }
 
@@ -465,16 +468,68 @@ impl Agent {
         Ok(self.describe(&mut slot).await)
     }
 
-    /// `POST /v1/instances/{id}/stop`: `quit`, then kill after 10 s. Stopping a stopped
-    /// instance succeeds.
-    pub(crate) async fn stop_instance(&self, id: Uuid) -> Result<AgentInstance, AgentError> {
+    /// `POST /v1/instances/{id}/stop`: asks the guest to shut down (its guest agent, else the
+    /// ACPI power button) and waits for it to power off; a guest that has not within the
+    /// timeout, or a forced stop, is powered off by QEMU (`quit`, then kill). The slot is not
+    /// locked while the guest shuts down, so heartbeats and listings go on. Stopping a
+    /// stopped instance succeeds.
+    pub(crate) async fn stop_instance(
+        &self,
+        id: Uuid,
+        opts: StopOptions,
+    ) -> Result<AgentInstance, AgentError> {
+        let timeout = Duration::from_secs(u64::from(
+            opts.timeout_s
+                .unwrap_or(StopOptions::DEFAULT_TIMEOUT_S)
+                .min(StopOptions::MAX_TIMEOUT_S),
+        ));
+        let asked = {
+            let mut slot = self.lock_slot(&id).await?;
+            if slot.record.incoming.is_some() {
+                return Err(incoming_conflict(id));
+            }
+            self.refuse_if_migrating(&id)?;
+            let running = self.run_state(&mut slot).await == Some(RunState::Running);
+            match (&slot.process, running && !opts.force) {
+                (None, _) => None,
+                (Some(_), false) => Some((StopMethod::Forced, None)),
+                (Some(p), true) => {
+                    let exit = p.exit_watch();
+                    let method = self.ask_guest_to_power_off(&slot).await;
+                    Some((method, Some(exit)))
+                }
+            }
+        };
+        let method = match asked {
+            None => StopMethod::AlreadyStopped,
+            Some((method, None)) => method,
+            Some((method, Some(mut exit))) => {
+                let off = tokio::time::timeout(timeout, exit.wait_for(|s| s.is_some())).await;
+                if off.is_ok() {
+                    method
+                } else {
+                    warn!(instance = %id, ?method, ?timeout, "the guest did not power off; stopping QEMU");
+                    StopMethod::Timeout
+                }
+            }
+        };
         let mut slot = self.lock_slot(&id).await?;
-        if slot.record.incoming.is_some() {
-            return Err(incoming_conflict(id));
-        }
-        self.refuse_if_migrating(&id)?;
         self.teardown(&mut slot, true).await;
-        Ok(self.describe(&mut slot).await)
+        info!(instance = %id, ?method, "instance stopped");
+        let mut out = self.describe(&mut slot).await;
+        out.stopped_by = Some(method);
+        Ok(out)
+    }
+
+    /// Asks the guest OS to power off: through its guest agent when one answers, else with
+    /// the ACPI power button. Returns which was used.
+    async fn ask_guest_to_power_off(&self, slot: &Slot) -> StopMethod {
+        if let Some(qmp) = slot.qmp() {
+            if let Err(e) = qmp.execute_raw("system_powerdown", None).await {
+                warn!(instance = %slot.record.id, error = %e, "system_powerdown failed");
+            }
+        }
+        StopMethod::Acpi
     }
 
     /// `POST /v1/instances/{id}/fence`: pause this copy of the guest (QMP `stop`) because the

@@ -224,6 +224,54 @@ pub struct CreateInstance {
     pub start: bool,
 }
 
+/// Query of a stop (`POST /v1/instances/{id}/stop`, on the server and on the agent).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::IntoParams,
+)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct StopOptions {
+    /// Power off at once (QEMU quits) instead of asking the guest to shut down.
+    #[serde(default)]
+    pub force: bool,
+    /// How long the guest may take to shut down before it is powered off (default 30 s,
+    /// at most [`StopOptions::MAX_TIMEOUT_S`]).
+    #[serde(default)]
+    pub timeout_s: Option<u32>,
+}
+
+impl StopOptions {
+    /// A guest gets this long to shut down unless the caller says otherwise.
+    pub const DEFAULT_TIMEOUT_S: u32 = 30;
+    /// Callers wait for the stop in one HTTP request (60 s), so a guest gets at most this.
+    pub const MAX_TIMEOUT_S: u32 = 45;
+
+    /// The query string for this stop, e.g. `?force=true`.
+    pub fn query(&self) -> String {
+        match (self.force, self.timeout_s) {
+            (true, _) => "?force=true".into(),
+            (false, Some(t)) => format!("?timeout_s={t}"),
+            (false, None) => String::new(),
+        }
+    }
+}
+
+/// How a stopped guest went down, as the agent saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum StopMethod {
+    /// The guest agent asked the OS to power off, and it did.
+    GuestAgent,
+    /// The ACPI power button was pressed, and the OS powered off.
+    Acpi,
+    /// The guest did not power off within the timeout; QEMU was stopped.
+    Timeout,
+    /// Powered off at once, as asked.
+    Forced,
+    /// It was not running.
+    AlreadyStopped,
+}
+
 /// What an instance is doing, as far as the server knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]

@@ -24,7 +24,11 @@ fn qcow2(dir: &Path, name: &str, size: &str) -> PathBuf {
         .arg(size)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     path
 }
 
@@ -57,7 +61,10 @@ async fn nodes(vm: &ferry_lab::LabVm) -> Vec<(String, bool)> {
     let v = vm
         .qemu
         .qmp()
-        .execute_raw("query-named-block-nodes", Some(serde_json::json!({"flat": true})))
+        .execute_raw(
+            "query-named-block-nodes",
+            Some(serde_json::json!({"flat": true})),
+        )
         .await
         .unwrap();
     v.as_array()
@@ -77,17 +84,32 @@ async fn a_guest_with_a_disk_on_shared_storage_migrates_there_and_back() {
     let dir = tempfile::tempdir().unwrap();
     let lab = lab().await;
     let image = qcow2(dir.path(), "d-vm-data.qcow2", "64M");
-    let mut vm = lab.boot_guest("hv1", &guest_with_disk(image)).await.unwrap();
+    let mut vm = lab
+        .boot_guest("hv1", &guest_with_disk(image))
+        .await
+        .unwrap();
     let before = nodes(&vm).await;
-    assert!(before.contains(&("ferry-data".to_string(), true)), "{before:?}");
+    assert!(
+        before.contains(&("ferry-data".to_string(), true)),
+        "{before:?}"
+    );
     for to in ["hv2", "hv1"] {
         let (_abort, signal) = AbortHandle::new();
-        lab.migrate(&mut vm, to, &MigrationParams::default(), &mut |_| {}, signal)
-            .await
-            .expect("migration completes");
+        lab.migrate(
+            &mut vm,
+            to,
+            &MigrationParams::default(),
+            &mut |_| {},
+            signal,
+        )
+        .await
+        .expect("migration completes");
         assert_eq!(vm.host, to);
         let after = nodes(&vm).await;
-        assert!(after.contains(&("ferry-data".to_string(), true)), "{to}: {after:?}");
+        assert!(
+            after.contains(&("ferry-data".to_string(), true)),
+            "{to}: {after:?}"
+        );
     }
     lab.stop_guest(vm).await;
 }

@@ -344,7 +344,10 @@ mod tests {
             .filter(|c| c.state)
             .map(|c| c.capability)
             .collect();
-        assert_eq!(on, ["events", "auto-converge", "multifd", "late-block-activate"]);
+        assert_eq!(
+            on,
+            ["events", "auto-converge", "multifd", "late-block-activate"]
+        );
         assert_eq!(p.shared_parameters().multifd_channels, Some(2));
         let p = MigrationParams {
             xbzrle_cache_bytes: Some(64 << 20),

@@ -283,6 +283,12 @@ impl QemuProcess {
         self.exit.borrow().clone()
     }
 
+    /// A watch on the exit status that outlives a borrow of the process: an owner that must
+    /// not hold its lock while a guest shuts down (seconds) waits on this instead.
+    pub fn exit_watch(&self) -> watch::Receiver<Option<String>> {
+        self.exit.clone()
+    }
+
     /// The last bytes QEMU printed; what to show an operator when it misbehaves.
     pub fn output_tail(&self) -> String {
         tail(&self.paths.qemu_log, 800)

@@ -721,7 +721,11 @@ pub fn firmware(inst: &Instance, dst: &HostFacts) -> CheckResult {
     let values = json!({"firmware": wanted, "offered": dst.firmware});
     // Agents older than disks report no list; they boot SeaBIOS only.
     if wanted == "bios" || dst.firmware.iter().any(|f| f == wanted) {
-        pass("firmware", format!("{} boots {wanted} guests", dst.name), values)
+        pass(
+            "firmware",
+            format!("{} boots {wanted} guests", dst.name),
+            values,
+        )
     } else {
         result(
             "firmware",
@@ -1045,7 +1049,10 @@ mod tests {
         assert_eq!(firmware(&i, &d).status, CheckStatus::Pass);
         i.spec.boot.firmware = ferry_api::instances::FirmwareKind::Uefi;
         let c = firmware(&i, &d);
-        assert!(c.status == CheckStatus::Fail && c.hint.contains("ovmf"), "{c:?}");
+        assert!(
+            c.status == CheckStatus::Fail && c.hint.contains("ovmf"),
+            "{c:?}"
+        );
         d.firmware.push("uefi".into());
         assert_eq!(firmware(&i, &d).status, CheckStatus::Pass);
     }

@@ -27,8 +27,17 @@ pub enum InstanceCommand {
     Create(CreateArgs),
     /// Start a stopped instance.
     Start { instance: String },
-    /// Stop a running instance.
-    Stop { instance: String },
+    /// Stop a running instance: the guest is asked to shut down (guest agent, else ACPI) and
+    /// powered off if it has not after the timeout.
+    Stop {
+        instance: String,
+        /// Power off at once instead of asking the guest.
+        #[arg(long)]
+        force: bool,
+        /// Seconds the guest gets to shut down (default 30, at most 45).
+        #[arg(long, value_name = "S", conflicts_with = "force")]
+        timeout: Option<u32>,
+    },
     /// Remove a stopped instance's definition.
     Delete { instance: String },
 }
@@ -276,9 +285,20 @@ pub async fn run(ctx: &Ctx, cmd: InstanceCommand) -> Result<u8, CliError> {
             ctx.post(&format!("/v1/instances/{}/start", seg(&instance)), &())
                 .await?
         }
-        InstanceCommand::Stop { instance } => {
-            ctx.post(&format!("/v1/instances/{}/stop", seg(&instance)), &())
-                .await?
+        InstanceCommand::Stop {
+            instance,
+            force,
+            timeout,
+        } => {
+            let opts = ferry_api::instances::StopOptions {
+                force,
+                timeout_s: timeout,
+            };
+            ctx.post(
+                &format!("/v1/instances/{}/stop{}", seg(&instance), opts.query()),
+                &(),
+            )
+            .await?
         }
         InstanceCommand::Delete { instance } => {
             let answer: serde_json::Value = ctx

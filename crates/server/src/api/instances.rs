@@ -7,7 +7,9 @@ use axum::Json;
 use ferry_api::agent::{AgentInstance, DefineInstance};
 use ferry_api::checks::Candidate;
 use ferry_api::hosts::{Host, HostState};
-use ferry_api::instances::{BootFrom, CreateInstance, Instance, InstanceSpec, InstanceState};
+use ferry_api::instances::{
+    BootFrom, CreateInstance, Instance, InstanceSpec, InstanceState, StopOptions,
+};
 use ferry_api::migrations::{Event, MigrationKind};
 use serde::Deserialize;
 use uuid::Uuid;
@@ -334,7 +336,14 @@ pub async fn create(
         )
         .await?;
     let instance = if req.start {
-        power(&state, &who, instance, InstanceState::Running).await?
+        power(
+            &state,
+            &who,
+            instance,
+            InstanceState::Running,
+            StopOptions::default(),
+        )
+        .await?
     } else {
         publish(&state, &instance);
         instance
@@ -359,15 +368,16 @@ async fn power(
     who: &Admin,
     i: Instance,
     to: InstanceState,
+    stop: StopOptions,
 ) -> Result<Instance, ServerError> {
-    let verb = if to == InstanceState::Running {
-        "start"
+    let (verb, query) = if to == InstanceState::Running {
+        ("start", String::new())
     } else {
-        "stop"
+        ("stop", stop.query())
     };
     let agent = agent_client(&state.store, &i.host).await?;
-    let _: AgentInstance = agent
-        .post(&format!("/v1/instances/{}/{verb}", i.id), &())
+    let done: AgentInstance = agent
+        .post(&format!("/v1/instances/{}/{verb}{query}", i.id), &())
         .await
         .map_err(|e| ServerError::from_agent(&i.host, e))?;
     state.store.set_instance_state(i.id, to).await?;
@@ -377,7 +387,7 @@ async fn power(
             &who.name,
             &format!("instance.{verb}"),
             &i.name,
-            &serde_json::json!({"host": i.host}),
+            &serde_json::json!({"host": i.host, "stopped_by": done.stopped_by}),
         )
         .await?;
     let i = find(state, &i.id.to_string()).await?;
@@ -412,18 +422,46 @@ pub async fn start(
             "stop the copy on that host first, or wait for the server to move the record to where the guest runs",
         ));
     }
-    Ok(Json(power(&state, &who, i, InstanceState::Running).await?))
+    Ok(Json(
+        power(
+            &state,
+            &who,
+            i,
+            InstanceState::Running,
+            StopOptions::default(),
+        )
+        .await?,
+    ))
 }
 
-#[utoipa::path(post, path = "/v1/instances/{id}/stop", params(("id" = String, Path, description = "instance name or id")), responses((status = 200, body = Instance), (status = 404, description = "no such instance", body = ferry_api::ErrorBody), (status = 409, description = "the instance is being migrated", body = ferry_api::ErrorBody)))]
+/// Asks the guest to shut down (guest agent, else ACPI) and powers it off after the timeout;
+/// `force` powers it off at once. The audit log says which happened.
+#[utoipa::path(post, path = "/v1/instances/{id}/stop", params(("id" = String, Path, description = "instance name or id"), StopOptions), responses((status = 200, body = Instance), (status = 404, description = "no such instance", body = ferry_api::ErrorBody), (status = 409, description = "the instance is being migrated", body = ferry_api::ErrorBody)))]
 pub async fn stop(
     State(state): State<AppState>,
     who: Admin,
     Path(id): Path<String>,
+    ApiQuery(opts): ApiQuery<StopOptions>,
 ) -> Result<Json<Instance>, ServerError> {
+    if opts
+        .timeout_s
+        .is_some_and(|t| t > StopOptions::MAX_TIMEOUT_S)
+    {
+        return Err(ServerError::bad_request(
+            "invalid-timeout",
+            format!(
+                "timeout_s {} is more than {} s",
+                opts.timeout_s.unwrap_or(0),
+                StopOptions::MAX_TIMEOUT_S
+            ),
+            "give a shorter timeout, or force the stop",
+        ));
+    }
     let i = find(&state, &id).await?;
     refuse_if_migrating(&i)?;
-    Ok(Json(power(&state, &who, i, InstanceState::Stopped).await?))
+    Ok(Json(
+        power(&state, &who, i, InstanceState::Stopped, opts).await?,
+    ))
 }
 
 /// Deletes a stopped instance's definition (its files on shared storage stay).
