@@ -22,8 +22,10 @@ mod client;
 pub mod commands;
 mod error;
 pub mod events;
+pub mod guest_agent;
 
 pub use client::{Qmp, DEFAULT_TIMEOUT};
 pub use commands::*;
 pub use error::QmpError;
 pub use events::Event;
+pub use guest_agent::{GuestAgent, GuestAgentError};
