@@ -381,6 +381,10 @@ impl Agent {
             qemu_state: qemu_state.map(|s| s.to_string()),
             pid,
             incoming: slot.record.incoming,
+            guest: slot
+                .process
+                .as_ref()
+                .and_then(|_| self.guest(&slot.record.id)),
             stopped_by: None,
         }
     }
@@ -521,9 +525,19 @@ impl Agent {
         Ok(out)
     }
 
-    /// Asks the guest OS to power off: through its guest agent when one answers, else with
-    /// the ACPI power button. Returns which was used.
+    /// Asks the guest OS to power off: through its guest agent when one answered lately,
+    /// else with the ACPI power button. Returns which was used.
     async fn ask_guest_to_power_off(&self, slot: &Slot) -> StopMethod {
+        let Some(process) = slot.process.as_ref() else {
+            return StopMethod::AlreadyStopped;
+        };
+        // Only a guest whose agent answered lately is asked through it: a guest without one
+        // would cost a timeout first.
+        if self.guest(&slot.record.id).is_some()
+            && crate::guest_info::power_off(&process.paths().qga_socket).await
+        {
+            return StopMethod::GuestAgent;
+        }
         if let Some(qmp) = slot.qmp() {
             if let Err(e) = qmp.execute_raw("system_powerdown", None).await {
                 warn!(instance = %slot.record.id, error = %e, "system_powerdown failed");

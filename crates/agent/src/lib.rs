@@ -16,6 +16,7 @@ pub mod config;
 pub mod datastores;
 mod error;
 pub mod facts;
+mod guest_info;
 mod instances;
 mod join;
 mod migrations;
@@ -56,6 +57,8 @@ pub(crate) struct Agent {
     pub(crate) cpu_models: Mutex<HashMap<String, Vec<String>>>,
     /// Held while this host's one probe listener is open.
     pub(crate) probe_gate: Arc<checks::ProbeGate>,
+    /// What running guests' agents last reported, by instance.
+    pub(crate) guests: Mutex<HashMap<Uuid, ferry_api::instances::GuestInfo>>,
 }
 
 impl Agent {
@@ -203,6 +206,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         tasks: Mutex::new(Vec::new()),
         cpu_models: Mutex::new(HashMap::new()),
         probe_gate: Arc::default(),
+        guests: Mutex::new(HashMap::new()),
     });
     agent.readopt_instances().await;
     agent.load_migrations().await;
@@ -223,10 +227,10 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
             warn!(error = %e, "agent API server failed");
         }
     });
-    let background = vec![tokio::spawn(join::join_and_heartbeat(
-        agent.clone(),
-        advertise,
-    ))];
+    let background = vec![
+        tokio::spawn(join::join_and_heartbeat(agent.clone(), advertise)),
+        tokio::spawn(guest_info::follow_guests(agent.clone())),
+    ];
     info!(name = %agent.config.name, %url, "agent listening");
     Ok(AgentHandle {
         url,

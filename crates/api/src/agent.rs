@@ -40,7 +40,9 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::hosts::HostFacts;
-use crate::instances::{BackingRef, DiskFormat, ImageRef, InstanceSpec, InstanceState, StopMethod};
+use crate::instances::{
+    BackingRef, DiskFormat, GuestInfo, ImageRef, InstanceSpec, InstanceState, StopMethod,
+};
 use crate::ErrorBody;
 
 /// An agent introduces itself with the cluster's join token.
@@ -86,6 +88,9 @@ pub struct AgentInstance {
     pub pid: Option<i32>,
     /// Set while this host is the destination of a migration that has not been confirmed.
     pub incoming: Option<Uuid>,
+    /// What the guest's agent last said, when the guest runs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestInfo>,
     /// How the instance went down, in the answer to a stop.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stopped_by: Option<StopMethod>,

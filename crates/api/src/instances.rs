@@ -224,6 +224,29 @@ pub struct CreateInstance {
     pub start: bool,
 }
 
+/// What the guest's own agent (qemu-guest-agent) says about it: seen only for guests that
+/// run one, and as of `seen_at`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct GuestInfo {
+    /// `PRETTY_NAME` of the guest OS, e.g. "Debian GNU/Linux 12 (bookworm)".
+    pub os: Option<String>,
+    /// `ID` of the guest OS, e.g. "debian".
+    pub os_id: Option<String>,
+    pub kernel: Option<String>,
+    pub agent_version: Option<String>,
+    pub interfaces: Vec<GuestInterface>,
+    pub seen_at: DateTime<Utc>,
+}
+
+/// One network interface inside the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct GuestInterface {
+    pub name: String,
+    pub mac: Option<String>,
+    /// Addresses with prefix length, e.g. `10.77.0.100/24`.
+    pub addresses: Vec<String>,
+}
+
 /// Query of a stop (`POST /v1/instances/{id}/stop`, on the server and on the agent).
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::IntoParams,
@@ -329,6 +352,9 @@ pub struct Instance {
     pub spec: InstanceSpec,
     /// The migration in flight, if any.
     pub migration: Option<Uuid>,
+    /// What the guest agent of the running copy last reported (OS, addresses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestInfo>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

@@ -107,7 +107,11 @@ pub fn key_values(pairs: &[(&str, String)]) -> String {
     let width = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     pairs
         .iter()
-        .map(|(k, v)| format!("{k:<width$}  {v}").trim_end().to_string())
+        .map(|(k, v)| {
+            // A value of several lines continues under the first, aligned.
+            let v = v.replace('\n', &format!("\n{:width$}  ", ""));
+            format!("{k:<width$}  {v}").trim_end().to_string()
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -350,10 +354,42 @@ pub fn instance_detail(i: &Instance) -> String {
         ("cmdline", i.spec.boot.cmdline.clone()),
         ("disks", disks_cell(&i.spec.disks)),
         ("nics", if nics.is_empty() { "-".into() } else { nics }),
+        ("guest os", guest_os(i)),
+        ("guest addresses", guest_addresses(i)),
         ("migration", opt(i.migration)),
         ("created", fmt_time(&i.created_at)),
         ("updated", fmt_time(&i.updated_at)),
     ])
+}
+
+/// The guest OS as its agent reports it, or why it is not known.
+fn guest_os(i: &Instance) -> String {
+    match &i.guest {
+        None => "- (no guest agent answers)".into(),
+        Some(g) => {
+            let os = g.os.clone().unwrap_or_else(|| "unknown".into());
+            match &g.kernel {
+                Some(k) => format!("{os}, kernel {k}"),
+                None => os,
+            }
+        }
+    }
+}
+
+/// Every address of every guest interface, `name: addr, addr`.
+fn guest_addresses(i: &Instance) -> String {
+    let Some(g) = &i.guest else { return "-".into() };
+    let lines: Vec<String> = g
+        .interfaces
+        .iter()
+        .filter(|n| !n.addresses.is_empty())
+        .map(|n| format!("{}: {}", n.name, n.addresses.join(", ")))
+        .collect();
+    if lines.is_empty() {
+        "-".into()
+    } else {
+        lines.join("\n")
+    }
 }
 
 /// Each disk on one line: id, image, format, size, bus, flags.

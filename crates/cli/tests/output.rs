@@ -76,6 +76,18 @@ fn instance() -> Instance {
             }],
         },
         migration: Some(id(0x12345678_9000_0000_0000_000000000000)),
+        guest: Some(ferry_api::instances::GuestInfo {
+            os: Some("Debian GNU/Linux 12 (bookworm)".into()),
+            os_id: Some("debian".into()),
+            kernel: Some("6.1.0-57-cloud-amd64".into()),
+            agent_version: Some("7.2.0".into()),
+            interfaces: vec![ferry_api::instances::GuestInterface {
+                name: "ens4".into(),
+                mac: Some("52:54:00:00:00:01".into()),
+                addresses: vec!["10.77.0.100/24".into(), "fe80::5054:ff:fe00:1/64".into()],
+            }],
+            seen_at: t(60),
+        }),
         created_at: t(0),
         updated_at: t(61),
     }
@@ -172,9 +184,25 @@ fn instances_table_shortens_ids() {
 #[test]
 fn instance_detail_shows_the_full_id() {
     let text = output::instance_detail(&instance());
-    assert!(text.starts_with("id          abcdef12-0000-0000-0000-000000000001\nname        vm1\n"));
+    eprintln!("{text}");
     assert!(
-        text.contains("\nnics        lab (52:54:00:00:00:01)\n"),
+        text.starts_with(
+            "id               abcdef12-0000-0000-0000-000000000001\nname             vm1\n"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("\nnics             lab (52:54:00:00:00:01)\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "\nguest os         Debian GNU/Linux 12 (bookworm), kernel 6.1.0-57-cloud-amd64\n"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("\nguest addresses  ens4: 10.77.0.100/24, fe80::5054:ff:fe00:1/64\n"),
         "{text}"
     );
 }

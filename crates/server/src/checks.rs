@@ -871,6 +871,7 @@ mod tests {
                 }],
             },
             migration: None,
+            guest: None,
             created_at: Utc::now(),
             updated_at: Utc::now(),
         }

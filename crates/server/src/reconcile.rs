@@ -49,6 +49,15 @@ impl Reports {
         out
     }
 
+    /// What the guest agent of instance `id` on `host` last said, from that host's latest
+    /// report (the guest's facts are as fresh as the agent's round, about 10 s).
+    pub fn guest(&self, id: Uuid, host: &str) -> Option<ferry_api::instances::GuestInfo> {
+        self.lock()
+            .get(host)
+            .and_then(|(_, list)| list.iter().find(|i| i.id == id))
+            .and_then(|i| i.guest.clone())
+    }
+
     /// True when `host` reported within `fresh`.
     pub fn is_fresh(&self, host: &str, fresh: Duration) -> bool {
         self.lock()

@@ -125,6 +125,8 @@ async fn fake_agent(name: &str) -> FakeAgent {
                         qemu_state: None,
                         pid: None,
                         incoming: None,
+                        guest: None,
+                        stopped_by: None,
                     })
                 },
             ),

@@ -23,11 +23,18 @@ use crate::store::codes;
 use crate::ServerError;
 
 pub(crate) async fn find(state: &AppState, id_or_name: &str) -> Result<Instance, ServerError> {
-    state
+    let i = state
         .store
         .get_instance(id_or_name)
         .await?
-        .ok_or_else(|| ServerError::not_found("instance", id_or_name))
+        .ok_or_else(|| ServerError::not_found("instance", id_or_name))?;
+    Ok(with_guest(state, i))
+}
+
+/// The instance with what its guest agent last reported on its host.
+fn with_guest(state: &AppState, mut i: Instance) -> Instance {
+    i.guest = state.reports.guest(i.id, &i.host);
+    i
 }
 
 fn publish(state: &AppState, i: &Instance) {
@@ -251,7 +258,10 @@ pub async fn list(
     State(state): State<AppState>,
     _r: Reader,
 ) -> Result<Json<Vec<Instance>>, ServerError> {
-    Ok(Json(state.store.list_instances(None).await?))
+    let all = state.store.list_instances(None).await?;
+    Ok(Json(
+        all.into_iter().map(|i| with_guest(&state, i)).collect(),
+    ))
 }
 
 #[utoipa::path(get, path = "/v1/instances/{id}", params(("id" = String, Path, description = "instance name or id")), responses((status = 200, body = Instance), (status = 404, description = "no such instance", body = ferry_api::ErrorBody)))]

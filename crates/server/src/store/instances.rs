@@ -43,6 +43,7 @@ fn instance_from_row(row: &SqliteRow) -> Result<Instance, StoreError> {
                     .map_err(|_| StoreError::Corrupt(format!("column migration: bad uuid {m:?}")))
             })
             .transpose()?,
+        guest: None,
         created_at: time_col(row, "created_at")?,
         updated_at: time_col(row, "updated_at")?,
     })
@@ -96,6 +97,7 @@ impl Store {
             generation: 0,
             spec: spec.clone(),
             migration: None,
+            guest: None,
             created_at: at,
             updated_at: at,
         })
