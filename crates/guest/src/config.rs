@@ -7,12 +7,28 @@
 
 use std::net::Ipv4Addr;
 
-use crate::pages::Fill;
+use crate::pattern::Fill;
 
 /// Highest writer rate accepted, MiB/s; matches the host's validation.
 pub const MAX_RATE_MIB_S: u32 = 4096;
 /// Largest working set accepted, MiB (a sanity bound; RAM is checked separately at runtime).
 pub const MAX_WSS_MIB: u32 = 1 << 20;
+/// Highest disk writer rate accepted, blocks/s: far above what any disk does, i.e. "as fast as
+/// the disk goes".
+pub const MAX_DISK_RATE: u32 = 1_000_000;
+/// Largest `ferry.disk_blocks` accepted: 4 TiB of 4 KiB blocks (a sanity bound; the disk's
+/// size is checked at runtime).
+pub const MAX_DISK_BLOCKS: u64 = 1 << 30;
+
+/// How disk writes are made durable before they are counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskIo {
+    /// O_DIRECT: the write returns once the device has the data (falls back to `Sync` where
+    /// O_DIRECT is refused).
+    Direct,
+    /// Buffered write + fdatasync.
+    Sync,
+}
 
 /// Settings of one guest run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +39,13 @@ pub struct Config {
     pub rate_mib_s: u32,
     pub fill: Fill,
     pub heartbeat_ms: u32,
+    /// The disk to write: virtio-blk serial, device name or (ordinary process) file path.
+    pub disk: Option<String>,
+    /// Disk writer rate, blocks/s; 0 writes every block once, then idles.
+    pub disk_rate: u32,
+    /// Blocks of the disk to use; `None`: the whole disk up to 64 MiB.
+    pub disk_blocks: Option<u64>,
+    pub disk_io: DiskIo,
 }
 
 impl Default for Config {
@@ -34,6 +57,10 @@ impl Default for Config {
             rate_mib_s: 32,
             fill: Fill::Pattern,
             heartbeat_ms: 10,
+            disk: None,
+            disk_rate: 100,
+            disk_blocks: None,
+            disk_io: DiskIo::Direct,
         }
     }
 }
@@ -95,6 +122,29 @@ pub fn parse_cmdline(cmdline: &str) -> (Config, Vec<String>) {
                 }
                 _ => false,
             },
+            "disk" => (!value.is_empty())
+                .then(|| cfg.disk = Some(value.to_string()))
+                .is_some(),
+            "disk_rate" => parse_bounded(value, 0, MAX_DISK_RATE)
+                .map(|v| cfg.disk_rate = v)
+                .is_some(),
+            "disk_blocks" => value
+                .parse::<u64>()
+                .ok()
+                .filter(|v| (1..=MAX_DISK_BLOCKS).contains(v))
+                .map(|v| cfg.disk_blocks = Some(v))
+                .is_some(),
+            "disk_io" => match value {
+                "direct" => {
+                    cfg.disk_io = DiskIo::Direct;
+                    true
+                }
+                "sync" => {
+                    cfg.disk_io = DiskIo::Sync;
+                    true
+                }
+                _ => false,
+            },
             _ => {
                 warnings.push(format!("unknown key ferry.{key} ignored"));
                 continue;
@@ -134,6 +184,25 @@ mod tests {
         assert_eq!(cfg.fill, Fill::Random);
         assert_eq!(cfg.heartbeat_ms, 20);
         assert_eq!(cfg.ip_text(), "10.0.2.15/24");
+        assert_eq!(cfg.disk, None);
+    }
+
+    #[test]
+    fn disk_keys() {
+        let (cfg, warnings) = parse_cmdline(
+            "ferry.disk=ferry-data ferry.disk_rate=0 ferry.disk_blocks=256 ferry.disk_io=sync",
+        );
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(cfg.disk.as_deref(), Some("ferry-data"));
+        assert_eq!(
+            (cfg.disk_rate, cfg.disk_blocks, cfg.disk_io),
+            (0, Some(256), DiskIo::Sync)
+        );
+        let (cfg, warnings) = parse_cmdline(
+            "ferry.disk= ferry.disk_rate=2000000 ferry.disk_blocks=0 ferry.disk_io=odirect",
+        );
+        assert_eq!(cfg, Config::default());
+        assert_eq!(warnings.len(), 4, "{warnings:?}");
     }
 
     #[test]

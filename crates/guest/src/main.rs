@@ -1,17 +1,24 @@
 //! `ferry-guest`: PID 1 of Ferry's test guest.
 //!
 //! A migration is only proven correct if the guest itself notices nothing: its clock keeps
-//! ticking (heartbeat on the console), its connections survive (TCP/UDP echo on port 7777) and
-//! its memory arrives bit for bit (a writer that keeps dirtying a working set whose every page
-//! can be verified, queried on control port 7778). This program is all of that, std only and
-//! statically linked, so the host can embed it in a busybox initramfs it builds itself.
+//! ticking (heartbeat on the console), its connections survive (TCP/UDP echo on port 7777), its
+//! memory arrives bit for bit (a writer that keeps dirtying a working set whose every page
+//! can be verified, queried on control port 7778) and, when it is given a disk, every write it
+//! saw complete is on that disk (a block writer verified the same way). This program is all of
+//! that, std only and statically linked, so the host can embed it in a busybox initramfs it
+//! builds itself.
 //!
 //! Run as PID 1 it first sets up the system (mounts, virtio modules, eth0). Run as any other
 //! process (on a developer's host) it skips that and just serves, reading its settings from
 //! `$FERRY_CMDLINE` instead of `/proc/cmdline`.
 
+mod block;
+mod blockdev;
 mod config;
+mod disk;
+mod disk_service;
 mod pages;
+mod pattern;
 mod services;
 mod sys;
 
@@ -19,6 +26,8 @@ use std::io::Write;
 use std::net::{TcpListener, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
+
+use disk_service::DiskSlot;
 
 /// Port of the TCP and UDP echo services.
 const ECHO_PORT: u16 = 7777;
@@ -47,6 +56,26 @@ pub fn log(msg: &str) {
 fn idle_forever() -> ! {
     loop {
         std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Opens the configured disk and starts its writer. A disk that cannot be used is reported on
+/// the console and to `disk-*` commands rather than stopping the guest: the other proofs still
+/// stand.
+fn start_disk(cfg: &config::Config) -> DiskSlot {
+    let Some(spec) = &cfg.disk else {
+        return DiskSlot::Off;
+    };
+    match blockdev::open_disk(spec, cfg.disk_io, cfg.disk_blocks, cfg.fill) {
+        Ok((disk, label)) => {
+            let svc = Arc::new(disk_service::DiskService::new(disk, label, cfg.disk_rate));
+            disk_service::spawn_writer(Arc::clone(&svc));
+            DiskSlot::On(svc)
+        }
+        Err(e) => {
+            log(&format!("error: disk {spec}: {e}"));
+            DiskSlot::Failed(e)
+        }
     }
 }
 
@@ -80,10 +109,12 @@ fn main() {
         }
     }
 
+    let disk = start_disk(&cfg);
     let page_count = cfg.wss_mib as usize * (1024 * 1024 / pages::PAGE_SIZE);
     let shared = Arc::new(services::Shared::new(
         pages::Memory::new(page_count, cfg.fill),
         cfg.rate_mib_s,
+        disk,
     ));
     services::spawn_heartbeat(
         Arc::clone(&shared),
@@ -121,8 +152,16 @@ fn main() {
         }
     }
     if all_up {
+        let disk = match &shared.disk {
+            DiskSlot::On(svc) => format!(
+                "{} disk_blocks={} disk_mode={} disk_rate={}",
+                svc.label, svc.blocks, svc.mode, cfg.disk_rate
+            ),
+            DiskSlot::Failed(_) => "error".into(),
+            DiskSlot::Off => "-".into(),
+        };
         console_line(&format!(
-            "ferry-guest ready ip={} wss={} rate={} fill={} pages={}",
+            "ferry-guest ready ip={} wss={} rate={} fill={} pages={} disk={disk}",
             cfg.ip_text(),
             cfg.wss_mib,
             cfg.rate_mib_s,

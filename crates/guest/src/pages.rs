@@ -9,33 +9,15 @@
 //! older (but internally consistent) content — exactly what a lost dirty-page resend looks like —
 //! and not only a torn page.
 
+use crate::pattern::{
+    body_seed, check_body, expected_generation, fill_body, read_u64, write_u64, BodyFault, Fill,
+};
+
 /// Size of one page of the working set; equal to the x86 page size so that one of our pages is
 /// one guest page (the unit in which migration tracks and resends dirty memory).
 pub const PAGE_SIZE: usize = 4096;
 /// Header: index, generation, checksum, each a little-endian u64.
 pub const HEADER_SIZE: usize = 24;
-
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
-
-/// What page bodies contain. Pattern bodies compress to almost nothing (they exercise
-/// compression and zero-page paths favourably); random bodies are incompressible, the worst case
-/// for a migration's bandwidth.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fill {
-    Pattern,
-    Random,
-}
-
-impl Fill {
-    /// Name as used on the kernel command line (`ferry.fill=`).
-    pub fn name(self) -> &'static str {
-        match self {
-            Fill::Pattern => "pattern",
-            Fill::Random => "random",
-        }
-    }
-}
 
 /// One page, aligned so that it coincides with one guest page.
 #[repr(C, align(4096))]
@@ -62,89 +44,12 @@ pub struct VerifyOutcome {
     pub first_error: Option<u64>,
 }
 
-/// Generation page `index` must hold after `writes` round-robin writes over `pages` pages
-/// (0 = never written yet).
-pub fn expected_generation(writes: u64, pages: u64, index: u64) -> u64 {
-    if pages == 0 {
-        return 0;
-    }
-    writes / pages + u64::from(index < writes % pages)
-}
-
-fn splitmix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
-/// Seed of a page's body; never zero, since xorshift would be stuck at zero.
-fn seed(index: u64, generation: u64) -> u64 {
-    splitmix64(index ^ splitmix64(generation)) | 1
-}
-
-/// Generator of the body words of page `(index, generation)`.
-struct BodyWords {
-    fill: Fill,
-    state: u64,
-}
-
-impl BodyWords {
-    fn new(fill: Fill, index: u64, generation: u64) -> Self {
-        BodyWords {
-            fill,
-            state: seed(index, generation),
-        }
-    }
-
-    #[inline]
-    fn next_word(&mut self) -> u64 {
-        match self.fill {
-            Fill::Pattern => self.state,
-            Fill::Random => {
-                let mut x = self.state;
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                self.state = x;
-                x
-            }
-        }
-    }
-}
-
-#[inline]
-fn fnv_step(hash: u64, word: u64) -> u64 {
-    (hash ^ word).wrapping_mul(FNV_PRIME)
-}
-
-/// FNV-1a over the body's little-endian 64-bit words (word-wise rather than byte-wise: eight
-/// times fewer multiplications, which matters under TCG emulation).
-#[cfg(test)]
-pub fn checksum(body: &[u8]) -> u64 {
-    body.chunks_exact(8).fold(FNV_OFFSET, |h, c| {
-        fnv_step(h, u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-    })
-}
-
-fn read_u64(bytes: &[u8], at: usize) -> u64 {
-    let mut word = [0u8; 8];
-    word.copy_from_slice(&bytes[at..at + 8]);
-    u64::from_le_bytes(word)
-}
-
 /// Writes page content for `(index, generation)`.
 pub fn write_page(page: &mut [u8; PAGE_SIZE], fill: Fill, index: u64, generation: u64) {
-    let mut words = BodyWords::new(fill, index, generation);
-    let mut hash = FNV_OFFSET;
-    for chunk in page[HEADER_SIZE..].chunks_exact_mut(8) {
-        let w = words.next_word();
-        chunk.copy_from_slice(&w.to_le_bytes());
-        hash = fnv_step(hash, w);
-    }
-    page[0..8].copy_from_slice(&index.to_le_bytes());
-    page[8..16].copy_from_slice(&generation.to_le_bytes());
-    page[16..24].copy_from_slice(&hash.to_le_bytes());
+    let hash = fill_body(&mut page[HEADER_SIZE..], fill, body_seed(index, generation));
+    write_u64(page, 0, index);
+    write_u64(page, 8, generation);
+    write_u64(page, 16, hash);
 }
 
 /// Checks one page against the content expected for `(index, generation)`. Generation 0 means
@@ -176,22 +81,16 @@ pub fn check_page(
             found: found_gen,
         });
     }
-    let stored_sum = read_u64(page, 16);
-    let mut words = BodyWords::new(fill, index, generation);
-    let mut hash = FNV_OFFSET;
-    let mut body_ok = true;
-    for chunk in page[HEADER_SIZE..].chunks_exact(8) {
-        let w = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
-        hash = fnv_step(hash, w);
-        body_ok &= w == words.next_word();
-    }
-    if hash != stored_sum {
-        return Err(PageFault::Checksum);
-    }
-    if !body_ok {
-        return Err(PageFault::Body);
-    }
-    Ok(())
+    check_body(
+        &page[HEADER_SIZE..],
+        fill,
+        body_seed(index, generation),
+        read_u64(page, 16),
+    )
+    .map_err(|fault| match fault {
+        BodyFault::Checksum => PageFault::Checksum,
+        BodyFault::Body => PageFault::Body,
+    })
 }
 
 /// The working set plus the write counter `N`. Both live in guest RAM on purpose: they are
@@ -313,34 +212,7 @@ impl Memory {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn expected_generation_counts_round_robin_with_wrap() {
-        let p = 4;
-        assert_eq!(expected_generation(0, p, 0), 0);
-        assert_eq!(expected_generation(1, p, 0), 1);
-        assert_eq!(expected_generation(1, p, 1), 0);
-        assert_eq!(expected_generation(4, p, 3), 1);
-        // writes 0..=9: pages 0,1 got three writes, pages 2,3 two.
-        assert_eq!(expected_generation(10, p, 0), 3);
-        assert_eq!(expected_generation(10, p, 1), 3);
-        assert_eq!(expected_generation(10, p, 2), 2);
-        assert_eq!(expected_generation(10, p, 3), 2);
-        assert_eq!(expected_generation(5, 0, 0), 0);
-    }
-
-    #[test]
-    fn expected_generation_matches_simulation() {
-        for pages in 1..7u64 {
-            let mut gens = vec![0u64; pages as usize];
-            for k in 0..50u64 {
-                gens[(k % pages) as usize] = k / pages + 1;
-                for (i, g) in gens.iter().enumerate() {
-                    assert_eq!(expected_generation(k + 1, pages, i as u64), *g);
-                }
-            }
-        }
-    }
+    use crate::pattern::checksum;
 
     #[test]
     fn fill_then_verify_ok_for_both_fills() {

@@ -1,9 +1,9 @@
 //! The guest's long-running activities, one thread each: heartbeat, memory writer, TCP and UDP
-//! echo, and the status/control service.
+//! echo, and the status/control service (the disk writer is in disk_service.rs).
 //!
 //! A migration test watches all of them from outside: the heartbeat shows the guest's clock kept
-//! running, the echo services show connections survived, and `verify` shows memory arrived
-//! intact.
+//! running, the echo services show connections survived, and `verify` (`disk-verify`) shows
+//! memory (the disk) arrived intact.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
@@ -13,6 +13,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::config::MAX_RATE_MIB_S;
+use crate::disk_service::{self, DiskSlot};
 use crate::pages::{Memory, PAGE_SIZE};
 use crate::{log, sys};
 
@@ -34,10 +35,11 @@ pub struct Shared {
     pub echo_tcp: AtomicU64,
     /// UDP datagrams echoed.
     pub echo_udp: AtomicU64,
+    pub disk: DiskSlot,
 }
 
 impl Shared {
-    pub fn new(memory: Memory, rate_mib_s: u32) -> Self {
+    pub fn new(memory: Memory, rate_mib_s: u32, disk: DiskSlot) -> Self {
         Shared {
             writes: AtomicU64::new(memory.writes()),
             pages: memory.page_count(),
@@ -46,6 +48,7 @@ impl Shared {
             heartbeat: AtomicU64::new(0),
             echo_tcp: AtomicU64::new(0),
             echo_udp: AtomicU64::new(0),
+            disk,
         }
     }
 
@@ -161,12 +164,17 @@ pub fn handle_command(shared: &Shared, line: &str) -> String {
     let mut words = line.split_whitespace();
     let cmd = words.next().unwrap_or("");
     let arg = words.next();
+    if words.next().is_none() {
+        if let Some(reply) = disk_service::handle_command(&shared.disk, cmd, arg) {
+            return reply;
+        }
+    }
     match (cmd, arg) {
         ("status", None) => {
             let writes = shared.writes.load(Ordering::Relaxed);
             format!(
                 "ok uptime_ms={} heartbeat={} writes={} rounds={} pages={} rate_mib_s={} \
-                 echo_tcp={} echo_udp={}",
+                 echo_tcp={} echo_udp={} {}",
                 sys::monotonic_ms(),
                 shared.heartbeat.load(Ordering::Relaxed),
                 writes,
@@ -175,6 +183,7 @@ pub fn handle_command(shared: &Shared, line: &str) -> String {
                 shared.rate_mib_s.load(Ordering::Relaxed),
                 shared.echo_tcp.load(Ordering::Relaxed),
                 shared.echo_udp.load(Ordering::Relaxed),
+                disk_service::status_fields(&shared.disk),
             )
         }
         ("verify", None) => {
@@ -243,12 +252,12 @@ pub fn spawn_control(shared: Arc<Shared>, listener: TcpListener) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pages::Fill;
+    use crate::pattern::Fill;
 
     fn shared() -> Shared {
         let mut m = Memory::new(16, Fill::Pattern);
         m.fill_first_round();
-        Shared::new(m, 8)
+        Shared::new(m, 8, DiskSlot::Off)
     }
 
     #[test]
@@ -257,6 +266,8 @@ mod tests {
         let status = handle_command(&s, "status");
         assert!(status.starts_with("ok uptime_ms="), "{status}");
         assert!(status.contains(" writes=16 rounds=1 pages=16 rate_mib_s=8 "));
+        assert!(status.ends_with(" disk=-"), "{status}");
+        assert!(handle_command(&s, "disk-verify").starts_with("err no-disk"));
         assert_eq!(
             handle_command(&s, "verify"),
             "ok checked=16 errors=0 first_error=-"

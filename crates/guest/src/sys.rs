@@ -6,7 +6,8 @@
 //! initramfs's `/bin/busybox`.
 
 use std::ffi::CString;
-use std::os::raw::{c_char, c_int, c_ulong, c_void};
+use std::os::fd::AsRawFd;
+use std::os::raw::{c_char, c_int, c_uint, c_ulong, c_void};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -37,6 +38,8 @@ struct Timespec {
 }
 
 const CLOCK_MONOTONIC: c_int = 1;
+const S_IFBLK: c_uint = 0o060000;
+const POSIX_FADV_DONTNEED: c_int = 4;
 
 extern "C" {
     fn mount(
@@ -47,6 +50,8 @@ extern "C" {
         data: *const c_void,
     ) -> c_int;
     fn clock_gettime(clock: c_int, ts: *mut Timespec) -> c_int;
+    fn mknod(path: *const c_char, mode: c_uint, dev: u64) -> c_int;
+    fn posix_fadvise(fd: c_int, offset: i64, len: i64, advice: c_int) -> c_int;
 }
 
 /// Milliseconds of CLOCK_MONOTONIC: the guest's own clock, since boot. Heartbeats carry it so
@@ -163,4 +168,55 @@ pub fn mem_available_mib() -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024)
+}
+
+/// glibc's `makedev`: the dev_t of `major:minor`.
+pub fn makedev(major: u64, minor: u64) -> u64 {
+    ((major & 0xffff_f000) << 32)
+        | ((major & 0x0fff) << 8)
+        | ((minor & 0xffff_ff00) << 12)
+        | (minor & 0x00ff)
+}
+
+/// Creates block device node `path` for `major:minor` (owner read/write only), for a disk
+/// devtmpfs did not provide a node for.
+pub fn mknod_block(path: &Path, major: u64, minor: u64) -> std::io::Result<()> {
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `c_path` is a valid NUL-terminated string that outlives the call.
+    let rc = unsafe { mknod(c_path.as_ptr(), S_IFBLK | 0o600, makedev(major, minor)) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Drops the guest kernel's clean cached pages of `file` in `[offset, offset + len)`, so the
+/// next read comes from the device. Best effort: an error only means reads may be cached.
+pub fn drop_cached(file: &std::fs::File, offset: u64, len: u64) {
+    // SAFETY: plain integer arguments; the fd stays open for the duration of the call.
+    unsafe {
+        posix_fadvise(
+            file.as_raw_fd(),
+            offset as i64,
+            len as i64,
+            POSIX_FADV_DONTNEED,
+        );
+    }
+}
+
+/// 64 random bits from /dev/urandom (never blocks), or from the clock if that is unavailable.
+pub fn random_u64() -> u64 {
+    use std::io::Read;
+    let mut bytes = [0u8; 8];
+    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    match read {
+        Ok(()) => u64::from_le_bytes(bytes),
+        Err(_) => {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            crate::pattern::splitmix64(t ^ u64::from(std::process::id()))
+        }
+    }
 }

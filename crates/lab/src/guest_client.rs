@@ -16,6 +16,13 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
+mod disk;
+
+pub use disk::{
+    disk_verify, parse_disk_verify, BadBlock, BadKind, DiskStatus, DiskVerifyReport, UnknownWrite,
+    WriteOutcome,
+};
+
 /// Errors talking to the guest.
 #[derive(Debug, thiserror::Error)]
 pub enum GuestError {
@@ -67,13 +74,14 @@ pub async fn control_in_within(
 }
 
 /// Sends one command line and returns the guest's `ok ...` reply line (trimmed). `verify`
-/// walks the whole working set, so it gets 30 s; everything else 5 s.
+/// walks the whole working set, so it gets 30 s, and `disk-verify` reads the whole disk (tens
+/// of MiB through an emulated device), so it gets 120 s; everything else 5 s.
 pub async fn control(stream: tokio::net::TcpStream, command: &str) -> Result<String, GuestError> {
     let command = command.trim();
-    let timeout = if command == "verify" {
-        Duration::from_secs(30)
-    } else {
-        Duration::from_secs(5)
+    let timeout = match command {
+        "verify" => Duration::from_secs(30),
+        "disk-verify" => Duration::from_secs(120),
+        _ => Duration::from_secs(5),
     };
     let exchange = async {
         let mut stream = BufReader::new(stream);
@@ -135,6 +143,9 @@ pub struct GuestStatus {
     pub echo_tcp: u64,
     /// UDP datagrams echoed.
     pub echo_udp: u64,
+    /// The disk writer's counters; `None` without a (working) disk.
+    #[serde(default)]
+    pub disk: Option<DiskStatus>,
 }
 
 /// Result of the guest checking its whole working set, from `verify`.
@@ -185,6 +196,7 @@ pub fn parse_status(reply: &str) -> Result<GuestStatus, GuestError> {
         rate_mib_s: field_u64(reply, &f, "rate_mib_s")?,
         echo_tcp: field_u64(reply, &f, "echo_tcp")?,
         echo_udp: field_u64(reply, &f, "echo_udp")?,
+        disk: disk::parse_disk_status(reply, &f)?,
     })
 }
 

@@ -16,6 +16,15 @@ pub const CONTROL_PORT: u16 = 7778;
 pub const MAX_RATE_MIB_S: u32 = 4096;
 /// RAM the guest kernel, initramfs and our threads need besides the working set, MiB.
 pub const KERNEL_RESERVE_MIB: u32 = 96;
+/// Highest disk writer rate the guest accepts, blocks/s ("as fast as the disk goes").
+pub const MAX_DISK_RATE: u32 = 1_000_000;
+/// Disk writer rate when none is given, blocks/s.
+pub const DEFAULT_DISK_RATE: u32 = 100;
+/// Largest block count the guest accepts (4 TiB of 4 KiB blocks).
+pub const MAX_DISK_BLOCKS: u64 = 1 << 30;
+/// Longest serial a virtio-blk disk shows the guest (VIRTIO_BLK_ID_BYTES); QEMU cuts longer
+/// ones, and the guest would then not find its disk.
+pub const MAX_DISK_SERIAL: usize = 20;
 
 /// Content of the working set's pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -38,7 +47,98 @@ impl Fill {
     }
 }
 
-/// What the test guest should do: its address and how hard its memory writer works.
+/// How the guest makes each disk write durable before it counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskIo {
+    /// O_DIRECT (the guest falls back to `Sync` where it is refused).
+    #[default]
+    Direct,
+    /// Buffered write + fdatasync.
+    Sync,
+}
+
+/// The guest's disk writer: which disk and how fast. The disk must be fresh (all zero): blocks
+/// not yet written are verified as zeros.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestDisk {
+    /// virtio-blk serial of the disk (`-device virtio-blk-pci,...,serial=SERIAL`), or a guest
+    /// device name such as `vdb`.
+    pub serial: String,
+    /// Durable 4 KiB writes per second; 0 writes every block once, then idles.
+    #[serde(default = "default_disk_rate")]
+    pub rate_blocks_s: u32,
+    /// Blocks to use from the start of the disk; `None`: the whole disk up to 64 MiB.
+    #[serde(default)]
+    pub blocks: Option<u64>,
+    #[serde(default)]
+    pub io: DiskIo,
+}
+
+fn default_disk_rate() -> u32 {
+    DEFAULT_DISK_RATE
+}
+
+impl GuestDisk {
+    /// The disk with serial `serial`, default rate, size and I/O mode.
+    pub fn new(serial: impl Into<String>) -> Self {
+        GuestDisk {
+            serial: serial.into(),
+            rate_blocks_s: DEFAULT_DISK_RATE,
+            blocks: None,
+            io: DiskIo::Direct,
+        }
+    }
+
+    fn cmdline_keys(&self) -> String {
+        let mut keys = format!(
+            " ferry.disk={} ferry.disk_rate={}",
+            self.serial, self.rate_blocks_s
+        );
+        if let Some(blocks) = self.blocks {
+            keys.push_str(&format!(" ferry.disk_blocks={blocks}"));
+        }
+        if self.io == DiskIo::Sync {
+            keys.push_str(" ferry.disk_io=sync");
+        }
+        keys
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let s = &self.serial;
+        if s.is_empty() || s.len() > MAX_DISK_SERIAL {
+            return Err(format!(
+                "disk serial {s:?} must have 1 to {MAX_DISK_SERIAL} characters"
+            ));
+        }
+        if !s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(format!(
+                "disk serial {s:?} may only contain letters, digits, '-', '_' and '.' (it goes on \
+                 the kernel command line and QEMU's -device option)"
+            ));
+        }
+        if self.rate_blocks_s > MAX_DISK_RATE {
+            return Err(format!(
+                "disk writer rate {} blocks/s is above the maximum of {MAX_DISK_RATE}",
+                self.rate_blocks_s
+            ));
+        }
+        if let Some(blocks) = self.blocks {
+            if !(1..=MAX_DISK_BLOCKS).contains(&blocks) {
+                return Err(format!(
+                    "disk block count {blocks} is outside 1..={MAX_DISK_BLOCKS}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the test guest should do: its address, how hard its memory writer works and, if it
+/// has a disk, how its disk writer works.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestConfig {
     /// eth0 address and prefix length; `None` leaves eth0 down.
@@ -51,6 +151,9 @@ pub struct GuestConfig {
     pub fill: Fill,
     /// Heartbeat interval on the serial console, ms.
     pub heartbeat_ms: u32,
+    /// The disk writer; `None`: the guest writes no disk.
+    #[serde(default)]
+    pub disk: Option<GuestDisk>,
 }
 
 impl Default for GuestConfig {
@@ -62,6 +165,7 @@ impl Default for GuestConfig {
             rate_mib_s: 32,
             fill: Fill::Pattern,
             heartbeat_ms: 10,
+            disk: None,
         }
     }
 }
@@ -85,6 +189,9 @@ impl GuestConfig {
             self.fill.as_str(),
             self.heartbeat_ms
         ));
+        if let Some(disk) = &self.disk {
+            line.push_str(&disk.cmdline_keys());
+        }
         line
     }
 
@@ -118,6 +225,9 @@ impl GuestConfig {
             if prefix > 32 {
                 return Err(format!("prefix length /{prefix} is above /32"));
             }
+        }
+        if let Some(disk) = &self.disk {
+            disk.validate()?;
         }
         Ok(())
     }
@@ -162,9 +272,60 @@ mod tests {
     }
 
     #[test]
+    fn disk_keys_and_limits() {
+        let mut cfg = GuestConfig {
+            disk: Some(GuestDisk::new("ferry-data")),
+            ..GuestConfig::default()
+        };
+        assert!(cfg
+            .kernel_cmdline()
+            .ends_with(" ferry.hb_ms=10 ferry.disk=ferry-data ferry.disk_rate=100"));
+        assert!(cfg.validate(256).is_ok());
+        cfg.disk = Some(GuestDisk {
+            serial: "d0".into(),
+            rate_blocks_s: 0,
+            blocks: Some(256),
+            io: DiskIo::Sync,
+        });
+        assert!(cfg.kernel_cmdline().ends_with(
+            " ferry.disk=d0 ferry.disk_rate=0 ferry.disk_blocks=256 ferry.disk_io=sync"
+        ));
+        for bad in [
+            GuestDisk::new(""),
+            GuestDisk::new("a-serial-longer-than-20"),
+            GuestDisk::new("two words"),
+            GuestDisk::new("x,drive=y"),
+            GuestDisk {
+                rate_blocks_s: MAX_DISK_RATE + 1,
+                ..GuestDisk::new("d0")
+            },
+            GuestDisk {
+                blocks: Some(0),
+                ..GuestDisk::new("d0")
+            },
+        ] {
+            cfg.disk = Some(bad.clone());
+            assert!(cfg.validate(256).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn disk_serde_defaults() {
+        let old: GuestConfig = serde_json::from_str(
+            r#"{"ip":null,"gateway":null,"wss_mib":8,"rate_mib_s":1,"fill":"random",
+                "heartbeat_ms":10}"#,
+        )
+        .unwrap();
+        assert_eq!(old.disk, None);
+        let disk: GuestDisk = serde_json::from_str(r#"{"serial":"d0"}"#).unwrap();
+        assert_eq!(disk, GuestDisk::new("d0"));
+    }
+
+    #[test]
     fn serde_roundtrip() {
         let cfg = GuestConfig {
             ip: Some((Ipv4Addr::new(10, 77, 0, 10), 24)),
+            disk: Some(GuestDisk::new("ferry-data")),
             ..GuestConfig::default()
         };
         let json = serde_json::to_string(&cfg).unwrap();

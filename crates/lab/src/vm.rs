@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use ferry_qemu::{InstanceSpec, QemuProcess};
 
-use crate::guest_client::{self, GuestStatus, VerifyReport};
+use crate::guest_client::{self, DiskVerifyReport, GuestStatus, VerifyReport};
 use crate::guest_config::CONTROL_PORT;
 use crate::serial::{heartbeat_gap, HeartbeatGap, HostBeats, SerialMonitor};
 use crate::{Lab, LabError};
@@ -72,6 +72,16 @@ impl LabVm {
         guest_client::parse_verify(&line).map_err(|e| LabError::Guest {
             name: self.name.clone(),
             detail: format!("bad verify reply '{line}': {e}"),
+        })
+    }
+
+    /// Asks the guest to read back every block of its disk (`GuestConfig::disk`) and check it
+    /// against its count of acknowledged writes.
+    pub async fn disk_verify(&self, lab: &Lab) -> Result<DiskVerifyReport, LabError> {
+        let line = self.control(lab, "disk-verify").await?;
+        guest_client::parse_disk_verify(&line).map_err(|e| LabError::Guest {
+            name: self.name.clone(),
+            detail: format!("bad disk-verify reply '{line}': {e}"),
         })
     }
 
