@@ -437,9 +437,19 @@ async fn live_migration_through_two_agents_survives_agent_restarts() {
     assert!(instances(&c1).await.is_empty());
     assert_guest_intact(&lab, ip).await;
 
-    // Stop and delete.
-    let stopped: AgentInstance = c2.post(&format!("{path}/stop"), &()).await.expect("stop");
+    // Stop (the guest powers off on the ACPI button, well before the timeout) and delete.
+    let asked = std::time::Instant::now();
+    let stopped: AgentInstance = c2
+        .post(&format!("{path}/stop?timeout_s=40"), &())
+        .await
+        .expect("stop");
     assert_eq!(stopped.state, InstanceState::Stopped);
+    assert_eq!(
+        stopped.stopped_by,
+        Some(ferry_api::instances::StopMethod::Acpi),
+        "the guest powered off by itself in {:?}",
+        asked.elapsed()
+    );
     let _: () = c2.delete(&path).await.expect("delete");
     assert!(instances(&c2).await.is_empty());
     assert!(

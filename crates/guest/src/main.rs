@@ -19,6 +19,7 @@ mod disk;
 mod disk_service;
 mod pages;
 mod pattern;
+mod power;
 mod services;
 mod sys;
 
@@ -96,6 +97,7 @@ fn main() {
     }
     if pid1 {
         sys::load_modules();
+        power::watch_power_button();
         sys::configure_network(&cfg);
     }
     if let Some(avail) = sys::mem_available_mib() {

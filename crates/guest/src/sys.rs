@@ -18,19 +18,6 @@ use crate::log;
 const BUSYBOX: &str = "/bin/busybox";
 const MODULE_DIR: &str = "/lib/modules";
 
-/// Load order that satisfies each module's `depends=` with plain `insmod` (see LAB-NOTES).
-pub const MODULE_ORDER: &[&str] = &[
-    "virtio_ring",
-    "virtio",
-    "virtio_pci_modern_dev",
-    "virtio_pci_legacy_dev",
-    "virtio_pci",
-    "failover",
-    "net_failover",
-    "virtio_net",
-    "virtio_blk",
-];
-
 #[repr(C)]
 struct Timespec {
     tv_sec: i64,
@@ -109,7 +96,10 @@ pub fn mount_filesystems() {
 /// Loads the virtio modules present in /lib/modules, in dependency order; a missing or failing
 /// module is logged and skipped (it may be built in, or not needed).
 pub fn load_modules() {
-    for name in MODULE_ORDER {
+    // The image builder lists its modules in dependency order (see LAB-NOTES), so plain
+    // `insmod` works without modules.dep.
+    let order = std::fs::read_to_string(format!("{MODULE_DIR}/order")).unwrap_or_default();
+    for name in order.lines().map(str::trim).filter(|l| !l.is_empty()) {
         let path = format!("{MODULE_DIR}/{name}.ko");
         if !Path::new(&path).exists() {
             log(&format!("module {name}: not in initramfs, skipped"));

@@ -22,10 +22,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// Bump when the image layout or the initramfs content rules change, to invalidate caches.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Debian meta package whose dependency names the current cloud kernel.
 pub const KERNEL_META_PACKAGE: &str = "linux-image-cloud-amd64";
-/// Modules copied into the initramfs, in the order the guest loads them (crates/guest/src/sys.rs).
+/// Modules copied into the initramfs, in the order the guest loads them (written to
+/// `/lib/modules/order`, which the guest reads).
 pub const GUEST_MODULES: &[&str] = &[
     "virtio_ring",
     "virtio",
@@ -36,6 +37,9 @@ pub const GUEST_MODULES: &[&str] = &[
     "net_failover",
     "virtio_net",
     "virtio_blk",
+    // The ACPI power button as an input device: a graceful stop presses it.
+    "button",
+    "evdev",
 ];
 
 static GUEST_PROGRAM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ferry-guest"));
@@ -393,9 +397,15 @@ fn write_initramfs<W: Write>(
     cpio.file("bin/busybox", 0o755, busybox)?;
     cpio.symlink("bin/sh", "busybox")?;
     cpio.file("init", 0o755, init)?;
+    let mut order = String::new();
     for (name, bytes) in modules {
         cpio.file(&format!("lib/modules/{name}.ko"), 0o644, bytes)?;
+        order.push_str(name);
+        order.push('\n');
     }
+    // The guest loads the modules in this order (each after its dependencies), so the list
+    // lives in one place: GUEST_MODULES.
+    cpio.file("lib/modules/order", 0o644, order.as_bytes())?;
     cpio.finish()?.flush()
 }
 
