@@ -8,12 +8,12 @@ use axum::extract::{Path, Query, State};
 use axum::routing::{get, post, put};
 use axum::{middleware, Json, Router};
 use ferry_api::agent::{
-    AgentInstance, DefineInstance, DirtyRate, IncomingReady, PrepareIncoming, ReconnectSource,
-    SetSourceParams, SourceStatus, StartSource,
+    AgentInstance, DefineInstance, DirtyRate, IncomingReady, PrepareDisk, PrepareIncoming,
+    PreparedDisk, ReconnectSource, SetSourceParams, SourceStatus, StartSource,
 };
 use ferry_api::checks::{CpuModelFeatures, ProbeConnect, ProbeListening, ProbeResult};
 use ferry_api::hosts::HostFacts;
-use ferry_api::instances::StopOptions;
+use ferry_api::instances::{ImageRef, StopOptions};
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -51,6 +51,8 @@ pub(crate) fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/migrations/{mid}/recover", post(recover))
         .route("/v1/migrations/{mid}/reconnect", post(reconnect))
         .route("/v1/instances/{id}/dirty-rate", post(dirty_rate))
+        .route("/v1/disks", post(prepare_disk))
+        .route("/v1/disks/delete", post(delete_disk))
         .route("/v1/probe/listen", post(probe_listen))
         .route("/v1/probe/connect", post(probe_connect))
         .route("/v1/cpu-models/{model}", get(cpu_model))
@@ -270,6 +272,21 @@ async fn dirty_rate(
     Path(id): Path<String>,
 ) -> ApiResult<DirtyRate> {
     Ok(Json(agent.measure_dirty_rate(uuid(&id)?).await?))
+}
+
+async fn prepare_disk(
+    State(agent): State<Arc<Agent>>,
+    req: Result<Json<PrepareDisk>, JsonRejection>,
+) -> ApiResult<PreparedDisk> {
+    Ok(Json(agent.prepare_disk(body(req)?).await?))
+}
+
+async fn delete_disk(
+    State(agent): State<Arc<Agent>>,
+    req: Result<Json<ImageRef>, JsonRejection>,
+) -> ApiResult<()> {
+    agent.delete_disk(body(req)?).await?;
+    Ok(Json(()))
 }
 
 async fn probe_listen(State(agent): State<Arc<Agent>>) -> ApiResult<ProbeListening> {

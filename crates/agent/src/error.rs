@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use ferry_api::ErrorBody;
 use ferry_migrate::MigrateError;
 use ferry_qemu::QemuError;
+use ferry_storage::qemu_img::QemuImgError;
 use uuid::Uuid;
 
 /// Everything the agent can fail with, at start-up or on a request.
@@ -60,6 +61,9 @@ pub enum AgentError {
     /// A migration half failed.
     #[error(transparent)]
     Migrate(#[from] MigrateError),
+    /// `qemu-img` could not create, read or copy an image.
+    #[error(transparent)]
+    Image(#[from] QemuImgError),
     /// A QEMU monitor command failed.
     #[error(transparent)]
     Qmp(#[from] ferry_qmp::QmpError),
@@ -124,6 +128,7 @@ impl AgentError {
             AgentError::Conflict { code, .. } | AgentError::Refused { code, .. } => code,
             AgentError::Qemu(e) => e.code(),
             AgentError::Migrate(e) => e.code(),
+            AgentError::Image(e) => e.code(),
             AgentError::Qmp(_) => "qmp-failed",
             AgentError::Net { .. } => "host-network-failed",
             AgentError::Io { .. } => "agent-state-io",
@@ -154,6 +159,7 @@ impl AgentError {
             AgentError::Conflict { hint, .. } | AgentError::Refused { hint, .. } => hint,
             AgentError::Qemu(e) => e.hint(),
             AgentError::Migrate(e) => e.hint(),
+            AgentError::Image(e) => e.hint(),
             AgentError::Qmp(_) => "QEMU stopped answering its monitor; check that it still runs",
             AgentError::Net { .. } => "check the bridge named in the agent's network configuration",
             AgentError::Io { .. } => {
@@ -180,6 +186,14 @@ impl AgentError {
                 StatusCode::BAD_REQUEST
             }
             AgentError::Migrate(MigrateError::InvalidParams(_)) => StatusCode::BAD_REQUEST,
+            AgentError::Image(QemuImgError::Exists { .. } | QemuImgError::Locked { .. }) => {
+                StatusCode::CONFLICT
+            }
+            AgentError::Image(
+                QemuImgError::NotFound { .. }
+                | QemuImgError::Unreadable { .. }
+                | QemuImgError::NoSpace { .. },
+            ) => StatusCode::UNPROCESSABLE_ENTITY,
             AgentError::Migrate(
                 MigrateError::PortUnavailable { .. }
                 | MigrateError::SourceNotRunning(_)

@@ -201,7 +201,7 @@ pub fn mask_flags(flags: &[String], mask: &[String]) -> Vec<String> {
 }
 
 /// Space and identity of one datastore; zero sizes when the path cannot be measured.
-fn datastore_facts(name: &str, path: &Path) -> DatastoreFacts {
+pub(crate) fn datastore_facts(name: &str, path: &Path) -> DatastoreFacts {
     let (total_bytes, free_bytes) = statvfs(path).unwrap_or((0, 0));
     let identity = std::fs::read_to_string(path.join(".ferry-datastore-id"))
         .ok()

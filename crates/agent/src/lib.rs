@@ -2,8 +2,9 @@
 //!
 //! One agent runs on every hypervisor host, next to its QEMU processes. It reports what the
 //! host offers ([`facts`]), runs instances from their spec ([`instances`]), performs this
-//! host's half of each live migration ([`migrations`]), and answers the server over an
-//! authenticated HTTP API (see `ferry_api::agent` for the endpoint list).
+//! host's half of each live migration ([`migrations`]), prepares and removes disk images on
+//! its datastores (`disks`), and answers the server over an authenticated HTTP API (see
+//! `ferry_api::agent` for the endpoint list).
 //!
 //! Guests never depend on the agent being up: QEMU runs in its own process group, the agent
 //! keeps every instance and migration record on disk, and a restarted agent re-adopts the
@@ -14,6 +15,7 @@ mod auth;
 pub mod checks;
 pub mod config;
 pub mod datastores;
+mod disks;
 mod error;
 pub mod facts;
 mod guest_info;
@@ -59,6 +61,9 @@ pub(crate) struct Agent {
     pub(crate) probe_gate: Arc<checks::ProbeGate>,
     /// What running guests' agents last reported, by instance.
     pub(crate) guests: Mutex<HashMap<Uuid, ferry_api::instances::GuestInfo>>,
+    /// Room held on datastores by disks being written, so that two requests never both
+    /// pass a room check for the same free space.
+    pub(crate) disk_room: disks::Reservations,
 }
 
 impl Agent {
@@ -207,6 +212,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         cpu_models: Mutex::new(HashMap::new()),
         probe_gate: Arc::default(),
         guests: Mutex::new(HashMap::new()),
+        disk_room: disks::Reservations::default(),
     });
     agent.readopt_instances().await;
     agent.load_migrations().await;

@@ -26,8 +26,14 @@
 //! - `POST /v1/migrations/{mid}/postcopy` -> `()` (source: switch to post-copy now)
 //! - `POST /v1/instances/{id}/dirty-rate` -> [`DirtyRate`] (measured over one second)
 //! - `POST /v1/disks` [`PrepareDisk`] -> [`PreparedDisk`] (create, copy or inspect one image
-//!   on a datastore of this host; nothing is left behind when it fails)
-//! - `POST /v1/disks/delete` [`ImageRef`] -> `()` (only images Ferry created)
+//!   on a datastore of this host; nothing is left behind when it fails; refusals:
+//!   `unknown-datastore`, `datastore-unavailable`, `no-datastore`, `no-room`, `disk-exists`,
+//!   `path-outside-datastores`, `image-not-found`, `image-unreadable`, `format-mismatch`,
+//!   `unsupported-format`, `wrong-datastore`, `uefi-unavailable`, `disk-in-use` (a copy
+//!   source a QEMU writes to))
+//! - `POST /v1/disks/delete` [`ImageRef`] -> `()` (the server sends only images Ferry created;
+//!   409 `disk-in-use` while an instance on this host names the image; a missing file is
+//!   success, so a delete can be retried)
 //! - `POST /v1/probe/listen`, `POST /v1/probe/connect`, `GET /v1/cpu-models/{model}`: the
 //!   agent's part of the pre-flight checks, see [`crate::checks`]
 //!
@@ -198,19 +204,23 @@ pub enum DiskSource {
         #[serde(default)]
         backing: Option<String>,
     },
-    /// An existing image used in place (never deleted by Ferry).
+    /// An existing image (an absolute path inside a datastore) used in place, never deleted
+    /// by Ferry. `format`, when given, must be what `qemu-img info` finds.
     Existing {
         path: String,
         #[serde(default)]
         format: Option<DiskFormat>,
     },
-    /// An existing image copied onto the datastore; the copy is Ferry's.
+    /// An existing image (an absolute path inside a datastore) copied onto the datastore,
+    /// its backing chain flattened; the copy is Ferry's. `format` is the copy's format
+    /// (default: the source's when qcow2 or raw, else qcow2).
     Copy {
         path: String,
         #[serde(default)]
         format: Option<DiskFormat>,
     },
-    /// A fresh UEFI variable store from this host's OVMF template.
+    /// A fresh UEFI variable store from this host's OVMF template, as `NAME-VARS.fd` (raw;
+    /// the request's `id` is not used).
     UefiVars,
 }
 

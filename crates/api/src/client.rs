@@ -30,6 +30,17 @@ impl ApiClient {
         }
     }
 
+    /// The same client with another overall request timeout (default 60 s), for the few
+    /// calls that legitimately take long, such as copying a disk image.
+    pub fn with_timeout(mut self, timeout: Duration) -> ApiClient {
+        self.http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(timeout)
+            .build()
+            .unwrap_or_default();
+        self
+    }
+
     pub fn base(&self) -> &str {
         &self.base
     }

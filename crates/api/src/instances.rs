@@ -180,8 +180,9 @@ pub struct DiskRequest {
     /// Copy `image` onto the datastore (Ferry then owns the copy) instead of using it in place.
     #[serde(default)]
     pub copy: bool,
-    /// Format of a new image (default qcow2); for an existing image it must match what
-    /// `qemu-img info` finds.
+    /// Format of a new image (default qcow2) or of a copy (default: the source's when qcow2
+    /// or raw, else qcow2); for an image attached in place it must match what `qemu-img info`
+    /// finds.
     #[serde(default)]
     #[schema(value_type = Option<String>, example = "qcow2")]
     pub format: Option<DiskFormat>,

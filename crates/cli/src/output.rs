@@ -5,7 +5,7 @@
 
 use chrono::{DateTime, Utc};
 use clap::ValueEnum;
-use ferry_api::hosts::{Host, HostState};
+use ferry_api::hosts::{Datastore, Host, HostState};
 use ferry_api::instances::{Instance, InstanceState};
 use ferry_api::migrations::{LogLine, Migration, MigrationKind, MigrationState};
 use ferry_migrate::Progress;
@@ -289,6 +289,35 @@ pub fn host_detail(h: &Host, now: DateTime<Utc>) -> String {
         ]);
     }
     key_values(&pairs)
+}
+
+/// One row per storage: shared ones once, with every host's mount; a disagreement between
+/// hosts (one identity under two names) is printed below the table.
+pub fn datastores_table(stores: &[Datastore]) -> String {
+    let mut t = Table::new(&["NAME", "SHARED", "FREE/TOTAL", "IDENTITY", "MOUNTS"]);
+    let mut problems = Vec::new();
+    for d in stores {
+        t.row(vec![
+            d.name.clone(),
+            yes_no(d.shared),
+            format!("{} / {}", fmt_bytes(d.free_bytes), fmt_bytes(d.total_bytes)),
+            opt(d.identity.as_ref()),
+            d.mounts
+                .iter()
+                .map(|m| format!("{}:{}", m.host, m.path))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ]);
+        if let Some(p) = &d.problem {
+            problems.push(format!("warning: datastore {}: {p}", d.name));
+        }
+    }
+    let mut out = t.render();
+    for p in problems {
+        out.push('\n');
+        out.push_str(&p);
+    }
+    out
 }
 
 pub fn instances_table(instances: &[Instance]) -> String {

@@ -328,12 +328,15 @@ fn create_with_explicit_kernel() {
         serde_json::json!({
             "name": "web-1",
             "host": null,
+            "disks": [],
             "spec": {
                 "memory_mib": 1024,
                 "vcpus": 2,
                 "cpu_model": "qemu64",
                 "machine": "pc",
-                "boot": {"kernel": "/srv/k", "initrd": "/srv/i", "cmdline": "console=ttyS0"},
+                "boot": {"from": "kernel", "firmware": "bios", "kernel": "/srv/k",
+                         "initrd": "/srv/i", "cmdline": "console=ttyS0"},
+                "disks": [],
                 "nics": [
                     {"network": "prod", "mac": "52:54:00:00:00:09"},
                     {"network": "backup", "mac": mac_for("web-1", 1)}
@@ -344,10 +347,37 @@ fn create_with_explicit_kernel() {
     );
 }
 
+fn create_args(args: &[&str]) -> ferry_cli::commands::instance::CreateArgs {
+    let mut argv = vec!["instance", "create"];
+    argv.extend_from_slice(args);
+    match parse(&argv) {
+        Ok(ClusterCommand::Instance {
+            cmd: InstanceCommand::Create(args),
+            ..
+        }) => *args,
+        other => panic!("not a create: {other:?}"),
+    }
+}
+
+fn local_error(r: Result<ferry_api::instances::CreateInstance, CliError>) -> (String, String) {
+    match r {
+        Err(e @ CliError::Local(_)) => {
+            assert_eq!(e.exit_code(), exit::ERROR);
+            (e.body().code, e.body().message)
+        }
+        other => panic!("expected a usage error, got {other:?}"),
+    }
+}
+
 #[test]
 fn create_needs_a_kernel_or_the_lab_guest() {
-    let err = parse(&["instance", "create", "x", "--memory-mib", "256"]).unwrap_err();
-    assert!(err.contains("--kernel"), "{err}");
+    let args = create_args(&["x", "--memory-mib", "256"]);
+    let (code, message) = local_error(create_request(&args, None));
+    assert_eq!(code, "invalid-arguments");
+    assert!(message.contains("--kernel"), "{message}");
+    let args = create_args(&["x", "--memory-mib", "256", "--kernel", "/k"]);
+    let (_, message) = local_error(create_request(&args, None));
+    assert!(message.contains("--initrd"), "{message}");
     let err = parse(&["instance", "create", "x", "--lab-guest", "--kernel", "/k"]).unwrap_err();
     assert!(err.contains("cannot be used with"), "{err}");
     let ClusterCommand::Instance {
@@ -633,4 +663,174 @@ fn check_tables_show_status_message_and_hint() {
     let lines: Vec<&str> = list.lines().collect();
     assert!(lines[1].starts_with("1     hv3   yes"), "{list}");
     assert!(lines[2].contains("memory: memory message"), "{list}");
+}
+
+#[test]
+fn sizes_are_bytes_or_powers_of_1024() {
+    use ferry_cli::commands::instance::parse_size;
+    assert_eq!(parse_size("10G").unwrap(), 10 << 30);
+    assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+    assert_eq!(parse_size("1T").unwrap(), 1 << 40);
+    assert_eq!(parse_size("4k").unwrap(), 4096);
+    assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+    assert_eq!(parse_size("1048576").unwrap(), 1 << 20);
+    for bad in [
+        "",
+        "G",
+        "10X",
+        "1.5G",
+        "-1G",
+        "1000",
+        "0",
+        "0G",
+        "99999999999T",
+    ] {
+        assert!(parse_size(bad).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn create_with_disks_builds_the_disk_requests() {
+    let args = create_args(&[
+        "db-1",
+        "--memory-mib",
+        "1024",
+        "--disk",
+        "10G@nfs,bus=sata,cache=writeback,serial=DATA-1,id=data",
+        "--disk",
+        "512M",
+        "--disk-image",
+        "/srv/ferry/images/debian.qcow2",
+        "--disk-image",
+        "/srv/ferry/images/tools.raw@local,ro,format=raw",
+        "--disk-backing",
+        "/mnt/nfs/golden.qcow2@nfs:20G",
+        "--firmware",
+        "uefi",
+    ]);
+    let req = create_request(&args, None).unwrap();
+    assert_eq!(
+        serde_json::to_value(&req.disks).unwrap(),
+        serde_json::json!([
+            {"id": null, "datastore": null, "size_bytes": null,
+             "image": "/srv/ferry/images/debian.qcow2", "copy": false, "format": null,
+             "backing": null, "bus": "virtio-blk", "cache": "none", "read_only": false,
+             "serial": null},
+            {"id": null, "datastore": "local", "size_bytes": null,
+             "image": "/srv/ferry/images/tools.raw", "copy": false, "format": "raw",
+             "backing": null, "bus": "virtio-blk", "cache": "none", "read_only": true,
+             "serial": null},
+            {"id": null, "datastore": "nfs", "size_bytes": 21474836480u64, "image": null,
+             "copy": false, "format": null, "backing": "/mnt/nfs/golden.qcow2",
+             "bus": "virtio-blk", "cache": "none", "read_only": false, "serial": null},
+            {"id": "data", "datastore": "nfs", "size_bytes": 10737418240u64, "image": null,
+             "copy": false, "format": null, "backing": null, "bus": "sata",
+             "cache": "writeback", "read_only": false, "serial": "DATA-1"},
+            {"id": null, "datastore": null, "size_bytes": 536870912, "image": null,
+             "copy": false, "format": null, "backing": null, "bus": "virtio-blk",
+             "cache": "none", "read_only": false, "serial": null}
+        ])
+    );
+    // Without a kernel the first disk boots, through UEFI here.
+    assert_eq!(req.spec.boot.from, ferry_api::instances::BootFrom::Disk);
+    assert_eq!(
+        req.spec.boot.firmware,
+        ferry_api::instances::FirmwareKind::Uefi
+    );
+    assert_eq!(req.spec.boot.kernel, None);
+
+    // --copy copies every image; an overlay without a size takes its base's.
+    let args = create_args(&[
+        "c",
+        "--memory-mib",
+        "256",
+        "--disk-image",
+        "/a/b@x.qcow2@local",
+        "--disk-backing",
+        "/mnt/nfs/base.qcow2",
+        "--copy",
+        "--boot",
+        "disk",
+    ]);
+    let req = create_request(&args, None).unwrap();
+    assert!(req.disks[0].copy);
+    assert_eq!(req.disks[0].image.as_deref(), Some("/a/b@x.qcow2"));
+    assert_eq!(req.disks[0].datastore.as_deref(), Some("local"));
+    assert!(!req.disks[1].copy);
+    assert_eq!(req.disks[1].size_bytes, None);
+    assert_eq!(req.disks[1].backing.as_deref(), Some("/mnt/nfs/base.qcow2"));
+
+    // A kernel boot keeps a data disk.
+    let args = create_args(&[
+        "k",
+        "--memory-mib",
+        "256",
+        "--kernel",
+        "/k",
+        "--initrd",
+        "/i",
+        "--disk",
+        "1G",
+    ]);
+    let req = create_request(&args, None).unwrap();
+    assert_eq!(req.spec.boot.from, ferry_api::instances::BootFrom::Kernel);
+    assert_eq!(req.disks.len(), 1);
+}
+
+#[test]
+fn bad_disk_arguments_are_usage_errors() {
+    let base = ["instance", "create", "x", "--memory-mib", "256"];
+    let refused = |extra: &[&str], needle: &str| {
+        let mut argv = base.to_vec();
+        argv.extend_from_slice(extra);
+        let err = parse(&argv).unwrap_err();
+        assert!(err.contains(needle), "{extra:?}: {err}");
+    };
+    refused(&["--disk", "10X"], "is not a size");
+    refused(&["--disk", "100"], "multiple of 512");
+    refused(&["--disk", "10G@"], "both parts");
+    refused(&["--disk", "10G,bus=usb"], "is not one of");
+    refused(&["--disk", "10G,copy"], "is not a disk option");
+    refused(&["--disk", ",ro"], "missing");
+    refused(&["--disk-image", "images/a.qcow2"], "absolute path");
+    refused(&["--disk-image", "/a.qcow2,format=vmdk"], "is not one of");
+    refused(&["--disk-backing", "/b.qcow2:lots"], "is not a size");
+    refused(&["--copy"], "--disk-image");
+    refused(&["--boot", "cdrom"], "not disk or kernel");
+    refused(&["--firmware", "coreboot"], "not bios or uefi");
+
+    let args = create_args(&["x", "--memory-mib", "256", "--boot", "disk"]);
+    let (_, message) = local_error(create_request(&args, None));
+    assert!(message.contains("nothing to boot"), "{message}");
+    let args = create_args(&[
+        "x",
+        "--memory-mib",
+        "256",
+        "--boot",
+        "disk",
+        "--disk",
+        "1G",
+        "--kernel",
+        "/k",
+    ]);
+    let (_, message) = local_error(create_request(&args, None));
+    assert!(message.contains("--boot is disk"), "{message}");
+    let args = create_args(&["x", "--lab-guest", "--boot", "disk", "--disk", "1G"]);
+    let image = LabImage {
+        kernel: "/k".into(),
+        initrd: "/i".into(),
+    };
+    let (_, message) = local_error(create_request(&args, Some(&image)));
+    assert!(message.contains("--lab-guest"), "{message}");
+}
+
+#[test]
+fn datastore_list_parses() {
+    let ClusterCommand::Datastore { api, cmd } =
+        parse(&["datastore", "list", "-o", "json"]).unwrap()
+    else {
+        panic!("not a datastore command")
+    };
+    assert_eq!(api.output, OutputFormat::Json);
+    assert_eq!(cmd, ferry_cli::commands::datastore::DatastoreCommand::List);
 }

@@ -2,7 +2,7 @@
 //! before it breaks someone's `awk`.
 
 use chrono::{DateTime, TimeZone, Utc};
-use ferry_api::hosts::{Host, HostFacts, HostState};
+use ferry_api::hosts::{Datastore, DatastoreMount, Host, HostFacts, HostState};
 use ferry_api::instances::{BootSpec, Instance, InstanceSpec, InstanceState, NicSpec};
 use ferry_api::migrations::{
     LogLine, Migration, MigrationKind, MigrationOptions, MigrationState, MigrationStats,
@@ -169,6 +169,43 @@ fn hosts_table() {
         "NAME  STATE    ENABLED  INSTANCES  ACCEL  CORES  RAM FREE/TOTAL      MIGRATION ADDR  LAST SEEN\n\
          hv1   online   yes      1          tcg    2      512 MiB / 23.5 GiB  10.78.0.11      1m ago\n\
          hv2   offline  no       1          -      -      -                   -               1m ago"
+    );
+}
+
+#[test]
+fn datastores_table_shows_shared_storage_once_with_its_mounts() {
+    let mount = |host: &str, path: &str| DatastoreMount {
+        host: host.into(),
+        path: path.into(),
+        total_bytes: 100 << 30,
+        free_bytes: 40 << 30,
+    };
+    let stores = [
+        Datastore {
+            name: "local".into(),
+            identity: None,
+            shared: false,
+            total_bytes: 100 << 30,
+            free_bytes: 40 << 30,
+            mounts: vec![mount("hv1", "/srv/ferry")],
+            problem: None,
+        },
+        Datastore {
+            name: "nfs".into(),
+            identity: Some("nfs-1".into()),
+            shared: true,
+            total_bytes: 1 << 40,
+            free_bytes: 512 << 30,
+            mounts: vec![mount("hv1", "/mnt/nfs"), mount("hv2", "/mnt/nfs")],
+            problem: Some("hosts name this storage differently".into()),
+        },
+    ];
+    assert_eq!(
+        output::datastores_table(&stores),
+        "NAME   SHARED  FREE/TOTAL                IDENTITY  MOUNTS\n\
+         local  no      40.00 GiB / 100.00 GiB    -         hv1:/srv/ferry\n\
+         nfs    yes     512.00 GiB / 1024.00 GiB  nfs-1     hv1:/mnt/nfs, hv2:/mnt/nfs\n\
+         warning: datastore nfs: hosts name this storage differently"
     );
 }
 

@@ -218,8 +218,9 @@ fn is_pc_machine(machine: &str) -> bool {
     machine == "pc" || machine.starts_with("pc-i440fx-")
 }
 
-/// Checks the disks together: unique ids and serials, and room on the emulated buses.
-pub(crate) fn validate_disks(disks: &[DiskSpec], machine: &str) -> Result<(), QemuError> {
+/// Checks the disks together: unique ids and serials, and room on the emulated buses. Public
+/// so that the server can refuse a disk request before any image exists for it.
+pub fn validate_disks(disks: &[DiskSpec], machine: &str) -> Result<(), QemuError> {
     let bad = |field, reason: String| Err(QemuError::InvalidSpec { field, reason });
     for (i, d) in disks.iter().enumerate() {
         d.validate(machine)?;

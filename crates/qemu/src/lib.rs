@@ -16,7 +16,8 @@ mod spec;
 pub use accel::{probe_accelerator, Accel, AccelChoice, BootProbe};
 pub use cmdline::{qemu_args, GUEST_AGENT_PORT};
 pub use disk::{
-    node_name, BackingImage, CacheMode, DiskBus, DiskFormat, DiskSpec, MAX_DISK_ID, MAX_SERIAL,
+    node_name, validate_disks, BackingImage, CacheMode, DiskBus, DiskFormat, DiskSpec, MAX_DISK_ID,
+    MAX_SERIAL,
 };
 pub use error::QemuError;
 pub use process::{LaunchOptions, QemuProcess, RunPaths, StartMode};

@@ -9,6 +9,7 @@ pub mod api;
 mod auth;
 pub mod checks;
 pub mod config;
+pub mod disks;
 pub mod driver;
 pub mod error;
 pub mod events;

@@ -26,6 +26,8 @@ pub struct AppState {
     pub probes: Arc<crate::preflight::ProbeCache>,
     /// What each agent reported last: where every copy of every guest really is.
     pub reports: Arc<crate::reconcile::Reports>,
+    /// Images claimed by instance creates in flight (see [`crate::disks::claim`]).
+    pub disk_claims: Arc<crate::disks::DiskClaims>,
 }
 
 impl AppState {
@@ -86,6 +88,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         cancels: Arc::new(Mutex::new(HashMap::new())),
         probes: Arc::default(),
         reports: Arc::default(),
+        disk_claims: Arc::default(),
     };
     let (stop, stop_rx) = watch::channel(false);
     driver::recover(&state).await;

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use ferry_api::instances::{
-    BootSpec, CreateInstance, Instance, InstanceSpec, InstanceState, NicSpec,
+    BootFrom, BootSpec, CacheMode, CreateInstance, DiskBus, DiskFormat, DiskRequest, FirmwareKind,
+    Instance, InstanceSpec, InstanceState, NicSpec,
 };
 use ferry_lab::guest_config::GuestConfig;
 use ferry_lab::image::{ensure_image, ImageOptions};
@@ -23,8 +24,8 @@ pub enum InstanceCommand {
     List,
     /// Show one instance (name or id).
     Show { instance: String },
-    /// Define an instance on a host (and start it with --start).
-    Create(CreateArgs),
+    /// Define an instance on a host, with its disks (and start it with --start).
+    Create(Box<CreateArgs>),
     /// Start a stopped instance.
     Start { instance: String },
     /// Stop a running instance: the guest is asked to shut down (guest agent, else ACPI) and
@@ -38,13 +39,20 @@ pub enum InstanceCommand {
         #[arg(long, value_name = "S", conflicts_with = "force")]
         timeout: Option<u32>,
     },
-    /// Remove a stopped instance's definition.
+    /// Remove a stopped instance, and the disk images Ferry made for it (images given with
+    /// --disk-image stay).
     Delete { instance: String },
 }
 
-/// `ferry instance create`: either an explicit kernel boot, or `--lab-guest`, Ferry's test
-/// guest, which needs nothing but a name.
-#[derive(Args, Debug, Clone, PartialEq, Eq)]
+/// `ferry instance create`: an explicit kernel boot, a boot from disk, or `--lab-guest`,
+/// Ferry's test guest, which needs nothing but a name.
+///
+/// Disks (`--disk-image`, then `--disk-backing`, then `--disk`, each in the order given; with
+/// `--boot disk` the first one boots) take options after a comma: `id=NAME`, `bus=virtio-blk|
+/// virtio-scsi|ide|sata`, `cache=none|writeback|writethrough|directsync|unsafe`,
+/// `serial=TEXT`, `format=qcow2|raw`, `ro`, and for `--disk-image` also `copy`. Sizes are
+/// bytes or a whole number with K, M, G or T (powers of 1024): `10G`, `512M`.
+#[derive(Args, Debug, Clone, Default, PartialEq, Eq)]
 pub struct CreateArgs {
     pub name: String,
     /// Guest RAM in MiB (default with --lab-guest: 256).
@@ -56,19 +64,11 @@ pub struct CreateArgs {
     /// free RAM).
     #[arg(long)]
     pub host: Option<String>,
-    /// Kernel image, a path every host can read.
-    #[arg(
-        long,
-        required_unless_present = "lab_guest",
-        conflicts_with = "lab_guest"
-    )]
+    /// Kernel image, a path inside a datastore every host can read (needed to boot a kernel).
+    #[arg(long, conflicts_with = "lab_guest")]
     pub kernel: Option<String>,
-    /// Initramfs, a path every host can read.
-    #[arg(
-        long,
-        required_unless_present = "lab_guest",
-        conflicts_with = "lab_guest"
-    )]
+    /// Initramfs, a path inside a datastore every host can read (needed to boot a kernel).
+    #[arg(long, conflicts_with = "lab_guest")]
     pub initrd: Option<String>,
     /// Kernel command line.
     #[arg(long, conflicts_with = "lab_guest")]
@@ -87,6 +87,176 @@ pub struct CreateArgs {
     /// The lab guest's eth0 address, `A.B.C.D/PREFIX` (only with --lab-guest).
     #[arg(long, value_parser = parse_ip_prefix)]
     pub ip: Option<(Ipv4Addr, u8)>,
+    /// A new empty disk, `SIZE[@DATASTORE][,OPTION...]` (qcow2 unless format=raw); without a
+    /// datastore the host's shared datastore with the most room. Repeat for more.
+    #[arg(long = "disk", value_name = "SIZE[@DATASTORE]", value_parser = parse_new_disk)]
+    pub disks: Vec<DiskRequest>,
+    /// An existing image, `PATH[@DATASTORE][,OPTION...]`: the absolute path on the host,
+    /// inside a datastore. Used in place (Ferry never deletes it), or copied onto DATASTORE
+    /// with --copy (the copy is deleted with the instance). Repeat for more.
+    #[arg(long = "disk-image", value_name = "PATH[@DATASTORE]", value_parser = parse_image_disk)]
+    pub disk_images: Vec<DiskRequest>,
+    /// A new qcow2 overlay on a base image, `BASE[@DATASTORE][:SIZE][,OPTION...]`: BASE is the
+    /// absolute path of the base on the host (inside a datastore, ideally a shared one); SIZE
+    /// defaults to the base's. Repeat for more.
+    #[arg(
+        long = "disk-backing",
+        value_name = "BASE[@DATASTORE][:SIZE]",
+        value_parser = parse_backing_disk
+    )]
+    pub disk_backings: Vec<DiskRequest>,
+    /// Copy every --disk-image onto its datastore instead of using it in place.
+    #[arg(long, requires = "disk_images")]
+    pub copy: bool,
+    /// What boots: `kernel` (--kernel/--initrd) or `disk` (the first disk, through the
+    /// firmware). Default: kernel when --kernel or --lab-guest is given, else disk.
+    #[arg(long, value_name = "disk|kernel", value_parser = parse_boot)]
+    pub boot: Option<BootFrom>,
+    /// The firmware: `bios` (SeaBIOS) or `uefi` (OVMF, with a per-instance variable store;
+    /// the host needs Debian's ovmf package).
+    #[arg(long, value_name = "bios|uefi", value_parser = parse_firmware, default_value = "bios")]
+    pub firmware: FirmwareKind,
+}
+
+/// Parses `--boot`.
+pub fn parse_boot(s: &str) -> Result<BootFrom, String> {
+    match s {
+        "disk" => Ok(BootFrom::Disk),
+        "kernel" => Ok(BootFrom::Kernel),
+        _ => Err(format!("{s:?} is not disk or kernel")),
+    }
+}
+
+/// Parses `--firmware`.
+pub fn parse_firmware(s: &str) -> Result<FirmwareKind, String> {
+    match s {
+        "bios" => Ok(FirmwareKind::Bios),
+        "uefi" => Ok(FirmwareKind::Uefi),
+        _ => Err(format!("{s:?} is not bios or uefi")),
+    }
+}
+
+/// Parses a size: bytes, or a whole number with `K`, `M`, `G` or `T` (powers of 1024,
+/// optionally followed by `iB` or `B`), a multiple of 512 bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = t.split_at(digits);
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => {
+            return Err(format!(
+                "{s:?} is not a size like 10G, 512M, 1T or a number of bytes"
+            ))
+        }
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 10G, 512M, 1T or a number of bytes"))?;
+    let bytes = n
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))?;
+    if bytes == 0 || bytes & 511 != 0 {
+        return Err(format!(
+            "{s:?} must be more than 0 and a multiple of 512 bytes"
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Splits `HEAD[,OPTION...]` and applies the options to `disk`; `copy` is allowed only for
+/// images.
+fn disk_options<'a>(s: &'a str, disk: &mut DiskRequest, image: bool) -> Result<&'a str, String> {
+    let mut parts = s.split(',');
+    let head = parts.next().unwrap_or("").trim();
+    if head.is_empty() {
+        return Err(format!("{s:?}: the disk is missing before the options"));
+    }
+    for part in parts {
+        let (key, value) = match part.split_once('=') {
+            Some((k, v)) => (k.trim(), Some(v.trim())),
+            None => (part.trim(), None),
+        };
+        match (key, value) {
+            ("id", Some(v)) => disk.id = Some(v.to_string()),
+            ("bus", Some(v)) => disk.bus = v.parse::<DiskBus>()?,
+            ("cache", Some(v)) => disk.cache = v.parse::<CacheMode>()?,
+            ("serial", Some(v)) => disk.serial = Some(v.to_string()),
+            ("format", Some(v)) => disk.format = Some(v.parse::<DiskFormat>()?),
+            ("ro" | "read-only", None) => disk.read_only = true,
+            ("copy", None) if image => disk.copy = true,
+            _ => {
+                return Err(format!(
+                    "{part:?} is not a disk option (id=, bus=, cache=, serial=, format=, ro{})",
+                    if image { ", copy" } else { "" }
+                ))
+            }
+        }
+    }
+    Ok(head)
+}
+
+/// `X@DATASTORE` -> `(X, Some(DATASTORE))`; an `@` inside a path (followed by a `/`) is
+/// part of the path.
+fn split_datastore(head: &str) -> Result<(&str, Option<String>), String> {
+    match head.rsplit_once('@') {
+        Some((_, ds)) if ds.contains('/') => Ok((head, None)),
+        Some((x, ds)) if ds.is_empty() || x.is_empty() => {
+            Err(format!("{head:?}: expected X@DATASTORE with both parts"))
+        }
+        Some((x, ds)) => Ok((x, Some(ds.to_string()))),
+        None => Ok((head, None)),
+    }
+}
+
+fn absolute(path: &str) -> Result<String, String> {
+    if !path.starts_with('/') {
+        return Err(format!(
+            "{path:?} must be the image's absolute path on the instance's host"
+        ));
+    }
+    Ok(path.to_string())
+}
+
+/// Parses `--disk SIZE[@DATASTORE][,OPTION...]`.
+pub fn parse_new_disk(s: &str) -> Result<DiskRequest, String> {
+    let mut disk = DiskRequest::default();
+    let head = disk_options(s, &mut disk, false)?;
+    let (size, datastore) = split_datastore(head)?;
+    disk.size_bytes = Some(parse_size(size)?);
+    disk.datastore = datastore;
+    Ok(disk)
+}
+
+/// Parses `--disk-image PATH[@DATASTORE][,OPTION...]`.
+pub fn parse_image_disk(s: &str) -> Result<DiskRequest, String> {
+    let mut disk = DiskRequest::default();
+    let head = disk_options(s, &mut disk, true)?;
+    let (path, datastore) = split_datastore(head)?;
+    disk.image = Some(absolute(path)?);
+    disk.datastore = datastore;
+    Ok(disk)
+}
+
+/// Parses `--disk-backing BASE[@DATASTORE][:SIZE][,OPTION...]`.
+pub fn parse_backing_disk(s: &str) -> Result<DiskRequest, String> {
+    let mut disk = DiskRequest::default();
+    let head = disk_options(s, &mut disk, false)?;
+    let head = match head.rsplit_once(':') {
+        Some((rest, size)) if !size.contains('/') => {
+            disk.size_bytes = Some(parse_size(size)?);
+            rest
+        }
+        _ => head,
+    };
+    let (base, datastore) = split_datastore(head)?;
+    disk.backing = Some(absolute(base)?);
+    disk.datastore = datastore;
+    Ok(disk)
 }
 
 /// The lab guest's default RAM: its 64 MiB working set plus the kernel's reserve, with room.
@@ -198,6 +368,55 @@ pub fn create_request(
             "put the address in --cmdline for your own kernel",
         ));
     }
+    let mut disks: Vec<DiskRequest> = args.disk_images.clone();
+    if args.copy {
+        for d in &mut disks {
+            d.copy = true;
+        }
+    }
+    disks.extend(args.disk_backings.iter().cloned());
+    disks.extend(args.disks.iter().cloned());
+    let from = args
+        .boot
+        .unwrap_or(if args.lab_guest || args.kernel.is_some() {
+            BootFrom::Kernel
+        } else {
+            BootFrom::Disk
+        });
+    match from {
+        BootFrom::Disk if args.lab_guest => {
+            return Err(CliError::new(
+                "invalid-arguments",
+                "the lab guest boots its kernel; --boot disk cannot be used with --lab-guest",
+                "give the lab guest data disks with --disk, or leave out --lab-guest",
+            ))
+        }
+        BootFrom::Disk
+            if args.kernel.is_some() || args.initrd.is_some() || args.cmdline.is_some() =>
+        {
+            return Err(CliError::new(
+                "invalid-arguments",
+                "--kernel, --initrd and --cmdline boot a kernel, but --boot is disk",
+                "leave them out, or use --boot kernel",
+            ))
+        }
+        BootFrom::Disk if disks.is_empty() => {
+            return Err(CliError::new(
+                "invalid-arguments",
+                "nothing to boot: give --kernel and --initrd, or a disk to boot from \
+                 (--disk-image, --disk-backing) with --boot disk",
+                "see `ferry instance create --help`",
+            ))
+        }
+        BootFrom::Kernel if !args.lab_guest && (args.kernel.is_none() || args.initrd.is_none()) => {
+            return Err(CliError::new(
+                "invalid-arguments",
+                "booting a kernel needs --kernel and --initrd",
+                "give both, or boot a disk with --boot disk",
+            ))
+        }
+        _ => {}
+    }
     let mut nics: Vec<NicArg> = args.nics.clone();
     let boot = if args.lab_guest {
         let lab = lab.ok_or_else(|| CliError::new("internal", "lab image missing", ""))?;
@@ -223,14 +442,17 @@ pub fn create_request(
             kernel: Some(lab.kernel.clone()),
             initrd: Some(lab.initrd.clone()),
             cmdline: config.kernel_cmdline(),
+            firmware: args.firmware,
             ..BootSpec::default()
         }
     } else {
         BootSpec {
+            from,
+            firmware: args.firmware,
             kernel: args.kernel.clone(),
             initrd: args.initrd.clone(),
             cmdline: args.cmdline.clone().unwrap_or_default(),
-            ..BootSpec::default()
+            nvram: None,
         }
     };
     let memory_mib = args
@@ -240,7 +462,7 @@ pub fn create_request(
     Ok(CreateInstance {
         name: args.name.clone(),
         host: args.host.clone(),
-        disks: vec![],
+        disks,
         spec: InstanceSpec {
             memory_mib,
             vcpus: args.vcpus,
@@ -279,7 +501,17 @@ pub async fn run(ctx: &Ctx, cmd: InstanceCommand) -> Result<u8, CliError> {
                 None
             };
             let req = create_request(&args, lab.as_ref())?;
-            ctx.post("/v1/instances", &req).await?
+            if req.disks.is_empty() {
+                ctx.post("/v1/instances", &req).await?
+            } else {
+                // Copying an image takes as long as its data takes to move.
+                ctx.client
+                    .clone()
+                    .with_timeout(Duration::from_secs(3600))
+                    .post("/v1/instances", &req)
+                    .await
+                    .map_err(|e| ctx.api_err(e))?
+            }
         }
         InstanceCommand::Start { instance } => {
             ctx.post(&format!("/v1/instances/{}/start", seg(&instance)), &())

@@ -246,6 +246,7 @@ async fn start(
             start: true,
             lab_guest: true,
             ip: Some(LAB_VM_IP),
+            ..CreateArgs::default()
         };
         let lab_image = LabImage {
             kernel: image.kernel.to_string_lossy().into_owned(),

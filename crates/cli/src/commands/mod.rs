@@ -3,6 +3,7 @@
 
 pub mod chaos;
 pub mod daemon;
+pub mod datastore;
 pub mod host;
 pub mod instance;
 pub mod lab;
@@ -148,6 +149,13 @@ pub enum ClusterCommand {
         #[command(subcommand)]
         cmd: host::HostCommand,
     },
+    /// Datastores: the storage hosts report, shared ones once with every mount.
+    Datastore {
+        #[command(flatten)]
+        api: ApiOpts,
+        #[command(subcommand)]
+        cmd: datastore::DatastoreCommand,
+    },
     /// Instances (virtual machines): list, show, create, start, stop, delete.
     Instance {
         #[command(flatten)]
@@ -186,6 +194,7 @@ impl ClusterCommand {
     pub async fn run(self) -> Result<u8, CliError> {
         match self {
             ClusterCommand::Host { api, cmd } => host::run(&Ctx::new(&api)?, cmd).await,
+            ClusterCommand::Datastore { api, cmd } => datastore::run(&Ctx::new(&api)?, cmd).await,
             ClusterCommand::Instance { api, cmd } => instance::run(&Ctx::new(&api)?, cmd).await,
             ClusterCommand::Migrate { api, args } => {
                 migrate::run_migrate(&Ctx::new(&api)?, args).await

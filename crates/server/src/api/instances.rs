@@ -18,6 +18,7 @@ use super::hosts::{all_hosts, one_host};
 use super::{ApiJson, ApiQuery};
 use crate::agents::agent_client;
 use crate::auth::{Admin, Reader};
+use crate::disks;
 use crate::server::AppState;
 use crate::store::codes;
 use crate::ServerError;
@@ -273,15 +274,18 @@ pub async fn show(
     Ok(Json(find(&state, &id).await?))
 }
 
-/// Defines an instance on a host (and starts it if asked). Nothing is recorded unless the
-/// agent accepted it.
-#[utoipa::path(post, path = "/v1/instances", request_body = CreateInstance, responses((status = 201, body = Instance), (status = 400, description = "invalid request", body = ferry_api::ErrorBody), (status = 404, description = "no such host", body = ferry_api::ErrorBody), (status = 409, description = "the host cannot take it or the name is taken", body = ferry_api::ErrorBody), (status = 413, description = "request body too large", body = ferry_api::ErrorBody)))]
+/// Defines an instance on a host (and starts it if asked), with its disks: each requested
+/// disk is created, copied or attached by the host's agent first and becomes `spec.disks`
+/// (and the NVRAM of a UEFI guest `spec.boot.nvram`). Nothing is recorded unless the agent
+/// accepted the instance, and a refused create leaves no image it made behind.
+#[utoipa::path(post, path = "/v1/instances", request_body = CreateInstance, responses((status = 201, body = Instance), (status = 400, description = "invalid request (invalid-instance, invalid-disk, invalid-disk-size, ...)", body = ferry_api::ErrorBody), (status = 404, description = "no such host", body = ferry_api::ErrorBody), (status = 409, description = "the host cannot take it, the name is taken, a disk's file exists (disk-exists) or another instance uses the image (disk-in-use)", body = ferry_api::ErrorBody), (status = 413, description = "request body too large", body = ferry_api::ErrorBody), (status = 422, description = "the host cannot provide a disk: unknown-datastore, no-room, path-outside-datastores, image-not-found, image-unreadable, format-mismatch, unsupported-format, wrong-datastore, uefi-unavailable", body = ferry_api::ErrorBody), (status = 503, description = "the host's agent did not answer", body = ferry_api::ErrorBody)))]
 pub async fn create(
     State(state): State<AppState>,
     who: Admin,
     ApiJson(req): ApiJson<CreateInstance>,
 ) -> Result<(StatusCode, Json<Instance>), ServerError> {
     validate(&req)?;
+    disks::validate_requests(&req)?;
     let host = match &req.host {
         Some(name) => one_host(&state, name).await?,
         None => {
@@ -310,6 +314,7 @@ pub async fn create(
         ));
     }
     validate_for_host(&req.spec, &host)?;
+    disks::validate_for_host(&req, &host)?;
     if state.store.get_instance(&req.name).await?.is_some() {
         return Err(ServerError::conflict(
             codes::INSTANCE_EXISTS,
@@ -317,34 +322,38 @@ pub async fn create(
             "pick another name",
         ));
     }
-    let id = Uuid::new_v4();
-    let instance = state
-        .store
-        .insert_instance(id, &req.name, &host.name, &req.spec, InstanceState::Stopped)
-        .await?;
-    let agent = agent_client(&state.store, &host.name).await?;
-    let defined: Result<AgentInstance, _> = agent
-        .put(
-            &format!("/v1/instances/{id}"),
-            &DefineInstance {
-                name: req.name.clone(),
-                spec: req.spec.clone(),
-            },
-        )
-        .await;
-    if let Err(e) = defined {
-        state.store.delete_instance(id).await?;
-        return Err(ServerError::from_agent(&host.name, e));
-    }
-    state
-        .store
-        .audit(
-            &who.name,
-            "instance.create",
-            &req.name,
-            &serde_json::json!({"host": host.name, "spec": req.spec}),
-        )
-        .await?;
+    // In a task of its own: a caller that disconnects during a long copy must not cut the
+    // create short between making an image and recording (or undoing) it.
+    let task = {
+        let (state, who, req) = (state.clone(), who.clone(), req.clone());
+        tokio::spawn(async move {
+            let mut created = disks::Created::new(&host.name);
+            let instance = match define(&state, &req, &host, &mut created).await {
+                Ok(i) => i,
+                Err(e) => {
+                    created.undo(&state, &who.name, &req.name).await;
+                    return Err(e);
+                }
+            };
+            state
+                .store
+                .audit(
+                    &who.name,
+                    "instance.create",
+                    &req.name,
+                    &serde_json::json!({
+                        "host": host.name,
+                        "spec": instance.spec,
+                        "images_created": created.images(),
+                    }),
+                )
+                .await?;
+            Ok(instance)
+        })
+    };
+    let instance = task
+        .await
+        .map_err(|e| ServerError::internal(format!("instance create task failed: {e}")))??;
     let instance = if req.start {
         power(
             &state,
@@ -359,6 +368,42 @@ pub async fn create(
         instance
     };
     Ok((StatusCode::CREATED, Json(instance)))
+}
+
+/// The part of a create that makes things: disks, the record, the agent's definition. On an
+/// error the record is gone again and `created` lists the images for the caller to undo.
+async fn define(
+    state: &AppState,
+    req: &CreateInstance,
+    host: &Host,
+    created: &mut disks::Created,
+) -> Result<Instance, ServerError> {
+    let agent = agent_client(&state.store, &host.name).await?;
+    let prepared = disks::prepare(state, host, req, created).await?;
+    let mut spec = req.spec.clone();
+    spec.disks = prepared.disks.clone();
+    spec.boot.nvram = prepared.nvram.clone();
+    // Held until the instance is recorded, so that a concurrent create sees its images.
+    let _claims = disks::claim(state, host, &req.name, &prepared).await?;
+    let id = Uuid::new_v4();
+    let instance = state
+        .store
+        .insert_instance(id, &req.name, &host.name, &spec, InstanceState::Stopped)
+        .await?;
+    let defined: Result<AgentInstance, _> = agent
+        .put(
+            &format!("/v1/instances/{id}"),
+            &DefineInstance {
+                name: req.name.clone(),
+                spec: spec.clone(),
+            },
+        )
+        .await;
+    if let Err(e) = defined {
+        state.store.delete_instance(id).await?;
+        return Err(ServerError::from_agent(&host.name, e));
+    }
+    Ok(instance)
 }
 
 fn refuse_if_migrating(i: &Instance) -> Result<(), ServerError> {
@@ -474,8 +519,11 @@ pub async fn stop(
     ))
 }
 
-/// Deletes a stopped instance's definition (its files on shared storage stay).
-#[utoipa::path(delete, path = "/v1/instances/{id}", params(("id" = String, Path, description = "instance name or id")), responses((status = 200, body = Instance), (status = 404, description = "no such instance", body = ferry_api::ErrorBody), (status = 409, description = "the instance runs or is being migrated", body = ferry_api::ErrorBody)))]
+/// Deletes a stopped instance: its definition on its host, then the images Ferry made for it
+/// (disks created or copied, the NVRAM); images it was given stay. With such images on a host
+/// that is offline the delete is refused rather than leaving them behind unnoticed. If an
+/// image cannot be deleted the record stays, and deleting again finishes the job.
+#[utoipa::path(delete, path = "/v1/instances/{id}", params(("id" = String, Path, description = "instance name or id")), responses((status = 200, body = Instance), (status = 404, description = "no such instance", body = ferry_api::ErrorBody), (status = 409, description = "the instance runs or is being migrated, its host is offline (host-offline), or an image is still in use (disk-in-use)", body = ferry_api::ErrorBody), (status = 503, description = "the host's agent did not answer", body = ferry_api::ErrorBody)))]
 pub async fn delete(
     State(state): State<AppState>,
     who: Admin,
@@ -490,6 +538,20 @@ pub async fn delete(
             "stop it first",
         ));
     }
+    let owned = disks::owned_images(&i.spec);
+    if !owned.is_empty() && one_host(&state, &i.host).await?.state != HostState::Online {
+        return Err(ServerError::conflict(
+            "host-offline",
+            format!(
+                "{} has {} image(s) Ferry made on host {}, which is offline; deleting it now \
+                 would leave them behind",
+                i.name,
+                owned.len(),
+                i.host
+            ),
+            "start the agent on that host and delete the instance again",
+        ));
+    }
     let agent = agent_client(&state.store, &i.host).await?;
     if let Err(e) = agent
         .delete::<serde_json::Value>(&format!("/v1/instances/{}", i.id))
@@ -499,6 +561,18 @@ pub async fn delete(
             return Err(ServerError::from_agent(&i.host, e));
         }
     }
+    for image in &owned {
+        let deleted: Result<serde_json::Value, _> = agent.post("/v1/disks/delete", image).await;
+        if let Err(e) = deleted {
+            let mut err = ServerError::from_agent(&i.host, e);
+            err.body.message = format!(
+                "{} is removed from host {}, but its image {image} is not ({}); the record \
+                 stays so that deleting it again finishes the job",
+                i.name, i.host, err.body.message
+            );
+            return Err(err);
+        }
+    }
     state.store.delete_instance(i.id).await?;
     state
         .store
@@ -506,7 +580,7 @@ pub async fn delete(
             &who.name,
             "instance.delete",
             &i.name,
-            &serde_json::json!({"host": i.host}),
+            &serde_json::json!({"host": i.host, "images_deleted": owned}),
         )
         .await?;
     Ok(Json(i))

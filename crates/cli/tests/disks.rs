@@ -1,0 +1,190 @@
+//! `ferry datastore list` and `ferry instance create --disk …` through the real binary, against
+//! a server and an agent started in this process (no lab network, no root beyond qemu-img's
+//! files): the table and JSON output, a disk that exists afterwards, and a refusal's
+//! `error[code]` line with exit code 1.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use ferry_agent::{AgentConfig, DatastoreConfig};
+use ferry_api::hosts::{Host, HostState};
+use ferry_api::ApiClient;
+use ferry_server::ServerConfig;
+
+const ADMIN: &str = "admin-token-for-cli-disk-tests-01";
+const JOIN: &str = "join-token-for-cli-disk-tests-012";
+
+/// Runs `ferry ARGS` against `url` with the admin token.
+async fn ferry(url: &str, args: &[&str]) -> Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry"));
+    cmd.args(args)
+        .env("FERRY_URL", url)
+        .env("FERRY_TOKEN", ADMIN)
+        .env("FERRY_CONFIG", "/nonexistent/cli.toml");
+    cmd.output().await.unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datastores_are_listed_and_disks_made_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("local");
+    std::fs::create_dir(&store).unwrap();
+    let server = ferry_server::start(ServerConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        database: dir.path().join("ferry.db"),
+        admin_token: Some(ADMIN.into()),
+        join_token: JOIN.into(),
+        heartbeat_timeout_s: 10,
+        limits: Default::default(),
+        preflight: Default::default(),
+        progress_poll_ms: 200,
+    })
+    .await
+    .unwrap();
+    let url = server.url();
+    let agent = ferry_agent::start(AgentConfig {
+        name: "hv1".into(),
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        advertise_url: None,
+        server_url: Some(url.clone()),
+        join_token: Some(JOIN.into()),
+        credential: None,
+        state_dir: dir.path().join("state"),
+        netns: None,
+        migration_addr: [127, 0, 0, 1].into(),
+        migration_ports: "49152-49215".into(),
+        qemu_binary: "qemu-system-x86_64".into(),
+        ovmf_code: "/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
+        ovmf_vars: "/usr/share/OVMF/OVMF_VARS_4M.fd".into(),
+        accel: "tcg".into(),
+        datastores: vec![DatastoreConfig {
+            name: "local".into(),
+            path: store.clone(),
+        }],
+        networks: vec![],
+        heartbeat_ms: 300,
+        reserve_mib: 0,
+        ram_capacity_mib: None,
+        cpu_flags_mask: vec![],
+    })
+    .await
+    .unwrap();
+    // Online, and the agent holds its credential (stored once the join was answered).
+    let admin = ApiClient::new(&url, Some(ADMIN.into()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let hosts: Vec<Host> = admin.get("/v1/hosts").await.unwrap();
+        let creds = server.state.store.agent_credential("hv1").await.unwrap();
+        let answers = match creds {
+            Some((u, s)) => ApiClient::new(&u, Some(s))
+                .get::<serde_json::Value>("/v1/facts")
+                .await
+                .is_ok(),
+            None => false,
+        };
+        if answers && hosts.iter().any(|h| h.state == HostState::Online) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "hv1 never came online");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let out = ferry(&url, &["datastore", "list"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    assert!(table.starts_with("NAME   SHARED  FREE/TOTAL"), "{table}");
+    assert!(
+        table.contains(&format!("hv1:{}", store.display())),
+        "{table}"
+    );
+    let out = ferry(&url, &["datastore", "list", "-o", "json"]).await;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json[0]["name"], "local");
+    assert_eq!(json[0]["shared"], false);
+
+    let out = ferry(
+        &url,
+        &[
+            "instance",
+            "create",
+            "vm1",
+            "--memory-mib",
+            "128",
+            "--host",
+            "hv1",
+            "--disk",
+            "64M@local,serial=D1",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let vm: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let disk = &vm["spec"]["disks"][0];
+    assert_eq!(disk["size_bytes"], 64 << 20);
+    assert_eq!(disk["serial"], "D1");
+    assert_eq!(vm["spec"]["boot"]["from"], "disk");
+    assert!(Path::new(&store.join("vm1-disk0.qcow2")).is_file());
+
+    // `instance show` lists the disk.
+    let out = ferry(&url, &["instance", "show", "vm1"]).await;
+    assert!(
+        text(&out.stdout).contains("disk0 local:vm1-disk0.qcow2 qcow2 64 MiB"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // Refused by the server: its code on stderr, exit 1, nothing made.
+    let out = ferry(
+        &url,
+        &[
+            "instance",
+            "create",
+            "vm2",
+            "--memory-mib",
+            "128",
+            "--disk",
+            "1G@elsewhere",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.starts_with("error[unknown-datastore]"), "{err}");
+    assert!(err.contains("hint:"), "{err}");
+    // Refused by the command line itself: exit 1 too.
+    let out = ferry(
+        &url,
+        &[
+            "instance",
+            "create",
+            "vm3",
+            "--memory-mib",
+            "128",
+            "--disk",
+            "1.5G",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("is not a size"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = ferry(&url, &["instance", "delete", "vm1"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let left: Vec<_> = std::fs::read_dir(&store).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    agent.shutdown().await;
+    server.shutdown().await;
+}
