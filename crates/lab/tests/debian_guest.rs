@@ -233,6 +233,10 @@ async fn debian_guest_boots_from_its_disk_and_answers_through_the_agent() {
         !serial.contains("fsck not present"),
         "the initramfs has no fsck for the root"
     );
+    assert!(
+        serial.contains("debian-root: clean"),
+        "fsck did not check the root in the initramfs"
+    );
 
     // The system came up without failed units.
     let mut state = String::new();
@@ -251,6 +255,17 @@ async fn debian_guest_boots_from_its_disk_and_answers_through_the_agent() {
     let (code, root, _) = sh(&agent, "findmnt -n -o SOURCE,FSTYPE,OPTIONS /").await;
     assert_eq!(code, Some(0));
     assert!(root.contains("ext4") && root.contains("rw"), "{root}");
+    // Small: no package lists, no docs beyond copyright files.
+    let (_, lists, _) = sh(&agent, "ls /var/lib/apt/lists").await;
+    assert!(!lists.contains("_Packages"), "apt lists kept: {lists}");
+    let (_, docs, _) = sh(
+        &agent,
+        "find /usr/share/doc -type f ! -name copyright | wc -l",
+    )
+    .await;
+    assert_eq!(docs.trim(), "0", "docs kept");
+    let (_, df, _) = sh(&agent, "df -h --output=used,size / | tail -1").await;
+    eprintln!("root filesystem used/size: {}", df.trim());
     let (_, shadow, _) = sh(&agent, "passwd -S root").await;
     assert!(
         shadow.split_whitespace().nth(1) == Some("L"),
