@@ -656,14 +656,12 @@ fn build_into(
     write_overlay(&overlay, &root_uuid)?;
 
     let rootfs = staging.join("rootfs");
+    let mut mirrors: Vec<&str> = plan.sources.iter().map(|s| s.uri.as_str()).collect();
+    mirrors.dedup();
     progress(&format!(
         "mmdebstrap {DEBIAN_SUITE} (minbase + {}) from {}",
         plan.packages.join(" "),
-        plan.sources
-            .iter()
-            .map(|s| s.uri.as_str())
-            .collect::<Vec<_>>()
-            .join(" ")
+        mirrors.join(" ")
     ));
     bootstrap(&mut log, tools, plan, &overlay, &rootfs)?;
     let (vmlinuz, initrd, kernel_version) = boot_files(&rootfs.join("boot"))?;
