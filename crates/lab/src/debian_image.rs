@@ -66,8 +66,6 @@ pub const DEFAULT_SIZE_GIB: u32 = 4;
 pub const MAX_SIZE_GIB: u32 = 2047;
 /// The guest's hostname.
 pub const GUEST_HOSTNAME: &str = "debian";
-/// The virtio-serial port name Debian's qemu-guest-agent udev rule starts the agent for.
-pub const QGA_PORT_NAME: &str = "org.qemu.guest_agent.0";
 
 const SECTOR: u64 = 512;
 /// Partitions start on 1 MiB boundaries.
@@ -85,6 +83,26 @@ const IMAGES_DIR: &str = "debian-images";
 const MANIFEST: &str = "debian.json";
 const LOG_FILE: &str = "build.log";
 const FAILED_LOG: &str = "last-failed-build.log";
+/// dpkg settings kept in the image (so later installs stay small too): no manuals, info
+/// pages, translations or docs; copyright files stay.
+const DPKG_OPTIONS: &[&str] = &[
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/info/*",
+    "path-exclude=/usr/share/locale/*",
+    "path-include=/usr/share/locale/locale.alias",
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+    "path-exclude=/usr/share/lintian/*",
+];
+/// Shell commands mmdebstrap runs on the finished root (`$1`): DHCP through networkd, root
+/// locked (no password login; there is no ssh either), and no resolv.conf of the build
+/// machine (mmdebstrap copies it in for the build; systemd-resolved normally replaced it by
+/// its symlink).
+const CUSTOMIZE_HOOKS: &[&str] = &[
+    r#"chroot "$1" systemctl enable systemd-networkd.service"#,
+    r#"chroot "$1" passwd --lock root"#,
+    r#"if [ ! -L "$1/etc/resolv.conf" ]; then rm -f "$1/etc/resolv.conf"; fi"#,
+];
 /// Where Debian's syslinux-common puts the MBR boot code (and Fedora's syslinux).
 const MBR_BIN_PATHS: &[&str] = &[
     "/usr/lib/syslinux/mbr/mbr.bin",
@@ -240,16 +258,32 @@ fn package_list(kernel_package: &str) -> Vec<String> {
         .collect()
 }
 
-/// sha256 over everything that determines the image's content (the mirror does not).
+/// sha256 over everything that determines the image's content (the mirror and the package
+/// versions do not): the suite, the packages, the size, and the configuration as rendered
+/// (files, bootloader config, dpkg options, hooks), so a change to any of them is a new
+/// image without anyone remembering to bump [`DEBIAN_FORMAT_VERSION`].
 fn input_hash(suite: &str, packages: &[String], size_gib: u32) -> String {
     let mut h = Sha256::new();
     h.update(DEBIAN_FORMAT_VERSION.to_le_bytes());
-    for part in std::iter::once(suite).chain(packages.iter().map(String::as_str)) {
-        h.update((part.len() as u64).to_le_bytes());
-        h.update(part.as_bytes());
+    let mut part = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    part(suite.as_bytes());
+    for p in packages {
+        part(p.as_bytes());
     }
-    h.update(size_gib.to_le_bytes());
-    h.update(GUEST_HOSTNAME.as_bytes());
+    part(&size_gib.to_le_bytes());
+    const UUID: &str = "ROOT-UUID";
+    for (path, mode, content) in overlay_files(UUID) {
+        part(path.as_bytes());
+        part(&mode.to_le_bytes());
+        part(content.as_bytes());
+    }
+    part(render_syslinux_cfg(UUID).as_bytes());
+    for s in DPKG_OPTIONS.iter().chain(CUSTOMIZE_HOOKS) {
+        part(s.as_bytes());
+    }
     hex(&h.finalize()[..12])
 }
 
@@ -800,32 +834,17 @@ fn bootstrap(
     let mut cmd = Command::new(&tools.mmdebstrap);
     cmd.args(["--variant=minbase", "--mode=root", "--format=directory"])
         .arg(format!("--include={}", plan.packages.join(",")));
-    // Kept in the image's dpkg configuration, so later installs stay small too. Copyright
-    // files stay.
-    for opt in [
-        "path-exclude=/usr/share/man/*",
-        "path-exclude=/usr/share/info/*",
-        "path-exclude=/usr/share/locale/*",
-        "path-include=/usr/share/locale/locale.alias",
-        "path-exclude=/usr/share/doc/*",
-        "path-include=/usr/share/doc/*/copyright",
-        "path-exclude=/usr/share/lintian/*",
-    ] {
+    for opt in DPKG_OPTIONS {
         cmd.arg(format!("--dpkgopt={opt}"));
     }
     cmd.arg(format!(
         "--setup-hook=sync-in {} /",
         shell_quote(&overlay.to_string_lossy())
-    ))
-    .arg(r#"--customize-hook=chroot "$1" systemctl enable systemd-networkd.service"#)
-    .arg(r#"--customize-hook=chroot "$1" passwd --lock root"#)
-    // mmdebstrap copied the build machine's resolv.conf in for the build; systemd-resolved
-    // normally replaced it by its symlink, and anything else must not leak into the image.
-    .arg(
-        r#"--customize-hook=if [ ! -L "$1/etc/resolv.conf" ]; then rm -f "$1/etc/resolv.conf"; fi"#,
-    )
-    .arg(DEBIAN_SUITE)
-    .arg(rootfs);
+    ));
+    for hook in CUSTOMIZE_HOOKS {
+        cmd.arg(format!("--customize-hook={hook}"));
+    }
+    cmd.arg(DEBIAN_SUITE).arg(rootfs);
     for source in &plan.sources {
         cmd.arg(source.line());
     }

@@ -12,9 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use ferry_lab::debian_image::{
-    ensure_debian_image, DebianImage, DebianImageOptions, QGA_PORT_NAME,
-};
+use ferry_lab::debian_image::{ensure_debian_image, DebianImage, DebianImageOptions};
+use ferry_qemu::GUEST_AGENT_PORT;
 use ferry_qmp::guest_agent::{GuestAgent, IpAddressType, ShutdownMode};
 
 const QEMU: &str = "qemu-system-x86_64";
@@ -73,7 +72,7 @@ impl Guest {
             .args(["-device", "virtio-serial-pci,id=vser0"])
             .arg("-device")
             .arg(format!(
-                "virtserialport,bus=vser0.0,chardev=qga0,name={QGA_PORT_NAME}"
+                "virtserialport,bus=vser0.0,chardev=qga0,name={GUEST_AGENT_PORT}"
             ))
             // A NIC on QEMU's user network (which has a DHCP server), closed to the outside:
             // shows systemd-networkd's DHCP on en* at work.
