@@ -35,7 +35,8 @@ enum Command {
     /// Compare migration policies (QEMU defaults, virsh, Nova, KubeVirt, Proxmox, Ferry auto)
     /// side by side on lab guests; prints a table, writes JSON, markdown and a plot.
     Bench(bench::BenchArgs),
-    /// Build the test guest's kernel and initramfs.
+    /// Build guest images: the lab guest's kernel and initramfs, or (--debian) a bootable
+    /// Debian disk running qemu-guest-agent.
     #[command(subcommand)]
     Image(image_cmd::ImageCommand),
     #[command(flatten)]

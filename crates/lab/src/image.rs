@@ -122,6 +122,24 @@ pub enum ImageError {
         #[source]
         source: io::Error,
     },
+    /// A program the Debian disk image is built with is not installed.
+    #[error("{tool} not found (Debian package {package})")]
+    ToolMissing { tool: String, package: String },
+    /// The Debian disk image is built as root (chroot, file ownership in the filesystem).
+    #[error("building the Debian disk image needs root")]
+    NotRoot,
+    /// The machine's apt configuration names no mirror for the suite to build.
+    #[error("no apt source for {suite}: {message}")]
+    NoAptSource { suite: String, message: String },
+    /// mmdebstrap failed; `log` keeps its output.
+    #[error("mmdebstrap failed: {message} (log: {})", log.display())]
+    BootstrapFailed { message: String, log: PathBuf },
+    /// A step of turning the root directory into a bootable disk failed.
+    #[error("{step} failed: {message}")]
+    DiskFailed { step: String, message: String },
+    /// The requested disk size cannot hold the image or an MBR disk.
+    #[error("disk size {size_gib} GiB: {message}")]
+    InvalidSize { size_gib: u32, message: String },
 }
 
 impl ImageError {
@@ -148,6 +166,23 @@ impl ImageError {
                  download it again"
             }
             ImageError::Io { .. } => "check the cache directory is writable and has free space",
+            ImageError::ToolMissing { .. } => {
+                "run scripts/setup (as root), or apt-get install the package named above"
+            }
+            ImageError::NotRoot => "run it as root (sudo)",
+            ImageError::NoAptSource { .. } => {
+                "the image is built from the Debian mirror this machine's apt uses: add a `deb` \
+                 source for the suite (see /etc/apt/sources.list.d/) and run apt-get update"
+            }
+            ImageError::BootstrapFailed { .. } => {
+                "read the log; check the mirror is reachable (`apt-get update`) and that chroot \
+                 and mounting /proc work here"
+            }
+            ImageError::DiskFailed { .. } => {
+                "read the message; a disk too small for the root filesystem shows as mkfs.ext4 \
+                 running out of space (pass a larger --size)"
+            }
+            ImageError::InvalidSize { .. } => "pass --size between 1 and 2047 (GiB)",
         }
     }
 
@@ -160,11 +195,17 @@ impl ImageError {
             ImageError::BusyboxMissing { .. } => "busybox-missing",
             ImageError::DpkgDebFailed { .. } => "dpkg-deb-failed",
             ImageError::Io { .. } => "io",
+            ImageError::ToolMissing { .. } => "tool-missing",
+            ImageError::NotRoot => "needs-root",
+            ImageError::NoAptSource { .. } => "no-apt-source",
+            ImageError::BootstrapFailed { .. } => "bootstrap-failed",
+            ImageError::DiskFailed { .. } => "disk-build-failed",
+            ImageError::InvalidSize { .. } => "invalid-size",
         }
     }
 }
 
-fn io_err(context: impl fmt::Display) -> impl FnOnce(io::Error) -> ImageError {
+pub(crate) fn io_err(context: impl fmt::Display) -> impl FnOnce(io::Error) -> ImageError {
     let context = context.to_string();
     move |source| ImageError::Io { context, source }
 }
@@ -233,7 +274,7 @@ fn input_hash(guest: &[u8], busybox: &[u8], deb_name: &str, deb_size: u64) -> St
         .collect()
 }
 
-fn unique_suffix() -> String {
+pub(crate) fn unique_suffix() -> String {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
@@ -407,6 +448,13 @@ fn write_initramfs<W: Write>(
     // lives in one place: GUEST_MODULES.
     cpio.file("lib/modules/order", 0o644, order.as_bytes())?;
     cpio.finish()?.flush()
+}
+
+/// The kernel package Debian's cloud kernel meta package currently depends on (e.g.
+/// `linux-image-6.1.0-57-cloud-amd64`), refreshing empty apt lists once if needed. Shared with
+/// the Debian disk image, so both images run the same kernel.
+pub(crate) fn resolve_kernel_package() -> Result<String, ImageError> {
+    Apt::default().resolve_kernel_package()
 }
 
 /// The kernel package's .deb in `debs`, downloading it if needed.
