@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
-use ferry_api::instances::{CreateInstance, Instance};
+use ferry_api::instances::{CreateInstance, DiskRequest, Instance};
 use ferry_api::migrations::{CreateMigration, Migration, MigrationOptions, MigrationState, Policy};
 use ferry_api::ErrorBody;
 use ferry_cli::commands::instance::mac_for;
@@ -16,7 +16,7 @@ use ferry_cli::commands::migrate::follow;
 use ferry_cli::error::CliError;
 use ferry_cli::local_cluster::LocalCluster;
 use ferry_lab::guest_client::{self, tcp_echo_roundtrip, EchoProbe};
-use ferry_lab::guest_config::{Fill, GuestConfig, CONTROL_PORT, ECHO_PORT};
+use ferry_lab::guest_config::{Fill, GuestConfig, GuestDisk, CONTROL_PORT, ECHO_PORT};
 use ferry_lab::image::ensure_image;
 use ferry_lab::instance::guest_instance_spec;
 use ferry_lab::net::{tcp_connect_in, udp_bind_in, LabNet};
@@ -56,6 +56,13 @@ pub struct DemoArgs {
     /// Accelerator: auto (probe), kvm or tcg.
     #[arg(long, env = "FERRY_ACCEL", default_value = "auto")]
     accel: String,
+    /// Give the guest a disk of this size on a datastore both lab hosts share; the guest
+    /// writes self-checking blocks to it and verifies every one after the move.
+    #[arg(long, value_name = "N")]
+    disk_mib: Option<u32>,
+    /// The guest's disk writer: durable 4 KiB writes per second.
+    #[arg(long, default_value_t = 100, requires = "disk_mib")]
+    disk_rate: u32,
     /// Lab name (namespaces ferry-NAME-*); a stale lab of that name is removed first.
     #[arg(long, default_value = "demo")]
     lab_name: String,
@@ -86,6 +93,15 @@ struct DemoReport {
     memory_verified: bool,
     memory_pages_checked: Option<u64>,
     memory_errors: Option<u64>,
+    /// The guest's disk (with `--disk-mib`): every block it wrote read back as written.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    disk_verified: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    disk_blocks_checked: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    disk_errors: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    disk_writes: Option<u64>,
     /// What the auto policy measured, predicted and chose.
     plan: Option<String>,
     error: Option<serde_json::Value>,
@@ -115,6 +131,10 @@ impl DemoReport {
             memory_verified: false,
             memory_pages_checked: None,
             memory_errors: None,
+            disk_verified: None,
+            disk_blocks_checked: None,
+            disk_errors: None,
+            disk_writes: None,
             plan: None,
             error: None,
             migration_started: false,
@@ -173,7 +193,8 @@ fn conclude(report: &mut DemoReport, outcome: Result<(), CliError>, json: bool) 
         Some(e) if !json => Some(e.render()),
         _ => None,
     };
-    let code = match (&error, report.memory_verified) {
+    let verified = report.memory_verified && report.disk_verified != Some(false);
+    let code = match (&error, verified) {
         (Some(_), _) => 1,
         (None, true) => 0,
         (None, false) => 2,
@@ -201,14 +222,30 @@ fn guest_err(detail: String) -> CliError {
 
 /// The guest's address in the demo lab, and its name.
 const VM: &str = "demo-vm";
+/// The serial of the demo guest's disk, by which the guest program finds it.
+const DISK_SERIAL: &str = "ferry-data";
 
 async fn demo(args: &DemoArgs, report: &mut DemoReport) -> Result<(), CliError> {
     let config = GuestConfig {
         wss_mib: args.wss_mib,
         rate_mib_s: args.rate_mib_s,
         fill: args.fill,
+        disk: args.disk_mib.map(|mib| GuestDisk {
+            rate_blocks_s: args.disk_rate,
+            blocks: Some(u64::from(mib) * 256),
+            ..GuestDisk::new(DISK_SERIAL)
+        }),
         ..GuestConfig::default()
     };
+    if let Some(mib) = args.disk_mib {
+        if !(1..=64).contains(&mib) {
+            return Err(CliError::new(
+                "invalid-disk-size",
+                format!("--disk-mib {mib} is out of range (1 to 64)"),
+                "the guest verifies every block after the move; 64 MiB is its limit",
+            ));
+        }
+    }
     // Refuse bad input before anything is created.
     ferry_qemu::InstanceSpec::check_memory(args.memory_mib).map_err(LabError::from)?;
     config
@@ -253,6 +290,26 @@ async fn demo(args: &DemoArgs, report: &mut DemoReport) -> Result<(), CliError> 
         path: cache_dir.clone(),
     };
     let cluster = LocalCluster::start(&args.lab_name, 2, accel.name(), vec![images]).await?;
+    let disks = match args.disk_mib {
+        None => vec![],
+        Some(mib) => {
+            say(
+                args,
+                &format!(
+                    "the guest gets a {mib} MiB disk on datastore {} (shared by hv1 and hv2), \
+                     written at {} blocks/s",
+                    LocalCluster::SHARED_DATASTORE,
+                    args.disk_rate
+                ),
+            );
+            vec![DiskRequest {
+                datastore: Some(LocalCluster::SHARED_DATASTORE.into()),
+                size_bytes: Some(u64::from(mib) << 20),
+                serial: Some(DISK_SERIAL.into()),
+                ..DiskRequest::default()
+            }]
+        }
+    };
 
     say(
         args,
@@ -278,7 +335,7 @@ async fn demo(args: &DemoArgs, report: &mut DemoReport) -> Result<(), CliError> 
                 name: VM.into(),
                 host: Some("hv1".into()),
                 spec,
-                disks: vec![],
+                disks,
                 start: true,
             },
         )
@@ -398,6 +455,18 @@ async fn migrate_and_measure(
     report.memory_pages_checked = Some(verify.checked);
     report.memory_errors = Some(verify.errors);
     report.memory_verified = verify.errors == 0 && verify.checked > 0;
+    if args.disk_mib.is_some() {
+        say(args, "verifying every block of the guest's disk on hv2");
+        let reply = guest_client::control_in(&client_ns, control, "disk-verify")
+            .await
+            .map_err(|e| guest_err(format!("disk-verify: {e}")))?;
+        let disk =
+            guest_client::parse_disk_verify(&reply).map_err(|e| guest_err(e.to_string()))?;
+        report.disk_blocks_checked = Some(disk.blocks_checked);
+        report.disk_errors = Some(disk.errors);
+        report.disk_writes = Some(disk.writes);
+        report.disk_verified = Some(disk.ok && disk.blocks_checked > 0);
+    }
     Ok(())
 }
 
@@ -474,6 +543,18 @@ fn render_report(r: &DemoReport) -> String {
             .map(|e| e.to_string())
             .unwrap_or_else(|| "-".into())
     );
+    if let Some(ok) = r.disk_verified {
+        let _ = writeln!(
+            out,
+            "  disk verification        {} ({} blocks checked, {} errors, {} writes)",
+            if ok { "OK" } else { "FAILED" },
+            r.disk_blocks_checked.unwrap_or(0),
+            r.disk_errors
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "-".into()),
+            r.disk_writes.unwrap_or(0)
+        );
+    }
     out.truncate(out.trim_end_matches('\n').len());
     out
 }

@@ -30,6 +30,10 @@ pub struct LocalCluster {
 }
 
 impl LocalCluster {
+    /// A datastore every host of the local cluster mounts (one directory, with an identity
+    /// file): disks on it need no copy when their guest moves.
+    pub const SHARED_DATASTORE: &'static str = "shared";
+
     /// Creates lab `name` with `hosts` hosts (a stale lab of that name is removed first),
     /// starts the server and the agents, and waits until every host is online. Every agent
     /// offers `datastores`; the server accepts instance files only inside one of them.
@@ -54,6 +58,26 @@ impl LocalCluster {
                 "check /tmp",
             )
         })?;
+        let shared = dir.join(Self::SHARED_DATASTORE);
+        std::fs::create_dir_all(&shared)
+            .and_then(|()| {
+                std::fs::write(
+                    shared.join(".ferry-datastore-id"),
+                    format!("lab-{name}-shared\n"),
+                )
+            })
+            .map_err(|e| {
+                CliError::new(
+                    "io",
+                    format!("cannot create {}: {e}", shared.display()),
+                    "check /tmp",
+                )
+            })?;
+        let mut datastores = datastores;
+        datastores.push(DatastoreConfig {
+            name: Self::SHARED_DATASTORE.into(),
+            path: shared,
+        });
         let mut cluster = LocalCluster {
             ctx: Ctx::from_config(
                 &ClientConfig {
