@@ -74,6 +74,7 @@ impl Cluster {
                 ..Default::default()
             },
             progress_poll_ms: 200,
+            cold_cleanup_after_s: 0,
         })
         .await
         .expect("server starts");
