@@ -359,6 +359,11 @@ impl Agent {
             };
         }
         let path = datastores::resolve(&self.config, &req.image)?;
+        // Checked before the record exists: a restart removes the file a receiving record
+        // names, which must never be a file that was there before.
+        if path.symlink_metadata().is_ok() {
+            return Err(ferry_storage::copy::CopyError::TargetExists(path).into());
+        }
         if let Some(name) = self.image_in_use(&req.image).await {
             return Err(AgentError::conflict(
                 "image-in-use",

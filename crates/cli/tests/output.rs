@@ -376,19 +376,21 @@ fn a_cold_job_shows_its_disk_copies_and_the_cleanup() {
     let text = output::migration_detail(&m);
     assert!(
         text.contains(
-            "disk copy    disk0 local:vm1-disk0.qcow2 copied 1.00 GiB sha256 0123456789abcdef (source copy kept)"
+            "\ndisk copy   disk0 local:vm1-disk0.qcow2 copied 1.00 GiB sha256 0123456789abcdef (source copy kept)\n"
         ),
         "{text}"
     );
     assert!(
-        text.contains("cleanup      1 source copy(ies) kept on hv1; remove with `ferry migration cleanup 12345678`"),
+        text.ends_with(
+            "\ncleanup     1 source copy(ies) kept on hv1; remove with `ferry migration cleanup 12345678`"
+        ),
         "{text}"
     );
     m.copies[0].source_kept = false;
     m.cleaned_up_at = Some(Utc.with_ymd_and_hms(2025, 3, 2, 8, 0, 0).unwrap());
     let text = output::migration_detail(&m);
     assert!(
-        text.contains("cleanup      done 2025-03-02 08:00:00; the source copies are removed"),
+        text.ends_with("\ncleanup     done 2025-03-02 08:00:00; the source copies are removed"),
         "{text}"
     );
     m.copies[0].state = DiskCopyState::Copying;

@@ -498,8 +498,12 @@ impl ColdJob<'_> {
                 CopyState::Failed => {
                     // A destination that lost its export (restarted) makes the sender fail:
                     // that is a lost copy, tried again.
-                    let dst_status: Option<CopyStatus> =
-                        self.dst.get(&self.path(&disk, "")).await.ok();
+                    let (dst, path) = (self.dst.clone(), self.path(&disk, ""));
+                    let destination = self.m.destination.clone();
+                    let dst_status: Option<CopyStatus> = self
+                        .retrying(&destination, true, || dst.get(&path))
+                        .await
+                        .ok();
                     if dst_status.is_some_and(|s| s.state == CopyState::Unknown) {
                         return Err(AttemptEnd::Lost(format!(
                             "{} lost the export (restarted?)",
@@ -594,6 +598,7 @@ impl ColdJob<'_> {
         let format = p.guest_format;
         let (source, destination) = (self.m.source.clone(), self.m.destination.clone());
         let (src, dst) = (self.src.clone(), self.dst.clone());
+        let summing = Instant::now();
         let (a, b) = tokio::join!(
             self.checksum(&src, &source, &p, format),
             self.checksum(&dst, &destination, &p, format)
@@ -623,11 +628,12 @@ impl ColdJob<'_> {
         c.source_kept = true;
         let secs = (c.elapsed_ms as f64 / 1000.0).max(0.001);
         let message = format!(
-            "disk {}: done: {} in {:.1} s ({}/s); sha256 {a} equal on {source} and {destination}",
+            "disk {}: done: {} in {:.2} s ({}/s); sha256 {a} equal on {source} and {destination} (checksums took {:.2} s)",
             p.disk,
             fmt_size(c.size_bytes),
             secs,
-            fmt_size((c.size_bytes as f64 / secs) as u64)
+            fmt_size((c.size_bytes as f64 / secs) as u64),
+            summing.elapsed().as_secs_f64()
         );
         self.save_copies().await;
         self.log("info", &message).await;

@@ -23,15 +23,25 @@ use sha2::{Digest, Sha256};
 
 /// A cluster whose hosts each have a datastore `local` at `BASE/HOST`, not shared.
 async fn cluster(base: &Path) -> Cluster {
+    cluster_cleaning_after(base, 0).await
+}
+
+/// Like [`cluster`], with the server's `cold_cleanup_after_s`.
+async fn cluster_cleaning_after(base: &Path, cleanup_after_s: u64) -> Cluster {
     let base = base.to_path_buf();
-    Cluster::start_with(2, Limits::default(), move |config| {
-        let dir = base.join(&config.name);
-        std::fs::create_dir_all(&dir).unwrap();
-        config.datastores.push(DatastoreConfig {
-            name: "local".into(),
-            path: dir,
-        });
-    })
+    Cluster::start_with_server(
+        2,
+        Limits::default(),
+        move |config| {
+            let dir = base.join(&config.name);
+            std::fs::create_dir_all(&dir).unwrap();
+            config.datastores.push(DatastoreConfig {
+                name: "local".into(),
+                path: dir,
+            });
+        },
+        |server| server.cold_cleanup_after_s = cleanup_after_s,
+    )
     .await
 }
 
@@ -454,5 +464,131 @@ async fn a_copy_lost_in_an_agent_restart_is_started_again() {
     assert!(log.contains("starting it again (attempt 2 of 3)"), "{log}");
     assert_eq!(content_sha256(&dst, "raw"), sum);
     assert_eq!(content_sha256(&src, "raw"), sum);
+
+    // The destination agent restarts mid-copy: its export and partial image go, the sender
+    // fails, and the copy starts again.
+    let src = make_image(base.path(), "hv1", "lazarus-disk0.raw", "raw", "32M", "32M");
+    let sum = content_sha256(&src, "raw");
+    let dst = base.path().join("hv2").join("lazarus-disk0.raw");
+    stopped_vm_with_disk(
+        &c,
+        "lazarus",
+        1,
+        "lazarus-disk0.raw",
+        DiskFormat::Raw,
+        32 << 20,
+    )
+    .await;
+    let m = cold(
+        &c,
+        "lazarus",
+        MigrationOptions {
+            bandwidth_mib_s: Some(8),
+            ..MigrationOptions::default()
+        },
+    )
+    .await;
+    wait_copied(&c, m.id, 1 << 20).await;
+    let agent = c.agents[1].take().unwrap();
+    agent.shutdown().await;
+    assert!(!dst.exists(), "the stopped agent left its partial image");
+    c.agents[1] = Some(
+        ferry_agent::start(c.agent_configs[1].clone())
+            .await
+            .expect("agent restarts"),
+    );
+    let m = c.wait_end(m.id, Duration::from_secs(120)).await;
+    let log = logs(&c, m.id).await;
+    assert_eq!(m.state, MigrationState::Completed, "{m:?}\n{log}");
+    assert!(log.contains("disk disk0: copy lost"), "{log}");
+    assert_eq!(content_sha256(&dst, "raw"), sum);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_source_copies_go_by_themselves_after_the_configured_delay() {
+    let base = tempfile::tempdir().unwrap();
+    let c = cluster_cleaning_after(base.path(), 2).await;
+    let src = make_image(base.path(), "hv1", "auto-disk0.qcow2", "qcow2", "16M", "1M");
+    stopped_vm_with_disk(
+        &c,
+        "auto",
+        0,
+        "auto-disk0.qcow2",
+        DiskFormat::Qcow2,
+        16 << 20,
+    )
+    .await;
+    let m = cold(&c, "auto", MigrationOptions::default()).await;
+    let m = c.wait_end(m.id, Duration::from_secs(60)).await;
+    assert_eq!(m.state, MigrationState::Completed, "{m:?}");
+    assert!(src.exists(), "kept right after the migration");
+    let log = logs(&c, m.id).await;
+    assert!(log.contains("for 2 s, then removed automatically"), "{log}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let m = loop {
+        let m = c.migration(m.id).await;
+        if m.cleaned_up_at.is_some() {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "never cleaned up: {m:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(!src.exists(), "the source copy is still there");
+    assert!(!m.copies[0].source_kept);
+    assert!(base.path().join("hv2").join("auto-disk0.qcow2").exists());
+    assert!(logs(&c, m.id)
+        .await
+        .contains("cleanup by automatic cleanup"));
+    c.shutdown().await;
+}
+
+/// The figures of a cold copy through the lab's migration network: `cargo test -p
+/// ferry-server --test cold_disks -- --ignored --nocapture copy_figures`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn copy_figures() {
+    let base = tempfile::tempdir().unwrap();
+    let c = cluster(base.path()).await;
+    make_image(
+        base.path(),
+        "hv1",
+        "sparse-disk0.qcow2",
+        "qcow2",
+        "1G",
+        "1M",
+    );
+    make_image(base.path(), "hv1", "full-disk0.raw", "raw", "256M", "256M");
+    stopped_vm_with_disk(
+        &c,
+        "sparse",
+        0,
+        "sparse-disk0.qcow2",
+        DiskFormat::Qcow2,
+        1 << 30,
+    )
+    .await;
+    stopped_vm_with_disk(&c, "full", 1, "full-disk0.raw", DiskFormat::Raw, 256 << 20).await;
+    for name in ["sparse", "full"] {
+        let t = Instant::now();
+        let m = cold(&c, name, MigrationOptions::default()).await;
+        let m = c.wait_end(m.id, Duration::from_secs(300)).await;
+        assert_eq!(m.state, MigrationState::Completed, "{m:?}");
+        let d = &m.copies[0];
+        let lines: Vec<String> = logs(&c, m.id)
+            .await
+            .lines()
+            .filter(|l| l.contains("disk disk0") || l.contains("check storage"))
+            .map(str::to_string)
+            .collect();
+        println!(
+            "{name}: {} MiB virtual copied in {} ms ({:.0} MiB/s); whole migration {:.1} s\n  {}",
+            d.size_bytes >> 20,
+            d.elapsed_ms,
+            (d.size_bytes as f64 / f64::from(1 << 20)) / (d.elapsed_ms.max(1) as f64 / 1000.0),
+            t.elapsed().as_secs_f64(),
+            lines.join("\n  ")
+        );
+    }
     c.shutdown().await;
 }

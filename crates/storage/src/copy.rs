@@ -201,7 +201,7 @@ impl Receiver {
                 spec.first_port, spec.last_port
             )));
         }
-        if spec.path.exists() || spec.path.symlink_metadata().is_ok() {
+        if spec.path.symlink_metadata().is_ok() {
             return Err(CopyError::TargetExists(spec.path.clone()));
         }
         if let Some(parent) = spec.path.parent() {
@@ -773,6 +773,53 @@ mod tests {
         copy(&rsrc, &rdst, DiskFormat::Raw, 49720).await;
         assert_eq!(std::fs::read(&rsrc).unwrap(), std::fs::read(&rdst).unwrap());
         assert!(processes_with_arg(&dst).is_empty() && processes_with_arg(&rdst).is_empty());
+    }
+
+    /// A qcow2 overlay moves as a file (raw on both ends), so its backing reference stays;
+    /// read as qcow2 with the shared base, both copies show the guest the same content.
+    #[tokio::test]
+    async fn an_overlay_is_copied_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "64M"]);
+        qemu_io(&base, "qcow2", "write -P 0x11 0 8M");
+        let overlay = dir.path().join("vm.qcow2");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            overlay.to_str().unwrap(),
+        ]);
+        qemu_io(&overlay, "qcow2", "write -P 0x22 4M 1M");
+        let copy_path = dir.path().join("sub").join("vm.qcow2");
+        // The overlay names its base relatively: the copy must find it next to itself, as a
+        // base on a shared datastore is found at the same place on every host.
+        std::fs::create_dir_all(dir.path().join("sub")).unwrap();
+        std::fs::copy(&base, dir.path().join("sub").join("base.qcow2")).unwrap();
+        let file_len = image_size(&overlay, DiskFormat::Raw)
+            .await
+            .unwrap()
+            .virtual_bytes;
+        assert_eq!(file_len, std::fs::metadata(&overlay).unwrap().len());
+        copy(&overlay, &copy_path, DiskFormat::Raw, 49860).await;
+        assert_eq!(
+            std::fs::read(&overlay).unwrap(),
+            std::fs::read(&copy_path).unwrap()
+        );
+        let opts = ChecksumOptions::default();
+        let a = image_checksum(&overlay, DiskFormat::Qcow2, &opts, None)
+            .await
+            .unwrap();
+        let b = image_checksum(&copy_path, DiskFormat::Qcow2, &opts, None)
+            .await
+            .unwrap();
+        assert_eq!(a.sha256, b.sha256);
+        assert_eq!(a.size_bytes, 64 << 20);
     }
 
     #[tokio::test]
