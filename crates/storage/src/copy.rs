@@ -822,14 +822,28 @@ mod tests {
         assert_eq!(a.size_bytes, 64 << 20);
     }
 
+    /// `n` consecutive ports of 127.0.0.1, bound (so taken) until the listeners are dropped.
+    /// Searched for, because any fixed port may be some connection's ephemeral port.
+    fn taken_ports(n: u16) -> (u16, Vec<std::net::TcpListener>) {
+        for first in (50000..60000).step_by(usize::from(n) + 1) {
+            let held: Vec<_> = (first..first + n)
+                .map_while(|p| std::net::TcpListener::bind(("127.0.0.1", p)).ok())
+                .collect();
+            if held.len() == usize::from(n) {
+                return (first, held);
+            }
+        }
+        panic!("no {n} free consecutive ports");
+    }
+
     #[tokio::test]
     async fn a_taken_port_is_skipped() {
         let dir = tempfile::tempdir().unwrap();
-        let taken = std::net::TcpListener::bind("127.0.0.1:49740").unwrap();
-        let spec = receive_spec(dir.path().join("t.raw"), DiskFormat::Raw, 1 << 20, 49740);
+        let (taken, holder) = taken_ports(1);
+        let spec = receive_spec(dir.path().join("t.raw"), DiskFormat::Raw, 1 << 20, taken);
         let r = Receiver::start(&spec).await.unwrap();
-        assert_eq!(r.addr().port(), 49741);
-        drop(taken);
+        assert!(r.addr().port() > taken, "{}", r.addr());
+        drop(holder);
         r.abort().await;
         assert!(!spec.path.exists());
     }
@@ -851,11 +865,9 @@ mod tests {
         assert_eq!(err.code(), "copy-target-exists");
         assert_eq!(std::fs::read(&existing).unwrap(), b"keep me");
         // All ports taken: nothing created.
-        let holders: Vec<_> = (49780..=49781)
-            .map(|p| std::net::TcpListener::bind(("127.0.0.1", p)).unwrap())
-            .collect();
-        let mut spec = receive_spec(dir.path().join("none.raw"), DiskFormat::Raw, 1 << 20, 49780);
-        spec.last_port = 49781;
+        let (first, holders) = taken_ports(2);
+        let mut spec = receive_spec(dir.path().join("none.raw"), DiskFormat::Raw, 1 << 20, first);
+        spec.last_port = first + 1;
         let err = Receiver::start(&spec).await.unwrap_err();
         assert_eq!(err.code(), "copy-port-unavailable");
         assert!(!spec.path.exists());
