@@ -8,8 +8,10 @@ use axum::extract::{Path, Query, State};
 use axum::routing::{get, post, put};
 use axum::{middleware, Json, Router};
 use ferry_api::agent::{
-    AgentInstance, DefineInstance, DirtyRate, IncomingReady, PrepareDisk, PrepareIncoming,
-    PreparedDisk, ReconnectSource, SetSourceParams, SourceStatus, StartSource,
+    AgentInstance, ChecksumImage, ChecksumStatus, CleanedUp, CleanupCopies, CopyReceiving,
+    CopyStatus, DefineInstance, DirtyRate, ImageMeasure, IncomingReady, MeasureImage,
+    PrepareDisk, PrepareIncoming, PreparedDisk, ReceiveCopy, ReconnectSource, SendCopy,
+    SetSourceParams, SourceStatus, StartSource,
 };
 use ferry_api::checks::{CpuModelFeatures, ProbeConnect, ProbeListening, ProbeResult};
 use ferry_api::hosts::HostFacts;
@@ -53,6 +55,15 @@ pub(crate) fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/instances/{id}/dirty-rate", post(dirty_rate))
         .route("/v1/disks", post(prepare_disk))
         .route("/v1/disks/delete", post(delete_disk))
+        .route("/v1/disks/measure", post(measure_image))
+        .route("/v1/disks/checksum", post(checksum_image))
+        .route("/v1/copies/{mid}/cleanup", post(cleanup_copies))
+        .route("/v1/copies/{mid}/{disk}", get(copy_status))
+        .route("/v1/copies/{mid}/{disk}/receive", post(receive_copy))
+        .route("/v1/copies/{mid}/{disk}/send", post(send_copy))
+        .route("/v1/copies/{mid}/{disk}/finish", post(finish_copy))
+        .route("/v1/copies/{mid}/{disk}/commit", post(commit_copy))
+        .route("/v1/copies/{mid}/{disk}/abort", post(abort_copy))
         .route("/v1/probe/listen", post(probe_listen))
         .route("/v1/probe/connect", post(probe_connect))
         .route("/v1/cpu-models/{model}", get(cpu_model))
@@ -305,4 +316,90 @@ async fn cpu_model(
     Path(model): Path<String>,
 ) -> ApiResult<CpuModelFeatures> {
     Ok(Json(checks::cpu_model_features(&agent, &model).await?))
+}
+
+/// `?wait_ms=MS&after_done=BYTES` of a copy's status poll.
+#[derive(Debug, Deserialize)]
+struct CopyQuery {
+    #[serde(default)]
+    wait_ms: u64,
+    #[serde(default)]
+    after_done: Option<u64>,
+}
+
+async fn measure_image(
+    State(agent): State<Arc<Agent>>,
+    req: Result<Json<MeasureImage>, JsonRejection>,
+) -> ApiResult<ImageMeasure> {
+    Ok(Json(agent.measure_image(body(req)?).await?))
+}
+
+async fn checksum_image(
+    State(agent): State<Arc<Agent>>,
+    req: Result<Json<ChecksumImage>, JsonRejection>,
+) -> ApiResult<ChecksumStatus> {
+    Ok(Json(agent.checksum_image(body(req)?).await?))
+}
+
+async fn cleanup_copies(
+    State(agent): State<Arc<Agent>>,
+    Path(mid): Path<String>,
+    req: Result<Json<CleanupCopies>, JsonRejection>,
+) -> ApiResult<CleanedUp> {
+    let mid = uuid(&mid)?;
+    Ok(Json(agent.cleanup_copies(mid, body(req)?).await?))
+}
+
+async fn copy_status(
+    State(agent): State<Arc<Agent>>,
+    Path((mid, disk)): Path<(String, String)>,
+    q: Result<Query<CopyQuery>, QueryRejection>,
+) -> ApiResult<CopyStatus> {
+    let mid = uuid(&mid)?;
+    let Query(q) = q.map_err(|e| AgentError::BadRequest(e.body_text()))?;
+    let wait = std::time::Duration::from_millis(q.wait_ms);
+    Ok(Json(
+        agent.copy_status(mid, &disk, wait, q.after_done).await,
+    ))
+}
+
+async fn receive_copy(
+    State(agent): State<Arc<Agent>>,
+    Path((mid, disk)): Path<(String, String)>,
+    req: Result<Json<ReceiveCopy>, JsonRejection>,
+) -> ApiResult<CopyReceiving> {
+    let mid = uuid(&mid)?;
+    Ok(Json(agent.receive_copy(mid, disk, body(req)?).await?))
+}
+
+async fn send_copy(
+    State(agent): State<Arc<Agent>>,
+    Path((mid, disk)): Path<(String, String)>,
+    req: Result<Json<SendCopy>, JsonRejection>,
+) -> ApiResult<CopyStatus> {
+    let mid = uuid(&mid)?;
+    Ok(Json(agent.send_copy(mid, disk, body(req)?).await?))
+}
+
+async fn finish_copy(
+    State(agent): State<Arc<Agent>>,
+    Path((mid, disk)): Path<(String, String)>,
+) -> ApiResult<CopyStatus> {
+    Ok(Json(agent.finish_copy(uuid(&mid)?, &disk).await?))
+}
+
+async fn commit_copy(
+    State(agent): State<Arc<Agent>>,
+    Path((mid, disk)): Path<(String, String)>,
+) -> ApiResult<()> {
+    agent.commit_copy(uuid(&mid)?, &disk).await?;
+    Ok(Json(()))
+}
+
+async fn abort_copy(
+    State(agent): State<Arc<Agent>>,
+    Path((mid, disk)): Path<(String, String)>,
+) -> ApiResult<()> {
+    agent.abort_copy(uuid(&mid)?, &disk).await?;
+    Ok(Json(()))
 }

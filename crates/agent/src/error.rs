@@ -37,6 +37,10 @@ pub enum AgentError {
     /// No migration with this id known to this host.
     #[error("migration {0} is not known on this host")]
     MigrationNotFound(Uuid),
+    /// No copy of this disk for this migration on this host (never started, ended, or lost in
+    /// an agent restart).
+    #[error("this host has no copy of disk {disk} for migration {mid}")]
+    CopyNotFound { mid: Uuid, disk: String },
     /// QEMU does not know this CPU model.
     #[error("QEMU on this host does not know CPU model '{0}'")]
     CpuModelUnknown(String),
@@ -51,6 +55,13 @@ pub enum AgentError {
     /// path outside every datastore, no room, an unreadable image. Nothing was changed.
     #[error("{message}")]
     Refused {
+        code: &'static str,
+        message: String,
+        hint: &'static str,
+    },
+    /// An image operation (`qemu-img`, `qemu-nbd`, a checksum or copy) failed on this host.
+    #[error("{message}")]
+    Storage {
         code: &'static str,
         message: String,
         hint: &'static str,
@@ -125,7 +136,10 @@ impl AgentError {
             AgentError::MigrationNotFound(_) => "migration-not-found",
             AgentError::NoSuchEndpoint(_) => "no-such-endpoint",
             AgentError::CpuModelUnknown(_) => "cpu-model-unknown",
-            AgentError::Conflict { code, .. } | AgentError::Refused { code, .. } => code,
+            AgentError::CopyNotFound { .. } => "copy-not-found",
+            AgentError::Conflict { code, .. }
+            | AgentError::Refused { code, .. }
+            | AgentError::Storage { code, .. } => code,
             AgentError::Qemu(e) => e.code(),
             AgentError::Migrate(e) => e.code(),
             AgentError::Image(e) => e.code(),
@@ -156,7 +170,12 @@ impl AgentError {
             AgentError::CpuModelUnknown(_) => {
                 "names are case-sensitive; `qemu-system-x86_64 -cpu help` lists this host's models"
             }
-            AgentError::Conflict { hint, .. } | AgentError::Refused { hint, .. } => hint,
+            AgentError::CopyNotFound { .. } => {
+                "nothing to do for it here; a lost copy is started again by the server"
+            }
+            AgentError::Conflict { hint, .. }
+            | AgentError::Refused { hint, .. }
+            | AgentError::Storage { hint, .. } => hint,
             AgentError::Qemu(e) => e.hint(),
             AgentError::Migrate(e) => e.hint(),
             AgentError::Image(e) => e.hint(),
@@ -179,7 +198,8 @@ impl AgentError {
             AgentError::InstanceNotFound(_)
             | AgentError::MigrationNotFound(_)
             | AgentError::NoSuchEndpoint(_)
-            | AgentError::CpuModelUnknown(_) => StatusCode::NOT_FOUND,
+            | AgentError::CpuModelUnknown(_)
+            | AgentError::CopyNotFound { .. } => StatusCode::NOT_FOUND,
             AgentError::Conflict { .. } => StatusCode::CONFLICT,
             AgentError::Refused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             AgentError::Qemu(QemuError::InvalidSpec { .. } | QemuError::UnknownAccel(_)) => {
@@ -207,6 +227,45 @@ impl AgentError {
     /// The JSON body the caller sees.
     pub fn body(&self) -> ErrorBody {
         ErrorBody::new(self.code(), self.to_string(), self.hint())
+    }
+}
+
+impl From<ferry_storage::copy::CopyError> for AgentError {
+    fn from(e: ferry_storage::copy::CopyError) -> Self {
+        use ferry_storage::copy::CopyError;
+        let (code, hint, message) = (e.code(), e.hint(), e.to_string());
+        match e {
+            CopyError::TargetExists(_) | CopyError::NoFreePort { .. } => AgentError::Conflict {
+                code,
+                message,
+                hint,
+            },
+            CopyError::Invalid(_) => AgentError::BadRequest(message),
+            _ => AgentError::Storage {
+                code,
+                message,
+                hint,
+            },
+        }
+    }
+}
+
+impl From<ferry_storage::checksum::ChecksumError> for AgentError {
+    fn from(e: ferry_storage::checksum::ChecksumError) -> Self {
+        use ferry_storage::checksum::ChecksumError;
+        let (code, hint, message) = (e.code(), e.hint(), e.to_string());
+        match e {
+            ChecksumError::NotFound(_) => AgentError::Refused {
+                code,
+                message,
+                hint,
+            },
+            _ => AgentError::Storage {
+                code,
+                message,
+                hint,
+            },
+        }
     }
 }
 
@@ -269,6 +328,23 @@ mod tests {
                 AgentError::CpuModelUnknown("nope".into()),
                 404,
                 "cpu-model-unknown",
+            ),
+            (
+                AgentError::CopyNotFound {
+                    mid: id,
+                    disk: "disk0".into(),
+                },
+                404,
+                "copy-not-found",
+            ),
+            (
+                AgentError::Storage {
+                    code: "storage-tool-failed",
+                    message: "x".into(),
+                    hint: "h",
+                },
+                500,
+                "storage-tool-failed",
             ),
             (
                 AgentError::Qmp(ferry_qmp::QmpError::Closed),

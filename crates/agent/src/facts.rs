@@ -217,7 +217,7 @@ pub(crate) fn datastore_facts(name: &str, path: &Path) -> DatastoreFacts {
 }
 
 /// `(total, available)` bytes of the file system holding `path`.
-fn statvfs(path: &Path) -> Option<(u64, u64)> {
+pub(crate) fn statvfs(path: &Path) -> Option<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
     // SAFETY: `c` is a valid NUL-terminated string and `st` a properly sized, zeroed struct

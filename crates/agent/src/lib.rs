@@ -16,6 +16,7 @@ pub mod checks;
 pub mod config;
 pub mod datastores;
 mod disks;
+mod disk_copy;
 mod error;
 pub mod facts;
 mod guest_info;
@@ -64,6 +65,8 @@ pub(crate) struct Agent {
     /// Room held on datastores by disks being written, so that two requests never both
     /// pass a room check for the same free space.
     pub(crate) disk_room: disks::Reservations,
+    /// Disk copies of cold migrations and image checksums.
+    pub(crate) copies: disk_copy::Copies,
 }
 
 impl Agent {
@@ -213,8 +216,10 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         probe_gate: Arc::default(),
         guests: Mutex::new(HashMap::new()),
         disk_room: disks::Reservations::default(),
+        copies: disk_copy::Copies::default(),
     });
     agent.readopt_instances().await;
+    agent.load_copies().await;
     agent.load_migrations().await;
     agent.prune_migration_records();
 
@@ -258,7 +263,7 @@ fn prepare_state_dir(state_dir: &std::path::Path) -> Result<(), AgentError> {
         .create(state_dir)
         .and_then(|()| std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700)))
         .map_err(AgentError::io(state_dir))?;
-    for sub in ["instances", "run", "migrations"] {
+    for sub in ["instances", "run", "migrations", "copies"] {
         let dir = state_dir.join(sub);
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -297,7 +302,7 @@ mod tests {
         super::prepare_state_dir(&dir).unwrap();
         let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&dir), 0o700);
-        for sub in ["instances", "run", "migrations"] {
+        for sub in ["instances", "run", "migrations", "copies"] {
             assert_eq!(mode(&dir.join(sub)), 0o700, "{sub}");
         }
         super::auth::store_credential(&dir, "secret").unwrap();

@@ -34,6 +34,30 @@
 //! - `POST /v1/disks/delete` [`ImageRef`] -> `()` (the server sends only images Ferry created;
 //!   409 `disk-in-use` while an instance on this host names the image; a missing file is
 //!   success, so a delete can be retried)
+//! - `POST /v1/disks/measure` [`MeasureImage`] -> [`ImageMeasure`] (virtual size and the room
+//!   a copy of it needs; for the pre-flight check of a cold migration)
+//! - `POST /v1/disks/checksum` [`ChecksumImage`] -> [`ChecksumStatus`] (SHA-256 of the
+//!   guest-visible content; starts the work, or joins it when it runs, and answers when done
+//!   or after `wait_ms`: repeat until `done`)
+//! - Cold migration copies, one per disk (`{disk}` is the disk id, or `nvram`):
+//!   - `POST /v1/copies/{mid}/{disk}/receive` [`ReceiveCopy`] -> [`CopyReceiving`]
+//!     (destination: create the empty image and export it on the migration network;
+//!     idempotent while it runs)
+//!   - `POST /v1/copies/{mid}/{disk}/send` [`SendCopy`] -> [`CopyStatus`] (source: start
+//!     copying into that export; idempotent)
+//!   - `GET  /v1/copies/{mid}/{disk}[?wait_ms=MS&after_done=BYTES]` -> [`CopyStatus`] (state
+//!     `unknown` when this agent has no such copy, e.g. after a restart; with `wait_ms`,
+//!     answers as soon as the state or the bytes done change)
+//!   - `POST /v1/copies/{mid}/{disk}/finish` -> [`CopyStatus`] (destination: stop the export,
+//!     flushed, and keep the image, still removable by `abort`; source: forget the finished
+//!     copy)
+//!   - `POST /v1/copies/{mid}/{disk}/commit` -> `()` (destination: the image now belongs to
+//!     the instance defined here; `abort` no longer touches it)
+//!   - `POST /v1/copies/{mid}/{disk}/abort` -> `()` (source: stop sending; destination: stop
+//!     the export and remove the uncommitted image; 404 when there is nothing to abort)
+//!   - `POST /v1/copies/{mid}/cleanup` [`CleanupCopies`] -> [`CleanedUp`] (source, after
+//!     the migration completed: remove the source images kept until cleanup; refused for an
+//!     image an instance defined on this host uses)
 //! - `POST /v1/probe/listen`, `POST /v1/probe/connect`, `GET /v1/cpu-models/{model}`: the
 //!   agent's part of the pre-flight checks, see [`crate::checks`]
 //!
@@ -236,4 +260,155 @@ pub struct PreparedDisk {
     pub backing: Option<BackingRef>,
     /// Whether the agent created the file (and so Ferry owns it).
     pub created: bool,
+}
+
+/// `POST /v1/disks/measure`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeasureImage {
+    pub image: ImageRef,
+    pub format: DiskFormat,
+}
+
+/// An image's sizes, for the free-space check before a copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageMeasure {
+    /// Virtual size.
+    pub size_bytes: u64,
+    /// What the file takes on its datastore: about what a sparse copy needs.
+    pub allocated_bytes: u64,
+}
+
+/// `POST /v1/disks/checksum`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChecksumImage {
+    pub image: ImageRef,
+    pub format: DiskFormat,
+    /// Wait this long for the result (at most 30 s) before answering `running`.
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+/// Where a checksum is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChecksumState {
+    Running,
+    Done,
+    Failed,
+}
+
+/// A checksum's progress or result. A finished result is handed out once: the next request
+/// for the same image computes afresh, so it never describes an image that changed since.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChecksumStatus {
+    pub state: ChecksumState,
+    /// Bytes hashed so far.
+    pub done_bytes: u64,
+    /// Virtual size, once known.
+    pub size_bytes: u64,
+    /// Lower-case hex SHA-256 of the guest-visible content, when done.
+    pub sha256: Option<String>,
+    pub elapsed_ms: u64,
+    pub error: Option<ErrorBody>,
+}
+
+/// `POST /v1/copies/{mid}/{disk}/receive`: the image to create here and fill from the source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiveCopy {
+    /// Where the new image goes; it must not exist.
+    pub image: ImageRef,
+    /// Format of the new image (`raw` for a file copied byte for byte).
+    pub format: DiskFormat,
+    /// Virtual size of the new image.
+    pub size_bytes: u64,
+    /// Room the copy needs on the datastore; refused (`no-room`) when there is less.
+    #[serde(default)]
+    pub required_bytes: u64,
+}
+
+/// Where the source sends the copy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyReceiving {
+    /// `IP:PORT` on the destination's migration address.
+    pub addr: String,
+    /// The export name: a random token the sender must present.
+    pub export: String,
+}
+
+/// `POST /v1/copies/{mid}/{disk}/send`: copy this host's image into the receiver's export.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendCopy {
+    pub image: ImageRef,
+    /// How the image is read (`raw` copies the file byte for byte).
+    pub format: DiskFormat,
+    /// [`CopyReceiving::addr`].
+    pub destination: String,
+    /// [`CopyReceiving::export`].
+    pub export: String,
+    /// Bytes per second; absent: unlimited.
+    #[serde(default)]
+    pub rate_limit_bps: Option<u64>,
+}
+
+/// A copy's half on one agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyState {
+    /// Destination: the new image is exported, waiting for or taking the data.
+    Receiving,
+    /// Destination: the export stopped cleanly; the image is complete but not committed.
+    Received,
+    /// Source: `qemu-img` is sending.
+    Sending,
+    /// Source: everything was sent.
+    Sent,
+    Failed,
+    Cancelled,
+    /// This agent has no such copy (never started, or lost in an agent restart).
+    Unknown,
+}
+
+/// One copy as one agent sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CopyStatus {
+    pub state: CopyState,
+    /// Virtual bytes processed (zero ranges count without being sent).
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    /// Over the last seconds.
+    pub rate_bps: f64,
+    pub elapsed_ms: u64,
+    pub error: Option<ErrorBody>,
+}
+
+impl CopyStatus {
+    /// What an agent answers for a copy it does not know.
+    pub fn unknown() -> CopyStatus {
+        CopyStatus {
+            state: CopyState::Unknown,
+            done_bytes: 0,
+            total_bytes: 0,
+            rate_bps: 0.0,
+            elapsed_ms: 0,
+            error: None,
+        }
+    }
+}
+
+/// `POST /v1/copies/{mid}/cleanup`: the source images a completed cold migration kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CleanupCopies {
+    pub images: Vec<ImageRef>,
+}
+
+/// What a cleanup did; repeating it finds everything `missing`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CleanedUp {
+    pub removed: Vec<ImageRef>,
+    pub missing: Vec<ImageRef>,
 }

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::instances::{DiskFormat, ImageRef};
 use crate::ErrorBody;
 
 /// A migration's life. Terminal: Completed, Failed, Cancelled.
@@ -231,6 +232,66 @@ pub struct Migration {
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub plan: Option<MigrationPlan>,
+    /// Cold migration: the images copied to the destination, one per disk not on storage the
+    /// destination shares, with their progress, checksum and whether the source's copy is
+    /// still kept. Empty when nothing is copied.
+    #[serde(default)]
+    pub copies: Vec<DiskCopy>,
+    /// When `ferry migration cleanup` (or the automatic cleanup) removed the source copies.
+    #[serde(default)]
+    pub cleaned_up_at: Option<DateTime<Utc>>,
+}
+
+/// Where one disk's copy is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskCopyState {
+    /// Not started yet.
+    Pending,
+    /// The content is moving.
+    Copying,
+    /// Both sides are being checksummed.
+    Verifying,
+    /// Copied and the checksums agree.
+    Copied,
+    /// Failed or cancelled; the destination's partial image was removed.
+    Failed,
+}
+
+impl DiskCopyState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskCopyState::Pending => "pending",
+            DiskCopyState::Copying => "copying",
+            DiskCopyState::Verifying => "verifying",
+            DiskCopyState::Copied => "copied",
+            DiskCopyState::Failed => "failed",
+        }
+    }
+}
+
+/// One image a cold migration copies: the same datastore name and file on both hosts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DiskCopy {
+    /// The disk's id, or `nvram` for the UEFI variable store.
+    pub disk: String,
+    pub image: ImageRef,
+    /// How the content is read and written: the disk's format, or `raw` for a file copied byte
+    /// for byte (a qcow2 overlay, whose base stays on shared storage; the NVRAM file).
+    #[schema(value_type = String, example = "qcow2")]
+    pub format: DiskFormat,
+    /// Virtual size: what `done_bytes` runs up to.
+    pub size_bytes: u64,
+    pub state: DiskCopyState,
+    pub done_bytes: u64,
+    pub remaining_bytes: u64,
+    /// Bytes per second, recent.
+    pub rate_bps: f64,
+    pub elapsed_ms: u64,
+    /// SHA-256 of the guest-visible content, equal on both hosts once copied.
+    pub sha256: Option<String>,
+    /// The source host still has its image: true from the copy until the cleanup removes it.
+    pub source_kept: bool,
 }
 
 /// The auto policy's plan and the engine parameters both halves run with.

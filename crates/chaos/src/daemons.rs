@@ -92,6 +92,7 @@ pub fn server_config(
         limits: Default::default(),
         preflight: Default::default(),
         progress_poll_ms: 250,
+        cold_cleanup_after_s: 0,
     }
 }
 

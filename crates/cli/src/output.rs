@@ -552,11 +552,54 @@ pub fn migration_detail(m: &Migration) -> String {
             ("iterations", s.iterations.to_string()),
         ]);
     }
+    for c in &m.copies {
+        pairs.push(("disk copy", disk_copy_line(c)));
+    }
+    if !m.copies.is_empty() {
+        let kept = m.copies.iter().filter(|c| c.source_kept).count();
+        let cleanup = match (&m.cleaned_up_at, kept) {
+            (Some(t), _) => format!("done {}; the source copies are removed", fmt_time(t)),
+            (None, 0) => "nothing kept on the source".into(),
+            (None, n) => format!(
+                "{n} source copy(ies) kept on {}; remove with `ferry migration cleanup {}`",
+                m.source,
+                short_id(&m.id)
+            ),
+        };
+        pairs.push(("cleanup", cleanup));
+    }
     if let Some(e) = &m.error {
         pairs.push(("error", format!("[{}] {}", e.code, e.message)));
         pairs.push(("hint", e.hint.clone()));
     }
     key_values(&pairs)
+}
+
+/// One disk copy of a cold migration: what, how far, the checksum, and whether the source
+/// keeps its image.
+pub fn disk_copy_line(c: &ferry_api::migrations::DiskCopy) -> String {
+    use ferry_api::migrations::DiskCopyState;
+    let mut line = format!("{} {} {}", c.disk, c.image, c.state.as_str());
+    match c.state {
+        DiskCopyState::Copying => line.push_str(&format!(
+            " {} of {}, {} left, {}",
+            fmt_bytes(c.done_bytes),
+            fmt_bytes(c.size_bytes),
+            fmt_bytes(c.remaining_bytes),
+            fmt_rate(c.rate_bps)
+        )),
+        DiskCopyState::Pending | DiskCopyState::Failed => {}
+        DiskCopyState::Verifying | DiskCopyState::Copied => {
+            line.push_str(&format!(" {}", fmt_bytes(c.size_bytes)))
+        }
+    }
+    if let Some(sum) = &c.sha256 {
+        line.push_str(&format!(" sha256 {}", sum.get(..16).unwrap_or(sum)));
+    }
+    if c.source_kept {
+        line.push_str(" (source copy kept)");
+    }
+    line
 }
 
 pub fn logs(lines: &[LogLine]) -> String {
@@ -576,6 +619,17 @@ pub fn logs(lines: &[LogLine]) -> String {
 
 /// One progress sample as a line: the live bar's message and `migration show`'s progress.
 pub fn progress_message(p: &Progress) -> String {
+    if p.phase == ferry_migrate::Phase::DiskCopy {
+        return format!(
+            "{} {:.1}%  {}  remaining {}  disk {}  ETA {}",
+            p.phase.as_str(),
+            p.percent,
+            fmt_rate(p.throughput_bps),
+            fmt_bytes(p.remaining_bytes),
+            p.iteration,
+            p.eta_ms.map(fmt_ms).unwrap_or_else(|| "-".into())
+        );
+    }
     format!(
         "{} {:.1}%  {}  remaining {}  iter {}  ETA {}",
         p.phase.as_str(),

@@ -44,6 +44,7 @@ async fn datastores_are_listed_and_disks_made_through_the_cli() {
         limits: Default::default(),
         preflight: Default::default(),
         progress_poll_ms: 200,
+        cold_cleanup_after_s: 0,
     })
     .await
     .unwrap();

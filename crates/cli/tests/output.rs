@@ -142,6 +142,8 @@ fn migration(state: MigrationState) -> Migration {
         }),
         cancel_requested: false,
         plan: None,
+        copies: vec![],
+        cleaned_up_at: None,
     }
 }
 
@@ -383,4 +385,70 @@ fn errors_render_as_code_message_hint_with_exit_codes() {
         )),
         "error[instance-not-found]: there is no instance 'x'\n  hint: list them with `ferry instance list`"
     );
+}
+
+#[test]
+fn a_cold_job_shows_its_disk_copies_and_the_cleanup() {
+    use ferry_api::instances::{DiskFormat, ImageRef};
+    use ferry_api::migrations::{DiskCopy, DiskCopyState};
+    let mut m = migration(MigrationState::Completed);
+    m.kind = MigrationKind::Cold;
+    m.stats = None;
+    m.copies = vec![DiskCopy {
+        disk: "disk0".into(),
+        image: ImageRef {
+            datastore: "local".into(),
+            file: "vm1-disk0.qcow2".into(),
+        },
+        format: DiskFormat::Qcow2,
+        size_bytes: 1 << 30,
+        state: DiskCopyState::Copied,
+        done_bytes: 1 << 30,
+        remaining_bytes: 0,
+        rate_bps: 0.0,
+        elapsed_ms: 900,
+        sha256: Some("0123456789abcdef0123456789abcdef".into()),
+        source_kept: true,
+    }];
+    let text = output::migration_detail(&m);
+    assert!(
+        text.contains(
+            "\ndisk copy   disk0 local:vm1-disk0.qcow2 copied 1.00 GiB sha256 0123456789abcdef (source copy kept)\n"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.ends_with(
+            "\ncleanup     1 source copy(ies) kept on hv1; remove with `ferry migration cleanup 12345678`"
+        ),
+        "{text}"
+    );
+    m.copies[0].source_kept = false;
+    m.cleaned_up_at = Some(Utc.with_ymd_and_hms(2025, 3, 2, 8, 0, 0).unwrap());
+    let text = output::migration_detail(&m);
+    assert!(
+        text.ends_with("\ncleanup     done 2025-03-02 08:00:00; the source copies are removed"),
+        "{text}"
+    );
+    m.copies[0].state = DiskCopyState::Copying;
+    m.copies[0].done_bytes = 256 << 20;
+    m.copies[0].remaining_bytes = 768 << 20;
+    m.copies[0].rate_bps = 100.0 * 1048576.0;
+    assert!(
+        output::disk_copy_line(&m.copies[0])
+            .contains("copying 256.0 MiB of 1.00 GiB, 768.0 MiB left"),
+        "{}",
+        output::disk_copy_line(&m.copies[0])
+    );
+    let p = Progress {
+        phase: Phase::DiskCopy,
+        iteration: 1,
+        ..progress()
+    };
+    assert!(
+        output::progress_message(&p).starts_with("disk-copy 42.2%"),
+        "{}",
+        output::progress_message(&p)
+    );
+    assert!(output::progress_message(&p).contains("disk 1"));
 }

@@ -18,6 +18,8 @@ pub enum Phase {
     Failed,
     Cancelling,
     Cancelled,
+    /// A cold migration copies the disks of a stopped instance (no memory moves).
+    DiskCopy,
 }
 
 impl Phase {
@@ -51,6 +53,7 @@ impl Phase {
             Phase::Failed => "failed",
             Phase::Cancelling => "cancelling",
             Phase::Cancelled => "cancelled",
+            Phase::DiskCopy => "disk-copy",
         }
     }
 }

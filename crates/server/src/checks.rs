@@ -3,11 +3,12 @@
 //! error code when it fails a migration). Gathering the inputs (fresh facts, CPU model
 //! features, probes) is [`crate::preflight`]'s job.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use ferry_api::checks::{CheckResult, CheckStatus, ProbeResult};
 use ferry_api::hosts::{DatastoreFacts, HostFacts};
-use ferry_api::instances::{Instance, InstanceState};
+use ferry_api::instances::{DiskFormat, ImageRef, Instance, InstanceState};
 use ferry_api::migrations::MigrationKind;
 
 use crate::config::QemuVersionRule;
@@ -52,6 +53,9 @@ pub struct CheckInput<'a> {
     /// The newest model every online host supports, for hints.
     pub cluster_baseline: Option<&'a str>,
     pub qemu_rule: QemuVersionRule,
+    /// Cold migration: what each image takes on the source's datastore (measured by the
+    /// source agent), the room its copy needs; images missing here count their virtual size.
+    pub image_bytes: Option<&'a HashMap<ImageRef, u64>>,
 }
 
 fn result(
@@ -99,7 +103,10 @@ pub fn run_all(input: &CheckInput) -> Vec<CheckResult> {
         out.push(memory(input.instance, dst));
         out.push(cpu_vendor(src, dst));
         out.push(cpu_features(input, dst));
-        out.push(storage(input.instance, src, dst));
+        out.push(match input.kind {
+            MigrationKind::Live => storage(input.instance, src, dst),
+            MigrationKind::Cold => cold_storage(input.instance, src, dst, input.image_bytes),
+        });
         out.push(qemu_version(src, dst, input.qemu_rule));
         out.push(dirty_tracking(input.kind, src));
         out.push(machine_type(input.instance, src, dst));
@@ -412,14 +419,16 @@ pub(crate) fn covering<'a>(stores: &'a [DatastoreFacts], file: &str) -> Option<&
         .max_by_key(|d| d.path.len())
 }
 
-/// Whether the instance's files and disks are on storage the destination shares. Kernel files
-/// not provably shared are a warning (they are only read at boot); a disk or NVRAM that is
-/// not on a datastore both hosts share is a failure: the destination would open another
-/// file, or none, and the guest's writes would be lost.
-pub fn storage(inst: &Instance, src: &HostFacts, dst: &HostFacts) -> CheckResult {
-    let mut fails = Vec::new();
-    let mut warns = Vec::new();
-    let mut details = Vec::new();
+/// The verdicts on the kernel and initrd files (read at boot from a datastore the destination
+/// must mount too), appended to the storage check's findings.
+fn kernel_files(
+    inst: &Instance,
+    src: &HostFacts,
+    dst: &HostFacts,
+    fails: &mut Vec<String>,
+    warns: &mut Vec<String>,
+    details: &mut Vec<serde_json::Value>,
+) {
     let boot = &inst.spec.boot;
     for file in [&boot.kernel, &boot.initrd].into_iter().flatten() {
         let s = covering(&src.datastores, file);
@@ -477,6 +486,211 @@ pub fn storage(inst: &Instance, src: &HostFacts, dst: &HostFacts) -> CheckResult
             "verdict": verdict,
         }));
     }
+}
+
+/// Whether `image` is on a datastore both hosts mount as the same storage (same name, same
+/// identity file).
+fn shared(image: &ImageRef, src: &HostFacts, dst: &HostFacts) -> bool {
+    let s = src.datastores.iter().find(|d| d.name == image.datastore);
+    let d = dst.datastores.iter().find(|d| d.name == image.datastore);
+    matches!((s, d), (Some(s), Some(d)) if s.identity.is_some() && s.identity == d.identity)
+}
+
+/// One image a cold migration copies: to the datastore of the same name on the destination,
+/// under the same file name, so the instance's spec stays valid there unchanged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedCopy {
+    /// The disk's id, or `nvram`.
+    pub disk: String,
+    pub image: ImageRef,
+    /// How the content is read and written: the disk's format for a self-contained image;
+    /// `raw` (the file byte for byte) for a qcow2 overlay, whose backing reference must stay
+    /// as it is, and for the NVRAM file.
+    pub format: DiskFormat,
+    /// How a guest reads it, which the checksums compare: the disk's format (an overlay with
+    /// its base), raw for the NVRAM.
+    pub guest_format: DiskFormat,
+    /// Virtual size from the spec; the agents measure the real one before copying.
+    pub size_bytes: u64,
+}
+
+/// The images of `inst` that are not on storage `dst` shares with `src`, in disk order, the
+/// NVRAM last: what a cold migration to `dst` copies.
+pub fn planned_copies(inst: &Instance, src: &HostFacts, dst: &HostFacts) -> Vec<PlannedCopy> {
+    let mut out: Vec<PlannedCopy> = inst
+        .spec
+        .disks
+        .iter()
+        .filter(|d| !shared(&d.image, src, dst))
+        .map(|d| PlannedCopy {
+            disk: d.id.clone(),
+            image: d.image.clone(),
+            format: if d.backing.is_some() {
+                DiskFormat::Raw
+            } else {
+                d.format
+            },
+            guest_format: d.format,
+            size_bytes: d.size_bytes,
+        })
+        .collect();
+    if let Some(n) = &inst.spec.boot.nvram {
+        if !shared(n, src, dst) {
+            out.push(PlannedCopy {
+                disk: "nvram".into(),
+                image: n.clone(),
+                format: DiskFormat::Raw,
+                guest_format: DiskFormat::Raw,
+                size_bytes: 0,
+            });
+        }
+    }
+    out
+}
+
+/// Bytes in the largest binary unit that keeps a number of at least 1 ("5.0 MiB").
+pub fn fmt_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// The storage check of a cold migration: images on storage the destination shares stay; the
+/// others are copied to the destination's datastore of the same name, which must exist and
+/// have room for them (their measured size on the source, or their virtual size when it was
+/// not measured). The message names every copy.
+pub fn cold_storage(
+    inst: &Instance,
+    src: &HostFacts,
+    dst: &HostFacts,
+    image_bytes: Option<&HashMap<ImageRef, u64>>,
+) -> CheckResult {
+    let mut fails = Vec::new();
+    let mut warns = Vec::new();
+    let mut details = Vec::new();
+    kernel_files(inst, src, dst, &mut fails, &mut warns, &mut details);
+    let copies = planned_copies(inst, src, dst);
+    let mut copy_values = Vec::new();
+    let mut copy_words = Vec::new();
+    let mut needed: HashMap<&str, u64> = HashMap::new();
+    for c in &copies {
+        let measured = image_bytes.and_then(|m| m.get(&c.image)).copied();
+        let bytes = measured.unwrap_or(c.size_bytes);
+        let target = dst.datastores.iter().find(|d| d.name == c.image.datastore);
+        let what = if c.disk == "nvram" {
+            "UEFI NVRAM".to_string()
+        } else {
+            format!("disk {}", c.disk)
+        };
+        match target {
+            None => fails.push(format!(
+                "{what} ({}) would be copied to datastore {}, which {} does not have",
+                c.image, c.image.datastore, dst.name
+            )),
+            Some(d) => {
+                *needed.entry(d.name.as_str()).or_default() += bytes;
+                copy_words.push(format!(
+                    "{what} ({}, {}{}) to datastore {} on {}",
+                    c.image,
+                    fmt_size(bytes),
+                    if measured.is_some() { "" } else { " virtual" },
+                    d.name,
+                    dst.name
+                ));
+            }
+        }
+        copy_values.push(json!({
+            "disk": c.disk,
+            "image": c.image.to_string(),
+            "format": c.format.as_str(),
+            "bytes": bytes,
+            "measured": measured.is_some(),
+            "destination_datastore": target.map(|d| &d.name),
+        }));
+    }
+    let mut stores: Vec<(&str, u64)> = needed.into_iter().collect();
+    stores.sort();
+    for (name, bytes) in &stores {
+        if let Some(d) = dst.datastores.iter().find(|d| d.name == *name) {
+            if *bytes > d.free_bytes {
+                fails.push(format!(
+                    "datastore {name} on {} has {} free; the copies need {}",
+                    dst.name,
+                    fmt_size(d.free_bytes),
+                    fmt_size(*bytes)
+                ));
+            }
+        }
+    }
+    let copy_text = if copy_words.is_empty() {
+        String::new()
+    } else {
+        format!("will copy {}", copy_words.join(", "))
+    };
+    let values = json!({"files": details, "copies": copy_values});
+    if !fails.is_empty() {
+        return result(
+            "storage",
+            CheckStatus::Fail,
+            fails.join("; "),
+            format!(
+                "a cold migration copies each disk to the datastore of the same name on the \
+                 destination: configure that datastore on {} with enough free space, or pick \
+                 another host",
+                dst.name
+            ),
+            values,
+            false,
+        );
+    }
+    if !warns.is_empty() {
+        let mut message = warns.join("; ");
+        if !copy_text.is_empty() {
+            message = format!("{copy_text}; {message}");
+        }
+        return result(
+            "storage",
+            CheckStatus::Warn,
+            message,
+            "put the instance's files on a datastore with a .ferry-datastore-id file",
+            values,
+            false,
+        );
+    }
+    let message = if copy_text.is_empty() {
+        format!("the instance's files are on storage {} shares", dst.name)
+    } else {
+        let shared_count =
+            inst.spec.disks.len() + usize::from(inst.spec.boot.nvram.is_some()) - copies.len();
+        let kept = if shared_count > 0 {
+            format!("; {shared_count} image(s) stay on shared storage")
+        } else {
+            String::new()
+        };
+        format!("{copy_text}, checked by checksum; the source keeps its copy until cleanup{kept}")
+    };
+    pass("storage", message, values)
+}
+
+/// Whether the instance's files and disks are on storage the destination shares. Kernel files
+/// not provably shared are a warning (they are only read at boot); a disk or NVRAM that is
+/// not on a datastore both hosts share is a failure: the destination would open another
+/// file, or none, and the guest's writes would be lost.
+pub fn storage(inst: &Instance, src: &HostFacts, dst: &HostFacts) -> CheckResult {
+    let mut fails = Vec::new();
+    let mut warns = Vec::new();
+    let mut details = Vec::new();
+    kernel_files(inst, src, dst, &mut fails, &mut warns, &mut details);
+    let boot = &inst.spec.boot;
     let images = inst
         .spec
         .disks
@@ -897,6 +1111,7 @@ mod tests {
             cpu_features_error: None,
             cluster_baseline: None,
             qemu_rule: QemuVersionRule::SameOrNewer,
+            image_bytes: None,
         }
     }
 
@@ -1098,6 +1313,129 @@ mod tests {
         assert_eq!(c.values["files"][2]["needs_block_migration"], true);
         d.datastores.pop();
         assert!(storage(&i, &s, &d).message.contains("does not mount"));
+    }
+
+    fn local_disk(id: &str, file: &str) -> ferry_api::instances::DiskSpec {
+        ferry_api::instances::DiskSpec {
+            id: id.into(),
+            image: ImageRef {
+                datastore: "local".into(),
+                file: file.into(),
+            },
+            format: DiskFormat::Qcow2,
+            size_bytes: 10 << 30,
+            bus: Default::default(),
+            cache: Default::default(),
+            read_only: false,
+            serial: None,
+            backing: None,
+            managed: true,
+        }
+    }
+
+    fn with_local(mut f: HostFacts, free: u64) -> HostFacts {
+        f.datastores.push(DatastoreFacts {
+            name: "local".into(),
+            path: "/var/lib/ferry/local".into(),
+            total_bytes: 100 << 30,
+            free_bytes: free,
+            identity: None,
+        });
+        f
+    }
+
+    #[test]
+    fn a_cold_migration_copies_local_disks_and_says_which_and_where() {
+        let mut i = instance();
+        i.state = InstanceState::Stopped;
+        i.spec.disks = vec![local_disk("disk0", "vm-disk0.qcow2")];
+        i.spec.boot.nvram = Some(ImageRef {
+            datastore: "shared".into(),
+            file: "vm-vars.fd".into(),
+        });
+        let (s, d) = (with_local(facts("a"), 0), with_local(facts("b"), 50 << 30));
+        let copies = planned_copies(&i, &s, &d);
+        assert_eq!(
+            copies.len(),
+            1,
+            "the NVRAM is on shared storage: {copies:?}"
+        );
+        assert_eq!(
+            (copies[0].disk.as_str(), copies[0].format),
+            ("disk0", DiskFormat::Qcow2)
+        );
+        // Unmeasured: the virtual size counts, and fits.
+        let c = cold_storage(&i, &s, &d, None);
+        assert_eq!(c.status, CheckStatus::Pass, "{}", c.message);
+        assert!(
+            c.message.contains(
+                "disk disk0 (local:vm-disk0.qcow2, 10.0 GiB virtual) to datastore local on b"
+            ),
+            "{}",
+            c.message
+        );
+        assert!(
+            c.message.contains("1 image(s) stay on shared storage"),
+            "{}",
+            c.message
+        );
+        assert_eq!(c.values["copies"][0]["destination_datastore"], "local");
+        // The live check still refuses it.
+        assert_eq!(storage(&i, &s, &d).status, CheckStatus::Fail);
+        // Too little room for the virtual size, enough for what is allocated.
+        let small = with_local(facts("b"), 1 << 30);
+        assert_eq!(cold_storage(&i, &s, &small, None).status, CheckStatus::Fail);
+        let measured: HashMap<ImageRef, u64> = [(i.spec.disks[0].image.clone(), 5 << 20)].into();
+        let c = cold_storage(&i, &s, &small, Some(&measured));
+        assert_eq!(c.status, CheckStatus::Pass, "{}", c.message);
+        assert!(c.message.contains("5.0 MiB)"), "{}", c.message);
+        let tiny = with_local(facts("b"), 1 << 20);
+        let c = cold_storage(&i, &s, &tiny, Some(&measured));
+        assert_eq!(c.status, CheckStatus::Fail);
+        assert!(
+            c.message
+                .contains("has 1.0 MiB free; the copies need 5.0 MiB"),
+            "{}",
+            c.message
+        );
+        // No datastore of that name on the destination.
+        let c = cold_storage(&i, &s, &facts("b"), None);
+        assert_eq!(c.status, CheckStatus::Fail);
+        assert!(c.message.contains("which b does not have"), "{}", c.message);
+        assert!(c.hint.contains("datastore of the same name"), "{}", c.hint);
+        // Through run_all for a cold job.
+        let (s2, d2) = (with_local(facts("a"), 0), with_local(facts("b"), 50 << 30));
+        let mut input = input(&i, &s2, &d2);
+        input.kind = MigrationKind::Cold;
+        assert_eq!(status_of(&run_all(&input), "storage"), CheckStatus::Pass);
+    }
+
+    #[test]
+    fn overlays_and_nvram_are_copied_as_files() {
+        let mut i = instance();
+        let mut overlay = local_disk("disk0", "vm-disk0.qcow2");
+        overlay.backing = Some(ferry_api::instances::BackingRef {
+            image: ImageRef {
+                datastore: "shared".into(),
+                file: "base.qcow2".into(),
+            },
+            format: DiskFormat::Qcow2,
+        });
+        i.spec.disks = vec![overlay];
+        i.spec.boot.nvram = Some(ImageRef {
+            datastore: "local".into(),
+            file: "vm-vars.fd".into(),
+        });
+        let (s, d) = (with_local(facts("a"), 0), with_local(facts("b"), 50 << 30));
+        let copies = planned_copies(&i, &s, &d);
+        let got: Vec<(&str, DiskFormat)> =
+            copies.iter().map(|c| (c.disk.as_str(), c.format)).collect();
+        assert_eq!(
+            got,
+            [("disk0", DiskFormat::Raw), ("nvram", DiskFormat::Raw)]
+        );
+        assert_eq!(fmt_size(1536), "1.5 KiB");
+        assert_eq!(fmt_size(12), "12 B");
     }
 
     #[test]

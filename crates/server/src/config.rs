@@ -92,6 +92,12 @@ pub struct ServerConfig {
     /// How often the server polls a source agent for progress.
     #[serde(default = "default_poll_ms")]
     pub progress_poll_ms: u64,
+    /// A completed cold migration keeps the source's copies of the disks it copied, so that
+    /// nothing is lost if the destination's copy turns out bad ("data preserved on both ends
+    /// until cleanup"). After this many seconds the server removes them by itself; 0 (the
+    /// default) keeps them until `ferry migration cleanup ID`.
+    #[serde(default)]
+    pub cold_cleanup_after_s: u64,
 }
 
 fn default_listen() -> SocketAddr {
@@ -169,6 +175,15 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.limits, Limits::default());
         assert_eq!(c.listen.port(), 7400);
+        assert_eq!(
+            c.cold_cleanup_after_s, 0,
+            "source copies stay until cleanup"
+        );
+        let timed: ServerConfig = toml::from_str(
+            "database = \"/tmp/f.db\"\njoin_token = \"0123456789abcdef\"\ncold_cleanup_after_s = 86400",
+        )
+        .unwrap();
+        assert_eq!(timed.cold_cleanup_after_s, 86400);
     }
 
     #[test]

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use ferry_api::agent::{
-    AgentInstance, DefineInstance, DirtyRate, IncomingReady, PrepareIncoming, ReconnectSource,
-    SourceState, SourceStatus, StartSource,
+    AgentInstance, DirtyRate, IncomingReady, PrepareIncoming, ReconnectSource, SourceState,
+    SourceStatus, StartSource,
 };
 use ferry_api::checks::CheckStatus;
 use ferry_api::instances::{Instance, InstanceState};
@@ -124,7 +124,7 @@ async fn drive(state: &AppState, id: Uuid, attach: bool) {
                     }
                     drive_live(state, &m, attach, cancel_rx).await
                 }
-                (Ok(_), MigrationKind::Cold) => drive_cold(state, &m).await,
+                (Ok(_), MigrationKind::Cold) => drive_cold(state, &m, attach, cancel_rx).await,
             }
         }
         Ok(None) => Ending::Failed(ErrorBody::new("migration-not-found", "job vanished", "")),
@@ -341,74 +341,17 @@ async fn set_state(state: &AppState, id: Uuid, to: MigrationState) -> Result<(),
     Ok(())
 }
 
-async fn drive_cold(state: &AppState, m: &Migration) -> Ending {
-    match cold(state, m).await {
+async fn drive_cold(
+    state: &AppState,
+    m: &Migration,
+    attach: bool,
+    cancel: watch::Receiver<bool>,
+) -> Ending {
+    match crate::cold::drive(state, m, attach, cancel).await {
         Ok(()) => Ending::Completed(None),
-        Err(e) => Ending::Failed(e.body),
+        Err(crate::cold::ColdEnd::Cancelled) => Ending::Cancelled,
+        Err(crate::cold::ColdEnd::Failed(body)) => Ending::Failed(body),
     }
-}
-
-/// A stopped instance's definition moves: defined on the destination, undefined on the
-/// source, ownership moved in the store when the job completes. Shared-storage files stay.
-async fn cold(state: &AppState, m: &Migration) -> Result<(), ServerError> {
-    let instance = state
-        .store
-        .get_instance(&m.instance_id.to_string())
-        .await?
-        .ok_or_else(|| ServerError::not_found("instance", &m.instance_id.to_string()))?;
-    let src = agent_client(&state.store, &m.source).await?;
-    let dst = agent_client(&state.store, &m.destination).await?;
-    let on_source: Vec<AgentInstance> = src
-        .get("/v1/instances")
-        .await
-        .map_err(|e| ServerError::from_agent(&m.source, e))?;
-    if on_source
-        .iter()
-        .any(|i| i.id == m.instance_id && i.state == InstanceState::Running)
-    {
-        return Err(ServerError::conflict(
-            "instance-running",
-            format!(
-                "{} runs on {}; a cold migration needs it stopped",
-                instance.name, m.source
-            ),
-            "stop it first, or migrate it live",
-        ));
-    }
-    set_state(state, m.id, MigrationState::Migrating).await?;
-    log(
-        state,
-        m.id,
-        "info",
-        &format!("defining {} on {}", instance.name, m.destination),
-    )
-    .await;
-    let path = format!("/v1/instances/{}", m.instance_id);
-    let _: AgentInstance = dst
-        .put(
-            &path,
-            &DefineInstance {
-                name: instance.name.clone(),
-                spec: instance.spec.clone(),
-            },
-        )
-        .await
-        .map_err(|e| ServerError::from_agent(&m.destination, e))?;
-    set_state(state, m.id, MigrationState::Completing).await?;
-    log(
-        state,
-        m.id,
-        "info",
-        &format!("removing the definition from {}", m.source),
-    )
-    .await;
-    if let Err(e) = src.delete::<serde_json::Value>(&path).await {
-        if e.status() != Some(404) {
-            let _ = dst.delete::<serde_json::Value>(&path).await;
-            return Err(ServerError::from_agent(&m.source, e));
-        }
-    }
-    Ok(())
 }
 
 async fn drive_live(

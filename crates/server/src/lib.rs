@@ -8,6 +8,7 @@ pub mod agents;
 pub mod api;
 mod auth;
 pub mod checks;
+pub mod cold;
 pub mod config;
 pub mod disks;
 pub mod driver;

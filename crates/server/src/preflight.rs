@@ -10,12 +10,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use ferry_api::agent::{ImageMeasure, MeasureImage};
 use ferry_api::checks::{
     Candidate, CheckResult, CheckStatus, CpuModelFeatures, ProbeConnect, ProbeListening,
     ProbeResult, PROBE_BUSY,
 };
 use ferry_api::hosts::{Host, HostFacts, HostState};
-use ferry_api::instances::Instance;
+use ferry_api::instances::{ImageRef, Instance};
 use ferry_api::migrations::MigrationKind;
 use ferry_api::{ApiClient, ApiError};
 use futures_util::future::join_all;
@@ -358,6 +359,15 @@ pub async fn evaluate(state: &AppState, req: &Request<'_>) -> Result<Vec<Candida
         _ => None,
     };
 
+    // A cold migration copies the images the destination does not share: what each takes on
+    // the source, for the free-space check.
+    let image_bytes = match (&src, &source_facts, req.kind) {
+        (Some(c), Some(sf), MigrationKind::Cold) => {
+            measure_images(c, instance, sf, &targets, &fresh).await
+        }
+        _ => HashMap::new(),
+    };
+
     // Slots and other jobs.
     let active = state.store.active_migrations().await?;
     let mut inbound: HashMap<&str, u32> = HashMap::new();
@@ -391,6 +401,7 @@ pub async fn evaluate(state: &AppState, req: &Request<'_>) -> Result<Vec<Candida
             cpu_features_error: cpu_error.as_deref(),
             cluster_baseline: baseline.as_deref(),
             qemu_rule: state.config.preflight.qemu_version_rule,
+            image_bytes: Some(&image_bytes),
         };
         let mut out = checks::run_all(&CheckInput { probe, ..input });
         if f.is_some_and(|f| f.stale) {
@@ -416,11 +427,22 @@ pub async fn evaluate(state: &AppState, req: &Request<'_>) -> Result<Vec<Candida
     let cheap: Vec<Vec<CheckResult>> = targets.iter().map(|t| input_for(t, None)).collect();
     // Probes are shared with every other request (see [`ProbeCache`]).
     let ttl = Duration::from_secs(state.config.preflight.probe_cache_s);
-    let probes: Vec<Option<Probed>> = if req.probe && req.kind == MigrationKind::Live {
+    // A cold migration uses the migration network only when it copies disks.
+    let copies_to = |t: &Host| -> bool {
+        match (
+            &source_facts,
+            fresh.get(&t.name).and_then(|f| f.facts.as_ref()),
+        ) {
+            (Some(s), Some(d)) => !checks::planned_copies(instance, s, d).is_empty(),
+            _ => false,
+        }
+    };
+    let probes: Vec<Option<Probed>> = if req.probe {
         join_all(targets.iter().zip(&cheap).map(|(t, checks)| {
             let src = src.clone();
+            let wanted = req.kind == MigrationKind::Live || copies_to(t);
             async move {
-                if checks.iter().any(|c| c.status == CheckStatus::Fail) {
+                if !wanted || checks.iter().any(|c| c.status == CheckStatus::Fail) {
                     return None;
                 }
                 let src = src?;
@@ -474,6 +496,46 @@ pub async fn evaluate(state: &AppState, req: &Request<'_>) -> Result<Vec<Candida
         })
         .collect();
     Ok(rank(candidates))
+}
+
+/// What each image a cold migration would copy to any of `targets` takes on the source
+/// (`POST /v1/disks/measure` on the source agent). An image the agent cannot measure is left
+/// out, and the check counts its virtual size.
+async fn measure_images(
+    src: &ApiClient,
+    instance: &Instance,
+    source: &HostFacts,
+    targets: &[&Host],
+    fresh: &HashMap<String, Fresh>,
+) -> HashMap<ImageRef, u64> {
+    let mut wanted: Vec<(ImageRef, ferry_api::instances::DiskFormat)> = Vec::new();
+    for t in targets {
+        let Some(dst) = fresh.get(&t.name).and_then(|f| f.facts.as_ref()) else {
+            continue;
+        };
+        for c in checks::planned_copies(instance, source, dst) {
+            if !wanted.iter().any(|(i, _)| *i == c.image) {
+                wanted.push((c.image, c.format));
+            }
+        }
+    }
+    join_all(wanted.into_iter().map(|(image, format)| async move {
+        let body = MeasureImage {
+            image: image.clone(),
+            format,
+        };
+        let measured = timed(
+            FACTS_TIMEOUT,
+            src.post::<_, ImageMeasure>("/v1/disks/measure", &body),
+        )
+        .await
+        .ok()?;
+        Some((image, measured.allocated_bytes))
+    }))
+    .await
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 /// One line per unfit host: its failing checks.

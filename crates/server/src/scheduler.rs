@@ -105,6 +105,8 @@ mod tests {
             progress: None,
             stats: None,
             cancel_requested: false,
+            copies: vec![],
+            cleaned_up_at: None,
             plan: None,
         }
     }

@@ -93,6 +93,10 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let (stop, stop_rx) = watch::channel(false);
     driver::recover(&state).await;
     tokio::spawn(scheduler::run(state.clone(), stop_rx.clone()));
+    tokio::spawn(crate::cold::run_auto_cleanup(
+        state.clone(),
+        stop_rx.clone(),
+    ));
     let app = api::router(state.clone());
     let mut stop_http = stop_rx.clone();
     let task = tokio::spawn(async move {

@@ -160,6 +160,7 @@ async fn api() -> Api {
         limits: Default::default(),
         preflight: Default::default(),
         progress_poll_ms: 250,
+        cold_cleanup_after_s: 0,
     })
     .await
     .expect("server starts");

@@ -48,6 +48,7 @@ impl Env {
             limits: Default::default(),
             preflight: Default::default(),
             progress_poll_ms: 200,
+            cold_cleanup_after_s: 0,
         })
         .await
         .expect("server starts");

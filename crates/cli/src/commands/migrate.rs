@@ -137,6 +137,10 @@ pub enum MigrationCommand {
     /// Switch a copying migration to post-copy now (only if started with --post-copy): the
     /// guest continues on the destination at once and its memory follows on demand.
     Postcopy { id: String },
+    /// Remove the source's copies of the disks a completed cold migration copied (kept until
+    /// then, so that data is preserved on both hosts until you are sure). Repeating is
+    /// harmless.
+    Cleanup { id: String },
     /// Change the pacing of a pending or copying migration; a copying one follows at once.
     Set {
         id: String,
@@ -356,6 +360,13 @@ pub async fn run(ctx: &Ctx, cmd: MigrationCommand) -> Result<u8, CliError> {
                 downtime_ms,
             };
             let m: Migration = ctx.patch(&format!("/v1/migrations/{id}"), &body).await?;
+            ctx.print(&m, output::migration_detail);
+        }
+        MigrationCommand::Cleanup { id } => {
+            let id = resolve_id(ctx, &id).await?;
+            let m: Migration = ctx
+                .post(&format!("/v1/migrations/{id}/cleanup"), &())
+                .await?;
             ctx.print(&m, output::migration_detail);
         }
         MigrationCommand::Postcopy { id } => {

@@ -439,6 +439,33 @@ pub async fn update(
     Ok(Json(m))
 }
 
+/// Removes the source's copies of the disks a completed cold migration copied (kept until now
+/// so that nothing is lost before the destination's copy proved good). Idempotent: a job
+/// already cleaned up is answered as it is. Refused for a job that did not complete, or that
+/// copied nothing.
+#[utoipa::path(post, path = "/v1/migrations/{id}/cleanup", params(("id" = String, Path, description = "migration id (UUID)")), responses((status = 200, body = Migration), (status = 404, description = "no such migration", body = ferry_api::ErrorBody), (status = 409, description = "the job did not complete, or kept nothing to clean up", body = ferry_api::ErrorBody), (status = 502, description = "the source agent failed to remove them", body = ferry_api::ErrorBody), (status = 503, description = "the source host does not answer", body = ferry_api::ErrorBody)))]
+pub async fn cleanup(
+    State(state): State<AppState>,
+    who: Admin,
+    Path(id): Path<String>,
+) -> Result<Json<Migration>, ServerError> {
+    let m = get(&state, &id).await?;
+    let already = m.cleaned_up_at.is_some();
+    let m = crate::cold::cleanup(&state, &m, &who.name).await?;
+    if !already {
+        state
+            .store
+            .audit(
+                &who.name,
+                "migration.cleanup",
+                &m.id.to_string(),
+                &serde_json::json!({}),
+            )
+            .await?;
+    }
+    Ok(Json(m))
+}
+
 /// What Ferry did for this migration and what QEMU reported, in order.
 #[utoipa::path(get, path = "/v1/migrations/{id}/logs", params(("id" = String, Path, description = "migration id (UUID)")), responses((status = 200, body = Vec<LogLine>), (status = 404, description = "no such migration", body = ferry_api::ErrorBody)))]
 pub async fn logs(

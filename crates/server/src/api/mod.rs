@@ -100,6 +100,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
         migrations::update,
         migrations::cancel,
         migrations::postcopy,
+        migrations::cleanup,
         migrations::logs,
         migrations::audit,
         events::cluster_events,
@@ -109,7 +110,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
         ferry_api::ErrorBody,
         ferry_api::checks::Candidate,
         ferry_api::checks::CheckResult,
-        ferry_api::checks::CheckStatus
+        ferry_api::checks::CheckStatus,
+        ferry_api::migrations::DiskCopy,
+        ferry_api::migrations::DiskCopyState
     ))
 )]
 struct ApiDoc;
@@ -153,6 +156,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/migrations/{id}/cancel", post(migrations::cancel))
         .route("/v1/migrations/{id}/postcopy", post(migrations::postcopy))
+        .route("/v1/migrations/{id}/cleanup", post(migrations::cleanup))
         .route("/v1/migrations/{id}/logs", get(migrations::logs))
         .route("/v1/migrations/{id}/events", get(events::migration_events))
         .route("/v1/events", get(events::cluster_events))

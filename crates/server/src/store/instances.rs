@@ -160,6 +160,22 @@ impl Store {
         Ok(())
     }
 
+    /// Replaces the instance's spec: for what Ferry itself writes after creation (the disks it
+    /// created or copied), never for a user's change of a defined instance.
+    /// [`StoreError::NotFound`] if it does not exist.
+    pub async fn set_instance_spec(&self, id: Uuid, spec: &InstanceSpec) -> Result<(), StoreError> {
+        let done = sqlx::query("UPDATE instances SET spec = $2, updated_at = $3 WHERE id = $1")
+            .bind(id.to_string())
+            .bind(to_json(spec, "instance spec")?)
+            .bind(ms(now()))
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("instance {id}")));
+        }
+        Ok(())
+    }
+
     /// Moves the record to the host the agents report running the guest (generation + 1):
     /// the correction of a record that did not follow the truth.
     pub async fn move_instance_to(&self, id: Uuid, host: &str) -> Result<(), StoreError> {

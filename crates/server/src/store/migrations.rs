@@ -1,5 +1,6 @@
+use chrono::{DateTime, Utc};
 use ferry_api::migrations::{
-    LogLine, Migration, MigrationKind, MigrationOptions, MigrationPlan, MigrationState,
+    DiskCopy, LogLine, Migration, MigrationKind, MigrationOptions, MigrationPlan, MigrationState,
     MigrationStats,
 };
 use ferry_api::ErrorBody;
@@ -56,7 +57,8 @@ fn parse_kind(s: &str) -> Option<MigrationKind> {
 const MIGRATION_SELECT: &str = "SELECT m.id, m.instance_id,
         COALESCE(i.name, m.instance_name) AS instance_name, m.kind, m.source, m.destination,
         m.state, m.options, m.created_at, m.preparing_at, m.migrating_at, m.completing_at,
-        m.finished_at, m.error, m.progress, m.stats, m.cancel_requested, m.plan
+        m.finished_at, m.error, m.progress, m.stats, m.cancel_requested, m.plan, m.copies,
+        m.cleaned_up_at
     FROM migrations m LEFT JOIN instances i ON i.id = m.instance_id";
 
 /// Moves the migration's instance to the destination and bumps its generation, unless it is
@@ -92,6 +94,8 @@ fn migration_from_row(row: &SqliteRow) -> Result<Migration, StoreError> {
         stats: opt_json_col::<MigrationStats>(row, "stats")?,
         cancel_requested: col(row, "cancel_requested")?,
         plan: opt_json_col::<MigrationPlan>(row, "plan")?,
+        copies: opt_json_col::<Vec<DiskCopy>>(row, "copies")?.unwrap_or_default(),
+        cleaned_up_at: opt_time_col(row, "cleaned_up_at")?,
     })
 }
 
@@ -372,6 +376,80 @@ impl Store {
         self.get_migration(id)
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("migration {id}")))
+    }
+
+    /// Records the disk copies of a cold migration (their progress, checksums, and whether the
+    /// source copies are kept). Rates that are not finite are stored as 0, like progress.
+    pub async fn set_copies(&self, id: Uuid, copies: &[DiskCopy]) -> Result<(), StoreError> {
+        let clean: Vec<DiskCopy> = copies
+            .iter()
+            .map(|c| DiskCopy {
+                rate_bps: if c.rate_bps.is_finite() {
+                    c.rate_bps
+                } else {
+                    0.0
+                },
+                ..c.clone()
+            })
+            .collect();
+        let done = sqlx::query("UPDATE migrations SET copies = $2 WHERE id = $1")
+            .bind(id.to_string())
+            .bind(to_json(&clean, "disk copies")?)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("migration {id}")));
+        }
+        Ok(())
+    }
+
+    /// Records that the source copies of a completed migration were removed: every copy's
+    /// `source_kept` becomes false and `cleaned_up_at` is set, once (a repeat keeps the first
+    /// time). Returns the job.
+    pub async fn mark_cleaned_up(&self, id: Uuid) -> Result<Migration, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let current = fetch_existing_in(&mut tx, id).await?;
+        let copies: Vec<DiskCopy> = current
+            .copies
+            .iter()
+            .map(|c| DiskCopy {
+                source_kept: false,
+                ..c.clone()
+            })
+            .collect();
+        sqlx::query(
+            "UPDATE migrations SET copies = $2, cleaned_up_at = COALESCE(cleaned_up_at, $3)
+              WHERE id = $1",
+        )
+        .bind(id.to_string())
+        .bind(to_json(&copies, "disk copies")?)
+        .bind(ms(now()))
+        .execute(&mut *tx)
+        .await?;
+        let updated = fetch_existing_in(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(updated)
+    }
+
+    /// Completed migrations that finished before `before` and still keep source copies: what
+    /// the automatic cleanup removes.
+    pub async fn cleanups_due(&self, before: DateTime<Utc>) -> Result<Vec<Migration>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "{MIGRATION_SELECT} WHERE m.state = $1 AND m.copies IS NOT NULL
+                AND m.cleaned_up_at IS NULL AND m.finished_at <= $2 ORDER BY m.seq"
+        ))
+        .bind(MigrationState::Completed.as_str())
+        .bind(ms(before))
+        .fetch_all(&self.pool)
+        .await?;
+        let all: Vec<Migration> = rows
+            .iter()
+            .map(migration_from_row)
+            .collect::<Result<_, _>>()?;
+        Ok(all
+            .into_iter()
+            .filter(|m| m.copies.iter().any(|c| c.source_kept))
+            .collect())
     }
 
     /// Keeps the latest progress sample on the job, for listings and for clients that

@@ -50,6 +50,7 @@ const MAX_CONNECTIONS: u32 = 8;
 const SCHEMA: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/0001_initial.sql")),
     (2, include_str!("../../migrations/0002_plan.sql")),
+    (3, include_str!("../../migrations/0003_copies.sql")),
 ];
 
 /// Migration states that end a job, as an SQL list. Kept equal to

@@ -932,3 +932,83 @@ async fn database_files_are_private() {
     assert_eq!(mode(&db), 0o600);
     s.close().await;
 }
+
+#[tokio::test]
+async fn disk_copies_are_recorded_and_cleanup_is_due_once() {
+    use ferry_api::instances::{DiskFormat, ImageRef};
+    use ferry_api::migrations::{DiskCopy, DiskCopyState};
+    let (s, id) = fleet().await;
+    let m = s
+        .insert_migration(&new_migration(id))
+        .await
+        .expect("insert");
+    assert!(m.copies.is_empty() && m.cleaned_up_at.is_none());
+    let copy = DiskCopy {
+        disk: "disk0".into(),
+        image: ImageRef {
+            datastore: "local".into(),
+            file: "vm1-disk0.qcow2".into(),
+        },
+        format: DiskFormat::Qcow2,
+        size_bytes: 1 << 30,
+        state: DiskCopyState::Copied,
+        done_bytes: 1 << 30,
+        remaining_bytes: 0,
+        rate_bps: f64::INFINITY,
+        elapsed_ms: 1200,
+        sha256: Some("ab".repeat(32)),
+        source_kept: true,
+    };
+    s.set_copies(m.id, std::slice::from_ref(&copy))
+        .await
+        .expect("copies");
+    let got = s.get_migration(m.id).await.unwrap().unwrap();
+    assert_eq!(
+        got.copies[0].rate_bps, 0.0,
+        "a non-finite rate is stored as 0"
+    );
+    assert_eq!(got.copies[0].sha256, copy.sha256);
+    // Not due while the job runs, nor before the delay.
+    assert!(s.cleanups_due(Utc::now()).await.unwrap().is_empty());
+    s.complete_migration(m.id, None).await.expect("complete");
+    assert!(s
+        .cleanups_due(Utc::now() - Duration::seconds(60))
+        .await
+        .unwrap()
+        .is_empty());
+    let due = s
+        .cleanups_due(Utc::now() + Duration::seconds(1))
+        .await
+        .unwrap();
+    assert_eq!(due.len(), 1);
+    let cleaned = s.mark_cleaned_up(m.id).await.expect("cleaned");
+    assert!(cleaned.cleaned_up_at.is_some());
+    assert!(!cleaned.copies[0].source_kept);
+    let again = s.mark_cleaned_up(m.id).await.expect("again");
+    assert_eq!(
+        again.cleaned_up_at, cleaned.cleaned_up_at,
+        "the first time stays"
+    );
+    assert!(s
+        .cleanups_due(Utc::now() + Duration::seconds(1))
+        .await
+        .unwrap()
+        .is_empty());
+    // The spec Ferry writes after creation.
+    let mut spec = spec();
+    spec.memory_mib = 333;
+    s.set_instance_spec(id, &spec).await.expect("spec");
+    assert_eq!(
+        s.get_instance("vm1")
+            .await
+            .unwrap()
+            .unwrap()
+            .spec
+            .memory_mib,
+        333
+    );
+    assert!(matches!(
+        s.set_instance_spec(Uuid::new_v4(), &spec).await,
+        Err(StoreError::NotFound(_))
+    ));
+}

@@ -49,6 +49,17 @@ impl Cluster {
         limits: Limits,
         tweak: impl Fn(&mut AgentConfig),
     ) -> Cluster {
+        Self::start_with_server(hosts, limits, tweak, |_| {}).await
+    }
+
+    /// Like [`Cluster::start_with`], with `server_tweak` applied to the server's
+    /// configuration before it starts.
+    pub async fn start_with_server(
+        hosts: usize,
+        limits: Limits,
+        tweak: impl Fn(&mut AgentConfig),
+        server_tweak: impl FnOnce(&mut ServerConfig),
+    ) -> Cluster {
         remove_orphan_test_labs();
         let dir = tempfile::tempdir().unwrap();
         let (image, _) = tokio::task::spawn_blocking(|| ensure_image(&ImageOptions::default()))
@@ -60,7 +71,7 @@ impl Cluster {
             .await
             .unwrap()
             .expect("lab network");
-        let server = ferry_server::start(ServerConfig {
+        let mut server_config = ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             database: dir.path().join("ferry.db"),
             admin_token: Some(ADMIN.into()),
@@ -74,9 +85,12 @@ impl Cluster {
                 ..Default::default()
             },
             progress_poll_ms: 200,
-        })
-        .await
-        .expect("server starts");
+            cold_cleanup_after_s: 0,
+        };
+        server_tweak(&mut server_config);
+        let server = ferry_server::start(server_config)
+            .await
+            .expect("server starts");
         let mut agents = Vec::new();
         let mut agent_configs = Vec::new();
         for h in &lab.hosts {
