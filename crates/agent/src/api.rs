@@ -9,9 +9,9 @@ use axum::routing::{get, post, put};
 use axum::{middleware, Json, Router};
 use ferry_api::agent::{
     AgentInstance, ChecksumImage, ChecksumStatus, CleanedUp, CleanupCopies, CopyReceiving,
-    CopyStatus, DefineInstance, DirtyRate, ImageMeasure, IncomingReady, MeasureImage,
-    PrepareDisk, PrepareIncoming, PreparedDisk, ReceiveCopy, ReconnectSource, SendCopy,
-    SetSourceParams, SourceStatus, StartSource,
+    CopyStatus, DefineInstance, DirtyRate, ImageMeasure, IncomingReady, MeasureImage, PrepareDisk,
+    PrepareIncoming, PreparedDisk, ReceiveCopy, ReconnectSource, SendCopy, SetSourceParams,
+    SourceStatus, StartSource,
 };
 use ferry_api::checks::{CpuModelFeatures, ProbeConnect, ProbeListening, ProbeResult};
 use ferry_api::hosts::HostFacts;

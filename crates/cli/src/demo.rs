@@ -460,8 +460,7 @@ async fn migrate_and_measure(
         let reply = guest_client::control_in(&client_ns, control, "disk-verify")
             .await
             .map_err(|e| guest_err(format!("disk-verify: {e}")))?;
-        let disk =
-            guest_client::parse_disk_verify(&reply).map_err(|e| guest_err(e.to_string()))?;
+        let disk = guest_client::parse_disk_verify(&reply).map_err(|e| guest_err(e.to_string()))?;
         report.disk_blocks_checked = Some(disk.blocks_checked);
         report.disk_errors = Some(disk.errors);
         report.disk_writes = Some(disk.writes);

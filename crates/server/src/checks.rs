@@ -696,6 +696,12 @@ pub fn storage(inst: &Instance, src: &HostFacts, dst: &HostFacts) -> CheckResult
         .disks
         .iter()
         .map(|d| (format!("disk {}", d.id), &d.image))
+        // A base image is opened by the destination as it is: it must be shared too.
+        .chain(inst.spec.disks.iter().filter_map(|d| {
+            d.backing
+                .as_ref()
+                .map(|b| (format!("base image of disk {}", d.id), &b.image))
+        }))
         .chain(boot.nvram.iter().map(|n| ("UEFI NVRAM".to_string(), n)));
     let mut unshared = 0;
     for (what, image) in images {
@@ -1293,6 +1299,20 @@ mod tests {
             managed: true,
         }];
         assert_eq!(storage(&i, &s, &d).status, CheckStatus::Pass);
+        // An overlay on shared storage over a base on a local datastore cannot move.
+        let mut over = i.clone();
+        over.spec.disks[0].backing = Some(ferry_api::instances::BackingRef {
+            image: ImageRef {
+                datastore: "local".into(),
+                file: "base.qcow2".into(),
+            },
+            format: ferry_api::instances::DiskFormat::Qcow2,
+        });
+        let c = storage(&over, &s, &d);
+        assert!(
+            c.status == CheckStatus::Fail && c.message.contains("base image of disk disk0"),
+            "{c:?}"
+        );
         for ds in [&mut s.datastores, &mut d.datastores] {
             ds.push(DatastoreFacts {
                 name: "local".into(),
