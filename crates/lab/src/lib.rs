@@ -4,6 +4,7 @@
 //! measured on the same real parts: network namespaces as hosts, real QEMU guests, and a guest
 //! program that checks its own memory.
 
+pub mod debian_guest;
 pub mod debian_image;
 mod error;
 pub mod guest_client;
