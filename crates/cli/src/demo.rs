@@ -56,6 +56,10 @@ pub struct DemoArgs {
     /// Accelerator: auto (probe), kvm or tcg.
     #[arg(long, env = "FERRY_ACCEL", default_value = "auto")]
     accel: String,
+    /// Which guest moves: `lab` (Ferry's test guest, which verifies its own memory and disk)
+    /// or `debian` (a real Debian 12 booted from its disk, watched through its guest agent).
+    #[arg(long, default_value = "lab", value_parser = ["lab", "debian"])]
+    guest: String,
     /// Give the guest a disk of this size on a datastore both lab hosts share; the guest
     /// writes self-checking blocks to it and verifies every one after the move.
     #[arg(long, value_name = "N")]
@@ -74,6 +78,8 @@ pub struct DemoArgs {
 #[derive(Debug, Serialize)]
 struct DemoReport {
     status: &'static str,
+    /// `lab` or `debian`.
+    guest: String,
     source: String,
     destination: String,
     memory_mib: u32,
@@ -102,6 +108,24 @@ struct DemoReport {
     disk_errors: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     disk_writes: Option<u64>,
+    /// Debian: `PRETTY_NAME` as its guest agent reports it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    guest_os: Option<String>,
+    /// Debian: seconds from the create request to the guest agent's first answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    boot_s: Option<f64>,
+    /// Debian: writes of the guest's shell loop missing from its log after the move.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    writes_lost: Option<u64>,
+    /// Debian: longest time between two of the loop's writes, by the guest's clock.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    longest_write_gap_ms: Option<f64>,
+    /// Debian: a 4 MiB file written before the move read back identical after it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    file_intact: Option<bool>,
+    /// Debian: `e2fsck -fn` of the root filesystem after a clean shutdown found nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fsck_clean: Option<bool>,
     /// What the auto policy measured, predicted and chose.
     plan: Option<String>,
     error: Option<serde_json::Value>,
@@ -114,6 +138,7 @@ impl DemoReport {
     fn new(args: &DemoArgs) -> DemoReport {
         DemoReport {
             status: "failed",
+            guest: args.guest.clone(),
             source: "hv1".into(),
             destination: "hv2".into(),
             memory_mib: args.memory_mib,
@@ -135,6 +160,12 @@ impl DemoReport {
             disk_blocks_checked: None,
             disk_errors: None,
             disk_writes: None,
+            guest_os: None,
+            boot_s: None,
+            writes_lost: None,
+            longest_write_gap_ms: None,
+            file_intact: None,
+            fsck_clean: None,
             plan: None,
             error: None,
             migration_started: false,
@@ -193,7 +224,13 @@ fn conclude(report: &mut DemoReport, outcome: Result<(), CliError>, json: bool) 
         Some(e) if !json => Some(e.render()),
         _ => None,
     };
-    let verified = report.memory_verified && report.disk_verified != Some(false);
+    let verified = if report.guest == "debian" {
+        report.file_intact == Some(true)
+            && report.writes_lost == Some(0)
+            && report.fsck_clean == Some(true)
+    } else {
+        report.memory_verified && report.disk_verified != Some(false)
+    };
     let code = match (&error, verified) {
         (Some(_), _) => 1,
         (None, true) => 0,
@@ -219,6 +256,8 @@ fn guest_err(detail: String) -> CliError {
         "read the guest's serial log in the agent's run directory",
     )
 }
+
+mod debian;
 
 /// The guest's address in the demo lab, and its name.
 const VM: &str = "demo-vm";
@@ -290,6 +329,11 @@ async fn demo(args: &DemoArgs, report: &mut DemoReport) -> Result<(), CliError> 
         path: cache_dir.clone(),
     };
     let cluster = LocalCluster::start(&args.lab_name, 2, accel.name(), vec![images]).await?;
+    if args.guest == "debian" {
+        let result = debian::run(args, &cluster, &cache_dir, &options, report).await;
+        cluster.shutdown().await;
+        return result;
+    }
     let disks = match args.disk_mib {
         None => vec![],
         Some(mib) => {
@@ -480,6 +524,9 @@ fn parse_fill(s: &str) -> Result<Fill, String> {
 /// The report as the text `ferry demo` prints.
 fn render_report(r: &DemoReport) -> String {
     use std::fmt::Write;
+    if r.guest == "debian" {
+        return debian::render(r);
+    }
     let mut out = String::new();
     let ms = |v: Option<u64>| v.map(|v| format!("{v} ms")).unwrap_or_else(|| "-".into());
     let fms = |v: Option<f64>| {

@@ -132,12 +132,26 @@ impl LocalCluster {
     /// The serial socket of instance `id` on host `index` (0-based): the agent keeps each
     /// QEMU's run directory under its state dir, named by the id's first 8 hex digits.
     pub fn serial_socket(&self, index: usize, id: Uuid) -> PathBuf {
+        self.run_dir(index, id).join("serial.sock")
+    }
+
+    /// The host end of the guest agent's channel of instance `id` on host `index`.
+    pub fn guest_agent_socket(&self, index: usize, id: Uuid) -> PathBuf {
+        self.run_dir(index, id).join("qga.sock")
+    }
+
+    fn run_dir(&self, index: usize, id: Uuid) -> PathBuf {
         let short: String = id.simple().to_string().chars().take(8).collect();
+        self.agent_configs[index].state_dir.join("run").join(short)
+    }
+
+    /// Where datastore `name` of host `index` is.
+    pub fn datastore_path(&self, index: usize, name: &str) -> Option<PathBuf> {
         self.agent_configs[index]
-            .state_dir
-            .join("run")
-            .join(short)
-            .join("serial.sock")
+            .datastores
+            .iter()
+            .find(|d| d.name == name)
+            .map(|d| d.path.clone())
     }
 
     /// Stops agents and server in order; guests go with the namespaces on drop.

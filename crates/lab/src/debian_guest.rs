@@ -158,16 +158,17 @@ pub fn fsck_root(
     let part = scratch.join("root-partition.raw");
     let _ = std::fs::remove_file(&part);
     const MIB: u64 = 1 << 20;
-    let (bs, skip, count) =
-        if layout.root.offset_bytes() % MIB == 0 && layout.root.size_bytes() % MIB == 0 {
-            (
-                MIB,
-                layout.root.offset_bytes() / MIB,
-                layout.root.size_bytes() / MIB,
-            )
-        } else {
-            (512, layout.root.start_lba, layout.root.sectors)
-        };
+    let (bs, skip, count) = if layout.root.offset_bytes().is_multiple_of(MIB)
+        && layout.root.size_bytes().is_multiple_of(MIB)
+    {
+        (
+            MIB,
+            layout.root.offset_bytes() / MIB,
+            layout.root.size_bytes() / MIB,
+        )
+    } else {
+        (512, layout.root.start_lba, layout.root.sectors)
+    };
     let dd = Command::new("qemu-img")
         .args(["dd", "-f", format, "-O", "raw"])
         .arg(format!("bs={bs}"))
