@@ -2,7 +2,7 @@
 //!
 //! The Debian image (`ferry image build --debian`) is copied onto a datastore both lab hosts
 //! share, boots through SeaBIOS, and is watched only through what Debian itself offers: its
-//! qemu-guest-agent. While a shell loop in the guest writes and syncs a line every 20 ms,
+//! qemu-guest-agent. While a shell loop in the guest appends a line, syncs and sleeps 20 ms,
 //! the guest moves hv1 -> hv2; then the file written before the move must read back
 //! identical, no write may be missing, the guest is shut down cleanly through its agent, and
 //! its root filesystem must pass a read-only fsck on the host.
@@ -110,7 +110,7 @@ pub(super) async fn run(
         args,
         &format!(
             "{} answers through its guest agent after {:.1} s; writing a 4 MiB file, then a \
-             line and a sync every 20 ms",
+             loop that appends a line, syncs and sleeps 20 ms",
             report.guest_os.as_deref().unwrap_or("the guest"),
             report.boot_s.unwrap_or_default()
         ),
