@@ -45,6 +45,8 @@ fn demo_json_reports_a_verified_migration_and_cleans_up() {
             "256",
             "--wss-mib",
             "32",
+            "--disk-mib",
+            "8",
             "--lab-name",
             &lab,
         ])
@@ -78,6 +80,48 @@ fn demo_json_reports_a_verified_migration_and_cleans_up() {
         );
     }
     assert_eq!(report["tcp_echo_survived"], true, "{report}");
+    // The disk on the shared datastore: every block the guest wrote reads back as written.
+    assert_eq!(report["disk_verified"], true, "{report}");
+    assert_eq!(report["disk_blocks_checked"], 2048, "{report}");
+    assert_eq!(report["disk_errors"], 0, "{report}");
+    assert!(namespaces_of(&lab).is_empty());
+    assert_eq!(qemu_processes_of(&lab), 0);
+}
+
+#[test]
+fn the_debian_demo_moves_a_real_os_with_its_disk_and_checks_it() {
+    let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = format!("e{}", std::process::id());
+    let out = ferry()
+        .args(["demo", "--json", "--guest", "debian", "--lab-name", &lab])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert_eq!(report["status"], "completed", "{report}");
+    assert_eq!(report["guest"], "debian");
+    assert!(
+        report["guest_os"]
+            .as_str()
+            .is_some_and(|o| o.contains("Debian")),
+        "{report}"
+    );
+    assert_eq!(report["file_intact"], true, "{report}");
+    assert_eq!(report["writes_lost"], 0, "{report}");
+    assert!(
+        report["disk_writes"].as_u64().is_some_and(|w| w > 0),
+        "{report}"
+    );
+    assert_eq!(report["fsck_clean"], true, "{report}");
+    assert!(
+        report["boot_s"].as_f64().is_some_and(|b| b > 0.0),
+        "{report}"
+    );
     assert!(namespaces_of(&lab).is_empty());
     assert_eq!(qemu_processes_of(&lab), 0);
 }
