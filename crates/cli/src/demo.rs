@@ -433,44 +433,15 @@ async fn migrate_and_measure(
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    say(args, "migrating hv1 -> hv2 through the server");
-    let m: Migration = cluster
-        .ctx
-        .post(
-            "/v1/migrations",
-            &CreateMigration {
-                instance: VM.into(),
-                destination: Some("hv2".into()),
-                options: options.clone(),
-                kind: None,
-            },
-        )
-        .await?;
-    report.migration_started = true;
-    let bar = !args.json || std::io::stderr().is_terminal();
-    let m = follow(&cluster.ctx, m.id, bar).await?;
+    let m = migrate_to_hv2(args, cluster, options, report).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let echo = probe.stop();
     report.echo_sent = Some(echo.sent);
     report.echo_lost = Some(echo.lost);
     report.guest_downtime_ms = Some(echo.longest_gap_ms);
-    if m.state != MigrationState::Completed {
+    if let Err(e) = record_completion(&m, report) {
         dest_serial.abort();
-        return Err(CliError::Local(m.error.unwrap_or_else(|| {
-            ErrorBody::new(
-                "migration-failed",
-                format!("migration ended {}", m.state.as_str()),
-                "see `ferry migration logs`",
-            )
-        })));
-    }
-    report.status = "completed";
-    if let Some(stats) = &m.stats {
-        report.total_ms = Some(stats.total_ms);
-        report.plan = m.plan.as_ref().map(|p| p.plan.summary());
-        report.qemu_downtime_ms = Some(stats.downtime_ms);
-        report.bytes_transferred = Some(stats.bytes_transferred);
-        report.iterations = Some(stats.iterations);
+        return Err(e);
     }
     // A guest that lost the connection must not hang the demo: give the echo 10 s.
     let tcp_ok = tokio::task::spawn_blocking(move || {
@@ -509,6 +480,54 @@ async fn migrate_and_measure(
         report.disk_errors = Some(disk.errors);
         report.disk_writes = Some(disk.writes);
         report.disk_verified = Some(disk.ok && disk.blocks_checked > 0);
+    }
+    Ok(())
+}
+
+/// Asks the server to move the demo guest to hv2 and follows the job (with a progress bar
+/// on a terminal) until it ends.
+async fn migrate_to_hv2(
+    args: &DemoArgs,
+    cluster: &LocalCluster,
+    options: &MigrationOptions,
+    report: &mut DemoReport,
+) -> Result<Migration, CliError> {
+    say(args, "migrating hv1 -> hv2 through the server");
+    let m: Migration = cluster
+        .ctx
+        .post(
+            "/v1/migrations",
+            &CreateMigration {
+                instance: VM.into(),
+                destination: Some("hv2".into()),
+                options: options.clone(),
+                kind: None,
+            },
+        )
+        .await?;
+    report.migration_started = true;
+    let bar = !args.json || std::io::stderr().is_terminal();
+    follow(&cluster.ctx, m.id, bar).await
+}
+
+/// The job's ending into the report: its figures when it completed, else its error.
+fn record_completion(m: &Migration, report: &mut DemoReport) -> Result<(), CliError> {
+    if m.state != MigrationState::Completed {
+        return Err(CliError::Local(m.error.clone().unwrap_or_else(|| {
+            ErrorBody::new(
+                "migration-failed",
+                format!("migration ended {}", m.state.as_str()),
+                "see `ferry migration logs`",
+            )
+        })));
+    }
+    report.status = "completed";
+    report.plan = m.plan.as_ref().map(|p| p.plan.summary());
+    if let Some(stats) = &m.stats {
+        report.total_ms = Some(stats.total_ms);
+        report.qemu_downtime_ms = Some(stats.downtime_ms);
+        report.bytes_transferred = Some(stats.bytes_transferred);
+        report.iterations = Some(stats.iterations);
     }
     Ok(())
 }

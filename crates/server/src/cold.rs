@@ -46,8 +46,6 @@ use crate::ServerError;
 
 /// How often a copy an agent lost is started again before the job fails.
 pub const COPY_ATTEMPTS: u32 = 3;
-/// How long an agent that cannot be reached is waited for before the step fails.
-const AGENT_RETRY: Duration = Duration::from_secs(60);
 /// Long poll of a copy's status and of a checksum.
 const POLL_WAIT_MS: u64 = 1000;
 const CHECKSUM_WAIT_MS: u64 = 10_000;
@@ -161,42 +159,21 @@ impl ColdJob<'_> {
         format!("/v1/copies/{}/{disk}{tail}", self.m.id)
     }
 
-    /// Calls an agent, retrying while it cannot be reached, up to [`AGENT_RETRY`]; a cancel
+    /// Calls an agent, retrying while it cannot be reached, up to [`crate::agents::AGENT_RETRY`]; a cancel
     /// ends the retries when `cancellable`.
     async fn retrying<T, F, Fut>(
         &self,
         host: &str,
         cancellable: bool,
-        mut call: F,
+        call: F,
     ) -> Result<T, ApiError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, ApiError>>,
     {
-        let deadline = Instant::now() + AGENT_RETRY;
-        let mut logged = false;
-        loop {
-            match call().await {
-                Err(ApiError::Unreachable { .. })
-                    if Instant::now() < deadline && !(cancellable && self.cancelled()) =>
-                {
-                    if !logged {
-                        let message = format!(
-                            "agent on {host} unreachable; retrying for up to {} s",
-                            AGENT_RETRY.as_secs()
-                        );
-                        self.log("warn", &message).await;
-                        logged = true;
-                    }
-                    let mut cancel = self.cancel.clone();
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {},
-                        _ = cancel.changed(), if cancellable => {},
-                    }
-                }
-                other => return other,
-            }
-        }
+        let cancel = cancellable.then(|| self.cancel.clone());
+        let warn = |message: String| async move { self.log("warn", &message).await };
+        crate::agents::retry_unreachable(host, cancel, warn, call).await
     }
 
     /// The existing refusal: a cold migration needs the instance stopped on the source.
@@ -474,10 +451,10 @@ impl ColdJob<'_> {
                 }
                 Err(ApiError::Unreachable { .. }) => {
                     let since = *unreachable_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() > AGENT_RETRY {
+                    if since.elapsed() > crate::agents::AGENT_RETRY {
                         return Err(AttemptEnd::Lost(format!(
                             "the agent on {source} did not answer for {} s",
-                            AGENT_RETRY.as_secs()
+                            crate::agents::AGENT_RETRY.as_secs()
                         )));
                     }
                     tokio::time::sleep(Duration::from_secs(1)).await;

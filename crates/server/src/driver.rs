@@ -422,11 +422,6 @@ enum Side {
     Destination,
 }
 
-/// How long the server keeps retrying an agent that does not answer before a step fails.
-/// The source agent is waited for without limit while the copy runs: only it knows whether
-/// the guest was handed over.
-const AGENT_RETRY: Duration = Duration::from_secs(60);
-
 impl<'a> AgentHalves<'a> {
     async fn new(
         state: &'a AppState,
@@ -570,46 +565,22 @@ impl<'a> AgentHalves<'a> {
         *self.cancel.borrow()
     }
 
-    /// Calls an agent, retrying while it cannot be reached, up to [`AGENT_RETRY`]. Before
+    /// Calls an agent, retrying while it cannot be reached, up to [`crate::agents::AGENT_RETRY`]. Before
     /// switchover (`cancellable`) a cancel request ends the retries at once, so cancelling
     /// works while a host is down.
     async fn retrying<T, F, Fut>(
         &self,
         host: &str,
         cancellable: bool,
-        mut call: F,
+        call: F,
     ) -> Result<T, ApiError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, ApiError>>,
     {
-        let deadline = Instant::now() + AGENT_RETRY;
-        let mut logged = false;
-        loop {
-            match call().await {
-                Err(ApiError::Unreachable { .. })
-                    if Instant::now() < deadline && !(cancellable && self.cancel_requested()) =>
-                {
-                    if !logged {
-                        self.log(
-                            "warn",
-                            &format!(
-                                "agent on {host} unreachable; retrying for up to {} s",
-                                AGENT_RETRY.as_secs()
-                            ),
-                        )
-                        .await;
-                        logged = true;
-                    }
-                    let mut cancel = self.cancel.clone();
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {},
-                        _ = cancel.changed(), if cancellable => {},
-                    }
-                }
-                other => return other,
-            }
-        }
+        let cancel = cancellable.then(|| self.cancel.clone());
+        let warn = |message: String| async move { self.log("warn", &message).await };
+        crate::agents::retry_unreachable(host, cancel, warn, call).await
     }
 
     /// The controller's decisions, each a log line with the numbers behind it.

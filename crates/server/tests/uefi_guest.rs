@@ -15,7 +15,11 @@ use ferry_server::config::Limits;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_uefi_guest_boots_moves_and_takes_its_nvram_along() {
     let shared = tempfile::tempdir().unwrap();
-    std::fs::write(shared.path().join(".ferry-datastore-id"), "uefi-test-shared\n").unwrap();
+    std::fs::write(
+        shared.path().join(".ferry-datastore-id"),
+        "uefi-test-shared\n",
+    )
+    .unwrap();
     let path = shared.path().to_path_buf();
     let c = Cluster::start_with(2, Limits::default(), move |config| {
         config.datastores.push(DatastoreConfig {
@@ -64,11 +68,7 @@ async fn a_uefi_guest_boots_moves_and_takes_its_nvram_along() {
         .post("/v1/instances/uefi/stop?force=true", &())
         .await
         .expect("stopped");
-    let _: serde_json::Value = c
-        .admin
-        .delete("/v1/instances/uefi")
-        .await
-        .expect("deleted");
+    let _: serde_json::Value = c.admin.delete("/v1/instances/uefi").await.expect("deleted");
     assert!(!nvram_path.exists(), "the NVRAM goes with the instance");
     c.shutdown().await;
 }

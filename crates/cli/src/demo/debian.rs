@@ -13,10 +13,7 @@ use std::time::{Duration, Instant};
 use ferry_api::instances::{
     BootFrom, BootSpec, CreateInstance, DiskRequest, Instance, InstanceSpec, NicSpec,
 };
-use ferry_api::migrations::{CreateMigration, Migration, MigrationState};
-use ferry_api::ErrorBody;
 use ferry_cli::commands::instance::mac_for;
-use ferry_cli::commands::migrate::follow;
 use ferry_cli::error::CliError;
 use ferry_cli::local_cluster::LocalCluster;
 use ferry_lab::debian_guest;
@@ -124,39 +121,8 @@ pub(super) async fn run(
     drop(ga);
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    say(args, "migrating hv1 -> hv2 through the server");
-    let m: Migration = cluster
-        .ctx
-        .post(
-            "/v1/migrations",
-            &CreateMigration {
-                instance: VM.into(),
-                destination: Some("hv2".into()),
-                options: options.clone(),
-                kind: None,
-            },
-        )
-        .await?;
-    report.migration_started = true;
-    let bar = !args.json || std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let m = follow(&cluster.ctx, m.id, bar).await?;
-    if m.state != MigrationState::Completed {
-        return Err(CliError::Local(m.error.unwrap_or_else(|| {
-            ErrorBody::new(
-                "migration-failed",
-                format!("migration ended {}", m.state.as_str()),
-                "see `ferry migration logs`",
-            )
-        })));
-    }
-    report.status = "completed";
-    if let Some(stats) = &m.stats {
-        report.total_ms = Some(stats.total_ms);
-        report.qemu_downtime_ms = Some(stats.downtime_ms);
-        report.bytes_transferred = Some(stats.bytes_transferred);
-        report.iterations = Some(stats.iterations);
-    }
-    report.plan = m.plan.as_ref().map(|p| p.plan.summary());
+    let m = super::migrate_to_hv2(args, cluster, options, report).await?;
+    super::record_completion(&m, report)?;
 
     say(
         args,
