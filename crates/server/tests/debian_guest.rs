@@ -178,6 +178,15 @@ async fn a_debian_guest_boots_from_disk_moves_there_and_back_while_writing_and_s
         .await
         .expect("stopped");
     assert_eq!(stopped.state, InstanceState::Stopped);
+    let audit: Vec<serde_json::Value> = c.admin.get("/v1/audit").await.unwrap();
+    let stop = audit
+        .iter()
+        .find(|e| e["action"] == "instance.stop" && e["target"] == VM)
+        .expect("the stop is audited");
+    assert_eq!(
+        stop["detail"]["stopped_by"], "guest-agent",
+        "Debian shut down through its own agent: {stop}"
+    );
     let path = shared.path().join(&disk.image.file);
     let layout = DiskLayout::for_size_gib(image.size_gib).unwrap();
     let scratch = tempfile::tempdir().unwrap();
