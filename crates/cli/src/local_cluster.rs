@@ -140,6 +140,12 @@ impl LocalCluster {
         self.run_dir(index, id).join("qga.sock")
     }
 
+    /// The serial log of instance `id` on host `index`: QEMU writes every byte of the
+    /// console there from its start, whether or not a reader is connected to the socket.
+    pub fn serial_log(&self, index: usize, id: Uuid) -> PathBuf {
+        self.run_dir(index, id).join("serial.log")
+    }
+
     fn run_dir(&self, index: usize, id: Uuid) -> PathBuf {
         let short: String = id.simple().to_string().chars().take(8).collect();
         self.agent_configs[index].state_dir.join("run").join(short)

@@ -11,6 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use ferry_qmp::GuestAgent;
+use serde::Serialize;
 
 use crate::debian_image::DiskLayout;
 
@@ -75,18 +76,24 @@ fn first_word(s: &str) -> String {
 }
 
 /// Starts the disk writer in the background: every 20 ms it appends `SEQ SECONDS.NANOS`
-/// (the guest's clock) to [`WRITER_LOG`] and syncs.
+/// (the guest's clock) to [`WRITER_LOG`] and syncs. Right after reading the clock it prints
+/// `ferry-hb SEQ 0` on the serial console, the heartbeat line the lab's serial reader times
+/// ([`crate::serial::SerialMonitor`]), so the host's clock times the instants the guest's clock
+/// stamps: the guest's clock stops while QEMU pauses the guest, so only the host's clock sees
+/// a migration's pause in the gaps between writes. The console is opened per line because
+/// agetty may hang the port up, which would break a descriptor held open; an error writing it
+/// is ignored (the log is what must not miss a line).
 pub async fn start_writer(ga: &GuestAgent) -> Result<(), DebianGuestError> {
-    sh(
-        ga,
-        &format!(
-            "rm -f {WRITER_LOG}; nohup sh -c 'i=0; while :; do i=$((i+1)); \
-             echo \"$i $(date +%s.%N)\" >> {WRITER_LOG}; sync; sleep {WRITER_PAUSE_S}; done' \
-             >/dev/null 2>&1 &"
-        ),
+    sh(ga, &writer_script()).await.map(|_| ())
+}
+
+fn writer_script() -> String {
+    format!(
+        "rm -f {WRITER_LOG}; nohup sh -c 'i=0; while :; do i=$((i+1)); t=$(date +%s.%N); \
+         echo \"ferry-hb $i 0\" > /dev/ttyS0; \
+         echo \"$i $t\" >> {WRITER_LOG}; sync; sleep {WRITER_PAUSE_S}; done' \
+         >/dev/null 2>&1 &"
     )
-    .await
-    .map(|_| ())
 }
 
 /// The writer's log as the guest has it now.
@@ -95,15 +102,22 @@ pub async fn read_writer(ga: &GuestAgent) -> Result<WriterLog, DebianGuestError>
 }
 
 /// What the disk writer's log says: how many writes, whether any went missing, and the
-/// longest time between two writes by the guest's clock (which goes on across a pause).
-#[derive(Debug, Clone, PartialEq)]
+/// longest time between two writes by the guest's clock. That clock stops while QEMU pauses
+/// the guest (measured: it falls behind the host's by about the pause at each migration), so
+/// the gap is what the guest itself lived through, without the pause; the console heartbeats
+/// give the host's view.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct WriterLog {
     pub writes: u64,
-    /// Sequence numbers that should be there and are not, as (after, next) pairs.
+    /// Sequence numbers that should be there and are not, as (after, next) pairs; a pair
+    /// whose next is not above its after is a write repeated or replayed.
     pub holes: Vec<(u64, u64)>,
     pub longest_gap_ms: f64,
     /// Sequence number after which the longest gap came.
     pub longest_gap_after: u64,
+    /// The median time between two writes: what one turn of the loop (a line, a sync, 20 ms
+    /// of sleep) costs this guest when nothing else happens, to read the longest gap against.
+    pub median_gap_ms: f64,
 }
 
 impl WriterLog {
@@ -130,19 +144,32 @@ impl WriterLog {
             holes: Vec::new(),
             longest_gap_ms: 0.0,
             longest_gap_after: 0,
+            median_gap_ms: 0.0,
         };
+        let mut gaps = Vec::new();
         for w in entries.windows(2) {
             let ((a, ta), (b, tb)) = (w[0], w[1]);
             if b != a + 1 {
                 log.holes.push((a, b));
             }
             let gap = (tb - ta) * 1000.0;
+            gaps.push(gap);
             if gap > log.longest_gap_ms {
                 log.longest_gap_ms = gap;
                 log.longest_gap_after = a;
             }
         }
+        gaps.sort_by(f64::total_cmp);
+        log.median_gap_ms = gaps.get(gaps.len() / 2).copied().unwrap_or_default();
         Ok(log)
+    }
+
+    /// Writes missing between the first and the last line (a repeated line loses none).
+    pub fn lost(&self) -> u64 {
+        self.holes
+            .iter()
+            .map(|&(a, b)| b.saturating_sub(a).saturating_sub(1))
+            .sum()
     }
 }
 
@@ -219,5 +246,39 @@ mod tests {
         let torn = WriterLog::parse("1 100.000\n2 100.020\n3").unwrap();
         assert_eq!(torn.writes, 2, "a last line cut short is ignored");
         assert!(WriterLog::parse("1 100.0\nx y\n3 100.1\n").is_err());
+    }
+
+    #[test]
+    fn lost_writes_and_the_median_gap() {
+        // 3 lost, 6 and 7 lost, 5 written twice; gaps 20, 40, 20, 0, 60 ms.
+        let log = WriterLog::parse("1 1.00\n2 1.02\n4 1.06\n5 1.08\n5 1.08\n8 1.14\n").unwrap();
+        assert_eq!(log.holes, vec![(2, 4), (5, 5), (5, 8)]);
+        assert_eq!(
+            log.lost(),
+            3,
+            "the repeated 5 loses nothing and does not underflow"
+        );
+        assert!((log.median_gap_ms - 20.0).abs() < 1e-6, "{log:?}");
+        assert!((log.longest_gap_ms - 60.0).abs() < 1e-6, "{log:?}");
+        assert_eq!(log.longest_gap_after, 5);
+        let empty = WriterLog::parse("").unwrap();
+        assert_eq!(
+            (empty.writes, empty.lost(), empty.median_gap_ms),
+            (0, 0, 0.0)
+        );
+    }
+
+    #[test]
+    fn the_writer_prints_heartbeats_the_serial_reader_parses() {
+        let s = writer_script();
+        assert!(
+            s.contains("t=$(date +%s.%N); echo \"ferry-hb $i 0\" > /dev/ttyS0; echo \"$i $t\""),
+            "the heartbeat follows the clock reading at once: {s}"
+        );
+        assert!(s.contains(&format!(">> {WRITER_LOG}; sync;")), "{s}");
+        assert_eq!(
+            crate::guest_client::parse_heartbeat("ferry-hb 12 0\r"),
+            Some((12, 0))
+        );
     }
 }

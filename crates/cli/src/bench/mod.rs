@@ -6,8 +6,12 @@
 //! probing the guest over UDP sees, and the bytes that crossed hv1's migration interface.
 //! The raw TCP throughput of the same link is measured in the same run, so ratios compare
 //! like with like on a shared, noisy machine.
+//!
+//! `--debian` (debian.rs) measures instead the boot of the Debian guest and one shared-storage
+//! live migration of it per run, through the real server and agents.
 
 mod configs;
+mod debian;
 mod render;
 
 use std::io::IsTerminal;
@@ -40,6 +44,11 @@ pub struct BenchArgs {
     /// Runs per cell (the median is reported).
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Instead of the policy matrix: boot the Debian guest (`ferry image build --debian`)
+    /// under the lab's accelerator and live-migrate it hv1 -> hv2 on shared storage through
+    /// the server, --runs times, with a disk writer inside; writes debian.json and debian.md.
+    #[arg(long, conflicts_with_all = ["quick", "configs", "sizes", "loads", "link_mbit", "time_scale"])]
+    debian: bool,
     /// Only these configurations (comma-separated names).
     #[arg(long, value_delimiter = ',')]
     configs: Vec<String>,
@@ -57,7 +66,8 @@ pub struct BenchArgs {
     /// seconds, not minutes).
     #[arg(long, default_value_t = 0.05)]
     time_scale: f64,
-    /// Where bench.json, bench.md and remaining.svg go.
+    /// Where bench.json, bench.md and remaining.svg (with --debian: debian.json and
+    /// debian.md) go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
     /// Accelerator: auto (probe), kvm or tcg.
@@ -183,10 +193,16 @@ struct Report {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
-    // Ctrl-C drops the bench future and with it the lab, which removes every namespace,
-    // QEMU process and tap on drop.
+    // Ctrl-C drops the bench future and with it the lab (or, with --debian, the local
+    // cluster), which removes every namespace, QEMU process and tap on drop.
     tokio::select! {
-        r = bench(&args) => r,
+        r = async {
+            if args.debian {
+                debian::bench(&args).await
+            } else {
+                bench(&args).await
+            }
+        } => r,
         _ = ferry_cli::commands::shutdown_signal() => {
             eprintln!("interrupted: cleaning up the lab");
             Ok(ExitCode::from(130))
