@@ -509,12 +509,8 @@ async fn measure(
         .await
         .context("the guest agent did not answer on hv2")?;
     let clock_after = clock_offset_ms(&agent).await?;
-    let drift = clock_before.drift(&clock_start);
-    mv.guest_clock_lost_ms = Some(
-        clock_after.offset_ms
-            - clock_before.offset_ms
-            - drift * (clock_after.host_ms - clock_before.host_ms),
-    );
+    let (lost, drift) = clock_lost(&clock_start, &clock_before, &clock_after);
+    mv.guest_clock_lost_ms = Some(lost);
     mv.guest_clock_drift_ppm = Some(drift * 1e6);
     // Read while the writer goes on: a last line caught half-written is left out.
     mv.writer = Some(
@@ -601,6 +597,14 @@ impl ClockReading {
         }
         (self.offset_ms - earlier.offset_ms) / span
     }
+}
+
+/// How many ms the guest's clock fell behind between `before` and `after`, with the drift
+/// measured from `start` to `before` taken out; and that drift (ms per ms).
+fn clock_lost(start: &ClockReading, before: &ClockReading, after: &ClockReading) -> (f64, f64) {
+    let drift = before.drift(start);
+    let lost = after.offset_ms - before.offset_ms - drift * (after.host_ms - before.host_ms);
+    (lost, drift)
 }
 
 /// Host wall clock minus the guest's (`guest-get-time`). Of three readings the one with the
@@ -918,6 +922,19 @@ mod tests {
                 .collect();
             assert!(parse(&args).is_err(), "{args:?}");
         }
+    }
+
+    #[test]
+    fn the_guest_clock_loses_the_stop_and_its_drift_is_taken_out() {
+        let at = |host_ms: f64, offset_ms: f64| ClockReading { host_ms, offset_ms };
+        // The guest's clock runs 100 ppm slow (0.3 ms over the 3 s baseline), then loses 80 ms
+        // across a move measured over 10 s (1 ms of which is drift).
+        let (lost, drift) = clock_lost(&at(0.0, 5.0), &at(3000.0, 5.3), &at(13_000.0, 86.3));
+        assert!((drift - 1e-4).abs() < 1e-12, "{drift}");
+        assert!((lost - 80.0).abs() < 1e-9, "{lost}");
+        // Readings too close together tell no drift.
+        let (lost, drift) = clock_lost(&at(0.0, 5.0), &at(100.0, 6.0), &at(5000.0, 56.0));
+        assert_eq!((lost, drift), (50.0, 0.0));
     }
 
     #[test]
