@@ -322,6 +322,10 @@ async fn follow(
     let mut ticker = tokio::time::interval(params.sample_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut events = qmp.events();
+    // `migrate-continue` is sent once: QEMU may still report `pre-switchover` in a sample
+    // taken right after it, and refuses a second continue once it has moved on ("not in
+    // expected state: device"), which must not fail a switchover that is under way.
+    let mut continued = false;
     loop {
         let aborted = tokio::select! {
             _ = ticker.tick() => false,
@@ -345,6 +349,7 @@ async fn follow(
             Some(MigrationStatus::Completed) => {
                 return Ok(SourceOutcome::completed(&info, progress))
             }
+            Some(MigrationStatus::PreSwitchover) if continued => continue,
             Some(MigrationStatus::PreSwitchover) => {
                 // The guest is stopped and the last pages wait. Either the cancel that came
                 // first wins (QEMU resumes the guest here), or from now on nothing does.
@@ -357,6 +362,7 @@ async fn follow(
                     state: MigrationStatus::PreSwitchover,
                 })
                 .await?;
+                continued = true;
                 continue;
             }
             Some(MigrationStatus::Failed) if postcopy_seen => {
@@ -532,6 +538,81 @@ pub async fn resume_handed_over(qmp: &Qmp) -> Result<(), MigrateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A scripted QEMU monitor: answers `query-migrate` with `statuses` in turn (the last one
+    /// forever) and `migrate-continue` as QEMU does: accepted while the job waits at
+    /// pre-switchover, refused once it has moved on. Returns how many continues came.
+    async fn scripted_qemu(
+        listener: tokio::net::UnixListener,
+        statuses: Vec<&'static str>,
+    ) -> usize {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let (stream, _) = listener.accept().await.unwrap();
+        let (r, mut w) = stream.into_split();
+        let mut lines = BufReader::new(r).lines();
+        let greeting = serde_json::json!({"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 10}, "package": ""}, "capabilities": []}});
+        w.write_all(format!("{greeting}\r\n").as_bytes())
+            .await
+            .unwrap();
+        let (mut next, mut continues) = (0, 0);
+        while let Ok(Some(line)) = lines.next_line().await {
+            let cmd: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let id = cmd["id"].clone();
+            let reply = match cmd["execute"].as_str().unwrap_or("") {
+                "query-migrate" => {
+                    let status = statuses[next.min(statuses.len() - 1)];
+                    next += 1;
+                    serde_json::json!({"return": {"status": status}, "id": id})
+                }
+                "migrate-continue" => {
+                    continues += 1;
+                    if continues == 1 {
+                        serde_json::json!({"return": {}, "id": id})
+                    } else {
+                        serde_json::json!({"error": {"class": "GenericError", "desc": "Migration not in expected state: device"}, "id": id})
+                    }
+                }
+                _ => serde_json::json!({"return": {}, "id": id}),
+            };
+            w.write_all(format!("{reply}\r\n").as_bytes())
+                .await
+                .unwrap();
+            if statuses[next.saturating_sub(1).min(statuses.len() - 1)] == "completed" {
+                break;
+            }
+        }
+        continues
+    }
+
+    /// QEMU still says pre-switchover in the sample right after `migrate-continue` (its
+    /// migration thread has not woken yet): the half must not send a second continue, which
+    /// QEMU refuses once it is past the state, and must see the switchover through.
+    #[tokio::test]
+    async fn a_late_pre_switchover_sample_does_not_send_a_second_continue() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let qemu = tokio::spawn(scripted_qemu(
+            listener,
+            vec![
+                "active",
+                "pre-switchover",
+                "pre-switchover",
+                "device",
+                "completed",
+            ],
+        ));
+        let qmp = Qmp::connect(&path, Duration::from_secs(5)).await.unwrap();
+        let params = MigrationParams {
+            sample_interval: Duration::from_millis(5),
+            ..MigrationParams::default()
+        };
+        let (_handle, signal) = AbortHandle::new();
+        let outcome = follow_fixed(&qmp, &params, false, &mut |_| {}, signal).await;
+        assert!(outcome.is_ok(), "{outcome:?}");
+        drop(qmp);
+        assert_eq!(qemu.await.unwrap(), 1, "exactly one migrate-continue");
+    }
 
     #[test]
     fn a_cancel_before_the_point_of_no_return_wins() {
