@@ -282,6 +282,13 @@ async fn preflight_gate(state: &AppState, m: &Migration) -> Result<Option<f64>, 
 }
 
 async fn finish(state: &AppState, id: Uuid, ending: Ending) {
+    // Before the store lets go of the instance: heartbeats of both hosts collected during
+    // the job must not be read as the state after it.
+    if let Ok(Some(m)) = state.store.get_migration(id).await {
+        state
+            .reports
+            .settle(m.instance_id, &[m.source.as_str(), m.destination.as_str()]);
+    }
     let result = match &ending {
         Ending::Completed(stats) => {
             if let Some(s) = stats {

@@ -21,15 +21,62 @@ use crate::server::AppState;
 use crate::ServerError;
 
 /// What each host's agent reported last, and when.
+///
+/// A heartbeat is collected on the agent a moment before the server reads it, so one taken
+/// during a migration can arrive after the job ended: its "running" on the source would look
+/// like a second copy (or move the record back). When a job ends, [`Reports::settle`] marks
+/// the reports of its hosts that may predate the end, and they no longer count for that
+/// instance until a heartbeat collected after it arrives.
 #[derive(Debug, Default)]
 pub struct Reports {
-    by_host: Mutex<HashMap<String, (Instant, Vec<AgentInstance>)>>,
+    by_host: Mutex<HashMap<String, HostReport>>,
+    /// (instance, host) -> the last heartbeat number of that host that may have been
+    /// collected before the instance's migration ended.
+    settled: Mutex<HashMap<(Uuid, String), u64>>,
+}
+
+#[derive(Debug)]
+struct HostReport {
+    at: Instant,
+    /// Heartbeats received from this host so far, this one included.
+    seq: u64,
+    instances: Vec<AgentInstance>,
 }
 
 impl Reports {
     pub fn record(&self, host: &str, instances: Vec<AgentInstance>) {
-        self.lock()
-            .insert(host.to_string(), (Instant::now(), instances));
+        let mut by_host = self.lock();
+        let seq = by_host.get(host).map(|r| r.seq + 1).unwrap_or(1);
+        by_host.insert(
+            host.to_string(),
+            HostReport {
+                at: Instant::now(),
+                seq,
+                instances,
+            },
+        );
+        drop(by_host);
+        self.settled_lock()
+            .retain(|(_, h), last_stale| h != host || *last_stale >= seq);
+    }
+
+    /// A migration of `id` between `hosts` ends now: the report each host last sent, and the
+    /// one it may be sending (collected before now), no longer speak for `id`.
+    pub fn settle(&self, id: Uuid, hosts: &[&str]) {
+        let by_host = self.lock();
+        let mut settled = self.settled_lock();
+        for host in hosts {
+            let seq = by_host.get(*host).map(|r| r.seq).unwrap_or(0);
+            settled.insert((id, host.to_string()), seq + 1);
+        }
+    }
+
+    /// Whether `host`'s last report may speak for `id` (it was collected after any migration
+    /// of `id` that involved `host` ended).
+    fn speaks_for(&self, id: Uuid, host: &str, report: &HostReport) -> bool {
+        self.settled_lock()
+            .get(&(id, host.to_string()))
+            .is_none_or(|last_stale| report.seq > *last_stale)
     }
 
     /// Every host that reported instance `id` within `fresh` (with a QEMU or without, e.g.
@@ -38,9 +85,10 @@ impl Reports {
         let mut out: Vec<_> = self
             .lock()
             .iter()
-            .filter(|(_, (at, _))| at.elapsed() <= fresh)
-            .flat_map(|(host, (_, list))| {
-                list.iter()
+            .filter(|(host, r)| r.at.elapsed() <= fresh && self.speaks_for(id, host, r))
+            .flat_map(|(host, r)| {
+                r.instances
+                    .iter()
                     .filter(|i| i.id == id)
                     .map(|i| (host.clone(), i.clone()))
             })
@@ -54,7 +102,7 @@ impl Reports {
     pub fn guest(&self, id: Uuid, host: &str) -> Option<ferry_api::instances::GuestInfo> {
         self.lock()
             .get(host)
-            .and_then(|(_, list)| list.iter().find(|i| i.id == id))
+            .and_then(|r| r.instances.iter().find(|i| i.id == id))
             .and_then(|i| i.guest.clone())
     }
 
@@ -62,11 +110,22 @@ impl Reports {
     pub fn is_fresh(&self, host: &str, fresh: Duration) -> bool {
         self.lock()
             .get(host)
-            .is_some_and(|(at, _)| at.elapsed() <= fresh)
+            .is_some_and(|r| r.at.elapsed() <= fresh)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, Vec<AgentInstance>)>> {
+    /// True when `host` reported within `fresh`, in a report that speaks for `id`.
+    pub fn is_fresh_for(&self, id: Uuid, host: &str, fresh: Duration) -> bool {
+        self.lock()
+            .get(host)
+            .is_some_and(|r| r.at.elapsed() <= fresh && self.speaks_for(id, host, r))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, HostReport>> {
         self.by_host.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn settled_lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Uuid, String), u64>> {
+        self.settled.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -227,7 +286,7 @@ async fn reconcile_one(state: &AppState, id: Uuid, fresh: Duration) -> Result<()
         }
         seen.push((host.clone(), s));
     }
-    let owner_fresh = state.reports.is_fresh(&instance.host, fresh);
+    let owner_fresh = state.reports.is_fresh_for(id, &instance.host, fresh);
     match decide(&instance.host, instance.state, owner_fresh, &seen) {
         Verdict::Nothing => {}
         Verdict::SetState(s) => {
@@ -323,6 +382,52 @@ mod tests {
 
     fn copies(list: &[(&str, InstanceState)]) -> Vec<(String, InstanceState)> {
         list.iter().map(|(h, s)| (h.to_string(), *s)).collect()
+    }
+
+    fn report(id: Uuid, state: InstanceState) -> Vec<AgentInstance> {
+        vec![AgentInstance {
+            id,
+            name: "vm".into(),
+            state,
+            qemu_state: None,
+            pid: Some(1),
+            incoming: None,
+            guest: None,
+            stopped_by: None,
+        }]
+    }
+
+    /// The bench's false alarm: hv1's heartbeat, collected while the guest still ran there,
+    /// arrives after the job moved it to hv2. Neither it nor the one stored before the end
+    /// may speak for the instance; the first heartbeat after them does.
+    #[test]
+    fn heartbeats_from_before_a_job_ended_do_not_speak_for_its_instance() {
+        let (id, other) = (Uuid::new_v4(), Uuid::new_v4());
+        let fresh = Duration::from_secs(10);
+        let r = Reports::default();
+        r.record("hv1", report(id, Running));
+        r.record("hv2", report(id, Paused));
+        r.settle(id, &["hv1", "hv2"]);
+        assert!(r.copies(id, fresh).is_empty(), "stored before the end");
+        assert!(!r.is_fresh_for(id, "hv2", fresh));
+        r.record("hv1", report(id, Running)); // collected before the end, read after
+        assert!(r.copies(id, fresh).is_empty(), "in flight at the end");
+        r.record("hv2", report(id, Running));
+        r.record("hv2", report(id, Running));
+        assert_eq!(r.copies(id, fresh).len(), 1, "hv2 collected after the end");
+        assert!(r.is_fresh_for(id, "hv2", fresh));
+        r.record("hv1", vec![]);
+        assert_eq!(
+            r.copies(id, fresh)
+                .iter()
+                .map(|(h, _)| h.as_str())
+                .collect::<Vec<_>>(),
+            ["hv2"]
+        );
+        // Other instances were never held back.
+        r.record("hv1", report(other, Running));
+        assert_eq!(r.copies(other, fresh).len(), 1);
+        assert!(r.settled_lock().is_empty(), "barriers go once passed");
     }
 
     #[test]
