@@ -82,6 +82,11 @@ pub struct AgentConfig {
 pub struct DatastoreConfig {
     pub name: String,
     pub path: PathBuf,
+    /// The datastore's identity when it has no `.ferry-datastore-id` file but is known to
+    /// be one storage for several hosts: the hosts of a lab that share one machine's
+    /// directory. The file, when present, wins.
+    #[serde(default)]
+    pub identity: Option<String>,
 }
 
 /// A fleet network and the host bridge that carries it here.

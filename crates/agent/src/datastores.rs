@@ -113,10 +113,12 @@ mod tests {
             DatastoreConfig {
                 name: "images".into(),
                 path: root.join("images"),
+                identity: None,
             },
             DatastoreConfig {
                 name: "nested".into(),
                 path: root.join("images/nested"),
+                identity: None,
             },
         ];
         std::fs::create_dir_all(root.join("images/nested")).unwrap();

@@ -194,7 +194,7 @@ fn unreadable(path: &Path, why: &str) -> AgentError {
 
 /// The space and identity of one configured datastore, measured now.
 fn measure(store: &DatastoreConfig) -> DatastoreFacts {
-    datastore_facts(&store.name, &store.path)
+    datastore_facts(&store.name, &store.path, store.identity.as_deref())
 }
 
 /// The file name of a disk on its datastore.

@@ -155,7 +155,7 @@ impl StaticFacts {
             datastores: config
                 .datastores
                 .iter()
-                .map(|d| datastore_facts(&d.name, &d.path))
+                .map(|d| datastore_facts(&d.name, &d.path, d.identity.as_deref()))
                 .collect(),
             networks: config
                 .networks
@@ -201,12 +201,13 @@ pub fn mask_flags(flags: &[String], mask: &[String]) -> Vec<String> {
 }
 
 /// Space and identity of one datastore; zero sizes when the path cannot be measured.
-pub(crate) fn datastore_facts(name: &str, path: &Path) -> DatastoreFacts {
+pub(crate) fn datastore_facts(name: &str, path: &Path, configured: Option<&str>) -> DatastoreFacts {
     let (total_bytes, free_bytes) = statvfs(path).unwrap_or((0, 0));
     let identity = std::fs::read_to_string(path.join(".ferry-datastore-id"))
         .ok()
         .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty());
+        .filter(|s| !s.is_empty())
+        .or_else(|| configured.map(str::to_string));
     DatastoreFacts {
         name: name.to_string(),
         path: path.display().to_string(),
@@ -331,10 +332,14 @@ q35                  Standard PC (Q35 + ICH9, 2009) (alias of pc-q35-7.2)\nnone 
     fn datastore_identity_and_space() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(".ferry-datastore-id"), "nfs-1\n").unwrap();
-        let f = datastore_facts("local", dir.path());
+        let f = datastore_facts("local", dir.path(), None);
         assert_eq!(f.identity.as_deref(), Some("nfs-1"));
         assert!(f.total_bytes > 0 && f.free_bytes <= f.total_bytes);
-        let missing = datastore_facts("gone", Path::new("/nonexistent/ds"));
-        assert_eq!((missing.total_bytes, missing.identity), (0, None));
+        let missing = datastore_facts("gone", Path::new("/nonexistent/ds"), Some("lab"));
+        assert_eq!(
+            (missing.total_bytes, missing.identity.as_deref()),
+            (0, Some("lab")),
+            "a configured identity stands where no file is"
+        );
     }
 }

@@ -35,6 +35,7 @@ fn host(name: &str, root: &Path, ports: &str) -> AgentConfig {
     c.datastores = vec![DatastoreConfig {
         name: "local".into(),
         path: store,
+        identity: None,
     }];
     c
 }

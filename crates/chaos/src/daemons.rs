@@ -121,9 +121,11 @@ pub fn write_agent_configs(
             join_token,
             dir.join("agents").join(&h.name),
             accel,
+            // One directory of this machine for every lab host: one storage.
             vec![DatastoreConfig {
                 name: "images".into(),
                 path: images.to_path_buf(),
+                identity: Some("lab-images".into()),
             }],
         );
         write(&dir.join(format!("{}.toml", h.name)), &to_toml(&agent)?)?;

@@ -327,6 +327,7 @@ async fn demo(args: &DemoArgs, report: &mut DemoReport) -> Result<(), CliError> 
     let images = ferry_agent::DatastoreConfig {
         name: "images".into(),
         path: cache_dir.clone(),
+        identity: None,
     };
     let cluster = LocalCluster::start(&args.lab_name, 2, accel.name(), vec![images]).await?;
     if args.guest == "debian" {
@@ -340,7 +341,7 @@ async fn demo(args: &DemoArgs, report: &mut DemoReport) -> Result<(), CliError> 
             say(
                 args,
                 &format!(
-                    "the guest gets a {mib} MiB disk on datastore {} (shared by hv1 and hv2), \
+                    "the guest gets a disk of {mib} MiB on datastore {} (shared by hv1 and hv2), \
                      written at {} blocks/s",
                     LocalCluster::SHARED_DATASTORE,
                     args.disk_rate

@@ -73,10 +73,21 @@ impl LocalCluster {
                     "check /tmp",
                 )
             })?;
-        let mut datastores = datastores;
+        // Every host of this cluster is on this machine: a datastore they are all given is
+        // one storage, and says so (without writing an identity file into, say, the cache).
+        let mut datastores: Vec<DatastoreConfig> = datastores
+            .into_iter()
+            .map(|d| DatastoreConfig {
+                identity: d
+                    .identity
+                    .or_else(|| Some(format!("lab-{name}-{}", d.name))),
+                ..d
+            })
+            .collect();
         datastores.push(DatastoreConfig {
             name: Self::SHARED_DATASTORE.into(),
             path: shared,
+            identity: None,
         });
         let mut cluster = LocalCluster {
             ctx: Ctx::from_config(

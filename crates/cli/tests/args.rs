@@ -574,6 +574,7 @@ fn lab_config_files_are_read_back_by_the_server_and_agents() {
         vec![ferry_agent::DatastoreConfig {
             name: "images".into(),
             path: "/cache".into(),
+            identity: None,
         }],
     );
     let text = to_toml(&agent).unwrap();

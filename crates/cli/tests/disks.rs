@@ -67,6 +67,7 @@ async fn datastores_are_listed_and_disks_made_through_the_cli() {
         datastores: vec![DatastoreConfig {
             name: "local".into(),
             path: store.clone(),
+            identity: None,
         }],
         networks: vec![],
         heartbeat_ms: 300,

@@ -84,6 +84,7 @@ impl Procs {
                 vec![ferry_agent::DatastoreConfig {
                     name: "images".into(),
                     path: ImageOptions::default().cache_dir,
+                    identity: None,
                 }],
             );
             std::fs::write(

@@ -38,6 +38,7 @@ async fn cluster_cleaning_after(base: &Path, cleanup_after_s: u64) -> Cluster {
             config.datastores.push(DatastoreConfig {
                 name: "local".into(),
                 path: dir,
+                identity: None,
             });
         },
         |server| server.cold_cleanup_after_s = cleanup_after_s,

@@ -57,10 +57,12 @@ async fn a_debian_guest_boots_from_disk_moves_there_and_back_while_writing_and_s
         config.datastores.push(DatastoreConfig {
             name: "debian-images".into(),
             path: images.clone(),
+            identity: None,
         });
         config.datastores.push(DatastoreConfig {
             name: "shared".into(),
             path: shared_path.clone(),
+            identity: None,
         });
     })
     .await;

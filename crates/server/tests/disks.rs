@@ -74,10 +74,12 @@ impl Env {
                     DatastoreConfig {
                         name: "local".into(),
                         path: dir.path().join(format!("{name}-local")),
+                        identity: None,
                     },
                     DatastoreConfig {
                         name: "shared".into(),
                         path: dir.path().join("shared"),
+                        identity: None,
                     },
                 ],
                 networks: vec![],

@@ -234,6 +234,7 @@ async fn storage_on_the_source_only_makes_no_host_fit() {
             a.datastores = vec![DatastoreConfig {
                 name: "images".into(),
                 path: dir.clone(),
+                identity: None,
             }];
         } else {
             a.datastores.clear();

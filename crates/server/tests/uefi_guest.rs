@@ -25,6 +25,7 @@ async fn a_uefi_guest_boots_moves_and_takes_its_nvram_along() {
         config.datastores.push(DatastoreConfig {
             name: "shared".into(),
             path: path.clone(),
+            identity: None,
         });
     })
     .await;

@@ -229,6 +229,7 @@ pub(super) async fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let images = ferry_agent::DatastoreConfig {
         name: "images".into(),
         path: cache_dir.clone(),
+        identity: None,
     };
     let cluster = LocalCluster::start(LAB_NAME, 2, accel.name(), vec![images]).await?;
     let mut guest_os = None;

@@ -114,6 +114,7 @@ impl Cluster {
                 datastores: vec![DatastoreConfig {
                     name: "images".into(),
                     path: image.kernel.parent().expect("image dir").to_path_buf(),
+                    identity: None,
                 }],
                 networks: vec![NetworkConfig {
                     name: "lab".into(),
