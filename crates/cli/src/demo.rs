@@ -117,6 +117,9 @@ struct DemoReport {
     /// Debian: writes of the guest's shell loop missing from its log after the move.
     #[serde(skip_serializing_if = "Option::is_none")]
     writes_lost: Option<u64>,
+    /// Debian: lines of the loop's log that repeat or go back (a stale disk would show so).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    writes_out_of_order: Option<u64>,
     /// Debian: longest time between two of the loop's writes, by the guest's clock.
     #[serde(skip_serializing_if = "Option::is_none")]
     longest_write_gap_ms: Option<f64>,
@@ -163,6 +166,7 @@ impl DemoReport {
             guest_os: None,
             boot_s: None,
             writes_lost: None,
+            writes_out_of_order: None,
             longest_write_gap_ms: None,
             file_intact: None,
             fsck_clean: None,
@@ -227,6 +231,7 @@ fn conclude(report: &mut DemoReport, outcome: Result<(), CliError>, json: bool) 
     let verified = if report.guest == "debian" {
         report.file_intact == Some(true)
             && report.writes_lost == Some(0)
+            && report.writes_out_of_order == Some(0)
             && report.fsck_clean == Some(true)
     } else {
         report.memory_verified && report.disk_verified != Some(false)

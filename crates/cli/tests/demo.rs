@@ -113,6 +113,7 @@ fn the_debian_demo_moves_a_real_os_with_its_disk_and_checks_it() {
     );
     assert_eq!(report["file_intact"], true, "{report}");
     assert_eq!(report["writes_lost"], 0, "{report}");
+    assert_eq!(report["writes_out_of_order"], 0, "{report}");
     assert!(
         report["disk_writes"].as_u64().is_some_and(|w| w > 0),
         "{report}"

@@ -137,7 +137,8 @@ pub(super) async fn run(
         .await
         .map_err(|e| guest_err(e.to_string()))?;
     report.disk_writes = Some(log.writes);
-    report.writes_lost = Some(log.holes.iter().map(|(a, b)| b - a - 1).sum());
+    report.writes_lost = Some(log.lost());
+    report.writes_out_of_order = Some(log.holes.iter().filter(|(a, b)| b <= a).count() as u64);
     report.longest_write_gap_ms = Some(log.longest_gap_ms);
     let read = debian_guest::file_sha256(&ga, BEFORE)
         .await
@@ -216,9 +217,12 @@ pub(super) fn render(r: &DemoReport) -> String {
                 .unwrap_or_else(|| "-".into())
         ),
         format!(
-            "  disk writes                {} ({} lost)",
+            "  disk writes                {} ({} lost, {} out of order)",
             r.disk_writes.map(|w| w.to_string()).unwrap_or_else(|| "-".into()),
-            r.writes_lost.map(|w| w.to_string()).unwrap_or_else(|| "-".into())
+            r.writes_lost.map(|w| w.to_string()).unwrap_or_else(|| "-".into()),
+            r.writes_out_of_order
+                .map(|w| w.to_string())
+                .unwrap_or_else(|| "-".into())
         ),
         format!(
             "  file written before        {}",
