@@ -4,8 +4,10 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use ferry_agent::{AgentConfig, AgentHandle, DatastoreConfig};
+use ferry_api::instances::{CreateInstance, Instance};
 use ferry_lab::net::LabNet;
 use ferry_server::ServerHandle;
 use uuid::Uuid;
@@ -144,6 +146,19 @@ impl LocalCluster {
     /// QEMU's run directory under its state dir, named by the id's first 8 hex digits.
     pub fn serial_socket(&self, index: usize, id: Uuid) -> PathBuf {
         self.run_dir(index, id).join("serial.sock")
+    }
+
+    /// Creates an instance through the server, patient with disk copies: a create that
+    /// copies an image onto a datastore lasts as long as its data takes to move, which can
+    /// be more than a request's usual minute on a busy machine.
+    pub async fn create_instance(&self, req: &CreateInstance) -> Result<Instance, CliError> {
+        Ok(self
+            .ctx
+            .client
+            .clone()
+            .with_timeout(Duration::from_secs(600))
+            .post("/v1/instances", req)
+            .await?)
     }
 
     /// The host end of the guest agent's channel of instance `id` on host `index`.

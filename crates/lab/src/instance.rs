@@ -1,8 +1,11 @@
 //! The lab guest as an instance of the API: what the demo, the lab CLI and the tests ask the
 //! server (or an agent) to run.
 
-use ferry_api::instances::{BootSpec, InstanceSpec, NicSpec};
+use ferry_api::instances::{
+    BootFrom, BootSpec, CreateInstance, DiskRequest, InstanceSpec, NicSpec,
+};
 
+use crate::debian_image::DebianImage;
 use crate::guest_config::GuestConfig;
 use crate::image::GuestImage;
 
@@ -33,5 +36,44 @@ pub fn guest_instance_spec(
             network: LAB_NETWORK.into(),
             mac: mac.into(),
         }],
+    }
+}
+
+/// The Debian guest as an instance on `host`: its disk a copy of `image` on `datastore`
+/// (Ferry's, deleted with the instance), booted through SeaBIOS, one NIC on the lab network.
+pub fn debian_instance(
+    name: &str,
+    host: &str,
+    image: &DebianImage,
+    datastore: &str,
+    memory_mib: u32,
+    mac: &str,
+    start: bool,
+) -> CreateInstance {
+    CreateInstance {
+        name: name.into(),
+        host: Some(host.into()),
+        spec: InstanceSpec {
+            memory_mib,
+            vcpus: 1,
+            cpu_model: "qemu64".into(),
+            machine: "pc".into(),
+            boot: BootSpec {
+                from: BootFrom::Disk,
+                ..BootSpec::default()
+            },
+            disks: vec![],
+            nics: vec![NicSpec {
+                network: LAB_NETWORK.into(),
+                mac: mac.into(),
+            }],
+        },
+        disks: vec![DiskRequest {
+            image: Some(image.path.display().to_string()),
+            copy: true,
+            datastore: Some(datastore.into()),
+            ..DiskRequest::default()
+        }],
+        start,
     }
 }

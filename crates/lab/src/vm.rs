@@ -30,6 +30,30 @@ pub struct LabVm {
 }
 
 impl LabVm {
+    /// Sends `abort` the moment this guest's QEMU stops it for switchover (its
+    /// `pre-switchover` event): the race of a cancel against the point of no return. The task
+    /// ends with whether the cancel was accepted (`None` if the monitor closed first).
+    pub fn abort_at_switchover(
+        &self,
+        abort: ferry_migrate::AbortHandle,
+    ) -> tokio::task::JoinHandle<Option<bool>> {
+        let mut events = self.qemu.qmp().events();
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(e)
+                        if e.migration_status()
+                            == Some(ferry_qmp::commands::MigrationStatus::PreSwitchover) =>
+                    {
+                        return Some(abort.abort().is_ok())
+                    }
+                    Ok(_) => {}
+                    Err(_) => return None,
+                }
+            }
+        })
+    }
+
     /// Sends one command to the guest's control service from the lab's client namespace,
     /// i.e. over the guest network, as a user of the VM would reach it.
     pub async fn control(&self, lab: &Lab, command: &str) -> Result<String, LabError> {

@@ -477,21 +477,7 @@ async fn a_cancel_at_the_moment_of_switchover_never_leaves_two_copies() {
         let from = vm.host.clone();
         let to = if from == "hv1" { "hv2" } else { "hv1" };
         let (abort, signal) = AbortHandle::new();
-        let mut events = vm.qemu.qmp().events();
-        let racer = tokio::spawn(async move {
-            loop {
-                match events.recv().await {
-                    Ok(e)
-                        if e.migration_status()
-                            == Some(ferry_qmp::commands::MigrationStatus::PreSwitchover) =>
-                    {
-                        return Some(abort.abort().is_ok())
-                    }
-                    Ok(_) => {}
-                    Err(_) => return None,
-                }
-            }
-        });
+        let racer = vm.abort_at_switchover(abort);
         let result = lab
             .migrate(
                 &mut vm,

@@ -195,16 +195,7 @@ async fn an_abort_mid_copy_leaves_the_guest_writing_its_disk_on_the_source() {
     for round in 0..4 {
         let to = if vm.host == "hv1" { "hv2" } else { "hv1" };
         let (abort, signal) = AbortHandle::new();
-        let mut events = vm.qemu.qmp().events();
-        let racer = tokio::spawn(async move {
-            while let Ok(e) = events.recv().await {
-                if e.migration_status() == Some(ferry_qmp::commands::MigrationStatus::PreSwitchover)
-                {
-                    return abort.abort().is_ok();
-                }
-            }
-            false
-        });
+        let racer = vm.abort_at_switchover(abort);
         let result = lab
             .migrate(
                 &mut vm,
@@ -214,7 +205,7 @@ async fn an_abort_mid_copy_leaves_the_guest_writing_its_disk_on_the_source() {
                 signal,
             )
             .await;
-        let cancelled = racer.await.unwrap_or(false);
+        let cancelled = racer.await.ok().flatten().unwrap_or(false);
         match &result {
             Err(LabError::Migrate(MigrateError::Cancelled)) => assert!(cancelled),
             Ok(_) => assert!(!cancelled, "round {round}: switched over after a cancel"),

@@ -6,17 +6,15 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::Cluster;
 use ferry_agent::DatastoreConfig;
-use ferry_api::instances::{
-    BootFrom, BootSpec, CreateInstance, DiskRequest, Instance, InstanceSpec, InstanceState, NicSpec,
-};
+use ferry_api::instances::{Instance, InstanceState};
 use ferry_api::migrations::{MigrationOptions, MigrationState};
 use ferry_lab::debian_guest::{self, WriterLog};
 use ferry_lab::debian_image::{ensure_debian_image, DebianImageOptions, DiskLayout};
+use ferry_lab::instance::debian_instance;
 use ferry_qmp::GuestAgent;
 use ferry_server::config::Limits;
 
@@ -73,32 +71,7 @@ async fn a_debian_guest_boots_from_disk_moves_there_and_back_while_writing_and_s
         .admin
         .post(
             "/v1/instances",
-            &CreateInstance {
-                name: VM.into(),
-                host: Some("hv1".into()),
-                spec: InstanceSpec {
-                    memory_mib: 512,
-                    vcpus: 1,
-                    cpu_model: "qemu64".into(),
-                    machine: "pc".into(),
-                    boot: BootSpec {
-                        from: BootFrom::Disk,
-                        ..BootSpec::default()
-                    },
-                    disks: vec![],
-                    nics: vec![NicSpec {
-                        network: "lab".into(),
-                        mac: "52:54:00:de:b1:01".into(),
-                    }],
-                },
-                disks: vec![DiskRequest {
-                    image: Some(image.path.display().to_string()),
-                    copy: true,
-                    datastore: Some("shared".into()),
-                    ..DiskRequest::default()
-                }],
-                start: true,
-            },
+            &debian_instance(VM, "hv1", &image, "shared", 512, "52:54:00:de:b1:01", true),
         )
         .await
         .expect("created and started");
@@ -199,20 +172,16 @@ async fn a_debian_guest_boots_from_disk_moves_there_and_back_while_writing_and_s
             .unwrap()
             .expect("the root filesystem is clean after three hosts and a shutdown");
     eprintln!("{}", fsck.trim());
-    assert!(path_exists(&path));
+    assert!(path.exists());
     let _: serde_json::Value = c
         .admin
         .delete(&format!("/v1/instances/{VM}"))
         .await
         .expect("deleted");
     assert!(
-        !path_exists(&path),
+        !path.exists(),
         "the copy Ferry made is deleted with the instance"
     );
-    assert!(path_exists(&image.path), "the image it was given stays");
+    assert!(image.path.exists(), "the image it was given stays");
     c.shutdown().await;
-}
-
-fn path_exists(p: &Path) -> bool {
-    p.exists()
 }

@@ -31,9 +31,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
-use ferry_api::instances::{
-    BootFrom, BootSpec, CreateInstance, DiskRequest, Instance, InstanceSpec, NicSpec,
-};
+use ferry_api::instances::Instance;
 use ferry_api::migrations::{CreateMigration, Migration, MigrationOptions, MigrationState};
 use ferry_cli::commands::instance::mac_for;
 use ferry_cli::commands::migrate::follow;
@@ -41,7 +39,7 @@ use ferry_cli::local_cluster::LocalCluster;
 use ferry_lab::debian_guest::{self, sh, WriterLog};
 use ferry_lab::debian_image::{ensure_debian_image, DebianImage, DebianImageOptions};
 use ferry_lab::image::ensure_image;
-use ferry_lab::instance::LAB_NETWORK;
+use ferry_lab::instance::debian_instance;
 use ferry_lab::serial::{heartbeat_gap, HostBeats, SerialMonitor};
 use ferry_qemu::AccelChoice;
 use ferry_qmp::GuestAgent;
@@ -342,41 +340,19 @@ async fn create(
     image: &DebianImage,
     name: &str,
 ) -> anyhow::Result<Instance> {
-    let req = CreateInstance {
-        name: name.into(),
-        host: Some("hv1".into()),
-        spec: InstanceSpec {
-            memory_mib: MEMORY_MIB,
-            vcpus: 1,
-            cpu_model: "qemu64".into(),
-            machine: "pc".into(),
-            boot: BootSpec {
-                from: BootFrom::Disk,
-                ..BootSpec::default()
-            },
-            disks: vec![],
-            nics: vec![NicSpec {
-                network: LAB_NETWORK.into(),
-                mac: mac_for(name, 0),
-            }],
-        },
-        disks: vec![DiskRequest {
-            image: Some(image.path.display().to_string()),
-            copy: true,
-            datastore: Some(LocalCluster::SHARED_DATASTORE.into()),
-            ..DiskRequest::default()
-        }],
-        start: false,
-    };
-    // Copying the image takes as long as its data takes to move: more than the default 60 s
-    // on a busy machine is possible.
-    Ok(cluster
-        .ctx
-        .client
-        .clone()
-        .with_timeout(Duration::from_secs(600))
-        .post("/v1/instances", &req)
-        .await?)
+    let req = debian_instance(
+        name,
+        "hv1",
+        image,
+        LocalCluster::SHARED_DATASTORE,
+        MEMORY_MIB,
+        &mac_for(name, 0),
+        false,
+    );
+    cluster
+        .create_instance(&req)
+        .await
+        .map_err(anyhow::Error::from)
 }
 
 /// Boot, writer, migration, readback and stop of one instance.

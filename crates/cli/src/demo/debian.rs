@@ -10,14 +10,13 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ferry_api::instances::{
-    BootFrom, BootSpec, CreateInstance, DiskRequest, Instance, InstanceSpec, NicSpec,
-};
+use ferry_api::instances::Instance;
 use ferry_cli::commands::instance::mac_for;
 use ferry_cli::error::CliError;
 use ferry_cli::local_cluster::LocalCluster;
 use ferry_lab::debian_guest;
 use ferry_lab::debian_image::{ensure_debian_image_with_progress, DebianImageOptions, DiskLayout};
+use ferry_lab::instance::debian_instance;
 use ferry_qmp::GuestAgent;
 
 use super::{guest_err, say, DemoArgs, DemoReport, VM};
@@ -64,36 +63,15 @@ pub(super) async fn run(
     );
     let created = Instant::now();
     let vm: Instance = cluster
-        .ctx
-        .post(
-            "/v1/instances",
-            &CreateInstance {
-                name: VM.into(),
-                host: Some("hv1".into()),
-                spec: InstanceSpec {
-                    memory_mib: args.memory_mib,
-                    vcpus: 1,
-                    cpu_model: "qemu64".into(),
-                    machine: "pc".into(),
-                    boot: BootSpec {
-                        from: BootFrom::Disk,
-                        ..BootSpec::default()
-                    },
-                    disks: vec![],
-                    nics: vec![NicSpec {
-                        network: ferry_lab::instance::LAB_NETWORK.into(),
-                        mac: mac_for(VM, 0),
-                    }],
-                },
-                disks: vec![DiskRequest {
-                    image: Some(image.path.display().to_string()),
-                    copy: true,
-                    datastore: Some(LocalCluster::SHARED_DATASTORE.into()),
-                    ..DiskRequest::default()
-                }],
-                start: true,
-            },
-        )
+        .create_instance(&debian_instance(
+            VM,
+            "hv1",
+            &image,
+            LocalCluster::SHARED_DATASTORE,
+            args.memory_mib,
+            &mac_for(VM, 0),
+            true,
+        ))
         .await?;
     let agent = |host: usize| GuestAgent::new(cluster.guest_agent_socket(host, vm.id));
     let ga = agent(0);
