@@ -25,9 +25,12 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// A report older than this is dropped: the agent stopped answering (or the guest changed).
 const STALE: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
 
-/// Asks every running guest's agent for its facts, forever (a background task).
+/// Asks every running guest's agent for its facts, forever (a background task). The guests
+/// are asked all at once: one without an agent costs a timeout, which must not delay the
+/// others.
 pub(crate) async fn follow_guests(agent: Arc<Agent>) {
     loop {
+        let mut asks = tokio::task::JoinSet::new();
         for slot in agent.slots() {
             // An instance busy with an operation is looked at next round.
             let Ok(slot) = slot.try_lock() else { continue };
@@ -37,11 +40,15 @@ pub(crate) async fn follow_guests(agent: Arc<Agent>) {
             };
             let (id, path) = (slot.record.id, process.paths().qga_socket.clone());
             drop(slot);
-            match ask(&GuestAgent::new(path).with_timeout(CALL_TIMEOUT)).await {
-                Some(info) => agent.remember_guest(id, info),
-                None => agent.drop_stale_guest(&id),
-            }
+            let agent = agent.clone();
+            asks.spawn(async move {
+                match ask(&GuestAgent::new(path).with_timeout(CALL_TIMEOUT)).await {
+                    Some(info) => agent.remember_guest(id, info),
+                    None => agent.drop_stale_guest(&id),
+                }
+            });
         }
+        asks.join_all().await;
         tokio::time::sleep(ROUND).await;
     }
 }
