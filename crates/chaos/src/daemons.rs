@@ -103,7 +103,7 @@ pub fn to_toml<T: Serialize>(value: &T) -> Result<String, ChaosError> {
 
 /// Writes `<dir>/<host>.toml` for every lab host: agent i listens on loopback `ports[i]`,
 /// keeps its state under `<dir>/agents/<host>`, and has the guest images as datastore
-/// `images`.
+/// `images` and `<dir>/shared` as datastore `shared`, for disks that move without a copy.
 pub fn write_agent_configs(
     dir: &Path,
     hosts: &[LabHostNet],
@@ -113,6 +113,9 @@ pub fn write_agent_configs(
     accel: &str,
     images: &Path,
 ) -> Result<(), ChaosError> {
+    let shared = dir.join("shared");
+    std::fs::create_dir_all(&shared)
+        .map_err(|e| ChaosError::io(shared.display().to_string(), e))?;
     for (h, port) in hosts.iter().zip(ports) {
         let agent = agent_config(
             h,
@@ -122,11 +125,18 @@ pub fn write_agent_configs(
             dir.join("agents").join(&h.name),
             accel,
             // One directory of this machine for every lab host: one storage.
-            vec![DatastoreConfig {
-                name: "images".into(),
-                path: images.to_path_buf(),
-                identity: Some("lab-images".into()),
-            }],
+            vec![
+                DatastoreConfig {
+                    name: "images".into(),
+                    path: images.to_path_buf(),
+                    identity: Some("lab-images".into()),
+                },
+                DatastoreConfig {
+                    name: "shared".into(),
+                    path: shared.clone(),
+                    identity: Some(format!("lab-shared-{}", dir.display())),
+                },
+            ],
         );
         write(&dir.join(format!("{}.toml", h.name)), &to_toml(&agent)?)?;
     }
