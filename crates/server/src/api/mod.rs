@@ -27,18 +27,67 @@ pub const MAX_BODY_BYTES: usize = 1 << 20;
 /// have, else 400 `malformed-json`.
 pub struct ApiJson<T>(pub T);
 
+/// How much of a too-large body the server still reads (and throws away) before it answers
+/// 413. A client writes its whole body before it reads the answer; closing the connection
+/// under it would turn the clear `body-too-large` error into a broken pipe on its side.
+const DRAIN_MAX_BYTES: usize = 64 << 20;
+
+/// How long the server keeps reading a too-large body before it answers anyway.
+const DRAIN_MAX_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn body_too_large() -> ServerError {
+    ServerError::new(
+        413,
+        "body-too-large",
+        format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
+        "send only the fields described in /v1/openapi.json",
+    )
+}
+
+/// Reads a request body of at most [`MAX_BODY_BYTES`]. A larger one is read on to its end
+/// (within [`DRAIN_MAX_BYTES`] and [`DRAIN_MAX_TIME`]) and then refused, so the client is
+/// still listening when the refusal comes.
+async fn read_body(body: axum::body::Body) -> Result<axum::body::Bytes, ServerError> {
+    use futures_util::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut kept = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ServerError::bad_request(
+                "malformed-json",
+                format!("the request body could not be read: {e}"),
+                "send a JSON body as described in /v1/openapi.json",
+            )
+        })?;
+        seen += chunk.len();
+        if seen > MAX_BODY_BYTES {
+            let drain = async {
+                while seen <= DRAIN_MAX_BYTES {
+                    match stream.next().await {
+                        Some(Ok(more)) => seen += more.len(),
+                        _ => break,
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(DRAIN_MAX_TIME, drain).await;
+            return Err(body_too_large());
+        }
+        kept.extend_from_slice(&chunk);
+    }
+    Ok(kept.into())
+}
+
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ServerError;
     async fn from_request(req: Request, state: &S) -> Result<Self, ServerError> {
+        let (parts, body) = req.into_parts();
+        let bytes = read_body(body).await?;
+        let req = Request::from_parts(parts, axum::body::Body::from(bytes));
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(ApiJson(v)),
             Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                Err(ServerError::new(
-                    413,
-                    "body-too-large",
-                    format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
-                    "send only the fields described in /v1/openapi.json",
-                ))
+                Err(body_too_large())
             }
             Err(rejection) if rejection.body_text().contains("unknown field") => {
                 Err(ServerError::bad_request(
