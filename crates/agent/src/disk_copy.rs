@@ -247,7 +247,7 @@ impl Agent {
 
     /// Whether an instance defined on this host uses `image` (as a disk, its base or its
     /// NVRAM): such an image is never created over, nor removed.
-    async fn image_in_use(&self, image: &ImageRef) -> Option<String> {
+    pub(crate) async fn image_in_use(&self, image: &ImageRef) -> Option<String> {
         for slot in self.slots() {
             let s = slot.lock().await;
             if s.deleted {
@@ -334,6 +334,29 @@ impl Agent {
     }
 
     /// `POST /v1/copies/{mid}/{disk}/receive`.
+    /// Refuses (`no-room`) a copy of `required` bytes into `image`'s datastore when it has
+    /// less free.
+    pub(crate) fn check_room(&self, image: &ImageRef, required: u64) -> Result<(), AgentError> {
+        let store = datastores::datastore(&self.config, &image.datastore)?;
+        if let Some((_, free)) = crate::facts::statvfs(&store.path) {
+            if required > free {
+                return Err(AgentError::refused(
+                    "no-room",
+                    format!(
+                        "datastore {} on {} has {} MiB free; the copy of {} needs {} MiB",
+                        store.name,
+                        self.config.name,
+                        free >> 20,
+                        image,
+                        required.div_ceil(1 << 20)
+                    ),
+                    "free space on the datastore or pick another destination",
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) async fn receive_copy(
         self: &Arc<Self>,
         mid: Uuid,
@@ -371,23 +394,7 @@ impl Agent {
                 "pick another file name, or move or delete that instance first",
             ));
         }
-        let store = datastores::datastore(&self.config, &req.image.datastore)?;
-        if let Some((_, free)) = crate::facts::statvfs(&store.path) {
-            if req.required_bytes > free {
-                return Err(AgentError::refused(
-                    "no-room",
-                    format!(
-                        "datastore {} on {} has {} MiB free; the copy of {} needs {} MiB",
-                        store.name,
-                        self.config.name,
-                        free >> 20,
-                        req.image,
-                        req.required_bytes.div_ceil(1 << 20)
-                    ),
-                    "free space on the datastore or pick another destination",
-                ));
-            }
-        }
+        self.check_room(&req.image, req.required_bytes)?;
         let mut token = [0u8; 16];
         rand::thread_rng().fill_bytes(&mut token);
         let export = format!("ferry-{}", hex::encode(token));

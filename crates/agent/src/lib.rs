@@ -11,6 +11,7 @@
 //! running QEMU processes and re-derives in-flight migrations from QEMU itself.
 
 mod api;
+mod block_incoming;
 mod auth;
 pub mod checks;
 pub mod config;

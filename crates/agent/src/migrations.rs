@@ -132,6 +132,13 @@ pub(crate) struct MigrationRecord {
     /// stream.
     #[serde(default)]
     pub params: Option<MigrationParams>,
+    /// Destination of a block migration: the images made for it, removed with the
+    /// destination unless the guest ran here. Written before each is created.
+    #[serde(default)]
+    pub created_images: Vec<PathBuf>,
+    /// Block migration: the exports (destination) or the mirrors (source) of its disks.
+    #[serde(default)]
+    pub disks: Vec<ferry_migrate::MirrorTarget>,
 }
 
 struct MigrationData {
@@ -167,12 +174,12 @@ impl MigrationEntry {
         self.data.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn record(&self) -> MigrationRecord {
+    pub(crate) fn record(&self) -> MigrationRecord {
         self.lock().record.clone()
     }
 
     /// Changes the record and writes it to disk (temporary file, then rename).
-    fn update(&self, change: impl FnOnce(&mut MigrationRecord)) {
+    pub(crate) fn update(&self, change: impl FnOnce(&mut MigrationRecord)) {
         let json = {
             let mut data = self.lock();
             change(&mut data.record);
@@ -286,6 +293,14 @@ impl MigrationEntry {
             error: data.record.error.clone(),
         }
     }
+}
+
+/// A random export name: only the source this agent hands it to can open the export.
+fn export_name() -> String {
+    use rand::RngCore;
+    let mut token = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut token);
+    format!("ferry-{}", hex::encode(token))
 }
 
 fn span(mid: &Uuid) -> tracing::Span {
@@ -453,9 +468,10 @@ impl Agent {
             if let Some(entry) = self.migration(&mid) {
                 let r = entry.record();
                 return match (r.role, r.state, r.listen_addr) {
-                    (Role::Destination, SourceState::Running, Some(addr)) => {
-                        Ok(IncomingReady { addr })
-                    }
+                    (Role::Destination, SourceState::Running, Some(addr)) => Ok(IncomingReady {
+                        addr,
+                        disks: r.disks,
+                    }),
                     _ => Err(AgentError::conflict(
                         "migration-exists",
                         format!(
@@ -503,9 +519,12 @@ impl Agent {
                 start_sent: false,
                 postcopy_permitted: false,
                 params: None,
+                created_images: Vec::new(),
+                disks: Vec::new(),
             });
             let prepared = async {
                 self.save_record(&slot.record)?;
+                self.create_incoming_images(&entry, &req.disks).await?;
                 self.launch(&mut slot, StartMode::Incoming).await?;
                 let qmp = slot
                     .qmp()
@@ -513,23 +532,40 @@ impl Agent {
                 let mut params = req.params.clone();
                 params.port_range = self.port_range;
                 let addr = destination::listen(&qmp, &params, self.config.migration_addr).await?;
-                if params.postcopy {
+                let exports: Vec<(String, String, bool)> = req
+                    .disks
+                    .iter()
+                    .map(|d| (d.disk.clone(), export_name(), d.backing.is_some()))
+                    .collect();
+                let disks = destination::export_disks(
+                    &qmp,
+                    &params,
+                    self.config.migration_addr,
+                    &exports,
+                )
+                .await?;
+                if params.postcopy && disks.is_empty() {
                     self.track(destination::start_on_postcopy(qmp));
                 }
-                Ok::<_, AgentError>(addr)
+                Ok::<_, AgentError>((addr, disks))
             }
             .await;
             match prepared {
-                Ok(addr) => {
-                    entry.update(|r| r.listen_addr = Some(addr.to_string()));
-                    info!(instance = %id, %addr, "destination listening");
+                Ok((addr, disks)) => {
+                    entry.update(|r| {
+                        r.listen_addr = Some(addr.to_string());
+                        r.disks = disks.clone();
+                    });
+                    info!(instance = %id, %addr, disks = disks.len(), "destination listening");
                     Ok(IncomingReady {
                         addr: addr.to_string(),
+                        disks,
                     })
                 }
                 Err(e) => {
                     warn!(error = %e, "destination preparation failed; removing it");
                     self.teardown(&mut slot, false).await;
+                    self.remove_incoming_images(&entry);
                     match previous {
                         Some(previous) => {
                             slot.record = previous;
@@ -571,6 +607,7 @@ impl Agent {
                 // Gone or confirmed: nothing of the incoming side is left to remove.
                 _ if r.state == SourceState::Completed => return Err(running_here),
                 _ => {
+                    self.remove_incoming_images(&entry);
                     entry.update(|r| {
                         if r.state == SourceState::Running {
                             r.state = SourceState::Cancelled;
@@ -584,6 +621,7 @@ impl Agent {
             }
             self.teardown(&mut slot, false).await;
             self.forget_instance(&mut slot);
+            self.remove_incoming_images(&entry);
             entry.update(|r| {
                 if r.state == SourceState::Running {
                     r.state = SourceState::Cancelled;
@@ -603,6 +641,10 @@ impl Agent {
             let (entry, mut slot, qmp) = self.incoming_slot(mid).await?;
             if let Some(qmp) = qmp {
                 destination::await_complete(&qmp, CONFIRM_TIMEOUT).await?;
+                if !entry.record().disks.is_empty() {
+                    // The mirrors completed before the switchover: close the exports.
+                    destination::stop_exports(&qmp).await?;
+                }
                 info!(instance = %entry.record().instance_id, "the whole guest arrived; paused until committed");
             }
             Ok(self.describe(&mut slot).await)
@@ -626,7 +668,11 @@ impl Agent {
                 destination::start(&qmp, CONFIRM_TIMEOUT).await?;
                 slot.record.incoming = None;
                 self.save_record(&slot.record)?;
-                entry.update(|r| r.state = SourceState::Completed);
+                entry.update(|r| {
+                    r.state = SourceState::Completed;
+                    // The images belong to the instance defined here now.
+                    r.created_images.clear();
+                });
                 info!(instance = %entry.record().instance_id, "committed guest runs on this host");
             }
             Ok(self.describe(&mut slot).await)
@@ -730,6 +776,8 @@ impl Agent {
             start_sent: false,
             postcopy_permitted: req.params.postcopy,
             params: Some(req.params.clone()),
+            created_images: Vec::new(),
+            disks: req.disks.clone(),
         });
         self.spawn_source_half(mid, &entry, qmp, dest, req.params, SourceStart::Fresh);
         Ok(entry.status(0))
@@ -756,11 +804,13 @@ impl Agent {
         let task = tokio::spawn(
             async move {
                 let sampler = task_entry.clone();
+                let disks = task_entry.record().disks;
                 let mut observe = move |e: &SourceEvent| sampler.push_event(e);
                 let result = match start {
                     SourceStart::Fresh => {
                         info!(%dest, "source half starting");
-                        source::run_source(&qmp, dest, &params, &mut observe, signal).await
+                        source::run_source(&qmp, dest, &params, &disks, &mut observe, signal)
+                            .await
                     }
                     SourceStart::Reconnect => {
                         info!(%dest, "reconnecting the post-copy stream");
@@ -1015,6 +1065,7 @@ impl Agent {
             info!(%addr, "destination listening again for the post-copy stream");
             Ok(IncomingReady {
                 addr: addr.to_string(),
+                disks: Vec::new(),
             })
         }
         .instrument(span(&mid))

@@ -131,14 +131,39 @@ pub struct AgentInstance {
 pub struct PrepareIncoming {
     pub instance_id: Uuid,
     pub name: String,
+    /// The spec as it will be here: local disks already mapped to this host's datastores.
     pub spec: InstanceSpec,
     pub params: MigrationParams,
+    /// Block migration: the images to create here (empty, sparse) and export over NBD for
+    /// the source's mirrors. Removed again when the destination is removed before it ran.
+    #[serde(default)]
+    pub disks: Vec<IncomingDisk>,
+}
+
+/// One image a block migration creates on the destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncomingDisk {
+    /// The disk's id in the spec.
+    pub disk: String,
+    /// Where the new image goes; it must not exist.
+    pub image: ImageRef,
+    pub format: DiskFormat,
+    pub size_bytes: u64,
+    /// An overlay's base, on storage both hosts share: only the top image is copied.
+    #[serde(default)]
+    pub backing: Option<BackingRef>,
+    /// Room the copy needs on the datastore; refused (`no-room`) when there is less.
+    #[serde(default)]
+    pub required_bytes: u64,
 }
 
 /// Where the destination listens.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct IncomingReady {
     pub addr: String,
+    /// Block migration: the NBD export of each new image, for the source's mirrors.
+    #[serde(default)]
+    pub disks: Vec<ferry_migrate::MirrorTarget>,
 }
 
 /// `POST /v1/migrations/{mid}/source`: start migrating this host's instance to `destination`.
@@ -147,6 +172,9 @@ pub struct StartSource {
     pub instance_id: Uuid,
     pub destination: String,
     pub params: MigrationParams,
+    /// Block migration: the local disks to mirror into the destination's exports first.
+    #[serde(default)]
+    pub disks: Vec<ferry_migrate::MirrorTarget>,
 }
 
 /// `POST /v1/migrations/{mid}/reconnect` on the source agent: resume a broken post-copy

@@ -113,6 +113,11 @@ pub struct MigrationOptions {
     pub xbzrle_cache_mib: Option<u64>,
     /// Parallel (multifd) streams.
     pub parallel: Option<u8>,
+    /// Block migration: the destination datastore of each local disk, by disk id. Disks not
+    /// named go to the destination's datastore with the most free room that holds them;
+    /// disks on storage the destination shares stay where they are.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub disk_map: std::collections::BTreeMap<String, String>,
 }
 
 /// How a migration's parameters are chosen.
@@ -276,6 +281,9 @@ pub struct DiskCopy {
     /// The disk's id, or `nvram` for the UEFI variable store.
     pub disk: String,
     pub image: ImageRef,
+    /// Where the copy goes on the destination, when not to the same datastore and file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<ImageRef>,
     /// How the content is read and written: the disk's format, or `raw` for a file copied byte
     /// for byte (a qcow2 overlay, whose base stays on shared storage; the NVRAM file).
     #[schema(value_type = String, example = "qcow2")]

@@ -109,6 +109,7 @@ fn progress() -> Progress {
         total_time_ms: None,
         downtime_ms: None,
         cpu_throttle_percent: None,
+        disks: Vec::new(),
     }
 }
 
@@ -400,6 +401,7 @@ fn a_cold_job_shows_its_disk_copies_and_the_cleanup() {
             datastore: "local".into(),
             file: "vm1-disk0.qcow2".into(),
         },
+        target: None,
         format: DiskFormat::Qcow2,
         size_bytes: 1 << 30,
         state: DiskCopyState::Copied,

@@ -84,6 +84,7 @@ impl MigrationHalves for LabMigration<'_> {
             self.vm.qemu.qmp(),
             dest,
             &self.params,
+            &[],
             observe,
             self.abort.clone(),
         )

@@ -168,6 +168,7 @@ async fn migrates_there_and_back_with_clients_connected_and_memory_intact() {
         &mut vm,
         "hv1",
         &MigrationParams::default(),
+        &[],
         &mut |_| {},
         signal,
     )
@@ -364,6 +365,7 @@ async fn bad_requests_are_clear_errors_and_change_nothing() {
         vm.qemu.qmp(),
         nowhere,
         &MigrationParams::default(),
+        &[],
         &mut |_| {},
         signal,
     )

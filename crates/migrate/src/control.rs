@@ -484,6 +484,7 @@ mod tests {
             total_time_ms: None,
             downtime_ms: None,
             cpu_throttle_percent: None,
+            disks: Vec::new(),
         }
     }
 

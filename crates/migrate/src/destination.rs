@@ -5,8 +5,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ferry_qmp::commands::{
-    capability, CapabilityState, Cont, MigrateIncoming, MigrateRecover, MigrateSetCapabilities,
-    MigrationStatus, QueryMigrate, QueryStatus, RunState,
+    capability, BlockExportAddNbd, CapabilityState, Cont, MigrateIncoming, MigrateRecover,
+    MigrateSetCapabilities, MigrationStatus, NbdServerStart, NbdServerStop, QueryMigrate,
+    QueryStatus, RunState,
 };
 use ferry_qmp::{Qmp, QmpError};
 use tracing::debug;
@@ -208,5 +209,76 @@ mod tests {
         assert_eq!(range_uri(v4, 49152, 49215), "tcp:10.0.0.2:49152,to=49215");
         let v6: IpAddr = "fd00::2".parse().unwrap();
         assert_eq!(range_uri(v6, 49152, 49152), "tcp:[fd00::2]:49152,to=49152");
+    }
+}
+
+/// Block migration, destination side: starts QEMU's NBD server on `addr`, on the first free
+/// port of the range, and exports each disk's node writable under its export name, for the
+/// source's mirrors. `disks` is `(disk id, export name, top only)`.
+///
+/// The export activates the still-incoming node, so the image is open for writing here from
+/// now on; it is a new image only this migration knows, and the source never opens it.
+pub async fn export_disks(
+    qmp: &Qmp,
+    params: &MigrationParams,
+    addr: IpAddr,
+    disks: &[(String, String, bool)],
+) -> Result<Vec<crate::MirrorTarget>, MigrateError> {
+    if disks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut bound = None;
+    for port in params.port_range.first..=params.port_range.last {
+        let at = SocketAddr::new(addr, port);
+        match qmp.execute(&NbdServerStart::new(at)).await {
+            Ok(()) => {
+                bound = Some(at);
+                break;
+            }
+            Err(e) if is_port_busy(&e) => debug!(%at, "NBD port busy, trying the next"),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let at = bound.ok_or(MigrateError::PortUnavailable {
+        addr,
+        first: params.port_range.first,
+        last: params.port_range.last,
+    })?;
+    let mut targets = Vec::new();
+    for (disk, export, top_only) in disks {
+        let added = qmp
+            .execute(&BlockExportAddNbd {
+                kind: "nbd",
+                id: format!("ferry-export-{disk}"),
+                node_name: ferry_qemu::node_name(disk),
+                writable: true,
+                name: export.clone(),
+            })
+            .await;
+        if let Err(e) = added {
+            let _ = qmp.execute(&NbdServerStop).await;
+            return Err(MigrateError::Destination(format!(
+                "disk {disk} cannot be exported for the copy: {e}"
+            )));
+        }
+        targets.push(crate::MirrorTarget {
+            disk: disk.clone(),
+            addr: at,
+            export: export.clone(),
+            top_only: *top_only,
+        });
+    }
+    debug!(%at, disks = disks.len(), "disks exported for the mirrors");
+    Ok(targets)
+}
+
+/// Stops the NBD server and its exports once the mirrors have completed (the whole guest is
+/// here): nothing but this QEMU writes the images from now on.
+pub async fn stop_exports(qmp: &Qmp) -> Result<(), MigrateError> {
+    match qmp.execute(&NbdServerStop).await {
+        Ok(()) => Ok(()),
+        // Never started, or stopped already.
+        Err(QmpError::Command { desc, .. }) if desc.contains("not running") => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }

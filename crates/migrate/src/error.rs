@@ -51,6 +51,16 @@ pub enum MigrateError {
     /// The destination side could not be prepared (process, tap, ...).
     #[error("destination preparation failed: {0}")]
     Destination(String),
+    /// A disk's block mirror failed before switchover; the guest stays on the source with its
+    /// own disks. `reason` is the stable code: `no-space`, `link-lost` or `disk-copy-failed`.
+    #[error(
+        "the copy of disk {disk} failed: {message}; the guest stays on the source with its disks"
+    )]
+    DiskCopy {
+        disk: String,
+        reason: DiskCopyFailure,
+        message: String,
+    },
     /// A QMP command failed.
     #[error(transparent)]
     Qmp(#[from] ferry_qmp::QmpError),
@@ -73,6 +83,7 @@ impl MigrateError {
             MigrateError::NotStarted(_) => "destination-not-started",
             MigrateError::DestinationNotRunning(_) => "destination-not-running",
             MigrateError::Destination(_) => "destination-prepare-failed",
+            MigrateError::DiskCopy { reason, .. } => reason.code(),
             MigrateError::Qmp(_) => "qmp-failed",
         }
     }
@@ -111,7 +122,61 @@ impl MigrateError {
                 "read the destination's QEMU log; the source was resumed if the destination is gone"
             }
             MigrateError::Destination(_) => "check the destination host's QEMU and network setup",
+            MigrateError::DiskCopy { reason, .. } => reason.hint(),
             MigrateError::Qmp(_) => "a QEMU process stopped answering; check that it still runs",
+        }
+    }
+}
+
+/// Why a disk copy failed, as far as QEMU's message tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskCopyFailure {
+    /// The destination's datastore filled up.
+    NoSpace,
+    /// The connection to the destination's export broke.
+    LinkLost,
+    /// Anything else QEMU reported.
+    Other,
+}
+
+impl DiskCopyFailure {
+    /// Classifies a block job's error text (QEMU passes the errno's message on).
+    pub fn from_message(message: &str) -> DiskCopyFailure {
+        let m = message.to_ascii_lowercase();
+        if m.contains("no space") || m.contains("enospc") || m.contains("quota") {
+            DiskCopyFailure::NoSpace
+        } else if m.contains("connection")
+            || m.contains("broken pipe")
+            || m.contains("input/output error")
+            || m.contains("timed out")
+            || m.contains("unreachable")
+            || m.contains("reset by peer")
+        {
+            DiskCopyFailure::LinkLost
+        } else {
+            DiskCopyFailure::Other
+        }
+    }
+
+    /// The stable error code.
+    pub fn code(self) -> &'static str {
+        match self {
+            DiskCopyFailure::NoSpace => "no-space",
+            DiskCopyFailure::LinkLost => "link-lost",
+            DiskCopyFailure::Other => "disk-copy-failed",
+        }
+    }
+
+    /// What the operator can do next.
+    pub fn hint(self) -> &'static str {
+        match self {
+            DiskCopyFailure::NoSpace => {
+                "free room on the destination datastore or map the disk to another one (--map-disk), then retry"
+            }
+            DiskCopyFailure::LinkLost => {
+                "check the migration network between the hosts, then retry"
+            }
+            DiskCopyFailure::Other => "read the migration's log and the source QEMU's log, then retry",
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod control;
 pub mod destination;
 pub mod dirty_rate;
 mod error;
+pub mod mirror;
 pub mod params;
 pub mod phases;
 pub mod plan;
@@ -16,7 +17,8 @@ pub mod progress;
 pub mod source;
 
 pub use control::{Action, ControlPolicy, Controller, Decision, EscalateConfig, TimeoutAction};
-pub use error::MigrateError;
+pub use error::{DiskCopyFailure, MigrateError};
+pub use mirror::{DiskProgress, DiskState, MirrorTarget};
 pub use params::{Announce, Bandwidth, MigrationParams, PortRange};
 pub use phases::{live_migrate, MigrationHalves, MigrationOutcome};
 pub use plan::{Plan, PlanInputs, Prediction};

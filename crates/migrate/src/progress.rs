@@ -84,6 +84,54 @@ pub struct Progress {
     pub downtime_ms: Option<u64>,
     /// Auto-converge's current vCPU throttle.
     pub cpu_throttle_percent: Option<u64>,
+    /// Block migration: each local disk's copy. With disks, `percent` and `eta_ms` weigh
+    /// disks and memory by their bytes; the other fields stay memory's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<crate::mirror::DiskProgress>,
+}
+
+impl Progress {
+    /// A sample of the disk copy that runs before the memory migration: `mem_total` bytes of
+    /// memory wait for it.
+    pub fn disk_copy(
+        elapsed_ms: u64,
+        disks: Vec<crate::mirror::DiskProgress>,
+        mem_total: u64,
+    ) -> Progress {
+        let percent = crate::mirror::overall_percent(&disks, 0, mem_total);
+        let rate: f64 = disks.iter().map(|d| d.rate_bps).sum();
+        let left: u64 = disks.iter().map(|d| d.remaining_bytes).sum::<u64>() + mem_total;
+        Progress {
+            phase: Phase::DiskCopy,
+            elapsed_ms,
+            percent,
+            transferred_bytes: 0,
+            remaining_bytes: mem_total,
+            total_bytes: mem_total,
+            iteration: 0,
+            throughput_bps: 0.0,
+            dirty_rate_bps: 0.0,
+            eta_ms: (rate > 0.0).then(|| (left as f64 / rate * 1000.0) as u64),
+            expected_downtime_ms: None,
+            total_time_ms: None,
+            downtime_ms: None,
+            cpu_throttle_percent: None,
+            disks,
+        }
+    }
+
+    /// Adds the disks' state to a memory sample, and weighs the percent by bytes.
+    pub fn with_disks(mut self, disks: Vec<crate::mirror::DiskProgress>) -> Progress {
+        if disks.is_empty() {
+            return self;
+        }
+        if self.phase != Phase::Completed {
+            let done = self.total_bytes.saturating_sub(self.remaining_bytes);
+            self.percent = crate::mirror::overall_percent(&disks, done, self.total_bytes);
+        }
+        self.disks = disks;
+        self
+    }
 }
 
 /// Turns successive `query-migrate` replies into [`Progress`] samples.
@@ -171,6 +219,7 @@ impl ProgressTracker {
             total_time_ms: info.total_time.filter(|_| phase.is_terminal()),
             downtime_ms: info.downtime,
             cpu_throttle_percent: info.cpu_throttle_percentage,
+            disks: Vec::new(),
         };
         self.last = Some(progress.clone());
         progress

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::control::{Action, ControlPolicy, Controller, Decision};
+use crate::mirror::{MirrorTarget, Mirrors};
 use crate::progress::{Phase, Progress, ProgressTracker};
 use crate::{MigrateError, MigrationParams};
 
@@ -87,6 +88,11 @@ impl AbortHandle {
 impl AbortSignal {
     pub fn is_aborted(&self) -> bool {
         *self.gate.borrow() == Gate::AbortRequested
+    }
+
+    /// True once the half has switched over (or started post-copy).
+    pub fn is_past_no_return(&self) -> bool {
+        *self.gate.borrow() == Gate::PastNoReturn
     }
 
     /// Resolves once abort was requested; never, if the handle is dropped without aborting.
@@ -185,17 +191,22 @@ pub type Observer<'a> = dyn FnMut(&SourceEvent) + Send + 'a;
 
 /// Migrates the guest behind `qmp` to a destination already listening at `dest`.
 ///
+/// With `disks` (block migration), each is first mirrored into the destination's export
+/// until every mirror is in sync and write-blocking ([`copy_disks`]); only then does the memory
+/// stream start, and at `pre-switchover` the mirrors are completed before the switchover.
 /// Samples progress every `params.sample_interval`, hands each sample to `observe`, and lets
 /// the [`Controller`] built from `params` steer: its decisions are applied to QEMU and
 /// reported too. On abort, or when the controller gives up, it cancels and makes sure the
-/// guest runs on the source again before returning the error. Once post-copy has started the
-/// guest runs on the destination: abort requests are refused and the source is never resumed.
+/// guest runs on the source again, with its own disks, before returning the error. Once
+/// post-copy has started the guest runs on the destination: abort requests are refused and
+/// the source is never resumed.
 pub async fn run_source(
     qmp: &Qmp,
     dest: SocketAddr,
     params: &MigrationParams,
+    disks: &[MirrorTarget],
     observe: &mut Observer<'_>,
-    abort: AbortSignal,
+    mut abort: AbortSignal,
 ) -> Result<SourceOutcome, MigrateError> {
     params.validate()?;
     let status = qmp.execute(&QueryStatus {}).await?;
@@ -212,12 +223,112 @@ pub async fn run_source(
         }],
     })
     .await?;
-    qmp.execute(&params.source_parameters()).await?;
-    let mut controller = Controller::for_params(params, params.policy.clone());
     let started = Instant::now();
-    qmp.execute(&Migrate::new(format!("tcp:{dest}"))).await?;
+    let mut mirrors = copy_disks(qmp, params, disks, started, observe, &mut abort).await?;
+    let begun = async {
+        qmp.execute(&params.source_parameters()).await?;
+        qmp.execute(&Migrate::new(format!("tcp:{dest}"))).await
+    }
+    .await;
+    if let Err(e) = begun {
+        mirrors.abort(qmp).await;
+        return Err(e.into());
+    }
+    let mut controller = Controller::for_params(params, params.policy.clone());
     info!(%dest, "migration started");
-    follow(qmp, params, &mut controller, started, false, observe, abort).await
+    follow(
+        qmp,
+        params,
+        &mut controller,
+        started,
+        false,
+        observe,
+        abort,
+        &mut mirrors,
+    )
+    .await
+}
+
+/// The bulk copy of a block migration: mirrors every disk of `disks` into its export and
+/// waits until all are in sync, then makes them write-blocking. The bandwidth limit is shared
+/// between the disks; the time budget counts from `started`. A cancel, the budget or a
+/// failed mirror stops every mirror and returns the error; the guest keeps running here.
+async fn copy_disks(
+    qmp: &Qmp,
+    params: &MigrationParams,
+    disks: &[MirrorTarget],
+    started: Instant,
+    observe: &mut Observer<'_>,
+    abort: &mut AbortSignal,
+) -> Result<Mirrors, MigrateError> {
+    if disks.is_empty() {
+        return Ok(Mirrors::none());
+    }
+    let mem_total = memory_bytes(qmp).await;
+    let speed = disk_speed(params, disks.len());
+    let mut mirrors = Mirrors::start(qmp, disks, speed).await?;
+    let mut ticker = tokio::time::interval(params.sample_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let aborted = tokio::select! {
+            _ = ticker.tick() => false,
+            _ = abort.aborted() => true,
+        };
+        if aborted {
+            mirrors.abort(qmp).await;
+            observe(&SourceEvent::Progress(Progress::disk_copy(
+                started.elapsed().as_millis() as u64,
+                mirrors.progress(),
+                mem_total,
+            )));
+            return Err(MigrateError::Cancelled);
+        }
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        let sampled = mirrors.sample(qmp, elapsed_ms).await;
+        observe(&SourceEvent::Progress(Progress::disk_copy(
+            elapsed_ms,
+            mirrors.progress(),
+            mem_total,
+        )));
+        if let Err(e) = sampled {
+            warn!(error = %e, "disk copy failed; stopping every mirror");
+            mirrors.abort(qmp).await;
+            return Err(e);
+        }
+        if let Some(budget) = params.completion_timeout {
+            if started.elapsed() > budget {
+                warn!("the time budget ran out during the disk copy");
+                mirrors.abort(qmp).await;
+                return Err(MigrateError::Timeout(started.elapsed().as_secs()));
+            }
+        }
+        if mirrors.all_ready() {
+            if let Err(e) = mirrors.make_write_blocking(qmp).await {
+                mirrors.abort(qmp).await;
+                return Err(e);
+            }
+            return Ok(mirrors);
+        }
+    }
+}
+
+/// Each mirror's share of the bandwidth limit (None: unlimited).
+fn disk_speed(params: &MigrationParams, disks: usize) -> Option<u64> {
+    match params.bandwidth {
+        crate::Bandwidth::Limited(bytes_per_sec) => {
+            Some((bytes_per_sec / disks.max(1) as u64).max(1))
+        }
+        _ => None,
+    }
+}
+
+/// The guest's RAM in bytes, for weighing the disk copy against the memory still to come.
+async fn memory_bytes(qmp: &Qmp) -> u64 {
+    qmp.execute_raw("query-memory-size-summary", None)
+        .await
+        .ok()
+        .and_then(|v| v.get("base-memory").and_then(|b| b.as_u64()))
+        .unwrap_or(0)
 }
 
 /// Resumes a post-copy migration whose stream broke, over a new connection to `dest` (where
@@ -249,6 +360,7 @@ async fn follow_fixed(
     abort: AbortSignal,
 ) -> Result<SourceOutcome, MigrateError> {
     let mut controller = Controller::for_params(params, ControlPolicy::Fixed);
+    let mut mirrors = Mirrors::adopt(qmp).await;
     follow(
         qmp,
         params,
@@ -257,6 +369,7 @@ async fn follow_fixed(
         postcopy_seen,
         observe,
         abort,
+        &mut mirrors,
     )
     .await
 }
@@ -317,6 +430,7 @@ async fn follow(
     mut postcopy_seen: bool,
     observe: &mut Observer<'_>,
     mut abort: AbortSignal,
+    mirrors: &mut Mirrors,
 ) -> Result<SourceOutcome, MigrateError> {
     let mut tracker = ProgressTracker::new();
     let mut ticker = tokio::time::interval(params.sample_interval);
@@ -335,11 +449,34 @@ async fn follow(
             _ = status_changed(&mut events) => false,
         };
         if aborted {
-            return cancel(qmp, &mut tracker, started, observe, MigrateError::Cancelled).await;
+            return cancel(
+                qmp,
+                &mut tracker,
+                started,
+                observe,
+                MigrateError::Cancelled,
+                mirrors,
+            )
+            .await;
         }
         let info = query_patiently(qmp, params).await?;
-        let progress = tracker.update(started.elapsed().as_millis() as u64, &info);
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        let mut disk_failure = None;
+        if mirrors.is_live() {
+            if let Err(e) = mirrors.sample(qmp, elapsed_ms).await {
+                disk_failure = Some(e);
+            }
+        }
+        let progress = tracker
+            .update(elapsed_ms, &info)
+            .with_disks(mirrors.progress());
         observe(&SourceEvent::Progress(progress.clone()));
+        if let Some(e) = disk_failure {
+            if !postcopy_seen && !abort.is_past_no_return() {
+                warn!(error = %e, "a disk mirror failed; cancelling the migration");
+                return cancel(qmp, &mut tracker, started, observe, e, mirrors).await;
+            }
+        }
         postcopy_seen |= progress.phase == Phase::Postcopy;
         if postcopy_seen || info.status == Some(MigrationStatus::Device) {
             // Already beyond the point of no return (a stream followed after a restart).
@@ -353,9 +490,31 @@ async fn follow(
             Some(MigrationStatus::PreSwitchover) => {
                 // The guest is stopped and the last pages wait. Either the cancel that came
                 // first wins (QEMU resumes the guest here), or from now on nothing does.
+                if mirrors.is_live() {
+                    // The guest is stopped: the mirrors' last writes make every destination
+                    // image equal to its source before the destination may ever run.
+                    if let Err(e) = mirrors.complete(qmp).await {
+                        warn!(error = %e, "a disk mirror did not complete; cancelling");
+                        return cancel(qmp, &mut tracker, started, observe, e, mirrors).await;
+                    }
+                    let done = tracker
+                        .last()
+                        .cloned()
+                        .map(|p| p.with_disks(mirrors.progress()));
+                    if let Some(p) = done {
+                        observe(&SourceEvent::Progress(p));
+                    }
+                }
                 if !abort.pass_no_return() {
-                    return cancel(qmp, &mut tracker, started, observe, MigrateError::Cancelled)
-                        .await;
+                    return cancel(
+                        qmp,
+                        &mut tracker,
+                        started,
+                        observe,
+                        MigrateError::Cancelled,
+                        mirrors,
+                    )
+                    .await;
                 }
                 info!("switching over: the source sends the last pages and device state");
                 qmp.execute(&MigrateContinue {
@@ -371,12 +530,14 @@ async fn follow(
                 ));
             }
             Some(MigrationStatus::Failed) => {
+                mirrors.abort(qmp).await;
                 ensure_running(qmp).await?;
                 return Err(MigrateError::Failed(
                     info.error_desc.unwrap_or_else(|| "no reason given".into()),
                 ));
             }
             Some(MigrationStatus::Cancelled) => {
+                mirrors.abort(qmp).await;
                 ensure_running(qmp).await?;
                 return Err(MigrateError::Cancelled);
             }
@@ -410,6 +571,11 @@ async fn follow(
                     })
                     .await?
                 }
+                Action::StartPostcopy if !mirrors.is_empty() => {
+                    // The destination would write its images while the mirrors still copy
+                    // into them: with local disks the migration stays pre-copy.
+                    warn!("post-copy is not used with local disks; staying in pre-copy");
+                }
                 Action::StartPostcopy => {
                     // Post-copy hands the guest to the destination: a point of no return too.
                     if !abort.pass_no_return() {
@@ -419,6 +585,7 @@ async fn follow(
                             started,
                             observe,
                             MigrateError::Cancelled,
+                            mirrors,
                         )
                         .await;
                     }
@@ -430,7 +597,7 @@ async fn follow(
                     } else {
                         MigrateError::Cancelled
                     };
-                    return cancel(qmp, &mut tracker, started, observe, reason).await;
+                    return cancel(qmp, &mut tracker, started, observe, reason, mirrors).await;
                 }
                 Action::Hold => {}
             }
@@ -461,6 +628,7 @@ async fn cancel(
     started: Instant,
     observe: &mut Observer<'_>,
     reason: MigrateError,
+    mirrors: &mut Mirrors,
 ) -> Result<SourceOutcome, MigrateError> {
     warn!(%reason, "cancelling migration");
     qmp.execute(&MigrateCancel {}).await?;
@@ -485,6 +653,7 @@ async fn cancel(
             _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
+    mirrors.abort(qmp).await;
     ensure_running(qmp).await?;
     Err(reason)
 }
@@ -496,6 +665,8 @@ async fn cancel(
 /// its guest over and is never resumed here; only [`resume_handed_over`] does that, once the
 /// destination is proven gone.
 pub async fn ensure_running(qmp: &Qmp) -> Result<(), MigrateError> {
+    // Mirrors a lost half started stop here too: the guest keeps its own disks either way.
+    crate::mirror::abort_all(qmp).await;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let status = qmp.execute(&QueryStatus {}).await?;

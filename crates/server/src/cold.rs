@@ -245,6 +245,7 @@ impl ColdJob<'_> {
             .map(|p| DiskCopy {
                 disk: p.disk.clone(),
                 image: p.image.clone(),
+                target: None,
                 format: p.format,
                 size_bytes: p.size_bytes,
                 state: DiskCopyState::Pending,
@@ -551,6 +552,7 @@ impl ColdJob<'_> {
             total_time_ms: None,
             downtime_ms: None,
             cpu_throttle_percent: None,
+            disks: Vec::new(),
         };
         let _ = self.state.store.add_sample(self.m.id, &progress).await;
         let _ = self.state.store.set_progress(self.m.id, &progress).await;

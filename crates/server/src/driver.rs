@@ -828,6 +828,7 @@ impl MigrationHalves for AgentHalves<'_> {
             name: self.instance.name.clone(),
             spec: self.instance.spec.clone(),
             params: self.params.clone(),
+            disks: Vec::new(),
         };
         let ready: IncomingReady = self
             .step(Side::Destination, "/incoming", &body, true)
@@ -856,6 +857,7 @@ impl MigrationHalves for AgentHalves<'_> {
                 instance_id: self.instance.id,
                 destination: dest.to_string(),
                 params: self.params.clone(),
+                disks: Vec::new(),
             };
             let _: SourceStatus = self.step(Side::Source, "/source", &body, true).await?;
         }

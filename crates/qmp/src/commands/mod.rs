@@ -6,10 +6,12 @@
 //! members in `extra`, because Ferry must talk to QEMU versions older and newer than the
 //! one it was written against without failing on a field it does not care about.
 
+mod block;
 mod migration;
 mod misc;
 mod run_state;
 
+pub use block::*;
 pub use migration::*;
 pub use misc::*;
 pub use run_state::*;

@@ -63,6 +63,7 @@ fn progress(percent: f64) -> Progress {
         total_time_ms: None,
         downtime_ms: None,
         cpu_throttle_percent: None,
+        disks: Vec::new(),
     }
 }
 
@@ -949,6 +950,7 @@ async fn disk_copies_are_recorded_and_cleanup_is_due_once() {
             datastore: "local".into(),
             file: "vm1-disk0.qcow2".into(),
         },
+        target: None,
         format: DiskFormat::Qcow2,
         size_bytes: 1 << 30,
         state: DiskCopyState::Copied,

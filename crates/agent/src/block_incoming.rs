@@ -1,0 +1,94 @@
+//! The destination's images of a block migration: made empty before the incoming QEMU opens
+//! them, removed again when the destination is removed before it ran the guest.
+//!
+//! Each path is written into the migration's record before its image is created, and only
+//! after checking that nothing is there: the record never names a file Ferry did not make,
+//! and an agent that restarts mid-way still knows what to remove.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ferry_api::agent::IncomingDisk;
+use tracing::{info, warn};
+
+use crate::datastores;
+use crate::migrations::MigrationEntry;
+use crate::{Agent, AgentError};
+
+impl Agent {
+    /// Creates every image of `disks` (same format and virtual size as the source's, sparse;
+    /// an overlay on the same shared base). On failure the images made so far are removed.
+    pub(crate) async fn create_incoming_images(
+        &self,
+        entry: &Arc<MigrationEntry>,
+        disks: &[IncomingDisk],
+    ) -> Result<(), AgentError> {
+        for d in disks {
+            if let Err(e) = self.create_incoming_image(entry, d).await {
+                self.remove_incoming_images(entry);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    async fn create_incoming_image(
+        &self,
+        entry: &Arc<MigrationEntry>,
+        d: &IncomingDisk,
+    ) -> Result<(), AgentError> {
+        let path = datastores::resolve(&self.config, &d.image)?;
+        if path.symlink_metadata().is_ok() {
+            return Err(AgentError::conflict(
+                "disk-exists",
+                format!(
+                    "{} exists on {} already; Ferry never overwrites an image",
+                    d.image, self.config.name
+                ),
+                "map the disk to another datastore (--map-disk), or remove the old file",
+            ));
+        }
+        if let Some(name) = self.image_in_use(&d.image).await {
+            return Err(AgentError::conflict(
+                "image-in-use",
+                format!("{} is an image of instance {name} on this host", d.image),
+                "map the disk to another datastore (--map-disk)",
+            ));
+        }
+        self.check_room(&d.image, d.required_bytes)?;
+        let base = match &d.backing {
+            Some(b) => Some((datastores::resolve(&self.config, &b.image)?, b.format)),
+            None => None,
+        };
+        entry.update(|r| r.created_images.push(path.clone()));
+        self.qemu_img()
+            .create(
+                &path,
+                d.format,
+                Some(d.size_bytes),
+                base.as_ref().map(|(p, f)| (p.as_path(), *f)),
+            )
+            .await
+            .inspect_err(|_| entry.update(|r| r.created_images.retain(|p| p != &path)))?;
+        info!(disk = %d.disk, image = %d.image, "empty image made for the block migration");
+        Ok(())
+    }
+
+    /// Removes the images made for this migration, unless the guest ran here (they are the
+    /// instance's then). A missing file counts as removed.
+    pub(crate) fn remove_incoming_images(&self, entry: &Arc<MigrationEntry>) {
+        let images: Vec<PathBuf> = entry.record().created_images;
+        let mut left = Vec::new();
+        for path in images {
+            match std::fs::remove_file(&path) {
+                Ok(()) => info!(path = %path.display(), "partial destination image removed"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "destination image not removed");
+                    left.push(path);
+                }
+            }
+        }
+        entry.update(|r| r.created_images = left);
+    }
+}
