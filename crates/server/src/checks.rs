@@ -56,6 +56,8 @@ pub struct CheckInput<'a> {
     /// Cold migration: what each image takes on the source's datastore (measured by the
     /// source agent), the room its copy needs; images missing here count their virtual size.
     pub image_bytes: Option<&'a HashMap<ImageRef, u64>>,
+    /// Live migration: the user's choice of destination datastore per local disk.
+    pub disk_map: Option<&'a std::collections::BTreeMap<String, String>>,
 }
 
 fn result(
@@ -104,7 +106,13 @@ pub fn run_all(input: &CheckInput) -> Vec<CheckResult> {
         out.push(cpu_vendor(src, dst));
         out.push(cpu_features(input, dst));
         out.push(match input.kind {
-            MigrationKind::Live => storage(input.instance, src, dst),
+            MigrationKind::Live => storage(
+                input.instance,
+                src,
+                dst,
+                input.disk_map.unwrap_or(&Default::default()),
+                input.image_bytes,
+            ),
             MigrationKind::Cold => cold_storage(input.instance, src, dst, input.image_bytes),
         });
         out.push(qemu_version(src, dst, input.qemu_rule));
@@ -681,98 +689,256 @@ pub fn cold_storage(
     pass("storage", message, values)
 }
 
-/// Whether the instance's files and disks are on storage the destination shares. Kernel files
-/// not provably shared are a warning (they are only read at boot); a disk or NVRAM that is
-/// not on a datastore both hosts share is a failure: the destination would open another
-/// file, or none, and the guest's writes would be lost.
-pub fn storage(inst: &Instance, src: &HostFacts, dst: &HostFacts) -> CheckResult {
+/// One local disk a live migration copies (block migration): from its image on the source to
+/// `target` on the destination, under the same file name.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BlockCopy {
+    pub disk: String,
+    pub source: ImageRef,
+    pub target: ImageRef,
+    pub format: DiskFormat,
+    pub size_bytes: u64,
+    /// What the image takes on the source (measured), or its virtual size when unmeasured.
+    pub allocated_bytes: u64,
+    pub measured: bool,
+    /// Room kept free beyond `allocated_bytes`: the guest may allocate more while it copies.
+    pub margin_bytes: u64,
+    /// An overlay's base on shared storage: only the overlay is copied.
+    pub backing: Option<ferry_api::instances::BackingRef>,
+    /// Why this datastore: the user's mapping, or the most free room.
+    pub reason: String,
+}
+
+impl BlockCopy {
+    /// Room the copy needs on its datastore.
+    pub fn required_bytes(&self) -> u64 {
+        self.allocated_bytes + self.margin_bytes
+    }
+}
+
+/// Room kept free beyond a disk's allocated bytes while it is copied live: 10 % of it, at
+/// least 64 MiB.
+pub fn copy_margin(allocated: u64) -> u64 {
+    (allocated / 10).max(64 << 20)
+}
+
+/// Which local disks of `inst` a live migration to `dst` copies, and where: a disk on a
+/// datastore both hosts share stays; every other disk goes to the datastore `disk_map` names
+/// for it, else to the destination's datastore with the most free room that holds it. Fails
+/// with one message per problem (unknown disk or datastore in the map, no room, a disk
+/// larger than a datastore, a base image or NVRAM not shared).
+pub fn block_copies(
+    inst: &Instance,
+    src: &HostFacts,
+    dst: &HostFacts,
+    disk_map: &std::collections::BTreeMap<String, String>,
+    image_bytes: Option<&HashMap<ImageRef, u64>>,
+) -> Result<Vec<BlockCopy>, Vec<String>> {
+    let mut fails = Vec::new();
+    for id in disk_map.keys() {
+        if !inst.spec.disks.iter().any(|d| &d.id == id) {
+            fails.push(format!("--map-disk names disk {id}, which {} does not have", inst.name));
+        }
+    }
+    let mut held: HashMap<&str, u64> = HashMap::new();
+    let mut out = Vec::new();
+    for d in &inst.spec.disks {
+        if let Some(b) = &d.backing {
+            if !shared(&b.image, src, dst) {
+                fails.push(format!(
+                    "the base image of disk {} ({}) is not on storage {} shares; only an overlay's top image is copied",
+                    d.id, b.image, dst.name
+                ));
+            }
+        }
+        if shared(&d.image, src, dst) {
+            if let Some(ds) = disk_map.get(&d.id) {
+                fails.push(format!(
+                    "disk {} is on datastore {}, which {} shares: it stays in place and cannot be mapped to {ds}",
+                    d.id, d.image.datastore, dst.name
+                ));
+            }
+            continue;
+        }
+        let measured = image_bytes.and_then(|m| m.get(&d.image)).copied();
+        let allocated = measured.unwrap_or(d.size_bytes);
+        let margin = copy_margin(allocated);
+        let need = allocated + margin;
+        let room = |ds: &DatastoreFacts, held: &HashMap<&str, u64>| {
+            ds.free_bytes
+                .saturating_sub(held.get(ds.name.as_str()).copied().unwrap_or(0))
+        };
+        let (target, reason) = match disk_map.get(&d.id) {
+            Some(name) => match dst.datastores.iter().find(|ds| &ds.name == name) {
+                None => {
+                    fails.push(format!(
+                        "disk {} is mapped to datastore {name}, which {} does not have",
+                        d.id, dst.name
+                    ));
+                    continue;
+                }
+                Some(ds) => (ds, "chosen with --map-disk".to_string()),
+            },
+            None => {
+                let best = dst
+                    .datastores
+                    .iter()
+                    .filter(|ds| ds.total_bytes >= d.size_bytes && room(ds, &held) >= need)
+                    .max_by_key(|ds| room(ds, &held));
+                match best {
+                    Some(ds) => (
+                        ds,
+                        format!("the most free room on {} ({})", dst.name, fmt_size(room(ds, &held))),
+                    ),
+                    None => {
+                        fails.push(format!(
+                            "disk {} ({}, {} + {} margin) fits on no datastore of {}",
+                            d.id,
+                            d.image,
+                            fmt_size(allocated),
+                            fmt_size(margin),
+                            dst.name
+                        ));
+                        continue;
+                    }
+                }
+            }
+        };
+        if target.total_bytes < d.size_bytes {
+            fails.push(format!(
+                "disk {} ({} virtual) is larger than datastore {} on {} ({} in all)",
+                d.id,
+                fmt_size(d.size_bytes),
+                target.name,
+                dst.name,
+                fmt_size(target.total_bytes)
+            ));
+            continue;
+        }
+        if room(target, &held) < need {
+            fails.push(format!(
+                "datastore {} on {} has {} free; disk {} needs {} ({}{} + {} margin)",
+                target.name,
+                dst.name,
+                fmt_size(room(target, &held)),
+                d.id,
+                fmt_size(need),
+                fmt_size(allocated),
+                if measured.is_some() { " allocated" } else { " virtual" },
+                fmt_size(margin)
+            ));
+            continue;
+        }
+        *held.entry(target.name.as_str()).or_default() += need;
+        out.push(BlockCopy {
+            disk: d.id.clone(),
+            source: d.image.clone(),
+            target: ImageRef {
+                datastore: target.name.clone(),
+                file: d.image.file.clone(),
+            },
+            format: d.format,
+            size_bytes: d.size_bytes,
+            allocated_bytes: allocated,
+            measured: measured.is_some(),
+            margin_bytes: margin,
+            backing: d.backing.clone(),
+            reason,
+        });
+    }
+    if fails.is_empty() {
+        Ok(out)
+    } else {
+        Err(fails)
+    }
+}
+
+/// Live migration: every file the destination opens must be reachable there. Disks on
+/// datastores both hosts share stay; local disks are copied live (block migration) to the
+/// datastore [`block_copies`] picks, which must have room for them. Base images and the UEFI
+/// NVRAM must be shared.
+pub fn storage(
+    inst: &Instance,
+    src: &HostFacts,
+    dst: &HostFacts,
+    disk_map: &std::collections::BTreeMap<String, String>,
+    image_bytes: Option<&HashMap<ImageRef, u64>>,
+) -> CheckResult {
     let mut fails = Vec::new();
     let mut warns = Vec::new();
     let mut details = Vec::new();
     kernel_files(inst, src, dst, &mut fails, &mut warns, &mut details);
-    let boot = &inst.spec.boot;
-    let images = inst
+    if let Some(n) = &inst.spec.boot.nvram {
+        if !shared(n, src, dst) {
+            fails.push(format!(
+                "the UEFI NVRAM ({n}) is on datastore {}, which {} does not share; a live migration does not copy it",
+                n.datastore, dst.name
+            ));
+        }
+    }
+    let copies = match block_copies(inst, src, dst, disk_map, image_bytes) {
+        Ok(c) => c,
+        Err(f) => {
+            fails.extend(f);
+            Vec::new()
+        }
+    };
+    let stays: Vec<String> = inst
         .spec
         .disks
         .iter()
-        .map(|d| (format!("disk {}", d.id), &d.image))
-        // A base image is opened by the destination as it is: it must be shared too.
-        .chain(inst.spec.disks.iter().filter_map(|d| {
-            d.backing
-                .as_ref()
-                .map(|b| (format!("base image of disk {}", d.id), &b.image))
-        }))
-        .chain(boot.nvram.iter().map(|n| ("UEFI NVRAM".to_string(), n)));
-    let mut unshared = 0;
-    for (what, image) in images {
-        let s = src.datastores.iter().find(|d| d.name == image.datastore);
-        let d = dst.datastores.iter().find(|d| d.name == image.datastore);
-        let shared = matches!((s, d), (Some(s), Some(d)) if s.identity.is_some() && s.identity == d.identity);
-        if !shared {
-            unshared += 1;
-            fails.push(match d {
-                None => format!("{what} ({image}) is on datastore {}, which {} does not mount", image.datastore, dst.name),
-                Some(_) => format!(
-                    "{what} ({image}) is on datastore {}, which is local to {} (not the same storage on {})",
-                    image.datastore, src.name, dst.name
-                ),
-            });
-        }
-        details.push(json!({
-            "disk": what,
-            "image": image.to_string(),
-            "source_identity": s.and_then(|d| d.identity.as_ref()),
-            "destination_identity": d.and_then(|d| d.identity.as_ref()),
-            "verdict": if shared { "pass" } else { "fail" },
-            "needs_block_migration": !shared,
-        }));
-    }
-    if unshared > 0 {
-        let values = json!({"files": details});
+        .filter(|d| shared(&d.image, src, dst))
+        .map(|d| format!("disk {} stays on shared datastore {}", d.id, d.image.datastore))
+        .collect();
+    let moves: Vec<String> = copies
+        .iter()
+        .map(|c| {
+            format!(
+                "disk {} ({}, {}{} + {} margin) copied live to datastore {} on {}: {}",
+                c.disk,
+                c.source,
+                fmt_size(c.allocated_bytes),
+                if c.measured { "" } else { " virtual" },
+                fmt_size(c.margin_bytes),
+                c.target.datastore,
+                dst.name,
+                c.reason
+            )
+        })
+        .collect();
+    let values = json!({"files": details, "copies": copies, "stays": stays});
+    if !fails.is_empty() {
         return result(
             "storage",
             CheckStatus::Fail,
             fails.join("; "),
             format!(
-                "a disk on storage {} does not share needs block migration, which this Ferry \
-                 cannot do yet: pick a host that mounts the same shared datastore (same name \
-                 and .ferry-datastore-id), or stop the instance and migrate it cold",
+                "map the disk to a datastore of {} with room (--map-disk DISK=DATASTORE), free \
+                 space there, or pick another host; base images and the NVRAM must be on a \
+                 datastore both hosts share (same name and .ferry-datastore-id)",
                 dst.name
             ),
             values,
             false,
         );
     }
-    let values = json!({"files": details});
-    if !fails.is_empty() {
-        result(
-            "storage",
-            CheckStatus::Fail,
-            fails.join("; "),
-            format!(
-                "mount the same shared datastore on {} (with the same .ferry-datastore-id), or \
-                 pick a host that has it",
-                dst.name
-            ),
-            values,
-            false,
-        )
-    } else if !warns.is_empty() {
-        result(
+    let words: Vec<String> = moves.into_iter().chain(stays).collect();
+    if !warns.is_empty() {
+        return result(
             "storage",
             CheckStatus::Warn,
             warns.join("; "),
             "put the instance's files on a datastore with a .ferry-datastore-id file",
             values,
             false,
-        )
-    } else {
-        pass(
-            "storage",
-            format!("the instance's files are on storage {} shares", dst.name),
-            values,
-        )
+        );
     }
+    let message = if words.is_empty() {
+        format!("the instance's files are on storage {} shares", dst.name)
+    } else {
+        words.join("; ")
+    };
+    pass("storage", message, values)
 }
 
 /// `major.minor` of a QEMU version string ("8.2.2", "QEMU emulator version 7.2.0 (...)").

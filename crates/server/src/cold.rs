@@ -31,7 +31,7 @@ use ferry_api::agent::{
 use ferry_api::hosts::HostFacts;
 use ferry_api::instances::{DiskFormat, Instance, InstanceState};
 use ferry_api::migrations::{
-    DiskCopy, DiskCopyState, Event, Migration, MigrationKind, MigrationState,
+    DiskCopy, DiskCopyState, Event, Migration, MigrationState,
 };
 use ferry_api::{ApiClient, ApiError, ErrorBody};
 use ferry_migrate::{Phase, Progress};
@@ -795,14 +795,14 @@ pub async fn cleanup(state: &AppState, m: &Migration, who: &str) -> Result<Migra
             "a failed or cancelled cold migration left the instance on its source with its images: nothing to clean",
         ));
     }
-    if m.kind != MigrationKind::Cold || m.copies.is_empty() {
+    if m.copies.is_empty() {
         return Err(ServerError::conflict(
             "nothing-to-clean-up",
             format!(
                 "migration {} copied no disks, so it kept nothing on {}",
                 m.id, m.source
             ),
-            "only cold migrations that copied disks keep source copies",
+            "only migrations that copied disks (cold, or live with local disks) keep source copies",
         ));
     }
     if m.cleaned_up_at.is_some() || !m.copies.iter().any(|c| c.source_kept) {

@@ -10,13 +10,15 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use ferry_api::agent::{
-    AgentInstance, DirtyRate, IncomingReady, PrepareIncoming, ReconnectSource, SourceState,
-    SourceStatus, StartSource,
+    AgentInstance, DirtyRate, IncomingDisk, IncomingReady, PrepareIncoming, ReconnectSource,
+    SourceState, SourceStatus, StartSource,
 };
+use ferry_api::instances::InstanceSpec;
 use ferry_api::checks::CheckStatus;
 use ferry_api::instances::{Instance, InstanceState};
 use ferry_api::migrations::{
-    Event, Migration, MigrationKind, MigrationPlan, MigrationState, MigrationStats, Policy,
+    DiskCopy, DiskCopyState, Event, Migration, MigrationKind, MigrationPlan, MigrationState,
+    MigrationStats, Policy,
 };
 use ferry_api::{ApiClient, ApiError, ErrorBody};
 use ferry_migrate::phases::StartError;
@@ -111,18 +113,21 @@ async fn drive(state: &AppState, id: Uuid, attach: bool) {
                 let _ = cancel_tx.send(true);
             }
             let gate = if attach {
-                Ok(None)
+                Ok(Gate {
+                    link_bps: None,
+                    block_copies: Vec::new(),
+                })
             } else {
                 preflight_gate(state, &m).await
             };
             match (gate, m.kind) {
                 (Err(body), _) => Ending::Failed(body),
-                (Ok(link_bps), MigrationKind::Live) => {
+                (Ok(gate), MigrationKind::Live) => {
                     let mut m = m;
                     if !attach && m.options.policy == Policy::Auto {
-                        m.plan = Some(plan_live(state, &m, link_bps).await);
+                        m.plan = Some(plan_live(state, &m, gate.link_bps).await);
                     }
-                    drive_live(state, &m, attach, cancel_rx).await
+                    drive_live(state, &m, attach, gate.block_copies, cancel_rx).await
                 }
                 (Ok(_), MigrationKind::Cold) => drive_cold(state, &m, attach, cancel_rx).await,
             }
@@ -208,7 +213,14 @@ async fn plan_live(state: &AppState, m: &Migration, link_bps: Option<f64>) -> Mi
 /// every verdict. A failure that is not overridden (`options.force` on an overridable check)
 /// is the job's error: the check's name as code, its message and hint. Otherwise returns the
 /// link bandwidth the probe measured, for the plan.
-async fn preflight_gate(state: &AppState, m: &Migration) -> Result<Option<f64>, ErrorBody> {
+/// What the pre-flight gate found for a job that may start: the link's measured bandwidth and,
+/// for a live job, the local disks to copy and where (the storage check's mapping).
+struct Gate {
+    link_bps: Option<f64>,
+    block_copies: Vec<checks::BlockCopy>,
+}
+
+async fn preflight_gate(state: &AppState, m: &Migration) -> Result<Gate, ErrorBody> {
     let instance = match state.store.get_instance(&m.instance_id.to_string()).await {
         Ok(Some(i)) => i,
         Ok(None) => {
@@ -225,6 +237,7 @@ async fn preflight_gate(state: &AppState, m: &Migration) -> Result<Option<f64>, 
             destination: Some(&m.destination),
             probe: true,
             migration: Some(m.id),
+            disk_map: Some(&m.options.disk_map),
         },
     )
     .await
@@ -278,7 +291,21 @@ async fn preflight_gate(state: &AppState, m: &Migration) -> Result<Option<f64>, 
         .and_then(|c| c.values.get("bandwidth_mbit_s"))
         .and_then(|v| v.as_f64())
         .map(|mbit| mbit * 1e6 / 8.0);
-    Ok(link_bps)
+    // The mapping the check decided and logged is the one the job runs.
+    let block_copies = match m.kind {
+        MigrationKind::Live => candidate
+            .checks
+            .iter()
+            .find(|c| c.name == "storage")
+            .and_then(|c| c.values.get("copies"))
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+            .unwrap_or_default(),
+        MigrationKind::Cold => Vec::new(),
+    };
+    Ok(Gate {
+        link_bps,
+        block_copies,
+    })
 }
 
 async fn finish(state: &AppState, id: Uuid, ending: Ending) {
@@ -365,9 +392,13 @@ async fn drive_live(
     state: &AppState,
     m: &Migration,
     attach: bool,
+    block_copies: Vec<checks::BlockCopy>,
     cancel: watch::Receiver<bool>,
 ) -> Ending {
-    let mut halves = match AgentHalves::new(state, m, attach, cancel).await {
+    if !attach {
+        clear_stale_copies(state, m, &block_copies).await;
+    }
+    let mut halves = match AgentHalves::new(state, m, attach, block_copies, cancel).await {
         Ok(h) => h,
         Err(e) => return Ending::Failed(e.body),
     };
@@ -380,12 +411,16 @@ async fn drive_live(
             )
             .await;
         return match ferry_migrate::phases::finish_committed(&mut halves).await {
-            Ok(()) => Ending::Completed(halves.source_stats().await),
+            Ok(()) => {
+                halves.end_copies(true).await;
+                Ending::Completed(halves.source_stats().await)
+            }
             Err(e) => Ending::Failed(ErrorBody::new(e.code(), e.to_string(), e.hint())),
         };
     }
     let mut observe = |_: &ferry_migrate::SourceEvent| {};
     let result = ferry_migrate::live_migrate(&mut halves, &mut observe).await;
+    halves.end_copies(result.is_ok()).await;
     match result {
         Ok(outcome) => Ending::Completed(Some(stats_of(&outcome.source))),
         Err(MigrateError::Cancelled) => Ending::Cancelled,
@@ -395,6 +430,40 @@ async fn drive_live(
                 .take()
                 .unwrap_or_else(|| ErrorBody::new(e.code(), e.to_string(), e.hint())),
         ),
+    }
+}
+
+/// An instance that moves back to a host it left keeps its images there until their cleanup;
+/// those images are stale now and would block the copies' target files. Removes them first
+/// (the same cleanup `ferry migration cleanup` does, logged on both jobs).
+async fn clear_stale_copies(state: &AppState, m: &Migration, copies: &[checks::BlockCopy]) {
+    if copies.is_empty() {
+        return;
+    }
+    let filter = crate::store::MigrationFilter {
+        instance: Some(m.instance_id),
+        state: Some(MigrationState::Completed),
+        ..Default::default()
+    };
+    let Ok(earlier) = state.store.list_migrations(&filter).await else {
+        return;
+    };
+    for old in earlier.iter().filter(|o| {
+        o.source == m.destination
+            && o.cleaned_up_at.is_none()
+            && o.copies
+                .iter()
+                .any(|c| c.source_kept && copies.iter().any(|b| b.target == c.image))
+    }) {
+        let message = format!(
+            "{} kept the images migration {} left there; they are stale now and are removed before the copy",
+            m.destination, old.id
+        );
+        log(state, m.id, "info", &message).await;
+        if let Err(e) = crate::cold::cleanup(state, old, "ferry (the instance moves back there)").await {
+            let message = format!("the stale images of migration {} were not removed: {}", old.id, e.body.message);
+            log(state, m.id, "warn", &message).await;
+        }
     }
 }
 
@@ -420,6 +489,15 @@ struct AgentHalves<'a> {
     committed: bool,
     /// Whether log lines are held, and those held (see `hold_logs`).
     held_logs: std::sync::Mutex<(bool, Vec<(String, String)>)>,
+    /// Block migration: where each local disk goes (empty after a restart: the destination
+    /// was prepared before it).
+    block_copies: Vec<checks::BlockCopy>,
+    /// Block migration: the job's record of each disk's copy, kept current from the samples.
+    copies: Vec<DiskCopy>,
+    /// Block migration: the destination's exports, for the source's mirrors.
+    mirrors: Vec<ferry_migrate::MirrorTarget>,
+    /// Block migration: the (disk, event) log lines already written.
+    disk_events: std::collections::HashSet<(String, &'static str)>,
 }
 
 /// Which half an agent call is for.
@@ -434,6 +512,7 @@ impl<'a> AgentHalves<'a> {
         state: &'a AppState,
         m: &Migration,
         attach: bool,
+        block_copies: Vec<checks::BlockCopy>,
         cancel: watch::Receiver<bool>,
     ) -> Result<AgentHalves<'a>, ServerError> {
         let instance = state
@@ -441,7 +520,22 @@ impl<'a> AgentHalves<'a> {
             .get_instance(&m.instance_id.to_string())
             .await?
             .ok_or_else(|| ServerError::not_found("instance", &m.instance_id.to_string()))?;
+        let copies = if attach {
+            m.copies.clone()
+        } else {
+            let copies: Vec<DiskCopy> = block_copies.iter().map(planned_copy).collect();
+            if !copies.is_empty() {
+                state.store.set_copies(m.id, &copies).await?;
+                let spec = destination_spec(&instance.spec, &copies);
+                state.store.set_dest_spec(m.id, &spec).await?;
+            }
+            copies
+        };
         Ok(AgentHalves {
+            block_copies,
+            copies,
+            mirrors: Vec::new(),
+            disk_events: Default::default(),
             state,
             params: m
                 .plan
@@ -636,6 +730,9 @@ impl<'a> AgentHalves<'a> {
                 )
                 .await;
             }
+            if !p.disks.is_empty() {
+                self.record_disks(&p).await;
+            }
             let _ = self.state.store.add_sample(self.m.id, &p).await;
             let _ = self.state.store.set_progress(self.m.id, &p).await;
             self.state.events.publish(Event::Progress {
@@ -647,6 +744,110 @@ impl<'a> AgentHalves<'a> {
 }
 
 impl AgentHalves<'_> {
+    /// Keeps the job's copies current from a sample's disks, and logs each mirror's start,
+    /// sync and completion once.
+    async fn record_disks(&mut self, p: &Progress) {
+        let mut lines = Vec::new();
+        for d in &p.disks {
+            let Some(c) = self.copies.iter_mut().find(|c| c.disk == d.disk) else {
+                continue;
+            };
+            let state = match d.state {
+                ferry_migrate::DiskState::Copying | ferry_migrate::DiskState::Synced => {
+                    DiskCopyState::Copying
+                }
+                ferry_migrate::DiskState::Completed => DiskCopyState::Copied,
+                ferry_migrate::DiskState::Cancelled | ferry_migrate::DiskState::Failed => {
+                    DiskCopyState::Failed
+                }
+            };
+            let mib = |b: u64| b as f64 / (1 << 20) as f64;
+            let mut once = |event: &'static str, line: String| {
+                if self.disk_events.insert((d.disk.clone(), event)) {
+                    lines.push(line);
+                }
+            };
+            once(
+                "started",
+                format!(
+                    "disk {}: mirror started to {}",
+                    d.disk,
+                    c.target.as_ref().unwrap_or(&c.image)
+                ),
+            );
+            match d.state {
+                ferry_migrate::DiskState::Synced => once(
+                    "synced",
+                    format!(
+                        "disk {}: mirror in sync after {:.1} MiB; guest writes now reach both hosts before they complete (write-blocking)",
+                        d.disk,
+                        mib(d.copied_bytes)
+                    ),
+                ),
+                ferry_migrate::DiskState::Completed => once(
+                    "completed",
+                    format!(
+                        "disk {}: mirror completed at switchover, {:.1} MiB copied; the destination image is consistent",
+                        d.disk,
+                        mib(d.copied_bytes)
+                    ),
+                ),
+                ferry_migrate::DiskState::Failed => once(
+                    "failed",
+                    format!("disk {}: mirror failed after {:.1} MiB", d.disk, mib(d.copied_bytes)),
+                ),
+                ferry_migrate::DiskState::Cancelled => once(
+                    "cancelled",
+                    format!(
+                        "disk {}: mirror stopped after {:.1} MiB; the source image is untouched",
+                        d.disk,
+                        mib(d.copied_bytes)
+                    ),
+                ),
+                ferry_migrate::DiskState::Copying => {}
+            }
+            c.state = state;
+            c.done_bytes = d.copied_bytes;
+            c.remaining_bytes = d.remaining_bytes;
+            c.rate_bps = d.rate_bps;
+            c.elapsed_ms = p.elapsed_ms;
+        }
+        for line in lines {
+            self.log("info", &line).await;
+        }
+        let _ = self.state.store.set_copies(self.m.id, &self.copies).await;
+    }
+
+    /// The end of the job for its copies: on success each is copied and the source's image is
+    /// kept until the cleanup; otherwise each failed (the destination's images were removed).
+    async fn end_copies(&mut self, completed: bool) {
+        if self.copies.is_empty() {
+            return;
+        }
+        for c in &mut self.copies {
+            if completed {
+                c.state = DiskCopyState::Copied;
+                c.remaining_bytes = 0;
+                c.source_kept = true;
+            } else if c.state != DiskCopyState::Copied || !self.committed {
+                c.state = DiskCopyState::Failed;
+            }
+        }
+        if let Err(e) = self.state.store.set_copies(self.m.id, &self.copies).await {
+            warn!(id = %self.m.id, error = %e, "cannot record the disk copies");
+        }
+        if completed {
+            let names: Vec<String> = self.copies.iter().map(|c| c.image.to_string()).collect();
+            let message = format!(
+                "the source images stay on {} until `ferry migration cleanup {}`: {}",
+                self.m.source,
+                self.m.id,
+                names.join(", ")
+            );
+            self.log("info", &message).await;
+        }
+    }
+
     /// QEMU's figures of the completed copy, if the source agent still has them.
     async fn source_stats(&self) -> Option<MigrationStats> {
         let status: SourceStatus = self.src.get(&self.path("")).await.ok()?;
@@ -661,6 +862,51 @@ fn stats_of(o: &SourceOutcome) -> MigrationStats {
         bytes_transferred: o.transferred_bytes,
         iterations: o.iterations,
     }
+}
+
+/// The job's record of a disk it is about to copy live.
+fn planned_copy(b: &checks::BlockCopy) -> DiskCopy {
+    DiskCopy {
+        disk: b.disk.clone(),
+        image: b.source.clone(),
+        target: Some(b.target.clone()),
+        format: b.format,
+        size_bytes: b.size_bytes,
+        state: DiskCopyState::Pending,
+        done_bytes: 0,
+        remaining_bytes: b.allocated_bytes,
+        rate_bps: 0.0,
+        elapsed_ms: 0,
+        sha256: None,
+        source_kept: false,
+    }
+}
+
+/// The instance's spec on the destination: each copied disk on its target datastore.
+fn destination_spec(spec: &InstanceSpec, copies: &[DiskCopy]) -> InstanceSpec {
+    let mut out = spec.clone();
+    for d in &mut out.disks {
+        if let Some(c) = copies.iter().find(|c| c.disk == d.id && c.image == d.image) {
+            if let Some(t) = &c.target {
+                d.image = t.clone();
+            }
+        }
+    }
+    out
+}
+
+/// The instance's spec on the source, from either side's spec.
+fn source_spec(spec: &InstanceSpec, copies: &[DiskCopy]) -> InstanceSpec {
+    let mut out = spec.clone();
+    for d in &mut out.disks {
+        if let Some(c) = copies
+            .iter()
+            .find(|c| c.disk == d.id && c.target.as_ref() == Some(&d.image))
+        {
+            d.image = c.image.clone();
+        }
+    }
+    out
 }
 
 /// Where the destination agent says its QEMU listens.
@@ -823,18 +1069,42 @@ impl MigrationHalves for AgentHalves<'_> {
             ),
         )
         .await;
+        let disks: Vec<IncomingDisk> = self
+            .block_copies
+            .iter()
+            .map(|b| IncomingDisk {
+                disk: b.disk.clone(),
+                image: b.target.clone(),
+                format: b.format,
+                size_bytes: b.size_bytes,
+                backing: b.backing.clone(),
+                required_bytes: b.required_bytes(),
+            })
+            .collect();
+        for b in &self.block_copies {
+            let message = format!(
+                "disk {}: {} -> {} on {} ({})",
+                b.disk, b.source, b.target, self.m.destination, b.reason
+            );
+            self.log("info", &message).await;
+        }
         let body = PrepareIncoming {
             instance_id: self.instance.id,
             name: self.instance.name.clone(),
-            spec: self.instance.spec.clone(),
+            spec: destination_spec(&self.instance.spec, &self.copies),
             params: self.params.clone(),
-            disks: Vec::new(),
+            disks,
         };
         let ready: IncomingReady = self
             .step(Side::Destination, "/incoming", &body, true)
             .await?;
         self.log("info", &format!("destination listening on {}", ready.addr))
             .await;
+        for t in &ready.disks {
+            let message = format!("disk {}: new image exported on {} for the mirror", t.disk, t.addr);
+            self.log("info", &message).await;
+        }
+        self.mirrors = ready.disks.clone();
         listen_addr(&ready)
     }
 
@@ -857,7 +1127,7 @@ impl MigrationHalves for AgentHalves<'_> {
                 instance_id: self.instance.id,
                 destination: dest.to_string(),
                 params: self.params.clone(),
-                disks: Vec::new(),
+                disks: self.mirrors.clone(),
             };
             let _: SourceStatus = self.step(Side::Source, "/source", &body, true).await?;
         }
@@ -935,9 +1205,10 @@ impl MigrationHalves for AgentHalves<'_> {
     /// Only after the destination is proven gone without having run: the instance belongs
     /// to the source again (generation + 1).
     async fn uncommit(&mut self) -> Result<(), MigrateError> {
+        let spec = source_spec(&self.instance.spec, &self.copies);
         self.state
             .store
-            .move_instance_to(self.instance.id, &self.m.source)
+            .move_instance_back(self.instance.id, &self.m.source, &spec)
             .await
             .map_err(|e| MigrateError::Failed(format!("the commit was not undone: {e}")))?;
         self.committed = false;

@@ -44,6 +44,8 @@ pub struct Request<'a> {
     pub probe: bool,
     /// The job being checked (the driver's own job is not "another migration in flight").
     pub migration: Option<Uuid>,
+    /// Live migration: the user's destination datastore per local disk.
+    pub disk_map: Option<&'a std::collections::BTreeMap<String, String>>,
 }
 
 async fn timed<T>(
@@ -361,10 +363,9 @@ pub async fn evaluate(state: &AppState, req: &Request<'_>) -> Result<Vec<Candida
 
     // A cold migration copies the images the destination does not share: what each takes on
     // the source, for the free-space check.
-    let image_bytes = match (&src, &source_facts, req.kind) {
-        (Some(c), Some(sf), MigrationKind::Cold) => {
-            measure_images(c, instance, sf, &targets, &fresh).await
-        }
+    // A live one copies its local disks (block migration): the same measure.
+    let image_bytes = match (&src, &source_facts) {
+        (Some(c), Some(sf)) => measure_images(c, instance, sf, &targets, &fresh).await,
         _ => HashMap::new(),
     };
 
@@ -402,6 +403,7 @@ pub async fn evaluate(state: &AppState, req: &Request<'_>) -> Result<Vec<Candida
             cluster_baseline: baseline.as_deref(),
             qemu_rule: state.config.preflight.qemu_version_rule,
             image_bytes: Some(&image_bytes),
+            disk_map: req.disk_map,
         };
         let mut out = checks::run_all(&CheckInput { probe, ..input });
         if f.is_some_and(|f| f.stale) {
@@ -498,7 +500,7 @@ pub async fn evaluate(state: &AppState, req: &Request<'_>) -> Result<Vec<Candida
     Ok(rank(candidates))
 }
 
-/// What each image a cold migration would copy to any of `targets` takes on the source
+/// What each image a migration would copy to any of `targets` takes on the source
 /// (`POST /v1/disks/measure` on the source agent). An image the agent cannot measure is left
 /// out, and the check counts its virtual size.
 async fn measure_images(

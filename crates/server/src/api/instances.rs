@@ -595,6 +595,9 @@ pub struct CandidatesQuery {
     /// Probe the migration port from the source to each host that passes the other checks
     /// (default true).
     pub probe: Option<bool>,
+    /// Block migration: `DISK=DATASTORE[,DISK=DATASTORE...]`, the destination datastore of
+    /// local disks (others get the one with the most free room).
+    pub map_disk: Option<String>,
 }
 
 /// Where the instance can go: every other host (or the one asked for) with the pre-flight
@@ -607,6 +610,7 @@ pub async fn migration_candidates(
     ApiQuery(q): ApiQuery<CandidatesQuery>,
 ) -> Result<Json<Vec<Candidate>>, ServerError> {
     let i = find(&state, &id).await?;
+    let disk_map = parse_disk_map(q.map_disk.as_deref().unwrap_or(""))?;
     let kind = if i.state == InstanceState::Stopped {
         MigrationKind::Cold
     } else {
@@ -620,8 +624,40 @@ pub async fn migration_candidates(
             destination: q.destination.as_deref(),
             probe: q.probe.unwrap_or(true),
             migration: None,
+            disk_map: Some(&disk_map),
         },
     )
     .await?;
     Ok(Json(candidates))
+}
+
+/// `DISK=DATASTORE[,DISK=DATASTORE...]` of the candidates query.
+fn parse_disk_map(
+    text: &str,
+) -> Result<std::collections::BTreeMap<String, String>, ServerError> {
+    let mut map = std::collections::BTreeMap::new();
+    for pair in text.split(',').filter(|p| !p.trim().is_empty()) {
+        match pair.split_once('=') {
+            Some((disk, ds)) if !disk.trim().is_empty() && !ds.trim().is_empty() => {
+                if map
+                    .insert(disk.trim().to_string(), ds.trim().to_string())
+                    .is_some()
+                {
+                    return Err(ServerError::bad_request(
+                        "bad-query",
+                        format!("map_disk names disk {} twice", disk.trim()),
+                        "give each disk one datastore",
+                    ));
+                }
+            }
+            _ => {
+                return Err(ServerError::bad_request(
+                    "bad-query",
+                    format!("map_disk entry {pair:?} is not DISK=DATASTORE"),
+                    "write map_disk=disk0=local,disk1=fast",
+                ))
+            }
+        }
+    }
+    Ok(map)
 }

@@ -46,6 +46,22 @@ pub async fn create(
         .validate()
         .map_err(|body| ServerError { status: 400, body })?;
     let kind = req.kind.unwrap_or(MigrationKind::Live);
+    if kind == MigrationKind::Cold && !req.options.disk_map.is_empty() {
+        return Err(ServerError::bad_request(
+            "invalid-migration-options",
+            "disk_map (--map-disk) applies to live migrations; a cold migration copies each disk to the datastore of the same name",
+            "drop --map-disk, or migrate the instance live",
+        ));
+    }
+    for (disk, ds) in &req.options.disk_map {
+        if !instance.spec.disks.iter().any(|d| &d.id == disk) {
+            return Err(ServerError::bad_request(
+                "unknown-disk",
+                format!("{} has no disk {disk} (mapped to datastore {ds})", instance.name),
+                "name a disk id from `ferry instance show`",
+            ));
+        }
+    }
     match (kind, instance.state) {
         (MigrationKind::Live, InstanceState::Running)
         | (MigrationKind::Cold, InstanceState::Stopped) => {}
@@ -82,7 +98,7 @@ pub async fn create(
     }
     let destination = match req.destination.clone() {
         Some(d) => d,
-        None => pick_destination(&state, &instance, kind).await?,
+        None => pick_destination(&state, &instance, kind, &req.options.disk_map).await?,
     };
     let dest = one_host(&state, &destination).await?;
     if dest.name == instance.host {
@@ -147,6 +163,7 @@ async fn pick_destination(
     state: &AppState,
     instance: &Instance,
     kind: MigrationKind,
+    disk_map: &std::collections::BTreeMap<String, String>,
 ) -> Result<String, ServerError> {
     let candidates = preflight::evaluate(
         state,
@@ -156,6 +173,7 @@ async fn pick_destination(
             destination: None,
             probe: true,
             migration: None,
+            disk_map: Some(disk_map),
         },
     )
     .await?;

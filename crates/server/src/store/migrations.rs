@@ -3,6 +3,7 @@ use ferry_api::migrations::{
     DiskCopy, LogLine, Migration, MigrationKind, MigrationOptions, MigrationPlan, MigrationState,
     MigrationStats,
 };
+use ferry_api::instances::InstanceSpec;
 use ferry_api::ErrorBody;
 use ferry_migrate::Progress;
 use sqlx::sqlite::SqliteRow;
@@ -65,6 +66,7 @@ const MIGRATION_SELECT: &str = "SELECT m.id, m.instance_id,
 /// already there (which makes the move idempotent). `$1` is the migration id, `$2` the time.
 const MOVE_INSTANCE_SQL: &str = "UPDATE instances SET
         host = (SELECT m.destination FROM migrations m WHERE m.id = $1),
+        spec = COALESCE((SELECT m.dest_spec FROM migrations m WHERE m.id = $1), spec),
         generation = generation + 1,
         updated_at = $2
     WHERE id = (SELECT m.instance_id FROM migrations m WHERE m.id = $1)
@@ -376,6 +378,46 @@ impl Store {
         self.get_migration(id)
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("migration {id}")))
+    }
+
+    /// Records the instance's spec as it will be on the destination (block migration: local
+    /// disks on the destination's datastores); the commit writes it into the instance in the
+    /// same statement that moves it.
+    pub async fn set_dest_spec(&self, id: Uuid, spec: &InstanceSpec) -> Result<(), StoreError> {
+        let done = sqlx::query("UPDATE migrations SET dest_spec = $2 WHERE id = $1")
+            .bind(id.to_string())
+            .bind(to_json(spec, "destination spec")?)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("migration {id}")));
+        }
+        Ok(())
+    }
+
+    /// Gives the instance of a migration whose commit is undone back to the source, with the
+    /// spec it had there (generation + 1).
+    pub async fn move_instance_back(
+        &self,
+        id: Uuid,
+        host: &str,
+        spec: &InstanceSpec,
+    ) -> Result<(), StoreError> {
+        let done = sqlx::query(
+            "UPDATE instances SET host = $2, spec = $3, generation = generation + 1,
+                    updated_at = $4
+              WHERE id = $1",
+        )
+        .bind(id.to_string())
+        .bind(host)
+        .bind(to_json(spec, "instance spec")?)
+        .bind(ms(now()))
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("instance {id}")));
+        }
+        Ok(())
     }
 
     /// Records the disk copies of a cold migration (their progress, checksums, and whether the
