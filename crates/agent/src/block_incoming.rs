@@ -16,6 +16,43 @@ use crate::migrations::MigrationEntry;
 use crate::{Agent, AgentError};
 
 impl Agent {
+    /// Refuses images that cannot be made here: one exists at the path, an instance of this
+    /// host names it, or its datastore lacks the room. Called before the instance's slot is
+    /// taken (looking at other instances locks their slots).
+    pub(crate) async fn check_incoming_images(
+        &self,
+        disks: &[IncomingDisk],
+    ) -> Result<(), AgentError> {
+        for d in disks {
+            self.refuse_incoming_image(d)?;
+            if let Some(name) = self.image_in_use(&d.image).await {
+                return Err(AgentError::conflict(
+                    "image-in-use",
+                    format!("{} is an image of instance {name} on this host", d.image),
+                    "map the disk to another datastore (--map-disk)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The path of a new image for `d`, refused when something is there or there is no room.
+    fn refuse_incoming_image(&self, d: &IncomingDisk) -> Result<PathBuf, AgentError> {
+        let path = datastores::resolve(&self.config, &d.image)?;
+        if path.symlink_metadata().is_ok() {
+            return Err(AgentError::conflict(
+                "disk-exists",
+                format!(
+                    "{} exists on {} already; Ferry never overwrites an image",
+                    d.image, self.config.name
+                ),
+                "map the disk to another datastore (--map-disk), or remove the old file",
+            ));
+        }
+        self.check_room(&d.image, d.required_bytes)?;
+        Ok(path)
+    }
+
     /// Creates every image of `disks` (same format and virtual size as the source's, sparse;
     /// an overlay on the same shared base). On failure the images made so far are removed.
     pub(crate) async fn create_incoming_images(
@@ -37,25 +74,7 @@ impl Agent {
         entry: &Arc<MigrationEntry>,
         d: &IncomingDisk,
     ) -> Result<(), AgentError> {
-        let path = datastores::resolve(&self.config, &d.image)?;
-        if path.symlink_metadata().is_ok() {
-            return Err(AgentError::conflict(
-                "disk-exists",
-                format!(
-                    "{} exists on {} already; Ferry never overwrites an image",
-                    d.image, self.config.name
-                ),
-                "map the disk to another datastore (--map-disk), or remove the old file",
-            ));
-        }
-        if let Some(name) = self.image_in_use(&d.image).await {
-            return Err(AgentError::conflict(
-                "image-in-use",
-                format!("{} is an image of instance {name} on this host", d.image),
-                "map the disk to another datastore (--map-disk)",
-            ));
-        }
-        self.check_room(&d.image, d.required_bytes)?;
+        let path = self.refuse_incoming_image(d)?;
         let base = match &d.backing {
             Some(b) => Some((datastores::resolve(&self.config, &b.image)?, b.format)),
             None => None,

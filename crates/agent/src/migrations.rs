@@ -489,8 +489,12 @@ impl Agent {
                 spec: req.spec,
                 incoming: Some(mid),
             };
-            self.translate(&record)?;
+            // With images still to make, the spec is checked once they exist.
+            if req.disks.is_empty() {
+                self.translate(&record)?;
+            }
             self.check_name_free(&id, &record.name)?;
+            self.check_incoming_images(&req.disks).await?;
             let (mut slot, previous) = match self.lock_slot(&id).await {
                 Ok(mut slot) => {
                     if self.run_state(&mut slot).await.is_some() || slot.process.is_some() {
@@ -525,6 +529,7 @@ impl Agent {
             let prepared = async {
                 self.save_record(&slot.record)?;
                 self.create_incoming_images(&entry, &req.disks).await?;
+                self.translate(&slot.record)?;
                 self.launch(&mut slot, StartMode::Incoming).await?;
                 let qmp = slot
                     .qmp()

@@ -63,7 +63,8 @@ pub enum DiskState {
 pub struct DiskProgress {
     pub disk: String,
     pub state: DiskState,
-    /// Bytes the mirror has copied, re-copies of rewritten data included.
+    /// How far the mirror got through the disk, re-copies of rewritten data included. Zero
+    /// and unallocated ranges count without being sent as data.
     pub copied_bytes: u64,
     /// What is left before the mirror is in sync.
     pub remaining_bytes: u64,

@@ -780,11 +780,19 @@ pub fn block_copies(
                 Some(ds) => (ds, "chosen with --map-disk".to_string()),
             },
             None => {
-                let best = dst
+                let fits: Vec<&DatastoreFacts> = dst
                     .datastores
                     .iter()
                     .filter(|ds| ds.total_bytes >= d.size_bytes && room(ds, &held) >= need)
-                    .max_by_key(|ds| room(ds, &held));
+                    .collect();
+                let most = fits.iter().map(|ds| room(ds, &held)).max().unwrap_or(0);
+                // Within 1 % of the most (datastores on one file system measure alike), the
+                // one named like the source's keeps the instance's layout.
+                let best = fits
+                    .iter()
+                    .copied()
+                    .filter(|ds| room(ds, &held) >= most - most / 100)
+                    .max_by_key(|ds| (ds.name == d.image.datastore, room(ds, &held)));
                 match best {
                     Some(ds) => (
                         ds,
@@ -927,7 +935,7 @@ pub fn storage(
         return result(
             "storage",
             CheckStatus::Warn,
-            warns.join("; "),
+            warns.into_iter().chain(words).collect::<Vec<_>>().join("; "),
             "put the instance's files on a datastore with a .ferry-datastore-id file",
             values,
             false,
@@ -1284,6 +1292,7 @@ mod tests {
             cluster_baseline: None,
             qemu_rule: QemuVersionRule::SameOrNewer,
             image_bytes: None,
+            disk_map: None,
         }
     }
 
@@ -1412,23 +1421,27 @@ mod tests {
         assert_eq!(cluster_baseline(&models, &[&a, &c]), None);
     }
 
+    fn live_storage(i: &Instance, s: &HostFacts, d: &HostFacts) -> CheckResult {
+        storage(i, s, d, &Default::default(), None)
+    }
+
     #[test]
     fn storage_compares_datastore_identities() {
         let (i, s, mut d) = (instance(), facts("a"), facts("b"));
-        assert_eq!(storage(&i, &s, &d).status, CheckStatus::Pass);
+        assert_eq!(live_storage(&i, &s, &d).status, CheckStatus::Pass);
         d.datastores[0].identity = Some("other".into());
-        let c = storage(&i, &s, &d);
+        let c = live_storage(&i, &s, &d);
         assert_eq!(c.status, CheckStatus::Fail, "same path, other storage");
         d.datastores.clear();
-        let c = storage(&i, &s, &d);
+        let c = live_storage(&i, &s, &d);
         assert!(c.status == CheckStatus::Fail && c.message.contains("does not have"));
         let mut s2 = s.clone();
         s2.datastores.clear();
-        assert_eq!(storage(&i, &s2, &d).status, CheckStatus::Warn);
+        assert_eq!(live_storage(&i, &s2, &d).status, CheckStatus::Warn);
         let (mut s3, mut d3) = (s.clone(), facts("b"));
         s3.datastores[0].identity = None;
         d3.datastores[0].identity = None;
-        assert_eq!(storage(&i, &s3, &d3).status, CheckStatus::Warn);
+        assert_eq!(live_storage(&i, &s3, &d3).status, CheckStatus::Warn);
     }
 
     #[test]
@@ -1464,7 +1477,7 @@ mod tests {
             backing: None,
             managed: true,
         }];
-        assert_eq!(storage(&i, &s, &d).status, CheckStatus::Pass);
+        assert_eq!(live_storage(&i, &s, &d).status, CheckStatus::Pass);
         // An overlay on shared storage over a base on a local datastore cannot move.
         let mut over = i.clone();
         over.spec.disks[0].backing = Some(ferry_api::instances::BackingRef {
@@ -1474,7 +1487,7 @@ mod tests {
             },
             format: ferry_api::instances::DiskFormat::Qcow2,
         });
-        let c = storage(&over, &s, &d);
+        let c = live_storage(&over, &s, &d);
         assert!(
             c.status == CheckStatus::Fail && c.message.contains("base image of disk disk0"),
             "{c:?}"
@@ -1489,16 +1502,86 @@ mod tests {
             });
         }
         i.spec.disks[0].image.datastore = "local".into();
-        let c = storage(&i, &s, &d);
+        let c = live_storage(&i, &s, &d);
         assert_eq!(
             c.status,
             CheckStatus::Fail,
-            "same name, no identity: not shared"
+            "same name, no identity: not shared, and 1 byte holds no disk: {c:?}"
         );
-        assert!(c.hint.contains("block migration"), "{}", c.hint);
-        assert_eq!(c.values["files"][2]["needs_block_migration"], true);
-        d.datastores.pop();
-        assert!(storage(&i, &s, &d).message.contains("does not mount"));
+        assert!(c.message.contains("fits on no datastore of b"), "{}", c.message);
+        assert!(c.hint.contains("--map-disk"), "{}", c.hint);
+    }
+
+    #[test]
+    fn a_local_disk_maps_to_the_destination_datastore_with_the_most_room_or_the_users_choice() {
+        use std::collections::BTreeMap;
+        let (mut i, s) = (instance(), facts("a"));
+        i.spec.disks = vec![local_disk("disk0", "vm-disk0.qcow2")];
+        let store = |name: &str, free: u64| DatastoreFacts {
+            name: name.into(),
+            path: format!("/srv/{name}"),
+            total_bytes: 100 << 30,
+            free_bytes: free,
+            identity: None,
+        };
+        let mut d = facts("b");
+        let kept = d.datastores.clone();
+        let with = |more: Vec<DatastoreFacts>| kept.iter().cloned().chain(more).collect::<Vec<_>>();
+        d.datastores = with(vec![store("local", 20 << 30), store("fast", 50 << 30)]);
+        let measured: HashMap<ImageRef, u64> = [(i.spec.disks[0].image.clone(), 2 << 30)].into();
+        let none = BTreeMap::new();
+        let copies = block_copies(&i, &s, &d, &none, Some(&measured)).unwrap();
+        assert_eq!(copies.len(), 1);
+        let c = &copies[0];
+        assert_eq!(c.target.datastore, "fast", "{c:?}");
+        assert!(c.reason.contains("most free room"), "{}", c.reason);
+        assert_eq!((c.allocated_bytes, c.margin_bytes), (2 << 30, (2 << 30) / 10));
+        assert_eq!(c.target.file, "vm-disk0.qcow2");
+        // Within 1 %, the datastore named like the source's wins.
+        d.datastores = with(vec![store("local", 50 << 30), store("fast", (50 << 30) + (1 << 20))]);
+        let copies = block_copies(&i, &s, &d, &none, Some(&measured)).unwrap();
+        assert_eq!(copies[0].target.datastore, "local");
+        // The user's choice, and its refusals.
+        let map: BTreeMap<String, String> = [("disk0".into(), "local".into())].into();
+        d.datastores = with(vec![store("local", 20 << 30), store("fast", 50 << 30)]);
+        let copies = block_copies(&i, &s, &d, &map, Some(&measured)).unwrap();
+        assert_eq!(copies[0].target.datastore, "local");
+        assert!(copies[0].reason.contains("--map-disk"));
+        let check = storage(&i, &s, &d, &map, Some(&measured));
+        assert_eq!(check.status, CheckStatus::Pass, "{check:?}");
+        assert!(
+            check.message.contains("copied live to datastore local on b"),
+            "{}",
+            check.message
+        );
+        assert_eq!(check.values["copies"][0]["target"]["datastore"], "local");
+        let bad: BTreeMap<String, String> = [("disk0".into(), "nope".into())].into();
+        let e = block_copies(&i, &s, &d, &bad, Some(&measured)).unwrap_err();
+        assert!(e[0].contains("which b does not have"), "{e:?}");
+        let ghost: BTreeMap<String, String> = [("disk9".into(), "local".into())].into();
+        let e = block_copies(&i, &s, &d, &ghost, Some(&measured)).unwrap_err();
+        assert!(e[0].contains("does not have"), "{e:?}");
+        // Too little room for allocated + margin; a disk larger than the datastore.
+        d.datastores = with(vec![store("local", 2 << 30)]);
+        let e = block_copies(&i, &s, &d, &map, Some(&measured)).unwrap_err();
+        assert!(e[0].contains("datastore local on b has 2.0 GiB free"), "{e:?}");
+        d.datastores = with(vec![DatastoreFacts {
+            total_bytes: 5 << 30,
+            ..store("local", 5 << 30)
+        }]);
+        let e = block_copies(&i, &s, &d, &map, Some(&measured)).unwrap_err();
+        assert!(e[0].contains("is larger than datastore local"), "{e:?}");
+        // Two disks on one datastore count together.
+        i.spec.disks.push(local_disk("disk1", "vm-disk1.qcow2"));
+        d.datastores = with(vec![store("local", 4 << 30)]);
+        let both: HashMap<ImageRef, u64> = i
+            .spec
+            .disks
+            .iter()
+            .map(|d| (d.image.clone(), 2 << 30))
+            .collect();
+        let e = block_copies(&i, &s, &d, &none, Some(&both)).unwrap_err();
+        assert!(e.iter().any(|m| m.contains("disk1")), "{e:?}");
     }
 
     fn local_disk(id: &str, file: &str) -> ferry_api::instances::DiskSpec {
@@ -1566,8 +1649,8 @@ mod tests {
             c.message
         );
         assert_eq!(c.values["copies"][0]["destination_datastore"], "local");
-        // The live check still refuses it.
-        assert_eq!(storage(&i, &s, &d).status, CheckStatus::Fail);
+        // The live check copies it (block migration).
+        assert_eq!(live_storage(&i, &s, &d).status, CheckStatus::Pass);
         // Too little room for the virtual size, enough for what is allocated.
         let small = with_local(facts("b"), 1 << 30);
         assert_eq!(cold_storage(&i, &s, &small, None).status, CheckStatus::Fail);

@@ -21,7 +21,9 @@ const HOST_GUEST_BRIDGE: &str = "br0";
 /// Host-side uplink of the guest bridge.
 const HOST_UPLINK: &str = "up0";
 /// Host-side interface on the migration network.
-const HOST_MIGRATION_IF: &str = "mig0";
+/// The host's interface on the migration network (its traffic counters measure what a
+/// migration sent).
+pub const HOST_MIGRATION_IF: &str = "mig0";
 /// Client-side interface on the guest network.
 const CLIENT_IF: &str = "eth0";
 /// Switch-side name of the client's veth.
