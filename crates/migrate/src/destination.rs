@@ -266,6 +266,8 @@ pub async fn export_disks(
             addr: at,
             export: export.clone(),
             top_only: *top_only,
+            size_bytes: 0,
+            allocated_bytes: 0,
         });
     }
     debug!(%at, disks = disks.len(), "disks exported for the mirrors");

@@ -41,6 +41,23 @@ pub struct MirrorTarget {
     /// Only the top image moves: the disk is an overlay whose base both hosts share.
     #[serde(default)]
     pub top_only: bool,
+    /// The disk's virtual size and the bytes its image holds (0: unknown), to turn a bandwidth
+    /// limit into QEMU's mirror speed, which counts zero ranges too.
+    #[serde(default)]
+    pub size_bytes: u64,
+    #[serde(default)]
+    pub allocated_bytes: u64,
+}
+
+/// QEMU's mirror speed for a disk that may send `bytes_per_sec` of data: the mirror's speed
+/// counts every range it passes, zero ranges (sent without data) included, so it is raised
+/// by the share of the disk that holds data (at most 64 times).
+pub fn mirror_speed(bytes_per_sec: u64, t: &MirrorTarget) -> u64 {
+    if t.size_bytes == 0 || t.allocated_bytes == 0 || t.allocated_bytes >= t.size_bytes {
+        return bytes_per_sec.max(1);
+    }
+    let factor = (t.size_bytes as f64 / t.allocated_bytes as f64).min(64.0);
+    ((bytes_per_sec as f64 * factor) as u64).max(1)
 }
 
 /// Where one disk's mirror is.
@@ -136,6 +153,8 @@ impl Mirrors {
                     addr: SocketAddr::from(([0, 0, 0, 0], 0)),
                     export: String::new(),
                     top_only: false,
+                    size_bytes: 0,
+                    allocated_bytes: 0,
                 },
                 window: VecDeque::new(),
                 last: DiskProgress {
@@ -155,13 +174,13 @@ impl Mirrors {
         }
     }
 
-    /// Attaches each export and starts its mirror, in the background copy mode, at
-    /// `speed_bps` each (None: unlimited). On failure the mirrors already started are
-    /// aborted before the error returns.
+    /// Attaches each export and starts its mirror, in the background copy mode, each at its
+    /// share `data_bps` of data per second (None: unlimited). On failure the mirrors already
+    /// started are aborted before the error returns.
     pub async fn start(
         qmp: &Qmp,
         targets: &[MirrorTarget],
-        speed_bps: Option<u64>,
+        data_bps: Option<u64>,
     ) -> Result<Mirrors, MigrateError> {
         let mut mirrors = Mirrors {
             disks: targets
@@ -183,7 +202,8 @@ impl Mirrors {
             write_blocking: false,
         };
         for i in 0..mirrors.disks.len() {
-            if let Err(e) = mirrors.start_one(qmp, i, speed_bps).await {
+            let speed = data_bps.map(|b| mirror_speed(b, &mirrors.disks[i].target));
+            if let Err(e) = mirrors.start_one(qmp, i, speed).await {
                 mirrors.abort(qmp).await;
                 return Err(e);
             }
@@ -264,6 +284,11 @@ impl Mirrors {
         self.disks.iter().map(|d| d.last.clone()).collect()
     }
 
+    /// Whether the mirrors already copy the guest's writes synchronously.
+    pub fn is_write_blocking(&self) -> bool {
+        self.write_blocking
+    }
+
     /// Every mirror is in sync.
     pub fn all_ready(&self) -> bool {
         self.disks
@@ -284,7 +309,7 @@ impl Mirrors {
             .map_err(|e| disk_error(&d.target.disk, &e.to_string()))?;
         }
         self.write_blocking = true;
-        info!("every disk in sync; mirrors write-blocking");
+        info!("mirrors write-blocking: every guest write reaches both hosts before it completes");
         Ok(())
     }
 
@@ -536,6 +561,22 @@ mod tests {
         );
         let p = progress_of("disk0", &job(1 << 30, 1 << 30, true), &mut w, 2000, false);
         assert_eq!((p.state, p.remaining_bytes), (DiskState::Synced, 0));
+    }
+
+    #[test]
+    fn the_mirror_speed_grows_with_the_share_of_zero_ranges() {
+        let t = |size, allocated| MirrorTarget {
+            disk: "d".into(),
+            addr: "10.0.0.1:1".parse().unwrap(),
+            export: "e".into(),
+            top_only: false,
+            size_bytes: size,
+            allocated_bytes: allocated,
+        };
+        assert_eq!(mirror_speed(1 << 20, &t(1 << 30, 1 << 30)), 1 << 20);
+        assert_eq!(mirror_speed(1 << 20, &t(1 << 30, 1 << 28)), 4 << 20);
+        assert_eq!(mirror_speed(1 << 20, &t(1 << 30, 1)), 64 << 20);
+        assert_eq!(mirror_speed(1 << 20, &t(0, 0)), 1 << 20);
     }
 
     #[test]

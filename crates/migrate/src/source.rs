@@ -269,6 +269,11 @@ async fn copy_disks(
     let mut mirrors = Mirrors::start(qmp, disks, speed).await?;
     let mut ticker = tokio::time::interval(params.sample_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A guest that rewrites its disk faster than the background copy sends keeps a mirror
+    // from ever getting in sync; once the data left stops shrinking for a while, the mirrors
+    // turn write-blocking early, which makes them converge.
+    let mut least_left = u64::MAX;
+    let mut least_at = Instant::now();
     loop {
         let aborted = tokio::select! {
             _ = ticker.tick() => false,
@@ -302,15 +307,30 @@ async fn copy_disks(
                 return Err(MigrateError::Timeout(started.elapsed().as_secs()));
             }
         }
-        if mirrors.all_ready() {
+        let left: u64 = mirrors.progress().iter().map(|d| d.remaining_bytes).sum();
+        if left < least_left {
+            least_left = left;
+            least_at = Instant::now();
+        }
+        let stalled = least_at.elapsed() >= MIRROR_STALL;
+        if (mirrors.all_ready() || stalled) && !mirrors.is_write_blocking() {
+            if stalled && !mirrors.all_ready() {
+                info!(left, "the disk copy stopped gaining on the guest's writes; mirrors go write-blocking now");
+            }
             if let Err(e) = mirrors.make_write_blocking(qmp).await {
                 mirrors.abort(qmp).await;
                 return Err(e);
             }
+        }
+        if mirrors.all_ready() {
             return Ok(mirrors);
         }
     }
 }
+
+/// How long the data a disk copy has left may stop shrinking before its mirrors turn
+/// write-blocking.
+const MIRROR_STALL: Duration = Duration::from_secs(5);
 
 /// Each mirror's share of the bandwidth limit (None: unlimited).
 fn disk_speed(params: &MigrationParams, disks: usize) -> Option<u64> {
@@ -422,6 +442,7 @@ async fn query_patiently(
 }
 
 /// Samples a started migration until it ends, applying the controller's decisions.
+#[allow(clippy::too_many_arguments)]
 async fn follow(
     qmp: &Qmp,
     params: &MigrationParams,

@@ -1104,7 +1104,19 @@ impl MigrationHalves for AgentHalves<'_> {
             let message = format!("disk {}: new image exported on {} for the mirror", t.disk, t.addr);
             self.log("info", &message).await;
         }
-        self.mirrors = ready.disks.clone();
+        // The source's mirror speed needs each disk's size and data (see `mirror_speed`).
+        self.mirrors = ready
+            .disks
+            .iter()
+            .map(|t| {
+                let b = self.block_copies.iter().find(|b| b.disk == t.disk);
+                ferry_migrate::MirrorTarget {
+                    size_bytes: b.map_or(0, |b| b.size_bytes),
+                    allocated_bytes: b.filter(|b| b.measured).map_or(0, |b| b.allocated_bytes),
+                    ..t.clone()
+                }
+            })
+            .collect();
         listen_addr(&ready)
     }
 

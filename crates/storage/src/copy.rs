@@ -119,11 +119,12 @@ pub struct ImageSize {
     pub allocated_bytes: u64,
 }
 
-/// The virtual and allocated size of an image. Refused (by `qemu-img`'s lock check) while a
-/// QEMU has it open for writing.
+/// The virtual and allocated size of an image, also of one a running QEMU writes (read with
+/// `--force-share`: a moment's figures, which is all a free-space check needs).
 pub async fn image_size(path: &Path, format: DiskFormat) -> Result<ImageSize, CopyError> {
     let mut cmd = tool::command("qemu-img", None);
-    cmd.args(["info", "--output=json", "-f", format.as_str()])
+    // --force-share: the image of a running guest (block migration) is locked by its QEMU.
+    cmd.args(["info", "--force-share", "--output=json", "-f", format.as_str()])
         .arg(path);
     let out = tool::run(cmd, QUICK_TOOL).await?;
     let bad = |detail: String| CopyError::BadImage {
