@@ -43,7 +43,7 @@ async fn cluster(base: &Path) -> Cluster {
     .await
 }
 
-/// A running lab guest on hv1 with a new 1 GiB qcow2 disk on hv1's `local` datastore (and
+/// A running lab guest on hv1 with a new 1 GiB qcow2 disk `disk0` on hv1's `local` datastore (and
 /// `extra` disks), writing 4096 self-checking blocks (16 MiB) at `rate` per second.
 async fn vm_with_local_disk(
     c: &Cluster,
@@ -52,10 +52,10 @@ async fn vm_with_local_disk(
     rate: u32,
     extra: Vec<DiskRequest>,
 ) -> Instance {
-    vm_with_disk_cache(c, name, k, rate, extra, CacheMode::None).await
+    vm_with_disk_cache(c, name, k, rate, extra, CacheMode::None, 1 << 30).await
 }
 
-/// [`vm_with_local_disk`] with the disk's cache mode.
+/// [`vm_with_local_disk`] with the disk's cache mode and virtual size.
 async fn vm_with_disk_cache(
     c: &Cluster,
     name: &str,
@@ -63,6 +63,7 @@ async fn vm_with_disk_cache(
     rate: u32,
     extra: Vec<DiskRequest>,
     cache: CacheMode,
+    size: u64,
 ) -> Instance {
     let config = GuestConfig {
         disk: Some(GuestDisk {
@@ -75,7 +76,7 @@ async fn vm_with_disk_cache(
     let mut disks = vec![DiskRequest {
         id: Some("disk0".into()),
         datastore: Some("local".into()),
-        size_bytes: Some(1 << 30),
+        size_bytes: Some(size),
         serial: Some(SERIAL.into()),
         cache,
         ..serde_json::from_value(serde_json::json!({})).unwrap()
@@ -384,8 +385,17 @@ async fn a_datastore_too_small_is_refused_and_one_that_fills_up_fails_the_job_wi
         }
     })
     .await;
-    // Writeback: tmpfs has no O_DIRECT.
-    let vm = vm_with_disk_cache(&c, "blk-full", 23, 200, vec![], CacheMode::Writeback).await;
+    // Writeback: tmpfs has no O_DIRECT. 128 MiB: no larger than the 160 MiB datastore.
+    let vm = vm_with_disk_cache(
+        &c,
+        "blk-full",
+        23,
+        200,
+        vec![],
+        CacheMode::Writeback,
+        128 << 20,
+    )
+    .await;
     let file = vm.spec.disks[0].image.file.clone();
     let mapped = |ds: &str| MigrationOptions {
         bandwidth_mib_s: Some(2),
