@@ -8,7 +8,7 @@ use clap::ValueEnum;
 use ferry_api::hosts::{Datastore, Host, HostState};
 use ferry_api::instances::{Instance, InstanceState};
 use ferry_api::migrations::{LogLine, Migration, MigrationKind, MigrationState};
-use ferry_migrate::Progress;
+use ferry_migrate::{DiskProgress, DiskState, Phase, Progress};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -510,6 +510,11 @@ pub fn migration_detail(m: &Migration) -> String {
             options.push(name.into());
         }
     }
+    if !o.disk_map.is_empty() {
+        // Spaces, not commas, between the pairs: the options themselves are comma-separated.
+        let pairs: Vec<String> = o.disk_map.iter().map(|(d, s)| format!("{d}={s}")).collect();
+        options.push(format!("map-disk {}", pairs.join(" ")));
+    }
     let mut pairs = vec![
         ("id", m.id.to_string()),
         (
@@ -543,6 +548,11 @@ pub fn migration_detail(m: &Migration) -> String {
         if !m.state.is_terminal() {
             pairs.push(("progress", progress_message(p)));
         }
+        // Kept after the end too: each disk's last state says whether the destination's image
+        // is complete, and which disk a failed copy stopped on.
+        if !p.disks.is_empty() {
+            pairs.push(("disks", disk_progress_lines(&p.disks).join("\n")));
+        }
     }
     if let Some(s) = &m.stats {
         pairs.extend([
@@ -575,11 +585,16 @@ pub fn migration_detail(m: &Migration) -> String {
     key_values(&pairs)
 }
 
-/// One disk copy of a cold migration: what, how far, the checksum, and whether the source
-/// keeps its image.
+/// One disk copy: what, to where when that is not the same datastore and file, how far, the
+/// checksum, and whether the source keeps its image.
 pub fn disk_copy_line(c: &ferry_api::migrations::DiskCopy) -> String {
     use ferry_api::migrations::DiskCopyState;
-    let mut line = format!("{} {} {}", c.disk, c.image, c.state.as_str());
+    let mut line = format!("{} {}", c.disk, c.image);
+    if let Some(target) = &c.target {
+        line.push_str(&format!(" -> {target}"));
+    }
+    line.push(' ');
+    line.push_str(c.state.as_str());
     match c.state {
         DiskCopyState::Copying => line.push_str(&format!(
             " {} of {}, {} left, {}",
@@ -617,26 +632,87 @@ pub fn logs(lines: &[LogLine]) -> String {
         .join("\n")
 }
 
+/// The word for a disk mirror's state, as the API spells it, so that `-o json` and the
+/// tables agree.
+pub fn disk_state(s: DiskState) -> &'static str {
+    match s {
+        DiskState::Copying => "copying",
+        DiskState::Synced => "synced",
+        DiskState::Completed => "completed",
+        DiskState::Cancelled => "cancelled",
+        DiskState::Failed => "failed",
+    }
+}
+
+/// One line per disk of a block migration: id, state, copied / total (percent), what is left
+/// and the rate. The columns are aligned across the disks, so that several read as a table in
+/// `migration show` and under the live bar.
+pub fn disk_progress_lines(disks: &[DiskProgress]) -> Vec<String> {
+    let mut t = Table::new(&["", "", "", "", ""]);
+    for d in disks {
+        // A mirror in sync counts as fully copied, as the migration's percent counts it: its
+        // total grows with every guest write, so its bytes alone never quite reach it.
+        let percent = match d.state {
+            DiskState::Synced | DiskState::Completed => 100.0,
+            _ if d.total_bytes == 0 => 0.0,
+            _ => (d.copied_bytes.min(d.total_bytes) as f64 * 100.0 / d.total_bytes as f64).floor(),
+        };
+        t.row(vec![
+            d.disk.clone(),
+            disk_state(d.state).into(),
+            format!(
+                "{} / {} ({percent:.0}%)",
+                fmt_bytes(d.copied_bytes),
+                fmt_bytes(d.total_bytes)
+            ),
+            format!("{} left", fmt_bytes(d.remaining_bytes)),
+            fmt_rate(d.rate_bps),
+        ]);
+    }
+    // The first line is the empty header.
+    t.render().lines().skip(1).map(str::to_string).collect()
+}
+
+/// The live bar's lines under its own: the sample's disks, indented, each on a new line; empty
+/// without disks, so a memory-only migration draws one line as before.
+pub fn progress_disks_text(p: &Progress) -> String {
+    disk_progress_lines(&p.disks)
+        .iter()
+        .map(|l| format!("\n  {l}"))
+        .collect()
+}
+
 /// One progress sample as a line: the live bar's message and `migration show`'s progress.
 pub fn progress_message(p: &Progress) -> String {
-    if p.phase == ferry_migrate::Phase::DiskCopy {
+    let eta = p.eta_ms.map(fmt_ms).unwrap_or_else(|| "-".into());
+    if p.phase == Phase::DiskCopy {
+        if p.disks.is_empty() {
+            // A cold migration: one disk after the other; the sample is the current one's.
+            return format!(
+                "copying disks {:.1}%  {}  remaining {}  disk {}  ETA {eta}",
+                p.percent,
+                fmt_rate(p.throughput_bps),
+                fmt_bytes(p.remaining_bytes),
+                p.iteration,
+            );
+        }
+        // A live block migration before its memory moves: the memory fields hold what waits.
+        let rate: f64 = p.disks.iter().map(|d| d.rate_bps).sum();
+        let left: u64 = p.disks.iter().map(|d| d.remaining_bytes).sum();
         return format!(
-            "{} {:.1}%  {}  remaining {}  disk {}  ETA {}",
-            p.phase.as_str(),
+            "copying disks {:.1}%  {}  remaining {} disks + {} memory  ETA {eta}",
             p.percent,
-            fmt_rate(p.throughput_bps),
+            fmt_rate(rate),
+            fmt_bytes(left),
             fmt_bytes(p.remaining_bytes),
-            p.iteration,
-            p.eta_ms.map(fmt_ms).unwrap_or_else(|| "-".into())
         );
     }
     format!(
-        "{} {:.1}%  {}  remaining {}  iter {}  ETA {}",
+        "{} {:.1}%  {}  remaining {}  iter {}  ETA {eta}",
         p.phase.as_str(),
         p.percent,
         fmt_rate(p.throughput_bps),
         fmt_bytes(p.remaining_bytes),
         p.iteration,
-        p.eta_ms.map(fmt_ms).unwrap_or_else(|| "-".into())
     )
 }

@@ -9,7 +9,9 @@ use ferry_cli::commands::instance::{
     create_request, mac_for, parse_ip_prefix, parse_nic, InstanceCommand, LabImage, NicArg,
 };
 use ferry_cli::commands::lab::{agent_config, server_config, to_toml};
-use ferry_cli::commands::migrate::{candidates_path, exit_code_for, list_query, MigrationCommand};
+use ferry_cli::commands::migrate::{
+    candidates_path, disk_map, exit_code_for, list_query, parse_disk_mapping, MigrationCommand,
+};
 use ferry_cli::commands::{seg, ClusterCommand};
 use ferry_cli::config::{resolve, FileConfig};
 use ferry_cli::error::{exit, CliError};
@@ -178,6 +180,95 @@ fn migrate_rejects_a_zero_downtime_before_sending() {
         Err(CliError::Local(body)) => assert_eq!(body.code, "invalid-migration-options"),
         other => panic!("expected an options error, got {other:?}"),
     }
+}
+
+#[test]
+fn map_disk_values_are_disk_equals_datastore() {
+    assert_eq!(
+        parse_disk_mapping("disk0=local2"),
+        Ok(("disk0".to_string(), "local2".to_string()))
+    );
+    for (bad, why) in [
+        ("disk0", "has no '='"),
+        ("=x", "names no disk"),
+        ("disk0=", "names no datastore"),
+        ("=", "names no disk"),
+        ("", "has no '='"),
+    ] {
+        let err = parse_disk_mapping(bad).unwrap_err();
+        assert!(err.contains(why), "{bad:?}: {err}");
+        assert!(err.contains("e.g. disk0=local2"), "{bad:?}: {err}");
+    }
+    let pair = |d: &str, s: &str| (d.to_string(), s.to_string());
+    assert_eq!(
+        disk_map(&[pair("disk0", "local2"), pair("disk1", "fast")]).unwrap(),
+        [pair("disk0", "local2"), pair("disk1", "fast")].into()
+    );
+    assert!(disk_map(&[]).unwrap().is_empty());
+    // A disk named twice is refused, with the same datastore too.
+    for second in ["fast", "local2"] {
+        match disk_map(&[pair("disk0", "local2"), pair("disk0", second)]) {
+            Err(CliError::Local(body)) => {
+                assert_eq!(body.code, "invalid-migration-options");
+                assert!(
+                    body.message.contains("names disk disk0 twice"),
+                    "{}",
+                    body.message
+                );
+            }
+            other => panic!("expected an options error, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn migrate_map_disk_flags_build_the_disk_map() {
+    let ClusterCommand::Migrate { args, .. } = parse(&[
+        "migrate",
+        "vm",
+        "--map-disk",
+        "disk0=local2",
+        "--map-disk=disk1=fast",
+    ])
+    .unwrap() else {
+        panic!()
+    };
+    let req = args.to_request().unwrap();
+    assert_eq!(
+        serde_json::to_value(&req.options).unwrap()["disk_map"],
+        serde_json::json!({"disk0": "local2", "disk1": "fast"})
+    );
+    // Without the flag the request is as before (no `disk_map` key).
+    let ClusterCommand::Migrate { args, .. } = parse(&["migrate", "vm"]).unwrap() else {
+        panic!()
+    };
+    let req = serde_json::to_value(args.to_request().unwrap()).unwrap();
+    assert!(req["options"].get("disk_map").is_none(), "{req}");
+    // Bad syntax is a usage error naming the flag; a repeated disk fails before sending.
+    for bad in ["disk0", "=x", "disk0="] {
+        let err = parse(&["migrate", "vm", "--map-disk", bad]).unwrap_err();
+        assert!(err.contains("--map-disk <DISK=DATASTORE>"), "{err}");
+    }
+    let ClusterCommand::Migrate { args, .. } = parse(&[
+        "migrate",
+        "vm",
+        "--map-disk",
+        "disk0=a",
+        "--map-disk",
+        "disk0=b",
+    ])
+    .unwrap() else {
+        panic!()
+    };
+    let err = args.to_request().unwrap_err();
+    assert!(
+        err.render().starts_with(
+            "error[invalid-migration-options]: --map-disk names disk disk0 twice \
+             (disk0=a and disk0=b)"
+        ),
+        "{}",
+        err.render()
+    );
 }
 
 #[test]

@@ -447,10 +447,137 @@ fn a_cold_job_shows_its_disk_copies_and_the_cleanup() {
         iteration: 1,
         ..progress()
     };
-    assert!(
-        output::progress_message(&p).starts_with("disk-copy 42.2%"),
-        "{}",
-        output::progress_message(&p)
+    assert_eq!(
+        output::progress_message(&p),
+        "copying disks 42.2%  812.0 MiB/s  remaining 150.0 MiB  disk 1  ETA 1.2 s"
     );
-    assert!(output::progress_message(&p).contains("disk 1"));
+}
+
+#[test]
+fn a_copy_to_another_datastore_shows_its_target() {
+    use ferry_api::instances::{DiskFormat, ImageRef};
+    use ferry_api::migrations::{DiskCopy, DiskCopyState};
+    let mut m = migration(MigrationState::Migrating);
+    m.copies = vec![DiskCopy {
+        disk: "disk0".into(),
+        image: ImageRef {
+            datastore: "local".into(),
+            file: "vm1-disk0.qcow2".into(),
+        },
+        target: Some(ImageRef {
+            datastore: "local2".into(),
+            file: "vm1-disk0.qcow2".into(),
+        }),
+        format: DiskFormat::Qcow2,
+        size_bytes: 1 << 30,
+        state: DiskCopyState::Copying,
+        done_bytes: 256 << 20,
+        remaining_bytes: 768 << 20,
+        rate_bps: 100.0 * 1048576.0,
+        elapsed_ms: 900,
+        sha256: None,
+        source_kept: true,
+    }];
+    let text = output::migration_detail(&m);
+    assert!(
+        text.contains(
+            "\ndisk copy  disk0 local:vm1-disk0.qcow2 -> local2:vm1-disk0.qcow2 copying \
+             256.0 MiB of 1.00 GiB, 768.0 MiB left, 100.0 MiB/s (source copy kept)\n"
+        ),
+        "{text}"
+    );
+}
+
+/// A live block migration's sample while its disks copy: disk0 at 40 %, disk1 in sync, 256
+/// MiB of memory waiting.
+fn block_progress() -> Progress {
+    use ferry_migrate::{DiskProgress, DiskState};
+    let disks = vec![
+        DiskProgress {
+            disk: "disk0".into(),
+            state: DiskState::Copying,
+            copied_bytes: 4 << 30,
+            remaining_bytes: 6 << 30,
+            total_bytes: 10 << 30,
+            rate_bps: 100.0 * 1048576.0,
+        },
+        DiskProgress {
+            disk: "disk1".into(),
+            state: DiskState::Synced,
+            copied_bytes: 2 << 30,
+            remaining_bytes: 0,
+            total_bytes: 2 << 30,
+            rate_bps: 1.5 * 1048576.0,
+        },
+    ];
+    Progress::disk_copy(1500, disks, 256 << 20)
+}
+
+#[test]
+fn a_block_migration_shows_each_disk() {
+    let p = block_progress();
+    // 4 + 2 of 10 + 2 GiB + 256 MiB are done.
+    assert_eq!(
+        output::progress_message(&p),
+        "copying disks 49.0%  101.5 MiB/s  remaining 6.00 GiB disks + 256.0 MiB memory  \
+         ETA 1m03s"
+    );
+    assert_eq!(
+        output::disk_progress_lines(&p.disks),
+        [
+            "disk0  copying  4.00 GiB / 10.00 GiB (40%)  6.00 GiB left  100.0 MiB/s",
+            "disk1  synced   2.00 GiB / 2.00 GiB (100%)  0 B left       1.5 MiB/s",
+        ]
+    );
+    // Under the live bar, one indented line each.
+    assert_eq!(
+        output::progress_disks_text(&p),
+        "\n  disk0  copying  4.00 GiB / 10.00 GiB (40%)  6.00 GiB left  100.0 MiB/s\
+         \n  disk1  synced   2.00 GiB / 2.00 GiB (100%)  0 B left       1.5 MiB/s"
+    );
+    assert_eq!(output::progress_disks_text(&progress()), "");
+
+    let mut m = migration(MigrationState::Migrating);
+    m.options.disk_map = [("disk0".to_string(), "local2".to_string())].into();
+    m.progress = Some(p);
+    let text = output::migration_detail(&m);
+    assert!(
+        text.contains(
+            "\noptions    bandwidth 100 MiB/s, downtime 300 ms, policy auto, auto-converge, \
+             map-disk disk0=local2\n"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "\nprogress   copying disks 49.0%  101.5 MiB/s  remaining 6.00 GiB disks + 256.0 MiB \
+             memory  ETA 1m03s\n\
+             disks      disk0  copying  4.00 GiB / 10.00 GiB (40%)  6.00 GiB left  100.0 MiB/s\n\
+             \x20          disk1  synced   2.00 GiB / 2.00 GiB (100%)  0 B left       1.5 MiB/s"
+        ),
+        "{text}"
+    );
+
+    // Once the memory moves, the disks (in sync) are still listed under the memory line.
+    let mut p = progress().with_disks(block_progress().disks);
+    p.disks[0].state = ferry_migrate::DiskState::Synced;
+    p.disks[0].copied_bytes = 10 << 30;
+    p.disks[0].remaining_bytes = 0;
+    m.progress = Some(p);
+    let text = output::migration_detail(&m);
+    assert!(text.contains("\nprogress   precopy "), "{text}");
+    assert!(
+        text.contains("\ndisks      disk0  synced  10.00 GiB / 10.00 GiB (100%)  0 B left"),
+        "{text}"
+    );
+
+    // The JSON stays the API object, disks included.
+    let json = output::json(&m);
+    assert!(
+        json.contains("\"disk_map\": {\n      \"disk0\": \"local2\""),
+        "{json}"
+    );
+    assert!(json.contains("\"state\": \"synced\""), "{json}");
+    let back: Migration = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, m);
 }

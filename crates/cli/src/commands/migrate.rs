@@ -1,6 +1,8 @@
 //! `ferry migrate` (start one) and `ferry migration` (inspect, follow, cancel jobs).
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
@@ -9,8 +11,8 @@ use ferry_api::migrations::{
     CreateMigration, Event, LogLine, Migration, MigrationKind, MigrationOptions, MigrationState,
     Policy, UpdateMigration,
 };
-use ferry_migrate::TimeoutAction;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use ferry_migrate::{Progress, TimeoutAction};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 use uuid::Uuid;
 
 use super::{seg, Ctx};
@@ -68,6 +70,11 @@ pub struct MigrateArgs {
     /// Move a stopped instance's definition instead of a running guest.
     #[arg(long)]
     pub cold: bool,
+    /// Put local disk DISK on the destination's datastore DATASTORE; repeat for more disks.
+    /// Disks not named go to the destination datastore with the most free room that holds
+    /// them; disks on storage both hosts share stay where they are.
+    #[arg(long = "map-disk", value_name = "DISK=DATASTORE", value_parser = parse_disk_mapping)]
+    pub map_disk: Vec<(String, String)>,
     /// Follow it live with a progress bar, then print the result.
     #[arg(long, conflicts_with = "wait")]
     pub watch: bool,
@@ -92,6 +99,7 @@ impl MigrateArgs {
             timeout_action: self.on_timeout,
             xbzrle_cache_mib: self.xbzrle_cache,
             parallel: self.parallel,
+            disk_map: disk_map(&self.map_disk)?,
         };
         options.validate().map_err(CliError::Local)?;
         Ok(CreateMigration {
@@ -167,6 +175,42 @@ pub fn parse_timeout_action(s: &str) -> Result<TimeoutAction, String> {
         "postcopy" | "post-copy" => Ok(TimeoutAction::Postcopy),
         _ => Err(format!("{s:?} is not a timeout action (abort, postcopy)")),
     }
+}
+
+/// One `--map-disk` value. Refused here rather than by the server, so a typo names the flag
+/// and fails before anything is queued; which disks and datastores exist only the server
+/// knows.
+pub fn parse_disk_mapping(s: &str) -> Result<(String, String), String> {
+    const FORM: &str = "give DISK=DATASTORE, e.g. disk0=local2";
+    let Some((disk, datastore)) = s.split_once('=') else {
+        return Err(format!("{s:?} has no '='; {FORM}"));
+    };
+    if disk.is_empty() {
+        return Err(format!("{s:?} names no disk; {FORM}"));
+    }
+    if datastore.is_empty() {
+        return Err(format!("{s:?} names no datastore; {FORM}"));
+    }
+    Ok((disk.to_string(), datastore.to_string()))
+}
+
+/// The `disk_map` of the request. A disk named twice is refused even with the same datastore:
+/// with two different ones, silently keeping either would move the disk somewhere the user
+/// may not have meant.
+pub fn disk_map(mappings: &[(String, String)]) -> Result<BTreeMap<String, String>, CliError> {
+    let mut map = BTreeMap::new();
+    for (disk, datastore) in mappings {
+        if let Some(first) = map.insert(disk.clone(), datastore.clone()) {
+            return Err(CliError::new(
+                "invalid-migration-options",
+                format!(
+                    "--map-disk names disk {disk} twice ({disk}={first} and {disk}={datastore})"
+                ),
+                "give each disk at most one --map-disk DISK=DATASTORE",
+            ));
+        }
+    }
+    Ok(map)
 }
 
 pub fn parse_state(s: &str) -> Result<MigrationState, String> {
@@ -278,6 +322,14 @@ pub fn candidates_table(list: &[Candidate]) -> String {
 }
 
 async fn run_check(ctx: &Ctx, args: &MigrateArgs) -> Result<u8, CliError> {
+    // The candidates endpoint takes no migration options, so the map is only checked for
+    // syntax here; saying so keeps a passing check from reading as a verdict on the map.
+    if !disk_map(&args.map_disk)?.is_empty() {
+        eprintln!(
+            "note: --check does not evaluate --map-disk (the pre-flight checks take no \
+             migration options); the mapping is used when the migration starts"
+        );
+    }
     let list: Vec<Candidate> = ctx
         .get(&candidates_path(&args.instance, args.to.as_deref()))
         .await?;
@@ -431,12 +483,12 @@ pub async fn finish(ctx: &Ctx, id: Uuid, bar: bool) -> Result<u8, CliError> {
 /// if the stream breaks or is missing the function polls instead, so a flaky stream can only
 /// make the bar coarser, never the result wrong.
 pub async fn follow(ctx: &Ctx, id: Uuid, bar: bool) -> Result<Migration, CliError> {
-    let pb = bar.then(progress_bar);
+    let pb = bar.then(Bar::new);
     // The auto policy's prediction, shown once above the bar as soon as the plan exists.
     let mut plan_shown = false;
     let mut show_plan = |m: &Migration| {
         if let (Some(pb), Some(plan), false) = (&pb, &m.plan, plan_shown) {
-            pb.println(plan.plan.summary());
+            pb.pb.println(plan.plan.summary());
             plan_shown = true;
         }
     };
@@ -447,14 +499,13 @@ pub async fn follow(ctx: &Ctx, id: Uuid, bar: bool) -> Result<Migration, CliErro
                 Ok(Event::Migration { migration }) => {
                     show_plan(&migration);
                     if let Some(pb) = &pb {
-                        show(pb, &migration);
+                        pb.show(&migration);
                     }
                     !migration.state.is_terminal()
                 }
                 Ok(Event::Progress { progress, .. }) => {
                     if let Some(pb) = &pb {
-                        pb.set_position((progress.percent * 10.0).clamp(0.0, 1000.0) as u64);
-                        pb.set_message(output::progress_message(&progress));
+                        pb.progress(&progress);
                     }
                     true
                 }
@@ -476,41 +527,72 @@ pub async fn follow(ctx: &Ctx, id: Uuid, bar: bool) -> Result<Migration, CliErro
         }
         show_plan(&m);
         if let Some(pb) = &pb {
-            show(pb, &m);
+            pb.show(&m);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     if let Some(pb) = &pb {
-        pb.finish_and_clear();
+        pb.pb.finish_and_clear();
     }
     Ok(m)
 }
 
-fn progress_bar() -> ProgressBar {
-    let pb = ProgressBar::new(1000);
-    if !std::io::stderr().is_terminal() {
-        pb.set_draw_target(ProgressDrawTarget::hidden());
-    } else {
-        pb.set_draw_target(ProgressDrawTarget::stderr());
-    }
-    pb.set_style(
-        ProgressStyle::with_template("{spinner} {prefix:<10} [{bar:30}] {msg} ({elapsed})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    pb.enable_steady_tick(Duration::from_millis(100));
-    pb.set_prefix("pending");
-    pb
+/// The live bar, and the disks of a block migration drawn under it. The disk lines go through
+/// a template key rather than the message, so the bar's own line keeps its shape (elapsed time
+/// last) with or without disks.
+struct Bar {
+    pb: ProgressBar,
+    disks: Arc<Mutex<String>>,
 }
 
-/// Updates the bar from a migration object (state changes, and progress when polling).
-fn show(pb: &ProgressBar, m: &Migration) {
-    pb.set_prefix(m.state.as_str());
-    if let Some(p) = &m.progress {
-        pb.set_position((p.percent * 10.0).clamp(0.0, 1000.0) as u64);
-        pb.set_message(output::progress_message(p));
+impl Bar {
+    fn new() -> Bar {
+        let disks = Arc::new(Mutex::new(String::new()));
+        let shown = Arc::clone(&disks);
+        let pb = ProgressBar::new(1000);
+        if !std::io::stderr().is_terminal() {
+            pb.set_draw_target(ProgressDrawTarget::hidden());
+        } else {
+            pb.set_draw_target(ProgressDrawTarget::stderr());
+        }
+        pb.set_style(
+            ProgressStyle::with_template(
+                "{spinner} {prefix:<10} [{bar:30}] {msg} ({elapsed}){disks}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .with_key(
+                "disks",
+                move |_: &ProgressState, w: &mut dyn std::fmt::Write| {
+                    if let Ok(text) = shown.lock() {
+                        let _ = w.write_str(&text);
+                    }
+                },
+            )
+            .progress_chars("=> "),
+        );
+        pb.enable_steady_tick(Duration::from_millis(100));
+        pb.set_prefix("pending");
+        Bar { pb, disks }
     }
-    if m.state == MigrationState::Completed {
-        pb.set_position(1000);
+
+    /// Shows one progress sample: position, the line, and the disks under it.
+    fn progress(&self, p: &Progress) {
+        if let Ok(mut text) = self.disks.lock() {
+            *text = output::progress_disks_text(p);
+        }
+        self.pb
+            .set_position((p.percent * 10.0).clamp(0.0, 1000.0) as u64);
+        self.pb.set_message(output::progress_message(p));
+    }
+
+    /// Updates the bar from a migration object (state changes, and progress when polling).
+    fn show(&self, m: &Migration) {
+        self.pb.set_prefix(m.state.as_str());
+        if let Some(p) = &m.progress {
+            self.progress(p);
+        }
+        if m.state == MigrationState::Completed {
+            self.pb.set_position(1000);
+        }
     }
 }
