@@ -11,8 +11,8 @@
 //! running QEMU processes and re-derives in-flight migrations from QEMU itself.
 
 mod api;
-mod block_incoming;
 mod auth;
+mod block_incoming;
 pub mod checks;
 pub mod config;
 pub mod datastores;

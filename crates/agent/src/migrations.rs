@@ -542,13 +542,9 @@ impl Agent {
                     .iter()
                     .map(|d| (d.disk.clone(), export_name(), d.backing.is_some()))
                     .collect();
-                let disks = destination::export_disks(
-                    &qmp,
-                    &params,
-                    self.config.migration_addr,
-                    &exports,
-                )
-                .await?;
+                let disks =
+                    destination::export_disks(&qmp, &params, self.config.migration_addr, &exports)
+                        .await?;
                 if params.postcopy && disks.is_empty() {
                     self.track(destination::start_on_postcopy(qmp));
                 }
@@ -814,8 +810,7 @@ impl Agent {
                 let result = match start {
                     SourceStart::Fresh => {
                         info!(%dest, "source half starting");
-                        source::run_source(&qmp, dest, &params, &disks, &mut observe, signal)
-                            .await
+                        source::run_source(&qmp, dest, &params, &disks, &mut observe, signal).await
                     }
                     SourceStart::Reconnect => {
                         info!(%dest, "reconnecting the post-copy stream");

@@ -285,6 +285,7 @@ async fn live_migration_through_two_agents_survives_agent_restarts() {
                 name: name.clone(),
                 spec: spec.clone(),
                 params: params.clone(),
+                disks: Vec::new(),
             },
         )
         .await
@@ -303,6 +304,7 @@ async fn live_migration_through_two_agents_survives_agent_restarts() {
                 instance_id: id,
                 destination: ready.addr.clone(),
                 params: params.clone(),
+                disks: Vec::new(),
             },
         )
         .await
@@ -377,6 +379,7 @@ async fn live_migration_through_two_agents_survives_agent_restarts() {
                 name: name.clone(),
                 spec: spec.clone(),
                 params: slow.clone(),
+                disks: Vec::new(),
             },
         )
         .await
@@ -388,6 +391,7 @@ async fn live_migration_through_two_agents_survives_agent_restarts() {
                 instance_id: id,
                 destination: ready.addr.clone(),
                 params: slow.clone(),
+                disks: Vec::new(),
             },
         )
         .await

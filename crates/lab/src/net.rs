@@ -23,7 +23,9 @@ mod sockets;
 
 pub use cmd::netns_command;
 pub use error::NetError;
-pub use lab::{destroy_lab, HOST_MIGRATION_IF, list_labs, remove_orphan_test_labs, LabHostNet, LabNet};
+pub use lab::{
+    destroy_lab, list_labs, remove_orphan_test_labs, LabHostNet, LabNet, HOST_MIGRATION_IF,
+};
 pub use names::{
     client_netns_name, host_netns_name, switch_netns_name, unique_test_lab_name, validate_lab_name,
     validate_tap_name, MAX_HOSTS, MAX_LAB_NAME_LEN, MAX_TAP_NAME_LEN,

@@ -168,7 +168,6 @@ async fn migrates_there_and_back_with_clients_connected_and_memory_intact() {
         &mut vm,
         "hv1",
         &MigrationParams::default(),
-        &[],
         &mut |_| {},
         signal,
     )

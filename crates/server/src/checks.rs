@@ -737,7 +737,10 @@ pub fn block_copies(
     let mut fails = Vec::new();
     for id in disk_map.keys() {
         if !inst.spec.disks.iter().any(|d| &d.id == id) {
-            fails.push(format!("--map-disk names disk {id}, which {} does not have", inst.name));
+            fails.push(format!(
+                "--map-disk names disk {id}, which {} does not have",
+                inst.name
+            ));
         }
     }
     let mut held: HashMap<&str, u64> = HashMap::new();
@@ -796,7 +799,11 @@ pub fn block_copies(
                 match best {
                     Some(ds) => (
                         ds,
-                        format!("the most free room on {} ({})", dst.name, fmt_size(room(ds, &held))),
+                        format!(
+                            "the most free room on {} ({})",
+                            dst.name,
+                            fmt_size(room(ds, &held))
+                        ),
                     ),
                     None => {
                         fails.push(format!(
@@ -832,7 +839,11 @@ pub fn block_copies(
                 d.id,
                 fmt_size(need),
                 fmt_size(allocated),
-                if measured.is_some() { " allocated" } else { " virtual" },
+                if measured.is_some() {
+                    " allocated"
+                } else {
+                    " virtual"
+                },
                 fmt_size(margin)
             ));
             continue;
@@ -896,7 +907,12 @@ pub fn storage(
         .disks
         .iter()
         .filter(|d| shared(&d.image, src, dst))
-        .map(|d| format!("disk {} stays on shared datastore {}", d.id, d.image.datastore))
+        .map(|d| {
+            format!(
+                "disk {} stays on shared datastore {}",
+                d.id, d.image.datastore
+            )
+        })
         .collect();
     let moves: Vec<String> = copies
         .iter()
@@ -935,7 +951,11 @@ pub fn storage(
         return result(
             "storage",
             CheckStatus::Warn,
-            warns.into_iter().chain(words).collect::<Vec<_>>().join("; "),
+            warns
+                .into_iter()
+                .chain(words)
+                .collect::<Vec<_>>()
+                .join("; "),
             "put the instance's files on a datastore with a .ferry-datastore-id file",
             values,
             false,
@@ -1508,7 +1528,11 @@ mod tests {
             CheckStatus::Fail,
             "same name, no identity: not shared, and 1 byte holds no disk: {c:?}"
         );
-        assert!(c.message.contains("fits on no datastore of b"), "{}", c.message);
+        assert!(
+            c.message.contains("fits on no datastore of b"),
+            "{}",
+            c.message
+        );
         assert!(c.hint.contains("--map-disk"), "{}", c.hint);
     }
 
@@ -1535,10 +1559,16 @@ mod tests {
         let c = &copies[0];
         assert_eq!(c.target.datastore, "fast", "{c:?}");
         assert!(c.reason.contains("most free room"), "{}", c.reason);
-        assert_eq!((c.allocated_bytes, c.margin_bytes), (2 << 30, (2 << 30) / 10));
+        assert_eq!(
+            (c.allocated_bytes, c.margin_bytes),
+            (2 << 30, (2 << 30) / 10)
+        );
         assert_eq!(c.target.file, "vm-disk0.qcow2");
         // Within 1 %, the datastore named like the source's wins.
-        d.datastores = with(vec![store("local", 50 << 30), store("fast", (50 << 30) + (1 << 20))]);
+        d.datastores = with(vec![
+            store("local", 50 << 30),
+            store("fast", (50 << 30) + (1 << 20)),
+        ]);
         let copies = block_copies(&i, &s, &d, &none, Some(&measured)).unwrap();
         assert_eq!(copies[0].target.datastore, "local");
         // The user's choice, and its refusals.
@@ -1550,7 +1580,9 @@ mod tests {
         let check = storage(&i, &s, &d, &map, Some(&measured));
         assert_eq!(check.status, CheckStatus::Pass, "{check:?}");
         assert!(
-            check.message.contains("copied live to datastore local on b"),
+            check
+                .message
+                .contains("copied live to datastore local on b"),
             "{}",
             check.message
         );
@@ -1564,7 +1596,10 @@ mod tests {
         // Too little room for allocated + margin; a disk larger than the datastore.
         d.datastores = with(vec![store("local", 2 << 30)]);
         let e = block_copies(&i, &s, &d, &map, Some(&measured)).unwrap_err();
-        assert!(e[0].contains("datastore local on b has 2.0 GiB free"), "{e:?}");
+        assert!(
+            e[0].contains("datastore local on b has 2.0 GiB free"),
+            "{e:?}"
+        );
         d.datastores = with(vec![DatastoreFacts {
             total_bytes: 5 << 30,
             ..store("local", 5 << 30)

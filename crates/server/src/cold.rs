@@ -30,9 +30,7 @@ use ferry_api::agent::{
 };
 use ferry_api::hosts::HostFacts;
 use ferry_api::instances::{DiskFormat, Instance, InstanceState};
-use ferry_api::migrations::{
-    DiskCopy, DiskCopyState, Event, Migration, MigrationState,
-};
+use ferry_api::migrations::{DiskCopy, DiskCopyState, Event, Migration, MigrationState};
 use ferry_api::{ApiClient, ApiError, ErrorBody};
 use ferry_migrate::{Phase, Progress};
 use tokio::sync::watch;

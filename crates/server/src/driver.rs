@@ -13,8 +13,8 @@ use ferry_api::agent::{
     AgentInstance, DirtyRate, IncomingDisk, IncomingReady, PrepareIncoming, ReconnectSource,
     SourceState, SourceStatus, StartSource,
 };
-use ferry_api::instances::InstanceSpec;
 use ferry_api::checks::CheckStatus;
+use ferry_api::instances::InstanceSpec;
 use ferry_api::instances::{Instance, InstanceState};
 use ferry_api::migrations::{
     DiskCopy, DiskCopyState, Event, Migration, MigrationKind, MigrationPlan, MigrationState,
@@ -460,8 +460,13 @@ async fn clear_stale_copies(state: &AppState, m: &Migration, copies: &[checks::B
             m.destination, old.id
         );
         log(state, m.id, "info", &message).await;
-        if let Err(e) = crate::cold::cleanup(state, old, "ferry (the instance moves back there)").await {
-            let message = format!("the stale images of migration {} were not removed: {}", old.id, e.body.message);
+        if let Err(e) =
+            crate::cold::cleanup(state, old, "ferry (the instance moves back there)").await
+        {
+            let message = format!(
+                "the stale images of migration {} were not removed: {}",
+                old.id, e.body.message
+            );
             log(state, m.id, "warn", &message).await;
         }
     }
@@ -1101,7 +1106,10 @@ impl MigrationHalves for AgentHalves<'_> {
         self.log("info", &format!("destination listening on {}", ready.addr))
             .await;
         for t in &ready.disks {
-            let message = format!("disk {}: new image exported on {} for the mirror", t.disk, t.addr);
+            let message = format!(
+                "disk {}: new image exported on {} for the mirror",
+                t.disk, t.addr
+            );
             self.log("info", &message).await;
         }
         // The source's mirror speed needs each disk's size and data (see `mirror_speed`).

@@ -12,9 +12,7 @@ use std::time::{Duration, Instant};
 use common::Cluster;
 use ferry_agent::DatastoreConfig;
 use ferry_api::instances::{CacheMode, CreateInstance, DiskRequest, Instance, InstanceState};
-use ferry_api::migrations::{
-    DiskCopyState, LogLine, Migration, MigrationOptions, MigrationState,
-};
+use ferry_api::migrations::{DiskCopyState, LogLine, Migration, MigrationOptions, MigrationState};
 use ferry_lab::guest_client;
 use ferry_lab::guest_config::{GuestConfig, GuestDisk};
 use ferry_server::config::Limits;
@@ -98,7 +96,10 @@ async fn vm_with_disk_cache(
 /// Memory and every disk block verify, and the guest keeps writing its disk.
 async fn assert_intact(c: &Cluster, k: u8, after: &str) {
     let memory = c.verify(k).await;
-    assert!(memory.errors == 0 && memory.checked > 0, "{after}: memory: {memory:?}");
+    assert!(
+        memory.errors == 0 && memory.checked > 0,
+        "{after}: memory: {memory:?}"
+    );
     let writes = || async {
         let status = c.guest_control(k, "status", Duration::from_secs(10)).await;
         guest_client::parse_status(&status)
@@ -212,13 +213,20 @@ async fn a_guest_writing_its_local_disk_moves_there_and_back_and_every_block_ver
             "mirror completed at switchover",
             "until `ferry migration cleanup",
         ] {
-            assert!(log.contains(needle), "{needle:?} missing from the log:\n{log}");
+            assert!(
+                log.contains(needle),
+                "{needle:?} missing from the log:\n{log}"
+            );
         }
         // The mirror went through the whole disk, but sent only its data: 16 MiB of blocks
         // and the guest's memory cross the wire, not the 1 GiB disk.
         assert!(copy.done_bytes >= 1 << 30, "{copy:?}");
         let received = rx_bytes(&c, to) - rx_before;
-        eprintln!("{from} -> {to}: {} MiB on the wire, disk progress {} MiB", received >> 20, copy.done_bytes >> 20);
+        eprintln!(
+            "{from} -> {to}: {} MiB on the wire, disk progress {} MiB",
+            received >> 20,
+            copy.done_bytes >> 20
+        );
         assert!(
             received < 400 << 20,
             "{to} received {} MiB for a 1 GiB disk holding 16 MiB",
@@ -229,7 +237,10 @@ async fn a_guest_writing_its_local_disk_moves_there_and_back_and_every_block_ver
         assert_eq!(i.spec.disks[0].image.datastore, "local");
         assert!(local(&ds, to).join(&file).exists(), "the image is on {to}");
         // The source's image stays until the cleanup.
-        assert!(local(&ds, from).join(&file).exists(), "{from} keeps its image");
+        assert!(
+            local(&ds, from).join(&file).exists(),
+            "{from} keeps its image"
+        );
         assert_eq!(c.qemus_on(from), 0);
         assert_intact(&c, 21, &format!("move to {to}")).await;
         if let Some(p) = &previous {
@@ -253,12 +264,11 @@ async fn a_guest_writing_its_local_disk_moves_there_and_back_and_every_block_ver
     c.shutdown().await;
 }
 
+/// Whether a job reached the moment a test waits for.
+type Moment = dyn Fn(&Migration) -> bool;
+
 /// Cancels `m` once `ready` holds for its latest progress; returns the ended job.
-async fn cancel_when(
-    c: &Cluster,
-    m: &Migration,
-    ready: impl Fn(&Migration) -> bool,
-) -> Migration {
+async fn cancel_when(c: &Cluster, m: &Migration, ready: impl Fn(&Migration) -> bool) -> Migration {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let now = c.migration(m.id).await;
@@ -297,7 +307,7 @@ async fn a_cancel_in_the_disk_copy_or_the_memory_copy_leaves_the_guest_and_its_d
         ..Default::default()
     };
     let phase = |m: &Migration| m.progress.as_ref().map(|p| p.phase);
-    let moments: [(&str, Box<dyn Fn(&Migration) -> bool>); 2] = [
+    let moments: [(&str, Box<Moment>); 2] = [
         (
             "during the disk copy",
             Box::new(move |m: &Migration| {
@@ -316,15 +326,26 @@ async fn a_cancel_in_the_disk_copy_or_the_memory_copy_leaves_the_guest_and_its_d
         let m = c.migrate("blk-cancel", "hv2", slow.clone()).await;
         let m = cancel_when(&c, &m, ready).await;
         let log = logs(&c, &m).await;
-        assert_eq!(m.state, MigrationState::Cancelled, "{when}: {:?}\n{log}", m.error);
+        assert_eq!(
+            m.state,
+            MigrationState::Cancelled,
+            "{when}: {:?}\n{log}",
+            m.error
+        );
         assert!(
-            m.copies.iter().all(|c| c.state == DiskCopyState::Failed && !c.source_kept),
+            m.copies
+                .iter()
+                .all(|c| c.state == DiskCopyState::Failed && !c.source_kept),
             "{when}: {:?}",
             m.copies
         );
         let i = c.instance("blk-cancel").await;
         assert_eq!(
-            (i.host.as_str(), i.state, i.spec.disks[0].image.datastore.as_str()),
+            (
+                i.host.as_str(),
+                i.state,
+                i.spec.disks[0].image.datastore.as_str()
+            ),
             ("hv1", InstanceState::Running, "local"),
             "{when}"
         );
@@ -407,8 +428,16 @@ async fn a_datastore_too_small_is_refused_and_one_that_fills_up_fails_the_job_wi
     let m = c.migrate("blk-full", "hv2", mapped("tiny")).await;
     let m = c.wait_end(m.id, Duration::from_secs(120)).await;
     let err = m.error.clone().expect("refused");
-    assert_eq!((m.state, err.code.as_str()), (MigrationState::Failed, "storage"), "{err:?}");
-    assert!(err.message.contains("datastore tiny on hv2"), "{}", err.message);
+    assert_eq!(
+        (m.state, err.code.as_str()),
+        (MigrationState::Failed, "storage"),
+        "{err:?}"
+    );
+    assert!(
+        err.message.contains("datastore tiny on hv2"),
+        "{}",
+        err.message
+    );
     assert!(!tiny.join(&file).exists());
 
     // Fills up during the copy: the test takes the room once the mirror runs.
@@ -423,7 +452,10 @@ async fn a_datastore_too_small_is_refused_and_one_that_fills_up_fails_the_job_wi
         {
             break;
         }
-        assert!(Instant::now() < deadline && now.finished_at.is_none(), "{now:?}");
+        assert!(
+            Instant::now() < deadline && now.finished_at.is_none(),
+            "{now:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let filler = small.join("filler");
@@ -462,7 +494,9 @@ async fn a_mixed_instance_copies_only_its_local_disk() {
     };
     let vm = vm_with_local_disk(&c, "blk-mixed", 24, 100, vec![shared_disk]).await;
     let shared_file = vm.spec.disks[1].image.clone();
-    let m = c.migrate("blk-mixed", "hv2", MigrationOptions::default()).await;
+    let m = c
+        .migrate("blk-mixed", "hv2", MigrationOptions::default())
+        .await;
     let m = c.wait_end(m.id, Duration::from_secs(300)).await;
     let log = logs(&c, &m).await;
     assert_eq!(m.state, MigrationState::Completed, "{:?}\n{log}", m.error);
@@ -472,7 +506,10 @@ async fn a_mixed_instance_copies_only_its_local_disk() {
         "only the local disk is copied"
     );
     let i = c.instance("blk-mixed").await;
-    assert_eq!(i.spec.disks[1].image, shared_file, "the shared disk stays in place");
+    assert_eq!(
+        i.spec.disks[1].image, shared_file,
+        "the shared disk stays in place"
+    );
     assert_intact(&c, 24, "mixed move").await;
     c.shutdown().await;
 }

@@ -124,8 +124,14 @@ pub struct ImageSize {
 pub async fn image_size(path: &Path, format: DiskFormat) -> Result<ImageSize, CopyError> {
     let mut cmd = tool::command("qemu-img", None);
     // --force-share: the image of a running guest (block migration) is locked by its QEMU.
-    cmd.args(["info", "--force-share", "--output=json", "-f", format.as_str()])
-        .arg(path);
+    cmd.args([
+        "info",
+        "--force-share",
+        "--output=json",
+        "-f",
+        format.as_str(),
+    ])
+    .arg(path);
     let out = tool::run(cmd, QUICK_TOOL).await?;
     let bad = |detail: String| CopyError::BadImage {
         path: path.to_path_buf(),

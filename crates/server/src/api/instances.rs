@@ -632,9 +632,7 @@ pub async fn migration_candidates(
 }
 
 /// `DISK=DATASTORE[,DISK=DATASTORE...]` of the candidates query.
-fn parse_disk_map(
-    text: &str,
-) -> Result<std::collections::BTreeMap<String, String>, ServerError> {
+fn parse_disk_map(text: &str) -> Result<std::collections::BTreeMap<String, String>, ServerError> {
     let mut map = std::collections::BTreeMap::new();
     for pair in text.split(',').filter(|p| !p.trim().is_empty()) {
         match pair.split_once('=') {

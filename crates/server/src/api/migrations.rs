@@ -57,7 +57,10 @@ pub async fn create(
         if !instance.spec.disks.iter().any(|d| &d.id == disk) {
             return Err(ServerError::bad_request(
                 "unknown-disk",
-                format!("{} has no disk {disk} (mapped to datastore {ds})", instance.name),
+                format!(
+                    "{} has no disk {disk} (mapped to datastore {ds})",
+                    instance.name
+                ),
                 "name a disk id from `ferry instance show`",
             ));
         }

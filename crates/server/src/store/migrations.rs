@@ -1,9 +1,9 @@
 use chrono::{DateTime, Utc};
+use ferry_api::instances::InstanceSpec;
 use ferry_api::migrations::{
     DiskCopy, LogLine, Migration, MigrationKind, MigrationOptions, MigrationPlan, MigrationState,
     MigrationStats,
 };
-use ferry_api::instances::InstanceSpec;
 use ferry_api::ErrorBody;
 use ferry_migrate::Progress;
 use sqlx::sqlite::SqliteRow;
