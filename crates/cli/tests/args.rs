@@ -151,13 +151,24 @@ fn migrate_check_and_force() {
         panic!()
     };
     assert!(args.check && !args.force);
+    let none = Default::default();
     assert_eq!(
-        candidates_path(&args.instance, args.to.as_deref()),
+        candidates_path(&args.instance, args.to.as_deref(), &none),
         "/v1/instances/vm/migration-candidates?destination=hv2"
     );
     assert_eq!(
-        candidates_path("a b", None),
+        candidates_path("a b", None, &none),
         "/v1/instances/a%20b/migration-candidates"
+    );
+    // --check shows the storage mapping the map would give.
+    let map = [
+        ("disk0".to_string(), "fast".to_string()),
+        ("disk1".to_string(), "local".to_string()),
+    ]
+    .into();
+    assert_eq!(
+        candidates_path("vm", Some("hv2"), &map),
+        "/v1/instances/vm/migration-candidates?destination=hv2&map_disk=disk0%3Dfast%2Cdisk1%3Dlocal"
     );
     let err = parse(&["migrate", "vm", "--check", "--watch"]).unwrap_err();
     assert!(err.contains("cannot be used with"), "{err}");

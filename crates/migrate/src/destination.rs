@@ -199,19 +199,6 @@ pub fn start_on_postcopy(qmp: Qmp) -> tokio::task::JoinHandle<()> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_range_uri_names_the_first_and_last_port() {
-        let v4: IpAddr = "10.0.0.2".parse().unwrap();
-        assert_eq!(range_uri(v4, 49152, 49215), "tcp:10.0.0.2:49152,to=49215");
-        let v6: IpAddr = "fd00::2".parse().unwrap();
-        assert_eq!(range_uri(v6, 49152, 49152), "tcp:[fd00::2]:49152,to=49152");
-    }
-}
-
 /// Block migration, destination side: starts QEMU's NBD server on `addr`, on the first free
 /// port of the range, and exports each disk's node writable under its export name, for the
 /// source's mirrors. `disks` is `(disk id, export name, top only)`.
@@ -282,5 +269,18 @@ pub async fn stop_exports(qmp: &Qmp) -> Result<(), MigrateError> {
         // Never started, or stopped already.
         Err(QmpError::Command { desc, .. }) if desc.contains("not running") => Ok(()),
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_range_uri_names_the_first_and_last_port() {
+        let v4: IpAddr = "10.0.0.2".parse().unwrap();
+        assert_eq!(range_uri(v4, 49152, 49215), "tcp:10.0.0.2:49152,to=49215");
+        let v6: IpAddr = "fd00::2".parse().unwrap();
+        assert_eq!(range_uri(v6, 49152, 49152), "tcp:[fd00::2]:49152,to=49152");
     }
 }

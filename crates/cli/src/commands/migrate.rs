@@ -260,11 +260,25 @@ pub fn exit_code_for(state: MigrationState) -> u8 {
     }
 }
 
-/// The path of `ferry migrate --check`: candidates of `instance`, or just `to`.
-pub fn candidates_path(instance: &str, to: Option<&str>) -> String {
-    let mut p = format!("/v1/instances/{}/migration-candidates", seg(instance));
+/// The path of `ferry migrate --check`: candidates of `instance`, or just `to`, with the
+/// local disks mapped as `disk_map` says (the storage check shows the mapping it would use).
+pub fn candidates_path(
+    instance: &str,
+    to: Option<&str>,
+    disk_map: &std::collections::BTreeMap<String, String>,
+) -> String {
+    let mut query = Vec::new();
     if let Some(h) = to {
-        p.push_str(&format!("?destination={}", seg(h)));
+        query.push(format!("destination={}", seg(h)));
+    }
+    if !disk_map.is_empty() {
+        let pairs: Vec<String> = disk_map.iter().map(|(d, ds)| format!("{d}={ds}")).collect();
+        query.push(format!("map_disk={}", seg(&pairs.join(","))));
+    }
+    let mut p = format!("/v1/instances/{}/migration-candidates", seg(instance));
+    if !query.is_empty() {
+        p.push('?');
+        p.push_str(&query.join("&"));
     }
     p
 }
@@ -322,16 +336,9 @@ pub fn candidates_table(list: &[Candidate]) -> String {
 }
 
 async fn run_check(ctx: &Ctx, args: &MigrateArgs) -> Result<u8, CliError> {
-    // The candidates endpoint takes no migration options, so the map is only checked for
-    // syntax here; saying so keeps a passing check from reading as a verdict on the map.
-    if !disk_map(&args.map_disk)?.is_empty() {
-        eprintln!(
-            "note: --check does not evaluate --map-disk (the pre-flight checks take no \
-             migration options); the mapping is used when the migration starts"
-        );
-    }
+    let map = disk_map(&args.map_disk)?;
     let list: Vec<Candidate> = ctx
-        .get(&candidates_path(&args.instance, args.to.as_deref()))
+        .get(&candidates_path(&args.instance, args.to.as_deref(), &map))
         .await?;
     let fit = match &args.to {
         Some(_) => {
