@@ -100,6 +100,7 @@ async fn a_guest_writing_faster_than_the_link_converges_under_auto_within_its_bu
         budget: None,
         budget_scale: 1.0,
         timeout_action: TimeoutAction::Abort,
+        disk_bytes: 0,
     };
     let base = MigrationParams {
         bandwidth: Bandwidth::Limited(16 << 20),

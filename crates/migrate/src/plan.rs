@@ -67,6 +67,10 @@ pub struct PlanInputs {
     /// scales every platform's per-GiB budgets alike.
     pub budget_scale: f64,
     pub timeout_action: TimeoutAction,
+    /// Block migration: the data the local disks hold, copied before the memory. The budget
+    /// and the predicted time cover it too.
+    #[serde(default)]
+    pub disk_bytes: u64,
 }
 
 fn one_vcpu() -> u32 {
@@ -282,13 +286,21 @@ pub fn plan(inputs: &PlanInputs, base: &MigrationParams) -> (MigrationParams, Pl
     p.policy = ControlPolicy::Escalate(escalate);
     strategy.push(format!("downtime {start_ms} ms, up to {cap_ms} ms"));
 
+    // Local disks are copied first, at about the rate memory goes: three times that long.
+    let disk_s = inputs.disk_bytes as f64 / rate.max(1.0);
+    if inputs.disk_bytes > 0 {
+        strategy.push(format!(
+            "copy {:.1} MiB of local disks first",
+            inputs.disk_bytes as f64 / 1048576.0
+        ));
+    }
     let budget = inputs.budget.unwrap_or_else(|| {
         default_budget(
             inputs.ram_bytes,
             rate,
             inputs.budget_scale,
             budget_copies(converges),
-        )
+        ) + Duration::from_secs_f64(3.0 * disk_s)
     });
     p.completion_timeout = Some(budget);
     p.timeout_action = if inputs.postcopy_permitted {
@@ -308,7 +320,7 @@ pub fn plan(inputs: &PlanInputs, base: &MigrationParams) -> (MigrationParams, Pl
     let chosen = at_start.or(at_cap);
     let prediction = Prediction {
         converges,
-        total_ms: chosen.map(|(_, total, _)| (total * 1000.0) as u64),
+        total_ms: chosen.map(|(_, total, _)| ((total + disk_s) * 1000.0) as u64),
         downtime_ms: chosen
             .map(|(_, _, pause)| (pause * 1000.0).ceil() as u64)
             .unwrap_or(cap_ms),
@@ -367,6 +379,7 @@ mod tests {
             budget: None,
             budget_scale: 1.0,
             timeout_action: TimeoutAction::Abort,
+            disk_bytes: 0,
         }
     }
 
@@ -492,5 +505,23 @@ mod tests {
         // 2 GiB at 10 MiB/s: ~205 s to copy once, so the budget is three times that.
         let (p, _) = plan(&inputs(0.0, 10.0), &MigrationParams::default());
         assert!(p.completion_timeout.unwrap() >= Duration::from_secs(600));
+    }
+
+    #[test]
+    fn local_disks_lengthen_the_budget_and_the_prediction() {
+        let base = MigrationParams::default();
+        let (p0, plan0) = plan(&inputs(0.0, 100.0), &base);
+        let with_disks = PlanInputs {
+            disk_bytes: 1 << 30,
+            ..inputs(0.0, 100.0)
+        };
+        let (p1, plan1) = plan(&with_disks, &base);
+        // 1 GiB at 100 MiB/s: about 10 s more to copy, 30 s more of budget.
+        let more = p1.completion_timeout.unwrap() - p0.completion_timeout.unwrap();
+        assert!((29..=32).contains(&more.as_secs()), "{more:?}");
+        let t0 = plan0.prediction.total_ms.unwrap();
+        let t1 = plan1.prediction.total_ms.unwrap();
+        assert!((9_000..=11_000).contains(&(t1 - t0)), "{t0} -> {t1}");
+        assert!(plan1.strategy.iter().any(|s| s.contains("1024.0 MiB of local disks")));
     }
 }

@@ -125,7 +125,8 @@ async fn drive(state: &AppState, id: Uuid, attach: bool) {
                 (Ok(gate), MigrationKind::Live) => {
                     let mut m = m;
                     if !attach && m.options.policy == Policy::Auto {
-                        m.plan = Some(plan_live(state, &m, gate.link_bps).await);
+                        let disk_bytes = gate.block_copies.iter().map(|b| b.allocated_bytes).sum();
+                        m.plan = Some(plan_live(state, &m, gate.link_bps, disk_bytes).await);
                     }
                     drive_live(state, &m, attach, gate.block_copies, cancel_rx).await
                 }
@@ -147,7 +148,12 @@ async fn drive(state: &AppState, id: Uuid, attach: bool) {
 /// the pre-flight probe gave the link, and [`ferry_migrate::plan::plan`] chooses. Logged line
 /// by line and stored with the job, so a server restarted mid-migration uses the same
 /// parameters. A failed measurement is logged and planned around, never fatal.
-async fn plan_live(state: &AppState, m: &Migration, link_bps: Option<f64>) -> MigrationPlan {
+async fn plan_live(
+    state: &AppState,
+    m: &Migration,
+    link_bps: Option<f64>,
+    disk_bytes: u64,
+) -> MigrationPlan {
     let base = m.options.to_params();
     let instance = state
         .store
@@ -196,6 +202,7 @@ async fn plan_live(state: &AppState, m: &Migration, link_bps: Option<f64>) -> Mi
         budget: m.options.budget_s.map(Duration::from_secs),
         budget_scale: 1.0,
         timeout_action: m.options.timeout_action.unwrap_or_default(),
+        disk_bytes,
     };
     let (params, plan) = ferry_migrate::plan::plan(&inputs, &base);
     log(state, m.id, "info", &plan.summary()).await;

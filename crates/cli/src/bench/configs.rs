@@ -147,6 +147,7 @@ impl Config {
                     budget: None,
                     budget_scale: ctx.time_scale,
                     timeout_action: TimeoutAction::Abort,
+                    disk_bytes: 0,
                 };
                 let (params, plan) = plan::plan(&inputs, &MigrationParams::default());
                 (params, Some(plan.summary()))
