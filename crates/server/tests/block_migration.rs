@@ -424,6 +424,41 @@ async fn a_datastore_too_small_is_refused_and_one_that_fills_up_fails_the_job_wi
         ..Default::default()
     };
 
+    // `ferry migrate --check --map-disk disk0=tiny` shows the refusal before any job.
+    let candidates: Vec<ferry_api::checks::Candidate> = c
+        .admin
+        .get("/v1/instances/blk-full/migration-candidates?destination=hv2&map_disk=disk0%3Dtiny")
+        .await
+        .unwrap();
+    let storage = candidates[0]
+        .checks
+        .iter()
+        .find(|k| k.name == "storage")
+        .unwrap();
+    assert_eq!(
+        storage.status,
+        ferry_api::checks::CheckStatus::Fail,
+        "{storage:?}"
+    );
+    assert!(
+        storage.message.contains("datastore tiny on hv2"),
+        "{storage:?}"
+    );
+    // Without the map, the check shows the mapping it would use.
+    let candidates: Vec<ferry_api::checks::Candidate> = c
+        .admin
+        .get("/v1/instances/blk-full/migration-candidates?destination=hv2")
+        .await
+        .unwrap();
+    let storage = candidates[0]
+        .checks
+        .iter()
+        .find(|k| k.name == "storage")
+        .unwrap();
+    assert!(
+        storage.message.contains("copied live to datastore"),
+        "{storage:?}"
+    );
     // Refused by the pre-check: 16 MiB and its margin do not fit in 8 MiB.
     let m = c.migrate("blk-full", "hv2", mapped("tiny")).await;
     let m = c.wait_end(m.id, Duration::from_secs(120)).await;

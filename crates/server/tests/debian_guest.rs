@@ -1,8 +1,9 @@
 //! A real Debian guest (built from Debian's packages by `ferry image build --debian`) as an
-//! operator would run it: created with its disk copied onto a datastore both hosts share,
-//! booted from that disk through SeaBIOS, seen through its own qemu-guest-agent, live-migrated
-//! hv1 -> hv2 -> hv1 while it writes to its disk, shut down cleanly, and then checked from the
-//! host: its root filesystem is clean and a file it wrote before the moves is unchanged.
+//! operator would run it: created with its disk copied onto a datastore (one both hosts share,
+//! or one local to its host, which makes every move a block migration), booted from that disk
+//! through SeaBIOS, seen through its own qemu-guest-agent, live-migrated hv1 -> hv2 -> hv1
+//! while it writes to its disk, shut down cleanly, and then checked from the host: its root
+//! filesystem is clean and a file it wrote before the moves is unchanged.
 
 mod common;
 
@@ -38,6 +39,25 @@ fn host_index(name: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_debian_guest_boots_from_disk_moves_there_and_back_while_writing_and_stays_clean() {
+    debian_moves(Storage::Shared).await;
+}
+
+/// Its root disk on storage local to each host: both moves copy the disk live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_debian_guest_with_a_local_root_disk_moves_there_and_back_and_stays_clean() {
+    debian_moves(Storage::Local).await;
+}
+
+/// Where the guest's disk lives.
+#[derive(Clone, Copy, PartialEq)]
+enum Storage {
+    /// A datastore both hosts mount (same identity).
+    Shared,
+    /// A datastore `local` of each host's own.
+    Local,
+}
+
+async fn debian_moves(storage: Storage) {
     let (image, _) =
         tokio::task::spawn_blocking(|| ensure_debian_image(&DebianImageOptions::default()))
             .await
@@ -51,6 +71,8 @@ async fn a_debian_guest_boots_from_disk_moves_there_and_back_while_writing_and_s
     )
     .unwrap();
     let shared_path = shared.path().to_path_buf();
+    let locals = tempfile::tempdir().unwrap();
+    let locals_path = locals.path().to_path_buf();
     let c = Cluster::start_with(2, Limits::default(), move |config| {
         config.datastores.push(DatastoreConfig {
             name: "debian-images".into(),
@@ -62,8 +84,19 @@ async fn a_debian_guest_boots_from_disk_moves_there_and_back_while_writing_and_s
             path: shared_path.clone(),
             identity: None,
         });
+        let local = locals_path.join(&config.name);
+        std::fs::create_dir_all(&local).unwrap();
+        config.datastores.push(DatastoreConfig {
+            name: "local".into(),
+            path: local,
+            identity: None,
+        });
     })
     .await;
+    let datastore = match storage {
+        Storage::Shared => "shared",
+        Storage::Local => "local",
+    };
 
     // Created like `ferry instance create debian --disk-image IMAGE,copy@shared --boot disk`.
     let created = Instant::now();
@@ -71,7 +104,7 @@ async fn a_debian_guest_boots_from_disk_moves_there_and_back_while_writing_and_s
         .admin
         .post(
             "/v1/instances",
-            &debian_instance(VM, "hv1", &image, "shared", 512, "52:54:00:de:b1:01", true),
+            &debian_instance(VM, "hv1", &image, datastore, 512, "52:54:00:de:b1:01", true),
         )
         .await
         .expect("created and started");
@@ -112,10 +145,18 @@ async fn a_debian_guest_boots_from_disk_moves_there_and_back_while_writing_and_s
     drop(ga);
 
     let mut writes_seen = 0;
+    let mut last = None;
     for to in ["hv2", "hv1"] {
         let m = c.migrate(VM, to, MigrationOptions::default()).await;
-        let m = c.wait_end(m.id, Duration::from_secs(300)).await;
+        let m = c.wait_end(m.id, Duration::from_secs(600)).await;
         assert_eq!(m.state, MigrationState::Completed, "{m:?}");
+        assert_eq!(
+            m.copies.len(),
+            usize::from(storage == Storage::Local),
+            "only a local disk is copied: {:?}",
+            m.copies
+        );
+        last = Some(m.clone());
         let i = c.instance(VM).await;
         assert_eq!(i.host, to);
         let ga = qga(&c, host_index(to), &i);
@@ -132,9 +173,10 @@ async fn a_debian_guest_boots_from_disk_moves_there_and_back_while_writing_and_s
         writes_seen = log.writes;
         let stats = m.stats.as_ref();
         eprintln!(
-            "moved to {to}: QEMU's pause {:?} ms, longest gap between the guest's disk writes \
-             {:.0} ms, {} writes so far",
+            "moved to {to} ({datastore} disk): QEMU's pause {:?} ms, total {:?} ms, longest gap \
+             between the guest's disk writes {:.0} ms, {} writes so far",
             stats.map(|s| s.downtime_ms),
+            stats.map(|s| s.total_ms),
             log.longest_gap_ms,
             log.writes
         );
@@ -162,7 +204,10 @@ async fn a_debian_guest_boots_from_disk_moves_there_and_back_while_writing_and_s
         stop["detail"]["stopped_by"], "guest-agent",
         "Debian shut down through its own agent: {stop}"
     );
-    let path = shared.path().join(&disk.image.file);
+    let path = match storage {
+        Storage::Shared => shared.path().join(&disk.image.file),
+        Storage::Local => locals.path().join("hv1").join(&disk.image.file),
+    };
     let layout = DiskLayout::for_size_gib(image.size_gib).unwrap();
     let scratch = tempfile::tempdir().unwrap();
     let (p, s) = (path.clone(), scratch.path().to_path_buf());
@@ -183,5 +228,17 @@ async fn a_debian_guest_boots_from_disk_moves_there_and_back_while_writing_and_s
         "the copy Ferry made is deleted with the instance"
     );
     assert!(image.path.exists(), "the image it was given stays");
+    if storage == Storage::Local {
+        // The last move kept the image on hv2 until the cleanup.
+        let kept = locals.path().join("hv2").join(&disk.image.file);
+        assert!(kept.exists());
+        let m = last.unwrap();
+        let _: serde_json::Value = c
+            .admin
+            .post(&format!("/v1/migrations/{}/cleanup", m.id), &())
+            .await
+            .expect("cleaned up");
+        assert!(!kept.exists());
+    }
     c.shutdown().await;
 }
