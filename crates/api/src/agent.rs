@@ -7,13 +7,17 @@
 //! - `POST /v1/instances/{id}/start` | `/stop` -> [`AgentInstance`]
 //! - `POST /v1/instances/{id}/fence` -> [`AgentInstance`] (pause a copy that another host runs)
 //! - `DELETE /v1/instances/{id}` -> `()` (refused while running)
-//! - `POST /v1/migrations/{mid}/incoming` [`PrepareIncoming`] -> [`IncomingReady`]
-//! - `DELETE /v1/migrations/{mid}/incoming` -> `()` (refused once the guest runs there)
+//! - `POST /v1/migrations/{mid}/incoming` [`PrepareIncoming`] -> [`IncomingReady`] (with
+//!   `disks`: creates the block migration's images first and exports them over NBD;
+//!   refusals `disk-exists`, `image-in-use`, `no-room`)
+//! - `DELETE /v1/migrations/{mid}/incoming` -> `()` (refused once the guest runs there; removes
+//!   the images a block migration made here)
 //! - `POST /v1/migrations/{mid}/confirm` -> [`AgentInstance`] (destination: the whole guest
 //!   arrived; QEMU keeps it paused until `/start`)
 //! - `POST /v1/migrations/{mid}/start` -> [`AgentInstance`] (destination: the server committed
 //!   the guest here; run it)
-//! - `POST /v1/migrations/{mid}/source` [`StartSource`] -> [`SourceStatus`]
+//! - `POST /v1/migrations/{mid}/source` [`StartSource`] -> [`SourceStatus`] (with `disks`:
+//!   mirrors them into the destination's exports before the memory moves)
 //! - `GET  /v1/migrations/{mid}?after=SEQ[&wait_ms=MS]` -> [`SourceStatus`] (with `wait_ms`,
 //!   answers as soon as there is news, or after that long)
 //! - `POST /v1/migrations/{mid}/cancel[?wait=false]` -> [`SourceStatus`] (409

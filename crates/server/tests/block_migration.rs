@@ -548,3 +548,58 @@ async fn a_mixed_instance_copies_only_its_local_disk() {
     assert_intact(&c, 24, "mixed move").await;
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_destination_qemu_killed_during_the_disk_copy_fails_the_job_and_the_guest_stays() {
+    let base = tempfile::tempdir().unwrap();
+    let ds = base.path().join("ds");
+    let c = cluster(&ds).await;
+    let vm = vm_with_local_disk(&c, "blk-kill", 25, 200, vec![]).await;
+    let file = vm.spec.disks[0].image.file.clone();
+    let slow = MigrationOptions {
+        bandwidth_mib_s: Some(1),
+        ..Default::default()
+    };
+    let m = c.migrate("blk-kill", "hv2", slow).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let now = c.migration(m.id).await;
+        if now.progress.as_ref().is_some_and(|p| {
+            p.phase == ferry_migrate::Phase::DiskCopy && p.disks.iter().any(|d| d.copied_bytes > 0)
+        }) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && now.finished_at.is_none(),
+            "{now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Every process in hv2's namespace is its incoming QEMU.
+    let ns = &c.lab.host("hv2").unwrap().netns;
+    let out = std::process::Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .unwrap();
+    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", pid])
+            .status();
+    }
+    let m = c.wait_end(m.id, Duration::from_secs(120)).await;
+    let log = logs(&c, &m).await;
+    let err = m.error.clone().expect("failed");
+    assert_eq!(m.state, MigrationState::Failed, "{log}");
+    eprintln!("destination killed: {}: {}", err.code, err.message);
+    assert!(
+        ["link-lost", "disk-copy-failed"].contains(&err.code.as_str()),
+        "{err:?}\n{log}"
+    );
+    assert!(!err.hint.is_empty());
+    let i = c.instance("blk-kill").await;
+    assert_eq!((i.host.as_str(), i.state), ("hv1", InstanceState::Running));
+    assert!(!local(&ds, "hv2").join(&file).exists(), "{log}");
+    nothing_left_on(&c, "hv2");
+    assert_intact(&c, 25, "destination killed").await;
+    c.shutdown().await;
+}
