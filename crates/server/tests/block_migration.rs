@@ -425,16 +425,9 @@ async fn a_datastore_too_small_is_refused_and_one_that_fills_up_fails_the_job_wi
     };
 
     // `ferry migrate --check --map-disk disk0=tiny` shows the refusal before any job.
-    let candidates: Vec<ferry_api::checks::Candidate> = c
-        .admin
-        .get("/v1/instances/blk-full/migration-candidates?destination=hv2&map_disk=disk0%3Dtiny")
-        .await
-        .unwrap();
-    let storage = candidates[0]
-        .checks
-        .iter()
-        .find(|k| k.name == "storage")
-        .unwrap();
+    let storage = c
+        .check("blk-full", "hv2", "&map_disk=disk0%3Dtiny", "storage")
+        .await;
     assert_eq!(
         storage.status,
         ferry_api::checks::CheckStatus::Fail,
@@ -445,16 +438,7 @@ async fn a_datastore_too_small_is_refused_and_one_that_fills_up_fails_the_job_wi
         "{storage:?}"
     );
     // Without the map, the check shows the mapping it would use.
-    let candidates: Vec<ferry_api::checks::Candidate> = c
-        .admin
-        .get("/v1/instances/blk-full/migration-candidates?destination=hv2")
-        .await
-        .unwrap();
-    let storage = candidates[0]
-        .checks
-        .iter()
-        .find(|k| k.name == "storage")
-        .unwrap();
+    let storage = c.check("blk-full", "hv2", "", "storage").await;
     assert!(
         storage.message.contains("copied live to datastore"),
         "{storage:?}"

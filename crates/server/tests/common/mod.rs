@@ -292,6 +292,30 @@ impl Cluster {
         }
     }
 
+    /// The check `name` of `instance`'s candidate `to`, as `ferry migrate --check` gets it;
+    /// `query` adds query parameters (`&map_disk=...`).
+    pub async fn check(
+        &self,
+        instance: &str,
+        to: &str,
+        query: &str,
+        name: &str,
+    ) -> ferry_api::checks::CheckResult {
+        let candidates: Vec<ferry_api::checks::Candidate> = self
+            .admin
+            .get(&format!(
+                "/v1/instances/{instance}/migration-candidates?destination={to}{query}"
+            ))
+            .await
+            .unwrap();
+        candidates[0]
+            .checks
+            .iter()
+            .find(|k| k.name == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no check {name}: {candidates:?}"))
+    }
+
     pub async fn instance(&self, name: &str) -> Instance {
         self.admin
             .get(&format!("/v1/instances/{name}"))
