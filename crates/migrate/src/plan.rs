@@ -522,6 +522,9 @@ mod tests {
         let t0 = plan0.prediction.total_ms.unwrap();
         let t1 = plan1.prediction.total_ms.unwrap();
         assert!((9_000..=11_000).contains(&(t1 - t0)), "{t0} -> {t1}");
-        assert!(plan1.strategy.iter().any(|s| s.contains("1024.0 MiB of local disks")));
+        assert!(plan1
+            .strategy
+            .iter()
+            .any(|s| s.contains("1024.0 MiB of local disks")));
     }
 }
