@@ -14,7 +14,7 @@ use ferry_api::ErrorBody;
 use ferry_cli::commands::instance::mac_for;
 use ferry_cli::commands::migrate::follow;
 use ferry_cli::error::CliError;
-use ferry_cli::local_cluster::LocalCluster;
+use ferry_cli::local_cluster::{HostStorage, LocalCluster};
 use ferry_lab::guest_client::{self, tcp_echo_roundtrip, EchoProbe};
 use ferry_lab::guest_config::{Fill, GuestConfig, GuestDisk, CONTROL_PORT, ECHO_PORT};
 use ferry_lab::image::ensure_image;
@@ -60,10 +60,15 @@ pub struct DemoArgs {
     /// or `debian` (a real Debian 12 booted from its disk, watched through its guest agent).
     #[arg(long, default_value = "lab", value_parser = ["lab", "debian"])]
     guest: String,
-    /// Give the guest a disk of this size on a datastore both lab hosts share; the guest
+    /// Give the guest a disk of this size on the datastore `--storage` names; the guest
     /// writes self-checking blocks to it and verifies every one after the move.
     #[arg(long, value_name = "N")]
     disk_mib: Option<u32>,
+    /// Where the `--disk-mib` disk lives: `shared` (a datastore both lab hosts mount, so only
+    /// memory moves) or `local` (a datastore of each host's own, so the disk is copied live
+    /// with the guest: block migration).
+    #[arg(long, value_enum, default_value = "shared")]
+    storage: Storage,
     /// The guest's disk writer: durable 4 KiB writes per second.
     #[arg(long, default_value_t = 100, requires = "disk_mib")]
     disk_rate: u32,
@@ -72,6 +77,22 @@ pub struct DemoArgs {
     lab_name: String,
     #[command(flatten)]
     image: ImageArgs,
+}
+
+/// Where the demo guest's disk lives; it decides whether the disk moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Storage {
+    Shared,
+    Local,
+}
+
+impl Storage {
+    fn as_str(self) -> &'static str {
+        match self {
+            Storage::Shared => "shared",
+            Storage::Local => "local",
+        }
+    }
 }
 
 /// The demo's result; `--json` prints exactly this.
@@ -84,6 +105,7 @@ struct DemoReport {
     destination: String,
     memory_mib: u32,
     accel: String,
+    /// QEMU's: from its migrate command, so without a block migration's disk copy before it.
     total_ms: Option<u64>,
     qemu_downtime_ms: Option<u64>,
     /// Longest gap between UDP echo replies seen by a client probing every 5 ms.
@@ -108,6 +130,19 @@ struct DemoReport {
     disk_errors: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     disk_writes: Option<u64>,
+    /// `shared` or `local` (with `--disk-mib`): whether the disk had to move.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    disk_storage: Option<&'static str>,
+    /// `--storage local`: each disk's copy, as the job recorded it and the demo timed it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    disk_copies: Vec<blocks::DiskCopyReport>,
+    /// `--storage local`: bytes the destination received on its migration interface from the
+    /// end of the pre-flight checks to the end of the job, memory and disks together.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    migration_rx_bytes: Option<u64>,
+    /// `--storage local`: what removes the images the guest left on the source.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cleanup_command: Option<String>,
     /// Debian: `PRETTY_NAME` as its guest agent reports it.
     #[serde(skip_serializing_if = "Option::is_none")]
     guest_os: Option<String>,
@@ -163,6 +198,10 @@ impl DemoReport {
             disk_blocks_checked: None,
             disk_errors: None,
             disk_writes: None,
+            disk_storage: args.disk_mib.map(|_| args.storage.as_str()),
+            disk_copies: Vec::new(),
+            migration_rx_bytes: None,
+            cleanup_command: None,
             guest_os: None,
             boot_s: None,
             writes_lost: None,
@@ -262,12 +301,37 @@ fn guest_err(detail: String) -> CliError {
     )
 }
 
+mod blocks;
 mod debian;
 
 /// The guest's address in the demo lab, and its name.
 const VM: &str = "demo-vm";
 /// The serial of the demo guest's disk, by which the guest program finds it.
 const DISK_SERIAL: &str = "ferry-data";
+
+/// `--storage local` moves the lab guest's `--disk-mib` disk: without that disk it would move
+/// nothing and the demo would claim a block migration that never happened.
+fn check_storage(args: &DemoArgs) -> Result<(), CliError> {
+    if args.storage == Storage::Shared {
+        return Ok(());
+    }
+    if args.guest == "debian" {
+        return Err(CliError::new(
+            "invalid-storage",
+            "--storage local moves the lab guest's --disk-mib disk; the Debian guest boots \
+             from a disk on shared storage",
+            "drop --storage local, or run the lab guest: `ferry demo --disk-mib 16 --storage local`",
+        ));
+    }
+    if args.disk_mib.is_none() {
+        return Err(CliError::new(
+            "invalid-storage",
+            "--storage local needs a disk to move, and the guest has none without --disk-mib",
+            "give the guest a disk: `ferry demo --disk-mib 16 --storage local`",
+        ));
+    }
+    Ok(())
+}
 
 async fn demo(args: &DemoArgs, report: &mut DemoReport) -> Result<(), CliError> {
     let config = GuestConfig {
@@ -290,6 +354,7 @@ async fn demo(args: &DemoArgs, report: &mut DemoReport) -> Result<(), CliError> 
             ));
         }
     }
+    check_storage(args)?;
     // Refuse bad input before anything is created.
     ferry_qemu::InstanceSpec::check_memory(args.memory_mib).map_err(LabError::from)?;
     config
@@ -334,7 +399,12 @@ async fn demo(args: &DemoArgs, report: &mut DemoReport) -> Result<(), CliError> 
         path: cache_dir.clone(),
         identity: None,
     };
-    let cluster = LocalCluster::start(&args.lab_name, 2, accel.name(), vec![images]).await?;
+    let storage = match args.storage {
+        Storage::Shared => HostStorage::Shared,
+        Storage::Local => HostStorage::Local,
+    };
+    let cluster =
+        LocalCluster::start_with(&args.lab_name, 2, accel.name(), vec![images], storage).await?;
     if args.guest == "debian" {
         let result = debian::run(args, &cluster, &cache_dir, &options, report).await;
         cluster.shutdown().await;
@@ -342,23 +412,7 @@ async fn demo(args: &DemoArgs, report: &mut DemoReport) -> Result<(), CliError> 
     }
     let disks = match args.disk_mib {
         None => vec![],
-        Some(mib) => {
-            say(
-                args,
-                &format!(
-                    "the guest gets a disk of {mib} MiB on datastore {} (shared by hv1 and hv2), \
-                     written at {} blocks/s",
-                    LocalCluster::SHARED_DATASTORE,
-                    args.disk_rate
-                ),
-            );
-            vec![DiskRequest {
-                datastore: Some(LocalCluster::SHARED_DATASTORE.into()),
-                size_bytes: Some(u64::from(mib) << 20),
-                serial: Some(DISK_SERIAL.into()),
-                ..DiskRequest::default()
-            }]
-        }
+        Some(mib) => vec![demo_disk(args, mib)],
     };
 
     say(
@@ -393,6 +447,31 @@ async fn demo(args: &DemoArgs, report: &mut DemoReport) -> Result<(), CliError> 
     let result = migrate_and_measure(args, &cluster, &vm, &options, report).await;
     cluster.shutdown().await;
     result
+}
+
+/// The guest's `--disk-mib` disk on the datastore `--storage` names.
+fn demo_disk(args: &DemoArgs, mib: u32) -> DiskRequest {
+    let (datastore, where_) = match args.storage {
+        Storage::Shared => (LocalCluster::SHARED_DATASTORE, "shared by hv1 and hv2"),
+        Storage::Local => (
+            LocalCluster::LOCAL_DATASTORE,
+            "hv1's own; hv2 has another: the disk is copied live with the guest",
+        ),
+    };
+    say(
+        args,
+        &format!(
+            "the guest gets a disk of {mib} MiB on datastore {datastore} ({where_}), written \
+             at {} blocks/s",
+            args.disk_rate
+        ),
+    );
+    DiskRequest {
+        datastore: Some(datastore.into()),
+        size_bytes: Some(u64::from(mib) << 20),
+        serial: Some(DISK_SERIAL.into()),
+        ..DiskRequest::default()
+    }
 }
 
 async fn migrate_and_measure(
@@ -513,7 +592,12 @@ async fn migrate_to_hv2(
         .await?;
     report.migration_started = true;
     let bar = !args.json || std::io::stderr().is_terminal();
-    follow(&cluster.ctx, m.id, bar).await
+    if args.storage == Storage::Shared {
+        return follow(&cluster.ctx, m.id, bar).await;
+    }
+    let (m, watched) = blocks::follow_counting(cluster, m.id, bar).await?;
+    blocks::record(&m, &watched, cluster, report);
+    Ok(m)
 }
 
 /// The job's ending into the report: its figures when it completed, else its error.
@@ -567,7 +651,16 @@ fn render_report(r: &DemoReport) -> String {
     if let Some(plan) = &r.plan {
         let _ = writeln!(out, "  {plan}");
     }
-    let _ = writeln!(out, "  total time               {}", ms(r.total_ms));
+    if r.disk_copies.is_empty() {
+        let _ = writeln!(out, "  total time               {}", ms(r.total_ms));
+    } else {
+        // QEMU counts from its migrate command, which comes after the disk copy.
+        let _ = writeln!(
+            out,
+            "  memory migration time    {} (QEMU's, after the disk copy)",
+            ms(r.total_ms)
+        );
+    }
     let _ = writeln!(out, "  QEMU downtime            {}", ms(r.qemu_downtime_ms));
     let _ = writeln!(
         out,
@@ -593,7 +686,7 @@ fn render_report(r: &DemoReport) -> String {
     );
     let _ = writeln!(
         out,
-        "  transferred              {}",
+        "  memory transferred       {}",
         r.bytes_transferred
             .map(|b| format!("{:.1} MiB", b as f64 / (1 << 20) as f64))
             .unwrap_or_else(|| "-".into())
@@ -626,6 +719,7 @@ fn render_report(r: &DemoReport) -> String {
             r.disk_writes.unwrap_or(0)
         );
     }
+    blocks::render(r, &r.destination, &mut out);
     out.truncate(out.trim_end_matches('\n').len());
     out
 }
@@ -634,18 +728,96 @@ fn render_report(r: &DemoReport) -> String {
 mod tests {
     use super::*;
 
-    fn args(json: bool) -> DemoArgs {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        demo: DemoArgs,
+    }
+
+    fn parse(extra: &[&str]) -> Result<DemoArgs, clap::Error> {
         use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            demo: DemoArgs,
+        Cli::try_parse_from(std::iter::once("ferry").chain(extra.iter().copied())).map(|c| c.demo)
+    }
+
+    fn args(json: bool) -> DemoArgs {
+        parse(if json { &["--json"] } else { &[] }).unwrap()
+    }
+
+    #[test]
+    fn storage_is_shared_unless_local_is_asked_for_and_local_needs_the_lab_guests_disk() {
+        assert_eq!(args(false).storage, Storage::Shared);
+        let local = parse(&["--disk-mib", "16", "--storage", "local"]).unwrap();
+        assert_eq!(local.storage, Storage::Local);
+        assert!(check_storage(&local).is_ok());
+        assert_eq!(
+            DemoReport::new(&local).disk_storage,
+            Some("local"),
+            "the report says where the disk was"
+        );
+        assert!(parse(&["--storage", "nfs"]).is_err());
+
+        for argv in [
+            &["--storage", "local"][..],
+            &[
+                "--guest",
+                "debian",
+                "--disk-mib",
+                "16",
+                "--storage",
+                "local",
+            ][..],
+        ] {
+            let err = check_storage(&parse(argv).unwrap()).expect_err("refused");
+            let text = err.render();
+            assert!(text.starts_with("error[invalid-storage]: "), "{text}");
+            assert_eq!(text.matches("hint:").count(), 1, "{text}");
         }
-        let mut argv = vec!["ferry"];
-        if json {
-            argv.push("--json");
+    }
+
+    /// The text report of a block migration names each figure for what it measures and
+    /// prints the command that removes the source's image.
+    #[test]
+    fn a_block_migration_report_shows_the_copy_the_wire_and_the_cleanup() {
+        let mut report =
+            DemoReport::new(&parse(&["--disk-mib", "16", "--storage", "local"]).unwrap());
+        report.migration_started = true;
+        report.status = "completed";
+        report.memory_verified = true;
+        report.disk_verified = Some(true);
+        report.total_ms = Some(551);
+        report.migration_rx_bytes = Some(168 << 20);
+        report.cleanup_command = Some("ferry migration cleanup 352fd622".into());
+        report.disk_copies = vec![blocks::DiskCopyReport {
+            disk: "disk0".into(),
+            state: "copied".into(),
+            size_bytes: 16 << 20,
+            progressed_bytes: 16 << 20,
+            copy_ms: Some(500),
+            copy_sample_gap_ms: Some(250),
+            target: "local:demo-vm-disk0.qcow2".into(),
+            source_host: "hv1".into(),
+            source_image: "local:demo-vm-disk0.qcow2".into(),
+            source_path: Some("/tmp/x/local/hv1/demo-vm-disk0.qcow2".into()),
+            source_kept: true,
+            source_present: true,
+        }];
+        let out = conclude(&mut report, Ok(()), false).stdout.unwrap();
+        for needle in [
+            "memory migration time    551 ms (QEMU's, after the disk copy)",
+            "disk disk0 copy          copied to local:demo-vm-disk0.qcow2 on hv2",
+            "mirror progressed      16.0 MiB of a 16.0 MiB disk",
+            "disk copy time         250-500 ms",
+            "kept on hv1 at /tmp/x/local/hv1/demo-vm-disk0.qcow2 until the cleanup",
+            "`ferry migration cleanup 352fd622` removes the source images",
+            "received on the wire     168.0 MiB by hv2's migration interface",
+        ] {
+            assert!(out.contains(needle), "{needle:?} missing:\n{out}");
         }
-        Cli::parse_from(argv).demo
+        assert!(!out.contains("total time"), "{out}");
+
+        report.disk_copies[0].source_present = false;
+        let out = render_report(&report);
+        assert!(out.contains("is MISSING"), "{out}");
     }
 
     /// A demo that fails before its migration started (here: not root) prints the error once,

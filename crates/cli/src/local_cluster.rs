@@ -3,11 +3,11 @@
 //! runs on it; dropping it removes every namespace (and so every guest) and its directory.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_agent::{AgentConfig, AgentHandle, DatastoreConfig};
-use ferry_api::instances::{CreateInstance, Instance};
+use ferry_api::instances::{CreateInstance, ImageRef, Instance};
 use ferry_lab::net::LabNet;
 use ferry_server::ServerHandle;
 use uuid::Uuid;
@@ -22,6 +22,18 @@ use crate::output::OutputFormat;
 const ADMIN_TOKEN: &str = "local-cluster-admin-token-0000000";
 const JOIN_TOKEN: &str = "local-cluster-join-token-00000000";
 
+/// Whether each host of a local cluster also has storage no other host sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HostStorage {
+    /// Only datastores every host mounts: a running guest's disks stay where they are when
+    /// it moves.
+    #[default]
+    Shared,
+    /// Also a datastore [`LocalCluster::LOCAL_DATASTORE`] per host, a directory of its own
+    /// without an identity: a running guest's disk there moves by block migration.
+    Local,
+}
+
 pub struct LocalCluster {
     pub ctx: Ctx,
     pub server: Option<ServerHandle>,
@@ -35,6 +47,8 @@ impl LocalCluster {
     /// A datastore every host of the local cluster mounts (one directory, with an identity
     /// file): disks on it need no copy when their guest moves.
     pub const SHARED_DATASTORE: &'static str = "shared";
+    /// The datastore each host has alone with [`HostStorage::Local`].
+    pub const LOCAL_DATASTORE: &'static str = "local";
 
     /// Creates lab `name` with `hosts` hosts (a stale lab of that name is removed first),
     /// starts the server and the agents, and waits until every host is online. Every agent
@@ -44,6 +58,17 @@ impl LocalCluster {
         hosts: usize,
         accel: &str,
         datastores: Vec<DatastoreConfig>,
+    ) -> Result<LocalCluster, CliError> {
+        Self::start_with(name, hosts, accel, datastores, HostStorage::Shared).await
+    }
+
+    /// [`LocalCluster::start`], with each host's own datastore when `storage` asks for it.
+    pub async fn start_with(
+        name: &str,
+        hosts: usize,
+        accel: &str,
+        datastores: Vec<DatastoreConfig>,
+        storage: HostStorage,
     ) -> Result<LocalCluster, CliError> {
         let n = name.to_string();
         let net = tokio::task::spawn_blocking(move || LabNet::create(&n, hosts))
@@ -68,13 +93,7 @@ impl LocalCluster {
                     format!("lab-{name}-shared\n"),
                 )
             })
-            .map_err(|e| {
-                CliError::new(
-                    "io",
-                    format!("cannot create {}: {e}", shared.display()),
-                    "check /tmp",
-                )
-            })?;
+            .map_err(|e| cannot_create(&shared, e))?;
         // Every host of this cluster is on this machine: a datastore they are all given is
         // one storage, and says so (without writing an identity file into, say, the cache).
         let mut datastores: Vec<DatastoreConfig> = datastores
@@ -123,6 +142,10 @@ impl LocalCluster {
         );
         cluster.server = Some(server);
         for h in cluster.net.hosts.clone() {
+            let mut own = datastores.clone();
+            if storage == HostStorage::Local {
+                own.push(cluster.local_datastore(&h.name)?);
+            }
             let config = agent_config(
                 &h,
                 SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -130,7 +153,7 @@ impl LocalCluster {
                 JOIN_TOKEN,
                 cluster.dir.join(&h.name),
                 accel,
-                datastores.clone(),
+                own,
             );
             let agent = ferry_agent::start(config.clone())
                 .await
@@ -140,6 +163,18 @@ impl LocalCluster {
         }
         crate::commands::lab::wait_hosts_online(&cluster.ctx, hosts).await?;
         Ok(cluster)
+    }
+
+    /// Host `host`'s own datastore: a directory under the cluster's, so it goes with the
+    /// cluster, and without an identity, so no other host counts it as the same storage.
+    fn local_datastore(&self, host: &str) -> Result<DatastoreConfig, CliError> {
+        let path = self.dir.join(Self::LOCAL_DATASTORE).join(host);
+        std::fs::create_dir_all(&path).map_err(|e| cannot_create(&path, e))?;
+        Ok(DatastoreConfig {
+            name: Self::LOCAL_DATASTORE.into(),
+            path,
+            identity: None,
+        })
     }
 
     /// The serial socket of instance `id` on host `index` (0-based): the agent keeps each
@@ -186,6 +221,15 @@ impl LocalCluster {
             .map(|d| d.path.clone())
     }
 
+    /// Where `image` is on host `host`'s file system, if the host has its datastore.
+    pub fn image_path(&self, host: &str, image: &ImageRef) -> Option<PathBuf> {
+        let index = self.agent_configs.iter().position(|c| c.name == host)?;
+        Some(
+            self.datastore_path(index, &image.datastore)?
+                .join(&image.file),
+        )
+    }
+
     /// Stops agents and server in order; guests go with the namespaces on drop.
     pub async fn shutdown(mut self) {
         for a in self.agents.drain(..) {
@@ -195,6 +239,14 @@ impl LocalCluster {
             s.shutdown().await;
         }
     }
+}
+
+fn cannot_create(path: &Path, e: std::io::Error) -> CliError {
+    CliError::new(
+        "io",
+        format!("cannot create {}: {e}", path.display()),
+        "check /tmp",
+    )
 }
 
 impl Drop for LocalCluster {

@@ -89,6 +89,85 @@ fn demo_json_reports_a_verified_migration_and_cleans_up() {
 }
 
 #[test]
+fn demo_with_local_storage_copies_the_disk_live_and_reports_the_copy() {
+    let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = format!("l{}", std::process::id());
+    let out = ferry()
+        .args([
+            "demo",
+            "--json",
+            "--memory-mib",
+            "256",
+            "--wss-mib",
+            "32",
+            "--disk-mib",
+            "8",
+            "--storage",
+            "local",
+            "--lab-name",
+            &lab,
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert_eq!(report["status"], "completed", "{report}");
+    assert_eq!(report["disk_storage"], "local", "{report}");
+    assert_eq!(report["memory_verified"], true, "{report}");
+    // The disk was copied to hv2 while the guest wrote it; every block reads back there.
+    assert_eq!(report["disk_verified"], true, "{report}");
+    assert_eq!(report["disk_blocks_checked"], 2048, "{report}");
+    assert_eq!(report["disk_errors"], 0, "{report}");
+    let copies = report["disk_copies"].as_array().expect("the disk's copy");
+    assert_eq!(copies.len(), 1, "{report}");
+    let copy = &copies[0];
+    assert_eq!(copy["state"], "copied", "{report}");
+    assert!(
+        copy["target"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("local:")),
+        "{report}"
+    );
+    // The mirror goes through the whole disk, unallocated ranges included.
+    assert!(
+        copy["progressed_bytes"]
+            .as_u64()
+            .is_some_and(|b| b >= 8 << 20),
+        "{report}"
+    );
+    assert!(copy["copy_ms"].as_u64().is_some(), "{report}");
+    assert_eq!(copy["source_host"], "hv1", "{report}");
+    assert_eq!(copy["source_kept"], true, "{report}");
+    assert_eq!(copy["source_present"], true, "{report}");
+    // What crossed the link: at least QEMU's memory stream, counted after the probe.
+    let rx = report["migration_rx_bytes"].as_u64().expect("wire bytes");
+    let memory = report["bytes_transferred"].as_u64().unwrap();
+    assert!(rx >= memory, "{rx} bytes received, {memory} of memory sent");
+    let cleanup = report["cleanup_command"]
+        .as_str()
+        .expect("the cleanup command");
+    let id = cleanup
+        .strip_prefix("ferry migration cleanup ")
+        .expect("the command");
+    assert!(uuid::Uuid::parse_str(id).is_ok(), "{cleanup}");
+    // The lab goes with the demo, the images kept for the cleanup with it.
+    let source = copy["source_path"]
+        .as_str()
+        .expect("the source image's path");
+    assert!(
+        !std::path::Path::new(source).exists(),
+        "{source} left behind"
+    );
+    assert!(namespaces_of(&lab).is_empty());
+    assert_eq!(qemu_processes_of(&lab), 0);
+}
+
+#[test]
 fn the_debian_demo_moves_a_real_os_with_its_disk_and_checks_it() {
     let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());
     let lab = format!("e{}", std::process::id());
@@ -144,6 +223,11 @@ fn bad_input_is_a_clear_error_with_nothing_created() {
         (
             vec!["--memory-mib", "128", "--wss-mib", "512"],
             "error[invalid-request]",
+        ),
+        (vec!["--storage", "local"], "error[invalid-storage]"),
+        (
+            vec!["--guest", "debian", "--disk-mib", "8", "--storage", "local"],
+            "error[invalid-storage]",
         ),
     ] {
         let out = ferry()

@@ -490,6 +490,27 @@ pub async fn finish(ctx: &Ctx, id: Uuid, bar: bool) -> Result<u8, CliError> {
 /// if the stream breaks or is missing the function polls instead, so a flaky stream can only
 /// make the bar coarser, never the result wrong.
 pub async fn follow(ctx: &Ctx, id: Uuid, bar: bool) -> Result<Migration, CliError> {
+    follow_observed(ctx, id, bar, |_| {}).await
+}
+
+/// What [`follow_observed`] saw of the job: a record (a state change, or a poll) or a
+/// progress sample.
+#[derive(Debug, Clone, Copy)]
+pub enum Seen<'a> {
+    Record(&'a Migration),
+    Sample(&'a Progress),
+}
+
+/// [`follow`], handing `observe` every record and sample as it arrives, so a caller can act
+/// at a moment of the job (read a counter when the copy starts) or time its phases from the
+/// samples, without opening a second stream. `observe` runs on the stream's task: it must
+/// not block.
+pub async fn follow_observed(
+    ctx: &Ctx,
+    id: Uuid,
+    bar: bool,
+    mut observe: impl FnMut(Seen<'_>),
+) -> Result<Migration, CliError> {
     let pb = bar.then(Bar::new);
     // The auto policy's prediction, shown once above the bar as soon as the plan exists.
     let mut plan_shown = false;
@@ -504,6 +525,7 @@ pub async fn follow(ctx: &Ctx, id: Uuid, bar: bool) -> Result<Migration, CliErro
         .follow_events(&format!("/v1/migrations/{id}/events"), |event, data| {
             match serde_json::from_str::<Event>(data) {
                 Ok(Event::Migration { migration }) => {
+                    observe(Seen::Record(&migration));
                     show_plan(&migration);
                     if let Some(pb) = &pb {
                         pb.show(&migration);
@@ -511,6 +533,7 @@ pub async fn follow(ctx: &Ctx, id: Uuid, bar: bool) -> Result<Migration, CliErro
                     !migration.state.is_terminal()
                 }
                 Ok(Event::Progress { progress, .. }) => {
+                    observe(Seen::Sample(&progress));
                     if let Some(pb) = &pb {
                         pb.progress(&progress);
                     }
@@ -529,6 +552,7 @@ pub async fn follow(ctx: &Ctx, id: Uuid, bar: bool) -> Result<Migration, CliErro
     }
     let m = loop {
         let m: Migration = ctx.get(&format!("/v1/migrations/{id}")).await?;
+        observe(Seen::Record(&m));
         if m.state.is_terminal() {
             break m;
         }
