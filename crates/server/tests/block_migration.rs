@@ -294,8 +294,8 @@ async fn cancel_when(c: &Cluster, m: &Migration, ready: impl Fn(&Migration) -> b
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_cancel_in_the_disk_copy_or_the_memory_copy_leaves_the_guest_and_its_disk_on_the_source()
-{
+async fn a_cancel_or_the_budget_in_the_disk_or_memory_copy_leaves_the_guest_and_its_disk_on_the_source(
+) {
     let base = tempfile::tempdir().unwrap();
     let ds = base.path().join("ds");
     let c = cluster(&ds).await;
@@ -356,6 +356,23 @@ async fn a_cancel_in_the_disk_copy_or_the_memory_copy_leaves_the_guest_and_its_d
         nothing_left_on(&c, "hv2");
         assert_intact(&c, 22, when).await;
     }
+    // The time budget covers the disk copy too: 3 s at 1 MiB/s end it there.
+    let short = MigrationOptions {
+        budget_s: Some(3),
+        ..slow.clone()
+    };
+    let m = c.migrate("blk-cancel", "hv2", short).await;
+    let m = c.wait_end(m.id, Duration::from_secs(120)).await;
+    let log = logs(&c, &m).await;
+    let err = m.error.clone().expect("timed out");
+    assert_eq!(
+        (m.state, err.code.as_str()),
+        (MigrationState::Failed, "migration-timeout"),
+        "{err:?}\n{log}"
+    );
+    assert!(!local(&ds, "hv2").join(&file).exists());
+    nothing_left_on(&c, "hv2");
+    assert_intact(&c, 22, "budget spent in the disk copy").await;
     c.shutdown().await;
 }
 
