@@ -301,7 +301,7 @@ fn guest_err(detail: String) -> CliError {
     )
 }
 
-mod blocks;
+pub(crate) mod blocks;
 mod debian;
 
 /// The guest's address in the demo lab, and its name.

@@ -177,7 +177,7 @@ struct ImageInfo {
 
 /// `ferry bench --debian`.
 pub(super) async fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
-    let runs = args.runs.max(1);
+    let runs = args.runs.unwrap_or(3).max(1);
     // SAFETY: geteuid(2) cannot fail and has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the Debian bench creates network namespaces and builds its image: run it as root");
@@ -526,7 +526,7 @@ async fn measure(
 /// Stops (forced: after a failure the guest's state is unknown) and deletes an instance,
 /// quietly: both are harmless when there is nothing to do, and the cluster's teardown
 /// removes whatever this leaves.
-async fn remove(cluster: &LocalCluster, name: &str) {
+pub(super) async fn remove(cluster: &LocalCluster, name: &str) {
     let client = cluster
         .ctx
         .client
@@ -674,13 +674,13 @@ fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
 }
 
-fn loadavg() -> String {
+pub(super) fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
 }
 
-fn qemu_version() -> String {
+pub(super) fn qemu_version() -> String {
     std::process::Command::new("qemu-system-x86_64")
         .arg("--version")
         .output()
