@@ -17,7 +17,7 @@ use ferry_cli::error::CliError;
 use ferry_cli::local_cluster::{HostStorage, LocalCluster};
 use ferry_lab::guest_client::{self, tcp_echo_roundtrip, EchoProbe};
 use ferry_lab::guest_config::{Fill, GuestConfig, GuestDisk, CONTROL_PORT, ECHO_PORT};
-use ferry_lab::image::ensure_image;
+use ferry_lab::image::{ensure_image, GuestImage};
 use ferry_lab::instance::guest_instance_spec;
 use ferry_lab::net::{tcp_connect_in, udp_bind_in, LabNet};
 use ferry_lab::serial::{heartbeat_gap, HostBeats, SerialMonitor};
@@ -425,28 +425,39 @@ async fn demo(args: &DemoArgs, report: &mut DemoReport) -> Result<(), CliError> 
             args.rate_mib_s
         ),
     );
-    let ip = cluster.net.guest_addr(0);
+    let vm = create_lab_guest(&cluster, &image, config, args.memory_mib, VM, disks).await?;
+    let result = migrate_and_measure(args, &cluster, &vm, &options, report).await;
+    cluster.shutdown().await;
+    result
+}
+
+/// Creates and starts lab guest `name` on hv1, at the lab's first guest address.
+pub(crate) async fn create_lab_guest(
+    cluster: &LocalCluster,
+    image: &GuestImage,
+    config: GuestConfig,
+    memory_mib: u32,
+    name: &str,
+    disks: Vec<DiskRequest>,
+) -> Result<Instance, CliError> {
     let config = GuestConfig {
-        ip: Some((ip, LabNet::GUEST_PREFIX)),
+        ip: Some((cluster.net.guest_addr(0), LabNet::GUEST_PREFIX)),
         ..config
     };
-    let spec = guest_instance_spec(&image, &config, args.memory_mib, &mac_for(VM, 0));
-    let vm: Instance = cluster
+    let spec = guest_instance_spec(image, &config, memory_mib, &mac_for(name, 0));
+    cluster
         .ctx
         .post(
             "/v1/instances",
             &CreateInstance {
-                name: VM.into(),
+                name: name.into(),
                 host: Some("hv1".into()),
                 spec,
                 disks,
                 start: true,
             },
         )
-        .await?;
-    let result = migrate_and_measure(args, &cluster, &vm, &options, report).await;
-    cluster.shutdown().await;
-    result
+        .await
 }
 
 /// The guest's `--disk-mib` disk on the datastore `--storage` names.

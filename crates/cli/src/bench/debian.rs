@@ -45,7 +45,7 @@ use ferry_qemu::AccelChoice;
 use ferry_qmp::GuestAgent;
 use serde::Serialize;
 
-use super::{median_f64, say, BenchArgs};
+use super::{loadavg, median_f64, say, BenchArgs, Machine};
 
 /// The guest's memory, as issue 9 asks for the Debian guest.
 const MEMORY_MIB: u32 = 512;
@@ -151,14 +151,8 @@ struct Medians {
 /// `--out DIR/debian.json`; `--json` prints the same on stdout.
 #[derive(Debug, Serialize)]
 struct DebianReport {
-    command: String,
-    accel: String,
-    /// CPUs this process may use (shared with whatever else runs on the machine).
-    host_cpus: usize,
-    qemu: String,
-    /// /proc/loadavg before the first and after the last run: how busy the machine was.
-    load_before: String,
-    load_after: String,
+    #[serde(flatten)]
+    machine: Machine,
     image: ImageInfo,
     /// `guest-get-osinfo`'s pretty name, from the first run that answered.
     guest_os: Option<String>,
@@ -241,14 +235,7 @@ pub(super) async fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     cluster.shutdown().await;
 
     let report = DebianReport {
-        command: std::env::args().collect::<Vec<_>>().join(" "),
-        accel: accel.name().into(),
-        host_cpus: std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
-        qemu: qemu_version(),
-        load_before,
-        load_after: loadavg(),
+        machine: Machine::after_runs(accel.name(), load_before),
         image: ImageInfo {
             path: image.path.clone(),
             id: image.id.clone(),
@@ -674,26 +661,6 @@ fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
 }
 
-pub(super) fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
-pub(super) fn qemu_version() -> String {
-    std::process::Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .map(str::to_string)
-        })
-        .unwrap_or_default()
-}
-
 fn medians(runs: &[DebianRun]) -> Medians {
     let med =
         |f: &dyn Fn(&DebianRun) -> Option<f64>| median_f64(runs.iter().filter_map(f).collect());
@@ -853,15 +820,15 @@ fn markdown(report: &DebianReport) -> String {
     format!(
         "Command: `{}`\n\n{} MiB Debian guest ({}, kernel {}), accelerator {}, {}; {} CPUs, \
          load {} before, {} after.\n\n{}",
-        report.command,
+        report.machine.command,
         report.memory_mib,
         report.guest_os.as_deref().unwrap_or("Debian"),
         report.image.kernel,
-        report.accel,
-        report.qemu,
-        report.host_cpus,
-        report.load_before,
-        report.load_after,
+        report.machine.accel,
+        report.machine.qemu,
+        report.machine.host_cpus,
+        report.machine.load_before,
+        report.machine.load_after,
         super::render::markdown_table(&HEADERS, &rows)
     )
 }
@@ -944,12 +911,14 @@ mod tests {
         };
         let runs = vec![run(1, 100.0), run(2, 300.0), run(3, 200.0)];
         let report = DebianReport {
-            command: "ferry bench --debian --runs 3".into(),
-            accel: "tcg".into(),
-            host_cpus: 2,
-            qemu: "QEMU emulator version 10.0.0".into(),
-            load_before: "1.00 1.00 1.00".into(),
-            load_after: "2.00 1.00 1.00".into(),
+            machine: Machine {
+                command: "ferry bench --debian --runs 3".into(),
+                accel: "tcg".into(),
+                host_cpus: 2,
+                qemu: "QEMU emulator version 10.0.0".into(),
+                load_before: "1.00 1.00 1.00".into(),
+                load_after: "2.00 1.00 1.00".into(),
+            },
             image: ImageInfo {
                 path: "/x.qcow2".into(),
                 id: "abc".into(),

@@ -20,22 +20,20 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use ferry_api::instances::{CreateInstance, DiskRequest, Instance};
+use ferry_api::instances::DiskRequest;
 use ferry_api::migrations::MigrationState;
 use ferry_api::migrations::{CreateMigration, LogLine, Migration, MigrationOptions};
-use ferry_cli::commands::instance::mac_for;
 use ferry_cli::local_cluster::{HostStorage, LocalCluster};
 use ferry_lab::guest_client::{self, GuestStatus};
 use ferry_lab::guest_config::{Fill, GuestConfig, GuestDisk, CONTROL_PORT};
 use ferry_lab::image::{ensure_image, GuestImage};
-use ferry_lab::instance::guest_instance_spec;
-use ferry_lab::net::LabNet;
 use ferry_qemu::AccelChoice;
 use serde::Serialize;
 
-use super::debian::{loadavg, qemu_version, remove};
-use super::{render, say, BenchArgs};
+use super::debian::remove;
+use super::{error_suffix, loadavg, outcome, render, say, BenchArgs, Machine};
 use crate::demo::blocks::follow_counting;
+use crate::demo::create_lab_guest;
 
 /// The lab (namespaces ferry-bench-disks-*): apart from the other benches'.
 const LAB_NAME: &str = "bench-disks";
@@ -103,6 +101,9 @@ struct DiskRun {
 struct Derived {
     /// Wire bytes per allocated byte of the disk.
     wire_per_allocated: Option<f64>,
+    /// (Wire bytes - QEMU's memory stream) per allocated byte: the disk's share of the wire,
+    /// with the memory's headers still in it.
+    wire_less_memory_per_allocated: Option<f64>,
     /// Allocated bytes / disk copy time.
     disk_copy_bytes_s: Option<f64>,
     /// That throughput as a share of the pre-flight probe's raw link rate.
@@ -118,6 +119,11 @@ fn derive(r: &DiskRun) -> Derived {
         .map(|(a, ms)| a / (ms as f64 / 1000.0));
     Derived {
         wire_per_allocated: r.wire_rx_bytes.zip(allocated).map(|(w, a)| w as f64 / a),
+        wire_less_memory_per_allocated: r
+            .wire_rx_bytes
+            .zip(r.memory_bytes)
+            .zip(allocated)
+            .map(|((w, m), a)| w.saturating_sub(m) as f64 / a),
         disk_copy_bytes_s: throughput,
         disk_copy_vs_link: throughput
             .zip(r.link_probe_mbit_s.filter(|l| *l > 0.0))
@@ -147,12 +153,8 @@ impl Load {
 /// `--out DIR/disks.json`; `--json` prints the same on stdout.
 #[derive(Debug, Serialize)]
 struct DisksReport {
-    command: String,
-    accel: String,
-    host_cpus: usize,
-    qemu: String,
-    load_before: String,
-    load_after: String,
+    #[serde(flatten)]
+    machine: Machine,
     memory_mib: u32,
     disk_virtual_bytes: u64,
     guest_blocks: u64,
@@ -223,14 +225,7 @@ pub(super) async fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     cluster.shutdown().await;
 
     let report = DisksReport {
-        command: std::env::args().collect::<Vec<_>>().join(" "),
-        accel: accel.name().into(),
-        host_cpus: std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
-        qemu: qemu_version(),
-        load_before,
-        load_after: loadavg(),
+        machine: Machine::after_runs(accel.name(), load_before),
         memory_mib: MEMORY_MIB,
         disk_virtual_bytes: DISK_BYTES,
         guest_blocks: GUEST_BLOCKS,
@@ -284,9 +279,7 @@ async fn one_run(
     load: Load,
     run: &mut DiskRun,
 ) -> anyhow::Result<()> {
-    let ip = cluster.net.guest_addr(0);
     let config = GuestConfig {
-        ip: Some((ip, LabNet::GUEST_PREFIX)),
         wss_mib: MEMORY_WSS_MIB,
         rate_mib_s: 0,
         fill: Fill::Pattern,
@@ -301,24 +294,14 @@ async fn one_run(
     config
         .validate(MEMORY_MIB)
         .map_err(|e| anyhow::anyhow!("guest: {e}"))?;
-    let vm: Instance = cluster
-        .ctx
-        .post(
-            "/v1/instances",
-            &CreateInstance {
-                name: VM.into(),
-                host: Some("hv1".into()),
-                spec: guest_instance_spec(image, &config, MEMORY_MIB, &mac_for(VM, 0)),
-                disks: vec![DiskRequest {
-                    datastore: Some(LocalCluster::LOCAL_DATASTORE.into()),
-                    size_bytes: Some(DISK_BYTES),
-                    serial: Some(DISK_SERIAL.into()),
-                    ..DiskRequest::default()
-                }],
-                start: true,
-            },
-        )
-        .await?;
+    let disk = DiskRequest {
+        datastore: Some(LocalCluster::LOCAL_DATASTORE.into()),
+        size_bytes: Some(DISK_BYTES),
+        serial: Some(DISK_SERIAL.into()),
+        ..DiskRequest::default()
+    };
+    let vm = create_lab_guest(cluster, image, config, MEMORY_MIB, VM, vec![disk]).await?;
+    let ip = cluster.net.guest_addr(0);
     let client_ns = cluster.net.client_netns.clone();
     let control = SocketAddr::from((ip, CONTROL_PORT));
     guest_client::control_in_within(&client_ns, control, "status", FILL_BOUND)
@@ -384,6 +367,14 @@ async fn one_run(
         )
         .await?;
     let (m, watched) = follow_counting(cluster, m.id, false).await?;
+    // The source keeps its image after the move until the cleanup; the next run's disk has
+    // the same name there.
+    if m.copies.iter().any(|c| c.source_kept) {
+        let _: Migration = cluster
+            .ctx
+            .post(&format!("/v1/migrations/{}/cleanup", m.id), &())
+            .await?;
+    }
     run.state = m.state.as_str().into();
     run.converged = m.state == MigrationState::Completed;
     run.total_ms = m
@@ -446,20 +437,13 @@ fn mib(b: u64) -> f64 {
 fn run_line(r: &DiskRun) -> String {
     format!(
         "{} ({}): total {}, disk copy {}, {} on the wire{}",
-        if r.converged {
-            "converged"
-        } else {
-            "did not converge"
-        },
+        outcome(r.converged),
         r.state,
         r.total_ms.map_or("-".into(), |v| format!("{v} ms")),
         r.disk_copy_ms.map_or("-".into(), |v| format!("{v} ms")),
         r.wire_rx_bytes
             .map_or("-".into(), |v| format!("{:.1} MiB", mib(v))),
-        r.error
-            .as_ref()
-            .map(|e| format!(": {e}"))
-            .unwrap_or_default()
+        error_suffix(&r.error)
     )
 }
 
@@ -474,6 +458,7 @@ fn markdown(report: &DisksReport) -> String {
         ">wire MiB",
         ">allocated MiB",
         ">wire / allocated",
+        ">(wire - memory) / allocated",
         ">copy MiB/s",
         ">copy / link",
         ">copy / cap",
@@ -499,6 +484,7 @@ fn markdown(report: &DisksReport) -> String {
                 opt(r.wire_rx_bytes.map(|v| format!("{:.1}", mib(v)))),
                 opt(r.allocated_bytes.map(|v| format!("{:.1}", mib(v)))),
                 opt(d.wire_per_allocated.map(|v| format!("{v:.2}"))),
+                opt(d.wire_less_memory_per_allocated.map(|v| format!("{v:.2}"))),
                 opt(d.disk_copy_bytes_s.map(|v| format!("{:.1}", v / 1048576.0))),
                 opt(d.disk_copy_vs_link.map(|v| format!("{v:.3}"))),
                 opt(d.disk_copy_vs_cap.map(|v| format!("{v:.2}"))),
@@ -533,18 +519,20 @@ fn markdown(report: &DisksReport) -> String {
          (an upper bound; the sample gap is how far apart the samples around the sync were)\n\
          - wire: bytes hv2's migration interface received from the end of the pre-flight checks \
          to the end of the job, memory and disk together, headers included\n\
+         - (wire - memory) / allocated: what of the wire was not QEMU's memory stream, per \
+         allocated byte (the disk's copy with every header)\n\
          - allocated: `qemu-img info` actual-size of the source image just before the move\n\
          - copy MiB/s: allocated / disk copy; copy / link: that against the pre-flight probe's \
          raw link rate (link Mbit/s); copy / cap: against the cap\n\
          - QEMU pause: QEMU's downtime; memory: QEMU's migration stream (transferred)\n\
          - disk verified: the guest read every block back on hv2 as its writes left it; \
          guest writes/s: its disk writes over the second before the job\n",
-        report.command,
-        report.accel,
-        report.host_cpus,
-        report.qemu,
-        report.load_before,
-        report.load_after,
+        report.machine.command,
+        report.machine.accel,
+        report.machine.host_cpus,
+        report.machine.qemu,
+        report.machine.load_before,
+        report.machine.load_after,
         report.memory_mib,
         report.disk_virtual_bytes >> 20,
         report.guest_blocks * 4096 >> 20,
@@ -591,8 +579,9 @@ mod tests {
     fn figures_of_a_run_are_ratios_of_what_it_measured() {
         let mut r = made_up();
         let d = derive(&r);
-        // 96 MiB on the wire for 64 MiB allocated.
+        // 96 MiB on the wire for 64 MiB allocated, 20 MiB of it memory.
         assert_eq!(d.wire_per_allocated, Some(1.5));
+        assert_eq!(d.wire_less_memory_per_allocated, Some(76.0 / 64.0));
         // 64 MiB in 4 s: 16 MiB/s, over a 1024 Mbit/s = 128 MiB/s link and a 32 MiB/s cap.
         assert_eq!(d.disk_copy_bytes_s, Some(16.0 * 1048576.0));
         let link = d.disk_copy_vs_link.unwrap();
@@ -636,12 +625,14 @@ mod tests {
         failed.disk_copy_ms = None;
         failed.derived = derive(&failed);
         let report = DisksReport {
-            command: "ferry bench --disks".into(),
-            accel: "tcg".into(),
-            host_cpus: 2,
-            qemu: "QEMU emulator version 8.2.2".into(),
-            load_before: "1.00 1.00 1.00".into(),
-            load_after: "2.00 1.50 1.00".into(),
+            machine: Machine {
+                command: "ferry bench --disks".into(),
+                accel: "tcg".into(),
+                host_cpus: 2,
+                qemu: "QEMU emulator version 8.2.2".into(),
+                load_before: "1.00 1.00 1.00".into(),
+                load_after: "2.00 1.50 1.00".into(),
+            },
             memory_mib: MEMORY_MIB,
             disk_virtual_bytes: DISK_BYTES,
             guest_blocks: GUEST_BLOCKS,

@@ -221,6 +221,69 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The machine a bench through the server ran on, and how busy it was.
+#[derive(Debug, Clone, Serialize)]
+struct Machine {
+    command: String,
+    accel: String,
+    /// CPUs this process may use (shared with whatever else runs on the machine).
+    host_cpus: usize,
+    qemu: String,
+    /// /proc/loadavg before the first and after the last run: how busy the machine was.
+    load_before: String,
+    load_after: String,
+}
+
+impl Machine {
+    /// After the last run, with the load read before the first.
+    fn after_runs(accel: &str, load_before: String) -> Machine {
+        Machine {
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            accel: accel.into(),
+            host_cpus: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            qemu: qemu_version(),
+            load_before,
+            load_after: loadavg(),
+        }
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn qemu_version() -> String {
+    Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
+}
+
+/// How a run ended, for its progress line.
+fn outcome(converged: bool) -> &'static str {
+    if converged {
+        "converged"
+    } else {
+        "did not converge"
+    }
+}
+
+/// `: ERROR` after a progress line, or nothing.
+fn error_suffix(error: &Option<String>) -> String {
+    error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+}
+
 fn say(msg: &str) {
     eprintln!("{msg}");
 }
@@ -327,11 +390,7 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
 fn run_line(r: &Run) -> String {
     format!(
         "{} in {} ms, pause {} ms (guest saw {}), {:.1} MiB on the wire{}",
-        if r.converged {
-            "converged"
-        } else {
-            "did not converge"
-        },
+        outcome(r.converged),
         r.total_ms.map(|v| v.to_string()).unwrap_or("-".into()),
         r.qemu_downtime_ms
             .map(|v| v.to_string())
@@ -340,10 +399,7 @@ fn run_line(r: &Run) -> String {
             .map(|v| format!("{v:.0} ms"))
             .unwrap_or("-".into()),
         r.bytes_on_wire as f64 / 1048576.0,
-        r.error
-            .as_ref()
-            .map(|e| format!(": {e}"))
-            .unwrap_or_default()
+        error_suffix(&r.error)
     )
 }
 
