@@ -589,18 +589,7 @@ async fn migrate_to_hv2(
     report: &mut DemoReport,
 ) -> Result<Migration, CliError> {
     say(args, "migrating hv1 -> hv2 through the server");
-    let m: Migration = cluster
-        .ctx
-        .post(
-            "/v1/migrations",
-            &CreateMigration {
-                instance: VM.into(),
-                destination: Some("hv2".into()),
-                options: options.clone(),
-                kind: None,
-            },
-        )
-        .await?;
+    let m = create_migration_to_hv2(cluster, VM, options).await?;
     report.migration_started = true;
     let bar = !args.json || std::io::stderr().is_terminal();
     if args.storage == Storage::Shared {
@@ -609,6 +598,26 @@ async fn migrate_to_hv2(
     let (m, watched) = blocks::follow_counting(cluster, m.id, bar).await?;
     blocks::record(&m, &watched, cluster, report);
     Ok(m)
+}
+
+/// Asks the server to live-migrate `instance` to hv2; the job runs on.
+pub(crate) async fn create_migration_to_hv2(
+    cluster: &LocalCluster,
+    instance: &str,
+    options: &MigrationOptions,
+) -> Result<Migration, CliError> {
+    cluster
+        .ctx
+        .post(
+            "/v1/migrations",
+            &CreateMigration {
+                instance: instance.into(),
+                destination: Some("hv2".into()),
+                options: options.clone(),
+                kind: None,
+            },
+        )
+        .await
 }
 
 /// The job's ending into the report: its figures when it completed, else its error.

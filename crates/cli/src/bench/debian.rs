@@ -852,7 +852,7 @@ mod tests {
             .unwrap()
             .bench;
         assert!(b.debian && b.json);
-        assert_eq!(b.runs, 2);
+        assert_eq!(b.runs, Some(2));
         for matrix in [
             &["--quick"][..],
             &["--sizes", "512"],
@@ -861,11 +861,16 @@ mod tests {
             &["--link-mbit", "100"],
             &["--time-scale", "0.1"],
         ] {
-            let args: Vec<&str> = std::iter::once("--debian")
-                .chain(matrix.iter().copied())
-                .collect();
-            assert!(parse(&args).is_err(), "{args:?}");
+            for mode in ["--debian", "--disks"] {
+                let args: Vec<&str> = std::iter::once(mode)
+                    .chain(matrix.iter().copied())
+                    .collect();
+                assert!(parse(&args).is_err(), "{args:?}");
+            }
         }
+        let d = parse(&["--disks", "--out", "/tmp/x"]).unwrap().bench;
+        assert!(d.disks && d.runs.is_none(), "--disks defaults to one run");
+        assert!(parse(&["--disks", "--debian"]).is_err());
     }
 
     #[test]

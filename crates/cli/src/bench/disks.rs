@@ -15,14 +15,13 @@
 //! the samples, so the report also says how far apart they were around the sync.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use ferry_api::instances::DiskRequest;
-use ferry_api::migrations::MigrationState;
-use ferry_api::migrations::{CreateMigration, LogLine, Migration, MigrationOptions};
+use ferry_api::migrations::{LogLine, Migration, MigrationOptions, MigrationState};
 use ferry_cli::local_cluster::{HostStorage, LocalCluster};
 use ferry_lab::guest_client::{self, GuestStatus};
 use ferry_lab::guest_config::{Fill, GuestConfig, GuestDisk, CONTROL_PORT};
@@ -33,7 +32,7 @@ use serde::Serialize;
 use super::debian::remove;
 use super::{error_suffix, loadavg, outcome, render, say, BenchArgs, Machine};
 use crate::demo::blocks::follow_counting;
-use crate::demo::create_lab_guest;
+use crate::demo::{create_lab_guest, create_migration_to_hv2};
 
 /// The lab (namespaces ferry-bench-disks-*): apart from the other benches'.
 const LAB_NAME: &str = "bench-disks";
@@ -351,21 +350,11 @@ async fn one_run(
         .context("the instance has no disk on hv1")?;
     run.allocated_bytes = allocated_bytes(&source_image).await;
 
-    let m: Migration = cluster
-        .ctx
-        .post(
-            "/v1/migrations",
-            &CreateMigration {
-                instance: VM.into(),
-                destination: Some("hv2".into()),
-                options: MigrationOptions {
-                    bandwidth_mib_s: run.cap_mib_s,
-                    ..MigrationOptions::default()
-                },
-                kind: None,
-            },
-        )
-        .await?;
+    let options = MigrationOptions {
+        bandwidth_mib_s: run.cap_mib_s,
+        ..MigrationOptions::default()
+    };
+    let m = create_migration_to_hv2(cluster, VM, &options).await?;
     let (m, watched) = follow_counting(cluster, m.id, false).await?;
     // The source keeps its image after the move until the cleanup; the next run's disk has
     // the same name there.
@@ -409,7 +398,7 @@ fn disk_writes(s: &GuestStatus) -> u64 {
 }
 
 /// What the image file holds on its host (`qemu-img info` actual-size), read while QEMU runs.
-async fn allocated_bytes(path: &PathBuf) -> Option<u64> {
+async fn allocated_bytes(path: &Path) -> Option<u64> {
     let out = tokio::process::Command::new("qemu-img")
         .args(["info", "-U", "--output=json"])
         .arg(path)
@@ -522,7 +511,8 @@ fn markdown(report: &DisksReport) -> String {
          - (wire - memory) / allocated: what of the wire was not QEMU's memory stream, per \
          allocated byte (the disk's copy with every header)\n\
          - allocated: `qemu-img info` actual-size of the source image just before the move\n\
-         - copy MiB/s: allocated / disk copy; copy / link: that against the pre-flight probe's \
+         - copy MiB/s: allocated / disk copy (a lower bound, the copy time being an upper \
+         one; a copy within one sample gap says little); copy / link: that against the pre-flight probe's \
          raw link rate (link Mbit/s); copy / cap: against the cap\n\
          - QEMU pause: QEMU's downtime; memory: QEMU's migration stream (transferred)\n\
          - disk verified: the guest read every block back on hv2 as its writes left it; \
@@ -535,7 +525,7 @@ fn markdown(report: &DisksReport) -> String {
         report.machine.load_after,
         report.memory_mib,
         report.disk_virtual_bytes >> 20,
-        report.guest_blocks * 4096 >> 20,
+        (report.guest_blocks * 4096) >> 20,
         report.write_rate_blocks_s,
         report.cap_mib_s,
         if intervals.is_empty() {
