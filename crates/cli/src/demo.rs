@@ -17,7 +17,7 @@ use ferry_cli::error::CliError;
 use ferry_cli::local_cluster::{HostStorage, LocalCluster};
 use ferry_lab::guest_client::{self, tcp_echo_roundtrip, EchoProbe};
 use ferry_lab::guest_config::{Fill, GuestConfig, GuestDisk, CONTROL_PORT, ECHO_PORT};
-use ferry_lab::image::ensure_image;
+use ferry_lab::image::{ensure_image, GuestImage};
 use ferry_lab::instance::guest_instance_spec;
 use ferry_lab::net::{tcp_connect_in, udp_bind_in, LabNet};
 use ferry_lab::serial::{heartbeat_gap, HostBeats, SerialMonitor};
@@ -301,7 +301,7 @@ fn guest_err(detail: String) -> CliError {
     )
 }
 
-mod blocks;
+pub(crate) mod blocks;
 mod debian;
 
 /// The guest's address in the demo lab, and its name.
@@ -425,28 +425,39 @@ async fn demo(args: &DemoArgs, report: &mut DemoReport) -> Result<(), CliError> 
             args.rate_mib_s
         ),
     );
-    let ip = cluster.net.guest_addr(0);
+    let vm = create_lab_guest(&cluster, &image, config, args.memory_mib, VM, disks).await?;
+    let result = migrate_and_measure(args, &cluster, &vm, &options, report).await;
+    cluster.shutdown().await;
+    result
+}
+
+/// Creates and starts lab guest `name` on hv1, at the lab's first guest address.
+pub(crate) async fn create_lab_guest(
+    cluster: &LocalCluster,
+    image: &GuestImage,
+    config: GuestConfig,
+    memory_mib: u32,
+    name: &str,
+    disks: Vec<DiskRequest>,
+) -> Result<Instance, CliError> {
     let config = GuestConfig {
-        ip: Some((ip, LabNet::GUEST_PREFIX)),
+        ip: Some((cluster.net.guest_addr(0), LabNet::GUEST_PREFIX)),
         ..config
     };
-    let spec = guest_instance_spec(&image, &config, args.memory_mib, &mac_for(VM, 0));
-    let vm: Instance = cluster
+    let spec = guest_instance_spec(image, &config, memory_mib, &mac_for(name, 0));
+    cluster
         .ctx
         .post(
             "/v1/instances",
             &CreateInstance {
-                name: VM.into(),
+                name: name.into(),
                 host: Some("hv1".into()),
                 spec,
                 disks,
                 start: true,
             },
         )
-        .await?;
-    let result = migrate_and_measure(args, &cluster, &vm, &options, report).await;
-    cluster.shutdown().await;
-    result
+        .await
 }
 
 /// The guest's `--disk-mib` disk on the datastore `--storage` names.
@@ -578,18 +589,7 @@ async fn migrate_to_hv2(
     report: &mut DemoReport,
 ) -> Result<Migration, CliError> {
     say(args, "migrating hv1 -> hv2 through the server");
-    let m: Migration = cluster
-        .ctx
-        .post(
-            "/v1/migrations",
-            &CreateMigration {
-                instance: VM.into(),
-                destination: Some("hv2".into()),
-                options: options.clone(),
-                kind: None,
-            },
-        )
-        .await?;
+    let m = create_migration_to_hv2(cluster, VM, options).await?;
     report.migration_started = true;
     let bar = !args.json || std::io::stderr().is_terminal();
     if args.storage == Storage::Shared {
@@ -598,6 +598,26 @@ async fn migrate_to_hv2(
     let (m, watched) = blocks::follow_counting(cluster, m.id, bar).await?;
     blocks::record(&m, &watched, cluster, report);
     Ok(m)
+}
+
+/// Asks the server to live-migrate `instance` to hv2; the job runs on.
+pub(crate) async fn create_migration_to_hv2(
+    cluster: &LocalCluster,
+    instance: &str,
+    options: &MigrationOptions,
+) -> Result<Migration, CliError> {
+    cluster
+        .ctx
+        .post(
+            "/v1/migrations",
+            &CreateMigration {
+                instance: instance.into(),
+                destination: Some("hv2".into()),
+                options: options.clone(),
+                kind: None,
+            },
+        )
+        .await
 }
 
 /// The job's ending into the report: its figures when it completed, else its error.

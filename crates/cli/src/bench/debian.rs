@@ -45,7 +45,7 @@ use ferry_qemu::AccelChoice;
 use ferry_qmp::GuestAgent;
 use serde::Serialize;
 
-use super::{median_f64, say, BenchArgs};
+use super::{loadavg, median_f64, say, BenchArgs, Machine};
 
 /// The guest's memory, as issue 9 asks for the Debian guest.
 const MEMORY_MIB: u32 = 512;
@@ -151,14 +151,8 @@ struct Medians {
 /// `--out DIR/debian.json`; `--json` prints the same on stdout.
 #[derive(Debug, Serialize)]
 struct DebianReport {
-    command: String,
-    accel: String,
-    /// CPUs this process may use (shared with whatever else runs on the machine).
-    host_cpus: usize,
-    qemu: String,
-    /// /proc/loadavg before the first and after the last run: how busy the machine was.
-    load_before: String,
-    load_after: String,
+    #[serde(flatten)]
+    machine: Machine,
     image: ImageInfo,
     /// `guest-get-osinfo`'s pretty name, from the first run that answered.
     guest_os: Option<String>,
@@ -177,7 +171,7 @@ struct ImageInfo {
 
 /// `ferry bench --debian`.
 pub(super) async fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
-    let runs = args.runs.max(1);
+    let runs = args.runs.unwrap_or(3).max(1);
     // SAFETY: geteuid(2) cannot fail and has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the Debian bench creates network namespaces and builds its image: run it as root");
@@ -241,14 +235,7 @@ pub(super) async fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     cluster.shutdown().await;
 
     let report = DebianReport {
-        command: std::env::args().collect::<Vec<_>>().join(" "),
-        accel: accel.name().into(),
-        host_cpus: std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
-        qemu: qemu_version(),
-        load_before,
-        load_after: loadavg(),
+        machine: Machine::after_runs(accel.name(), load_before),
         image: ImageInfo {
             path: image.path.clone(),
             id: image.id.clone(),
@@ -526,7 +513,7 @@ async fn measure(
 /// Stops (forced: after a failure the guest's state is unknown) and deletes an instance,
 /// quietly: both are harmless when there is nothing to do, and the cluster's teardown
 /// removes whatever this leaves.
-async fn remove(cluster: &LocalCluster, name: &str) {
+pub(super) async fn remove(cluster: &LocalCluster, name: &str) {
     let client = cluster
         .ctx
         .client
@@ -672,26 +659,6 @@ fn tail_of(path: &Path) -> String {
 
 fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
-fn qemu_version() -> String {
-    std::process::Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .map(str::to_string)
-        })
-        .unwrap_or_default()
 }
 
 fn medians(runs: &[DebianRun]) -> Medians {
@@ -853,15 +820,15 @@ fn markdown(report: &DebianReport) -> String {
     format!(
         "Command: `{}`\n\n{} MiB Debian guest ({}, kernel {}), accelerator {}, {}; {} CPUs, \
          load {} before, {} after.\n\n{}",
-        report.command,
+        report.machine.command,
         report.memory_mib,
         report.guest_os.as_deref().unwrap_or("Debian"),
         report.image.kernel,
-        report.accel,
-        report.qemu,
-        report.host_cpus,
-        report.load_before,
-        report.load_after,
+        report.machine.accel,
+        report.machine.qemu,
+        report.machine.host_cpus,
+        report.machine.load_before,
+        report.machine.load_after,
         super::render::markdown_table(&HEADERS, &rows)
     )
 }
@@ -885,7 +852,7 @@ mod tests {
             .unwrap()
             .bench;
         assert!(b.debian && b.json);
-        assert_eq!(b.runs, 2);
+        assert_eq!(b.runs, Some(2));
         for matrix in [
             &["--quick"][..],
             &["--sizes", "512"],
@@ -894,11 +861,16 @@ mod tests {
             &["--link-mbit", "100"],
             &["--time-scale", "0.1"],
         ] {
-            let args: Vec<&str> = std::iter::once("--debian")
-                .chain(matrix.iter().copied())
-                .collect();
-            assert!(parse(&args).is_err(), "{args:?}");
+            for mode in ["--debian", "--disks"] {
+                let args: Vec<&str> = std::iter::once(mode)
+                    .chain(matrix.iter().copied())
+                    .collect();
+                assert!(parse(&args).is_err(), "{args:?}");
+            }
         }
+        let d = parse(&["--disks", "--out", "/tmp/x"]).unwrap().bench;
+        assert!(d.disks && d.runs.is_none(), "--disks defaults to one run");
+        assert!(parse(&["--disks", "--debian"]).is_err());
     }
 
     #[test]
@@ -944,12 +916,14 @@ mod tests {
         };
         let runs = vec![run(1, 100.0), run(2, 300.0), run(3, 200.0)];
         let report = DebianReport {
-            command: "ferry bench --debian --runs 3".into(),
-            accel: "tcg".into(),
-            host_cpus: 2,
-            qemu: "QEMU emulator version 10.0.0".into(),
-            load_before: "1.00 1.00 1.00".into(),
-            load_after: "2.00 1.00 1.00".into(),
+            machine: Machine {
+                command: "ferry bench --debian --runs 3".into(),
+                accel: "tcg".into(),
+                host_cpus: 2,
+                qemu: "QEMU emulator version 10.0.0".into(),
+                load_before: "1.00 1.00 1.00".into(),
+                load_after: "2.00 1.00 1.00".into(),
+            },
             image: ImageInfo {
                 path: "/x.qcow2".into(),
                 id: "abc".into(),

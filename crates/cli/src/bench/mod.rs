@@ -9,9 +9,13 @@
 //!
 //! `--debian` (debian.rs) measures instead the boot of the Debian guest and one shared-storage
 //! live migration of it per run, through the real server and agents.
+//!
+//! `--disks` (disks.rs) measures live migrations of a lab guest whose disk is on hv1's own
+//! datastore, so it is copied live with the guest (block migration).
 
 mod configs;
 mod debian;
+mod disks;
 mod render;
 
 use std::io::IsTerminal;
@@ -41,14 +45,19 @@ pub struct BenchArgs {
     /// Print the cells as JSON on stdout (the table goes to stderr).
     #[arg(long)]
     json: bool,
-    /// Runs per cell (the median is reported).
-    #[arg(long, default_value_t = 3)]
-    runs: usize,
+    /// Runs per cell (the median is reported); default 3, with --disks 1.
+    #[arg(long)]
+    runs: Option<usize>,
     /// Instead of the policy matrix: boot the Debian guest (`ferry image build --debian`)
     /// under the lab's accelerator and live-migrate it hv1 -> hv2 on shared storage through
     /// the server, --runs times, with a disk writer inside; writes debian.json and debian.md.
-    #[arg(long, conflicts_with_all = ["quick", "configs", "sizes", "loads", "link_mbit", "time_scale"])]
+    #[arg(long, conflicts_with_all = ["quick", "configs", "sizes", "loads", "link_mbit", "time_scale", "disks"])]
     debian: bool,
+    /// Instead of the policy matrix: live-migrate a lab guest with a 1 GiB qcow2 disk on hv1's
+    /// own datastore (64 MiB of it written) hv1 -> hv2 by block migration through the server,
+    /// idle and writing, unlimited and capped; writes disks.json and disks.md.
+    #[arg(long, conflicts_with_all = ["quick", "configs", "sizes", "loads", "link_mbit", "time_scale"])]
+    disks: bool,
     /// Only these configurations (comma-separated names).
     #[arg(long, value_delimiter = ',')]
     configs: Vec<String>,
@@ -67,7 +76,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0.05)]
     time_scale: f64,
     /// Where bench.json, bench.md and remaining.svg (with --debian: debian.json and
-    /// debian.md) go.
+    /// debian.md; with --disks: disks.json and disks.md) go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
     /// Accelerator: auto (probe), kvm or tcg.
@@ -193,12 +202,14 @@ struct Report {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
-    // Ctrl-C drops the bench future and with it the lab (or, with --debian, the local
-    // cluster), which removes every namespace, QEMU process and tap on drop.
+    // Ctrl-C drops the bench future and with it the lab (or, with --debian or --disks, the
+    // local cluster), which removes every namespace, QEMU process and tap on drop.
     tokio::select! {
         r = async {
             if args.debian {
                 debian::bench(&args).await
+            } else if args.disks {
+                disks::bench(&args).await
             } else {
                 bench(&args).await
             }
@@ -208,6 +219,69 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(130))
         }
     }
+}
+
+/// The machine a bench through the server ran on, and how busy it was.
+#[derive(Debug, Clone, Serialize)]
+struct Machine {
+    command: String,
+    accel: String,
+    /// CPUs this process may use (shared with whatever else runs on the machine).
+    host_cpus: usize,
+    qemu: String,
+    /// /proc/loadavg before the first and after the last run: how busy the machine was.
+    load_before: String,
+    load_after: String,
+}
+
+impl Machine {
+    /// After the last run, with the load read before the first.
+    fn after_runs(accel: &str, load_before: String) -> Machine {
+        Machine {
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            accel: accel.into(),
+            host_cpus: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            qemu: qemu_version(),
+            load_before,
+            load_after: loadavg(),
+        }
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn qemu_version() -> String {
+    Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
+}
+
+/// How a run ended, for its progress line.
+fn outcome(converged: bool) -> &'static str {
+    if converged {
+        "converged"
+    } else {
+        "did not converge"
+    }
+}
+
+/// `: ERROR` after a progress line, or nothing.
+fn error_suffix(error: &Option<String>) -> String {
+    error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
 }
 
 fn say(msg: &str) {
@@ -227,7 +301,11 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
             })
             .collect::<anyhow::Result<_>>()?
     };
-    let runs = if args.quick { 1 } else { args.runs.max(1) };
+    let runs = if args.quick {
+        1
+    } else {
+        args.runs.unwrap_or(3).max(1)
+    };
     if !(0.001..=1.0).contains(&args.time_scale) {
         bail!("--time-scale must be between 0.001 and 1");
     }
@@ -312,11 +390,7 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
 fn run_line(r: &Run) -> String {
     format!(
         "{} in {} ms, pause {} ms (guest saw {}), {:.1} MiB on the wire{}",
-        if r.converged {
-            "converged"
-        } else {
-            "did not converge"
-        },
+        outcome(r.converged),
         r.total_ms.map(|v| v.to_string()).unwrap_or("-".into()),
         r.qemu_downtime_ms
             .map(|v| v.to_string())
@@ -325,10 +399,7 @@ fn run_line(r: &Run) -> String {
             .map(|v| format!("{v:.0} ms"))
             .unwrap_or("-".into()),
         r.bytes_on_wire as f64 / 1048576.0,
-        r.error
-            .as_ref()
-            .map(|e| format!(": {e}"))
-            .unwrap_or_default()
+        error_suffix(&r.error)
     )
 }
 

@@ -53,7 +53,7 @@ pub(super) struct DiskCopyReport {
 
 /// When the disk copy began and ended, from the progress samples.
 #[derive(Debug, Default)]
-struct CopyClock {
+pub(crate) struct CopyClock {
     /// Per disk: `elapsed_ms` of the first sample that showed it.
     first_ms: BTreeMap<String, u64>,
     /// The last sample in which some disk was not yet in sync.
@@ -87,28 +87,28 @@ impl CopyClock {
         }
     }
 
-    fn copy_ms(&self, disk: &str) -> Option<u64> {
+    pub(crate) fn copy_ms(&self, disk: &str) -> Option<u64> {
         self.synced_ms?.checked_sub(*self.first_ms.get(disk)?)
     }
 
-    fn sample_gap_ms(&self) -> Option<u64> {
+    pub(crate) fn sample_gap_ms(&self) -> Option<u64> {
         self.synced_ms?.checked_sub(self.last_unsynced_ms?)
     }
 }
 
 /// What the demo saw while it followed a block migration.
 #[derive(Debug)]
-pub(super) struct Watched {
-    clock: CopyClock,
+pub(crate) struct Watched {
+    pub(crate) clock: CopyClock,
     /// Bytes hv2's migration interface received while the job ran.
-    rx_bytes: Option<u64>,
+    pub(crate) rx_bytes: Option<u64>,
 }
 
 /// Follows job `id` as the plain demo does, and counts the bytes hv2 receives on its
 /// migration interface from the moment the job leaves Preparing to its end: the pre-flight
 /// bandwidth probe before that sends far more than a small guest's whole migration, and
 /// would drown the figure.
-pub(super) async fn follow_counting(
+pub(crate) async fn follow_counting(
     cluster: &LocalCluster,
     id: Uuid,
     bar: bool,
