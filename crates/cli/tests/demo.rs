@@ -33,10 +33,9 @@ fn qemu_processes_of(lab: &str) -> usize {
     String::from_utf8_lossy(&out.stdout).lines().count()
 }
 
-#[test]
-fn demo_json_reports_a_verified_migration_and_cleans_up() {
-    let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());
-    let lab = format!("d{}", std::process::id());
+/// Runs `ferry demo --json` with a 256 MiB guest and an 8 MiB disk in lab `lab`, plus
+/// `extra`; its report, once it succeeded.
+fn demo_json(lab: &str, extra: &[&str]) -> serde_json::Value {
     let out = ferry()
         .args([
             "demo",
@@ -48,8 +47,9 @@ fn demo_json_reports_a_verified_migration_and_cleans_up() {
             "--disk-mib",
             "8",
             "--lab-name",
-            &lab,
+            lab,
         ])
+        .args(extra)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -58,7 +58,14 @@ fn demo_json_reports_a_verified_migration_and_cleans_up() {
         "stdout: {stdout}\nstderr: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    serde_json::from_str(stdout.trim()).expect("one JSON object")
+}
+
+#[test]
+fn demo_json_reports_a_verified_migration_and_cleans_up() {
+    let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = format!("d{}", std::process::id());
+    let report = demo_json(&lab, &[]);
     assert_eq!(report["status"], "completed");
     assert_eq!(report["source"], "hv1");
     assert_eq!(report["destination"], "hv2");
@@ -92,30 +99,7 @@ fn demo_json_reports_a_verified_migration_and_cleans_up() {
 fn demo_with_local_storage_copies_the_disk_live_and_reports_the_copy() {
     let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());
     let lab = format!("l{}", std::process::id());
-    let out = ferry()
-        .args([
-            "demo",
-            "--json",
-            "--memory-mib",
-            "256",
-            "--wss-mib",
-            "32",
-            "--disk-mib",
-            "8",
-            "--storage",
-            "local",
-            "--lab-name",
-            &lab,
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "stdout: {stdout}\nstderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    let report = demo_json(&lab, &["--storage", "local"]);
     assert_eq!(report["status"], "completed", "{report}");
     assert_eq!(report["disk_storage"], "local", "{report}");
     assert_eq!(report["memory_verified"], true, "{report}");

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::Cluster;
 use ferry_agent::DatastoreConfig;
 use ferry_api::instances::{CacheMode, CreateInstance, DiskRequest, Instance, InstanceState};
-use ferry_api::migrations::{DiskCopyState, LogLine, Migration, MigrationOptions, MigrationState};
+use ferry_api::migrations::{DiskCopyState, Migration, MigrationOptions, MigrationState};
 use ferry_lab::guest_client;
 use ferry_lab::guest_config::{GuestConfig, GuestDisk};
 use ferry_server::config::Limits;
@@ -132,19 +132,6 @@ fn local(ds: &Path, host: &str) -> PathBuf {
     ds.join(host)
 }
 
-async fn logs(c: &Cluster, m: &Migration) -> String {
-    let lines: Vec<LogLine> = c
-        .admin
-        .get(&format!("/v1/migrations/{}/logs", m.id))
-        .await
-        .unwrap();
-    lines
-        .iter()
-        .map(|l| format!("{} {}", l.level, l.message))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 /// Bytes `host` has received on its migration interface.
 fn rx_bytes(c: &Cluster, host: &str) -> u64 {
     let netns = &c.lab.host(host).unwrap().netns;
@@ -196,7 +183,7 @@ async fn a_guest_writing_its_local_disk_moves_there_and_back_and_every_block_ver
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
         let m = c.wait_end(m.id, Duration::from_secs(300)).await;
-        let log = logs(&c, &m).await;
+        let log = c.logs(m.id).await;
         assert_eq!(m.state, MigrationState::Completed, "{:?}\n{log}", m.error);
         assert_eq!(m.copies.len(), 1, "{:?}", m.copies);
         let copy = &m.copies[0];
@@ -325,7 +312,7 @@ async fn a_cancel_or_the_budget_in_the_disk_or_memory_copy_leaves_the_guest_and_
     for (when, ready) in moments {
         let m = c.migrate("blk-cancel", "hv2", slow.clone()).await;
         let m = cancel_when(&c, &m, ready).await;
-        let log = logs(&c, &m).await;
+        let log = c.logs(m.id).await;
         assert_eq!(
             m.state,
             MigrationState::Cancelled,
@@ -363,7 +350,7 @@ async fn a_cancel_or_the_budget_in_the_disk_or_memory_copy_leaves_the_guest_and_
     };
     let m = c.migrate("blk-cancel", "hv2", short).await;
     let m = c.wait_end(m.id, Duration::from_secs(120)).await;
-    let log = logs(&c, &m).await;
+    let log = c.logs(m.id).await;
     let err = m.error.clone().expect("timed out");
     assert_eq!(
         (m.state, err.code.as_str()),
@@ -500,7 +487,7 @@ async fn a_datastore_too_small_is_refused_and_one_that_fills_up_fails_the_job_wi
         .arg(format!("of={}", filler.display()))
         .status();
     let m = c.wait_end(m.id, Duration::from_secs(180)).await;
-    let log = logs(&c, &m).await;
+    let log = c.logs(m.id).await;
     let err = m.error.clone().expect("failed");
     assert_eq!(
         (m.state, err.code.as_str()),
@@ -534,7 +521,7 @@ async fn a_mixed_instance_copies_only_its_local_disk() {
         .migrate("blk-mixed", "hv2", MigrationOptions::default())
         .await;
     let m = c.wait_end(m.id, Duration::from_secs(300)).await;
-    let log = logs(&c, &m).await;
+    let log = c.logs(m.id).await;
     assert_eq!(m.state, MigrationState::Completed, "{:?}\n{log}", m.error);
     assert_eq!(
         m.copies.iter().map(|c| c.disk.as_str()).collect::<Vec<_>>(),
@@ -588,7 +575,7 @@ async fn the_destination_qemu_killed_during_the_disk_copy_fails_the_job_and_the_
             .status();
     }
     let m = c.wait_end(m.id, Duration::from_secs(120)).await;
-    let log = logs(&c, &m).await;
+    let log = c.logs(m.id).await;
     let err = m.error.clone().expect("failed");
     assert_eq!(m.state, MigrationState::Failed, "{log}");
     eprintln!("destination killed: {}: {}", err.code, err.message);

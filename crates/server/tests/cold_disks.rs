@@ -15,8 +15,7 @@ use ferry_api::instances::{
     CreateInstance, DiskFormat, DiskSpec, ImageRef, Instance, InstanceState,
 };
 use ferry_api::migrations::{
-    CreateMigration, DiskCopyState, LogLine, Migration, MigrationKind, MigrationOptions,
-    MigrationState,
+    CreateMigration, DiskCopyState, Migration, MigrationKind, MigrationOptions, MigrationState,
 };
 use ferry_server::config::Limits;
 use sha2::{Digest, Sha256};
@@ -150,19 +149,6 @@ async fn cold(c: &Cluster, name: &str, options: MigrationOptions) -> Migration {
         .expect("cold migration accepted")
 }
 
-async fn logs(c: &Cluster, id: uuid::Uuid) -> String {
-    let lines: Vec<LogLine> = c
-        .admin
-        .get(&format!("/v1/migrations/{id}/logs"))
-        .await
-        .unwrap();
-    lines
-        .iter()
-        .map(|l| format!("{} {}", l.level, l.message))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 /// Waits until the migration's first copy has moved more than `bytes`.
 async fn wait_copied(c: &Cluster, id: uuid::Uuid, bytes: u64) -> Migration {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -260,7 +246,7 @@ async fn a_cold_migration_copies_a_local_disk_and_keeps_the_source_until_cleanup
 
     let m = cold(&c, "parked", MigrationOptions::default()).await;
     let m = c.wait_end(m.id, Duration::from_secs(120)).await;
-    let log = logs(&c, m.id).await;
+    let log = c.logs(m.id).await;
     assert_eq!(m.state, MigrationState::Completed, "{m:?}\n{log}");
     // The copy, checked independently of Ferry: same content on both hosts.
     assert!(dst.exists(), "no image on hv2");
@@ -321,7 +307,8 @@ async fn a_cold_migration_copies_a_local_disk_and_keeps_the_source_until_cleanup
         .await
         .unwrap();
     assert_eq!(again.cleaned_up_at, cleaned.cleaned_up_at, "idempotent");
-    assert!(logs(&c, m.id)
+    assert!(c
+        .logs(m.id)
         .await
         .contains("removed the source copies on hv1 (local:parked-disk0.qcow2)"));
     c.shutdown().await;
@@ -386,7 +373,7 @@ async fn a_killed_copy_a_mismatch_or_a_cancel_leaves_the_instance_on_the_source(
     let changed_sum = content_sha256(src, "raw");
     assert_ne!(&changed_sum, sum);
     let m = c.wait_end(m.id, Duration::from_secs(60)).await;
-    let log = logs(&c, m.id).await;
+    let log = c.logs(m.id).await;
     assert_eq!(m.state, MigrationState::Failed, "{m:?}\n{log}");
     assert_eq!(m.error.as_ref().unwrap().code, "checksum-mismatch", "{m:?}");
     assert!(
@@ -459,7 +446,7 @@ async fn a_copy_lost_in_an_agent_restart_is_started_again() {
             .expect("agent restarts"),
     );
     let m = c.wait_end(m.id, Duration::from_secs(120)).await;
-    let log = logs(&c, m.id).await;
+    let log = c.logs(m.id).await;
     assert_eq!(m.state, MigrationState::Completed, "{m:?}\n{log}");
     assert!(log.contains("disk disk0: copy lost"), "{log}");
     assert!(log.contains("starting it again (attempt 2 of 3)"), "{log}");
@@ -499,7 +486,7 @@ async fn a_copy_lost_in_an_agent_restart_is_started_again() {
             .expect("agent restarts"),
     );
     let m = c.wait_end(m.id, Duration::from_secs(120)).await;
-    let log = logs(&c, m.id).await;
+    let log = c.logs(m.id).await;
     assert_eq!(m.state, MigrationState::Completed, "{m:?}\n{log}");
     assert!(log.contains("disk disk0: copy lost"), "{log}");
     assert_eq!(content_sha256(&dst, "raw"), sum);
@@ -524,7 +511,7 @@ async fn the_source_copies_go_by_themselves_after_the_configured_delay() {
     let m = c.wait_end(m.id, Duration::from_secs(60)).await;
     assert_eq!(m.state, MigrationState::Completed, "{m:?}");
     assert!(src.exists(), "kept right after the migration");
-    let log = logs(&c, m.id).await;
+    let log = c.logs(m.id).await;
     assert!(log.contains("for 2 s, then removed automatically"), "{log}");
     let deadline = Instant::now() + Duration::from_secs(30);
     let m = loop {
@@ -538,9 +525,7 @@ async fn the_source_copies_go_by_themselves_after_the_configured_delay() {
     assert!(!src.exists(), "the source copy is still there");
     assert!(!m.copies[0].source_kept);
     assert!(base.path().join("hv2").join("auto-disk0.qcow2").exists());
-    assert!(logs(&c, m.id)
-        .await
-        .contains("cleanup by automatic cleanup"));
+    assert!(c.logs(m.id).await.contains("cleanup by automatic cleanup"));
     c.shutdown().await;
 }
 
@@ -576,7 +561,8 @@ async fn copy_figures() {
         let m = c.wait_end(m.id, Duration::from_secs(300)).await;
         assert_eq!(m.state, MigrationState::Completed, "{m:?}");
         let d = &m.copies[0];
-        let lines: Vec<String> = logs(&c, m.id)
+        let lines: Vec<String> = c
+            .logs(m.id)
             .await
             .lines()
             .filter(|l| l.contains("disk disk0") || l.contains("check storage"))

@@ -316,6 +316,20 @@ impl Cluster {
             .unwrap_or_else(|| panic!("no check {name}: {candidates:?}"))
     }
 
+    /// Job `id`'s log, a line per entry: level and message.
+    pub async fn logs(&self, id: uuid::Uuid) -> String {
+        let lines: Vec<ferry_api::migrations::LogLine> = self
+            .admin
+            .get(&format!("/v1/migrations/{id}/logs"))
+            .await
+            .unwrap();
+        lines
+            .iter()
+            .map(|l| format!("{} {}", l.level, l.message))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     pub async fn instance(&self, name: &str) -> Instance {
         self.admin
             .get(&format!("/v1/instances/{name}"))
