@@ -179,10 +179,23 @@ pub async fn image_checksum(
                         std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
                     ) => {}
                 Err(source) => {
+                    // qemu-nbd may listen before it opens the image and then exit on a bad
+                    // one, resetting the connection: its own error says why, when it has one.
+                    let exited = tokio::time::timeout(Duration::from_secs(2), child.wait()).await;
+                    if let Ok(Ok(status)) = exited {
+                        if !status.success() {
+                            return Err(ToolError::Failed {
+                                tool: tool_name,
+                                status: status.to_string(),
+                                stderr: tool::read_stderr(&mut child).await,
+                            }
+                            .into());
+                        }
+                    }
                     return Err(ChecksumError::Nbd {
                         path: path.to_path_buf(),
                         source,
-                    })
+                    });
                 }
             }
         }
