@@ -132,6 +132,39 @@ pub enum Policy {
     Manual,
 }
 
+/// One `DISK=DATASTORE` of a disk map (`--map-disk`, the candidates query's `map_disk`).
+/// Which disks and datastores exist only the server knows; this checks the form.
+pub fn parse_disk_mapping(s: &str) -> Result<(String, String), String> {
+    const FORM: &str = "give DISK=DATASTORE, e.g. disk0=local2";
+    let Some((disk, datastore)) = s.split_once('=') else {
+        return Err(format!("{s:?} has no '='; {FORM}"));
+    };
+    if disk.is_empty() {
+        return Err(format!("{s:?} names no disk; {FORM}"));
+    }
+    if datastore.is_empty() {
+        return Err(format!("{s:?} names no datastore; {FORM}"));
+    }
+    Ok((disk.to_string(), datastore.to_string()))
+}
+
+/// A disk map from `DISK=DATASTORE` pairs. A disk named twice is refused even with the same
+/// datastore: with two different ones, keeping either would move the disk somewhere the user
+/// may not have meant. The error is a sentence without its subject ("names disk d twice ...").
+pub fn disk_map(
+    pairs: impl IntoIterator<Item = (String, String)>,
+) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let mut map = std::collections::BTreeMap::new();
+    for (disk, datastore) in pairs {
+        if let Some(first) = map.insert(disk.clone(), datastore.clone()) {
+            return Err(format!(
+                "names disk {disk} twice ({disk}={first} and {disk}={datastore})"
+            ));
+        }
+    }
+    Ok(map)
+}
+
 impl MigrationOptions {
     /// Checks the values a user typed, naming the bad one.
     pub fn validate(&self) -> Result<(), ErrorBody> {

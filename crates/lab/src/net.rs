@@ -24,7 +24,7 @@ mod sockets;
 pub use cmd::netns_command;
 pub use error::NetError;
 pub use lab::{
-    destroy_lab, list_labs, remove_orphan_test_labs, LabHostNet, LabNet, HOST_MIGRATION_IF,
+    destroy_lab, list_labs, migration_rx_bytes, remove_orphan_test_labs, LabHostNet, LabNet,
 };
 pub use names::{
     client_netns_name, host_netns_name, switch_netns_name, unique_test_lab_name, validate_lab_name,

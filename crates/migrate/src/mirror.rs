@@ -19,8 +19,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ferry_qmp::commands::{
-    BlockJobCancel, BlockJobChangeMirror, BlockJobInfo, BlockJobSetSpeed, BlockdevAddNbd,
-    BlockdevDel, BlockdevMirror, JobDismiss, QueryBlockJobs,
+    BlockJobCancel, BlockJobChangeMirror, BlockJobInfo, BlockdevAddNbd, BlockdevDel,
+    BlockdevMirror, JobDismiss, QueryBlockJobs,
 };
 use ferry_qmp::{Qmp, QmpError};
 use serde::{Deserialize, Serialize};
@@ -109,11 +109,29 @@ const END_TIMEOUT: Duration = Duration::from_secs(60);
 const RATE_WINDOW_MS: u64 = 2000;
 
 struct Tracked {
-    target: MirrorTarget,
+    disk: String,
     window: VecDeque<(u64, u64)>,
     last: DiskProgress,
     /// The mirror's job and target node exist in QEMU.
     started: bool,
+}
+
+impl Tracked {
+    fn new(disk: &str, state: DiskState, started: bool) -> Tracked {
+        Tracked {
+            disk: disk.to_string(),
+            window: VecDeque::new(),
+            last: DiskProgress {
+                disk: disk.to_string(),
+                state,
+                copied_bytes: 0,
+                remaining_bytes: 0,
+                total_bytes: 0,
+                rate_bps: 0.0,
+            },
+            started,
+        }
+    }
 }
 
 /// The mirrors of one migration's local disks.
@@ -147,26 +165,7 @@ impl Mirrors {
         let disks = jobs
             .iter()
             .filter_map(|j| j.device.strip_prefix("ferry-mirror-"))
-            .map(|disk| Tracked {
-                target: MirrorTarget {
-                    disk: disk.to_string(),
-                    addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-                    export: String::new(),
-                    top_only: false,
-                    size_bytes: 0,
-                    allocated_bytes: 0,
-                },
-                window: VecDeque::new(),
-                last: DiskProgress {
-                    disk: disk.to_string(),
-                    state: DiskState::Synced,
-                    copied_bytes: 0,
-                    remaining_bytes: 0,
-                    total_bytes: 0,
-                    rate_bps: 0.0,
-                },
-                started: true,
-            })
+            .map(|disk| Tracked::new(disk, DiskState::Synced, true))
             .collect();
         Mirrors {
             disks,
@@ -174,36 +173,30 @@ impl Mirrors {
         }
     }
 
-    /// Attaches each export and starts its mirror, in the background copy mode, each at its
-    /// share `data_bps` of data per second (None: unlimited). On failure the mirrors already
-    /// started are aborted before the error returns.
+    /// Attaches each export and starts its mirror, in the background copy mode, the disks
+    /// sharing `bandwidth` (see [`mirror_speed`]). On failure the mirrors already started are
+    /// aborted before the error returns.
     pub async fn start(
         qmp: &Qmp,
         targets: &[MirrorTarget],
-        data_bps: Option<u64>,
+        bandwidth: crate::Bandwidth,
     ) -> Result<Mirrors, MigrateError> {
+        let share = match bandwidth {
+            crate::Bandwidth::Limited(bps) => Some((bps / targets.len().max(1) as u64).max(1)),
+            crate::Bandwidth::Unlimited => None,
+        };
         let mut mirrors = Mirrors {
             disks: targets
                 .iter()
-                .map(|t| Tracked {
-                    target: t.clone(),
-                    window: VecDeque::new(),
-                    last: DiskProgress {
-                        disk: t.disk.clone(),
-                        state: DiskState::Copying,
-                        copied_bytes: 0,
-                        remaining_bytes: 0,
-                        total_bytes: 0,
-                        rate_bps: 0.0,
-                    },
-                    started: false,
-                })
+                .map(|t| Tracked::new(&t.disk, DiskState::Copying, false))
                 .collect(),
             write_blocking: false,
         };
-        for i in 0..mirrors.disks.len() {
-            let speed = data_bps.map(|b| mirror_speed(b, &mirrors.disks[i].target));
-            if let Err(e) = mirrors.start_one(qmp, i, speed).await {
+        for (i, t) in targets.iter().enumerate() {
+            if let Err(e) = mirrors
+                .start_one(qmp, i, t, share.map(|b| mirror_speed(b, t)))
+                .await
+            {
                 mirrors.abort(qmp).await;
                 return Err(e);
             }
@@ -215,9 +208,9 @@ impl Mirrors {
         &mut self,
         qmp: &Qmp,
         i: usize,
+        t: &MirrorTarget,
         speed_bps: Option<u64>,
     ) -> Result<(), MigrateError> {
-        let t = self.disks[i].target.clone();
         let fail = |e: QmpError| disk_error(&t.disk, &e.to_string());
         qmp.execute(&BlockdevAddNbd::new(
             target_node(&t.disk),
@@ -245,38 +238,24 @@ impl Mirrors {
 
     /// Reads every mirror's state; a mirror that failed or vanished is an error (the caller
     /// aborts the rest).
-    pub async fn sample(
-        &mut self,
-        qmp: &Qmp,
-        elapsed_ms: u64,
-    ) -> Result<Vec<DiskProgress>, MigrateError> {
+    pub async fn sample(&mut self, qmp: &Qmp, elapsed_ms: u64) -> Result<(), MigrateError> {
         let jobs = qmp.execute(&QueryBlockJobs).await?;
-        let write_blocking = self.write_blocking;
         for d in &mut self.disks {
-            let Some(job) = jobs.iter().find(|j| j.device == job_id(&d.target.disk)) else {
+            let Some(job) = jobs.iter().find(|j| j.device == job_id(&d.disk)) else {
                 d.last.state = DiskState::Failed;
-                return Err(disk_error(
-                    &d.target.disk,
-                    "its mirror job is gone from QEMU",
-                ));
+                return Err(disk_error(&d.disk, "its mirror job is gone from QEMU"));
             };
             if let Some(err) = &job.error {
                 d.last.state = DiskState::Failed;
-                return Err(disk_error(&d.target.disk, err));
+                return Err(disk_error(&d.disk, err));
             }
             if job.status == "concluded" {
                 d.last.state = DiskState::Failed;
-                return Err(disk_error(&d.target.disk, "its mirror ended early"));
+                return Err(disk_error(&d.disk, "its mirror ended early"));
             }
-            d.last = progress_of(
-                &d.target.disk,
-                job,
-                &mut d.window,
-                elapsed_ms,
-                write_blocking,
-            );
+            d.last = progress_of(&d.disk, job, &mut d.window, elapsed_ms);
         }
-        Ok(self.progress())
+        Ok(())
     }
 
     /// The last state of every disk.
@@ -301,48 +280,36 @@ impl Mirrors {
     pub async fn make_write_blocking(&mut self, qmp: &Qmp) -> Result<(), MigrateError> {
         for d in &self.disks {
             qmp.execute(&BlockJobChangeMirror {
-                id: job_id(&d.target.disk),
+                id: job_id(&d.disk),
                 kind: "mirror",
                 copy_mode: "write-blocking",
             })
             .await
-            .map_err(|e| disk_error(&d.target.disk, &e.to_string()))?;
+            .map_err(|e| disk_error(&d.disk, &e.to_string()))?;
         }
         self.write_blocking = true;
         info!("mirrors write-blocking: every guest write reaches both hosts before it completes");
         Ok(())
     }
 
-    /// A new rate limit for every mirror's background copy (None: unlimited).
-    pub async fn set_speed(&self, qmp: &Qmp, speed_bps: Option<u64>) -> Result<(), MigrateError> {
-        for d in &self.disks {
-            qmp.execute(&BlockJobSetSpeed {
-                device: job_id(&d.target.disk),
-                speed: speed_bps.unwrap_or(0),
-            })
-            .await?;
-        }
-        Ok(())
-    }
-
     /// With the guest stopped (pre-switchover): ends every mirror consistently, so each
     /// destination image holds exactly what the source's does, then detaches the exports.
-    pub async fn complete(&mut self, qmp: &Qmp) -> Result<Vec<DiskProgress>, MigrateError> {
+    pub async fn complete(&mut self, qmp: &Qmp) -> Result<(), MigrateError> {
         for d in &self.disks {
             qmp.execute(&BlockJobCancel {
-                device: job_id(&d.target.disk),
+                device: job_id(&d.disk),
                 force: None,
             })
             .await
-            .map_err(|e| disk_error(&d.target.disk, &e.to_string()))?;
+            .map_err(|e| disk_error(&d.disk, &e.to_string()))?;
         }
         let ended = wait_concluded(qmp, &self.disk_ids()).await?;
         for d in &mut self.disks {
-            let job = ended.iter().find(|j| j.device == job_id(&d.target.disk));
+            let job = ended.iter().find(|j| j.device == job_id(&d.disk));
             match job.and_then(|j| j.error.clone()) {
                 Some(err) => {
                     d.last.state = DiskState::Failed;
-                    return Err(disk_error(&d.target.disk, &err));
+                    return Err(disk_error(&d.disk, &err));
                 }
                 None => {
                     d.last.state = DiskState::Completed;
@@ -355,30 +322,26 @@ impl Mirrors {
             }
         }
         for d in &mut self.disks {
-            release(qmp, &d.target.disk).await;
+            release(qmp, &d.disk).await;
             d.started = false;
         }
         info!("mirrors completed; destination images consistent");
-        Ok(self.progress())
+        Ok(())
     }
 
     /// Stops every mirror and detaches its export, best effort; the source's images were only
     /// read, so the guest goes on with them as before.
     pub async fn abort(&mut self, qmp: &Qmp) {
         for d in &mut self.disks {
-            if d.last.state != DiskState::Completed {
-                d.last.state = if d.last.state == DiskState::Failed {
-                    DiskState::Failed
-                } else {
-                    DiskState::Cancelled
-                };
+            if matches!(d.last.state, DiskState::Copying | DiskState::Synced) {
+                d.last.state = DiskState::Cancelled;
             }
         }
         let started: Vec<String> = self
             .disks
             .iter()
             .filter(|d| d.started)
-            .map(|d| d.target.disk.clone())
+            .map(|d| d.disk.clone())
             .collect();
         abort_disks(qmp, &started).await;
         for d in &mut self.disks {
@@ -387,7 +350,7 @@ impl Mirrors {
     }
 
     fn disk_ids(&self) -> Vec<String> {
-        self.disks.iter().map(|d| d.target.disk.clone()).collect()
+        self.disks.iter().map(|d| d.disk.clone()).collect()
     }
 }
 
@@ -478,7 +441,6 @@ fn progress_of(
     job: &BlockJobInfo,
     window: &mut VecDeque<(u64, u64)>,
     elapsed_ms: u64,
-    write_blocking: bool,
 ) -> DiskProgress {
     window.push_back((elapsed_ms, job.offset));
     while window.len() > 2
@@ -494,7 +456,6 @@ fn progress_of(
         }
         _ => 0.0,
     };
-    let _ = write_blocking;
     DiskProgress {
         disk: disk.to_string(),
         state: if job.ready {
@@ -544,22 +505,16 @@ mod tests {
     #[test]
     fn a_sample_has_the_rate_and_what_remains() {
         let mut w = VecDeque::new();
-        let p = progress_of("disk0", &job(0, 1 << 30, false), &mut w, 0, false);
+        let p = progress_of("disk0", &job(0, 1 << 30, false), &mut w, 0);
         assert_eq!((p.state, p.remaining_bytes), (DiskState::Copying, 1 << 30));
-        let p = progress_of(
-            "disk0",
-            &job(100 << 20, 1 << 30, false),
-            &mut w,
-            1000,
-            false,
-        );
+        let p = progress_of("disk0", &job(100 << 20, 1 << 30, false), &mut w, 1000);
         assert_eq!(p.copied_bytes, 100 << 20);
         assert!(
             (p.rate_bps - (100 << 20) as f64).abs() < 1.0,
             "{}",
             p.rate_bps
         );
-        let p = progress_of("disk0", &job(1 << 30, 1 << 30, true), &mut w, 2000, false);
+        let p = progress_of("disk0", &job(1 << 30, 1 << 30, true), &mut w, 2000);
         assert_eq!((p.state, p.remaining_bytes), (DiskState::Synced, 0));
     }
 

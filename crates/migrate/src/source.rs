@@ -236,17 +236,8 @@ pub async fn run_source(
     }
     let mut controller = Controller::for_params(params, params.policy.clone());
     info!(%dest, "migration started");
-    follow(
-        qmp,
-        params,
-        &mut controller,
-        started,
-        false,
-        observe,
-        abort,
-        &mut mirrors,
-    )
-    .await
+    let stream = Stream::new(started, &mut mirrors);
+    follow(qmp, params, &mut controller, stream, false, observe, abort).await
 }
 
 /// The bulk copy of a block migration: mirrors every disk of `disks` into its export and
@@ -265,8 +256,36 @@ async fn copy_disks(
         return Ok(Mirrors::none());
     }
     let mem_total = memory_bytes(qmp).await;
-    let speed = disk_speed(params, disks.len());
-    let mut mirrors = Mirrors::start(qmp, disks, speed).await?;
+    let mut mirrors = Mirrors::start(qmp, disks, params.bandwidth).await?;
+    let sample = |mirrors: &Mirrors| {
+        SourceEvent::Progress(Progress::disk_copy(
+            started.elapsed().as_millis() as u64,
+            mirrors.progress(),
+            mem_total,
+        ))
+    };
+    match sync_disks(qmp, params, &mut mirrors, started, observe, abort, &sample).await {
+        Ok(()) => Ok(mirrors),
+        Err(e) => {
+            warn!(error = %e, "the disk copy ends; stopping every mirror");
+            mirrors.abort(qmp).await;
+            observe(&sample(&mirrors));
+            Err(e)
+        }
+    }
+}
+
+/// Samples the started mirrors until every one is in sync and write-blocking. A cancel, the
+/// budget or a failed mirror is the error; [`copy_disks`] then stops them.
+async fn sync_disks(
+    qmp: &Qmp,
+    params: &MigrationParams,
+    mirrors: &mut Mirrors,
+    started: Instant,
+    observe: &mut Observer<'_>,
+    abort: &mut AbortSignal,
+    sample: &(dyn Fn(&Mirrors) -> SourceEvent + Sync),
+) -> Result<(), MigrateError> {
     let mut ticker = tokio::time::interval(params.sample_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // A guest that rewrites its disk faster than the background copy sends keeps a mirror
@@ -275,37 +294,21 @@ async fn copy_disks(
     let mut least_left = u64::MAX;
     let mut least_at = Instant::now();
     loop {
-        let aborted = tokio::select! {
-            _ = ticker.tick() => false,
-            _ = abort.aborted() => true,
-        };
-        if aborted {
-            mirrors.abort(qmp).await;
-            observe(&SourceEvent::Progress(Progress::disk_copy(
-                started.elapsed().as_millis() as u64,
-                mirrors.progress(),
-                mem_total,
-            )));
-            return Err(MigrateError::Cancelled);
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = abort.aborted() => return Err(MigrateError::Cancelled),
         }
-        let elapsed_ms = started.elapsed().as_millis() as u64;
-        let sampled = mirrors.sample(qmp, elapsed_ms).await;
-        observe(&SourceEvent::Progress(Progress::disk_copy(
-            elapsed_ms,
-            mirrors.progress(),
-            mem_total,
-        )));
-        if let Err(e) = sampled {
-            warn!(error = %e, "disk copy failed; stopping every mirror");
-            mirrors.abort(qmp).await;
-            return Err(e);
-        }
-        if let Some(budget) = params.completion_timeout {
-            if started.elapsed() > budget {
-                warn!("the time budget ran out during the disk copy");
-                mirrors.abort(qmp).await;
-                return Err(MigrateError::Timeout(started.elapsed().as_secs()));
-            }
+        let sampled = mirrors
+            .sample(qmp, started.elapsed().as_millis() as u64)
+            .await;
+        observe(&sample(mirrors));
+        sampled?;
+        if params
+            .completion_timeout
+            .is_some_and(|b| started.elapsed() > b)
+        {
+            warn!("the time budget ran out during the disk copy");
+            return Err(MigrateError::Timeout(started.elapsed().as_secs()));
         }
         let left: u64 = mirrors.progress().iter().map(|d| d.remaining_bytes).sum();
         if left < least_left {
@@ -317,13 +320,10 @@ async fn copy_disks(
             if stalled && !mirrors.all_ready() {
                 info!(left, "the disk copy stopped gaining on the guest's writes; mirrors go write-blocking now");
             }
-            if let Err(e) = mirrors.make_write_blocking(qmp).await {
-                mirrors.abort(qmp).await;
-                return Err(e);
-            }
+            mirrors.make_write_blocking(qmp).await?;
         }
         if mirrors.all_ready() {
-            return Ok(mirrors);
+            return Ok(());
         }
     }
 }
@@ -331,16 +331,6 @@ async fn copy_disks(
 /// How long the data a disk copy has left may stop shrinking before its mirrors turn
 /// write-blocking.
 const MIRROR_STALL: Duration = Duration::from_secs(5);
-
-/// Each mirror's share of the bandwidth limit (None: unlimited).
-fn disk_speed(params: &MigrationParams, disks: usize) -> Option<u64> {
-    match params.bandwidth {
-        crate::Bandwidth::Limited(bytes_per_sec) => {
-            Some((bytes_per_sec / disks.max(1) as u64).max(1))
-        }
-        _ => None,
-    }
-}
 
 /// The guest's RAM in bytes, for weighing the disk copy against the memory still to come.
 async fn memory_bytes(qmp: &Qmp) -> u64 {
@@ -381,15 +371,15 @@ async fn follow_fixed(
 ) -> Result<SourceOutcome, MigrateError> {
     let mut controller = Controller::for_params(params, ControlPolicy::Fixed);
     let mut mirrors = Mirrors::adopt(qmp).await;
+    let stream = Stream::new(Instant::now(), &mut mirrors);
     follow(
         qmp,
         params,
         &mut controller,
-        Instant::now(),
+        stream,
         postcopy_seen,
         observe,
         abort,
-        &mut mirrors,
     )
     .await
 }
@@ -441,19 +431,38 @@ async fn query_patiently(
     }
 }
 
+/// What a followed stream keeps from sample to sample: QEMU's replies turned into progress,
+/// when it started (the budget's clock), and the mirrors of its local disks.
+struct Stream<'m> {
+    tracker: ProgressTracker,
+    started: Instant,
+    mirrors: &'m mut Mirrors,
+}
+
+impl<'m> Stream<'m> {
+    fn new(started: Instant, mirrors: &'m mut Mirrors) -> Stream<'m> {
+        Stream {
+            tracker: ProgressTracker::new(),
+            started,
+            mirrors,
+        }
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+}
+
 /// Samples a started migration until it ends, applying the controller's decisions.
-#[allow(clippy::too_many_arguments)]
 async fn follow(
     qmp: &Qmp,
     params: &MigrationParams,
     controller: &mut Controller,
-    started: Instant,
+    mut stream: Stream<'_>,
     mut postcopy_seen: bool,
     observe: &mut Observer<'_>,
     mut abort: AbortSignal,
-    mirrors: &mut Mirrors,
 ) -> Result<SourceOutcome, MigrateError> {
-    let mut tracker = ProgressTracker::new();
     let mut ticker = tokio::time::interval(params.sample_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut events = qmp.events();
@@ -470,32 +479,25 @@ async fn follow(
             _ = status_changed(&mut events) => false,
         };
         if aborted {
-            return cancel(
-                qmp,
-                &mut tracker,
-                started,
-                observe,
-                MigrateError::Cancelled,
-                mirrors,
-            )
-            .await;
+            return cancel(qmp, &mut stream, observe, MigrateError::Cancelled).await;
         }
         let info = query_patiently(qmp, params).await?;
-        let elapsed_ms = started.elapsed().as_millis() as u64;
+        let elapsed_ms = stream.elapsed_ms();
         let mut disk_failure = None;
-        if mirrors.is_live() {
-            if let Err(e) = mirrors.sample(qmp, elapsed_ms).await {
+        if stream.mirrors.is_live() {
+            if let Err(e) = stream.mirrors.sample(qmp, elapsed_ms).await {
                 disk_failure = Some(e);
             }
         }
-        let progress = tracker
+        let progress = stream
+            .tracker
             .update(elapsed_ms, &info)
-            .with_disks(mirrors.progress());
+            .with_disks(stream.mirrors.progress());
         observe(&SourceEvent::Progress(progress.clone()));
         if let Some(e) = disk_failure {
             if !postcopy_seen && !abort.is_past_no_return() {
                 warn!(error = %e, "a disk mirror failed; cancelling the migration");
-                return cancel(qmp, &mut tracker, started, observe, e, mirrors).await;
+                return cancel(qmp, &mut stream, observe, e).await;
             }
         }
         postcopy_seen |= progress.phase == Phase::Postcopy;
@@ -511,31 +513,24 @@ async fn follow(
             Some(MigrationStatus::PreSwitchover) => {
                 // The guest is stopped and the last pages wait. Either the cancel that came
                 // first wins (QEMU resumes the guest here), or from now on nothing does.
-                if mirrors.is_live() {
+                if stream.mirrors.is_live() {
                     // The guest is stopped: the mirrors' last writes make every destination
                     // image equal to its source before the destination may ever run.
-                    if let Err(e) = mirrors.complete(qmp).await {
+                    if let Err(e) = stream.mirrors.complete(qmp).await {
                         warn!(error = %e, "a disk mirror did not complete; cancelling");
-                        return cancel(qmp, &mut tracker, started, observe, e, mirrors).await;
+                        return cancel(qmp, &mut stream, observe, e).await;
                     }
-                    let done = tracker
+                    let done = stream
+                        .tracker
                         .last()
                         .cloned()
-                        .map(|p| p.with_disks(mirrors.progress()));
+                        .map(|p| p.with_disks(stream.mirrors.progress()));
                     if let Some(p) = done {
                         observe(&SourceEvent::Progress(p));
                     }
                 }
                 if !abort.pass_no_return() {
-                    return cancel(
-                        qmp,
-                        &mut tracker,
-                        started,
-                        observe,
-                        MigrateError::Cancelled,
-                        mirrors,
-                    )
-                    .await;
+                    return cancel(qmp, &mut stream, observe, MigrateError::Cancelled).await;
                 }
                 info!("switching over: the source sends the last pages and device state");
                 qmp.execute(&MigrateContinue {
@@ -551,14 +546,14 @@ async fn follow(
                 ));
             }
             Some(MigrationStatus::Failed) => {
-                mirrors.abort(qmp).await;
+                stream.mirrors.abort(qmp).await;
                 ensure_running(qmp).await?;
                 return Err(MigrateError::Failed(
                     info.error_desc.unwrap_or_else(|| "no reason given".into()),
                 ));
             }
             Some(MigrationStatus::Cancelled) => {
-                mirrors.abort(qmp).await;
+                stream.mirrors.abort(qmp).await;
                 ensure_running(qmp).await?;
                 return Err(MigrateError::Cancelled);
             }
@@ -592,7 +587,7 @@ async fn follow(
                     })
                     .await?
                 }
-                Action::StartPostcopy if !mirrors.is_empty() => {
+                Action::StartPostcopy if !stream.mirrors.is_empty() => {
                     // The destination would write its images while the mirrors still copy
                     // into them: with local disks the migration stays pre-copy.
                     warn!("post-copy is not used with local disks; staying in pre-copy");
@@ -600,25 +595,17 @@ async fn follow(
                 Action::StartPostcopy => {
                     // Post-copy hands the guest to the destination: a point of no return too.
                     if !abort.pass_no_return() {
-                        return cancel(
-                            qmp,
-                            &mut tracker,
-                            started,
-                            observe,
-                            MigrateError::Cancelled,
-                            mirrors,
-                        )
-                        .await;
+                        return cancel(qmp, &mut stream, observe, MigrateError::Cancelled).await;
                     }
                     qmp.execute(&MigrateStartPostcopy {}).await?
                 }
                 Action::Abort { timeout } => {
                     let reason = if timeout {
-                        MigrateError::Timeout(started.elapsed().as_secs())
+                        MigrateError::Timeout(stream.started.elapsed().as_secs())
                     } else {
                         MigrateError::Cancelled
                     };
-                    return cancel(qmp, &mut tracker, started, observe, reason, mirrors).await;
+                    return cancel(qmp, &mut stream, observe, reason).await;
                 }
                 Action::Hold => {}
             }
@@ -645,18 +632,17 @@ async fn status_changed(events: &mut tokio::sync::broadcast::Receiver<ferry_qmp:
 /// at `pre-switchover`, and cannot complete without our `migrate-continue`.
 async fn cancel(
     qmp: &Qmp,
-    tracker: &mut ProgressTracker,
-    started: Instant,
+    stream: &mut Stream<'_>,
     observe: &mut Observer<'_>,
     reason: MigrateError,
-    mirrors: &mut Mirrors,
 ) -> Result<SourceOutcome, MigrateError> {
     warn!(%reason, "cancelling migration");
     qmp.execute(&MigrateCancel {}).await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let info = qmp.execute(&QueryMigrate {}).await?;
-        let progress = tracker.update(started.elapsed().as_millis() as u64, &info);
+        let elapsed_ms = stream.elapsed_ms();
+        let progress = stream.tracker.update(elapsed_ms, &info);
         observe(&SourceEvent::Progress(progress.clone()));
         match info.status {
             Some(MigrationStatus::Cancelled) | Some(MigrationStatus::Failed) => break,
@@ -674,7 +660,7 @@ async fn cancel(
             _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
-    mirrors.abort(qmp).await;
+    stream.mirrors.abort(qmp).await;
     ensure_running(qmp).await?;
     Err(reason)
 }

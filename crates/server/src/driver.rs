@@ -756,10 +756,12 @@ impl<'a> AgentHalves<'a> {
 }
 
 impl AgentHalves<'_> {
-    /// Keeps the job's copies current from a sample's disks, and logs each mirror's start,
-    /// sync and completion once.
+    /// Keeps the job's copies current from a sample's disks (stored when a disk's state
+    /// changes: the bytes of every sample are in the job's progress already), and logs each
+    /// mirror's start, sync and completion once.
     async fn record_disks(&mut self, p: &Progress) {
         let mut lines = Vec::new();
+        let mut changed = false;
         for d in &p.disks {
             let Some(c) = self.copies.iter_mut().find(|c| c.disk == d.disk) else {
                 continue;
@@ -818,16 +820,20 @@ impl AgentHalves<'_> {
                 ),
                 ferry_migrate::DiskState::Copying => {}
             }
+            changed |= c.state != state;
             c.state = state;
             c.done_bytes = d.copied_bytes;
             c.remaining_bytes = d.remaining_bytes;
             c.rate_bps = d.rate_bps;
             c.elapsed_ms = p.elapsed_ms;
         }
+        changed |= !lines.is_empty();
         for line in lines {
             self.log("info", &line).await;
         }
-        let _ = self.state.store.set_copies(self.m.id, &self.copies).await;
+        if changed {
+            let _ = self.state.store.set_copies(self.m.id, &self.copies).await;
+        }
     }
 
     /// The end of the job for its copies: on success each is copied and the source's image is

@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::Cluster;
 use ferry_agent::DatastoreConfig;
@@ -25,13 +25,7 @@ async fn cluster(base: &Path) -> Cluster {
     let base = base.to_path_buf();
     std::fs::create_dir_all(base.join("shared")).unwrap();
     Cluster::start_with(2, Limits::default(), move |config| {
-        let dir = base.join(&config.name);
-        std::fs::create_dir_all(&dir).unwrap();
-        config.datastores.push(DatastoreConfig {
-            name: "local".into(),
-            path: dir,
-            identity: None,
-        });
+        common::add_local_datastore(config, &base);
         config.datastores.push(DatastoreConfig {
             name: "shared".into(),
             path: base.join("shared"),
@@ -134,14 +128,7 @@ fn local(ds: &Path, host: &str) -> PathBuf {
 
 /// Bytes `host` has received on its migration interface.
 fn rx_bytes(c: &Cluster, host: &str) -> u64 {
-    let netns = &c.lab.host(host).unwrap().netns;
-    let out = std::process::Command::new("ip")
-        .args(["-n", netns, "-s", "-j", "link", "show", "dev"])
-        .arg(ferry_lab::net::HOST_MIGRATION_IF)
-        .output()
-        .unwrap();
-    let links: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    links[0]["stats64"]["rx"]["bytes"].as_u64().unwrap()
+    ferry_lab::net::migration_rx_bytes(&c.lab.host(host).unwrap().netns).unwrap()
 }
 
 /// No QEMU, no NBD export and no listening port of the migration range left on `host`.
@@ -256,22 +243,7 @@ type Moment = dyn Fn(&Migration) -> bool;
 
 /// Cancels `m` once `ready` holds for its latest progress; returns the ended job.
 async fn cancel_when(c: &Cluster, m: &Migration, ready: impl Fn(&Migration) -> bool) -> Migration {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let now = c.migration(m.id).await;
-        assert!(
-            !matches!(
-                now.state,
-                MigrationState::Completed | MigrationState::Failed | MigrationState::Cancelled
-            ),
-            "the job ended before the moment to cancel: {now:?}"
-        );
-        if ready(&now) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never reached: {now:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    c.wait_until(m.id, ready).await;
     let _: Migration = c
         .admin
         .post(&format!("/v1/migrations/{}/cancel", m.id), &())
@@ -392,13 +364,7 @@ async fn a_datastore_too_small_is_refused_and_one_that_fills_up_fails_the_job_wi
     let (t, s) = (tiny.clone(), small.clone());
     let ds2 = ds.clone();
     let c = Cluster::start_with(2, Limits::default(), move |config| {
-        let dir = ds2.join(&config.name);
-        std::fs::create_dir_all(&dir).unwrap();
-        config.datastores.push(DatastoreConfig {
-            name: "local".into(),
-            path: dir,
-            identity: None,
-        });
+        common::add_local_datastore(config, &ds2);
         if config.name == "hv2" {
             for (name, path) in [("tiny", &t), ("small", &s)] {
                 config.datastores.push(DatastoreConfig {
@@ -465,22 +431,12 @@ async fn a_datastore_too_small_is_refused_and_one_that_fills_up_fails_the_job_wi
 
     // Fills up during the copy: the test takes the room once the mirror runs.
     let m = c.migrate("blk-full", "hv2", mapped("small")).await;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let now = c.migration(m.id).await;
-        if now
-            .progress
+    c.wait_until(m.id, |now| {
+        now.progress
             .as_ref()
             .is_some_and(|p| p.disks.iter().any(|d| d.copied_bytes > 0))
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline && now.finished_at.is_none(),
-            "{now:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     let filler = small.join("filler");
     let _ = std::process::Command::new("dd")
         .args(["if=/dev/zero", "bs=1M", "count=200"])
@@ -549,20 +505,12 @@ async fn the_destination_qemu_killed_during_the_disk_copy_fails_the_job_and_the_
         ..Default::default()
     };
     let m = c.migrate("blk-kill", "hv2", slow).await;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let now = c.migration(m.id).await;
-        if now.progress.as_ref().is_some_and(|p| {
+    c.wait_until(m.id, |now| {
+        now.progress.as_ref().is_some_and(|p| {
             p.phase == ferry_migrate::Phase::DiskCopy && p.disks.iter().any(|d| d.copied_bytes > 0)
-        }) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline && now.finished_at.is_none(),
-            "{now:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        })
+    })
+    .await;
     // Every process in hv2's namespace is its incoming QEMU.
     let ns = &c.lab.host("hv2").unwrap().netns;
     let out = std::process::Command::new("ip")

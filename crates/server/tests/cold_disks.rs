@@ -9,7 +9,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::Cluster;
-use ferry_agent::DatastoreConfig;
 use ferry_api::checks::{Candidate, CheckStatus};
 use ferry_api::instances::{
     CreateInstance, DiskFormat, DiskSpec, ImageRef, Instance, InstanceState,
@@ -31,15 +30,7 @@ async fn cluster_cleaning_after(base: &Path, cleanup_after_s: u64) -> Cluster {
     Cluster::start_with_server(
         2,
         Limits::default(),
-        move |config| {
-            let dir = base.join(&config.name);
-            std::fs::create_dir_all(&dir).unwrap();
-            config.datastores.push(DatastoreConfig {
-                name: "local".into(),
-                path: dir,
-                identity: None,
-            });
-        },
+        move |config| common::add_local_datastore(config, &base),
         |server| server.cold_cleanup_after_s = cleanup_after_s,
     )
     .await

@@ -177,40 +177,18 @@ pub fn parse_timeout_action(s: &str) -> Result<TimeoutAction, String> {
     }
 }
 
-/// One `--map-disk` value. Refused here rather than by the server, so a typo names the flag
-/// and fails before anything is queued; which disks and datastores exist only the server
-/// knows.
-pub fn parse_disk_mapping(s: &str) -> Result<(String, String), String> {
-    const FORM: &str = "give DISK=DATASTORE, e.g. disk0=local2";
-    let Some((disk, datastore)) = s.split_once('=') else {
-        return Err(format!("{s:?} has no '='; {FORM}"));
-    };
-    if disk.is_empty() {
-        return Err(format!("{s:?} names no disk; {FORM}"));
-    }
-    if datastore.is_empty() {
-        return Err(format!("{s:?} names no datastore; {FORM}"));
-    }
-    Ok((disk.to_string(), datastore.to_string()))
-}
+/// One `--map-disk` value, checked before anything is queued so a typo names the flag.
+pub use ferry_api::migrations::parse_disk_mapping;
 
-/// The `disk_map` of the request. A disk named twice is refused even with the same datastore:
-/// with two different ones, silently keeping either would move the disk somewhere the user
-/// may not have meant.
+/// The request's `disk_map` from the `--map-disk` values (a disk named twice is refused).
 pub fn disk_map(mappings: &[(String, String)]) -> Result<BTreeMap<String, String>, CliError> {
-    let mut map = BTreeMap::new();
-    for (disk, datastore) in mappings {
-        if let Some(first) = map.insert(disk.clone(), datastore.clone()) {
-            return Err(CliError::new(
-                "invalid-migration-options",
-                format!(
-                    "--map-disk names disk {disk} twice ({disk}={first} and {disk}={datastore})"
-                ),
-                "give each disk at most one --map-disk DISK=DATASTORE",
-            ));
-        }
-    }
-    Ok(map)
+    ferry_api::migrations::disk_map(mappings.iter().cloned()).map_err(|why| {
+        CliError::new(
+            "invalid-migration-options",
+            format!("--map-disk {why}"),
+            "give each disk at most one --map-disk DISK=DATASTORE",
+        )
+    })
 }
 
 pub fn parse_state(s: &str) -> Result<MigrationState, String> {

@@ -13,7 +13,7 @@ use ferry_api::migrations::{DiskCopy, Migration, MigrationState};
 use ferry_cli::commands::migrate::{follow_observed, Seen};
 use ferry_cli::error::CliError;
 use ferry_cli::local_cluster::LocalCluster;
-use ferry_lab::net::HOST_MIGRATION_IF;
+use ferry_lab::net::migration_rx_bytes;
 use ferry_lab::LabError;
 use ferry_migrate::{DiskState, Progress};
 use serde::Serialize;
@@ -153,17 +153,13 @@ pub(crate) async fn follow_counting(
     Ok((m, Watched { clock, rx_bytes }))
 }
 
-/// Bytes the migration interface in `netns` has received, as the kernel counts them (whole
-/// frames, headers included).
+/// [`migration_rx_bytes`] off the runtime's threads (it runs `ip`).
 async fn rx_bytes(netns: &str) -> Option<u64> {
-    let out = tokio::process::Command::new("ip")
-        .args(["-n", netns, "-s", "-j", "link", "show", "dev"])
-        .arg(HOST_MIGRATION_IF)
-        .output()
+    let netns = netns.to_string();
+    tokio::task::spawn_blocking(move || migration_rx_bytes(&netns))
         .await
-        .ok()?;
-    let links: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    links.get(0)?.pointer("/stats64/rx/bytes")?.as_u64()
+        .ok()
+        .flatten()
 }
 
 /// The job's copies and what the demo measured into the report, whether the job completed

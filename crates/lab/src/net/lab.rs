@@ -23,7 +23,27 @@ const HOST_UPLINK: &str = "up0";
 /// Host-side interface on the migration network.
 /// The host's interface on the migration network (its traffic counters measure what a
 /// migration sent).
-pub const HOST_MIGRATION_IF: &str = "mig0";
+const HOST_MIGRATION_IF: &str = "mig0";
+
+/// Bytes a lab host's migration interface (in namespace `netns`) has received, as the kernel
+/// counts them (whole frames, headers included): what a migration put on the wire.
+pub fn migration_rx_bytes(netns: &str) -> Option<u64> {
+    let out = std::process::Command::new("ip")
+        .args([
+            "-n",
+            netns,
+            "-s",
+            "-j",
+            "link",
+            "show",
+            "dev",
+            HOST_MIGRATION_IF,
+        ])
+        .output()
+        .ok()?;
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    links.get(0)?.pointer("/stats64/rx/bytes")?.as_u64()
+}
 /// Client-side interface on the guest network.
 const CLIENT_IF: &str = "eth0";
 /// Switch-side name of the client's veth.

@@ -109,15 +109,6 @@ pub struct BlockJobChangeMirror {
     pub copy_mode: &'static str,
 }
 
-/// `block-job-set-speed`: a new rate limit for a running job (0 = unlimited).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct BlockJobSetSpeed {
-    /// The job id (QEMU calls it `device`).
-    pub device: String,
-    /// Bytes per second, 0 for unlimited.
-    pub speed: u64,
-}
-
 /// `block-job-cancel`: for a mirror in sync, completes it without pivoting (the target is a
 /// consistent copy); otherwise stops it. `force` stops a mirror in sync without waiting for
 /// the last writes.
@@ -248,7 +239,6 @@ commands! {
     BlockdevDel => "blockdev-del" -> ();
     BlockdevMirror => "blockdev-mirror" -> ();
     BlockJobChangeMirror => "block-job-change" -> ();
-    BlockJobSetSpeed => "block-job-set-speed" -> ();
     BlockJobCancel => "block-job-cancel" -> ();
     JobDismiss => "job-dismiss" -> ();
     QueryBlockJobs => "query-block-jobs" -> Vec<BlockJobInfo>;

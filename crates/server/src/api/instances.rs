@@ -633,29 +633,18 @@ pub async fn migration_candidates(
 
 /// `DISK=DATASTORE[,DISK=DATASTORE...]` of the candidates query.
 fn parse_disk_map(text: &str) -> Result<std::collections::BTreeMap<String, String>, ServerError> {
-    let mut map = std::collections::BTreeMap::new();
-    for pair in text.split(',').filter(|p| !p.trim().is_empty()) {
-        match pair.split_once('=') {
-            Some((disk, ds)) if !disk.trim().is_empty() && !ds.trim().is_empty() => {
-                if map
-                    .insert(disk.trim().to_string(), ds.trim().to_string())
-                    .is_some()
-                {
-                    return Err(ServerError::bad_request(
-                        "bad-query",
-                        format!("map_disk names disk {} twice", disk.trim()),
-                        "give each disk one datastore",
-                    ));
-                }
-            }
-            _ => {
-                return Err(ServerError::bad_request(
-                    "bad-query",
-                    format!("map_disk entry {pair:?} is not DISK=DATASTORE"),
-                    "write map_disk=disk0=local,disk1=fast",
-                ))
-            }
-        }
-    }
-    Ok(map)
+    let bad = |why: String| {
+        ServerError::bad_request(
+            "bad-query",
+            format!("map_disk {why}"),
+            "write map_disk=disk0=local,disk1=fast",
+        )
+    };
+    let pairs = text
+        .split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| ferry_api::migrations::parse_disk_mapping(p.trim()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|why| bad(format!("entry {why}")))?;
+    ferry_api::migrations::disk_map(pairs).map_err(bad)
 }

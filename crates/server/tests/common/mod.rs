@@ -37,6 +37,18 @@ fn free_port() -> u16 {
     ferry_lab::net::free_local_ports(1).expect("a free loopback port")[0]
 }
 
+/// Gives the agent of `config` a datastore `local` of its own, at `base/HOST` (no identity:
+/// not shared with any other host).
+pub fn add_local_datastore(config: &mut AgentConfig, base: &std::path::Path) {
+    let dir = base.join(&config.name);
+    std::fs::create_dir_all(&dir).unwrap();
+    config.datastores.push(DatastoreConfig {
+        name: "local".into(),
+        path: dir,
+        identity: None,
+    });
+}
+
 impl Cluster {
     pub async fn start(hosts: usize, limits: Limits) -> Cluster {
         Self::start_with(hosts, limits, |_| {}).await
@@ -269,6 +281,27 @@ impl Cluster {
             }
             assert!(Instant::now() < deadline, "migration did not end: {m:?}");
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until job `id` satisfies `reached`; panics if it ends first or within 120 s.
+    pub async fn wait_until(
+        &self,
+        id: uuid::Uuid,
+        reached: impl Fn(&Migration) -> bool,
+    ) -> Migration {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let now = self.migration(id).await;
+            if reached(&now) {
+                return now;
+            }
+            assert!(
+                !now.state.is_terminal(),
+                "the job ended before the moment waited for: {now:?}"
+            );
+            assert!(Instant::now() < deadline, "never reached: {now:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
