@@ -10,8 +10,8 @@ use axum::{middleware, Json, Router};
 use ferry_api::agent::{
     AgentInstance, ChecksumImage, ChecksumStatus, CleanedUp, CleanupCopies, CopyReceiving,
     CopyStatus, DefineInstance, DirtyRate, ImageMeasure, IncomingReady, MeasureImage, PrepareDisk,
-    PrepareIncoming, PreparedDisk, ReceiveCopy, ReconnectSource, SendCopy, SetSourceParams,
-    SourceStatus, StartSource,
+    PrepareIncoming, PreparedDisk, ReceiveCopy, ReconnectSource, RemovedIncoming, SendCopy,
+    SetSourceParams, SourceStatus, StartSource,
 };
 use ferry_api::checks::{CpuModelFeatures, ProbeConnect, ProbeListening, ProbeResult};
 use ferry_api::hosts::HostFacts;
@@ -193,12 +193,22 @@ async fn prepare_incoming(
     Ok(Json(agent.prepare_incoming(mid, body(req)?).await?))
 }
 
+/// `?keep_images=true` on removing a destination.
+#[derive(Debug, Default, Deserialize)]
+struct KeepImages {
+    #[serde(default)]
+    keep_images: bool,
+}
+
 async fn remove_incoming(
     State(agent): State<Arc<Agent>>,
     Path(mid): Path<String>,
-) -> ApiResult<()> {
-    agent.remove_incoming(uuid(&mid)?).await?;
-    Ok(Json(()))
+    q: Result<Query<KeepImages>, QueryRejection>,
+) -> ApiResult<RemovedIncoming> {
+    let Query(q) = q.map_err(|e| AgentError::BadRequest(e.body_text()))?;
+    Ok(Json(
+        agent.remove_incoming(uuid(&mid)?, q.keep_images).await?,
+    ))
 }
 
 async fn confirm(

@@ -4,6 +4,11 @@
 //! Each path is written into the migration's record before its image is created, and only
 //! after checking that nothing is there: the record never names a file Ferry did not make,
 //! and an agent that restarts mid-way still knows what to remove.
+//!
+//! A retry after a failed block migration may reuse the image an earlier attempt kept here
+//! (`IncomingDisk::reuse`, named by the server, which recorded it as kept): it is taken as it
+//! is when its format and size still match, and the source then sends only what its bitmap
+//! says the image lacks.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,7 +29,9 @@ impl Agent {
         disks: &[IncomingDisk],
     ) -> Result<(), AgentError> {
         for d in disks {
-            self.refuse_incoming_image(d)?;
+            if !d.reuse {
+                self.refuse_incoming_image(d)?;
+            }
             if let Some(name) = self.image_in_use(&d.image).await {
                 return Err(AgentError::conflict(
                     "image-in-use",
@@ -54,19 +61,66 @@ impl Agent {
     }
 
     /// Creates every image of `disks` (same format and virtual size as the source's, sparse;
-    /// an overlay on the same shared base). On failure the images made so far are removed.
+    /// an overlay on the same shared base), or reuses a kept one. Returns the disks whose
+    /// kept image is reused. On failure the images made or reused so far are removed.
     pub(crate) async fn create_incoming_images(
         &self,
         entry: &Arc<MigrationEntry>,
         disks: &[IncomingDisk],
-    ) -> Result<(), AgentError> {
+    ) -> Result<Vec<String>, AgentError> {
+        let mut reused = Vec::new();
         for d in disks {
+            match self.reuse_kept_image(entry, d).await {
+                Ok(true) => {
+                    reused.push(d.disk.clone());
+                    continue;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    self.remove_incoming_images(entry);
+                    return Err(e);
+                }
+            }
             if let Err(e) = self.create_incoming_image(entry, d).await {
                 self.remove_incoming_images(entry);
                 return Err(e);
             }
         }
-        Ok(())
+        Ok(reused)
+    }
+
+    /// Takes the image an earlier attempt kept for `d`, when asked to and it still has the
+    /// disk's format and size (true). One that does not match is removed, to be made anew.
+    async fn reuse_kept_image(
+        &self,
+        entry: &Arc<MigrationEntry>,
+        d: &IncomingDisk,
+    ) -> Result<bool, AgentError> {
+        if !d.reuse {
+            return Ok(false);
+        }
+        let path = datastores::resolve(&self.config, &d.image)?;
+        if path.symlink_metadata().is_err() {
+            warn!(disk = %d.disk, image = %d.image, "the kept image is gone; making a new one");
+            return Ok(false);
+        }
+        let matches = match self.qemu_img().info(&path, Some(d.format)).await {
+            Ok(info) => {
+                info.virtual_size == d.size_bytes
+                    && info.backing_filename.is_some() == d.backing.is_some()
+                    && !info.corrupt
+            }
+            Err(_) => false,
+        };
+        entry.update(|r| r.created_images.push(path.clone()));
+        if !matches {
+            warn!(disk = %d.disk, image = %d.image, "the kept image no longer matches the disk; making a new one");
+            std::fs::remove_file(&path).map_err(AgentError::io(&path))?;
+            entry.update(|r| r.created_images.retain(|p| p != &path));
+            return Ok(false);
+        }
+        info!(disk = %d.disk, image = %d.image, "kept image reused: only what it lacks is sent");
+        Ok(true)
     }
 
     async fn create_incoming_image(

@@ -318,19 +318,21 @@ impl Agent {
     }
 
     /// Stops the slot's QEMU (gracefully: `quit`, then kill after 10 s; or at once) and
-    /// removes its taps.
-    pub(crate) async fn teardown(&self, slot: &mut Slot, graceful: bool) {
+    /// removes its taps. True when QEMU quit cleanly, its images closed and flushed.
+    pub(crate) async fn teardown(&self, slot: &mut Slot, graceful: bool) -> bool {
         slot.crashed = false;
+        let mut clean = false;
         if let Some(mut process) = slot.process.take() {
             if graceful {
-                process.shutdown(STOP_TIMEOUT).await;
+                clean = process.shutdown(STOP_TIMEOUT).await;
             } else {
                 process.kill();
                 let _ = process.wait_exit(Duration::from_secs(5)).await;
             }
-            info!(instance = %slot.record.id, graceful, "QEMU stopped");
+            info!(instance = %slot.record.id, graceful, clean, "QEMU stopped");
         }
         self.remove_taps(&slot.record).await;
+        clean
     }
 
     /// Notices a QEMU that exited by itself: frees its run directory and taps.

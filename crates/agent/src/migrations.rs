@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_api::agent::{
-    AgentInstance, DirtyRate, IncomingReady, PrepareIncoming, ReconnectSource, SetSourceParams,
-    SourceState, SourceStatus, StartSource,
+    AgentInstance, DirtyRate, IncomingReady, PrepareIncoming, ReconnectSource, RemovedIncoming,
+    SetSourceParams, SourceState, SourceStatus, StartSource,
 };
 use ferry_api::ErrorBody;
 use ferry_migrate::{
@@ -528,7 +528,7 @@ impl Agent {
             });
             let prepared = async {
                 self.save_record(&slot.record)?;
-                self.create_incoming_images(&entry, &req.disks).await?;
+                let reused = self.create_incoming_images(&entry, &req.disks).await?;
                 self.translate(&slot.record)?;
                 self.launch(&mut slot, StartMode::Incoming).await?;
                 let qmp = slot
@@ -536,15 +536,24 @@ impl Agent {
                     .ok_or_else(|| AgentError::Internal("incoming QEMU vanished".into()))?;
                 let mut params = req.params.clone();
                 params.port_range = self.port_range;
-                let addr = destination::listen(&qmp, &params, self.config.migration_addr).await?;
+                let addr = destination::listen(
+                    &qmp,
+                    &params,
+                    self.config.migration_addr,
+                    !req.disks.is_empty(),
+                )
+                .await?;
                 let exports: Vec<(String, String, bool)> = req
                     .disks
                     .iter()
                     .map(|d| (d.disk.clone(), export_name(), d.backing.is_some()))
                     .collect();
-                let disks =
+                let mut disks =
                     destination::export_disks(&qmp, &params, self.config.migration_addr, &exports)
                         .await?;
+                for t in &mut disks {
+                    t.resume = reused.contains(&t.disk);
+                }
                 if params.postcopy && disks.is_empty() {
                     self.track(destination::start_on_postcopy(qmp));
                 }
@@ -588,8 +597,14 @@ impl Agent {
     }
 
     /// `DELETE /v1/migrations/{mid}/incoming`: remove the incoming QEMU, its taps and the
-    /// instance, unless the guest already runs here.
-    pub(crate) async fn remove_incoming(&self, mid: Uuid) -> Result<(), AgentError> {
+    /// instance, unless the guest already runs here. With `keep_images`, a block migration's
+    /// images stay for a retry to resume from, when QEMU quit cleanly (its writes are then
+    /// in the files); they are removed in every other case.
+    pub(crate) async fn remove_incoming(
+        &self,
+        mid: Uuid,
+        keep_images: bool,
+    ) -> Result<RemovedIncoming, AgentError> {
         async {
             let entry = self.migration_or_404(&mid)?;
             let r = entry.record();
@@ -603,33 +618,40 @@ impl Agent {
                 format!("the guest of migration {mid} already runs on this host"),
                 "the migration completed; stop or migrate the instance instead",
             );
+            let cancelled = |r: &mut MigrationRecord| {
+                if r.state == SourceState::Running {
+                    r.state = SourceState::Cancelled;
+                }
+            };
             let mut slot = match self.lock_slot(&r.instance_id).await {
                 Ok(slot) if slot.record.incoming == Some(mid) => slot,
                 // Gone or confirmed: nothing of the incoming side is left to remove.
                 _ if r.state == SourceState::Completed => return Err(running_here),
                 _ => {
+                    // Removed earlier (kept or not), or its QEMU is gone: nothing says the
+                    // images hold what was written to them.
                     self.remove_incoming_images(&entry);
-                    entry.update(|r| {
-                        if r.state == SourceState::Running {
-                            r.state = SourceState::Cancelled;
-                        }
-                    });
-                    return Ok(());
+                    entry.update(cancelled);
+                    return Ok(RemovedIncoming::default());
                 }
             };
             if self.run_state(&mut slot).await == Some(RunState::Running) {
                 return Err(running_here);
             }
-            self.teardown(&mut slot, false).await;
+            let keep = keep_images && !entry.record().created_images.is_empty();
+            let clean = self.teardown(&mut slot, keep).await;
             self.forget_instance(&mut slot);
-            self.remove_incoming_images(&entry);
-            entry.update(|r| {
-                if r.state == SourceState::Running {
-                    r.state = SourceState::Cancelled;
-                }
-            });
+            let kept_images = keep && clean;
+            if kept_images {
+                let images = entry.record().created_images;
+                info!(?images, "images kept for a retry to resume from");
+                entry.update(|r| r.created_images.clear());
+            } else {
+                self.remove_incoming_images(&entry);
+            }
+            entry.update(cancelled);
             info!(instance = %r.instance_id, "incoming destination removed");
-            Ok(())
+            Ok(RemovedIncoming { kept_images })
         }
         .instrument(span(&mid))
         .await

@@ -343,7 +343,7 @@ async fn live_migration_through_two_agents_survives_agent_restarts() {
     assert_eq!(confirmed.state, InstanceState::Running);
     assert_eq!(confirmed.incoming, None);
     let e = c2
-        .delete::<()>(&format!("/v1/migrations/{mid}/incoming"))
+        .delete::<ferry_api::agent::RemovedIncoming>(&format!("/v1/migrations/{mid}/incoming"))
         .await
         .unwrap_err();
     assert_eq!(status_of(&e), (Some(409), "guest-running-here".into()));
@@ -434,10 +434,11 @@ async fn live_migration_through_two_agents_survives_agent_restarts() {
     );
     let back = wait_state(&c2, id, InstanceState::Running).await;
     assert_eq!(back.pid, pid_on2, "still the same QEMU on hv2");
-    let _: () = c1
+    let removed: ferry_api::agent::RemovedIncoming = c1
         .delete(&format!("/v1/migrations/{mid2}/incoming"))
         .await
         .expect("remove incoming");
+    assert!(!removed.kept_images, "no disks, nothing kept");
     assert!(instances(&c1).await.is_empty());
     assert_guest_intact(&lab, ip).await;
 

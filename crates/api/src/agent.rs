@@ -159,6 +159,20 @@ pub struct IncomingDisk {
     /// Room the copy needs on the datastore; refused (`no-room`) when there is less.
     #[serde(default)]
     pub required_bytes: u64,
+    /// The image is there already, kept from a failed attempt to resume from: used as it is
+    /// when it still matches, made anew otherwise. The answer's export says which
+    /// ([`ferry_migrate::MirrorTarget::resume`]).
+    #[serde(default)]
+    pub reuse: bool,
+}
+
+/// `DELETE /v1/migrations/{mid}/incoming[?keep_images=true]`: what became of the images a
+/// block migration made there.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemovedIncoming {
+    /// The images stay for a retry: asked for, and the incoming QEMU quit cleanly (its
+    /// writes are in the files). Otherwise they were removed.
+    pub kept_images: bool,
 }
 
 /// Where the destination listens.

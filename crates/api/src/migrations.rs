@@ -333,6 +333,15 @@ pub struct DiskCopy {
     pub sha256: Option<String>,
     /// The source host still has its image: true from the copy until the cleanup removes it.
     pub source_kept: bool,
+    /// Live copy that failed: the destination keeps its partial image for a retry to resume
+    /// from (the next migration to the same host and datastore sends only what it lacks).
+    /// Removed by `ferry migration cleanup`, or when the next migration goes elsewhere.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub target_kept: bool,
+    /// Live copy: the dirty bitmap on the source's disk that records what the destination
+    /// image lacks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bitmap: Option<String>,
 }
 
 /// The auto policy's plan and the engine parameters both halves run with.

@@ -825,7 +825,7 @@ mod tests {
         for needle in [
             "memory migration time    551 ms (QEMU's, after the disk copy)",
             "disk disk0 copy          copied to local:demo-vm-disk0.qcow2 on hv2",
-            "mirror progressed      16.0 MiB of a 16.0 MiB disk",
+            "copy progressed        16.0 MiB of a 16.0 MiB disk",
             "disk copy time         250-500 ms",
             "kept on hv1 at /tmp/x/local/hv1/demo-vm-disk0.qcow2 until the cleanup",
             "`ferry migration cleanup 352fd622` removes the source images",

@@ -567,7 +567,13 @@ pub fn migration_detail(m: &Migration) -> String {
     }
     if !m.copies.is_empty() {
         let kept = m.copies.iter().filter(|c| c.source_kept).count();
+        let partial = m.copies.iter().filter(|c| c.target_kept).count();
         let cleanup = match (&m.cleaned_up_at, kept) {
+            _ if partial > 0 => format!(
+                "{partial} partial copy(ies) kept on {} for a retry to resume from; remove with `ferry migration cleanup {}`",
+                m.destination,
+                short_id(&m.id)
+            ),
             (Some(t), _) => format!("done {}; the source copies are removed", fmt_time(t)),
             (None, 0) => "nothing kept on the source".into(),
             (None, n) => format!(
@@ -613,6 +619,9 @@ pub fn disk_copy_line(c: &ferry_api::migrations::DiskCopy) -> String {
     }
     if c.source_kept {
         line.push_str(" (source copy kept)");
+    }
+    if c.target_kept {
+        line.push_str(" (partial copy kept on the destination for a retry)");
     }
     line
 }

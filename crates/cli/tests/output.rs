@@ -411,6 +411,8 @@ fn a_cold_job_shows_its_disk_copies_and_the_cleanup() {
         elapsed_ms: 900,
         sha256: Some("0123456789abcdef0123456789abcdef".into()),
         source_kept: true,
+        target_kept: false,
+        bitmap: None,
     }];
     let text = output::migration_detail(&m);
     assert!(
@@ -477,6 +479,8 @@ fn a_copy_to_another_datastore_shows_its_target() {
         elapsed_ms: 900,
         sha256: None,
         source_kept: true,
+        target_kept: false,
+        bitmap: None,
     }];
     let text = output::migration_detail(&m);
     assert!(
@@ -500,6 +504,9 @@ fn block_progress() -> Progress {
             remaining_bytes: 6 << 30,
             total_bytes: 10 << 30,
             rate_bps: 100.0 * 1048576.0,
+            resumed: false,
+            passes: 0,
+            whole_disk_mirror: false,
         },
         DiskProgress {
             disk: "disk1".into(),
@@ -508,6 +515,9 @@ fn block_progress() -> Progress {
             remaining_bytes: 0,
             total_bytes: 2 << 30,
             rate_bps: 1.5 * 1048576.0,
+            resumed: false,
+            passes: 0,
+            whole_disk_mirror: false,
         },
     ];
     Progress::disk_copy(1500, disks, 256 << 20)

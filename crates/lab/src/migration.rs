@@ -67,8 +67,13 @@ impl MigrationHalves for LabMigration<'_> {
             .map_err(Self::dest_err)?;
         let qmp = qemu.qmp().clone();
         self.incoming = Some((qemu, serial));
-        let addr =
-            destination::listen(&qmp, &self.params, IpAddr::V4(self.dest.migration_addr)).await?;
+        let addr = destination::listen(
+            &qmp,
+            &self.params,
+            IpAddr::V4(self.dest.migration_addr),
+            false,
+        )
+        .await?;
         if self.params.postcopy {
             destination::start_on_postcopy(qmp);
         }

@@ -21,10 +21,15 @@ use crate::{MigrateError, MigrationParams};
 /// QEMU searches the range itself (`tcp:addr:first,to=last`), so no other process can take the
 /// port between a probe and the bind, and only one `migrate-incoming` is sent: QEMU 9 and
 /// later refuse a second one after a failed bind.
+///
+/// With `stay_on_error` (block migration), a failed stream leaves QEMU running instead of
+/// exiting at once: the agent then quits it cleanly, which writes out the images it filled,
+/// so a retry can resume from them.
 pub async fn listen(
     qmp: &Qmp,
     params: &MigrationParams,
     addr: IpAddr,
+    stay_on_error: bool,
 ) -> Result<SocketAddr, MigrateError> {
     set_capabilities(qmp, params).await?;
     // Destination only: its images stay inactive (no write locks) until the guest is started
@@ -41,6 +46,7 @@ pub async fn listen(
     match qmp
         .execute(&MigrateIncoming {
             uri: range_uri(addr, first, last),
+            exit_on_error: stay_on_error.then_some(false),
         })
         .await
     {
@@ -255,6 +261,8 @@ pub async fn export_disks(
             top_only: *top_only,
             size_bytes: 0,
             allocated_bytes: 0,
+            bitmap: String::new(),
+            resume: false,
         });
     }
     debug!(%at, disks = disks.len(), "disks exported for the mirrors");

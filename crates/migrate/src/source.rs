@@ -240,8 +240,8 @@ pub async fn run_source(
     follow(qmp, params, &mut controller, stream, false, observe, abort).await
 }
 
-/// The bulk copy of a block migration: mirrors every disk of `disks` into its export and
-/// waits until all are in sync, then makes them write-blocking. The bandwidth limit is shared
+/// The disk copy of a block migration: copies every disk of `disks` into its export (see
+/// [`crate::mirror`]) and waits until all are in sync and write-blocking. The bandwidth limit is shared
 /// between the disks; the time budget counts from `started`. A cancel, the budget or a
 /// failed mirror stops every mirror and returns the error; the guest keeps running here.
 async fn copy_disks(
@@ -275,7 +275,7 @@ async fn copy_disks(
     }
 }
 
-/// Samples the started mirrors until every one is in sync and write-blocking. A cancel, the
+/// Samples the started copies (which move themselves on) until every one is in sync. A cancel, the
 /// budget or a failed mirror is the error; [`copy_disks`] then stops them.
 async fn sync_disks(
     qmp: &Qmp,
@@ -288,11 +288,6 @@ async fn sync_disks(
 ) -> Result<(), MigrateError> {
     let mut ticker = tokio::time::interval(params.sample_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // A guest that rewrites its disk faster than the background copy sends keeps a mirror
-    // from ever getting in sync; once the data left stops shrinking for a while, the mirrors
-    // turn write-blocking early, which makes them converge.
-    let mut least_left = u64::MAX;
-    let mut least_at = Instant::now();
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -310,27 +305,11 @@ async fn sync_disks(
             warn!("the time budget ran out during the disk copy");
             return Err(MigrateError::Timeout(started.elapsed().as_secs()));
         }
-        let left: u64 = mirrors.progress().iter().map(|d| d.remaining_bytes).sum();
-        if left < least_left {
-            least_left = left;
-            least_at = Instant::now();
-        }
-        let stalled = least_at.elapsed() >= MIRROR_STALL;
-        if (mirrors.all_ready() || stalled) && !mirrors.is_write_blocking() {
-            if stalled && !mirrors.all_ready() {
-                info!(left, "the disk copy stopped gaining on the guest's writes; mirrors go write-blocking now");
-            }
-            mirrors.make_write_blocking(qmp).await?;
-        }
         if mirrors.all_ready() {
             return Ok(());
         }
     }
 }
-
-/// How long the data a disk copy has left may stop shrinking before its mirrors turn
-/// write-blocking.
-const MIRROR_STALL: Duration = Duration::from_secs(5);
 
 /// The guest's RAM in bytes, for weighing the disk copy against the memory still to come.
 async fn memory_bytes(qmp: &Qmp) -> u64 {

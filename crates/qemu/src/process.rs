@@ -302,17 +302,24 @@ impl QemuProcess {
     }
 
     /// Stops QEMU: `quit` over QMP, then SIGKILL if it has not exited within `timeout`.
-    /// Always removes the run directory.
-    pub async fn shutdown(mut self, timeout: Duration) {
+    /// Always removes the run directory. True when QEMU quit cleanly on request: only then
+    /// did it write its caches (qcow2 metadata included) to its images.
+    pub async fn shutdown(mut self, timeout: Duration) -> bool {
+        let mut clean = false;
         if self.exit_status().is_none() {
-            if let Err(e) = self.qmp.execute(&commands::Quit {}).await {
-                debug!(name = %self.spec.name, error = %e, "quit failed; killing");
+            match self.qmp.execute(&commands::Quit {}).await {
+                Ok(()) => {}
+                Err(e) => debug!(name = %self.spec.name, error = %e, "quit failed; killing"),
             }
-            if self.wait_exit(timeout).await.is_none() {
-                warn!(name = %self.spec.name, pid = self.pid, "QEMU ignored quit; killing it");
+            match self.wait_exit(timeout).await {
+                Some(status) => clean = status == "exit status: 0",
+                None => {
+                    warn!(name = %self.spec.name, pid = self.pid, "QEMU ignored quit; killing it")
+                }
             }
         }
         self.kill();
+        clean
     }
 
     /// Kills the process (if still running) and removes its run directory. Idempotent.

@@ -253,6 +253,8 @@ impl ColdJob<'_> {
                 elapsed_ms: 0,
                 sha256: None,
                 source_kept: false,
+                target_kept: false,
+                bitmap: None,
             })
             .collect();
         if !self.copies.is_empty() {
@@ -780,8 +782,12 @@ impl ColdJob<'_> {
 /// Removes the source copies a completed cold migration kept: `POST
 /// /v1/migrations/{id}/cleanup` and the automatic cleanup. Idempotent: a job already cleaned
 /// up is returned as it is. Refused for a job that did not complete (its source images are
-/// the instance's, not copies) or that kept nothing.
+/// the instance's, not copies) or that kept nothing. For a failed live job whose destination
+/// kept partial images for a retry, removes those instead.
 pub async fn cleanup(state: &AppState, m: &Migration, who: &str) -> Result<Migration, ServerError> {
+    if m.copies.iter().any(|c| c.target_kept) {
+        return crate::kept_copies::remove(state, m, who).await;
+    }
     if m.state != MigrationState::Completed {
         return Err(ServerError::conflict(
             "migration-not-completed",
@@ -825,27 +831,36 @@ pub async fn cleanup(state: &AppState, m: &Migration, who: &str) -> Result<Migra
         .filter(|c| c.source_kept)
         .map(|c| c.image.clone())
         .collect();
-    let src = agent_client(&state.store, &m.source).await?;
-    let done: CleanedUp = src
+    remove_copies(state, m, &m.source, images, who, "the source copies").await?;
+    let cleaned = state.store.mark_cleaned_up(m.id).await?;
+    publish_migration(state, &cleaned);
+    Ok(cleaned)
+}
+
+/// Removes `images`, copies job `m` left on `host`, and logs it: `who` removed `what`.
+pub(crate) async fn remove_copies(
+    state: &AppState,
+    m: &Migration,
+    host: &str,
+    images: Vec<ferry_api::instances::ImageRef>,
+    who: &str,
+    what: &str,
+) -> Result<(), ServerError> {
+    let agent = agent_client(&state.store, host).await?;
+    let done: CleanedUp = agent
         .post(
             &format!("/v1/copies/{}/cleanup", m.id),
-            &CleanupCopies {
-                images: images.clone(),
-            },
+            &CleanupCopies { images },
         )
         .await
-        .map_err(|e| ServerError::from_agent(&m.source, e))?;
-    let cleaned = state.store.mark_cleaned_up(m.id).await?;
+        .map_err(|e| ServerError::from_agent(host, e))?;
     let list = |v: &[ferry_api::instances::ImageRef]| {
         v.iter()
             .map(|i| i.to_string())
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let mut message = format!(
-        "cleanup by {who}: removed the source copies on {}",
-        m.source
-    );
+    let mut message = format!("cleanup by {who}: removed {what} on {host}");
     if !done.removed.is_empty() {
         message.push_str(&format!(" ({})", list(&done.removed)));
     }
@@ -853,8 +868,7 @@ pub async fn cleanup(state: &AppState, m: &Migration, who: &str) -> Result<Migra
         message.push_str(&format!("; already gone: {}", list(&done.missing)));
     }
     log(state, m.id, "info", &message).await;
-    publish_migration(state, &cleaned);
-    Ok(cleaned)
+    Ok(())
 }
 
 /// Removes the source copies of completed cold migrations `cold_cleanup_after_s` after they

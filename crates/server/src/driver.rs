@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use ferry_api::agent::{
     AgentInstance, DirtyRate, IncomingDisk, IncomingReady, PrepareIncoming, ReconnectSource,
-    SourceState, SourceStatus, StartSource,
+    RemovedIncoming, SourceState, SourceStatus, StartSource,
 };
 use ferry_api::checks::CheckStatus;
 use ferry_api::instances::InstanceSpec;
@@ -402,10 +402,12 @@ async fn drive_live(
     block_copies: Vec<checks::BlockCopy>,
     cancel: watch::Receiver<bool>,
 ) -> Ending {
+    let mut resume = std::collections::HashMap::new();
     if !attach {
         clear_stale_copies(state, m, &block_copies).await;
+        resume = crate::kept_copies::take_over(state, m, &block_copies).await;
     }
-    let mut halves = match AgentHalves::new(state, m, attach, block_copies, cancel).await {
+    let mut halves = match AgentHalves::new(state, m, attach, block_copies, resume, cancel).await {
         Ok(h) => h,
         Err(e) => return Ending::Failed(e.body),
     };
@@ -427,6 +429,17 @@ async fn drive_live(
     }
     let mut observe = |_: &ferry_migrate::SourceEvent| {};
     let result = ferry_migrate::live_migrate(&mut halves, &mut observe).await;
+    if let Err(e) = &result {
+        // A datastore that filled up is no place to keep a partial copy on.
+        let code = halves
+            .last_error
+            .as_ref()
+            .map_or(e.code(), |b| b.code.as_str());
+        if code == "no-space" {
+            halves.dest_kept_images = false;
+            halves.discard_kept = true;
+        }
+    }
     halves.end_copies(result.is_ok()).await;
     match result {
         Ok(outcome) => Ending::Completed(Some(stats_of(&outcome.source))),
@@ -510,6 +523,13 @@ struct AgentHalves<'a> {
     mirrors: Vec<ferry_migrate::MirrorTarget>,
     /// Block migration: the (disk, event) log lines already written.
     disk_events: std::collections::HashSet<(String, &'static str)>,
+    /// Block migration: the disks whose copy resumes from an image an earlier attempt kept
+    /// on the destination, each with its bitmap.
+    resume: std::collections::HashMap<String, String>,
+    /// Block migration: the destination kept its images when it was removed.
+    dest_kept_images: bool,
+    /// Block migration: the destination's kept images are to be removed after all.
+    discard_kept: bool,
 }
 
 /// Which half an agent call is for.
@@ -525,6 +545,7 @@ impl<'a> AgentHalves<'a> {
         m: &Migration,
         attach: bool,
         block_copies: Vec<checks::BlockCopy>,
+        resume: std::collections::HashMap<String, String>,
         cancel: watch::Receiver<bool>,
     ) -> Result<AgentHalves<'a>, ServerError> {
         let instance = state
@@ -535,7 +556,16 @@ impl<'a> AgentHalves<'a> {
         let copies = if attach {
             m.copies.clone()
         } else {
-            let copies: Vec<DiskCopy> = block_copies.iter().map(planned_copy).collect();
+            let copies: Vec<DiskCopy> = block_copies
+                .iter()
+                .map(|b| {
+                    let bitmap = resume
+                        .get(&b.disk)
+                        .cloned()
+                        .unwrap_or_else(|| crate::kept_copies::bitmap_name(m.id));
+                    planned_copy(b, bitmap)
+                })
+                .collect();
             if !copies.is_empty() {
                 state.store.set_copies(m.id, &copies).await?;
                 let spec = destination_spec(&instance.spec, &copies);
@@ -548,6 +578,9 @@ impl<'a> AgentHalves<'a> {
             copies,
             mirrors: Vec::new(),
             disk_events: Default::default(),
+            resume,
+            dest_kept_images: false,
+            discard_kept: false,
             state,
             params: m
                 .plan
@@ -617,6 +650,16 @@ impl<'a> AgentHalves<'a> {
         tail: &str,
         delete: bool,
     ) -> Result<bool, MigrateError> {
+        Ok(self.cleanup_answer(side, tail, delete).await?.is_some())
+    }
+
+    /// [`Self::cleanup`] with the agent's answer (`None` for a 404).
+    async fn cleanup_answer(
+        &mut self,
+        side: Side,
+        tail: &str,
+        delete: bool,
+    ) -> Result<Option<serde_json::Value>, MigrateError> {
         let (client, host, path) = (self.client(side), self.host(side), self.path(tail));
         let result: Result<serde_json::Value, ApiError> = self
             .retrying(&host, false, || {
@@ -631,8 +674,8 @@ impl<'a> AgentHalves<'a> {
             })
             .await;
         match result {
-            Ok(_) => Ok(true),
-            Err(e) if e.status() == Some(404) => Ok(false),
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.status() == Some(404) => Ok(None),
             Err(e) => Err(self.agent_failed(&host, e)),
         }
     }
@@ -781,39 +824,54 @@ impl AgentHalves<'_> {
                     lines.push(line);
                 }
             };
+            let target = c.target.as_ref().unwrap_or(&c.image);
             once(
                 "started",
-                format!(
-                    "disk {}: mirror started to {}",
-                    d.disk,
-                    c.target.as_ref().unwrap_or(&c.image)
-                ),
+                if d.resumed {
+                    format!(
+                        "disk {}: copy resumed into {target}: only what the kept image lacks is sent ({:.1} MiB marked)",
+                        d.disk,
+                        mib(d.remaining_bytes)
+                    )
+                } else {
+                    format!("disk {}: copy started to {target}", d.disk)
+                },
             );
+            if d.whole_disk_mirror {
+                once(
+                    "whole-disk-mirror",
+                    format!(
+                        "disk {}: the guest rewrote it faster than {} pass(es) could copy it; a write-blocking mirror of the whole disk takes over (it resends the disk's data)",
+                        d.disk, d.passes
+                    ),
+                );
+            }
             match d.state {
                 ferry_migrate::DiskState::Synced => once(
                     "synced",
                     format!(
-                        "disk {}: mirror in sync after {:.1} MiB; guest writes now reach both hosts before they complete (write-blocking)",
+                        "disk {}: in sync after {:.1} MiB in {} pass(es); guest writes now reach both hosts before they complete (write-blocking)",
                         d.disk,
-                        mib(d.copied_bytes)
+                        mib(d.copied_bytes),
+                        d.passes
                     ),
                 ),
                 ferry_migrate::DiskState::Completed => once(
                     "completed",
                     format!(
-                        "disk {}: mirror completed at switchover, {:.1} MiB copied; the destination image is consistent",
+                        "disk {}: copy completed at switchover, {:.1} MiB copied; the destination image is consistent",
                         d.disk,
                         mib(d.copied_bytes)
                     ),
                 ),
                 ferry_migrate::DiskState::Failed => once(
                     "failed",
-                    format!("disk {}: mirror failed after {:.1} MiB", d.disk, mib(d.copied_bytes)),
+                    format!("disk {}: copy failed after {:.1} MiB", d.disk, mib(d.copied_bytes)),
                 ),
                 ferry_migrate::DiskState::Cancelled => once(
                     "cancelled",
                     format!(
-                        "disk {}: mirror stopped after {:.1} MiB; the source image is untouched",
+                        "disk {}: copy stopped after {:.1} MiB; the source image is untouched",
                         d.disk,
                         mib(d.copied_bytes)
                     ),
@@ -842,17 +900,47 @@ impl AgentHalves<'_> {
         if self.copies.is_empty() {
             return;
         }
+        // A copy that never got as far as a sample may have a bitmap that does not yet
+        // describe its image: only copies seen running are kept for a retry.
+        let mut unusable = Vec::new();
         for c in &mut self.copies {
             if completed {
                 c.state = DiskCopyState::Copied;
                 c.remaining_bytes = 0;
                 c.source_kept = true;
             } else if c.state != DiskCopyState::Copied || !self.committed {
+                if (self.dest_kept_images || self.discard_kept) && !self.committed {
+                    let started = c.state != DiskCopyState::Pending;
+                    c.target_kept = started && !self.discard_kept;
+                    if !c.target_kept {
+                        unusable.extend(c.target.clone());
+                    }
+                }
                 c.state = DiskCopyState::Failed;
             }
         }
         if let Err(e) = self.state.store.set_copies(self.m.id, &self.copies).await {
             warn!(id = %self.m.id, error = %e, "cannot record the disk copies");
+        }
+        if !unusable.is_empty() {
+            let what = "the images no retry can resume from";
+            let host = self.m.destination.clone();
+            if let Err(e) =
+                crate::cold::remove_copies(self.state, &self.m, &host, unusable, "ferry", what)
+                    .await
+            {
+                warn!(id = %self.m.id, error = %e, "destination images not removed");
+            }
+        }
+        for c in self.copies.iter().filter(|c| c.target_kept) {
+            let message = format!(
+                "disk {}: {} keeps the partial copy ({:.1} MiB sent) for a retry to the same datastore; `ferry migration cleanup {}` removes it",
+                c.disk,
+                self.m.destination,
+                c.done_bytes as f64 / (1 << 20) as f64,
+                self.m.id
+            );
+            self.log("info", &message).await;
         }
         if completed {
             let names: Vec<String> = self.copies.iter().map(|c| c.image.to_string()).collect();
@@ -882,8 +970,8 @@ fn stats_of(o: &SourceOutcome) -> MigrationStats {
     }
 }
 
-/// The job's record of a disk it is about to copy live.
-fn planned_copy(b: &checks::BlockCopy) -> DiskCopy {
+/// The job's record of a disk it is about to copy live, tracked by `bitmap` on the source.
+fn planned_copy(b: &checks::BlockCopy, bitmap: String) -> DiskCopy {
     DiskCopy {
         disk: b.disk.clone(),
         image: b.source.clone(),
@@ -897,6 +985,8 @@ fn planned_copy(b: &checks::BlockCopy) -> DiskCopy {
         elapsed_ms: 0,
         sha256: None,
         source_kept: false,
+        target_kept: false,
+        bitmap: Some(bitmap),
     }
 }
 
@@ -1097,6 +1187,7 @@ impl MigrationHalves for AgentHalves<'_> {
                 size_bytes: b.size_bytes,
                 backing: b.backing.clone(),
                 required_bytes: b.required_bytes(),
+                reuse: self.resume.contains_key(&b.disk),
             })
             .collect();
         for b in &self.block_copies {
@@ -1119,10 +1210,17 @@ impl MigrationHalves for AgentHalves<'_> {
         self.log("info", &format!("destination listening on {}", ready.addr))
             .await;
         for t in &ready.disks {
-            let message = format!(
-                "disk {}: new image exported on {} for the mirror",
-                t.disk, t.addr
-            );
+            let message = if t.resume {
+                format!(
+                    "disk {}: kept image exported on {}; only what it lacks is sent",
+                    t.disk, t.addr
+                )
+            } else {
+                format!(
+                    "disk {}: new image exported on {} for the copy",
+                    t.disk, t.addr
+                )
+            };
             self.log("info", &message).await;
         }
         // The source's mirror speed needs each disk's size and data (see `mirror_speed`).
@@ -1131,9 +1229,11 @@ impl MigrationHalves for AgentHalves<'_> {
             .iter()
             .map(|t| {
                 let b = self.block_copies.iter().find(|b| b.disk == t.disk);
+                let c = self.copies.iter().find(|c| c.disk == t.disk);
                 ferry_migrate::MirrorTarget {
                     size_bytes: b.map_or(0, |b| b.size_bytes),
                     allocated_bytes: b.filter(|b| b.measured).map_or(0, |b| b.allocated_bytes),
+                    bitmap: c.and_then(|c| c.bitmap.clone()).unwrap_or_default(),
                     ..t.clone()
                 }
             })
@@ -1330,7 +1430,15 @@ impl MigrationHalves for AgentHalves<'_> {
 
     async fn remove_destination(&mut self) -> Result<(), MigrateError> {
         self.release_logs().await;
-        if self.cleanup(Side::Destination, "/incoming", true).await? {
+        // A block migration's images stay for a retry (see `kept_copies`).
+        let tail = if self.copies.is_empty() {
+            "/incoming"
+        } else {
+            "/incoming?keep_images=true"
+        };
+        if let Some(answer) = self.cleanup_answer(Side::Destination, tail, true).await? {
+            let removed: RemovedIncoming = serde_json::from_value(answer).unwrap_or_default();
+            self.dest_kept_images = removed.kept_images;
             let message = format!("destination on {} removed", self.m.destination);
             self.log("info", &message).await;
         }

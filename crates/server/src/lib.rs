@@ -14,6 +14,7 @@ pub mod disks;
 pub mod driver;
 pub mod error;
 pub mod events;
+pub mod kept_copies;
 pub mod preflight;
 pub mod reconcile;
 pub mod scheduler;

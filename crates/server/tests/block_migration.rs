@@ -57,6 +57,27 @@ async fn vm_with_disk_cache(
     cache: CacheMode,
     size: u64,
 ) -> Instance {
+    let disk = DiskRequest {
+        id: Some("disk0".into()),
+        datastore: Some("local".into()),
+        size_bytes: Some(size),
+        serial: Some(SERIAL.into()),
+        cache,
+        ..serde_json::from_value(serde_json::json!({})).unwrap()
+    };
+    vm_with_disk(c, name, k, rate, disk, extra).await
+}
+
+/// A running lab guest on hv1 whose disk `disk0` is `disk`, writing 4096 self-checking blocks
+/// (16 MiB) at its start at `rate` per second.
+async fn vm_with_disk(
+    c: &Cluster,
+    name: &str,
+    k: u8,
+    rate: u32,
+    disk: DiskRequest,
+    extra: Vec<DiskRequest>,
+) -> Instance {
     let config = GuestConfig {
         disk: Some(GuestDisk {
             rate_blocks_s: rate,
@@ -65,14 +86,7 @@ async fn vm_with_disk_cache(
         }),
         ..Cluster::small_guest()
     };
-    let mut disks = vec![DiskRequest {
-        id: Some("disk0".into()),
-        datastore: Some("local".into()),
-        size_bytes: Some(size),
-        serial: Some(SERIAL.into()),
-        cache,
-        ..serde_json::from_value(serde_json::json!({})).unwrap()
-    }];
+    let mut disks = vec![disk];
     disks.extend(extra);
     let req = CreateInstance {
         name: name.into(),
@@ -131,6 +145,27 @@ fn rx_bytes(c: &Cluster, host: &str) -> u64 {
     ferry_lab::net::migration_rx_bytes(&c.lab.host(host).unwrap().netns).unwrap()
 }
 
+/// What `host` has received on its migration interface once job `m` is past its pre-flight
+/// checks (their bandwidth probe sends a lot): the baseline of the job's bytes on the wire.
+async fn rx_after_checks(c: &Cluster, m: &Migration, host: &str) -> u64 {
+    loop {
+        let now = c.migration(m.id).await;
+        if now.state != MigrationState::Pending && now.state != MigrationState::Preparing {
+            return rx_bytes(c, host);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Moves `vm` to `to` with default options, to its end; returns the ended job and the bytes
+/// `to` received on its migration interface after the job's checks.
+async fn move_counting_bytes(c: &Cluster, vm: &str, to: &str) -> (Migration, u64) {
+    let m = c.migrate(vm, to, MigrationOptions::default()).await;
+    let rx = rx_after_checks(c, &m, to).await;
+    let m = c.wait_end(m.id, Duration::from_secs(300)).await;
+    (m, rx_bytes(c, to) - rx)
+}
+
 /// No QEMU, no NBD export and no listening port of the migration range left on `host`.
 fn nothing_left_on(c: &Cluster, host: &str) {
     assert_eq!(c.qemus_on(host), 0, "a QEMU is left on {host}");
@@ -161,14 +196,7 @@ async fn a_guest_writing_its_local_disk_moves_there_and_back_and_every_block_ver
     let mut previous: Option<Migration> = None;
     for (from, to) in [("hv1", "hv2"), ("hv2", "hv1")] {
         let m = c.migrate("blk-vm", to, MigrationOptions::default()).await;
-        // Counted from the end of the pre-flight checks: their bandwidth probe sends a lot.
-        let rx_before = loop {
-            let now = c.migration(m.id).await;
-            if now.state != MigrationState::Pending && now.state != MigrationState::Preparing {
-                break rx_bytes(&c, to);
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
+        let rx_before = rx_after_checks(&c, &m, to).await;
         let m = c.wait_end(m.id, Duration::from_secs(300)).await;
         let log = c.logs(m.id).await;
         assert_eq!(m.state, MigrationState::Completed, "{:?}\n{log}", m.error);
@@ -182,9 +210,9 @@ async fn a_guest_writing_its_local_disk_moves_there_and_back_and_every_block_ver
         assert_eq!(copy.target.as_ref().unwrap().datastore, "local", "{copy:?}");
         for needle in [
             "disk disk0: local:",
-            "mirror started",
-            "mirror in sync",
-            "mirror completed at switchover",
+            "copy started",
+            ": in sync after",
+            "copy completed at switchover",
             "until `ferry migration cleanup",
         ] {
             assert!(
@@ -281,7 +309,7 @@ async fn a_cancel_or_the_budget_in_the_disk_or_memory_copy_leaves_the_guest_and_
             Box::new(move |m: &Migration| phase(m) == Some(ferry_migrate::Phase::Precopy)),
         ),
     ];
-    for (when, ready) in moments {
+    for (attempt, (when, ready)) in moments.into_iter().enumerate() {
         let m = c.migrate("blk-cancel", "hv2", slow.clone()).await;
         let m = cancel_when(&c, &m, ready).await;
         let log = c.logs(m.id).await;
@@ -308,14 +336,19 @@ async fn a_cancel_or_the_budget_in_the_disk_or_memory_copy_leaves_the_guest_and_
             ("hv1", InstanceState::Running, "local"),
             "{when}"
         );
+        // The partial image stays on hv2 for a retry, which takes it over.
         assert!(
-            !local(&ds, "hv2").join(&file).exists(),
-            "{when}: the partial image on hv2 is removed"
+            local(&ds, "hv2").join(&file).exists() && m.copies.iter().all(|c| c.target_kept),
+            "{when}: hv2 keeps the partial image: {:?}\n{log}",
+            m.copies
         );
+        if attempt > 0 {
+            assert!(log.contains("is taken over"), "{when}: {log}");
+        }
         nothing_left_on(&c, "hv2");
         assert_intact(&c, 22, when).await;
     }
-    // The time budget covers the disk copy too: 3 s at 1 MiB/s end it there.
+    // The time budget covers the disk copy too: 3 s at 1 MiB/s end the job.
     let short = MigrationOptions {
         budget_s: Some(3),
         ..slow.clone()
@@ -329,9 +362,17 @@ async fn a_cancel_or_the_budget_in_the_disk_or_memory_copy_leaves_the_guest_and_
         (MigrationState::Failed, "migration-timeout"),
         "{err:?}\n{log}"
     );
-    assert!(!local(&ds, "hv2").join(&file).exists());
     nothing_left_on(&c, "hv2");
-    assert_intact(&c, 22, "budget spent in the disk copy").await;
+    assert_intact(&c, 22, "budget spent").await;
+    // `ferry migration cleanup` of the failed job removes what hv2 kept.
+    assert!(local(&ds, "hv2").join(&file).exists(), "{log}");
+    let cleaned: Migration = c
+        .admin
+        .post(&format!("/v1/migrations/{}/cleanup", m.id), &())
+        .await
+        .unwrap();
+    assert!(cleaned.copies.iter().all(|c| !c.target_kept), "{cleaned:?}");
+    assert!(!local(&ds, "hv2").join(&file).exists());
     c.shutdown().await;
 }
 
@@ -537,5 +578,194 @@ async fn the_destination_qemu_killed_during_the_disk_copy_fails_the_job_and_the_
     assert!(!local(&ds, "hv2").join(&file).exists(), "{log}");
     nothing_left_on(&c, "hv2");
     assert_intact(&c, 25, "destination killed").await;
+    c.shutdown().await;
+}
+
+/// Runs `qemu-img` or `qemu-io` with `args`; panics with its output when it fails.
+fn qemu_tool(tool: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(tool)
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{tool} {args:?}: {text}");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_block_migration_is_resumed_and_the_retry_sends_fewer_bytes() {
+    let base = tempfile::tempdir().unwrap();
+    let ds = base.path().join("ds");
+    let c = cluster(&ds).await;
+    // 320 MiB of data the guest never touches, behind the 16 MiB its blocks use.
+    let file = "resume-data.qcow2";
+    let image = local(&ds, "hv1").join(file);
+    let path = image.to_str().unwrap();
+    qemu_tool("qemu-img", &["create", "-q", "-f", "qcow2", path, "512M"]);
+    qemu_tool(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x5a 64M 320M", path],
+    );
+    let disk = DiskRequest {
+        id: Some("disk0".into()),
+        image: Some(path.to_string()),
+        serial: Some(SERIAL.into()),
+        cache: CacheMode::None,
+        ..serde_json::from_value(serde_json::json!({})).unwrap()
+    };
+    vm_with_disk(&c, "blk-resume", 26, 100, disk, vec![]).await;
+    assert_intact(&c, 26, "boot").await;
+    let mib = |b: u64| b >> 20;
+    let capped = |mib_s: u64| MigrationOptions {
+        bandwidth_mib_s: Some(mib_s),
+        ..Default::default()
+    };
+
+    // 1. Cancelled in the middle of the disk copy: hv2 keeps what arrived.
+    let m = c.migrate("blk-resume", "hv2", capped(24)).await;
+    let rx = rx_after_checks(&c, &m, "hv2").await;
+    let m = cancel_when(&c, &m, |m: &Migration| {
+        m.progress
+            .as_ref()
+            .is_some_and(|p| p.disks.iter().any(|d| d.copied_bytes >= 200 << 20))
+    })
+    .await;
+    let first = rx_bytes(&c, "hv2") - rx;
+    let log = c.logs(m.id).await;
+    assert_eq!(m.state, MigrationState::Cancelled, "{log}");
+    assert!(m.copies[0].target_kept, "{:?}\n{log}", m.copies);
+    assert!(log.contains("keeps the partial copy"), "{log}");
+    assert!(local(&ds, "hv2").join(file).exists());
+    nothing_left_on(&c, "hv2");
+    assert_intact(&c, 26, "cancelled in the disk copy").await;
+
+    // 2. The retry resumes: it sends what the first attempt had not.
+    let (m, resumed) = move_counting_bytes(&c, "blk-resume", "hv2").await;
+    let log = c.logs(m.id).await;
+    assert_eq!(m.state, MigrationState::Completed, "{:?}\n{log}", m.error);
+    assert!(
+        log.contains("is taken over") && log.contains("copy resumed into"),
+        "{log}"
+    );
+    assert_intact(&c, 26, "resumed move to hv2").await;
+
+    // 3. Side by side, a copy from zero: the same guest back to hv1.
+    let (m, full) = move_counting_bytes(&c, "blk-resume", "hv1").await;
+    assert_eq!(m.state, MigrationState::Completed, "{:?}", m.error);
+    assert_intact(&c, 26, "full move back to hv1").await;
+    eprintln!(
+        "cancelled mid-copy: {} MiB; resumed: {} MiB; from zero: {} MiB",
+        mib(first),
+        mib(resumed),
+        mib(full)
+    );
+    assert!(
+        resumed + (96 << 20) < full,
+        "the resumed copy skips what the cancelled one sent: resumed {} MiB, from zero {} MiB, first attempt {} MiB",
+        mib(resumed),
+        mib(full),
+        mib(first)
+    );
+
+    // 4. Cancelled in the memory copy, after the whole disk went; the retry sends little of
+    //    the disk again.
+    let m = c.migrate("blk-resume", "hv2", capped(32)).await;
+    let rx = rx_after_checks(&c, &m, "hv2").await;
+    let m = cancel_when(&c, &m, |m: &Migration| {
+        m.progress
+            .as_ref()
+            .is_some_and(|p| p.phase == ferry_migrate::Phase::Precopy)
+    })
+    .await;
+    let late = rx_bytes(&c, "hv2") - rx;
+    assert_eq!(m.state, MigrationState::Cancelled, "{:?}", m.error);
+    assert!(m.copies[0].target_kept, "{:?}", m.copies);
+    let (m, retry) = move_counting_bytes(&c, "blk-resume", "hv2").await;
+    let log = c.logs(m.id).await;
+    assert_eq!(m.state, MigrationState::Completed, "{:?}\n{log}", m.error);
+    eprintln!(
+        "cancelled in the memory copy: {} MiB; its retry: {} MiB",
+        mib(late),
+        mib(retry)
+    );
+    assert!(
+        retry + (128 << 20) < late,
+        "the retry after the disk was copied resends little: first {} MiB, retry {} MiB",
+        mib(late),
+        mib(retry)
+    );
+    assert_intact(&c, 26, "resumed after a late cancel").await;
+
+    // The data the guest never touched arrived whole: read back from hv2's image.
+    let i = c.instance("blk-resume").await;
+    let _: Instance = c
+        .admin
+        .post(&format!("/v1/instances/{}/stop", i.id), &())
+        .await
+        .unwrap();
+    let on_hv2 = local(&ds, "hv2").join(file);
+    let read = qemu_tool(
+        "qemu-io",
+        &[
+            "-r",
+            "-f",
+            "qcow2",
+            "-c",
+            "read -P 0x5a 64M 320M",
+            on_hv2.to_str().unwrap(),
+        ],
+    );
+    assert!(!read.contains("failed"), "{read}");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_guest_that_rewrites_its_disk_faster_than_the_passes_gain_gets_a_whole_disk_mirror_and_converges(
+) {
+    let base = tempfile::tempdir().unwrap();
+    let ds = base.path().join("ds");
+    let c = cluster(&ds).await;
+    // 16 MiB of blocks rewritten at up to 8 MiB/s, against a copy capped at 2 MiB/s.
+    vm_with_disk_cache(
+        &c,
+        "blk-fast",
+        27,
+        2000,
+        vec![],
+        CacheMode::Writeback,
+        64 << 20,
+    )
+    .await;
+    let capped = MigrationOptions {
+        bandwidth_mib_s: Some(2),
+        ..Default::default()
+    };
+    let m = c.migrate("blk-fast", "hv2", capped).await;
+    // In sync: the memory copy started.
+    let m = cancel_when(&c, &m, |m: &Migration| {
+        m.progress
+            .as_ref()
+            .is_some_and(|p| p.phase == ferry_migrate::Phase::Precopy)
+    })
+    .await;
+    let log = c.logs(m.id).await;
+    assert_eq!(m.state, MigrationState::Cancelled, "{:?}\n{log}", m.error);
+    for needle in [
+        "a write-blocking mirror of the whole disk takes over",
+        ": in sync after",
+    ] {
+        assert!(
+            log.contains(needle),
+            "{needle:?} missing from the log:\n{log}"
+        );
+    }
+    let i = c.instance("blk-fast").await;
+    assert_eq!((i.host.as_str(), i.state), ("hv1", InstanceState::Running));
+    nothing_left_on(&c, "hv2");
+    assert_intact(&c, 27, "cancelled after the whole-disk mirror").await;
     c.shutdown().await;
 }

@@ -1,9 +1,9 @@
 //! `ferry demo --storage local`: the guest's disk is on a datastore only hv1 sees, so it moves
 //! with the guest by block migration. The report then says what that cost: how far each
-//! disk's mirror went, how long the copy took by the job's samples, what hv2 received on its
+//! disk's copy went, how long the copy took by the job's samples, what hv2 received on its
 //! migration interface, and where the source's image stays.
 //!
-//! The figures are kept apart on purpose: the mirror's progress counts unallocated ranges it
+//! The figures are kept apart on purpose: the copy's progress counts unallocated ranges it
 //! never sends and counts rewritten blocks again, while the interface counts memory and disk
 //! together with their protocol headers; neither can stand in for the other.
 
@@ -29,7 +29,7 @@ pub(super) struct DiskCopyReport {
     pub state: String,
     /// The disk's virtual size.
     pub size_bytes: u64,
-    /// How far the mirror went through the disk: not bytes sent, since unallocated ranges
+    /// How far the copy went through the disk: not bytes sent, since unallocated ranges
     /// count without crossing the wire and rewritten blocks count again.
     pub progressed_bytes: u64,
     /// From the first sample that showed the disk to the first in which every disk was in
@@ -218,7 +218,7 @@ pub(super) fn render(r: &DemoReport, destination: &str, out: &mut String) {
         );
         let _ = writeln!(
             out,
-            "    mirror progressed      {} of a {} disk (how far the mirror went: unallocated \
+            "    copy progressed        {} of a {} disk (how far the copy went: unallocated \
              ranges count unsent, rewritten blocks count again)",
             mib(c.progressed_bytes),
             mib(c.size_bytes)
@@ -283,6 +283,9 @@ mod tests {
                 remaining_bytes: 0,
                 total_bytes: 0,
                 rate_bps: 0.0,
+                resumed: false,
+                passes: 0,
+                whole_disk_mirror: false,
             })
             .collect();
         Progress::disk_copy(elapsed_ms, disks, 0)

@@ -2,9 +2,13 @@
 //!
 //! The destination exports each new image over NBD (`nbd-server-start`, `block-export-add`);
 //! the source attaches that export as a node (`blockdev-add` of an `nbd` client) and mirrors
-//! its disk into it (`blockdev-mirror`), switching the mirror to write-blocking once it is in
-//! sync (`block-job-change`), and ends it with `block-job-cancel`, which for a mirror in sync
-//! leaves a consistent copy without pivoting the guest onto it.
+//! its disk into it (`blockdev-mirror`, write-blocking), and ends the mirror with
+//! `block-job-cancel`, which for a mirror in sync leaves a consistent copy without pivoting
+//! the guest onto it.
+//!
+//! The bulk copy runs as `blockdev-backup` passes driven by a dirty bitmap
+//! (`block-dirty-bitmap-add`, `bitmap-mode: always`): after a failure the bitmap still says
+//! what the destination lacks, so a retry copies only that.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -94,19 +98,6 @@ pub struct BlockdevMirror {
     pub speed: Option<u64>,
     /// False: the concluded job stays listed until `job-dismiss`, so its error can be read.
     pub auto_dismiss: bool,
-}
-
-/// `block-job-change` for a mirror: switch its copy mode while it runs (QEMU 8.2 and later).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct BlockJobChangeMirror {
-    /// The job or export id.
-    pub id: String,
-    /// Always `mirror`.
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-    /// See QEMU's QAPI schema for `copy_mode`.
-    pub copy_mode: &'static str,
 }
 
 /// `block-job-cancel`: for a mirror in sync, completes it without pivoting (the target is a
@@ -234,11 +225,130 @@ pub struct BlockExportDel {
     pub id: String,
 }
 
+/// `blockdev-backup`: copy `device` (all of it, its top image, or a bitmap's regions) into
+/// `target`. With a bitmap and `bitmap_mode: "always"` the bitmap afterwards holds what the
+/// target still lacks, whether the job succeeded or not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockdevBackup {
+    /// Id the job is addressed by afterwards.
+    pub job_id: String,
+    /// The node the guest's device writes to.
+    pub device: String,
+    /// The node written to.
+    pub target: String,
+    /// `full`, `top` or `bitmap`.
+    pub sync: &'static str,
+    /// The dirty bitmap that drives (`sync: bitmap`) or records (`full`, `top`) the copy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bitmap: Option<String>,
+    /// `always`, `on-success` or `never`; required with a bitmap.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bitmap_mode: Option<&'static str>,
+    /// `report`: a target error ends the job with the error, the guest's writes go on.
+    pub on_target_error: &'static str,
+    /// Bytes per second; absent for unlimited.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub speed: Option<u64>,
+    /// False: the concluded job stays listed until `job-dismiss`, so its error can be read.
+    pub auto_dismiss: bool,
+}
+
+/// `block-dirty-bitmap-add`: start recording which regions of `node` are written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockDirtyBitmapAdd {
+    /// The node the bitmap belongs to.
+    pub node: String,
+    /// The bitmap's name, unique on its node.
+    pub name: String,
+    /// Stored in the qcow2 image at a clean close, so it outlives the QEMU process.
+    pub persistent: bool,
+    /// Created not recording (a frozen copy once merged into).
+    pub disabled: bool,
+}
+
+/// `block-dirty-bitmap-remove`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockDirtyBitmapRemove {
+    /// The node the bitmap belongs to.
+    pub node: String,
+    /// The bitmap's name, unique on its node.
+    pub name: String,
+}
+
+/// `transaction`: QEMU applies every action or none (here: bitmap actions, as QAPI
+/// `TransactionAction` values).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Transaction {
+    /// The actions, each `{"type": ..., "data": ...}`.
+    pub actions: Vec<Value>,
+}
+
+impl Transaction {
+    /// Creates the disabled bitmap `copy` on `node` holding what `bitmap` holds now: a frozen
+    /// snapshot of it, taken atomically.
+    pub fn snapshot_bitmap(node: &str, bitmap: &str, copy: &str) -> Transaction {
+        Transaction {
+            actions: vec![
+                serde_json::json!({"type": "block-dirty-bitmap-add",
+                    "data": {"node": node, "name": copy, "persistent": false, "disabled": true}}),
+                serde_json::json!({"type": "block-dirty-bitmap-merge",
+                    "data": {"node": node, "target": copy, "bitmaps": [bitmap]}}),
+            ],
+        }
+    }
+}
+
+/// `query-named-block-nodes` with `flat`: every node once, with its dirty bitmaps.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct QueryNamedBlockNodes {
+    /// Leave out the nodes below each node.
+    pub flat: bool,
+}
+
+/// One entry of `query-named-block-nodes` (QAPI `BlockDeviceInfo`), the fields Ferry reads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockNodeInfo {
+    /// Stable name of the node in the block graph.
+    #[serde(default)]
+    pub node_name: String,
+    /// The node's driver: `qcow2`, `raw`, `file`, `nbd`, ...
+    #[serde(default)]
+    pub drv: String,
+    /// See [`DirtyBitmapInfo`].
+    #[serde(default)]
+    pub dirty_bitmaps: Vec<DirtyBitmapInfo>,
+}
+
+/// One dirty bitmap of a node (QAPI `BlockDirtyInfo`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DirtyBitmapInfo {
+    /// Absent for a job's own bitmap.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Bytes marked dirty.
+    pub count: u64,
+    /// Whether writes are recorded.
+    #[serde(default)]
+    pub recording: bool,
+    /// Stored in the image at a clean close.
+    #[serde(default)]
+    pub persistent: bool,
+    /// Loaded from an image that was not closed cleanly: it cannot be trusted.
+    #[serde(default)]
+    pub inconsistent: bool,
+}
+
 commands! {
+    BlockdevBackup => "blockdev-backup" -> ();
+    BlockDirtyBitmapAdd => "block-dirty-bitmap-add" -> ();
+    BlockDirtyBitmapRemove => "block-dirty-bitmap-remove" -> ();
+    Transaction => "transaction" -> ();
+    QueryNamedBlockNodes => "query-named-block-nodes" -> Vec<BlockNodeInfo>;
     BlockdevAddNbd => "blockdev-add" -> ();
     BlockdevDel => "blockdev-del" -> ();
     BlockdevMirror => "blockdev-mirror" -> ();
-    BlockJobChangeMirror => "block-job-change" -> ();
     BlockJobCancel => "block-job-cancel" -> ();
     JobDismiss => "job-dismiss" -> ();
     QueryBlockJobs => "query-block-jobs" -> Vec<BlockJobInfo>;

@@ -373,12 +373,18 @@ pub struct MigratePause;
 pub struct MigrateIncoming {
     /// URI to listen on (`tcp:0.0.0.0:port`, `unix:path`, ...).
     pub uri: String,
+    /// False: a failed stream leaves QEMU running (QEMU 9.1 and later; default true, exit).
+    #[serde(rename = "exit-on-error", skip_serializing_if = "Option::is_none")]
+    pub exit_on_error: Option<bool>,
 }
 
 impl MigrateIncoming {
-    /// Shorthand for `MigrateIncoming { uri: uri.into() }`.
+    /// Shorthand for `MigrateIncoming { uri: uri.into(), exit_on_error: None }`.
     pub fn new(uri: impl Into<String>) -> Self {
-        MigrateIncoming { uri: uri.into() }
+        MigrateIncoming {
+            uri: uri.into(),
+            exit_on_error: None,
+        }
     }
 }
 

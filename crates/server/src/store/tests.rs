@@ -960,6 +960,8 @@ async fn disk_copies_are_recorded_and_cleanup_is_due_once() {
         elapsed_ms: 1200,
         sha256: Some("ab".repeat(32)),
         source_kept: true,
+        target_kept: false,
+        bitmap: None,
     };
     s.set_copies(m.id, std::slice::from_ref(&copy))
         .await
