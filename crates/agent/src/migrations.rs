@@ -46,6 +46,10 @@ type IncomingSlot = (
     Option<Qmp>,
 );
 
+/// How long the dirty rate is measured before a migration: long enough to see what a guest
+/// rewrites between rounds, short enough to run beside the pre-flight checks.
+const DIRTY_RATE_WINDOW: Duration = Duration::from_millis(200);
+
 /// How long the record of an ended migration is kept on the host (the server keeps the
 /// history); a migration still in flight is always kept.
 const RECORD_RETENTION: Duration = Duration::from_secs(24 * 3600);
@@ -1052,7 +1056,7 @@ impl Agent {
                 }
             }
         };
-        let period = Duration::from_secs(1);
+        let period = DIRTY_RATE_WINDOW;
         let bps = ferry_migrate::dirty_rate::measure(&qmp, period).await?;
         Ok(DirtyRate {
             dirty_rate_bps: bps,

@@ -237,7 +237,10 @@ pub struct CreateMigration {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct MigrationStats {
     pub total_ms: u64,
-    pub downtime_ms: u64,
+    /// QEMU's pause at switchover (QEMU calls it downtime); the gap the guest's users saw is
+    /// in the job's `impact`, when someone observed it.
+    #[serde(alias = "downtime_ms")]
+    pub qemu_pause_ms: u64,
     pub bytes_transferred: u64,
     pub iterations: u64,
 }
@@ -278,6 +281,11 @@ pub struct Migration {
     /// When `ferry migration cleanup` (or the automatic cleanup) removed the source copies.
     #[serde(default)]
     pub cleaned_up_at: Option<DateTime<Utc>>,
+    /// Live migration: what the guest lived through (vCPU throttle history, peak and CPU
+    /// taken, QEMU's pause, the gaps outside observers saw), kept current while it runs.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub impact: Option<ferry_migrate::GuestImpact>,
 }
 
 /// Where one disk's copy is.

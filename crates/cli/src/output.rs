@@ -465,7 +465,15 @@ fn progress_cell(m: &Migration) -> String {
 
 pub fn migrations_table(migrations: &[Migration]) -> String {
     let mut t = Table::new(&[
-        "ID", "INSTANCE", "KIND", "FROM", "TO", "STATE", "PROGRESS", "DOWNTIME", "CREATED",
+        "ID",
+        "INSTANCE",
+        "KIND",
+        "FROM",
+        "TO",
+        "STATE",
+        "PROGRESS",
+        "QEMU PAUSE",
+        "CREATED",
     ]);
     for m in migrations {
         t.row(vec![
@@ -476,7 +484,7 @@ pub fn migrations_table(migrations: &[Migration]) -> String {
             m.destination.clone(),
             m.state.as_str().into(),
             progress_cell(m),
-            opt(m.stats.as_ref().map(|s| fmt_ms(s.downtime_ms))),
+            opt(m.stats.as_ref().map(|s| fmt_ms(s.qemu_pause_ms))),
             fmt_time(&m.created_at),
         ]);
     }
@@ -492,7 +500,7 @@ pub fn migration_detail(m: &Migration) -> String {
                 .map(|b| format!("{b} MiB/s"))
                 .unwrap_or_else(|| "unlimited".into())
         ),
-        format!("downtime {} ms", o.downtime_ms.unwrap_or(300)),
+        format!("pause target {} ms", o.downtime_ms.unwrap_or(300)),
         format!(
             "policy {}",
             match o.policy {
@@ -557,10 +565,22 @@ pub fn migration_detail(m: &Migration) -> String {
     if let Some(s) = &m.stats {
         pairs.extend([
             ("total time", fmt_ms(s.total_ms)),
-            ("downtime", fmt_ms(s.downtime_ms)),
+            ("QEMU's pause", fmt_ms(s.qemu_pause_ms)),
             ("transferred", fmt_bytes(s.bytes_transferred)),
             ("iterations", s.iterations.to_string()),
         ]);
+    }
+    if let Some(i) = &m.impact {
+        pairs.push(("guest", i.summary()));
+        if !i.throttle.is_empty() {
+            pairs.push(("vCPU throttle", throttle_history(i)));
+        }
+        if i.observed.is_empty() {
+            pairs.push((
+                "observed gap",
+                "not measured: no observer outside the guest reported one".into(),
+            ));
+        }
     }
     for c in &m.copies {
         pairs.push(("disk copy", disk_copy_line(c)));
@@ -716,12 +736,25 @@ pub fn progress_message(p: &Progress) -> String {
             fmt_bytes(p.remaining_bytes),
         );
     }
-    format!(
+    let mut line = format!(
         "{} {:.1}%  {}  remaining {}  iter {}  ETA {eta}",
         p.phase.as_str(),
         p.percent,
         fmt_rate(p.throughput_bps),
         fmt_bytes(p.remaining_bytes),
         p.iteration,
-    )
+    );
+    if let Some(t) = p.cpu_throttle_percent.filter(|t| *t > 0) {
+        line.push_str(&format!("  vCPUs throttled {t}%"));
+    }
+    line
+}
+
+/// The vCPU throttle's history: each change with when it happened.
+pub fn throttle_history(i: &ferry_migrate::GuestImpact) -> String {
+    i.throttle
+        .iter()
+        .map(|s| format!("{} % at {}", s.percent, fmt_ms(s.at_ms)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -137,7 +137,7 @@ fn migration(state: MigrationState) -> Migration {
         progress: Some(progress()),
         stats: done.then_some(MigrationStats {
             total_ms: 1500,
-            downtime_ms: 11,
+            qemu_pause_ms: 11,
             bytes_transferred: 300 << 20,
             iterations: 3,
         }),
@@ -145,6 +145,7 @@ fn migration(state: MigrationState) -> Migration {
         plan: None,
         copies: vec![],
         cleaned_up_at: None,
+        impact: None,
     }
 }
 
@@ -255,9 +256,9 @@ fn migrations_table() {
     ];
     assert_eq!(
         output::migrations_table(&list),
-        "ID        INSTANCE  KIND  FROM  TO   STATE      PROGRESS  DOWNTIME  CREATED\n\
-         12345678  vm1       live  hv1   hv2  migrating  42%       -         2025-03-01 12:00:00\n\
-         12345678  vm1       live  hv1   hv2  completed  100%      11 ms     2025-03-01 12:00:00"
+        "ID        INSTANCE  KIND  FROM  TO   STATE      PROGRESS  QEMU PAUSE  CREATED\n\
+         12345678  vm1       live  hv1   hv2  migrating  42%       -           2025-03-01 12:00:00\n\
+         12345678  vm1       live  hv1   hv2  completed  100%      11 ms       2025-03-01 12:00:00"
     );
 }
 
@@ -265,22 +266,22 @@ fn migrations_table() {
 fn migration_detail_of_a_completed_job() {
     assert_eq!(
         output::migration_detail(&migration(MigrationState::Completed)),
-        "id           12345678-9000-0000-0000-000000000000\n\
-         instance     vm1 (abcdef12-0000-0000-0000-000000000001)\n\
-         kind         live\n\
-         from         hv1\n\
-         to           hv2\n\
-         state        completed\n\
-         options      bandwidth 100 MiB/s, downtime 300 ms, policy auto, auto-converge\n\
-         created      2025-03-01 12:00:00\n\
-         preparing    2025-03-01 12:00:01\n\
-         migrating    2025-03-01 12:00:02\n\
-         completing   2025-03-01 12:00:03\n\
-         finished     2025-03-01 12:00:03\n\
-         total time   1.5 s\n\
-         downtime     11 ms\n\
-         transferred  300.0 MiB\n\
-         iterations   3"
+        "id            12345678-9000-0000-0000-000000000000\n\
+         instance      vm1 (abcdef12-0000-0000-0000-000000000001)\n\
+         kind          live\n\
+         from          hv1\n\
+         to            hv2\n\
+         state         completed\n\
+         options       bandwidth 100 MiB/s, pause target 300 ms, policy auto, auto-converge\n\
+         created       2025-03-01 12:00:00\n\
+         preparing     2025-03-01 12:00:01\n\
+         migrating     2025-03-01 12:00:02\n\
+         completing    2025-03-01 12:00:03\n\
+         finished      2025-03-01 12:00:03\n\
+         total time    1.5 s\n\
+         QEMU's pause  11 ms\n\
+         transferred   300.0 MiB\n\
+         iterations    3"
     );
 }
 
@@ -553,7 +554,7 @@ fn a_block_migration_shows_each_disk() {
     let text = output::migration_detail(&m);
     assert!(
         text.contains(
-            "\noptions    bandwidth 100 MiB/s, downtime 300 ms, policy auto, auto-converge, \
+            "\noptions    bandwidth 100 MiB/s, pause target 300 ms, policy auto, auto-converge, \
              map-disk disk0=local2\n"
         ),
         "{text}"
@@ -590,4 +591,36 @@ fn a_block_migration_shows_each_disk() {
     assert!(json.contains("\"state\": \"synced\""), "{json}");
     let back: Migration = serde_json::from_str(&json).unwrap();
     assert_eq!(back, m);
+}
+
+#[test]
+fn a_throttled_job_shows_what_the_guest_lived_through() {
+    let mut m = migration(MigrationState::Completed);
+    let mut impact = ferry_migrate::GuestImpact::new(2);
+    for (at, t) in [(0, None), (2000, Some(89)), (4000, Some(99))] {
+        let mut p = ferry_migrate::Progress::disk_copy(at, Vec::new(), 0);
+        p.phase = ferry_migrate::Phase::Precopy;
+        p.cpu_throttle_percent = t;
+        impact.observe(&p);
+    }
+    let mut end = ferry_migrate::Progress::disk_copy(19000, Vec::new(), 0);
+    end.phase = ferry_migrate::Phase::Completed;
+    end.downtime_ms = Some(11);
+    impact.observe(&end);
+    m.impact = Some(impact);
+    let text = output::migration_detail(&m);
+    for needle in [
+        "QEMU's pause   11 ms",
+        "guest          QEMU's pause 11 ms; vCPU throttle peak 99 %, 17.0 s above 50 %",
+        "vCPU throttle  89 % at 2.0 s, 99 % at 4.0 s, 0 % at 19.0 s",
+        "observed gap   not measured",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing:\n{text}");
+    }
+    assert!(!text.contains("downtime"), "{text}");
+    // Live, the progress line names the throttle.
+    let mut p = ferry_migrate::Progress::disk_copy(5000, Vec::new(), 0);
+    p.phase = ferry_migrate::Phase::Precopy;
+    p.cpu_throttle_percent = Some(99);
+    assert!(output::progress_message(&p).ends_with("vCPUs throttled 99%"));
 }

@@ -11,18 +11,24 @@ use crate::MigrateError;
 /// guest; hashing 4096 pages per GiB per second costs nothing noticeable.
 const SAMPLE_PAGES_PER_GIB: u64 = 4096;
 
-/// Distinct bytes the guest dirtied per second over `period` (whole seconds, at least 1),
-/// by QEMU's page sampling; works under KVM and TCG and needs no dirty logging.
+/// The shortest window QEMU measures over.
+pub const MIN_WINDOW: Duration = Duration::from_millis(50);
+
+/// Distinct bytes the guest dirtied per second over `period` (milliseconds, at least
+/// [`MIN_WINDOW`]), by QEMU's page sampling; works under KVM and TCG and needs no dirty
+/// logging. A window of a few hundred milliseconds lets a migration start at once; it sees
+/// the working set a guest rewrites within that time, which is what the first rounds resend.
 pub async fn measure(qmp: &Qmp, period: Duration) -> Result<f64, MigrateError> {
-    let secs = period.as_secs().max(1);
+    let period = period.clamp(MIN_WINDOW, Duration::from_secs(60));
     qmp.execute(&CalcDirtyRate {
-        calc_time: secs,
+        calc_time: period.as_millis() as u64,
+        calc_time_unit: Some("millisecond"),
         sample_pages: Some(SAMPLE_PAGES_PER_GIB),
         mode: None,
     })
     .await?;
-    let deadline = Instant::now() + Duration::from_secs(secs + 5);
-    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let deadline = Instant::now() + period + Duration::from_secs(5);
+    tokio::time::sleep(period).await;
     loop {
         let info = qmp.execute(&QueryDirtyRate {}).await?;
         if info.status == "measured" {
@@ -35,6 +41,6 @@ pub async fn measure(qmp: &Qmp, period: Duration) -> Result<f64, MigrateError> {
                 info.status
             )));
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

@@ -9,6 +9,7 @@ pub mod control;
 pub mod destination;
 pub mod dirty_rate;
 mod error;
+pub mod impact;
 pub mod mirror;
 pub mod params;
 pub mod phases;
@@ -18,6 +19,7 @@ pub mod source;
 
 pub use control::{Action, ControlPolicy, Controller, Decision, EscalateConfig, TimeoutAction};
 pub use error::{DiskCopyFailure, MigrateError};
+pub use impact::{GuestImpact, Observation, ThrottleStep};
 pub use mirror::{DiskProgress, DiskState, MirrorTarget};
 pub use params::{Announce, Bandwidth, MigrationParams, PortRange};
 pub use phases::{live_migrate, MigrationHalves, MigrationOutcome};

@@ -77,10 +77,14 @@ pub struct Progress {
     pub dirty_rate_bps: f64,
     /// Time left at the current rates; `None` while the guest dirties as fast as we send.
     pub eta_ms: Option<u64>,
-    /// QEMU's estimate of the pause if it switched over now.
+    /// QEMU's estimate of its pause if it switched over now (QEMU's `expected-downtime`).
+    #[serde(rename = "expected_qemu_pause_ms", alias = "expected_downtime_ms")]
     pub expected_downtime_ms: Option<u64>,
-    /// Set at completion: QEMU's measured total time and pause.
+    /// Set at completion: QEMU's measured total time and pause (QEMU's `downtime`: the guest
+    /// stopped on the source until it runs on the destination, as QEMU counts it; what the
+    /// guest's users see is longer, see [`crate::GuestImpact`]).
     pub total_time_ms: Option<u64>,
+    #[serde(rename = "qemu_pause_ms", alias = "downtime_ms")]
     pub downtime_ms: Option<u64>,
     /// Auto-converge's current vCPU throttle.
     pub cpu_throttle_percent: Option<u64>,

@@ -218,6 +218,7 @@ async fn typed_arguments_use_qapi_names() {
         .unwrap();
     assert_eq!(exp.model.props.unwrap()["sse2"], true);
     qmp.execute(&CalcDirtyRate {
+        calc_time_unit: None,
         calc_time: 1,
         sample_pages: Some(512),
         mode: None,

@@ -56,6 +56,10 @@ pub struct Preflight {
     /// destination and push bulk data; any token (read-only ones too) may ask for candidates,
     /// so without reuse a burst of requests would be a burst of probes.
     pub probe_cache_s: u64,
+    /// How long a measured bandwidth between two hosts is reused. Within it a probe only
+    /// connects (a few milliseconds) instead of pushing data for `bandwidth_probe_ms`, so a
+    /// migration starts at once; links change slowly.
+    pub link_cache_s: u64,
 }
 
 impl Default for Preflight {
@@ -64,6 +68,7 @@ impl Default for Preflight {
             qemu_version_rule: QemuVersionRule::SameOrNewer,
             bandwidth_probe_ms: 300,
             probe_cache_s: 15,
+            link_cache_s: 600,
         }
     }
 }
@@ -145,6 +150,11 @@ impl ServerConfig {
             return Err(ServerError::config(
                 "preflight.probe_cache_s must be between 1 and 3600 (probes are always reused for a while)"
                     .into(),
+            ));
+        }
+        if !(1..=86400).contains(&self.preflight.link_cache_s) {
+            return Err(ServerError::config(
+                "preflight.link_cache_s must be between 1 and 86400".into(),
             ));
         }
         if !(50..=1000).contains(&self.progress_poll_ms) {

@@ -112,21 +112,30 @@ async fn drive(state: &AppState, id: Uuid, attach: bool) {
             if m.cancel_requested {
                 let _ = cancel_tx.send(true);
             }
-            let gate = if attach {
-                Ok(Gate {
+            let planned =
+                !attach && m.kind == MigrationKind::Live && m.options.policy == Policy::Auto;
+            // The dirty rate is measured while the checks run: a migration starts in
+            // milliseconds, not after one step and then the other.
+            let (gate, dirty) = if attach {
+                let gate = Gate {
                     link_bps: None,
                     block_copies: Vec::new(),
-                })
+                };
+                (Ok(gate), None)
+            } else if planned {
+                let (gate, dirty) =
+                    tokio::join!(preflight_gate(state, &m), measure_dirty_rate(state, &m));
+                (gate, Some(dirty))
             } else {
-                preflight_gate(state, &m).await
+                (preflight_gate(state, &m).await, None)
             };
             match (gate, m.kind) {
                 (Err(body), _) => Ending::Failed(body),
                 (Ok(gate), MigrationKind::Live) => {
                     let mut m = m;
-                    if !attach && m.options.policy == Policy::Auto {
+                    if let Some(dirty) = dirty {
                         let disk_bytes = gate.block_copies.iter().map(|b| b.allocated_bytes).sum();
-                        m.plan = Some(plan_live(state, &m, gate.link_bps, disk_bytes).await);
+                        m.plan = Some(plan_live(state, &m, gate.link_bps, disk_bytes, dirty).await);
                     }
                     drive_live(state, &m, attach, gate.block_copies, cancel_rx).await
                 }
@@ -144,15 +153,27 @@ async fn drive(state: &AppState, id: Uuid, attach: bool) {
         .remove(&id);
 }
 
-/// The auto policy's plan for a live job: the source agent measures the guest's dirty rate,
-/// the pre-flight probe gave the link, and [`ferry_migrate::plan::plan`] chooses. Logged line
-/// by line and stored with the job, so a server restarted mid-migration uses the same
-/// parameters. A failed measurement is logged and planned around, never fatal.
+/// The guest's dirty rate, measured by the source agent (a few hundred milliseconds).
+async fn measure_dirty_rate(state: &AppState, m: &Migration) -> Result<DirtyRate, String> {
+    let src = agent_client(&state.store, &m.source)
+        .await
+        .map_err(|e| e.body.message)?;
+    let path = format!("/v1/instances/{}/dirty-rate", m.instance_id);
+    src.post::<_, DirtyRate>(&path, &())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// The auto policy's plan for a live job: the source agent measured the guest's dirty rate
+/// (`measured`), the pre-flight probe gave the link, and [`ferry_migrate::plan::plan`]
+/// chooses. Logged line by line and stored with the job, so a server restarted mid-migration
+/// uses the same parameters. A failed measurement is logged and planned around, never fatal.
 async fn plan_live(
     state: &AppState,
     m: &Migration,
     link_bps: Option<f64>,
     disk_bytes: u64,
+    measured: Result<DirtyRate, String>,
 ) -> MigrationPlan {
     let base = m.options.to_params();
     let instance = state
@@ -161,16 +182,6 @@ async fn plan_live(
         .await
         .ok()
         .flatten();
-    let measured = async {
-        let src = agent_client(&state.store, &m.source)
-            .await
-            .map_err(|e| e.body.message)?;
-        let path = format!("/v1/instances/{}/dirty-rate", m.instance_id);
-        src.post::<_, DirtyRate>(&path, &())
-            .await
-            .map_err(|e| e.to_string())
-    }
-    .await;
     let dirty = match measured {
         Ok(d) => Some(d.dirty_rate_bps),
         Err(e) => {
@@ -315,6 +326,22 @@ async fn preflight_gate(state: &AppState, m: &Migration) -> Result<Gate, ErrorBo
     })
 }
 
+/// Completes a live job's record of what the guest lived through (QEMU's pause from its
+/// stats) and logs it in one line, each figure named for what it measures.
+async fn finish_impact(state: &AppState, id: Uuid, ending: &Ending) {
+    let Ok(Some(m)) = state.store.get_migration(id).await else {
+        return;
+    };
+    let Some(mut impact) = m.impact else {
+        return;
+    };
+    if let Ending::Completed(Some(s)) = ending {
+        impact.qemu_pause_ms = Some(s.qemu_pause_ms);
+    }
+    let _ = state.store.set_impact(id, &impact).await;
+    log(state, id, "info", &format!("guest: {}", impact.summary())).await;
+}
+
 async fn finish(state: &AppState, id: Uuid, ending: Ending) {
     // Before the store lets go of the instance: heartbeats of both hosts collected during
     // the job must not be read as the state after it.
@@ -323,13 +350,14 @@ async fn finish(state: &AppState, id: Uuid, ending: Ending) {
             .reports
             .settle(m.instance_id, &[m.source.as_str(), m.destination.as_str()]);
     }
+    finish_impact(state, id, &ending).await;
     let result = match &ending {
         Ending::Completed(stats) => {
             if let Some(s) = stats {
                 let message = format!(
-                    "qemu: completed in {} ms with {} ms of downtime, {:.1} MiB sent in {} rounds",
+                    "qemu: completed in {} ms with a pause of {} ms, {:.1} MiB sent in {} rounds",
                     s.total_ms,
-                    s.downtime_ms,
+                    s.qemu_pause_ms,
                     s.bytes_transferred as f64 / (1 << 20) as f64,
                     s.iterations
                 );
@@ -429,6 +457,7 @@ async fn drive_live(
     }
     let mut observe = |_: &ferry_migrate::SourceEvent| {};
     let result = ferry_migrate::live_migrate(&mut halves, &mut observe).await;
+    halves.save_impact().await;
     if let Err(e) = &result {
         // A datastore that filled up is no place to keep a partial copy on.
         let code = halves
@@ -530,6 +559,8 @@ struct AgentHalves<'a> {
     dest_kept_images: bool,
     /// Block migration: the destination's kept images are to be removed after all.
     discard_kept: bool,
+    /// What the guest lives through, from the samples (stored when it changes).
+    impact: ferry_migrate::GuestImpact,
 }
 
 /// Which half an agent call is for.
@@ -581,6 +612,10 @@ impl<'a> AgentHalves<'a> {
             resume,
             dest_kept_images: false,
             discard_kept: false,
+            impact: m
+                .impact
+                .clone()
+                .unwrap_or_else(|| ferry_migrate::GuestImpact::new(instance.spec.vcpus)),
             state,
             params: m
                 .plan
@@ -788,6 +823,7 @@ impl<'a> AgentHalves<'a> {
             if !p.disks.is_empty() {
                 self.record_disks(&p).await;
             }
+            self.record_impact(&p).await;
             let _ = self.state.store.add_sample(self.m.id, &p).await;
             let _ = self.state.store.set_progress(self.m.id, &p).await;
             self.state.events.publish(Event::Progress {
@@ -799,6 +835,43 @@ impl<'a> AgentHalves<'a> {
 }
 
 impl AgentHalves<'_> {
+    /// Folds a sample into what the guest lives through; a change of the vCPU throttle is
+    /// logged with its value and stored (with what outside observers reported meanwhile).
+    async fn record_impact(&mut self, p: &Progress) {
+        let Some(step) = self.impact.observe(p) else {
+            if self.m.impact.is_none() {
+                // The first sample: the job has a record from now on.
+                self.m.impact = Some(self.impact.clone());
+                let _ = self.state.store.set_impact(self.m.id, &self.impact).await;
+            }
+            return;
+        };
+        let message = if step.percent == 0 {
+            "auto-converge released the guest's vCPUs (throttle 0 %)".to_string()
+        } else {
+            format!(
+                "auto-converge throttles the guest's vCPUs to {} % (peak so far {} %)",
+                step.percent, self.impact.throttle_peak_percent
+            )
+        };
+        self.log("info", &message).await;
+        self.save_impact().await;
+    }
+
+    /// Stores what the guest lived through so far, with what outside observers reported
+    /// meanwhile (they write to the store directly).
+    async fn save_impact(&mut self) {
+        if let Ok(Some(stored)) = self.state.store.get_migration(self.m.id).await {
+            for o in stored.impact.map(|i| i.observed).unwrap_or_default() {
+                if !self.impact.observed.iter().any(|x| x.by == o.by) {
+                    self.impact.observed.push(o);
+                }
+            }
+        }
+        self.m.impact = Some(self.impact.clone());
+        let _ = self.state.store.set_impact(self.m.id, &self.impact).await;
+    }
+
     /// Keeps the job's copies current from a sample's disks (stored when a disk's state
     /// changes: the bytes of every sample are in the job's progress already), and logs each
     /// mirror's start, sync and completion once.
@@ -964,7 +1037,7 @@ impl AgentHalves<'_> {
 fn stats_of(o: &SourceOutcome) -> MigrationStats {
     MigrationStats {
         total_ms: o.total_time_ms,
-        downtime_ms: o.downtime_ms,
+        qemu_pause_ms: o.downtime_ms,
         bytes_transferred: o.transferred_bytes,
         iterations: o.iterations,
     }

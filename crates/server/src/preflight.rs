@@ -141,6 +141,8 @@ pub enum Probed {
 #[derive(Debug, Default)]
 pub struct ProbeCache {
     results: std::sync::Mutex<HashMap<(String, String), (Instant, Probed)>>,
+    /// The last bandwidth measured per (source, destination), Mbit/s.
+    links: std::sync::Mutex<HashMap<(String, String), (Instant, f64)>>,
     destinations: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     runs: AtomicU64,
 }
@@ -170,17 +172,29 @@ impl ProbeCache {
         locks.entry(destination.to_string()).or_default().clone()
     }
 
+    /// A bandwidth measured from `source` to `destination` within `ttl`.
+    fn link(&self, key: &(String, String), ttl: Duration) -> Option<f64> {
+        let links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        links
+            .get(key)
+            .filter(|(at, _)| at.elapsed() < ttl)
+            .map(|(_, mbit)| *mbit)
+    }
+
     /// The probe from `source` to `destination`: a result younger than `ttl`, else a new
-    /// probe, run while holding the destination's lock.
+    /// probe, run while holding the destination's lock. `run(true)` also measures the
+    /// bandwidth; it is called with false while one measured within `link_ttl` is known,
+    /// which the result then carries.
     pub async fn probe<F, Fut>(
         &self,
         source: &str,
         destination: &str,
         ttl: Duration,
+        link_ttl: Duration,
         run: F,
     ) -> Probed
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(bool) -> Fut,
         Fut: Future<Output = Probed>,
     {
         let key = (source.to_string(), destination.to_string());
@@ -194,7 +208,18 @@ impl ProbeCache {
             return r;
         }
         self.runs.fetch_add(1, Ordering::Relaxed);
-        let result = run().await;
+        let known = self.link(&key, link_ttl);
+        let mut result = run(known.is_none()).await;
+        if let Probed::Done(r) = &mut result {
+            match (r.bandwidth_mbit_s, known) {
+                (Some(mbit), _) => {
+                    let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+                    links.insert(key.clone(), (Instant::now(), mbit));
+                }
+                (None, Some(mbit)) if r.connected => r.bandwidth_mbit_s = Some(mbit),
+                _ => {}
+            }
+        }
         self.remember(key, result.clone(), ttl);
         result
     }
@@ -450,11 +475,12 @@ pub async fn evaluate(state: &AppState, req: &Request<'_>) -> Result<Vec<Candida
                 let src = src?;
                 let dst = agent_client(&state.store, &t.name).await.ok()?;
                 let bandwidth_ms = state.config.preflight.bandwidth_probe_ms;
+                let link_ttl = Duration::from_secs(state.config.preflight.link_cache_s);
                 Some(
                     state
                         .probes
-                        .probe(&instance.host, &t.name, ttl, || {
-                            probe(&src, &dst, bandwidth_ms)
+                        .probe(&instance.host, &t.name, ttl, link_ttl, |measure| {
+                            probe(&src, &dst, if measure { bandwidth_ms } else { 0 })
                         })
                         .await,
                 )
@@ -580,5 +606,42 @@ mod tests {
         ]);
         let order: Vec<(&str, u32)> = ranked.iter().map(|c| (c.host.as_str(), c.rank)).collect();
         assert_eq!(order, vec![("c", 1), ("b", 2), ("a", 3)]);
+    }
+
+    #[tokio::test]
+    async fn a_known_link_is_not_measured_again_and_its_bandwidth_is_reused() {
+        let cache = ProbeCache::default();
+        let measured = std::sync::Mutex::new(Vec::new());
+        let probe = |measure: bool| {
+            measured.lock().unwrap().push(measure);
+            async move {
+                Probed::Done(ProbeResult {
+                    connected: true,
+                    latency_ms: Some(0.1),
+                    bandwidth_mbit_s: measure.then_some(8000.0),
+                    error: None,
+                })
+            }
+        };
+        let (no_reuse, link) = (Duration::ZERO, Duration::from_secs(600));
+        let first = cache.probe("hv1", "hv2", no_reuse, link, probe).await;
+        let second = cache.probe("hv1", "hv2", no_reuse, link, probe).await;
+        // The other direction is another link.
+        let back = cache.probe("hv2", "hv1", no_reuse, link, probe).await;
+        assert_eq!(*measured.lock().unwrap(), vec![true, false, true]);
+        let bandwidth = |p: &Probed| match p {
+            Probed::Done(r) => r.bandwidth_mbit_s,
+            _ => None,
+        };
+        assert_eq!(bandwidth(&first), Some(8000.0));
+        assert_eq!(bandwidth(&second), Some(8000.0), "the known bandwidth");
+        assert_eq!(bandwidth(&back), Some(8000.0));
+        assert_eq!(cache.runs(), 3, "connectivity is probed every time");
+        // Once the link's bandwidth is old, it is measured again.
+        let expired = cache
+            .probe("hv1", "hv2", no_reuse, Duration::ZERO, probe)
+            .await;
+        assert_eq!(measured.lock().unwrap().last(), Some(&true));
+        assert_eq!(bandwidth(&expired), Some(8000.0));
     }
 }

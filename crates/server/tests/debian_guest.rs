@@ -175,7 +175,7 @@ async fn debian_moves(storage: Storage) {
         eprintln!(
             "moved to {to} ({datastore} disk): QEMU's pause {:?} ms, total {:?} ms, longest gap \
              between the guest's disk writes {:.0} ms, {} writes so far",
-            stats.map(|s| s.downtime_ms),
+            stats.map(|s| s.qemu_pause_ms),
             stats.map(|s| s.total_ms),
             log.longest_gap_ms,
             log.writes

@@ -438,7 +438,7 @@ async fn measure(
     };
     if let Some(s) = &m.stats {
         mv.total_ms = Some(s.total_ms);
-        mv.qemu_pause_ms = Some(s.downtime_ms);
+        mv.qemu_pause_ms = Some(s.qemu_pause_ms);
         mv.bytes = Some(s.bytes_transferred);
         mv.iterations = Some(s.iterations);
     }

@@ -377,7 +377,7 @@ async fn one_run(
         .as_ref()
         .map(|p| p.params.sample_interval.as_millis() as u64);
     run.wire_rx_bytes = watched.rx_bytes;
-    run.qemu_pause_ms = m.stats.as_ref().map(|s| s.downtime_ms);
+    run.qemu_pause_ms = m.stats.as_ref().map(|s| s.qemu_pause_ms);
     run.memory_bytes = m.stats.as_ref().map(|s| s.bytes_transferred);
     let logs: Vec<LogLine> = cluster
         .ctx

@@ -187,7 +187,7 @@ pub(super) fn render(r: &DemoReport) -> String {
             r.boot_s.map(|s| format!("{s:.1} s")).unwrap_or_else(|| "-".into())
         ),
         format!("  total time                 {}", ms(r.total_ms)),
-        format!("  QEMU's pause               {}", ms(r.qemu_downtime_ms)),
+        format!("  QEMU's pause               {}", ms(r.qemu_pause_ms)),
         format!(
             "  longest gap between writes {} (by the guest's clock; the loop writes, syncs, sleeps 20 ms)",
             r.longest_write_gap_ms

@@ -409,8 +409,11 @@ pub struct MigrateContinue {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct CalcDirtyRate {
-    /// Measurement period in seconds.
+    /// Measurement period, in `calc_time_unit`s.
     pub calc_time: u64,
+    /// `second` (default) or `millisecond` (QEMU 8.2 and later; at least 50 ms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calc_time_unit: Option<&'static str>,
     /// Pages sampled per GiB in `page-sampling` mode (default 512).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sample_pages: Option<u64>,

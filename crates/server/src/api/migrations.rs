@@ -253,6 +253,60 @@ pub async fn show(
     Ok(Json(get(&state, &id).await?))
 }
 
+/// Records what an observer outside the guest saw during a live migration (the lab's echo
+/// probe, a monitoring system's ping): the longest gap between the guest's answers, which is
+/// what its users lived through, next to QEMU's pause. Kept with the job (one entry per
+/// observer, the latest wins), logged, and shown by `migration show`.
+#[utoipa::path(post, path = "/v1/migrations/{id}/observations", params(("id" = String, Path, description = "migration id (UUID)")), request_body = Object, responses((status = 200, body = Migration), (status = 400, description = "invalid observation", body = ferry_api::ErrorBody), (status = 404, description = "no such migration", body = ferry_api::ErrorBody), (status = 409, description = "not a live migration", body = ferry_api::ErrorBody)))]
+pub async fn observe(
+    State(state): State<AppState>,
+    _who: Admin,
+    Path(id): Path<String>,
+    ApiJson(o): ApiJson<ferry_migrate::Observation>,
+) -> Result<Json<Migration>, ServerError> {
+    let m = get(&state, &id).await?;
+    if m.kind != MigrationKind::Live {
+        return Err(ServerError::conflict(
+            "not-live",
+            format!(
+                "migration {} is a cold migration: the guest was not running",
+                m.id
+            ),
+            "observations belong to live migrations",
+        ));
+    }
+    let bad = |message: String| {
+        ServerError::bad_request(
+            "invalid-observation",
+            message,
+            "send `by` (who measured and how, at most 100 characters), `longest_gap_ms`, and `probes_lost` no larger than `probes_sent`",
+        )
+    };
+    if o.by.trim().is_empty() || o.by.chars().count() > 100 || o.by.chars().any(char::is_control) {
+        return Err(bad(format!(
+            "observer name {:?} is empty, too long or has control characters",
+            o.by
+        )));
+    }
+    if o.probes_lost > o.probes_sent {
+        return Err(bad(format!(
+            "{} probes lost of {} sent",
+            o.probes_lost, o.probes_sent
+        )));
+    }
+    let message = format!(
+        "observed by {}: longest gap {} ms, {} of {} probes lost",
+        o.by, o.longest_gap_ms, o.probes_lost, o.probes_sent
+    );
+    let mut impact = m.impact.clone().unwrap_or_default();
+    impact.add_observation(o);
+    state.store.set_impact(m.id, &impact).await?;
+    log(&state, m.id, "info", &message).await;
+    let m = get(&state, &id).await?;
+    publish_migration(&state, &m);
+    Ok(Json(m))
+}
+
 /// Cancels a job before switchover: a Pending job ends at once; a running one is stopped by
 /// the source and ends Cancelled with the guest on the source. Once the source has let QEMU
 /// switch over, the cancel is refused (`too-late-to-cancel`): the guest is moving and will

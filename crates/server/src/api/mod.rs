@@ -150,6 +150,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
         migrations::cancel,
         migrations::postcopy,
         migrations::cleanup,
+        migrations::observe,
         migrations::logs,
         migrations::audit,
         events::cluster_events,
@@ -206,6 +207,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/migrations/{id}/cancel", post(migrations::cancel))
         .route("/v1/migrations/{id}/postcopy", post(migrations::postcopy))
         .route("/v1/migrations/{id}/cleanup", post(migrations::cleanup))
+        .route(
+            "/v1/migrations/{id}/observations",
+            post(migrations::observe),
+        )
         .route("/v1/migrations/{id}/logs", get(migrations::logs))
         .route("/v1/migrations/{id}/events", get(events::migration_events))
         .route("/v1/events", get(events::cluster_events))

@@ -5,7 +5,7 @@ use ferry_api::migrations::{
     MigrationStats,
 };
 use ferry_api::ErrorBody;
-use ferry_migrate::Progress;
+use ferry_migrate::{GuestImpact, Progress};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Sqlite, Transaction};
 use uuid::Uuid;
@@ -59,7 +59,7 @@ const MIGRATION_SELECT: &str = "SELECT m.id, m.instance_id,
         COALESCE(i.name, m.instance_name) AS instance_name, m.kind, m.source, m.destination,
         m.state, m.options, m.created_at, m.preparing_at, m.migrating_at, m.completing_at,
         m.finished_at, m.error, m.progress, m.stats, m.cancel_requested, m.plan, m.copies,
-        m.cleaned_up_at
+        m.cleaned_up_at, m.impact
     FROM migrations m LEFT JOIN instances i ON i.id = m.instance_id";
 
 /// Moves the migration's instance to the destination and bumps its generation, unless it is
@@ -98,6 +98,7 @@ fn migration_from_row(row: &SqliteRow) -> Result<Migration, StoreError> {
         plan: opt_json_col::<MigrationPlan>(row, "plan")?,
         copies: opt_json_col::<Vec<DiskCopy>>(row, "copies")?.unwrap_or_default(),
         cleaned_up_at: opt_time_col(row, "cleaned_up_at")?,
+        impact: opt_json_col::<GuestImpact>(row, "impact")?,
     })
 }
 
@@ -378,6 +379,19 @@ impl Store {
         self.get_migration(id)
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("migration {id}")))
+    }
+
+    /// Records what the migration cost the guest so far.
+    pub async fn set_impact(&self, id: Uuid, impact: &GuestImpact) -> Result<(), StoreError> {
+        let done = sqlx::query("UPDATE migrations SET impact = $2 WHERE id = $1")
+            .bind(id.to_string())
+            .bind(to_json(impact, "guest impact")?)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("migration {id}")));
+        }
+        Ok(())
     }
 
     /// Records the instance's spec as it will be on the destination (block migration: local

@@ -624,7 +624,7 @@ async fn complete_migration_moves_instance_atomically() {
         .expect("mig");
     let stats = MigrationStats {
         total_ms: 1000,
-        downtime_ms: 20,
+        qemu_pause_ms: 20,
         bytes_transferred: 1 << 30,
         iterations: 3,
     };
@@ -768,7 +768,7 @@ async fn progress_samples_and_logs() {
 
     let stats = MigrationStats {
         total_ms: 1,
-        downtime_ms: 1,
+        qemu_pause_ms: 1,
         bytes_transferred: 1,
         iterations: 1,
     };
