@@ -581,3 +581,47 @@ fn a_block_migration_shows_each_disk() {
     let back: Migration = serde_json::from_str(&json).unwrap();
     assert_eq!(back, m);
 }
+
+#[test]
+fn watch_draws_a_bar_only_when_stdout_and_stderr_are_terminals() {
+    use ferry_cli::commands::migrate::{watch_style, WatchStyle};
+    assert_eq!(watch_style(true, true), WatchStyle::Bar);
+    assert_eq!(watch_style(false, true), WatchStyle::Lines, "stdout piped");
+    assert_eq!(
+        watch_style(true, false),
+        WatchStyle::Lines,
+        "stderr redirected"
+    );
+    assert_eq!(watch_style(false, false), WatchStyle::Lines);
+}
+
+#[test]
+fn a_watch_line_is_one_line_with_time_state_and_figures() {
+    use ferry_cli::commands::migrate::watch_line;
+    use std::time::Duration;
+    let line = watch_line(
+        Duration::from_millis(2500),
+        MigrationState::Migrating,
+        Some(&progress()),
+    );
+    assert!(!line.contains('\n') && !line.contains('\r'), "{line:?}");
+    assert!(!line.contains('\x1b'), "{line:?}");
+    assert!(line.starts_with("[   2.5s] migrating "), "{line}");
+    assert!(line.contains("precopy 42.2%"), "{line}");
+    assert!(line.contains("iter 2"), "{line}");
+    let state_only = watch_line(Duration::from_secs(1), MigrationState::Preparing, None);
+    assert_eq!(state_only, "[   1.0s] preparing");
+    let mut with_disk = progress();
+    with_disk.phase = Phase::DiskCopy;
+    with_disk.disks = vec![ferry_migrate::DiskProgress {
+        disk: "disk0".into(),
+        state: ferry_migrate::DiskState::Copying,
+        copied_bytes: 1 << 20,
+        remaining_bytes: 1 << 20,
+        total_bytes: 2 << 20,
+        rate_bps: 1048576.0,
+    }];
+    let line = watch_line(Duration::ZERO, MigrationState::Migrating, Some(&with_disk));
+    assert!(!line.contains('\n'), "disks on the same line: {line:?}");
+    assert!(line.contains("; disk0"), "{line}");
+}
