@@ -65,9 +65,11 @@ pub struct CreateArgs {
     #[arg(long)]
     pub host: Option<String>,
     /// Kernel image, a path inside a datastore every host can read (needed to boot a kernel).
+    /// A relative path is taken from the current directory, if the file is there.
     #[arg(long, conflicts_with = "lab_guest")]
     pub kernel: Option<String>,
     /// Initramfs, a path inside a datastore every host can read (needed to boot a kernel).
+    /// A relative path is taken from the current directory, if the file is there.
     #[arg(long, conflicts_with = "lab_guest")]
     pub initrd: Option<String>,
     /// Kernel command line.
@@ -356,7 +358,34 @@ fn path_str(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
 
-/// The request `create` sends. `lab` must be given when `args.lab_guest` is set.
+/// `--kernel`/`--initrd` as the absolute path the server needs: an absolute path as given; a
+/// relative one from `cwd`, resolved (symlinks, `..`) when the file is there, because the
+/// agent reads the path on the instance's host and has no idea of this shell's directory. A
+/// relative path to nothing here is refused rather than guessed: it is probably a path on
+/// another machine.
+pub fn absolute_boot_file(flag: &str, path: &str, cwd: &Path) -> Result<String, CliError> {
+    if path.starts_with('/') {
+        return Ok(path.to_string());
+    }
+    let joined = cwd.join(path);
+    match joined.canonicalize() {
+        Ok(p) if p.is_file() => Ok(path_str(&p)),
+        _ => Err(CliError::new(
+            "invalid-arguments",
+            format!(
+                "{flag} {path:?} is a relative path and {} is no file",
+                joined.display()
+            ),
+            format!(
+                "give {flag} the file's absolute path on the instance's host; a relative \
+                 path is taken from the current directory"
+            ),
+        )),
+    }
+}
+
+/// The request `create` sends. `lab` must be given when `args.lab_guest` is set. A relative
+/// `--kernel`/`--initrd` is made absolute from the current directory ([`absolute_boot_file`]).
 pub fn create_request(
     args: &CreateArgs,
     lab: Option<&LabImage>,
@@ -446,11 +475,27 @@ pub fn create_request(
             ..BootSpec::default()
         }
     } else {
+        let absolute = |flag: &str, path: &Option<String>| -> Result<Option<String>, CliError> {
+            let Some(path) = path else { return Ok(None) };
+            if path.starts_with('/') {
+                return Ok(Some(path.clone()));
+            }
+            let cwd = std::env::current_dir().map_err(|e| {
+                CliError::new(
+                    "invalid-arguments",
+                    format!(
+                        "{flag} {path:?} is relative and the current directory is unknown: {e}"
+                    ),
+                    format!("give {flag} the file's absolute path on the instance's host"),
+                )
+            })?;
+            absolute_boot_file(flag, path, &cwd).map(Some)
+        };
         BootSpec {
             from,
             firmware: args.firmware,
-            kernel: args.kernel.clone(),
-            initrd: args.initrd.clone(),
+            kernel: absolute("--kernel", &args.kernel)?,
+            initrd: absolute("--initrd", &args.initrd)?,
             cmdline: args.cmdline.clone().unwrap_or_default(),
             nvram: None,
         }
