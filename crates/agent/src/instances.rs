@@ -198,12 +198,10 @@ impl Agent {
         let mut nics = Vec::new();
         let mut taps = Vec::new();
         for (i, nic) in spec.nics.iter().enumerate() {
-            let network = self.config.network(&nic.network).ok_or_else(|| {
-                AgentError::BadRequest(format!(
-                    "network '{}' is not configured on host {}",
-                    nic.network, self.config.name
-                ))
-            })?;
+            let network = self
+                .config
+                .network(&nic.network)
+                .ok_or_else(|| unknown_network(&self.config, &nic.network))?;
             let mac: MacAddr = nic
                 .mac
                 .parse()
@@ -675,6 +673,27 @@ impl Agent {
     }
 }
 
+/// A NIC on a network this host does not carry: the message lists the ones it does, so a
+/// typo (`lab0` for `lab`) is fixed without reading the agent's configuration.
+fn unknown_network(config: &crate::AgentConfig, name: &str) -> AgentError {
+    AgentError::refused(
+        "unknown-network",
+        format!(
+            "network '{}' is not configured on host {}; its networks: {}",
+            name.escape_debug(),
+            config.name,
+            ferry_api::hosts::networks_list(
+                config
+                    .networks
+                    .iter()
+                    .map(|n| (n.name.as_str(), n.bridge.as_str()))
+            )
+        ),
+        "use one of the host's networks, or add the network (its name and bridge) to \
+         `networks` in the host's agent configuration",
+    )
+}
+
 fn incoming_conflict(id: Uuid) -> AgentError {
     AgentError::conflict(
         "instance-incoming",
@@ -706,6 +725,30 @@ fn state_of(s: &RunState) -> InstanceState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unknown_network_lists_the_hosts_networks() {
+        let mut config: crate::AgentConfig = toml::from_str(
+            "name = \"hv1\"\nstate_dir = \"/tmp/x\"\nmigration_addr = \"10.0.0.1\"\n\
+             credential = \"c\"\n\
+             [[networks]]\nname = \"lab\"\nbridge = \"br0\"\n\
+             [[networks]]\nname = \"prod\"\nbridge = \"br1\"\n",
+        )
+        .unwrap();
+        let e = unknown_network(&config, "lab0");
+        assert_eq!(e.code(), "unknown-network");
+        assert_eq!(e.status().as_u16(), 422);
+        assert_eq!(
+            e.to_string(),
+            "network 'lab0' is not configured on host hv1; its networks: lab (bridge br0), \
+             prod (bridge br1)"
+        );
+        assert!(e.hint().contains("agent configuration"), "{}", e.hint());
+        config.networks.clear();
+        assert!(unknown_network(&config, "lab")
+            .to_string()
+            .ends_with("its networks: none"));
+    }
 
     #[test]
     fn guest_name_in_cmdline_must_match_exactly() {

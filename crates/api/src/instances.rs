@@ -356,6 +356,19 @@ pub struct Instance {
     /// What the guest agent of the running copy last reported (OS, addresses).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest: Option<GuestInfo>,
+    /// What the request that made this answer did that works but is likely a mistake (an
+    /// instance without a NIC): only in the answer to that request, not stored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<Warning>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+/// A request that succeeded but probably not as meant. Shaped like an error (a stable code,
+/// one sentence, a hint) so that clients print both the same way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Warning {
+    pub code: String,
+    pub message: String,
+    pub hint: String,
 }

@@ -88,6 +88,7 @@ fn instance() -> Instance {
             }],
             seen_at: t(60),
         }),
+        warnings: vec![],
         created_at: t(0),
         updated_at: t(61),
     }

@@ -546,7 +546,7 @@ pub async fn run(ctx: &Ctx, cmd: InstanceCommand) -> Result<u8, CliError> {
                 None
             };
             let req = create_request(&args, lab.as_ref())?;
-            if req.disks.is_empty() {
+            let made: Instance = if req.disks.is_empty() {
                 ctx.post("/v1/instances", &req).await?
             } else {
                 // Copying an image takes as long as its data takes to move.
@@ -556,7 +556,12 @@ pub async fn run(ctx: &Ctx, cmd: InstanceCommand) -> Result<u8, CliError> {
                     .post("/v1/instances", &req)
                     .await
                     .map_err(|e| ctx.api_err(e))?
+            };
+            // On stderr, so that `-o json` stays one document (which has them too).
+            for w in &made.warnings {
+                eprintln!("{}", crate::error::render_warning(w));
             }
+            made
         }
         InstanceCommand::Start { instance } => {
             ctx.post(&format!("/v1/instances/{}/start", seg(&instance)), &())

@@ -8,7 +8,7 @@ use ferry_api::agent::{AgentInstance, DefineInstance};
 use ferry_api::checks::Candidate;
 use ferry_api::hosts::{Host, HostState};
 use ferry_api::instances::{
-    BootFrom, CreateInstance, Instance, InstanceSpec, InstanceState, StopOptions,
+    BootFrom, CreateInstance, Instance, InstanceSpec, InstanceState, StopOptions, Warning,
 };
 use ferry_api::migrations::{Event, MigrationKind};
 use serde::Deserialize;
@@ -219,6 +219,13 @@ fn validate_for_host(spec: &InstanceSpec, host: &Host) -> Result<(), ServerError
             "use pc or q35, or one of the host's machine_types (`ferry host show`)",
         ));
     }
+    if let Some(nic) = spec
+        .nics
+        .iter()
+        .find(|n| !facts.networks.iter().any(|f| f.name == n.network))
+    {
+        return Err(unknown_network(&nic.network, host));
+    }
     for (field, path) in [
         ("boot.kernel", &spec.boot.kernel),
         ("boot.initrd", &spec.boot.initrd),
@@ -244,6 +251,33 @@ fn validate_for_host(spec: &InstanceSpec, host: &Host) -> Result<(), ServerError
         }
     }
     Ok(())
+}
+
+/// A NIC on a network the host does not carry, refused before any disk is made; the message
+/// lists the networks the host has (the agent words its own refusal the same way).
+fn unknown_network(network: &str, host: &Host) -> ServerError {
+    let networks = host
+        .facts
+        .as_ref()
+        .map(|f| {
+            ferry_api::hosts::networks_list(
+                f.networks
+                    .iter()
+                    .map(|n| (n.name.as_str(), n.bridge.as_str())),
+            )
+        })
+        .unwrap_or_else(|| "none".into());
+    ServerError::new(
+        422,
+        "unknown-network",
+        format!(
+            "network {} is not configured on host {}; its networks: {networks}",
+            shown(network),
+            host.name
+        ),
+        "use one of the host's networks, or add the network (its name and bridge) to \
+         `networks` in the host's agent configuration",
+    )
 }
 
 /// The default placement: the enabled, online host with the most free memory.
@@ -278,7 +312,7 @@ pub async fn show(
 /// disk is created, copied or attached by the host's agent first and becomes `spec.disks`
 /// (and the NVRAM of a UEFI guest `spec.boot.nvram`). Nothing is recorded unless the agent
 /// accepted the instance, and a refused create leaves no image it made behind.
-#[utoipa::path(post, path = "/v1/instances", request_body = CreateInstance, responses((status = 201, body = Instance), (status = 400, description = "invalid request (invalid-instance, invalid-disk, invalid-disk-size, ...)", body = ferry_api::ErrorBody), (status = 404, description = "no such host", body = ferry_api::ErrorBody), (status = 409, description = "the host cannot take it, the name is taken, a disk's file exists (disk-exists) or another instance uses the image (disk-in-use)", body = ferry_api::ErrorBody), (status = 413, description = "request body too large", body = ferry_api::ErrorBody), (status = 422, description = "the host cannot provide a disk: unknown-datastore, no-room, path-outside-datastores, image-not-found, image-unreadable, format-mismatch, unsupported-format, wrong-datastore, uefi-unavailable", body = ferry_api::ErrorBody), (status = 503, description = "the host's agent did not answer", body = ferry_api::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/instances", request_body = CreateInstance, responses((status = 201, body = Instance), (status = 400, description = "invalid request (invalid-instance, invalid-disk, invalid-disk-size, ...)", body = ferry_api::ErrorBody), (status = 404, description = "no such host", body = ferry_api::ErrorBody), (status = 409, description = "the host cannot take it, the name is taken, a disk's file exists (disk-exists) or another instance uses the image (disk-in-use)", body = ferry_api::ErrorBody), (status = 413, description = "request body too large", body = ferry_api::ErrorBody), (status = 422, description = "the host cannot provide a disk or a network: unknown-network, unknown-datastore, no-room, path-outside-datastores, image-not-found, image-unreadable, format-mismatch, unsupported-format, wrong-datastore, uefi-unavailable", body = ferry_api::ErrorBody), (status = 503, description = "the host's agent did not answer", body = ferry_api::ErrorBody)))]
 pub async fn create(
     State(state): State<AppState>,
     who: Admin,
@@ -367,7 +401,32 @@ pub async fn create(
         publish(&state, &instance);
         instance
     };
+    let instance = Instance {
+        warnings: create_warnings(&req),
+        ..instance
+    };
     Ok((StatusCode::CREATED, Json(instance)))
+}
+
+/// What a create did that works but is probably a mistake, for the answer: an instance
+/// without a NIC boots fine and then cannot be reached but through its serial console, which
+/// is easy to miss until it is needed.
+fn create_warnings(req: &CreateInstance) -> Vec<Warning> {
+    let mut out = Vec::new();
+    if req.spec.nics.is_empty() {
+        out.push(Warning {
+            code: "no-network".into(),
+            message: format!(
+                "{} has no NIC: its guest has no network and is reachable only through its \
+                 serial console (`ferry instance console {}`)",
+                req.name, req.name
+            ),
+            hint: "if it needs a network, delete it and create it again with --nic NETWORK \
+                   (`ferry host show HOST` lists a host's networks)"
+                .into(),
+        });
+    }
+    out
 }
 
 /// The part of a create that makes things: disks, the record, the agent's definition. On an
@@ -647,4 +706,107 @@ fn parse_disk_map(text: &str) -> Result<std::collections::BTreeMap<String, Strin
         .collect::<Result<Vec<_>, _>>()
         .map_err(|why| bad(format!("entry {why}")))?;
     ferry_api::migrations::disk_map(pairs).map_err(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_api::hosts::{HostFacts, NetworkFacts};
+    use ferry_api::instances::NicSpec;
+
+    fn host_with_networks(networks: &[(&str, &str)]) -> Host {
+        let facts = HostFacts {
+            name: "hv1".into(),
+            cpu_vendor: "GenuineIntel".into(),
+            cpu_model: "Xeon".into(),
+            cpu_flags: vec![],
+            cores: 2,
+            ram_total_mib: 4096,
+            ram_free_mib: 4096,
+            ram_reserve_mib: 0,
+            accel: "tcg".into(),
+            qemu_version: "10.0.0".into(),
+            machine_types: vec!["pc".into()],
+            firmware: vec!["bios".into()],
+            datastores: vec![],
+            networks: networks
+                .iter()
+                .map(|(name, bridge)| NetworkFacts {
+                    name: name.to_string(),
+                    bridge: bridge.to_string(),
+                    subnet: None,
+                })
+                .collect(),
+            migration_addr: "10.0.0.1".into(),
+            migration_ports: "49152-49215".into(),
+            agent_version: "0".into(),
+        };
+        Host {
+            name: "hv1".into(),
+            agent_url: "http://127.0.0.1:1".into(),
+            enabled: true,
+            state: HostState::Online,
+            last_heartbeat: None,
+            facts: Some(facts),
+            instances: 0,
+        }
+    }
+
+    fn spec_on(network: &str) -> InstanceSpec {
+        InstanceSpec {
+            memory_mib: 256,
+            vcpus: 1,
+            cpu_model: "qemu64".into(),
+            machine: "pc".into(),
+            boot: Default::default(),
+            disks: vec![],
+            nics: vec![NicSpec {
+                network: network.into(),
+                mac: "52:54:00:00:00:01".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn an_instance_without_a_nic_gets_a_warning() {
+        let mut req = CreateInstance {
+            name: "quiet".into(),
+            host: None,
+            spec: spec_on("lab"),
+            disks: vec![],
+            start: false,
+        };
+        assert!(create_warnings(&req).is_empty());
+        req.spec.nics.clear();
+        let w = create_warnings(&req);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert_eq!(w[0].code, "no-network");
+        assert!(
+            w[0].message.starts_with("quiet has no NIC"),
+            "{}",
+            w[0].message
+        );
+        assert!(w[0].hint.contains("--nic"), "{}", w[0].hint);
+    }
+
+    #[test]
+    fn an_unknown_network_is_refused_with_the_hosts_networks() {
+        let host = host_with_networks(&[("lab", "br0"), ("prod", "br1")]);
+        assert!(validate_for_host(&spec_on("lab"), &host).is_ok());
+        let e = validate_for_host(&spec_on("lab0"), &host).unwrap_err();
+        assert_eq!((e.status, e.body.code.as_str()), (422, "unknown-network"));
+        assert_eq!(
+            e.body.message,
+            "network 'lab0' is not configured on host hv1; its networks: lab (bridge br0), \
+             prod (bridge br1)"
+        );
+        assert!(
+            e.body.hint.contains("agent configuration"),
+            "{}",
+            e.body.hint
+        );
+        let bare = host_with_networks(&[]);
+        let e = validate_for_host(&spec_on("lab"), &bare).unwrap_err();
+        assert!(e.body.message.ends_with("its networks: none"), "{}", e.body);
+    }
 }
