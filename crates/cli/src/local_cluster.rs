@@ -52,7 +52,9 @@ impl LocalCluster {
 
     /// Creates lab `name` with `hosts` hosts (a stale lab of that name is removed first),
     /// starts the server and the agents, and waits until every host is online. Every agent
-    /// offers `datastores`; the server accepts instance files only inside one of them.
+    /// offers `datastores`; the server accepts instance files only inside one of them. One
+    /// counts as shared storage when it carries an identity file (the image cache does, see
+    /// [`images_datastore`]) or its config names an identity.
     pub async fn start(
         name: &str,
         hosts: usize,
@@ -94,17 +96,7 @@ impl LocalCluster {
                 )
             })
             .map_err(|e| cannot_create(&shared, e))?;
-        // Every host of this cluster is on this machine: a datastore they are all given is
-        // one storage, and says so (without writing an identity file into, say, the cache).
-        let mut datastores: Vec<DatastoreConfig> = datastores
-            .into_iter()
-            .map(|d| DatastoreConfig {
-                identity: d
-                    .identity
-                    .or_else(|| Some(format!("lab-{name}-{}", d.name))),
-                ..d
-            })
-            .collect();
+        let mut datastores = datastores;
         datastores.push(DatastoreConfig {
             name: Self::SHARED_DATASTORE.into(),
             path: shared,
@@ -239,6 +231,18 @@ impl LocalCluster {
             s.shutdown().await;
         }
     }
+}
+
+/// The guest image cache as datastore `images`, with the identity file that makes it the
+/// same storage on every host of a local cluster ([`ferry_lab::image::image_store`]), so the
+/// pre-flight checks pass kernel and initrd without a storage warning.
+pub fn images_datastore(cache_dir: &Path) -> Result<DatastoreConfig, CliError> {
+    let path = ferry_lab::image::image_store(cache_dir).map_err(ferry_lab::LabError::from)?;
+    Ok(DatastoreConfig {
+        name: "images".into(),
+        path,
+        identity: None,
+    })
 }
 
 fn cannot_create(path: &Path, e: std::io::Error) -> CliError {

@@ -1010,3 +1010,19 @@ fn relative_kernel_and_initrd_paths_are_made_absolute_from_the_current_directory
     assert_eq!(code, "invalid-arguments");
     assert!(message.contains("no-such-kernel"), "{message}");
 }
+
+#[test]
+fn lab_up_suggests_only_what_the_lab_can_do() {
+    use ferry_cli::commands::lab::next_steps;
+    let with_vm = next_steps("lab", 2, false);
+    assert!(with_vm.contains("ferry migrate vm1 --to hv2"), "{with_vm}");
+    let without = next_steps("t1", 2, true);
+    assert!(!without.contains("migrate"), "no vm1 to migrate: {without}");
+    assert!(
+        without.contains("ferry instance create vm1 --lab-guest"),
+        "{without}"
+    );
+    assert!(without.contains("ferry lab down --name t1"), "{without}");
+    let one_host = next_steps("lab", 1, false);
+    assert!(!one_host.contains("migrate"), "nowhere to go: {one_host}");
+}

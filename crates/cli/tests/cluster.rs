@@ -212,3 +212,163 @@ fn lab_cluster_migrates_through_the_cli_and_cleans_up() {
     assert_eq!(processes_of(&dir), "", "processes of the lab still run");
     assert!(!Path::new(&dir).exists(), "{dir} still exists");
 }
+
+/// `ferry lab up --name NAME EXTRA...`, its output, and a `ferry` for its API commands.
+fn lab_up(name: &str, config: &Path, extra: &[&str]) -> (Output, impl Fn(&[&str]) -> Output) {
+    let mut args = vec!["lab", "up", "--name", name];
+    args.extend_from_slice(extra);
+    let up = ferry(config).args(&args).output().unwrap();
+    assert!(up.status.success(), "lab up: {}", describe(&up));
+    let exports = text(&up.stdout);
+    let var = |key: &str| {
+        exports
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("export {key}=")))
+            .unwrap_or_else(|| panic!("no {key} in {exports}"))
+            .to_string()
+    };
+    let (url, token) = (var("FERRY_URL"), var("FERRY_TOKEN"));
+    let config = config.to_path_buf();
+    let run = move |args: &[&str]| {
+        ferry(&config)
+            .env("FERRY_URL", &url)
+            .env("FERRY_TOKEN", &token)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    (up, run)
+}
+
+fn json_of(out: &Output) -> serde_json::Value {
+    assert!(out.status.success(), "{}", describe(out));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", describe(out)))
+}
+
+#[test]
+fn lab_up_without_an_instance_suggests_making_one_not_migrating_it() {
+    let name = format!("n{}", std::process::id());
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("cli.toml");
+    std::fs::write(&config, "").unwrap();
+    let guard = LabGuard {
+        name: name.clone(),
+        config: config.clone(),
+    };
+    let (up, run) = lab_up(&name, &config, &["--no-instance"]);
+    let said = text(&up.stderr);
+    assert!(!said.contains("vm1 running"), "{said}");
+    assert!(!said.contains("migrate"), "nothing to migrate yet: {said}");
+    assert!(
+        said.contains("next: ferry instance create vm1 --lab-guest"),
+        "{said}"
+    );
+    let listed = json_of(&run(&["instance", "list", "-o", "json"]));
+    assert_eq!(listed, serde_json::json!([]), "--no-instance made none");
+    drop(guard);
+    assert!(namespaces_of(&name).is_empty());
+}
+
+/// The storage check of `vm1 -> hv2`, and whether any check warns.
+fn storage_verdict(candidate: &serde_json::Value) -> (String, String, Vec<String>) {
+    let checks = candidate["checks"].as_array().unwrap();
+    let storage = checks.iter().find(|c| c["name"] == "storage").unwrap();
+    let warns = checks
+        .iter()
+        .filter(|c| c["status"] == "warn")
+        .map(|c| format!("{}: {}", c["name"], c["message"]))
+        .collect();
+    (
+        storage["status"].as_str().unwrap().to_string(),
+        storage["message"].as_str().unwrap().to_string(),
+        warns,
+    )
+}
+
+#[test]
+fn the_lab_image_store_is_shared_by_its_identity_file_so_nothing_warns() {
+    let name = format!("i{}", std::process::id());
+    let dir = format!("/var/tmp/ferry-lab/{name}");
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("cli.toml");
+    std::fs::write(&config, "").unwrap();
+    let guard = LabGuard {
+        name: name.clone(),
+        config: config.clone(),
+    };
+    let (_, run) = lab_up(&name, &config, &[]);
+
+    // Every lab host has the image store, and it carries its identity in a file, not in
+    // the agents' configs.
+    let stores = json_of(&run(&["datastore", "list", "-o", "json"]));
+    let images = stores
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "images")
+        .unwrap_or_else(|| panic!("no images datastore: {stores}"));
+    assert_eq!(images["shared"], true, "{images}");
+    assert_eq!(images["mounts"].as_array().unwrap().len(), 2, "{images}");
+    let path = images["mounts"][0]["path"].as_str().unwrap();
+    let file = std::fs::read_to_string(Path::new(path).join(".ferry-datastore-id")).unwrap();
+    assert_eq!(images["identity"].as_str(), Some(file.trim()), "{images}");
+    for host in ["hv1", "hv2"] {
+        let agent = std::fs::read_to_string(format!("{dir}/{host}.toml")).unwrap();
+        assert!(!agent.contains("identity"), "{agent}");
+    }
+
+    let candidate = json_of(&run(&[
+        "migrate", "vm1", "--to", "hv2", "--check", "-o", "json",
+    ]));
+    let (status, message, warns) = storage_verdict(&candidate);
+    assert_eq!(status, "pass", "{message}");
+    assert!(warns.is_empty(), "the happy path warns: {warns:?}");
+    drop(guard);
+    assert!(namespaces_of(&name).is_empty());
+}
+
+/// The demo's cluster (in this process) has the image store the same way as `lab up`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_clusters_image_store_passes_the_storage_check_without_a_warning() {
+    use ferry_api::instances::{CreateInstance, Instance};
+    use ferry_cli::local_cluster::{images_datastore, LocalCluster};
+    use ferry_lab::image::{ensure_image, ImageOptions};
+
+    ferry_lab::net::remove_orphan_test_labs();
+    let opts = ImageOptions::default();
+    let cache = opts.cache_dir.clone();
+    let (image, _) = tokio::task::spawn_blocking(move || ensure_image(&opts))
+        .await
+        .unwrap()
+        .unwrap();
+    let name = ferry_lab::net::unique_test_lab_name();
+    let cluster = LocalCluster::start(&name, 2, "tcg", vec![images_datastore(&cache).unwrap()])
+        .await
+        .unwrap();
+    let config = ferry_lab::guest_config::GuestConfig::default();
+    let spec = ferry_lab::instance::guest_instance_spec(&image, &config, 256, "52:54:00:00:0a:01");
+    let vm: Instance = cluster
+        .create_instance(&CreateInstance {
+            name: "vm1".into(),
+            host: Some("hv1".into()),
+            spec,
+            disks: vec![],
+            start: true,
+        })
+        .await
+        .unwrap();
+    let candidates: serde_json::Value = cluster
+        .ctx
+        .client
+        .get(&format!(
+            "/v1/instances/{}/migration-candidates?destination=hv2&probe=false",
+            vm.id
+        ))
+        .await
+        .unwrap();
+    let (status, message, warns) = storage_verdict(&candidates[0]);
+    assert_eq!(status, "pass", "{message}");
+    assert!(warns.is_empty(), "{warns:?}");
+    cluster.shutdown().await;
+    assert!(namespaces_of(&name).is_empty());
+}

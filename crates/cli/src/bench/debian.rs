@@ -218,11 +218,7 @@ pub(super) async fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     ));
     // The cache directory is a datastore of every host: an image given by path must be inside
     // one, and from there it is copied onto the shared datastore.
-    let images = ferry_agent::DatastoreConfig {
-        name: "images".into(),
-        path: cache_dir.clone(),
-        identity: None,
-    };
+    let images = ferry_cli::local_cluster::images_datastore(&cache_dir)?;
     let cluster = LocalCluster::start(LAB_NAME, 2, accel.name(), vec![images]).await?;
     let mut guest_os = None;
     let mut results = Vec::new();
