@@ -37,6 +37,10 @@ pub(crate) fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/instances/{id}/start", post(start_instance))
         .route("/v1/instances/{id}/stop", post(stop_instance))
         .route("/v1/instances/{id}/fence", post(fence_instance))
+        .route(
+            "/v1/instances/{id}/migration-settings",
+            get(migration_settings),
+        )
         .route("/v1/migrations/{mid}", get(source_status))
         .route(
             "/v1/migrations/{mid}/incoming",
@@ -129,6 +133,13 @@ async fn fence_instance(
     Path(id): Path<String>,
 ) -> ApiResult<AgentInstance> {
     Ok(Json(agent.fence_instance(uuid(&id)?).await?))
+}
+
+async fn migration_settings(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> ApiResult<ferry_migrate::QemuSettings> {
+    Ok(Json(agent.migration_settings(uuid(&id)?).await?))
 }
 
 async fn stop_instance(

@@ -560,6 +560,21 @@ impl Agent {
         Ok(self.describe(&mut slot).await)
     }
 
+    /// `GET /v1/instances/{id}/migration-settings`: the migration capabilities and
+    /// parameters the instance's QEMU has now. The server reads them from a source once its
+    /// memory stream runs, so a job records what QEMU actually ran with, not what was asked.
+    pub(crate) async fn migration_settings(
+        &self,
+        id: Uuid,
+    ) -> Result<ferry_migrate::QemuSettings, AgentError> {
+        let qmp = self
+            .lock_slot(&id)
+            .await?
+            .qmp()
+            .ok_or_else(|| ferry_migrate::MigrateError::SourceNotRunning("stopped".into()))?;
+        Ok(ferry_migrate::settings::read(&qmp.with_timeout(STATE_QUERY_TIMEOUT)).await?)
+    }
+
     /// `DELETE /v1/instances/{id}`: refused while QEMU runs.
     pub(crate) async fn delete_instance(&self, id: Uuid) -> Result<(), AgentError> {
         let mut slot = self.lock_slot(&id).await?;

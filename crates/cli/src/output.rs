@@ -485,22 +485,22 @@ pub fn migrations_table(migrations: &[Migration]) -> String {
 
 pub fn migration_detail(m: &Migration) -> String {
     let o = &m.options;
-    let mut options = vec![
-        format!(
-            "bandwidth {}",
-            o.bandwidth_mib_s
-                .map(|b| format!("{b} MiB/s"))
-                .unwrap_or_else(|| "unlimited".into())
-        ),
-        format!("downtime {} ms", o.downtime_ms.unwrap_or(300)),
-        format!(
-            "policy {}",
-            match o.policy {
-                ferry_api::migrations::Policy::Auto => "auto",
-                ferry_api::migrations::Policy::Manual => "manual",
-            }
-        ),
-    ];
+    // What was asked, and only that: a default filled in here ("downtime 300 ms") would read
+    // as what ran, which the auto policy and QEMU decide (the `qemu` line).
+    let mut options = Vec::new();
+    if let Some(b) = o.bandwidth_mib_s {
+        options.push(format!("bandwidth {b} MiB/s"));
+    }
+    if let Some(d) = o.downtime_ms {
+        options.push(format!("downtime {d} ms"));
+    }
+    options.push(format!(
+        "policy {}",
+        match o.policy {
+            ferry_api::migrations::Policy::Auto => "auto",
+            ferry_api::migrations::Policy::Manual => "manual",
+        }
+    ));
     for (on, name) in [
         (o.auto_converge, "auto-converge"),
         (o.compress, "compress"),
@@ -543,6 +543,9 @@ pub fn migration_detail(m: &Migration) -> String {
     }
     if let Some(p) = &m.plan {
         pairs.push(("plan", p.plan.summary()));
+    }
+    if let Some(q) = &m.qemu_settings {
+        pairs.push(("qemu", q.summary()));
     }
     if let Some(p) = &m.progress {
         if !m.state.is_terminal() {

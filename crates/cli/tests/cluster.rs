@@ -372,3 +372,113 @@ async fn the_demo_clusters_image_store_passes_the_storage_check_without_a_warnin
     cluster.shutdown().await;
     assert!(namespaces_of(&name).is_empty());
 }
+
+#[test]
+fn watch_without_a_terminal_prints_one_line_per_event() {
+    let name = format!("w{}", std::process::id());
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("cli.toml");
+    std::fs::write(&config, "").unwrap();
+    let guard = LabGuard {
+        name: name.clone(),
+        config: config.clone(),
+    };
+    let (_, run) = lab_up(&name, &config, &[]);
+    // Output captured: neither stdout nor stderr is a terminal.
+    let out = run(&["migrate", "vm1", "--to", "hv2", "--watch"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let err = text(&out.stderr);
+    assert!(
+        !err.contains('\r') && !err.contains('\x1b'),
+        "redrawn: {err:?}"
+    );
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with('[')).collect();
+    assert!(lines.len() >= 3, "one line per event: {err}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("] migrating ") && l.contains('%')),
+        "progress lines: {err}"
+    );
+    assert!(lines.last().unwrap().ends_with("] completed"), "{err}");
+    // The record still goes to stdout, after the lines.
+    assert!(
+        text(&out.stdout).contains("state        completed"),
+        "{}",
+        describe(&out)
+    );
+    drop(guard);
+}
+
+#[test]
+fn migration_show_has_the_settings_qemu_ran_with() {
+    let name = format!("q{}", std::process::id());
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("cli.toml");
+    std::fs::write(&config, "").unwrap();
+    let guard = LabGuard {
+        name: name.clone(),
+        config: config.clone(),
+    };
+    let (_, run) = lab_up(&name, &config, &[]);
+
+    // Manual: exactly the options given, as QEMU reports them back.
+    let m = json_of(&run(&[
+        "migrate",
+        "vm1",
+        "--to",
+        "hv2",
+        "--policy",
+        "manual",
+        "--downtime-ms",
+        "123",
+        "--bandwidth",
+        "200",
+        "--wait",
+        "-o",
+        "json",
+    ]));
+    assert_eq!(m["state"], "completed", "{m}");
+    let q = &m["qemu_settings"];
+    assert_eq!(q["downtime_limit_ms"], 123, "{m}");
+    assert_eq!(q["max_bandwidth"], 200u64 << 20, "{m}");
+    let caps: Vec<&str> = q["capabilities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert!(caps.contains(&"pause-before-switchover"), "{caps:?}");
+    assert!(!caps.contains(&"auto-converge"), "{caps:?}");
+
+    // Auto, nothing asked: what the plan chose, not the request's defaults.
+    let m = json_of(&run(&[
+        "migrate", "vm1", "--to", "hv1", "--wait", "-o", "json",
+    ]));
+    assert_eq!(m["state"], "completed", "{m}");
+    let planned = &m["plan"]["params"]["downtime_limit_ms"];
+    assert!(planned.is_u64(), "{m}");
+    assert_eq!(m["qemu_settings"]["downtime_limit_ms"], *planned, "{m}");
+    let id = m["id"].as_str().unwrap();
+    let shown = run(&["migration", "show", id]);
+    let table = text(&shown.stdout);
+    let qemu_line = table
+        .lines()
+        .find(|l| l.starts_with("qemu "))
+        .unwrap_or_else(|| panic!("no qemu line: {table}"));
+    assert!(
+        qemu_line.contains(&format!("downtime {planned} ms")),
+        "{qemu_line}"
+    );
+    let options = table.lines().find(|l| l.starts_with("options ")).unwrap();
+    assert!(
+        !options.contains("downtime"),
+        "no default as a setting: {options}"
+    );
+    let logs = text(&run(&["migration", "logs", id]).stdout);
+    assert!(
+        logs.contains("qemu runs with bandwidth unlimited"),
+        "{logs}"
+    );
+    drop(guard);
+}

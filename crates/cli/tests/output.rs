@@ -146,6 +146,7 @@ fn migration(state: MigrationState) -> Migration {
         plan: None,
         copies: vec![],
         cleaned_up_at: None,
+        qemu_settings: None,
     }
 }
 
@@ -272,7 +273,7 @@ fn migration_detail_of_a_completed_job() {
          from         hv1\n\
          to           hv2\n\
          state        completed\n\
-         options      bandwidth 100 MiB/s, downtime 300 ms, policy auto, auto-converge\n\
+         options      bandwidth 100 MiB/s, policy auto, auto-converge\n\
          created      2025-03-01 12:00:00\n\
          preparing    2025-03-01 12:00:01\n\
          migrating    2025-03-01 12:00:02\n\
@@ -544,7 +545,7 @@ fn a_block_migration_shows_each_disk() {
     let text = output::migration_detail(&m);
     assert!(
         text.contains(
-            "\noptions    bandwidth 100 MiB/s, downtime 300 ms, policy auto, auto-converge, \
+            "\noptions    bandwidth 100 MiB/s, policy auto, auto-converge, \
              map-disk disk0=local2\n"
         ),
         "{text}"
@@ -625,4 +626,32 @@ fn a_watch_line_is_one_line_with_time_state_and_figures() {
     let line = watch_line(Duration::ZERO, MigrationState::Migrating, Some(&with_disk));
     assert!(!line.contains('\n'), "disks on the same line: {line:?}");
     assert!(line.contains("; disk0"), "{line}");
+}
+
+#[test]
+fn migration_detail_shows_what_qemu_ran_with_not_the_requests_defaults() {
+    let mut m = migration(MigrationState::Completed);
+    m.options = MigrationOptions::default();
+    let caps = [
+        ferry_qmp::commands::CapabilityState::new("events", true),
+        ferry_qmp::commands::CapabilityState::new("pause-before-switchover", true),
+    ];
+    let params: ferry_qmp::commands::MigrationParameters = serde_json::from_value(
+        serde_json::json!({"max-bandwidth": 1u64 << 40, "downtime-limit": 50}),
+    )
+    .unwrap();
+    m.qemu_settings = Some(ferry_migrate::QemuSettings::from_replies(&caps, &params));
+    let text = output::migration_detail(&m);
+    assert!(text.contains("\noptions      policy auto\n"), "{text}");
+    assert!(
+        !text.contains("300 ms"),
+        "no default presented as a setting: {text}"
+    );
+    assert!(
+        text.contains(
+            "\nqemu         bandwidth unlimited, downtime 50 ms, capabilities events \
+             pause-before-switchover\n"
+        ),
+        "{text}"
+    );
 }

@@ -510,6 +510,8 @@ struct AgentHalves<'a> {
     mirrors: Vec<ferry_migrate::MirrorTarget>,
     /// Block migration: the (disk, event) log lines already written.
     disk_events: std::collections::HashSet<(String, &'static str)>,
+    /// The source QEMU's settings were read back (or the job has them from before a restart).
+    qemu_settings_read: bool,
 }
 
 /// Which half an agent call is for.
@@ -548,6 +550,7 @@ impl<'a> AgentHalves<'a> {
             copies,
             mirrors: Vec::new(),
             disk_events: Default::default(),
+            qemu_settings_read: m.qemu_settings.is_some(),
             state,
             params: m
                 .plan
@@ -721,6 +724,17 @@ impl<'a> AgentHalves<'a> {
     async fn record(&mut self, samples: Vec<(u64, Progress)>) {
         for (seq, p) in samples {
             self.seq = self.seq.max(seq);
+            if !self.qemu_settings_read && crate::qemu_settings::is_memory(p.phase) {
+                self.qemu_settings_read = true;
+                let (level, message) = crate::qemu_settings::record(
+                    self.state,
+                    self.m.id,
+                    &self.src,
+                    self.instance.id,
+                )
+                .await;
+                self.log(level, &message).await;
+            }
             // What QEMU reported, once per phase or round, so the log tells the story without
             // every sample.
             if p.phase != ferry_migrate::Phase::Setup

@@ -107,6 +107,7 @@ mod tests {
             cancel_requested: false,
             copies: vec![],
             cleaned_up_at: None,
+            qemu_settings: None,
             plan: None,
         }
     }
