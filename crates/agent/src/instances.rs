@@ -292,6 +292,8 @@ impl Agent {
         opts.qemu_binary = self.config.qemu_binary.clone();
         opts.netns = self.config.netns.clone();
         opts.mode = mode;
+        // Outside the run directory, so the output outlives the process (and a migration).
+        opts.serial_log = Some(self.console_segment(&slot.record.id));
         match QemuProcess::launch(&spec, &opts).await {
             Ok(mut process) => {
                 process.set_detached(true);
@@ -588,6 +590,9 @@ impl Agent {
         }
         self.refuse_if_migrating(&id)?;
         self.remove_taps(&slot.record).await;
+        // The console segments stay: a cold migration deletes the source's definition this
+        // way, and the output printed there is still the instance's. The server removes them
+        // when it deletes the instance (`DELETE /v1/instances/{id}/console`).
         self.forget_instance(&mut slot);
         info!(instance = %id, "instance deleted");
         Ok(())

@@ -193,10 +193,12 @@ impl LocalCluster {
         self.run_dir(index, id).join("qga.sock")
     }
 
-    /// The serial log of instance `id` on host `index`: QEMU writes every byte of the
-    /// console there from its start, whether or not a reader is connected to the socket.
-    pub fn serial_log(&self, index: usize, id: Uuid) -> PathBuf {
-        self.run_dir(index, id).join("serial.log")
+    /// Where host `index` keeps instance `id`'s serial logs: one per QEMU process, which QEMU
+    /// writes every byte of the console to from its start, whether or not a reader is
+    /// connected to the socket, and which the agent keeps after the QEMU is gone (see
+    /// [`ferry_agent::console`]; the newest is [`newest_serial_log`]).
+    pub fn console_dir(&self, index: usize, id: Uuid) -> PathBuf {
+        ferry_agent::console::console_dir(&self.agent_configs[index].state_dir, &id)
     }
 
     fn run_dir(&self, index: usize, id: Uuid) -> PathBuf {
@@ -243,6 +245,13 @@ pub fn images_datastore(cache_dir: &Path) -> Result<DatastoreConfig, CliError> {
         path,
         identity: None,
     })
+}
+
+/// The newest serial log in a console directory ([`LocalCluster::console_dir`]), if any.
+pub fn newest_serial_log(dir: &Path) -> Option<PathBuf> {
+    ferry_agent::console::segments(dir)
+        .pop()
+        .map(|(_, path)| path)
 }
 
 fn cannot_create(path: &Path, e: std::io::Error) -> CliError {

@@ -719,3 +719,79 @@ pub fn progress_message(p: &Progress) -> String {
         p.iteration,
     )
 }
+
+/// A guest's console output made safe for a terminal or a file: escape sequences (colours,
+/// cursor moves, window titles) and other control characters are dropped, carriage returns
+/// too, so that a guest cannot drive the reader's terminal and `grep` sees plain lines.
+/// Newlines and tabs stay. `-o json` keeps the output as the guest printed it.
+pub fn console_text(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\x1b' => match chars.peek() {
+                // CSI: parameters and intermediates up to a final byte in @..~.
+                Some('[') => {
+                    chars.next();
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                }
+                // OSC: up to BEL or ST (ESC \).
+                Some(']') => {
+                    chars.next();
+                    while let Some(c) = chars.next() {
+                        if c == '\x07' || (c == '\x1b' && chars.next_if_eq(&'\\').is_some()) {
+                            break;
+                        }
+                    }
+                }
+                // A two-character sequence (ESC c, ESC 7, ...).
+                Some(_) => {
+                    chars.next();
+                }
+                None => {}
+            },
+            '\n' | '\t' => out.push(c),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `ferry instance console`: each host's output after a line naming the host and when its
+/// QEMU started (and how much of the segment was left out), in order.
+pub fn console(c: &ferry_api::instances::InstanceConsole) -> String {
+    let mut out = String::new();
+    for s in &c.segments {
+        let omitted = s.omitted_bytes();
+        let cut = if omitted > 0 {
+            format!(", its first {} left out", fmt_bytes(omitted))
+        } else {
+            String::new()
+        };
+        out.push_str(&format!(
+            "--- {}, QEMU started {} UTC ({}{cut}) ---\n",
+            s.host,
+            fmt_time(&s.started_at),
+            fmt_bytes(s.size_bytes)
+        ));
+        let text = console_text(&s.text);
+        out.push_str(&text);
+        if !text.is_empty() && !text.ends_with('\n') {
+            out.push('\n');
+        }
+    }
+    for h in &c.unreachable {
+        out.push_str(&format!(
+            "--- {h} did not answer: the output of the guest's time there is missing ---\n"
+        ));
+    }
+    if c.segments.is_empty() && c.unreachable.is_empty() {
+        out.push_str("(no console output: the instance has not run yet)\n");
+    }
+    out.trim_end_matches('\n').to_string()
+}

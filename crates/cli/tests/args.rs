@@ -1026,3 +1026,21 @@ fn lab_up_suggests_only_what_the_lab_can_do() {
     let one_host = next_steps("lab", 1, false);
     assert!(!one_host.contains("migrate"), "nowhere to go: {one_host}");
 }
+
+#[test]
+fn instance_console_and_its_log_alias_parse() {
+    for verb in ["console", "log"] {
+        let cmd = parse(&["instance", verb, "vm1", "--bytes", "4096"]).unwrap();
+        let ClusterCommand::Instance { cmd, .. } = cmd else {
+            panic!("{cmd:?}")
+        };
+        assert_eq!(
+            cmd,
+            InstanceCommand::Console {
+                instance: "vm1".into(),
+                bytes: Some(4096)
+            },
+            "{verb}"
+        );
+    }
+}

@@ -482,3 +482,104 @@ fn migration_show_has_the_settings_qemu_ran_with() {
     );
     drop(guard);
 }
+
+/// The heartbeat counters (`ferry-hb N MS`) in a console text.
+fn heartbeats(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("ferry-hb "))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn the_console_joins_every_hosts_output_across_migrations() {
+    let name = format!("s{}", std::process::id());
+    let dir = format!("/var/tmp/ferry-lab/{name}");
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("cli.toml");
+    std::fs::write(&config, "").unwrap();
+    let guard = LabGuard {
+        name: name.clone(),
+        config: config.clone(),
+    };
+    let (_, run) = lab_up(&name, &config, &[]);
+    let console = |args: &[&str]| {
+        let mut all = vec!["instance", "console", "vm1", "--bytes", "16777216"];
+        all.extend_from_slice(args);
+        run(&all)
+    };
+    // The guest is up once it said so on its console.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !text(&console(&[]).stdout).contains("ferry-guest ready") {
+        assert!(std::time::Instant::now() < deadline, "vm1 never got ready");
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+
+    for to in ["hv2", "hv1"] {
+        let m = json_of(&run(&[
+            "migrate", "vm1", "--to", to, "--wait", "-o", "json",
+        ]));
+        assert_eq!(m["state"], "completed", "{m}");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+
+    let c = json_of(&console(&["-o", "json"]));
+    let segments = c["segments"].as_array().unwrap();
+    let hosts: Vec<&str> = segments
+        .iter()
+        .map(|s| s["host"].as_str().unwrap())
+        .collect();
+    assert_eq!(hosts, ["hv1", "hv2", "hv1"], "{c}");
+    assert!(c.get("unreachable").is_none(), "{c}");
+    let texts: Vec<&str> = segments
+        .iter()
+        .map(|s| s["text"].as_str().unwrap())
+        .collect();
+    assert!(
+        texts[0].contains("ferry-guest ready"),
+        "the boot stays: {}",
+        texts[0]
+    );
+    assert!(!texts[1].contains("ferry-guest ready"), "no second boot");
+    // The heartbeat goes on where it left off: each host's counters follow the last one's.
+    let counts: Vec<Vec<u64>> = texts.iter().map(|t| heartbeats(t)).collect();
+    for (i, c) in counts.iter().enumerate() {
+        assert!(!c.is_empty(), "segment {i} has heartbeats: {}", texts[i]);
+    }
+    for pair in counts.windows(2) {
+        let (before, after) = (pair[0].last().unwrap(), pair[1].first().unwrap());
+        assert!(before < after, "out of order: {before} then {after}");
+    }
+
+    // As text: each host's part under a line naming it, in the same order.
+    let shown = text(&console(&[]).stdout);
+    let marks: Vec<&str> = shown
+        .lines()
+        .filter(|l| l.starts_with("--- "))
+        .map(|l| &l[4..7])
+        .collect();
+    assert_eq!(marks, ["hv1", "hv2", "hv1"], "{shown}");
+    let alias = run(&["instance", "log", "vm1", "--bytes", "100"]);
+    assert!(alias.status.success(), "{}", describe(&alias));
+    let none = run(&["instance", "console", "vm1", "--bytes", "0"]);
+    assert_eq!(none.status.code(), Some(1), "{}", describe(&none));
+    assert!(
+        text(&none.stderr).starts_with("error[bad-query]: bytes 0 is out of range"),
+        "{}",
+        describe(&none)
+    );
+
+    // Deleting the instance removes its output on every host that ran it.
+    let id = json_of(&run(&["instance", "show", "vm1", "-o", "json"]))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let kept = |host: &str| Path::new(&format!("{dir}/agents/{host}/consoles/{id}")).exists();
+    assert!(kept("hv1") && kept("hv2"));
+    let stop = run(&["instance", "stop", "vm1", "--force"]);
+    assert!(stop.status.success(), "{}", describe(&stop));
+    let delete = run(&["instance", "delete", "vm1"]);
+    assert!(delete.status.success(), "{}", describe(&delete));
+    assert!(!kept("hv1") && !kept("hv2"), "console output left behind");
+    drop(guard);
+}

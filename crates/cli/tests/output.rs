@@ -655,3 +655,65 @@ fn migration_detail_shows_what_qemu_ran_with_not_the_requests_defaults() {
         "{text}"
     );
 }
+
+#[test]
+fn console_text_drops_what_would_drive_a_terminal() {
+    assert_eq!(
+        output::console_text("plain line\n\tindented\n"),
+        "plain line\n\tindented\n"
+    );
+    assert_eq!(
+        output::console_text("\x1b[0;32m  OK  \x1b[0m Started\r\n"),
+        "  OK   Started\n",
+        "colours and carriage returns"
+    );
+    assert_eq!(
+        output::console_text("\x1b]0;title\x07a\x1b]2;t\x1b\\b\x1bcc\x07\x00d"),
+        "abcd",
+        "window titles, resets, bell, NUL"
+    );
+    assert_eq!(output::console_text("é ü ✓"), "é ü ✓");
+    assert_eq!(
+        output::console_text("cut\x1b["),
+        "cut",
+        "a sequence cut off at the end"
+    );
+}
+
+#[test]
+fn the_console_shows_each_hosts_part_in_order_under_its_name() {
+    use ferry_api::instances::{ConsoleSegment, InstanceConsole};
+    let c = InstanceConsole {
+        instance: id(7),
+        segments: vec![
+            ConsoleSegment {
+                host: "hv1".into(),
+                started_at: t(0),
+                size_bytes: 2048,
+                text: "ferry-hb 41 10\nferry-hb 42 20".into(),
+            },
+            ConsoleSegment {
+                host: "hv2".into(),
+                started_at: t(5),
+                size_bytes: 15,
+                text: "ferry-hb 43 30\n".into(),
+            },
+        ],
+        unreachable: vec!["hv3".into()],
+    };
+    assert_eq!(
+        output::console(&c),
+        "--- hv1, QEMU started 2025-03-01 12:00:00 UTC (2.0 KiB, its first 2.0 KiB left out) ---\n\
+         ferry-hb 41 10\n\
+         ferry-hb 42 20\n\
+         --- hv2, QEMU started 2025-03-01 12:00:05 UTC (15 B) ---\n\
+         ferry-hb 43 30\n\
+         --- hv3 did not answer: the output of the guest's time there is missing ---"
+    );
+    let empty = InstanceConsole {
+        instance: id(7),
+        segments: vec![],
+        unreachable: vec![],
+    };
+    assert!(output::console(&empty).contains("has not run yet"));
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use ferry_api::instances::{
     BootFrom, BootSpec, CacheMode, CreateInstance, DiskBus, DiskFormat, DiskRequest, FirmwareKind,
-    Instance, InstanceSpec, InstanceState, NicSpec,
+    Instance, InstanceConsole, InstanceSpec, InstanceState, NicSpec,
 };
 use ferry_lab::guest_config::GuestConfig;
 use ferry_lab::image::{ensure_image, ImageOptions};
@@ -42,6 +42,15 @@ pub enum InstanceCommand {
     /// Remove a stopped instance, and the disk images Ferry made for it (images given with
     /// --disk-image stay).
     Delete { instance: String },
+    /// Show the guest's serial console output: from every host that ran it, in order, so a
+    /// migration does not cut it (each host's part after a `--- HOST ...` line).
+    #[command(visible_alias = "log")]
+    Console {
+        instance: String,
+        /// At most this many bytes of output, the newest (default 256 KiB, at most 16 MiB).
+        #[arg(long, value_name = "N")]
+        bytes: Option<u64>,
+    },
 }
 
 /// `ferry instance create`: an explicit kernel boot, a boot from disk, or `--lab-guest`,
@@ -581,6 +590,14 @@ pub async fn run(ctx: &Ctx, cmd: InstanceCommand) -> Result<u8, CliError> {
                 &(),
             )
             .await?
+        }
+        InstanceCommand::Console { instance, bytes } => {
+            let query = bytes.map(|b| format!("?bytes={b}")).unwrap_or_default();
+            let console: InstanceConsole = ctx
+                .get(&format!("/v1/instances/{}/console{query}", seg(&instance)))
+                .await?;
+            ctx.print(&console, output::console);
+            return Ok(exit::OK);
         }
         InstanceCommand::Delete { instance } => {
             let answer: serde_json::Value = ctx

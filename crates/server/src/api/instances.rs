@@ -8,7 +8,8 @@ use ferry_api::agent::{AgentInstance, DefineInstance};
 use ferry_api::checks::Candidate;
 use ferry_api::hosts::{Host, HostState};
 use ferry_api::instances::{
-    BootFrom, CreateInstance, Instance, InstanceSpec, InstanceState, StopOptions, Warning,
+    BootFrom, ConsoleQuery, ConsoleSegment, CreateInstance, Instance, InstanceConsole,
+    InstanceSpec, InstanceState, StopOptions, Warning,
 };
 use ferry_api::migrations::{Event, MigrationKind};
 use serde::Deserialize;
@@ -632,7 +633,9 @@ pub async fn delete(
             return Err(err);
         }
     }
+    let console_hosts = console_hosts(&state, &i).await?;
     state.store.delete_instance(i.id).await?;
+    forget_console(&state, i.id, &console_hosts).await;
     state
         .store
         .audit(
@@ -643,6 +646,146 @@ pub async fn delete(
         )
         .await?;
     Ok(Json(i))
+}
+
+/// How long the console waits for each host: a host that is down must not hold up the
+/// output of the others.
+const CONSOLE_AGENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The hosts that may hold output of instance `i`: the one it is on and every host one of its
+/// migrations came from or went to (a failed migration's destination may have run it, in
+/// post-copy).
+async fn console_hosts(state: &AppState, i: &Instance) -> Result<Vec<String>, ServerError> {
+    let jobs = state
+        .store
+        .list_migrations(&crate::store::MigrationFilter {
+            instance: Some(i.id),
+            ..Default::default()
+        })
+        .await?;
+    let mut hosts = vec![i.host.clone()];
+    for m in jobs {
+        for h in [m.source, m.destination] {
+            if !hosts.contains(&h) {
+                hosts.push(h);
+            }
+        }
+    }
+    Ok(hosts)
+}
+
+/// Every host's segments as one console: oldest first (by each QEMU's start; segments that
+/// started in the same millisecond by host name), and no more than `budget` bytes of text in
+/// all, the newest kept. A segment cut short keeps its end from the start of a line, so the
+/// first line shown is never a fragment.
+pub fn join_console(mut segments: Vec<ConsoleSegment>, budget: u64) -> Vec<ConsoleSegment> {
+    segments.sort_by(|a, b| (a.started_at, &a.host).cmp(&(b.started_at, &b.host)));
+    let mut left = usize::try_from(budget).unwrap_or(usize::MAX);
+    let mut kept = Vec::new();
+    for mut seg in segments.into_iter().rev() {
+        if left == 0 {
+            break;
+        }
+        let cut_here = seg.text.len() > left;
+        if cut_here {
+            let mut cut = seg.text.len() - left;
+            while !seg.text.is_char_boundary(cut) {
+                cut += 1;
+            }
+            seg.text = seg.text.split_off(cut);
+        }
+        if seg.omitted_bytes() > 0 {
+            // The agent's tail, or the cut above, may begin inside a line: drop that part.
+            seg.text = match seg.text.find('\n') {
+                Some(nl) => seg.text.split_off(nl + 1),
+                None => String::new(),
+            };
+        }
+        left = if cut_here { 0 } else { left - seg.text.len() };
+        if !seg.text.is_empty() {
+            kept.push(seg);
+        }
+    }
+    kept.reverse();
+    kept
+}
+
+/// The guest's serial output, from every host that ran it, in order: each host's agent keeps
+/// what the guest printed while its QEMU ran there, also after the instance moved on.
+#[utoipa::path(get, path = "/v1/instances/{id}/console", params(("id" = String, Path, description = "instance name or id"), ConsoleQuery), responses((status = 200, body = InstanceConsole), (status = 400, description = "bad query (bytes out of range)", body = ferry_api::ErrorBody), (status = 404, description = "no such instance", body = ferry_api::ErrorBody)))]
+pub async fn console(
+    State(state): State<AppState>,
+    _r: Reader,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<ConsoleQuery>,
+) -> Result<Json<InstanceConsole>, ServerError> {
+    let budget = q.budget();
+    if budget == 0 || budget > ConsoleQuery::MAX_BYTES {
+        return Err(ServerError::bad_request(
+            "bad-query",
+            format!(
+                "bytes {budget} is out of range (1 to {})",
+                ConsoleQuery::MAX_BYTES
+            ),
+            "ask for fewer bytes; the newest output is returned",
+        ));
+    }
+    let i = find(&state, &id).await?;
+    let online: Vec<String> = all_hosts(&state)
+        .await?
+        .into_iter()
+        .filter(|h| h.state == HostState::Online)
+        .map(|h| h.name)
+        .collect();
+    let mut segments = Vec::new();
+    let mut unreachable = Vec::new();
+    for host in console_hosts(&state, &i).await? {
+        if !online.contains(&host) {
+            unreachable.push(host);
+            continue;
+        }
+        let answer = match agent_client(&state.store, &host).await {
+            Ok(agent) => agent
+                .with_timeout(CONSOLE_AGENT_TIMEOUT)
+                .get::<Vec<ConsoleSegment>>(&format!(
+                    "/v1/instances/{}/console?bytes={budget}",
+                    i.id
+                ))
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match answer {
+            Ok(s) => segments.extend(s),
+            Err(e) => {
+                tracing::warn!(host, error = %e, "console output not available");
+                unreachable.push(host);
+            }
+        }
+    }
+    Ok(Json(InstanceConsole {
+        instance: i.id,
+        segments: join_console(segments, budget),
+        unreachable,
+    }))
+}
+
+/// After a delete: every host that ran the instance forgets its console output. Best effort:
+/// the instance is gone either way, and a host that is down keeps a few files.
+async fn forget_console(state: &AppState, id: Uuid, hosts: &[String]) {
+    for host in hosts {
+        let deleted = match agent_client(&state.store, host).await {
+            Ok(agent) => agent
+                .with_timeout(CONSOLE_AGENT_TIMEOUT)
+                .delete::<serde_json::Value>(&format!("/v1/instances/{id}/console"))
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = deleted {
+            tracing::warn!(host, instance = %id, error = %e, "console output not removed");
+        }
+    }
 }
 
 /// Query of `GET /v1/instances/{id}/migration-candidates`.
@@ -765,6 +908,60 @@ mod tests {
                 mac: "52:54:00:00:00:01".into(),
             }],
         }
+    }
+
+    fn seg(host: &str, ms: i64, text: &str) -> ConsoleSegment {
+        ConsoleSegment {
+            host: host.into(),
+            started_at: chrono::DateTime::from_timestamp_millis(ms).unwrap(),
+            size_bytes: text.len() as u64,
+            text: text.into(),
+        }
+    }
+
+    #[test]
+    fn the_console_is_every_hosts_output_in_time_order_newest_kept() {
+        // As the agents answer: host by host.
+        let joined = join_console(
+            vec![
+                seg("hv1", 1_000, "boot\n"),
+                seg("hv1", 9_000, "back on hv1\n"),
+                seg("hv2", 5_000, "on hv2\n"),
+            ],
+            1 << 20,
+        );
+        let order: Vec<(&str, &str)> = joined
+            .iter()
+            .map(|s| (s.host.as_str(), s.text.as_str()))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                ("hv1", "boot\n"),
+                ("hv2", "on hv2\n"),
+                ("hv1", "back on hv1\n")
+            ]
+        );
+        // A budget keeps the newest bytes: the oldest segment goes, one is cut at its start.
+        let three = vec![
+            seg("hv1", 1_000, "boot\n"),
+            seg("hv2", 5_000, "on hv2\n"),
+            seg("hv1", 9_000, "back\n"),
+        ];
+        let texts = |budget| {
+            join_console(three.clone(), budget)
+                .into_iter()
+                .map(|s| s.text)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(texts(12), ["on hv2\n", "back\n"]);
+        assert_eq!(texts(9), ["back\n"], "no line without its start");
+        // Never inside a line when a line starts in what is kept, nor inside a character.
+        let lines = join_console(vec![seg("hv1", 0, "first\nsecond\nthird\n")], 10);
+        assert_eq!(lines[0].text, "third\n");
+        assert_eq!(lines[0].omitted_bytes(), 13);
+        let utf8 = join_console(vec![seg("hv1", 0, "aé\nb\n")], 4);
+        assert_eq!(utf8[0].text, "b\n", "a cut inside 'é' does not split it");
     }
 
     #[test]
