@@ -75,7 +75,8 @@ pub struct MigrateArgs {
     /// them; disks on storage both hosts share stay where they are.
     #[arg(long = "map-disk", value_name = "DISK=DATASTORE", value_parser = parse_disk_mapping)]
     pub map_disk: Vec<(String, String)>,
-    /// Follow it live with a progress bar, then print the result.
+    /// Follow it live with a progress bar (one line per event when stdout or stderr is not a
+    /// terminal), then print the result.
     #[arg(long, conflicts_with = "wait")]
     pub watch: bool,
     /// Wait for the end without a progress bar, then print the result.
