@@ -73,26 +73,35 @@ pub fn new_segment(dir: &Path, now_ms: i64) -> PathBuf {
     dir.join(format!("{}.log", now_ms.max(newest.saturating_add(1))))
 }
 
-/// The last `budget` bytes of every segment in `dir` (older segments first), as `host`'s.
+/// The newest `budget` bytes of output in `dir`, as `host`'s segments, older ones first: the
+/// server keeps no more than that of all hosts together, so more is never worth sending.
 pub fn read_segments(dir: &Path, host: &str, budget: u64) -> Vec<ConsoleSegment> {
-    segments(dir)
-        .into_iter()
-        .filter_map(|(ms, path)| {
-            let (size_bytes, tail) = match read_tail(&path, budget) {
-                Ok(t) => t,
-                Err(e) => {
-                    warn!(path = %path.display(), error = %e, "cannot read a console segment");
-                    return None;
-                }
-            };
-            (size_bytes > 0).then(|| ConsoleSegment {
-                host: host.to_string(),
-                started_at: DateTime::<Utc>::from_timestamp_millis(ms).unwrap_or_default(),
-                size_bytes,
-                text: String::from_utf8_lossy(&tail).into_owned(),
-            })
-        })
-        .collect()
+    let mut left = budget;
+    let mut out = Vec::new();
+    for (ms, path) in segments(dir).into_iter().rev() {
+        if left == 0 {
+            break;
+        }
+        let (size_bytes, tail) = match read_tail(&path, left) {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "cannot read a console segment");
+                continue;
+            }
+        };
+        if size_bytes == 0 {
+            continue;
+        }
+        left -= tail.len() as u64;
+        out.push(ConsoleSegment {
+            host: host.to_string(),
+            started_at: DateTime::<Utc>::from_timestamp_millis(ms).unwrap_or_default(),
+            size_bytes,
+            text: String::from_utf8_lossy(&tail).into_owned(),
+        });
+    }
+    out.reverse();
+    out
 }
 
 /// The size of `path` and its last `max` bytes.
@@ -169,13 +178,16 @@ mod tests {
         let second = new_segment(&d, 5_000);
         std::fs::write(&second, "after the move\n").unwrap();
         std::fs::write(d.join("notes.txt"), "not a segment").unwrap();
-        let read = read_segments(&d, "hv1", 6);
+        let read = read_segments(&d, "hv1", 21);
         assert_eq!(read.len(), 2);
-        assert_eq!(read[0].text, "hello\n", "the newest bytes of each");
+        assert_eq!(read[0].text, "hello\n", "the newest bytes of all");
         assert_eq!((read[0].size_bytes, read[0].omitted_bytes()), (11, 5));
         assert_eq!(read[0].started_at.timestamp_millis(), 1_000);
-        assert_eq!(read[1].text, " move\n");
+        assert_eq!(read[1].text, "after the move\n");
         assert_eq!(read[1].host, "hv1");
+        let newest = read_segments(&d, "hv1", 6);
+        assert_eq!(newest.len(), 1, "{newest:?}");
+        assert_eq!(newest[0].text, " move\n");
         let whole = read_segments(&d, "hv1", 1 << 20);
         assert_eq!(whole[0].text, "boot\nhello\n");
     }

@@ -7,8 +7,8 @@
 //! - `POST /v1/instances/{id}/start` | `/stop` -> [`AgentInstance`]
 //! - `POST /v1/instances/{id}/fence` -> [`AgentInstance`] (pause a copy that another host runs)
 //! - `GET  /v1/instances/{id}/console[?bytes=N]` -> `Vec<ConsoleSegment>` (the guest's serial
-//!   output on this host, one segment per QEMU process, oldest first, each its last N bytes;
-//!   also after the instance left this host)
+//!   output on this host, one segment per QEMU process, oldest first, the newest N bytes of
+//!   them together; also after the instance left this host)
 //! - `DELETE /v1/instances/{id}/console` -> `()` (forget that output; 409 while it runs here)
 //! - `GET  /v1/instances/{id}/migration-settings` -> [`ferry_migrate::QemuSettings`] (the
 //!   migration capabilities and parameters its QEMU has now; 409 `source-not-running` without
