@@ -15,7 +15,7 @@ use ferry_api::agent::{
 };
 use ferry_api::checks::{CpuModelFeatures, ProbeConnect, ProbeListening, ProbeResult};
 use ferry_api::hosts::HostFacts;
-use ferry_api::instances::{ImageRef, StopOptions};
+use ferry_api::instances::{ConsoleQuery, ConsoleSegment, ImageRef, StopOptions};
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -37,6 +37,14 @@ pub(crate) fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/instances/{id}/start", post(start_instance))
         .route("/v1/instances/{id}/stop", post(stop_instance))
         .route("/v1/instances/{id}/fence", post(fence_instance))
+        .route(
+            "/v1/instances/{id}/migration-settings",
+            get(migration_settings),
+        )
+        .route(
+            "/v1/instances/{id}/console",
+            get(console).delete(delete_console),
+        )
         .route("/v1/migrations/{mid}", get(source_status))
         .route(
             "/v1/migrations/{mid}/incoming",
@@ -129,6 +137,27 @@ async fn fence_instance(
     Path(id): Path<String>,
 ) -> ApiResult<AgentInstance> {
     Ok(Json(agent.fence_instance(uuid(&id)?).await?))
+}
+
+async fn console(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+    q: Result<Query<ConsoleQuery>, QueryRejection>,
+) -> ApiResult<Vec<ConsoleSegment>> {
+    let Query(q) = q.map_err(|e| AgentError::BadRequest(e.body_text()))?;
+    Ok(Json(agent.console(&uuid(&id)?, q.budget())))
+}
+
+async fn delete_console(State(agent): State<Arc<Agent>>, Path(id): Path<String>) -> ApiResult<()> {
+    agent.delete_console(&uuid(&id)?).await?;
+    Ok(Json(()))
+}
+
+async fn migration_settings(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> ApiResult<ferry_migrate::QemuSettings> {
+    Ok(Json(agent.migration_settings(uuid(&id)?).await?))
 }
 
 async fn stop_instance(

@@ -198,12 +198,10 @@ impl Agent {
         let mut nics = Vec::new();
         let mut taps = Vec::new();
         for (i, nic) in spec.nics.iter().enumerate() {
-            let network = self.config.network(&nic.network).ok_or_else(|| {
-                AgentError::BadRequest(format!(
-                    "network '{}' is not configured on host {}",
-                    nic.network, self.config.name
-                ))
-            })?;
+            let network = self
+                .config
+                .network(&nic.network)
+                .ok_or_else(|| unknown_network(&self.config, &nic.network))?;
             let mac: MacAddr = nic
                 .mac
                 .parse()
@@ -294,6 +292,8 @@ impl Agent {
         opts.qemu_binary = self.config.qemu_binary.clone();
         opts.netns = self.config.netns.clone();
         opts.mode = mode;
+        // Outside the run directory, so the output outlives the process (and a migration).
+        opts.serial_log = Some(self.console_segment(&slot.record.id));
         match QemuProcess::launch(&spec, &opts).await {
             Ok(mut process) => {
                 process.set_detached(true);
@@ -564,6 +564,21 @@ impl Agent {
         Ok(self.describe(&mut slot).await)
     }
 
+    /// `GET /v1/instances/{id}/migration-settings`: the migration capabilities and
+    /// parameters the instance's QEMU has now. The server reads them from a source once its
+    /// memory stream runs, so a job records what QEMU actually ran with, not what was asked.
+    pub(crate) async fn migration_settings(
+        &self,
+        id: Uuid,
+    ) -> Result<ferry_migrate::QemuSettings, AgentError> {
+        let qmp = self
+            .lock_slot(&id)
+            .await?
+            .qmp()
+            .ok_or_else(|| ferry_migrate::MigrateError::SourceNotRunning("stopped".into()))?;
+        Ok(ferry_migrate::settings::read(&qmp.with_timeout(STATE_QUERY_TIMEOUT)).await?)
+    }
+
     /// `DELETE /v1/instances/{id}`: refused while QEMU runs.
     pub(crate) async fn delete_instance(&self, id: Uuid) -> Result<(), AgentError> {
         let mut slot = self.lock_slot(&id).await?;
@@ -577,6 +592,9 @@ impl Agent {
         }
         self.refuse_if_migrating(&id)?;
         self.remove_taps(&slot.record).await;
+        // The console segments stay: a cold migration deletes the source's definition this
+        // way, and the output printed there is still the instance's. The server removes them
+        // when it deletes the instance (`DELETE /v1/instances/{id}/console`).
         self.forget_instance(&mut slot);
         info!(instance = %id, "instance deleted");
         Ok(())
@@ -677,6 +695,27 @@ impl Agent {
     }
 }
 
+/// A NIC on a network this host does not carry: the message lists the ones it does, so a
+/// typo (`lab0` for `lab`) is fixed without reading the agent's configuration.
+fn unknown_network(config: &crate::AgentConfig, name: &str) -> AgentError {
+    AgentError::refused(
+        "unknown-network",
+        format!(
+            "network '{}' is not configured on host {}; its networks: {}",
+            name.escape_debug(),
+            config.name,
+            ferry_api::hosts::networks_list(
+                config
+                    .networks
+                    .iter()
+                    .map(|n| (n.name.as_str(), n.bridge.as_str()))
+            )
+        ),
+        "use one of the host's networks, or add the network (its name and bridge) to \
+         `networks` in the host's agent configuration",
+    )
+}
+
 fn incoming_conflict(id: Uuid) -> AgentError {
     AgentError::conflict(
         "instance-incoming",
@@ -708,6 +747,30 @@ fn state_of(s: &RunState) -> InstanceState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unknown_network_lists_the_hosts_networks() {
+        let mut config: crate::AgentConfig = toml::from_str(
+            "name = \"hv1\"\nstate_dir = \"/tmp/x\"\nmigration_addr = \"10.0.0.1\"\n\
+             credential = \"c\"\n\
+             [[networks]]\nname = \"lab\"\nbridge = \"br0\"\n\
+             [[networks]]\nname = \"prod\"\nbridge = \"br1\"\n",
+        )
+        .unwrap();
+        let e = unknown_network(&config, "lab0");
+        assert_eq!(e.code(), "unknown-network");
+        assert_eq!(e.status().as_u16(), 422);
+        assert_eq!(
+            e.to_string(),
+            "network 'lab0' is not configured on host hv1; its networks: lab (bridge br0), \
+             prod (bridge br1)"
+        );
+        assert!(e.hint().contains("agent configuration"), "{}", e.hint());
+        config.networks.clear();
+        assert!(unknown_network(&config, "lab")
+            .to_string()
+            .ends_with("its networks: none"));
+    }
 
     #[test]
     fn guest_name_in_cmdline_must_match_exactly() {

@@ -15,6 +15,7 @@ mod auth;
 mod block_incoming;
 pub mod checks;
 pub mod config;
+pub mod console;
 pub mod datastores;
 mod disk_copy;
 mod disks;

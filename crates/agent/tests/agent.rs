@@ -199,7 +199,12 @@ async fn api_refuses_bad_requests_with_codes() {
         .put::<_, AgentInstance>(&format!("/v1/instances/{unknown}"), &bad_net)
         .await
         .unwrap_err();
-    assert_eq!(e.status(), Some(400), "{e}");
+    assert_eq!(status_of(&e), (Some(422), "unknown-network".into()), "{e}");
+    let message = e.body().message;
+    assert!(
+        message.contains("'nowhere'") && message.contains("its networks: lab (bridge "),
+        "the refusal names the host's networks: {message}"
+    );
 
     let e = c.get::<()>("/v1/nothing-here").await.unwrap_err();
     assert_eq!(status_of(&e), (Some(404), "no-such-endpoint".into()));

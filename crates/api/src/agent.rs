@@ -6,6 +6,13 @@
 //! - `PUT  /v1/instances/{id}` [`DefineInstance`] -> [`AgentInstance`] (idempotent)
 //! - `POST /v1/instances/{id}/start` | `/stop` -> [`AgentInstance`]
 //! - `POST /v1/instances/{id}/fence` -> [`AgentInstance`] (pause a copy that another host runs)
+//! - `GET  /v1/instances/{id}/console[?bytes=N]` -> `Vec<ConsoleSegment>` (the guest's serial
+//!   output on this host, one segment per QEMU process, oldest first, the newest N bytes of
+//!   them together; also after the instance left this host)
+//! - `DELETE /v1/instances/{id}/console` -> `()` (forget that output; 409 while it runs here)
+//! - `GET  /v1/instances/{id}/migration-settings` -> [`ferry_migrate::QemuSettings`] (the
+//!   migration capabilities and parameters its QEMU has now; 409 `source-not-running` without
+//!   one)
 //! - `DELETE /v1/instances/{id}` -> `()` (refused while running)
 //! - `POST /v1/migrations/{mid}/incoming` [`PrepareIncoming`] -> [`IncomingReady`] (with
 //!   `disks`: creates the block migration's images first and exports them over NBD;

@@ -53,6 +53,21 @@ pub struct NetworkFacts {
     pub subnet: Option<String>,
 }
 
+/// A host's networks for an error message, `lab (bridge br0), prod (bridge br1)`, or `none`:
+/// whoever misspelt a network name needs the right ones, and the bridges tell which agent
+/// configuration to look at. Server and agents word it the same way.
+pub fn networks_list<'a>(networks: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    let names: Vec<String> = networks
+        .into_iter()
+        .map(|(name, bridge)| format!("{name} (bridge {bridge})"))
+        .collect();
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
+}
+
 /// Whether the server hears from a host's agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -110,4 +125,18 @@ pub struct Network {
     pub name: String,
     pub subnet: Option<String>,
     pub host_names: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn networks_are_listed_with_their_bridges() {
+        assert_eq!(networks_list([]), "none");
+        assert_eq!(
+            networks_list([("lab", "br0"), ("prod", "br1")]),
+            "lab (bridge br0), prod (bridge br1)"
+        );
+    }
 }

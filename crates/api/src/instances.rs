@@ -280,6 +280,64 @@ impl StopOptions {
     }
 }
 
+/// One stretch of a guest's serial output: what it printed while one QEMU process on one host
+/// ran it (from a start, or from arriving by migration, to its stop or departure).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ConsoleSegment {
+    pub host: String,
+    /// When that QEMU process was started, by its host's clock: segments of several hosts are
+    /// put in order by it.
+    pub started_at: DateTime<Utc>,
+    /// Everything the guest printed in this segment; `text` may hold only its end.
+    pub size_bytes: u64,
+    /// The output as printed (invalid UTF-8 replaced), its last `size_bytes` or fewer bytes.
+    pub text: String,
+}
+
+impl ConsoleSegment {
+    /// Bytes of the segment left out of `text` (its beginning).
+    pub fn omitted_bytes(&self) -> u64 {
+        self.size_bytes.saturating_sub(self.text.len() as u64)
+    }
+}
+
+/// `GET /v1/instances/{id}/console`: the guest's serial output from every host that ran it,
+/// oldest first, so a migration does not cut the console in two.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct InstanceConsole {
+    pub instance: Uuid,
+    pub segments: Vec<ConsoleSegment>,
+    /// Hosts that ran the instance but did not answer: their segments are missing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreachable: Vec<String>,
+}
+
+/// Query of `GET /v1/instances/{id}/console` (server and agent).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::IntoParams,
+)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleQuery {
+    /// At most this many bytes of output, the newest (default
+    /// [`ConsoleQuery::DEFAULT_BYTES`], at most [`ConsoleQuery::MAX_BYTES`]).
+    #[serde(default)]
+    pub bytes: Option<u64>,
+}
+
+impl ConsoleQuery {
+    /// Enough for a boot and what followed it, small enough for one answer.
+    pub const DEFAULT_BYTES: u64 = 256 << 10;
+    /// A guest that prints without pause fills megabytes an hour; one answer carries at most
+    /// this much of it.
+    pub const MAX_BYTES: u64 = 16 << 20;
+
+    /// The byte budget asked for, or the default.
+    pub fn budget(&self) -> u64 {
+        self.bytes.unwrap_or(Self::DEFAULT_BYTES)
+    }
+}
+
 /// How a stopped guest went down, as the agent saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "kebab-case")]
@@ -356,6 +414,19 @@ pub struct Instance {
     /// What the guest agent of the running copy last reported (OS, addresses).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest: Option<GuestInfo>,
+    /// What the request that made this answer did that works but is likely a mistake (an
+    /// instance without a NIC): only in the answer to that request, not stored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<Warning>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+/// A request that succeeded but probably not as meant. Shaped like an error (a stable code,
+/// one sentence, a hint) so that clients print both the same way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Warning {
+    pub code: String,
+    pub message: String,
+    pub hint: String,
 }

@@ -1,7 +1,7 @@
 //! Migrations: the jobs that move instances.
 
 use chrono::{DateTime, Utc};
-use ferry_migrate::{Bandwidth, MigrationParams, Plan, Progress, TimeoutAction};
+use ferry_migrate::{Bandwidth, MigrationParams, Plan, Progress, QemuSettings, TimeoutAction};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -286,6 +286,12 @@ pub struct Migration {
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub impact: Option<ferry_migrate::GuestImpact>,
+    /// Live: the migration capabilities and parameters the source QEMU ran with, read back
+    /// from it when its memory stream started (the plan and QEMU's own defaults included,
+    /// which the request's options do not show). Unset before then and for cold jobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub qemu_settings: Option<QemuSettings>,
 }
 
 /// Where one disk's copy is.

@@ -104,6 +104,9 @@ pub fn to_toml<T: Serialize>(value: &T) -> Result<String, ChaosError> {
 /// Writes `<dir>/<host>.toml` for every lab host: agent i listens on loopback `ports[i]`,
 /// keeps its state under `<dir>/agents/<host>`, and has the guest images as datastore
 /// `images` and `<dir>/shared` as datastore `shared`, for disks that move without a copy.
+/// Both directories are one storage for every lab host (one directory of this machine) and
+/// say so with an identity file, as shared storage of real hosts does: the image cache's
+/// ([`ferry_lab::image::image_store`]) and one naming this lab's `shared`.
 pub fn write_agent_configs(
     dir: &Path,
     hosts: &[LabHostNet],
@@ -113,9 +116,12 @@ pub fn write_agent_configs(
     accel: &str,
     images: &Path,
 ) -> Result<(), ChaosError> {
+    let images = ferry_lab::image::image_store(images).map_err(ferry_lab::LabError::from)?;
     let shared = dir.join("shared");
+    let shared_id = shared.join(ferry_lab::image::DATASTORE_ID_FILE);
     std::fs::create_dir_all(&shared)
-        .map_err(|e| ChaosError::io(shared.display().to_string(), e))?;
+        .and_then(|()| std::fs::write(&shared_id, format!("lab-shared {}\n", dir.display())))
+        .map_err(|e| ChaosError::io(shared_id.display().to_string(), e))?;
     for (h, port) in hosts.iter().zip(ports) {
         let agent = agent_config(
             h,
@@ -128,13 +134,13 @@ pub fn write_agent_configs(
             vec![
                 DatastoreConfig {
                     name: "images".into(),
-                    path: images.to_path_buf(),
-                    identity: Some("lab-images".into()),
+                    path: images.clone(),
+                    identity: None,
                 },
                 DatastoreConfig {
                     name: "shared".into(),
                     path: shared.clone(),
-                    identity: Some(format!("lab-shared-{}", dir.display())),
+                    identity: None,
                 },
             ],
         );

@@ -398,11 +398,7 @@ async fn demo(args: &DemoArgs, report: &mut DemoReport) -> Result<(), CliError> 
     say(args, "starting ferry server and an agent per host");
     // The image's cache directory is a datastore of every host, as in `ferry lab up`: the
     // server accepts kernel and initrd paths only inside a datastore.
-    let images = ferry_agent::DatastoreConfig {
-        name: "images".into(),
-        path: cache_dir.clone(),
-        identity: None,
-    };
+    let images = ferry_cli::local_cluster::images_datastore(&cache_dir)?;
     let storage = match args.storage {
         Storage::Shared => HostStorage::Shared,
         Storage::Local => HostStorage::Local,

@@ -98,3 +98,13 @@ pub fn render_error(body: &ErrorBody) -> String {
     }
     s
 }
+
+/// `warning[code]: message` and `  hint: ...`: a request that succeeded but probably not as
+/// meant, printed on stderr like an error so that it is read, without failing the command.
+pub fn render_warning(w: &ferry_api::instances::Warning) -> String {
+    let mut s = format!("warning[{}]: {}", w.code, w.message);
+    if !w.hint.is_empty() {
+        s.push_str(&format!("\n  hint: {}", w.hint));
+    }
+    s
+}

@@ -52,7 +52,9 @@ impl LocalCluster {
 
     /// Creates lab `name` with `hosts` hosts (a stale lab of that name is removed first),
     /// starts the server and the agents, and waits until every host is online. Every agent
-    /// offers `datastores`; the server accepts instance files only inside one of them.
+    /// offers `datastores`; the server accepts instance files only inside one of them. One
+    /// counts as shared storage when it carries an identity file (the image cache does, see
+    /// [`images_datastore`]) or its config names an identity.
     pub async fn start(
         name: &str,
         hosts: usize,
@@ -94,17 +96,7 @@ impl LocalCluster {
                 )
             })
             .map_err(|e| cannot_create(&shared, e))?;
-        // Every host of this cluster is on this machine: a datastore they are all given is
-        // one storage, and says so (without writing an identity file into, say, the cache).
-        let mut datastores: Vec<DatastoreConfig> = datastores
-            .into_iter()
-            .map(|d| DatastoreConfig {
-                identity: d
-                    .identity
-                    .or_else(|| Some(format!("lab-{name}-{}", d.name))),
-                ..d
-            })
-            .collect();
+        let mut datastores = datastores;
         datastores.push(DatastoreConfig {
             name: Self::SHARED_DATASTORE.into(),
             path: shared,
@@ -201,10 +193,12 @@ impl LocalCluster {
         self.run_dir(index, id).join("qga.sock")
     }
 
-    /// The serial log of instance `id` on host `index`: QEMU writes every byte of the
-    /// console there from its start, whether or not a reader is connected to the socket.
-    pub fn serial_log(&self, index: usize, id: Uuid) -> PathBuf {
-        self.run_dir(index, id).join("serial.log")
+    /// Where host `index` keeps instance `id`'s serial logs: one per QEMU process, which QEMU
+    /// writes every byte of the console to from its start, whether or not a reader is
+    /// connected to the socket, and which the agent keeps after the QEMU is gone (see
+    /// [`ferry_agent::console`]; the newest is [`newest_serial_log`]).
+    pub fn console_dir(&self, index: usize, id: Uuid) -> PathBuf {
+        ferry_agent::console::console_dir(&self.agent_configs[index].state_dir, &id)
     }
 
     fn run_dir(&self, index: usize, id: Uuid) -> PathBuf {
@@ -239,6 +233,25 @@ impl LocalCluster {
             s.shutdown().await;
         }
     }
+}
+
+/// The guest image cache as datastore `images`, with the identity file that makes it the
+/// same storage on every host of a local cluster ([`ferry_lab::image::image_store`]), so the
+/// pre-flight checks pass kernel and initrd without a storage warning.
+pub fn images_datastore(cache_dir: &Path) -> Result<DatastoreConfig, CliError> {
+    let path = ferry_lab::image::image_store(cache_dir).map_err(ferry_lab::LabError::from)?;
+    Ok(DatastoreConfig {
+        name: "images".into(),
+        path,
+        identity: None,
+    })
+}
+
+/// The newest serial log in a console directory ([`LocalCluster::console_dir`]), if any.
+pub fn newest_serial_log(dir: &Path) -> Option<PathBuf> {
+    ferry_agent::console::segments(dir)
+        .pop()
+        .map(|(_, path)| path)
 }
 
 fn cannot_create(path: &Path, e: std::io::Error) -> CliError {

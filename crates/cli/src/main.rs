@@ -23,6 +23,10 @@ struct Cli {
     /// Log filter (RUST_LOG syntax), e.g. `info` or `ferry_migrate=debug`.
     #[arg(long, global = true, env = "FERRY_LOG", default_value = "warn")]
     log: String,
+    /// Append log lines to this file instead of stderr (never with colour codes), e.g. for
+    /// `ferry agent` outside systemd.
+    #[arg(long, global = true, value_name = "FILE", env = "FERRY_LOG_FILE")]
+    log_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -57,13 +61,10 @@ fn main() -> ExitCode {
             });
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    if let Err(e) = ferry_cli::logging::init(&cli.log, cli.log_file.as_deref()) {
+        eprintln!("{}", e.render());
+        return ExitCode::from(e.exit_code());
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

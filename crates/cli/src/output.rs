@@ -493,22 +493,22 @@ pub fn migrations_table(migrations: &[Migration]) -> String {
 
 pub fn migration_detail(m: &Migration) -> String {
     let o = &m.options;
-    let mut options = vec![
-        format!(
-            "bandwidth {}",
-            o.bandwidth_mib_s
-                .map(|b| format!("{b} MiB/s"))
-                .unwrap_or_else(|| "unlimited".into())
-        ),
-        format!("pause target {} ms", o.downtime_ms.unwrap_or(300)),
-        format!(
-            "policy {}",
-            match o.policy {
-                ferry_api::migrations::Policy::Auto => "auto",
-                ferry_api::migrations::Policy::Manual => "manual",
-            }
-        ),
-    ];
+    // What was asked, and only that: a default filled in here ("downtime 300 ms") would read
+    // as what ran, which the auto policy and QEMU decide (the `qemu` line).
+    let mut options = Vec::new();
+    if let Some(b) = o.bandwidth_mib_s {
+        options.push(format!("bandwidth {b} MiB/s"));
+    }
+    if let Some(d) = o.downtime_ms {
+        options.push(format!("pause target {d} ms"));
+    }
+    options.push(format!(
+        "policy {}",
+        match o.policy {
+            ferry_api::migrations::Policy::Auto => "auto",
+            ferry_api::migrations::Policy::Manual => "manual",
+        }
+    ));
     for (on, name) in [
         (o.auto_converge, "auto-converge"),
         (o.compress, "compress"),
@@ -551,6 +551,9 @@ pub fn migration_detail(m: &Migration) -> String {
     }
     if let Some(p) = &m.plan {
         pairs.push(("plan", p.plan.summary()));
+    }
+    if let Some(q) = &m.qemu_settings {
+        pairs.push(("qemu", q.summary()));
     }
     if let Some(p) = &m.progress {
         if !m.state.is_terminal() {
@@ -757,4 +760,80 @@ pub fn throttle_history(i: &ferry_migrate::GuestImpact) -> String {
         .map(|s| format!("{} % at {}", s.percent, fmt_ms(s.at_ms)))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// A guest's console output made safe for a terminal or a file: escape sequences (colours,
+/// cursor moves, window titles) and other control characters are dropped, carriage returns
+/// too, so that a guest cannot drive the reader's terminal and `grep` sees plain lines.
+/// Newlines and tabs stay. `-o json` keeps the output as the guest printed it.
+pub fn console_text(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\x1b' => match chars.peek() {
+                // CSI: parameters and intermediates up to a final byte in @..~.
+                Some('[') => {
+                    chars.next();
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                }
+                // OSC: up to BEL or ST (ESC \).
+                Some(']') => {
+                    chars.next();
+                    while let Some(c) = chars.next() {
+                        if c == '\x07' || (c == '\x1b' && chars.next_if_eq(&'\\').is_some()) {
+                            break;
+                        }
+                    }
+                }
+                // A two-character sequence (ESC c, ESC 7, ...).
+                Some(_) => {
+                    chars.next();
+                }
+                None => {}
+            },
+            '\n' | '\t' => out.push(c),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `ferry instance console`: each host's output after a line naming the host and when its
+/// QEMU started (and how much of the segment was left out), in order.
+pub fn console(c: &ferry_api::instances::InstanceConsole) -> String {
+    let mut out = String::new();
+    for s in &c.segments {
+        let omitted = s.omitted_bytes();
+        let cut = if omitted > 0 {
+            format!(", its first {} left out", fmt_bytes(omitted))
+        } else {
+            String::new()
+        };
+        out.push_str(&format!(
+            "--- {}, QEMU started {} UTC ({}{cut}) ---\n",
+            s.host,
+            fmt_time(&s.started_at),
+            fmt_bytes(s.size_bytes)
+        ));
+        let text = console_text(&s.text);
+        out.push_str(&text);
+        if !text.is_empty() && !text.ends_with('\n') {
+            out.push('\n');
+        }
+    }
+    for h in &c.unreachable {
+        out.push_str(&format!(
+            "--- {h} did not answer: the output of the guest's time there is missing ---\n"
+        ));
+    }
+    if c.segments.is_empty() && c.unreachable.is_empty() {
+        out.push_str("(no console output: the instance has not run yet)\n");
+    }
+    out.trim_end_matches('\n').to_string()
 }

@@ -937,3 +937,110 @@ fn datastore_list_parses() {
     assert_eq!(api.output, OutputFormat::Json);
     assert_eq!(cmd, ferry_cli::commands::datastore::DatastoreCommand::List);
 }
+
+#[test]
+fn relative_kernel_and_initrd_paths_are_made_absolute_from_the_current_directory() {
+    use ferry_cli::commands::instance::absolute_boot_file;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("boot")).unwrap();
+    std::fs::write(dir.path().join("boot/vmlinuz"), b"k").unwrap();
+    let base = dir.path().canonicalize().unwrap();
+    assert_eq!(
+        absolute_boot_file("--kernel", "boot/vmlinuz", dir.path()).unwrap(),
+        format!("{}/boot/vmlinuz", base.display())
+    );
+    assert_eq!(
+        absolute_boot_file("--kernel", "./boot/../boot/vmlinuz", dir.path()).unwrap(),
+        format!("{}/boot/vmlinuz", base.display()),
+        "`.` and `..` resolved"
+    );
+    assert_eq!(
+        absolute_boot_file("--kernel", "/srv/k", dir.path()).unwrap(),
+        "/srv/k",
+        "an absolute path is the host's and stays as given"
+    );
+    let err = absolute_boot_file("--initrd", "initrd.img", dir.path()).unwrap_err();
+    let body = err.body();
+    assert_eq!(body.code, "invalid-arguments");
+    assert!(body.message.contains("--initrd \"initrd.img\""), "{body}");
+    assert!(body.message.contains("relative"), "{body}");
+    assert!(
+        body.hint.contains("absolute path") && body.hint.contains("current directory"),
+        "the hint says what a relative path means: {body}"
+    );
+    let err = absolute_boot_file("--kernel", "boot", dir.path()).unwrap_err();
+    assert_eq!(
+        err.body().code,
+        "invalid-arguments",
+        "a directory is no kernel"
+    );
+
+    // Through create: cargo runs tests in the package's directory.
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .canonicalize()
+        .unwrap();
+    let args = create_args(&[
+        "x",
+        "--memory-mib",
+        "256",
+        "--kernel",
+        "Cargo.toml",
+        "--initrd",
+        "src/main.rs",
+    ]);
+    let req = create_request(&args, None).unwrap();
+    assert_eq!(
+        req.spec.boot.kernel.as_deref(),
+        Some(manifest.join("Cargo.toml").to_str().unwrap())
+    );
+    assert_eq!(
+        req.spec.boot.initrd.as_deref(),
+        Some(manifest.join("src/main.rs").to_str().unwrap())
+    );
+    let args = create_args(&[
+        "x",
+        "--memory-mib",
+        "256",
+        "--kernel",
+        "no-such-kernel",
+        "--initrd",
+        "/i",
+    ]);
+    let (code, message) = local_error(create_request(&args, None));
+    assert_eq!(code, "invalid-arguments");
+    assert!(message.contains("no-such-kernel"), "{message}");
+}
+
+#[test]
+fn lab_up_suggests_only_what_the_lab_can_do() {
+    use ferry_cli::commands::lab::next_steps;
+    let with_vm = next_steps("lab", 2, false);
+    assert!(with_vm.contains("ferry migrate vm1 --to hv2"), "{with_vm}");
+    let without = next_steps("t1", 2, true);
+    assert!(!without.contains("migrate"), "no vm1 to migrate: {without}");
+    assert!(
+        without.contains("ferry instance create vm1 --lab-guest"),
+        "{without}"
+    );
+    assert!(without.contains("ferry lab down --name t1"), "{without}");
+    let one_host = next_steps("lab", 1, false);
+    assert!(!one_host.contains("migrate"), "nowhere to go: {one_host}");
+}
+
+#[test]
+fn instance_console_and_its_log_alias_parse() {
+    for verb in ["console", "log"] {
+        let cmd = parse(&["instance", verb, "vm1", "--bytes", "4096"]).unwrap();
+        let ClusterCommand::Instance { cmd, .. } = cmd else {
+            panic!("{cmd:?}")
+        };
+        assert_eq!(
+            cmd,
+            InstanceCommand::Console {
+                instance: "vm1".into(),
+                bytes: Some(4096)
+            },
+            "{verb}"
+        );
+    }
+}

@@ -1,17 +1,18 @@
-//! `ferry datastore list` and `ferry instance create --disk …` through the real binary, against
-//! a server and an agent started in this process (no lab network, no root beyond qemu-img's
-//! files): the table and JSON output, a disk that exists afterwards, and a refusal's
-//! `error[code]` line with exit code 1.
+//! `ferry datastore list` and `ferry instance create` through the real binary, against a
+//! server and an agent started in this process (no lab network, no root beyond qemu-img's
+//! files): the table and JSON output, a disk that exists afterwards, a refusal's
+//! `error[code]` line with exit code 1, and what create says about networks (a NIC-less
+//! instance's warning, an unknown network's list of the host's networks).
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use ferry_agent::{AgentConfig, DatastoreConfig};
+use ferry_agent::{AgentConfig, AgentHandle, DatastoreConfig, NetworkConfig};
 use ferry_api::hosts::{Host, HostState};
 use ferry_api::ApiClient;
-use ferry_server::ServerConfig;
+use ferry_server::{ServerConfig, ServerHandle};
 
 const ADMIN: &str = "admin-token-for-cli-disk-tests-01";
 const JOIN: &str = "join-token-for-cli-disk-tests-012";
@@ -30,8 +31,17 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn datastores_are_listed_and_disks_made_through_the_cli() {
+/// A server and agent `hv1` in this process, the agent online with datastore `local` and a
+/// network `lab` on bridge `br-none` (never created: nothing here starts a guest).
+struct Cluster {
+    server: ServerHandle,
+    agent: AgentHandle,
+    url: String,
+    store: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+async fn cluster() -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("local");
     std::fs::create_dir(&store).unwrap();
@@ -69,7 +79,11 @@ async fn datastores_are_listed_and_disks_made_through_the_cli() {
             path: store.clone(),
             identity: None,
         }],
-        networks: vec![],
+        networks: vec![NetworkConfig {
+            name: "lab".into(),
+            bridge: "br-none".into(),
+            subnet: None,
+        }],
         heartbeat_ms: 300,
         reserve_mib: 0,
         ram_capacity_mib: None,
@@ -96,6 +110,26 @@ async fn datastores_are_listed_and_disks_made_through_the_cli() {
         assert!(Instant::now() < deadline, "hv1 never came online");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    Cluster {
+        server,
+        agent,
+        url,
+        store,
+        _dir: dir,
+    }
+}
+
+impl Cluster {
+    async fn shutdown(self) {
+        self.agent.shutdown().await;
+        self.server.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datastores_are_listed_and_disks_made_through_the_cli() {
+    let c = cluster().await;
+    let (url, store) = (c.url.clone(), c.store.clone());
 
     let out = ferry(&url, &["datastore", "list"]).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -187,6 +221,74 @@ async fn datastores_are_listed_and_disks_made_through_the_cli() {
     let left: Vec<_> = std::fs::read_dir(&store).unwrap().collect();
     assert!(left.is_empty(), "{left:?}");
 
-    agent.shutdown().await;
-    server.shutdown().await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_warns_without_a_nic_and_lists_the_networks_of_an_unknown_one() {
+    let c = cluster().await;
+    let url = c.url.clone();
+    let make = |name: &'static str, extra: &'static [&'static str]| {
+        let url = url.clone();
+        async move {
+            let mut args = vec![
+                "instance",
+                "create",
+                name,
+                "--memory-mib",
+                "128",
+                "--host",
+                "hv1",
+                "--disk",
+                "1M@local",
+            ];
+            args.extend_from_slice(extra);
+            ferry(&url, &args).await
+        }
+    };
+
+    // No NIC: created, with a warning on stderr and in the JSON answer.
+    let out = make("quiet", &["-o", "json"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.starts_with("warning[no-network]: quiet has no NIC"),
+        "{err}"
+    );
+    assert!(err.contains("\n  hint: ") && err.contains("--nic"), "{err}");
+    let vm: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(vm["warnings"][0]["code"], "no-network", "{vm}");
+    // Only the answer to the create carries it.
+    let out = ferry(&url, &["instance", "show", "quiet", "-o", "json"]).await;
+    let vm: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(vm.get("warnings").is_none(), "{vm}");
+
+    // A NIC: no warning.
+    let out = make("wired", &["--nic", "lab"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("warning"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // An unknown network: refused, naming the networks the host has; nothing made.
+    let out = make("lost", &["--nic", "lab0"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.starts_with(
+            "error[unknown-network]: network 'lab0' is not configured on host hv1; its \
+             networks: lab (bridge br-none)"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("hint: "), "{err}");
+    assert!(!c.store.join("lost-disk0.qcow2").exists());
+
+    for name in ["quiet", "wired"] {
+        let out = ferry(&url, &["instance", "delete", name]).await;
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    c.shutdown().await;
 }

@@ -88,6 +88,7 @@ fn instance() -> Instance {
             }],
             seen_at: t(60),
         }),
+        warnings: vec![],
         created_at: t(0),
         updated_at: t(61),
     }
@@ -146,6 +147,7 @@ fn migration(state: MigrationState) -> Migration {
         copies: vec![],
         cleaned_up_at: None,
         impact: None,
+        qemu_settings: None,
     }
 }
 
@@ -272,7 +274,7 @@ fn migration_detail_of_a_completed_job() {
          from          hv1\n\
          to            hv2\n\
          state         completed\n\
-         options       bandwidth 100 MiB/s, pause target 300 ms, policy auto, auto-converge\n\
+         options       bandwidth 100 MiB/s, policy auto, auto-converge\n\
          created       2025-03-01 12:00:00\n\
          preparing     2025-03-01 12:00:01\n\
          migrating     2025-03-01 12:00:02\n\
@@ -554,7 +556,7 @@ fn a_block_migration_shows_each_disk() {
     let text = output::migration_detail(&m);
     assert!(
         text.contains(
-            "\noptions    bandwidth 100 MiB/s, pause target 300 ms, policy auto, auto-converge, \
+            "\noptions    bandwidth 100 MiB/s, policy auto, auto-converge, \
              map-disk disk0=local2\n"
         ),
         "{text}"
@@ -623,4 +625,141 @@ fn a_throttled_job_shows_what_the_guest_lived_through() {
     p.phase = ferry_migrate::Phase::Precopy;
     p.cpu_throttle_percent = Some(99);
     assert!(output::progress_message(&p).ends_with("vCPUs throttled 99%"));
+}
+
+#[test]
+fn watch_draws_a_bar_only_when_stdout_and_stderr_are_terminals() {
+    use ferry_cli::commands::migrate::{watch_style, WatchStyle};
+    assert_eq!(watch_style(true, true), WatchStyle::Bar);
+    assert_eq!(watch_style(false, true), WatchStyle::Lines, "stdout piped");
+    assert_eq!(
+        watch_style(true, false),
+        WatchStyle::Lines,
+        "stderr redirected"
+    );
+    assert_eq!(watch_style(false, false), WatchStyle::Lines);
+}
+
+#[test]
+fn a_watch_line_is_one_line_with_time_state_and_figures() {
+    use ferry_cli::commands::migrate::watch_line;
+    use std::time::Duration;
+    let line = watch_line(
+        Duration::from_millis(2500),
+        MigrationState::Migrating,
+        Some(&progress()),
+    );
+    assert!(!line.contains('\n') && !line.contains('\r'), "{line:?}");
+    assert!(!line.contains('\x1b'), "{line:?}");
+    assert!(line.starts_with("[   2.5s] migrating "), "{line}");
+    assert!(line.contains("precopy 42.2%"), "{line}");
+    assert!(line.contains("iter 2"), "{line}");
+    let state_only = watch_line(Duration::from_secs(1), MigrationState::Preparing, None);
+    assert_eq!(state_only, "[   1.0s] preparing");
+    let mut with_disk = progress();
+    with_disk.phase = Phase::DiskCopy;
+    with_disk.disks = vec![ferry_migrate::DiskProgress {
+        disk: "disk0".into(),
+        state: ferry_migrate::DiskState::Copying,
+        copied_bytes: 1 << 20,
+        remaining_bytes: 1 << 20,
+        total_bytes: 2 << 20,
+        rate_bps: 1048576.0,
+        resumed: false,
+        passes: 0,
+        whole_disk_mirror: false,
+    }];
+    let line = watch_line(Duration::ZERO, MigrationState::Migrating, Some(&with_disk));
+    assert!(!line.contains('\n'), "disks on the same line: {line:?}");
+    assert!(line.contains("; disk0"), "{line}");
+}
+
+#[test]
+fn migration_detail_shows_what_qemu_ran_with_not_the_requests_defaults() {
+    let mut m = migration(MigrationState::Completed);
+    m.options = MigrationOptions::default();
+    let caps = [
+        ferry_qmp::commands::CapabilityState::new("events", true),
+        ferry_qmp::commands::CapabilityState::new("pause-before-switchover", true),
+    ];
+    let params: ferry_qmp::commands::MigrationParameters = serde_json::from_value(
+        serde_json::json!({"max-bandwidth": 1u64 << 40, "downtime-limit": 50}),
+    )
+    .unwrap();
+    m.qemu_settings = Some(ferry_migrate::QemuSettings::from_replies(&caps, &params));
+    let text = output::migration_detail(&m);
+    assert!(text.contains("\noptions       policy auto\n"), "{text}");
+    assert!(
+        !text.contains("300 ms"),
+        "no default presented as a setting: {text}"
+    );
+    assert!(
+        text.contains(
+            "\nqemu          bandwidth unlimited, pause limit 50 ms, capabilities events \
+             pause-before-switchover\n"
+        ),
+        "{text}"
+    );
+}
+
+#[test]
+fn console_text_drops_what_would_drive_a_terminal() {
+    assert_eq!(
+        output::console_text("plain line\n\tindented\n"),
+        "plain line\n\tindented\n"
+    );
+    assert_eq!(
+        output::console_text("\x1b[0;32m  OK  \x1b[0m Started\r\n"),
+        "  OK   Started\n",
+        "colours and carriage returns"
+    );
+    assert_eq!(
+        output::console_text("\x1b]0;title\x07a\x1b]2;t\x1b\\b\x1bcc\x07\x00d"),
+        "abcd",
+        "window titles, resets, bell, NUL"
+    );
+    assert_eq!(output::console_text("é ü ✓"), "é ü ✓");
+    assert_eq!(
+        output::console_text("cut\x1b["),
+        "cut",
+        "a sequence cut off at the end"
+    );
+}
+
+#[test]
+fn the_console_shows_each_hosts_part_in_order_under_its_name() {
+    use ferry_api::instances::{ConsoleSegment, InstanceConsole};
+    let c = InstanceConsole {
+        instance: id(7),
+        segments: vec![
+            ConsoleSegment {
+                host: "hv1".into(),
+                started_at: t(0),
+                size_bytes: 2048,
+                text: "ferry-hb 41 10\nferry-hb 42 20".into(),
+            },
+            ConsoleSegment {
+                host: "hv2".into(),
+                started_at: t(5),
+                size_bytes: 15,
+                text: "ferry-hb 43 30\n".into(),
+            },
+        ],
+        unreachable: vec!["hv3".into()],
+    };
+    assert_eq!(
+        output::console(&c),
+        "--- hv1, QEMU started 2025-03-01 12:00:00 UTC (2.0 KiB, its first 2.0 KiB left out) ---\n\
+         ferry-hb 41 10\n\
+         ferry-hb 42 20\n\
+         --- hv2, QEMU started 2025-03-01 12:00:05 UTC (15 B) ---\n\
+         ferry-hb 43 30\n\
+         --- hv3 did not answer: the output of the guest's time there is missing ---"
+    );
+    let empty = InstanceConsole {
+        instance: id(7),
+        segments: vec![],
+        unreachable: vec![],
+    };
+    assert!(output::console(&empty).contains("has not run yet"));
 }

@@ -210,6 +210,47 @@ pub(crate) fn io_err(context: impl fmt::Display) -> impl FnOnce(io::Error) -> Im
     move |source| ImageError::Io { context, source }
 }
 
+/// The file that names a datastore's storage (`<datastore>/.ferry-datastore-id`): two hosts
+/// whose datastores hold the same content in it share that storage.
+pub const DATASTORE_ID_FILE: &str = ".ferry-datastore-id";
+
+/// Makes the image cache `cache_dir` a datastore that shows it is shared: every lab host of
+/// this machine mounts the one directory, and its identity file says so the way a file on an
+/// NFS export says it to real hosts, so the pre-flight `storage` check passes the guest's
+/// kernel and initrd without a warning and without an identity only the lab's configs know.
+/// The identity names this machine and the directory. An existing file is kept (an operator
+/// may have named the storage). Returns the datastore's path, `cache_dir` itself.
+pub fn image_store(cache_dir: &Path) -> Result<PathBuf, ImageError> {
+    fs::create_dir_all(cache_dir).map_err(io_err(format!("creating {}", cache_dir.display())))?;
+    let file = cache_dir.join(DATASTORE_ID_FILE);
+    if file.exists() {
+        return Ok(cache_dir.to_path_buf());
+    }
+    let machine = fs::read_to_string("/etc/machine-id")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown-machine".into());
+    let path = cache_dir
+        .canonicalize()
+        .unwrap_or_else(|_| cache_dir.to_path_buf());
+    let identity = format!("ferry-image-cache {machine} {}\n", path.display());
+    // Written aside and linked into place: a concurrent lab finds the whole file or none, and
+    // the link never replaces a file another one wrote meanwhile.
+    let tmp = cache_dir.join(format!("{DATASTORE_ID_FILE}.{}", unique_suffix()));
+    fs::write(&tmp, identity).map_err(io_err(format!("writing {}", tmp.display())))?;
+    let linked = fs::hard_link(&tmp, &file);
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(cache_dir.to_path_buf()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(cache_dir.to_path_buf()),
+        Err(e) => Err(ImageError::Io {
+            context: format!("writing {}", file.display()),
+            source: e,
+        }),
+    }
+}
+
 /// Builds the image if the cache has none for the current inputs. Returns the image and
 /// whether it was (re)built now.
 pub fn ensure_image(opts: &ImageOptions) -> Result<(GuestImage, bool), ImageError> {
@@ -768,6 +809,36 @@ mod tests {
             Some("linux-image-6.1.0-56-cloud-amd64")
         );
         assert_eq!(parse_depends("N: Unable to locate package x\n"), None);
+    }
+
+    #[test]
+    fn the_image_store_gets_an_identity_file_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        assert_eq!(image_store(&cache).unwrap(), cache);
+        let id = fs::read_to_string(cache.join(DATASTORE_ID_FILE)).unwrap();
+        assert!(id.starts_with("ferry-image-cache "), "{id}");
+        assert!(id
+            .trim_end()
+            .ends_with(&cache.canonicalize().unwrap().display().to_string()));
+        // Idempotent, and an identity someone else wrote stays.
+        image_store(&cache).unwrap();
+        assert_eq!(
+            fs::read_to_string(cache.join(DATASTORE_ID_FILE)).unwrap(),
+            id
+        );
+        fs::write(cache.join(DATASTORE_ID_FILE), "nfs-7\n").unwrap();
+        image_store(&cache).unwrap();
+        assert_eq!(
+            fs::read_to_string(cache.join(DATASTORE_ID_FILE)).unwrap(),
+            "nfs-7\n"
+        );
+        let names: Vec<_> = fs::read_dir(&cache)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "no temporary file left: {names:?}");
     }
 
     #[test]

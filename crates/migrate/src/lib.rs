@@ -15,6 +15,7 @@ pub mod params;
 pub mod phases;
 pub mod plan;
 pub mod progress;
+pub mod settings;
 pub mod source;
 
 pub use control::{Action, ControlPolicy, Controller, Decision, EscalateConfig, TimeoutAction};
@@ -25,4 +26,5 @@ pub use params::{Announce, Bandwidth, MigrationParams, PortRange};
 pub use phases::{live_migrate, MigrationHalves, MigrationOutcome};
 pub use plan::{Plan, PlanInputs, Prediction};
 pub use progress::{Phase, Progress, ProgressTracker};
+pub use settings::QemuSettings;
 pub use source::{AbortHandle, AbortSignal, SourceEvent, SourceOutcome};

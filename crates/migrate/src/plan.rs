@@ -284,7 +284,7 @@ pub fn plan(inputs: &PlanInputs, base: &MigrationParams) -> (MigrationParams, Pl
         strategy.push("post-copy permitted".into());
     }
     p.policy = ControlPolicy::Escalate(escalate);
-    strategy.push(format!("downtime {start_ms} ms, up to {cap_ms} ms"));
+    strategy.push(format!("pause limit {start_ms} ms, up to {cap_ms} ms"));
 
     // Local disks are copied first, at about the rate memory goes: three times that long.
     let disk_s = inputs.disk_bytes as f64 / rate.max(1.0);

@@ -60,6 +60,10 @@ pub struct LaunchOptions {
     pub mode: StartMode,
     /// How long QEMU may take to open its monitor.
     pub start_timeout: Duration,
+    /// Where QEMU appends the guest's serial output, when it must outlive the process (an
+    /// agent keeps each instance's console across stops and migrations); `None` puts it in
+    /// the run directory, which goes with the process.
+    pub serial_log: Option<PathBuf>,
 }
 
 impl LaunchOptions {
@@ -71,6 +75,7 @@ impl LaunchOptions {
             run_dir,
             mode: StartMode::Normal,
             start_timeout: Duration::from_secs(20),
+            serial_log: None,
         }
     }
 }
@@ -112,11 +117,17 @@ impl QemuProcess {
         opts: &LaunchOptions,
     ) -> Result<QemuProcess, QemuError> {
         spec.validate()?;
-        let paths = RunPaths::in_dir(&opts.run_dir);
+        let mut paths = RunPaths::in_dir(&opts.run_dir);
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| QemuError::Io { path, source }
         };
+        if let Some(log) = &opts.serial_log {
+            if let Some(parent) = log.parent() {
+                std::fs::create_dir_all(parent).map_err(io(parent))?;
+            }
+            paths.serial_log = log.clone();
+        }
         if paths.dir.exists() {
             std::fs::remove_dir_all(&paths.dir).map_err(io(&paths.dir))?;
         }

@@ -1173,9 +1173,14 @@ pub fn network(inst: &Instance, dst: &HostFacts) -> CheckResult {
             "network",
             CheckStatus::Fail,
             format!(
-                "{} is not attached to network {}",
+                "{} is not attached to network {}; its networks: {}",
                 dst.name,
-                missing.join(", ")
+                missing.join(", "),
+                ferry_api::hosts::networks_list(
+                    dst.networks
+                        .iter()
+                        .map(|n| (n.name.as_str(), n.bridge.as_str()))
+                )
             ),
             "attach the network in that host's agent configuration, or pick another host",
             values,
@@ -1286,6 +1291,7 @@ mod tests {
             },
             migration: None,
             guest: None,
+            warnings: Vec::new(),
             created_at: Utc::now(),
             updated_at: Utc::now(),
         }
@@ -1801,6 +1807,18 @@ mod tests {
         let c = network(&i, &d);
         assert_eq!(c.status, CheckStatus::Fail);
         assert_eq!(c.values["missing"], json!(["lab"]));
+        assert!(c.message.ends_with("its networks: none"), "{}", c.message);
+        d.networks.push(NetworkFacts {
+            name: "prod".into(),
+            bridge: "br7".into(),
+            subnet: None,
+        });
+        let c = network(&i, &d);
+        assert!(
+            c.message.ends_with("its networks: prod (bridge br7)"),
+            "{}",
+            c.message
+        );
     }
 
     #[test]

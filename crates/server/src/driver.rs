@@ -561,6 +561,8 @@ struct AgentHalves<'a> {
     discard_kept: bool,
     /// What the guest lives through, from the samples (stored when it changes).
     impact: ferry_migrate::GuestImpact,
+    /// The source QEMU's settings were read back (or the job has them from before a restart).
+    qemu_settings_read: bool,
 }
 
 /// Which half an agent call is for.
@@ -616,6 +618,7 @@ impl<'a> AgentHalves<'a> {
                 .impact
                 .clone()
                 .unwrap_or_else(|| ferry_migrate::GuestImpact::new(instance.spec.vcpus)),
+            qemu_settings_read: m.qemu_settings.is_some(),
             state,
             params: m
                 .plan
@@ -799,6 +802,17 @@ impl<'a> AgentHalves<'a> {
     async fn record(&mut self, samples: Vec<(u64, Progress)>) {
         for (seq, p) in samples {
             self.seq = self.seq.max(seq);
+            if !self.qemu_settings_read && crate::qemu_settings::is_memory(p.phase) {
+                self.qemu_settings_read = true;
+                let (level, message) = crate::qemu_settings::record(
+                    self.state,
+                    self.m.id,
+                    &self.src,
+                    self.instance.id,
+                )
+                .await;
+                self.log(level, &message).await;
+            }
             // What QEMU reported, once per phase or round, so the log tells the story without
             // every sample.
             if p.phase != ferry_migrate::Phase::Setup

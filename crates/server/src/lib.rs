@@ -16,6 +16,7 @@ pub mod error;
 pub mod events;
 pub mod kept_copies;
 pub mod preflight;
+mod qemu_settings;
 pub mod reconcile;
 pub mod scheduler;
 pub mod server;

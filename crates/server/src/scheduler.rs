@@ -108,6 +108,7 @@ mod tests {
             copies: vec![],
             cleaned_up_at: None,
             impact: None,
+            qemu_settings: None,
             plan: None,
         }
     }

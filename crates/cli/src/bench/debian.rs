@@ -35,7 +35,7 @@ use ferry_api::instances::Instance;
 use ferry_api::migrations::{CreateMigration, Migration, MigrationOptions, MigrationState};
 use ferry_cli::commands::instance::mac_for;
 use ferry_cli::commands::migrate::follow;
-use ferry_cli::local_cluster::LocalCluster;
+use ferry_cli::local_cluster::{newest_serial_log, LocalCluster};
 use ferry_lab::debian_guest::{self, sh, WriterLog};
 use ferry_lab::debian_image::{ensure_debian_image, DebianImage, DebianImageOptions};
 use ferry_lab::image::ensure_image;
@@ -218,11 +218,7 @@ pub(super) async fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     ));
     // The cache directory is a datastore of every host: an image given by path must be inside
     // one, and from there it is copied onto the shared datastore.
-    let images = ferry_agent::DatastoreConfig {
-        name: "images".into(),
-        path: cache_dir.clone(),
-        identity: None,
-    };
+    let images = ferry_cli::local_cluster::images_datastore(&cache_dir)?;
     let cluster = LocalCluster::start(LAB_NAME, 2, accel.name(), vec![images]).await?;
     let mut guest_os = None;
     let mut results = Vec::new();
@@ -350,9 +346,10 @@ async fn measure(
     guest_os: &mut Option<String>,
 ) -> anyhow::Result<()> {
     // --- boot -------------------------------------------------------------------------------
-    let serial_log = cluster.serial_log(0, vm.id);
+    // A new instance: the first serial log that appears there is this boot's.
+    let console_dir = cluster.console_dir(0, vm.id);
     let t0 = Instant::now();
-    let console = tokio::spawn(watch_console(serial_log.clone(), t0, BOOT_BOUND));
+    let console = tokio::spawn(watch_console(console_dir.clone(), t0, BOOT_BOUND));
     let _: Instance = cluster
         .ctx
         .post(&format!("/v1/instances/{}/start", vm.id), &())
@@ -370,7 +367,7 @@ async fn measure(
         format!(
             "no answer from the guest agent within {} s; console: {}",
             BOOT_BOUND.as_secs(),
-            tail_of(&serial_log)
+            tail_of(&console_dir)
         )
     })?;
     run.boot.agent_ms = Some(ms(agent_at));
@@ -618,10 +615,14 @@ struct ConsoleMarks {
 /// Follows QEMU's serial log (every 10 ms) until the login prompt or `within`. The log, not
 /// the socket: QEMU writes it from its first byte, while a socket reader could attach after
 /// the firmware and the bootloader have printed.
-async fn watch_console(path: PathBuf, t0: Instant, within: Duration) -> ConsoleMarks {
+async fn watch_console(dir: PathBuf, t0: Instant, within: Duration) -> ConsoleMarks {
     let mut marks = ConsoleMarks::default();
     let mut seen = Vec::new();
     while t0.elapsed() < within {
+        let Some(path) = newest_serial_log(&dir) else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
         if let Ok(bytes) = tokio::fs::read(&path).await {
             if bytes.len() > seen.len() {
                 seen = bytes;
@@ -648,8 +649,11 @@ async fn watch_console(path: PathBuf, t0: Instant, within: Duration) -> ConsoleM
     marks
 }
 
-/// The last console lines, for an error message.
-fn tail_of(path: &Path) -> String {
+/// The last console lines (of the newest serial log in `dir`), for an error message.
+fn tail_of(dir: &Path) -> String {
+    let Some(path) = newest_serial_log(dir) else {
+        return String::new();
+    };
     let text = std::fs::read(path)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default();

@@ -187,11 +187,7 @@ pub(super) async fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         "starting a server and agents on lab hosts hv1 and hv2, each with its own datastore ({}; load {load_before})",
         accel.name()
     ));
-    let images = ferry_agent::DatastoreConfig {
-        name: "images".into(),
-        path: cache_dir.clone(),
-        identity: None,
-    };
+    let images = ferry_cli::local_cluster::images_datastore(&cache_dir)?;
     let cluster =
         LocalCluster::start_with(LAB_NAME, 2, accel.name(), vec![images], HostStorage::Local)
             .await?;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use ferry_api::instances::{
     BootFrom, BootSpec, CacheMode, CreateInstance, DiskBus, DiskFormat, DiskRequest, FirmwareKind,
-    Instance, InstanceSpec, InstanceState, NicSpec,
+    Instance, InstanceConsole, InstanceSpec, InstanceState, NicSpec,
 };
 use ferry_lab::guest_config::GuestConfig;
 use ferry_lab::image::{ensure_image, ImageOptions};
@@ -42,6 +42,15 @@ pub enum InstanceCommand {
     /// Remove a stopped instance, and the disk images Ferry made for it (images given with
     /// --disk-image stay).
     Delete { instance: String },
+    /// Show the guest's serial console output: from every host that ran it, in order, so a
+    /// migration does not cut it (each host's part after a `--- HOST ...` line).
+    #[command(visible_alias = "log")]
+    Console {
+        instance: String,
+        /// At most this many bytes of output, the newest (default 256 KiB, at most 16 MiB).
+        #[arg(long, value_name = "N")]
+        bytes: Option<u64>,
+    },
 }
 
 /// `ferry instance create`: an explicit kernel boot, a boot from disk, or `--lab-guest`,
@@ -65,9 +74,11 @@ pub struct CreateArgs {
     #[arg(long)]
     pub host: Option<String>,
     /// Kernel image, a path inside a datastore every host can read (needed to boot a kernel).
+    /// A relative path is taken from the current directory, if the file is there.
     #[arg(long, conflicts_with = "lab_guest")]
     pub kernel: Option<String>,
     /// Initramfs, a path inside a datastore every host can read (needed to boot a kernel).
+    /// A relative path is taken from the current directory, if the file is there.
     #[arg(long, conflicts_with = "lab_guest")]
     pub initrd: Option<String>,
     /// Kernel command line.
@@ -356,7 +367,34 @@ fn path_str(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
 
-/// The request `create` sends. `lab` must be given when `args.lab_guest` is set.
+/// `--kernel`/`--initrd` as the absolute path the server needs: an absolute path as given; a
+/// relative one from `cwd`, resolved (symlinks, `..`) when the file is there, because the
+/// agent reads the path on the instance's host and has no idea of this shell's directory. A
+/// relative path to nothing here is refused rather than guessed: it is probably a path on
+/// another machine.
+pub fn absolute_boot_file(flag: &str, path: &str, cwd: &Path) -> Result<String, CliError> {
+    if path.starts_with('/') {
+        return Ok(path.to_string());
+    }
+    let joined = cwd.join(path);
+    match joined.canonicalize() {
+        Ok(p) if p.is_file() => Ok(path_str(&p)),
+        _ => Err(CliError::new(
+            "invalid-arguments",
+            format!(
+                "{flag} {path:?} is a relative path and {} is no file",
+                joined.display()
+            ),
+            format!(
+                "give {flag} the file's absolute path on the instance's host; a relative \
+                 path is taken from the current directory"
+            ),
+        )),
+    }
+}
+
+/// The request `create` sends. `lab` must be given when `args.lab_guest` is set. A relative
+/// `--kernel`/`--initrd` is made absolute from the current directory ([`absolute_boot_file`]).
 pub fn create_request(
     args: &CreateArgs,
     lab: Option<&LabImage>,
@@ -446,11 +484,27 @@ pub fn create_request(
             ..BootSpec::default()
         }
     } else {
+        let absolute = |flag: &str, path: &Option<String>| -> Result<Option<String>, CliError> {
+            let Some(path) = path else { return Ok(None) };
+            if path.starts_with('/') {
+                return Ok(Some(path.clone()));
+            }
+            let cwd = std::env::current_dir().map_err(|e| {
+                CliError::new(
+                    "invalid-arguments",
+                    format!(
+                        "{flag} {path:?} is relative and the current directory is unknown: {e}"
+                    ),
+                    format!("give {flag} the file's absolute path on the instance's host"),
+                )
+            })?;
+            absolute_boot_file(flag, path, &cwd).map(Some)
+        };
         BootSpec {
             from,
             firmware: args.firmware,
-            kernel: args.kernel.clone(),
-            initrd: args.initrd.clone(),
+            kernel: absolute("--kernel", &args.kernel)?,
+            initrd: absolute("--initrd", &args.initrd)?,
             cmdline: args.cmdline.clone().unwrap_or_default(),
             nvram: None,
         }
@@ -501,7 +555,7 @@ pub async fn run(ctx: &Ctx, cmd: InstanceCommand) -> Result<u8, CliError> {
                 None
             };
             let req = create_request(&args, lab.as_ref())?;
-            if req.disks.is_empty() {
+            let made: Instance = if req.disks.is_empty() {
                 ctx.post("/v1/instances", &req).await?
             } else {
                 // Copying an image takes as long as its data takes to move.
@@ -511,7 +565,12 @@ pub async fn run(ctx: &Ctx, cmd: InstanceCommand) -> Result<u8, CliError> {
                     .post("/v1/instances", &req)
                     .await
                     .map_err(|e| ctx.api_err(e))?
+            };
+            // On stderr, so that `-o json` stays one document (which has them too).
+            for w in &made.warnings {
+                eprintln!("{}", crate::error::render_warning(w));
             }
+            made
         }
         InstanceCommand::Start { instance } => {
             ctx.post(&format!("/v1/instances/{}/start", seg(&instance)), &())
@@ -531,6 +590,14 @@ pub async fn run(ctx: &Ctx, cmd: InstanceCommand) -> Result<u8, CliError> {
                 &(),
             )
             .await?
+        }
+        InstanceCommand::Console { instance, bytes } => {
+            let query = bytes.map(|b| format!("?bytes={b}")).unwrap_or_default();
+            let console: InstanceConsole = ctx
+                .get(&format!("/v1/instances/{}/console{query}", seg(&instance)))
+                .await?;
+            ctx.print(&console, output::console);
+            return Ok(exit::OK);
         }
         InstanceCommand::Delete { instance } => {
             let answer: serde_json::Value = ctx

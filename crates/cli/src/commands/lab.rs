@@ -5,7 +5,7 @@
 //! after the shell that started it is gone.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use clap::Subcommand;
@@ -17,7 +17,7 @@ use ferry_chaos::daemons::{
     write_agent_configs, MARKER,
 };
 use ferry_chaos::ChaosError;
-use ferry_lab::image::{ensure_image, GuestImage, ImageOptions};
+use ferry_lab::image::{ensure_image, ImageOptions};
 use ferry_lab::net::{
     destroy_lab, free_local_ports, list_labs, validate_lab_name, LabNet, MAX_HOSTS,
 };
@@ -186,7 +186,6 @@ async fn start(
     let listen = SocketAddr::from(([127, 0, 0, 1], ports[0]));
     let server = server_config(listen, dir.join("ferry.db"), &admin_token, &join_token);
     write(&dir.join("server.toml"), &to_toml(&server)?)?;
-    let datastore_dir = image_datastore(&image, &cache_dir);
     write_agent_configs(
         dir,
         &host_nets,
@@ -194,7 +193,7 @@ async fn start(
         &server_url,
         &join_token,
         &accel,
-        &datastore_dir,
+        &cache_dir,
     )?;
 
     let cfg = ClientConfig {
@@ -260,16 +259,24 @@ async fn start(
             LAB_VM_IP.0, LAB_VM_IP.1
         ));
     }
-    summary.push_str(&format!(
-        "\nnext: ferry migrate {LAB_VM} --to hv2 --watch; remove it with `ferry lab down --name {name}`"
-    ));
+    summary.push_str(&next_steps(name, hosts, no_instance));
     Ok((cfg, summary))
 }
 
-/// The datastore agents expose for the guest image: the cache directory holding it, so the
-/// kernel and initramfs paths in instance specs lie inside a datastore every host has.
-fn image_datastore(_image: &GuestImage, cache_dir: &Path) -> PathBuf {
-    cache_dir.to_path_buf()
+/// What `lab up` suggests doing next: migrating vm1 needs vm1 (and a second host), so without
+/// them the first step is making a guest.
+pub fn next_steps(name: &str, hosts: usize, no_instance: bool) -> String {
+    let down = format!("remove it with `ferry lab down --name {name}`");
+    if no_instance {
+        format!(
+            "\nnext: ferry instance create {LAB_VM} --lab-guest --ip {}/{} --host hv1 --start; {down}",
+            LAB_VM_IP.0, LAB_VM_IP.1
+        )
+    } else if hosts < 2 {
+        format!("\nnext: ferry instance show {LAB_VM}; {down}")
+    } else {
+        format!("\nnext: ferry migrate {LAB_VM} --to hv2 --watch; {down}")
+    }
 }
 
 /// Waits until `n` hosts report online (agents joined and heartbeating).

@@ -75,7 +75,8 @@ pub struct MigrateArgs {
     /// them; disks on storage both hosts share stay where they are.
     #[arg(long = "map-disk", value_name = "DISK=DATASTORE", value_parser = parse_disk_mapping)]
     pub map_disk: Vec<(String, String)>,
-    /// Follow it live with a progress bar, then print the result.
+    /// Follow it live with a progress bar (one line per event when stdout or stderr is not a
+    /// terminal), then print the result.
     #[arg(long, conflicts_with = "wait")]
     pub watch: bool,
     /// Wait for the end without a progress bar, then print the result.
@@ -489,12 +490,12 @@ pub async fn follow_observed(
     bar: bool,
     mut observe: impl FnMut(Seen<'_>),
 ) -> Result<Migration, CliError> {
-    let pb = bar.then(Bar::new);
+    let pb = bar.then(Watch::new);
     // The auto policy's prediction, shown once above the bar as soon as the plan exists.
     let mut plan_shown = false;
     let mut show_plan = |m: &Migration| {
         if let (Some(pb), Some(plan), false) = (&pb, &m.plan, plan_shown) {
-            pb.pb.println(plan.plan.summary());
+            pb.println(&plan.plan.summary());
             plan_shown = true;
         }
     };
@@ -541,9 +542,129 @@ pub async fn follow_observed(
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     if let Some(pb) = &pb {
-        pb.pb.finish_and_clear();
+        // The end as a line of its own (a bar is cleared: the record follows on stdout).
+        pb.show(&m);
+        pb.finish();
     }
     Ok(m)
+}
+
+/// How `--watch` shows a job: a bar redrawn in place for a person at a terminal, or one line
+/// per event where redrawing would only fill a file or a pipe with control codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchStyle {
+    Bar,
+    Lines,
+}
+
+/// The bar only when both outputs are terminals: with stdout redirected (`> log`, `| tee`,
+/// CI) the run is being recorded, and a record wants lines.
+pub fn watch_style(stdout_is_terminal: bool, stderr_is_terminal: bool) -> WatchStyle {
+    if stdout_is_terminal && stderr_is_terminal {
+        WatchStyle::Bar
+    } else {
+        WatchStyle::Lines
+    }
+}
+
+/// One line of `--watch` on a non-terminal: seconds since watching began, the job's state, and
+/// the sample's figures when there is one (with each disk of a block migration after it).
+pub fn watch_line(elapsed: Duration, state: MigrationState, progress: Option<&Progress>) -> String {
+    let mut line = format!("[{:>6.1}s] {:<10}", elapsed.as_secs_f64(), state.as_str());
+    if let Some(p) = progress {
+        line.push(' ');
+        line.push_str(&output::progress_message(p));
+        for d in output::disk_progress_lines(&p.disks) {
+            line.push_str("; ");
+            line.push_str(&d);
+        }
+    }
+    line.trim_end().to_string()
+}
+
+/// What `--watch` draws on stderr, in either [`WatchStyle`].
+enum Watch {
+    Bar(Bar),
+    Lines(Lines),
+}
+
+impl Watch {
+    fn new() -> Watch {
+        match watch_style(
+            std::io::stdout().is_terminal(),
+            std::io::stderr().is_terminal(),
+        ) {
+            WatchStyle::Bar => Watch::Bar(Bar::new()),
+            WatchStyle::Lines => Watch::Lines(Lines::new()),
+        }
+    }
+
+    /// A line above the bar (the plan), or one more line.
+    fn println(&self, text: &str) {
+        match self {
+            Watch::Bar(b) => b.pb.println(text),
+            Watch::Lines(_) => eprintln!("{text}"),
+        }
+    }
+
+    fn show(&self, m: &Migration) {
+        match self {
+            Watch::Bar(b) => b.show(m),
+            Watch::Lines(l) => l.show(m),
+        }
+    }
+
+    fn progress(&self, p: &Progress) {
+        match self {
+            Watch::Bar(b) => b.progress(p),
+            Watch::Lines(l) => l.progress(p),
+        }
+    }
+
+    fn finish(&self) {
+        if let Watch::Bar(b) = self {
+            b.pb.finish_and_clear();
+        }
+    }
+}
+
+/// `--watch` as lines: one per state change and per sample; a poll that brings nothing new
+/// prints nothing.
+struct Lines {
+    started: std::time::Instant,
+    /// The state last seen, and the last line printed without its time.
+    seen: Mutex<(MigrationState, String)>,
+}
+
+impl Lines {
+    fn new() -> Lines {
+        Lines {
+            started: std::time::Instant::now(),
+            seen: Mutex::new((MigrationState::Pending, String::new())),
+        }
+    }
+
+    fn print(&self, state: MigrationState, progress: Option<&Progress>) {
+        let line = watch_line(self.started.elapsed(), state, progress);
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.0 = state;
+        // The time prefix ends at "] "; compare what follows it.
+        let body = line.split_once("] ").map_or(line.as_str(), |(_, b)| b);
+        if body != seen.1 {
+            seen.1 = body.to_string();
+            eprintln!("{line}");
+        }
+    }
+
+    fn show(&self, m: &Migration) {
+        let progress = m.progress.as_ref().filter(|_| !m.state.is_terminal());
+        self.print(m.state, progress);
+    }
+
+    fn progress(&self, p: &Progress) {
+        let state = self.seen.lock().unwrap_or_else(|p| p.into_inner()).0;
+        self.print(state, Some(p));
+    }
 }
 
 /// The live bar, and the disks of a block migration drawn under it. The disk lines go through
@@ -559,11 +680,7 @@ impl Bar {
         let disks = Arc::new(Mutex::new(String::new()));
         let shown = Arc::clone(&disks);
         let pb = ProgressBar::new(1000);
-        if !std::io::stderr().is_terminal() {
-            pb.set_draw_target(ProgressDrawTarget::hidden());
-        } else {
-            pb.set_draw_target(ProgressDrawTarget::stderr());
-        }
+        pb.set_draw_target(ProgressDrawTarget::stderr());
         pb.set_style(
             ProgressStyle::with_template(
                 "{spinner} {prefix:<10} [{bar:30}] {msg} ({elapsed}){disks}",

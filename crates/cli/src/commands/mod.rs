@@ -156,7 +156,7 @@ pub enum ClusterCommand {
         #[command(subcommand)]
         cmd: datastore::DatastoreCommand,
     },
-    /// Instances (virtual machines): list, show, create, start, stop, delete.
+    /// Instances (virtual machines): list, show, create, start, stop, delete, console.
     Instance {
         #[command(flatten)]
         api: ApiOpts,

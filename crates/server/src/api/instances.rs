@@ -8,7 +8,8 @@ use ferry_api::agent::{AgentInstance, DefineInstance};
 use ferry_api::checks::Candidate;
 use ferry_api::hosts::{Host, HostState};
 use ferry_api::instances::{
-    BootFrom, CreateInstance, Instance, InstanceSpec, InstanceState, StopOptions,
+    BootFrom, ConsoleQuery, ConsoleSegment, CreateInstance, Instance, InstanceConsole,
+    InstanceSpec, InstanceState, StopOptions, Warning,
 };
 use ferry_api::migrations::{Event, MigrationKind};
 use serde::Deserialize;
@@ -219,6 +220,13 @@ fn validate_for_host(spec: &InstanceSpec, host: &Host) -> Result<(), ServerError
             "use pc or q35, or one of the host's machine_types (`ferry host show`)",
         ));
     }
+    if let Some(nic) = spec
+        .nics
+        .iter()
+        .find(|n| !facts.networks.iter().any(|f| f.name == n.network))
+    {
+        return Err(unknown_network(&nic.network, host));
+    }
     for (field, path) in [
         ("boot.kernel", &spec.boot.kernel),
         ("boot.initrd", &spec.boot.initrd),
@@ -244,6 +252,33 @@ fn validate_for_host(spec: &InstanceSpec, host: &Host) -> Result<(), ServerError
         }
     }
     Ok(())
+}
+
+/// A NIC on a network the host does not carry, refused before any disk is made; the message
+/// lists the networks the host has (the agent words its own refusal the same way).
+fn unknown_network(network: &str, host: &Host) -> ServerError {
+    let networks = host
+        .facts
+        .as_ref()
+        .map(|f| {
+            ferry_api::hosts::networks_list(
+                f.networks
+                    .iter()
+                    .map(|n| (n.name.as_str(), n.bridge.as_str())),
+            )
+        })
+        .unwrap_or_else(|| "none".into());
+    ServerError::new(
+        422,
+        "unknown-network",
+        format!(
+            "network {} is not configured on host {}; its networks: {networks}",
+            shown(network),
+            host.name
+        ),
+        "use one of the host's networks, or add the network (its name and bridge) to \
+         `networks` in the host's agent configuration",
+    )
 }
 
 /// The default placement: the enabled, online host with the most free memory.
@@ -278,7 +313,7 @@ pub async fn show(
 /// disk is created, copied or attached by the host's agent first and becomes `spec.disks`
 /// (and the NVRAM of a UEFI guest `spec.boot.nvram`). Nothing is recorded unless the agent
 /// accepted the instance, and a refused create leaves no image it made behind.
-#[utoipa::path(post, path = "/v1/instances", request_body = CreateInstance, responses((status = 201, body = Instance), (status = 400, description = "invalid request (invalid-instance, invalid-disk, invalid-disk-size, ...)", body = ferry_api::ErrorBody), (status = 404, description = "no such host", body = ferry_api::ErrorBody), (status = 409, description = "the host cannot take it, the name is taken, a disk's file exists (disk-exists) or another instance uses the image (disk-in-use)", body = ferry_api::ErrorBody), (status = 413, description = "request body too large", body = ferry_api::ErrorBody), (status = 422, description = "the host cannot provide a disk: unknown-datastore, no-room, path-outside-datastores, image-not-found, image-unreadable, format-mismatch, unsupported-format, wrong-datastore, uefi-unavailable", body = ferry_api::ErrorBody), (status = 503, description = "the host's agent did not answer", body = ferry_api::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/instances", request_body = CreateInstance, responses((status = 201, body = Instance), (status = 400, description = "invalid request (invalid-instance, invalid-disk, invalid-disk-size, ...)", body = ferry_api::ErrorBody), (status = 404, description = "no such host", body = ferry_api::ErrorBody), (status = 409, description = "the host cannot take it, the name is taken, a disk's file exists (disk-exists) or another instance uses the image (disk-in-use)", body = ferry_api::ErrorBody), (status = 413, description = "request body too large", body = ferry_api::ErrorBody), (status = 422, description = "the host cannot provide a disk or a network: unknown-network, unknown-datastore, no-room, path-outside-datastores, image-not-found, image-unreadable, format-mismatch, unsupported-format, wrong-datastore, uefi-unavailable", body = ferry_api::ErrorBody), (status = 503, description = "the host's agent did not answer", body = ferry_api::ErrorBody)))]
 pub async fn create(
     State(state): State<AppState>,
     who: Admin,
@@ -367,7 +402,32 @@ pub async fn create(
         publish(&state, &instance);
         instance
     };
+    let instance = Instance {
+        warnings: create_warnings(&req),
+        ..instance
+    };
     Ok((StatusCode::CREATED, Json(instance)))
+}
+
+/// What a create did that works but is probably a mistake, for the answer: an instance
+/// without a NIC boots fine and then cannot be reached but through its serial console, which
+/// is easy to miss until it is needed.
+fn create_warnings(req: &CreateInstance) -> Vec<Warning> {
+    let mut out = Vec::new();
+    if req.spec.nics.is_empty() {
+        out.push(Warning {
+            code: "no-network".into(),
+            message: format!(
+                "{} has no NIC: its guest has no network and is reachable only through its \
+                 serial console (`ferry instance console {}`)",
+                req.name, req.name
+            ),
+            hint: "if it needs a network, delete it and create it again with --nic NETWORK \
+                   (`ferry host show HOST` lists a host's networks)"
+                .into(),
+        });
+    }
+    out
 }
 
 /// The part of a create that makes things: disks, the record, the agent's definition. On an
@@ -573,7 +633,9 @@ pub async fn delete(
             return Err(err);
         }
     }
+    let console_hosts = console_hosts(&state, &i).await?;
     state.store.delete_instance(i.id).await?;
+    forget_console(&state, i.id, &console_hosts).await;
     state
         .store
         .audit(
@@ -584,6 +646,146 @@ pub async fn delete(
         )
         .await?;
     Ok(Json(i))
+}
+
+/// How long the console waits for each host: a host that is down must not hold up the
+/// output of the others.
+const CONSOLE_AGENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The hosts that may hold output of instance `i`: the one it is on and every host one of its
+/// migrations came from or went to (a failed migration's destination may have run it, in
+/// post-copy).
+async fn console_hosts(state: &AppState, i: &Instance) -> Result<Vec<String>, ServerError> {
+    let jobs = state
+        .store
+        .list_migrations(&crate::store::MigrationFilter {
+            instance: Some(i.id),
+            ..Default::default()
+        })
+        .await?;
+    let mut hosts = vec![i.host.clone()];
+    for m in jobs {
+        for h in [m.source, m.destination] {
+            if !hosts.contains(&h) {
+                hosts.push(h);
+            }
+        }
+    }
+    Ok(hosts)
+}
+
+/// Every host's segments as one console: oldest first (by each QEMU's start; segments that
+/// started in the same millisecond by host name), and no more than `budget` bytes of text in
+/// all, the newest kept. A segment cut short keeps its end from the start of a line, so the
+/// first line shown is never a fragment.
+pub fn join_console(mut segments: Vec<ConsoleSegment>, budget: u64) -> Vec<ConsoleSegment> {
+    segments.sort_by(|a, b| (a.started_at, &a.host).cmp(&(b.started_at, &b.host)));
+    let mut left = usize::try_from(budget).unwrap_or(usize::MAX);
+    let mut kept = Vec::new();
+    for mut seg in segments.into_iter().rev() {
+        if left == 0 {
+            break;
+        }
+        let cut_here = seg.text.len() > left;
+        if cut_here {
+            let mut cut = seg.text.len() - left;
+            while !seg.text.is_char_boundary(cut) {
+                cut += 1;
+            }
+            seg.text = seg.text.split_off(cut);
+        }
+        if seg.omitted_bytes() > 0 {
+            // The agent's tail, or the cut above, may begin inside a line: drop that part.
+            seg.text = match seg.text.find('\n') {
+                Some(nl) => seg.text.split_off(nl + 1),
+                None => String::new(),
+            };
+        }
+        left = if cut_here { 0 } else { left - seg.text.len() };
+        if !seg.text.is_empty() {
+            kept.push(seg);
+        }
+    }
+    kept.reverse();
+    kept
+}
+
+/// The guest's serial output, from every host that ran it, in order: each host's agent keeps
+/// what the guest printed while its QEMU ran there, also after the instance moved on.
+#[utoipa::path(get, path = "/v1/instances/{id}/console", params(("id" = String, Path, description = "instance name or id"), ConsoleQuery), responses((status = 200, body = InstanceConsole), (status = 400, description = "bad query (bytes out of range)", body = ferry_api::ErrorBody), (status = 404, description = "no such instance", body = ferry_api::ErrorBody)))]
+pub async fn console(
+    State(state): State<AppState>,
+    _r: Reader,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<ConsoleQuery>,
+) -> Result<Json<InstanceConsole>, ServerError> {
+    let budget = q.budget();
+    if budget == 0 || budget > ConsoleQuery::MAX_BYTES {
+        return Err(ServerError::bad_request(
+            "bad-query",
+            format!(
+                "bytes {budget} is out of range (1 to {})",
+                ConsoleQuery::MAX_BYTES
+            ),
+            "ask for fewer bytes; the newest output is returned",
+        ));
+    }
+    let i = find(&state, &id).await?;
+    let online: Vec<String> = all_hosts(&state)
+        .await?
+        .into_iter()
+        .filter(|h| h.state == HostState::Online)
+        .map(|h| h.name)
+        .collect();
+    let mut segments = Vec::new();
+    let mut unreachable = Vec::new();
+    for host in console_hosts(&state, &i).await? {
+        if !online.contains(&host) {
+            unreachable.push(host);
+            continue;
+        }
+        let answer = match agent_client(&state.store, &host).await {
+            Ok(agent) => agent
+                .with_timeout(CONSOLE_AGENT_TIMEOUT)
+                .get::<Vec<ConsoleSegment>>(&format!(
+                    "/v1/instances/{}/console?bytes={budget}",
+                    i.id
+                ))
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match answer {
+            Ok(s) => segments.extend(s),
+            Err(e) => {
+                tracing::warn!(host, error = %e, "console output not available");
+                unreachable.push(host);
+            }
+        }
+    }
+    Ok(Json(InstanceConsole {
+        instance: i.id,
+        segments: join_console(segments, budget),
+        unreachable,
+    }))
+}
+
+/// After a delete: every host that ran the instance forgets its console output. Best effort:
+/// the instance is gone either way, and a host that is down keeps a few files.
+async fn forget_console(state: &AppState, id: Uuid, hosts: &[String]) {
+    for host in hosts {
+        let deleted = match agent_client(&state.store, host).await {
+            Ok(agent) => agent
+                .with_timeout(CONSOLE_AGENT_TIMEOUT)
+                .delete::<serde_json::Value>(&format!("/v1/instances/{id}/console"))
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = deleted {
+            tracing::warn!(host, instance = %id, error = %e, "console output not removed");
+        }
+    }
 }
 
 /// Query of `GET /v1/instances/{id}/migration-candidates`.
@@ -647,4 +849,161 @@ fn parse_disk_map(text: &str) -> Result<std::collections::BTreeMap<String, Strin
         .collect::<Result<Vec<_>, _>>()
         .map_err(|why| bad(format!("entry {why}")))?;
     ferry_api::migrations::disk_map(pairs).map_err(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_api::hosts::{HostFacts, NetworkFacts};
+    use ferry_api::instances::NicSpec;
+
+    fn host_with_networks(networks: &[(&str, &str)]) -> Host {
+        let facts = HostFacts {
+            name: "hv1".into(),
+            cpu_vendor: "GenuineIntel".into(),
+            cpu_model: "Xeon".into(),
+            cpu_flags: vec![],
+            cores: 2,
+            ram_total_mib: 4096,
+            ram_free_mib: 4096,
+            ram_reserve_mib: 0,
+            accel: "tcg".into(),
+            qemu_version: "10.0.0".into(),
+            machine_types: vec!["pc".into()],
+            firmware: vec!["bios".into()],
+            datastores: vec![],
+            networks: networks
+                .iter()
+                .map(|(name, bridge)| NetworkFacts {
+                    name: name.to_string(),
+                    bridge: bridge.to_string(),
+                    subnet: None,
+                })
+                .collect(),
+            migration_addr: "10.0.0.1".into(),
+            migration_ports: "49152-49215".into(),
+            agent_version: "0".into(),
+        };
+        Host {
+            name: "hv1".into(),
+            agent_url: "http://127.0.0.1:1".into(),
+            enabled: true,
+            state: HostState::Online,
+            last_heartbeat: None,
+            facts: Some(facts),
+            instances: 0,
+        }
+    }
+
+    fn spec_on(network: &str) -> InstanceSpec {
+        InstanceSpec {
+            memory_mib: 256,
+            vcpus: 1,
+            cpu_model: "qemu64".into(),
+            machine: "pc".into(),
+            boot: Default::default(),
+            disks: vec![],
+            nics: vec![NicSpec {
+                network: network.into(),
+                mac: "52:54:00:00:00:01".into(),
+            }],
+        }
+    }
+
+    fn seg(host: &str, ms: i64, text: &str) -> ConsoleSegment {
+        ConsoleSegment {
+            host: host.into(),
+            started_at: chrono::DateTime::from_timestamp_millis(ms).unwrap(),
+            size_bytes: text.len() as u64,
+            text: text.into(),
+        }
+    }
+
+    #[test]
+    fn the_console_is_every_hosts_output_in_time_order_newest_kept() {
+        // As the agents answer: host by host.
+        let joined = join_console(
+            vec![
+                seg("hv1", 1_000, "boot\n"),
+                seg("hv1", 9_000, "back on hv1\n"),
+                seg("hv2", 5_000, "on hv2\n"),
+            ],
+            1 << 20,
+        );
+        let order: Vec<(&str, &str)> = joined
+            .iter()
+            .map(|s| (s.host.as_str(), s.text.as_str()))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                ("hv1", "boot\n"),
+                ("hv2", "on hv2\n"),
+                ("hv1", "back on hv1\n")
+            ]
+        );
+        // A budget keeps the newest bytes: the oldest segment goes, one is cut at its start.
+        let three = vec![
+            seg("hv1", 1_000, "boot\n"),
+            seg("hv2", 5_000, "on hv2\n"),
+            seg("hv1", 9_000, "back\n"),
+        ];
+        let texts = |budget| {
+            join_console(three.clone(), budget)
+                .into_iter()
+                .map(|s| s.text)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(texts(12), ["on hv2\n", "back\n"]);
+        assert_eq!(texts(9), ["back\n"], "no line without its start");
+        // Never inside a line when a line starts in what is kept, nor inside a character.
+        let lines = join_console(vec![seg("hv1", 0, "first\nsecond\nthird\n")], 10);
+        assert_eq!(lines[0].text, "third\n");
+        assert_eq!(lines[0].omitted_bytes(), 13);
+        let utf8 = join_console(vec![seg("hv1", 0, "aé\nb\n")], 4);
+        assert_eq!(utf8[0].text, "b\n", "a cut inside 'é' does not split it");
+    }
+
+    #[test]
+    fn an_instance_without_a_nic_gets_a_warning() {
+        let mut req = CreateInstance {
+            name: "quiet".into(),
+            host: None,
+            spec: spec_on("lab"),
+            disks: vec![],
+            start: false,
+        };
+        assert!(create_warnings(&req).is_empty());
+        req.spec.nics.clear();
+        let w = create_warnings(&req);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert_eq!(w[0].code, "no-network");
+        assert!(
+            w[0].message.starts_with("quiet has no NIC"),
+            "{}",
+            w[0].message
+        );
+        assert!(w[0].hint.contains("--nic"), "{}", w[0].hint);
+    }
+
+    #[test]
+    fn an_unknown_network_is_refused_with_the_hosts_networks() {
+        let host = host_with_networks(&[("lab", "br0"), ("prod", "br1")]);
+        assert!(validate_for_host(&spec_on("lab"), &host).is_ok());
+        let e = validate_for_host(&spec_on("lab0"), &host).unwrap_err();
+        assert_eq!((e.status, e.body.code.as_str()), (422, "unknown-network"));
+        assert_eq!(
+            e.body.message,
+            "network 'lab0' is not configured on host hv1; its networks: lab (bridge br0), \
+             prod (bridge br1)"
+        );
+        assert!(
+            e.body.hint.contains("agent configuration"),
+            "{}",
+            e.body.hint
+        );
+        let bare = host_with_networks(&[]);
+        let e = validate_for_host(&spec_on("lab"), &bare).unwrap_err();
+        assert!(e.body.message.ends_with("its networks: none"), "{}", e.body);
+    }
 }

@@ -142,6 +142,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
         instances::start,
         instances::stop,
         instances::delete,
+        instances::console,
         instances::migration_candidates,
         migrations::create,
         migrations::list,
@@ -192,6 +193,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/instances/{id}/start", post(instances::start))
         .route("/v1/instances/{id}/stop", post(instances::stop))
+        .route("/v1/instances/{id}/console", get(instances::console))
         .route(
             "/v1/instances/{id}/migration-candidates",
             get(instances::migration_candidates),

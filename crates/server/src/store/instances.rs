@@ -44,6 +44,7 @@ fn instance_from_row(row: &SqliteRow) -> Result<Instance, StoreError> {
             })
             .transpose()?,
         guest: None,
+        warnings: Vec::new(),
         created_at: time_col(row, "created_at")?,
         updated_at: time_col(row, "updated_at")?,
     })
@@ -98,6 +99,7 @@ impl Store {
             spec: spec.clone(),
             migration: None,
             guest: None,
+            warnings: Vec::new(),
             created_at: at,
             updated_at: at,
         })

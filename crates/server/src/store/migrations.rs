@@ -5,7 +5,7 @@ use ferry_api::migrations::{
     MigrationStats,
 };
 use ferry_api::ErrorBody;
-use ferry_migrate::{GuestImpact, Progress};
+use ferry_migrate::{GuestImpact, Progress, QemuSettings};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Sqlite, Transaction};
 use uuid::Uuid;
@@ -59,7 +59,7 @@ const MIGRATION_SELECT: &str = "SELECT m.id, m.instance_id,
         COALESCE(i.name, m.instance_name) AS instance_name, m.kind, m.source, m.destination,
         m.state, m.options, m.created_at, m.preparing_at, m.migrating_at, m.completing_at,
         m.finished_at, m.error, m.progress, m.stats, m.cancel_requested, m.plan, m.copies,
-        m.cleaned_up_at, m.impact
+        m.cleaned_up_at, m.impact, m.qemu_settings
     FROM migrations m LEFT JOIN instances i ON i.id = m.instance_id";
 
 /// Moves the migration's instance to the destination and bumps its generation, unless it is
@@ -99,6 +99,7 @@ fn migration_from_row(row: &SqliteRow) -> Result<Migration, StoreError> {
         copies: opt_json_col::<Vec<DiskCopy>>(row, "copies")?.unwrap_or_default(),
         cleaned_up_at: opt_time_col(row, "cleaned_up_at")?,
         impact: opt_json_col::<GuestImpact>(row, "impact")?,
+        qemu_settings: opt_json_col::<QemuSettings>(row, "qemu_settings")?,
     })
 }
 
@@ -510,6 +511,23 @@ impl Store {
 
     /// Keeps the latest progress sample on the job, for listings and for clients that
     /// connect mid-migration.
+    /// Records the migration settings the source QEMU runs the job with, as read back from it.
+    pub async fn set_qemu_settings(
+        &self,
+        id: Uuid,
+        settings: &QemuSettings,
+    ) -> Result<(), StoreError> {
+        let done = sqlx::query("UPDATE migrations SET qemu_settings = $2 WHERE id = $1")
+            .bind(id.to_string())
+            .bind(to_json(settings, "qemu_settings")?)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("migration {id}")));
+        }
+        Ok(())
+    }
+
     /// Records the plan the auto policy made for the job, and the parameters it chose.
     pub async fn set_plan(&self, id: Uuid, plan: &MigrationPlan) -> Result<(), StoreError> {
         let done = sqlx::query("UPDATE migrations SET plan = $2 WHERE id = $1")

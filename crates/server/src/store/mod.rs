@@ -53,6 +53,7 @@ const SCHEMA: &[(i64, &str)] = &[
     (3, include_str!("../../migrations/0003_copies.sql")),
     (4, include_str!("../../migrations/0004_dest_spec.sql")),
     (5, include_str!("../../migrations/0005_impact.sql")),
+    (6, include_str!("../../migrations/0006_qemu_settings.sql")),
 ];
 
 /// Migration states that end a job, as an SQL list. Kept equal to
