@@ -141,6 +141,31 @@ pub async fn remove(state: &AppState, m: &Migration, who: &str) -> Result<Migrat
     Ok(after)
 }
 
+/// Removes every partial copy the instance's failed migrations kept (the instance is being
+/// deleted). Best effort: a job whose removal fails keeps its record, and `ferry migration
+/// cleanup ID` finishes it later.
+pub async fn remove_all_of(state: &AppState, instance: Uuid, who: &str) {
+    let filter = MigrationFilter {
+        instance: Some(instance),
+        ..Default::default()
+    };
+    let Ok(jobs) = state.store.list_migrations(&filter).await else {
+        return;
+    };
+    for m in jobs
+        .iter()
+        .filter(|m| m.copies.iter().any(|c| c.target_kept))
+    {
+        if let Err(e) = remove(state, m, who).await {
+            let message = format!(
+                "the partial copies kept on {} were not removed: {}; `ferry migration cleanup {}` removes them",
+                m.destination, e.body.message, m.id
+            );
+            log(state, m.id, "warn", &message).await;
+        }
+    }
+}
+
 /// The bitmap name for a new copy by job `id`: short, and unique per job.
 pub fn bitmap_name(id: Uuid) -> String {
     format!("ferry-resume-{}", &id.simple().to_string()[..12])

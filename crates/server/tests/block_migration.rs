@@ -767,5 +767,22 @@ async fn a_guest_that_rewrites_its_disk_faster_than_the_passes_gain_gets_a_whole
     assert_eq!((i.host.as_str(), i.state), ("hv1", InstanceState::Running));
     nothing_left_on(&c, "hv2");
     assert_intact(&c, 27, "cancelled after the whole-disk mirror").await;
+    // Deleting the instance removes the partial copy hv2 kept for a retry too.
+    let file = i.spec.disks[0].image.file.clone();
+    assert!(local(&ds, "hv2").join(&file).exists(), "{log}");
+    let _: Instance = c
+        .admin
+        .post(&format!("/v1/instances/{}/stop", i.id), &())
+        .await
+        .unwrap();
+    let _: Instance = c
+        .admin
+        .delete(&format!("/v1/instances/{}", i.id))
+        .await
+        .unwrap();
+    assert!(!local(&ds, "hv2").join(&file).exists());
+    assert!(!local(&ds, "hv1").join(&file).exists());
+    let m = c.migration(m.id).await;
+    assert!(m.copies.iter().all(|c| !c.target_kept), "{:?}", m.copies);
     c.shutdown().await;
 }

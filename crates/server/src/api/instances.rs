@@ -634,6 +634,8 @@ pub async fn delete(
         }
     }
     let console_hosts = console_hosts(&state, &i).await?;
+    crate::kept_copies::remove_all_of(&state, i.id, &format!("{} (instance deleted)", who.name))
+        .await;
     state.store.delete_instance(i.id).await?;
     forget_console(&state, i.id, &console_hosts).await;
     state
