@@ -144,7 +144,19 @@ async fn a_bandwidth_change_during_the_copy_is_followed() {
     // What the agent does on `ferry migration set`: migrate-set-parameters on the source.
     let qmp = vm.qemu.qmp().clone();
     let raise = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // 3 s into the copy by QEMU's own clock (the samples' clock): counted from when this
+        // task starts, a slow destination start would move the raise into the capped window.
+        loop {
+            let info = qmp.execute(&QueryMigrate).await?;
+            let ended = matches!(
+                info.status,
+                Some(MigrationStatus::Completed | MigrationStatus::Failed)
+            );
+            if info.total_time.unwrap_or(0) >= 3000 || ended {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         qmp.execute(&MigrateSetParameters {
             max_bandwidth: Some(64 << 20),
             ..Default::default()

@@ -93,12 +93,39 @@ pub fn udp_bind_in(ns: &str, addr: SocketAddr) -> io::Result<UdpSocket> {
 /// sender writes for `duration`. Every wait is bounded, so the call returns within about
 /// `duration` plus a few seconds even if the path is broken.
 /// `n` distinct loopback ports that were free a moment ago, for processes that must be
-/// configured with a fixed port (they bind it themselves later). All are held at once, so
-/// they differ.
+/// configured with a fixed port (they bind it themselves later, and again after a restart).
+/// All are held at once, so they differ. They are taken below the kernel's ephemeral range:
+/// a port in it can be handed to any outgoing connection the moment its daemon stops, and
+/// the daemon's restart then fails with "address in use".
 pub fn free_local_ports(n: usize) -> io::Result<Vec<u16>> {
-    let listeners = (0..n)
-        .map(|_| std::net::TcpListener::bind(("127.0.0.1", 0)))
-        .collect::<io::Result<Vec<_>>>()?;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_low.max(10_001));
+    // Start somewhere different per process and call, so parallel tests rarely meet.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+        ^ std::process::id().wrapping_mul(2_654_435_761);
+    let span = u32::from(high - low);
+    let mut listeners = Vec::with_capacity(n);
+    for i in 0..span {
+        if listeners.len() == n {
+            break;
+        }
+        let port = low + ((seed.wrapping_add(i.wrapping_mul(7919))) % span) as u16;
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            listeners.push(l);
+        }
+    }
+    if listeners.len() < n {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrNotAvailable,
+            format!("no {n} free loopback ports between {low} and {high}"),
+        ));
+    }
     listeners
         .iter()
         .map(|l| l.local_addr().map(|a| a.port()))
@@ -186,6 +213,29 @@ fn accept_within(listener: &TcpListener, timeout: Duration) -> io::Result<TcpStr
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn free_ports_differ_and_stay_out_of_the_ephemeral_range() {
+        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let ports = free_local_ports(5).unwrap();
+        let mut unique = ports.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), 5, "{ports:?}");
+        assert!(ports.iter().all(|p| (10_000..low).contains(p)), "{ports:?}");
+        // Free again once returned: a daemon can bind it, and bind it again after a restart.
+        for p in ports {
+            drop(std::net::TcpListener::bind(("127.0.0.1", p)).unwrap());
+            std::net::TcpListener::bind(("127.0.0.1", p)).unwrap();
+        }
+    }
+
     use super::*;
 
     #[test]
