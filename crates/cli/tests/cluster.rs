@@ -32,6 +32,22 @@ fn describe(out: &Output) -> String {
 struct LabGuard {
     name: String,
     config: PathBuf,
+    /// Holds the CLI's config file; removed after `lab down`.
+    _tmp: tempfile::TempDir,
+}
+
+impl LabGuard {
+    /// A lab named `PREFIX<pid>` with an empty CLI config of its own, taken down on drop.
+    fn new(prefix: &str) -> LabGuard {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = tmp.path().join("cli.toml");
+        std::fs::write(&config, "").unwrap();
+        LabGuard {
+            name: format!("{prefix}{}", std::process::id()),
+            config,
+            _tmp: tmp,
+        }
+    }
 }
 
 impl Drop for LabGuard {
@@ -68,15 +84,9 @@ fn processes_of(dir: &str) -> String {
 
 #[test]
 fn lab_cluster_migrates_through_the_cli_and_cleans_up() {
-    let name = format!("c{}", std::process::id());
+    let guard = LabGuard::new("c");
+    let (name, config) = (guard.name.clone(), guard.config.clone());
     let dir = format!("/var/tmp/ferry-lab/{name}");
-    let tmp = tempfile::tempdir().unwrap();
-    let config = tmp.path().join("cli.toml");
-    std::fs::write(&config, "").unwrap();
-    let guard = LabGuard {
-        name: name.clone(),
-        config: config.clone(),
-    };
 
     let up = ferry(&config)
         .args(["lab", "up", "--name", &name, "--hosts", "2"])
@@ -247,14 +257,8 @@ fn json_of(out: &Output) -> serde_json::Value {
 
 #[test]
 fn lab_up_without_an_instance_suggests_making_one_not_migrating_it() {
-    let name = format!("n{}", std::process::id());
-    let tmp = tempfile::tempdir().unwrap();
-    let config = tmp.path().join("cli.toml");
-    std::fs::write(&config, "").unwrap();
-    let guard = LabGuard {
-        name: name.clone(),
-        config: config.clone(),
-    };
+    let guard = LabGuard::new("n");
+    let (name, config) = (guard.name.clone(), guard.config.clone());
     let (up, run) = lab_up(&name, &config, &["--no-instance"]);
     let said = text(&up.stderr);
     assert!(!said.contains("vm1 running"), "{said}");
@@ -287,15 +291,9 @@ fn storage_verdict(candidate: &serde_json::Value) -> (String, String, Vec<String
 
 #[test]
 fn the_lab_image_store_is_shared_by_its_identity_file_so_nothing_warns() {
-    let name = format!("i{}", std::process::id());
+    let guard = LabGuard::new("i");
+    let (name, config) = (guard.name.clone(), guard.config.clone());
     let dir = format!("/var/tmp/ferry-lab/{name}");
-    let tmp = tempfile::tempdir().unwrap();
-    let config = tmp.path().join("cli.toml");
-    std::fs::write(&config, "").unwrap();
-    let guard = LabGuard {
-        name: name.clone(),
-        config: config.clone(),
-    };
     let (_, run) = lab_up(&name, &config, &[]);
 
     // Every lab host has the image store, and it carries its identity in a file, not in
@@ -375,14 +373,8 @@ async fn the_demo_clusters_image_store_passes_the_storage_check_without_a_warnin
 
 #[test]
 fn watch_without_a_terminal_prints_one_line_per_event() {
-    let name = format!("w{}", std::process::id());
-    let tmp = tempfile::tempdir().unwrap();
-    let config = tmp.path().join("cli.toml");
-    std::fs::write(&config, "").unwrap();
-    let guard = LabGuard {
-        name: name.clone(),
-        config: config.clone(),
-    };
+    let guard = LabGuard::new("w");
+    let (name, config) = (guard.name.clone(), guard.config.clone());
     let (_, run) = lab_up(&name, &config, &[]);
     // Output captured: neither stdout nor stderr is a terminal.
     let out = run(&["migrate", "vm1", "--to", "hv2", "--watch"]);
@@ -414,14 +406,8 @@ fn watch_without_a_terminal_prints_one_line_per_event() {
 
 #[test]
 fn migration_show_has_the_settings_qemu_ran_with() {
-    let name = format!("q{}", std::process::id());
-    let tmp = tempfile::tempdir().unwrap();
-    let config = tmp.path().join("cli.toml");
-    std::fs::write(&config, "").unwrap();
-    let guard = LabGuard {
-        name: name.clone(),
-        config: config.clone(),
-    };
+    let guard = LabGuard::new("q");
+    let (name, config) = (guard.name.clone(), guard.config.clone());
     let (_, run) = lab_up(&name, &config, &[]);
 
     // Manual: exactly the options given, as QEMU reports them back.
@@ -495,15 +481,9 @@ fn heartbeats(text: &str) -> Vec<u64> {
 
 #[test]
 fn the_console_joins_every_hosts_output_across_migrations() {
-    let name = format!("s{}", std::process::id());
+    let guard = LabGuard::new("s");
+    let (name, config) = (guard.name.clone(), guard.config.clone());
     let dir = format!("/var/tmp/ferry-lab/{name}");
-    let tmp = tempfile::tempdir().unwrap();
-    let config = tmp.path().join("cli.toml");
-    std::fs::write(&config, "").unwrap();
-    let guard = LabGuard {
-        name: name.clone(),
-        config: config.clone(),
-    };
     let (_, run) = lab_up(&name, &config, &[]);
     let console = |args: &[&str]| {
         let mut all = vec!["instance", "console", "vm1", "--bytes", "16777216"];
