@@ -9,9 +9,9 @@ use axum::routing::{get, post, put};
 use axum::{middleware, Json, Router};
 use ferry_api::agent::{
     AgentInstance, ChecksumImage, ChecksumStatus, CleanedUp, CleanupCopies, CopyReceiving,
-    CopyStatus, DefineInstance, DirtyRate, ImageMeasure, IncomingReady, MeasureImage, PrepareDisk,
-    PrepareIncoming, PreparedDisk, ReceiveCopy, ReconnectSource, RemovedIncoming, SendCopy,
-    SetSourceParams, SourceStatus, StartSource,
+    CopyStatus, DefineInstance, DirtyRate, ImageMeasure, IncomingReady, LaunchIncoming,
+    MeasureImage, PrepareDisk, PrepareIncoming, PreparedDisk, ReceiveCopy, ReconnectSource,
+    RemovedIncoming, SendCopy, SetSourceParams, SourceStatus, StartSource,
 };
 use ferry_api::checks::{CpuModelFeatures, ProbeConnect, ProbeListening, ProbeResult};
 use ferry_api::hosts::HostFacts;
@@ -49,6 +49,10 @@ pub(crate) fn router(agent: Arc<Agent>) -> Router {
         .route(
             "/v1/migrations/{mid}/incoming",
             post(prepare_incoming).delete(remove_incoming),
+        )
+        .route(
+            "/v1/migrations/{mid}/incoming/launch",
+            post(launch_incoming),
         )
         .route("/v1/migrations/{mid}/confirm", post(confirm))
         .route("/v1/migrations/{mid}/start", post(start_incoming))
@@ -122,7 +126,9 @@ async fn define_instance(
     req: Result<Json<DefineInstance>, JsonRejection>,
 ) -> ApiResult<AgentInstance> {
     let id = uuid(&id)?;
-    Ok(Json(agent.define(id, body(req)?).await?))
+    let req = body(req)?;
+    checks::warm_cpu_models(&agent, vec![req.spec.cpu_model.clone()]);
+    Ok(Json(agent.define(id, req).await?))
 }
 
 async fn start_instance(
@@ -219,7 +225,20 @@ async fn prepare_incoming(
     req: Result<Json<PrepareIncoming>, JsonRejection>,
 ) -> ApiResult<IncomingReady> {
     let mid = uuid(&mid)?;
-    Ok(Json(agent.prepare_incoming(mid, body(req)?).await?))
+    let req = body(req)?;
+    // The guest's next migration starts from here: its checks expand this model.
+    checks::warm_cpu_models(&agent, vec![req.spec.cpu_model.clone()]);
+    Ok(Json(agent.prepare_incoming(mid, req).await?))
+}
+
+async fn launch_incoming(
+    State(agent): State<Arc<Agent>>,
+    Path(mid): Path<String>,
+    req: Result<Json<LaunchIncoming>, JsonRejection>,
+) -> ApiResult<serde_json::Value> {
+    let mid = uuid(&mid)?;
+    agent.launch_incoming(mid, body(req)?).await?;
+    Ok(Json(serde_json::json!({})))
 }
 
 /// `?keep_images=true` on removing a destination.

@@ -551,6 +551,20 @@ pub(crate) async fn cpu_model_features(
     })
 }
 
+/// Expands `models` in the background, so that the first migration's checks find them
+/// known (an expansion runs a short-lived QEMU: about a tenth of a second, which a
+/// migration's start would otherwise wait for). Failures only mean a later check expands.
+pub(crate) fn warm_cpu_models(agent: &Arc<Agent>, models: Vec<String>) {
+    let warm = agent.clone();
+    agent.track(tokio::spawn(async move {
+        for model in models {
+            if let Err(e) = cpu_model_features(&warm, &model).await {
+                debug!(model, error = %e, "CPU model not expanded ahead");
+            }
+        }
+    }));
+}
+
 /// Runs a short-lived `-machine none` QEMU and asks it for the static expansion of `model`.
 async fn expand_static(agent: &Agent, model: &str) -> Result<Vec<String>, AgentError> {
     let run = agent.config.state_dir.join("run");

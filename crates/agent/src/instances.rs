@@ -16,7 +16,7 @@ use ferry_api::instances::{
 };
 use ferry_qemu::{
     BackingImage, BootSource, DiskSpec, Firmware, LaunchOptions, MacAddr, NicSpec, QemuProcess,
-    StartMode,
+    Shutdown, StartMode,
 };
 use ferry_qmp::commands::{QueryStatus, RunState};
 use serde::{Deserialize, Serialize};
@@ -133,6 +133,24 @@ impl Agent {
             return Err(AgentError::InstanceNotFound(*id));
         }
         Ok(slot)
+    }
+
+    /// The CPU models of the instances defined here (those whose slot is free right now).
+    pub(crate) fn cpu_models_in_use(&self) -> Vec<String> {
+        let slots: Vec<_> = self
+            .instances
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut models: Vec<String> = slots
+            .iter()
+            .filter_map(|s| s.try_lock().ok().map(|s| s.record.spec.cpu_model.clone()))
+            .collect();
+        models.sort();
+        models.dedup();
+        models
     }
 
     /// Inserts a new slot; the caller holds its lock.
@@ -318,21 +336,24 @@ impl Agent {
     }
 
     /// Stops the slot's QEMU (gracefully: `quit`, then kill after 10 s; or at once) and
-    /// removes its taps. True when QEMU quit cleanly, its images closed and flushed.
-    pub(crate) async fn teardown(&self, slot: &mut Slot, graceful: bool) -> bool {
+    /// removes its taps. `None` when there was no QEMU; otherwise how it ended (only a
+    /// clean quit leaves its images closed and flushed).
+    pub(crate) async fn teardown(&self, slot: &mut Slot, graceful: bool) -> Option<Shutdown> {
         slot.crashed = false;
-        let mut clean = false;
+        let mut outcome = None;
         if let Some(mut process) = slot.process.take() {
-            if graceful {
-                clean = process.shutdown(STOP_TIMEOUT).await;
+            let ended = if graceful {
+                process.shutdown(STOP_TIMEOUT).await
             } else {
                 process.kill();
                 let _ = process.wait_exit(Duration::from_secs(5)).await;
-            }
-            info!(instance = %slot.record.id, graceful, clean, "QEMU stopped");
+                Shutdown::Killed(Duration::ZERO)
+            };
+            info!(instance = %slot.record.id, graceful, outcome = %ended, "QEMU stopped");
+            outcome = Some(ended);
         }
         self.remove_taps(&slot.record).await;
-        clean
+        outcome
     }
 
     /// Notices a QEMU that exited by itself: frees its run directory and taps.

@@ -221,6 +221,8 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         copies: disk_copy::Copies::default(),
     });
     agent.readopt_instances().await;
+    let models = agent.cpu_models_in_use();
+    checks::warm_cpu_models(&agent, models);
     agent.load_copies().await;
     agent.load_migrations().await;
     agent.prune_migration_records();

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_api::agent::{
-    AgentInstance, DirtyRate, IncomingReady, PrepareIncoming, ReconnectSource, RemovedIncoming,
-    SetSourceParams, SourceState, SourceStatus, StartSource,
+    AgentInstance, DirtyRate, IncomingDisk, IncomingReady, LaunchIncoming, PrepareIncoming,
+    ReconnectSource, RemovedIncoming, SetSourceParams, SourceState, SourceStatus, StartSource,
 };
 use ferry_api::ErrorBody;
 use ferry_migrate::{
@@ -40,6 +40,18 @@ const CANCEL_WAIT: Duration = Duration::from_secs(35);
 
 /// A destination's migration entry, its instance's locked slot, and the incoming QEMU's
 /// monitor while the guest has not been started there.
+/// An instance's slot, locked.
+type SlotGuard = tokio::sync::OwnedMutexGuard<crate::instances::Slot>;
+
+/// `migration-exists`: `mid` is known here for another purpose or in another state.
+fn migration_exists(mid: Uuid, state: SourceState) -> AgentError {
+    AgentError::conflict(
+        "migration-exists",
+        format!("migration {mid} is already known here (state {state:?})"),
+        "use a new migration id",
+    )
+}
+
 type IncomingSlot = (
     Arc<MigrationEntry>,
     tokio::sync::OwnedMutexGuard<crate::instances::Slot>,
@@ -360,6 +372,18 @@ impl Agent {
         }
     }
 
+    /// Drops the record of `mid` (memory and file), as if it never came.
+    fn forget_migration(&self, mid: &Uuid) {
+        let removed = self
+            .migrations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(mid);
+        if let Some(e) = removed {
+            let _ = std::fs::remove_file(&e.path);
+        }
+    }
+
     fn new_migration(&self, record: MigrationRecord) -> Arc<MigrationEntry> {
         self.prune_migration_records();
         let entry = MigrationEntry::new(self.migration_path(&record.id), record.clone());
@@ -460,8 +484,51 @@ impl Agent {
         }
     }
 
+    /// `POST /v1/migrations/{mid}/incoming/launch`: define the instance here and start QEMU
+    /// in incoming mode, not listening yet. The server does this while the source measures
+    /// the guest's dirty rate, which the parameters [`Self::prepare_incoming`] then listens
+    /// with depend on: the migration starts that much sooner. Memory-only migrations (a
+    /// block migration's images are made with its parameters). Idempotent.
+    pub(crate) async fn launch_incoming(
+        &self,
+        mid: Uuid,
+        req: LaunchIncoming,
+    ) -> Result<(), AgentError> {
+        async {
+            if let Some(entry) = self.migration(&mid) {
+                let r = entry.record();
+                return match (r.role, r.state) {
+                    (Role::Destination, SourceState::Running) => Ok(()),
+                    _ => Err(migration_exists(mid, r.state)),
+                };
+            }
+            let (mut slot, entry, previous) = self.define_incoming(mid, req, &[]).await?;
+            let launched = async {
+                self.translate(&slot.record)?;
+                self.launch(&mut slot, StartMode::Incoming).await
+            }
+            .await;
+            match launched {
+                Ok(()) => {
+                    info!(instance = %slot.record.id, "incoming QEMU launched; waiting for the plan");
+                    Ok(())
+                }
+                Err(e) => {
+                    let e = self.undo_incoming(&mut slot, &entry, previous, e).await;
+                    // Launching ahead is only a head start: `/incoming` then does it all
+                    // again and reports what fails as the migration's error.
+                    self.forget_migration(&mid);
+                    Err(e)
+                }
+            }
+        }
+        .instrument(span(&mid))
+        .await
+    }
+
     /// `POST /v1/migrations/{mid}/incoming`: define the instance here, start QEMU in incoming
-    /// mode with its taps, and listen on a free port of this host's range.
+    /// mode with its taps (unless [`Self::launch_incoming`] did), and listen on a free port
+    /// of this host's range with the plan's parameters. Idempotent.
     pub(crate) async fn prepare_incoming(
         &self,
         mid: Uuid,
@@ -476,128 +543,184 @@ impl Agent {
                         addr,
                         disks: r.disks,
                     }),
-                    _ => Err(AgentError::conflict(
-                        "migration-exists",
-                        format!(
-                            "migration {mid} is already known here (state {:?})",
-                            r.state
-                        ),
-                        "use a new migration id",
-                    )),
+                    (Role::Destination, SourceState::Running, None) if req.disks.is_empty() => {
+                        self.listen_launched(mid, &entry, &req.params).await
+                    }
+                    _ => Err(migration_exists(mid, r.state)),
                 };
             }
-            let id = req.instance_id;
-            let record = InstanceRecord {
-                id,
+            let define = LaunchIncoming {
+                instance_id: req.instance_id,
                 name: req.name,
                 spec: req.spec,
-                incoming: Some(mid),
             };
-            // With images still to make, the spec is checked once they exist.
-            if req.disks.is_empty() {
-                self.translate(&record)?;
-            }
-            self.check_name_free(&id, &record.name)?;
-            self.check_incoming_images(&req.disks).await?;
-            let (mut slot, previous) = match self.lock_slot(&id).await {
-                Ok(mut slot) => {
-                    if self.run_state(&mut slot).await.is_some() || slot.process.is_some() {
-                        return Err(AgentError::conflict(
-                            "guest-running-here",
-                            format!("instance {id} already has a QEMU process on this host"),
-                            "a guest cannot migrate to the host it runs on",
-                        ));
-                    }
-                    let previous = std::mem::replace(&mut slot.record, record);
-                    (slot, Some(previous))
-                }
-                Err(_) => (self.insert_slot(record), None),
-            };
-            let entry = self.new_migration(MigrationRecord {
-                id: mid,
-                role: Role::Destination,
-                instance_id: id,
-                state: SourceState::Running,
-                outcome: None,
-                error: None,
-                last_seq: 0,
-                destination: None,
-                listen_addr: None,
-                finished: false,
-                start_sent: false,
-                postcopy_permitted: false,
-                params: None,
-                created_images: Vec::new(),
-                disks: Vec::new(),
-            });
+            let (mut slot, entry, previous) = self.define_incoming(mid, define, &req.disks).await?;
             let prepared = async {
-                self.save_record(&slot.record)?;
                 let reused = self.create_incoming_images(&entry, &req.disks).await?;
                 self.translate(&slot.record)?;
                 self.launch(&mut slot, StartMode::Incoming).await?;
-                let qmp = slot
-                    .qmp()
-                    .ok_or_else(|| AgentError::Internal("incoming QEMU vanished".into()))?;
-                let mut params = req.params.clone();
-                params.port_range = self.port_range;
-                let addr = destination::listen(
-                    &qmp,
-                    &params,
-                    self.config.migration_addr,
-                    !req.disks.is_empty(),
-                )
-                .await?;
-                let exports: Vec<(String, String, bool)> = req
-                    .disks
-                    .iter()
-                    .map(|d| (d.disk.clone(), export_name(), d.backing.is_some()))
-                    .collect();
-                let mut disks =
-                    destination::export_disks(&qmp, &params, self.config.migration_addr, &exports)
-                        .await?;
-                for t in &mut disks {
-                    t.resume = reused.contains(&t.disk);
-                }
-                if params.postcopy && disks.is_empty() {
-                    self.track(destination::start_on_postcopy(qmp));
-                }
-                Ok::<_, AgentError>((addr, disks))
+                self.listen_incoming(&slot, &entry, &req.params, &req.disks, &reused)
+                    .await
             }
             .await;
             match prepared {
-                Ok((addr, disks)) => {
-                    entry.update(|r| {
-                        r.listen_addr = Some(addr.to_string());
-                        r.disks = disks.clone();
-                    });
-                    info!(instance = %id, %addr, disks = disks.len(), "destination listening");
-                    Ok(IncomingReady {
-                        addr: addr.to_string(),
-                        disks,
-                    })
-                }
-                Err(e) => {
-                    warn!(error = %e, "destination preparation failed; removing it");
-                    self.teardown(&mut slot, false).await;
-                    self.remove_incoming_images(&entry);
-                    match previous {
-                        Some(previous) => {
-                            slot.record = previous;
-                            let _ = self.save_record(&slot.record);
-                        }
-                        None => self.forget_instance(&mut slot),
-                    }
-                    let body = e.body();
-                    entry.update(|r| {
-                        r.state = SourceState::Failed;
-                        r.error = Some(body);
-                    });
-                    Err(e)
-                }
+                Ok(ready) => Ok(ready),
+                Err(e) => Err(self.undo_incoming(&mut slot, &entry, previous, e).await),
             }
         }
         .instrument(span(&mid))
         .await
+    }
+
+    /// Listens with `params` on the QEMU that [`Self::launch_incoming`] started for `mid`.
+    async fn listen_launched(
+        &self,
+        mid: Uuid,
+        entry: &Arc<MigrationEntry>,
+        params: &MigrationParams,
+    ) -> Result<IncomingReady, AgentError> {
+        let mut slot = match self.lock_slot(&entry.record().instance_id).await {
+            Ok(slot) if slot.record.incoming == Some(mid) => slot,
+            _ => {
+                return Err(MigrateError::DestinationNotRunning(
+                    "the incoming QEMU launched ahead is gone".into(),
+                )
+                .into())
+            }
+        };
+        self.reap(&mut slot).await;
+        match self
+            .listen_incoming(&slot, entry, params, &[], &Vec::new())
+            .await
+        {
+            Ok(ready) => Ok(ready),
+            Err(e) => Err(self.undo_incoming(&mut slot, entry, None, e).await),
+        }
+    }
+
+    /// Checks and defines the instance of an incoming migration here and records the
+    /// destination's entry; the caller starts QEMU. Returns the slot's earlier record, which
+    /// an undo puts back.
+    async fn define_incoming(
+        &self,
+        mid: Uuid,
+        req: LaunchIncoming,
+        disks: &[IncomingDisk],
+    ) -> Result<(SlotGuard, Arc<MigrationEntry>, Option<InstanceRecord>), AgentError> {
+        let id = req.instance_id;
+        let record = InstanceRecord {
+            id,
+            name: req.name,
+            spec: req.spec,
+            incoming: Some(mid),
+        };
+        // With images still to make, the spec is checked once they exist.
+        if disks.is_empty() {
+            self.translate(&record)?;
+        }
+        self.check_name_free(&id, &record.name)?;
+        self.check_incoming_images(disks).await?;
+        let (slot, previous) = match self.lock_slot(&id).await {
+            Ok(mut slot) => {
+                if self.run_state(&mut slot).await.is_some() || slot.process.is_some() {
+                    return Err(AgentError::conflict(
+                        "guest-running-here",
+                        format!("instance {id} already has a QEMU process on this host"),
+                        "a guest cannot migrate to the host it runs on",
+                    ));
+                }
+                let previous = std::mem::replace(&mut slot.record, record);
+                (slot, Some(previous))
+            }
+            Err(_) => (self.insert_slot(record), None),
+        };
+        let entry = self.new_migration(MigrationRecord {
+            id: mid,
+            role: Role::Destination,
+            instance_id: id,
+            state: SourceState::Running,
+            outcome: None,
+            error: None,
+            last_seq: 0,
+            destination: None,
+            listen_addr: None,
+            finished: false,
+            start_sent: false,
+            postcopy_permitted: false,
+            params: None,
+            created_images: Vec::new(),
+            disks: Vec::new(),
+        });
+        self.save_record(&slot.record)?;
+        Ok((slot, entry, previous))
+    }
+
+    /// Makes the incoming QEMU listen with `params` and exports the block migration's
+    /// images; records where.
+    async fn listen_incoming(
+        &self,
+        slot: &SlotGuard,
+        entry: &Arc<MigrationEntry>,
+        params: &MigrationParams,
+        disks: &[IncomingDisk],
+        reused: &[String],
+    ) -> Result<IncomingReady, AgentError> {
+        let qmp = slot.qmp().ok_or_else(|| {
+            MigrateError::DestinationNotRunning("the incoming QEMU is gone".into())
+        })?;
+        let mut params = params.clone();
+        params.port_range = self.port_range;
+        let addr =
+            destination::listen(&qmp, &params, self.config.migration_addr, !disks.is_empty())
+                .await?;
+        let exports: Vec<(String, String, bool)> = disks
+            .iter()
+            .map(|d| (d.disk.clone(), export_name(), d.backing.is_some()))
+            .collect();
+        let mut targets =
+            destination::export_disks(&qmp, &params, self.config.migration_addr, &exports).await?;
+        for t in &mut targets {
+            t.resume = reused.contains(&t.disk);
+        }
+        if params.postcopy && targets.is_empty() {
+            self.track(destination::start_on_postcopy(qmp));
+        }
+        entry.update(|r| {
+            r.listen_addr = Some(addr.to_string());
+            r.disks = targets.clone();
+        });
+        info!(instance = %slot.record.id, %addr, disks = targets.len(), "destination listening");
+        Ok(IncomingReady {
+            addr: addr.to_string(),
+            disks: targets,
+        })
+    }
+
+    /// Undoes a destination that could not be prepared: QEMU, taps and images go, the
+    /// slot's earlier record comes back, and the entry records the failure. Returns `e`.
+    async fn undo_incoming(
+        &self,
+        slot: &mut SlotGuard,
+        entry: &Arc<MigrationEntry>,
+        previous: Option<InstanceRecord>,
+        e: AgentError,
+    ) -> AgentError {
+        warn!(error = %e, "destination preparation failed; removing it");
+        self.teardown(slot, false).await;
+        self.remove_incoming_images(entry);
+        match previous {
+            Some(previous) => {
+                slot.record = previous;
+                let _ = self.save_record(&slot.record);
+            }
+            None => self.forget_instance(slot),
+        }
+        let body = e.body();
+        entry.update(|r| {
+            r.state = SourceState::Failed;
+            r.error = Some(body);
+        });
+        e
     }
 
     /// `DELETE /v1/migrations/{mid}/incoming`: remove the incoming QEMU, its taps and the
@@ -634,28 +757,45 @@ impl Agent {
                 _ => {
                     // Removed earlier (kept or not), or its QEMU is gone: nothing says the
                     // images hold what was written to them.
+                    let had_images = !entry.record().created_images.is_empty();
                     self.remove_incoming_images(&entry);
                     entry.update(cancelled);
-                    return Ok(RemovedIncoming::default());
+                    return Ok(RemovedIncoming {
+                        kept_images: false,
+                        not_kept: (keep_images && had_images)
+                            .then(|| "the incoming QEMU was already gone".to_string()),
+                    });
                 }
             };
             if self.run_state(&mut slot).await == Some(RunState::Running) {
                 return Err(running_here);
             }
             let keep = keep_images && !entry.record().created_images.is_empty();
-            let clean = self.teardown(&mut slot, keep).await;
+            let ended = self.teardown(&mut slot, keep).await;
             self.forget_instance(&mut slot);
-            let kept_images = keep && clean;
+            let not_kept = match &ended {
+                _ if !keep => None,
+                Some(e) if e.is_clean() => None,
+                Some(e) => Some(e.to_string()),
+                None => Some("the incoming QEMU was already gone".to_string()),
+            };
+            let kept_images = keep && not_kept.is_none();
             if kept_images {
                 let images = entry.record().created_images;
                 info!(?images, "images kept for a retry to resume from");
                 entry.update(|r| r.created_images.clear());
             } else {
+                if let Some(why) = &not_kept {
+                    warn!(why, "images not kept: nothing says they hold every write");
+                }
                 self.remove_incoming_images(&entry);
             }
             entry.update(cancelled);
             info!(instance = %r.instance_id, "incoming destination removed");
-            Ok(RemovedIncoming { kept_images })
+            Ok(RemovedIncoming {
+                kept_images,
+                not_kept,
+            })
         }
         .instrument(span(&mid))
         .await

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ferry_api::agent::{
-    AgentInstance, DefineInstance, IncomingReady, PrepareIncoming, SourceState, SourceStatus,
-    StartSource,
+    AgentInstance, DefineInstance, IncomingReady, LaunchIncoming, PrepareIncoming, SourceState,
+    SourceStatus, StartSource,
 };
 use ferry_api::hosts::HostFacts;
 use ferry_api::instances::{BootSpec, InstanceSpec, InstanceState, NicSpec};
@@ -376,6 +376,60 @@ async fn live_migration_through_two_agents_survives_agent_restarts() {
         bandwidth: Bandwidth::Limited(4 << 20),
         ..MigrationParams::default()
     };
+    // Started ahead, as the server does while the source measures the dirty rate: QEMU
+    // waits in incoming mode, then listens with the parameters. A launch that fails leaves
+    // nothing behind, so the preparation reports the same error and not a known migration.
+    let launch_path = format!("/v1/migrations/{mid2}/incoming/launch");
+    let broken = LaunchIncoming {
+        instance_id: id,
+        name: name.clone(),
+        spec: InstanceSpec {
+            boot: BootSpec {
+                kernel: Some("/nonexistent/vmlinuz".into()),
+                ..spec.boot.clone()
+            },
+            ..spec.clone()
+        },
+    };
+    let e = c1
+        .post::<_, serde_json::Value>(&launch_path, &broken)
+        .await
+        .unwrap_err();
+    let failed_launch = status_of(&e);
+    assert!(
+        instances(&c1).await.is_empty(),
+        "nothing left: {failed_launch:?}"
+    );
+    let e = c1
+        .post::<_, IncomingReady>(
+            &format!("/v1/migrations/{mid2}/incoming"),
+            &PrepareIncoming {
+                instance_id: id,
+                name: name.clone(),
+                spec: broken.spec.clone(),
+                params: slow.clone(),
+                disks: Vec::new(),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status_of(&e), failed_launch);
+    let mid2 = Uuid::new_v4();
+    let launch_path = format!("/v1/migrations/{mid2}/incoming/launch");
+    let launch = LaunchIncoming {
+        instance_id: id,
+        name: name.clone(),
+        spec: spec.clone(),
+    };
+    let _: serde_json::Value = c1.post(&launch_path, &launch).await.expect("launch");
+    let _: serde_json::Value = c1
+        .post(&launch_path, &launch)
+        .await
+        .expect("launch is idempotent");
+    let launched = instances(&c1).await;
+    assert_eq!(launched.len(), 1);
+    assert_eq!(launched[0].incoming, Some(mid2));
+    assert_eq!(launched[0].qemu_state.as_deref(), Some("inmigrate"));
     let ready: IncomingReady = c1
         .post(
             &format!("/v1/migrations/{mid2}/incoming"),
@@ -389,6 +443,11 @@ async fn live_migration_through_two_agents_survives_agent_restarts() {
         )
         .await
         .expect("incoming on hv1");
+    assert_eq!(
+        instances(&c1).await[0].pid,
+        launched[0].pid,
+        "the QEMU launched ahead"
+    );
     let _: SourceStatus = c2
         .post(
             &format!("/v1/migrations/{mid2}/source"),

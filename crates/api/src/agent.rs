@@ -151,6 +151,16 @@ pub struct PrepareIncoming {
     pub disks: Vec<IncomingDisk>,
 }
 
+/// `POST /v1/migrations/{mid}/incoming/launch`: start the instance's QEMU in incoming mode
+/// here before the plan exists (while the source measures); `/incoming` then only listens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LaunchIncoming {
+    pub instance_id: Uuid,
+    pub name: String,
+    /// The spec as it will be here.
+    pub spec: InstanceSpec,
+}
+
 /// One image a block migration creates on the destination.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IncomingDisk {
@@ -175,11 +185,15 @@ pub struct IncomingDisk {
 
 /// `DELETE /v1/migrations/{mid}/incoming[?keep_images=true]`: what became of the images a
 /// block migration made there.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RemovedIncoming {
     /// The images stay for a retry: asked for, and the incoming QEMU quit cleanly (its
     /// writes are in the files). Otherwise they were removed.
     pub kept_images: bool,
+    /// Why images that were asked to stay were removed instead, for the job's log: a retry
+    /// then copies the whole disks again, and the operator should know why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_kept: Option<String>,
 }
 
 /// Where the destination listens.

@@ -8,9 +8,11 @@ pub mod agent;
 pub mod checks;
 mod client;
 mod error;
+pub mod follow;
 pub mod hosts;
 pub mod instances;
 pub mod migrations;
+pub mod tokens;
 
 pub use client::ApiClient;
 pub use error::{ApiError, ErrorBody};

@@ -54,18 +54,19 @@ impl MigrationState {
         }
     }
 
+    /// Every state, in the order a job goes through them: for filters that offer each.
+    pub const ALL: [MigrationState; 7] = [
+        MigrationState::Pending,
+        MigrationState::Preparing,
+        MigrationState::Migrating,
+        MigrationState::Completing,
+        MigrationState::Completed,
+        MigrationState::Failed,
+        MigrationState::Cancelled,
+    ];
+
     pub fn parse(s: &str) -> Option<MigrationState> {
-        [
-            MigrationState::Pending,
-            MigrationState::Preparing,
-            MigrationState::Migrating,
-            MigrationState::Completing,
-            MigrationState::Completed,
-            MigrationState::Failed,
-            MigrationState::Cancelled,
-        ]
-        .into_iter()
-        .find(|m| m.as_str() == s)
+        Self::ALL.into_iter().find(|m| m.as_str() == s)
     }
 }
 
@@ -356,6 +357,28 @@ pub struct DiskCopy {
     /// image lacks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bitmap: Option<String>,
+}
+
+/// `POST /v1/migrations/preview`: what a `POST /v1/migrations` with the same body would do,
+/// without doing it: the destination it would take, that host's checks, and the auto
+/// policy's plan with its prediction. Shown before Start so nobody starts blind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MigrationPreview {
+    pub instance: String,
+    pub kind: MigrationKind,
+    pub source: String,
+    /// The destination given, or the best fit host ("auto").
+    pub destination: String,
+    /// The destination's pre-flight checks.
+    pub candidate: crate::checks::Candidate,
+    /// The plan (strategy, prediction, reasons); absent for a cold job and under the manual
+    /// policy, where nothing is planned.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub plan: Option<MigrationPlan>,
+    /// What the preview could not measure or why there is no plan, one sentence each.
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 /// The auto policy's plan and the engine parameters both halves run with.

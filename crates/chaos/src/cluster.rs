@@ -28,6 +28,27 @@ use crate::error::ChaosError;
 /// How long hosts may take to join and report online.
 const ONLINE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Waits until at least `n` hosts report online, polling the server every 200 ms: how every
+/// lab cluster (daemons or in one process) knows it is ready.
+pub async fn wait_hosts_online(
+    api: &ApiClient,
+    n: usize,
+    timeout: Duration,
+) -> Result<(), ChaosError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(list) = api.get::<Vec<Host>>("/v1/hosts").await {
+            if list.iter().filter(|h| h.state == HostState::Online).count() >= n {
+                return Ok(());
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(ChaosError::Timeout(format!("{n} hosts online")));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Which daemon a fault hits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Daemon {
@@ -162,21 +183,14 @@ impl ChaosLab {
 
     /// Waits until both hosts report online.
     pub async fn wait_online(&self) -> Result<(), ChaosError> {
-        let deadline = Instant::now() + ONLINE_TIMEOUT;
-        loop {
-            if let Ok(list) = self.api.get::<Vec<Host>>("/v1/hosts").await {
-                if list.iter().filter(|h| h.state == HostState::Online).count() >= 2 {
-                    return Ok(());
-                }
-            }
-            if Instant::now() >= deadline {
-                return Err(ChaosError::Timeout(format!(
+        wait_hosts_online(&self.api, 2, ONLINE_TIMEOUT)
+            .await
+            .map_err(|_| {
+                ChaosError::Timeout(format!(
                     "both hosts online (logs in {})",
                     self.dir.display()
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+                ))
+            })
     }
 
     /// Waits until the server answers at all (after its restart).

@@ -8,18 +8,17 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
-use ferry_api::instances::{CreateInstance, DiskRequest, Instance};
-use ferry_api::migrations::{CreateMigration, Migration, MigrationOptions, MigrationState, Policy};
+use ferry_api::instances::{DiskRequest, Instance};
+use ferry_api::migrations::{Migration, MigrationOptions, MigrationState, Policy};
 use ferry_api::ErrorBody;
-use ferry_cli::commands::instance::mac_for;
+use ferry_bench::local_cluster::{HostStorage, LocalCluster};
 use ferry_cli::commands::migrate::follow;
+use ferry_cli::commands::Ctx;
 use ferry_cli::error::CliError;
-use ferry_cli::local_cluster::{HostStorage, LocalCluster};
 use ferry_lab::guest_client::{self, tcp_echo_roundtrip, EchoProbe};
 use ferry_lab::guest_config::{Fill, GuestConfig, GuestDisk, CONTROL_PORT, ECHO_PORT};
-use ferry_lab::image::{ensure_image, GuestImage};
-use ferry_lab::instance::guest_instance_spec;
-use ferry_lab::net::{tcp_connect_in, udp_bind_in, LabNet};
+use ferry_lab::image::ensure_image;
+use ferry_lab::net::{tcp_connect_in, udp_bind_in};
 use ferry_lab::serial::{heartbeat_gap, HostBeats, SerialMonitor};
 use ferry_lab::LabError;
 use ferry_qemu::AccelChoice;
@@ -398,7 +397,7 @@ async fn demo(args: &DemoArgs, report: &mut DemoReport) -> Result<(), CliError> 
     say(args, "starting ferry server and an agent per host");
     // The image's cache directory is a datastore of every host, as in `ferry lab up`: the
     // server accepts kernel and initrd paths only inside a datastore.
-    let images = ferry_cli::local_cluster::images_datastore(&cache_dir)?;
+    let images = ferry_bench::local_cluster::images_datastore(&cache_dir)?;
     let storage = match args.storage {
         Storage::Shared => HostStorage::Shared,
         Storage::Local => HostStorage::Local,
@@ -425,39 +424,12 @@ async fn demo(args: &DemoArgs, report: &mut DemoReport) -> Result<(), CliError> 
             args.rate_mib_s
         ),
     );
-    let vm = create_lab_guest(&cluster, &image, config, args.memory_mib, VM, disks).await?;
+    let vm = cluster
+        .create_lab_guest(&image, config, args.memory_mib, VM, disks)
+        .await?;
     let result = migrate_and_measure(args, &cluster, &vm, &options, report).await;
     cluster.shutdown().await;
     result
-}
-
-/// Creates and starts lab guest `name` on hv1, at the lab's first guest address.
-pub(crate) async fn create_lab_guest(
-    cluster: &LocalCluster,
-    image: &GuestImage,
-    config: GuestConfig,
-    memory_mib: u32,
-    name: &str,
-    disks: Vec<DiskRequest>,
-) -> Result<Instance, CliError> {
-    let config = GuestConfig {
-        ip: Some((cluster.net.guest_addr(0), LabNet::GUEST_PREFIX)),
-        ..config
-    };
-    let spec = guest_instance_spec(image, &config, memory_mib, &mac_for(name, 0));
-    cluster
-        .ctx
-        .post(
-            "/v1/instances",
-            &CreateInstance {
-                name: name.into(),
-                host: Some("hv1".into()),
-                spec,
-                disks,
-                start: true,
-            },
-        )
-        .await
 }
 
 /// The guest's `--disk-mib` disk on the datastore `--storage` names.
@@ -543,7 +515,7 @@ async fn migrate_and_measure(
         probes_lost: echo.lost,
     };
     let path = format!("/v1/migrations/{}/observations", m.id);
-    if let Err(e) = cluster.ctx.post::<_, Migration>(&path, &seen).await {
+    if let Err(e) = cluster.api.post::<_, Migration>(&path, &seen).await {
         say(
             args,
             &format!("the server did not keep the echo client's figures: {e}"),
@@ -603,35 +575,20 @@ async fn migrate_to_hv2(
     report: &mut DemoReport,
 ) -> Result<Migration, CliError> {
     say(args, "migrating hv1 -> hv2 through the server");
-    let m = create_migration_to_hv2(cluster, VM, options).await?;
+    let m = cluster.create_migration_to_hv2(VM, options).await?;
     report.migration_started = true;
     let bar = !args.json || std::io::stderr().is_terminal();
     if args.storage == Storage::Shared {
-        return follow(&cluster.ctx, m.id, bar).await;
+        return follow(&ctx(cluster), m.id, bar).await;
     }
-    let (m, watched) = blocks::follow_counting(cluster, m.id, bar).await?;
+    let (m, watched) = blocks::follow_counting(cluster, &ctx(cluster), m.id, bar).await?;
     blocks::record(&m, &watched, cluster, report);
     Ok(m)
 }
 
-/// Asks the server to live-migrate `instance` to hv2; the job runs on.
-pub(crate) async fn create_migration_to_hv2(
-    cluster: &LocalCluster,
-    instance: &str,
-    options: &MigrationOptions,
-) -> Result<Migration, CliError> {
-    cluster
-        .ctx
-        .post(
-            "/v1/migrations",
-            &CreateMigration {
-                instance: instance.into(),
-                destination: Some("hv2".into()),
-                options: options.clone(),
-                kind: None,
-            },
-        )
-        .await
+/// The CLI's view of the local cluster's server, for the commands' own followers.
+fn ctx(cluster: &LocalCluster) -> Ctx {
+    Ctx::with_client(cluster.api.clone())
 }
 
 /// The job's ending into the report: its figures when it completed, else its error.

@@ -60,6 +60,19 @@ impl From<ChaosError> for CliError {
     }
 }
 
+impl From<ferry_bench::BenchError> for CliError {
+    fn from(e: ferry_bench::BenchError) -> CliError {
+        use ferry_bench::BenchError;
+        match e {
+            BenchError::Api(e) => CliError::Api(e),
+            BenchError::Lab(e) => CliError::Lab(e),
+            BenchError::Chaos(e) => e.into(),
+            BenchError::Daemon(body) => CliError::Local(body),
+            e => CliError::new("lab-cluster", e.chain(), ""),
+        }
+    }
+}
+
 impl CliError {
     pub fn new(code: &str, message: impl Into<String>, hint: impl Into<String>) -> CliError {
         CliError::Local(ErrorBody::new(code, message, hint))

@@ -7,6 +7,5 @@
 pub mod commands;
 pub mod config;
 pub mod error;
-pub mod local_cluster;
 pub mod logging;
 pub mod output;

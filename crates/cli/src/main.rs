@@ -38,7 +38,7 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Compare migration policies (QEMU defaults, virsh, Nova, KubeVirt, Proxmox, Ferry auto)
     /// side by side on lab guests; prints a table, writes JSON, markdown and a plot.
-    Bench(bench::BenchArgs),
+    Bench(bench::BenchCommand),
     /// Build guest images: the lab guest's kernel and initramfs, or (--debian) a bootable
     /// Debian disk running qemu-guest-agent.
     #[command(subcommand)]

@@ -552,6 +552,9 @@ pub fn migration_detail(m: &Migration) -> String {
     if let Some(p) = &m.plan {
         pairs.push(("plan", p.plan.summary()));
     }
+    if let Some(r) = m.progress.as_ref().and_then(|p| p.revision.as_ref()) {
+        pairs.push(("prediction", revision_line(r)));
+    }
     if let Some(q) = &m.qemu_settings {
         pairs.push(("qemu", q.summary()));
     }
@@ -747,6 +750,9 @@ pub fn progress_message(p: &Progress) -> String {
         fmt_bytes(p.remaining_bytes),
         p.iteration,
     );
+    if let Some(t) = p.revision.as_ref().and_then(|r| r.total_ms) {
+        line.push_str(&format!("  total {}", fmt_ms(t)));
+    }
     if let Some(t) = p.cpu_throttle_percent.filter(|t| *t > 0) {
         line.push_str(&format!("  vCPUs throttled {t}%"));
     }
@@ -836,4 +842,20 @@ pub fn console(c: &ferry_api::instances::InstanceConsole) -> String {
         out.push_str("(no console output: the instance has not run yet)\n");
     }
     out.trim_end_matches('\n').to_string()
+}
+
+/// The controller's latest prediction, and what it rests on: `migration show` keeps it after
+/// the end, beside the actual figures.
+pub fn revision_line(r: &ferry_migrate::control::Revision) -> String {
+    let what = match (r.total_ms, r.pause_ms) {
+        (Some(t), Some(pause)) => format!("total {}, pause {pause} ms", fmt_ms(t)),
+        _ => "no end at these rates".into(),
+    };
+    format!(
+        "{what} (revised at round {}, {} in: QEMU sending {}, the guest dirtying {})",
+        r.round,
+        fmt_ms(r.at_ms),
+        fmt_rate(r.rate_bps),
+        fmt_rate(r.dirty_rate_bps)
+    )
 }

@@ -329,7 +329,7 @@ fn the_lab_image_store_is_shared_by_its_identity_file_so_nothing_warns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_clusters_image_store_passes_the_storage_check_without_a_warning() {
     use ferry_api::instances::{CreateInstance, Instance};
-    use ferry_cli::local_cluster::{images_datastore, LocalCluster};
+    use ferry_bench::local_cluster::{images_datastore, LocalCluster};
     use ferry_lab::image::{ensure_image, ImageOptions};
 
     ferry_lab::net::remove_orphan_test_labs();
@@ -356,8 +356,7 @@ async fn the_demo_clusters_image_store_passes_the_storage_check_without_a_warnin
         .await
         .unwrap();
     let candidates: serde_json::Value = cluster
-        .ctx
-        .client
+        .api
         .get(&format!(
             "/v1/instances/{}/migration-candidates?destination=hv2&probe=false",
             vm.id

@@ -111,6 +111,7 @@ fn progress() -> Progress {
         downtime_ms: None,
         cpu_throttle_percent: None,
         disks: Vec::new(),
+        revision: None,
     }
 }
 
@@ -307,6 +308,36 @@ fn migration_detail_of_a_failed_job_shows_error_and_hint() {
     let live = output::migration_detail(&migration(MigrationState::Migrating));
     assert!(live
         .contains("progress   precopy 42.2%  812.0 MiB/s  remaining 150.0 MiB  iter 2  ETA 1.2 s"));
+}
+
+#[test]
+fn a_revised_prediction_is_shown_live_and_after_the_end() {
+    let mut p = progress();
+    p.revision = Some(ferry_migrate::control::Revision {
+        round: 2,
+        at_ms: 1400,
+        total_ms: Some(2700),
+        pause_ms: Some(12),
+        rate_bps: 812.0 * 1024.0 * 1024.0,
+        dirty_rate_bps: 3.0 * 1024.0 * 1024.0,
+    });
+    assert_eq!(
+        output::progress_message(&p),
+        "precopy 42.2%  812.0 MiB/s  remaining 150.0 MiB  iter 2  ETA 1.2 s  total 2.7 s"
+    );
+    let mut m = migration(MigrationState::Completed);
+    m.progress = Some(p.clone());
+    let text = output::migration_detail(&m);
+    let line = text.lines().find(|l| l.starts_with("prediction "));
+    assert_eq!(
+        line.map(|l| l["prediction".len()..].trim_start()),
+        Some("total 2.7 s, pause 12 ms (revised at round 2, 1.4 s in: QEMU sending 812.0 MiB/s, the guest dirtying 3.0 MiB/s)"),
+        "{text}"
+    );
+    p.revision.as_mut().unwrap().total_ms = None;
+    assert!(
+        output::revision_line(p.revision.as_ref().unwrap()).starts_with("no end at these rates")
+    );
 }
 
 #[test]

@@ -17,12 +17,14 @@
 
 mod cmd;
 mod error;
+mod first_bytes;
 mod lab;
 mod names;
 mod sockets;
 
 pub use cmd::netns_command;
 pub use error::NetError;
+pub use first_bytes::{record_rx, RxRecording, RxTrace};
 pub use lab::{
     destroy_lab, list_labs, migration_rx_bytes, remove_orphan_test_labs, LabHostNet, LabNet,
 };

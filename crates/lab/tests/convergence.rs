@@ -101,6 +101,9 @@ async fn a_guest_writing_faster_than_the_link_converges_under_auto_within_its_bu
         budget_scale: 1.0,
         timeout_action: TimeoutAction::Abort,
         disk_bytes: 0,
+        // QEMU sent what the cap lets through before.
+        learned_rate_bps: Some(link),
+        learned_switchover_ms: None,
     };
     let base = MigrationParams {
         bandwidth: Bandwidth::Limited(16 << 20),
@@ -281,6 +284,53 @@ async fn a_broken_post_copy_stream_is_reconnected_and_the_guest_verifies() {
     result.unwrap_or_else(|e| panic!("recovered and completed: {e}"));
     assert_eq!(vm.host, "hv2");
     assert!(samples.iter().any(|p| p.phase == Phase::Postcopy));
+    assert_intact(&lab, &vm).await;
+    lab.stop_guest(vm).await;
+}
+
+/// The controller predicts again at the start of every round after the first, from what
+/// QEMU shows: the samples carry the revision from then on, and a policy without a plan
+/// announces its first prediction in the log (a decision that changes nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_round_revises_the_prediction_and_the_first_is_announced() {
+    let lab = lab().await;
+    let mut vm = lab.boot_guest("hv1", &writer_guest(8)).await.unwrap();
+    // Capped well above the writer: several rounds, each smaller than the one before.
+    let params = MigrationParams {
+        bandwidth: Bandwidth::Limited(32 << 20),
+        downtime_limit_ms: 50,
+        sample_interval: Duration::from_millis(100),
+        ..MigrationParams::default()
+    };
+    let (result, samples, decisions) = migrate(&lab, &mut vm, &params).await;
+    let out = result.unwrap_or_else(|e| panic!("converges: {e}; {decisions:?}"));
+    let rounds = out.source.iterations;
+    assert!(rounds >= 3, "several rounds: {rounds}");
+    let revised: Vec<&Progress> = samples.iter().filter(|p| p.revision.is_some()).collect();
+    let first = revised.first().expect("a revision once round 2 began");
+    let r = first.revision.as_ref().unwrap();
+    assert!(r.round >= 2 && r.round <= first.iteration, "{r:?}");
+    assert!(
+        r.total_ms.is_some(),
+        "a guest writing below the cap has an end: {r:?}"
+    );
+    assert!(
+        samples
+            .iter()
+            .filter(|p| p.phase == Phase::Precopy && p.iteration < 2)
+            .all(|p| p.revision.is_none()),
+        "none during the first pass"
+    );
+    let notices: Vec<_> = decisions
+        .iter()
+        .filter(|d| matches!(d.action, Action::Revise { .. }))
+        .collect();
+    assert!(!notices.is_empty(), "{decisions:?}");
+    assert!(
+        notices[0].reason.starts_with("prediction revised at round"),
+        "{}",
+        notices[0].reason
+    );
     assert_intact(&lab, &vm).await;
     lab.stop_guest(vm).await;
 }

@@ -528,3 +528,62 @@ async fn a_cancel_at_the_moment_of_switchover_never_leaves_two_copies() {
     assert_alive_and_intact(&lab, &vm).await;
     lab.stop_guest(vm).await;
 }
+
+/// The benchmark's ceiling migrates a paused guest: refused unless asked for, then complete,
+/// and the guest (paused throughout the copy) runs on the destination with its memory intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_guest_moves_only_when_allowed() {
+    let lab = lab().await;
+    let mut vm = lab.boot_guest("hv1", &small_guest()).await.unwrap();
+    vm.qemu.qmp().execute(&ferry_qmp::Stop {}).await.unwrap();
+    let (_a, signal) = AbortHandle::new();
+    let refused = lab
+        .migrate(
+            &mut vm,
+            "hv2",
+            &MigrationParams::default(),
+            &mut |_| {},
+            signal,
+        )
+        .await
+        .expect_err("a paused source is refused by default");
+    assert!(
+        matches!(
+            refused,
+            LabError::Migrate(MigrateError::SourceNotRunning(_))
+        ),
+        "{refused}"
+    );
+    assert_eq!(vm.host, "hv1");
+    // As after any failed migration, the guest runs on the source again: pause it anew.
+    vm.qemu.qmp().execute(&ferry_qmp::Stop {}).await.unwrap();
+    let status = vm.qemu.qmp().execute(&ferry_qmp::QueryStatus {}).await;
+    assert!(!status.unwrap().running);
+
+    let params = MigrationParams {
+        allow_paused_source: true,
+        ..MigrationParams::default()
+    };
+    let mut dirty_seen = Vec::new();
+    let mut observe = |e: &ferry_migrate::SourceEvent| {
+        if let ferry_migrate::SourceEvent::Progress(p) = e {
+            dirty_seen.push(p.dirty_rate_bps);
+        }
+    };
+    let (_a, signal) = AbortHandle::new();
+    let out = lab
+        .migrate(&mut vm, "hv2", &params, &mut observe, signal)
+        .await
+        .expect("a paused guest migrates when allowed");
+    assert_eq!(vm.host, "hv2");
+    assert!(
+        out.source.transferred_bytes > 32 << 20,
+        "its working set moved"
+    );
+    assert!(
+        dirty_seen.iter().all(|d| *d == 0.0),
+        "a paused guest dirties nothing: {dirty_seen:?}"
+    );
+    assert_alive_and_intact(&lab, &vm).await;
+    lab.stop_guest(vm).await;
+}

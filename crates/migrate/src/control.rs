@@ -5,12 +5,15 @@
 //! there, and every platform then either waits forever or aborts. The controller watches the
 //! samples the source half takes anyway and, when the remaining memory stops shrinking, takes
 //! the next step of a [`ControlPolicy`]; when the completion budget runs out it applies the
-//! [`TimeoutAction`]. It does no I/O and reads no clock (the sample carries the elapsed time),
-//! so it is tested on recorded traces and the benchmark can run other platforms' policies
-//! through the same code.
+//! [`TimeoutAction`]. At the start of every round it also predicts the rest of the migration
+//! again from what QEMU has shown ([`Controller::revise`]): the plan's prediction rests on
+//! rates measured before the stream started, the revision on the stream itself. It does no
+//! I/O and reads no clock (the sample carries the elapsed time), so it is tested on recorded
+//! traces and the benchmark can run other platforms' policies through the same code.
 
 use serde::{Deserialize, Serialize};
 
+use crate::plan::{forecast, Model, Throttle};
 use crate::progress::{Phase, Progress};
 
 /// What happens when a migration runs out of its completion budget.
@@ -75,6 +78,17 @@ pub struct EscalateConfig {
     /// window passes without the throttle rising.
     #[serde(default)]
     pub soft_cap_ms: Option<u64>,
+    /// The plan's predicted total time: the controller says so when its revision moves more
+    /// than a quarter away from it (see [`Controller::revise`]).
+    #[serde(default)]
+    pub predicted_total_ms: Option<u64>,
+    /// Switch to post-copy as soon as the first full pass is done (with `postcopy`), instead
+    /// of as the last step: for a guest that outwrites the link every later pre-copy round
+    /// re-sends its whole working set, and throttling it to an end costs the guest seconds of
+    /// CPU; after one pass post-copy sends each page still dirty once, while the guest runs
+    /// on the destination (measured in docs/PERFORMANCE.md, "Busy guests").
+    #[serde(default)]
+    pub postcopy_after_first_pass: bool,
 }
 
 impl Default for EscalateConfig {
@@ -87,6 +101,8 @@ impl Default for EscalateConfig {
             postcopy: false,
             link_bps: None,
             soft_cap_ms: None,
+            predicted_total_ms: None,
+            postcopy_after_first_pass: false,
         }
     }
 }
@@ -113,6 +129,33 @@ pub enum Action {
     },
     /// Change nothing; logged so the migration's log says why nothing more happens.
     Hold,
+    /// Change nothing: the prediction moved by more than [`REVISION_NOTICE`] (or an end came
+    /// into sight, or went out of it), and the log says so with the numbers behind it.
+    Revise {
+        total_ms: Option<u64>,
+        pause_ms: Option<u64>,
+    },
+}
+
+/// A revision that moves the predicted total by more than this share of the prediction last
+/// announced is logged ([`Action::Revise`]).
+pub const REVISION_NOTICE: f64 = 0.25;
+
+/// The rest of a running migration as the controller predicts it at the start of a round,
+/// from QEMU's own figures: its recent send rate, the guest's dirty rate (taken back to what
+/// it would be unthrottled) and the memory left; carried by every later sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Revision {
+    /// The round it was made at (QEMU's dirty-bitmap syncs) and when, ms since the start.
+    pub round: u64,
+    pub at_ms: u64,
+    /// Predicted total time from the start; `None` when no end is in sight at these rates.
+    pub total_ms: Option<u64>,
+    /// Predicted pause at switchover.
+    pub pause_ms: Option<u64>,
+    /// What it assumed, bytes per second.
+    pub rate_bps: f64,
+    pub dirty_rate_bps: f64,
 }
 
 /// One decision with the numbers behind it, for the migration's log.
@@ -147,12 +190,34 @@ pub struct Controller {
     /// QEMU's throttle at the previous stall, to tell whether auto-converge still rises.
     throttle_at_last_stall: Option<u64>,
     soft_cap_lifted: bool,
+    /// Auto-converge as QEMU runs it, for the revisions.
+    throttle: Option<Throttle>,
+    /// The latest revision, and the predicted total last announced (the plan's first).
+    revision: Option<Revision>,
+    announced: Option<Option<u64>>,
 }
 
 const MIB: f64 = 1048576.0;
 
 fn mib(b: u64) -> f64 {
     b as f64 / MIB
+}
+
+/// The log line of a revision: the new prediction, the one it replaces, and what it rests on.
+fn revision_reason(r: &Revision, was: Option<u64>, p: &Progress, throttle: f64) -> String {
+    let secs = |ms: u64| format!("{:.1} s", ms as f64 / 1000.0);
+    let now = match (r.total_ms, r.pause_ms) {
+        (Some(t), Some(pause)) => format!("total {}, pause {pause} ms", secs(t)),
+        _ => "no end at these rates".into(),
+    };
+    let before = was.map_or_else(|| "no end".into(), secs);
+    format!(
+        "prediction revised at round {}: {now} (was {before}); QEMU sends {:.1} MiB/s, the guest dirties {:.1} MiB/s unthrottled (throttle {throttle:.0} %), {:.1} MiB left",
+        r.round,
+        r.rate_bps / MIB,
+        r.dirty_rate_bps / MIB,
+        mib(p.remaining_bytes),
+    )
 }
 
 impl Controller {
@@ -182,18 +247,84 @@ impl Controller {
             exhausted_logged: false,
             throttle_at_last_stall: None,
             soft_cap_lifted: false,
+            throttle: None,
+            revision: None,
+            announced: None,
         }
     }
 
     /// The controller for a migration with these parameters, steered by `policy`.
     pub fn for_params(params: &crate::MigrationParams, policy: ControlPolicy) -> Controller {
-        Controller::new(
+        let mut c = Controller::new(
             policy,
             params.downtime_limit_ms,
             params.completion_timeout.map(|t| t.as_millis() as u64),
             params.timeout_action,
             params.postcopy,
-        )
+        );
+        c.throttle = Throttle::of(params);
+        if let ControlPolicy::Escalate(cfg) = &c.policy {
+            c.announced = cfg.predicted_total_ms.map(Some);
+        }
+        c
+    }
+
+    /// Predicts the rest of the migration again at the start of each pre-copy round after the
+    /// first, from the sample's own rates ([`crate::plan::forecast`]), and puts the latest
+    /// revision (and the time left by it) on every sample from then on. Returns a
+    /// [`Action::Revise`] decision when the predicted total moved by more than
+    /// [`REVISION_NOTICE`] from the prediction last announced, or an end came into sight or
+    /// went out of it.
+    pub fn revise(&mut self, p: &mut Progress) -> Option<Decision> {
+        let new_round = p.phase == Phase::Precopy
+            && p.iteration >= 2
+            && p.throughput_bps > 0.0
+            && self.revision.as_ref().is_none_or(|r| p.iteration > r.round);
+        let mut notice = None;
+        if new_round {
+            let throttle = p.cpu_throttle_percent.unwrap_or(0).min(99) as f64;
+            let dirty = p.dirty_rate_bps / (1.0 - throttle / 100.0);
+            let model = Model {
+                ram_bytes: p.total_bytes as f64,
+                rate_bps: p.throughput_bps,
+                dirty_bps: dirty,
+                downtime_s: self.downtime_ms as f64 / 1000.0,
+                throttle: self.throttle,
+            };
+            let rest = forecast(&model, p.remaining_bytes as f64, throttle);
+            let r = Revision {
+                round: p.iteration,
+                at_ms: p.elapsed_ms,
+                total_ms: rest.map(|f| p.elapsed_ms + (f.total_s * 1000.0) as u64),
+                pause_ms: rest.map(|f| (f.pause_s * 1000.0).ceil() as u64),
+                rate_bps: p.throughput_bps,
+                dirty_rate_bps: dirty,
+            };
+            let moved = match (self.announced, r.total_ms) {
+                (None, _) => true,
+                (Some(Some(was)), Some(now)) => {
+                    (now as f64 - was as f64).abs() > REVISION_NOTICE * was.max(1) as f64
+                }
+                (Some(was), now) => was.is_some() != now.is_some(),
+            };
+            if moved {
+                let reason = revision_reason(&r, self.announced.flatten(), p, throttle);
+                self.announced = Some(r.total_ms);
+                let action = Action::Revise {
+                    total_ms: r.total_ms,
+                    pause_ms: r.pause_ms,
+                };
+                notice = Some(self.decide(p, action, reason));
+            }
+            self.revision = Some(r);
+        }
+        if let Some(r) = &self.revision {
+            if let (Some(total), Phase::Precopy) = (r.total_ms, p.phase) {
+                p.eta_ms = Some(total.saturating_sub(p.elapsed_ms));
+            }
+            p.revision = Some(r.clone());
+        }
+        notice
     }
 
     /// The downtime target as last set.
@@ -232,7 +363,12 @@ impl Controller {
             Action::SetDowntime { ms } => self.downtime_ms = *ms,
             Action::StartPostcopy => self.postcopy_started = true,
             Action::Abort { .. } => self.gave_up = true,
-            Action::SetThrottleCeiling { .. } | Action::Hold => {}
+            Action::SetThrottleCeiling { max_pct, .. } => {
+                if let Some(t) = &mut self.throttle {
+                    t.max_pct = f64::from(*max_pct);
+                }
+            }
+            Action::Hold | Action::Revise { .. } => {}
         }
         Decision {
             elapsed_ms: p.elapsed_ms,
@@ -304,6 +440,9 @@ impl Controller {
     }
 
     fn escalate(&mut self, cfg: &EscalateConfig, p: &Progress) -> Vec<Decision> {
+        if let Some(d) = self.postcopy_after_first_pass(cfg, p) {
+            return vec![d];
+        }
         if !self.stalled(p, cfg.stall_rounds, cfg.stall_ms) {
             return Vec::new();
         }
@@ -392,6 +531,33 @@ impl Controller {
             return vec![self.decide(p, Action::Hold, reason)];
         }
         Vec::new()
+    }
+
+    /// Post-copy once the first pass is done (QEMU's second dirty-bitmap sync), unless what is
+    /// left already fits the pause at the current rate: then QEMU is about to switch over on
+    /// its own, and pre-copy ends with nothing left for the destination to fetch.
+    fn postcopy_after_first_pass(
+        &mut self,
+        cfg: &EscalateConfig,
+        p: &Progress,
+    ) -> Option<Decision> {
+        if !(cfg.postcopy_after_first_pass && cfg.postcopy && self.postcopy_permitted) {
+            return None;
+        }
+        if p.iteration < 2 || p.throughput_bps <= 0.0 {
+            return None;
+        }
+        let fits = p.remaining_bytes as f64 <= p.throughput_bps * self.downtime_ms as f64 / 1000.0;
+        if fits {
+            return None;
+        }
+        let reason = format!(
+            "first pass done with {:.1} MiB dirtied again (sending {:.1} MiB/s, guest dirtying {:.1} MiB/s): switching to post-copy, so each of those pages crosses the link once more while the guest runs on the destination",
+            mib(p.remaining_bytes),
+            p.throughput_bps / MIB,
+            p.dirty_rate_bps / MIB,
+        );
+        Some(self.decide(p, Action::StartPostcopy, reason))
     }
 
     fn downtime_schedule(
@@ -485,6 +651,7 @@ mod tests {
             downtime_ms: None,
             cpu_throttle_percent: None,
             disks: Vec::new(),
+            revision: None,
         }
     }
 
@@ -578,6 +745,50 @@ mod tests {
         for w in d.windows(2) {
             assert!(w[1].elapsed_ms - w[0].elapsed_ms >= 1500, "{d:?}");
         }
+    }
+
+    fn after_first_pass(permitted: bool) -> Controller {
+        Controller::new(
+            ControlPolicy::Escalate(EscalateConfig {
+                throttle: true,
+                postcopy: permitted,
+                postcopy_after_first_pass: true,
+                ..Default::default()
+            }),
+            50,
+            None,
+            TimeoutAction::Abort,
+            permitted,
+        )
+    }
+
+    #[test]
+    fn a_busy_guest_goes_post_copy_once_its_first_pass_is_done() {
+        let mut c = after_first_pass(true);
+        let d = run(&mut c, &stalled_trace());
+        assert_eq!(d.len(), 1, "one decision, then nothing: {d:?}");
+        assert_eq!(d[0].action, Action::StartPostcopy);
+        // The first sample of round 2: 90 MiB dirtied again during the first pass.
+        assert_eq!(d[0].elapsed_ms, 1500);
+        assert!(
+            d[0].reason.contains("first pass done with 90.0 MiB"),
+            "{}",
+            d[0].reason
+        );
+    }
+
+    #[test]
+    fn post_copy_after_the_first_pass_needs_permission_and_a_guest_that_would_not_finish() {
+        // Not permitted: the ordinary escalation, never post-copy.
+        let d = run(&mut after_first_pass(false), &stalled_trace());
+        assert!(!d.is_empty());
+        assert!(d.iter().all(|d| d.action != Action::StartPostcopy), "{d:?}");
+        // An idle guest's second round fits the pause at once: QEMU switches over itself.
+        let d = run(&mut after_first_pass(true), &idle_trace());
+        assert!(d.is_empty(), "{d:?}");
+        // The first pass is never cut short.
+        let first_pass: Vec<_> = stalled_trace().into_iter().take(3).collect();
+        assert!(run(&mut after_first_pass(true), &first_pass).is_empty());
     }
 
     #[test]
@@ -766,6 +977,146 @@ mod tests {
         assert!(
             c.on_sample(&p).is_empty(),
             "post-copy was seen: no more steps"
+        );
+    }
+
+    /// An idle 512 MiB guest's samples as the bench records them at 50 ms: the first pass
+    /// at 512 MiB/s, then round 2 starts with 4 MiB dirtied.
+    fn idle_trace() -> Vec<Progress> {
+        let mut t: Vec<Progress> = [(250, 1, 384), (500, 1, 256), (750, 1, 128)]
+            .into_iter()
+            .map(|(ms, i, left)| sample(ms, i, left))
+            .collect();
+        t.extend(
+            [(1000, 2, 4), (1050, 2, 1), (1100, 3, 1)].map(|(ms, i, left)| Progress {
+                throughput_bps: 512.0 * MIB,
+                dirty_rate_bps: MIB,
+                ..sample(ms, i, left)
+            }),
+        );
+        t
+    }
+
+    /// The controller for an auto plan that predicted `predicted_ms`.
+    fn planned(predicted_ms: Option<u64>) -> Controller {
+        let cfg = EscalateConfig {
+            predicted_total_ms: predicted_ms,
+            ..EscalateConfig::default()
+        };
+        let params = crate::MigrationParams {
+            downtime_limit_ms: 50,
+            ..crate::MigrationParams::default()
+        };
+        Controller::for_params(&params, ControlPolicy::Escalate(cfg))
+    }
+
+    #[test]
+    fn the_first_round_revises_a_prediction_that_was_off() {
+        // The plan said 2.5 s (a probe's rate); the first pass took 1 s.
+        let mut c = planned(Some(2500));
+        let mut notices = Vec::new();
+        let mut seen = Vec::new();
+        for mut p in idle_trace() {
+            notices.extend(c.revise(&mut p));
+            seen.push(p);
+        }
+        assert!(
+            seen[..3].iter().all(|p| p.revision.is_none()),
+            "none in round 1"
+        );
+        let r = seen[3].revision.clone().expect("revised at round 2");
+        assert_eq!(r.round, 2);
+        // 4 MiB at 512 MiB/s: 8 ms, within the 50 ms target, so that is the pause.
+        assert_eq!(r.total_ms, Some(1007));
+        assert_eq!(r.pause_ms, Some(8));
+        assert_eq!(seen[3].eta_ms, Some(7), "the ETA follows the revision");
+        assert_eq!(
+            seen[4].revision.as_ref().map(|r| r.round),
+            Some(2),
+            "carried on"
+        );
+        assert_eq!(seen[5].revision.as_ref().map(|r| r.round), Some(3));
+        assert_eq!(
+            notices.len(),
+            1,
+            "one notice, when it moved from 2.5 s: {notices:?}"
+        );
+        assert_eq!(
+            notices[0].action,
+            Action::Revise {
+                total_ms: Some(1007),
+                pause_ms: Some(8)
+            }
+        );
+        assert!(
+            notices[0]
+                .reason
+                .contains("total 1.0 s, pause 8 ms (was 2.5 s)"),
+            "{}",
+            notices[0].reason
+        );
+    }
+
+    #[test]
+    fn a_prediction_that_holds_is_not_announced_again() {
+        let mut c = planned(Some(1100));
+        let notices: Vec<Decision> = idle_trace()
+            .into_iter()
+            .filter_map(|mut p| c.revise(&mut p))
+            .collect();
+        assert!(
+            notices.is_empty(),
+            "1.0 s is within a quarter of 1.1 s: {notices:?}"
+        );
+        // A policy without a plan announces its first prediction.
+        let mut fixed =
+            Controller::new(ControlPolicy::Fixed, 300, None, TimeoutAction::Abort, false);
+        let first: Vec<Decision> = idle_trace()
+            .into_iter()
+            .filter_map(|mut p| fixed.revise(&mut p))
+            .collect();
+        assert_eq!(first.len(), 1, "{first:?}");
+    }
+
+    #[test]
+    fn a_throttled_guest_is_revised_with_its_throttle() {
+        // Round 4 of a guest writing 120 MiB/s unthrottled, held at 75 % (30 MiB/s), QEMU
+        // sending 100 MiB/s with 100 MiB left: 1 s, 0.3 s, 0.09 s, then 27 ms of pause.
+        let p = Progress {
+            dirty_rate_bps: 30.0 * MIB,
+            cpu_throttle_percent: Some(75),
+            ..sample(9000, 4, 100)
+        };
+        let params = crate::MigrationParams {
+            downtime_limit_ms: 50,
+            auto_converge: true,
+            throttle_initial_pct: 75,
+            throttle_increment_pct: 20,
+            max_throttle_pct: 99,
+            ..crate::MigrationParams::default()
+        };
+        let mut c = Controller::for_params(&params, ControlPolicy::Fixed);
+        let mut q = p.clone();
+        let notice = c.revise(&mut q).expect("a first prediction is announced");
+        let r = q.revision.unwrap();
+        assert_eq!(r.dirty_rate_bps, 120.0 * MIB, "taken back to unthrottled");
+        assert_eq!(r.total_ms, Some(9000 + 1417));
+        assert_eq!(r.pause_ms, Some(27));
+        assert!(notice.reason.contains("throttle 75 %"), "{}", notice.reason);
+        // Without auto-converge the same guest outruns QEMU: no end, and the log says so.
+        let mut plain =
+            Controller::for_params(&crate::MigrationParams::default(), ControlPolicy::Fixed);
+        let mut q = Progress {
+            cpu_throttle_percent: None,
+            dirty_rate_bps: 120.0 * MIB,
+            ..p
+        };
+        let notice = plain.revise(&mut q).unwrap();
+        assert_eq!(q.revision.unwrap().total_ms, None);
+        assert!(
+            notice.reason.contains("no end at these rates"),
+            "{}",
+            notice.reason
         );
     }
 }

@@ -8,9 +8,9 @@
 //! 1. **Passes** (`blockdev-backup`, `bitmap-mode: always`). The first pass copies the disk
 //!    (`sync: full`, or `top` for an overlay on a shared base); a resumed copy starts from
 //!    the bitmap instead (`sync: bitmap`). After a pass the bitmap holds what the guest wrote
-//!    meanwhile; further passes copy that while it shrinks. A pass that fails or is cancelled
-//!    leaves in the bitmap what it had not copied yet, so nothing is ever sent twice on a
-//!    retry.
+//!    meanwhile; further passes copy that while it shrinks (or is small next to the disk).
+//!    A pass that fails or is cancelled leaves in the bitmap what it had not copied yet, so
+//!    nothing is ever sent twice on a retry.
 //! 2. **In sync.** Once little is left, a write-blocking mirror (`sync: none`) starts: from
 //!    then on every guest write reaches both images before the guest hears it is done. What
 //!    the bitmap held at that moment is frozen into `ferry-final`. A guest that rewrites its
@@ -175,10 +175,19 @@ enum AfterPass {
     FullMirror,
 }
 
+/// A pass over at most this share of what a whole-disk mirror would resend is worth it even
+/// when it did not gain: on a loaded host one pass can take longer than the one before by
+/// chance, and resending a whole disk for that is the worse trade (a resumed copy's passes
+/// are small next to the disk).
+const CHEAP_PASS_SHARE: u64 = 20;
+
 /// After pass `pass` (0: the first) left `left` bytes, where the one before left
-/// `left_before` (pure, for tests).
-fn after_pass(pass: u32, left: u64, left_before: u64) -> AfterPass {
-    let gaining = pass == 0 || (left as f64) < 0.9 * left_before as f64;
+/// `left_before`, on a disk whose whole-disk mirror would resend `data` bytes (pure, for
+/// tests).
+fn after_pass(pass: u32, left: u64, left_before: u64, data: u64) -> AfterPass {
+    let gaining = pass == 0
+        || (left as f64) < 0.9 * left_before as f64
+        || left.saturating_mul(CHEAP_PASS_SHARE) <= data;
     if left <= FINAL_BYTES_MAX {
         AfterPass::Track
     } else if gaining && pass < MAX_CATCH_UP_PASSES {
@@ -302,7 +311,12 @@ impl Tracked {
 
     /// After pass `pass` left `left` bytes in the bitmap: another pass, or in sync.
     async fn after_pass(&mut self, qmp: &Qmp, pass: u32, left: u64) -> Result<(), MigrateError> {
-        let next = after_pass(pass, left, self.left_before);
+        let data = if self.allocated > 0 {
+            self.allocated
+        } else {
+            self.size
+        };
+        let next = after_pass(pass, left, self.left_before, data);
         self.left_before = left;
         match next {
             AfterPass::Track => return self.start_tracking(qmp, left).await,
@@ -932,22 +946,30 @@ mod tests {
     #[test]
     fn passes_go_on_while_they_gain_and_end_in_sync_or_in_a_full_mirror() {
         let mib = |n: u64| n << 20;
+        let data = mib(256);
         // Little written during the bulk copy: in sync at once.
-        assert_eq!(after_pass(0, mib(1), 0), AfterPass::Track);
+        assert_eq!(after_pass(0, mib(1), 0, data), AfterPass::Track);
         // Much written during the bulk copy: another pass, whatever came before.
-        assert_eq!(after_pass(0, mib(64), 0), AfterPass::Pass);
+        assert_eq!(after_pass(0, mib(64), 0, data), AfterPass::Pass);
         // Shrinking by 10 % or more: another pass.
-        assert_eq!(after_pass(1, mib(32), mib(64)), AfterPass::Pass);
+        assert_eq!(after_pass(1, mib(32), mib(64), data), AfterPass::Pass);
         // Not shrinking: the guest outpaces the passes.
-        assert_eq!(after_pass(1, mib(60), mib(64)), AfterPass::FullMirror);
-        assert_eq!(after_pass(2, mib(80), mib(64)), AfterPass::FullMirror);
+        assert_eq!(after_pass(1, mib(60), mib(64), data), AfterPass::FullMirror);
+        assert_eq!(after_pass(2, mib(80), mib(64), data), AfterPass::FullMirror);
+        // Not shrinking, but a twentieth of the disk or less: another pass costs less
+        // than resending the disk (a slow pass on a loaded host, a resumed copy).
+        assert_eq!(after_pass(1, mib(12), mib(12), data), AfterPass::Pass);
+        assert_eq!(after_pass(1, mib(13), mib(12), data), AfterPass::FullMirror);
         // Gaining, but for too long.
         assert_eq!(
-            after_pass(MAX_CATCH_UP_PASSES, mib(8), mib(16)),
+            after_pass(MAX_CATCH_UP_PASSES, mib(8), mib(16), data),
             AfterPass::FullMirror
         );
         // Small enough beats everything.
-        assert_eq!(after_pass(7, FINAL_BYTES_MAX, mib(1)), AfterPass::Track);
+        assert_eq!(
+            after_pass(7, FINAL_BYTES_MAX, mib(1), data),
+            AfterPass::Track
+        );
     }
 
     #[test]

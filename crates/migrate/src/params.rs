@@ -97,6 +97,12 @@ pub struct MigrationParams {
     pub downtime_limit_ms: u64,
     pub auto_converge: bool,
     pub postcopy: bool,
+    /// Post-copy's page requests travel on a channel of their own (QEMU's `postcopy-preempt`)
+    /// instead of queueing behind the background stream: on a link the stream fills, a guest
+    /// on the destination otherwise waits for every page it touches behind megabytes already
+    /// queued. Needs `postcopy`.
+    #[serde(default)]
+    pub postcopy_preempt: bool,
     /// Parallel streams (multifd); `None` means one stream.
     pub multifd_channels: Option<u8>,
     /// Compression of multifd streams (`zstd`, `zlib`); needs `multifd_channels`.
@@ -128,6 +134,11 @@ pub struct MigrationParams {
     /// How the running migration is steered (see [`crate::control`]).
     #[serde(default = "default_policy")]
     pub policy: ControlPolicy,
+    /// Also migrate a source guest that is paused, instead of refusing it: the benchmark
+    /// moves a paused guest to learn what QEMU can send when no guest CPU competes with it.
+    /// The guest runs on the destination afterwards, as after any migration.
+    #[serde(default)]
+    pub allow_paused_source: bool,
 }
 
 fn default_throttle_initial() -> u8 {
@@ -150,6 +161,7 @@ impl Default for MigrationParams {
             downtime_limit_ms: 300,
             auto_converge: false,
             postcopy: false,
+            postcopy_preempt: false,
             multifd_channels: None,
             multifd_compression: None,
             port_range: PortRange::default(),
@@ -163,6 +175,7 @@ impl Default for MigrationParams {
             max_throttle_pct: default_max_throttle(),
             announce: None,
             policy: ControlPolicy::Fixed,
+            allow_paused_source: false,
         }
     }
 }
@@ -209,6 +222,9 @@ impl MigrationParams {
                 return bad(format!("XBZRLE cache of {c} bytes is below 1 MiB"));
             }
         }
+        if self.postcopy_preempt && !self.postcopy {
+            return bad("post-copy preemption needs post-copy permitted".into());
+        }
         if self.timeout_action == TimeoutAction::Postcopy && !self.postcopy {
             return bad("timeout action post-copy needs post-copy permitted".into());
         }
@@ -224,7 +240,7 @@ impl MigrationParams {
             capability: name.to_string(),
             state,
         };
-        vec![
+        let mut caps = vec![
             cap("events", true),
             cap("auto-converge", self.auto_converge),
             cap("postcopy-ram", self.postcopy),
@@ -234,7 +250,12 @@ impl MigrationParams {
             // Ferry starts it after the commit, never when the stream ends: until then the
             // source may still be resumed. Without effect on the source.
             cap("late-block-activate", true),
-        ]
+        ];
+        // Only named when on: QEMUs before 7.1 do not know it.
+        if self.postcopy_preempt {
+            caps.push(cap("postcopy-preempt", true));
+        }
+        caps
     }
 
     /// Parameters both sides need to agree on (stream layout).
@@ -358,5 +379,26 @@ mod tests {
             .iter()
             .any(|c| c.capability == "xbzrle" && c.state));
         assert_eq!(p.source_parameters().xbzrle_cache_size, Some(64 << 20));
+        assert!(
+            !p.capabilities()
+                .iter()
+                .any(|c| c.capability == "postcopy-preempt"),
+            "not named when off"
+        );
+        let p = MigrationParams {
+            postcopy: true,
+            postcopy_preempt: true,
+            ..Default::default()
+        };
+        p.validate().unwrap();
+        assert!(p
+            .capabilities()
+            .iter()
+            .any(|c| c.capability == "postcopy-preempt" && c.state));
+        let p = MigrationParams {
+            postcopy_preempt: true,
+            ..Default::default()
+        };
+        assert!(p.validate().is_err(), "preemption without post-copy");
     }
 }

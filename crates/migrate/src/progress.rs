@@ -92,6 +92,10 @@ pub struct Progress {
     /// disks and memory by their bytes; the other fields stay memory's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<crate::mirror::DiskProgress>,
+    /// The controller's latest prediction of the whole migration, revised at the start of
+    /// each round (`eta_ms` then follows it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<crate::control::Revision>,
 }
 
 impl Progress {
@@ -121,6 +125,7 @@ impl Progress {
             downtime_ms: None,
             cpu_throttle_percent: None,
             disks,
+            revision: None,
         }
     }
 
@@ -224,6 +229,7 @@ impl ProgressTracker {
             downtime_ms: info.downtime,
             cpu_throttle_percent: info.cpu_throttle_percentage,
             disks: Vec::new(),
+            revision: None,
         };
         self.last = Some(progress.clone());
         progress

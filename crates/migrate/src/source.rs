@@ -210,7 +210,8 @@ pub async fn run_source(
 ) -> Result<SourceOutcome, MigrateError> {
     params.validate()?;
     let status = qmp.execute(&QueryStatus {}).await?;
-    if !status.running {
+    let paused_allowed = params.allow_paused_source && status.status == RunState::Paused;
+    if !status.running && !paused_allowed {
         return Err(MigrateError::SourceNotRunning(status.status.to_string()));
     }
     set_capabilities(qmp, params).await?;
@@ -468,10 +469,11 @@ async fn follow(
                 disk_failure = Some(e);
             }
         }
-        let progress = stream
+        let mut progress = stream
             .tracker
             .update(elapsed_ms, &info)
             .with_disks(stream.mirrors.progress());
+        let revised = controller.revise(&mut progress);
         observe(&SourceEvent::Progress(progress.clone()));
         if let Some(e) = disk_failure {
             if !postcopy_seen && !abort.is_past_no_return() {
@@ -544,7 +546,7 @@ async fn follow(
             }
             _ => {}
         }
-        for decision in controller.on_sample(&progress) {
+        for decision in revised.into_iter().chain(controller.on_sample(&progress)) {
             info!(action = ?decision.action, reason = %decision.reason, "controller decision");
             observe(&SourceEvent::Decision(decision.clone()));
             match decision.action {
@@ -586,7 +588,7 @@ async fn follow(
                     };
                     return cancel(qmp, &mut stream, observe, reason).await;
                 }
-                Action::Hold => {}
+                Action::Hold | Action::Revise { .. } => {}
             }
         }
     }

@@ -313,24 +313,27 @@ impl QemuProcess {
     }
 
     /// Stops QEMU: `quit` over QMP, then SIGKILL if it has not exited within `timeout`.
-    /// Always removes the run directory. True when QEMU quit cleanly on request: only then
-    /// did it write its caches (qcow2 metadata included) to its images.
-    pub async fn shutdown(mut self, timeout: Duration) -> bool {
-        let mut clean = false;
-        if self.exit_status().is_none() {
-            match self.qmp.execute(&commands::Quit {}).await {
-                Ok(()) => {}
-                Err(e) => debug!(name = %self.spec.name, error = %e, "quit failed; killing"),
-            }
-            match self.wait_exit(timeout).await {
-                Some(status) => clean = status == "exit status: 0",
-                None => {
-                    warn!(name = %self.spec.name, pid = self.pid, "QEMU ignored quit; killing it")
+    /// Always removes the run directory. Only a [`Shutdown::Clean`] QEMU wrote its caches
+    /// (qcow2 metadata included) to its images; the others say why not, for the log.
+    pub async fn shutdown(mut self, timeout: Duration) -> Shutdown {
+        let outcome = match self.exit_status() {
+            Some(status) => Shutdown::Exited(status),
+            None => {
+                if let Err(e) = self.qmp.execute(&commands::Quit {}).await {
+                    debug!(name = %self.spec.name, error = %e, "quit failed; killing");
+                }
+                match self.wait_exit(timeout).await {
+                    Some(status) if status == "exit status: 0" => Shutdown::Clean,
+                    Some(status) => Shutdown::Exited(status),
+                    None => {
+                        warn!(name = %self.spec.name, pid = self.pid, "QEMU ignored quit; killing it");
+                        Shutdown::Killed(timeout)
+                    }
                 }
             }
-        }
+        };
         self.kill();
-        clean
+        outcome
     }
 
     /// Kills the process (if still running) and removes its run directory. Idempotent.
@@ -350,6 +353,41 @@ impl Drop for QemuProcess {
     fn drop(&mut self) {
         if !self.detached {
             self.kill();
+        }
+    }
+}
+
+/// How a graceful stop of QEMU ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Shutdown {
+    /// It quit on request with status 0: its images are closed and flushed.
+    Clean,
+    /// It had exited already, or exited with this status on request.
+    Exited(String),
+    /// It ignored `quit` for this long and was killed (zero: killed without asking).
+    Killed(Duration),
+}
+
+impl Shutdown {
+    /// True when the images hold every write QEMU made.
+    pub fn is_clean(&self) -> bool {
+        *self == Shutdown::Clean
+    }
+}
+
+impl std::fmt::Display for Shutdown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Shutdown::Clean => write!(f, "QEMU quit cleanly"),
+            Shutdown::Exited(status) => write!(f, "QEMU ended with {status}"),
+            Shutdown::Killed(t) if t.is_zero() => write!(f, "QEMU was killed"),
+            Shutdown::Killed(t) => {
+                write!(
+                    f,
+                    "QEMU did not quit within {} s and was killed",
+                    t.as_secs()
+                )
+            }
         }
     }
 }

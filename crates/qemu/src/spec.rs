@@ -116,6 +116,18 @@ impl MacAddr {
         let b = n.to_be_bytes();
         MacAddr([0x52, 0x54, 0x00, b[1], b[2], b[3]])
     }
+
+    /// A stable MAC for NIC `index` of instance `name`: the same name gets the same address
+    /// on every run, so ARP caches and DHCP leases in a lab stay valid across re-creation.
+    pub fn for_nic(name: &str, index: usize) -> MacAddr {
+        // FNV-1a: tiny, stable across Rust versions (unlike std's hasher).
+        let mut h: u32 = 0x811c_9dc5;
+        for b in name.bytes().chain((index as u32).to_be_bytes()) {
+            h ^= u32::from(b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+        MacAddr::local(h & 0x00ff_ffff)
+    }
 }
 
 impl fmt::Display for MacAddr {

@@ -21,6 +21,13 @@ fn bearer(parts: &Parts) -> Option<&str> {
 #[derive(Debug, Clone)]
 pub struct Reader;
 
+/// Any valid API token, with its name and role: for `GET /v1/whoami`.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub name: String,
+    pub role: Role,
+}
+
 /// An admin token: required for every change, so each change has an accountable actor.
 #[derive(Debug, Clone)]
 pub struct Admin {
@@ -57,6 +64,14 @@ impl FromRequestParts<AppState> for Reader {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ServerError> {
         api_role(parts, state).await?;
         Ok(Reader)
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ServerError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ServerError> {
+        let (name, role) = api_role(parts, state).await?;
+        Ok(Caller { name, role })
     }
 }
 

@@ -553,6 +553,7 @@ impl ColdJob<'_> {
             downtime_ms: None,
             cpu_throttle_percent: None,
             disks: Vec::new(),
+            revision: None,
         };
         let _ = self.state.store.add_sample(self.m.id, &progress).await;
         let _ = self.state.store.set_progress(self.m.id, &progress).await;

@@ -58,7 +58,9 @@ pub struct Preflight {
     pub probe_cache_s: u64,
     /// How long a measured bandwidth between two hosts is reused. Within it a probe only
     /// connects (a few milliseconds) instead of pushing data for `bandwidth_probe_ms`, so a
-    /// migration starts at once; links change slowly.
+    /// migration starts at once; links change slowly. A pair that has completed a migration
+    /// (it has a learned send rate, which the plan goes by) reuses its last stored
+    /// measurement whatever its age.
     pub link_cache_s: u64,
 }
 

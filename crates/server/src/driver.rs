@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use ferry_api::agent::{
-    AgentInstance, DirtyRate, IncomingDisk, IncomingReady, PrepareIncoming, ReconnectSource,
-    RemovedIncoming, SourceState, SourceStatus, StartSource,
+    AgentInstance, DirtyRate, IncomingDisk, IncomingReady, LaunchIncoming, PrepareIncoming,
+    ReconnectSource, RemovedIncoming, SourceState, SourceStatus, StartSource,
 };
 use ferry_api::checks::CheckStatus;
 use ferry_api::instances::InstanceSpec;
@@ -114,6 +114,7 @@ async fn drive(state: &AppState, id: Uuid, attach: bool) {
             }
             let planned =
                 !attach && m.kind == MigrationKind::Live && m.options.policy == Policy::Auto;
+            let mut launched = false;
             // The dirty rate is measured while the checks run: a migration starts in
             // milliseconds, not after one step and then the other.
             let (gate, dirty) = if attach {
@@ -123,8 +124,19 @@ async fn drive(state: &AppState, id: Uuid, attach: bool) {
                 };
                 (Ok(gate), None)
             } else if planned {
+                // The destination's QEMU starts as soon as the checks pass, while the dirty
+                // rate (which the parameters it listens with depend on) is still measured.
+                let checked_then_launched = async {
+                    let gate = preflight_gate(state, &m).await;
+                    if let Ok(g) = &gate {
+                        if g.block_copies.is_empty() && !*cancel_rx.borrow() {
+                            launched = launch_destination(state, &m).await;
+                        }
+                    }
+                    gate
+                };
                 let (gate, dirty) =
-                    tokio::join!(preflight_gate(state, &m), measure_dirty_rate(state, &m));
+                    tokio::join!(checked_then_launched, measure_dirty_rate(state, &m));
                 (gate, Some(dirty))
             } else {
                 (preflight_gate(state, &m).await, None)
@@ -137,7 +149,12 @@ async fn drive(state: &AppState, id: Uuid, attach: bool) {
                         let disk_bytes = gate.block_copies.iter().map(|b| b.allocated_bytes).sum();
                         m.plan = Some(plan_live(state, &m, gate.link_bps, disk_bytes, dirty).await);
                     }
-                    drive_live(state, &m, attach, gate.block_copies, cancel_rx).await
+                    let job = LiveJob {
+                        attach,
+                        launched,
+                        block_copies: gate.block_copies,
+                    };
+                    drive_live(state, &m, job, cancel_rx).await
                 }
                 (Ok(_), MigrationKind::Cold) => drive_cold(state, &m, attach, cancel_rx).await,
             }
@@ -153,19 +170,74 @@ async fn drive(state: &AppState, id: Uuid, attach: bool) {
         .remove(&id);
 }
 
+/// Starts the destination's QEMU in incoming mode before the plan exists (a memory-only
+/// live job); it listens once [`AgentHalves::prepare_destination`] has the parameters. True
+/// when it started. A failure only loses the head start: the agent forgets the attempt, and
+/// the preparation does it all again and reports what fails.
+async fn launch_destination(state: &AppState, m: &Migration) -> bool {
+    let launched = async {
+        let instance = state
+            .store
+            .get_instance(&m.instance_id.to_string())
+            .await?
+            .ok_or_else(|| ServerError::not_found("instance", &m.instance_id.to_string()))?;
+        let dst = agent_client(&state.store, &m.destination).await?;
+        let body = LaunchIncoming {
+            instance_id: instance.id,
+            name: instance.name.clone(),
+            spec: destination_spec(&instance.spec, &[]),
+        };
+        let path = format!("/v1/migrations/{}/incoming/launch", m.id);
+        dst.post::<_, serde_json::Value>(&path, &body)
+            .await
+            .map_err(|e| ServerError::from_agent(&m.destination, e))?;
+        Ok::<_, ServerError>(instance.name)
+    }
+    .await;
+    match launched {
+        Ok(name) => {
+            let message = format!(
+                "{name}'s QEMU started in incoming mode on {} while the dirty rate is measured",
+                m.destination
+            );
+            log(state, m.id, "info", &message).await;
+            true
+        }
+        Err(e) => {
+            let message = format!(
+                "the destination's QEMU was not started ahead ({}: {}); it starts once the plan is made",
+                e.body.code, e.body.message
+            );
+            log(state, m.id, "warn", &message).await;
+            false
+        }
+    }
+}
+
 /// The guest's dirty rate, measured by the source agent (a few hundred milliseconds).
 async fn measure_dirty_rate(state: &AppState, m: &Migration) -> Result<DirtyRate, String> {
-    let src = agent_client(&state.store, &m.source)
+    dirty_rate(state, &m.source, m.instance_id).await
+}
+
+/// The dirty rate of the instance `instance_id` running on `source`, as its agent measures it:
+/// shared by a job's plan and the plan preview (`POST /v1/migrations/preview`).
+pub(crate) async fn dirty_rate(
+    state: &AppState,
+    source: &str,
+    instance_id: Uuid,
+) -> Result<DirtyRate, String> {
+    let src = agent_client(&state.store, source)
         .await
         .map_err(|e| e.body.message)?;
-    let path = format!("/v1/instances/{}/dirty-rate", m.instance_id);
+    let path = format!("/v1/instances/{instance_id}/dirty-rate");
     src.post::<_, DirtyRate>(&path, &())
         .await
         .map_err(|e| e.to_string())
 }
 
 /// The auto policy's plan for a live job: the source agent measured the guest's dirty rate
-/// (`measured`), the pre-flight probe gave the link, and [`ferry_migrate::plan::plan`]
+/// (`measured`), the pre-flight probe gave the link, earlier jobs between the same hosts what
+/// QEMU gets through there ([`crate::send_rates`]), and [`ferry_migrate::plan::plan`]
 /// chooses. Logged line by line and stored with the job, so a server restarted mid-migration
 /// uses the same parameters. A failed measurement is logged and planned around, never fatal.
 async fn plan_live(
@@ -175,7 +247,6 @@ async fn plan_live(
     disk_bytes: u64,
     measured: Result<DirtyRate, String>,
 ) -> MigrationPlan {
-    let base = m.options.to_params();
     let instance = state
         .store
         .get_instance(&m.instance_id.to_string())
@@ -190,41 +261,98 @@ async fn plan_live(
             None
         }
     };
+    let planned = compute_plan(
+        state,
+        &PlanFor {
+            instance: instance.as_ref(),
+            source: &m.source,
+            destination: &m.destination,
+            options: &m.options,
+            link_bps,
+            disk_bytes,
+            dirty_rate_bps: dirty,
+        },
+    )
+    .await;
+    log(state, m.id, "info", &planned.plan.summary()).await;
+    for reason in &planned.plan.reasons {
+        log(state, m.id, "info", &format!("plan: {reason}")).await;
+    }
+    if let Err(e) = state.store.set_plan(m.id, &planned).await {
+        log(state, m.id, "warn", &format!("plan not stored: {e}")).await;
+    }
+    planned
+}
+
+/// What the auto policy plans from: one instance moving between two hosts with its options,
+/// and what was measured (the link by the probe, the dirty rate by the source agent).
+pub(crate) struct PlanFor<'a> {
+    pub instance: Option<&'a ferry_api::instances::Instance>,
+    pub source: &'a str,
+    pub destination: &'a str,
+    pub options: &'a ferry_api::migrations::MigrationOptions,
+    pub link_bps: Option<f64>,
+    pub disk_bytes: u64,
+    pub dirty_rate_bps: Option<f64>,
+}
+
+/// The plan [`ferry_migrate::plan::plan`] makes for `p`, with the source's cores and the rate
+/// learned for the host pair: one function for a job's plan and for the preview shown before
+/// a job exists, so the preview predicts what the job will do.
+pub(crate) async fn compute_plan(state: &AppState, p: &PlanFor<'_>) -> MigrationPlan {
+    let base = p.options.to_params();
     let offline_after = chrono::Duration::seconds(state.config.heartbeat_timeout_s as i64);
     let cpus = match state
         .store
-        .get_host(&m.source, offline_after, Utc::now())
+        .get_host(p.source, offline_after, Utc::now())
         .await
     {
         Ok(Some(h)) => h.facts.map(|f| f.cores).unwrap_or(1),
         _ => 1,
     };
+    let learned = crate::send_rates::learned(state, p.source, p.destination).await;
     let inputs = PlanInputs {
-        ram_bytes: instance
-            .as_ref()
+        ram_bytes: p
+            .instance
             .map(|i| u64::from(i.spec.memory_mib) << 20)
             .unwrap_or(0),
-        dirty_rate_bps: dirty,
-        link_bps,
+        dirty_rate_bps: p.dirty_rate_bps,
+        link_bps: p.link_bps,
         host_cpus: cpus,
-        guest_vcpus: instance.as_ref().map(|i| i.spec.vcpus).unwrap_or(1),
-        downtime_ms: m.options.downtime_ms,
-        postcopy_permitted: m.options.post_copy,
-        budget: m.options.budget_s.map(Duration::from_secs),
+        guest_vcpus: p.instance.map(|i| i.spec.vcpus).unwrap_or(1),
+        downtime_ms: p.options.downtime_ms,
+        postcopy_permitted: p.options.post_copy,
+        budget: p.options.budget_s.map(Duration::from_secs),
         budget_scale: 1.0,
-        timeout_action: m.options.timeout_action.unwrap_or_default(),
-        disk_bytes,
+        timeout_action: p.options.timeout_action.unwrap_or_default(),
+        disk_bytes: p.disk_bytes,
+        learned_rate_bps: learned.as_ref().map(|r| r.rate_bps),
+        learned_switchover_ms: learned.and_then(|r| r.switchover_ms),
     };
     let (params, plan) = ferry_migrate::plan::plan(&inputs, &base);
-    log(state, m.id, "info", &plan.summary()).await;
-    for reason in &plan.reasons {
-        log(state, m.id, "info", &format!("plan: {reason}")).await;
-    }
-    let planned = MigrationPlan { plan, params };
-    if let Err(e) = state.store.set_plan(m.id, &planned).await {
-        log(state, m.id, "warn", &format!("plan not stored: {e}")).await;
-    }
-    planned
+    MigrationPlan { plan, params }
+}
+
+/// The link bandwidth the pre-flight probe measured to a candidate, for the plan.
+pub(crate) fn probed_link_bps(candidate: &ferry_api::checks::Candidate) -> Option<f64> {
+    candidate
+        .checks
+        .iter()
+        .find(|c| c.name == "migration-port-reachable")
+        .and_then(|c| c.values.get("bandwidth_mbit_s"))
+        .and_then(|v| v.as_f64())
+        .map(|mbit| mbit * 1e6 / 8.0)
+}
+
+/// The local disks a live migration to a candidate copies, as its storage check decided.
+pub(crate) fn block_copies_of(candidate: &ferry_api::checks::Candidate) -> Vec<checks::BlockCopy> {
+    candidate
+        .checks
+        .iter()
+        .find(|c| c.name == "storage")
+        .and_then(|c| c.values.get("copies"))
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+        .unwrap_or_default()
 }
 
 /// Runs the full pre-flight suite for the job's destination before anything starts, logging
@@ -302,22 +430,10 @@ async fn preflight_gate(state: &AppState, m: &Migration) -> Result<Gate, ErrorBo
     if let Some(body) = refused {
         return Err(body);
     }
-    let link_bps = candidate
-        .checks
-        .iter()
-        .find(|c| c.name == "migration-port-reachable")
-        .and_then(|c| c.values.get("bandwidth_mbit_s"))
-        .and_then(|v| v.as_f64())
-        .map(|mbit| mbit * 1e6 / 8.0);
+    let link_bps = probed_link_bps(&candidate);
     // The mapping the check decided and logged is the one the job runs.
     let block_copies = match m.kind {
-        MigrationKind::Live => candidate
-            .checks
-            .iter()
-            .find(|c| c.name == "storage")
-            .and_then(|c| c.values.get("copies"))
-            .and_then(|v| serde_json::from_value(v.clone()).ok())
-            .unwrap_or_default(),
+        MigrationKind::Live => block_copies_of(&candidate),
         MigrationKind::Cold => Vec::new(),
     };
     Ok(Gate {
@@ -423,13 +539,27 @@ async fn drive_cold(
     }
 }
 
+/// What a live job's driver starts from.
+struct LiveJob {
+    /// Re-attached after a server restart.
+    attach: bool,
+    /// The destination's QEMU was started ahead ([`launch_destination`]).
+    launched: bool,
+    /// The disks the checks decided to copy.
+    block_copies: Vec<checks::BlockCopy>,
+}
+
 async fn drive_live(
     state: &AppState,
     m: &Migration,
-    attach: bool,
-    block_copies: Vec<checks::BlockCopy>,
+    job: LiveJob,
     cancel: watch::Receiver<bool>,
 ) -> Ending {
+    let LiveJob {
+        attach,
+        launched,
+        block_copies,
+    } = job;
     let mut resume = std::collections::HashMap::new();
     if !attach {
         clear_stale_copies(state, m, &block_copies).await;
@@ -437,8 +567,14 @@ async fn drive_live(
     }
     let mut halves = match AgentHalves::new(state, m, attach, block_copies, resume, cancel).await {
         Ok(h) => h,
-        Err(e) => return Ending::Failed(e.body),
+        Err(e) => {
+            if launched {
+                remove_launched(state, m).await;
+            }
+            return Ending::Failed(e.body);
+        }
     };
+    halves.launched = launched;
     if attach && halves.committed {
         // The server stopped after the commit point: only the destination may run the guest.
         halves
@@ -471,7 +607,10 @@ async fn drive_live(
     }
     halves.end_copies(result.is_ok()).await;
     match result {
-        Ok(outcome) => Ending::Completed(Some(stats_of(&outcome.source))),
+        Ok(outcome) => {
+            crate::send_rates::learn(state, m, &outcome.source).await;
+            Ending::Completed(Some(stats_of(&outcome.source)))
+        }
         Err(MigrateError::Cancelled) => Ending::Cancelled,
         Err(e) => Ending::Failed(
             halves
@@ -479,6 +618,23 @@ async fn drive_live(
                 .take()
                 .unwrap_or_else(|| ErrorBody::new(e.code(), e.to_string(), e.hint())),
         ),
+    }
+}
+
+/// Removes a destination started ahead that the job will not use; best effort, and a failure
+/// is logged on the job.
+async fn remove_launched(state: &AppState, m: &Migration) {
+    let path = format!("/v1/migrations/{}/incoming", m.id);
+    let removed = match agent_client(&state.store, &m.destination).await {
+        Ok(dst) => dst
+            .delete::<serde_json::Value>(&path)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.body.message),
+    };
+    if let Err(e) = removed {
+        let message = format!("the destination started ahead was not removed: {e}");
+        log(state, m.id, "warn", &message).await;
     }
 }
 
@@ -497,6 +653,15 @@ async fn clear_stale_copies(state: &AppState, m: &Migration, copies: &[checks::B
     let Ok(earlier) = state.store.list_migrations(&filter).await else {
         return;
     };
+    let every = crate::store::MigrationFilter {
+        instance: Some(m.instance_id),
+        ..Default::default()
+    };
+    let all = state
+        .store
+        .list_migrations(&every)
+        .await
+        .unwrap_or_default();
     for old in earlier.iter().filter(|o| {
         o.source == m.destination
             && o.cleaned_up_at.is_none()
@@ -504,6 +669,19 @@ async fn clear_stale_copies(state: &AppState, m: &Migration, copies: &[checks::B
                 .iter()
                 .any(|c| c.source_kept && copies.iter().any(|b| b.target == c.image))
     }) {
+        let replaced = replaced_later(old, &all, m);
+        if replaced {
+            let message = format!(
+                "the images migration {} left on {} were replaced by a later copy; recorded as cleaned up",
+                old.id, m.destination
+            );
+            log(state, m.id, "info", &message).await;
+            match state.store.mark_cleaned_up(old.id).await {
+                Ok(cleaned) => publish_migration(state, &cleaned),
+                Err(e) => warn!(id = %old.id, error = %e, "cannot record the cleanup"),
+            }
+            continue;
+        }
         let message = format!(
             "{} kept the images migration {} left there; they are stale now and are removed before the copy",
             m.destination, old.id
@@ -519,6 +697,25 @@ async fn clear_stale_copies(state: &AppState, m: &Migration, copies: &[checks::B
             log(state, m.id, "warn", &message).await;
         }
     }
+}
+
+/// Whether a job later than `old` (other than `m`) made its target where `old` kept a
+/// source image on `m`'s destination. That job found the old image gone already (a target
+/// must not exist), whatever `old`'s record says: what is there now is that job's (a partial
+/// copy kept for a retry, say), never to be removed as `old`'s leftover.
+fn replaced_later(old: &Migration, all: &[Migration], m: &Migration) -> bool {
+    all.iter().any(|later| {
+        later.id != m.id
+            && later.created_at > old.created_at
+            && later.destination == m.destination
+            && later.copies.iter().any(|l| {
+                let made = l.target_kept || l.state == DiskCopyState::Copied;
+                made && old
+                    .copies
+                    .iter()
+                    .any(|c| c.source_kept && l.target.as_ref() == Some(&c.image))
+            })
+    })
 }
 
 /// The two halves, each on its host's agent.
@@ -557,6 +754,8 @@ struct AgentHalves<'a> {
     resume: std::collections::HashMap<String, String>,
     /// Block migration: the destination kept its images when it was removed.
     dest_kept_images: bool,
+    /// The destination's QEMU was started ahead; preparing it only makes it listen.
+    launched: bool,
     /// Block migration: the destination's kept images are to be removed after all.
     discard_kept: bool,
     /// What the guest lives through, from the samples (stored when it changes).
@@ -614,6 +813,7 @@ impl<'a> AgentHalves<'a> {
             resume,
             dest_kept_images: false,
             discard_kept: false,
+            launched: false,
             impact: m
                 .impact
                 .clone()
@@ -919,6 +1119,11 @@ impl AgentHalves<'_> {
                         "disk {}: copy resumed into {target}: only what the kept image lacks is sent ({:.1} MiB marked)",
                         d.disk,
                         mib(d.remaining_bytes)
+                    )
+                } else if self.resume.contains_key(&d.disk) {
+                    format!(
+                        "disk {}: copy started to {target}: the source's record of what the kept image lacks is gone or untrustworthy, so the whole disk is sent again",
+                        d.disk
                     )
                 } else {
                     format!("disk {}: copy started to {target}", d.disk)
@@ -1256,14 +1461,16 @@ impl MigrationHalves for AgentHalves<'_> {
             // (or will be found never to have happened).
             return Ok(SocketAddr::from(([0, 0, 0, 0], 0)));
         }
-        self.log(
-            "info",
-            &format!(
-                "starting {} in incoming mode on {}",
-                self.instance.name, self.m.destination
-            ),
-        )
-        .await;
+        if !self.launched {
+            self.log(
+                "info",
+                &format!(
+                    "starting {} in incoming mode on {}",
+                    self.instance.name, self.m.destination
+                ),
+            )
+            .await;
+        }
         let disks: Vec<IncomingDisk> = self
             .block_copies
             .iter()
@@ -1300,6 +1507,11 @@ impl MigrationHalves for AgentHalves<'_> {
             let message = if t.resume {
                 format!(
                     "disk {}: kept image exported on {}; only what it lacks is sent",
+                    t.disk, t.addr
+                )
+            } else if self.resume.contains_key(&t.disk) {
+                format!(
+                    "disk {}: the kept image could not be reused (gone, or no longer the disk's format and size); a new one exported on {} gets the whole disk",
                     t.disk, t.addr
                 )
             } else {
@@ -1528,6 +1740,13 @@ impl MigrationHalves for AgentHalves<'_> {
             self.dest_kept_images = removed.kept_images;
             let message = format!("destination on {} removed", self.m.destination);
             self.log("info", &message).await;
+            if let Some(why) = removed.not_kept {
+                let message = format!(
+                    "the partial images on {} were removed, not kept for a retry: {why}; a retry copies the whole disks",
+                    self.m.destination
+                );
+                self.log("warn", &message).await;
+            }
         }
         Ok(())
     }
@@ -1539,5 +1758,70 @@ impl MigrationHalves for AgentHalves<'_> {
             "/resume"
         };
         self.cleanup(Side::Source, tail, false).await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::migration;
+    use ferry_api::instances::ImageRef;
+
+    fn copy(image: &str, target: &str) -> DiskCopy {
+        let at = |f: &str| ImageRef {
+            datastore: "local".into(),
+            file: f.into(),
+        };
+        let b = checks::BlockCopy {
+            disk: "disk0".into(),
+            source: at(image),
+            target: at(target),
+            format: ferry_api::instances::DiskFormat::Qcow2,
+            size_bytes: 1 << 30,
+            allocated_bytes: 1 << 20,
+            measured: true,
+            margin_bytes: 64 << 20,
+            backing: None,
+            reason: String::new(),
+        };
+        planned_copy(&b, "ferry-resume".into())
+    }
+
+    /// An instance left hv2 (its old image kept there), moved back by a job that was
+    /// cancelled and kept its partial copy at the same place, and retries: the old image is
+    /// gone, and the file there is the partial copy, only when the later job made it.
+    #[test]
+    fn an_image_a_later_copy_replaced_is_not_the_old_jobs_to_remove() {
+        // Completed hv2 -> hv1: kept its source image a.qcow2 on hv2.
+        let mut old = migration("hv2", "hv1");
+        old.copies = vec![copy("a.qcow2", "a.qcow2")];
+        old.copies[0].source_kept = true;
+        // Then hv1 -> hv2, cancelled: its partial copy at a.qcow2 on hv2 is kept.
+        let mut kept = migration("hv1", "hv2");
+        kept.created_at = old.created_at + chrono::Duration::seconds(10);
+        kept.copies = vec![copy("a.qcow2", "a.qcow2")];
+        kept.copies[0].target_kept = true;
+        // Now the retry hv1 -> hv2.
+        let mut retry = migration("hv1", "hv2");
+        retry.created_at = kept.created_at + chrono::Duration::seconds(10);
+        let all = vec![old.clone(), kept.clone(), retry.clone()];
+        assert!(replaced_later(&old, &all, &retry));
+        // A later job that never made its copy there replaced nothing.
+        let mut never = kept.clone();
+        never.copies[0].target_kept = false;
+        never.copies[0].state = DiskCopyState::Failed;
+        assert!(!replaced_later(
+            &old,
+            &[old.clone(), never, retry.clone()],
+            &retry
+        ));
+        // Nor does the retry itself, or a job to another host.
+        let mut elsewhere = kept;
+        elsewhere.destination = "hv3".into();
+        assert!(!replaced_later(
+            &old,
+            &[old.clone(), elsewhere, retry.clone()],
+            &retry
+        ));
     }
 }

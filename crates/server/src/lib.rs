@@ -19,8 +19,11 @@ pub mod preflight;
 mod qemu_settings;
 pub mod reconcile;
 pub mod scheduler;
+pub mod send_rates;
 pub mod server;
 pub mod store;
+#[cfg(test)]
+mod test_support;
 
 pub use config::ServerConfig;
 pub use error::ServerError;

@@ -183,46 +183,61 @@ impl ProbeCache {
 
     /// The probe from `source` to `destination`: a result younger than `ttl`, else a new
     /// probe, run while holding the destination's lock. `run(true)` also measures the
-    /// bandwidth; it is called with false while one measured within `link_ttl` is known,
-    /// which the result then carries.
+    /// bandwidth; it is called with false while one measured within `link_ttl` is known, or
+    /// `stored` (an earlier measurement the caller still trusts) stands in, and the result
+    /// then carries that. True with the result when this call measured the bandwidth.
     pub async fn probe<F, Fut>(
         &self,
         source: &str,
         destination: &str,
-        ttl: Duration,
-        link_ttl: Duration,
+        ttls: (Duration, Duration),
+        stored: Option<f64>,
         run: F,
-    ) -> Probed
+    ) -> (Probed, bool)
     where
         F: FnOnce(bool) -> Fut,
         Fut: Future<Output = Probed>,
     {
+        let (ttl, link_ttl) = ttls;
         let key = (source.to_string(), destination.to_string());
         if let Some(r) = self.fresh(&key, ttl) {
-            return r;
+            return (r, false);
         }
         let lock = self.destination_lock(destination);
         let _one_at_a_time = lock.lock().await;
         // Another request may have probed this pair while this one waited.
         if let Some(r) = self.fresh(&key, ttl) {
-            return r;
+            return (r, false);
         }
         self.runs.fetch_add(1, Ordering::Relaxed);
-        let known = self.link(&key, link_ttl);
+        let known = self.link(&key, link_ttl).or(stored);
         let mut result = run(known.is_none()).await;
+        let mut measured = false;
         if let Probed::Done(r) = &mut result {
             match (r.bandwidth_mbit_s, known) {
                 (Some(mbit), _) => {
                     let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
                     links.insert(key.clone(), (Instant::now(), mbit));
+                    measured = true;
                 }
                 (None, Some(mbit)) if r.connected => r.bandwidth_mbit_s = Some(mbit),
                 _ => {}
             }
         }
         self.remember(key, result.clone(), ttl);
-        result
+        (result, measured)
     }
+}
+
+/// The last measured bandwidth of `source` -> `destination`, when the pair also has a learned
+/// send rate: the plan then goes by what QEMU got through there, and the link only decides
+/// the parallel channels, so an old measurement is good enough and no data is pushed before
+/// the migration (it starts in milliseconds, also after a restart or a long quiet time). A
+/// pair without one is measured as usual.
+async fn stored_link(state: &AppState, source: &str, destination: &str) -> Option<f64> {
+    let learned = state.store.send_rate(source, destination).await.ok()??;
+    let link = state.store.link(source, destination).await.ok()??;
+    (learned.migrations > 0).then_some(link.bandwidth_mbit_s)
 }
 
 /// Listen on the destination, connect from the source.
@@ -476,14 +491,26 @@ pub async fn evaluate(state: &AppState, req: &Request<'_>) -> Result<Vec<Candida
                 let dst = agent_client(&state.store, &t.name).await.ok()?;
                 let bandwidth_ms = state.config.preflight.bandwidth_probe_ms;
                 let link_ttl = Duration::from_secs(state.config.preflight.link_cache_s);
-                Some(
-                    state
-                        .probes
-                        .probe(&instance.host, &t.name, ttl, link_ttl, |measure| {
-                            probe(&src, &dst, if measure { bandwidth_ms } else { 0 })
-                        })
-                        .await,
-                )
+                let stored = stored_link(state, &instance.host, &t.name).await;
+                let (probed, measured) = state
+                    .probes
+                    .probe(
+                        &instance.host,
+                        &t.name,
+                        (ttl, link_ttl),
+                        stored,
+                        |measure| probe(&src, &dst, if measure { bandwidth_ms } else { 0 }),
+                    )
+                    .await;
+                if let (true, Probed::Done(r)) = (measured, &probed) {
+                    if let Some(mbit) = r.bandwidth_mbit_s {
+                        if let Err(e) = state.store.record_link(&instance.host, &t.name, mbit).await
+                        {
+                            tracing::warn!(error = %e, "the measured link was not stored");
+                        }
+                    }
+                }
+                Some(probed)
             }
         }))
         .await
@@ -623,11 +650,13 @@ mod tests {
                 })
             }
         };
-        let (no_reuse, link) = (Duration::ZERO, Duration::from_secs(600));
-        let first = cache.probe("hv1", "hv2", no_reuse, link, probe).await;
-        let second = cache.probe("hv1", "hv2", no_reuse, link, probe).await;
+        let ttls = (Duration::ZERO, Duration::from_secs(600));
+        let (first, fresh) = cache.probe("hv1", "hv2", ttls, None, probe).await;
+        assert!(fresh);
+        let (second, fresh) = cache.probe("hv1", "hv2", ttls, None, probe).await;
+        assert!(!fresh);
         // The other direction is another link.
-        let back = cache.probe("hv2", "hv1", no_reuse, link, probe).await;
+        let (back, _) = cache.probe("hv2", "hv1", ttls, None, probe).await;
         assert_eq!(*measured.lock().unwrap(), vec![true, false, true]);
         let bandwidth = |p: &Probed| match p {
             Probed::Done(r) => r.bandwidth_mbit_s,
@@ -637,11 +666,16 @@ mod tests {
         assert_eq!(bandwidth(&second), Some(8000.0), "the known bandwidth");
         assert_eq!(bandwidth(&back), Some(8000.0));
         assert_eq!(cache.runs(), 3, "connectivity is probed every time");
-        // Once the link's bandwidth is old, it is measured again.
-        let expired = cache
-            .probe("hv1", "hv2", no_reuse, Duration::ZERO, probe)
-            .await;
+        // Once the link's bandwidth is old, it is measured again...
+        let expired = (Duration::ZERO, Duration::ZERO);
+        let (again, _) = cache.probe("hv1", "hv2", expired, None, probe).await;
         assert_eq!(measured.lock().unwrap().last(), Some(&true));
-        assert_eq!(bandwidth(&expired), Some(8000.0));
+        assert_eq!(bandwidth(&again), Some(8000.0));
+        // ...unless the caller has a stored measurement it trusts (a pair with a learned
+        // send rate): then the probe only connects and the result carries that one.
+        let (stored, fresh) = cache.probe("hv1", "hv2", expired, Some(900.0), probe).await;
+        assert!(!fresh);
+        assert_eq!(measured.lock().unwrap().last(), Some(&false));
+        assert_eq!(bandwidth(&stored), Some(900.0));
     }
 }

@@ -82,36 +82,7 @@ async fn schedule_once(state: &AppState) -> Result<(), ServerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::Utc;
-    use ferry_api::migrations::{MigrationKind, MigrationOptions};
-    use uuid::Uuid;
-
-    fn m(src: &str, dst: &str) -> Migration {
-        Migration {
-            id: Uuid::new_v4(),
-            instance_id: Uuid::new_v4(),
-            instance_name: "vm".into(),
-            kind: MigrationKind::Live,
-            source: src.into(),
-            destination: dst.into(),
-            state: MigrationState::Pending,
-            options: MigrationOptions::default(),
-            created_at: Utc::now(),
-            preparing_at: None,
-            migrating_at: None,
-            completing_at: None,
-            finished_at: None,
-            error: None,
-            progress: None,
-            stats: None,
-            cancel_requested: false,
-            copies: vec![],
-            cleaned_up_at: None,
-            impact: None,
-            qemu_settings: None,
-            plan: None,
-        }
-    }
+    use crate::test_support::migration as m;
 
     #[test]
     fn per_host_and_cluster_limits() {

@@ -97,7 +97,9 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         state.clone(),
         stop_rx.clone(),
     ));
-    let app = api::router(state.clone());
+    // The web panel at `/` renders from the same API router, called in process.
+    let api = api::router(state.clone());
+    let app = ferry_panel::router(api.clone()).merge(api);
     let mut stop_http = stop_rx.clone();
     let task = tokio::spawn(async move {
         let served = axum::serve(listener, app)

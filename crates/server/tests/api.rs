@@ -250,6 +250,42 @@ fn assert_error(status: u16, body: &serde_json::Value, want_status: u16, code: &
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whoami_names_the_token_and_its_role() {
+    let api = api().await;
+    let (status, body) = send(&api, "GET", "/v1/whoami", ADMIN, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["role"], "admin", "{body}");
+    let (status, body) = send(&api, "GET", "/v1/whoami", &api.read_only, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["name"].as_str(), body["role"].as_str()),
+        (Some("viewer"), Some("read_only"))
+    );
+    let (status, body) = send(&api, "GET", "/v1/whoami", "wrong", None).await;
+    assert_error(status, &body, 401, "unauthorized");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plan_preview_refuses_what_create_refuses() {
+    let api = api().await;
+    let req = serde_json::json!({"instance": "nope", "destination": "hv2"});
+    let body = serde_json::to_vec(&req).unwrap();
+    let (status, answer) = send(
+        &api,
+        "POST",
+        "/v1/migrations/preview",
+        &api.read_only,
+        Some(body),
+    )
+    .await;
+    assert_error(status, &answer, 404, "instance-not-found");
+    let bad = serde_json::json!({"instance": "nope", "options": {"bandwith_mib_s": 3}});
+    let body = serde_json::to_vec(&bad).unwrap();
+    let (status, answer) = send(&api, "POST", "/v1/migrations/preview", ADMIN, Some(body)).await;
+    assert_error(status, &answer, 400, "unknown-field");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reading_the_audit_log_needs_an_admin_token_and_says_so() {
     let api = api().await;
     let (status, body) = send(&api, "GET", "/v1/audit", &api.read_only, None).await;

@@ -665,7 +665,7 @@ async fn a_failed_block_migration_is_resumed_and_the_retry_sends_fewer_bytes() {
     );
     assert!(
         resumed + (96 << 20) < full,
-        "the resumed copy skips what the cancelled one sent: resumed {} MiB, from zero {} MiB, first attempt {} MiB",
+        "the resumed copy skips what the cancelled one sent: resumed {} MiB, from zero {} MiB, first attempt {} MiB\n{log}",
         mib(resumed),
         mib(full),
         mib(first)
@@ -682,8 +682,9 @@ async fn a_failed_block_migration_is_resumed_and_the_retry_sends_fewer_bytes() {
     })
     .await;
     let late = rx_bytes(&c, "hv2") - rx;
-    assert_eq!(m.state, MigrationState::Cancelled, "{:?}", m.error);
-    assert!(m.copies[0].target_kept, "{:?}", m.copies);
+    let log = c.logs(m.id).await;
+    assert_eq!(m.state, MigrationState::Cancelled, "{:?}\n{log}", m.error);
+    assert!(m.copies[0].target_kept, "{:?}\n{log}", m.copies);
     let (m, retry) = move_counting_bytes(&c, "blk-resume", "hv2").await;
     let log = c.logs(m.id).await;
     assert_eq!(m.state, MigrationState::Completed, "{:?}\n{log}", m.error);
@@ -694,7 +695,7 @@ async fn a_failed_block_migration_is_resumed_and_the_retry_sends_fewer_bytes() {
     );
     assert!(
         retry + (128 << 20) < late,
-        "the retry after the disk was copied resends little: first {} MiB, retry {} MiB",
+        "the retry after the disk was copied resends little: first {} MiB, retry {} MiB\n{log}",
         mib(late),
         mib(retry)
     );

@@ -126,6 +126,35 @@ async fn live_migration_through_the_api_with_progress_logs_and_events() {
     let vm = c.instance("web-1").await;
     assert_eq!((vm.host.as_str(), vm.generation), ("hv1", 2));
     assert_eq!(c.verify(0).await.errors, 0);
+
+    // The first job taught the server what QEMU gets through hv1 -> hv2; the next plan there
+    // uses that, not the probe.
+    assert!(
+        logs.iter()
+            .any(|l| l.message.starts_with("learned: QEMU got through")),
+        "{logs:?}"
+    );
+    let again = c.migrate("web-1", "hv2", MigrationOptions::default()).await;
+    let again = c.wait_end(again.id, Duration::from_secs(120)).await;
+    assert_eq!(again.state, MigrationState::Completed, "{again:?}");
+    let plan = again.plan.expect("auto planned").plan;
+    assert!(
+        plan.reasons
+            .iter()
+            .any(|r| r.contains("in earlier migrations between these hosts")),
+        "{:?}",
+        plan.reasons
+    );
+    let first = m.plan.expect("auto planned").plan;
+    assert!(
+        first
+            .reasons
+            .iter()
+            .any(|r| r.contains("no earlier migration")),
+        "{:?}",
+        first.reasons
+    );
+    assert_ne!(plan.prediction.rate_bps, first.prediction.rate_bps);
     c.shutdown().await;
 }
 

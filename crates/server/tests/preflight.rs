@@ -354,3 +354,57 @@ async fn a_destination_whose_agent_is_down_is_not_fit() {
     assert!(migrations(&c).await.is_empty(), "asking changed nothing");
     c.shutdown().await;
 }
+
+/// What hv2's migration interface received during one candidates request for `vm` to hv2.
+async fn bytes_of_a_check(c: &Cluster, vm: &str) -> (u64, Option<f64>) {
+    let netns = c.lab.host("hv2").unwrap().netns.clone();
+    let before = ferry_lab::net::migration_rx_bytes(&netns).unwrap();
+    let found = candidates(c, vm, "?destination=hv2").await;
+    let after = ferry_lab::net::migration_rx_bytes(&netns).unwrap();
+    let probe = found[0]
+        .checks
+        .iter()
+        .find(|k| k.name == "migration-port-reachable")
+        .expect("probed");
+    (after - before, probe.values["bandwidth_mbit_s"].as_f64())
+}
+
+/// A host pair's link bandwidth is measured (data pushed for `bandwidth_probe_ms`) until a
+/// migration between them has completed; from then on the checks only connect and reuse the
+/// stored measurement, also once `link_cache_s` has passed, so a migration starts at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pair_that_has_migrated_is_not_measured_again() {
+    let c = Cluster::start_with_server(
+        2,
+        Limits::default(),
+        |_| {},
+        |s| s.preflight.link_cache_s = 1,
+    )
+    .await;
+    c.running_vm("linked", "hv1", 0).await;
+    let pushed = 4 << 20;
+    let (first, bandwidth) = bytes_of_a_check(&c, "linked").await;
+    assert!(first > pushed, "the first check measures: {first} bytes");
+    assert!(bandwidth.is_some());
+    // Past the link cache and with no migration yet: measured again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (second, _) = bytes_of_a_check(&c, "linked").await;
+    assert!(
+        second > pushed,
+        "no migration yet: measured again ({second} bytes)"
+    );
+
+    for to in ["hv2", "hv1"] {
+        let m = c.migrate("linked", to, MigrationOptions::default()).await;
+        let m = c.wait_end(m.id, Duration::from_secs(120)).await;
+        assert_eq!(m.state, MigrationState::Completed, "{:?}", m.error);
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (later, reused) = bytes_of_a_check(&c, "linked").await;
+    assert!(
+        later < 1 << 20,
+        "after a completed migration the check only connects: {later} bytes"
+    );
+    assert!(reused.is_some(), "the stored measurement is reported");
+    c.shutdown().await;
+}

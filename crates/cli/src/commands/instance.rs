@@ -329,16 +329,9 @@ pub fn parse_ip_prefix(s: &str) -> Result<(Ipv4Addr, u8), String> {
     Ok((ip, prefix))
 }
 
-/// A stable MAC for NIC `index` of instance `name`: the same name gets the same address on
-/// every run, so ARP caches and DHCP leases in a lab stay valid across re-creation.
+/// A stable MAC for NIC `index` of instance `name` ([`MacAddr::for_nic`]).
 pub fn mac_for(name: &str, index: usize) -> String {
-    // FNV-1a: tiny, stable across Rust versions (unlike std's hasher).
-    let mut h: u32 = 0x811c_9dc5;
-    for b in name.bytes().chain((index as u32).to_be_bytes()) {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    MacAddr::local(h & 0x00ff_ffff).to_string()
+    MacAddr::for_nic(name, index).to_string()
 }
 
 /// The kernel and initramfs of a lab guest.

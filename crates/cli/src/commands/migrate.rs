@@ -8,8 +8,8 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use ferry_api::checks::{Candidate, CheckResult, CheckStatus};
 use ferry_api::migrations::{
-    CreateMigration, Event, LogLine, Migration, MigrationKind, MigrationOptions, MigrationState,
-    Policy, UpdateMigration,
+    CreateMigration, LogLine, Migration, MigrationKind, MigrationOptions, MigrationState, Policy,
+    UpdateMigration,
 };
 use ferry_migrate::{Progress, TimeoutAction};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
@@ -472,13 +472,7 @@ pub async fn follow(ctx: &Ctx, id: Uuid, bar: bool) -> Result<Migration, CliErro
     follow_observed(ctx, id, bar, |_| {}).await
 }
 
-/// What [`follow_observed`] saw of the job: a record (a state change, or a poll) or a
-/// progress sample.
-#[derive(Debug, Clone, Copy)]
-pub enum Seen<'a> {
-    Record(&'a Migration),
-    Sample(&'a Progress),
-}
+pub use ferry_api::follow::Seen;
 
 /// [`follow`], handing `observe` every record and sample as it arrives, so a caller can act
 /// at a moment of the job (read a counter when the copy starts) or time its phases from the
@@ -499,48 +493,24 @@ pub async fn follow_observed(
             plan_shown = true;
         }
     };
-    let stream = ctx
-        .client
-        .follow_events(&format!("/v1/migrations/{id}/events"), |event, data| {
-            match serde_json::from_str::<Event>(data) {
-                Ok(Event::Migration { migration }) => {
-                    observe(Seen::Record(&migration));
-                    show_plan(&migration);
-                    if let Some(pb) = &pb {
-                        pb.show(&migration);
-                    }
-                    !migration.state.is_terminal()
-                }
-                Ok(Event::Progress { progress, .. }) => {
-                    observe(Seen::Sample(&progress));
-                    if let Some(pb) = &pb {
-                        pb.progress(&progress);
-                    }
-                    true
-                }
-                Ok(_) => true,
-                Err(e) => {
-                    tracing::debug!(event, error = %e, "undecodable event");
-                    true
+    let m = ferry_api::follow::migration(&ctx.client, id, |seen| {
+        observe(seen);
+        match seen {
+            Seen::Record(m) => {
+                show_plan(m);
+                if let Some(pb) = &pb {
+                    pb.show(m);
                 }
             }
-        })
-        .await;
-    if let Err(e) = stream {
-        tracing::debug!(error = %e, "event stream unavailable; polling");
-    }
-    let m = loop {
-        let m: Migration = ctx.get(&format!("/v1/migrations/{id}")).await?;
-        observe(Seen::Record(&m));
-        if m.state.is_terminal() {
-            break m;
+            Seen::Sample(p) => {
+                if let Some(pb) = &pb {
+                    pb.progress(p);
+                }
+            }
         }
-        show_plan(&m);
-        if let Some(pb) = &pb {
-            pb.show(&m);
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    })
+    .await
+    .map_err(|e| ctx.api_err(e))?;
     if let Some(pb) = &pb {
         // The end as a line of its own (a bar is cleared: the record follows on stdout).
         pb.show(&m);

@@ -54,6 +54,15 @@ impl Ctx {
         Ok(Ctx::from_config(&cfg, opts.output))
     }
 
+    /// A context around a client that already carries its token (a local cluster's).
+    pub fn with_client(client: ApiClient) -> Ctx {
+        Ctx {
+            client,
+            output: OutputFormat::Table,
+            token_missing: false,
+        }
+    }
+
     pub fn from_config(cfg: &ClientConfig, output: OutputFormat) -> Ctx {
         Ctx {
             client: ApiClient::new(&cfg.url, cfg.token.clone()),

@@ -7,15 +7,12 @@
 //! never sends and counts rewritten blocks again, while the interface counts memory and disk
 //! together with their protocol headers; neither can stand in for the other.
 
-use std::collections::BTreeMap;
-
-use ferry_api::migrations::{DiskCopy, Migration, MigrationState};
-use ferry_cli::commands::migrate::{follow_observed, Seen};
+use ferry_api::migrations::{DiskCopy, Migration};
+use ferry_bench::blocks::{block_watch, CopyClock, Watched};
+use ferry_bench::local_cluster::LocalCluster;
+use ferry_cli::commands::migrate::follow_observed;
+use ferry_cli::commands::Ctx;
 use ferry_cli::error::CliError;
-use ferry_cli::local_cluster::LocalCluster;
-use ferry_lab::net::migration_rx_bytes;
-use ferry_lab::LabError;
-use ferry_migrate::{DiskState, Progress};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -51,115 +48,19 @@ pub(super) struct DiskCopyReport {
     pub source_present: bool,
 }
 
-/// When the disk copy began and ended, from the progress samples.
-#[derive(Debug, Default)]
-pub(crate) struct CopyClock {
-    /// Per disk: `elapsed_ms` of the first sample that showed it.
-    first_ms: BTreeMap<String, u64>,
-    /// The last sample in which some disk was not yet in sync.
-    last_unsynced_ms: Option<u64>,
-    /// The first sample in which every disk was in sync.
-    synced_ms: Option<u64>,
-}
-
-impl CopyClock {
-    /// Samples may arrive twice (as events and inside records), so every figure is a first
-    /// or a last, never a count.
-    fn sample(&mut self, p: &Progress) {
-        if p.disks.is_empty() {
-            return;
-        }
-        for d in &p.disks {
-            let first = self.first_ms.entry(d.disk.clone()).or_insert(p.elapsed_ms);
-            *first = (*first).min(p.elapsed_ms);
-        }
-        let synced = p
-            .disks
-            .iter()
-            .all(|d| matches!(d.state, DiskState::Synced | DiskState::Completed));
-        if synced {
-            self.synced_ms = Some(self.synced_ms.map_or(p.elapsed_ms, |s| s.min(p.elapsed_ms)));
-        } else if self.synced_ms.is_none_or(|s| p.elapsed_ms < s) {
-            self.last_unsynced_ms = Some(
-                self.last_unsynced_ms
-                    .map_or(p.elapsed_ms, |u| u.max(p.elapsed_ms)),
-            );
-        }
-    }
-
-    pub(crate) fn copy_ms(&self, disk: &str) -> Option<u64> {
-        self.synced_ms?.checked_sub(*self.first_ms.get(disk)?)
-    }
-
-    pub(crate) fn sample_gap_ms(&self) -> Option<u64> {
-        self.synced_ms?.checked_sub(self.last_unsynced_ms?)
-    }
-}
-
-/// What the demo saw while it followed a block migration.
-#[derive(Debug)]
-pub(crate) struct Watched {
-    pub(crate) clock: CopyClock,
-    /// Bytes hv2's migration interface received while the job ran.
-    pub(crate) rx_bytes: Option<u64>,
-}
-
-/// Follows job `id` as the plain demo does, and counts the bytes hv2 receives on its
-/// migration interface from the moment the job leaves Preparing to its end: the pre-flight
-/// bandwidth probe before that sends far more than a small guest's whole migration, and
-/// would drown the figure.
-pub(crate) async fn follow_counting(
+/// Follows job `id` as the plain demo does (its bar when `bar`), timing the disk copy from the
+/// samples and counting what hv2 receives ([`ferry_bench::blocks`]).
+pub(super) async fn follow_counting(
     cluster: &LocalCluster,
+    ctx: &Ctx,
     id: Uuid,
     bar: bool,
 ) -> Result<(Migration, Watched), CliError> {
-    let netns = cluster
-        .net
-        .host("hv2")
-        .map_err(LabError::from)?
-        .netns
-        .clone();
-    let (start_tx, start_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut start_tx = Some(start_tx);
-    let mut clock = CopyClock::default();
-    let follow = follow_observed(&cluster.ctx, id, bar, |seen| match seen {
-        Seen::Record(m) => {
-            // A job that ends without being seen past Preparing was never counted: dropping
-            // the sender leaves the figure unknown rather than zero.
-            let past = !matches!(m.state, MigrationState::Pending | MigrationState::Preparing);
-            if past || m.state.is_terminal() {
-                if let Some(tx) = start_tx.take() {
-                    if !m.state.is_terminal() {
-                        let _ = tx.send(());
-                    }
-                }
-            }
-            if let Some(p) = &m.progress {
-                clock.sample(p);
-            }
-        }
-        Seen::Sample(p) => clock.sample(p),
-    });
-    let before = async {
-        match start_rx.await {
-            Ok(()) => rx_bytes(&netns).await,
-            Err(_) => None,
-        }
-    };
-    let (m, before) = tokio::join!(follow, before);
-    let m = m?;
-    let after = rx_bytes(&netns).await;
-    let rx_bytes = before.zip(after).map(|(b, a)| a.saturating_sub(b));
-    Ok((m, Watched { clock, rx_bytes }))
-}
-
-/// [`migration_rx_bytes`] off the runtime's threads (it runs `ip`).
-async fn rx_bytes(netns: &str) -> Option<u64> {
-    let netns = netns.to_string();
-    tokio::task::spawn_blocking(move || migration_rx_bytes(&netns))
-        .await
-        .ok()
-        .flatten()
+    let (mut observer, counter) = block_watch(cluster)?;
+    let follow = follow_observed(ctx, id, bar, |s| observer.observe(s));
+    let (m, rx_bytes) = counter.around(follow).await;
+    let clock = observer.clock;
+    Ok((m?, Watched { clock, rx_bytes }))
 }
 
 /// The job's copies and what the demo measured into the report, whether the job completed
@@ -264,57 +165,5 @@ fn source_line(c: &DiskCopyReport) -> String {
         (true, false) => format!("recorded as kept on {}, but {at} is MISSING", c.source_host),
         (false, true) => format!("not kept by the job, yet {at} is on {}", c.source_host),
         (false, false) => format!("not kept on {} ({} removed)", c.source_host, c.source_image),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use ferry_migrate::DiskProgress;
-
-    fn sample(elapsed_ms: u64, states: &[DiskState]) -> Progress {
-        let disks = states
-            .iter()
-            .enumerate()
-            .map(|(i, s)| DiskProgress {
-                disk: format!("disk{i}"),
-                state: *s,
-                copied_bytes: 0,
-                remaining_bytes: 0,
-                total_bytes: 0,
-                rate_bps: 0.0,
-                resumed: false,
-                passes: 0,
-                whole_disk_mirror: false,
-            })
-            .collect();
-        Progress::disk_copy(elapsed_ms, disks, 0)
-    }
-
-    /// The copy runs from each disk's first sample to the first with all in sync, however
-    /// often a sample is seen and in whatever order.
-    #[test]
-    fn the_copy_is_timed_from_the_first_sample_to_the_first_with_every_disk_in_sync() {
-        use DiskState::{Completed, Copying, Synced};
-        let mut clock = CopyClock::default();
-        for (t, states) in [
-            (1000, vec![Copying, Copying]),
-            (1250, vec![Synced, Copying]),
-            (1250, vec![Synced, Copying]),
-            (1750, vec![Synced, Synced]),
-            (1500, vec![Synced, Copying]),
-            (2000, vec![Synced, Synced]),
-            (3000, vec![Completed, Completed]),
-        ] {
-            clock.sample(&sample(t, &states));
-        }
-        assert_eq!(clock.copy_ms("disk0"), Some(750));
-        assert_eq!(clock.copy_ms("disk1"), Some(750));
-        assert_eq!(clock.sample_gap_ms(), Some(250));
-        assert_eq!(clock.copy_ms("disk9"), None);
-
-        let mut memory_only = CopyClock::default();
-        memory_only.sample(&sample(500, &[]));
-        assert_eq!(memory_only.copy_ms("disk0"), None);
     }
 }

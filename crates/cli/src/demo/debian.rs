@@ -11,9 +11,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ferry_api::instances::Instance;
+use ferry_bench::local_cluster::LocalCluster;
 use ferry_cli::commands::instance::mac_for;
 use ferry_cli::error::CliError;
-use ferry_cli::local_cluster::LocalCluster;
 use ferry_lab::debian_guest;
 use ferry_lab::debian_image::{ensure_debian_image_with_progress, DebianImageOptions, DiskLayout};
 use ferry_lab::instance::debian_instance;
@@ -129,7 +129,7 @@ pub(super) async fn run(
         "shutting the guest down through its agent, then fsck of its root filesystem",
     );
     let _: Instance = cluster
-        .ctx
+        .api
         .post(&format!("/v1/instances/{VM}/stop"), &())
         .await?;
     let disk = &vm.spec.disks[0];

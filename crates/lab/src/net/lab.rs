@@ -23,7 +23,7 @@ const HOST_UPLINK: &str = "up0";
 /// Host-side interface on the migration network.
 /// The host's interface on the migration network (its traffic counters measure what a
 /// migration sent).
-const HOST_MIGRATION_IF: &str = "mig0";
+pub(super) const HOST_MIGRATION_IF: &str = "mig0";
 
 /// Bytes a lab host's migration interface (in namespace `netns`) has received, as the kernel
 /// counts them (whole frames, headers included): what a migration put on the wire.

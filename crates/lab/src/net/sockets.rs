@@ -70,6 +70,22 @@ pub fn in_netns<T: Send + 'static>(
         .map_err(|_| io::Error::other(format!("closure run in network namespace {ns} panicked")))?
 }
 
+/// Runs `f` on a fresh, detached OS thread that has entered network namespace `ns` (for
+/// work that outlives the call, such as a watch). Fails only when the thread cannot start;
+/// a namespace it cannot enter ends the thread without running `f`.
+pub(super) fn in_netns_background(ns: &str, f: impl FnOnce() + Send + 'static) -> io::Result<()> {
+    let path = netns_path(ns)?;
+    let name = ns.to_string();
+    std::thread::Builder::new()
+        .name("ferry-netns".to_string())
+        .spawn(move || {
+            if enter_netns(&name, &path).is_ok() {
+                f();
+            }
+        })?;
+    Ok(())
+}
+
 /// Connects to `addr` from namespace `ns`, giving up after `timeout`.
 pub fn tcp_connect_in(ns: &str, addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     in_netns(ns, move || TcpStream::connect_timeout(&addr, timeout))

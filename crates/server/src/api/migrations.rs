@@ -7,7 +7,8 @@ use ferry_api::agent::SetSourceParams;
 use ferry_api::hosts::HostState;
 use ferry_api::instances::{Instance, InstanceState};
 use ferry_api::migrations::{
-    CreateMigration, LogLine, Migration, MigrationKind, MigrationState, UpdateMigration,
+    CreateMigration, LogLine, Migration, MigrationKind, MigrationPreview, MigrationState, Policy,
+    UpdateMigration,
 };
 
 use serde::Deserialize;
@@ -42,6 +43,131 @@ pub async fn create(
     ApiJson(req): ApiJson<CreateMigration>,
 ) -> Result<(StatusCode, Json<Migration>), ServerError> {
     let instance = find(&state, &req.instance).await?;
+    let kind = check_request(&instance, &req)?;
+    let destination = match req.destination.clone() {
+        Some(d) => d,
+        None => pick_destination(&state, &instance, kind, &req.options.disk_map).await?,
+    };
+    let dest = one_host(&state, &destination).await?;
+    check_destination(&instance, &dest)?;
+    let m = state
+        .store
+        .insert_migration(&NewMigration {
+            id: Uuid::new_v4(),
+            instance_id: instance.id,
+            kind,
+            source: instance.host.clone(),
+            destination: dest.name.clone(),
+            options: req.options.clone(),
+        })
+        .await?;
+    state
+        .store
+        .audit(
+            &who.name,
+            "migration.create",
+            &m.id.to_string(),
+            &serde_json::to_value(&req).unwrap_or_default(),
+        )
+        .await?;
+    log(
+        &state,
+        m.id,
+        "info",
+        &format!(
+            "requested by {}: {} {} -> {}",
+            who.name, instance.name, m.source, m.destination
+        ),
+    )
+    .await;
+    publish_migration(&state, &m);
+    state.queue.notify_one();
+    Ok((StatusCode::ACCEPTED, Json(m)))
+}
+
+/// What `POST /v1/migrations` with this body would do, without queueing anything: the
+/// destination (the best fit when none is given), its checks, and the auto policy's plan
+/// from a fresh dirty-rate measurement. Refuses what create would refuse, with the same
+/// codes, so a preview that passes predicts a create that is accepted.
+#[utoipa::path(post, path = "/v1/migrations/preview", request_body = CreateMigration, responses((status = 200, body = MigrationPreview), (status = 400, description = "invalid request", body = ferry_api::ErrorBody), (status = 404, description = "no such instance or host", body = ferry_api::ErrorBody), (status = 409, description = "the instance or destination cannot take part now", body = ferry_api::ErrorBody), (status = 413, description = "request body too large", body = ferry_api::ErrorBody)))]
+pub async fn preview(
+    State(state): State<AppState>,
+    _r: Reader,
+    ApiJson(req): ApiJson<CreateMigration>,
+) -> Result<Json<MigrationPreview>, ServerError> {
+    let instance = find(&state, &req.instance).await?;
+    let kind = check_request(&instance, &req)?;
+    let destination = match req.destination.clone() {
+        Some(d) => d,
+        None => pick_destination(&state, &instance, kind, &req.options.disk_map).await?,
+    };
+    let dest = one_host(&state, &destination).await?;
+    check_destination(&instance, &dest)?;
+    let candidates = preflight::evaluate(
+        &state,
+        &preflight::Request {
+            instance: &instance,
+            kind,
+            destination: Some(&dest.name),
+            probe: true,
+            migration: None,
+            disk_map: Some(&req.options.disk_map),
+        },
+    )
+    .await?;
+    let candidate = candidates
+        .into_iter()
+        .find(|c| c.host == dest.name)
+        .ok_or_else(|| ServerError::not_found("host", &dest.name))?;
+    let mut notes = Vec::new();
+    let plan = if kind == MigrationKind::Cold {
+        notes.push("a cold migration copies disks and is not planned".to_string());
+        None
+    } else if req.options.policy == Policy::Manual {
+        notes.push("the manual policy runs with exactly the options given; nothing is planned or predicted".to_string());
+        None
+    } else {
+        let dirty = match crate::driver::dirty_rate(&state, &instance.host, instance.id).await {
+            Ok(d) => Some(d.dirty_rate_bps),
+            Err(e) => {
+                notes.push(format!("dirty rate not measured: {e}"));
+                None
+            }
+        };
+        let disk_bytes = crate::driver::block_copies_of(&candidate)
+            .iter()
+            .map(|b| b.allocated_bytes)
+            .sum();
+        Some(
+            crate::driver::compute_plan(
+                &state,
+                &crate::driver::PlanFor {
+                    instance: Some(&instance),
+                    source: &instance.host,
+                    destination: &dest.name,
+                    options: &req.options,
+                    link_bps: crate::driver::probed_link_bps(&candidate),
+                    disk_bytes,
+                    dirty_rate_bps: dirty,
+                },
+            )
+            .await,
+        )
+    };
+    Ok(Json(MigrationPreview {
+        instance: instance.name.clone(),
+        kind,
+        source: instance.host.clone(),
+        destination: dest.name.clone(),
+        candidate,
+        plan,
+        notes,
+    }))
+}
+
+/// The refusals of a migration request that need only the instance: bad options, disks it
+/// lacks, a state the kind cannot move, a job already in flight. Returns the kind.
+fn check_request(instance: &Instance, req: &CreateMigration) -> Result<MigrationKind, ServerError> {
     req.options
         .validate()
         .map_err(|body| ServerError { status: 400, body })?;
@@ -99,11 +225,14 @@ pub async fn create(
             "wait for it to end or cancel it",
         ));
     }
-    let destination = match req.destination.clone() {
-        Some(d) => d,
-        None => pick_destination(&state, &instance, kind, &req.options.disk_map).await?,
-    };
-    let dest = one_host(&state, &destination).await?;
+    Ok(kind)
+}
+
+/// The refusals of a destination: the instance's own host, a disabled or offline host.
+fn check_destination(
+    instance: &Instance,
+    dest: &ferry_api::hosts::Host,
+) -> Result<(), ServerError> {
     if dest.name == instance.host {
         return Err(ServerError::bad_request(
             "same-host",
@@ -125,39 +254,7 @@ pub async fn create(
             "start its agent or pick another host",
         ));
     }
-    let m = state
-        .store
-        .insert_migration(&NewMigration {
-            id: Uuid::new_v4(),
-            instance_id: instance.id,
-            kind,
-            source: instance.host.clone(),
-            destination: dest.name.clone(),
-            options: req.options.clone(),
-        })
-        .await?;
-    state
-        .store
-        .audit(
-            &who.name,
-            "migration.create",
-            &m.id.to_string(),
-            &serde_json::to_value(&req).unwrap_or_default(),
-        )
-        .await?;
-    log(
-        &state,
-        m.id,
-        "info",
-        &format!(
-            "requested by {}: {} {} -> {}",
-            who.name, instance.name, m.source, m.destination
-        ),
-    )
-    .await;
-    publish_migration(&state, &m);
-    state.queue.notify_one();
-    Ok((StatusCode::ACCEPTED, Json(m)))
+    Ok(())
 }
 
 /// The best fit destination by the pre-flight checks; 409 `no-fit-destination` explains each

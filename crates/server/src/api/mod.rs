@@ -129,6 +129,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
         description = "Live migration of KVM/QEMU virtual machines"
     ),
     paths(
+        whoami,
         hosts::list,
         hosts::show,
         hosts::enable,
@@ -145,6 +146,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
         instances::console,
         instances::migration_candidates,
         migrations::create,
+        migrations::preview,
         migrations::list,
         migrations::show,
         migrations::update,
@@ -159,6 +161,8 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
     ),
     components(schemas(
         ferry_api::ErrorBody,
+        ferry_api::tokens::Whoami,
+        ferry_api::tokens::TokenRole,
         ferry_api::checks::Candidate,
         ferry_api::checks::CheckResult,
         ferry_api::checks::CheckStatus,
@@ -168,6 +172,20 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
 )]
 struct ApiDoc;
 
+/// The caller's token name and role: clients that hide what a token may not do (the web
+/// panel) ask here instead of trying a change.
+#[utoipa::path(get, path = "/v1/whoami", responses((status = 200, body = ferry_api::tokens::Whoami), (status = 401, description = "no valid token", body = ferry_api::ErrorBody)))]
+async fn whoami(caller: crate::auth::Caller) -> Json<ferry_api::tokens::Whoami> {
+    use ferry_api::tokens::{TokenRole, Whoami};
+    Json(Whoami {
+        name: caller.name,
+        role: match caller.role {
+            crate::store::Role::Admin => TokenRole::Admin,
+            crate::store::Role::ReadOnly => TokenRole::ReadOnly,
+        },
+    })
+}
+
 async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }
@@ -176,6 +194,7 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/openapi.json", get(openapi))
+        .route("/v1/whoami", get(whoami))
         .route("/v1/hosts", get(hosts::list))
         .route("/v1/hosts/{name}", get(hosts::show))
         .route("/v1/hosts/{name}/enable", post(hosts::enable))
@@ -206,6 +225,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/migrations/{id}",
             get(migrations::show).patch(migrations::update),
         )
+        .route("/v1/migrations/preview", post(migrations::preview))
         .route("/v1/migrations/{id}/cancel", post(migrations::cancel))
         .route("/v1/migrations/{id}/postcopy", post(migrations::postcopy))
         .route("/v1/migrations/{id}/cleanup", post(migrations::cleanup))

@@ -203,7 +203,7 @@ impl Store {
     /// orphan a running job), [`StoreError::NotFound`] if it does not exist.
     pub async fn delete_instance(&self, id: Uuid) -> Result<(), StoreError> {
         let id_text = id.to_string();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let done = sqlx::query(&format!(
             "DELETE FROM instances WHERE id = $1 AND NOT EXISTS (
                  SELECT 1 FROM migrations m

@@ -145,7 +145,7 @@ impl Store {
     pub async fn insert_migration(&self, m: &NewMigration) -> Result<Migration, StoreError> {
         let options = to_json(&m.options, "migration options")?;
         let instance_id = m.instance_id.to_string();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let inserted = sqlx::query(&format!(
             "INSERT INTO migrations (id, seq, instance_id, instance_name, kind, source,
                                      destination, state, options, created_at, cancel_requested)
@@ -308,7 +308,7 @@ impl Store {
             }
         };
         let error = error.map(|e| to_json(e, "migration error")).transpose()?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let sql = format!(
             "UPDATE migrations SET state = $2, error = COALESCE($3, error){stamp}
               WHERE id = $1 AND state NOT IN {TERMINAL_STATES_SQL}"
@@ -338,7 +338,7 @@ impl Store {
     /// Marks that a user asked to cancel; the scheduler acts on it. Repeating is harmless.
     /// [`StoreError::InvalidTransition`] (to Cancelled) if the job already ended.
     pub async fn set_cancel_requested(&self, id: Uuid) -> Result<Migration, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let done = sqlx::query(&format!(
             "UPDATE migrations SET cancel_requested = $2
               WHERE id = $1 AND state NOT IN {TERMINAL_STATES_SQL}"
@@ -464,7 +464,7 @@ impl Store {
     /// `source_kept` becomes false and `cleaned_up_at` is set, once (a repeat keeps the first
     /// time). Returns the job.
     pub async fn mark_cleaned_up(&self, id: Uuid) -> Result<Migration, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let current = fetch_existing_in(&mut tx, id).await?;
         let copies: Vec<DiskCopy> = current
             .copies
@@ -612,7 +612,7 @@ impl Store {
     ) -> Result<Migration, StoreError> {
         let stats = stats.map(|s| to_json(s, "migration stats")).transpose()?;
         let at = ms(now());
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let done = sqlx::query(&format!(
             "UPDATE migrations SET state = $2, finished_at = $3, stats = COALESCE($4, stats)
               WHERE id = $1 AND state NOT IN {TERMINAL_STATES_SQL}"
@@ -651,7 +651,7 @@ impl Store {
     /// [`StoreError::Conflict`] for a Failed or Cancelled job (its instance stayed on the
     /// source), [`StoreError::NotFound`] for an unknown job.
     pub async fn move_instance_for(&self, id: Uuid) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         sqlx::query(&format!(
             "{MOVE_INSTANCE_SQL}
                AND EXISTS (SELECT 1 FROM migrations m

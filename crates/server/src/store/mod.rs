@@ -13,7 +13,9 @@ mod audit;
 mod error;
 mod hosts;
 mod instances;
+mod links;
 mod migrations;
+mod send_rates;
 mod tokens;
 
 #[cfg(test)]
@@ -34,7 +36,9 @@ use sqlx::Row;
 
 pub use audit::AuditEntry;
 pub use error::{codes, StoreError};
+pub use links::LinkMeasure;
 pub use migrations::{MigrationFilter, NewMigration};
+pub use send_rates::SendRate;
 pub use tokens::{ParseRoleError, Role, TokenInfo};
 
 /// How long a statement waits for another connection's write lock before failing: long
@@ -54,6 +58,8 @@ const SCHEMA: &[(i64, &str)] = &[
     (4, include_str!("../../migrations/0004_dest_spec.sql")),
     (5, include_str!("../../migrations/0005_impact.sql")),
     (6, include_str!("../../migrations/0006_qemu_settings.sql")),
+    (7, include_str!("../../migrations/0007_send_rates.sql")),
+    (8, include_str!("../../migrations/0008_links.sql")),
 ];
 
 /// Migration states that end a job, as an SQL list. Kept equal to
@@ -181,6 +187,17 @@ impl Store {
         Store::with_schema(pool, open_err).await
     }
 
+    /// A transaction that holds the write lock from its start (`BEGIN IMMEDIATE`). SQLite's
+    /// default deferred transaction takes it at its first write, and one that read first is
+    /// then refused outright ("database is locked", which the busy timeout does not wait
+    /// out) when another connection wrote meanwhile: a cleanup or a state change would
+    /// fail under load. Waiting for the lock up front queues it behind the busy timeout.
+    pub(crate) async fn write_tx(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
     /// Closes every connection, checkpointing the WAL into the main file. Call on shutdown;
     /// the store must not be used afterwards.
     pub async fn close(&self) {
@@ -214,7 +231,7 @@ impl Store {
             )));
         }
         for (version, sql) in SCHEMA {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.write_tx().await?;
             let claimed = sqlx::query(
                 "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)
                  ON CONFLICT (version) DO NOTHING",

@@ -64,6 +64,7 @@ fn progress(percent: f64) -> Progress {
         downtime_ms: None,
         cpu_throttle_percent: None,
         disks: Vec::new(),
+        revision: None,
     }
 }
 
@@ -99,15 +100,7 @@ fn new_migration(instance_id: Uuid) -> NewMigration {
 
 #[test]
 fn state_lists_match_the_api() {
-    let all = [
-        MigrationState::Pending,
-        MigrationState::Preparing,
-        MigrationState::Migrating,
-        MigrationState::Completing,
-        MigrationState::Completed,
-        MigrationState::Failed,
-        MigrationState::Cancelled,
-    ];
+    let all = MigrationState::ALL;
     let list = |pred: fn(MigrationState) -> bool| {
         let names: Vec<String> = all
             .iter()
@@ -1015,4 +1008,108 @@ async fn disk_copies_are_recorded_and_cleanup_is_due_once() {
         s.set_instance_spec(Uuid::new_v4(), &spec).await,
         Err(StoreError::NotFound(_))
     ));
+}
+
+#[tokio::test]
+async fn a_host_pairs_send_rate_is_learned_as_the_planner_learns_it() {
+    let s = Store::open_memory().await.expect("open");
+    assert_eq!(s.send_rate("a", "b").await.expect("read"), None);
+    let mut expected = None;
+    for observed in [400e6, 200e6, 350e6] {
+        let learned = s.learn_send_rate("a", "b", observed).await.expect("learn");
+        let want = ferry_migrate::plan::learn_rate(expected, observed);
+        assert!(
+            (learned.rate_bps - want).abs() < 1e-3,
+            "{learned:?} vs {want}"
+        );
+        expected = Some(want);
+    }
+    let pair = s.send_rate("a", "b").await.expect("read").expect("learned");
+    assert_eq!(pair.migrations, 3);
+    assert!(
+        (pair.rate_bps - 325e6).abs() < 1e-3,
+        "400, 300, 325: {pair:?}"
+    );
+    // Each direction is a pair of its own.
+    assert_eq!(s.send_rate("b", "a").await.expect("read"), None);
+    let back = s.learn_send_rate("b", "a", 100e6).await.expect("learn");
+    assert_eq!((back.rate_bps, back.migrations), (100e6, 1));
+    // The switchover is learned the same way, on a pair that has a rate.
+    assert_eq!(pair.switchover_ms, None);
+    assert_eq!(
+        s.learn_switchover("a", "b", 20.0).await.expect("learn"),
+        Some(20.0)
+    );
+    let second = s.learn_switchover("a", "b", 40.0).await.expect("learn");
+    let want = ferry_migrate::plan::learn_rate(Some(20.0), 40.0);
+    assert!(
+        (second.unwrap() - want).abs() < 1e-9,
+        "{second:?} vs {want}"
+    );
+    let read = s.send_rate("a", "b").await.expect("read").expect("learned");
+    assert_eq!(read.switchover_ms, second);
+    assert_eq!(
+        s.learn_switchover("x", "y", 5.0).await.expect("no pair"),
+        None
+    );
+}
+
+#[tokio::test]
+async fn a_measured_link_is_kept_per_direction_and_replaced_by_the_next_measurement() {
+    let s = Store::open_memory().await.expect("open");
+    assert_eq!(s.link("a", "b").await.expect("read"), None);
+    s.record_link("a", "b", 950.0).await.expect("record");
+    let first = s.link("a", "b").await.expect("read").expect("stored");
+    assert_eq!(first.bandwidth_mbit_s, 950.0);
+    s.record_link("a", "b", 400.0).await.expect("record");
+    let second = s.link("a", "b").await.expect("read").expect("stored");
+    assert_eq!(second.bandwidth_mbit_s, 400.0);
+    assert!(second.measured_at >= first.measured_at);
+    assert_eq!(s.link("b", "a").await.expect("read"), None);
+}
+
+/// Transactions that read before they write (recording a cleanup reads the job first) must
+/// not fail while other connections write: SQLite's WAL refuses to upgrade a read snapshot
+/// that another writer made stale (`SQLITE_BUSY_SNAPSHOT`, "database is locked", which the
+/// busy timeout does not wait out), so every transaction takes the write lock when it begins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn read_then_write_transactions_survive_concurrent_writers() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&dir.path().join("ferry.db"))
+        .await
+        .expect("open");
+    s.join_host("a", "http://a:7001", "secret-a", &facts("a"))
+        .await
+        .expect("join a");
+    s.join_host("b", "http://b:7001", "secret-b", &facts("b"))
+        .await
+        .expect("join b");
+    let mut jobs = Vec::new();
+    for i in 0..8 {
+        let id = Uuid::new_v4();
+        s.insert_instance(id, &format!("vm{i}"), "a", &spec(), InstanceState::Running)
+            .await
+            .expect("insert");
+        let m = s.insert_migration(&new_migration(id)).await.expect("job");
+        jobs.push(m.id);
+    }
+    let mut tasks = Vec::new();
+    for (i, id) in jobs.iter().copied().enumerate() {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            for round in 0..40 {
+                // A writer on its own job, and a read-then-write one on it.
+                s.add_log(id, "info", &format!("line {i}.{round}"))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                s.mark_cleaned_up(id).await.map_err(|e| e.to_string())?;
+            }
+            Ok::<_, String>(())
+        }));
+    }
+    for t in tasks {
+        t.await
+            .unwrap()
+            .expect("no transaction fails under concurrent writers");
+    }
 }

@@ -122,7 +122,7 @@ impl Store {
         secret: &str,
     ) -> Result<TokenInfo, StoreError> {
         let hash = sha256_hex(secret);
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         sqlx::query(
             "INSERT INTO api_tokens (id, name, role, secret_sha256, created_at)
              VALUES ($1, $2, $3, $4, $5)

@@ -2,7 +2,7 @@
 //! --debian`) takes to boot under the lab's accelerator, and what a live migration of it on
 //! shared storage costs, measured through the real server and agents.
 //!
-//! The policy matrix (mod.rs) drives QEMU directly with lab guests Ferry built. This scenario is
+//! The policy matrix (lib.rs) drives QEMU directly with lab guests Ferry built. This scenario is
 //! the other half of issue 9's promise: a guest booting from its own disk through SeaBIOS, seen
 //! only through the console and qemu-guest-agent, moved by `POST /v1/migrations` with its disk
 //! staying on the datastore both hosts share. Per run:
@@ -25,27 +25,24 @@
 //! which removes its namespaces (and with them every QEMU and tap) and its directory (the
 //! shared datastore with the disk copies).
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context as _};
 use ferry_api::instances::Instance;
-use ferry_api::migrations::{CreateMigration, Migration, MigrationOptions, MigrationState};
-use ferry_cli::commands::instance::mac_for;
-use ferry_cli::commands::migrate::follow;
-use ferry_cli::local_cluster::{newest_serial_log, LocalCluster};
+use ferry_api::migrations::{MigrationOptions, MigrationState};
 use ferry_lab::debian_guest::{self, sh, WriterLog};
 use ferry_lab::debian_image::{ensure_debian_image, DebianImage, DebianImageOptions};
 use ferry_lab::image::ensure_image;
+use ferry_lab::image::ImageOptions;
 use ferry_lab::instance::debian_instance;
 use ferry_lab::serial::{heartbeat_gap, HostBeats, SerialMonitor};
-use ferry_qemu::AccelChoice;
+use ferry_qemu::MacAddr;
 use ferry_qmp::GuestAgent;
 use serde::Serialize;
 
-use super::{loadavg, median_f64, say, BenchArgs, Machine};
+use crate::error::{bail, BenchError, Context as _};
+use crate::local_cluster::{newest_serial_log, LocalCluster};
+use crate::{accel_choice, loadavg, median_f64, say, BenchArgs, Machine, Outcome};
 
 /// The guest's memory, as issue 9 asks for the Debian guest.
 const MEMORY_MIB: u32 = 512;
@@ -170,27 +167,24 @@ struct ImageInfo {
 }
 
 /// `ferry bench --debian`.
-pub(super) async fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+pub(super) async fn bench(args: &BenchArgs, image: &ImageOptions) -> Result<Outcome, BenchError> {
     let runs = args.runs.unwrap_or(3).max(1);
     // SAFETY: geteuid(2) cannot fail and has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the Debian bench creates network namespaces and builds its image: run it as root");
     }
-    let choice: AccelChoice = args
-        .accel
-        .parse()
-        .map_err(|e| anyhow::anyhow!("--accel: {e}"))?;
-    let lab_opts = args.image.options();
+    let choice = accel_choice(&args.accel)?;
+    let lab_opts = image.clone();
     let cache_dir = lab_opts.cache_dir.clone();
     let deb_opts = DebianImageOptions {
         cache_dir: cache_dir.clone(),
-        kernel_package: args.image.kernel_package.clone(),
+        kernel_package: lab_opts.kernel_package.clone(),
         ..DebianImageOptions::default()
     };
     say("Debian image (built on first use, about 2 minutes; then cached)...");
     let (image, built) = tokio::task::spawn_blocking(move || ensure_debian_image(&deb_opts))
         .await?
-        .map_err(|e| anyhow::anyhow!("{e} (hint: {})", e.hint()))?;
+        .map_err(|e| BenchError::Failed(format!("{e} (hint: {})", e.hint())))?;
     say(&format!(
         "  {} {} ({:.0} MiB, kernel {})",
         if built { "built" } else { "reused" },
@@ -202,7 +196,7 @@ pub(super) async fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     // does, so `auto` means the same here as everywhere else.
     let lab_image = tokio::task::spawn_blocking(move || ensure_image(&lab_opts))
         .await?
-        .map_err(|e| anyhow::anyhow!("lab image for the accelerator probe: {e}"))?
+        .context("lab image for the accelerator probe")?
         .0;
     let accel = ferry_lab::choose_accel(
         choice,
@@ -218,7 +212,7 @@ pub(super) async fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     ));
     // The cache directory is a datastore of every host: an image given by path must be inside
     // one, and from there it is copied onto the shared datastore.
-    let images = ferry_cli::local_cluster::images_datastore(&cache_dir)?;
+    let images = crate::local_cluster::images_datastore(&cache_dir)?;
     let cluster = LocalCluster::start(LAB_NAME, 2, accel.name(), vec![images]).await?;
     let mut guest_os = None;
     let mut results = Vec::new();
@@ -256,15 +250,12 @@ pub(super) async fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         "wrote {0}/debian.json and {0}/debian.md",
         args.out.display()
     );
-    if args.json {
-        ferry_cli::outln!("{}", serde_json::to_string_pretty(&report)?);
-    }
+    let json = match args.json {
+        true => Some(serde_json::to_string_pretty(&report)?),
+        false => None,
+    };
     // Exit code 2 (a migration failed) when any run failed or lost a write.
-    Ok(if report.runs.iter().all(|r| r.ok) {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(2)
-    })
+    Ok(Outcome::new(report.runs.iter().all(|r| r.ok), json))
 }
 
 /// One run; never fails: what went wrong is in `error`, and the instance is removed anyway.
@@ -310,7 +301,7 @@ async fn one_run(
                 ));
             }
         }
-        Err(e) => run.error = Some(format!("{e:#}")),
+        Err(e) => run.error = Some(e.chain()),
     }
     remove(cluster, &name).await;
     run
@@ -322,20 +313,17 @@ async fn create(
     cluster: &LocalCluster,
     image: &DebianImage,
     name: &str,
-) -> anyhow::Result<Instance> {
+) -> Result<Instance, BenchError> {
     let req = debian_instance(
         name,
         "hv1",
         image,
         LocalCluster::SHARED_DATASTORE,
         MEMORY_MIB,
-        &mac_for(name, 0),
+        &MacAddr::for_nic(name, 0).to_string(),
         false,
     );
-    cluster
-        .create_instance(&req)
-        .await
-        .map_err(anyhow::Error::from)
+    cluster.create_instance(&req).await
 }
 
 /// Boot, writer, migration, readback and stop of one instance.
@@ -344,14 +332,14 @@ async fn measure(
     vm: &Instance,
     run: &mut DebianRun,
     guest_os: &mut Option<String>,
-) -> anyhow::Result<()> {
+) -> Result<(), BenchError> {
     // --- boot -------------------------------------------------------------------------------
     // A new instance: the first serial log that appears there is this boot's.
     let console_dir = cluster.console_dir(0, vm.id);
     let t0 = Instant::now();
     let console = tokio::spawn(watch_console(console_dir.clone(), t0, BOOT_BOUND));
     let _: Instance = cluster
-        .ctx
+        .api
         .post(&format!("/v1/instances/{}/start", vm.id), &())
         .await?;
     run.boot.start_call_ms = Some(ms(t0.elapsed()));
@@ -414,19 +402,10 @@ async fn measure(
         SerialMonitor::connect(&dest_socket, Duration::from_secs(300)).await
     });
     let started = Instant::now();
-    let m: Migration = cluster
-        .ctx
-        .post(
-            "/v1/migrations",
-            &CreateMigration {
-                instance: vm.id.to_string(),
-                destination: Some("hv2".into()),
-                options: MigrationOptions::default(),
-                kind: None,
-            },
-        )
+    let m = cluster
+        .create_migration_to_hv2(&vm.id.to_string(), &MigrationOptions::default())
         .await?;
-    let m = follow(&cluster.ctx, m.id, std::io::stderr().is_terminal()).await?;
+    let m = ferry_api::follow::migration(&cluster.api, m.id, |_| {}).await?;
     let mut mv = Move {
         job_ms: ms(started.elapsed()),
         state: m.state.as_str().to_string(),
@@ -488,7 +467,7 @@ async fn measure(
     // button.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let i: Instance = cluster.ctx.get(&format!("/v1/instances/{}", vm.id)).await?;
+        let i: Instance = cluster.api.get(&format!("/v1/instances/{}", vm.id)).await?;
         if (i.host == "hv2" && i.guest.is_some()) || Instant::now() > deadline {
             break;
         }
@@ -496,8 +475,7 @@ async fn measure(
     }
     let stopping = Instant::now();
     let _: Instance = cluster
-        .ctx
-        .client
+        .api
         .clone()
         .with_timeout(Duration::from_secs(90))
         .post(&format!("/v1/instances/{}/stop?timeout_s=45", vm.id), &())
@@ -511,11 +489,7 @@ async fn measure(
 /// quietly: both are harmless when there is nothing to do, and the cluster's teardown
 /// removes whatever this leaves.
 pub(super) async fn remove(cluster: &LocalCluster, name: &str) {
-    let client = cluster
-        .ctx
-        .client
-        .clone()
-        .with_timeout(Duration::from_secs(90));
+    let client = cluster.api.clone().with_timeout(Duration::from_secs(90));
     let i: Result<Instance, _> = client.get(&format!("/v1/instances/{name}")).await;
     let Ok(i) = i else { return };
     if i.state != ferry_api::instances::InstanceState::Stopped {
@@ -532,7 +506,7 @@ pub(super) async fn remove(cluster: &LocalCluster, name: &str) {
 
 /// The newest stop of `name` in the audit log says how the guest went down.
 async fn stopped_by(cluster: &LocalCluster, name: &str) -> Option<String> {
-    let audit: Vec<serde_json::Value> = cluster.ctx.get("/v1/audit").await.ok()?;
+    let audit: Vec<serde_json::Value> = cluster.api.get("/v1/audit").await.ok()?;
     audit
         .iter()
         .find(|e| e["action"] == "instance.stop" && e["target"] == name)
@@ -571,7 +545,7 @@ fn clock_lost(start: &ClockReading, before: &ClockReading, after: &ClockReading)
 /// Host wall clock minus the guest's (`guest-get-time`). Of three readings the one with the
 /// shortest round trip is kept and taken at the round trip's midpoint: the reply's delay is
 /// otherwise counted as clock offset.
-async fn clock_offset_ms(agent: &GuestAgent) -> anyhow::Result<ClockReading> {
+async fn clock_offset_ms(agent: &GuestAgent) -> Result<ClockReading, BenchError> {
     let mut best: Option<(f64, ClockReading)> = None;
     for _ in 0..3 {
         let before = unix_ms();
@@ -833,7 +807,7 @@ fn markdown(report: &DebianReport) -> String {
         report.machine.host_cpus,
         report.machine.load_before,
         report.machine.load_after,
-        super::render::markdown_table(&HEADERS, &rows)
+        crate::render::markdown_table(&HEADERS, &rows)
     )
 }
 

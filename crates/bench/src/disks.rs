@@ -5,7 +5,7 @@
 //! the move (the writer at full speed, then idle); in the `writes` load it then keeps
 //! rewriting those blocks at [`WRITE_RATE`] blocks/s. Each load moves once `unlimited` and
 //! once `capped` at [`CAP_MIB_S`] MiB/s (`MigrationOptions::bandwidth_mib_s`). The job is
-//! followed as `ferry demo --storage local` follows it (demo/blocks.rs): the disk copy is timed
+//! followed as `ferry demo --storage local` follows it (blocks.rs): the disk copy is timed
 //! from the progress samples, and the bytes hv2's migration interface receives after the
 //! pre-flight checks are counted. After the move the guest reads back every block it wrote.
 //!
@@ -16,23 +16,19 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use crate::local_cluster::{start_bench_cluster, BenchCluster, LocalCluster};
 use ferry_api::instances::DiskRequest;
 use ferry_api::migrations::{LogLine, Migration, MigrationOptions, MigrationState};
-use ferry_cli::local_cluster::{HostStorage, LocalCluster};
 use ferry_lab::guest_client::{self, GuestStatus};
 use ferry_lab::guest_config::{Fill, GuestConfig, GuestDisk, CONTROL_PORT};
-use ferry_lab::image::{ensure_image, GuestImage};
-use ferry_qemu::AccelChoice;
+use ferry_lab::image::{GuestImage, ImageOptions};
 use serde::Serialize;
 
-use super::debian::remove;
-use super::{error_suffix, loadavg, outcome, render, say, BenchArgs, Machine};
-use crate::demo::blocks::follow_counting;
-use crate::demo::{create_lab_guest, create_migration_to_hv2};
+use crate::debian::remove;
+use crate::error::{bail, BenchError, Context as _};
+use crate::{error_suffix, outcome, render, say, BenchArgs, Machine, Outcome};
 
 /// The lab (namespaces ferry-bench-disks-*): apart from the other benches'.
 const LAB_NAME: &str = "bench-disks";
@@ -163,34 +159,14 @@ struct DisksReport {
 }
 
 /// `ferry bench --disks`.
-pub(super) async fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+pub(super) async fn bench(args: &BenchArgs, image: &ImageOptions) -> Result<Outcome, BenchError> {
     let runs = args.runs.unwrap_or(1).max(1);
-    // SAFETY: geteuid(2) cannot fail and has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("the disk bench creates network namespaces and bridges: run it as root");
-    }
-    let choice: AccelChoice = args
-        .accel
-        .parse()
-        .map_err(|e| anyhow::anyhow!("--accel: {e}"))?;
-    let image_opts = args.image.options();
-    let cache_dir = image_opts.cache_dir.clone();
-    let image = tokio::task::spawn_blocking(move || ensure_image(&image_opts))
-        .await?
-        .map_err(|e| anyhow::anyhow!("lab guest image: {e}"))?
-        .0;
-    let accel =
-        ferry_lab::choose_accel(choice, Path::new("qemu-system-x86_64"), &cache_dir, &image)
-            .await?;
-    let load_before = loadavg();
-    say(&format!(
-        "starting a server and agents on lab hosts hv1 and hv2, each with its own datastore ({}; load {load_before})",
-        accel.name()
-    ));
-    let images = ferry_cli::local_cluster::images_datastore(&cache_dir)?;
-    let cluster =
-        LocalCluster::start_with(LAB_NAME, 2, accel.name(), vec![images], HostStorage::Local)
-            .await?;
+    let BenchCluster {
+        cluster,
+        image,
+        accel,
+        load_before,
+    } = start_bench_cluster("disk", LAB_NAME, args, image).await?;
     let mut results = Vec::new();
     for load in [Load::Idle, Load::Writes] {
         for cap in [None, Some(CAP_MIB_S)] {
@@ -208,7 +184,7 @@ pub(super) async fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
                     run.load, run.config
                 ));
                 if let Err(e) = one_run(&cluster, &image, load, &mut run).await {
-                    run.error = Some(format!("{e:#}"));
+                    run.error = Some(e.chain());
                 }
                 remove(&cluster, VM).await;
                 run.derived = derive(&run);
@@ -230,20 +206,15 @@ pub(super) async fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     };
     let table = markdown(&report);
     write_outputs(&args.out, &report, &table)?;
-    if args.json {
-        ferry_cli::outln!("{}", serde_json::to_string_pretty(&report)?);
-    }
-    Ok(
-        if report
-            .runs
-            .iter()
-            .all(|r| r.converged && r.disk_verified == Some(true))
-        {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::from(2)
-        },
-    )
+    let json = match args.json {
+        true => Some(serde_json::to_string_pretty(&report)?),
+        false => None,
+    };
+    let ok = report
+        .runs
+        .iter()
+        .all(|r| r.converged && r.disk_verified == Some(true));
+    Ok(Outcome::new(ok, json))
 }
 
 fn config_name(cap: Option<u64>) -> &'static str {
@@ -254,7 +225,7 @@ fn config_name(cap: Option<u64>) -> &'static str {
     }
 }
 
-fn write_outputs(out: &Path, report: &DisksReport, table: &str) -> anyhow::Result<()> {
+fn write_outputs(out: &Path, report: &DisksReport, table: &str) -> Result<(), BenchError> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::write(
         out.join("disks.json"),
@@ -273,7 +244,7 @@ async fn one_run(
     image: &GuestImage,
     load: Load,
     run: &mut DiskRun,
-) -> anyhow::Result<()> {
+) -> Result<(), BenchError> {
     let config = GuestConfig {
         wss_mib: MEMORY_WSS_MIB,
         rate_mib_s: 0,
@@ -288,14 +259,16 @@ async fn one_run(
     };
     config
         .validate(MEMORY_MIB)
-        .map_err(|e| anyhow::anyhow!("guest: {e}"))?;
+        .map_err(|e| BenchError::Invalid(format!("guest: {e}")))?;
     let disk = DiskRequest {
         datastore: Some(LocalCluster::LOCAL_DATASTORE.into()),
         size_bytes: Some(DISK_BYTES),
         serial: Some(DISK_SERIAL.into()),
         ..DiskRequest::default()
     };
-    let vm = create_lab_guest(cluster, image, config, MEMORY_MIB, VM, vec![disk]).await?;
+    let vm = cluster
+        .create_lab_guest(image, config, MEMORY_MIB, VM, vec![disk])
+        .await?;
     let ip = cluster.net.guest_addr(0);
     let client_ns = cluster.net.client_netns.clone();
     let control = SocketAddr::from((ip, CONTROL_PORT));
@@ -304,7 +277,7 @@ async fn one_run(
         .with_context(|| format!("the guest at {ip} did not answer"))?;
     let status = || async {
         let reply = guest_client::control_in(&client_ns, control, "status").await?;
-        anyhow::Ok(guest_client::parse_status(&reply)?)
+        Ok::<_, BenchError>(guest_client::parse_status(&reply)?)
     };
     let deadline = Instant::now() + FILL_BOUND;
     loop {
@@ -350,13 +323,13 @@ async fn one_run(
         bandwidth_mib_s: run.cap_mib_s,
         ..MigrationOptions::default()
     };
-    let m = create_migration_to_hv2(cluster, VM, &options).await?;
-    let (m, watched) = follow_counting(cluster, m.id, false).await?;
+    let m = cluster.create_migration_to_hv2(VM, &options).await?;
+    let (m, watched) = cluster.follow_counting(m.id).await?;
     // The source keeps its image after the move until the cleanup; the next run's disk has
     // the same name there.
     if m.copies.iter().any(|c| c.source_kept) {
         let _: Migration = cluster
-            .ctx
+            .api
             .post(&format!("/v1/migrations/{}/cleanup", m.id), &())
             .await?;
     }
@@ -376,7 +349,7 @@ async fn one_run(
     run.qemu_pause_ms = m.stats.as_ref().map(|s| s.qemu_pause_ms);
     run.memory_bytes = m.stats.as_ref().map(|s| s.bytes_transferred);
     let logs: Vec<LogLine> = cluster
-        .ctx
+        .api
         .get(&format!("/v1/migrations/{}/logs", m.id))
         .await?;
     run.link_probe_mbit_s = link_probe_mbit_s(&logs);
@@ -453,7 +426,7 @@ fn markdown(report: &DisksReport) -> String {
         "disk verified",
         ">guest writes/s",
     ];
-    let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    let opt = render::dash;
     let rows: Vec<Vec<String>> = report
         .runs
         .iter()

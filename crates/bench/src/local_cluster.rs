@@ -1,22 +1,26 @@
 //! A whole Ferry cluster inside this process: lab namespaces as hosts, `ferry server` on a
 //! fresh SQLite file and one agent per host, all talking over their real HTTP APIs. The demo
-//! runs on it; dropping it removes every namespace (and so every guest) and its directory.
+//! and the benches through the server run on it; dropping it removes every namespace (and so
+//! every guest) and its directory.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_agent::{AgentConfig, AgentHandle, DatastoreConfig};
-use ferry_api::instances::{CreateInstance, ImageRef, Instance};
+use ferry_api::instances::{CreateInstance, DiskRequest, ImageRef, Instance};
+use ferry_api::migrations::{CreateMigration, Migration, MigrationOptions};
+use ferry_api::ApiClient;
+use ferry_chaos::daemons::{agent_config, server_config};
+use ferry_lab::guest_config::GuestConfig;
+use ferry_lab::image::GuestImage;
+use ferry_lab::instance::guest_instance_spec;
 use ferry_lab::net::LabNet;
+use ferry_qemu::MacAddr;
 use ferry_server::ServerHandle;
 use uuid::Uuid;
 
-use crate::commands::lab::{agent_config, server_config};
-use crate::commands::Ctx;
-use crate::config::ClientConfig;
-use crate::error::CliError;
-use crate::output::OutputFormat;
+use crate::error::BenchError;
 
 /// Tokens of a cluster that lives only as long as this process.
 const ADMIN_TOKEN: &str = "local-cluster-admin-token-0000000";
@@ -34,8 +38,12 @@ pub enum HostStorage {
     Local,
 }
 
+/// How long the hosts of a new cluster may take to report online.
+const ONLINE_TIMEOUT: Duration = Duration::from_secs(60);
+
 pub struct LocalCluster {
-    pub ctx: Ctx,
+    /// The server's API, with the admin token.
+    pub api: ApiClient,
     pub server: Option<ServerHandle>,
     pub agents: Vec<AgentHandle>,
     pub agent_configs: Vec<AgentConfig>,
@@ -60,7 +68,7 @@ impl LocalCluster {
         hosts: usize,
         accel: &str,
         datastores: Vec<DatastoreConfig>,
-    ) -> Result<LocalCluster, CliError> {
+    ) -> Result<LocalCluster, BenchError> {
         Self::start_with(name, hosts, accel, datastores, HostStorage::Shared).await
     }
 
@@ -71,22 +79,13 @@ impl LocalCluster {
         accel: &str,
         datastores: Vec<DatastoreConfig>,
         storage: HostStorage,
-    ) -> Result<LocalCluster, CliError> {
+    ) -> Result<LocalCluster, BenchError> {
         let n = name.to_string();
-        let net = tokio::task::spawn_blocking(move || LabNet::create(&n, hosts))
-            .await
-            .map_err(|e| CliError::new("internal", e.to_string(), ""))?
-            .map_err(ferry_lab::LabError::from)?;
+        let net = tokio::task::spawn_blocking(move || LabNet::create(&n, hosts)).await??;
         let dir = std::env::temp_dir().join(format!("ferry-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         // Holds the database and the agents' credentials: the owner's only.
-        ferry_lab::private_fs::create_dir(&dir).map_err(|e| {
-            CliError::new(
-                "io",
-                format!("cannot create {}: {e}", dir.display()),
-                "check /tmp",
-            )
-        })?;
+        ferry_lab::private_fs::create_dir(&dir).map_err(|e| cannot_create(&dir, e))?;
         let shared = dir.join(Self::SHARED_DATASTORE);
         std::fs::create_dir_all(&shared)
             .and_then(|()| {
@@ -103,13 +102,7 @@ impl LocalCluster {
             identity: None,
         });
         let mut cluster = LocalCluster {
-            ctx: Ctx::from_config(
-                &ClientConfig {
-                    url: String::new(),
-                    token: None,
-                },
-                OutputFormat::Table,
-            ),
+            api: ApiClient::new("", None),
             server: None,
             agents: Vec::new(),
             agent_configs: Vec::new(),
@@ -123,15 +116,9 @@ impl LocalCluster {
             JOIN_TOKEN,
         ))
         .await
-        .map_err(|e| CliError::Local(e.body))?;
+        .map_err(|e| BenchError::Daemon(e.body))?;
         let url = server.url();
-        cluster.ctx = Ctx::from_config(
-            &ClientConfig {
-                url: url.clone(),
-                token: Some(ADMIN_TOKEN.into()),
-            },
-            OutputFormat::Table,
-        );
+        cluster.api = ApiClient::new(&url, Some(ADMIN_TOKEN.into()));
         cluster.server = Some(server);
         for h in cluster.net.hosts.clone() {
             let mut own = datastores.clone();
@@ -149,17 +136,17 @@ impl LocalCluster {
             );
             let agent = ferry_agent::start(config.clone())
                 .await
-                .map_err(|e| CliError::Local(e.body()))?;
+                .map_err(|e| BenchError::Daemon(e.body()))?;
             cluster.agents.push(agent);
             cluster.agent_configs.push(config);
         }
-        crate::commands::lab::wait_hosts_online(&cluster.ctx, hosts).await?;
+        ferry_chaos::cluster::wait_hosts_online(&cluster.api, hosts, ONLINE_TIMEOUT).await?;
         Ok(cluster)
     }
 
     /// Host `host`'s own datastore: a directory under the cluster's, so it goes with the
     /// cluster, and without an identity, so no other host counts it as the same storage.
-    fn local_datastore(&self, host: &str) -> Result<DatastoreConfig, CliError> {
+    fn local_datastore(&self, host: &str) -> Result<DatastoreConfig, BenchError> {
         let path = self.dir.join(Self::LOCAL_DATASTORE).join(host);
         std::fs::create_dir_all(&path).map_err(|e| cannot_create(&path, e))?;
         Ok(DatastoreConfig {
@@ -178,10 +165,9 @@ impl LocalCluster {
     /// Creates an instance through the server, patient with disk copies: a create that
     /// copies an image onto a datastore lasts as long as its data takes to move, which can
     /// be more than a request's usual minute on a busy machine.
-    pub async fn create_instance(&self, req: &CreateInstance) -> Result<Instance, CliError> {
+    pub async fn create_instance(&self, req: &CreateInstance) -> Result<Instance, BenchError> {
         Ok(self
-            .ctx
-            .client
+            .api
             .clone()
             .with_timeout(Duration::from_secs(600))
             .post("/v1/instances", req)
@@ -224,6 +210,46 @@ impl LocalCluster {
         )
     }
 
+    /// Creates and starts lab guest `name` on hv1, at the lab's first guest address.
+    pub async fn create_lab_guest(
+        &self,
+        image: &GuestImage,
+        config: GuestConfig,
+        memory_mib: u32,
+        name: &str,
+        disks: Vec<DiskRequest>,
+    ) -> Result<Instance, BenchError> {
+        let config = GuestConfig {
+            ip: Some((self.net.guest_addr(0), LabNet::GUEST_PREFIX)),
+            ..config
+        };
+        let mac = MacAddr::for_nic(name, 0).to_string();
+        let spec = guest_instance_spec(image, &config, memory_mib, &mac);
+        let req = CreateInstance {
+            name: name.into(),
+            host: Some("hv1".into()),
+            spec,
+            disks,
+            start: true,
+        };
+        Ok(self.api.post("/v1/instances", &req).await?)
+    }
+
+    /// Asks the server to live-migrate `instance` to hv2; the job runs on.
+    pub async fn create_migration_to_hv2(
+        &self,
+        instance: &str,
+        options: &MigrationOptions,
+    ) -> Result<Migration, BenchError> {
+        let req = CreateMigration {
+            instance: instance.into(),
+            destination: Some("hv2".into()),
+            options: options.clone(),
+            kind: None,
+        };
+        Ok(self.api.post("/v1/migrations", &req).await?)
+    }
+
     /// Stops agents and server in order; guests go with the namespaces on drop.
     pub async fn shutdown(mut self) {
         for a in self.agents.drain(..) {
@@ -238,7 +264,7 @@ impl LocalCluster {
 /// The guest image cache as datastore `images`, with the identity file that makes it the
 /// same storage on every host of a local cluster ([`ferry_lab::image::image_store`]), so the
 /// pre-flight checks pass kernel and initrd without a storage warning.
-pub fn images_datastore(cache_dir: &Path) -> Result<DatastoreConfig, CliError> {
+pub fn images_datastore(cache_dir: &Path) -> Result<DatastoreConfig, BenchError> {
     let path = ferry_lab::image::image_store(cache_dir).map_err(ferry_lab::LabError::from)?;
     Ok(DatastoreConfig {
         name: "images".into(),
@@ -254,12 +280,12 @@ pub fn newest_serial_log(dir: &Path) -> Option<PathBuf> {
         .map(|(_, path)| path)
 }
 
-fn cannot_create(path: &Path, e: std::io::Error) -> CliError {
-    CliError::new(
+fn cannot_create(path: &Path, e: std::io::Error) -> BenchError {
+    BenchError::Daemon(ferry_api::ErrorBody::new(
         "io",
         format!("cannot create {}: {e}", path.display()),
         "check /tmp",
-    )
+    ))
 }
 
 impl Drop for LocalCluster {
@@ -267,4 +293,53 @@ impl Drop for LocalCluster {
         self.net.destroy();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// What a bench through the server starts from: a local cluster of hv1 and hv2, each with
+/// its own datastore, the lab guest image and the accelerator its guests run under, and the
+/// machine's load before the first run.
+pub(crate) struct BenchCluster {
+    pub cluster: LocalCluster,
+    pub image: GuestImage,
+    pub accel: ferry_qemu::Accel,
+    pub load_before: String,
+}
+
+/// Starts [`BenchCluster`] lab `lab` for bench `what` (named in the errors and the first
+/// line it prints), as root.
+pub(crate) async fn start_bench_cluster(
+    what: &str,
+    lab: &str,
+    args: &crate::BenchArgs,
+    image: &ferry_lab::image::ImageOptions,
+) -> Result<BenchCluster, BenchError> {
+    use crate::error::{bail, Context as _};
+    // SAFETY: geteuid(2) cannot fail and has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the {what} bench creates network namespaces and bridges: run it as root");
+    }
+    let choice = crate::accel_choice(&args.accel)?;
+    let image_opts = image.clone();
+    let cache_dir = image_opts.cache_dir.clone();
+    let image = tokio::task::spawn_blocking(move || ferry_lab::image::ensure_image(&image_opts))
+        .await?
+        .context("lab guest image")?
+        .0;
+    let accel =
+        ferry_lab::choose_accel(choice, Path::new("qemu-system-x86_64"), &cache_dir, &image)
+            .await?;
+    let load_before = crate::loadavg();
+    crate::say(&format!(
+        "starting a server and agents on lab hosts hv1 and hv2, each with its own datastore ({}; load {load_before})",
+        accel.name()
+    ));
+    let images = images_datastore(&cache_dir)?;
+    let cluster =
+        LocalCluster::start_with(lab, 2, accel.name(), vec![images], HostStorage::Local).await?;
+    Ok(BenchCluster {
+        cluster,
+        image,
+        accel,
+        load_before,
+    })
 }

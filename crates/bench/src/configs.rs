@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use ferry_migrate::plan::{self, PlanInputs};
-use ferry_migrate::{Bandwidth, ControlPolicy, MigrationParams, TimeoutAction};
+use ferry_migrate::{Bandwidth, ControlPolicy, MigrationParams, Plan, TimeoutAction};
 
 /// One configuration of the benchmark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,16 +30,51 @@ pub enum Config {
     Proxmox,
     /// Ferry's auto policy: measured, predicted, chosen, escalated.
     FerryAuto,
+    /// Ferry's auto policy with post-copy permitted (the user's choice: from then on a
+    /// network failure pauses the guest until the link is back).
+    FerryAutoPostcopy,
+    /// Experiments on busy guests (issue 17, point 4), not in the default matrix: Ferry auto
+    /// with the throttle at full strength as soon as QEMU engages it...
+    FerryAutoHard,
+    /// ...the same with two multifd channels compressing with zstd...
+    FerryAutoHardZstd,
+    /// ...and the same with XBZRLE, its cache sized to the set the guest rewrites in a pass.
+    FerryAutoHardXbzrle,
+    /// Ferry auto with post-copy permitted, its page requests on their own channel.
+    FerryAutoPostcopyPreempt,
+    /// The same with post-copy's background stream paced below the link, so that the link's
+    /// queue stays short for the pages the guest asks for.
+    FerryAutoPostcopyPaced,
 }
 
-pub const ALL: [Config; 6] = [
+/// The default matrix.
+pub const ALL: [Config; 7] = [
     Config::QemuDefaults,
     Config::Virsh,
     Config::Nova,
     Config::KubeVirt,
     Config::Proxmox,
     Config::FerryAuto,
+    Config::FerryAutoPostcopy,
 ];
+
+/// Configurations only run when named (`--configs`).
+pub const EXPERIMENTS: [Config; 5] = [
+    Config::FerryAutoHard,
+    Config::FerryAutoHardZstd,
+    Config::FerryAutoHardXbzrle,
+    Config::FerryAutoPostcopyPreempt,
+    Config::FerryAutoPostcopyPaced,
+];
+
+/// The paced variant's post-copy stream, as a share of the probed link.
+const PACED_SHARE: f64 = 0.75;
+
+/// The hard throttle of the experiments: from the first time QEMU throttles, the vCPU runs
+/// 10 ms of every 200 (QEMU sleeps it p/(100-p) x 10 ms): a guest whose writing is paced
+/// (not CPU-bound) is only slowed when little CPU is left to it, and a sleep of 190 ms keeps
+/// its replies within the 300 ms target.
+const HARD_THROTTLE_PCT: u8 = 95;
 
 /// What a configuration is derived from, measured in the same run.
 #[derive(Debug, Clone, Copy)]
@@ -51,6 +86,9 @@ pub struct Context {
     pub guest_vcpus: u32,
     /// Lab budgets are the platforms' per-GiB budgets times this (see PERFORMANCE.md).
     pub time_scale: f64,
+    /// What QEMU got through on this link in the run's earlier migrations, as the server
+    /// learns it per host pair (Ferry auto's plan uses it).
+    pub learned_rate_bps: Option<f64>,
 }
 
 impl Config {
@@ -62,16 +100,36 @@ impl Config {
             Config::KubeVirt => "kubevirt",
             Config::Proxmox => "proxmox",
             Config::FerryAuto => "ferry-auto",
+            Config::FerryAutoPostcopy => "ferry-auto-postcopy",
+            Config::FerryAutoHard => "ferry-auto-hard",
+            Config::FerryAutoHardZstd => "ferry-auto-hard-zstd",
+            Config::FerryAutoHardXbzrle => "ferry-auto-hard-xbzrle",
+            Config::FerryAutoPostcopyPreempt => "ferry-auto-postcopy-preempt",
+            Config::FerryAutoPostcopyPaced => "ferry-auto-postcopy-paced",
         }
     }
 
     pub fn parse(s: &str) -> Option<Config> {
-        ALL.into_iter().find(|c| c.name() == s)
+        ALL.into_iter().chain(EXPERIMENTS).find(|c| c.name() == s)
     }
 
-    /// The engine parameters of this configuration; every one runs on plain TCP with QEMU's
-    /// announce defaults.
-    pub fn params(self, ctx: &Context) -> (MigrationParams, Option<String>) {
+    /// Ferry's auto policy or a variant of it: the dirty rate is measured for its plan.
+    pub fn is_ferry(self) -> bool {
+        matches!(
+            self,
+            Config::FerryAuto
+                | Config::FerryAutoPostcopy
+                | Config::FerryAutoHard
+                | Config::FerryAutoHardZstd
+                | Config::FerryAutoHardXbzrle
+                | Config::FerryAutoPostcopyPreempt
+                | Config::FerryAutoPostcopyPaced
+        )
+    }
+
+    /// The engine parameters of this configuration, and the plan behind them (Ferry auto);
+    /// every one runs on plain TCP with QEMU's announce defaults.
+    pub fn params(self, ctx: &Context) -> (MigrationParams, Option<Plan>) {
         let base = MigrationParams {
             announce: None,
             policy: ControlPolicy::Fixed,
@@ -133,7 +191,19 @@ impl Config {
                 },
                 None,
             ),
-            Config::FerryAuto => {
+            Config::FerryAuto
+            | Config::FerryAutoPostcopy
+            | Config::FerryAutoHard
+            | Config::FerryAutoHardZstd
+            | Config::FerryAutoHardXbzrle
+            | Config::FerryAutoPostcopyPreempt
+            | Config::FerryAutoPostcopyPaced => {
+                let postcopy = matches!(
+                    self,
+                    Config::FerryAutoPostcopy
+                        | Config::FerryAutoPostcopyPreempt
+                        | Config::FerryAutoPostcopyPaced
+                );
                 // The lab scale applies to the per-GiB rule; the plan's own floor (a number
                 // of full copies at link speed) is physics and stays.
                 let inputs = PlanInputs {
@@ -143,15 +213,64 @@ impl Config {
                     host_cpus: ctx.host_cpus,
                     guest_vcpus: ctx.guest_vcpus,
                     downtime_ms: None,
-                    postcopy_permitted: false,
+                    postcopy_permitted: postcopy,
                     budget: None,
                     budget_scale: ctx.time_scale,
-                    timeout_action: TimeoutAction::Abort,
+                    timeout_action: if postcopy {
+                        TimeoutAction::Postcopy
+                    } else {
+                        TimeoutAction::Abort
+                    },
                     disk_bytes: 0,
+                    learned_rate_bps: ctx.learned_rate_bps,
+                    learned_switchover_ms: None,
                 };
-                let (params, plan) = plan::plan(&inputs, &MigrationParams::default());
-                (params, Some(plan.summary()))
+                let (mut params, plan) = plan::plan(&inputs, &MigrationParams::default());
+                self.experiment(&mut params, &plan, ctx);
+                (params, Some(plan))
             }
+        }
+    }
+}
+
+impl Config {
+    /// The experiments' changes to Ferry auto's plan, for a guest the plan throttles (others
+    /// are left as planned).
+    fn experiment(self, params: &mut MigrationParams, plan: &Plan, ctx: &Context) {
+        if matches!(
+            self,
+            Config::FerryAutoPostcopyPreempt | Config::FerryAutoPostcopyPaced
+        ) {
+            params.postcopy_preempt = params.postcopy;
+            if self == Config::FerryAutoPostcopyPaced && params.postcopy {
+                params.postcopy_bandwidth = Some((ctx.link_bps * PACED_SHARE) as u64);
+            }
+            return;
+        }
+        if !params.auto_converge || !EXPERIMENTS.contains(&self) {
+            return;
+        }
+        params.throttle_initial_pct = HARD_THROTTLE_PCT;
+        params.throttle_increment_pct = 1;
+        params.max_throttle_pct = HARD_THROTTLE_PCT;
+        params.xbzrle_cache_bytes = None;
+        match self {
+            Config::FerryAutoHardZstd => {
+                params.multifd_channels = Some(2);
+                params.multifd_compression = Some("zstd".into());
+            }
+            Config::FerryAutoHardXbzrle => {
+                // What the guest rewrites while one pass of its RAM is sent, at most its RAM.
+                let pass_s = ctx.ram_bytes as f64 / plan.prediction.rate_bps.max(1.0);
+                let rewritten = (plan.prediction.dirty_rate_bps * pass_s) as u64;
+                params.xbzrle_cache_bytes = Some(
+                    rewritten
+                        .clamp(1 << 20, ctx.ram_bytes)
+                        .next_power_of_two()
+                        .min(ctx.ram_bytes.next_power_of_two()),
+                );
+            }
+            _ => {}
         }
     }
 }
@@ -168,6 +287,7 @@ mod tests {
             host_cpus: 2,
             guest_vcpus: 1,
             time_scale: 0.05,
+            learned_rate_bps: None,
         }
     }
 
@@ -202,11 +322,37 @@ mod tests {
         assert_eq!(p.xbzrle_cache_bytes, Some(64 << 20));
         assert!(p.auto_converge);
         assert!(p.completion_timeout.is_none());
-        let (f, summary) = Config::FerryAuto.params(&ctx());
+        let (f, plan) = Config::FerryAuto.params(&ctx());
         assert!(f.auto_converge, "a guest writing 2x the link is armed");
-        assert!(summary.unwrap().starts_with("plan:"));
-        for c in ALL {
+        assert!(plan.unwrap().summary().starts_with("plan:"));
+        // What QEMU got through before is what Ferry auto plans with.
+        let learned = Context {
+            learned_rate_bps: Some(100e6),
+            ..ctx()
+        };
+        let plan = Config::FerryAuto.params(&learned).1.unwrap();
+        assert_eq!(plan.prediction.rate_bps, 100e6);
+        assert_eq!(
+            Config::Virsh.params(&learned).1,
+            None,
+            "no plan but Ferry's"
+        );
+        for c in ALL.into_iter().chain(EXPERIMENTS) {
             c.params(&ctx()).0.validate().unwrap();
         }
+        let (pc, plan) = Config::FerryAutoPostcopy.params(&ctx());
+        assert!(pc.postcopy && pc.auto_converge);
+        assert!(plan
+            .unwrap()
+            .strategy
+            .iter()
+            .any(|s| s.contains("after the first pass")));
+        let (hard, _) = Config::FerryAutoHardXbzrle.params(&ctx());
+        assert_eq!(hard.throttle_initial_pct, 95);
+        // 512 MiB at 62.5 MB/s (half the probe) takes 8.6 s, while the guest rewrites 250 MB/s:
+        // the whole RAM.
+        assert_eq!(hard.xbzrle_cache_bytes, Some(512 << 20));
+        let (z, _) = Config::FerryAutoHardZstd.params(&ctx());
+        assert_eq!(z.multifd_compression.as_deref(), Some("zstd"));
     }
 }

@@ -7,34 +7,46 @@
 //! The raw TCP throughput of the same link is measured in the same run, so ratios compare
 //! like with like on a shared, noisy machine.
 //!
-//! `--debian` (debian.rs) measures instead the boot of the Debian guest and one shared-storage
-//! live migration of it per run, through the real server and agents.
+//! `--debian` ([`debian`]) measures instead the boot of the Debian guest and one
+//! shared-storage live migration of it per run, through the real server and agents.
 //!
-//! `--disks` (disks.rs) measures live migrations of a lab guest whose disk is on hv1's own
+//! `--disks` ([`disks`]) measures live migrations of a lab guest whose disk is on hv1's own
 //! datastore, so it is copied live with the guest (block migration).
+//!
+//! The benches through the server run on a [`local_cluster::LocalCluster`] (the demo's too);
+//! [`blocks`] times a block migration's disk copy and counts its bytes on the wire. The
+//! `ferry` binary parses the arguments ([`BenchArgs`]), calls [`run`] and prints what it
+//! returns.
 
+pub mod blocks;
+mod ceiling;
 mod configs;
 mod debian;
 mod disks;
+mod error;
+pub mod local_cluster;
+mod predict;
 mod render;
+mod start;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Command, ExitCode};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
 use clap::Args;
-use ferry_lab::guest_client::EchoProbe;
+use ferry_lab::guest_client::{EchoProbe, GuestStatus};
 use ferry_lab::guest_config::{Fill, GuestConfig, ECHO_PORT, KERNEL_RESERVE_MIB};
+use ferry_lab::image::ImageOptions;
 use ferry_lab::net::{tcp_throughput, udp_bind_in};
-use ferry_lab::{GuestRequest, Lab, LabOptions};
-use ferry_migrate::{AbortHandle, SourceEvent};
+use ferry_lab::{GuestRequest, Lab, LabOptions, LabVm};
+use ferry_migrate::{plan, AbortHandle, SourceEvent};
 use serde::Serialize;
 
-use crate::image_cmd::ImageArgs;
 use configs::{Config, Context};
+pub use error::BenchError;
+use error::{bail, Context as _};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -58,6 +70,11 @@ pub struct BenchArgs {
     /// idle and writing, unlimited and capped; writes disks.json and disks.md.
     #[arg(long, conflicts_with_all = ["quick", "configs", "sizes", "loads", "link_mbit", "time_scale"])]
     disks: bool,
+    /// Instead of the policy matrix: move an idle lab guest hv1 <-> hv2 through the server
+    /// --runs times (default 20) and report the time from the request to the first bytes on
+    /// the destination's migration interface (p50, p95, max); writes start.json and start.md.
+    #[arg(long, conflicts_with_all = ["quick", "configs", "sizes", "loads", "link_mbit", "time_scale", "disks", "debian"])]
+    start: bool,
     /// Only these configurations (comma-separated names).
     #[arg(long, value_delimiter = ',')]
     configs: Vec<String>,
@@ -82,8 +99,10 @@ pub struct BenchArgs {
     /// Accelerator: auto (probe), kvm or tcg.
     #[arg(long, env = "FERRY_ACCEL", default_value = "auto")]
     accel: String,
-    #[command(flatten)]
-    image: ImageArgs,
+    /// Skip each scenario's paused migrations (the ceiling), to compare configurations in a
+    /// shorter run; the ceiling ratio is then not reported.
+    #[arg(long)]
+    no_ceiling: bool,
 }
 
 /// A workload and the link it runs over.
@@ -159,13 +178,25 @@ struct Run {
     guest_downtime_ms: Option<f64>,
     bytes_on_wire: u64,
     nonzero_ram_bytes: Option<u64>,
+    /// The guest's writer in the second before the migration (what it does unhindered)...
     writer_mib_s: f64,
+    /// ...and from just before `migrate` to just after it returned, by the guest's own count
+    /// of page writes: what throttling (or post-copy's page faults) left of it. `None` when
+    /// the guest did not answer.
+    writer_during_mib_s: Option<f64>,
+    /// The highest vCPU throttle auto-converge reached (QEMU's `cpu-throttle-percentage`).
+    max_throttle_pct: Option<u64>,
     dirty_rate_mib_s: Option<f64>,
     plan: Option<String>,
     decisions: Vec<String>,
     error: Option<String>,
     /// (seconds, MiB remaining).
     remaining: Vec<(f64, f64)>,
+    /// What the plan and the controller predicted.
+    prediction: predict::Predicted,
+    /// What QEMU got through per second (`ferry_migrate::plan::observed_rate`), for the
+    /// migrations the server would learn from (completed, no bandwidth cap).
+    learned_from_bps: Option<f64>,
 }
 
 /// The median of a cell's runs, as `--json` prints it.
@@ -183,41 +214,68 @@ struct Cell {
     guest_downtime_ms: Option<f64>,
     bytes_transferred: Option<u64>,
     bytes_per_nonzero_byte: Option<f64>,
+    /// Non-zero RAM per second of total time, against the link's raw TCP throughput...
     link_ratio: Option<f64>,
     link_raw_tcp_mbit_s: f64,
+    /// ...and against what QEMU sent for the same guest paused (the scenario's ceiling).
+    ceiling_ratio: Option<f64>,
+    ceiling_mbit_s: Option<f64>,
     budget_ms: Option<u64>,
+    /// The writer before the migration and during it (see [`Run`]).
     writer_mib_s: f64,
+    writer_during_mib_s: Option<f64>,
+    max_throttle_pct: Option<u64>,
+    /// Predicted against actual total time and QEMU pause (see [`predict`]).
+    prediction: predict::CellPrediction,
     detail: Vec<Run>,
 }
 
 #[derive(Debug, Serialize)]
 struct Report {
-    command: String,
-    accel: String,
+    /// The command, accelerator, QEMU and how busy the machine was.
+    #[serde(flatten)]
+    machine: Machine,
     link_mbit_shaped: u64,
     raw_tcp_unshaped_mbit_s: f64,
     raw_tcp_shaped_mbit_s: f64,
     time_scale: f64,
+    /// Per scenario, the same guest migrated paused: what QEMU can send here.
+    ceilings: Vec<ceiling::Ceiling>,
     cells: Vec<Cell>,
+    /// The median absolute errors of the predictions across cells.
+    prediction_errors: predict::Errors,
 }
 
-pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
-    // Ctrl-C drops the bench future and with it the lab (or, with --debian or --disks, the
-    // local cluster), which removes every namespace, QEMU process and tap on drop.
-    tokio::select! {
-        r = async {
-            if args.debian {
-                debian::bench(&args).await
-            } else if args.disks {
-                disks::bench(&args).await
-            } else {
-                bench(&args).await
-            }
-        } => r,
-        _ = ferry_cli::commands::shutdown_signal() => {
-            eprintln!("interrupted: cleaning up the lab");
-            Ok(ExitCode::from(130))
+/// How a bench ended: the exit code (0, or 2 when a `--debian` or `--disks` run did not
+/// complete and verify), and what it prints on stdout (`--json`), which the binary writes:
+/// it knows what a closed stdout means.
+#[derive(Debug)]
+pub struct Outcome {
+    pub exit_code: u8,
+    pub stdout: Option<String>,
+}
+
+impl Outcome {
+    fn new(ok: bool, json: Option<String>) -> Outcome {
+        Outcome {
+            exit_code: if ok { 0 } else { 2 },
+            stdout: json,
         }
+    }
+}
+
+/// Runs the bench `args` ask for, with lab guests built from `image`. The table goes to
+/// stderr, the files to `--out`. Dropping the future (Ctrl-C) drops the lab or local cluster
+/// with it, which removes every namespace, QEMU process and tap it made.
+pub async fn run(args: &BenchArgs, image: &ImageOptions) -> Result<Outcome, BenchError> {
+    if args.debian {
+        debian::bench(args, image).await
+    } else if args.disks {
+        disks::bench(args, image).await
+    } else if args.start {
+        start::bench(args, image).await
+    } else {
+        bench(args, image).await
     }
 }
 
@@ -288,18 +346,26 @@ fn say(msg: &str) {
     eprintln!("{msg}");
 }
 
-async fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+async fn bench(args: &BenchArgs, image: &ImageOptions) -> Result<Outcome, BenchError> {
     let configs: Vec<Config> = if args.configs.is_empty() {
         configs::ALL.to_vec()
     } else {
         args.configs
             .iter()
             .map(|c| {
-                Config::parse(c).with_context(|| {
-                    format!("unknown configuration {c:?}; use qemu-defaults, virsh, nova, kubevirt, proxmox or ferry-auto")
+                Config::parse(c).ok_or_else(|| {
+                    BenchError::Invalid(format!(
+                        "unknown configuration {c:?}; use {}",
+                        configs::ALL
+                            .into_iter()
+                            .chain(configs::EXPERIMENTS)
+                            .map(Config::name)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
                 })
             })
-            .collect::<anyhow::Result<_>>()?
+            .collect::<Result<_, _>>()?
     };
     let runs = if args.quick {
         1
@@ -307,15 +373,15 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         args.runs.unwrap_or(3).max(1)
     };
     if !(0.001..=1.0).contains(&args.time_scale) {
-        bail!("--time-scale must be between 0.001 and 1");
+        return Err(BenchError::Invalid(
+            "--time-scale must be between 0.001 and 1".into(),
+        ));
     }
     ferry_lab::net::destroy_lab("bench");
+    let load_before = loadavg();
     let mut opts = LabOptions::new("bench", 2);
-    opts.image = args.image.options();
-    opts.accel = args
-        .accel
-        .parse()
-        .map_err(|e| anyhow::anyhow!("--accel: {e}"))?;
+    opts.image = image.clone();
+    opts.accel = accel_choice(&args.accel)?;
     say("starting the lab (2 hosts)...");
     let lab = Lab::start(opts).await?;
     let hv1 = lab.net.host("hv1")?.clone();
@@ -345,11 +411,26 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
 
     let mut cells = Vec::new();
     if let Some(bad) = args.sizes.iter().find(|s| !(256..=8192).contains(*s)) {
-        bail!("--sizes: {bad} MiB is outside 256..8192");
+        return Err(BenchError::Invalid(format!(
+            "--sizes: {bad} MiB is outside 256..8192"
+        )));
     }
+    let mut ceilings = Vec::new();
+    // What QEMU got through on each link (unshaped, shaped) in this run's completed,
+    // uncapped migrations, learned as the server learns it per host pair.
+    let mut learned: [Option<f64>; 2] = [None, None];
     for sc in scenarios(args.quick, &args.sizes, &args.loads) {
         let link = if sc.shaped { raw_shaped } else { raw_unshaped };
         shape(&hv1.netns, sc.shaped.then_some(args.link_mbit))?;
+        let learned = &mut learned[usize::from(sc.shaped)];
+        // The ceiling is taken before and after the scenario's cells (the machine is shared:
+        // one paused migration can fall on a busy moment); the faster one counts.
+        // They teach the learned rate nothing: the server only ever sees real jobs.
+        let mut paused = Vec::new();
+        if !args.no_ceiling {
+            paused.push(ceiling::measure(&lab, &sc, link, "before").await?);
+        }
+        let mut scenario_runs = Vec::new();
         for &config in &configs {
             let mut detail = Vec::new();
             let mut budget_ms = None;
@@ -360,31 +441,62 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
                     config.name(),
                     i + 1
                 ));
-                let (run, budget) = run_cell(&lab, &sc, config, link, args.time_scale).await?;
+                let ctx = Context {
+                    ram_bytes: u64::from(sc.memory_mib) << 20,
+                    link_bps: link,
+                    dirty_rate_bps: None,
+                    host_cpus: std::thread::available_parallelism()
+                        .map(|n| n.get() as u32)
+                        .unwrap_or(1),
+                    guest_vcpus: 1,
+                    time_scale: args.time_scale,
+                    learned_rate_bps: *learned,
+                };
+                let (run, budget) = run_cell(&lab, &sc, config, ctx).await?;
+                if let Some(seen) = run.learned_from_bps {
+                    *learned = Some(plan::learn_rate(*learned, seen));
+                }
                 budget_ms = budget;
                 say(&format!("  {}", run_line(&run)));
                 detail.push(run);
             }
-            cells.push(cell(&sc, config, link, budget_ms, detail));
+            scenario_runs.push((config, budget_ms, detail));
         }
+        if !args.no_ceiling {
+            paused.push(ceiling::measure(&lab, &sc, link, "after").await?);
+        }
+        let best = ceiling::best(&paused).cloned();
+        for (config, budget_ms, detail) in scenario_runs {
+            cells.push(cell(&sc, config, link, best.as_ref(), budget_ms, detail));
+        }
+        ceilings.extend(paused);
     }
     shape(&hv1.netns, None)?;
 
     let report = Report {
-        command: std::env::args().collect::<Vec<_>>().join(" "),
-        accel: lab.accel.name().to_string(),
+        machine: Machine::after_runs(lab.accel.name(), load_before),
         link_mbit_shaped: args.link_mbit,
         raw_tcp_unshaped_mbit_s: raw_unshaped * 8e-6,
         raw_tcp_shaped_mbit_s: raw_shaped * 8e-6,
         time_scale: args.time_scale,
+        ceilings,
+        prediction_errors: predict::Errors::of(cells.iter().map(|c| &c.prediction)),
         cells,
     };
     drop(lab);
     write_outputs(args, &report)?;
-    if args.json {
-        ferry_cli::outln!("{}", serde_json::to_string_pretty(&report.cells)?);
-    }
-    Ok(ExitCode::SUCCESS)
+    let json = match args.json {
+        true => Some(serde_json::to_string_pretty(&report.cells)?),
+        false => None,
+    };
+    Ok(Outcome::new(true, json))
+}
+
+/// `--accel`.
+fn accel_choice(accel: &str) -> Result<ferry_qemu::AccelChoice, BenchError> {
+    accel
+        .parse()
+        .map_err(|e| BenchError::Invalid(format!("--accel: {e}")))
 }
 
 fn run_line(r: &Run) -> String {
@@ -404,7 +516,7 @@ fn run_line(r: &Run) -> String {
 }
 
 /// Limits hv1's egress on the migration interface to `mbit` (token bucket), or removes it.
-fn shape(netns: &str, mbit: Option<u64>) -> anyhow::Result<()> {
+fn shape(netns: &str, mbit: Option<u64>) -> Result<(), BenchError> {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", netns, "tc", "qdisc"]);
     match mbit {
@@ -430,7 +542,7 @@ fn shape(netns: &str, mbit: Option<u64>) -> anyhow::Result<()> {
 }
 
 /// Bytes sent by hv1's migration interface so far.
-fn tx_bytes(netns: &str) -> anyhow::Result<u64> {
+fn tx_bytes(netns: &str) -> Result<u64, BenchError> {
     let out = Command::new("ip")
         .args(["-n", netns, "-s", "-j", "link", "show", "dev", "mig0"])
         .output()
@@ -442,14 +554,14 @@ fn tx_bytes(netns: &str) -> anyhow::Result<u64> {
         .context("no tx byte counter on mig0")
 }
 
-async fn run_cell(
+/// Boots the scenario's guest on hv1 with its writer at `rate_mib_s` and waits until the
+/// first pass has filled the working set, so that every cell (and the ceiling) starts from the
+/// same memory.
+async fn boot_filled(
     lab: &Lab,
     sc: &Scenario,
-    config: Config,
-    link_bps: f64,
-    time_scale: f64,
-) -> anyhow::Result<(Run, Option<u64>)> {
-    let rate_mib_s = (link_bps * sc.writer_share / 1048576.0).round() as u32;
+    rate_mib_s: u32,
+) -> Result<(LabVm, GuestStatus), BenchError> {
     let wss_mib = sc.memory_mib - KERNEL_RESERVE_MIB - 32;
     let req = GuestRequest {
         name: "bench".into(),
@@ -463,39 +575,62 @@ async fn run_cell(
             ..GuestConfig::default()
         },
     };
-    let mut vm = lab.boot_guest("hv1", &req).await?;
-    // The first pass fills the working set; wait for it, then measure what the writer does.
+    let vm = lab.boot_guest("hv1", &req).await?;
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut status = vm.status(lab).await?;
     while status.writes < status.pages {
         if Instant::now() > deadline {
+            lab.stop_guest(vm).await;
             bail!("the guest did not fill its working set within 120 s");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
         status = vm.status(lab).await?;
     }
+    Ok((vm, status))
+}
+
+/// One migration of one cell; `ctx` is the scenario's (the dirty rate is measured here, for
+/// Ferry auto).
+async fn run_cell(
+    lab: &Lab,
+    sc: &Scenario,
+    config: Config,
+    ctx: Context,
+) -> Result<(Run, Option<u64>), BenchError> {
+    let link_bps = ctx.link_bps;
+    let rate_mib_s = (link_bps * sc.writer_share / 1048576.0).round() as u32;
+    let (mut vm, status) = boot_filled(lab, sc, rate_mib_s).await?;
+    // Then measure what the writer does.
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = vm.status(lab).await?;
     let writer_mib_s =
         (after.writes - status.writes) as f64 * 4096.0 / 1048576.0 / t0.elapsed().as_secs_f64();
 
-    let dirty_rate_bps = if config == Config::FerryAuto {
+    let dirty_rate_bps = if config.is_ferry() {
         Some(ferry_migrate::dirty_rate::measure(vm.qemu.qmp(), Duration::from_secs(1)).await?)
     } else {
         None
     };
     let ctx = Context {
-        ram_bytes: u64::from(sc.memory_mib) << 20,
-        link_bps,
         dirty_rate_bps,
-        host_cpus: std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(1),
         guest_vcpus: vm.qemu.spec().vcpus,
-        time_scale,
+        ..ctx
     };
     let (mut params, plan) = config.params(&ctx);
+    // What the same plan says from the probe alone (no history on this link).
+    let probe_only = ctx.learned_rate_bps.and_then(|_| {
+        let alone = Context {
+            learned_rate_bps: None,
+            ..ctx
+        };
+        config.params(&alone).1
+    });
+    let mut prediction = predict::Predicted::planned(
+        plan.as_ref(),
+        probe_only.as_ref(),
+        ctx.learned_rate_bps.is_some(),
+    );
     params.sample_interval = Duration::from_millis(50);
     // Configurations without a budget would run forever on a guest they cannot move; the
     // bench gives up on them (not converged) after this long.
@@ -515,6 +650,8 @@ async fn run_cell(
     let probe = EchoProbe::start(udp, echo, Duration::from_millis(5))?;
     let hv1 = lab.net.host("hv1")?.netns.clone();
     let tx_before = tx_bytes(&hv1)?;
+    let writes_before = writes_now(lab, &vm).await;
+    let mut max_throttle: Option<u64> = None;
     let mut remaining = Vec::new();
     let mut decisions = Vec::new();
     let (_abort, signal) = AbortHandle::new();
@@ -524,10 +661,14 @@ async fn run_cell(
             "hv2",
             &params,
             &mut |e| match e {
-                SourceEvent::Progress(p) => remaining.push((
-                    p.elapsed_ms as f64 / 1000.0,
-                    p.remaining_bytes as f64 / 1048576.0,
-                )),
+                SourceEvent::Progress(p) => {
+                    prediction.saw(p.revision.as_ref());
+                    max_throttle = max_throttle.max(p.cpu_throttle_percent);
+                    remaining.push((
+                        p.elapsed_ms as f64 / 1000.0,
+                        p.remaining_bytes as f64 / 1048576.0,
+                    ))
+                }
                 SourceEvent::Decision(d) => decisions.push(format!(
                     "{:.1} s: {}",
                     d.elapsed_ms as f64 / 1000.0,
@@ -537,6 +678,13 @@ async fn run_cell(
             signal,
         )
         .await;
+    let writes_after = writes_now(lab, &vm).await;
+    let writer_during_mib_s = match (writes_before, writes_after) {
+        (Some((t0, w0)), Some((t1, w1))) if t1 > t0 => {
+            Some(w1.saturating_sub(w0) as f64 * 4096.0 / 1048576.0 / (t1 - t0).as_secs_f64())
+        }
+        _ => None,
+    };
     // Let the probe see the guest answer again before it stops.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let echo_report = probe.stop();
@@ -550,16 +698,30 @@ async fn run_cell(
         bytes_on_wire,
         nonzero_ram_bytes: None,
         writer_mib_s,
+        writer_during_mib_s,
+        max_throttle_pct: max_throttle,
         dirty_rate_mib_s: dirty_rate_bps.map(|d| d / 1048576.0),
-        plan,
+        plan: plan.map(|p| p.summary()),
         decisions,
         error: None,
         remaining,
+        prediction,
+        learned_from_bps: None,
     };
     match result {
         Ok(out) => {
             let s = out.source;
             run.converged = true;
+            // As the server: a capped migration shows what its cap let through, a compressed
+            // one what compression made of the pages.
+            if params.bandwidth == ferry_migrate::Bandwidth::Unlimited
+                && params
+                    .multifd_compression
+                    .as_deref()
+                    .is_none_or(|c| c == "none")
+            {
+                run.learned_from_bps = plan::observed_rate(&s);
+            }
             // QEMU has been seen to report a total time of 0 for a completed multifd
             // migration; the sampled elapsed time is the fallback.
             run.total_ms = Some(if s.total_time_ms > 0 {
@@ -583,6 +745,22 @@ async fn run_cell(
     Ok((run, budget))
 }
 
+/// When the guest answered `status`, and its count of page writes then; `None` if it did not
+/// answer within 5 s (a guest throttled hard, or just moved, may be slow to).
+async fn writes_now(lab: &Lab, vm: &LabVm) -> Option<(Instant, u64)> {
+    let addr = SocketAddr::from((vm.ip, ferry_lab::guest_config::CONTROL_PORT));
+    let line = ferry_lab::guest_client::control_in_within(
+        &lab.net.client_netns,
+        addr,
+        "status",
+        Duration::from_secs(5),
+    )
+    .await
+    .ok()?;
+    let status = ferry_lab::guest_client::parse_status(&line).ok()?;
+    Some((Instant::now(), status.writes))
+}
+
 fn median_u64(mut v: Vec<u64>) -> Option<u64> {
     v.sort_unstable();
     v.get(v.len() / 2).copied()
@@ -597,6 +775,7 @@ fn cell(
     sc: &Scenario,
     config: Config,
     link_bps: f64,
+    ceiling: Option<&ceiling::Ceiling>,
     budget_ms: Option<u64>,
     detail: Vec<Run>,
 ) -> Cell {
@@ -607,8 +786,9 @@ fn cell(
             .filter(|n| *n > 0)
             .map(|n| r.bytes_on_wire as f64 / n as f64)
     };
-    let ratio = |r: &&Run| match (r.nonzero_ram_bytes, r.total_ms) {
-        (Some(n), Some(ms)) if ms > 0 => Some(n as f64 / (ms as f64 / 1000.0) / link_bps),
+    // Non-zero RAM per second of total time.
+    let rate = |r: &&Run| match (r.nonzero_ram_bytes, r.total_ms) {
+        (Some(n), Some(ms)) if ms > 0 => Some(n as f64 / (ms as f64 / 1000.0)),
         _ => None,
     };
     Cell {
@@ -623,10 +803,28 @@ fn cell(
         guest_downtime_ms: median_f64(ok.iter().filter_map(|r| r.guest_downtime_ms).collect()),
         bytes_transferred: median_u64(ok.iter().map(|r| r.bytes_on_wire).collect()),
         bytes_per_nonzero_byte: median_f64(ok.iter().filter_map(per_nonzero).collect()),
-        link_ratio: median_f64(ok.iter().filter_map(ratio).collect()),
+        link_ratio: median_f64(ok.iter().filter_map(rate).map(|r| r / link_bps).collect()),
         link_raw_tcp_mbit_s: link_bps * 8e-6,
+        ceiling_ratio: median_f64(
+            ok.iter()
+                .filter_map(|r| ceiling::ratio(rate(r), ceiling))
+                .collect(),
+        ),
+        ceiling_mbit_s: ceiling.and_then(|c| c.rate_mbit_s),
         budget_ms,
         writer_mib_s: median_f64(detail.iter().map(|r| r.writer_mib_s).collect()).unwrap_or(0.0),
+        writer_during_mib_s: median_f64(
+            detail
+                .iter()
+                .filter_map(|r| r.writer_during_mib_s)
+                .collect(),
+        ),
+        max_throttle_pct: median_u64(detail.iter().filter_map(|r| r.max_throttle_pct).collect()),
+        prediction: predict::CellPrediction::of(
+            &ok.iter().map(|r| &r.prediction).collect::<Vec<_>>(),
+            median_u64(ok.iter().filter_map(|r| r.total_ms).collect()),
+            median_u64(ok.iter().filter_map(|r| r.qemu_downtime_ms).collect()),
+        ),
         detail,
     }
 }
@@ -639,13 +837,16 @@ fn markdown(report: &Report) -> String {
         ">verified",
         ">total ms",
         ">QEMU pause ms",
-        ">guest pause ms",
+        ">observed gap ms",
         ">MiB on wire",
         ">wire / non-zero RAM",
         ">link ratio",
-        ">writer MiB/s",
+        ">ceiling ratio",
+        ">writer before MiB/s",
+        ">writer during MiB/s",
+        ">max throttle %",
     ];
-    let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    let opt = render::dash;
     let rows: Vec<Vec<String>> = report
         .cells
         .iter()
@@ -668,23 +869,86 @@ fn markdown(report: &Report) -> String {
                     .map(|v| format!("{:.0}", v as f64 / 1048576.0))),
                 opt(c.bytes_per_nonzero_byte.map(|v| format!("{v:.2}"))),
                 opt(c.link_ratio.map(|v| format!("{v:.2}"))),
+                opt(c.ceiling_ratio.map(|v| format!("{v:.2}"))),
                 format!("{:.0}", c.writer_mib_s),
+                opt(c.writer_during_mib_s.map(|v| format!("{v:.0}"))),
+                opt(c.max_throttle_pct.map(|v| v.to_string())),
             ]
         })
         .collect();
     format!(
-        "Command: `{}`\n\nAccelerator {}; raw TCP hv1 -> hv2 {:.0} Mbit/s unshaped (idle scenarios), {:.0} Mbit/s on the link shaped to {} Mbit/s (writer scenarios); platform budgets x {}.\n\n{}",
-        report.command,
-        report.accel,
+        "Command: `{}`\n\nAccelerator {}, {} host CPUs, {}; load {} before, {} after; raw TCP hv1 -> hv2 {:.0} Mbit/s unshaped (idle scenarios), {:.0} Mbit/s on the link shaped to {} Mbit/s (writer scenarios); platform budgets x {}.\n\n{}\n\
+         QEMU pause: QEMU's `downtime` (with post-copy, the stop at the switch to post-copy); \
+         observed gap: the longest gap between replies to a UDP echo probe sent to the guest every 5 ms; \
+         writer before: the guest's page writes in the second before the migration; writer during: from just before `migrate` to just after it returned; \
+         max throttle: the highest vCPU throttle auto-converge reached. \
+         link ratio: non-zero RAM per second of total time, against the link's raw TCP throughput; \
+         ceiling ratio: the same against the scenario's guest migrated paused in this run (below; the faster of the two).\n\n\
+         Ceilings: each scenario's guest, filled the same way, paused (no guest CPU competing with QEMU) and \
+         migrated the way QEMU sends fastest here (unlimited, a multifd channel per core), before and after \
+         the scenario's cells.\n\n{}",
+        report.machine.command,
+        report.machine.accel,
+        report.machine.host_cpus,
+        report.machine.qemu,
+        report.machine.load_before,
+        report.machine.load_after,
         report.raw_tcp_unshaped_mbit_s,
         report.raw_tcp_shaped_mbit_s,
         report.link_mbit_shaped,
         report.time_scale,
-        render::markdown_table(&headers, &rows)
+        render::markdown_table(&headers, &rows),
+        ceilings_table(&report.ceilings),
+    ) + &format!(
+        "\nPredictions: Ferry auto's plan (from the rate learned on this link in the run's earlier \
+         completed, uncapped cells, else from the probe; and from the probe alone), and the controller's revision at the start of round 2 (every configuration), \
+         against QEMU's total time and pause; errors in % of the actual figure.\n\n{}",
+        predict::markdown(
+            report.cells.iter().map(|c| (
+                c.scenario.as_str(),
+                c.config.as_str(),
+                c.total_ms,
+                c.qemu_downtime_ms,
+                &c.prediction
+            )),
+            &report.prediction_errors
+        )
     )
 }
 
-fn write_outputs(args: &BenchArgs, report: &Report) -> anyhow::Result<()> {
+fn ceilings_table(ceilings: &[ceiling::Ceiling]) -> String {
+    let headers = [
+        "scenario",
+        "when",
+        ">total ms",
+        ">QEMU pause ms",
+        ">non-zero RAM MiB",
+        ">Mbit/s of non-zero RAM",
+        ">raw TCP ratio",
+        "error",
+    ];
+    let opt = render::dash;
+    let rows: Vec<Vec<String>> = ceilings
+        .iter()
+        .map(|c| {
+            vec![
+                c.scenario.clone(),
+                c.when.clone(),
+                opt(c.total_ms.map(|v| v.to_string())),
+                opt(c.qemu_pause_ms.map(|v| v.to_string())),
+                opt(c
+                    .nonzero_ram_bytes
+                    .map(|v| format!("{:.0}", v as f64 / 1048576.0))),
+                opt(c.rate_mbit_s.map(|v| format!("{v:.0}"))),
+                opt(c.raw_tcp_ratio.map(|v| format!("{v:.2}"))),
+                c.error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    render::markdown_table(&headers, &rows)
+}
+
+fn write_outputs(args: &BenchArgs, report: &Report) -> Result<(), BenchError> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let table = markdown(report);
@@ -744,12 +1008,24 @@ mod tests {
             bytes_on_wire: wire,
             nonzero_ram_bytes: converged.then_some(nonzero),
             writer_mib_s: 0.0,
+            writer_during_mib_s: None,
+            max_throttle_pct: None,
             dirty_rate_mib_s: None,
             plan: None,
             decisions: Vec::new(),
             error: None,
             remaining: Vec::new(),
+            prediction: predict::Predicted::default(),
+            learned_from_bps: None,
         }
+    }
+
+    /// The trimmed cells of the table row starting with `start`.
+    fn row<'a>(table: &'a str, start: &str) -> Vec<&'a str> {
+        let line = table.lines().find(|l| l.starts_with(start));
+        let line = line.unwrap_or_else(|| panic!("no row {start}: {table}"));
+        let cells = line.trim().trim_matches('|').split('|');
+        cells.map(str::trim).collect()
     }
 
     #[test]
@@ -789,23 +1065,62 @@ mod tests {
             run(false, 0, 5, 0),
             run(true, 3000, 1_300_000_000, 1_000_000_000),
         ];
-        let c = cell(sc, Config::FerryAuto, 2e9, Some(9000), runs);
+        // The paused guest moved 1.25 GB/s: the 1 s run reached 0.8 of that.
+        let ceiling = ceiling::Ceiling {
+            scenario: sc.name.clone(),
+            when: "before".into(),
+            total_ms: Some(800),
+            nonzero_ram_bytes: Some(1_000_000_000),
+            rate_bps: Some(1.25e9),
+            rate_mbit_s: Some(10_000.0),
+            raw_tcp_ratio: Some(0.625),
+            ..Default::default()
+        };
+        let c = cell(sc, Config::FerryAuto, 2e9, Some(&ceiling), Some(9000), runs);
         assert!(c.converged);
         assert_eq!(c.converged_runs, 2);
         assert_eq!(c.total_ms, Some(3000), "upper median of 1000 and 3000");
         assert_eq!(c.link_ratio, Some(0.5));
+        assert_eq!(c.ceiling_ratio, Some(0.8));
         assert_eq!(c.bytes_per_nonzero_byte, Some(1.3));
+        let without = cell(
+            sc,
+            Config::Virsh,
+            2e9,
+            None,
+            None,
+            vec![run(true, 1000, 1, 1)],
+        );
+        assert_eq!(without.ceiling_ratio, None, "no ceiling, no ratio to it");
         let table = markdown(&Report {
-            command: "ferry bench".into(),
-            accel: "tcg".into(),
+            machine: Machine {
+                command: "ferry bench".into(),
+                accel: "tcg".into(),
+                host_cpus: 2,
+                qemu: "QEMU emulator version 10.0.2".into(),
+                load_before: "1.00 1.00 1.00".into(),
+                load_after: "2.00 1.50 1.00".into(),
+            },
             link_mbit_shaped: 1000,
             raw_tcp_unshaped_mbit_s: 16000.0,
             raw_tcp_shaped_mbit_s: 950.0,
             time_scale: 0.05,
+            ceilings: vec![ceiling],
+            prediction_errors: predict::Errors::of([&c.prediction].into_iter()),
             cells: vec![c],
         });
         assert!(table.contains("| ferry-auto"), "{table}");
+        assert!(
+            table.contains("2 host CPUs, QEMU emulator version 10.0.2; load 1.00 1.00 1.00 before"),
+            "{table}"
+        );
         assert!(table.contains("yes (2/3)"), "{table}");
         assert!(table.contains(" 2/2 |"), "verified of converged: {table}");
+        let cells = row(&table, "| 512M idle random | ferry-auto");
+        assert_eq!(cells[9..11], ["0.50", "0.80"], "both ratios: {table}");
+        let ceilings = table.split("Ceilings:").nth(1).unwrap();
+        let cells = row(ceilings, "| 512M idle random");
+        assert_eq!(cells[1..3], ["before", "800"], "{table}");
+        assert_eq!(cells[5..7], ["10000", "0.62"], "{table}");
     }
 }

@@ -125,6 +125,11 @@ pub fn markdown_table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// A table cell for a figure that may be missing: the figure, or "-".
+pub fn dash(v: Option<String>) -> String {
+    v.unwrap_or_else(|| "-".into())
+}
+
 fn escape(s: &str) -> String {
     let s = s
         .replace('&', "&amp;")
