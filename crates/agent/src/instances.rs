@@ -14,6 +14,7 @@ use ferry_api::agent::{AgentInstance, DefineInstance};
 use ferry_api::instances::{
     BootFrom, FirmwareKind, InstanceSpec, InstanceState, StopMethod, StopOptions,
 };
+use ferry_migrate::MigrateError;
 use ferry_qemu::{
     BackingImage, BootSource, DiskSpec, Firmware, LaunchOptions, MacAddr, NicSpec, QemuProcess,
     Shutdown, StartMode,
@@ -60,6 +61,48 @@ impl Slot {
     /// A handle on the QEMU's monitor, usable after the slot's lock is released.
     pub fn qmp(&self) -> Option<ferry_qmp::Qmp> {
         self.process.as_ref().map(|p| p.qmp().clone())
+    }
+
+    /// The monitor and the exit watch of the slot's QEMU, for work that outlives the lock
+    /// and must say why QEMU went away if it does.
+    pub fn monitor(&self) -> Option<Monitor> {
+        self.process.as_ref().map(|p| Monitor {
+            qmp: p.qmp().clone(),
+            exit: p.exit_watch(),
+        })
+    }
+}
+
+/// A QEMU's monitor together with the watch on its exit.
+#[derive(Clone)]
+pub struct Monitor {
+    pub qmp: ferry_qmp::Qmp,
+    pub exit: tokio::sync::watch::Receiver<Option<ferry_qemu::Exit>>,
+}
+
+impl Monitor {
+    /// Turns "the monitor connection closed" into what happened to QEMU: its status and last
+    /// output once it has exited (it may take a moment to be reaped). Other errors pass.
+    pub async fn explain(&self, e: MigrateError) -> MigrateError {
+        let closed = matches!(
+            e,
+            MigrateError::Qmp(ferry_qmp::QmpError::Closed | ferry_qmp::QmpError::Io(_))
+        );
+        if !closed {
+            return e;
+        }
+        let mut exit = self.exit.clone();
+        let waited =
+            tokio::time::timeout(Duration::from_secs(2), exit.wait_for(|s| s.is_some())).await;
+        match waited {
+            Ok(Ok(ended)) => match ended.clone() {
+                Some(ferry_qemu::Exit { status, output }) => {
+                    MigrateError::SourceExited { status, output }
+                }
+                None => e,
+            },
+            _ => e,
+        }
     }
 }
 

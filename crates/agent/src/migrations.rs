@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, info_span, warn, Instrument};
 use uuid::Uuid;
 
-use crate::instances::InstanceRecord;
+use crate::instances::{InstanceRecord, Monitor};
 use crate::{Agent, AgentError};
 
 /// Samples kept per migration; older ones are dropped (a poller that far behind only needs
@@ -450,12 +450,14 @@ impl Agent {
             if !running {
                 continue;
             }
-            let qmp = match self.lock_slot(&instance_id).await {
-                Ok(slot) if role == Role::Source || slot.record.incoming == Some(mid) => slot.qmp(),
+            let monitor = match self.lock_slot(&instance_id).await {
+                Ok(slot) if role == Role::Source || slot.record.incoming == Some(mid) => {
+                    slot.monitor()
+                }
                 _ => None,
             };
-            match (role, qmp) {
-                (Role::Source, Some(qmp)) => {
+            match (role, monitor) {
+                (Role::Source, Some(monitor)) => {
                     info!(migration = %mid, "re-deriving a source migration from QEMU");
                     let r = entry.record();
                     let dest = r
@@ -464,7 +466,7 @@ impl Agent {
                         .and_then(|d| d.parse().ok())
                         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
                     let params = r.params.unwrap_or_default();
-                    self.spawn_source_half(mid, &entry, qmp, dest, params, SourceStart::Attach);
+                    self.spawn_source_half(mid, &entry, monitor, dest, params, SourceStart::Attach);
                 }
                 (Role::Source, None) => entry.finish(Err(MigrateError::Failed(
                     "the source QEMU is gone (it ended while the agent was down)".into(),
@@ -918,8 +920,8 @@ impl Agent {
         let mut slot = self.lock_slot(&req.instance_id).await?;
         self.refuse_if_migrating(&req.instance_id)?;
         let state = self.run_state(&mut slot).await;
-        let qmp = match (&slot.process, &state) {
-            (Some(p), Some(RunState::Running)) => p.qmp().clone(),
+        let monitor = match (slot.monitor(), &state) {
+            (Some(m), Some(RunState::Running)) => m,
             _ => {
                 return Err(MigrateError::SourceNotRunning(
                     state
@@ -946,7 +948,7 @@ impl Agent {
             created_images: Vec::new(),
             disks: req.disks.clone(),
         });
-        self.spawn_source_half(mid, &entry, qmp, dest, req.params, SourceStart::Fresh);
+        self.spawn_source_half(mid, &entry, monitor, dest, req.params, SourceStart::Fresh);
         Ok(entry.status(0))
     }
 
@@ -956,7 +958,7 @@ impl Agent {
         &self,
         mid: Uuid,
         entry: &Arc<MigrationEntry>,
-        qmp: Qmp,
+        monitor: Monitor,
         dest: SocketAddr,
         params: MigrationParams,
         start: SourceStart,
@@ -973,6 +975,7 @@ impl Agent {
                 let sampler = task_entry.clone();
                 let disks = task_entry.record().disks;
                 let mut observe = move |e: &SourceEvent| sampler.push_event(e);
+                let qmp = monitor.qmp.clone();
                 let result = match start {
                     SourceStart::Fresh => {
                         info!(%dest, "source half starting");
@@ -985,6 +988,10 @@ impl Agent {
                     SourceStart::Attach => {
                         source::attach(&qmp, &params, &mut observe, signal).await
                     }
+                };
+                let result = match result {
+                    Err(e) => Err(monitor.explain(e).await),
+                    ok => ok,
                 };
                 task_entry.finish(result);
             }
@@ -1256,7 +1263,11 @@ impl Agent {
                 "only a post-copy migration whose stream broke can be reconnected",
             ));
         }
-        let qmp = self.source_qmp(&r.instance_id).await?;
+        let monitor = self
+            .lock_slot(&r.instance_id)
+            .await?
+            .monitor()
+            .ok_or_else(|| MigrateError::SourceNotRunning("stopped".into()))?;
         entry.update(|r| {
             r.state = SourceState::Running;
             r.error = None;
@@ -1266,7 +1277,7 @@ impl Agent {
             postcopy: true,
             ..MigrationParams::default()
         });
-        self.spawn_source_half(mid, &entry, qmp, dest, params, SourceStart::Reconnect);
+        self.spawn_source_half(mid, &entry, monitor, dest, params, SourceStart::Reconnect);
         Ok(entry.status(0))
     }
 

@@ -89,6 +89,9 @@ pub struct Context {
     /// What QEMU got through on this link in the run's earlier migrations, as the server
     /// learns it per host pair (Ferry auto's plan uses it).
     pub learned_rate_bps: Option<f64>,
+    /// How far QEMU's pause ran past its last pages on this link in the run's earlier
+    /// migrations, as the server learns it per host pair (the plan's expected pause).
+    pub learned_switchover_ms: Option<f64>,
 }
 
 impl Config {
@@ -223,7 +226,7 @@ impl Config {
                     },
                     disk_bytes: 0,
                     learned_rate_bps: ctx.learned_rate_bps,
-                    learned_switchover_ms: None,
+                    learned_switchover_ms: ctx.learned_switchover_ms,
                 };
                 let (mut params, plan) = plan::plan(&inputs, &MigrationParams::default());
                 self.experiment(&mut params, &plan, ctx);
@@ -288,6 +291,7 @@ mod tests {
             guest_vcpus: 1,
             time_scale: 0.05,
             learned_rate_bps: None,
+            learned_switchover_ms: None,
         }
     }
 

@@ -197,6 +197,9 @@ struct Run {
     /// What QEMU got through per second (`ferry_migrate::plan::observed_rate`), for the
     /// migrations the server would learn from (completed, no bandwidth cap).
     learned_from_bps: Option<f64>,
+    /// How far QEMU's pause ran past its last pages (`plan::observed_switchover_ms`), from
+    /// the same migrations.
+    learned_switchover_ms: Option<f64>,
 }
 
 /// The median of a cell's runs, as `--json` prints it.
@@ -419,10 +422,12 @@ async fn bench(args: &BenchArgs, image: &ImageOptions) -> Result<Outcome, BenchE
     // What QEMU got through on each link (unshaped, shaped) in this run's completed,
     // uncapped migrations, learned as the server learns it per host pair.
     let mut learned: [Option<f64>; 2] = [None, None];
+    let mut learned_switchover: [Option<f64>; 2] = [None, None];
     for sc in scenarios(args.quick, &args.sizes, &args.loads) {
         let link = if sc.shaped { raw_shaped } else { raw_unshaped };
         shape(&hv1.netns, sc.shaped.then_some(args.link_mbit))?;
         let learned = &mut learned[usize::from(sc.shaped)];
+        let learned_switchover = &mut learned_switchover[usize::from(sc.shaped)];
         // The ceiling is taken before and after the scenario's cells (the machine is shared:
         // one paused migration can fall on a busy moment); the faster one counts.
         // They teach the learned rate nothing: the server only ever sees real jobs.
@@ -451,10 +456,14 @@ async fn bench(args: &BenchArgs, image: &ImageOptions) -> Result<Outcome, BenchE
                     guest_vcpus: 1,
                     time_scale: args.time_scale,
                     learned_rate_bps: *learned,
+                    learned_switchover_ms: *learned_switchover,
                 };
                 let (run, budget) = run_cell(&lab, &sc, config, ctx).await?;
                 if let Some(seen) = run.learned_from_bps {
                     *learned = Some(plan::learn_rate(*learned, seen));
+                }
+                if let Some(seen) = run.learned_switchover_ms {
+                    *learned_switchover = Some(plan::learn_rate(*learned_switchover, seen));
                 }
                 budget_ms = budget;
                 say(&format!("  {}", run_line(&run)));
@@ -622,6 +631,7 @@ async fn run_cell(
     let probe_only = ctx.learned_rate_bps.and_then(|_| {
         let alone = Context {
             learned_rate_bps: None,
+            learned_switchover_ms: None,
             ..ctx
         };
         config.params(&alone).1
@@ -707,6 +717,7 @@ async fn run_cell(
         remaining,
         prediction,
         learned_from_bps: None,
+        learned_switchover_ms: None,
     };
     match result {
         Ok(out) => {
@@ -721,6 +732,7 @@ async fn run_cell(
                     .is_none_or(|c| c == "none")
             {
                 run.learned_from_bps = plan::observed_rate(&s);
+                run.learned_switchover_ms = plan::observed_switchover_ms(&s);
             }
             // QEMU has been seen to report a total time of 0 for a completed multifd
             // migration; the sampled elapsed time is the fallback.
@@ -1017,6 +1029,7 @@ mod tests {
             remaining: Vec::new(),
             prediction: predict::Predicted::default(),
             learned_from_bps: None,
+            learned_switchover_ms: None,
         }
     }
 

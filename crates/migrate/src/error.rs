@@ -61,6 +61,10 @@ pub enum MigrateError {
         reason: DiskCopyFailure,
         message: String,
     },
+    /// The source QEMU process ended while the migration ran: the guest is gone from the
+    /// source too, so the operator needs QEMU's own last words, not "connection closed".
+    #[error("the source QEMU ended during the migration ({status}); its last output: {output}")]
+    SourceExited { status: String, output: String },
     /// A QMP command failed.
     #[error(transparent)]
     Qmp(#[from] ferry_qmp::QmpError),
@@ -84,6 +88,7 @@ impl MigrateError {
             MigrateError::DestinationNotRunning(_) => "destination-not-running",
             MigrateError::Destination(_) => "destination-prepare-failed",
             MigrateError::DiskCopy { reason, .. } => reason.code(),
+            MigrateError::SourceExited { .. } => "source-qemu-exited",
             MigrateError::Qmp(_) => "qmp-failed",
         }
     }
@@ -123,6 +128,9 @@ impl MigrateError {
             }
             MigrateError::Destination(_) => "check the destination host's QEMU and network setup",
             MigrateError::DiskCopy { reason, .. } => reason.hint(),
+            MigrateError::SourceExited { .. } => {
+                "the instance is stopped (crashed) on the source; read QEMU's output above, then `ferry instance start` it"
+            }
             MigrateError::Qmp(_) => "a QEMU process stopped answering; check that it still runs",
         }
     }

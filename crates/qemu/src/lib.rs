@@ -20,7 +20,7 @@ pub use disk::{
     MAX_SERIAL,
 };
 pub use error::QemuError;
-pub use process::{LaunchOptions, QemuProcess, RunPaths, Shutdown, StartMode};
+pub use process::{Exit, LaunchOptions, QemuProcess, RunPaths, Shutdown, StartMode};
 pub use spec::{
     has_control_chars, is_known_machine_type, BootSource, Firmware, InstanceSpec, MacAddr, NicSpec,
     MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB,

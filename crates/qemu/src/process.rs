@@ -92,7 +92,7 @@ pub struct QemuProcess {
     paths: RunPaths,
     pid: i32,
     qmp: Qmp,
-    exit: watch::Receiver<Option<String>>,
+    exit: watch::Receiver<Option<Exit>>,
     cleaned: bool,
     detached: bool,
 }
@@ -158,12 +158,13 @@ impl QemuProcess {
         })?;
         let pid = child.id().unwrap_or(0) as i32;
         let (tx, exit) = watch::channel(None);
+        let log_path = paths.qemu_log.clone();
         tokio::spawn(async move {
             let status = match child.wait().await {
                 Ok(s) => s.to_string(),
                 Err(e) => format!("unknown status ({e})"),
             };
-            let _ = tx.send(Some(status));
+            let _ = tx.send(Some(Exit::read(status, &log_path)));
         });
 
         let connect = Qmp::connect(&paths.qmp_socket, opts.start_timeout);
@@ -181,10 +182,9 @@ impl QemuProcess {
                 Err(e) => {
                     // Give QEMU a moment to finish writing why it quit.
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    let status = exit.borrow().clone();
-                    let output = tail(&RunPaths::in_dir(&opts.run_dir).qemu_log, 800);
-                    let err = match status {
-                        Some(status) => QemuError::Exited {
+                    let ended = exit.borrow().clone();
+                    let err = match ended {
+                        Some(Exit { status, output }) => QemuError::Exited {
                             name: spec.name.clone(),
                             status,
                             output,
@@ -236,6 +236,7 @@ impl QemuProcess {
         }
         let qmp = Qmp::connect(&paths.qmp_socket, timeout).await?;
         let (tx, exit) = watch::channel(None);
+        let log_path = paths.qemu_log.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(ADOPTED_EXIT_POLL).await;
@@ -244,7 +245,8 @@ impl QemuProcess {
                     return;
                 }
                 if !pid_alive(pid) {
-                    let _ = tx.send(Some(format!("adopted process {pid} exited")));
+                    let status = format!("adopted process {pid} exited");
+                    let _ = tx.send(Some(Exit::read(status, &log_path)));
                     return;
                 }
             }
@@ -291,12 +293,18 @@ impl QemuProcess {
 
     /// `Some(status)` once the process has exited.
     pub fn exit_status(&self) -> Option<String> {
+        self.exit.borrow().as_ref().map(|e| e.status.clone())
+    }
+
+    /// How the process ended, with what it printed last (read when it exited, so it
+    /// survives the removal of the run directory).
+    pub fn exit(&self) -> Option<Exit> {
         self.exit.borrow().clone()
     }
 
     /// A watch on the exit status that outlives a borrow of the process: an owner that must
     /// not hold its lock while a guest shuts down (seconds) waits on this instead.
-    pub fn exit_watch(&self) -> watch::Receiver<Option<String>> {
+    pub fn exit_watch(&self) -> watch::Receiver<Option<Exit>> {
         self.exit.clone()
     }
 
@@ -353,6 +361,23 @@ impl Drop for QemuProcess {
     fn drop(&mut self) {
         if !self.detached {
             self.kill();
+        }
+    }
+}
+
+/// How a QEMU process ended: its wait status and the tail of its output, for an operator
+/// who must learn why a guest died without digging through a run directory that is gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exit {
+    pub status: String,
+    pub output: String,
+}
+
+impl Exit {
+    fn read(status: String, log: &Path) -> Exit {
+        Exit {
+            status,
+            output: tail(log, 800),
         }
     }
 }
