@@ -119,18 +119,24 @@ async fn a_guest_writing_faster_than_the_link_converges_under_auto_within_its_bu
         out.source.total_time_ms < params.completion_timeout.unwrap().as_millis() as u64,
         "within the budget"
     );
-    assert!(
-        decisions.iter().any(|d| matches!(
+    // The plan arms auto-converge at the throttle that slows the writer below the link from
+    // the first throttled round; the controller escalates only when that is not enough,
+    // which depends on how fast this machine runs the guest, so either is fine here.
+    let peak = samples
+        .iter()
+        .filter_map(|p| p.cpu_throttle_percent)
+        .max()
+        .unwrap_or(0);
+    let escalated = decisions.iter().any(|d| {
+        matches!(
             d.action,
             Action::SetThrottleCeiling { .. } | Action::SetDowntime { .. }
-        )),
-        "the controller escalated: {decisions:?}"
-    );
+        )
+    });
     assert!(
-        samples
-            .iter()
-            .any(|p| p.cpu_throttle_percent.unwrap_or(0) > 0),
-        "the guest was throttled"
+        peak >= u64::from(params.throttle_initial_pct) || escalated,
+        "the guest was throttled as planned ({}%) or the controller escalated: peak {peak}%, {decisions:?}",
+        params.throttle_initial_pct
     );
     assert_intact(&lab, &vm).await;
     lab.stop_guest(vm).await;
