@@ -1301,13 +1301,16 @@ impl Agent {
                 ));
             }
             let mut slot = self.lock_slot(&r.instance_id).await?;
-            let qmp = slot
-                .qmp()
+            let monitor = slot
+                .monitor()
                 .ok_or_else(|| MigrateError::SourceNotRunning("stopped".into()))?;
-            if destination_gone {
-                source::resume_handed_over(&qmp).await?;
+            let resumed = if destination_gone {
+                source::resume_handed_over(&monitor.qmp).await
             } else {
-                source::ensure_running(&qmp).await?;
+                source::ensure_running(&monitor.qmp).await
+            };
+            if let Err(e) = resumed {
+                return Err(monitor.explain(e).await.into());
             }
             info!(instance = %r.instance_id, "source guest runs");
             Ok(self.describe(&mut slot).await)

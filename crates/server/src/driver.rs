@@ -914,7 +914,13 @@ impl<'a> AgentHalves<'a> {
         match result {
             Ok(v) => Ok(Some(v)),
             Err(e) if e.status() == Some(404) => Ok(None),
-            Err(e) => Err(self.agent_failed(&host, e)),
+            // An undo step's failure is logged by its caller; it never replaces the error
+            // that ended the job (a source QEMU that crashed mid-cancel fails its resume too,
+            // and the crash is what the operator must read).
+            Err(e) => {
+                let body = ServerError::from_agent(&host, e).body;
+                Err(MigrateError::Failed(format!("{}: {}", body.code, body.message)))
+            }
         }
     }
 
