@@ -397,6 +397,32 @@ pub struct LogLine {
     pub message: String,
 }
 
+/// One stored progress sample of a migration: its place in the job's history (`seq`, from 1),
+/// when the server stored it, and the sample as it was shown live. Kept so that charts of a
+/// job opened mid-way or after it ended still show its whole course.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Sample {
+    pub seq: u64,
+    pub at: DateTime<Utc>,
+    #[schema(value_type = Object)]
+    pub progress: Progress,
+}
+
+/// `GET /v1/migrations/{id}/samples`: a page of the job's progress history, oldest first.
+/// At most [`SAMPLES_PAGE_MAX`] samples a page, so that a long migration's history cannot
+/// make one answer unbounded; `next_after` is the `after` of the next page while more remain.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SamplePage {
+    pub samples: Vec<Sample>,
+    /// Pass as `?after=` to read on; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_after: Option<u64>,
+}
+
+/// The most samples one `GET /v1/migrations/{id}/samples` answers, and its default `limit`.
+/// Progress is sampled a few times a second, so this covers about ten minutes of a copy.
+pub const SAMPLES_PAGE_MAX: u32 = 2000;
+
 /// A live event, as sent on the SSE streams (`event:` is [`Event::kind`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]

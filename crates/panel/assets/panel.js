@@ -66,11 +66,14 @@
     let timer = null;
     const refresh = async () => {
       timer = null;
-      if (dlg && dlg.open) return;
+      if (dlg && dlg.open) { timer = setTimeout(refresh, 400); return; }
       try {
         const r = await fetch(location.href, { credentials: 'same-origin' });
         if (!r.ok) return;
         const doc = new DOMParser().parseFromString(await r.text(), 'text/html');
+        // A confirmation opened while the page was fetched: replacing its form now would
+        // lose the confirmed action, so try again later.
+        if (dlg && dlg.open) { timer = setTimeout(refresh, 400); return; }
         const fresh = doc.getElementById('live');
         const now = document.getElementById('live');
         if (fresh && now) {
@@ -91,7 +94,12 @@
   const screen = document.querySelector('[data-migration]');
   if (!screen) return;
   const id = screen.dataset.migration;
-  const series = { remaining: [], throughput: [], dirty: [] };
+  // Chart points by the sample's elapsed ms: the stored history and the live samples may
+  // arrive in either order and overlap, and each moment is drawn once.
+  const points = new Map();
+  const addPoint = (p) => {
+    points.set(p.elapsed_ms, [p.remaining_bytes / MiB, p.throughput_bps / MiB, p.dirty_rate_bps / MiB]);
+  };
   const set = (f, v) => screen.querySelectorAll(`[data-f="${f}"]`).forEach((e) => { e.textContent = v; });
   let updates = 0;
   const bump = () => {
@@ -112,6 +120,7 @@
     if (!svg) return;
     const W = 300, H = 120, L = 4, T = 14, B = 14;
     svg.replaceChildren();
+    svg.setAttribute('data-points', String(pts.length));
     svg.appendChild(el('line', { x1: L, y1: H - B, x2: W, y2: H - B, class: 'axis' }));
     if (pts.length === 0) {
       const t = el('text', { x: W / 2, y: H / 2, 'text-anchor': 'middle', class: 'lbl' });
@@ -138,9 +147,11 @@
     svg.appendChild(now);
   };
   const drawAll = () => {
-    draw('chart-remaining', series.remaining, 'c1');
-    draw('chart-throughput', series.throughput, 'c2');
-    draw('chart-dirty', series.dirty, 'c3');
+    const ts = [...points.keys()].sort((a, b) => a - b);
+    const col = (i) => ts.map((t) => [t / 1000, points.get(t)[i]]);
+    draw('chart-remaining', col(0), 'c1');
+    draw('chart-throughput', col(1), 'c2');
+    draw('chart-dirty', col(2), 'c3');
   };
 
   const applyProgress = (p) => {
@@ -164,33 +175,62 @@
     if (p.qemu_pause_ms != null) set('final_pause', fmtMs(p.qemu_pause_ms));
     set('throttle', p.cpu_throttle_percent != null ? p.cpu_throttle_percent + ' %' : '—');
     set('elapsed', fmtMs(p.elapsed_ms));
-    const t = p.elapsed_ms / 1000;
-    const last = series.remaining[series.remaining.length - 1];
-    if (!last || t > last[0]) {
-      series.remaining.push([t, p.remaining_bytes / MiB]);
-      series.throughput.push([t, p.throughput_bps / MiB]);
-      series.dirty.push([t, p.dirty_rate_bps / MiB]);
+    if (!points.has(p.elapsed_ms)) {
+      addPoint(p);
       drawAll();
     }
   };
 
+  // The job's stored samples, page by page (the server caps a page): a screen opened mid-way
+  // or after the end draws the whole course, not only what arrives from now on.
+  const loadHistory = async () => {
+    let after = 0;
+    try {
+      for (let page = 0; page < 100; page += 1) {
+        const r = await fetch(`/migrations/${id}/samples?after=${after}`, { credentials: 'same-origin' });
+        if (!r.ok) break;
+        const body = await r.json();
+        body.samples.forEach((s) => addPoint(s.progress));
+        if (body.next_after == null) break;
+        after = body.next_after;
+      }
+    } catch (_) { /* the live samples still draw */ }
+    drawAll();
+    screen.dataset.history = String(points.size);
+  };
+
   let ended = TERMINAL.includes(screen.dataset.state);
   // The sections only the server renders (report, actions, plan, log) come back fresh once.
+  // Never while a confirmation is open: its form would be replaced under it and the confirmed
+  // action lost; the refresh runs when the dialog closes instead. What the user typed into
+  // the fresh controls' fields is kept. `data-sections` says which state they show.
+  let deferred = false;
   const refreshSections = async () => {
+    if (dlg && dlg.open) { deferred = true; return; }
     try {
       const r = await fetch(location.href, { credentials: 'same-origin' });
       if (!r.ok) return;
       const doc = new DOMParser().parseFromString(await r.text(), 'text/html');
+      if (dlg && dlg.open) { deferred = true; return; }
       ['controls', 'cancel-requested', 'plan', 'decisions', 'log'].forEach((sid) => {
         const old = document.getElementById(sid);
         const neu = doc.getElementById(sid);
-        if (old && neu) old.replaceWith(neu); else if (old) old.remove();
+        if (old && neu) {
+          old.querySelectorAll('input[id]').forEach((i) => {
+            const n = neu.querySelector('#' + i.id);
+            if (n && i.value !== '' && i.type !== 'hidden') n.value = i.value;
+          });
+          old.replaceWith(neu);
+        } else if (old) old.remove();
       });
       const rep = doc.getElementById('report');
       const plan = document.getElementById('plan');
       if (rep && !document.getElementById('report') && plan) plan.before(rep);
+      const fresh = doc.getElementById('screen');
+      if (fresh) screen.dataset.sections = fresh.dataset.state;
     } catch (_) { /* keep what is shown */ }
   };
+  if (dlg) dlg.addEventListener('close', () => { if (deferred && dlg.returnValue !== 'ok') { deferred = false; refreshSections(); } });
 
   const applyMigration = (m) => {
     const badge = screen.querySelector('.status [data-f="state"]');
@@ -241,6 +281,7 @@
     if (first.progress) applyProgress(first.progress);
   } catch (_) { /* no initial record */ }
   drawAll();
+  loadHistory();
   if (ended || !window.EventSource) return;
   setTimeout(pollLogs, 2000);
   const es = new EventSource(`/migrations/${id}/events`);

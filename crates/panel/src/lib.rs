@@ -56,6 +56,7 @@ pub fn router(api_router: Router) -> Router {
             get(pages::live::migration_events),
         )
         .route("/migrations/{id}/logs", get(pages::live::logs))
+        .route("/migrations/{id}/samples", get(pages::live::samples))
         .route("/migrations/{id}/{action}", post(pages::migrations::act))
         .layer(axum::middleware::map_response(security_headers))
         .with_state(panel)

@@ -8,6 +8,7 @@ use common::{Cluster, ADMIN};
 use ferry_api::instances::{CreateInstance, Instance, InstanceState};
 use ferry_api::migrations::{
     CreateMigration, Event, LogLine, Migration, MigrationKind, MigrationOptions, MigrationState,
+    SamplePage, SAMPLES_PAGE_MAX,
 };
 use ferry_api::ApiClient;
 use ferry_server::config::Limits;
@@ -82,6 +83,77 @@ async fn live_migration_through_the_api_with_progress_logs_and_events() {
         logs.iter().any(|l| l.message.contains("with a pause of")),
         "{logs:?}"
     );
+
+    // The progress history, for charts opened after the fact: a read-only token reads it,
+    // numbered from 1, in time order, ending at the completed sample; paged by `after`.
+    let (_, viewer) = c
+        .server
+        .state
+        .store
+        .create_token("chart-viewer", ferry_server::store::Role::ReadOnly)
+        .await
+        .unwrap();
+    let reader = ApiClient::new(&c.server.url(), Some(viewer));
+    let all: SamplePage = reader
+        .get(&format!("/v1/migrations/{}/samples", m.id))
+        .await
+        .unwrap();
+    let n = all.samples.len();
+    assert!(n >= 3, "a copy sampled every 200 ms: {n} samples");
+    assert_eq!(all.next_after, None, "one page holds them all");
+    assert!(
+        all.samples
+            .iter()
+            .enumerate()
+            .all(|(i, s)| s.seq == i as u64 + 1),
+        "seq from 1 without gaps"
+    );
+    assert!(all.samples.windows(2).all(|w| w[0].at <= w[1].at));
+    assert!(
+        all.samples
+            .windows(2)
+            .all(|w| w[0].progress.transferred_bytes <= w[1].progress.transferred_bytes),
+        "the copy only grows"
+    );
+    assert!(all.samples[n - 1].progress.transferred_bytes > 0);
+    let first: SamplePage = reader
+        .get(&format!("/v1/migrations/{}/samples?limit=2", m.id))
+        .await
+        .unwrap();
+    assert_eq!(first.samples, all.samples[..2]);
+    assert_eq!(first.next_after, Some(2));
+    let rest: SamplePage = reader
+        .get(&format!("/v1/migrations/{}/samples?after=2", m.id))
+        .await
+        .unwrap();
+    assert_eq!(rest.samples, all.samples[2..]);
+    assert_eq!(rest.next_after, None);
+    let none: SamplePage = reader
+        .get(&format!("/v1/migrations/{}/samples?after={n}", m.id))
+        .await
+        .unwrap();
+    assert!(none.samples.is_empty() && none.next_after.is_none());
+    let err = reader
+        .get::<SamplePage>(&format!("/v1/migrations/{}/samples?limit=0", m.id))
+        .await
+        .unwrap_err();
+    common::assert_refused(&err, 400, "bad-query");
+    let err = reader
+        .get::<SamplePage>(&format!(
+            "/v1/migrations/{}/samples?limit={}",
+            m.id,
+            SAMPLES_PAGE_MAX + 1
+        ))
+        .await
+        .unwrap_err();
+    common::assert_refused(&err, 400, "bad-query");
+    for missing in [uuid::Uuid::new_v4().to_string(), "not-a-uuid".to_string()] {
+        let err = reader
+            .get::<SamplePage>(&format!("/v1/migrations/{missing}/samples"))
+            .await
+            .unwrap_err();
+        common::assert_refused(&err, 404, "migration-not-found");
+    }
 
     let seen = tokio::time::timeout(Duration::from_secs(10), events)
         .await

@@ -377,7 +377,7 @@ fn review(
         }
         section {
             h2 { "Options" }
-            ul {
+            ul #review-options {
                 li { "Destination: " strong { (pv.destination) } @if req.destination.is_none() { " (auto: best fit)" } }
                 li { "IP configuration: keep" }
                 li { "Policy: " (format!("{:?}", o.policy).to_lowercase()) }

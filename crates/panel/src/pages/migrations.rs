@@ -265,7 +265,7 @@ pub async fn show(
     let body = html! {
         p.crumbs { a href="/migrations" { "Migrations" } " / " }
         h1 { (m.instance_name) ": " (m.source) " → " (m.destination) }
-        div #screen data-migration=(m.id) data-state=(m.state.as_str()) data-updates="0" {
+        div #screen data-migration=(m.id) data-state=(m.state.as_str()) data-sections=(m.state.as_str()) data-updates="0" {
             (json_island("migration-json", &serde_json::to_value(&m).unwrap_or_default()))
             div.status {
                 (state_badge(m.state))
@@ -299,7 +299,7 @@ pub async fn show(
             (controls(&session, &m))
             @if m.state.is_terminal() { (report(&m)) }
             (plan(&m))
-            section {
+            section #options {
                 h2 { "Options" }
                 p { "Policy " (format!("{:?}", opt.policy).to_lowercase())
                     " · bandwidth " (opt.bandwidth_mib_s.map(|b| format!("{b} MiB/s")).unwrap_or_else(|| "unlimited".into()))

@@ -8,7 +8,7 @@ use ferry_api::hosts::HostState;
 use ferry_api::instances::{Instance, InstanceState};
 use ferry_api::migrations::{
     CreateMigration, LogLine, Migration, MigrationKind, MigrationPreview, MigrationState, Policy,
-    UpdateMigration,
+    SamplePage, UpdateMigration, SAMPLES_PAGE_MAX,
 };
 
 use serde::Deserialize;
@@ -647,6 +647,55 @@ pub async fn logs(
 ) -> Result<Json<Vec<LogLine>>, ServerError> {
     let m = get(&state, &id).await?;
     Ok(Json(state.store.logs(m.id).await?))
+}
+
+/// Paging of `GET /v1/migrations/{id}/samples`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SamplesQuery {
+    /// Only samples with a `seq` above this (the previous page's `next_after`); 0 = from the
+    /// start.
+    pub after: Option<u64>,
+    /// At most this many (default and ceiling `SAMPLES_PAGE_MAX`, 2000).
+    pub limit: Option<u32>,
+}
+
+/// The job's stored progress history, oldest first, a page at a time: what charts of a job
+/// opened mid-way or after it ended draw, since the event stream only carries what comes next.
+#[utoipa::path(get, path = "/v1/migrations/{id}/samples", params(("id" = String, Path, description = "migration id (UUID)"), SamplesQuery), responses((status = 200, body = SamplePage), (status = 400, description = "bad query parameters", body = ferry_api::ErrorBody), (status = 404, description = "no such migration", body = ferry_api::ErrorBody)))]
+pub async fn samples(
+    State(state): State<AppState>,
+    _r: Reader,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<SamplesQuery>,
+) -> Result<Json<SamplePage>, ServerError> {
+    let m = get(&state, &id).await?;
+    let limit = match q.limit {
+        None => SAMPLES_PAGE_MAX,
+        Some(l) if (1..=SAMPLES_PAGE_MAX).contains(&l) => l,
+        Some(l) => {
+            return Err(ServerError::bad_request(
+                "bad-query",
+                format!("limit {l} is outside 1..={SAMPLES_PAGE_MAX}"),
+                "page with ?after= and the answer's next_after instead",
+            ))
+        }
+    };
+    // One more than asked tells whether another page follows.
+    let mut samples = state
+        .store
+        .samples_page(m.id, q.after.unwrap_or(0), limit + 1)
+        .await?;
+    let next_after = if samples.len() > limit as usize {
+        samples.truncate(limit as usize);
+        samples.last().map(|s| s.seq)
+    } else {
+        None
+    };
+    Ok(Json(SamplePage {
+        samples,
+        next_after,
+    }))
 }
 
 /// Every change made through the API, newest first.

@@ -155,6 +155,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
         migrations::cleanup,
         migrations::observe,
         migrations::logs,
+        migrations::samples,
         migrations::audit,
         events::cluster_events,
         events::migration_events,
@@ -167,7 +168,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
         ferry_api::checks::CheckResult,
         ferry_api::checks::CheckStatus,
         ferry_api::migrations::DiskCopy,
-        ferry_api::migrations::DiskCopyState
+        ferry_api::migrations::DiskCopyState,
+        ferry_api::migrations::Sample,
+        ferry_api::migrations::SamplePage
     ))
 )]
 struct ApiDoc;
@@ -234,6 +237,7 @@ pub fn router(state: AppState) -> Router {
             post(migrations::observe),
         )
         .route("/v1/migrations/{id}/logs", get(migrations::logs))
+        .route("/v1/migrations/{id}/samples", get(migrations::samples))
         .route("/v1/migrations/{id}/events", get(events::migration_events))
         .route("/v1/events", get(events::cluster_events))
         .route("/v1/audit", get(migrations::audit))

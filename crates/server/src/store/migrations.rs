@@ -2,7 +2,7 @@ use chrono::{DateTime, Utc};
 use ferry_api::instances::InstanceSpec;
 use ferry_api::migrations::{
     DiskCopy, LogLine, Migration, MigrationKind, MigrationOptions, MigrationPlan, MigrationState,
-    MigrationStats,
+    MigrationStats, Sample,
 };
 use ferry_api::ErrorBody;
 use ferry_migrate::{GuestImpact, Progress, QemuSettings};
@@ -582,6 +582,35 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(|r| json_col(r, "progress")).collect()
+    }
+
+    /// Up to `limit` samples of the job's history with `seq` above `after`, oldest first,
+    /// with their sequence numbers and times: the pages `GET /v1/migrations/{id}/samples`
+    /// serves, so a chart opened late gets the job's whole course without one unbounded read.
+    pub async fn samples_page(
+        &self,
+        id: Uuid,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<Sample>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, at, progress FROM migration_samples
+              WHERE migration_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(id.to_string())
+        .bind(i64::try_from(after).unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Sample {
+                    seq: u64_col(r, "seq")?,
+                    at: time_col(r, "at")?,
+                    progress: json_col(r, "progress")?,
+                })
+            })
+            .collect()
     }
 
     /// Records what QEMU measured at the end of the job.

@@ -725,6 +725,18 @@ async fn progress_samples_and_logs() {
         samples.iter().map(|p| p.percent).collect::<Vec<_>>(),
         [10.0, 20.0]
     );
+    s.add_sample(m.id, &progress(30.0)).await.expect("sample");
+    let page = s.samples_page(m.id, 1, 1).await.expect("page");
+    assert_eq!(
+        page.iter()
+            .map(|x| (x.seq, x.progress.percent))
+            .collect::<Vec<_>>(),
+        [(2, 20.0)],
+        "after seq 1, one sample"
+    );
+    let rest = s.samples_page(m.id, 2, 10).await.expect("page");
+    assert_eq!(rest.iter().map(|x| x.seq).collect::<Vec<_>>(), [3]);
+    assert!(s.samples_page(m.id, 3, 10).await.expect("page").is_empty());
     assert!(matches!(
         s.add_sample(Uuid::new_v4(), &progress(1.0)).await,
         Err(StoreError::NotFound(_))
