@@ -919,7 +919,10 @@ impl<'a> AgentHalves<'a> {
             // and the crash is what the operator must read).
             Err(e) => {
                 let body = ServerError::from_agent(&host, e).body;
-                Err(MigrateError::Failed(format!("{}: {}", body.code, body.message)))
+                Err(MigrateError::Failed(format!(
+                    "{}: {}",
+                    body.code, body.message
+                )))
             }
         }
     }
