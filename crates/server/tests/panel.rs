@@ -16,11 +16,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Cluster, ADMIN};
-use ferry_api::instances::{Instance, InstanceState};
+use ferry_api::instances::{CreateInstance, DiskRequest, Instance, InstanceState};
 use ferry_api::migrations::{Migration, MigrationOptions, MigrationState, Policy, SamplePage};
 use ferry_server::config::Limits;
 use thirtyfour::components::SelectElement;
 use thirtyfour::prelude::*;
+use thirtyfour::TypingData;
 
 /// Where the screenshots go: `target/panel-shots/`.
 fn shots_dir() -> PathBuf {
@@ -986,6 +987,415 @@ async fn a_read_only_token_sees_no_actions_and_its_forged_posts_are_refused() {
     assert_eq!((i.host.as_str(), i.state), ("hv2", InstanceState::Running));
     let hosts: Vec<ferry_api::hosts::Host> = c.admin.get("/v1/hosts").await.unwrap();
     assert!(hosts.iter().all(|h| h.enabled));
+
+    b.close().await;
+    c.shutdown().await;
+}
+
+/// Presses Tab until the focused element matches `css` (checked before the first press, for
+/// a page that focuses it itself); panics after `presses` presses.
+async fn tab_to(b: &Browser, css: &str, presses: usize) {
+    for _ in 0..=presses {
+        let on = b
+            .d()
+            .execute(
+                "var a = document.activeElement; return !!(a && a.matches(arguments[0]));",
+                vec![serde_json::json!(css)],
+            )
+            .await
+            .unwrap()
+            .json()
+            .clone();
+        if on == true {
+            return;
+        }
+        keys(b, Key::Tab).await;
+    }
+    panic!("{presses} presses of Tab never reached {css}");
+}
+
+/// Types into whatever has the focus, as a keyboard does.
+async fn keys(b: &Browser, k: impl Into<TypingData>) {
+    b.d().action_chain().send_keys(k).perform().await.unwrap();
+}
+
+/// Waits until the browser is at `path`.
+async fn wait_path(b: &Browser, path: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while b.path().await != path {
+        assert!(
+            Instant::now() < deadline,
+            "stayed at {}, not {path}",
+            b.path().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// At phone width (390 px) the page at hand scrolls only vertically: nothing is wider than
+/// the window. Saves a screenshot of it, then goes back to the desktop size.
+async fn fits_a_phone(b: &mut Browser, name: &str) {
+    b.d().set_window_rect(0, 0, 390, 900).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (scroll, inner) = loop {
+        let v = b
+            .d()
+            .execute(
+                "return [document.scrollingElement.scrollWidth, window.innerWidth];",
+                vec![],
+            )
+            .await
+            .unwrap()
+            .json()
+            .clone();
+        let (scroll, inner) = (v[0].as_u64().unwrap(), v[1].as_u64().unwrap());
+        if inner <= 400 || Instant::now() > deadline {
+            break (scroll, inner);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        inner <= 400,
+        "{name}: the window is {inner} px wide, not a phone's"
+    );
+    b.shot(&format!("{name}-phone")).await;
+    assert!(
+        scroll <= inner,
+        "{name} at {inner} px is {scroll} px wide: it scrolls sideways"
+    );
+    b.d().set_window_rect(0, 0, 1280, 1000).await.unwrap();
+}
+
+/// The rows of the migrations list now shown, by job id.
+async fn listed(b: &Browser) -> Vec<String> {
+    let mut ids = Vec::new();
+    for r in b
+        .d()
+        .find_all(By::Css("tr[data-migration-row]"))
+        .await
+        .unwrap()
+    {
+        ids.push(
+            r.attr("data-migration-row")
+                .await
+                .unwrap()
+                .unwrap_or_default(),
+        );
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn disks_map_in_the_dialog_jobs_queue_and_filter_and_pages_fit_a_phone_and_the_keyboard() {
+    // Three hosts, each with a datastore `local` of its own and a `shared` one they all
+    // mount; a destination takes one incoming migration at a time.
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    std::fs::create_dir_all(ds.join("shared")).unwrap();
+    let limits = Limits {
+        per_host_inbound: 1,
+        ..Limits::default()
+    };
+    let c = Cluster::start_with(3, limits, move |config| {
+        common::add_local_datastore(config, &ds);
+        config.datastores.push(ferry_agent::DatastoreConfig {
+            name: "shared".into(),
+            path: ds.join("shared"),
+            identity: Some("panel-test-shared".into()),
+        });
+    })
+    .await;
+    // disk-1 on hv1: disk0 on hv1's local datastore (the guest writes it), disk1 on the
+    // shared one. q-1, stopped on hv3, only ever waits in the queue (no QEMU needed).
+    let disk = |id: &str, datastore: &str, size: u64| DiskRequest {
+        id: Some(id.into()),
+        datastore: Some(datastore.into()),
+        size_bytes: Some(size),
+        serial: (id == "disk0").then(|| "blk0".into()),
+        ..serde_json::from_value(serde_json::json!({})).unwrap()
+    };
+    let config = ferry_lab::guest_config::GuestConfig {
+        disk: Some(ferry_lab::guest_config::GuestDisk {
+            rate_blocks_s: 50,
+            blocks: Some(4096),
+            ..ferry_lab::guest_config::GuestDisk::new("blk0")
+        }),
+        ..Cluster::small_guest()
+    };
+    let vm: Instance = c
+        .admin
+        .post(
+            "/v1/instances",
+            &CreateInstance {
+                name: "disk-1".into(),
+                host: Some("hv1".into()),
+                spec: c.guest_spec(74, 192, config),
+                disks: vec![
+                    disk("disk0", "local", 256 << 20),
+                    disk("disk1", "shared", 64 << 20),
+                ],
+                start: true,
+            },
+        )
+        .await
+        .unwrap();
+    c.guest_control(74, "status", Duration::from_secs(90)).await;
+    let q: Instance = c
+        .admin
+        .post(
+            "/v1/instances",
+            &CreateInstance {
+                name: "q-1".into(),
+                host: Some("hv3".into()),
+                spec: c.guest_spec(75, 128, Cluster::small_guest()),
+                disks: vec![],
+                start: false,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(q.state, InstanceState::Stopped);
+
+    // Keyboard only: Tab to the token, type it, Enter; Tab to the instance, Enter; Tab to
+    // Live Migrate, Enter.
+    let mut b = Browser::start("disks", &base(&c)).await;
+    b.goto("/signin").await;
+    tab_to(&b, "#token", 10).await;
+    keys(&b, ADMIN).await;
+    keys(&b, Key::Enter).await;
+    b.find("#who").await;
+    assert_eq!(b.path().await, "/instances");
+    b.shot("keyboard-signed-in").await;
+    tab_to(&b, &format!("a[href='/instances/{}']", vm.id), 30).await;
+    keys(&b, Key::Enter).await;
+    wait_path(&b, &format!("/instances/{}", vm.id)).await;
+    tab_to(&b, "#live-migrate", 30).await;
+    b.shot("keyboard-instance").await;
+    keys(&b, Key::Enter).await;
+    wait_path(&b, &format!("/instances/{}/migrate", vm.id)).await;
+    b.find("#destination").await;
+    b.shot("keyboard-dialog").await;
+
+    // Storage per disk: the local disk offers a mapping, the shared one stays in place.
+    assert_eq!(b.attr("[data-disk='disk0']", "data-shared").await, "false");
+    assert_eq!(b.attr("[data-disk='disk1']", "data-shared").await, "true");
+    assert!(b
+        .text("[data-disk='disk1']")
+        .await
+        .contains("shared storage: stays where it is"));
+    assert_eq!(
+        b.count("#disk-disk1").await,
+        0,
+        "no mapping for shared storage"
+    );
+    assert_eq!(b.count("#disk-disk0 option[value='local']").await, 1);
+    fits_a_phone(&mut b, "dialog").await;
+    b.select("#destination", "hv2").await;
+    b.select("#disk-disk0", "local").await;
+    // A 2 MiB/s cap with the manual policy keeps the job copying (and hv2's only incoming
+    // slot taken) until the test lifts it.
+    b.type_into("#bandwidth", "2").await;
+    b.click("#advanced summary").await;
+    b.select("#policy", "manual").await;
+    b.shot("dialog-disks").await;
+    b.click("#review").await;
+    let d0 = b.text("[data-disk-plan='disk0']").await;
+    assert!(
+        d0.contains("copied to datastore local on the destination"),
+        "{d0}"
+    );
+    let d1 = b.text("[data-disk-plan='disk1']").await;
+    assert!(
+        d1.contains("on shared datastore shared, stays in place"),
+        "{d1}"
+    );
+    b.shot("review-disks").await;
+    b.click("#start").await;
+    b.find("#screen").await;
+    let id: uuid::Uuid = b
+        .path()
+        .await
+        .trim_start_matches("/migrations/")
+        .parse()
+        .unwrap();
+    let job = c.migration(id).await;
+    assert_eq!(job.destination, "hv2");
+    assert_eq!(
+        job.options.disk_map,
+        [("disk0".to_string(), "local".to_string())]
+            .into_iter()
+            .collect(),
+        "the chosen mapping reaches the job"
+    );
+
+    // q-1's cold migration to hv2 waits: hv2's one incoming slot is disk-1's.
+    let queued: Migration = c
+        .admin
+        .post(
+            "/v1/migrations",
+            &ferry_api::migrations::CreateMigration {
+                instance: "q-1".into(),
+                destination: Some("hv2".into()),
+                options: MigrationOptions::default(),
+                kind: Some(ferry_api::migrations::MigrationKind::Cold),
+            },
+        )
+        .await
+        .unwrap();
+
+    // The screen shows the disk's copy as it goes.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let done = b.text("[data-f='disk_done']").await;
+        let left = b.text("[data-f='disk_left']").await;
+        if done.ends_with("iB") && left.ends_with("iB") {
+            break;
+        }
+        let state = b.attr("#screen", "data-state").await;
+        assert!(
+            !["completed", "failed", "cancelled"].contains(&state.as_str())
+                && Instant::now() < deadline,
+            "no disk figures ({done:?}, {left:?}) while {state}: {}",
+            c.logs(id).await
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let m = wait_job(&c, id, Duration::from_secs(60), |m| {
+        m.progress.as_ref().is_some_and(|p| !p.disks.is_empty())
+    })
+    .await;
+    assert_eq!(
+        m.progress
+            .unwrap()
+            .disks
+            .iter()
+            .map(|d| d.disk.as_str())
+            .collect::<Vec<_>>(),
+        ["disk0"],
+        "only the local disk is copied"
+    );
+    b.shot("screen-disks").await;
+    fits_a_phone(&mut b, "screen").await;
+    assert_eq!(
+        c.migration(queued.id).await.state,
+        MigrationState::Pending,
+        "q-1 waits for hv2's slot"
+    );
+
+    // The queue: q-1 first in line for hv2.
+    b.goto("/migrations").await;
+    assert_eq!(b.count("article[data-queue]").await, 1);
+    let li = format!("article[data-queue='hv2'] li[data-queued='{}']", queued.id);
+    assert_eq!(b.attr(&li, "data-position").await, "1");
+    assert!(b.text(&li).await.contains("q-1 from hv3"));
+    b.shot("queue").await;
+    fits_a_phone(&mut b, "migrations").await;
+
+    // Filters: by host through the form, by instance and state by address.
+    b.type_into("form.filters input[name='host']", "hv3").await;
+    b.click("form.filters button").await;
+    wait_path(&b, "/migrations").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !b
+        .d()
+        .current_url()
+        .await
+        .unwrap()
+        .as_str()
+        .contains("host=hv3")
+    {
+        assert!(Instant::now() < deadline, "the filter form did not submit");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(listed(&b).await, [queued.id.to_string()], "host=hv3");
+    b.shot("filter-host").await;
+    b.goto("/migrations?host=hv1").await;
+    assert_eq!(listed(&b).await, [id.to_string()], "host=hv1");
+    b.goto("/migrations?host=hv2").await;
+    assert_eq!(
+        listed(&b).await.len(),
+        2,
+        "host=hv2 is both jobs' destination"
+    );
+    b.goto("/migrations?instance=disk-1").await;
+    assert_eq!(listed(&b).await, [id.to_string()], "instance=disk-1");
+    b.goto("/migrations?instance=q-1&state=pending").await;
+    assert_eq!(listed(&b).await, [queued.id.to_string()], "q-1, pending");
+    b.shot("filter-instance").await;
+
+    b.goto("/hosts").await;
+    b.find("article[data-host='hv3']").await;
+    fits_a_phone(&mut b, "hosts").await;
+    b.goto("/instances").await;
+    b.find("#main h1").await;
+    fits_a_phone(&mut b, "instances").await;
+
+    // An invalid pace value on the pending job's screen: the server's sentence, hint and
+    // code in the page's error box, and the job unchanged.
+    b.goto(&format!("/migrations/{}", queued.id)).await;
+    b.type_into("#pace-downtime", "99999").await;
+    b.click("form.pace button").await;
+    let message = b.text(".error .message").await;
+    assert!(
+        message.contains("downtime target 99999 ms must be between 1 and 60000 ms"),
+        "{message}"
+    );
+    assert!(b
+        .text(".error .hint")
+        .await
+        .contains("fix the named option"));
+    let code = b.text(".error .code").await;
+    assert!(
+        code.contains("invalid-migration-options") && code.contains("HTTP 400"),
+        "{code}"
+    );
+    assert_eq!(b.count(".error").await, 1);
+    b.shot("pace-refused").await;
+    assert_eq!(c.migration(queued.id).await.options.downtime_ms, None);
+    b.goto(&format!("/migrations/{}", queued.id)).await;
+    confirm_action(
+        &mut b,
+        "#controls button.danger",
+        "Cancel the migration of q-1?",
+        "queued-cancel",
+    )
+    .await;
+    assert_eq!(
+        c.wait_end(queued.id, Duration::from_secs(60)).await.state,
+        MigrationState::Cancelled
+    );
+
+    // Lifting the cap (0 = unlimited) lets disk-1 finish: it runs on hv2, its local disk on
+    // hv2's `local`, its shared disk where it was.
+    b.goto(&format!("/migrations/{id}")).await;
+    b.wait_sections("migrating").await;
+    b.type_into("#pace-bandwidth", "0").await;
+    b.click("form.pace button").await;
+    wait_screen_state(&b, "completed", Duration::from_secs(300)).await;
+    assert_eq!(b.text("#final-host").await, "hv2");
+    b.shot("disks-completed").await;
+    let m = c.wait_end(id, Duration::from_secs(60)).await;
+    assert_eq!(m.state, MigrationState::Completed, "{}", c.logs(id).await);
+    let i = c.instance("disk-1").await;
+    assert_eq!(i.host, "hv2");
+    let on = |d: &str| {
+        i.spec
+            .disks
+            .iter()
+            .find(|x| x.id == d)
+            .map(|x| x.image.datastore.clone())
+    };
+    assert_eq!(
+        (on("disk0").as_deref(), on("disk1").as_deref()),
+        (Some("local"), Some("shared"))
+    );
+    assert_eq!(
+        i.spec.disks[1].image, vm.spec.disks[1].image,
+        "the shared disk stayed in place"
+    );
+    let copy = dir.path().join("ds/hv2").join(&i.spec.disks[0].image.file);
+    assert!(copy.exists(), "no copy of disk0 at {}", copy.display());
+    c.guest_control(74, "status", Duration::from_secs(30)).await;
 
     b.close().await;
     c.shutdown().await;

@@ -100,6 +100,34 @@ fn checks_table(c: &Candidate) -> Markup {
     }
 }
 
+/// Which datastores are shared (mounted by more than one host): a disk on one is not copied,
+/// so the dialog and the review say it stays in place instead of offering a mapping.
+fn shared_map(datastores: &[Datastore]) -> BTreeMap<String, bool> {
+    datastores
+        .iter()
+        .map(|d| (d.name.clone(), d.shared))
+        .collect()
+}
+
+/// What happens to each disk, in the review's words: shared storage stays where it is, a
+/// mapped disk goes to the chosen datastore, any other to the one the server picks.
+fn disk_plan(i: &Instance, o: &MigrationOptions, shared: &BTreeMap<String, bool>) -> Markup {
+    html! {
+        @for d in &i.spec.disks {
+            @let is_shared = shared.get(&d.image.datastore).copied().unwrap_or(false);
+            li data-disk-plan=(d.id) {
+                "Disk " (d.id) ": "
+                @if is_shared { "on shared datastore " (d.image.datastore) ", stays in place" }
+                @else if let Some(ds) = o.disk_map.get(&d.id) { "copied to datastore " strong { (ds) } " on the destination" }
+                @else { "copied to the destination's datastore with most room" }
+            }
+        }
+        @for (d, ds) in o.disk_map.iter().filter(|(d, _)| !i.spec.disks.iter().any(|x| &x.id == *d)) {
+            li { "Disk " (d) " → datastore " (ds) }
+        }
+    }
+}
+
 struct Prefill<'a>(Option<&'a Fields>);
 
 impl Prefill<'_> {
@@ -144,10 +172,16 @@ async fn dialog_page(
         .get::<Vec<Datastore>>(t, "/v1/datastores")
         .await
         .unwrap_or_default();
-    let shared: BTreeMap<&str, bool> = datastores
-        .iter()
-        .map(|d| (d.name.as_str(), d.shared))
-        .collect();
+    let shared = shared_map(&datastores);
+    // A datastore name once, with the hosts that have one of that name: a host-local
+    // datastore is listed by the API once per host, but a mapping names only the datastore.
+    let mut targets: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for ds in &datastores {
+        let hosts = targets.entry(ds.name.as_str()).or_default();
+        hosts.extend(ds.mounts.iter().map(|m| m.host.as_str()));
+        hosts.sort_unstable();
+        hosts.dedup();
+    }
     let pf = Prefill(prefill);
     let title = if kind == MigrationKind::Live {
         "Live Migrate"
@@ -188,7 +222,7 @@ async fn dialog_page(
                 @if i.spec.disks.is_empty() { p.small { "No disks: only memory and device state move." } }
                 @for d in &i.spec.disks {
                     @let is_shared = shared.get(d.image.datastore.as_str()).copied().unwrap_or(false);
-                    div.row {
+                    div.row data-disk=(d.id) data-shared=(is_shared) {
                         label for=(format!("disk-{}", d.id)) { (d.id) " (" (d.image.to_string()) ")" }
                         @if is_shared {
                             span.tag { "shared storage: stays where it is" }
@@ -197,8 +231,8 @@ async fn dialog_page(
                         } @else {
                             select id=(format!("disk-{}", d.id)) name=(format!("disk.{}", d.id)) {
                                 option value="" { "auto (the destination's datastore with most room)" }
-                                @for ds in &datastores {
-                                    option value=(ds.name) selected[pf.is(&format!("disk.{}", d.id), &ds.name)] { (ds.name) }
+                                @for (name, hosts) in &targets {
+                                    option value=(name) selected[pf.is(&format!("disk.{}", d.id), name)] { (name) " (on " (hosts.join(", ")) ")" }
                                 }
                             }
                         }
@@ -353,6 +387,7 @@ fn review(
     f: &Fields,
     req: &CreateMigration,
     pv: &MigrationPreview,
+    shared: &BTreeMap<String, bool>,
 ) -> Response {
     let o = &req.options;
     let body = html! {
@@ -388,7 +423,7 @@ fn review(
                 li { "Parallel channels: " (o.parallel.map(|p| p.to_string()).unwrap_or_else(|| "default".into())) }
                 li { "Time budget: " (o.budget_s.map(|b| format!("{b} s")).unwrap_or_else(|| "auto".into())) ", then " (if o.timeout_action == Some(TimeoutAction::Postcopy) { "post-copy" } else { "abort" }) }
                 li { "Post-copy: " (if o.post_copy { "permitted (risk acknowledged)" } else { "not permitted" }) }
-                @for (d, ds) in &o.disk_map { li { "Disk " (d) " → datastore " (ds) } }
+                (disk_plan(i, o, shared))
             }
         }
         details.checks open[!pv.candidate.fit] {
@@ -450,7 +485,14 @@ pub async fn submit(
             .post::<_, MigrationPreview>(t, "/v1/migrations/preview", &req)
             .await
         {
-            Ok(pv) => review(&session, &i, &fields, &req, &pv),
+            Ok(pv) => {
+                let datastores = panel
+                    .api
+                    .get::<Vec<Datastore>>(t, "/v1/datastores")
+                    .await
+                    .unwrap_or_default();
+                review(&session, &i, &fields, &req, &pv, &shared_map(&datastores))
+            }
             Err(f) => dialog_page(&panel, &session, &id, Some(&fields), Some(&f)).await,
         },
     }

@@ -120,8 +120,8 @@ pub async fn list(
                         article.card data-queue=(dest) {
                             h3 { "→ " (dest) " (" (jobs.len()) " pending)" }
                             ol {
-                                @for m in jobs {
-                                    li { a href=(format!("/migrations/{}", m.id)) { (m.instance_name) } " from " (m.source) }
+                                @for (n, m) in jobs.iter().enumerate() {
+                                    li data-queued=(m.id) data-position=(n + 1) { a href=(format!("/migrations/{}", m.id)) { (m.instance_name) } " from " (m.source) }
                                 }
                             }
                         }
@@ -223,6 +223,10 @@ fn controls(session: &Session, m: &Migration) -> Markup {
                             Some("Switch to post-copy? The guest then runs on the destination and pulls missing pages from the source: if the migration network fails now, the guest pauses until the link is back, and is lost if the source dies.")))
                     }
                 }
+                // No confirmation: a new cap or pause target only changes how fast the copy
+                // goes. Lowering the bandwidth slows the migration (and may keep it from
+                // converging, which the budget and the controller handle); the guest keeps
+                // running on the source all the while and cannot be lost by it.
                 form.pace method="post" action=(format!("{base}/pace")) {
                     (csrf(session))
                     label { "Bandwidth limit (MiB/s, 0 = unlimited) "
