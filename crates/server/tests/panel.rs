@@ -475,10 +475,8 @@ async fn an_admin_migrates_live_and_cancels_a_capped_migration_in_the_panel() {
         "the chart is drawn"
     );
     b.shot("migration-completed").await;
-    // Phone width: the same screen, one column.
-    b.d().set_window_rect(0, 0, 390, 1600).await.unwrap();
-    b.shot("migration-phone").await;
-    b.d().set_window_rect(0, 0, 1280, 1000).await.unwrap();
+    // Phone width: the same screen with its report, one column, no sideways scrolling.
+    fits_a_phone(&mut b, "migration-completed").await;
 
     // Opened again after the end, the screen draws the job's whole course from its stored
     // samples (not only the final record).
