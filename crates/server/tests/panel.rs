@@ -5,9 +5,12 @@
 //! again, the instance on its new host, a bandwidth-capped migration re-paced and cancelled
 //! from its screen with the guest still on its source; post-copy behind its acknowledged risk
 //! and switched to from the screen; stop, cold Migrate and start of an instance, disable and
-//! enable of a host, sign-out; and a read-only token that sees no actions and whose forged
-//! action posts are refused. Every page visited is saved as a screenshot under
-//! `target/panel-shots/`.
+//! enable of a host, sign-out; a read-only token that sees no actions and whose forged
+//! action posts are refused; storage mapping per disk (shared disks stay in place) reaching
+//! the job, the disk copy on the live screen, a job queued behind a destination's inbound
+//! limit, the list's filters, phone width without sideways scrolling, a keyboard-only path
+//! to the dialog, and a refused pace value's error box. Every page visited is saved as a
+//! screenshot under `target/panel-shots/`.
 
 mod common;
 
