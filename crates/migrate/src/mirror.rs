@@ -160,6 +160,8 @@ pub fn target_node(disk: &str) -> String {
 /// How long the last writes of a mirror may take to reach the destination at switchover, and
 /// a cancelled job to stop.
 const END_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an aborted copy may take to end by itself before it is forced.
+const GRACEFUL_END: Duration = Duration::from_secs(5);
 
 /// The copy rate is averaged over this long.
 const RATE_WINDOW_MS: u64 = 2000;
@@ -782,16 +784,26 @@ async fn abort_disks(qmp: &Qmp, disks: &[String]) {
         .iter()
         .flat_map(|d| [job_id(d), copy_job_id(d)])
         .collect();
-    for id in &ids {
-        let _ = qmp
-            .execute(&BlockJobCancel {
-                device: id.clone(),
-                force: Some(true),
-            })
-            .await;
-    }
-    if let Err(e) = wait_concluded(qmp, &ids).await {
-        warn!(error = %e, "disk copies did not confirm their end");
+    // First without force: a mirror in sync then ends as at a switchover, its in-flight
+    // writes finished. QEMU 10.0 was seen to corrupt its heap ("corrupted double-linked
+    // list", at the NBD node's blockdev-del) after a forced cancel of a write-blocking
+    // mirror while the guest wrote; the graceful end never did. Force only when the
+    // graceful one does not come (a target that stopped answering).
+    for force in [false, true] {
+        for id in &ids {
+            let _ = qmp
+                .execute(&BlockJobCancel {
+                    device: id.clone(),
+                    force: force.then_some(true),
+                })
+                .await;
+        }
+        let patience = if force { END_TIMEOUT } else { GRACEFUL_END };
+        match wait_concluded_within(qmp, &ids, patience).await {
+            Ok(_) => break,
+            Err(e) if force => warn!(error = %e, "disk copies did not confirm their end"),
+            Err(_) => warn!("disk copies did not end gracefully; forcing them"),
+        }
     }
     for disk in disks {
         let _ = qmp
@@ -809,9 +821,21 @@ async fn abort_disks(qmp: &Qmp, disks: &[String]) {
     }
 }
 
-/// Dismisses a disk's concluded mirror and removes its NBD client node.
+/// Dismisses a disk's concluded mirror and removes its NBD client node, once QEMU no longer
+/// lists the job (the node is not deleted under a job that is still being torn down).
 async fn release(qmp: &Qmp, disk: &str) {
     let _ = qmp.execute(&JobDismiss { id: job_id(disk) }).await;
+    let deadline = Instant::now() + GRACEFUL_END;
+    while Instant::now() < deadline {
+        let jobs = qmp.execute(&QueryBlockJobs).await.unwrap_or_default();
+        if !jobs
+            .iter()
+            .any(|j| j.device == job_id(disk) || j.device == copy_job_id(disk))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     if let Err(e) = qmp
         .execute(&BlockdevDel {
             node_name: target_node(disk),
@@ -825,7 +849,15 @@ async fn release(qmp: &Qmp, disk: &str) {
 
 /// Waits until the jobs `ids` are concluded or gone; returns their last entries.
 async fn wait_concluded(qmp: &Qmp, ids: &[String]) -> Result<Vec<BlockJobInfo>, MigrateError> {
-    let deadline = Instant::now() + END_TIMEOUT;
+    wait_concluded_within(qmp, ids, END_TIMEOUT).await
+}
+
+async fn wait_concluded_within(
+    qmp: &Qmp,
+    ids: &[String],
+    patience: Duration,
+) -> Result<Vec<BlockJobInfo>, MigrateError> {
+    let deadline = Instant::now() + patience;
     loop {
         let jobs = qmp.execute(&QueryBlockJobs).await?;
         let mine: Vec<BlockJobInfo> = jobs
@@ -841,7 +873,7 @@ async fn wait_concluded(qmp: &Qmp, ids: &[String]) -> Result<Vec<BlockJobInfo>, 
         if Instant::now() > deadline {
             return Err(MigrateError::Failed(format!(
                 "disk copies did not end within {} s",
-                END_TIMEOUT.as_secs()
+                patience.as_secs()
             )));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -224,7 +224,14 @@ impl ProgressTracker {
             throughput_bps,
             dirty_rate_bps,
             eta_ms,
-            expected_downtime_ms: info.expected_downtime,
+            // QEMU stops estimating once it has switched over; the last estimate stays, so
+            // that a completed migration can tell how far its pause ran past it
+            // (`plan::observed_switchover_ms`, learned per host pair).
+            expected_downtime_ms: info.expected_downtime.or_else(|| {
+                self.last
+                    .as_ref()
+                    .and_then(|last| last.expected_downtime_ms)
+            }),
             total_time_ms: info.total_time.filter(|_| phase.is_terminal()),
             downtime_ms: info.downtime,
             cpu_throttle_percent: info.cpu_throttle_percentage,
