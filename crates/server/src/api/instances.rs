@@ -9,7 +9,7 @@ use ferry_api::checks::Candidate;
 use ferry_api::hosts::{Host, HostState};
 use ferry_api::instances::{
     BootFrom, ConsoleQuery, ConsoleSegment, CreateInstance, Instance, InstanceConsole,
-    InstanceSpec, InstanceState, StopOptions, Warning,
+    InstanceSpec, InstanceState, NicSpec, StopOptions, Warning,
 };
 use ferry_api::migrations::{Event, MigrationKind};
 use serde::Deserialize;
@@ -84,9 +84,10 @@ fn validate(req: &CreateInstance) -> Result<(), ServerError> {
     for (field, value) in texts {
         no_control_chars(field, value)?;
     }
-    for nic in &s.nics {
+    for (i, nic) in s.nics.iter().enumerate() {
         no_control_chars("nics.network", &nic.network)?;
         no_control_chars("nics.mac", &nic.mac)?;
+        validate_nic_address(i, nic)?;
     }
     let name_ok = !req.name.is_empty()
         && req.name.len() <= 40
@@ -179,6 +180,42 @@ fn validate(req: &CreateInstance) -> Result<(), ServerError> {
         }
     }
     Ok(())
+}
+
+/// A NIC's static address and gateway, by the rules every part of Ferry uses
+/// ([`ferry_qemu::Ipv4Cidr::check_host`]): refused here, a bad address never reaches a guest.
+fn validate_nic_address(i: usize, nic: &NicSpec) -> Result<(), ServerError> {
+    let refuse = |message: String| {
+        ServerError::bad_request(
+            "invalid-nic-address",
+            message,
+            "give the NIC a host address as ADDR/PREFIX inside its network, e.g. 10.77.0.50/24, \
+             and optionally a gateway in the same subnet, e.g. 10.77.0.1",
+        )
+    };
+    let ipv4 = match nic.ipv4.as_deref() {
+        Some(text) => Some(
+            text.parse::<ferry_qemu::Ipv4Cidr>()
+                .map_err(|e| refuse(format!("nics[{i}].ipv4: {e}")))?,
+        ),
+        None => None,
+    };
+    let gateway = match nic.gateway.as_deref() {
+        Some(text) => Some(
+            ferry_qemu::parse_gateway(text)
+                .map_err(|e| refuse(format!("nics[{i}].gateway: {e}")))?,
+        ),
+        None => None,
+    };
+    match (ipv4, gateway) {
+        (None, Some(gw)) => Err(refuse(format!(
+            "nics[{i}].gateway {gw} is given without a static address (nics[{i}].ipv4)"
+        ))),
+        (Some(cidr), gw) => cidr
+            .check_host(gw)
+            .map_err(|e| refuse(format!("nics[{i}]: {e}"))),
+        (None, None) => Ok(()),
+    }
 }
 
 fn unknown_machine(machine: &str) -> ServerError {
@@ -857,7 +894,6 @@ fn parse_disk_map(text: &str) -> Result<std::collections::BTreeMap<String, Strin
 mod tests {
     use super::*;
     use ferry_api::hosts::{HostFacts, NetworkFacts};
-    use ferry_api::instances::NicSpec;
 
     fn host_with_networks(networks: &[(&str, &str)]) -> Host {
         let facts = HostFacts {
@@ -908,6 +944,8 @@ mod tests {
             nics: vec![NicSpec {
                 network: network.into(),
                 mac: "52:54:00:00:00:01".into(),
+                ipv4: None,
+                gateway: None,
             }],
         }
     }
@@ -964,6 +1002,42 @@ mod tests {
         assert_eq!(lines[0].omitted_bytes(), 13);
         let utf8 = join_console(vec![seg("hv1", 0, "aé\nb\n")], 4);
         assert_eq!(utf8[0].text, "b\n", "a cut inside 'é' does not split it");
+    }
+
+    #[test]
+    fn a_bad_static_address_is_refused_with_its_nic_named() {
+        let req = |ipv4: Option<&str>, gw: Option<&str>| {
+            let mut spec = spec_on("lab");
+            spec.nics[0].ipv4 = ipv4.map(String::from);
+            spec.nics[0].gateway = gw.map(String::from);
+            CreateInstance {
+                name: "net".into(),
+                host: None,
+                spec,
+                disks: vec![],
+                start: false,
+            }
+        };
+        assert!(validate(&req(Some("10.77.0.50/24"), Some("10.77.0.1"))).is_ok());
+        assert!(validate(&req(Some("10.77.0.50/24"), None)).is_ok());
+        for (ipv4, gw, needle) in [
+            (Some("10.77.0.50"), None, "not ADDR/PREFIX"),
+            (Some("10.77.0.50/33"), None, "1 to 32"),
+            (Some("10.77.0.0/24"), None, "network address"),
+            (Some("10.77.0.50/24"), Some("10.77.1.1"), "outside"),
+            (Some("10.77.0.50/24"), Some("gw"), "not an IPv4 address"),
+            (None, Some("10.77.0.1"), "without a static address"),
+        ] {
+            let e = validate(&req(ipv4, gw)).unwrap_err();
+            assert_eq!(
+                (e.status, e.body.code.as_str()),
+                (400, "invalid-nic-address"),
+                "{ipv4:?} {gw:?}"
+            );
+            assert!(e.body.message.starts_with("nics[0]"), "{}", e.body.message);
+            assert!(e.body.message.contains(needle), "{}", e.body.message);
+            assert!(e.body.hint.contains("ADDR/PREFIX"), "{}", e.body.hint);
+        }
     }
 
     #[test]
