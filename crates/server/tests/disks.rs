@@ -846,7 +846,7 @@ async fn a_copy_onto_a_datastore_without_room_is_refused_and_leaves_nothing() {
     let disk = &small.spec.disks[0];
     assert_eq!(disk.image.datastore, "tiny");
     assert!(disk.managed);
-    assert_eq!(tiny_files(), [disk.image.file.clone()]);
+    assert_eq!(tiny_files(), std::slice::from_ref(&disk.image.file));
     env.delete("small").await.expect("deleted");
     assert!(
         tiny_files().is_empty(),

@@ -1008,6 +1008,8 @@ mod tests {
     fn a_bad_static_address_is_refused_with_its_nic_named() {
         let req = |ipv4: Option<&str>, gw: Option<&str>| {
             let mut spec = spec_on("lab");
+            spec.boot.kernel = Some("/images/vmlinuz".into());
+            spec.boot.initrd = Some("/images/initrd".into());
             spec.nics[0].ipv4 = ipv4.map(String::from);
             spec.nics[0].gateway = gw.map(String::from);
             CreateInstance {
@@ -1018,8 +1020,9 @@ mod tests {
                 start: false,
             }
         };
-        assert!(validate(&req(Some("10.77.0.50/24"), Some("10.77.0.1"))).is_ok());
-        assert!(validate(&req(Some("10.77.0.50/24"), None)).is_ok());
+        validate(&req(Some("10.77.0.50/24"), Some("10.77.0.1"))).unwrap();
+        validate(&req(Some("10.77.0.50/24"), None)).unwrap();
+        validate(&req(None, None)).unwrap();
         for (ipv4, gw, needle) in [
             (Some("10.77.0.50"), None, "not ADDR/PREFIX"),
             (Some("10.77.0.50/33"), None, "1 to 32"),
