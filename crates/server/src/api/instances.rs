@@ -264,6 +264,40 @@ fn validate_for_host(spec: &InstanceSpec, host: &Host) -> Result<(), ServerError
     {
         return Err(unknown_network(&nic.network, host));
     }
+    // A static address outside the subnet the host says its network has would leave the
+    // guest unreachable there.
+    for (i, nic) in spec.nics.iter().enumerate() {
+        let Some(addr) = nic
+            .ipv4
+            .as_deref()
+            .and_then(|a| a.parse::<ferry_qemu::Ipv4Cidr>().ok())
+        else {
+            continue;
+        };
+        let subnet = facts
+            .networks
+            .iter()
+            .find(|f| f.name == nic.network)
+            .and_then(|f| f.subnet.as_deref())
+            .and_then(|s| s.parse::<ferry_qemu::Ipv4Cidr>().ok());
+        if let Some(subnet) = subnet {
+            if subnet.prefix != addr.prefix || !subnet.contains(addr.addr) {
+                return Err(ServerError::new(
+                    422,
+                    "address-outside-network",
+                    format!(
+                        "nics[{i}].ipv4 {addr} is not an address of network {}, whose subnet \
+                         on host {} is {subnet}",
+                        nic.network, host.name
+                    ),
+                    format!(
+                        "give the NIC an address inside {subnet}, with prefix /{}",
+                        subnet.prefix
+                    ),
+                ));
+            }
+        }
+    }
     for (field, path) in [
         ("boot.kernel", &spec.boot.kernel),
         ("boot.initrd", &spec.boot.initrd),
@@ -1041,6 +1075,34 @@ mod tests {
             assert!(e.body.message.contains(needle), "{}", e.body.message);
             assert!(e.body.hint.contains("ADDR/PREFIX"), "{}", e.body.hint);
         }
+    }
+
+    #[test]
+    fn a_static_address_outside_the_hosts_subnet_is_refused() {
+        let mut host = host_with_networks(&[("lab", "br0")]);
+        host.facts.as_mut().unwrap().networks[0].subnet = Some("10.77.0.0/24".into());
+        let with = |ipv4: &str| {
+            let mut spec = spec_on("lab");
+            spec.nics[0].ipv4 = Some(ipv4.into());
+            spec
+        };
+        assert!(validate_for_host(&with("10.77.0.50/24"), &host).is_ok());
+        for bad in ["10.78.0.50/24", "10.77.0.50/16"] {
+            let e = validate_for_host(&with(bad), &host).unwrap_err();
+            assert_eq!(
+                (e.status, e.body.code.as_str()),
+                (422, "address-outside-network"),
+                "{bad}"
+            );
+            assert!(
+                e.body.message.contains("10.77.0.0/24"),
+                "{}",
+                e.body.message
+            );
+        }
+        // A network without a known subnet is not second-guessed.
+        host.facts.as_mut().unwrap().networks[0].subnet = None;
+        assert!(validate_for_host(&with("10.78.0.50/24"), &host).is_ok());
     }
 
     #[test]
