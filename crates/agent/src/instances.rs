@@ -16,8 +16,8 @@ use ferry_api::instances::{
 };
 use ferry_migrate::MigrateError;
 use ferry_qemu::{
-    BackingImage, BootSource, DiskSpec, Firmware, LaunchOptions, MacAddr, NicSpec, QemuProcess,
-    Shutdown, StartMode,
+    parse_gateway, BackingImage, BootSource, DiskSpec, Firmware, Ipv4Cidr, LaunchOptions, MacAddr,
+    NicSpec, QemuProcess, Shutdown, StartMode,
 };
 use ferry_qmp::commands::{QueryStatus, RunState};
 use serde::{Deserialize, Serialize};
@@ -267,10 +267,24 @@ impl Agent {
                 .mac
                 .parse()
                 .map_err(|e: String| AgentError::BadRequest(format!("nics[{i}].mac: {e}")))?;
+            let ipv4 = nic
+                .ipv4
+                .as_deref()
+                .map(str::parse::<Ipv4Cidr>)
+                .transpose()
+                .map_err(|e| AgentError::BadRequest(format!("nics[{i}].ipv4: {e}")))?;
+            let gateway = nic
+                .gateway
+                .as_deref()
+                .map(parse_gateway)
+                .transpose()
+                .map_err(|e| AgentError::BadRequest(format!("nics[{i}].gateway: {e}")))?;
             let tap = tap_name(&record.id, i);
             nics.push(NicSpec {
                 tap: tap.clone(),
                 mac,
+                ipv4,
+                gateway,
             });
             taps.push((tap, network.bridge.clone()));
         }

@@ -192,6 +192,8 @@ async fn api_refuses_bad_requests_with_codes() {
             nics: vec![NicSpec {
                 network: "nowhere".into(),
                 mac: "52:54:00:00:00:01".into(),
+                ipv4: None,
+                gateway: None,
             }],
         },
     };

@@ -207,6 +207,16 @@ pub struct DiskRequest {
 pub struct NicSpec {
     pub network: String,
     pub mac: String,
+    /// A static address for the guest on this NIC, `ADDR/PREFIX` (e.g. `10.77.0.50/24`),
+    /// handed to the guest by QEMU as an SMBIOS OEM string so a disk-booted OS can configure
+    /// itself without DHCP (Ferry's Debian image does). `None`: the guest's own choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "10.77.0.50/24")]
+    pub ipv4: Option<String>,
+    /// The guest's router on this NIC, inside `ipv4`'s subnet; only with `ipv4`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "10.77.0.1")]
+    pub gateway: Option<String>,
 }
 
 /// `POST /v1/instances`.

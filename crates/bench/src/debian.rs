@@ -321,6 +321,7 @@ async fn create(
         LocalCluster::SHARED_DATASTORE,
         MEMORY_MIB,
         &MacAddr::for_nic(name, 0).to_string(),
+        Some(cluster.debian_address()),
         false,
     );
     cluster.create_instance(&req).await

@@ -210,6 +210,15 @@ impl LocalCluster {
         )
     }
 
+    /// The static address the Debian guest gets from Ferry (its NIC's `ipv4`): the lab's
+    /// first guest address, which the client namespace reaches; the lab has no DHCP server.
+    pub fn debian_address(&self) -> ferry_qemu::Ipv4Cidr {
+        ferry_qemu::Ipv4Cidr {
+            addr: self.net.guest_addr(0),
+            prefix: LabNet::GUEST_PREFIX,
+        }
+    }
+
     /// Creates and starts lab guest `name` on hv1, at the lab's first guest address.
     pub async fn create_lab_guest(
         &self,

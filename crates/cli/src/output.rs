@@ -351,7 +351,11 @@ pub fn instance_detail(i: &Instance) -> String {
         .spec
         .nics
         .iter()
-        .map(|n| format!("{} ({})", n.network, n.mac))
+        .map(|n| match (&n.ipv4, &n.gateway) {
+            (Some(ip), Some(gw)) => format!("{} ({}, static {ip} via {gw})", n.network, n.mac),
+            (Some(ip), None) => format!("{} ({}, static {ip})", n.network, n.mac),
+            _ => format!("{} ({})", n.network, n.mac),
+        })
         .collect::<Vec<_>>()
         .join(", ");
     key_values(&[

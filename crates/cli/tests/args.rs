@@ -366,9 +366,22 @@ fn nic_values() {
         parse_nic("lab").unwrap(),
         NicArg {
             network: "lab".into(),
-            mac: None
+            mac: None,
+            ip: None,
+            gw: None,
         }
     );
+    let fixed = parse_nic("lab,ip=10.77.0.50/24,gw=10.77.0.2").unwrap();
+    assert_eq!(fixed.ip.unwrap().to_string(), "10.77.0.50/24");
+    assert_eq!(fixed.gw, Some(Ipv4Addr::new(10, 77, 0, 2)));
+    for bad in [
+        "lab,ip=10.77.0.50",
+        "lab,ip=10.77.0.0/24",
+        "lab,gw=10.77.0.2",
+        "lab,ip=10.77.0.50/24,gw=10.78.0.1",
+    ] {
+        assert!(parse_nic(bad).is_err(), "{bad}");
+    }
     assert_eq!(
         parse_nic("prod,mac=52:54:00:AA:bb:01")
             .unwrap()

@@ -73,6 +73,8 @@ fn instance() -> Instance {
             nics: vec![NicSpec {
                 network: "lab".into(),
                 mac: "52:54:00:00:00:01".into(),
+                ipv4: None,
+                gateway: None,
             }],
         },
         migration: Some(id(0x12345678_9000_0000_0000_000000000000)),
@@ -227,7 +229,8 @@ fn instances_table_shortens_ids() {
 
 #[test]
 fn instance_detail_shows_the_full_id() {
-    let text = output::instance_detail(&instance());
+    let i = instance();
+    let text = output::instance_detail(&i);
     eprintln!("{text}");
     assert!(
         text.starts_with(
@@ -247,6 +250,17 @@ fn instance_detail_shows_the_full_id() {
     );
     assert!(
         text.contains("\nguest addresses  ens4: 10.77.0.100/24, fe80::5054:ff:fe00:1/64\n"),
+        "{text}"
+    );
+    // A NIC with a static address from Ferry says so beside what the guest reports.
+    let mut fixed = i.clone();
+    fixed.spec.nics[0].ipv4 = Some("10.77.0.100/24".into());
+    fixed.spec.nics[0].gateway = Some("10.77.0.1".into());
+    let text = output::instance_detail(&fixed);
+    assert!(
+        text.contains(
+            "\nnics             lab (52:54:00:00:00:01, static 10.77.0.100/24 via 10.77.0.1)\n"
+        ),
         "{text}"
     );
 }

@@ -10,7 +10,9 @@
 //! How, without mounting anything and without loop devices (neither works in every container):
 //!
 //! 1. The configuration (fstab naming a root UUID chosen up front, initramfs-tools settings,
-//!    systemd-networkd DHCP on `en*`, hostname) is rendered into an overlay directory.
+//!    systemd-networkd: the static addresses Ferry hands the guest as SMBIOS OEM strings,
+//!    written by the `ferry-net` unit before networkd starts, else DHCP on `en*`; hostname)
+//!    is rendered into an overlay directory.
 //! 2. mmdebstrap (variant minbase, no docs or locales) bootstraps the root directory; the
 //!    overlay goes in before any package, so the initramfs the kernel package generates sees
 //!    the fstab (it then carries fsck for the root) and the module policy (virtio_blk).
@@ -94,12 +96,13 @@ const DPKG_OPTIONS: &[&str] = &[
     "path-include=/usr/share/doc/*/copyright",
     "path-exclude=/usr/share/lintian/*",
 ];
-/// Shell commands mmdebstrap runs on the finished root (`$1`): DHCP through networkd, root
+/// Shell commands mmdebstrap runs on the finished root (`$1`): networkd (with Ferry's static
+/// addresses, else DHCP), root
 /// locked (no password login; there is no ssh either), and no resolv.conf of the build
 /// machine (mmdebstrap copies it in for the build; systemd-resolved normally replaced it by
 /// its symlink).
 const CUSTOMIZE_HOOKS: &[&str] = &[
-    r#"chroot "$1" systemctl enable systemd-networkd.service"#,
+    r#"chroot "$1" systemctl enable systemd-networkd.service ferry-net.service"#,
     r#"chroot "$1" passwd --lock root"#,
     r#"if [ ! -L "$1/etc/resolv.conf" ]; then rm -f "$1/etc/resolv.conf"; fi"#,
 ];
@@ -488,10 +491,87 @@ pub fn kernel_cmdline(root_uuid: &str) -> String {
     format!("root=UUID={root_uuid} ro console=ttyS0,115200n8")
 }
 
-/// systemd-networkd: DHCP on every ethernet interface with a predictable name. Generic on
-/// purpose (the lab has no DHCP server; the interface then simply stays without an address).
+/// systemd-networkd: DHCP on every ethernet interface with a predictable name, the fallback
+/// for NICs Ferry gave no static address (the `ferry-net` unit's files sort first and win).
 pub fn render_network() -> String {
     "[Match]\nName=en*\n\n[Network]\nDHCP=yes\n".to_string()
+}
+
+/// Where the image keeps [`render_net_script`].
+pub const NET_SCRIPT: &str = "usr/local/sbin/ferry-net-config";
+/// Directory and name prefix of the networkd files the script writes (in /run: rewritten at
+/// every boot from what this boot's firmware says, nothing stale survives a change).
+pub const NET_RUN_DIR: &str = "/run/systemd/network";
+
+/// The oneshot unit that runs [`render_net_script`] before systemd-networkd starts, so the
+/// first configuration networkd applies is already the static one.
+pub fn render_net_unit() -> String {
+    format!(
+        "[Unit]\n\
+         Description=Ferry: static network settings from the SMBIOS OEM strings\n\
+         DefaultDependencies=no\n\
+         Before=systemd-networkd.service network-pre.target\n\
+         Wants=network-pre.target\n\
+         \n\
+         [Service]\n\
+         Type=oneshot\n\
+         RemainAfterExit=yes\n\
+         ExecStart=/{NET_SCRIPT}\n\
+         \n\
+         [Install]\n\
+         WantedBy=systemd-networkd.service\n"
+    )
+}
+
+/// A POSIX sh script (dash; coreutils only) that reads the SMBIOS type 11 OEM strings QEMU
+/// sets from the instance's NICs (`ferry.netN=ADDR/PREFIX[,gw=GW],mac=MAC`, see
+/// `ferry_qemu::smbios_net_string`) from `/sys/firmware/dmi/entries/11-*/raw` (the kernel's
+/// dmi-sysfs, built into Debian's kernels) and writes one networkd file per MAC with that
+/// address. A structure's raw bytes are its formatted part (its length in byte 1) followed by
+/// NUL-terminated strings. Strings that are not Ferry's, or malformed, are skipped; without
+/// any, the DHCP file applies.
+pub fn render_net_script() -> String {
+    format!(
+        r#"#!/bin/sh
+# Ferry: static addresses for NICs from SMBIOS OEM strings (type 11) that QEMU sets from the
+# instance's spec: "ferry.netN=ADDR/PREFIX[,gw=GW],mac=MAC". One systemd-networkd file per
+# MAC; NICs without one keep the DHCP configuration in /etc/systemd/network.
+set -u
+out={NET_RUN_DIR}
+mkdir -p "$out"
+rm -f "$out"/10-ferry-net*.network
+for raw in /sys/firmware/dmi/entries/11-*/raw; do
+    [ -r "$raw" ] || continue
+    len=$(od -An -tu1 -j1 -N1 "$raw" | tr -d ' \n')
+    case "$len" in ''|*[!0-9]*) continue ;; esac
+    tail -c +$((len + 1)) "$raw" | tr '\0' '\n' | while IFS= read -r s; do
+        case "$s" in ferry.net[0-9]*=*) ;; *) continue ;; esac
+        name=${{s%%=*}}
+        rest=${{s#*=}}
+        addr=${{rest%%,*}}
+        gw=
+        mac=
+        for kv in $(printf '%s' "${{rest#"$addr"}}" | tr ',' ' '); do
+            case "$kv" in
+                gw=*) gw=${{kv#gw=}} ;;
+                mac=*) mac=${{kv#mac=}} ;;
+            esac
+        done
+        case "$name" in *[!a-z0-9.]*) continue ;; esac
+        case "$addr" in ''|*[!0-9./]*) continue ;; esac
+        case "$gw" in *[!0-9.]*) continue ;; esac
+        case "$mac" in ''|*[!0-9a-f:]*) continue ;; esac
+        f="$out/10-ferry-${{name#ferry.}}.network"
+        {{
+            printf '[Match]\nMACAddress=%s\n\n[Network]\nAddress=%s\n' "$mac" "$addr"
+            if [ -n "$gw" ]; then printf 'Gateway=%s\n' "$gw"; fi
+        }} > "$f.tmp" && mv "$f.tmp" "$f"
+        echo "ferry-net: $mac $addr${{gw:+ via $gw}}"
+    done
+done
+exit 0
+"#
+    )
 }
 
 /// `/etc/hosts` for the guest's hostname.
@@ -526,6 +606,12 @@ fn overlay_files(root_uuid: &str) -> Vec<(&'static str, u32, String)> {
             0o644,
             render_network(),
         ),
+        (
+            "etc/systemd/system/ferry-net.service",
+            0o644,
+            render_net_unit(),
+        ),
+        (NET_SCRIPT, 0o755, render_net_script()),
     ]
 }
 
@@ -1215,6 +1301,103 @@ mod tests {
             .path()
             .join("etc/systemd/network/80-ferry-dhcp.network")
             .is_file());
+        let script = dir.path().join(NET_SCRIPT);
+        assert_eq!(
+            fs::metadata(&script).unwrap().permissions().mode() & 0o777,
+            0o755,
+            "the unit executes it"
+        );
+        let unit =
+            fs::read_to_string(dir.path().join("etc/systemd/system/ferry-net.service")).unwrap();
+        assert!(
+            unit.contains(&format!("ExecStart=/{NET_SCRIPT}\n")),
+            "{unit}"
+        );
+        assert!(unit.contains("Before=systemd-networkd.service"), "{unit}");
+        assert!(CUSTOMIZE_HOOKS
+            .iter()
+            .any(|h| h.contains("enable") && h.contains("ferry-net.service")));
+    }
+
+    /// The script as the guest runs it (dash where installed), on a fake dmi-sysfs: a
+    /// structure with Ferry's strings and a foreign one, then one without any.
+    #[test]
+    fn the_net_script_writes_one_networkd_file_per_static_nic() {
+        let dir = tempfile::tempdir().unwrap();
+        let entries = dir.path().join("entries");
+        let run = dir.path().join("run");
+        let script = render_net_script()
+            .replace("/sys/firmware/dmi/entries", &entries.to_string_lossy())
+            .replace(NET_RUN_DIR, &run.to_string_lossy());
+        let raw = |strings: &[&str]| {
+            // Type 11, length 5, handle, count; then the strings, each NUL-terminated, and
+            // the structure's terminating NUL.
+            let mut b = vec![11u8, 5, 0x00, 0x0b, strings.len() as u8];
+            for s in strings {
+                b.extend_from_slice(s.as_bytes());
+                b.push(0);
+            }
+            b.push(0);
+            b
+        };
+        let put = |name: &str, bytes: Vec<u8>| {
+            let d = entries.join(name);
+            fs::create_dir_all(&d).unwrap();
+            fs::write(d.join("raw"), bytes).unwrap();
+        };
+        put(
+            "11-0",
+            raw(&[
+                "vendor thing",
+                "ferry.net0=10.77.0.50/24,gw=10.77.0.2,mac=52:54:00:de:b1:01",
+                "ferry.net1=192.168.5.9/30,mac=52:54:00:de:b1:02",
+                "ferry.net2=10.0.0.1/24;reboot,mac=52:54:00:de:b1:03",
+            ]),
+        );
+        let shell = if Path::new("/bin/dash").exists() {
+            "/bin/dash"
+        } else {
+            "sh"
+        };
+        let run_it = || {
+            let out = Command::new(shell).arg("-c").arg(&script).output().unwrap();
+            assert!(out.status.success(), "{out:?}");
+            let mut files: Vec<(String, String)> = fs::read_dir(&run)
+                .unwrap()
+                .flatten()
+                .map(|e| {
+                    (
+                        e.file_name().to_string_lossy().into_owned(),
+                        fs::read_to_string(e.path()).unwrap(),
+                    )
+                })
+                .collect();
+            files.sort();
+            files
+        };
+        let files = run_it();
+        assert_eq!(
+            files,
+            [
+                (
+                    "10-ferry-net0.network".to_string(),
+                    "[Match]\nMACAddress=52:54:00:de:b1:01\n\n[Network]\nAddress=10.77.0.50/24\n\
+                     Gateway=10.77.0.2\n"
+                        .to_string()
+                ),
+                (
+                    "10-ferry-net1.network".to_string(),
+                    "[Match]\nMACAddress=52:54:00:de:b1:02\n\n[Network]\nAddress=192.168.5.9/30\n"
+                        .to_string()
+                ),
+            ],
+            "a malformed string is skipped"
+        );
+        // The next boot without Ferry's strings: nothing static is left, DHCP applies.
+        put("11-0", raw(&["vendor thing"]));
+        assert!(run_it().is_empty());
+        fs::remove_dir_all(&entries).unwrap();
+        assert!(run_it().is_empty(), "no type 11 structure at all");
     }
 
     #[test]

@@ -5,6 +5,8 @@ use ferry_api::instances::{
     BootFrom, BootSpec, CreateInstance, DiskRequest, InstanceSpec, NicSpec,
 };
 
+use ferry_qemu::Ipv4Cidr;
+
 use crate::debian_image::DebianImage;
 use crate::guest_config::GuestConfig;
 use crate::image::GuestImage;
@@ -35,12 +37,18 @@ pub fn guest_instance_spec(
         nics: vec![NicSpec {
             network: LAB_NETWORK.into(),
             mac: mac.into(),
+            // The lab guest takes its address from the kernel command line (`ferry.ip=`).
+            ipv4: None,
+            gateway: None,
         }],
     }
 }
 
 /// The Debian guest as an instance on `host`: its disk a copy of `image` on `datastore`
-/// (Ferry's, deleted with the instance), booted through SeaBIOS, one NIC on the lab network.
+/// (Ferry's, deleted with the instance), booted through SeaBIOS, one NIC on the lab network
+/// with the static address `ipv4` (the lab has no DHCP server: without one the guest has no
+/// address there).
+#[allow(clippy::too_many_arguments)]
 pub fn debian_instance(
     name: &str,
     host: &str,
@@ -48,6 +56,7 @@ pub fn debian_instance(
     datastore: &str,
     memory_mib: u32,
     mac: &str,
+    ipv4: Option<Ipv4Cidr>,
     start: bool,
 ) -> CreateInstance {
     CreateInstance {
@@ -66,6 +75,8 @@ pub fn debian_instance(
             nics: vec![NicSpec {
                 network: LAB_NETWORK.into(),
                 mac: mac.into(),
+                ipv4: ipv4.map(|c| c.to_string()),
+                gateway: None,
             }],
         },
         disks: vec![DiskRequest {

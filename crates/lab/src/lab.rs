@@ -132,6 +132,8 @@ impl Lab {
             nics: vec![NicSpec {
                 tap: tap.clone(),
                 mac: MacAddr::local(0x10000 + index),
+                ipv4: None,
+                gateway: None,
             }],
         };
         spec.validate()?;

@@ -1,6 +1,7 @@
 use serde_json::json;
 
 use crate::disk::disk_args;
+use crate::net::{smbios_arg, smbios_net_string};
 use crate::process::{RunPaths, StartMode};
 use crate::spec::{BootSource, Firmware, InstanceSpec};
 use crate::Accel;
@@ -100,6 +101,17 @@ pub fn qemu_args(
             &format!("virtio-net-pci,netdev=net{i},mac={},romfile=", nic.mac),
         ]);
     }
+    // Static addresses reach a disk-booted guest through its firmware tables (a kernel-booted
+    // one may read them too); the same on both sides of a migration, like every option.
+    let oem: Vec<String> = spec
+        .nics
+        .iter()
+        .enumerate()
+        .filter_map(|(i, nic)| smbios_net_string(i, nic))
+        .collect();
+    if let Some(arg) = smbios_arg(&oem) {
+        push(&["-smbios", &arg]);
+    }
     if mode == StartMode::Incoming {
         // -S: the destination never starts the guest by itself when the stream completes;
         // Ferry starts it only after recording that the guest belongs here (the commit point).
@@ -130,6 +142,8 @@ mod tests {
             nics: vec![NicSpec {
                 tap: "tap-web1".into(),
                 mac: MacAddr::local(7),
+                ipv4: None,
+                gateway: None,
             }],
         }
     }
@@ -151,6 +165,31 @@ mod tests {
              -device virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0 \
              -netdev tap,id=net0,ifname=tap-web1,script=no,downscript=no \
              -device virtio-net-pci,netdev=net0,mac=52:54:00:00:00:07,romfile="
+        );
+    }
+
+    #[test]
+    fn a_static_address_is_one_smbios_oem_string_per_nic() {
+        let mut s = spec();
+        assert!(!qemu_args(
+            &s,
+            Accel::Tcg,
+            &RunPaths::in_dir("/r".as_ref()),
+            StartMode::Normal
+        )
+        .contains(&"-smbios".to_string()));
+        s.nics[0].ipv4 = Some("10.77.0.50/24".parse().unwrap());
+        s.nics[0].gateway = Some("10.77.0.1".parse().unwrap());
+        let args = qemu_args(
+            &s,
+            Accel::Tcg,
+            &RunPaths::in_dir("/r".as_ref()),
+            StartMode::Incoming,
+        );
+        let i = args.iter().position(|a| a == "-smbios").expect("-smbios");
+        assert_eq!(
+            args[i + 1],
+            "type=11,value=ferry.net0=10.77.0.50/24,,gw=10.77.0.1,,mac=52:54:00:00:00:07"
         );
     }
 

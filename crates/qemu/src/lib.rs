@@ -10,6 +10,7 @@ mod accel;
 mod cmdline;
 mod disk;
 mod error;
+mod net;
 mod process;
 mod spec;
 
@@ -20,6 +21,7 @@ pub use disk::{
     MAX_SERIAL,
 };
 pub use error::QemuError;
+pub use net::{parse_gateway, smbios_arg, smbios_net_string, Ipv4Cidr, SMBIOS_NET_PREFIX};
 pub use process::{Exit, LaunchOptions, QemuProcess, RunPaths, Shutdown, StartMode};
 pub use spec::{
     has_control_chars, is_known_machine_type, BootSource, Firmware, InstanceSpec, MacAddr, NicSpec,

@@ -1,10 +1,12 @@
 use std::fmt;
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
 use crate::disk::{validate_disks, DiskSpec};
+use crate::net::Ipv4Cidr;
 use crate::QemuError;
 
 /// Smallest guest Ferry will start: below this Debian's kernel does not reach init.
@@ -102,6 +104,14 @@ pub enum Firmware {
 pub struct NicSpec {
     pub tap: String,
     pub mac: MacAddr,
+    /// A static address the guest should use on this NIC, handed to it as an SMBIOS OEM
+    /// string (a disk-booted guest has no command line Ferry controls); `None`: the guest
+    /// configures the NIC itself (DHCP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4: Option<Ipv4Cidr>,
+    /// The router the guest should use, inside `ipv4`'s subnet; only with `ipv4`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<Ipv4Addr>,
 }
 
 /// A unicast Ethernet address, validated on parse so QEMU never sees a bad one.
@@ -300,6 +310,20 @@ impl InstanceSpec {
                     ),
                 );
             }
+            match (nic.ipv4, nic.gateway) {
+                (None, Some(gw)) => {
+                    return bad(
+                        "nics.gateway",
+                        format!("{gw} is given without a static address (nics.ipv4)"),
+                    )
+                }
+                (Some(cidr), gw) => {
+                    if let Err(e) = cidr.check_host(gw) {
+                        return bad("nics.ipv4", e);
+                    }
+                }
+                (None, None) => {}
+            }
         }
         Ok(())
     }
@@ -330,6 +354,8 @@ mod tests {
             nics: vec![NicSpec {
                 tap: "tap-web1".into(),
                 mac: MacAddr::local(1),
+                ipv4: None,
+                gateway: None,
             }],
         }
     }
@@ -415,6 +441,21 @@ mod tests {
             (
                 "nics.tap",
                 Box::new(|s| s.nics[0].tap = "a-very-long-tap-name".into()),
+            ),
+            (
+                "nics.gateway",
+                Box::new(|s| s.nics[0].gateway = Some(Ipv4Addr::new(10, 0, 0, 1))),
+            ),
+            (
+                "nics.ipv4",
+                Box::new(|s| s.nics[0].ipv4 = Some("10.0.0.0/24".parse().unwrap())),
+            ),
+            (
+                "nics.ipv4",
+                Box::new(|s| {
+                    s.nics[0].ipv4 = Some("10.0.0.5/24".parse().unwrap());
+                    s.nics[0].gateway = Some(Ipv4Addr::new(10, 0, 1, 1));
+                }),
             ),
             (
                 "boot.kernel",

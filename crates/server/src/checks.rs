@@ -1287,6 +1287,8 @@ mod tests {
                 nics: vec![NicSpec {
                     network: "lab".into(),
                     mac: "52:54:00:00:00:01".into(),
+                    ipv4: None,
+                    gateway: None,
                 }],
             },
             migration: None,

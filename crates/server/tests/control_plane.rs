@@ -875,3 +875,63 @@ async fn a_broken_post_copy_stream_is_reconnected_through_the_agents() {
         .any(|l| l.message.contains("post-copy stream broke")));
     c.shutdown().await;
 }
+
+/// A guest that ignores the power button (the lab guest booted with `acpi=off` has no power
+/// button device, and it runs no guest agent) is powered off by QEMU once the graceful stop's
+/// timeout has passed: the stop returns after the timeout, not before and not much later,
+/// says so (`stopped_by` timeout in the audit), and leaves no QEMU behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_ignores_the_shutdown_request_is_stopped_hard_after_the_timeout() {
+    let c = Cluster::start(1, Limits::default()).await;
+    let mut spec = c.guest_spec(0, 192, Cluster::small_guest());
+    spec.boot.cmdline.push_str(" acpi=off");
+    let req = CreateInstance {
+        name: "deaf".into(),
+        host: Some("hv1".into()),
+        spec,
+        disks: vec![],
+        start: true,
+    };
+    let vm: Instance = c.admin.post("/v1/instances", &req).await.expect("created");
+    assert_eq!(vm.state, InstanceState::Running);
+    c.guest_control(0, "status", Duration::from_secs(90)).await;
+    assert_eq!(c.qemus_on("hv1"), 1);
+
+    let asked = std::time::Instant::now();
+    let stopped: Instance = c
+        .admin
+        .post("/v1/instances/deaf/stop?timeout_s=3", &())
+        .await
+        .expect("stopped");
+    let took = asked.elapsed();
+    assert_eq!(stopped.state, InstanceState::Stopped);
+    assert!(
+        took >= Duration::from_secs(3),
+        "the guest had its 3 s to shut down: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(20),
+        "then QEMU was stopped at once: {took:?}"
+    );
+    let audit: Vec<serde_json::Value> = c.admin.get("/v1/audit").await.unwrap();
+    let stop = audit
+        .iter()
+        .find(|e| e["action"] == "instance.stop" && e["target"] == "deaf")
+        .expect("the stop is audited");
+    assert_eq!(stop["detail"]["stopped_by"], "timeout", "{stop}");
+    assert_eq!(c.qemus_on("hv1"), 0, "no QEMU left");
+    // It is stopped, not gone: it starts again.
+    let again: Instance = c
+        .admin
+        .post("/v1/instances/deaf/start", &())
+        .await
+        .expect("starts again");
+    assert_eq!(again.state, InstanceState::Running);
+    let _: serde_json::Value = c
+        .admin
+        .post("/v1/instances/deaf/stop?force=true", &())
+        .await
+        .expect("forced stop");
+    let _: serde_json::Value = c.admin.delete("/v1/instances/deaf").await.expect("deleted");
+    c.shutdown().await;
+}

@@ -3,10 +3,13 @@
 //! or one local to its host, which makes every move a block migration), booted from that disk
 //! through SeaBIOS, seen through its own qemu-guest-agent, live-migrated hv1 -> hv2 -> hv1
 //! while it writes to its disk, shut down cleanly, and then checked from the host: its root
-//! filesystem is clean and a file it wrote before the moves is unchanged.
+//! filesystem is clean and a file it wrote before the moves is unchanged. Its NIC has a
+//! static lab address that Ferry hands it (SMBIOS OEM string, read by the image's
+//! `ferry-net` unit): its agent reports it, and the lab's client reaches it there on every host.
 
 mod common;
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use common::Cluster;
@@ -16,11 +19,14 @@ use ferry_api::migrations::{MigrationOptions, MigrationState};
 use ferry_lab::debian_guest::{self, WriterLog};
 use ferry_lab::debian_image::{ensure_debian_image, DebianImageOptions, DiskLayout};
 use ferry_lab::instance::debian_instance;
+use ferry_lab::net::{tcp_connect_in, LabNet};
+use ferry_qemu::Ipv4Cidr;
 use ferry_qmp::GuestAgent;
 use ferry_server::config::Limits;
 
 const VM: &str = "debian";
 const BEFORE: &str = "/root/before-the-moves.bin";
+const MAC: &str = "52:54:00:de:b1:01";
 
 /// The guest agent socket of the instance on agent `host` (index).
 fn qga(c: &Cluster, host: usize, i: &Instance) -> GuestAgent {
@@ -31,6 +37,32 @@ fn qga(c: &Cluster, host: usize, i: &Instance) -> GuestAgent {
         .join(short)
         .join("qga.sock");
     GuestAgent::new(path)
+}
+
+/// Whether the client side of the lab network reaches the guest at `addr`: a TCP connection
+/// to a port nothing listens on is answered by the guest's kernel with a reset (refused),
+/// which needs the guest's address, ARP and routing to work; a timeout or "unreachable"
+/// means they do not. Retries for a few seconds (ARP caches after a move).
+async fn reach(c: &Cluster, addr: Ipv4Addr, when: &str) {
+    let ns = c.lab.client_netns.clone();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let ns = ns.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            tcp_connect_in(&ns, SocketAddr::from((addr, 9)), Duration::from_secs(2))
+        })
+        .await
+        .unwrap();
+        match result {
+            Ok(_) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "the lab client does not reach the guest at {addr} {when}: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 fn host_index(name: &str) -> usize {
@@ -98,13 +130,19 @@ async fn debian_moves(storage: Storage) {
         Storage::Local => "local",
     };
 
-    // Created like `ferry instance create debian --disk-image IMAGE,copy@shared --boot disk`.
+    // The lab has no DHCP server: the guest's address is the one Ferry hands it.
+    let address = Ipv4Cidr {
+        addr: c.lab.guest_addr(0),
+        prefix: LabNet::GUEST_PREFIX,
+    };
+    // Created like `ferry instance create debian --disk-image IMAGE,copy@shared --boot disk
+    // --nic lab,ip=10.77.0.100/24`.
     let created = Instant::now();
     let vm: Instance = c
         .admin
         .post(
             "/v1/instances",
-            &debian_instance(VM, "hv1", &image, datastore, 512, "52:54:00:de:b1:01", true),
+            &debian_instance(VM, "hv1", &image, datastore, 512, MAC, Some(address), true),
         )
         .await
         .expect("created and started");
@@ -135,6 +173,27 @@ async fn debian_moves(storage: Storage) {
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
     assert!(os.contains("Debian"), "{os}");
+    assert_eq!(
+        vm.spec.nics[0].ipv4.as_deref(),
+        Some(address.to_string().as_str())
+    );
+    // The guest configured itself from the SMBIOS string: its own agent reports the address
+    // on the NIC with the instance's MAC (networkd may apply it after the agent starts).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let i: Instance = c.instance(VM).await;
+        let interfaces = i.guest.map(|g| g.interfaces).unwrap_or_default();
+        let nic = interfaces.iter().find(|n| n.mac.as_deref() == Some(MAC));
+        if nic.is_some_and(|n| n.addresses.contains(&address.to_string())) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest agent never reported {address} on {MAC}: {interfaces:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    reach(&c, address.addr, "on hv1").await;
 
     let ga = qga(&c, 0, &vm);
     let written = debian_guest::write_random_file(&ga, BEFORE, 4 << 20)
@@ -171,6 +230,7 @@ async fn debian_moves(storage: Storage) {
             "the guest writes on {to}: {log:?}"
         );
         writes_seen = log.writes;
+        reach(&c, address.addr, &format!("after the move to {to}")).await;
         let stats = m.stats.as_ref();
         eprintln!(
             "moved to {to} ({datastore} disk): QEMU's pause {:?} ms, total {:?} ms, longest gap \

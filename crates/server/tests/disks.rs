@@ -763,3 +763,95 @@ async fn an_instance_with_images_on_an_offline_host_is_deleted_only_once_the_hos
     assert!(env.instances().await.is_empty());
     env.shutdown().await;
 }
+
+/// `--copy` of an existing image onto a datastore too small for it (an 8 MiB tmpfs) is
+/// refused with `no-room` before anything is written: no partial copy on the small datastore,
+/// no record, the source untouched. An image that fits is copied there, so the refusal is
+/// about room and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_onto_a_datastore_without_room_is_refused_and_leaves_nothing() {
+    let mnt = tempfile::tempdir().unwrap();
+    let tiny = mnt.path().join("tiny");
+    std::fs::create_dir(&tiny).unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&tiny)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mount a tmpfs at {}", tiny.display());
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    // Declared after `mnt`: unmounted before the directory is removed.
+    let _unmount = Unmount(tiny.clone());
+    let t = tiny.clone();
+    let env = Env::start(move |c| {
+        if c.name == "hv1" {
+            c.datastores.push(DatastoreConfig {
+                name: "tiny".into(),
+                path: t.clone(),
+                identity: None,
+            });
+        }
+    })
+    .await;
+    qemu_img_create(&env.path("shared/big.raw"), "raw", 64 * MIB);
+    qemu_img_create(&env.path("shared/small.raw"), "raw", 4 * MIB);
+    let before = env.files();
+    let tiny_files = || {
+        let mut v: Vec<String> = std::fs::read_dir(&tiny)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let copy_of = |file: &str| {
+        at(
+            DiskRequest {
+                copy: true,
+                ..image(env.path_str(file))
+            },
+            "tiny",
+        )
+    };
+
+    let r = env
+        .create("big", "hv1", vec![copy_of("shared/big.raw")])
+        .await;
+    let err = r.as_ref().expect_err("refused").body();
+    assert!(err.message.contains("tiny"), "names the datastore: {err:?}");
+    assert_refused(r, 422, "no-room");
+    assert!(
+        tiny_files().is_empty(),
+        "no partial copy: {:?}",
+        tiny_files()
+    );
+    assert_eq!(
+        env.files(),
+        before,
+        "the source and the other datastores unchanged"
+    );
+    assert!(env.instances().await.is_empty(), "no record");
+
+    // What fits is copied onto the same datastore, and goes with its instance.
+    let small = env
+        .create("small", "hv1", vec![copy_of("shared/small.raw")])
+        .await
+        .expect("a copy that fits");
+    let disk = &small.spec.disks[0];
+    assert_eq!(disk.image.datastore, "tiny");
+    assert!(disk.managed);
+    assert_eq!(tiny_files(), std::slice::from_ref(&disk.image.file));
+    env.delete("small").await.expect("deleted");
+    assert!(
+        tiny_files().is_empty(),
+        "the copy is deleted with its instance"
+    );
+    assert_eq!(env.files(), before);
+    env.shutdown().await;
+}

@@ -12,7 +12,7 @@ use ferry_api::instances::{
 use ferry_lab::guest_config::GuestConfig;
 use ferry_lab::image::{ensure_image, ImageOptions};
 use ferry_lab::LabError;
-use ferry_qemu::MacAddr;
+use ferry_qemu::{parse_gateway, Ipv4Cidr, MacAddr};
 
 use super::{seg, Ctx};
 use crate::error::{exit, CliError};
@@ -84,8 +84,10 @@ pub struct CreateArgs {
     /// Kernel command line.
     #[arg(long, conflicts_with = "lab_guest")]
     pub cmdline: Option<String>,
-    /// A NIC on a network, `NETWORK[,mac=52:54:00:xx:xx:xx]`; repeat for more. Without a MAC
-    /// one is derived from the instance name.
+    /// A NIC on a network, `NETWORK[,mac=52:54:00:xx:xx:xx][,ip=ADDR/PREFIX][,gw=GW]`; repeat
+    /// for more. Without a MAC one is derived from the instance name. `ip=` gives the guest a
+    /// static address (through an SMBIOS OEM string its OS reads, as Ferry's Debian image
+    /// does); without it the guest uses DHCP.
     #[arg(long = "nic", value_parser = parse_nic)]
     pub nics: Vec<NicArg>,
     /// Start it right away.
@@ -279,16 +281,28 @@ pub use ferry_lab::instance::LAB_NETWORK;
 pub struct NicArg {
     pub network: String,
     pub mac: Option<String>,
+    /// `ip=ADDR/PREFIX`: a static address the guest gets through its firmware tables.
+    pub ip: Option<Ipv4Cidr>,
+    /// `gw=GW`: its gateway, with `ip=`.
+    pub gw: Option<Ipv4Addr>,
 }
 
-/// Parses `NETWORK[,mac=..]`.
+/// Parses `NETWORK[,mac=..][,ip=ADDR/PREFIX][,gw=GW]` (`ip` and `gw` as the lab guest's
+/// `ferry.ip=`/`ferry.gw=`), checking the address by the server's rules.
 pub fn parse_nic(s: &str) -> Result<NicArg, String> {
     let mut parts = s.split(',');
     let network = parts.next().unwrap_or("").trim();
     if network.is_empty() || network.contains('=') {
-        return Err(format!("{s:?}: expected NETWORK[,mac=XX:XX:XX:XX:XX:XX]"));
+        return Err(format!(
+            "{s:?}: expected NETWORK[,mac=XX:XX:XX:XX:XX:XX][,ip=ADDR/PREFIX][,gw=GW]"
+        ));
     }
-    let mut mac = None;
+    let mut nic = NicArg {
+        network: network.to_string(),
+        mac: None,
+        ip: None,
+        gw: None,
+    };
     for part in parts {
         match part.split_once('=') {
             Some(("mac", v)) => {
@@ -296,15 +310,23 @@ pub fn parse_nic(s: &str) -> Result<NicArg, String> {
                 if !is_mac(&v) {
                     return Err(format!("{v:?} is not a MAC address like 52:54:00:12:34:56"));
                 }
-                mac = Some(v);
+                nic.mac = Some(v);
             }
-            _ => return Err(format!("{part:?}: the only NIC option is mac=")),
+            Some(("ip", v)) => nic.ip = Some(v.parse()?),
+            Some(("gw", v)) => nic.gw = Some(parse_gateway(v)?),
+            _ => {
+                return Err(format!(
+                    "{part:?}: the NIC options are mac=, ip=ADDR/PREFIX and gw="
+                ))
+            }
         }
     }
-    Ok(NicArg {
-        network: network.to_string(),
-        mac,
-    })
+    match (nic.ip, nic.gw) {
+        (None, Some(gw)) => return Err(format!("gw={gw} needs a static address (ip=ADDR/PREFIX)")),
+        (Some(ip), gw) => ip.check_host(gw)?,
+        (None, None) => {}
+    }
+    Ok(nic)
 }
 
 fn is_mac(s: &str) -> bool {
@@ -315,18 +337,10 @@ fn is_mac(s: &str) -> bool {
             .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
-/// Parses `A.B.C.D/PREFIX`.
+/// Parses `A.B.C.D/PREFIX` (prefix 1 to 32), as a NIC's `ip=` does.
 pub fn parse_ip_prefix(s: &str) -> Result<(Ipv4Addr, u8), String> {
-    let (ip, prefix) = s
-        .split_once('/')
-        .ok_or_else(|| format!("{s:?}: expected A.B.C.D/PREFIX, e.g. 10.77.0.100/24"))?;
-    let ip: Ipv4Addr = ip.parse().map_err(|e| format!("{ip:?}: {e}"))?;
-    let prefix: u8 = prefix
-        .parse()
-        .ok()
-        .filter(|p| *p <= 32)
-        .ok_or_else(|| format!("{prefix:?} is not a prefix length 0..=32"))?;
-    Ok((ip, prefix))
+    let c: Ipv4Cidr = s.parse()?;
+    Ok((c.addr, c.prefix))
 }
 
 /// A stable MAC for NIC `index` of instance `name` ([`MacAddr::for_nic`]).
@@ -455,6 +469,8 @@ pub fn create_request(
             nics.push(NicArg {
                 network: LAB_NETWORK.into(),
                 mac: None,
+                ip: None,
+                gw: None,
             });
         }
         let config = GuestConfig {
@@ -523,6 +539,8 @@ pub fn create_request(
                 .map(|(i, n)| NicSpec {
                     network: n.network.clone(),
                     mac: n.mac.clone().unwrap_or_else(|| mac_for(&args.name, i)),
+                    ipv4: n.ip.map(|c| c.to_string()),
+                    gateway: n.gw.map(|g| g.to_string()),
                 })
                 .collect(),
         },

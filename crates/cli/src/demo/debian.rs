@@ -70,6 +70,7 @@ pub(super) async fn run(
             LocalCluster::SHARED_DATASTORE,
             args.memory_mib,
             &mac_for(VM, 0),
+            Some(cluster.debian_address()),
             true,
         ))
         .await?;

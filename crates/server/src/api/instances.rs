@@ -9,7 +9,7 @@ use ferry_api::checks::Candidate;
 use ferry_api::hosts::{Host, HostState};
 use ferry_api::instances::{
     BootFrom, ConsoleQuery, ConsoleSegment, CreateInstance, Instance, InstanceConsole,
-    InstanceSpec, InstanceState, StopOptions, Warning,
+    InstanceSpec, InstanceState, NicSpec, StopOptions, Warning,
 };
 use ferry_api::migrations::{Event, MigrationKind};
 use serde::Deserialize;
@@ -84,9 +84,10 @@ fn validate(req: &CreateInstance) -> Result<(), ServerError> {
     for (field, value) in texts {
         no_control_chars(field, value)?;
     }
-    for nic in &s.nics {
+    for (i, nic) in s.nics.iter().enumerate() {
         no_control_chars("nics.network", &nic.network)?;
         no_control_chars("nics.mac", &nic.mac)?;
+        validate_nic_address(i, nic)?;
     }
     let name_ok = !req.name.is_empty()
         && req.name.len() <= 40
@@ -181,6 +182,42 @@ fn validate(req: &CreateInstance) -> Result<(), ServerError> {
     Ok(())
 }
 
+/// A NIC's static address and gateway, by the rules every part of Ferry uses
+/// ([`ferry_qemu::Ipv4Cidr::check_host`]): refused here, a bad address never reaches a guest.
+fn validate_nic_address(i: usize, nic: &NicSpec) -> Result<(), ServerError> {
+    let refuse = |message: String| {
+        ServerError::bad_request(
+            "invalid-nic-address",
+            message,
+            "give the NIC a host address as ADDR/PREFIX inside its network, e.g. 10.77.0.50/24, \
+             and optionally a gateway in the same subnet, e.g. 10.77.0.1",
+        )
+    };
+    let ipv4 = match nic.ipv4.as_deref() {
+        Some(text) => Some(
+            text.parse::<ferry_qemu::Ipv4Cidr>()
+                .map_err(|e| refuse(format!("nics[{i}].ipv4: {e}")))?,
+        ),
+        None => None,
+    };
+    let gateway = match nic.gateway.as_deref() {
+        Some(text) => Some(
+            ferry_qemu::parse_gateway(text)
+                .map_err(|e| refuse(format!("nics[{i}].gateway: {e}")))?,
+        ),
+        None => None,
+    };
+    match (ipv4, gateway) {
+        (None, Some(gw)) => Err(refuse(format!(
+            "nics[{i}].gateway {gw} is given without a static address (nics[{i}].ipv4)"
+        ))),
+        (Some(cidr), gw) => cidr
+            .check_host(gw)
+            .map_err(|e| refuse(format!("nics[{i}]: {e}"))),
+        (None, None) => Ok(()),
+    }
+}
+
 fn unknown_machine(machine: &str) -> ServerError {
     ServerError::bad_request(
         "unknown-machine-type",
@@ -226,6 +263,40 @@ fn validate_for_host(spec: &InstanceSpec, host: &Host) -> Result<(), ServerError
         .find(|n| !facts.networks.iter().any(|f| f.name == n.network))
     {
         return Err(unknown_network(&nic.network, host));
+    }
+    // A static address outside the subnet the host says its network has would leave the
+    // guest unreachable there.
+    for (i, nic) in spec.nics.iter().enumerate() {
+        let Some(addr) = nic
+            .ipv4
+            .as_deref()
+            .and_then(|a| a.parse::<ferry_qemu::Ipv4Cidr>().ok())
+        else {
+            continue;
+        };
+        let subnet = facts
+            .networks
+            .iter()
+            .find(|f| f.name == nic.network)
+            .and_then(|f| f.subnet.as_deref())
+            .and_then(|s| s.parse::<ferry_qemu::Ipv4Cidr>().ok());
+        if let Some(subnet) = subnet {
+            if subnet.prefix != addr.prefix || !subnet.contains(addr.addr) {
+                return Err(ServerError::new(
+                    422,
+                    "address-outside-network",
+                    format!(
+                        "nics[{i}].ipv4 {addr} is not an address of network {}, whose subnet \
+                         on host {} is {subnet}",
+                        nic.network, host.name
+                    ),
+                    format!(
+                        "give the NIC an address inside {subnet}, with prefix /{}",
+                        subnet.prefix
+                    ),
+                ));
+            }
+        }
     }
     for (field, path) in [
         ("boot.kernel", &spec.boot.kernel),
@@ -857,7 +928,6 @@ fn parse_disk_map(text: &str) -> Result<std::collections::BTreeMap<String, Strin
 mod tests {
     use super::*;
     use ferry_api::hosts::{HostFacts, NetworkFacts};
-    use ferry_api::instances::NicSpec;
 
     fn host_with_networks(networks: &[(&str, &str)]) -> Host {
         let facts = HostFacts {
@@ -908,6 +978,8 @@ mod tests {
             nics: vec![NicSpec {
                 network: network.into(),
                 mac: "52:54:00:00:00:01".into(),
+                ipv4: None,
+                gateway: None,
             }],
         }
     }
@@ -964,6 +1036,73 @@ mod tests {
         assert_eq!(lines[0].omitted_bytes(), 13);
         let utf8 = join_console(vec![seg("hv1", 0, "aé\nb\n")], 4);
         assert_eq!(utf8[0].text, "b\n", "a cut inside 'é' does not split it");
+    }
+
+    #[test]
+    fn a_bad_static_address_is_refused_with_its_nic_named() {
+        let req = |ipv4: Option<&str>, gw: Option<&str>| {
+            let mut spec = spec_on("lab");
+            spec.boot.kernel = Some("/images/vmlinuz".into());
+            spec.boot.initrd = Some("/images/initrd".into());
+            spec.nics[0].ipv4 = ipv4.map(String::from);
+            spec.nics[0].gateway = gw.map(String::from);
+            CreateInstance {
+                name: "net".into(),
+                host: None,
+                spec,
+                disks: vec![],
+                start: false,
+            }
+        };
+        validate(&req(Some("10.77.0.50/24"), Some("10.77.0.1"))).unwrap();
+        validate(&req(Some("10.77.0.50/24"), None)).unwrap();
+        validate(&req(None, None)).unwrap();
+        for (ipv4, gw, needle) in [
+            (Some("10.77.0.50"), None, "not ADDR/PREFIX"),
+            (Some("10.77.0.50/33"), None, "1 to 32"),
+            (Some("10.77.0.0/24"), None, "network address"),
+            (Some("10.77.0.50/24"), Some("10.77.1.1"), "outside"),
+            (Some("10.77.0.50/24"), Some("gw"), "not an IPv4 address"),
+            (None, Some("10.77.0.1"), "without a static address"),
+        ] {
+            let e = validate(&req(ipv4, gw)).unwrap_err();
+            assert_eq!(
+                (e.status, e.body.code.as_str()),
+                (400, "invalid-nic-address"),
+                "{ipv4:?} {gw:?}"
+            );
+            assert!(e.body.message.starts_with("nics[0]"), "{}", e.body.message);
+            assert!(e.body.message.contains(needle), "{}", e.body.message);
+            assert!(e.body.hint.contains("ADDR/PREFIX"), "{}", e.body.hint);
+        }
+    }
+
+    #[test]
+    fn a_static_address_outside_the_hosts_subnet_is_refused() {
+        let mut host = host_with_networks(&[("lab", "br0")]);
+        host.facts.as_mut().unwrap().networks[0].subnet = Some("10.77.0.0/24".into());
+        let with = |ipv4: &str| {
+            let mut spec = spec_on("lab");
+            spec.nics[0].ipv4 = Some(ipv4.into());
+            spec
+        };
+        assert!(validate_for_host(&with("10.77.0.50/24"), &host).is_ok());
+        for bad in ["10.78.0.50/24", "10.77.0.50/16"] {
+            let e = validate_for_host(&with(bad), &host).unwrap_err();
+            assert_eq!(
+                (e.status, e.body.code.as_str()),
+                (422, "address-outside-network"),
+                "{bad}"
+            );
+            assert!(
+                e.body.message.contains("10.77.0.0/24"),
+                "{}",
+                e.body.message
+            );
+        }
+        // A network without a known subnet is not second-guessed.
+        host.facts.as_mut().unwrap().networks[0].subnet = None;
+        assert!(validate_for_host(&with("10.78.0.50/24"), &host).is_ok());
     }
 
     #[test]
