@@ -6,6 +6,20 @@ use serde::Serialize;
 
 use crate::{ApiError, ErrorBody};
 
+/// Percent-encodes one path segment or query value (instance and host names, filters), so
+/// that a name with `/`, `?` or spaces addresses what it names and can never change the route.
+pub fn encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// A JSON-over-HTTP client with a bearer token, shared by the CLI (to the server), the server
 /// (to agents) and agents (to the server), so every caller decodes errors the same way.
 #[derive(Debug, Clone)]

@@ -14,5 +14,5 @@ pub mod instances;
 pub mod migrations;
 pub mod tokens;
 
-pub use client::ApiClient;
+pub use client::{encode_segment, ApiClient};
 pub use error::{ApiError, ErrorBody};

@@ -183,18 +183,9 @@ impl Api {
     }
 }
 
-/// Percent-encodes one path segment or query value (instance names, host names, filters), so
-/// that a name with `/`, `?` or spaces addresses what it names.
+/// Percent-encodes one path segment or query value (see [`ferry_api::encode_segment`]).
 pub fn enc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    ferry_api::encode_segment(s)
 }
 
 #[cfg(test)]

@@ -182,6 +182,15 @@ impl Browser {
         self.d().current_url().await.unwrap().path().to_string()
     }
 
+    /// Waits for a migration screen and returns the id of the job it shows.
+    async fn screen_id(&self) -> uuid::Uuid {
+        self.find("#screen").await;
+        let path = self.path().await;
+        path.strip_prefix("/migrations/")
+            .and_then(|id| id.parse().ok())
+            .unwrap_or_else(|| panic!("a migration screen, not {path}"))
+    }
+
     async fn type_into(&self, css: &str, text: &str) {
         let e = self.find(css).await;
         e.clear().await.unwrap();
@@ -418,13 +427,7 @@ async fn an_admin_migrates_live_and_cancels_a_capped_migration_in_the_panel() {
     b.find("#start").await.click().await.unwrap();
 
     // The live screen: it updates from the event stream and reaches Completed.
-    b.find("#screen").await;
-    assert!(b.path().await.starts_with("/migrations/"));
-    let id = b
-        .path()
-        .await
-        .trim_start_matches("/migrations/")
-        .to_string();
+    let id = b.screen_id().await.to_string();
     b.shot("migration-start").await;
     // The job the server queued carries exactly what the dialog set.
     let job = c.migration(id.parse().unwrap()).await;
@@ -515,13 +518,7 @@ async fn an_admin_migrates_live_and_cancels_a_capped_migration_in_the_panel() {
     b.select("#policy", "manual").await;
     b.find("#review").await.click().await.unwrap();
     b.find("#start").await.click().await.unwrap();
-    b.find("#screen").await;
-    let id2: uuid::Uuid = b
-        .path()
-        .await
-        .trim_start_matches("/migrations/")
-        .parse()
-        .unwrap();
+    let id2 = b.screen_id().await;
     wait_screen_state(&b, "migrating", Duration::from_secs(120)).await;
     b.wait_sections("migrating").await;
     // The copy's first burst is over and QEMU keeps to the 1 MiB/s cap.
@@ -729,13 +726,7 @@ async fn an_admin_switches_to_post_copy_and_runs_instance_and_host_actions_in_th
     }
     b.shot("postcopy-review").await;
     b.click("#start").await;
-    b.find("#screen").await;
-    let id: uuid::Uuid = b
-        .path()
-        .await
-        .trim_start_matches("/migrations/")
-        .parse()
-        .unwrap();
+    let id = b.screen_id().await;
     let job = c.migration(id).await;
     assert!(job.options.post_copy, "{:?}", job.options);
     assert_eq!(job.options.policy, Policy::Manual);
@@ -803,13 +794,7 @@ async fn an_admin_switches_to_post_copy_and_runs_instance_and_host_actions_in_th
     assert!(b.text("#prediction").await.contains("cold migration"));
     b.shot("cold-review").await;
     b.click("#start").await;
-    b.find("#screen").await;
-    let cold: uuid::Uuid = b
-        .path()
-        .await
-        .trim_start_matches("/migrations/")
-        .parse()
-        .unwrap();
+    let cold = b.screen_id().await;
     wait_screen_state(&b, "completed", Duration::from_secs(120)).await;
     b.shot("cold-completed").await;
     let m = c.wait_end(cold, Duration::from_secs(30)).await;
@@ -1212,13 +1197,7 @@ async fn disks_map_in_the_dialog_jobs_queue_and_filter_and_pages_fit_a_phone_and
     );
     b.shot("review-disks").await;
     b.click("#start").await;
-    b.find("#screen").await;
-    let id: uuid::Uuid = b
-        .path()
-        .await
-        .trim_start_matches("/migrations/")
-        .parse()
-        .unwrap();
+    let id = b.screen_id().await;
     let job = c.migration(id).await;
     assert_eq!(job.destination, "hv2");
     assert_eq!(

@@ -134,17 +134,9 @@ impl Ctx {
     }
 }
 
-/// Percent-encodes one path segment, so a name can never change the route.
+/// Percent-encodes one path segment (see [`ferry_api::encode_segment`]).
 pub fn seg(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    ferry_api::encode_segment(s)
 }
 
 /// Every command the library implements (all but `demo` and `image`, which live in the
