@@ -138,6 +138,17 @@ async fn migrates_there_and_back_with_clients_connected_and_memory_intact() {
         .await
         .expect("migration completes");
     assert_eq!(vm.host, "hv2");
+    // QEMU stops estimating its pause once it switches over; the outcome keeps the last
+    // estimate, so the server can learn how far the pause ran past it on this host pair.
+    assert!(
+        ferry_migrate::plan::observed_switchover_ms(&out.source).is_some(),
+        "the last expected pause is kept: {:?} (samples {:?})",
+        out.source.final_progress,
+        samples
+            .iter()
+            .map(|p| p.expected_downtime_ms)
+            .collect::<Vec<_>>()
+    );
     assert!(out.source.transferred_bytes > 0);
     assert!(out.source.iterations >= 1);
     assert!(!samples.is_empty(), "progress was sampled");
