@@ -324,6 +324,7 @@ mod tests {
             iterations: 1,
             zero_bytes: 0,
             normal_bytes: 0,
+            last_pages_bytes: None,
             final_progress: crate::ProgressTracker::new().update(
                 0,
                 &serde_json::from_value(serde_json::json!({"status": "completed"})).unwrap(),

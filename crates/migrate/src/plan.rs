@@ -295,12 +295,17 @@ pub fn observed_rate(o: &crate::SourceOutcome) -> Option<f64> {
         .then(|| processed as f64 / (o.total_time_ms as f64 / 1000.0))
 }
 
-/// How much longer QEMU's pause was than the transfer of what was left when it switched
-/// over (QEMU's own `expected-downtime` of the last sample): the device state and the
-/// hand-over. `None` without that estimate.
+/// How much longer QEMU's pause was than the transfer of what was left when it stopped the
+/// guest: the device state and the hand-over. The last pages are timed at the rate the
+/// migration got through ([`observed_rate`]); without them, QEMU's own last
+/// `expected-downtime` stands in (it overestimates: it divides by a rate estimate, so the
+/// pause minus it is often 0). `None` without either.
 pub fn observed_switchover_ms(o: &crate::SourceOutcome) -> Option<f64> {
-    let expected = o.final_progress.expected_downtime_ms?;
-    Some(o.downtime_ms.saturating_sub(expected) as f64)
+    let last_pages_ms = match (o.last_pages_bytes, observed_rate(o)) {
+        (Some(bytes), Some(rate)) => bytes as f64 / rate * 1000.0,
+        _ => o.final_progress.expected_downtime_ms? as f64,
+    };
+    Some((o.downtime_ms as f64 - last_pages_ms).max(0.0))
 }
 
 /// A host pair's learned rate after one more migration: an exponentially weighted mean
@@ -869,9 +874,22 @@ mod tests {
             observed_switchover_ms(&outcome(21, progress.clone())),
             Some(17.0)
         );
-        assert_eq!(observed_switchover_ms(&outcome(3, progress)), Some(0.0));
+        assert_eq!(
+            observed_switchover_ms(&outcome(3, progress.clone())),
+            Some(0.0)
+        );
         let unknown = crate::Progress::disk_copy(0, Vec::new(), 0);
         assert_eq!(observed_switchover_ms(&outcome(21, unknown)), None);
+        // With the last pages known, they are timed at the migration's own rate instead:
+        // 100 MiB in 1 s, 2 MiB left at the stop = 20 ms of a 50 ms pause.
+        let timed = crate::SourceOutcome {
+            total_time_ms: 1000,
+            normal_bytes: 100 << 20,
+            last_pages_bytes: Some(2 << 20),
+            ..outcome(50, progress)
+        };
+        let switchover = observed_switchover_ms(&timed).unwrap();
+        assert!((switchover - 30.0).abs() < 0.01, "{switchover}");
     }
 
     #[test]
@@ -923,6 +941,7 @@ mod tests {
             iterations: 2,
             zero_bytes: (512 << 20) - nonzero,
             normal_bytes: nonzero,
+            last_pages_bytes: None,
             final_progress: crate::Progress::disk_copy(total_ms, Vec::new(), 0),
         }
     }

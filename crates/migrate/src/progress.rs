@@ -152,6 +152,8 @@ pub struct ProgressTracker {
     /// (elapsed ms, transferred bytes) over the last second, for the send rate.
     window: VecDeque<(u64, u64)>,
     last: Option<Progress>,
+    /// What was left when QEMU first reported the switchover (the guest stopped).
+    last_pages: Option<u64>,
 }
 
 /// The send rate is averaged over this long: long enough to smooth bursts, short enough to
@@ -161,6 +163,11 @@ const RATE_WINDOW_MS: u64 = 1000;
 impl ProgressTracker {
     pub fn new() -> ProgressTracker {
         ProgressTracker::default()
+    }
+
+    /// What QEMU still had to send when it stopped the guest for the switchover, once it has.
+    pub fn last_pages_bytes(&self) -> Option<u64> {
+        self.last_pages
     }
 
     pub fn last(&self) -> Option<&Progress> {
@@ -238,6 +245,9 @@ impl ProgressTracker {
             disks: Vec::new(),
             revision: None,
         };
+        if phase == Phase::Switchover && self.last_pages.is_none() {
+            self.last_pages = Some(remaining);
+        }
         self.last = Some(progress.clone());
         progress
     }

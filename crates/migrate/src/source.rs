@@ -146,12 +146,21 @@ pub struct SourceOutcome {
     /// Bytes of pages sent in full, re-sends included.
     #[serde(default)]
     pub normal_bytes: u64,
+    /// What QEMU still had to send when it stopped the guest (at pre-switchover): the last
+    /// pages, whose transfer is the part of the pause the rounds' model predicts; the rest
+    /// (device state, hand-over) is learned per host pair.
+    #[serde(default)]
+    pub last_pages_bytes: Option<u64>,
     pub final_progress: Progress,
 }
 
 impl SourceOutcome {
     /// QEMU's figures of a completed migration, with the last sample taken of it.
-    pub fn completed(info: &MigrationInfo, progress: Progress) -> SourceOutcome {
+    pub fn completed(
+        info: &MigrationInfo,
+        progress: Progress,
+        last_pages_bytes: Option<u64>,
+    ) -> SourceOutcome {
         SourceOutcome {
             total_time_ms: info.total_time.unwrap_or(progress.elapsed_ms),
             downtime_ms: info.downtime.unwrap_or(0),
@@ -164,6 +173,7 @@ impl SourceOutcome {
                 .map(|r| r.duplicate.unwrap_or(0) * r.page_size.unwrap_or(4096))
                 .unwrap_or(0),
             normal_bytes: info.ram.as_ref().and_then(|r| r.normal_bytes).unwrap_or(0),
+            last_pages_bytes,
             final_progress: progress,
         }
     }
@@ -488,7 +498,11 @@ async fn follow(
         }
         match info.status {
             Some(MigrationStatus::Completed) => {
-                return Ok(SourceOutcome::completed(&info, progress))
+                return Ok(SourceOutcome::completed(
+                    &info,
+                    progress,
+                    stream.tracker.last_pages_bytes(),
+                ))
             }
             Some(MigrationStatus::PreSwitchover) if continued => continue,
             Some(MigrationStatus::PreSwitchover) => {
@@ -631,7 +645,11 @@ async fn cancel(
                 // Cannot happen while QEMU pauses before switchover; if it did, the guest is
                 // whole on the destination (still paused) and the caller commits it there.
                 warn!("the migration completed despite the cancel");
-                return Ok(SourceOutcome::completed(&info, progress));
+                return Ok(SourceOutcome::completed(
+                    &info,
+                    progress,
+                    stream.tracker.last_pages_bytes(),
+                ));
             }
             _ if Instant::now() > deadline => {
                 return Err(MigrateError::Failed(
