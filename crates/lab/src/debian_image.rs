@@ -1,5 +1,5 @@
-//! A real Debian guest: a bootable qcow2 disk of a minimal Debian bookworm that boots through
-//! SeaBIOS from its own disk (no `-kernel`) and runs qemu-guest-agent.
+//! A real Debian guest: a bootable qcow2 disk of a minimal Debian bookworm that boots from its
+//! own disk (no `-kernel`) through SeaBIOS or through UEFI (OVMF) and runs qemu-guest-agent.
 //!
 //! Why: the lab's busybox guest (image.rs) boots from `-kernel`/`-initrd` and has no disk. Work
 //! on disks, bootloaders and guests Ferry did not build needs a guest like the ones operators
@@ -19,7 +19,12 @@
 //! 3. A sparse raw disk gets an MBR written here (syslinux's mbr.bin as boot code, the boot
 //!    partition active), a FAT16 boot partition (mkfs.fat --offset, mcopy of vmlinuz, initrd
 //!    and syslinux.cfg, `syslinux --install --offset`), and an ext4 root partition filled from
-//!    the directory by `mkfs.ext4 -d` at an offset.
+//!    the directory by `mkfs.ext4 -d` at an offset. The boot partition also holds the UEFI
+//!    removable-media loader `EFI/BOOT/BOOTX64.EFI` (syslinux.efi, with its ldlinux.e64 and the
+//!    same syslinux.cfg beside it): UEFI firmware reads FAT on an MBR partition too, so one
+//!    disk boots under both firmwares and a guest can be switched without another image. (No
+//!    GPT: SeaBIOS booting syslinux from GPT needs gptmbr.bin and a legacy-boot flag, and
+//!    OVMF does not need it.)
 //! 4. `qemu-img convert -c` makes the compressed qcow2 that guests use as a backing file.
 //!
 //! Images are cached under `<cache>/debian-images/<id>/`, where `id` hashes every input (the
@@ -106,6 +111,19 @@ const CUSTOMIZE_HOOKS: &[&str] = &[
     r#"chroot "$1" passwd --lock root"#,
     r#"if [ ! -L "$1/etc/resolv.conf" ]; then rm -f "$1/etc/resolv.conf"; fi"#,
 ];
+/// Where Debian's syslinux-efi puts syslinux's 64-bit UEFI loader (and Fedora's syslinux-efi64).
+const SYSLINUX_EFI_PATHS: &[&str] = &[
+    "/usr/lib/SYSLINUX.EFI/efi64/syslinux.efi",
+    "/usr/share/syslinux/efi64/syslinux.efi",
+];
+/// Where its core module lives: Debian's syslinux-common, Fedora's syslinux-efi64.
+const LDLINUX_E64_PATHS: &[&str] = &[
+    "/usr/lib/syslinux/modules/efi64/ldlinux.e64",
+    "/usr/share/syslinux/efi64/ldlinux.e64",
+];
+/// The UEFI loader's directory on the boot partition: the removable-media path that firmware
+/// with an empty boot order (a fresh per-instance NVRAM) tries on every FAT filesystem.
+const EFI_BOOT_DIR: &str = "EFI/BOOT";
 /// Where Debian's syslinux-common puts the MBR boot code (and Fedora's syslinux).
 const MBR_BIN_PATHS: &[&str] = &[
     "/usr/lib/syslinux/mbr/mbr.bin",
@@ -284,6 +302,7 @@ fn input_hash(suite: &str, packages: &[String], size_gib: u32) -> String {
         part(content.as_bytes());
     }
     part(render_syslinux_cfg(UUID).as_bytes());
+    part(format!("{EFI_BOOT_DIR}/BOOTX64.EFI ldlinux.e64 syslinux.cfg").as_bytes());
     for s in DPKG_OPTIONS.iter().chain(CUSTOMIZE_HOOKS) {
         part(s.as_bytes());
     }
@@ -719,7 +738,10 @@ struct Tools {
     mkfs_ext4: PathBuf,
     mkfs_fat: PathBuf,
     mcopy: PathBuf,
+    mmd: PathBuf,
     syslinux: PathBuf,
+    syslinux_efi: PathBuf,
+    ldlinux_e64: PathBuf,
     qemu_img: PathBuf,
     mbr_bin: PathBuf,
 }
@@ -737,7 +759,10 @@ impl Tools {
             mkfs_ext4: need("mkfs.ext4", "e2fsprogs")?,
             mkfs_fat: need("mkfs.fat", "dosfstools")?,
             mcopy: need("mcopy", "mtools")?,
+            mmd: need("mmd", "mtools")?,
             syslinux: need("syslinux", "syslinux")?,
+            syslinux_efi: first_file(SYSLINUX_EFI_PATHS, "syslinux.efi", "syslinux-efi")?,
+            ldlinux_e64: first_file(LDLINUX_E64_PATHS, "ldlinux.e64", "syslinux-common")?,
             qemu_img: need("qemu-img", "qemu-utils")?,
             mbr_bin: MBR_BIN_PATHS
                 .iter()
@@ -749,6 +774,18 @@ impl Tools {
                 })?,
         })
     }
+}
+
+/// The first of `paths` that is a file, else which package provides it.
+fn first_file(paths: &[&str], tool: &str, package: &str) -> Result<PathBuf, ImageError> {
+    paths
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .ok_or_else(|| ImageError::ToolMissing {
+            tool: tool.into(),
+            package: package.into(),
+        })
 }
 
 /// `name` in `$PATH` or in the sbin directories (mkfs.* live there and a non-login root
@@ -787,7 +824,7 @@ fn build_into(
     let (vmlinuz, initrd, kernel_version) = boot_files(&rootfs.join("boot"))?;
 
     progress(&format!(
-        "disk: {} GiB, MBR + FAT16 boot ({} MiB, syslinux) + ext4 root (UUID {root_uuid})",
+        "disk: {} GiB, MBR + FAT16 boot ({} MiB, syslinux for BIOS and UEFI) + ext4 root (UUID {root_uuid})",
         plan.size_gib, BOOT_PARTITION_MIB
     ));
     let raw = staging.join("disk.raw");
@@ -830,6 +867,27 @@ fn build_into(
                 .args(["-o", "-i", &image_at])
                 .arg(src)
                 .arg(format!("::{name}")),
+        )?;
+    }
+    log.step(
+        "mmd",
+        Command::new(&tools.mmd)
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .args(["-i", &image_at, "::EFI"])
+            .arg(format!("::{EFI_BOOT_DIR}")),
+    )?;
+    for (src, name) in [
+        (&tools.syslinux_efi, "BOOTX64.EFI"),
+        (&tools.ldlinux_e64, "ldlinux.e64"),
+        (&cfg, "syslinux.cfg"),
+    ] {
+        log.step(
+            "mcopy",
+            Command::new(&tools.mcopy)
+                .env("MTOOLS_SKIP_CHECK", "1")
+                .args(["-o", "-i", &image_at])
+                .arg(src)
+                .arg(format!("::{EFI_BOOT_DIR}/{name}")),
         )?;
     }
     log.step(

@@ -1,8 +1,10 @@
 //! A running lab: hosts as network namespaces, the guest image, and the accelerator to use.
 
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use ferry_migrate::{AbortSignal, MigrationOutcome, MigrationParams};
@@ -68,6 +70,11 @@ pub struct Lab {
     pub accel: Accel,
     opts: LabOptions,
     next_guest: AtomicU32,
+    /// The monitor of each guest's incoming QEMU while a migration has one, by guest name, so
+    /// that a test can watch the destination's block nodes while the copy runs (the source's
+    /// monitor it can clone before migrating; the destination's exists only inside
+    /// [`Lab::migrate`]).
+    incoming: Mutex<HashMap<String, ferry_qmp::Qmp>>,
 }
 
 /// How long a guest may take to print its ready line. TCG boots in ~3 s when the machine is
@@ -97,6 +104,7 @@ impl Lab {
             accel,
             opts,
             next_guest: AtomicU32::new(0),
+            incoming: Mutex::new(HashMap::new()),
         })
     }
 
@@ -232,6 +240,21 @@ impl Lab {
         let mut m = LabMigration::new(self, vm, dest.clone(), params.clone(), abort);
         let outcome = ferry_migrate::live_migrate(&mut m, observe).await;
         Ok(outcome?)
+    }
+
+    /// The monitor of the destination QEMU that guest `name` is migrating to, from the moment
+    /// it is launched until it either becomes the guest's process or is removed; `None`
+    /// outside a migration.
+    pub fn incoming_qmp(&self, name: &str) -> Option<ferry_qmp::Qmp> {
+        self.incoming.lock().unwrap().get(name).cloned()
+    }
+
+    pub(crate) fn set_incoming_qmp(&self, name: &str, qmp: Option<ferry_qmp::Qmp>) {
+        let mut incoming = self.incoming.lock().unwrap();
+        match qmp {
+            Some(qmp) => incoming.insert(name.to_string(), qmp),
+            None => incoming.remove(name),
+        };
     }
 
     /// Stops a guest and removes its tap.

@@ -67,6 +67,7 @@ impl MigrationHalves for LabMigration<'_> {
             .map_err(Self::dest_err)?;
         let qmp = qemu.qmp().clone();
         self.incoming = Some((qemu, serial));
+        self.lab.set_incoming_qmp(&self.vm.name, Some(qmp.clone()));
         let addr = destination::listen(
             &qmp,
             &self.params,
@@ -154,6 +155,7 @@ impl MigrationHalves for LabMigration<'_> {
         let Some((qemu, serial)) = self.incoming.take() else {
             return;
         };
+        self.lab.set_incoming_qmp(&self.vm.name, None);
         let old_qemu = std::mem::replace(&mut self.vm.qemu, qemu);
         let old_serial = std::mem::replace(&mut self.vm.serial, serial);
         let old_host = std::mem::replace(&mut self.vm.host, self.dest.name.clone());
@@ -170,6 +172,7 @@ impl MigrationHalves for LabMigration<'_> {
 
     async fn remove_destination(&mut self) -> Result<(), MigrateError> {
         if let Some((mut qemu, serial)) = self.incoming.take() {
+            self.lab.set_incoming_qmp(&self.vm.name, None);
             qemu.kill();
             if qemu.wait_exit(Duration::from_secs(5)).await.is_none() {
                 return Err(Self::dest_err(

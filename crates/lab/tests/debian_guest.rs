@@ -17,6 +17,18 @@ use ferry_qemu::GUEST_AGENT_PORT;
 use ferry_qmp::guest_agent::{GuestAgent, IpAddressType, ShutdownMode};
 
 const QEMU: &str = "qemu-system-x86_64";
+/// Debian's `ovmf` package (scripts/setup installs it): the firmware code, read-only, and the
+/// template each UEFI guest copies into a vars file (NVRAM) of its own.
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// How the guest's firmware finds its bootloader on the disk.
+enum Firmware<'a> {
+    /// SeaBIOS (QEMU's default on `pc`): the MBR boot code and syslinux's ldlinux.sys.
+    Bios,
+    /// OVMF on `q35` with this per-guest NVRAM: `EFI/BOOT/BOOTX64.EFI` (syslinux.efi).
+    Uefi { vars: &'a Path },
+}
 /// How long the guest may take to boot to a working agent under TCG on a busy machine.
 const BOOT_BOUND: Duration = Duration::from_secs(180);
 
@@ -48,12 +60,30 @@ impl Drop for Guest {
 }
 
 impl Guest {
-    fn boot(overlay: &Path, dir: &Path, run: &str) -> Guest {
+    fn boot(overlay: &Path, dir: &Path, run: &str, firmware: Firmware) -> Guest {
         let serial = dir.join(format!("serial-{run}.log"));
         let qga = dir.join(format!("qga-{run}.sock"));
-        let child = Command::new(QEMU)
+        let mut qemu = Command::new(QEMU);
+        match firmware {
+            Firmware::Bios => {
+                qemu.args(["-machine", "pc"]);
+            }
+            Firmware::Uefi { vars } => {
+                qemu.args(["-machine", "q35"])
+                    .arg("-drive")
+                    .arg(format!(
+                        "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
+                    ))
+                    .arg("-drive")
+                    .arg(format!(
+                        "if=pflash,format=raw,unit=1,file={}",
+                        vars.display()
+                    ));
+            }
+        }
+        let child = qemu
             .args(["-accel", "tcg", "-cpu", "qemu64", "-m", "512M"])
-            .args(["-machine", "pc", "-nodefaults", "-no-user-config"])
+            .args(["-nodefaults", "-no-user-config"])
             .args(["-display", "none"])
             .arg("-blockdev")
             .arg(format!(
@@ -172,6 +202,79 @@ async fn build_image() -> DebianImage {
     image
 }
 
+/// A throw-away qcow2 overlay on the cached image, so the cached image stays pristine.
+fn overlay_on(image: &DebianImage, dir: &Path) -> PathBuf {
+    let overlay = dir.join("overlay.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-b"])
+        .arg(&image.path)
+        .args(["-F", "qcow2"])
+        .arg(&overlay)
+        .output()
+        .expect("run qemu-img");
+    assert!(
+        out.status.success(),
+        "qemu-img create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    overlay
+}
+
+/// The same disk boots through UEFI: OVMF with a fresh NVRAM of this guest's own finds
+/// `EFI/BOOT/BOOTX64.EFI` on the boot partition, syslinux.efi loads the kernel and initrd from
+/// it, and the guest agent answers from a system that sees EFI firmware.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debian_guest_boots_from_its_disk_through_uefi() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    assert!(
+        Path::new(OVMF_CODE).is_file() && Path::new(OVMF_VARS).is_file(),
+        "OVMF is missing: scripts/setup installs the ovmf package"
+    );
+    let image = build_image().await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let overlay = overlay_on(&image, tmp.path());
+    let vars = tmp.path().join("OVMF_VARS.fd");
+    fs::copy(OVMF_VARS, &vars).expect("copy the NVRAM template");
+
+    let mut guest = Guest::boot(&overlay, tmp.path(), "uefi", Firmware::Uefi { vars: &vars });
+    let agent = GuestAgent::new(&guest.qga);
+    let boot = guest.wait_for_agent(&agent).await;
+    eprintln!(
+        "UEFI boot: guest agent answered guest-ping {:.1} s after QEMU started (TCG)",
+        boot.as_secs_f64()
+    );
+    let os = agent.get_osinfo().await.expect("guest-get-osinfo");
+    assert_eq!(os.id.as_deref(), Some("debian"), "{os:?}");
+    let (code, out, err) = sh(&agent, "test -d /sys/firmware/efi && echo uefi").await;
+    assert_eq!(
+        (code, out.trim()),
+        (Some(0), "uefi"),
+        "the guest runs on EFI firmware: {err}"
+    );
+    let serial = guest.serial_log();
+    assert!(
+        serial.contains("efi: EFI v") && serial.contains(&format!("root=UUID={}", image.root_uuid)),
+        "the kernel was started by UEFI with the image's command line:\n{}",
+        guest.last_lines()
+    );
+    // OVMF wrote its boot options for this disk into the guest's own NVRAM, not the template.
+    assert_ne!(
+        fs::read(&vars).unwrap(),
+        fs::read(OVMF_VARS).unwrap(),
+        "the per-guest NVRAM is in use"
+    );
+
+    agent
+        .shutdown(ShutdownMode::Powerdown)
+        .await
+        .expect("guest-shutdown");
+    let status = guest.wait_exit(Duration::from_secs(90)).await;
+    assert!(status.success(), "qemu exited with {status}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn debian_guest_boots_from_its_disk_and_answers_through_the_agent() {
     if let Some(reason) = skip_reason() {
@@ -195,7 +298,7 @@ async fn debian_guest_boots_from_its_disk_and_answers_through_the_agent() {
     );
 
     // First boot: the agent answers, the guest is Debian, commands run, the guest powers off.
-    let mut guest = Guest::boot(&overlay, tmp.path(), "1");
+    let mut guest = Guest::boot(&overlay, tmp.path(), "1", Firmware::Bios);
     let agent = GuestAgent::new(&guest.qga);
     let boot = guest.wait_for_agent(&agent).await;
     eprintln!(
@@ -334,7 +437,7 @@ async fn debian_guest_boots_from_its_disk_and_answers_through_the_agent() {
     drop(guest);
 
     // Second boot of the same overlay: the file survived, the root was clean.
-    let mut guest = Guest::boot(&overlay, tmp.path(), "2");
+    let mut guest = Guest::boot(&overlay, tmp.path(), "2", Firmware::Bios);
     let agent = GuestAgent::new(&guest.qga);
     let boot = guest.wait_for_agent(&agent).await;
     eprintln!(
