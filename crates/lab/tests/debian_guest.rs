@@ -32,15 +32,18 @@ enum Firmware<'a> {
 /// How long the guest may take to boot to a working agent under TCG on a busy machine.
 const BOOT_BOUND: Duration = Duration::from_secs(180);
 
-fn skip_reason() -> Option<String> {
+fn require_root_and_qemu() {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("needs root".into());
-    }
-    match Command::new(QEMU).arg("--version").output() {
-        Ok(out) if out.status.success() => None,
-        _ => Some(format!("{QEMU} not found")),
-    }
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test needs root (scripts/test runs it with sudo)"
+    );
+    let ok = Command::new(QEMU)
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success());
+    assert!(ok, "{QEMU} not found: scripts/setup installs it");
 }
 
 /// One QEMU run of the guest. Dropping it kills QEMU (if it still runs) before the temporary
@@ -225,10 +228,7 @@ fn overlay_on(image: &DebianImage, dir: &Path) -> PathBuf {
 /// it, and the guest agent answers from a system that sees EFI firmware.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn debian_guest_boots_from_its_disk_through_uefi() {
-    if let Some(reason) = skip_reason() {
-        eprintln!("skipped: {reason}");
-        return;
-    }
+    require_root_and_qemu();
     assert!(
         Path::new(OVMF_CODE).is_file() && Path::new(OVMF_VARS).is_file(),
         "OVMF is missing: scripts/setup installs the ovmf package"
@@ -277,25 +277,10 @@ async fn debian_guest_boots_from_its_disk_through_uefi() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn debian_guest_boots_from_its_disk_and_answers_through_the_agent() {
-    if let Some(reason) = skip_reason() {
-        eprintln!("skipped: {reason}");
-        return;
-    }
+    require_root_and_qemu();
     let image = build_image().await;
     let tmp = tempfile::tempdir().expect("tempdir");
-    let overlay = tmp.path().join("overlay.qcow2");
-    let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-b"])
-        .arg(&image.path)
-        .args(["-F", "qcow2"])
-        .arg(&overlay)
-        .output()
-        .expect("run qemu-img");
-    assert!(
-        out.status.success(),
-        "qemu-img create: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let overlay = overlay_on(&image, tmp.path());
 
     // First boot: the agent answers, the guest is Debian, commands run, the guest powers off.
     let mut guest = Guest::boot(&overlay, tmp.path(), "1", Firmware::Bios);

@@ -27,15 +27,18 @@ impl Drop for QemuGuard {
     }
 }
 
-fn skip_reason() -> Option<String> {
+fn require_root_and_qemu() {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("needs root".into());
-    }
-    match Command::new(QEMU).arg("--version").output() {
-        Ok(out) if out.status.success() => None,
-        _ => Some(format!("{QEMU} not found")),
-    }
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test needs root (scripts/test runs it with sudo)"
+    );
+    let ok = Command::new(QEMU)
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success());
+    assert!(ok, "{QEMU} not found: scripts/setup installs it");
 }
 
 fn free_port() -> u16 {
@@ -64,10 +67,7 @@ async fn control(port: u16, command: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_boots_serves_and_verifies_its_memory() {
-    if let Some(reason) = skip_reason() {
-        eprintln!("skipped: {reason}");
-        return;
-    }
+    require_root_and_qemu();
     let tmp = tempfile::tempdir().expect("tempdir");
     let cache_dir = std::env::var_os("FERRY_CACHE_DIR")
         .map(PathBuf::from)
