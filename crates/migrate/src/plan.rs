@@ -382,7 +382,15 @@ pub fn plan(inputs: &PlanInputs, base: &MigrationParams) -> (MigrationParams, Pl
         0
     };
     let spare_cores = inputs.host_cpus.saturating_sub(busy_vcpus).clamp(1, 4);
-    let channels = ((link / SINGLE_STREAM_BPS).ceil() as u32).clamp(1, spare_cores);
+    let mut channels = ((link / SINGLE_STREAM_BPS).ceil() as u32).clamp(1, spare_cores);
+    if inputs.postcopy_permitted && channels > 1 {
+        // QEMU 10.0 refuses the post-copy capability beside multifd ("Postcopy is not yet
+        // compatible with multifd"): a permitted post-copy keeps one stream.
+        reasons.push(format!(
+            "post-copy permitted: one stream, not {channels} parallel channels (QEMU does not combine post-copy with multifd)"
+        ));
+        channels = 1;
+    }
     // What QEMU gets through: as learned on this host pair, else a share of the probe.
     let rate = match inputs.learned_rate_bps.filter(|r| *r > 0.0) {
         Some(learned) => {
@@ -689,6 +697,16 @@ mod tests {
             "{}",
             plan.summary()
         );
+    }
+
+    #[test]
+    fn a_permitted_post_copy_keeps_one_stream_on_a_fast_link() {
+        let mut i = inputs(0.0, 2500.0);
+        i.postcopy_permitted = true;
+        let (p, plan) = plan(&i, &MigrationParams::default());
+        assert!(p.postcopy, "{}", plan.summary());
+        assert_eq!(p.multifd_channels, None, "{}", plan.summary());
+        assert!(plan.reasons.iter().any(|r| r.contains("one stream")));
     }
 
     #[test]
