@@ -855,10 +855,22 @@ fn build_into(
     let cfg = staging.join("syslinux.cfg");
     fs::write(&cfg, render_syslinux_cfg(&root_uuid))
         .map_err(io_err(format!("writing {}", cfg.display())))?;
+    // The BIOS loader reads the root of the boot partition, the UEFI one EFI/BOOT.
+    log.step(
+        "mmd",
+        Command::new(&tools.mmd)
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .args(["-i", &image_at, "::EFI"])
+            .arg(format!("::{EFI_BOOT_DIR}")),
+    )?;
+    let efi = |name: &str| format!("{EFI_BOOT_DIR}/{name}");
     for (src, name) in [
-        (&vmlinuz, "vmlinuz"),
-        (&initrd, "initrd.img"),
-        (&cfg, "syslinux.cfg"),
+        (&vmlinuz, "vmlinuz".to_string()),
+        (&initrd, "initrd.img".to_string()),
+        (&cfg, "syslinux.cfg".to_string()),
+        (&tools.syslinux_efi, efi("BOOTX64.EFI")),
+        (&tools.ldlinux_e64, efi("ldlinux.e64")),
+        (&cfg, efi("syslinux.cfg")),
     ] {
         log.step(
             "mcopy",
@@ -867,27 +879,6 @@ fn build_into(
                 .args(["-o", "-i", &image_at])
                 .arg(src)
                 .arg(format!("::{name}")),
-        )?;
-    }
-    log.step(
-        "mmd",
-        Command::new(&tools.mmd)
-            .env("MTOOLS_SKIP_CHECK", "1")
-            .args(["-i", &image_at, "::EFI"])
-            .arg(format!("::{EFI_BOOT_DIR}")),
-    )?;
-    for (src, name) in [
-        (&tools.syslinux_efi, "BOOTX64.EFI"),
-        (&tools.ldlinux_e64, "ldlinux.e64"),
-        (&cfg, "syslinux.cfg"),
-    ] {
-        log.step(
-            "mcopy",
-            Command::new(&tools.mcopy)
-                .env("MTOOLS_SKIP_CHECK", "1")
-                .args(["-o", "-i", &image_at])
-                .arg(src)
-                .arg(format!("::{EFI_BOOT_DIR}/{name}")),
         )?;
     }
     log.step(

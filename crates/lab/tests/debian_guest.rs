@@ -16,7 +16,8 @@ use ferry_lab::debian_image::{ensure_debian_image, DebianImage, DebianImageOptio
 use ferry_qemu::GUEST_AGENT_PORT;
 use ferry_qmp::guest_agent::{GuestAgent, IpAddressType, ShutdownMode};
 
-const QEMU: &str = "qemu-system-x86_64";
+mod common;
+use common::{require_root_and_qemu, QEMU};
 /// Debian's `ovmf` package (scripts/setup installs it): the firmware code, read-only, and the
 /// template each UEFI guest copies into a vars file (NVRAM) of its own.
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
@@ -31,20 +32,6 @@ enum Firmware<'a> {
 }
 /// How long the guest may take to boot to a working agent under TCG on a busy machine.
 const BOOT_BOUND: Duration = Duration::from_secs(180);
-
-fn require_root_and_qemu() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "this test needs root (scripts/test runs it with sudo)"
-    );
-    let ok = Command::new(QEMU)
-        .arg("--version")
-        .output()
-        .is_ok_and(|out| out.status.success());
-    assert!(ok, "{QEMU} not found: scripts/setup installs it");
-}
 
 /// One QEMU run of the guest. Dropping it kills QEMU (if it still runs) before the temporary
 /// directory with the overlay, sockets and log goes away, whether the test passed or not.

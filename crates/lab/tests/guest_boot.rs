@@ -15,7 +15,8 @@ use ferry_lab::guest_client::{tcp_echo_roundtrip, EchoProbe};
 use ferry_lab::guest_config::{GuestConfig, CONTROL_PORT, ECHO_PORT};
 use ferry_lab::image::{ensure_image, ImageOptions};
 
-const QEMU: &str = "qemu-system-x86_64";
+mod common;
+use common::{require_root_and_qemu, QEMU};
 
 /// Kills QEMU when the test ends, whether it passed or failed.
 struct QemuGuard(Child);
@@ -25,20 +26,6 @@ impl Drop for QemuGuard {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn require_root_and_qemu() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "this test needs root (scripts/test runs it with sudo)"
-    );
-    let ok = Command::new(QEMU)
-        .arg("--version")
-        .output()
-        .is_ok_and(|out| out.status.success());
-    assert!(ok, "{QEMU} not found: scripts/setup installs it");
 }
 
 fn free_port() -> u16 {

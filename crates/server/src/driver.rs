@@ -917,13 +917,7 @@ impl<'a> AgentHalves<'a> {
             // An undo step's failure is logged by its caller; it never replaces the error
             // that ended the job (a source QEMU that crashed mid-cancel fails its resume too,
             // and the crash is what the operator must read).
-            Err(e) => {
-                let body = ServerError::from_agent(&host, e).body;
-                Err(MigrateError::Failed(format!(
-                    "{}: {}",
-                    body.code, body.message
-                )))
-            }
+            Err(e) => Err(agent_error(&host, e).1),
         }
     }
 
@@ -958,8 +952,7 @@ impl<'a> AgentHalves<'a> {
 
     /// Records an agent's error and turns it into the engine's error type.
     fn agent_failed(&mut self, host: &str, e: ApiError) -> MigrateError {
-        let body = ServerError::from_agent(host, e).body;
-        let err = MigrateError::Failed(format!("{}: {}", body.code, body.message));
+        let (body, err) = agent_error(host, e);
         self.last_error = Some(body);
         err
     }
@@ -1316,6 +1309,13 @@ fn source_spec(spec: &InstanceSpec, copies: &[DiskCopy]) -> InstanceSpec {
         }
     }
     out
+}
+
+/// An agent's error as the job records it (the agent's own code) and as the engine sees it.
+fn agent_error(host: &str, e: ApiError) -> (ErrorBody, MigrateError) {
+    let body = ServerError::from_agent(host, e).body;
+    let err = MigrateError::Failed(format!("{}: {}", body.code, body.message));
+    (body, err)
 }
 
 /// Where the destination agent says its QEMU listens.

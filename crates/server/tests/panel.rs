@@ -597,6 +597,17 @@ async fn an_admin_migrates_live_and_cancels_a_capped_migration_in_the_panel() {
 
 /// The value of a DOM property (not the HTML attribute: a checkbox's `checked`, an input's
 /// `required` as the script left them), read by a script in the page.
+/// The page's error box shows the server's sentence, hint and code.
+async fn assert_error_box(b: &Browser, message: &str, hint: &str, code: &str) {
+    for (part, want) in [("message", message), ("hint", hint), ("code", code)] {
+        let shown = b.text(&format!(".error .{part}")).await;
+        assert!(
+            shown.contains(want),
+            "error {part}: {want:?} not in {shown:?}"
+        );
+    }
+}
+
 async fn prop(b: &Browser, id: &str, name: &str) -> serde_json::Value {
     b.d()
         .execute(
@@ -688,19 +699,13 @@ async fn an_admin_switches_to_post_copy_and_runs_instance_and_host_actions_in_th
         .await
         .unwrap();
     b.click("#review").await;
-    let message = b.text(".error .message").await;
-    assert!(
-        message.contains("post-copy was permitted without acknowledging its risk"),
-        "{message}"
-    );
-    assert!(b
-        .text(".error .hint")
-        .await
-        .contains("I understand this risk"));
-    assert!(b
-        .text(".error .code")
-        .await
-        .contains("invalid-migration-options"));
+    assert_error_box(
+        &b,
+        "post-copy was permitted without acknowledging its risk",
+        "I understand this risk",
+        "invalid-migration-options",
+    )
+    .await;
     assert_eq!(
         prop(&b, "post_copy", "checked").await,
         true,
@@ -1315,20 +1320,15 @@ async fn disks_map_in_the_dialog_jobs_queue_and_filter_and_pages_fit_a_phone_and
     b.goto(&format!("/migrations/{}", queued.id)).await;
     b.type_into("#pace-downtime", "99999").await;
     b.click("form.pace button").await;
-    let message = b.text(".error .message").await;
-    assert!(
-        message.contains("downtime target 99999 ms must be between 1 and 60000 ms"),
-        "{message}"
-    );
-    assert!(b
-        .text(".error .hint")
-        .await
-        .contains("fix the named option"));
+    assert_error_box(
+        &b,
+        "downtime target 99999 ms must be between 1 and 60000 ms",
+        "fix the named option",
+        "invalid-migration-options",
+    )
+    .await;
     let code = b.text(".error .code").await;
-    assert!(
-        code.contains("invalid-migration-options") && code.contains("HTTP 400"),
-        "{code}"
-    );
+    assert!(code.contains("HTTP 400"), "{code}");
     assert_eq!(b.count(".error").await, 1);
     b.shot("pace-refused").await;
     assert_eq!(c.migration(queued.id).await.options.downtime_ms, None);
