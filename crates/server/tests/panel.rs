@@ -130,7 +130,7 @@ impl Browser {
         for _ in 0..20 {
             match self.find(css).await.text().await {
                 Ok(t) => return t,
-                Err(e) if format!("{e:?}").contains("StaleElementReference") => continue,
+                Err(e) if replaced(&e) => continue,
                 Err(e) => panic!("text of {css}: {e}"),
             }
         }
@@ -142,7 +142,7 @@ impl Browser {
         for _ in 0..20 {
             match self.find(css).await.attr(name).await {
                 Ok(v) => return v.unwrap_or_default(),
-                Err(e) if format!("{e:?}").contains("StaleElementReference") => continue,
+                Err(e) if replaced(&e) => continue,
                 Err(e) => panic!("{name} of {css}: {e}"),
             }
         }
@@ -154,7 +154,7 @@ impl Browser {
         for _ in 0..20 {
             match self.find(css).await.click().await {
                 Ok(()) => return,
-                Err(e) if format!("{e:?}").contains("StaleElementReference") => continue,
+                Err(e) if replaced(&e) => continue,
                 Err(e) => panic!("click {css}: {e}"),
             }
         }
@@ -606,6 +606,14 @@ async fn assert_error_box(b: &Browser, message: &str, hint: &str, code: &str) {
             "error {part}: {want:?} not in {shown:?}"
         );
     }
+}
+
+/// The element was replaced while WebDriver read it: Chromium says so as a stale reference,
+/// or (when the node goes between lookup and read) as an inspector error about a node that
+/// "does not belong to the document". Either way the caller finds it again.
+fn replaced(e: &thirtyfour::error::WebDriverError) -> bool {
+    let e = format!("{e:?}");
+    e.contains("StaleElementReference") || e.contains("does not belong to the document")
 }
 
 async fn prop(b: &Browser, id: &str, name: &str) -> serde_json::Value {
