@@ -92,6 +92,9 @@ pub struct Context {
     /// How far QEMU's pause ran past its last pages on this link in the run's earlier
     /// migrations, as the server learns it per host pair (the plan's expected pause).
     pub learned_switchover_ms: Option<f64>,
+    /// The fastest rate QEMU got through from the source in the run's earlier migrations on
+    /// any link, as the server keeps it per source host (a new pair's plan is bounded by it).
+    pub source_rate_bps: Option<f64>,
 }
 
 impl Config {
@@ -227,6 +230,7 @@ impl Config {
                     disk_bytes: 0,
                     learned_rate_bps: ctx.learned_rate_bps,
                     learned_switchover_ms: ctx.learned_switchover_ms,
+                    source_rate_bps: ctx.source_rate_bps,
                 };
                 let (mut params, plan) = plan::plan(&inputs, &MigrationParams::default());
                 self.experiment(&mut params, &plan, ctx);
@@ -292,6 +296,7 @@ mod tests {
             time_scale: 0.05,
             learned_rate_bps: None,
             learned_switchover_ms: None,
+            source_rate_bps: None,
         }
     }
 

@@ -421,12 +421,15 @@ async fn bench(args: &BenchArgs, image: &ImageOptions) -> Result<Outcome, BenchE
     let mut ceilings = Vec::new();
     // What QEMU got through on each link (unshaped, shaped) in this run's completed,
     // uncapped migrations, learned as the server learns it per host pair.
-    let mut learned: [Option<f64>; 2] = [None, None];
+    let mut learned_per_link: [Option<f64>; 2] = [None, None];
     let mut learned_switchover: [Option<f64>; 2] = [None, None];
     for sc in scenarios(args.quick, &args.sizes, &args.loads) {
         let link = if sc.shaped { raw_shaped } else { raw_unshaped };
         shape(&hv1.netns, sc.shaped.then_some(args.link_mbit))?;
-        let learned = &mut learned[usize::from(sc.shaped)];
+        // What the source reached on the other link: with this link's own, the source's
+        // fastest, as the server keeps it per source host.
+        let other_link = learned_per_link[usize::from(!sc.shaped)];
+        let learned = &mut learned_per_link[usize::from(sc.shaped)];
         let learned_switchover = &mut learned_switchover[usize::from(sc.shaped)];
         // The ceiling is taken before and after the scenario's cells (the machine is shared:
         // one paused migration can fall on a busy moment); the faster one counts.
@@ -457,6 +460,10 @@ async fn bench(args: &BenchArgs, image: &ImageOptions) -> Result<Outcome, BenchE
                     time_scale: args.time_scale,
                     learned_rate_bps: *learned,
                     learned_switchover_ms: *learned_switchover,
+                    source_rate_bps: [*learned, other_link]
+                        .into_iter()
+                        .flatten()
+                        .reduce(f64::max),
                 };
                 let (run, budget) = run_cell(&lab, &sc, config, ctx).await?;
                 if let Some(seen) = run.learned_from_bps {
@@ -628,10 +635,11 @@ async fn run_cell(
     };
     let (mut params, plan) = config.params(&ctx);
     // What the same plan says from the probe alone (no history on this link).
-    let probe_only = ctx.learned_rate_bps.and_then(|_| {
+    let probe_only = ctx.learned_rate_bps.or(ctx.source_rate_bps).and_then(|_| {
         let alone = Context {
             learned_rate_bps: None,
             learned_switchover_ms: None,
+            source_rate_bps: None,
             ..ctx
         };
         config.params(&alone).1

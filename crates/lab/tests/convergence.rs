@@ -104,6 +104,7 @@ async fn a_guest_writing_faster_than_the_link_converges_under_auto_within_its_bu
         // QEMU sent what the cap lets through before.
         learned_rate_bps: Some(link),
         learned_switchover_ms: None,
+        source_rate_bps: None,
     };
     let base = MigrationParams {
         bandwidth: Bandwidth::Limited(16 << 20),

@@ -328,6 +328,7 @@ pub(crate) async fn compute_plan(state: &AppState, p: &PlanFor<'_>) -> Migration
         disk_bytes: p.disk_bytes,
         learned_rate_bps: learned.as_ref().map(|r| r.rate_bps),
         learned_switchover_ms: learned.and_then(|r| r.switchover_ms),
+        source_rate_bps: state.store.source_send_rate(p.source).await.ok().flatten(),
     };
     let (params, plan) = ferry_migrate::plan::plan(&inputs, &base);
     MigrationPlan { plan, params }

@@ -42,6 +42,16 @@ impl Store {
         row.as_ref().map(send_rate_from_row).transpose()
     }
 
+    /// The fastest rate learned from `source` to any host: its QEMU's own sending ceiling,
+    /// which bounds the plan of a pair that has no history yet.
+    pub async fn source_send_rate(&self, source: &str) -> Result<Option<f64>, StoreError> {
+        let row = sqlx::query("SELECT MAX(rate_bps) AS rate FROM send_rates WHERE source = $1")
+            .bind(source)
+            .fetch_one(&self.pool)
+            .await?;
+        col(&row, "rate")
+    }
+
     /// Folds the rate one completed migration showed into the pair's, in one statement (so
     /// two migrations ending at once both count): the first one is the rate, each later one
     /// moves it by [`LEARN_WEIGHT`] of the difference, as `ferry_migrate::plan::learn_rate`

@@ -1046,6 +1046,11 @@ async fn a_host_pairs_send_rate_is_learned_as_the_planner_learns_it() {
     assert_eq!(s.send_rate("b", "a").await.expect("read"), None);
     let back = s.learn_send_rate("b", "a", 100e6).await.expect("learn");
     assert_eq!((back.rate_bps, back.migrations), (100e6, 1));
+    // A source's ceiling is the fastest it reached to any host.
+    s.learn_send_rate("a", "c", 500e6).await.expect("learn");
+    assert_eq!(s.source_send_rate("a").await.expect("read"), Some(500e6));
+    assert_eq!(s.source_send_rate("b").await.expect("read"), Some(100e6));
+    assert_eq!(s.source_send_rate("z").await.expect("read"), None);
     // The switchover is learned the same way, on a pair that has a rate.
     assert_eq!(pair.switchover_ms, None);
     assert_eq!(
