@@ -143,6 +143,32 @@ impl ApiClient {
         })
     }
 
+    /// A text resource (`/metrics`), with errors decoded as for JSON calls.
+    pub async fn get_text(&self, path: &str) -> Result<String, ApiError> {
+        let url = format!("{}{}", self.base, path);
+        let unreachable = |e: reqwest::Error| ApiError::Unreachable {
+            url: url.clone(),
+            detail: error_chain(&e),
+        };
+        let resp = self
+            .request(reqwest::Method::GET, path)
+            .send()
+            .await
+            .map_err(unreachable)?;
+        let status = resp.status();
+        let text = resp.text().await.map_err(unreachable)?;
+        if !status.is_success() {
+            let body = serde_json::from_str::<ErrorBody>(&text).unwrap_or_else(|_| {
+                ErrorBody::new("http-error", format!("HTTP {status}"), "check the request")
+            });
+            return Err(ApiError::Status {
+                status: status.as_u16(),
+                body,
+            });
+        }
+        Ok(text)
+    }
+
     /// Follows a Server-Sent Events stream, handing each event's `(event, data)` to `on_event`
     /// until the stream ends or `on_event` returns false.
     pub async fn follow_events(

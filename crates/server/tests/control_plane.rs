@@ -20,6 +20,27 @@ fn slow() -> MigrationOptions {
     }
 }
 
+async fn metrics(c: &Cluster) -> prometheus_parse::Scrape {
+    let text = c.admin.get_text("/metrics").await.expect("metrics");
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("parses")
+}
+
+/// A counter's or gauge's value, or a histogram's count, of the sample with these labels.
+fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let s = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .unwrap_or_else(|| panic!("no {name} {labels:?} in the metrics"));
+    match &s.value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => *v,
+        prometheus_parse::Value::Histogram(h) => h.iter().map(|b| b.count).fold(0.0, f64::max),
+        other => panic!("{name}: {other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_migration_through_the_api_with_progress_logs_and_events() {
     let c = Cluster::start(2, Limits::default()).await;
@@ -43,11 +64,35 @@ async fn live_migration_through_the_api_with_progress_logs_and_events() {
         seen
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let metrics_before = metrics(&c).await;
 
     let m = c.migrate("web-1", "hv2", MigrationOptions::default()).await;
     assert_eq!(m.state, MigrationState::Pending);
     let m = c.wait_end(m.id, Duration::from_secs(120)).await;
     assert_eq!(m.state, MigrationState::Completed, "{m:?}");
+    // The fleet's metrics, as Prometheus parses them, moved by this migration.
+    let metrics_after = metrics(&c).await;
+    let moved = |name: &str, labels: &[(&str, &str)]| {
+        sample(&metrics_after, name, labels) - sample(&metrics_before, name, labels)
+    };
+    let live = [("kind", "live")];
+    assert_eq!(
+        moved(
+            "ferry_migrations_finished_total",
+            &[("state", "completed"), ("kind", "live")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        moved("ferry_migration_transferred_bytes_total", &live),
+        m.stats.as_ref().expect("stats").bytes_transferred as f64
+    );
+    assert_eq!(moved("ferry_migration_duration_seconds", &live), 1.0);
+    assert_eq!(moved("ferry_migration_qemu_pause_seconds", &[]), 1.0);
+    assert_eq!(
+        sample(&metrics_after, "ferry_hosts", &[("state", "online")]),
+        2.0
+    );
     assert!(m.preparing_at.is_some() && m.migrating_at.is_some() && m.completing_at.is_some());
     assert!(m.finished_at >= m.completing_at);
     let stats = m.stats.clone().expect("stats recorded");

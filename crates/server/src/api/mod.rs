@@ -196,6 +196,7 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
 /// Every route of the server.
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/metrics", get(crate::metrics::metrics))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/whoami", get(whoami))
         .route("/v1/hosts", get(hosts::list))
