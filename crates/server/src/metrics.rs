@@ -70,21 +70,20 @@ pub fn render(hosts: &[Host], migrations: &[Migration]) -> String {
         "Migration jobs that ended, by outcome (completed, failed, cancelled) and kind",
         finished.clone(),
     );
-    let duration = Family::<Labels, Histogram>::new_with_constructor(|| {
-        Histogram::new(DURATION_BUCKETS.into_iter())
-    });
+    let duration =
+        Family::<Labels, Histogram>::new_with_constructor(|| Histogram::new(DURATION_BUCKETS));
     registry.register(
         "ferry_migration_duration_seconds",
         "Request to end of completed migrations, by kind",
         duration.clone(),
     );
-    let pause = Histogram::new(PAUSE_BUCKETS.into_iter());
+    let pause = Histogram::new(PAUSE_BUCKETS);
     registry.register(
         "ferry_migration_qemu_pause_seconds",
         "QEMU's pause at switchover (what QEMU calls downtime) of completed live migrations",
         pause.clone(),
     );
-    let gap = Histogram::new(PAUSE_BUCKETS.into_iter());
+    let gap = Histogram::new(PAUSE_BUCKETS);
     registry.register(
         "ferry_migration_observed_gap_seconds",
         "The longest gap an observer outside the guest saw in its answers, per completed live migration observed",
