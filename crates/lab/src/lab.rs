@@ -229,8 +229,15 @@ impl Lab {
         observe: &mut ferry_migrate::source::Observer<'_>,
         abort: AbortSignal,
     ) -> Result<MigrationOutcome, LabError> {
-        self.migrate_with(vm, to, params, &LabMigrateOptions::default(), observe, abort)
-            .await
+        self.migrate_with(
+            vm,
+            to,
+            params,
+            &LabMigrateOptions::default(),
+            observe,
+            abort,
+        )
+        .await
     }
 
     /// [`Lab::migrate`] with TLS on the streams and/or the disks copied (block migration).

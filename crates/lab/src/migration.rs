@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use ferry_migrate::phases::StartError;
 use ferry_migrate::{
-    destination, source, AbortSignal, MigrateError, MigrationHalves, MigrationParams,
-    MirrorTarget, SourceOutcome, StreamTls, TlsCredentials,
+    destination, source, AbortSignal, MigrateError, MigrationHalves, MigrationParams, MirrorTarget,
+    SourceOutcome, StreamTls, TlsCredentials,
 };
 use ferry_qemu::{InstanceSpec, QemuProcess, StartMode};
 
@@ -163,7 +163,13 @@ impl MigrationHalves for LabMigration<'_> {
             let exports: Vec<_> = spec
                 .disks
                 .iter()
-                .map(|d| (d.id.clone(), format!("lab-{}-{}", self.vm.name, d.id), false))
+                .map(|d| {
+                    (
+                        d.id.clone(),
+                        format!("lab-{}-{}", self.vm.name, d.id),
+                        false,
+                    )
+                })
                 .collect();
             self.targets = destination::export_disks(&qmp, &self.params, at, &exports).await?;
         }

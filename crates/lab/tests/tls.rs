@@ -173,7 +173,9 @@ impl Capture {
     fn start(lab: &Lab, host: &str, file: &Path) -> Capture {
         let ns = &lab.net.host(host).unwrap().netns;
         let mut child = Command::new("ip")
-            .args(["netns", "exec", ns, "tcpdump", "-i", "mig0", "-n", "-s", "0"])
+            .args([
+                "netns", "exec", ns, "tcpdump", "-i", "mig0", "-n", "-s", "0",
+            ])
             // A large buffer: a migration here runs at gigabits per second.
             .args(["-B", "131072", "-U", "-w"])
             .arg(file)
@@ -188,7 +190,10 @@ impl Capture {
         std::thread::spawn(move || {
             use std::io::BufRead;
             let mut tx = Some(tx);
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
                 if line.contains("listening on") {
                     if let Some(tx) = tx.take() {
                         let _ = tx.send(());
@@ -294,7 +299,10 @@ fn assert_no_credentials(lab: &Lab, vm: &str, when: &str) {
 /// names: checked from the progress callback.
 fn check_credentials_on_disk(lab: &Lab, vm: &str) -> Result<(), String> {
     for (role, files) in [
-        ("source", ["ca-cert.pem", "client-cert.pem", "client-key.pem"]),
+        (
+            "source",
+            ["ca-cert.pem", "client-cert.pem", "client-key.pem"],
+        ),
         (
             "destination",
             ["ca-cert.pem", "server-cert.pem", "server-key.pem"],
@@ -409,6 +417,7 @@ async fn tls_capture_finds_guest_memory_only_in_plain_migrations() {
     .await;
     assert_captured(&plain, "plain");
     let seen = found(&plain.capture, RAM_NEEDLES);
+    eprintln!("plain: found {seen:?}");
     assert!(
         seen.iter().all(|(_, n)| *n > 0),
         "a plain migration shows the guest's memory: {seen:?}"
@@ -427,7 +436,11 @@ async fn tls_capture_finds_guest_memory_only_in_plain_migrations() {
         seen.iter().all(|(_, n)| *n == 0),
         "plaintext of guest memory in a TLS migration: {seen:?}"
     );
-    assert_eq!(leg.credentials_seen, Some(Ok(())), "credentials while copying");
+    assert_eq!(
+        leg.credentials_seen,
+        Some(Ok(())),
+        "credentials while copying"
+    );
     assert_no_credentials(&lab, &vm.name, "a completed migration");
     assert_no_tls_left(vm.qemu.qmp()).await;
     assert_guest_intact(&lab, &vm).await;
@@ -494,11 +507,7 @@ async fn tls_capture_of_a_block_migration_shows_neither_disk_nor_memory() {
     let disk = marked_disk(work.path());
     let mut vm = lab.boot_guest("hv1", &guest(vec![disk])).await.unwrap();
     let params = MigrationParams::default();
-    let needles: Vec<&str> = RAM_NEEDLES
-        .iter()
-        .copied()
-        .chain([DISK_MARKER])
-        .collect();
+    let needles: Vec<&str> = RAM_NEEDLES.iter().copied().chain([DISK_MARKER]).collect();
 
     let plain = captured_migration(
         &lab,
@@ -515,6 +524,7 @@ async fn tls_capture_of_a_block_migration_shows_neither_disk_nor_memory() {
     .await;
     assert_captured(&plain, "block-plain");
     let seen = found(&plain.capture, &needles);
+    eprintln!("block-plain: found {seen:?}");
     assert!(
         seen.iter().all(|(_, n)| *n > 0),
         "a plain block migration shows the guest's disk and memory: {seen:?}"
@@ -546,14 +556,21 @@ async fn tls_capture_of_a_block_migration_shows_neither_disk_nor_memory() {
         seen.iter().all(|(_, n)| *n == 0),
         "plaintext in a TLS block migration: {seen:?}"
     );
-    assert_eq!(leg.credentials_seen, Some(Ok(())), "credentials while copying");
+    assert_eq!(
+        leg.credentials_seen,
+        Some(Ok(())),
+        "credentials while copying"
+    );
     assert_no_credentials(&lab, &vm.name, "a completed block migration");
     assert_no_tls_left(vm.qemu.qmp()).await;
     // The disk arrived whole: the image the guest now runs on holds the marker.
     let image = std::fs::read(&vm.spec.disks[0].path).unwrap();
     assert_eq!(
         count(&image[8 << 20..], DISK_MARKER),
-        count(&std::fs::read(work.path().join("data.raw")).unwrap()[8 << 20..], DISK_MARKER)
+        count(
+            &std::fs::read(work.path().join("data.raw")).unwrap()[8 << 20..],
+            DISK_MARKER
+        )
     );
     assert_guest_intact(&lab, &vm).await;
     lab.stop_guest(vm).await;

@@ -100,7 +100,9 @@ impl TlsCredentials {
             ("private key", &self.key_pem, "PRIVATE KEY"),
         ] {
             if !(pem.contains("-----BEGIN ") && pem.contains(label)) {
-                return Err(TlsError::Invalid(format!("the {what} is not a PEM {label}")));
+                return Err(TlsError::Invalid(format!(
+                    "the {what} is not a PEM {label}"
+                )));
             }
         }
         let peer = match &self.peer {
@@ -108,7 +110,9 @@ impl TlsCredentials {
             TlsPeer::Server { hostname } => hostname,
         };
         if peer.trim().is_empty() || peer.contains('\0') {
-            return Err(TlsError::Invalid("the peer's identity or host name is empty".into()));
+            return Err(TlsError::Invalid(
+                "the peer's identity or host name is empty".into(),
+            ));
         }
         Ok(())
     }
@@ -146,7 +150,9 @@ impl StreamTls {
         creds.validate()?;
         // QEMU resolves the directory itself, from its own working directory.
         let dir = std::path::absolute(dir.into()).map_err(|e| {
-            TlsError::Invalid(format!("the credentials directory has no absolute path: {e}"))
+            TlsError::Invalid(format!(
+                "the credentials directory has no absolute path: {e}"
+            ))
         })?;
         let failed = |source| TlsError::Write {
             dir: dir.clone(),
@@ -342,7 +348,10 @@ mod tests {
         }
         assert!(!dir.join("client-key.pem").exists());
         drop(tls);
-        assert!(!dir.exists(), "the credentials are removed with their guard");
+        assert!(
+            !dir.exists(),
+            "the credentials are removed with their guard"
+        );
 
         let dir = base.path().join("tls-src");
         let tls = StreamTls::create(
