@@ -149,6 +149,12 @@ pub struct PrepareIncoming {
     /// the source's mirrors. Removed again when the destination is removed before it ran.
     #[serde(default)]
     pub disks: Vec<IncomingDisk>,
+    /// This half's TLS credentials for the migration's streams (destination: server
+    /// certificate and the source's identity; source: client certificate and the
+    /// destination's host name). Written 0600 into the migration's directory on the agent and
+    /// removed when the half ends; `None` streams in the clear. `Debug` redacts the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ferry_migrate::TlsCredentials>,
 }
 
 /// `POST /v1/migrations/{mid}/incoming/launch`: start the instance's QEMU in incoming mode
@@ -159,6 +165,12 @@ pub struct LaunchIncoming {
     pub name: String,
     /// The spec as it will be here.
     pub spec: InstanceSpec,
+    /// This half's TLS credentials for the migration's streams (destination: server
+    /// certificate and the source's identity; source: client certificate and the
+    /// destination's host name). Written 0600 into the migration's directory on the agent and
+    /// removed when the half ends; `None` streams in the clear. `Debug` redacts the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ferry_migrate::TlsCredentials>,
 }
 
 /// One image a block migration creates on the destination.
@@ -214,6 +226,12 @@ pub struct StartSource {
     /// Block migration: the local disks to mirror into the destination's exports first.
     #[serde(default)]
     pub disks: Vec<ferry_migrate::MirrorTarget>,
+    /// This half's TLS credentials for the migration's streams (destination: server
+    /// certificate and the source's identity; source: client certificate and the
+    /// destination's host name). Written 0600 into the migration's directory on the agent and
+    /// removed when the half ends; `None` streams in the clear. `Debug` redacts the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ferry_migrate::TlsCredentials>,
 }
 
 /// `POST /v1/migrations/{mid}/reconnect` on the source agent: resume a broken post-copy

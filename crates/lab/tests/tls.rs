@@ -5,6 +5,8 @@
 //! Needs root, QEMU and tcpdump (CI has them; `scripts/setup` installs them).
 
 mod common;
+#[path = "common/certs.rs"]
+mod certs;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::fs::PermissionsExt;
@@ -15,14 +17,9 @@ use std::time::{Duration, Instant};
 use ferry_lab::guest_config::GuestConfig;
 use ferry_lab::net::unique_test_lab_name;
 use ferry_lab::{GuestRequest, Lab, LabError, LabMigrateOptions, LabOptions, LabTls, LabVm};
-use ferry_migrate::{
-    AbortHandle, Bandwidth, MigrateError, MigrationParams, SourceEvent, TlsCredentials, TlsPeer,
-};
+use ferry_migrate::{AbortHandle, Bandwidth, MigrateError, MigrationParams, SourceEvent, TlsPeer};
 use ferry_qemu::{CacheMode, DiskBus, DiskFormat, DiskSpec};
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
-};
+use certs::{issue_migration_pair, MigrationCreds};
 
 /// What is certainly in a lab guest's RAM, and so in a plain migration stream: the kernel's
 /// version banner, strings of the static busybox the initramfs unpacks into RAM, and strings
@@ -33,106 +30,19 @@ const RAM_NEEDLES: &[&str] = &["Linux version ", "BusyBox v1.", "ferry-guest rea
 /// so it reaches the wire only through the disk copy).
 const DISK_MARKER: &str = "FERRY-DISK-MARKER-only-on-the-disk-7d1c";
 
-/// A certificate and its key, PEM.
-struct CertKey {
-    cert_pem: String,
-    key_pem: String,
-}
-
-/// The shape `ferry_pki::issue_migration_pair` gives: one CA per migration, a client
-/// certificate for the source and a server certificate for the destination's address.
-struct MigrationCreds {
-    ca_pem: String,
-    source: CertKey,
-    destination: CertKey,
-    source_dn: String,
-    #[allow(dead_code)]
-    destination_dn: String,
-}
-
-fn dn(cn: &str) -> DistinguishedName {
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, cn);
-    dn
-}
-
-fn issue_migration_pair(id: &str, destination_addr: IpAddr) -> MigrationCreds {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.distinguished_name = dn(&format!("ferry-migration-{id}-ca"));
-    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let leaf = |role: &str, purpose, san: Vec<SanType>| {
-        let key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        let cn = format!("ferry-migration-{id}-{role}");
-        p.distinguished_name = dn(&cn);
-        p.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        p.extended_key_usages = vec![purpose];
-        p.subject_alt_names = san;
-        let cert = p.signed_by(&key, &ca_cert, &ca_key).unwrap();
-        (
-            CertKey {
-                cert_pem: cert.pem(),
-                key_pem: key.serialize_pem(),
-            },
-            format!("CN={cn}"),
-        )
-    };
-    let (source, source_dn) = leaf("source", ExtendedKeyUsagePurpose::ClientAuth, vec![]);
-    let (destination, destination_dn) = leaf(
-        "destination",
-        ExtendedKeyUsagePurpose::ServerAuth,
-        vec![SanType::IpAddress(destination_addr)],
-    );
-    MigrationCreds {
-        ca_pem: ca_cert.pem(),
-        source,
-        destination,
-        source_dn,
-        destination_dn,
-    }
-}
-
-/// What each half gets from a pair: the source checks the destination's address, the
-/// destination lets in the source's identity only.
+/// What each half gets from a pair, as lab options.
 fn lab_tls(c: &MigrationCreds, destination_addr: IpAddr) -> LabTls {
+    let (source, destination) = certs::halves(c, destination_addr);
     LabTls {
-        source: Some(TlsCredentials {
-            ca_pem: c.ca_pem.clone(),
-            cert_pem: c.source.cert_pem.clone(),
-            key_pem: c.source.key_pem.clone(),
-            peer: TlsPeer::Server {
-                hostname: destination_addr.to_string(),
-            },
-        }),
-        destination: Some(TlsCredentials {
-            ca_pem: c.ca_pem.clone(),
-            cert_pem: c.destination.cert_pem.clone(),
-            key_pem: c.destination.key_pem.clone(),
-            peer: TlsPeer::Client {
-                identity: c.source_dn.clone(),
-            },
-        }),
+        source: Some(source),
+        destination: Some(destination),
     }
 }
 
 /// The lab's pair of credentials for a migration of `vm` to `to`.
 fn tls_to(lab: &Lab, to: &str) -> LabTls {
     let addr = IpAddr::V4(lab.net.host(to).unwrap().migration_addr);
-    let id = format!("{:08x}", rand_id());
-    lab_tls(&issue_migration_pair(&id, addr), addr)
-}
-
-fn rand_id() -> u32 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap();
-    t.subsec_nanos() ^ std::process::id()
+    lab_tls(&issue_migration_pair(&certs::fresh_id(), addr), addr)
 }
 
 async fn lab() -> Lab {
