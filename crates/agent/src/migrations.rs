@@ -382,7 +382,8 @@ impl Agent {
     ) -> Result<(), AgentError> {
         // The old guard owns the same directory: it must go before the new files are written.
         drop(entry.take_tls());
-        let tls = Arc::new(StreamTls::create(self.tls_dir(mid), creds).map_err(MigrateError::from)?);
+        let tls =
+            Arc::new(StreamTls::create(self.tls_dir(mid), creds).map_err(MigrateError::from)?);
         tls.apply(qmp).await.map_err(MigrateError::from)?;
         entry.set_tls(Some(tls));
         info!("migration streams use TLS");
@@ -401,7 +402,9 @@ impl Agent {
             if path.extension().and_then(|x| x.to_str()) == Some("tls") {
                 match std::fs::remove_dir_all(&path) {
                     Ok(()) => info!(dir = %path.display(), "stale migration credentials removed"),
-                    Err(e) => warn!(dir = %path.display(), error = %e, "cannot remove stale migration credentials"),
+                    Err(e) => {
+                        warn!(dir = %path.display(), error = %e, "cannot remove stale migration credentials")
+                    }
                 }
             }
         }
@@ -628,7 +631,8 @@ impl Agent {
                         disks: r.disks,
                     }),
                     (Role::Destination, SourceState::Running, None) if req.disks.is_empty() => {
-                        self.listen_launched(mid, &entry, &req.params, req.tls).await
+                        self.listen_launched(mid, &entry, &req.params, req.tls)
+                            .await
                     }
                     _ => Err(migration_exists(mid, r.state)),
                 };
@@ -1124,8 +1128,15 @@ impl Agent {
                         drop(tls);
                         match applied {
                             Ok(()) => {
-                                source::run_source(&qmp, dest, &params, &disks, &mut observe, signal)
-                                    .await
+                                source::run_source(
+                                    &qmp,
+                                    dest,
+                                    &params,
+                                    &disks,
+                                    &mut observe,
+                                    signal,
+                                )
+                                .await
                             }
                             Err(e) => Err(e),
                         }

@@ -4,9 +4,9 @@
 //! RAM and on its disk. With TLS off the same search finds it, so these tests can fail.
 //! Needs root, QEMU and tcpdump (CI has them; `scripts/setup` installs them).
 
-mod common;
 #[path = "common/certs.rs"]
 mod certs;
+mod common;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::fs::PermissionsExt;
@@ -14,12 +14,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use certs::{issue_migration_pair, MigrationCreds};
 use ferry_lab::guest_config::GuestConfig;
 use ferry_lab::net::unique_test_lab_name;
 use ferry_lab::{GuestRequest, Lab, LabError, LabMigrateOptions, LabOptions, LabTls, LabVm};
 use ferry_migrate::{AbortHandle, Bandwidth, MigrateError, MigrationParams, SourceEvent, TlsPeer};
 use ferry_qemu::{CacheMode, DiskBus, DiskFormat, DiskSpec};
-use certs::{issue_migration_pair, MigrationCreds};
 
 /// What is certainly in a lab guest's RAM, and so in a plain migration stream: the kernel's
 /// version banner, strings of the static busybox the initramfs unpacks into RAM, and strings
