@@ -636,3 +636,85 @@ async fn tls_credentials_are_gone_after_a_cancelled_migration() {
     assert_guest_intact(&lab, &vm).await;
     lab.stop_guest(vm).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_a_broken_post_copy_stream_is_recovered_encrypted() {
+    use ferry_migrate::{Phase, TimeoutAction};
+    use ferry_qmp::commands::{MigratePause, MigrationStatus, QueryMigrate};
+    let lab = lab().await;
+    let work = tempfile::tempdir().unwrap();
+    let mut req = guest(vec![]);
+    req.config.wss_mib = 32;
+    req.config.rate_mib_s = 32;
+    let mut vm = lab.boot_guest("hv1", &req).await.unwrap();
+    // Post-copy after 1 s, the rest sent slowly, so that the stream can be broken while it
+    // runs and must be reconnected (`migrate-recover`, `migrate` with `resume`) under TLS.
+    let params = MigrationParams {
+        bandwidth: Bandwidth::Limited(16 << 20),
+        postcopy: true,
+        postcopy_bandwidth: Some(8 << 20),
+        completion_timeout: Some(Duration::from_secs(1)),
+        timeout_action: TimeoutAction::Postcopy,
+        ..MigrationParams::default()
+    };
+    let qmp = vm.qemu.qmp().clone();
+    let breaker = tokio::spawn(async move {
+        for _ in 0..600 {
+            let info = qmp.execute(&QueryMigrate {}).await?;
+            if info.status == Some(MigrationStatus::PostcopyActive) {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                qmp.execute(&MigratePause {}).await?;
+                return Ok(true);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok::<_, ferry_qmp::QmpError>(false)
+    });
+    let capture = Capture::start(&lab, "hv2", &work.path().join("postcopy.pcap"));
+    let opts = LabMigrateOptions {
+        tls: tls_to(&lab, "hv2"),
+        ..Default::default()
+    };
+    let mut phases = Vec::new();
+    let (_abort, signal) = AbortHandle::new();
+    let out = lab
+        .migrate_with(
+            &mut vm,
+            "hv2",
+            &params,
+            &opts,
+            &mut |e| {
+                if let SourceEvent::Progress(p) = e {
+                    phases.push(p.phase.clone());
+                }
+            },
+            signal,
+        )
+        .await;
+    assert!(
+        breaker.await.unwrap().expect("QMP answers"),
+        "the stream was broken"
+    );
+    let out = out.unwrap_or_else(|e| panic!("recovered and completed: {e}"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let capture = tokio::task::spawn_blocking(move || capture.finish())
+        .await
+        .unwrap();
+    assert_eq!(vm.host, "hv2");
+    assert!(phases.contains(&Phase::Postcopy), "{phases:?}");
+    let leg = Leg {
+        capture,
+        transferred: out.source.transferred_bytes,
+        credentials_seen: None,
+    };
+    assert_captured(&leg, "tls-postcopy");
+    let seen = found(&leg.capture, RAM_NEEDLES);
+    assert!(
+        seen.iter().all(|(_, n)| *n == 0),
+        "plaintext in a recovered post-copy TLS migration: {seen:?}"
+    );
+    assert_no_credentials(&lab, &vm.name, "a recovered post-copy migration");
+    assert_no_tls_left(vm.qemu.qmp()).await;
+    assert_guest_intact(&lab, &vm).await;
+    lab.stop_guest(vm).await;
+}
