@@ -25,6 +25,10 @@
 //!   the guest here; run it)
 //! - `POST /v1/migrations/{mid}/source` [`StartSource`] -> [`SourceStatus`] (with `disks`:
 //!   mirrors them into the destination's exports before the memory moves)
+//! - `incoming`, `incoming/launch` and `source` take an optional `tls`: that half's
+//!   per-migration credentials ([`ferry_migrate::TlsCredentials`]); every stream of the
+//!   migration (memory, multifd, post-copy recovery, NBD) then runs over TLS, and the files
+//!   are removed when the half ends
 //! - `GET  /v1/migrations/{mid}?after=SEQ[&wait_ms=MS]` -> [`SourceStatus`] (with `wait_ms`,
 //!   answers as soon as there is news, or after that long)
 //! - `POST /v1/migrations/{mid}/cancel[?wait=false]` -> [`SourceStatus`] (409
