@@ -1156,7 +1156,19 @@ impl Agent {
                 // The half has ended, whatever the outcome, unless a broken post-copy stream
                 // waits to be reconnected with the same credentials.
                 if !matches!(result, Err(MigrateError::PostcopyPaused(_))) {
-                    task_entry.release_tls(Some(&qmp)).await;
+                    match task_entry.take_tls() {
+                        Some(tls) => {
+                            tls.remove(&qmp).await;
+                            drop(tls);
+                            info!("migration credentials removed");
+                        }
+                        // Followed after an agent restart: its credentials' files are gone
+                        // (see `remove_stale_credentials`), but QEMU may still hold them.
+                        None if matches!(start, SourceStart::Attach) => {
+                            ferry_migrate::tls::remove(&qmp).await
+                        }
+                        None => {}
+                    }
                 }
                 task_entry.finish(result);
             }
