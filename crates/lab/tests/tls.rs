@@ -685,7 +685,7 @@ async fn tls_a_broken_post_copy_stream_is_recovered_encrypted() {
             &opts,
             &mut |e| {
                 if let SourceEvent::Progress(p) = e {
-                    phases.push(p.phase.clone());
+                    phases.push(p.phase);
                 }
             },
             signal,
