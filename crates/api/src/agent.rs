@@ -501,3 +501,43 @@ pub struct CleanedUp {
     pub removed: Vec<ImageRef>,
     pub missing: Vec<ImageRef>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_migrate::{TlsCredentials, TlsPeer};
+
+    fn start(tls: Option<TlsCredentials>) -> StartSource {
+        StartSource {
+            instance_id: Uuid::nil(),
+            destination: "10.78.0.12:49152".into(),
+            params: MigrationParams::default(),
+            disks: Vec::new(),
+            tls,
+        }
+    }
+
+    /// A request carrying credentials can be logged: its key never shows. A request from a
+    /// server that sends none (the field is optional) still parses, and sends no `tls`.
+    #[test]
+    fn tls_is_optional_and_its_key_never_shows_in_debug() {
+        let req = start(Some(TlsCredentials {
+            ca_pem: "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n".into(),
+            cert_pem: "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n".into(),
+            key_pem: "-----BEGIN PRIVATE KEY-----\nTOP-SECRET\n-----END PRIVATE KEY-----\n".into(),
+            peer: TlsPeer::Server {
+                hostname: "10.78.0.12".into(),
+            },
+        }));
+        assert!(!format!("{req:?}").contains("TOP-SECRET"));
+        let json = serde_json::to_value(&req).unwrap();
+        assert_eq!(json["tls"]["peer"]["server"]["hostname"], "10.78.0.12");
+        let back: StartSource = serde_json::from_value(json).unwrap();
+        assert_eq!(back.tls, req.tls);
+
+        let plain = serde_json::to_value(start(None)).unwrap();
+        assert!(plain.get("tls").is_none());
+        let back: StartSource = serde_json::from_value(plain).unwrap();
+        assert!(back.tls.is_none());
+    }
+}
