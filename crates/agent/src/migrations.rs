@@ -18,7 +18,7 @@ use ferry_api::agent::{
 use ferry_api::ErrorBody;
 use ferry_migrate::{
     destination, source, AbortHandle, Decision, MigrateError, MigrationParams, Progress,
-    SourceEvent, SourceOutcome,
+    SourceEvent, SourceOutcome, StreamTls, TlsCredentials,
 };
 use ferry_qemu::StartMode;
 use ferry_qmp::commands::{MigrateSetParameters, MigrateStartPostcopy, RunState};
@@ -170,6 +170,9 @@ pub(crate) struct MigrationEntry {
     abort: Mutex<Option<AbortHandle>>,
     /// Woken on every sample and record change, for status polls that wait for news.
     changed: tokio::sync::Notify,
+    /// This half's TLS credentials while it runs: in memory only (never in the record), the
+    /// files removed when the last holder drops them.
+    tls: Mutex<Option<Arc<StreamTls>>>,
 }
 
 impl MigrationEntry {
@@ -183,7 +186,35 @@ impl MigrationEntry {
             }),
             abort: Mutex::new(None),
             changed: tokio::sync::Notify::new(),
+            tls: Mutex::new(None),
         })
+    }
+
+    /// The half's credentials, if it has any.
+    fn tls(&self) -> Option<Arc<StreamTls>> {
+        self.tls.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Takes the half's credentials away: the files go once the caller drops them too.
+    fn take_tls(&self) -> Option<Arc<StreamTls>> {
+        self.tls.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn set_tls(&self, tls: Option<Arc<StreamTls>>) {
+        *self.tls.lock().unwrap_or_else(|p| p.into_inner()) = tls;
+    }
+
+    /// Ends the half's TLS: `qmp`, a QEMU that lives on, loses the objects and parameters,
+    /// then the files are removed. Without credentials nothing happens.
+    async fn release_tls(&self, qmp: Option<&Qmp>) {
+        let Some(tls) = self.take_tls() else {
+            return;
+        };
+        if let Some(qmp) = qmp {
+            tls.remove(qmp).await;
+        }
+        drop(tls);
+        info!("migration credentials removed");
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, MigrationData> {
@@ -331,6 +362,54 @@ impl Agent {
             .join(format!("{mid}.json"))
     }
 
+    /// Where a half keeps its TLS credentials while it runs: beside the migration's record,
+    /// in the agent's private state directory.
+    fn tls_dir(&self, mid: &Uuid) -> PathBuf {
+        self.config
+            .state_dir
+            .join("migrations")
+            .join(format!("{mid}.tls"))
+    }
+
+    /// Writes `creds` for `mid` and gives them to `qmp`, replacing credentials the half had
+    /// (a launch's, when `/incoming` brings its own).
+    async fn apply_tls(
+        &self,
+        mid: &Uuid,
+        entry: &MigrationEntry,
+        qmp: &Qmp,
+        creds: TlsCredentials,
+    ) -> Result<(), AgentError> {
+        // The old guard owns the same directory: it must go before the new files are written.
+        drop(entry.take_tls());
+        let tls =
+            Arc::new(StreamTls::create(self.tls_dir(mid), creds).map_err(MigrateError::from)?);
+        tls.apply(qmp).await.map_err(MigrateError::from)?;
+        entry.set_tls(Some(tls));
+        info!("migration streams use TLS");
+        Ok(())
+    }
+
+    /// Credentials left by an agent that stopped mid-migration: nothing holds them any more
+    /// (QEMU loaded them when they were applied), so they are removed at start.
+    fn remove_stale_credentials(&self) {
+        let dir = self.config.state_dir.join("migrations");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.extension().and_then(|x| x.to_str()) == Some("tls") {
+                match std::fs::remove_dir_all(&path) {
+                    Ok(()) => info!(dir = %path.display(), "stale migration credentials removed"),
+                    Err(e) => {
+                        warn!(dir = %path.display(), error = %e, "cannot remove stale migration credentials")
+                    }
+                }
+            }
+        }
+    }
+
     fn migration(&self, mid: &Uuid) -> Option<Arc<MigrationEntry>> {
         self.migrations
             .lock()
@@ -419,6 +498,7 @@ impl Agent {
     /// Loads the migration records; re-derives source migrations whose task died with the
     /// previous agent, and fails destinations whose incoming QEMU is gone.
     pub(crate) async fn load_migrations(self: &Arc<Self>) {
+        self.remove_stale_credentials();
         let dir = self.config.state_dir.join("migrations");
         let Ok(entries) = std::fs::read_dir(&dir) else {
             return;
@@ -504,10 +584,15 @@ impl Agent {
                     _ => Err(migration_exists(mid, r.state)),
                 };
             }
+            let tls = req.tls.clone();
             let (mut slot, entry, previous) = self.define_incoming(mid, req, &[]).await?;
             let launched = async {
                 self.translate(&slot.record)?;
-                self.launch(&mut slot, StartMode::Incoming).await
+                self.launch(&mut slot, StartMode::Incoming).await?;
+                if let (Some(creds), Some(qmp)) = (tls, slot.qmp()) {
+                    self.apply_tls(&mid, &entry, &qmp, creds).await?;
+                }
+                Ok(())
             }
             .await;
             match launched {
@@ -546,7 +631,8 @@ impl Agent {
                         disks: r.disks,
                     }),
                     (Role::Destination, SourceState::Running, None) if req.disks.is_empty() => {
-                        self.listen_launched(mid, &entry, &req.params).await
+                        self.listen_launched(mid, &entry, &req.params, req.tls)
+                            .await
                     }
                     _ => Err(migration_exists(mid, r.state)),
                 };
@@ -555,12 +641,16 @@ impl Agent {
                 instance_id: req.instance_id,
                 name: req.name,
                 spec: req.spec,
+                tls: None,
             };
             let (mut slot, entry, previous) = self.define_incoming(mid, define, &req.disks).await?;
             let prepared = async {
                 let reused = self.create_incoming_images(&entry, &req.disks).await?;
                 self.translate(&slot.record)?;
                 self.launch(&mut slot, StartMode::Incoming).await?;
+                if let (Some(creds), Some(qmp)) = (req.tls, slot.qmp()) {
+                    self.apply_tls(&mid, &entry, &qmp, creds).await?;
+                }
                 self.listen_incoming(&slot, &entry, &req.params, &req.disks, &reused)
                     .await
             }
@@ -580,6 +670,7 @@ impl Agent {
         mid: Uuid,
         entry: &Arc<MigrationEntry>,
         params: &MigrationParams,
+        tls: Option<TlsCredentials>,
     ) -> Result<IncomingReady, AgentError> {
         let mut slot = match self.lock_slot(&entry.record().instance_id).await {
             Ok(slot) if slot.record.incoming == Some(mid) => slot,
@@ -591,10 +682,15 @@ impl Agent {
             }
         };
         self.reap(&mut slot).await;
-        match self
-            .listen_incoming(&slot, entry, params, &[], &Vec::new())
-            .await
-        {
+        let listened = async {
+            if let (Some(creds), Some(qmp)) = (tls, slot.qmp()) {
+                self.apply_tls(&mid, entry, &qmp, creds).await?;
+            }
+            self.listen_incoming(&slot, entry, params, &[], &Vec::new())
+                .await
+        }
+        .await;
+        match listened {
             Ok(ready) => Ok(ready),
             Err(e) => Err(self.undo_incoming(&mut slot, entry, None, e).await),
         }
@@ -709,6 +805,7 @@ impl Agent {
     ) -> AgentError {
         warn!(error = %e, "destination preparation failed; removing it");
         self.teardown(slot, false).await;
+        entry.release_tls(None).await;
         self.remove_incoming_images(entry);
         match previous {
             Some(previous) => {
@@ -760,6 +857,7 @@ impl Agent {
                     // Removed earlier (kept or not), or its QEMU is gone: nothing says the
                     // images hold what was written to them.
                     let had_images = !entry.record().created_images.is_empty();
+                    entry.release_tls(None).await;
                     self.remove_incoming_images(&entry);
                     entry.update(cancelled);
                     return Ok(RemovedIncoming {
@@ -774,6 +872,7 @@ impl Agent {
             }
             let keep = keep_images && !entry.record().created_images.is_empty();
             let ended = self.teardown(&mut slot, keep).await;
+            entry.release_tls(None).await;
             self.forget_instance(&mut slot);
             let not_kept = match &ended {
                 _ if !keep => None,
@@ -842,12 +941,45 @@ impl Agent {
                     // The images belong to the instance defined here now.
                     r.created_images.clear();
                 });
+                self.release_incoming_tls(&entry, qmp);
                 info!(instance = %entry.record().instance_id, "committed guest runs on this host");
             }
             Ok(self.describe(&mut slot).await)
         }
         .instrument(span(&mid))
         .await
+    }
+
+    /// Once the guest runs here, its QEMU keeps no credentials of the migration that brought
+    /// it: as soon as the incoming stream has ended (at once, unless a post-copy stream still
+    /// fills the guest, which a recovery may have to reconnect), the TLS objects and
+    /// parameters are removed and the files deleted.
+    fn release_incoming_tls(&self, entry: &Arc<MigrationEntry>, qmp: Qmp) {
+        if entry.tls().is_none() {
+            return;
+        }
+        let entry = entry.clone();
+        let span = span(&entry.record().id);
+        self.track(tokio::spawn(
+            async move {
+                loop {
+                    let status = match qmp.execute(&ferry_qmp::commands::QueryMigrate).await {
+                        Ok(info) => info.status,
+                        Err(_) => break,
+                    };
+                    use ferry_qmp::commands::MigrationStatus as S;
+                    if matches!(
+                        status,
+                        None | Some(S::None | S::Completed | S::Failed | S::Cancelled)
+                    ) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                entry.release_tls(Some(&qmp)).await;
+            }
+            .instrument(span),
+        ));
     }
 
     /// The incoming QEMU of `mid` is gone: `destination-never-started` when this agent never
@@ -931,6 +1063,14 @@ impl Agent {
                 .into())
             }
         };
+        // Written before the half starts, so that a directory that cannot be written is the
+        // request's error; applied to QEMU by the half.
+        let tls = match req.tls {
+            Some(creds) => Some(Arc::new(
+                StreamTls::create(self.tls_dir(&mid), creds).map_err(MigrateError::from)?,
+            )),
+            None => None,
+        };
         let entry = self.new_migration(MigrationRecord {
             id: mid,
             role: Role::Source,
@@ -948,6 +1088,7 @@ impl Agent {
             created_images: Vec::new(),
             disks: req.disks.clone(),
         });
+        entry.set_tls(tls);
         self.spawn_source_half(mid, &entry, monitor, dest, req.params, SourceStart::Fresh);
         Ok(entry.status(0))
     }
@@ -979,7 +1120,26 @@ impl Agent {
                 let result = match start {
                     SourceStart::Fresh => {
                         info!(%dest, "source half starting");
-                        source::run_source(&qmp, dest, &params, &disks, &mut observe, signal).await
+                        let tls = task_entry.tls();
+                        let applied = match &tls {
+                            Some(tls) => tls.apply(&qmp).await.map_err(MigrateError::from),
+                            None => Ok(()),
+                        };
+                        drop(tls);
+                        match applied {
+                            Ok(()) => {
+                                source::run_source(
+                                    &qmp,
+                                    dest,
+                                    &params,
+                                    &disks,
+                                    &mut observe,
+                                    signal,
+                                )
+                                .await
+                            }
+                            Err(e) => Err(e),
+                        }
                     }
                     SourceStart::Reconnect => {
                         info!(%dest, "reconnecting the post-copy stream");
@@ -993,6 +1153,23 @@ impl Agent {
                     Err(e) => Err(monitor.explain(e).await),
                     ok => ok,
                 };
+                // The half has ended, whatever the outcome, unless a broken post-copy stream
+                // waits to be reconnected with the same credentials.
+                if !matches!(result, Err(MigrateError::PostcopyPaused(_))) {
+                    match task_entry.take_tls() {
+                        Some(tls) => {
+                            tls.remove(&qmp).await;
+                            drop(tls);
+                            info!("migration credentials removed");
+                        }
+                        // Followed after an agent restart: its credentials' files are gone
+                        // (see `remove_stale_credentials`), but QEMU may still hold them.
+                        None if matches!(start, SourceStart::Attach) => {
+                            ferry_migrate::tls::remove(&qmp).await
+                        }
+                        None => {}
+                    }
+                }
                 task_entry.finish(result);
             }
             .instrument(span(&mid)),

@@ -293,6 +293,7 @@ async fn live_migration_through_two_agents_survives_agent_restarts() {
                 spec: spec.clone(),
                 params: params.clone(),
                 disks: Vec::new(),
+                tls: None,
             },
         )
         .await
@@ -312,6 +313,7 @@ async fn live_migration_through_two_agents_survives_agent_restarts() {
                 destination: ready.addr.clone(),
                 params: params.clone(),
                 disks: Vec::new(),
+                tls: None,
             },
         )
         .await
@@ -392,6 +394,7 @@ async fn live_migration_through_two_agents_survives_agent_restarts() {
             },
             ..spec.clone()
         },
+        tls: None,
     };
     let e = c1
         .post::<_, serde_json::Value>(&launch_path, &broken)
@@ -411,6 +414,7 @@ async fn live_migration_through_two_agents_survives_agent_restarts() {
                 spec: broken.spec.clone(),
                 params: slow.clone(),
                 disks: Vec::new(),
+                tls: None,
             },
         )
         .await
@@ -422,6 +426,7 @@ async fn live_migration_through_two_agents_survives_agent_restarts() {
         instance_id: id,
         name: name.clone(),
         spec: spec.clone(),
+        tls: None,
     };
     let _: serde_json::Value = c1.post(&launch_path, &launch).await.expect("launch");
     let _: serde_json::Value = c1
@@ -441,6 +446,7 @@ async fn live_migration_through_two_agents_survives_agent_restarts() {
                 spec: spec.clone(),
                 params: slow.clone(),
                 disks: Vec::new(),
+                tls: None,
             },
         )
         .await
@@ -458,6 +464,7 @@ async fn live_migration_through_two_agents_survives_agent_restarts() {
                 destination: ready.addr.clone(),
                 params: slow.clone(),
                 disks: Vec::new(),
+                tls: None,
             },
         )
         .await

@@ -25,6 +25,10 @@
 //!   the guest here; run it)
 //! - `POST /v1/migrations/{mid}/source` [`StartSource`] -> [`SourceStatus`] (with `disks`:
 //!   mirrors them into the destination's exports before the memory moves)
+//! - `incoming`, `incoming/launch` and `source` take an optional `tls`: that half's
+//!   per-migration credentials ([`ferry_migrate::TlsCredentials`]); every stream of the
+//!   migration (memory, multifd, post-copy recovery, NBD) then runs over TLS, and the files
+//!   are removed when the half ends
 //! - `GET  /v1/migrations/{mid}?after=SEQ[&wait_ms=MS]` -> [`SourceStatus`] (with `wait_ms`,
 //!   answers as soon as there is news, or after that long)
 //! - `POST /v1/migrations/{mid}/cancel[?wait=false]` -> [`SourceStatus`] (409
@@ -149,6 +153,12 @@ pub struct PrepareIncoming {
     /// the source's mirrors. Removed again when the destination is removed before it ran.
     #[serde(default)]
     pub disks: Vec<IncomingDisk>,
+    /// This half's TLS credentials for the migration's streams (destination: server
+    /// certificate and the source's identity; source: client certificate and the
+    /// destination's host name). Written 0600 into the migration's directory on the agent and
+    /// removed when the half ends; `None` streams in the clear. `Debug` redacts the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ferry_migrate::TlsCredentials>,
 }
 
 /// `POST /v1/migrations/{mid}/incoming/launch`: start the instance's QEMU in incoming mode
@@ -159,6 +169,12 @@ pub struct LaunchIncoming {
     pub name: String,
     /// The spec as it will be here.
     pub spec: InstanceSpec,
+    /// This half's TLS credentials for the migration's streams (destination: server
+    /// certificate and the source's identity; source: client certificate and the
+    /// destination's host name). Written 0600 into the migration's directory on the agent and
+    /// removed when the half ends; `None` streams in the clear. `Debug` redacts the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ferry_migrate::TlsCredentials>,
 }
 
 /// One image a block migration creates on the destination.
@@ -214,6 +230,12 @@ pub struct StartSource {
     /// Block migration: the local disks to mirror into the destination's exports first.
     #[serde(default)]
     pub disks: Vec<ferry_migrate::MirrorTarget>,
+    /// This half's TLS credentials for the migration's streams (destination: server
+    /// certificate and the source's identity; source: client certificate and the
+    /// destination's host name). Written 0600 into the migration's directory on the agent and
+    /// removed when the half ends; `None` streams in the clear. `Debug` redacts the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ferry_migrate::TlsCredentials>,
 }
 
 /// `POST /v1/migrations/{mid}/reconnect` on the source agent: resume a broken post-copy
@@ -478,4 +500,44 @@ pub struct CleanupCopies {
 pub struct CleanedUp {
     pub removed: Vec<ImageRef>,
     pub missing: Vec<ImageRef>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_migrate::{TlsCredentials, TlsPeer};
+
+    fn start(tls: Option<TlsCredentials>) -> StartSource {
+        StartSource {
+            instance_id: Uuid::nil(),
+            destination: "10.78.0.12:49152".into(),
+            params: MigrationParams::default(),
+            disks: Vec::new(),
+            tls,
+        }
+    }
+
+    /// A request carrying credentials can be logged: its key never shows. A request from a
+    /// server that sends none (the field is optional) still parses, and sends no `tls`.
+    #[test]
+    fn tls_is_optional_and_its_key_never_shows_in_debug() {
+        let req = start(Some(TlsCredentials {
+            ca_pem: "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n".into(),
+            cert_pem: "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n".into(),
+            key_pem: "-----BEGIN PRIVATE KEY-----\nTOP-SECRET\n-----END PRIVATE KEY-----\n".into(),
+            peer: TlsPeer::Server {
+                hostname: "10.78.0.12".into(),
+            },
+        }));
+        assert!(!format!("{req:?}").contains("TOP-SECRET"));
+        let json = serde_json::to_value(&req).unwrap();
+        assert_eq!(json["tls"]["peer"]["server"]["hostname"], "10.78.0.12");
+        let back: StartSource = serde_json::from_value(json).unwrap();
+        assert_eq!(back.tls, req.tls);
+
+        let plain = serde_json::to_value(start(None)).unwrap();
+        assert!(plain.get("tls").is_none());
+        let back: StartSource = serde_json::from_value(plain).unwrap();
+        assert!(back.tls.is_none());
+    }
 }

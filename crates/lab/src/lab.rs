@@ -17,7 +17,7 @@ use tracing::info;
 
 use crate::guest_config::GuestConfig;
 use crate::image::{ensure_image, GuestImage, ImageOptions};
-use crate::migration::LabMigration;
+use crate::migration::{LabMigrateOptions, LabMigration};
 use crate::net::LabNet;
 use crate::serial::SerialMonitor;
 use crate::vm::LabVm;
@@ -229,6 +229,30 @@ impl Lab {
         observe: &mut ferry_migrate::source::Observer<'_>,
         abort: AbortSignal,
     ) -> Result<MigrationOutcome, LabError> {
+        self.migrate_with(
+            vm,
+            to,
+            params,
+            &LabMigrateOptions::default(),
+            observe,
+            abort,
+        )
+        .await
+    }
+
+    /// [`Lab::migrate`] with TLS on the streams and/or the disks copied (block migration).
+    /// Each half's credentials live in [`Lab::tls_dir`] while it runs and are removed when
+    /// the migration ends, whatever the outcome; the QEMU that runs the guest afterwards has
+    /// its TLS objects and parameters removed too.
+    pub async fn migrate_with(
+        &self,
+        vm: &mut LabVm,
+        to: &str,
+        params: &MigrationParams,
+        opts: &LabMigrateOptions,
+        observe: &mut ferry_migrate::source::Observer<'_>,
+        abort: AbortSignal,
+    ) -> Result<MigrationOutcome, LabError> {
         params.validate()?;
         let dest = self.net.host(to)?;
         if dest.name == vm.host {
@@ -237,9 +261,23 @@ impl Lab {
                 vm.name
             )));
         }
-        let mut m = LabMigration::new(self, vm, dest.clone(), params.clone(), abort);
+        let mut m = LabMigration::new(self, vm, dest.clone(), params.clone(), abort, opts.clone());
         let outcome = ferry_migrate::live_migrate(&mut m, observe).await;
+        let (source_tls, dest_tls) = (m.source_tls.take(), m.dest_tls.take());
+        drop(m);
+        // Whichever QEMU runs the guest now (the destination after success, the source
+        // otherwise) keeps no credentials of this migration; the files go with the guards.
+        if source_tls.is_some() || dest_tls.is_some() {
+            ferry_migrate::tls::remove(vm.qemu.qmp()).await;
+        }
+        drop((source_tls, dest_tls));
         Ok(outcome?)
+    }
+
+    /// Where a guest's migration keeps one half's credentials (`role` is `source` or
+    /// `destination`) while it runs; nothing is there otherwise.
+    pub fn tls_dir(&self, vm: &str, role: &str) -> PathBuf {
+        self.opts.run_dir.join(format!("tls-{vm}-{role}"))
     }
 
     /// The monitor of the destination QEMU that guest `name` is migrating to, from the moment

@@ -21,4 +21,5 @@ mod vm;
 
 pub use error::LabError;
 pub use lab::{choose_accel, GuestRequest, Lab, LabOptions};
+pub use migration::{LabMigrateOptions, LabTls};
 pub use vm::LabVm;

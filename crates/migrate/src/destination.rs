@@ -209,6 +209,9 @@ pub fn start_on_postcopy(qmp: Qmp) -> tokio::task::JoinHandle<()> {
 /// port of the range, and exports each disk's node writable under its export name, for the
 /// source's mirrors. `disks` is `(disk id, export name, top only)`.
 ///
+/// With TLS applied to this QEMU ([`crate::tls::StreamTls::apply`], before this), the server
+/// takes the same credentials and authz as the memory stream.
+///
 /// The export activates the still-incoming node, so the image is open for writing here from
 /// now on; it is a new image only this migration knows, and the source never opens it.
 pub async fn export_disks(
@@ -220,10 +223,18 @@ pub async fn export_disks(
     if disks.is_empty() {
         return Ok(Vec::new());
     }
+    // The export takes the memory stream's credentials and its one allowed client: an
+    // encrypted migration never receives its disks in the clear.
+    let tls = crate::tls::nbd_server_tls(qmp).await?;
     let mut bound = None;
     for port in params.port_range.first..=params.port_range.last {
         let at = SocketAddr::new(addr, port);
-        match qmp.execute(&NbdServerStart::new(at)).await {
+        let mut start = NbdServerStart::new(at);
+        if let Some((creds, authz)) = tls.clone() {
+            start.tls_creds = Some(creds);
+            start.tls_authz = authz;
+        }
+        match qmp.execute(&start).await {
             Ok(()) => {
                 bound = Some(at);
                 break;

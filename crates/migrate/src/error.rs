@@ -65,6 +65,10 @@ pub enum MigrateError {
     /// source too, so the operator needs QEMU's own last words, not "connection closed".
     #[error("the source QEMU ended during the migration ({status}); its last output: {output}")]
     SourceExited { status: String, output: String },
+    /// The migration's TLS credentials could not be written or given to QEMU; nothing was
+    /// sent.
+    #[error("{0}; the guest stays on the source")]
+    Tls(#[from] crate::tls::TlsError),
     /// A QMP command failed.
     #[error(transparent)]
     Qmp(#[from] ferry_qmp::QmpError),
@@ -89,6 +93,7 @@ impl MigrateError {
             MigrateError::Destination(_) => "destination-prepare-failed",
             MigrateError::DiskCopy { reason, .. } => reason.code(),
             MigrateError::SourceExited { .. } => "source-qemu-exited",
+            MigrateError::Tls(_) => "migration-tls-failed",
             MigrateError::Qmp(_) => "qmp-failed",
         }
     }
@@ -130,6 +135,9 @@ impl MigrateError {
             MigrateError::DiskCopy { reason, .. } => reason.hint(),
             MigrateError::SourceExited { .. } => {
                 "the instance is stopped (crashed) on the source; read QEMU's output above, then `ferry instance start` it"
+            }
+            MigrateError::Tls(_) => {
+                "retry: each migration gets fresh credentials; if it fails again, check the hosts' clocks and the agent's run directory"
             }
             MigrateError::Qmp(_) => "a QEMU process stopped answering; check that it still runs",
         }

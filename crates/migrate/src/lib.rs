@@ -17,6 +17,7 @@ pub mod plan;
 pub mod progress;
 pub mod settings;
 pub mod source;
+pub mod tls;
 
 pub use control::{Action, ControlPolicy, Controller, Decision, EscalateConfig, TimeoutAction};
 pub use error::{DiskCopyFailure, MigrateError};
@@ -28,3 +29,4 @@ pub use plan::{Plan, PlanInputs, Prediction};
 pub use progress::{Phase, Progress, ProgressTracker};
 pub use settings::QemuSettings;
 pub use source::{AbortHandle, AbortSignal, SourceEvent, SourceOutcome};
+pub use tls::{StreamTls, TlsCredentials, TlsError, TlsPeer};

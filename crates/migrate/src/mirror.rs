@@ -516,8 +516,9 @@ impl Mirrors {
                 })
                 .collect(),
         };
+        let tls = crate::tls::nbd_client_tls(qmp).await?;
         for (i, t) in targets.iter().enumerate() {
-            if let Err(e) = mirrors.start_one(qmp, i, t).await {
+            if let Err(e) = mirrors.start_one(qmp, i, t, &tls).await {
                 mirrors.abort(qmp).await;
                 return Err(e);
             }
@@ -530,16 +531,18 @@ impl Mirrors {
         qmp: &Qmp,
         i: usize,
         t: &MirrorTarget,
+        tls: &Option<(String, Option<String>)>,
     ) -> Result<(), MigrateError> {
         let d = &mut self.disks[i];
         let fail = |e: QmpError| disk_error(&t.disk, &e.to_string());
-        qmp.execute(&BlockdevAddNbd::new(
-            target_node(&t.disk),
-            t.addr,
-            t.export.clone(),
-        ))
-        .await
-        .map_err(fail)?;
+        let mut add = BlockdevAddNbd::new(target_node(&t.disk), t.addr, t.export.clone());
+        // The disk travels with the memory's credentials: an encrypted migration never
+        // sends its disks in the clear.
+        if let Some((creds, hostname)) = tls.clone() {
+            add.tls_creds = Some(creds);
+            add.tls_hostname = hostname;
+        }
+        qmp.execute(&add).await.map_err(fail)?;
         d.started = true;
         let resumable = prepare_bitmap(qmp, &d.node(), &d.bitmap, t.resume)
             .await

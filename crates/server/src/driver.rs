@@ -186,6 +186,7 @@ async fn launch_destination(state: &AppState, m: &Migration) -> bool {
             instance_id: instance.id,
             name: instance.name.clone(),
             spec: destination_spec(&instance.spec, &[]),
+            tls: None,
         };
         let path = format!("/v1/migrations/{}/incoming/launch", m.id);
         dst.post::<_, serde_json::Value>(&path, &body)
@@ -1507,6 +1508,7 @@ impl MigrationHalves for AgentHalves<'_> {
             spec: destination_spec(&self.instance.spec, &self.copies),
             params: self.params.clone(),
             disks,
+            tls: None,
         };
         let ready: IncomingReady = self
             .step(Side::Destination, "/incoming", &body, true)
@@ -1570,6 +1572,7 @@ impl MigrationHalves for AgentHalves<'_> {
                 destination: dest.to_string(),
                 params: self.params.clone(),
                 disks: self.mirrors.clone(),
+                tls: None,
             };
             let _: SourceStatus = self.step(Side::Source, "/source", &body, true).await?;
         }

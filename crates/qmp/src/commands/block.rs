@@ -50,6 +50,15 @@ pub struct BlockdevAddNbd {
     pub server: InetAddress,
     /// The export name the destination chose.
     pub export: String,
+    /// The `tls-creds-x509` object (endpoint client) that encrypts the connection; `None`
+    /// sends the disk in the clear.
+    #[serde(rename = "tls-creds", skip_serializing_if = "Option::is_none")]
+    pub tls_creds: Option<String>,
+    /// The name the export's certificate must carry (the destination's migration address):
+    /// QEMU would otherwise check the address it connects to, which is the same today but
+    /// need not be behind a NAT.
+    #[serde(rename = "tls-hostname", skip_serializing_if = "Option::is_none")]
+    pub tls_hostname: Option<String>,
 }
 
 impl BlockdevAddNbd {
@@ -64,6 +73,8 @@ impl BlockdevAddNbd {
             node_name: node_name.into(),
             server: InetAddress::new(addr),
             export: export.into(),
+            tls_creds: None,
+            tls_hostname: None,
         }
     }
 }
@@ -180,6 +191,14 @@ pub struct TaggedInetData {
 pub struct NbdServerStart {
     /// See QEMU's QAPI schema for `addr`.
     pub addr: TaggedInet,
+    /// The `tls-creds-x509` object (endpoint server) every client must handshake with;
+    /// `None` serves in the clear.
+    #[serde(rename = "tls-creds", skip_serializing_if = "Option::is_none")]
+    pub tls_creds: Option<String>,
+    /// The authz object that names the one client identity allowed in. With TLS and no
+    /// authz QEMU lets in any certificate its CA signed.
+    #[serde(rename = "tls-authz", skip_serializing_if = "Option::is_none")]
+    pub tls_authz: Option<String>,
 }
 
 impl NbdServerStart {
@@ -193,6 +212,8 @@ impl NbdServerStart {
                     port: addr.port().to_string(),
                 },
             },
+            tls_creds: None,
+            tls_authz: None,
         }
     }
 }

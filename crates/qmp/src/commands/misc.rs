@@ -165,7 +165,73 @@ pub struct MachineInfo {
     pub extra: Map<String, Value>,
 }
 
+/// `object-add` of a `tls-creds-x509` object: the certificates QEMU reads from `dir` (its
+/// fixed file names `ca-cert.pem`, `server-cert.pem`/`server-key.pem` or
+/// `client-cert.pem`/`client-key.pem`) for a TLS stream (qapi/qom.json,
+/// `TlsCredsX509Properties`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ObjectAddTlsCredsX509 {
+    /// Always `tls-creds-x509`.
+    pub qom_type: &'static str,
+    /// The object's id, which `tls-creds` parameters name.
+    pub id: String,
+    /// The directory holding the PEM files.
+    pub dir: String,
+    /// `server` (accepts the stream) or `client` (opens it).
+    pub endpoint: &'static str,
+    /// Require and check the peer's certificate (QEMU's default only for clients).
+    pub verify_peer: bool,
+}
+
+impl ObjectAddTlsCredsX509 {
+    /// Credentials for the given endpoint (`server` or `client`) that always verify the peer.
+    pub fn new(id: impl Into<String>, dir: impl Into<String>, endpoint: &'static str) -> Self {
+        ObjectAddTlsCredsX509 {
+            qom_type: "tls-creds-x509",
+            id: id.into(),
+            dir: dir.into(),
+            endpoint,
+            verify_peer: true,
+        }
+    }
+}
+
+/// `object-add` of an `authz-simple` object: exactly one identity (a TLS client's
+/// distinguished name) is allowed (qapi/authz.json, `AuthZSimpleProperties`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ObjectAddAuthzSimple {
+    /// Always `authz-simple`.
+    pub qom_type: &'static str,
+    /// The object's id, which `tls-authz` parameters name.
+    pub id: String,
+    /// The one identity allowed, e.g. `CN=ferry-migration-ID-source`.
+    pub identity: String,
+}
+
+impl ObjectAddAuthzSimple {
+    /// An authz object that allows `identity` only.
+    pub fn new(id: impl Into<String>, identity: impl Into<String>) -> Self {
+        ObjectAddAuthzSimple {
+            qom_type: "authz-simple",
+            id: id.into(),
+            identity: identity.into(),
+        }
+    }
+}
+
+/// `object-del`: remove a user-created object (credentials outliving their migration).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ObjectDel {
+    /// The object's id.
+    pub id: String,
+}
+
 commands! {
+    ObjectAddTlsCredsX509 => "object-add" -> ();
+    ObjectAddAuthzSimple => "object-add" -> ();
+    ObjectDel => "object-del" -> ();
     QueryVersion => "query-version" -> VersionInfo;
     QueryCpuModelExpansion => "query-cpu-model-expansion" -> CpuModelExpansionInfo;
     QueryMachines => "query-machines" -> Vec<MachineInfo>;

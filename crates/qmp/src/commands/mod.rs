@@ -101,6 +101,47 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// The TLS arguments are spelled as QEMU 10's QAPI schema has them (qapi/qom.json,
+    /// qapi/authz.json, qapi/block-export.json, qapi/block-core.json), and absent when unset.
+    #[test]
+    fn tls_arguments_follow_the_qapi_schema() {
+        let creds = ObjectAddTlsCredsX509::new("c", "/run/x", "server");
+        assert_eq!(
+            serde_json::to_value(&creds).unwrap(),
+            json!({"qom-type": "tls-creds-x509", "id": "c", "dir": "/run/x",
+                   "endpoint": "server", "verify-peer": true})
+        );
+        assert_eq!(
+            serde_json::to_value(ObjectAddAuthzSimple::new("a", "CN=s")).unwrap(),
+            json!({"qom-type": "authz-simple", "id": "a", "identity": "CN=s"})
+        );
+        let addr: std::net::SocketAddr = "10.0.0.2:49152".parse().unwrap();
+        let mut start = NbdServerStart::new(addr);
+        assert!(serde_json::to_value(&start)
+            .unwrap()
+            .get("tls-creds")
+            .is_none());
+        start.tls_creds = Some("c".into());
+        start.tls_authz = Some("a".into());
+        let v = serde_json::to_value(&start).unwrap();
+        assert_eq!(
+            (v["tls-creds"].clone(), v["tls-authz"].clone()),
+            (json!("c"), json!("a"))
+        );
+        let mut add = BlockdevAddNbd::new("n", addr, "e");
+        assert!(serde_json::to_value(&add)
+            .unwrap()
+            .get("tls-creds")
+            .is_none());
+        add.tls_creds = Some("c".into());
+        add.tls_hostname = Some("10.0.0.2".into());
+        let v = serde_json::to_value(&add).unwrap();
+        assert_eq!(
+            (v["tls-creds"].clone(), v["tls-hostname"].clone()),
+            (json!("c"), json!("10.0.0.2"))
+        );
+    }
+
     #[test]
     fn lenient_enums_round_trip_and_keep_unknown_values() {
         let s: MigrationStatus = serde_json::from_value(json!("postcopy-active")).expect("ok");
