@@ -178,7 +178,7 @@ async fn api() -> Api {
             .unwrap();
         agents.insert(name.to_string(), agent);
     }
-    let (_, read_only) = store.create_token("viewer", Role::ReadOnly).await.unwrap();
+    let (_, read_only) = store.create_token("viewer", Role::Reader, None).await.unwrap();
     let admin = ApiClient::new(&server.url(), Some(ADMIN.into()));
     Api {
         server,

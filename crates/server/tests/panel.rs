@@ -894,13 +894,13 @@ async fn a_read_only_token_sees_no_actions_and_its_forged_posts_are_refused() {
         .server
         .state
         .store
-        .create_token("viewer", ferry_server::store::Role::ReadOnly)
+        .create_token("viewer", ferry_server::store::Role::Reader, None)
         .await
         .unwrap();
 
     let mut b = Browser::start("readonly", &base(&c)).await;
     b.sign_in(&viewer).await;
-    assert_eq!(b.attr("#who", "data-role").await, "read-only");
+    assert_eq!(b.attr("#who", "data-role").await, "reader");
     b.shot("instances").await;
     for (path, name) in [
         (format!("/instances/{}", inst.id), "instance"),
@@ -938,7 +938,7 @@ async fn a_read_only_token_sees_no_actions_and_its_forged_posts_are_refused() {
     ] {
         let (status, body) = b.post_from_page(&path, &format!("csrf={csrf}")).await;
         assert_eq!(status, 403, "{path}: {body}");
-        assert!(body.contains("read-only"), "{path}: {body}");
+        assert!(body.contains("role is reader"), "{path}: {body}");
     }
     let (status, body) = b
         .post_from_page(
@@ -951,7 +951,7 @@ async fn a_read_only_token_sees_no_actions_and_its_forged_posts_are_refused() {
         "the dialog comes back with the refusal: {body}"
     );
     assert!(
-        body.contains("read-only") && body.contains("forbidden"),
+        body.contains("needs the operator role") && body.contains("forbidden"),
         "{body}"
     );
     b.shot("forged-refused").await;

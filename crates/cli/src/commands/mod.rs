@@ -8,6 +8,7 @@ pub mod host;
 pub mod instance;
 pub mod lab;
 pub mod migrate;
+pub mod token;
 
 use clap::Args;
 use ferry_api::{ApiClient, ApiError, ErrorBody};
@@ -178,6 +179,13 @@ pub enum ClusterCommand {
         #[command(subcommand)]
         cmd: migrate::MigrationCommand,
     },
+    /// API tokens: create (with a role and a lifetime), list, revoke. Admin tokens only.
+    Token {
+        #[command(flatten)]
+        api: ApiOpts,
+        #[command(subcommand)]
+        cmd: token::TokenCommand,
+    },
     /// Run the control plane (REST API, migration queue, database).
     Server(daemon::DaemonArgs),
     /// Run a host agent (this host's QEMU processes and migration halves).
@@ -201,6 +209,7 @@ impl ClusterCommand {
                 migrate::run_migrate(&Ctx::new(&api)?, args).await
             }
             ClusterCommand::Migration { api, cmd } => migrate::run(&Ctx::new(&api)?, cmd).await,
+            ClusterCommand::Token { api, cmd } => token::run(&Ctx::new(&api)?, cmd).await,
             ClusterCommand::Server(args) => daemon::run_server(args).await,
             ClusterCommand::Agent(args) => daemon::run_agent(args).await,
             ClusterCommand::Lab(cmd) => lab::run(cmd).await,
