@@ -96,10 +96,18 @@ pub struct JoinRequest {
     pub facts: HostFacts,
 }
 
-/// The agent's own credential, used both ways from then on.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The agent's own credential, used both ways from then on. `Debug` leaves it out.
+#[derive(Clone, Serialize, Deserialize)]
 pub struct JoinResponse {
     pub agent_token: String,
+}
+
+impl std::fmt::Debug for JoinResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinResponse")
+            .field("agent_token", &"<redacted>")
+            .finish()
+    }
 }
 
 /// Sent every few seconds; the server marks a silent host offline.

@@ -20,7 +20,7 @@ use crate::error::CliError;
 use crate::output::{self, OutputFormat};
 
 /// Flags every API command takes (also after the subcommand: `ferry host list -o json`).
-#[derive(Args, Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Args, Clone, Default, PartialEq, Eq)]
 pub struct ApiOpts {
     /// Server URL, e.g. http://127.0.0.1:7400 (else `url` in $FERRY_CONFIG or
     /// ~/.config/ferry/cli.toml).
@@ -32,6 +32,17 @@ pub struct ApiOpts {
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t, global = true)]
     pub output: OutputFormat,
+}
+
+/// Leaves the token out: commands are compared and printed in tests and debug output.
+impl std::fmt::Debug for ApiOpts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiOpts")
+            .field("url", &self.url)
+            .field("token", &ferry_api::redact::secret_field(&self.token))
+            .field("output", &self.output)
+            .finish()
+    }
 }
 
 impl ApiOpts {
