@@ -128,7 +128,11 @@ impl Agent {
     /// is no longer defined here (it moved on and its output here is history). An instance
     /// that is neither defined here nor left output here is refused (`instance-not-found`),
     /// so a caller cannot mistake "never ran here" for "printed nothing".
-    pub(crate) fn console(&self, id: &Uuid, budget: u64) -> Result<Vec<ConsoleSegment>, AgentError> {
+    pub(crate) fn console(
+        &self,
+        id: &Uuid,
+        budget: u64,
+    ) -> Result<Vec<ConsoleSegment>, AgentError> {
         let dir = console_dir(&self.config.state_dir, id);
         if self.slot(id).is_err() && !dir.is_dir() {
             return Err(AgentError::InstanceNotFound(*id));

@@ -687,7 +687,11 @@ async fn roles_calls_about_an_instance_not_run_here_are_refused_and_not_acted_on
     ));
     for (what, answer) in refusals {
         let e = answer.expect_err(&what);
-        assert_eq!(status_of(&e), (Some(404), "instance-not-found".into()), "{what}: {e}");
+        assert_eq!(
+            status_of(&e),
+            (Some(404), "instance-not-found".into()),
+            "{what}: {e}"
+        );
         assert!(e.body().message.contains(&other.to_string()), "{what}: {e}");
     }
     assert!(instances(&c).await.is_empty());

@@ -150,7 +150,18 @@ mod tests {
         assert_eq!(parse_lifetime("12h"), Ok(Duration::from_secs(12 * 3600)));
         assert_eq!(parse_lifetime("90m"), Ok(Duration::from_secs(90 * 60)));
         assert_eq!(parse_lifetime("2w"), Ok(Duration::from_secs(14 * 86400)));
-        for bad in ["", "d", "0d", "30", "30s", "-1d", "1.5h", "99999999999999999w", "40000d", "é"] {
+        for bad in [
+            "",
+            "d",
+            "0d",
+            "30",
+            "30s",
+            "-1d",
+            "1.5h",
+            "99999999999999999w",
+            "40000d",
+            "é",
+        ] {
             assert!(parse_lifetime(bad).is_err(), "{bad}");
         }
     }

@@ -137,11 +137,10 @@ impl ServerConfig {
     pub fn from_toml_file(path: &Path) -> Result<ServerConfig, ServerError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ServerError::config(format!("cannot read {}: {e}", path.display())))?;
-        let config: ServerConfig = toml::from_str(&text)
-            .map_err(|e: toml::de::Error| {
-                let message = ferry_api::redact::config_error(e.message(), e.span(), &text);
-                ServerError::config(format!("{}: {message}", path.display()))
-            })?;
+        let config: ServerConfig = toml::from_str(&text).map_err(|e: toml::de::Error| {
+            let message = ferry_api::redact::config_error(e.message(), e.span(), &text);
+            ServerError::config(format!("{}: {message}", path.display()))
+        })?;
         config.validate()?;
         Ok(config)
     }

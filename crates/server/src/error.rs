@@ -77,7 +77,11 @@ impl ServerError {
             format!(
                 "use a token with role {name}{} (an admin creates one with \
                  `ferry token create NAME --role {name}`)",
-                if needed == Role::Admin { "" } else { " or admin" }
+                if needed == Role::Admin {
+                    ""
+                } else {
+                    " or admin"
+                }
             ),
         )
     }

@@ -2,7 +2,9 @@
 //! Only admins may manage tokens; every change is in the audit log with its actor.
 
 use clap::Subcommand;
-use ferry_api::tokens::{parse_lifetime, CreateToken, CreatedToken, RevokedTokens, Token, TokenRole};
+use ferry_api::tokens::{
+    parse_lifetime, CreateToken, CreatedToken, RevokedTokens, Token, TokenRole,
+};
 
 use super::{seg, Ctx};
 use crate::error::{exit, CliError};
@@ -41,7 +43,9 @@ fn parse_role(s: &str) -> Result<TokenRole, String> {
 
 /// Checks a lifetime before sending it, so a typo is reported without a round trip.
 fn check_lifetime(s: &str) -> Result<String, String> {
-    parse_lifetime(s).map(|_| s.to_string()).map_err(|e| e.to_string())
+    parse_lifetime(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
 }
 
 pub async fn run(ctx: &Ctx, cmd: TokenCommand) -> Result<u8, CliError> {
@@ -86,7 +90,9 @@ mod tests {
     fn roles_and_lifetimes_are_checked_before_sending() {
         assert_eq!(parse_role("operator"), Ok(TokenRole::Operator));
         assert_eq!(parse_role("read_only"), Ok(TokenRole::Reader));
-        assert!(parse_role("root").unwrap_err().contains("admin, operator or reader"));
+        assert!(parse_role("root")
+            .unwrap_err()
+            .contains("admin, operator or reader"));
         assert_eq!(check_lifetime("30d"), Ok("30d".into()));
         assert!(check_lifetime("30").is_err());
     }

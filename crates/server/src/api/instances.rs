@@ -830,11 +830,10 @@ pub async fn console(
                 .or_else(|e| match e {
                     // An agent refuses the console of an instance that neither runs there nor
                     // left output there: no output from that host, not a failure.
-                    ferry_api::ApiError::Status { status: 404, ref body }
-                        if body.code == "instance-not-found" =>
-                    {
-                        Ok(Vec::new())
-                    }
+                    ferry_api::ApiError::Status {
+                        status: 404,
+                        ref body,
+                    } if body.code == "instance-not-found" => Ok(Vec::new()),
                     e => Err(e),
                 })
                 .map_err(|e| e.to_string()),

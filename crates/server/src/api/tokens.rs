@@ -33,7 +33,10 @@ fn check_name(name: &str) -> Result<(), ServerError> {
 
 /// Every token with its role, creation, expiry and last use; never a secret.
 #[utoipa::path(get, path = "/v1/tokens", responses((status = 200, body = Vec<Token>), (status = 403, description = "not an admin token", body = ferry_api::ErrorBody)))]
-pub async fn list(State(state): State<AppState>, _a: Admin) -> Result<Json<Vec<Token>>, ServerError> {
+pub async fn list(
+    State(state): State<AppState>,
+    _a: Admin,
+) -> Result<Json<Vec<Token>>, ServerError> {
     let tokens = state.store.list_tokens().await?;
     Ok(Json(tokens.iter().map(|t| t.api()).collect()))
 }

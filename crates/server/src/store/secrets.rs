@@ -169,7 +169,9 @@ pub struct VerifiedCache {
 impl fmt::Debug for VerifiedCache {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.entries.lock().map(|e| e.len()).unwrap_or(0);
-        f.debug_struct("VerifiedCache").field("entries", &n).finish()
+        f.debug_struct("VerifiedCache")
+            .field("entries", &n)
+            .finish()
     }
 }
 
@@ -225,7 +227,8 @@ impl VerifiedCache {
     /// Forgets the credential of this host's agent (joined again with a new one).
     pub fn forget_agent(&self, host_name: &str) {
         if let Ok(mut entries) = self.entries.lock() {
-            entries.retain(|_, (p, _)| !matches!(p, Principal::Agent { host } if host == host_name));
+            entries
+                .retain(|_, (p, _)| !matches!(p, Principal::Agent { host } if host == host_name));
         }
     }
 }
@@ -248,7 +251,12 @@ mod tests {
 
     #[test]
     fn other_secrets_are_looked_up_by_a_short_legacy_prefix() {
-        for s in ["admin-secret", "ferry_short_x", "ferry_0123456789abcdef_", ""] {
+        for s in [
+            "admin-secret",
+            "ferry_short_x",
+            "ferry_0123456789abcdef_",
+            "",
+        ] {
             let key = lookup_key(s);
             assert!(key.starts_with("sha256:"), "{s}: {key}");
             assert_eq!(key.len(), "sha256:".len() + 16);
@@ -285,12 +293,7 @@ mod tests {
             expires_at: None,
         };
         cache.put("secret-a", token.clone());
-        cache.put(
-            "secret-b",
-            Principal::Agent {
-                host: "hv1".into(),
-            },
-        );
+        cache.put("secret-b", Principal::Agent { host: "hv1".into() });
         assert_eq!(cache.get("secret-a"), Some(token));
         assert_eq!(cache.get("secret-c"), None);
         cache.forget_token("t1");

@@ -202,7 +202,10 @@ async fn tokens_store_only_salted_hashes() {
         .create_token("alice", Role::Admin, None)
         .await
         .expect("create");
-    assert!(secret.starts_with(&format!("ferry_{}_", admin.id)), "{secret}");
+    assert!(
+        secret.starts_with(&format!("ferry_{}_", admin.id)),
+        "{secret}"
+    );
     let err = s
         .create_token("alice", Role::Reader, None)
         .await
@@ -226,10 +229,19 @@ async fn tokens_store_only_salted_hashes() {
         ("alice".into(), Role::Admin)
     );
     assert_eq!(
-        valid(s.authenticate("bootstrap-secret-value").await.expect("auth")),
+        valid(
+            s.authenticate("bootstrap-secret-value")
+                .await
+                .expect("auth")
+        ),
         ("dash".into(), Role::Admin)
     );
-    for wrong in ["nope", "", &secret[..secret.len() - 1], &format!("{secret}0")] {
+    for wrong in [
+        "nope",
+        "",
+        &secret[..secret.len() - 1],
+        &format!("{secret}0"),
+    ] {
         assert_eq!(
             s.authenticate(wrong).await.expect("auth"),
             Authenticated::Unknown,
@@ -237,14 +249,19 @@ async fn tokens_store_only_salted_hashes() {
         );
     }
     let listed = s.list_tokens().await.expect("list");
-    assert!(listed.iter().all(|t| t.last_used_at.is_some()), "{listed:?}");
+    assert!(
+        listed.iter().all(|t| t.last_used_at.is_some()),
+        "{listed:?}"
+    );
 
     // A changed configured secret replaces the old one at once.
     s.insert_token_secret("dash", Role::Admin, "another-secret-value")
         .await
         .expect("change");
     assert_eq!(
-        s.authenticate("bootstrap-secret-value").await.expect("auth"),
+        s.authenticate("bootstrap-secret-value")
+            .await
+            .expect("auth"),
         Authenticated::Unknown
     );
     assert!(s.revoke_token(&admin.id).await.expect("revoke"));
@@ -313,7 +330,11 @@ async fn revoking_by_name_is_immediate_and_spares_the_configured_token() {
         s.authenticate(&secret).await.expect("auth"),
         Authenticated::Unknown
     );
-    assert!(s.revoke_tokens_named("admin").await.expect("revoke").is_empty());
+    assert!(s
+        .revoke_tokens_named("admin")
+        .await
+        .expect("revoke")
+        .is_empty());
     valid(s.authenticate("configured").await.expect("auth"));
     // The name is free again.
     s.create_token("ci", Role::Reader, None)
@@ -387,7 +408,9 @@ async fn tokens_and_agents_of_an_older_schema_keep_working_and_are_rehashed() {
         Authenticated::Unknown
     );
     assert_eq!(
-        s.host_for_agent_secret("old-agent-credential").await.expect("agent"),
+        s.host_for_agent_secret("old-agent-credential")
+            .await
+            .expect("agent"),
         Some("hv1".into())
     );
     s.close().await;
@@ -395,13 +418,19 @@ async fn tokens_and_agents_of_an_older_schema_keep_working_and_are_rehashed() {
     let s = Store::open(&path).await.expect("reopen");
     valid(s.authenticate("old-viewer-secret").await.expect("auth"));
     assert_eq!(
-        s.host_for_agent_secret("old-agent-credential").await.expect("agent"),
+        s.host_for_agent_secret("old-agent-credential")
+            .await
+            .expect("agent"),
         Some("hv1".into())
     );
     s.close().await;
     let haystack = database_bytes(dir.path());
     // The WAL may keep old page images until a checkpoint; after close SQLite checkpointed.
-    for secret in ["old-admin-secret", "old-viewer-secret", "old-agent-credential"] {
+    for secret in [
+        "old-admin-secret",
+        "old-viewer-secret",
+        "old-agent-credential",
+    ] {
         assert!(
             !haystack.contains(&sha256_hex(secret)),
             "the SHA-256 of {secret} is still in the file"

@@ -8,7 +8,9 @@ use sqlx::sqlite::SqliteRow;
 use utoipa::ToSchema;
 
 use super::secrets::{self, Principal, Verified};
-use super::{col, enum_col, is_unique_violation, ms, now, opt_time_col, time_col, Store, StoreError};
+use super::{
+    col, enum_col, is_unique_violation, ms, now, opt_time_col, time_col, Store, StoreError,
+};
 
 /// The row id and lookup key of the token from the server's configuration (`admin_token`):
 /// one fixed row, so a changed configured secret replaces the old one instead of adding a
@@ -16,7 +18,9 @@ use super::{col, enum_col, is_unique_violation, ms, now, opt_time_col, time_col,
 pub const CONFIG_TOKEN_ID: &str = "config";
 
 /// What an API token may do; see [`TokenRole`] for the API's spelling.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// Only reading calls: for dashboards and monitoring that must not move anything.
@@ -112,7 +116,11 @@ impl TokenInfo {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Authenticated {
     /// A live token: its id, name and role.
-    Valid { id: String, name: String, role: Role },
+    Valid {
+        id: String,
+        name: String,
+        role: Role,
+    },
     /// A real token past its expiry.
     Expired { name: String, at: DateTime<Utc> },
     /// No token has this secret (never had, or revoked).
@@ -149,7 +157,12 @@ pub(super) async fn verify_blocking(stored: &str, presented: &str) -> Verified {
         .unwrap_or(Verified::No)
 }
 
-fn outcome(id: String, name: String, role: Role, expires_at: Option<DateTime<Utc>>) -> Authenticated {
+fn outcome(
+    id: String,
+    name: String,
+    role: Role,
+    expires_at: Option<DateTime<Utc>>,
+) -> Authenticated {
     match expires_at {
         Some(at) if at <= Utc::now() => Authenticated::Expired { name, at },
         _ => Authenticated::Valid { id, name, role },
@@ -235,7 +248,11 @@ impl Store {
             Some(h) => verify_blocking(h, secret).await == Verified::Yes,
             None => false,
         };
-        let hash = if same { None } else { Some(hash_blocking(secret).await?) };
+        let hash = if same {
+            None
+        } else {
+            Some(hash_blocking(secret).await?)
+        };
         let mut tx = self.write_tx().await?;
         // A configured secret written by an older Ferry is a row of its own under the legacy
         // key; the fixed row replaces it.
@@ -266,10 +283,12 @@ impl Store {
         .bind(lookup)
         .execute(&mut *tx)
         .await?;
-        let row = sqlx::query(&format!("SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE id = $1"))
-            .bind(CONFIG_TOKEN_ID)
-            .fetch_one(&mut *tx)
-            .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE id = $1"
+        ))
+        .bind(CONFIG_TOKEN_ID)
+        .fetch_one(&mut *tx)
+        .await?;
         let info = token_from_row(&row)?;
         tx.commit().await?;
         self.verified.forget_token(CONFIG_TOKEN_ID);
@@ -384,7 +403,10 @@ impl Store {
         .bind(CONFIG_TOKEN_ID)
         .fetch_all(&mut *tx)
         .await?;
-        let gone = rows.iter().map(token_from_row).collect::<Result<Vec<_>, _>>()?;
+        let gone = rows
+            .iter()
+            .map(token_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
         sqlx::query("DELETE FROM api_tokens WHERE name = $1 AND id <> $2")
             .bind(name)
             .bind(CONFIG_TOKEN_ID)
