@@ -86,14 +86,25 @@ use crate::instances::{
 };
 use crate::ErrorBody;
 
-/// An agent introduces itself with the cluster's join token.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// An agent introduces itself with the cluster's join token. `Debug` leaves the token out.
+#[derive(Clone, Serialize, Deserialize)]
 pub struct JoinRequest {
     pub join_token: String,
     pub name: String,
     /// Where the server reaches this agent's API.
     pub agent_url: String,
     pub facts: HostFacts,
+}
+
+impl std::fmt::Debug for JoinRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinRequest")
+            .field("join_token", &"<redacted>")
+            .field("name", &self.name)
+            .field("agent_url", &self.agent_url)
+            .field("facts", &self.facts)
+            .finish()
+    }
 }
 
 /// The agent's own credential, used both ways from then on. `Debug` leaves it out.
