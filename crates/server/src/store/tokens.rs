@@ -341,9 +341,13 @@ impl Store {
                 continue;
             }
             let info = token_from_row(row)?;
+            // Hashed before the write lock is taken: argon2 takes tens of milliseconds.
+            let rehash = match verified {
+                Verified::YesLegacy => Some(hash_blocking(secret).await?),
+                _ => None,
+            };
             let mut tx = self.write_tx().await?;
-            if verified == Verified::YesLegacy {
-                let hash = hash_blocking(secret).await?;
+            if let Some(hash) = rehash {
                 sqlx::query("UPDATE api_tokens SET secret_hash = $2 WHERE id = $1")
                     .bind(&info.id)
                     .bind(hash)
