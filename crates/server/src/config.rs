@@ -53,7 +53,7 @@ pub struct Preflight {
     /// bandwidth probe off (the TCP connect and latency are always checked).
     pub bandwidth_probe_ms: u64,
     /// How long a probe's result between two hosts is reused. Probes open a listener on the
-    /// destination and push bulk data; any token (read-only ones too) may ask for candidates,
+    /// destination and push bulk data; any token (readers too) may ask for candidates,
     /// so without reuse a burst of requests would be a burst of probes.
     pub probe_cache_s: u64,
     /// How long a measured bandwidth between two hosts is reused. Within it a probe only
