@@ -151,7 +151,7 @@ async fn console(
     q: Result<Query<ConsoleQuery>, QueryRejection>,
 ) -> ApiResult<Vec<ConsoleSegment>> {
     let Query(q) = q.map_err(|e| AgentError::BadRequest(e.body_text()))?;
-    Ok(Json(agent.console(&uuid(&id)?, q.budget())))
+    Ok(Json(agent.console(&uuid(&id)?, q.budget())?))
 }
 
 async fn delete_console(State(agent): State<Arc<Agent>>, Path(id): Path<String>) -> ApiResult<()> {

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use crate::AgentError;
 
 /// How one agent runs: who it is, where it listens, where it keeps state, and what the host
-/// offers (datastores, networks, migration address).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// offers (datastores, networks, migration address). `Debug` leaves the tokens out.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     /// Host name, e.g. "hv1"; what the server and operators call this host.
@@ -74,6 +74,23 @@ pub struct AgentConfig {
     /// lab host can pretend to lack them.
     #[serde(default)]
     pub cpu_flags_mask: Vec<String>,
+}
+
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use ferry_api::redact::secret_field;
+        f.debug_struct("AgentConfig")
+            .field("name", &self.name)
+            .field("listen", &self.listen)
+            .field("advertise_url", &self.advertise_url)
+            .field("server_url", &self.server_url)
+            .field("join_token", &secret_field(&self.join_token))
+            .field("credential", &secret_field(&self.credential))
+            .field("state_dir", &self.state_dir)
+            .field("netns", &self.netns)
+            .field("migration_addr", &self.migration_addr)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A storage location guests' files live in.
@@ -145,7 +162,7 @@ impl AgentConfig {
     pub fn from_toml_str(text: &str, file: &str) -> Result<Self, AgentError> {
         let config: AgentConfig = toml::from_str(text).map_err(|e| AgentError::Config {
             file: file.to_string(),
-            message: e.to_string().trim().replace('\n', " "),
+            message: ferry_api::redact::config_error(e.message(), e.span(), text),
         })?;
         config.validate(file)?;
         Ok(config)

@@ -125,13 +125,19 @@ impl Agent {
     }
 
     /// `GET /v1/instances/{id}/console`: this host's segments of the instance, also when it
-    /// is no longer defined here (it moved on).
-    pub(crate) fn console(&self, id: &Uuid, budget: u64) -> Vec<ConsoleSegment> {
-        read_segments(
-            &console_dir(&self.config.state_dir, id),
-            &self.config.name,
-            budget,
-        )
+    /// is no longer defined here (it moved on and its output here is history). An instance
+    /// that is neither defined here nor left output here is refused (`instance-not-found`),
+    /// so a caller cannot mistake "never ran here" for "printed nothing".
+    pub(crate) fn console(
+        &self,
+        id: &Uuid,
+        budget: u64,
+    ) -> Result<Vec<ConsoleSegment>, AgentError> {
+        let dir = console_dir(&self.config.state_dir, id);
+        if self.slot(id).is_err() && !dir.is_dir() {
+            return Err(AgentError::InstanceNotFound(*id));
+        }
+        Ok(read_segments(&dir, &self.config.name, budget))
     }
 
     /// `DELETE /v1/instances/{id}/console`: forgets the instance's output on this host; the

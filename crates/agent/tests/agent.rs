@@ -644,3 +644,71 @@ async fn joins_with_the_token_then_heartbeats() {
     agent.shutdown().await;
     server.abort();
 }
+
+/// An agent refuses every call about an instance it does not run (start, stop, fence,
+/// migrate out, its settings, dirty rate, console, delete) with `instance-not-found`, and acts
+/// on none: nothing is defined, no migration is recorded, no console or run directory appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_calls_about_an_instance_not_run_here_are_refused_and_not_acted_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let agent = ferry_agent::start(config("solo", tmp.path(), None, Ipv4Addr::LOCALHOST))
+        .await
+        .expect("agent starts");
+    let c = client(&agent);
+    let other = Uuid::new_v4();
+    let mid = Uuid::new_v4();
+    let mut refusals = Vec::new();
+    for path in ["start", "stop", "stop?force=true", "fence", "dirty-rate"] {
+        refusals.push((
+            format!("POST {path}"),
+            c.post::<_, serde_json::Value>(&format!("/v1/instances/{other}/{path}"), &())
+                .await
+                .map(|_| ()),
+        ));
+    }
+    for path in ["", "/migration-settings", "/console"] {
+        refusals.push((
+            format!("GET {path}"),
+            c.get::<serde_json::Value>(&format!("/v1/instances/{other}{path}"))
+                .await
+                .map(|_| ()),
+        ));
+    }
+    refusals.push((
+        "DELETE".into(),
+        c.delete::<serde_json::Value>(&format!("/v1/instances/{other}"))
+            .await
+            .map(|_| ()),
+    ));
+    let migrate_out = StartSource {
+        instance_id: other,
+        destination: "127.0.0.1:49152".into(),
+        params: MigrationParams::default(),
+        disks: vec![],
+    };
+    refusals.push((
+        "POST migration source".into(),
+        c.post::<_, SourceStatus>(&format!("/v1/migrations/{mid}/source"), &migrate_out)
+            .await
+            .map(|_| ()),
+    ));
+    for (what, answer) in refusals {
+        let e = answer.expect_err(&what);
+        assert_eq!(
+            status_of(&e),
+            (Some(404), "instance-not-found".into()),
+            "{what}: {e}"
+        );
+        assert!(e.body().message.contains(&other.to_string()), "{what}: {e}");
+    }
+    assert!(instances(&c).await.is_empty());
+    let st: SourceStatus = c.get(&format!("/v1/migrations/{mid}")).await.unwrap();
+    assert_eq!(st.state, SourceState::Unknown, "no migration was recorded");
+    for dir in ["consoles", "run"] {
+        assert!(
+            !tmp.path().join(dir).join(other.to_string()).exists(),
+            "{dir}/{other} was created"
+        );
+    }
+    agent.shutdown().await;
+}

@@ -90,8 +90,8 @@ use crate::instances::{
 };
 use crate::ErrorBody;
 
-/// An agent introduces itself with the cluster's join token.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// An agent introduces itself with the cluster's join token. `Debug` leaves the token out.
+#[derive(Clone, Serialize, Deserialize)]
 pub struct JoinRequest {
     pub join_token: String,
     pub name: String,
@@ -100,10 +100,29 @@ pub struct JoinRequest {
     pub facts: HostFacts,
 }
 
-/// The agent's own credential, used both ways from then on.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+impl std::fmt::Debug for JoinRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinRequest")
+            .field("join_token", &"<redacted>")
+            .field("name", &self.name)
+            .field("agent_url", &self.agent_url)
+            .field("facts", &self.facts)
+            .finish()
+    }
+}
+
+/// The agent's own credential, used both ways from then on. `Debug` leaves it out.
+#[derive(Clone, Serialize, Deserialize)]
 pub struct JoinResponse {
     pub agent_token: String,
+}
+
+impl std::fmt::Debug for JoinResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinResponse")
+            .field("agent_token", &"<redacted>")
+            .finish()
+    }
 }
 
 /// Sent every few seconds; the server marks a silent host offline.

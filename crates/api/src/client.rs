@@ -22,11 +22,21 @@ pub fn encode_segment(s: &str) -> String {
 
 /// A JSON-over-HTTP client with a bearer token, shared by the CLI (to the server), the server
 /// (to agents) and agents (to the server), so every caller decodes errors the same way.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ApiClient {
     base: String,
     token: Option<String>,
     http: reqwest::Client,
+}
+
+/// Leaves the bearer token out: clients end up in logged structs and test failures.
+impl std::fmt::Debug for ApiClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiClient")
+            .field("base", &self.base)
+            .field("token", &crate::redact::secret_field(&self.token))
+            .finish_non_exhaustive()
+    }
 }
 
 impl ApiClient {

@@ -12,6 +12,7 @@ pub mod follow;
 pub mod hosts;
 pub mod instances;
 pub mod migrations;
+pub mod redact;
 pub mod tokens;
 
 pub use client::{encode_segment, ApiClient};

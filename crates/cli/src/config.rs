@@ -13,18 +13,32 @@ use serde::Deserialize;
 use crate::error::CliError;
 
 /// The config file's content; unknown keys are tolerated so newer files work with older CLIs.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct FileConfig {
     pub url: Option<String>,
     pub token: Option<String>,
 }
 
+/// Leaves the token out.
+impl std::fmt::Debug for FileConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileConfig")
+            .field("url", &self.url)
+            .field("token", &ferry_api::redact::secret_field(&self.token))
+            .finish()
+    }
+}
+
 impl FileConfig {
     pub fn parse(text: &str, path: &Path) -> Result<FileConfig, CliError> {
-        toml::from_str(text).map_err(|e| {
+        toml::from_str(text).map_err(|e: toml::de::Error| {
             CliError::new(
                 "config-invalid",
-                format!("{}: {e}", path.display()),
+                format!(
+                    "{}: {}",
+                    path.display(),
+                    ferry_api::redact::config_error(e.message(), e.span(), text)
+                ),
                 "the file holds `url = \"http://host:port\"` and `token = \"...\"`",
             )
         })
@@ -32,10 +46,20 @@ impl FileConfig {
 }
 
 /// The server to talk to, resolved.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ClientConfig {
     pub url: String,
     pub token: Option<String>,
+}
+
+/// Leaves the token out.
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("url", &self.url)
+            .field("token", &ferry_api::redact::secret_field(&self.token))
+            .finish()
+    }
 }
 
 /// The config file to read and whether the user named it explicitly (then it must exist).

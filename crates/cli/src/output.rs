@@ -863,3 +863,38 @@ pub fn revision_line(r: &ferry_migrate::control::Revision) -> String {
         fmt_rate(r.dirty_rate_bps)
     )
 }
+
+/// A created token: its secret on a line of its own (easy to copy), then what it is.
+pub fn created_token(c: &ferry_api::tokens::CreatedToken) -> String {
+    let t = &c.token;
+    format!(
+        "{}\n\n{}\nStore the secret now: it is not shown again.",
+        c.secret,
+        key_values(&[
+            ("name", t.name.clone()),
+            ("role", t.role.to_string()),
+            ("expires", opt(t.expires_at.as_ref().map(fmt_time))),
+        ])
+    )
+}
+
+/// Tokens without their secrets: role, created, expiry (or "expired"), last use.
+pub fn tokens_table(tokens: &[ferry_api::tokens::Token], now: DateTime<Utc>) -> String {
+    let mut t = Table::new(&["NAME", "ROLE", "CREATED", "EXPIRES", "LAST USED"]);
+    for k in tokens {
+        let expires = match &k.expires_at {
+            Some(at) if *at <= now => format!("expired {}", fmt_time(at)),
+            Some(at) => fmt_time(at),
+            None if k.from_config => "never (config)".into(),
+            None => "never".into(),
+        };
+        t.row(vec![
+            k.name.clone(),
+            k.role.to_string(),
+            fmt_time(&k.created_at),
+            expires,
+            opt(k.last_used_at.as_ref().map(|at| fmt_age(now, at))),
+        ]);
+    }
+    t.render()
+}

@@ -808,3 +808,42 @@ fn the_console_shows_each_hosts_part_in_order_under_its_name() {
     };
     assert!(output::console(&empty).contains("has not run yet"));
 }
+
+#[test]
+fn the_token_list_shows_roles_and_lifetimes_never_a_secret() {
+    let now = t(100_000);
+    let token =
+        |name: &str, role, expires: Option<DateTime<Utc>>, from_config| ferry_api::tokens::Token {
+            id: format!("id-{name}"),
+            name: name.into(),
+            role,
+            created_at: t(0),
+            expires_at: expires,
+            last_used_at: Some(t(99_940)),
+            from_config,
+        };
+    use ferry_api::tokens::TokenRole;
+    let list = vec![
+        token("admin", TokenRole::Admin, None, true),
+        token("ci", TokenRole::Operator, Some(t(200_000)), false),
+        token("old", TokenRole::Reader, Some(t(50_000)), false),
+    ];
+    assert_eq!(
+        output::tokens_table(&list, now),
+        "NAME   ROLE      CREATED              EXPIRES                      LAST USED\n\
+         admin  admin     2025-03-01 12:00:00  never (config)               1m ago\n\
+         ci     operator  2025-03-01 12:00:00  2025-03-03 19:33:20          1m ago\n\
+         old    reader    2025-03-01 12:00:00  expired 2025-03-02 01:53:20  1m ago"
+    );
+    let made = ferry_api::tokens::CreatedToken {
+        token: list[1].clone(),
+        secret: "ferry_00112233aabbccdd_0f0f".into(),
+    };
+    let text = output::created_token(&made);
+    assert_eq!(text.lines().next(), Some("ferry_00112233aabbccdd_0f0f"));
+    assert_eq!(
+        text.matches("ferry_00112233aabbccdd_0f0f").count(),
+        1,
+        "{text}"
+    );
+}

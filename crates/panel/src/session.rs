@@ -18,8 +18,9 @@ pub const COOKIE: &str = "ferry_session";
 /// The CSRF form field's name.
 pub const CSRF_FIELD: &str = "csrf";
 
-/// The signed-in user of one request.
-#[derive(Debug, Clone)]
+/// The signed-in user of one request. `Debug` leaves the token out, so a logged session
+/// never shows it.
+#[derive(Clone)]
 pub struct Session {
     /// The API token, passed to the API as the bearer of every call.
     pub token: String,
@@ -30,10 +31,26 @@ pub struct Session {
 }
 
 impl Session {
-    /// Whether actions are shown. The server refuses them for read-only tokens anyway;
-    /// hiding them only spares the user a refusal.
+    /// Whether admin actions (hosts) are shown. The server refuses them for other roles
+    /// anyway; hiding them only spares the user a refusal.
     pub fn admin(&self) -> bool {
         self.role == TokenRole::Admin
+    }
+
+    /// Whether guest actions (start, stop, migrate, cancel) are shown: operators and admins.
+    pub fn operator(&self) -> bool {
+        self.role.allows(TokenRole::Operator)
+    }
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .field("token", &"<redacted>")
+            .field("csrf", &"<redacted>")
+            .finish()
     }
 }
 

@@ -49,7 +49,7 @@ pub fn page(title: &str, session: Option<&Session>, nav: Nav, body: Markup) -> M
                         }
                         div.who {
                             span #who data-role=(role_name(s)) {
-                                (s.name) " · " (if s.admin() { "admin" } else { "read-only" })
+                                (s.name) " · " (role_name(s))
                             }
                             form method="post" action="/signout" {
                                 (csrf(s))
@@ -74,11 +74,7 @@ pub fn page(title: &str, session: Option<&Session>, nav: Nav, body: Markup) -> M
 }
 
 fn role_name(s: &Session) -> &'static str {
-    if s.admin() {
-        "admin"
-    } else {
-        "read-only"
-    }
+    s.role.as_str()
 }
 
 /// The hidden CSRF field of a form.

@@ -1,10 +1,14 @@
-//! Who is calling: API tokens (admin or read-only) and agent credentials.
+//! Who is calling: API tokens (admin, operator or reader) and agent credentials.
+//!
+//! Each handler names the role it needs by the extractor it takes: [`Reader`] for reads,
+//! [`Operator`] for running guests (start, stop, migrate, cancel), [`Admin`] for changes to
+//! hosts, tokens and instance definitions. A refusal says which role was needed.
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 
 use crate::server::AppState;
-use crate::store::Role;
+use crate::store::{Authenticated, Role};
 use crate::ServerError;
 
 fn bearer(parts: &Parts) -> Option<&str> {
@@ -17,7 +21,7 @@ fn bearer(parts: &Parts) -> Option<&str> {
         .map(str::trim)
 }
 
-/// Any valid API token: reads are open to read-only tokens.
+/// Any valid API token: reads are open to every role.
 #[derive(Debug, Clone)]
 pub struct Reader;
 
@@ -28,14 +32,22 @@ pub struct Caller {
     pub role: Role,
 }
 
-/// An admin token: required for every change, so each change has an accountable actor.
+/// An operator or admin token: for what runs guests (start, stop, migrate, cancel), so an
+/// operator's token cannot touch hosts, tokens or definitions. The name is the audited actor.
+#[derive(Debug, Clone)]
+pub struct Operator {
+    pub name: String,
+}
+
+/// An admin token: required for changes to hosts, tokens and instance definitions, so each
+/// has an accountable actor with the widest trust.
 #[derive(Debug, Clone)]
 pub struct Admin {
     pub name: String,
 }
 
 /// An admin token used to read what only admins may see (the audit log names every actor and
-/// what they did). Refused read-only tokens are told what needed the admin token.
+/// what they did).
 #[derive(Debug, Clone)]
 pub struct AuditReader;
 
@@ -49,14 +61,36 @@ pub struct AgentCaller {
 #[derive(Debug, Clone)]
 pub struct Joiner;
 
+/// The caller's token name and role; an unknown or revoked token is `unauthorized`, an
+/// expired one `token-expired`. The secret itself never appears in the answer or a log.
 async fn api_role(parts: &Parts, state: &AppState) -> Result<(String, Role), ServerError> {
     let secret = bearer(parts).ok_or_else(ServerError::unauthorized)?;
-    let info = state
-        .store
-        .authenticate(secret)
-        .await?
-        .ok_or_else(ServerError::unauthorized)?;
-    Ok((info.name, info.role))
+    match state.store.authenticate(secret).await? {
+        Authenticated::Valid { name, role, .. } => Ok((name, role)),
+        Authenticated::Expired { name, at } => Err(ServerError::token_expired(&name, at)),
+        Authenticated::Unknown => Err(ServerError::unauthorized()),
+    }
+}
+
+/// The caller's name if its role includes `needed`; else a 403 naming the needed role and
+/// `what` was asked.
+async fn require(
+    parts: &Parts,
+    state: &AppState,
+    needed: Role,
+    what: &str,
+) -> Result<String, ServerError> {
+    let (name, role) = api_role(parts, state).await?;
+    if role.allows(needed) {
+        Ok(name)
+    } else {
+        Err(ServerError::role_required(what, needed, role))
+    }
+}
+
+/// What a request asks for, in words, for a refusal: "POST /v1/hosts/hv1/disable".
+fn what(parts: &Parts) -> String {
+    format!("{} {}", parts.method, parts.uri.path())
 }
 
 impl FromRequestParts<AppState> for Reader {
@@ -75,23 +109,27 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
+impl FromRequestParts<AppState> for Operator {
+    type Rejection = ServerError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ServerError> {
+        let name = require(parts, state, Role::Operator, &what(parts)).await?;
+        Ok(Operator { name })
+    }
+}
+
 impl FromRequestParts<AppState> for Admin {
     type Rejection = ServerError;
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ServerError> {
-        match api_role(parts, state).await? {
-            (name, Role::Admin) => Ok(Admin { name }),
-            _ => Err(ServerError::forbidden()),
-        }
+        let name = require(parts, state, Role::Admin, &what(parts)).await?;
+        Ok(Admin { name })
     }
 }
 
 impl FromRequestParts<AppState> for AuditReader {
     type Rejection = ServerError;
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ServerError> {
-        match api_role(parts, state).await? {
-            (_, Role::Admin) => Ok(AuditReader),
-            _ => Err(ServerError::forbidden_read("reading the audit log")),
-        }
+        require(parts, state, Role::Admin, "reading the audit log").await?;
+        Ok(AuditReader)
     }
 }
 

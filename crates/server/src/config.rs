@@ -53,7 +53,7 @@ pub struct Preflight {
     /// bandwidth probe off (the TCP connect and latency are always checked).
     pub bandwidth_probe_ms: u64,
     /// How long a probe's result between two hosts is reused. Probes open a listener on the
-    /// destination and push bulk data; any token (read-only ones too) may ask for candidates,
+    /// destination and push bulk data; any token (readers too) may ask for candidates,
     /// so without reuse a burst of requests would be a burst of probes.
     pub probe_cache_s: u64,
     /// How long a measured bandwidth between two hosts is reused. Within it a probe only
@@ -75,8 +75,8 @@ impl Default for Preflight {
     }
 }
 
-/// The server's configuration.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The server's configuration. `Debug` leaves the tokens out.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Where the REST API listens.
@@ -107,6 +107,21 @@ pub struct ServerConfig {
     pub cold_cleanup_after_s: u64,
 }
 
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use ferry_api::redact::secret_field;
+        f.debug_struct("ServerConfig")
+            .field("listen", &self.listen)
+            .field("database", &self.database)
+            .field("admin_token", &secret_field(&self.admin_token))
+            .field("join_token", &"<redacted>")
+            .field("heartbeat_timeout_s", &self.heartbeat_timeout_s)
+            .field("limits", &self.limits)
+            .field("preflight", &self.preflight)
+            .finish_non_exhaustive()
+    }
+}
+
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7400))
 }
@@ -122,8 +137,10 @@ impl ServerConfig {
     pub fn from_toml_file(path: &Path) -> Result<ServerConfig, ServerError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ServerError::config(format!("cannot read {}: {e}", path.display())))?;
-        let config: ServerConfig = toml::from_str(&text)
-            .map_err(|e| ServerError::config(format!("{}: {e}", path.display())))?;
+        let config: ServerConfig = toml::from_str(&text).map_err(|e: toml::de::Error| {
+            let message = ferry_api::redact::config_error(e.message(), e.span(), &text);
+            ServerError::config(format!("{}: {message}", path.display()))
+        })?;
         config.validate()?;
         Ok(config)
     }

@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use ferry_api::{ApiError, ErrorBody};
 
-use crate::store::StoreError;
+use crate::store::{Role, StoreError};
 
 /// An error with the status it is answered with. Every failure the server reports, from bad
 /// JSON to an agent that refused, ends up here, so every answer has the same shape.
@@ -55,23 +55,48 @@ impl ServerError {
         )
     }
 
+    /// An agent credential used for another host than its own.
     pub fn forbidden() -> Self {
         Self::new(
             403,
             "forbidden",
-            "this token is read-only and the request changes something",
-            "use an admin token",
+            "this agent credential belongs to another host",
+            "each agent reports only for the host it joined as",
         )
     }
 
-    /// A read-only token asking for something only admins may read; `what` names it, e.g.
-    /// "reading the audit log" (saying the request "changes something" would be untrue).
-    pub fn forbidden_read(what: &str) -> Self {
+    /// A token whose role does not include what the request needs: says what was asked,
+    /// which role it needs and which the token has (code `forbidden`, kept from when the only
+    /// refusal was a read-only token's).
+    pub fn role_required(what: &str, needed: Role, have: Role) -> Self {
+        let name = needed.as_str();
         Self::new(
             403,
             "forbidden",
-            format!("{what} needs an admin token; this token is read-only"),
-            "use an admin token",
+            format!("{what} needs the {name} role; this token's role is {have}"),
+            format!(
+                "use a token with role {name}{} (an admin creates one with \
+                 `ferry token create NAME --role {name}`)",
+                if needed == Role::Admin {
+                    ""
+                } else {
+                    " or admin"
+                }
+            ),
+        )
+    }
+
+    /// A token past its expiry: refused with its own code, so a script can tell an expired
+    /// token (get a new one) from a wrong one.
+    pub fn token_expired(name: &str, at: chrono::DateTime<chrono::Utc>) -> Self {
+        Self::new(
+            401,
+            "token-expired",
+            format!(
+                "the API token {name:?} expired at {}",
+                at.format("%Y-%m-%d %H:%M:%S UTC")
+            ),
+            "ask an admin for a new token (`ferry token create NAME --expires 30d`)",
         )
     }
 

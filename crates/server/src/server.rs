@@ -156,7 +156,7 @@ async fn bootstrap_admin(store: &Store, config: &ServerConfig) -> Result<(), Ser
     if !store.list_tokens().await?.is_empty() {
         return Ok(());
     }
-    let (_, secret) = store.create_token("admin", Role::Admin).await?;
+    let (_, secret) = store.create_token("admin", Role::Admin, None).await?;
     let path = config.admin_token_file();
     write_private(&path, &secret)
         .map_err(|e| ServerError::internal(format!("cannot write {}: {e}", path.display())))?;

@@ -178,7 +178,10 @@ async fn api() -> Api {
             .unwrap();
         agents.insert(name.to_string(), agent);
     }
-    let (_, read_only) = store.create_token("viewer", Role::ReadOnly).await.unwrap();
+    let (_, read_only) = store
+        .create_token("viewer", Role::Reader, None)
+        .await
+        .unwrap();
     let admin = ApiClient::new(&server.url(), Some(ADMIN.into()));
     Api {
         server,
@@ -259,7 +262,7 @@ async fn whoami_names_the_token_and_its_role() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         (body["name"].as_str(), body["role"].as_str()),
-        (Some("viewer"), Some("read_only"))
+        (Some("viewer"), Some("reader"))
     );
     let (status, body) = send(&api, "GET", "/v1/whoami", "wrong", None).await;
     assert_error(status, &body, 401, "unauthorized");
@@ -295,11 +298,14 @@ async fn reading_the_audit_log_needs_an_admin_token_and_says_so() {
     assert!(!message.contains("changes"), "{body}");
     let (status, _) = send(&api, "GET", "/v1/audit", ADMIN, None).await;
     assert_eq!(status, 200);
-    // Changes by a read-only token keep their own message.
+    // Changes by a reader say what was asked and which role it needs.
     let (status, body) = send(&api, "POST", "/v1/hosts/hv1/disable", &api.read_only, None).await;
     assert_error(status, &body, 403, "forbidden");
     assert!(
-        body["message"].as_str().unwrap().contains("changes"),
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("POST /v1/hosts/hv1/disable needs the admin role"),
         "{body}"
     );
     api.server.shutdown().await;
@@ -494,5 +500,276 @@ async fn candidate_requests_share_one_probe_per_host_pair() {
         .unwrap();
     assert!(again[0].fit, "{again:#?}");
     assert_eq!(dst.probe_listen.load(Ordering::SeqCst), 1);
+    api.server.shutdown().await;
+}
+
+/// A token of `role` made through the API by the admin; returns its secret.
+async fn token_via_api(api: &Api, name: &str, role: &str, expires: Option<&str>) -> String {
+    let req = serde_json::json!({"name": name, "role": role, "expires_in": expires});
+    let (status, body) = send(
+        api,
+        "POST",
+        "/v1/tokens",
+        ADMIN,
+        Some(serde_json::to_vec(&req).unwrap()),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["token"]["role"], role, "{body}");
+    body["secret"].as_str().expect("secret").to_string()
+}
+
+/// The role refusal: 403 `forbidden`, naming the role the request needed and the token's.
+fn assert_needs(status: u16, body: &serde_json::Value, needed: &str, have: &str) {
+    assert_error(status, body, 403, "forbidden");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("needs the {needed} role"))
+            && message.contains(&format!("role is {have}")),
+        "{body}"
+    );
+    assert!(
+        body["hint"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("--role {needed}")),
+        "{body}"
+    );
+}
+
+/// A reader reads but cannot migrate, start or stop; an operator migrates (the job is queued
+/// and audited with the operator as actor) but cannot touch hosts, tokens, instance
+/// definitions or the audit log; an admin can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_reader_operator_admin_each_get_what_their_role_allows() {
+    let api = api().await;
+    let id = Uuid::new_v4();
+    api.server
+        .state
+        .store
+        .insert_instance(id, "vm", "hv1", &spec(), InstanceState::Running)
+        .await
+        .unwrap();
+    let operator = token_via_api(&api, "ops", "operator", None).await;
+    let reader = &api.read_only;
+    let migrate =
+        serde_json::to_vec(&serde_json::json!({"instance": "vm", "destination": "hv2"})).unwrap();
+
+    // Reads are open to every role.
+    for token in [reader.as_str(), operator.as_str(), ADMIN] {
+        for path in ["/v1/hosts", "/v1/instances", "/v1/migrations", "/v1/whoami"] {
+            let (status, body) = send(&api, "GET", path, token, None).await;
+            assert_eq!(status, 200, "{path}: {body}");
+        }
+    }
+    // A reader cannot migrate, start or stop.
+    let (status, body) = send(
+        &api,
+        "POST",
+        "/v1/migrations",
+        reader,
+        Some(migrate.clone()),
+    )
+    .await;
+    assert_needs(status, &body, "operator", "reader");
+    for path in ["/v1/instances/vm/stop", "/v1/instances/vm/start"] {
+        let (status, body) = send(&api, "POST", path, reader, None).await;
+        assert_needs(status, &body, "operator", "reader");
+    }
+    assert!(api
+        .server
+        .state
+        .store
+        .list_migrations(&Default::default())
+        .await
+        .unwrap()
+        .is_empty());
+
+    // An operator cannot change hosts, tokens or definitions, nor read the audit log.
+    let refused: [(&str, &str, Option<Vec<u8>>); 7] = [
+        ("POST", "/v1/hosts/hv1/disable", None),
+        ("POST", "/v1/hosts/hv1/enable", None),
+        ("GET", "/v1/tokens", None),
+        (
+            "POST",
+            "/v1/tokens",
+            Some(br#"{"name": "mine", "role": "admin"}"#.to_vec()),
+        ),
+        ("DELETE", "/v1/tokens/viewer", None),
+        ("DELETE", "/v1/instances/vm", None),
+        ("GET", "/v1/audit", None),
+    ];
+    for (method, path, body) in refused {
+        let (status, answer) = send(&api, method, path, &operator, body).await;
+        assert_error(status, &answer, 403, "forbidden");
+        assert!(
+            answer["message"].as_str().unwrap().contains("admin role"),
+            "{method} {path}: {answer}"
+        );
+    }
+    let hosts: Vec<ferry_api::hosts::Host> = api.admin.get("/v1/hosts").await.unwrap();
+    assert!(hosts.iter().all(|h| h.enabled), "no host was disabled");
+
+    // An operator migrates.
+    let (status, body) = send(&api, "POST", "/v1/migrations", &operator, Some(migrate)).await;
+    assert_eq!(status, 202, "{body}");
+    let audit: Vec<serde_json::Value> = api.admin.get("/v1/audit").await.unwrap();
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["actor"] == "ops" && e["action"] == "migration.create"),
+        "{audit:#?}"
+    );
+    // The admin can do what the operator could not.
+    let (status, body) = send(&api, "POST", "/v1/hosts/hv1/disable", ADMIN, None).await;
+    assert_eq!(status, 200, "{body}");
+    api.server.shutdown().await;
+}
+
+/// Tokens through the API: created with a role and a lifetime (the secret shown once),
+/// listed without secrets, revoked by name and refused at once, even though they were
+/// verified a moment before (the cache forgets them); every change audited with its actor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_tokens_are_created_listed_and_revoked_at_once() {
+    let api = api().await;
+    let ci = token_via_api(&api, "ci", "operator", Some("30d")).await;
+    assert!(ci.starts_with("ferry_"), "{ci}");
+    let (status, body) = send(&api, "GET", "/v1/whoami", &ci, None).await;
+    assert_eq!(
+        (status, body["role"].as_str()),
+        (200, Some("operator")),
+        "{body}"
+    );
+
+    let (status, list) = send(&api, "GET", "/v1/tokens", ADMIN, None).await;
+    assert_eq!(status, 200, "{list}");
+    let text = list.to_string();
+    assert!(
+        !text.contains(&ci) && !text.contains(ADMIN),
+        "no secret listed: {text}"
+    );
+    let entry = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "ci")
+        .unwrap_or_else(|| panic!("{list}"));
+    let expires: chrono::DateTime<Utc> =
+        serde_json::from_value(entry["expires_at"].clone()).unwrap();
+    let days = (expires - Utc::now()).num_hours() as f64 / 24.0;
+    assert!((29.9..=30.0).contains(&days), "{entry}");
+    assert!(entry["last_used_at"].is_string(), "{entry}");
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["name"] == "admin" && t["from_config"] == true),
+        "{list}"
+    );
+
+    // Refusals with their codes.
+    for (req, status_want, code) in [
+        (
+            serde_json::json!({"name": "ci", "role": "reader"}),
+            409,
+            "token-name-taken",
+        ),
+        (
+            serde_json::json!({"name": "x", "role": "reader", "expires_in": "30"}),
+            400,
+            "invalid-expiry",
+        ),
+        (
+            serde_json::json!({"name": "has space", "role": "reader"}),
+            400,
+            "invalid-token-name",
+        ),
+        (
+            serde_json::json!({"name": "x", "role": "root"}),
+            400,
+            "malformed-json",
+        ),
+    ] {
+        let (status, body) = send(
+            &api,
+            "POST",
+            "/v1/tokens",
+            ADMIN,
+            Some(serde_json::to_vec(&req).unwrap()),
+        )
+        .await;
+        assert_error(status, &body, status_want, code);
+    }
+    let (status, body) = send(&api, "DELETE", "/v1/tokens/admin", ADMIN, None).await;
+    assert_error(status, &body, 409, "token-from-config");
+    let (status, body) = send(&api, "DELETE", "/v1/tokens/nobody", ADMIN, None).await;
+    assert_error(status, &body, 404, "token-not-found");
+
+    // Revoked: refused on the very next call.
+    let (status, body) = send(&api, "DELETE", "/v1/tokens/ci", ADMIN, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["revoked"][0]["name"], "ci", "{body}");
+    let (status, body) = send(&api, "GET", "/v1/whoami", &ci, None).await;
+    assert_error(status, &body, 401, "unauthorized");
+    let (status, body) = send(&api, "GET", "/v1/hosts", &ci, None).await;
+    assert_error(status, &body, 401, "unauthorized");
+
+    let audit: Vec<serde_json::Value> = api.admin.get("/v1/audit").await.unwrap();
+    for action in ["token.create", "token.revoke"] {
+        assert!(
+            audit
+                .iter()
+                .any(|e| e["actor"] == "admin" && e["action"] == action && e["target"] == "ci"),
+            "{action}: {audit:#?}"
+        );
+    }
+    assert!(!serde_json::to_string(&audit).unwrap().contains(&ci));
+    api.server.shutdown().await;
+}
+
+/// An expired token is refused with its own code and a hint, from the first call and also
+/// after it was accepted while still valid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_an_expired_token_is_refused_with_token_expired() {
+    let api = api().await;
+    let store = &api.server.state.store;
+    let (_, old) = store
+        .create_token(
+            "old",
+            Role::Admin,
+            Some(Utc::now() - chrono::Duration::minutes(5)),
+        )
+        .await
+        .unwrap();
+    let (status, body) = send(&api, "GET", "/v1/hosts", &old, None).await;
+    assert_error(status, &body, 401, "token-expired");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"old\" expired at"),
+        "{body}"
+    );
+    assert!(
+        body["hint"]
+            .as_str()
+            .unwrap()
+            .contains("ferry token create"),
+        "{body}"
+    );
+
+    let (_, brief) = store
+        .create_token(
+            "brief",
+            Role::Reader,
+            Some(Utc::now() + chrono::Duration::milliseconds(800)),
+        )
+        .await
+        .unwrap();
+    let (status, body) = send(&api, "GET", "/v1/hosts", &brief, None).await;
+    assert_eq!(status, 200, "{body}");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let (status, body) = send(&api, "GET", "/v1/hosts", &brief, None).await;
+    assert_error(status, &body, 401, "token-expired");
     api.server.shutdown().await;
 }

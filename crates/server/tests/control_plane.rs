@@ -135,7 +135,7 @@ async fn live_migration_through_the_api_with_progress_logs_and_events() {
         .server
         .state
         .store
-        .create_token("chart-viewer", ferry_server::store::Role::ReadOnly)
+        .create_token("chart-viewer", ferry_server::store::Role::Reader, None)
         .await
         .unwrap();
     let reader = ApiClient::new(&c.server.url(), Some(viewer));
@@ -428,7 +428,7 @@ async fn bad_requests_are_4xx_with_code_and_hint_and_change_nothing() {
         .server
         .state
         .store
-        .create_token("viewer", ferry_server::store::Role::ReadOnly)
+        .create_token("viewer", ferry_server::store::Role::Reader, None)
         .await
         .unwrap();
     let ro_client = ApiClient::new(&c.server.url(), Some(ro.clone()));

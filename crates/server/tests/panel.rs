@@ -5,8 +5,9 @@
 //! again, the instance on its new host, a bandwidth-capped migration re-paced and cancelled
 //! from its screen with the guest still on its source; post-copy behind its acknowledged risk
 //! and switched to from the screen; stop, cold Migrate and start of an instance, disable and
-//! enable of a host, sign-out; a read-only token that sees no actions and whose forged
-//! action posts are refused; storage mapping per disk (shared disks stay in place) reaching
+//! enable of a host, sign-out; a reader token that sees no actions and whose forged
+//! action posts are refused, an operator token that sees guest actions and no host action;
+//! storage mapping per disk (shared disks stay in place) reaching
 //! the job, the disk copy on the live screen, a job queued behind a destination's inbound
 //! limit, the list's filters, phone width without sideways scrolling, a keyboard-only path
 //! to the dialog, and a refused pace value's error box. Every page visited is saved as a
@@ -884,7 +885,8 @@ async fn an_admin_switches_to_post_copy_and_runs_instance_and_host_actions_in_th
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_read_only_token_sees_no_actions_and_its_forged_posts_are_refused() {
+async fn roles_a_reader_sees_no_actions_and_its_forged_posts_are_refused_an_operator_no_host_actions(
+) {
     let c = Cluster::start(2, Limits::default()).await;
     let inst = c.running_vm("ro-1", "hv1", 72).await;
     let m = c.migrate("ro-1", "hv2", MigrationOptions::default()).await;
@@ -894,13 +896,13 @@ async fn a_read_only_token_sees_no_actions_and_its_forged_posts_are_refused() {
         .server
         .state
         .store
-        .create_token("viewer", ferry_server::store::Role::ReadOnly)
+        .create_token("viewer", ferry_server::store::Role::Reader, None)
         .await
         .unwrap();
 
     let mut b = Browser::start("readonly", &base(&c)).await;
     b.sign_in(&viewer).await;
-    assert_eq!(b.attr("#who", "data-role").await, "read-only");
+    assert_eq!(b.attr("#who", "data-role").await, "reader");
     b.shot("instances").await;
     for (path, name) in [
         (format!("/instances/{}", inst.id), "instance"),
@@ -938,7 +940,7 @@ async fn a_read_only_token_sees_no_actions_and_its_forged_posts_are_refused() {
     ] {
         let (status, body) = b.post_from_page(&path, &format!("csrf={csrf}")).await;
         assert_eq!(status, 403, "{path}: {body}");
-        assert!(body.contains("read-only"), "{path}: {body}");
+        assert!(body.contains("role is reader"), "{path}: {body}");
     }
     let (status, body) = b
         .post_from_page(
@@ -951,7 +953,7 @@ async fn a_read_only_token_sees_no_actions_and_its_forged_posts_are_refused() {
         "the dialog comes back with the refusal: {body}"
     );
     assert!(
-        body.contains("read-only") && body.contains("forbidden"),
+        body.contains("needs the operator role") && body.contains("forbidden"),
         "{body}"
     );
     b.shot("forged-refused").await;
@@ -986,8 +988,40 @@ async fn a_read_only_token_sees_no_actions_and_its_forged_posts_are_refused() {
     assert_eq!((i.host.as_str(), i.state), ("hv2", InstanceState::Running));
     let hosts: Vec<ferry_api::hosts::Host> = c.admin.get("/v1/hosts").await.unwrap();
     assert!(hosts.iter().all(|h| h.enabled));
-
     b.close().await;
+
+    // An operator sees the guest's actions, and still no host action.
+    let (_, ops) = c
+        .server
+        .state
+        .store
+        .create_token("ops", ferry_server::store::Role::Operator, None)
+        .await
+        .unwrap();
+    let mut o = Browser::start("operator", &base(&c)).await;
+    o.sign_in(&ops).await;
+    assert_eq!(o.attr("#who", "data-role").await, "operator");
+    o.goto(&format!("/instances/{}", inst.id)).await;
+    o.find("#main h1").await;
+    assert_eq!(o.count("#actions #live-migrate").await, 1);
+    assert_eq!(
+        o.count(&format!(
+            "#actions form[action='/instances/{}/stop']",
+            inst.id
+        ))
+        .await,
+        1
+    );
+    o.goto("/hosts").await;
+    o.find("#main h1").await;
+    assert_eq!(
+        o.count("form[action$='/disable'], form[action$='/enable']")
+            .await,
+        0,
+        "no host action for an operator"
+    );
+    o.shot("operator-hosts").await;
+    o.close().await;
     c.shutdown().await;
 }
 

@@ -8,6 +8,7 @@ pub mod host;
 pub mod instance;
 pub mod lab;
 pub mod migrate;
+pub mod token;
 
 use clap::Args;
 use ferry_api::{ApiClient, ApiError, ErrorBody};
@@ -19,7 +20,7 @@ use crate::error::CliError;
 use crate::output::{self, OutputFormat};
 
 /// Flags every API command takes (also after the subcommand: `ferry host list -o json`).
-#[derive(Args, Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Args, Clone, Default, PartialEq, Eq)]
 pub struct ApiOpts {
     /// Server URL, e.g. http://127.0.0.1:7400 (else `url` in $FERRY_CONFIG or
     /// ~/.config/ferry/cli.toml).
@@ -31,6 +32,17 @@ pub struct ApiOpts {
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t, global = true)]
     pub output: OutputFormat,
+}
+
+/// Leaves the token out: commands are compared and printed in tests and debug output.
+impl std::fmt::Debug for ApiOpts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiOpts")
+            .field("url", &self.url)
+            .field("token", &ferry_api::redact::secret_field(&self.token))
+            .field("output", &self.output)
+            .finish()
+    }
 }
 
 impl ApiOpts {
@@ -178,6 +190,13 @@ pub enum ClusterCommand {
         #[command(subcommand)]
         cmd: migrate::MigrationCommand,
     },
+    /// API tokens: create (with a role and a lifetime), list, revoke. Admin tokens only.
+    Token {
+        #[command(flatten)]
+        api: ApiOpts,
+        #[command(subcommand)]
+        cmd: token::TokenCommand,
+    },
     /// Run the control plane (REST API, migration queue, database).
     Server(daemon::DaemonArgs),
     /// Run a host agent (this host's QEMU processes and migration halves).
@@ -201,6 +220,7 @@ impl ClusterCommand {
                 migrate::run_migrate(&Ctx::new(&api)?, args).await
             }
             ClusterCommand::Migration { api, cmd } => migrate::run(&Ctx::new(&api)?, cmd).await,
+            ClusterCommand::Token { api, cmd } => token::run(&Ctx::new(&api)?, cmd).await,
             ClusterCommand::Server(args) => daemon::run_server(args).await,
             ClusterCommand::Agent(args) => daemon::run_agent(args).await,
             ClusterCommand::Lab(cmd) => lab::run(cmd).await,

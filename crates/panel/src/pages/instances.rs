@@ -121,7 +121,7 @@ pub async fn show(
                 @if let Some(os) = i.guest.as_ref().and_then(|g| g.os.clone()) { dt { "OS" } dd { (os) } }
                 dt { "Generation" } dd { (i.generation) }
             }
-            @if session.admin() { (actions(&session, &i)) }
+            @if session.operator() { (actions(&session, &i)) }
             h2 { "Disks" }
             @if i.spec.disks.is_empty() { p.empty { "No disks (the guest boots from its kernel and initramfs)." } }
             @else {

@@ -435,7 +435,7 @@ fn review(
             (carried(f))
             div.buttons {
                 button type="submit" name="step" value="edit" { "Back" }
-                @if session.admin() {
+                @if session.operator() {
                     button.primary #start type="submit" name="step" value="start" { "Start migration" }
                 }
             }

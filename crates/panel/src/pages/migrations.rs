@@ -212,7 +212,7 @@ fn controls(session: &Session, m: &Migration) -> Markup {
         MigrationState::Pending | MigrationState::Preparing | MigrationState::Migrating
     );
     html! {
-        @if session.admin() && copying && !m.cancel_requested {
+        @if session.operator() && copying && !m.cancel_requested {
             section.controls #controls {
                 h2 { "Actions" }
                 div.actions {

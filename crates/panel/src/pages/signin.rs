@@ -19,7 +19,7 @@ fn form(failure: Option<&Failure>) -> Response {
     let body = html! {
         section.signin {
             h1 { "Sign in" }
-            p { "Paste an API token. An admin token may act; a read-only token sees every page and changes nothing." }
+            p { "Paste an API token. An admin token may do everything; an operator token starts, stops and migrates guests; a reader token sees every page and changes nothing." }
             @if let Some(f) = failure { (error_box(f)) }
             form method="post" action="/signin" {
                 label for="token" { "API token" }

@@ -5,7 +5,6 @@ use axum::Json;
 use chrono::Utc;
 use ferry_api::agent::{Heartbeat, JoinRequest, JoinResponse};
 use ferry_api::migrations::Event;
-use rand::RngCore;
 
 use super::ApiJson;
 use crate::auth::{AgentCaller, Joiner};
@@ -32,9 +31,7 @@ pub async fn join(
             "use letters, digits, '-' and '.'",
         ));
     }
-    let mut secret = [0u8; 32];
-    rand::thread_rng().fill_bytes(&mut secret);
-    let secret = hex::encode(secret);
+    let secret = crate::store::secrets::new_secret().secret;
     state
         .store
         .join_host(&req.name, &req.agent_url, &secret, &req.facts)

@@ -18,7 +18,7 @@ use uuid::Uuid;
 use super::hosts::{all_hosts, one_host};
 use super::{ApiJson, ApiQuery};
 use crate::agents::agent_client;
-use crate::auth::{Admin, Reader};
+use crate::auth::{Admin, Operator, Reader};
 use crate::disks;
 use crate::server::AppState;
 use crate::store::codes;
@@ -463,7 +463,9 @@ pub async fn create(
     let instance = if req.start {
         power(
             &state,
-            &who,
+            &Operator {
+                name: who.name.clone(),
+            },
             instance,
             InstanceState::Running,
             StopOptions::default(),
@@ -551,7 +553,7 @@ fn refuse_if_migrating(i: &Instance) -> Result<(), ServerError> {
 /// Starts or stops an instance on its agent, then records and audits it.
 async fn power(
     state: &AppState,
-    who: &Admin,
+    who: &Operator,
     i: Instance,
     to: InstanceState,
     stop: StopOptions,
@@ -584,7 +586,7 @@ async fn power(
 #[utoipa::path(post, path = "/v1/instances/{id}/start", params(("id" = String, Path, description = "instance name or id")), responses((status = 200, body = Instance), (status = 404, description = "no such instance", body = ferry_api::ErrorBody), (status = 409, description = "the instance is being migrated, or another host holds a copy", body = ferry_api::ErrorBody)))]
 pub async fn start(
     State(state): State<AppState>,
-    who: Admin,
+    who: Operator,
     Path(id): Path<String>,
 ) -> Result<Json<Instance>, ServerError> {
     let i = find(&state, &id).await?;
@@ -625,7 +627,7 @@ pub async fn start(
 #[utoipa::path(post, path = "/v1/instances/{id}/stop", params(("id" = String, Path, description = "instance name or id"), StopOptions), responses((status = 200, body = Instance), (status = 404, description = "no such instance", body = ferry_api::ErrorBody), (status = 409, description = "the instance is being migrated", body = ferry_api::ErrorBody)))]
 pub async fn stop(
     State(state): State<AppState>,
-    who: Admin,
+    who: Operator,
     Path(id): Path<String>,
     ApiQuery(opts): ApiQuery<StopOptions>,
 ) -> Result<Json<Instance>, ServerError> {
@@ -825,6 +827,15 @@ pub async fn console(
                     i.id
                 ))
                 .await
+                .or_else(|e| match e {
+                    // An agent refuses the console of an instance that neither runs there nor
+                    // left output there: no output from that host, not a failure.
+                    ferry_api::ApiError::Status {
+                        status: 404,
+                        ref body,
+                    } if body.code == "instance-not-found" => Ok(Vec::new()),
+                    e => Err(e),
+                })
                 .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };

@@ -18,7 +18,7 @@ use super::hosts::one_host;
 use super::instances::find;
 use super::{ApiJson, ApiQuery};
 use crate::agents::agent_client;
-use crate::auth::{Admin, AuditReader, Reader};
+use crate::auth::{AuditReader, Operator, Reader};
 use crate::driver::{log, publish_migration};
 use crate::preflight;
 use crate::server::AppState;
@@ -39,7 +39,7 @@ async fn get(state: &AppState, id: &str) -> Result<Migration, ServerError> {
 #[utoipa::path(post, path = "/v1/migrations", request_body = CreateMigration, responses((status = 202, body = Migration), (status = 400, description = "invalid request", body = ferry_api::ErrorBody), (status = 404, description = "no such instance or host", body = ferry_api::ErrorBody), (status = 409, description = "the instance or destination cannot take part now", body = ferry_api::ErrorBody), (status = 413, description = "request body too large", body = ferry_api::ErrorBody)))]
 pub async fn create(
     State(state): State<AppState>,
-    who: Admin,
+    who: Operator,
     ApiJson(req): ApiJson<CreateMigration>,
 ) -> Result<(StatusCode, Json<Migration>), ServerError> {
     let instance = find(&state, &req.instance).await?;
@@ -357,7 +357,7 @@ pub async fn show(
 #[utoipa::path(post, path = "/v1/migrations/{id}/observations", params(("id" = String, Path, description = "migration id (UUID)")), request_body = Object, responses((status = 200, body = Migration), (status = 400, description = "invalid observation", body = ferry_api::ErrorBody), (status = 404, description = "no such migration", body = ferry_api::ErrorBody), (status = 409, description = "not a live migration", body = ferry_api::ErrorBody)))]
 pub async fn observe(
     State(state): State<AppState>,
-    _who: Admin,
+    _who: Operator,
     Path(id): Path<String>,
     ApiJson(o): ApiJson<ferry_migrate::Observation>,
 ) -> Result<Json<Migration>, ServerError> {
@@ -411,7 +411,7 @@ pub async fn observe(
 #[utoipa::path(post, path = "/v1/migrations/{id}/cancel", params(("id" = String, Path, description = "migration id (UUID)")), responses((status = 200, body = Migration), (status = 404, description = "no such migration", body = ferry_api::ErrorBody), (status = 409, description = "the job is past switchover or ended", body = ferry_api::ErrorBody)))]
 pub async fn cancel(
     State(state): State<AppState>,
-    who: Admin,
+    who: Operator,
     Path(id): Path<String>,
 ) -> Result<Json<Migration>, ServerError> {
     let m = get(&state, &id).await?;
@@ -493,7 +493,7 @@ fn too_late_to_cancel(m: &Migration) -> ServerError {
 #[utoipa::path(post, path = "/v1/migrations/{id}/postcopy", params(("id" = String, Path, description = "migration id (UUID)")), responses((status = 200, body = Migration), (status = 404, description = "no such migration", body = ferry_api::ErrorBody), (status = 409, description = "post-copy is not permitted or the job is not copying", body = ferry_api::ErrorBody)))]
 pub async fn postcopy(
     State(state): State<AppState>,
-    who: Admin,
+    who: Operator,
     Path(id): Path<String>,
 ) -> Result<Json<Migration>, ServerError> {
     let m = get(&state, &id).await?;
@@ -544,7 +544,7 @@ pub async fn postcopy(
 #[utoipa::path(patch, path = "/v1/migrations/{id}", params(("id" = String, Path, description = "migration id (UUID)")), request_body = UpdateMigration, responses((status = 200, body = Migration), (status = 400, description = "invalid request", body = ferry_api::ErrorBody), (status = 404, description = "no such migration", body = ferry_api::ErrorBody), (status = 409, description = "the job is neither pending nor copying", body = ferry_api::ErrorBody), (status = 413, description = "request body too large", body = ferry_api::ErrorBody)))]
 pub async fn update(
     State(state): State<AppState>,
-    who: Admin,
+    who: Operator,
     Path(id): Path<String>,
     ApiJson(req): ApiJson<UpdateMigration>,
 ) -> Result<Json<Migration>, ServerError> {
@@ -618,7 +618,7 @@ pub async fn update(
 #[utoipa::path(post, path = "/v1/migrations/{id}/cleanup", params(("id" = String, Path, description = "migration id (UUID)")), responses((status = 200, body = Migration), (status = 404, description = "no such migration", body = ferry_api::ErrorBody), (status = 409, description = "the job did not complete, or kept nothing to clean up", body = ferry_api::ErrorBody), (status = 502, description = "the source agent failed to remove them", body = ferry_api::ErrorBody), (status = 503, description = "the source host does not answer", body = ferry_api::ErrorBody)))]
 pub async fn cleanup(
     State(state): State<AppState>,
-    who: Admin,
+    who: Operator,
     Path(id): Path<String>,
 ) -> Result<Json<Migration>, ServerError> {
     let m = get(&state, &id).await?;

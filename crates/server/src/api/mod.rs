@@ -5,11 +5,12 @@ mod events;
 mod hosts;
 mod instances;
 mod migrations;
+mod tokens;
 
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use utoipa::OpenApi;
@@ -159,11 +160,18 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
         migrations::audit,
         events::cluster_events,
         events::migration_events,
+        tokens::list,
+        tokens::create,
+        tokens::revoke,
     ),
     components(schemas(
         ferry_api::ErrorBody,
         ferry_api::tokens::Whoami,
         ferry_api::tokens::TokenRole,
+        ferry_api::tokens::Token,
+        ferry_api::tokens::CreateToken,
+        ferry_api::tokens::CreatedToken,
+        ferry_api::tokens::RevokedTokens,
         ferry_api::checks::Candidate,
         ferry_api::checks::CheckResult,
         ferry_api::checks::CheckStatus,
@@ -179,13 +187,9 @@ struct ApiDoc;
 /// panel) ask here instead of trying a change.
 #[utoipa::path(get, path = "/v1/whoami", responses((status = 200, body = ferry_api::tokens::Whoami), (status = 401, description = "no valid token", body = ferry_api::ErrorBody)))]
 async fn whoami(caller: crate::auth::Caller) -> Json<ferry_api::tokens::Whoami> {
-    use ferry_api::tokens::{TokenRole, Whoami};
-    Json(Whoami {
+    Json(ferry_api::tokens::Whoami {
         name: caller.name,
-        role: match caller.role {
-            crate::store::Role::Admin => TokenRole::Admin,
-            crate::store::Role::ReadOnly => TokenRole::ReadOnly,
-        },
+        role: caller.role.api(),
     })
 }
 
@@ -242,6 +246,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/migrations/{id}/events", get(events::migration_events))
         .route("/v1/events", get(events::cluster_events))
         .route("/v1/audit", get(migrations::audit))
+        .route("/v1/tokens", get(tokens::list).post(tokens::create))
+        .route("/v1/tokens/{name}", delete(tokens::revoke))
         .route("/v1/agents/join", post(agents::join))
         .route("/v1/agents/heartbeat", post(agents::heartbeat))
         .fallback(|| async {

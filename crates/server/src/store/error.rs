@@ -42,6 +42,9 @@ pub enum StoreError {
         from: MigrationState,
         to: MigrationState,
     },
+    /// A secret could not be hashed (argon2 or the OS's random source failed).
+    #[error("cannot hash a secret: {0}")]
+    Hash(String),
     /// A row holds a value Ferry cannot read (bad JSON, unknown enum value, negative count).
     #[error("corrupt database row: {0}")]
     Corrupt(String),
@@ -65,6 +68,7 @@ impl StoreError {
             StoreError::NotFound(_) => "not-found",
             StoreError::InvalidTransition { .. } => "invalid-transition",
             StoreError::Corrupt(_) => "database-corrupt",
+            StoreError::Hash(_) => "hash-failed",
         }
     }
 
@@ -87,6 +91,7 @@ impl StoreError {
             StoreError::InvalidTransition { .. } => {
                 "the migration has already ended; start a new one if needed"
             }
+            StoreError::Hash(_) => "retry; if it persists, check the server's memory and log",
             StoreError::Corrupt(_) => {
                 "the database holds data this server cannot read: check the server version \
                  and restore from a backup if needed"

@@ -2,9 +2,11 @@ use chrono::{DateTime, Utc};
 use ferry_api::hosts::{Host, HostFacts, HostState};
 use sqlx::sqlite::SqliteRow;
 
+use super::secrets::{self, Principal, Verified};
+use super::tokens::{hash_blocking, verify_blocking};
 use super::{
-    col, is_unique_violation, ms, now, opt_json_col, opt_time_col, sha256_hex, to_json, u64_col,
-    Store, StoreError,
+    col, is_unique_violation, ms, now, opt_json_col, opt_time_col, to_json, u64_col, Store,
+    StoreError,
 };
 
 const HOST_SELECT: &str = "SELECT h.name, h.agent_url, h.enabled, h.last_heartbeat, h.facts,
@@ -35,13 +37,16 @@ fn host_from_row(
 
 impl Store {
     /// Registers an agent's host, or re-registers it: an agent that lost its state joins
-    /// again with a new secret and possibly a new URL, which replace the old ones. The
-    /// enabled flag (an operator's choice) survives a re-join; a new host starts enabled.
-    /// Joining counts as a heartbeat, so the host is online right away.
+    /// again with a new secret and possibly a new URL, which replace the old ones (the old
+    /// credential stops working at once). The enabled flag (an operator's choice) survives a
+    /// re-join; a new host starts enabled. Joining counts as a heartbeat, so the host is
+    /// online right away.
     ///
-    /// The agent secret is stored as given because the server must present it when calling
-    /// the agent; it is not encrypted at rest (out of scope: protect the database file).
-    /// Fails with [`StoreError::Conflict`] if another host already uses the same secret.
+    /// To authenticate the agent's calls only a salted argon2 hash of the credential is kept,
+    /// found by the credential's lookup id. `agent_secret` itself is still stored as given
+    /// because the server presents it when calling the agent (until agents authenticate the
+    /// server by certificate). Fails with [`StoreError::Conflict`] if another host already
+    /// uses the same credential id.
     pub async fn join_host(
         &self,
         name: &str,
@@ -50,14 +55,16 @@ impl Store {
         facts: &HostFacts,
     ) -> Result<(), StoreError> {
         let at = ms(now());
+        let hash = hash_blocking(agent_secret).await?;
         sqlx::query(
-            "INSERT INTO hosts (name, agent_url, agent_secret, agent_secret_sha256, enabled,
-                                facts, last_heartbeat, joined_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $7)
+            "INSERT INTO hosts (name, agent_url, agent_secret, agent_secret_sha256, agent_lookup,
+                                agent_secret_hash, enabled, facts, last_heartbeat, joined_at)
+             VALUES ($1, $2, $3, 'retired:' || $1, $4, $5, $6, $7, $8, $8)
              ON CONFLICT (name) DO UPDATE SET
                  agent_url = excluded.agent_url,
                  agent_secret = excluded.agent_secret,
-                 agent_secret_sha256 = excluded.agent_secret_sha256,
+                 agent_lookup = excluded.agent_lookup,
+                 agent_secret_hash = excluded.agent_secret_hash,
                  facts = excluded.facts,
                  last_heartbeat = excluded.last_heartbeat,
                  joined_at = excluded.joined_at",
@@ -65,7 +72,8 @@ impl Store {
         .bind(name)
         .bind(agent_url)
         .bind(agent_secret)
-        .bind(sha256_hex(agent_secret))
+        .bind(secrets::lookup_key(agent_secret))
+        .bind(hash)
         .bind(true)
         .bind(to_json(facts, "host facts")?)
         .bind(at)
@@ -75,26 +83,56 @@ impl Store {
             if is_unique_violation(&e) {
                 StoreError::conflict(
                     "agent-secret-in-use",
-                    format!("another host already uses this agent secret (joining {name})"),
+                    format!("another host already uses this agent credential (joining {name})"),
                 )
             } else {
                 StoreError::Db(e)
             }
         })?;
+        self.verified.forget_agent(name);
         Ok(())
     }
 
     /// The host whose agent holds `secret`: how the server authenticates agent calls
-    /// (heartbeats). Looked up by hash.
+    /// (heartbeats). Found by the credential's lookup id, verified against its argon2 hash,
+    /// then remembered for a minute so heartbeats do not pay argon2 each time. A credential
+    /// stored by an older Ferry (unsalted SHA-256) is re-hashed at its first use.
     pub async fn host_for_agent_secret(&self, secret: &str) -> Result<Option<String>, StoreError> {
         if secret.is_empty() {
             return Ok(None);
         }
-        let row = sqlx::query("SELECT name FROM hosts WHERE agent_secret_sha256 = $1")
-            .bind(sha256_hex(secret))
+        if let Some(Principal::Agent { host }) = self.verified.get(secret) {
+            return Ok(Some(host));
+        }
+        let row = sqlx::query("SELECT name, agent_secret_hash FROM hosts WHERE agent_lookup = $1")
+            .bind(secrets::lookup_key(secret))
             .fetch_optional(&self.pool)
             .await?;
-        row.as_ref().map(|r| col(r, "name")).transpose()
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let name: String = col(&row, "name")?;
+        let stored: Option<String> = col(&row, "agent_secret_hash")?;
+        let verified = match stored {
+            Some(h) => verify_blocking(&h, secret).await,
+            None => Verified::No,
+        };
+        match verified {
+            Verified::No => return Ok(None),
+            Verified::YesLegacy => {
+                let hash = hash_blocking(secret).await?;
+                sqlx::query("UPDATE hosts SET agent_secret_hash = $2 WHERE name = $1")
+                    .bind(&name)
+                    .bind(hash)
+                    .execute(&self.pool)
+                    .await?;
+                tracing::info!(host = %name, "re-hashed an agent credential stored by an older Ferry");
+            }
+            Verified::Yes => {}
+        }
+        self.verified
+            .put(secret, Principal::Agent { host: name.clone() });
+        Ok(Some(name))
     }
 
     /// The agent's URL and the secret the server presents to it. The secret is stored in the

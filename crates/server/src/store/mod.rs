@@ -15,6 +15,7 @@ mod hosts;
 mod instances;
 mod links;
 mod migrations;
+pub mod secrets;
 mod send_rates;
 mod tokens;
 
@@ -28,6 +29,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+#[cfg(test)]
 use sha2::{Digest, Sha256};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
@@ -39,7 +41,7 @@ pub use error::{codes, StoreError};
 pub use links::LinkMeasure;
 pub use migrations::{MigrationFilter, NewMigration};
 pub use send_rates::SendRate;
-pub use tokens::{ParseRoleError, Role, TokenInfo};
+pub use tokens::{Authenticated, ParseRoleError, Role, TokenInfo, CONFIG_TOKEN_ID};
 
 /// How long a statement waits for another connection's write lock before failing: long
 /// enough to ride out a burst of heartbeats and progress samples, short enough that a stuck
@@ -60,6 +62,7 @@ const SCHEMA: &[(i64, &str)] = &[
     (6, include_str!("../../migrations/0006_qemu_settings.sql")),
     (7, include_str!("../../migrations/0007_send_rates.sql")),
     (8, include_str!("../../migrations/0008_links.sql")),
+    (9, include_str!("../../migrations/0009_secrets_roles.sql")),
 ];
 
 /// Migration states that end a job, as an SQL list. Kept equal to
@@ -71,8 +74,8 @@ const TERMINAL_STATES_SQL: &str = "('completed', 'failed', 'cancelled')";
 /// [`ferry_api::migrations::MigrationState::is_active`] by a unit test.
 const ACTIVE_STATES_SQL: &str = "('preparing', 'migrating', 'completing')";
 
-/// Creates `dir` (and missing parents) readable by the owner only: the database holds agent
-/// credentials, which are stored as given because the server presents them to the agents.
+/// Creates `dir` (and missing parents) readable by the owner only: the database is the
+/// cluster's record, and secrets' hashes are better unread too.
 fn private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
@@ -104,6 +107,9 @@ fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: SqlitePool,
+    /// Secrets verified recently, shared by every clone so a revoke through one handle is
+    /// seen by all at once.
+    verified: std::sync::Arc<secrets::VerifiedCache>,
 }
 
 impl Store {
@@ -129,6 +135,9 @@ impl Store {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .foreign_keys(true)
+            // Deleted rows (revoked tokens, replaced hashes, the tables a schema migration
+            // rebuilds) are overwritten, not left readable in free pages of the file.
+            .pragma("secure_delete", "ON")
             .busy_timeout(BUSY_TIMEOUT);
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
@@ -155,7 +164,10 @@ impl Store {
         pool: sqlx::SqlitePool,
         open_err: impl Fn(sqlx::Error) -> StoreError,
     ) -> Result<Store, StoreError> {
-        let store = Store { pool };
+        let store = Store {
+            pool,
+            verified: Default::default(),
+        };
         store.apply_schema().await.map_err(|e| match e {
             StoreError::Db(source) => open_err(source),
             other => other,
@@ -342,7 +354,8 @@ fn to_json<T: Serialize + ?Sized>(value: &T, what: &str) -> Result<String, Store
         .map_err(|e| StoreError::Corrupt(format!("cannot encode {what} as JSON: {e}")))
 }
 
-/// Lower-case hex SHA-256: how secrets are looked up without comparing them in the clear.
+/// Lower-case hex SHA-256, for tests that look for what older versions stored.
+#[cfg(test)]
 fn sha256_hex(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }

@@ -171,39 +171,10 @@ async fn open_failure_names_the_path() {
     assert_eq!(err.code(), "database-unavailable");
 }
 
-#[tokio::test]
-async fn tokens_store_only_a_hash() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("ferry.db");
-    let s = Store::open(&path).await.expect("open");
-    let (admin, secret) = s.create_token("alice", Role::Admin).await.expect("create");
-    assert_eq!(secret.len(), 64);
-    assert!(secret.chars().all(|c| c.is_ascii_hexdigit()));
-    let ro = s
-        .insert_token_secret("dash", Role::ReadOnly, "bootstrap-secret-value")
-        .await
-        .expect("insert");
-    // Idempotent: same id, role updated from the config.
-    let again = s
-        .insert_token_secret("dash", Role::Admin, "bootstrap-secret-value")
-        .await
-        .expect("insert again");
-    assert_eq!(again.id, ro.id);
-    assert_eq!(again.role, Role::Admin);
-    assert_eq!(s.list_tokens().await.expect("list").len(), 2);
-
-    let found = s.authenticate(&secret).await.expect("auth").expect("known");
-    assert_eq!(found, admin);
-    assert_eq!(found.role, Role::Admin);
-    assert!(s.authenticate("nope").await.expect("auth").is_none());
-    assert!(s.authenticate("").await.expect("auth").is_none());
-
-    assert!(s.revoke_token(&admin.id).await.expect("revoke"));
-    assert!(s.authenticate(&secret).await.expect("auth").is_none());
-    s.close().await;
-
+/// Every byte of the database files in `dir` (main file, WAL, shared memory), as text.
+fn database_bytes(dir: &std::path::Path) -> String {
     let mut bytes = Vec::new();
-    for entry in std::fs::read_dir(dir.path()).expect("ls") {
+    for entry in std::fs::read_dir(dir).expect("ls") {
         // SQLite may still be removing its -wal/-shm files after close: a file that vanished
         // holds nothing any more.
         match std::fs::read(entry.expect("entry").path()) {
@@ -212,18 +183,273 @@ async fn tokens_store_only_a_hash() {
             Err(e) => panic!("read: {e}"),
         }
     }
-    let haystack = String::from_utf8_lossy(&bytes);
-    assert!(haystack.contains(&sha256_hex("bootstrap-secret-value")));
-    assert!(!haystack.contains(&secret));
-    assert!(!haystack.contains("bootstrap-secret-value"));
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+fn valid(a: Authenticated) -> (String, Role) {
+    match a {
+        Authenticated::Valid { name, role, .. } => (name, role),
+        other => panic!("not a valid token: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn tokens_store_only_salted_hashes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ferry.db");
+    let s = Store::open(&path).await.expect("open");
+    let (admin, secret) = s
+        .create_token("alice", Role::Admin, None)
+        .await
+        .expect("create");
+    assert!(
+        secret.starts_with(&format!("ferry_{}_", admin.id)),
+        "{secret}"
+    );
+    let err = s
+        .create_token("alice", Role::Reader, None)
+        .await
+        .expect_err("a second alice");
+    assert_eq!(err.code(), "token-name-taken");
+    let dash = s
+        .insert_token_secret("dash", Role::Reader, "bootstrap-secret-value")
+        .await
+        .expect("insert");
+    // Idempotent: same id, role updated from the config.
+    let again = s
+        .insert_token_secret("dash", Role::Admin, "bootstrap-secret-value")
+        .await
+        .expect("insert again");
+    assert_eq!(again.id, dash.id);
+    assert_eq!(again.role, Role::Admin);
+    assert_eq!(s.list_tokens().await.expect("list").len(), 2);
+
+    assert_eq!(
+        valid(s.authenticate(&secret).await.expect("auth")),
+        ("alice".into(), Role::Admin)
+    );
+    assert_eq!(
+        valid(
+            s.authenticate("bootstrap-secret-value")
+                .await
+                .expect("auth")
+        ),
+        ("dash".into(), Role::Admin)
+    );
+    for wrong in [
+        "nope",
+        "",
+        &secret[..secret.len() - 1],
+        &format!("{secret}0"),
+    ] {
+        assert_eq!(
+            s.authenticate(wrong).await.expect("auth"),
+            Authenticated::Unknown,
+            "{wrong}"
+        );
+    }
+    let listed = s.list_tokens().await.expect("list");
+    assert!(
+        listed.iter().all(|t| t.last_used_at.is_some()),
+        "{listed:?}"
+    );
+
+    // A changed configured secret replaces the old one at once.
+    s.insert_token_secret("dash", Role::Admin, "another-secret-value")
+        .await
+        .expect("change");
+    assert_eq!(
+        s.authenticate("bootstrap-secret-value")
+            .await
+            .expect("auth"),
+        Authenticated::Unknown
+    );
+    assert!(s.revoke_token(&admin.id).await.expect("revoke"));
+    assert_eq!(
+        s.authenticate(&secret).await.expect("auth"),
+        Authenticated::Unknown,
+        "refused at once, though verified a moment ago"
+    );
+    s.close().await;
+
+    let haystack = database_bytes(dir.path());
+    for secret in [&secret, "bootstrap-secret-value", "another-secret-value"] {
+        assert!(!haystack.contains(secret), "{secret} is in the file");
+        assert!(
+            !haystack.contains(&sha256_hex(secret)),
+            "the unsalted SHA-256 of {secret} is in the file"
+        );
+    }
+    assert!(haystack.contains("$argon2id$"));
+}
+
+#[tokio::test]
+async fn an_expired_token_is_refused_even_from_the_cache() {
+    let s = Store::open_memory().await.expect("open");
+    let soon = Utc::now() + Duration::milliseconds(600);
+    let (_, secret) = s
+        .create_token("short", Role::Operator, Some(soon))
+        .await
+        .expect("create");
+    assert_eq!(
+        valid(s.authenticate(&secret).await.expect("auth")),
+        ("short".into(), Role::Operator)
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    match s.authenticate(&secret).await.expect("auth") {
+        Authenticated::Expired { name, at } => {
+            assert_eq!(name, "short");
+            assert!(at <= Utc::now());
+        }
+        other => panic!("{other:?}"),
+    }
+    let (_, old) = s
+        .create_token("old", Role::Reader, Some(Utc::now() - Duration::hours(1)))
+        .await
+        .expect("create");
+    assert!(matches!(
+        s.authenticate(&old).await.expect("auth"),
+        Authenticated::Expired { .. }
+    ));
+}
+
+#[tokio::test]
+async fn revoking_by_name_is_immediate_and_spares_the_configured_token() {
+    let s = Store::open_memory().await.expect("open");
+    let (_, secret) = s
+        .create_token("ci", Role::Operator, None)
+        .await
+        .expect("create");
+    s.insert_token_secret("admin", Role::Admin, "configured")
+        .await
+        .expect("config");
+    valid(s.authenticate(&secret).await.expect("auth"));
+    let gone = s.revoke_tokens_named("ci").await.expect("revoke");
+    assert_eq!(gone.len(), 1);
+    assert_eq!(
+        s.authenticate(&secret).await.expect("auth"),
+        Authenticated::Unknown
+    );
+    assert!(s
+        .revoke_tokens_named("admin")
+        .await
+        .expect("revoke")
+        .is_empty());
+    valid(s.authenticate("configured").await.expect("auth"));
+    // The name is free again.
+    s.create_token("ci", Role::Reader, None)
+        .await
+        .expect("create again");
+}
+
+/// A database written by schema version 8 (unsalted SHA-256 for tokens and agent
+/// credentials, the role read_only) opens with its tokens and agents still working; each
+/// secret is re-hashed with argon2 at its first use and its SHA-256 leaves the file.
+#[tokio::test]
+async fn tokens_and_agents_of_an_older_schema_keep_working_and_are_rehashed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ferry.db");
+    {
+        let options = SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await
+            .expect("pool");
+        sqlx::query("CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)")
+            .execute(&pool)
+            .await
+            .expect("create");
+        for (version, sql) in SCHEMA.iter().filter(|(v, _)| *v <= 8) {
+            sqlx::raw_sql(sql).execute(&pool).await.expect("schema");
+            sqlx::query("INSERT INTO schema_migrations VALUES ($1, 0)")
+                .bind(version)
+                .execute(&pool)
+                .await
+                .expect("version");
+        }
+        for (id, name, role, secret) in [
+            ("t1", "old-admin", "admin", "old-admin-secret"),
+            ("t2", "old-viewer", "read_only", "old-viewer-secret"),
+        ] {
+            sqlx::query("INSERT INTO api_tokens VALUES ($1, $2, $3, $4, 0)")
+                .bind(id)
+                .bind(name)
+                .bind(role)
+                .bind(sha256_hex(secret))
+                .execute(&pool)
+                .await
+                .expect("token");
+        }
+        sqlx::query(
+            "INSERT INTO hosts (name, agent_url, agent_secret, agent_secret_sha256, enabled, joined_at)
+             VALUES ('hv1', 'http://hv1', 'x', $1, TRUE, 0)",
+        )
+        .bind(sha256_hex("old-agent-credential"))
+        .execute(&pool)
+        .await
+        .expect("host");
+        pool.close().await;
+    }
+    let s = Store::open(&path).await.expect("open");
+    assert_eq!(
+        valid(s.authenticate("old-viewer-secret").await.expect("auth")),
+        ("old-viewer".into(), Role::Reader)
+    );
+    assert_eq!(
+        valid(s.authenticate("old-admin-secret").await.expect("auth")),
+        ("old-admin".into(), Role::Admin)
+    );
+    assert_eq!(
+        s.authenticate("old-admin-secreT").await.expect("auth"),
+        Authenticated::Unknown
+    );
+    assert_eq!(
+        s.host_for_agent_secret("old-agent-credential")
+            .await
+            .expect("agent"),
+        Some("hv1".into())
+    );
+    s.close().await;
+    // Re-hashed: a fresh store (no cache) still accepts them, and no full SHA-256 is left.
+    let s = Store::open(&path).await.expect("reopen");
+    valid(s.authenticate("old-viewer-secret").await.expect("auth"));
+    assert_eq!(
+        s.host_for_agent_secret("old-agent-credential")
+            .await
+            .expect("agent"),
+        Some("hv1".into())
+    );
+    s.close().await;
+    let haystack = database_bytes(dir.path());
+    // The WAL may keep old page images until a checkpoint; after close SQLite checkpointed.
+    for secret in [
+        "old-admin-secret",
+        "old-viewer-secret",
+        "old-agent-credential",
+    ] {
+        assert!(
+            !haystack.contains(&sha256_hex(secret)),
+            "the SHA-256 of {secret} is still in the file"
+        );
+    }
 }
 
 #[test]
-fn roles_parse() {
+fn roles_parse_and_order() {
     assert_eq!("admin".parse::<Role>(), Ok(Role::Admin));
-    assert_eq!("read_only".parse::<Role>(), Ok(Role::ReadOnly));
-    assert_eq!(Role::ReadOnly.as_str(), "read_only");
+    assert_eq!("operator".parse::<Role>(), Ok(Role::Operator));
+    assert_eq!("reader".parse::<Role>(), Ok(Role::Reader));
+    assert_eq!("read_only".parse::<Role>(), Ok(Role::Reader));
+    assert_eq!(Role::Reader.as_str(), "reader");
     assert!("root".parse::<Role>().is_err());
+    assert!(Role::Admin.allows(Role::Operator));
+    assert!(Role::Operator.allows(Role::Reader));
+    assert!(!Role::Operator.allows(Role::Admin));
+    assert!(!Role::Reader.allows(Role::Operator));
 }
 
 #[tokio::test]
