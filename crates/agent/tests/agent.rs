@@ -685,6 +685,7 @@ async fn roles_calls_about_an_instance_not_run_here_are_refused_and_not_acted_on
         destination: "127.0.0.1:49152".into(),
         params: MigrationParams::default(),
         disks: vec![],
+        tls: None,
     };
     refusals.push((
         "POST migration source".into(),
