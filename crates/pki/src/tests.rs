@@ -238,10 +238,7 @@ fn fingerprints_round_trip() {
         "{fp}"
     );
     let bytes = parse_fingerprint(&fp).unwrap();
-    assert_eq!(
-        parse_fingerprint(&fp.to_lowercase().replace(':', "")).is_err(),
-        true
-    );
+    assert!(parse_fingerprint("sha256:zz").is_err());
     assert_eq!(
         parse_fingerprint(&format!("sha256:{}", hex::encode(bytes))).unwrap(),
         bytes
