@@ -94,12 +94,21 @@ pub struct JoinRequest {
     /// Where the server reaches this agent's API.
     pub agent_url: String,
     pub facts: HostFacts,
+    /// A PEM certificate signing request for the key the agent made (the key stays on the
+    /// host); the server signs it for the agent's API.
+    pub csr: String,
 }
 
-/// The agent's own credential, used both ways from then on.
+/// What a joined agent holds from then on.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JoinResponse {
+    /// The agent's credential for calling the server (heartbeats).
     pub agent_token: String,
+    /// The agent's certificate followed by the cluster CA (PEM), for its API.
+    pub certificate: String,
+    /// The cluster CA (PEM): only clients it signed for the server's identity may call the
+    /// agent.
+    pub ca_pem: String,
 }
 
 /// Sent every few seconds; the server marks a silent host offline.

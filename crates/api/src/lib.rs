@@ -14,5 +14,5 @@ pub mod instances;
 pub mod migrations;
 pub mod tokens;
 
-pub use client::{encode_segment, ApiClient};
+pub use client::{encode_segment, ApiClient, TlsOptions};
 pub use error::{ApiError, ErrorBody};

@@ -15,6 +15,7 @@ pub mod driver;
 pub mod error;
 pub mod events;
 pub mod kept_copies;
+pub mod pki;
 pub mod preflight;
 mod qemu_settings;
 pub mod reconcile;

@@ -199,7 +199,7 @@ pub async fn cpu_baseline(
             hosts: Vec::new(),
         }));
     };
-    let expander = agent_client(&state.store, &first.name).await?;
+    let expander = agent_client(&state, &first.name).await?;
     let flags: Vec<Vec<String>> = online
         .iter()
         .filter_map(|h| h.facts.as_ref().map(|f| f.cpu_flags.clone()))
