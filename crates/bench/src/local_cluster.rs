@@ -118,7 +118,8 @@ impl LocalCluster {
         .await
         .map_err(|e| BenchError::Daemon(e.body))?;
         let url = server.url();
-        cluster.api = ApiClient::new(&url, Some(ADMIN_TOKEN.into()));
+        cluster.api = server.client(Some(ADMIN_TOKEN.into()));
+        let server_ca = server.ca_file();
         cluster.server = Some(server);
         for h in cluster.net.hosts.clone() {
             let mut own = datastores.clone();
@@ -129,6 +130,7 @@ impl LocalCluster {
                 &h,
                 SocketAddr::from(([127, 0, 0, 1], 0)),
                 &url,
+                &server_ca,
                 JOIN_TOKEN,
                 cluster.dir.join(&h.name),
                 accel,

@@ -43,6 +43,7 @@ pub fn agent_config(
     h: &LabHostNet,
     listen: SocketAddr,
     server_url: &str,
+    server_ca: &Path,
     join_token: &str,
     state_dir: PathBuf,
     accel: &str,
@@ -53,6 +54,8 @@ pub fn agent_config(
         listen,
         advertise_url: None,
         server_url: Some(server_url.to_string()),
+        server_ca: Some(server_ca.to_path_buf()),
+        server_ca_fingerprint: None,
         join_token: Some(join_token.to_string()),
         credential: None,
         state_dir,
@@ -93,7 +96,22 @@ pub fn server_config(
         preflight: Default::default(),
         progress_poll_ms: 250,
         cold_cleanup_after_s: 0,
+        tls: Default::default(),
     }
+}
+
+/// Creates the lab server's cluster CA in `<dir>/pki` before the server first starts (the
+/// server loads it from there, next to its database `<dir>/ferry.db`), so that agents' configs
+/// and the lab's client can name and trust it from the start. Returns the CA's PEM.
+pub fn prepare_ca(dir: &Path) -> Result<String, ChaosError> {
+    let ca = ferry_pki::ClusterCa::load_or_create(&dir.join("pki"), None)
+        .map_err(|e| ChaosError::Invalid(format!("the lab's CA: {e}")))?;
+    Ok(ca.ca_pem().to_string())
+}
+
+/// The lab CA's file, as agents' `server_ca` and `FERRY_CA` name it.
+pub fn ca_file(dir: &Path) -> PathBuf {
+    dir.join("pki").join("ca.pem")
 }
 
 /// A config as TOML; both config types serialize without fail.
@@ -127,6 +145,7 @@ pub fn write_agent_configs(
             h,
             SocketAddr::from(([127, 0, 0, 1], *port)),
             server_url,
+            &ca_file(dir),
             join_token,
             dir.join("agents").join(&h.name),
             accel,
