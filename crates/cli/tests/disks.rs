@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use ferry_agent::{AgentConfig, AgentHandle, DatastoreConfig, NetworkConfig};
 use ferry_api::hosts::{Host, HostState};
-use ferry_api::ApiClient;
 use ferry_server::{ServerConfig, ServerHandle};
 
 const ADMIN: &str = "admin-token-for-cli-disk-tests-01";
@@ -55,6 +54,7 @@ async fn cluster() -> Cluster {
         preflight: Default::default(),
         progress_poll_ms: 200,
         cold_cleanup_after_s: 0,
+        tls: Default::default(),
     })
     .await
     .unwrap();
@@ -64,6 +64,8 @@ async fn cluster() -> Cluster {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         advertise_url: None,
         server_url: Some(url.clone()),
+        server_ca: Some(server.ca_file()),
+        server_ca_fingerprint: None,
         join_token: Some(JOIN.into()),
         credential: None,
         state_dir: dir.path().join("state"),
@@ -92,17 +94,13 @@ async fn cluster() -> Cluster {
     .await
     .unwrap();
     // Online, and the agent holds its credential (stored once the join was answered).
-    let admin = ApiClient::new(&url, Some(ADMIN.into()));
+    let admin = server.client(Some(ADMIN.into()));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let hosts: Vec<Host> = admin.get("/v1/hosts").await.unwrap();
-        let creds = server.state.store.agent_credential("hv1").await.unwrap();
-        let answers = match creds {
-            Some((u, s)) => ApiClient::new(&u, Some(s))
-                .get::<serde_json::Value>("/v1/facts")
-                .await
-                .is_ok(),
-            None => false,
+        let answers = match ferry_server::agents::agent_client(&server.state, "hv1").await {
+            Ok(agent) => agent.get::<serde_json::Value>("/v1/facts").await.is_ok(),
+            Err(_) => false,
         };
         if answers && hosts.iter().any(|h| h.state == HostState::Online) {
             break;

@@ -10,7 +10,6 @@ use ferry_api::migrations::{
     CreateMigration, Event, LogLine, Migration, MigrationKind, MigrationOptions, MigrationState,
     SamplePage, SAMPLES_PAGE_MAX,
 };
-use ferry_api::ApiClient;
 use ferry_server::config::Limits;
 
 fn slow() -> MigrationOptions {
