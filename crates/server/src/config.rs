@@ -76,7 +76,7 @@ impl Default for Preflight {
 }
 
 /// HTTPS: what the server's certificate names, and the operator's own CA or certificate.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
     /// Host names agents and CLIs reach the server by, added to its certificate (with
@@ -102,6 +102,22 @@ pub struct TlsConfig {
 
 fn default_agent_cert_days() -> u32 {
     90
+}
+
+impl Default for TlsConfig {
+    /// HTTPS with a certificate from the server's own CA; agents' certificates last 90 days.
+    fn default() -> Self {
+        TlsConfig {
+            names: vec![],
+            addresses: vec![],
+            ca_cert: None,
+            ca_key: None,
+            cert: None,
+            key: None,
+            plain_http_for_labs: false,
+            agent_cert_days: default_agent_cert_days(),
+        }
+    }
 }
 
 /// The server's configuration.
