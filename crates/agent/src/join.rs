@@ -131,13 +131,12 @@ async fn join(agent: &Agent, server: &str, advertise_url: &str, trust: &TlsOptio
                 ) {
                     warn!(error = %e, "joined, but cannot store the certificate; it lasts until restart");
                 }
-                match ferry_pki::tls::agent_server_config(
-                    &resp.certificate,
-                    &key_pem,
-                    &resp.ca_pem,
-                ) {
+                match ferry_pki::tls::agent_server_config(&resp.certificate, &key_pem, &resp.ca_pem)
+                {
                     Ok(config) => agent.tls.set(config),
-                    Err(e) => warn!(error = %e, "the server's certificate for this agent is unusable"),
+                    Err(e) => {
+                        warn!(error = %e, "the server's certificate for this agent is unusable")
+                    }
                 }
                 info!(%server, "joined the cluster");
                 return;

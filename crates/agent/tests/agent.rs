@@ -607,7 +607,10 @@ async fn joins_with_the_token_then_heartbeats() {
     cfg.heartbeat_ms = 200;
     let agent = ferry_agent::start(cfg.clone()).await.expect("agent starts");
     // Before joining it has no certificate: no caller completes a handshake.
-    let e = client(&agent).get::<HostFacts>("/v1/facts").await.unwrap_err();
+    let e = client(&agent)
+        .get::<HostFacts>("/v1/facts")
+        .await
+        .unwrap_err();
     assert_eq!(e.status(), None, "{e}");
 
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -655,7 +658,10 @@ async fn joins_with_the_token_then_heartbeats() {
 }
 
 /// Whether a call to `agent` presenting `tls` is refused before any request is read.
-async fn refused(agent: &ferry_agent::AgentHandle, tls: std::sync::Arc<rustls::ClientConfig>) -> bool {
+async fn refused(
+    agent: &ferry_agent::AgentHandle,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+) -> bool {
     match ApiClient::new(&agent.url(), None)
         .with_tls_config(tls)
         .get::<HostFacts>("/v1/facts")
@@ -680,14 +686,21 @@ async fn only_the_servers_client_certificate_may_call_an_agent() {
     // The server's identity is accepted.
     assert!(!refused(&agent, common::server_identity_tls()).await);
     // No client certificate.
-    assert!(refused(&agent, ferry_pki::tls::client_config(ca.ca_pem(), None).unwrap()).await);
+    assert!(
+        refused(
+            &agent,
+            ferry_pki::tls::client_config(ca.ca_pem(), None).unwrap()
+        )
+        .await
+    );
     // The server's identity, but from another CA.
     let other_dir = tempfile::tempdir().unwrap();
     let other = ferry_pki::ClusterCa::load_or_create(&other_dir.path().join("pki"), None).unwrap();
     let foreign = other.issue_server_client_identity(day).unwrap();
     assert!(refused(&agent, with(&foreign.chain_pem, &foreign.key_pem)).await);
     // The server's identity, expired.
-    let mut spec = ferry_pki::LeafSpec::new(ferry_pki::SERVER_CLIENT_CN, ferry_pki::Usage::Client, day);
+    let mut spec =
+        ferry_pki::LeafSpec::new(ferry_pki::SERVER_CLIENT_CN, ferry_pki::Usage::Client, day);
     spec.not_before = std::time::SystemTime::now() - 10 * day;
     spec.not_after = std::time::SystemTime::now() - day;
     let expired = ca.issue(&spec).unwrap();
@@ -701,7 +714,11 @@ async fn only_the_servers_client_certificate_may_call_an_agent() {
     assert!(refused(&agent, with(&peer_chain, &peer_key)).await);
     // A client certificate of the cluster CA that is not the server's.
     let someone = ca
-        .issue(&ferry_pki::LeafSpec::new("someone", ferry_pki::Usage::Client, day))
+        .issue(&ferry_pki::LeafSpec::new(
+            "someone",
+            ferry_pki::Usage::Client,
+            day,
+        ))
         .unwrap();
     assert!(refused(&agent, with(&someone.chain_pem, &someone.key_pem)).await);
     // And the agent is verified too: a client trusting another CA refuses it.

@@ -104,13 +104,11 @@ impl ApiClient {
 
     /// The same client trusting what `options` say (a CA, a pin) and presenting its identity.
     pub fn with_tls(self, options: &TlsOptions) -> Result<ApiClient, ApiError> {
-        let config = options
-            .client_config()
-            .map_err(|e| ApiError::Untrusted {
-                url: self.base.clone(),
-                detail: e.to_string(),
-                changed: false,
-            })?;
+        let config = options.client_config().map_err(|e| ApiError::Untrusted {
+            url: self.base.clone(),
+            detail: e.to_string(),
+            changed: false,
+        })?;
         Ok(match config {
             Some(c) => self.with_tls_config(c),
             None => self,
@@ -291,7 +289,9 @@ fn transport_error(url: &str, e: &reqwest::Error) -> ApiError {
             changed: true,
         };
     }
-    if detail.contains("invalid peer certificate") || detail.contains("certificate") && detail.contains("verif") {
+    if detail.contains("invalid peer certificate")
+        || detail.contains("certificate") && detail.contains("verif")
+    {
         return ApiError::Untrusted {
             url: url.to_string(),
             detail,

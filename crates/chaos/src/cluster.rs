@@ -143,8 +143,7 @@ impl ChaosLab {
         )?;
         let mut lab = ChaosLab {
             spec: spec.clone(),
-            api: ApiClient::new(&url, Some(admin))
-                .with_tls(&ferry_api::TlsOptions::ca(ca_pem))?,
+            api: ApiClient::new(&url, Some(admin)).with_tls(&ferry_api::TlsOptions::ca(ca_pem))?,
             net: net.into_persistent(),
             image,
             accel,

@@ -83,8 +83,7 @@ impl ServerPki {
                 (ferry_pki::tls::server_config(&chain, &key)?, None)
             }
             _ => {
-                let issued =
-                    ca.issue_server_cert(&names, &ips, ferry_pki::SERVER_CERT_VALIDITY)?;
+                let issued = ca.issue_server_cert(&names, &ips, ferry_pki::SERVER_CERT_VALIDITY)?;
                 let tls = ferry_pki::tls::server_config(&issued.chain_pem, &issued.key_pem)?;
                 (tls, Some(issued))
             }
@@ -119,7 +118,12 @@ impl ServerPki {
 
     /// Signs a joining agent's CSR for its host name and the host (name or address) of the
     /// URL the server will call it at.
-    pub fn sign_agent(&self, csr: &str, host: &str, agent_url: &str) -> Result<Issued, ServerError> {
+    pub fn sign_agent(
+        &self,
+        csr: &str,
+        host: &str,
+        agent_url: &str,
+    ) -> Result<Issued, ServerError> {
         let url_host = url_host(agent_url);
         let (mut names, mut ips) = (vec![], vec![]);
         match url_host.parse::<IpAddr>() {
@@ -149,8 +153,10 @@ impl ServerPki {
                     &self.ips,
                     ferry_pki::SERVER_CERT_VALIDITY,
                 )?;
-                self.https
-                    .set(ferry_pki::tls::server_config(&issued.chain_pem, &issued.key_pem)?);
+                self.https.set(ferry_pki::tls::server_config(
+                    &issued.chain_pem,
+                    &issued.key_pem,
+                )?);
                 info!(serial = %issued.serial, "renewed the server's HTTPS certificate");
                 *https = Some(issued);
             }

@@ -71,8 +71,7 @@ impl ServerHandle {
 
     /// An API client for this server that trusts its CA.
     pub fn client(&self, token: Option<String>) -> ferry_api::ApiClient {
-        ferry_api::ApiClient::new(&self.url(), token)
-            .with_tls_config(self.client_tls())
+        ferry_api::ApiClient::new(&self.url(), token).with_tls_config(self.client_tls())
     }
 
     /// A client TLS configuration trusting this server's CA.

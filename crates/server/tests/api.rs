@@ -135,11 +135,12 @@ async fn fake_agent(name: &str, ca: &ferry_pki::ClusterCa) -> FakeAgent {
         .with_state(calls.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://{}", listener.local_addr().unwrap());
-    let mut spec = ferry_pki::LeafSpec::new(name, ferry_pki::Usage::Server, Duration::from_secs(3600));
+    let mut spec =
+        ferry_pki::LeafSpec::new(name, ferry_pki::Usage::Server, Duration::from_secs(3600));
     spec.ips.push([127, 0, 0, 1].into());
     let cert = ca.issue(&spec).unwrap();
-    let tls = ferry_pki::tls::agent_server_config(&cert.chain_pem, &cert.key_pem, ca.ca_pem())
-        .unwrap();
+    let tls =
+        ferry_pki::tls::agent_server_config(&cert.chain_pem, &cert.key_pem, ca.ca_pem()).unwrap();
     let listener =
         ferry_pki::TlsListener::new(listener, ferry_pki::ServerConfigSlot::new(Some(tls))).unwrap();
     tokio::spawn(async move {

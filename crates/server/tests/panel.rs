@@ -72,10 +72,14 @@ impl Browser {
         }
         // Chromium trusts exactly the server's certificate (its public key), nothing else.
         let authority = base.trim_start_matches("https://");
-        let port_part = authority.rsplit(':').next().expect("a port in the base URL");
-        let chain = ferry_pki::tls::probe_server_chain(&format!("127.0.0.1:{port_part}"), "localhost")
-            .await
-            .expect("the server presents a certificate");
+        let port_part = authority
+            .rsplit(':')
+            .next()
+            .expect("a port in the base URL");
+        let chain =
+            ferry_pki::tls::probe_server_chain(&format!("127.0.0.1:{port_part}"), "localhost")
+                .await
+                .expect("the server presents a certificate");
         let spki = ferry_pki::tls::spki_sha256_base64(&chain[0]).expect("a parsable certificate");
         let mut caps = DesiredCapabilities::chrome();
         caps.set_binary("/usr/bin/chromium").unwrap();

@@ -48,7 +48,9 @@ async fn the_api_is_https_only_and_trusted_only_through_its_ca_or_pin() {
     assert_eq!(s.ca_file(), pki.join("ca.pem"));
 
     // Trusting its CA works.
-    whoami(&s.client(Some(ADMIN.into()))).await.expect("CA-verified call");
+    whoami(&s.client(Some(ADMIN.into())))
+        .await
+        .expect("CA-verified call");
 
     // Plain HTTP to the HTTPS port gets no answer.
     let plain = ApiClient::new(&s.url().replace("https://", "http://"), Some(ADMIN.into()));
@@ -72,7 +74,9 @@ async fn the_api_is_https_only_and_trusted_only_through_its_ca_or_pin() {
 
     // Trust on first use: what the server presents is its CA, and the pin works...
     let addr = s.addr.to_string();
-    let chain = ferry_pki::tls::probe_server_chain(&addr, "127.0.0.1").await.unwrap();
+    let chain = ferry_pki::tls::probe_server_chain(&addr, "127.0.0.1")
+        .await
+        .unwrap();
     let presented = ferry_pki::fingerprint(chain.last().unwrap());
     assert_eq!(presented, s.state.pki.ca.fingerprint());
     let pinned = ApiClient::new(&s.url(), Some(ADMIN.into()))
@@ -85,14 +89,20 @@ async fn the_api_is_https_only_and_trusted_only_through_its_ca_or_pin() {
         .unwrap();
     let e = whoami(&changed).await.unwrap_err();
     assert_eq!(e.code(), "server-certificate-changed", "{e}");
-    assert!(e.body().hint.contains("--accept-fingerprint"), "{}", e.body().hint);
+    assert!(
+        e.body().hint.contains("--accept-fingerprint"),
+        "{}",
+        e.body().hint
+    );
     let first_ca = s.ca_pem();
     s.shutdown().await;
 
     // A restart loads the same CA: clients keep trusting it.
     let again = server(dir.path(), |_| {}).await;
     assert_eq!(again.ca_pem(), first_ca);
-    whoami(&again.client(Some(ADMIN.into()))).await.expect("same CA after restart");
+    whoami(&again.client(Some(ADMIN.into())))
+        .await
+        .expect("same CA after restart");
     again.shutdown().await;
 }
 
@@ -112,22 +122,33 @@ async fn the_server_certificate_is_renewed_in_place_when_a_third_is_left() {
     let dir = tempfile::tempdir().unwrap();
     let s = server(dir.path(), |c| c.tls.names = vec!["ferry.test".into()]).await;
     let addr = s.addr.to_string();
-    let before = ferry_pki::tls::probe_server_chain(&addr, "localhost").await.unwrap();
+    let before = ferry_pki::tls::probe_server_chain(&addr, "localhost")
+        .await
+        .unwrap();
     // Not due yet: nothing changes.
     s.state.pki.renew_if_due(SystemTime::now()).unwrap();
-    let same = ferry_pki::tls::probe_server_chain(&addr, "localhost").await.unwrap();
+    let same = ferry_pki::tls::probe_server_chain(&addr, "localhost")
+        .await
+        .unwrap();
     assert_eq!(before[0], same[0]);
     // Two thirds of 90 days later: a new certificate, served without a restart.
     s.state
         .pki
         .renew_if_due(SystemTime::now() + Duration::from_secs(61 * 86400))
         .unwrap();
-    let after = ferry_pki::tls::probe_server_chain(&addr, "localhost").await.unwrap();
+    let after = ferry_pki::tls::probe_server_chain(&addr, "localhost")
+        .await
+        .unwrap();
     assert_ne!(before[0], after[0], "the certificate was renewed");
     assert_eq!(before[1], after[1], "by the same CA");
-    let pinned = ApiClient::new(&s.url().replace("127.0.0.1", "localhost"), Some(ADMIN.into()))
-        .with_tls(&TlsOptions::ca(s.ca_pem()))
-        .unwrap();
-    whoami(&pinned).await.expect("the renewed certificate verifies");
+    let pinned = ApiClient::new(
+        &s.url().replace("127.0.0.1", "localhost"),
+        Some(ADMIN.into()),
+    )
+    .with_tls(&TlsOptions::ca(s.ca_pem()))
+    .unwrap();
+    whoami(&pinned)
+        .await
+        .expect("the renewed certificate verifies");
     s.shutdown().await;
 }

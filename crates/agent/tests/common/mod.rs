@@ -39,8 +39,7 @@ pub fn install_agent_cert(name: &str, state_dir: &Path) {
             ferry_pki::AGENT_CERT_VALIDITY,
         )
         .unwrap();
-    ferry_agent::tls::install_certificate(state_dir, &key, &issued.chain_pem, ca.ca_pem())
-        .unwrap();
+    ferry_agent::tls::install_certificate(state_dir, &key, &issued.chain_pem, ca.ca_pem()).unwrap();
 }
 
 /// The client configuration the server uses for agents: its identity from the test CA.

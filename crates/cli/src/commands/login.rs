@@ -51,17 +51,13 @@ fn ask(fingerprint: &str) -> bool {
 }
 
 pub async fn run(api: &ApiOpts, accept: Option<String>) -> Result<u8, CliError> {
-    let url = api
-        .url
-        .clone()
-        .filter(|u| !u.is_empty())
-        .ok_or_else(|| {
-            CliError::new(
-                "no-server-url",
-                "ferry login needs the server's URL",
-                "pass --url https://HOST:7400",
-            )
-        })?;
+    let url = api.url.clone().filter(|u| !u.is_empty()).ok_or_else(|| {
+        CliError::new(
+            "no-server-url",
+            "ferry login needs the server's URL",
+            "pass --url https://HOST:7400",
+        )
+    })?;
     let url = url.trim_end_matches('/').to_string();
     let mut cfg = ClientConfig {
         url: url.clone(),

@@ -114,21 +114,22 @@ impl Store {
     ) -> Result<Vec<String>, StoreError> {
         let at = ms(now());
         let mut tx = self.pool.begin().await?;
-        let old = sqlx::query(
-            "SELECT serial FROM agent_certs WHERE host = $1 AND revoked_at IS NULL",
-        )
-        .bind(host)
-        .fetch_all(&mut *tx)
-        .await?;
+        let old =
+            sqlx::query("SELECT serial FROM agent_certs WHERE host = $1 AND revoked_at IS NULL")
+                .bind(host)
+                .fetch_all(&mut *tx)
+                .await?;
         let old = old
             .iter()
             .map(|r| col::<String>(r, "serial"))
             .collect::<Result<Vec<_>, _>>()?;
-        sqlx::query("UPDATE agent_certs SET revoked_at = $2 WHERE host = $1 AND revoked_at IS NULL")
-            .bind(host)
-            .bind(at)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE agent_certs SET revoked_at = $2 WHERE host = $1 AND revoked_at IS NULL",
+        )
+        .bind(host)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query(
             "INSERT INTO agent_certs (serial, host, issued_at, not_after) VALUES ($1, $2, $3, $4)",
         )

@@ -230,12 +230,26 @@ fn roles_parse() {
 async fn agent_certificates_are_recorded_and_replaced_ones_revoked() {
     let s = Store::open_memory().await.expect("open");
     let later = Utc::now() + chrono::Duration::days(90);
-    assert!(s.record_agent_cert("a", "01aa", later).await.expect("first").is_empty());
+    assert!(s
+        .record_agent_cert("a", "01aa", later)
+        .await
+        .expect("first")
+        .is_empty());
     assert!(s.revoked_agent_serials().await.expect("q").is_empty());
-    let revoked = s.record_agent_cert("a", "01bb", later).await.expect("second");
+    let revoked = s
+        .record_agent_cert("a", "01bb", later)
+        .await
+        .expect("second");
     assert_eq!(revoked, vec!["01aa".to_string()]);
-    assert!(s.record_agent_cert("b", "01cc", later).await.expect("b").is_empty());
-    assert_eq!(s.revoked_agent_serials().await.expect("q"), vec!["01aa".to_string()]);
+    assert!(s
+        .record_agent_cert("b", "01cc", later)
+        .await
+        .expect("b")
+        .is_empty());
+    assert_eq!(
+        s.revoked_agent_serials().await.expect("q"),
+        vec!["01aa".to_string()]
+    );
 }
 
 #[tokio::test]
