@@ -129,9 +129,11 @@ impl LocalCluster {
             let config = agent_config(
                 &h,
                 SocketAddr::from(([127, 0, 0, 1], 0)),
-                &url,
-                &server_ca,
-                JOIN_TOKEN,
+                ferry_chaos::daemons::ServerRef {
+                    url: &url,
+                    ca: &server_ca,
+                    join_token: JOIN_TOKEN,
+                },
                 cluster.dir.join(&h.name),
                 accel,
                 own,

@@ -39,12 +39,19 @@ pub fn lab_dir(name: &str) -> PathBuf {
 /// The configuration of lab host `h`'s agent: the lab runs agents in the root namespace and
 /// their QEMUs inside the host's namespace. Shared with the tests that start agents
 /// themselves, so a lab is always configured one way.
+/// Where a lab's agents find the server: its URL, the CA file to verify it with, and the join
+/// token.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerRef<'a> {
+    pub url: &'a str,
+    pub ca: &'a Path,
+    pub join_token: &'a str,
+}
+
 pub fn agent_config(
     h: &LabHostNet,
     listen: SocketAddr,
-    server_url: &str,
-    server_ca: &Path,
-    join_token: &str,
+    server: ServerRef<'_>,
     state_dir: PathBuf,
     accel: &str,
     datastores: Vec<DatastoreConfig>,
@@ -53,10 +60,10 @@ pub fn agent_config(
         name: h.name.clone(),
         listen,
         advertise_url: None,
-        server_url: Some(server_url.to_string()),
-        server_ca: Some(server_ca.to_path_buf()),
+        server_url: Some(server.url.to_string()),
+        server_ca: Some(server.ca.to_path_buf()),
         server_ca_fingerprint: None,
-        join_token: Some(join_token.to_string()),
+        join_token: Some(server.join_token.to_string()),
         credential: None,
         state_dir,
         netns: Some(h.netns.clone()),
@@ -144,9 +151,11 @@ pub fn write_agent_configs(
         let agent = agent_config(
             h,
             SocketAddr::from(([127, 0, 0, 1], *port)),
-            server_url,
-            &ca_file(dir),
-            join_token,
+            ServerRef {
+                url: server_url,
+                ca: &ca_file(dir),
+                join_token,
+            },
             dir.join("agents").join(&h.name),
             accel,
             // One directory of this machine for every lab host: one storage.

@@ -684,9 +684,11 @@ fn lab_config_files_are_read_back_by_the_server_and_agents() {
     let agent = agent_config(
         &host,
         "127.0.0.1:4001".parse().unwrap(),
-        "https://127.0.0.1:4000",
-        std::path::Path::new("/l/pki/ca.pem"),
-        &"j".repeat(32),
+        ferry_chaos::daemons::ServerRef {
+            url: "https://127.0.0.1:4000",
+            ca: std::path::Path::new("/l/pki/ca.pem"),
+            join_token: &"j".repeat(32),
+        },
         "/l/agents/hv1".into(),
         "tcg",
         vec![ferry_agent::DatastoreConfig {

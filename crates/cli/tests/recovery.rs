@@ -79,9 +79,11 @@ impl Procs {
             let agent = agent_config(
                 h,
                 SocketAddr::from(([127, 0, 0, 1], free_port())),
-                &server_url,
-                &ca_file,
-                JOIN,
+                ferry_chaos::daemons::ServerRef {
+                    url: &server_url,
+                    ca: &ca_file,
+                    join_token: JOIN,
+                },
                 dir.path().join(&h.name),
                 "tcg",
                 // The server accepts kernel and initrd only inside a datastore of the host.

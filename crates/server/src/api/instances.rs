@@ -509,7 +509,7 @@ async fn define(
     host: &Host,
     created: &mut disks::Created,
 ) -> Result<Instance, ServerError> {
-    let agent = agent_client(&state, &host.name).await?;
+    let agent = agent_client(state, &host.name).await?;
     let prepared = disks::prepare(state, host, req, created).await?;
     let mut spec = req.spec.clone();
     spec.disks = prepared.disks.clone();
@@ -561,7 +561,7 @@ async fn power(
     } else {
         ("stop", stop.query())
     };
-    let agent = agent_client(&state, &i.host).await?;
+    let agent = agent_client(state, &i.host).await?;
     let done: AgentInstance = agent
         .post(&format!("/v1/instances/{}/{verb}{query}", i.id), &())
         .await
@@ -847,7 +847,7 @@ pub async fn console(
 /// the instance is gone either way, and a host that is down keeps a few files.
 async fn forget_console(state: &AppState, id: Uuid, hosts: &[String]) {
     for host in hosts {
-        let deleted = match agent_client(&state, host).await {
+        let deleted = match agent_client(state, host).await {
             Ok(agent) => agent
                 .with_timeout(CONSOLE_AGENT_TIMEOUT)
                 .delete::<serde_json::Value>(&format!("/v1/instances/{id}/console"))
