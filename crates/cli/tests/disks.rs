@@ -16,10 +16,24 @@ use ferry_server::{ServerConfig, ServerHandle};
 const ADMIN: &str = "admin-token-for-cli-disk-tests-01";
 const JOIN: &str = "join-token-for-cli-disk-tests-012";
 
-/// Runs `ferry ARGS` against `url` with the admin token.
+/// The CA file of each test server, by URL (tests run in parallel, each with its own server).
+fn cas() -> &'static std::sync::Mutex<std::collections::HashMap<String, PathBuf>> {
+    static CAS: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, PathBuf>>> =
+        std::sync::OnceLock::new();
+    CAS.get_or_init(Default::default)
+}
+
+/// Runs `ferry ARGS` against `url` with the admin token, trusting that server's CA.
 async fn ferry(url: &str, args: &[&str]) -> Output {
+    let ca = cas()
+        .lock()
+        .unwrap()
+        .get(url)
+        .cloned()
+        .expect("a test server's URL");
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry"));
     cmd.args(args)
+        .env("FERRY_CA", ca)
         .env("FERRY_URL", url)
         .env("FERRY_TOKEN", ADMIN)
         .env("FERRY_CONFIG", "/nonexistent/cli.toml");
@@ -59,6 +73,7 @@ async fn cluster() -> Cluster {
     .await
     .unwrap();
     let url = server.url();
+    cas().lock().unwrap().insert(url.clone(), server.ca_file());
     let agent = ferry_agent::start(AgentConfig {
         name: "hv1".into(),
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
