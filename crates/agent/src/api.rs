@@ -80,6 +80,8 @@ pub(crate) fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/probe/listen", post(probe_listen))
         .route("/v1/probe/connect", post(probe_connect))
         .route("/v1/cpu-models/{model}", get(cpu_model))
+        .route("/v1/tls/csr", post(new_csr))
+        .route("/v1/tls/certificate", post(install_certificate))
         .fallback(not_found)
         .with_state(agent)
 }
@@ -98,6 +100,38 @@ fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, AgentError> {
 
 async fn not_found(uri: axum::http::Uri) -> AgentError {
     AgentError::NoSuchEndpoint(uri.path().to_string())
+}
+
+/// Rotation, first half: a new key (kept here, never sent) and its CSR for the server to sign.
+async fn new_csr(
+    State(agent): State<Arc<Agent>>,
+) -> ApiResult<ferry_api::agent::CertificateSigningRequest> {
+    let (key, csr) = ferry_pki::generate_key_and_csr(&agent.config.name)
+        .map_err(|e| AgentError::Internal(format!("cannot make a key: {e}")))?;
+    *agent.pending_key.lock().unwrap_or_else(|p| p.into_inner()) = Some(key);
+    Ok(Json(ferry_api::agent::CertificateSigningRequest { csr }))
+}
+
+/// Rotation, second half: the signed certificate for the pending key is stored and served
+/// from the next connection on (connections open now finish with the old one).
+async fn install_certificate(
+    State(agent): State<Arc<Agent>>,
+    Json(req): Json<ferry_api::agent::InstallCertificate>,
+) -> ApiResult<()> {
+    let key = agent
+        .pending_key
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .ok_or_else(|| AgentError::BadRequest("no certificate request is pending".into()))?;
+    // Refuses a certificate that is not for the pending key.
+    let config = ferry_pki::tls::agent_server_config(&req.certificate, &key, &req.ca_pem)
+        .map_err(|e| AgentError::BadRequest(format!("unusable certificate: {e}")))?;
+    crate::tls::install_certificate(&agent.config.state_dir, &key, &req.certificate, &req.ca_pem)?;
+    agent.tls.set(config);
+    *agent.pending_key.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    tracing::info!("agent certificate rotated");
+    Ok(Json(()))
 }
 
 async fn facts(State(agent): State<Arc<Agent>>) -> ApiResult<HostFacts> {

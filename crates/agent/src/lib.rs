@@ -72,6 +72,8 @@ pub(crate) struct Agent {
     pub(crate) disk_room: disks::Reservations,
     /// Disk copies of cold migrations and image checksums.
     pub(crate) copies: disk_copy::Copies,
+    /// A key made for a certificate rotation, until the server's signed certificate arrives.
+    pub(crate) pending_key: Mutex<Option<String>>,
 }
 
 impl Agent {
@@ -237,6 +239,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         guests: Mutex::new(HashMap::new()),
         disk_room: disks::Reservations::default(),
         copies: disk_copy::Copies::default(),
+        pending_key: Mutex::new(None),
     });
     agent.readopt_instances().await;
     let models = agent.cpu_models_in_use();

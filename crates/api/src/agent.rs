@@ -73,6 +73,8 @@
 //!   agent's part of the pre-flight checks, see [`crate::checks`]
 //!
 //! Server endpoints for agents (bearer = join token for join, then the agent credential):
+//! - `POST /v1/tls/csr` -> [`CertificateSigningRequest`] (a new key, for rotation)
+//! - `POST /v1/tls/certificate` [`InstallCertificate`] -> `()`
 //! - `POST /v1/agents/join` [`JoinRequest`] -> [`JoinResponse`]
 //! - `POST /v1/agents/heartbeat` [`Heartbeat`] -> `()`
 
@@ -108,6 +110,22 @@ pub struct JoinResponse {
     pub certificate: String,
     /// The cluster CA (PEM): only clients it signed for the server's identity may call the
     /// agent.
+    pub ca_pem: String,
+}
+
+/// `POST /v1/tls/csr` answer: the agent made a new key (kept until its certificate arrives)
+/// and asks for a certificate for it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CertificateSigningRequest {
+    pub csr: String,
+}
+
+/// `POST /v1/tls/certificate`: the signed certificate for the pending key; the agent serves
+/// it from the next connection on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstallCertificate {
+    /// The agent's certificate followed by the cluster CA (PEM).
+    pub certificate: String,
     pub ca_pem: String,
 }
 

@@ -152,3 +152,87 @@ async fn the_server_certificate_is_renewed_in_place_when_a_third_is_left() {
         .expect("the renewed certificate verifies");
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_joins_over_mutual_tls_and_its_certificate_rotates_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path(), |_| {}).await;
+    let agent = ferry_agent::start(ferry_agent::AgentConfig {
+        name: "hv1".into(),
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        advertise_url: None,
+        server_url: Some(s.url()),
+        server_ca: Some(s.ca_file()),
+        server_ca_fingerprint: None,
+        join_token: Some("join-token-for-tests-0123456789".into()),
+        credential: None,
+        state_dir: dir.path().join("hv1"),
+        netns: None,
+        migration_addr: [127, 0, 0, 1].into(),
+        migration_ports: "49152-49215".into(),
+        qemu_binary: "qemu-system-x86_64".into(),
+        ovmf_code: "/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
+        ovmf_vars: "/usr/share/OVMF/OVMF_VARS_4M.fd".into(),
+        accel: "tcg".into(),
+        datastores: vec![],
+        networks: vec![],
+        heartbeat_ms: 300,
+        reserve_mib: 0,
+        ram_capacity_mib: None,
+        cpu_flags_mask: vec![],
+    })
+    .await
+    .expect("agent starts");
+    let agent_addr = agent.url().trim_start_matches("https://").to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let old = loop {
+        if let Ok(chain) = ferry_pki::tls::probe_server_chain(&agent_addr, "127.0.0.1").await {
+            break chain;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent never got its certificate"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let old_serial = ferry_pki::tls::serial_of(&old[0]).unwrap();
+    // The server reaches it with its client identity; the agent's key stayed on the agent.
+    let facts: serde_json::Value = ferry_server::agents::agent_client(&s.state, "hv1")
+        .await
+        .unwrap()
+        .get("/v1/facts")
+        .await
+        .expect("the server calls the agent over mutual TLS");
+    assert_eq!(facts["name"], "hv1");
+    let key = dir.path().join("hv1/tls/agent.key");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    let admin = s.client(Some(ADMIN.into()));
+    let _: serde_json::Value = admin
+        .post("/v1/hosts/hv1/rotate-cert", &())
+        .await
+        .expect("rotation");
+    let new = ferry_pki::tls::probe_server_chain(&agent_addr, "127.0.0.1")
+        .await
+        .unwrap();
+    assert_ne!(
+        old[0], new[0],
+        "a new certificate is served without a restart"
+    );
+    assert!(
+        s.state.pki.revoked.contains(&old_serial),
+        "the old one is revoked"
+    );
+    let facts: serde_json::Value = ferry_server::agents::agent_client(&s.state, "hv1")
+        .await
+        .unwrap()
+        .get("/v1/facts")
+        .await
+        .expect("the server calls the agent with its new certificate");
+    assert_eq!(facts["name"], "hv1");
+    agent.shutdown().await;
+    s.shutdown().await;
+}
