@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::routing::{get, post, put};
-use axum::{middleware, Json, Router};
+use axum::{Json, Router};
 use ferry_api::agent::{
     AgentInstance, ChecksumImage, ChecksumStatus, CleanedUp, CleanupCopies, CopyReceiving,
     CopyStatus, DefineInstance, DirtyRate, ImageMeasure, IncomingReady, LaunchIncoming,
@@ -19,11 +19,12 @@ use ferry_api::instances::{ConsoleQuery, ConsoleSegment, ImageRef, StopOptions};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::{auth, checks, Agent, AgentError};
+use crate::{checks, Agent, AgentError};
 
 type ApiResult<T> = Result<Json<T>, AgentError>;
 
-/// The router with every endpoint, the bearer check, and a JSON 404 for unknown paths.
+/// The router with every endpoint and a JSON 404 for unknown paths. Who may call is decided
+/// before a request exists: the TLS handshake admits only the server's client certificate.
 pub(crate) fn router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/v1/facts", get(facts))
@@ -79,11 +80,9 @@ pub(crate) fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/probe/listen", post(probe_listen))
         .route("/v1/probe/connect", post(probe_connect))
         .route("/v1/cpu-models/{model}", get(cpu_model))
+        .route("/v1/tls/csr", post(new_csr))
+        .route("/v1/tls/certificate", post(install_certificate))
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(
-            agent.clone(),
-            auth::require_bearer,
-        ))
         .with_state(agent)
 }
 
@@ -101,6 +100,38 @@ fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, AgentError> {
 
 async fn not_found(uri: axum::http::Uri) -> AgentError {
     AgentError::NoSuchEndpoint(uri.path().to_string())
+}
+
+/// Rotation, first half: a new key (kept here, never sent) and its CSR for the server to sign.
+async fn new_csr(
+    State(agent): State<Arc<Agent>>,
+) -> ApiResult<ferry_api::agent::CertificateSigningRequest> {
+    let (key, csr) = ferry_pki::generate_key_and_csr(&agent.config.name)
+        .map_err(|e| AgentError::Internal(format!("cannot make a key: {e}")))?;
+    *agent.pending_key.lock().unwrap_or_else(|p| p.into_inner()) = Some(key);
+    Ok(Json(ferry_api::agent::CertificateSigningRequest { csr }))
+}
+
+/// Rotation, second half: the signed certificate for the pending key is stored and served
+/// from the next connection on (connections open now finish with the old one).
+async fn install_certificate(
+    State(agent): State<Arc<Agent>>,
+    Json(req): Json<ferry_api::agent::InstallCertificate>,
+) -> ApiResult<()> {
+    let key = agent
+        .pending_key
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .ok_or_else(|| AgentError::BadRequest("no certificate request is pending".into()))?;
+    // Refuses a certificate that is not for the pending key.
+    let config = ferry_pki::tls::agent_server_config(&req.certificate, &key, &req.ca_pem)
+        .map_err(|e| AgentError::BadRequest(format!("unusable certificate: {e}")))?;
+    crate::tls::install_certificate(&agent.config.state_dir, &key, &req.certificate, &req.ca_pem)?;
+    agent.tls.set(config);
+    *agent.pending_key.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    tracing::info!("agent certificate rotated");
+    Ok(Json(()))
 }
 
 async fn facts(State(agent): State<Arc<Agent>>) -> ApiResult<HostFacts> {

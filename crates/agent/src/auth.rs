@@ -1,17 +1,11 @@
-//! The agent credential: where it is kept and how requests prove they carry it.
+//! The agent credential (what the agent presents to the server): where it is kept. Calls to
+//! the agent are authenticated by the server's client certificate instead (see `tls`).
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use axum::extract::{Request, State};
-use axum::http::header::AUTHORIZATION;
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-use sha2::{Digest, Sha256};
-
-use crate::{Agent, AgentError};
+use crate::AgentError;
 
 /// The credential file inside the state directory.
 pub(crate) fn credential_path(state_dir: &Path) -> PathBuf {
@@ -47,51 +41,10 @@ pub(crate) fn store_credential(state_dir: &Path, credential: &str) -> Result<(),
     std::fs::rename(&tmp, &path).map_err(AgentError::io(&path))
 }
 
-/// Compares two secrets in time independent of where they differ: both are hashed first, so
-/// neither the content nor the length of the expected one leaks through timing.
-pub(crate) fn tokens_equal(given: &str, expected: &str) -> bool {
-    let a = Sha256::digest(given.as_bytes());
-    let b = Sha256::digest(expected.as_bytes());
-    a.iter()
-        .zip(b.iter())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0
-}
-
-/// Checks `Authorization: Bearer <credential>` on every request: 503 until the agent has a
-/// credential, 401 for a missing or wrong one.
-pub(crate) async fn require_bearer(
-    State(agent): State<Arc<Agent>>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let Some(expected) = agent.credential() else {
-        return AgentError::NotJoined.into_response();
-    };
-    let given = req
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match given {
-        Some(token) if tokens_equal(token, &expected) => next.run(req).await,
-        _ => AgentError::Unauthorized.into_response(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
-
-    #[test]
-    fn equal_only_when_equal() {
-        assert!(tokens_equal("abc", "abc"));
-        assert!(!tokens_equal("abc", "abd"));
-        assert!(!tokens_equal("", "abc"));
-        assert!(!tokens_equal("abcd", "abc"));
-    }
 
     #[test]
     fn credential_round_trips_with_mode_0600() {

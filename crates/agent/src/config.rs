@@ -19,12 +19,21 @@ pub struct AgentConfig {
     /// Address of the agent API, e.g. 127.0.0.1:7411 (port 0 picks a free port).
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// Where the server reaches the API; default `http://{listen}` (with the bound port).
+    /// Where the server reaches the API; default `https://{listen}` (with the bound port).
     #[serde(default)]
     pub advertise_url: Option<String>,
-    /// The control plane; `None` runs standalone (tests), which needs `credential`.
+    /// The control plane; `None` runs standalone (tests), which needs its certificate in
+    /// `STATE/tls/` already.
     #[serde(default)]
     pub server_url: Option<String>,
+    /// The cluster CA's certificate (the server's `pki/ca.pem`), to verify the server on join
+    /// and heartbeat.
+    #[serde(default)]
+    pub server_ca: Option<PathBuf>,
+    /// Instead of `server_ca`: the CA's (or the server certificate's) SHA-256 fingerprint as
+    /// the server printed it (`sha256:AB:CD:...`).
+    #[serde(default)]
+    pub server_ca_fingerprint: Option<String>,
     /// The cluster's join token, used once to obtain the agent credential.
     #[serde(default)]
     pub join_token: Option<String>,
@@ -187,11 +196,28 @@ impl AgentConfig {
                 format!("{} ms is below 100 ms", self.heartbeat_ms),
             ));
         }
-        if self.server_url.is_none() && self.credential.is_none() {
-            return Err(bad(
-                "credential",
-                "a standalone agent (no `server_url`) needs a preset `credential`".into(),
-            ));
+        if let Some(url) = &self.server_url {
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                return Err(bad(
+                    "server_url",
+                    format!("'{url}' does not start with https:// (or http:// for a lab)"),
+                ));
+            }
+            if url.starts_with("https://")
+                && self.server_ca.is_none()
+                && self.server_ca_fingerprint.is_none()
+            {
+                return Err(bad(
+                    "server_ca",
+                    "give `server_ca` (the server's pki/ca.pem) or `server_ca_fingerprint` \
+                     (as the server printed it), so the agent can verify the server"
+                        .into(),
+                ));
+            }
+        }
+        if let Some(pin) = &self.server_ca_fingerprint {
+            ferry_pki::parse_fingerprint(pin)
+                .map_err(|e| bad("server_ca_fingerprint", e.to_string()))?;
         }
         for n in &self.networks {
             if n.bridge.is_empty() || n.bridge.len() > 15 || n.bridge.contains('/') {
@@ -222,7 +248,7 @@ mod tests {
     #[test]
     fn minimal_file_gets_defaults() {
         let c = AgentConfig::from_toml_str(
-            "name = \"hv1\"\nserver_url = \"http://10.0.0.1:7400\"\njoin_token = \"t\"\n",
+            "name = \"hv1\"\nserver_url = \"https://10.0.0.1:7400\"\nserver_ca = \"/etc/ferry/ca.pem\"\njoin_token = \"t\"\n",
             "agent.toml",
         )
         .unwrap();
@@ -281,7 +307,14 @@ subnet = "10.77.0.0/24"
                 "migration_ports",
             ),
             ("name = \"a\"\ncredential = \"c\"\naccel = \"hvf\"", "accel"),
-            ("name = \"a\"", "credential"),
+            (
+                "name = \"a\"\nserver_url = \"https://s:7400\"\njoin_token = \"t\"",
+                "server_ca",
+            ),
+            (
+                "name = \"a\"\nserver_url = \"https://s:7400\"\nserver_ca_fingerprint = \"x\"",
+                "server_ca_fingerprint",
+            ),
             ("name = \"a\"\ncredential = \"c\"\ntypo = 1", "typo"),
             ("credential = \"c\"", "name"),
             (

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_api::agent::{Heartbeat, JoinRequest, JoinResponse};
-use ferry_api::ApiClient;
+use ferry_api::{ApiClient, TlsOptions};
 use tracing::{debug, info, warn};
 
 use crate::{auth, Agent};
@@ -38,13 +38,26 @@ pub(crate) async fn join_and_heartbeat(agent: Arc<Agent>, advertise_url: String)
     let Some(server) = agent.config.server_url.clone() else {
         return;
     };
-    if agent.credential().is_none() {
-        join(&agent, &server, &advertise_url).await;
+    let trust = match crate::tls::server_trust(&agent.config) {
+        Ok(t) => t,
+        Err(e) => {
+            warn!(error = %e, "cannot read the server's CA; not joining");
+            return;
+        }
+    };
+    if agent.credential().is_none() || agent.tls.get().is_none() {
+        join(&agent, &server, &advertise_url, &trust).await;
     }
     let Some(credential) = agent.credential() else {
         return;
     };
-    let client = ApiClient::new(&server, Some(credential));
+    let client = match ApiClient::new(&server, Some(credential)).with_tls(&trust) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "cannot verify the server; not heartbeating");
+            return;
+        }
+    };
     let mut throttle = Throttle(None);
     let mut ticker = tokio::time::interval(Duration::from_millis(agent.config.heartbeat_ms));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -73,10 +86,24 @@ pub(crate) async fn join_and_heartbeat(agent: Arc<Agent>, advertise_url: String)
     }
 }
 
-/// Tries to join until it works, then stores and installs the credential.
-async fn join(agent: &Agent, server: &str, advertise_url: &str) {
+/// Tries to join until it works, then stores and installs the credential and the API's
+/// certificate (a key made here, the CSR signed by the server).
+async fn join(agent: &Agent, server: &str, advertise_url: &str, trust: &TlsOptions) {
     let token = agent.config.join_token.clone().unwrap_or_default();
-    let client = ApiClient::new(server, Some(token.clone()));
+    let client = match ApiClient::new(server, Some(token.clone())).with_tls(trust) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "cannot verify the server; not joining");
+            return;
+        }
+    };
+    let (key_pem, csr) = match ferry_pki::generate_key_and_csr(&agent.config.name) {
+        Ok(k) => k,
+        Err(e) => {
+            warn!(error = %e, "cannot make the agent's key; not joining");
+            return;
+        }
+    };
     let mut throttle = Throttle(None);
     loop {
         let request = JoinRequest {
@@ -84,16 +111,33 @@ async fn join(agent: &Agent, server: &str, advertise_url: &str) {
             name: agent.config.name.clone(),
             agent_url: advertise_url.to_string(),
             facts: agent.facts.current(&agent.config, agent.guest_ram_mib()),
+            csr: csr.clone(),
         };
         match client
             .post::<_, JoinResponse>("/v1/agents/join", &request)
             .await
         {
             Ok(resp) => {
-                if let Err(e) = auth::store_credential(&agent.config.state_dir, &resp.agent_token) {
+                let state_dir = &agent.config.state_dir;
+                if let Err(e) = auth::store_credential(state_dir, &resp.agent_token) {
                     warn!(error = %e, "joined, but cannot store the credential; it lasts until restart");
                 }
                 agent.set_credential(resp.agent_token);
+                if let Err(e) = crate::tls::install_certificate(
+                    state_dir,
+                    &key_pem,
+                    &resp.certificate,
+                    &resp.ca_pem,
+                ) {
+                    warn!(error = %e, "joined, but cannot store the certificate; it lasts until restart");
+                }
+                match ferry_pki::tls::agent_server_config(&resp.certificate, &key_pem, &resp.ca_pem)
+                {
+                    Ok(config) => agent.tls.set(config),
+                    Err(e) => {
+                        warn!(error = %e, "the server's certificate for this agent is unusable")
+                    }
+                }
                 info!(%server, "joined the cluster");
                 return;
             }

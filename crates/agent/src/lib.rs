@@ -26,6 +26,7 @@ mod instances;
 mod join;
 mod migrations;
 mod net;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -52,6 +53,8 @@ pub(crate) struct Agent {
     pub(crate) facts: StaticFacts,
     pub(crate) port_range: PortRange,
     credential: RwLock<Option<String>>,
+    /// The API's TLS configuration; empty until joined, replaced when the certificate is.
+    pub(crate) tls: ferry_pki::ServerConfigSlot,
     /// Per-instance locks serialise operations on one instance (start, stop, migration
     /// steps) without blocking the others.
     pub(crate) instances: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<Slot>>>>,
@@ -69,6 +72,8 @@ pub(crate) struct Agent {
     pub(crate) disk_room: disks::Reservations,
     /// Disk copies of cold migrations and image checksums.
     pub(crate) copies: disk_copy::Copies,
+    /// A key made for a certificate rotation, until the server's signed certificate arrives.
+    pub(crate) pending_key: Mutex<Option<String>>,
 }
 
 impl Agent {
@@ -184,10 +189,24 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         Some(c) => Some(c.clone()),
         None => auth::load_credential(&config.state_dir)?,
     };
-    if credential.is_none() && config.join_token.is_none() {
+    let tls_config = tls::load_server_config(&config.state_dir)?;
+    if config.server_url.is_none() && tls_config.is_none() {
         return Err(AgentError::Config {
             file: "config".into(),
-            message: "field `join_token`: needed to join the server (no stored credential)".into(),
+            message: format!(
+                "a standalone agent (no `server_url`) needs its certificate in {} \
+                 (agent.key, agent.pem, ca.pem)",
+                config.state_dir.join("tls").display()
+            ),
+        });
+    }
+    if config.server_url.is_some()
+        && (credential.is_none() || tls_config.is_none())
+        && config.join_token.is_none()
+    {
+        return Err(AgentError::Config {
+            file: "config".into(),
+            message: "field `join_token`: needed to join the server (no stored credential or certificate)".into(),
         });
     }
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -211,6 +230,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         facts,
         port_range,
         credential: RwLock::new(credential),
+        tls: ferry_pki::ServerConfigSlot::new(tls_config),
         instances: Mutex::new(HashMap::new()),
         migrations: Mutex::new(HashMap::new()),
         tasks: Mutex::new(Vec::new()),
@@ -219,6 +239,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         guests: Mutex::new(HashMap::new()),
         disk_room: disks::Reservations::default(),
         copies: disk_copy::Copies::default(),
+        pending_key: Mutex::new(None),
     });
     agent.readopt_instances().await;
     let models = agent.cpu_models_in_use();
@@ -227,10 +248,16 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     agent.load_migrations().await;
     agent.prune_migration_records();
 
-    let url = format!("http://{local}");
+    let url = format!("https://{local}");
     let advertise = agent.config.advertise_url.clone().unwrap_or(url.clone());
     let (stop, mut stop_rx) = watch::channel(false);
     let router = api::router(agent.clone());
+    let listener = ferry_pki::TlsListener::new(listener, agent.tls.clone()).map_err(|source| {
+        AgentError::Listen {
+            addr: local.to_string(),
+            source,
+        }
+    })?;
     let server = tokio::spawn(async move {
         let shutdown = async move {
             let _ = stop_rx.wait_for(|s| *s).await;

@@ -134,16 +134,6 @@ async fn api_refuses_bad_requests_with_codes() {
     let agent = ferry_agent::start(config("solo", tmp.path(), None, Ipv4Addr::LOCALHOST))
         .await
         .expect("agent starts");
-    let anon = ApiClient::new(&agent.url(), None);
-    let e = anon
-        .get::<Vec<AgentInstance>>("/v1/instances")
-        .await
-        .unwrap_err();
-    assert_eq!(status_of(&e), (Some(401), "unauthorized".into()));
-    let wrong = ApiClient::new(&agent.url(), Some("nope".into()));
-    let e = wrong.get::<HostFacts>("/v1/facts").await.unwrap_err();
-    assert_eq!(status_of(&e), (Some(401), "unauthorized".into()));
-
     let c = client(&agent);
     let facts: HostFacts = c.get("/v1/facts").await.unwrap();
     assert_eq!(facts.name, "solo");
@@ -568,8 +558,20 @@ async fn joins_with_the_token_then_heartbeats() {
                     if n == 0 || bearer != Some("Bearer jt") || req.join_token != "jt" {
                         return Err(StatusCode::SERVICE_UNAVAILABLE);
                     }
+                    let ca = common::test_ca();
+                    let issued = ca
+                        .sign_agent_csr(
+                            &req.csr,
+                            &req.name,
+                            &[],
+                            &[Ipv4Addr::LOCALHOST.into()],
+                            ferry_pki::AGENT_CERT_VALIDITY,
+                        )
+                        .map_err(|_| StatusCode::BAD_REQUEST)?;
                     Ok(axum::Json(JoinResponse {
                         agent_token: format!("issued-{}", req.name),
+                        certificate: issued.chain_pem,
+                        ca_pem: ca.ca_pem().to_string(),
                     }))
                 },
             ),
@@ -590,22 +592,33 @@ async fn joins_with_the_token_then_heartbeats() {
             ),
         )
         .with_state(fake.clone());
+    // The fake server speaks HTTPS with a certificate from the test CA, like the real one.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server_url = format!("http://{}", listener.local_addr().unwrap());
+    let server_url = format!("https://{}", listener.local_addr().unwrap());
+    let cert = common::test_ca()
+        .issue_server_cert(&[], &[], Duration::from_secs(3600))
+        .unwrap();
+    let tls = ferry_pki::tls::server_config(&cert.chain_pem, &cert.key_pem).unwrap();
+    let listener =
+        ferry_pki::TlsListener::new(listener, ferry_pki::ServerConfigSlot::new(Some(tls))).unwrap();
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = config("hvj", tmp.path(), None, Ipv4Addr::LOCALHOST);
+    // Nothing but what a fresh host has: no certificate, no credential.
+    std::fs::remove_dir_all(tmp.path().join("tls")).unwrap();
     cfg.credential = None;
     cfg.server_url = Some(server_url);
+    cfg.server_ca = Some(common::test_ca().ca_file());
     cfg.join_token = Some("jt".into());
     cfg.heartbeat_ms = 200;
     let agent = ferry_agent::start(cfg.clone()).await.expect("agent starts");
-    let e = ApiClient::new(&agent.url(), Some("anything".into()))
+    // Before joining it has no certificate: no caller completes a handshake.
+    let e = client(&agent)
         .get::<HostFacts>("/v1/facts")
         .await
         .unwrap_err();
-    assert_eq!(status_of(&e), (Some(503), "agent-not-joined".into()));
+    assert_eq!(e.status(), None, "{e}");
 
     let deadline = Instant::now() + Duration::from_secs(15);
     while fake.beats.lock().unwrap().is_empty() {
@@ -621,10 +634,16 @@ async fn joins_with_the_token_then_heartbeats() {
         (beat.name.as_str(), beat.facts.name.as_str()),
         ("hvj", "hvj")
     );
-    let issued = ApiClient::new(&agent.url(), Some("issued-hvj".into()));
-    let facts: HostFacts = issued.get("/v1/facts").await.expect("new credential works");
+    let facts: HostFacts = client(&agent)
+        .get("/v1/facts")
+        .await
+        .expect("the signed certificate serves the server's identity");
     assert_eq!(facts.migration_ports, "49152-49215");
     agent.shutdown().await;
+    let key_mode = std::fs::metadata(tmp.path().join("tls/agent.key"))
+        .unwrap()
+        .permissions();
+    assert_eq!(key_mode.mode() & 0o777, 0o600);
 
     // The stored credential is reused: no second join.
     use std::os::unix::fs::PermissionsExt;
@@ -635,10 +654,10 @@ async fn joins_with_the_token_then_heartbeats() {
     assert_eq!(mode & 0o777, 0o600);
     let joins = fake.joins.load(Ordering::SeqCst);
     let agent = ferry_agent::start(cfg).await.expect("agent restarts");
-    let facts: HostFacts = ApiClient::new(&agent.url(), Some("issued-hvj".into()))
+    let facts: HostFacts = client(&agent)
         .get("/v1/facts")
         .await
-        .expect("stored credential works at once");
+        .expect("the stored certificate serves at once");
     assert_eq!(facts.name, "hvj");
     assert_eq!(fake.joins.load(Ordering::SeqCst), joins);
     agent.shutdown().await;
@@ -711,5 +730,81 @@ async fn roles_calls_about_an_instance_not_run_here_are_refused_and_not_acted_on
             "{dir}/{other} was created"
         );
     }
+    agent.shutdown().await;
+}
+
+/// Whether a call to `agent` presenting `tls` is refused before any request is read.
+async fn refused(
+    agent: &ferry_agent::AgentHandle,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+) -> bool {
+    match ApiClient::new(&agent.url(), None)
+        .with_tls_config(tls)
+        .get::<HostFacts>("/v1/facts")
+        .await
+    {
+        Ok(_) => false,
+        Err(e) => e.status().is_none(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_servers_client_certificate_may_call_an_agent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let agent = ferry_agent::start(config("solo", tmp.path(), None, Ipv4Addr::LOCALHOST))
+        .await
+        .expect("agent starts");
+    let ca = common::test_ca();
+    let day = Duration::from_secs(86400);
+    let with = |chain: &str, key: &str| {
+        ferry_pki::tls::client_config(ca.ca_pem(), Some((chain, key))).unwrap()
+    };
+    // The server's identity is accepted.
+    assert!(!refused(&agent, common::server_identity_tls()).await);
+    // No client certificate.
+    assert!(
+        refused(
+            &agent,
+            ferry_pki::tls::client_config(ca.ca_pem(), None).unwrap()
+        )
+        .await
+    );
+    // The server's identity, but from another CA.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = ferry_pki::ClusterCa::load_or_create(&other_dir.path().join("pki"), None).unwrap();
+    let foreign = other.issue_server_client_identity(day).unwrap();
+    assert!(refused(&agent, with(&foreign.chain_pem, &foreign.key_pem)).await);
+    // The server's identity, expired.
+    let mut spec =
+        ferry_pki::LeafSpec::new(ferry_pki::SERVER_CLIENT_CN, ferry_pki::Usage::Client, day);
+    spec.not_before = std::time::SystemTime::now() - 10 * day;
+    spec.not_after = std::time::SystemTime::now() - day;
+    let expired = ca.issue(&spec).unwrap();
+    assert!(refused(&agent, with(&expired.chain_pem, &expired.key_pem)).await);
+    // Another agent's own certificate (serverAuth only).
+    let peer_dir = tempfile::tempdir().unwrap();
+    common::install_agent_cert("peer", peer_dir.path());
+    let files = ferry_agent::tls::TlsFiles::in_state_dir(peer_dir.path());
+    let peer_chain = std::fs::read_to_string(&files.cert).unwrap();
+    let peer_key = std::fs::read_to_string(&files.key).unwrap();
+    assert!(refused(&agent, with(&peer_chain, &peer_key)).await);
+    // A client certificate of the cluster CA that is not the server's.
+    let someone = ca
+        .issue(&ferry_pki::LeafSpec::new(
+            "someone",
+            ferry_pki::Usage::Client,
+            day,
+        ))
+        .unwrap();
+    assert!(refused(&agent, with(&someone.chain_pem, &someone.key_pem)).await);
+    // And the agent is verified too: a client trusting another CA refuses it.
+    let wrong_trust = ferry_pki::tls::agents_client_config(
+        other.ca_pem(),
+        &foreign.chain_pem,
+        &foreign.key_pem,
+        ferry_pki::RevokedSerials::default(),
+    )
+    .unwrap();
+    assert!(refused(&agent, wrong_trust).await);
     agent.shutdown().await;
 }

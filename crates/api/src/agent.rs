@@ -77,6 +77,8 @@
 //!   agent's part of the pre-flight checks, see [`crate::checks`]
 //!
 //! Server endpoints for agents (bearer = join token for join, then the agent credential):
+//! - `POST /v1/tls/csr` -> [`CertificateSigningRequest`] (a new key, for rotation)
+//! - `POST /v1/tls/certificate` [`InstallCertificate`] -> `()`
 //! - `POST /v1/agents/join` [`JoinRequest`] -> [`JoinResponse`]
 //! - `POST /v1/agents/heartbeat` [`Heartbeat`] -> `()`
 
@@ -98,6 +100,9 @@ pub struct JoinRequest {
     /// Where the server reaches this agent's API.
     pub agent_url: String,
     pub facts: HostFacts,
+    /// A PEM certificate signing request for the key the agent made (the key stays on the
+    /// host); the server signs it for the agent's API.
+    pub csr: String,
 }
 
 impl std::fmt::Debug for JoinRequest {
@@ -111,17 +116,44 @@ impl std::fmt::Debug for JoinRequest {
     }
 }
 
-/// The agent's own credential, used both ways from then on. `Debug` leaves it out.
+/// What a joined agent holds from then on: its credential for calling the server, and its
+/// certificate. `Debug` leaves the credential out.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct JoinResponse {
+    /// The agent's credential for calling the server (heartbeats).
     pub agent_token: String,
+    /// The agent's certificate followed by the cluster CA (PEM), for its API.
+    pub certificate: String,
+    /// The cluster CA (PEM): only clients it signed for the server's identity may call the
+    /// agent.
+    pub ca_pem: String,
+}
+
+/// `POST /v1/tls/csr` answer: the agent made a new key (kept until its certificate arrives)
+/// and asks for a certificate for it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CertificateSigningRequest {
+    pub csr: String,
+}
+
+/// `POST /v1/tls/certificate`: the signed certificate for the pending key; the agent serves
+/// it from the next connection on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstallCertificate {
+    /// The agent's certificate followed by the cluster CA (PEM).
+    pub certificate: String,
+    pub ca_pem: String,
 }
 
 impl std::fmt::Debug for JoinResponse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JoinResponse")
             .field("agent_token", &"<redacted>")
-            .finish()
+            .field(
+                "certificate",
+                &format_args!("<{} bytes>", self.certificate.len()),
+            )
+            .finish_non_exhaustive()
     }
 }
 

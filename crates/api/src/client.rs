@@ -1,3 +1,4 @@
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -20,6 +21,61 @@ pub fn encode_segment(s: &str) -> String {
     out
 }
 
+/// How a client decides to trust the server it calls over HTTPS. Nothing set means the
+/// public roots only: a cluster's own certificate is then refused, never accepted silently.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct TlsOptions {
+    /// Trust only this CA (PEM), e.g. the cluster's `ca.pem` (`FERRY_CA`).
+    pub ca_pem: Option<String>,
+    /// Trust the server whose CA or certificate has this SHA-256 (`sha256:AB:...`), pinned on
+    /// first use. Used when no CA is given.
+    pub pin: Option<String>,
+    /// Present this client certificate (chain PEM, key PEM).
+    pub identity: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for TlsOptions {
+    /// The identity's key never appears in a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsOptions")
+            .field("ca_pem", &self.ca_pem.is_some())
+            .field("pin", &self.pin)
+            .field("identity", &self.identity.is_some())
+            .finish()
+    }
+}
+
+impl TlsOptions {
+    /// Trust the CA in `ca_pem`.
+    pub fn ca(ca_pem: impl Into<String>) -> TlsOptions {
+        TlsOptions {
+            ca_pem: Some(ca_pem.into()),
+            ..TlsOptions::default()
+        }
+    }
+
+    /// Trust the certificate pinned as `pin`.
+    pub fn pinned(pin: impl Into<String>) -> TlsOptions {
+        TlsOptions {
+            pin: Some(pin.into()),
+            ..TlsOptions::default()
+        }
+    }
+
+    /// The rustls configuration these options make; `None` when nothing is set.
+    pub fn client_config(&self) -> Result<Option<Arc<rustls::ClientConfig>>, ferry_pki::PkiError> {
+        let identity = self
+            .identity
+            .as_ref()
+            .map(|(c, k)| (c.as_str(), k.as_str()));
+        Ok(match (&self.ca_pem, &self.pin) {
+            (Some(ca), _) => Some(ferry_pki::tls::client_config(ca, identity)?),
+            (None, Some(pin)) => Some(ferry_pki::tls::pinned_client_config(pin, identity)?),
+            (None, None) => None,
+        })
+    }
+}
+
 /// A JSON-over-HTTP client with a bearer token, shared by the CLI (to the server), the server
 /// (to agents) and agents (to the server), so every caller decodes errors the same way.
 #[derive(Clone)]
@@ -27,6 +83,8 @@ pub struct ApiClient {
     base: String,
     token: Option<String>,
     http: reqwest::Client,
+    timeout: Duration,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Leaves the bearer token out: clients end up in logged structs and test failures.
@@ -40,28 +98,46 @@ impl std::fmt::Debug for ApiClient {
 }
 
 impl ApiClient {
-    /// `base` is like `http://127.0.0.1:7400`; paths passed to the methods start with `/v1/`.
+    /// `base` is like `https://127.0.0.1:7400`; paths passed to the methods start with `/v1/`.
+    /// An `https` base is verified against the public roots until [`ApiClient::with_tls`]
+    /// says what to trust.
     pub fn new(base: &str, token: Option<String>) -> ApiClient {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(60))
-            .build()
-            .unwrap_or_default();
+        let timeout = Duration::from_secs(60);
         ApiClient {
             base: base.trim_end_matches('/').to_string(),
             token,
-            http,
+            http: build_http(timeout, None),
+            timeout,
+            tls: None,
         }
+    }
+
+    /// The same client trusting what `options` say (a CA, a pin) and presenting its identity.
+    pub fn with_tls(self, options: &TlsOptions) -> Result<ApiClient, ApiError> {
+        let config = options.client_config().map_err(|e| ApiError::Untrusted {
+            url: self.base.clone(),
+            detail: e.to_string(),
+            changed: false,
+        })?;
+        Ok(match config {
+            Some(c) => self.with_tls_config(c),
+            None => self,
+        })
+    }
+
+    /// The same client with a ready rustls configuration (the server calling agents, whose
+    /// verifier also refuses revoked certificates).
+    pub fn with_tls_config(mut self, config: Arc<rustls::ClientConfig>) -> ApiClient {
+        self.http = build_http(self.timeout, Some(&config));
+        self.tls = Some(config);
+        self
     }
 
     /// The same client with another overall request timeout (default 60 s), for the few
     /// calls that legitimately take long, such as copying a disk image.
     pub fn with_timeout(mut self, timeout: Duration) -> ApiClient {
-        self.http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(timeout)
-            .build()
-            .unwrap_or_default();
+        self.timeout = timeout;
+        self.http = build_http(timeout, self.tls.as_ref());
         self
     }
 
@@ -120,10 +196,7 @@ impl ApiClient {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let resp = req.send().await.map_err(|e| ApiError::Unreachable {
-            url: url.clone(),
-            detail: error_chain(&e),
-        })?;
+        let resp = req.send().await.map_err(|e| transport_error(&url, &e))?;
         let status = resp.status();
         let bytes = resp.bytes().await.map_err(|e| ApiError::Unreachable {
             url: url.clone(),
@@ -192,10 +265,7 @@ impl ApiClient {
             .timeout(Duration::from_secs(24 * 3600))
             .send()
             .await
-            .map_err(|e| ApiError::Unreachable {
-                url: url.clone(),
-                detail: error_chain(&e),
-            })?;
+            .map_err(|e| transport_error(&url, &e))?;
         if !resp.status().is_success() {
             let status = resp.status().as_u16();
             let bytes = resp.bytes().await.unwrap_or_default();
@@ -231,6 +301,42 @@ impl ApiClient {
             }
         }
         Ok(())
+    }
+}
+
+fn build_http(timeout: Duration, tls: Option<&Arc<rustls::ClientConfig>>) -> reqwest::Client {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(timeout);
+    if let Some(config) = tls {
+        builder = builder.use_preconfigured_tls((**config).clone());
+    }
+    builder.build().unwrap_or_default()
+}
+
+/// A failed request: a refused certificate is not "unreachable", it is a trust problem the
+/// user must see as such (and a changed pinned certificate has its own code).
+fn transport_error(url: &str, e: &reqwest::Error) -> ApiError {
+    let detail = error_chain(e);
+    if detail.contains(ferry_pki::tls::PIN_MISMATCH) {
+        return ApiError::Untrusted {
+            url: url.to_string(),
+            detail,
+            changed: true,
+        };
+    }
+    if detail.contains("invalid peer certificate")
+        || detail.contains("certificate") && detail.contains("verif")
+    {
+        return ApiError::Untrusted {
+            url: url.to_string(),
+            detail,
+            changed: false,
+        };
+    }
+    ApiError::Unreachable {
+        url: url.to_string(),
+        detail,
     }
 }
 

@@ -38,6 +38,14 @@ pub enum ApiError {
     /// The answer was not what the API promises.
     #[error("unexpected answer from {url}: {detail}")]
     Decode { url: String, detail: String },
+    /// The other side's certificate is not trusted: not from the given CA, not for this
+    /// name, expired, or (`changed`) not the one pinned on first use.
+    #[error("the certificate of {url} is not trusted: {detail}")]
+    Untrusted {
+        url: String,
+        detail: String,
+        changed: bool,
+    },
 }
 
 impl ApiError {
@@ -54,6 +62,20 @@ impl ApiError {
                 "bad-response",
                 self.to_string(),
                 "check that both sides run the same Ferry version",
+            ),
+            ApiError::Untrusted { changed: true, .. } => ErrorBody::new(
+                "server-certificate-changed",
+                self.to_string(),
+                "the server no longer presents the certificate pinned for it: if its CA was \
+                 replaced on purpose, compare the new fingerprint with the one the server printed \
+                 and run `ferry login --accept-fingerprint sha256:...` again; otherwise do not \
+                 use this connection",
+            ),
+            ApiError::Untrusted { .. } => ErrorBody::new(
+                "server-certificate-untrusted",
+                self.to_string(),
+                "give the cluster's CA with FERRY_CA=/path/to/ca.pem (the server writes it to \
+                 STATE/pki/ca.pem), or pin it with `ferry login --accept-fingerprint sha256:...`",
             ),
         }
     }

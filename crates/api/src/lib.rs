@@ -15,5 +15,5 @@ pub mod migrations;
 pub mod redact;
 pub mod tokens;
 
-pub use client::{encode_segment, ApiClient};
+pub use client::{encode_segment, ApiClient, TlsOptions};
 pub use error::{ApiError, ErrorBody};

@@ -118,7 +118,8 @@ impl LocalCluster {
         .await
         .map_err(|e| BenchError::Daemon(e.body))?;
         let url = server.url();
-        cluster.api = ApiClient::new(&url, Some(ADMIN_TOKEN.into()));
+        cluster.api = server.client(Some(ADMIN_TOKEN.into()));
+        let server_ca = server.ca_file();
         cluster.server = Some(server);
         for h in cluster.net.hosts.clone() {
             let mut own = datastores.clone();
@@ -128,8 +129,11 @@ impl LocalCluster {
             let config = agent_config(
                 &h,
                 SocketAddr::from(([127, 0, 0, 1], 0)),
-                &url,
-                JOIN_TOKEN,
+                ferry_chaos::daemons::ServerRef {
+                    url: &url,
+                    ca: &server_ca,
+                    join_token: JOIN_TOKEN,
+                },
                 cluster.dir.join(&h.name),
                 accel,
                 own,

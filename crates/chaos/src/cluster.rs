@@ -114,7 +114,8 @@ impl ChaosLab {
                 .name()
                 .to_string();
         let ports = free_local_ports(3).map_err(|e| ChaosError::io("a free loopback port", e))?;
-        let url = format!("http://127.0.0.1:{}", ports[0]);
+        let url = format!("https://127.0.0.1:{}", ports[0]);
+        let ca_pem = crate::daemons::prepare_ca(&dir)?;
         let admin = random_token()?;
         let join = random_token()?;
         let mut server = server_config(
@@ -142,7 +143,7 @@ impl ChaosLab {
         )?;
         let mut lab = ChaosLab {
             spec: spec.clone(),
-            api: ApiClient::new(&url, Some(admin)),
+            api: ApiClient::new(&url, Some(admin)).with_tls(&ferry_api::TlsOptions::ca(ca_pem))?,
             net: net.into_persistent(),
             image,
             accel,

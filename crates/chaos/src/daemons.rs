@@ -39,11 +39,19 @@ pub fn lab_dir(name: &str) -> PathBuf {
 /// The configuration of lab host `h`'s agent: the lab runs agents in the root namespace and
 /// their QEMUs inside the host's namespace. Shared with the tests that start agents
 /// themselves, so a lab is always configured one way.
+/// Where a lab's agents find the server: its URL, the CA file to verify it with, and the join
+/// token.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerRef<'a> {
+    pub url: &'a str,
+    pub ca: &'a Path,
+    pub join_token: &'a str,
+}
+
 pub fn agent_config(
     h: &LabHostNet,
     listen: SocketAddr,
-    server_url: &str,
-    join_token: &str,
+    server: ServerRef<'_>,
     state_dir: PathBuf,
     accel: &str,
     datastores: Vec<DatastoreConfig>,
@@ -52,8 +60,10 @@ pub fn agent_config(
         name: h.name.clone(),
         listen,
         advertise_url: None,
-        server_url: Some(server_url.to_string()),
-        join_token: Some(join_token.to_string()),
+        server_url: Some(server.url.to_string()),
+        server_ca: Some(server.ca.to_path_buf()),
+        server_ca_fingerprint: None,
+        join_token: Some(server.join_token.to_string()),
         credential: None,
         state_dir,
         netns: Some(h.netns.clone()),
@@ -93,7 +103,22 @@ pub fn server_config(
         preflight: Default::default(),
         progress_poll_ms: 250,
         cold_cleanup_after_s: 0,
+        tls: Default::default(),
     }
+}
+
+/// Creates the lab server's cluster CA in `<dir>/pki` before the server first starts (the
+/// server loads it from there, next to its database `<dir>/ferry.db`), so that agents' configs
+/// and the lab's client can name and trust it from the start. Returns the CA's PEM.
+pub fn prepare_ca(dir: &Path) -> Result<String, ChaosError> {
+    let ca = ferry_pki::ClusterCa::load_or_create(&dir.join("pki"), None)
+        .map_err(|e| ChaosError::Invalid(format!("the lab's CA: {e}")))?;
+    Ok(ca.ca_pem().to_string())
+}
+
+/// The lab CA's file, as agents' `server_ca` and `FERRY_CA` name it.
+pub fn ca_file(dir: &Path) -> PathBuf {
+    dir.join("pki").join("ca.pem")
 }
 
 /// A config as TOML; both config types serialize without fail.
@@ -126,8 +151,11 @@ pub fn write_agent_configs(
         let agent = agent_config(
             h,
             SocketAddr::from(([127, 0, 0, 1], *port)),
-            server_url,
-            join_token,
+            ServerRef {
+                url: server_url,
+                ca: &ca_file(dir),
+                join_token,
+            },
             dir.join("agents").join(&h.name),
             accel,
             // One directory of this machine for every lab host: one storage.

@@ -17,6 +17,13 @@ use crate::error::CliError;
 pub struct FileConfig {
     pub url: Option<String>,
     pub token: Option<String>,
+    /// The cluster CA file to verify the server with.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// The server's CA fingerprint accepted by `ferry login` (trust on first use); only for
+    /// `url`.
+    #[serde(default)]
+    pub fingerprint: Option<String>,
 }
 
 /// Leaves the token out.
@@ -25,6 +32,8 @@ impl std::fmt::Debug for FileConfig {
         f.debug_struct("FileConfig")
             .field("url", &self.url)
             .field("token", &ferry_api::redact::secret_field(&self.token))
+            .field("ca", &self.ca)
+            .field("fingerprint", &self.fingerprint)
             .finish()
     }
 }
@@ -46,10 +55,84 @@ impl FileConfig {
 }
 
 /// The server to talk to, resolved.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Default)]
 pub struct ClientConfig {
     pub url: String,
     pub token: Option<String>,
+    /// Verify the server against this CA file (`FERRY_CA`, `--ca`, `ca` in the file).
+    pub ca: Option<PathBuf>,
+    /// Else against this pinned fingerprint (`fingerprint` in the file, for its `url`).
+    pub fingerprint: Option<String>,
+}
+
+impl ClientConfig {
+    /// What the client trusts: the CA file, else the pin, else only the public roots (so an
+    /// unknown cluster certificate is refused, never accepted silently).
+    pub fn tls_options(&self) -> Result<ferry_api::TlsOptions, CliError> {
+        if let Some(path) = &self.ca {
+            let pem = std::fs::read_to_string(path).map_err(|e| {
+                CliError::new(
+                    "ca-unreadable",
+                    format!("cannot read the CA file {}: {e}", path.display()),
+                    "point FERRY_CA (or --ca) at the server's pki/ca.pem",
+                )
+            })?;
+            return Ok(ferry_api::TlsOptions::ca(pem));
+        }
+        if let Some(pin) = &self.fingerprint {
+            return Ok(ferry_api::TlsOptions::pinned(pin.clone()));
+        }
+        Ok(ferry_api::TlsOptions::default())
+    }
+
+    /// An API client for this server with its token and trust.
+    pub fn client(&self) -> Result<ferry_api::ApiClient, CliError> {
+        ferry_api::ApiClient::new(&self.url, self.token.clone())
+            .with_tls(&self.tls_options()?)
+            .map_err(CliError::Api)
+    }
+}
+
+/// Writes the CLI config file (mode 0600: it holds a token), keeping nothing else.
+pub fn save_file(path: &Path, config: &FileConfig) -> Result<(), CliError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut text = String::new();
+    let mut line = |k: &str, v: &str| {
+        text.push_str(&format!("{k} = {}\n", toml::Value::String(v.to_string())));
+    };
+    if let Some(v) = &config.url {
+        line("url", v);
+    }
+    if let Some(v) = &config.token {
+        line("token", v);
+    }
+    if let Some(v) = &config.ca {
+        line("ca", &v.to_string_lossy());
+    }
+    if let Some(v) = &config.fingerprint {
+        line("fingerprint", v);
+    }
+    let fail = |e: std::io::Error| {
+        CliError::new(
+            "config-unwritable",
+            format!("cannot write {}: {e}", path.display()),
+            "check the directory's permissions or set FERRY_CONFIG",
+        )
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(fail)?;
+    }
+    let tmp = path.with_extension("toml.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(fail)?;
+    f.write_all(text.as_bytes()).map_err(fail)?;
+    std::fs::rename(&tmp, path).map_err(fail)
 }
 
 /// Leaves the token out.
@@ -123,5 +206,9 @@ pub fn resolve(
             "give the full URL, e.g. http://127.0.0.1:7400",
         ));
     }
-    Ok(ClientConfig { url, token })
+    Ok(ClientConfig {
+        url,
+        token,
+        ..ClientConfig::default()
+    })
 }

@@ -603,6 +603,7 @@ fn file(url: Option<&str>, token: Option<&str>) -> Result<FileConfig, CliError> 
     Ok(FileConfig {
         url: url.map(String::from),
         token: token.map(String::from),
+        ..FileConfig::default()
     })
 }
 
@@ -649,7 +650,8 @@ fn config_file_format() {
         FileConfig::parse("url = \"http://h:7400\"\ntoken = \"abc\"\n", p).unwrap(),
         FileConfig {
             url: Some("http://h:7400".into()),
-            token: Some("abc".into())
+            token: Some("abc".into()),
+            ..FileConfig::default()
         }
     );
     assert_eq!(FileConfig::parse("", p).unwrap(), FileConfig::default());
@@ -682,8 +684,11 @@ fn lab_config_files_are_read_back_by_the_server_and_agents() {
     let agent = agent_config(
         &host,
         "127.0.0.1:4001".parse().unwrap(),
-        "http://127.0.0.1:4000",
-        &"j".repeat(32),
+        ferry_chaos::daemons::ServerRef {
+            url: "https://127.0.0.1:4000",
+            ca: std::path::Path::new("/l/pki/ca.pem"),
+            join_token: &"j".repeat(32),
+        },
         "/l/agents/hv1".into(),
         "tcg",
         vec![ferry_agent::DatastoreConfig {

@@ -11,6 +11,7 @@ fn ferry(config: &Path) -> Command {
     c.env("FERRY_CONFIG", config)
         .env_remove("FERRY_URL")
         .env_remove("FERRY_TOKEN")
+        .env_remove("FERRY_CA")
         .env_remove("FERRY_LAB_DIR");
     c
 }
@@ -101,11 +102,13 @@ fn lab_cluster_migrates_through_the_cli_and_cleans_up() {
             .unwrap_or_else(|| panic!("no {key} in {exports}"))
             .to_string()
     };
-    let (url, token) = (var("FERRY_URL"), var("FERRY_TOKEN"));
+    let (url, token, ca) = (var("FERRY_URL"), var("FERRY_TOKEN"), var("FERRY_CA"));
+    assert!(url.starts_with("https://"), "{url}");
     let run = |args: &[&str]| {
         ferry(&config)
             .env("FERRY_URL", &url)
             .env("FERRY_TOKEN", &token)
+            .env("FERRY_CA", &ca)
             .args(args)
             .output()
             .unwrap()
@@ -186,6 +189,7 @@ fn lab_cluster_migrates_through_the_cli_and_cleans_up() {
     );
     let no_token = ferry(&config)
         .env("FERRY_URL", &url)
+        .env("FERRY_CA", &ca)
         .args(["host", "list"])
         .output()
         .unwrap();
@@ -237,12 +241,13 @@ fn lab_up(name: &str, config: &Path, extra: &[&str]) -> (Output, impl Fn(&[&str]
             .unwrap_or_else(|| panic!("no {key} in {exports}"))
             .to_string()
     };
-    let (url, token) = (var("FERRY_URL"), var("FERRY_TOKEN"));
+    let (url, token, ca) = (var("FERRY_URL"), var("FERRY_TOKEN"), var("FERRY_CA"));
     let config = config.to_path_buf();
     let run = move |args: &[&str]| {
         ferry(&config)
             .env("FERRY_URL", &url)
             .env("FERRY_TOKEN", &token)
+            .env("FERRY_CA", &ca)
             .args(args)
             .output()
             .unwrap()

@@ -11,16 +11,29 @@ use std::time::{Duration, Instant};
 
 use ferry_agent::{AgentConfig, AgentHandle, DatastoreConfig, NetworkConfig};
 use ferry_api::hosts::{Host, HostState};
-use ferry_api::ApiClient;
 use ferry_server::{ServerConfig, ServerHandle};
 
 const ADMIN: &str = "admin-token-for-cli-disk-tests-01";
 const JOIN: &str = "join-token-for-cli-disk-tests-012";
 
-/// Runs `ferry ARGS` against `url` with the admin token.
+/// The CA file of each test server, by URL (tests run in parallel, each with its own server).
+fn cas() -> &'static std::sync::Mutex<std::collections::HashMap<String, PathBuf>> {
+    static CAS: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, PathBuf>>> =
+        std::sync::OnceLock::new();
+    CAS.get_or_init(Default::default)
+}
+
+/// Runs `ferry ARGS` against `url` with the admin token, trusting that server's CA.
 async fn ferry(url: &str, args: &[&str]) -> Output {
+    let ca = cas()
+        .lock()
+        .unwrap()
+        .get(url)
+        .cloned()
+        .expect("a test server's URL");
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry"));
     cmd.args(args)
+        .env("FERRY_CA", ca)
         .env("FERRY_URL", url)
         .env("FERRY_TOKEN", ADMIN)
         .env("FERRY_CONFIG", "/nonexistent/cli.toml");
@@ -55,15 +68,19 @@ async fn cluster() -> Cluster {
         preflight: Default::default(),
         progress_poll_ms: 200,
         cold_cleanup_after_s: 0,
+        tls: Default::default(),
     })
     .await
     .unwrap();
     let url = server.url();
+    cas().lock().unwrap().insert(url.clone(), server.ca_file());
     let agent = ferry_agent::start(AgentConfig {
         name: "hv1".into(),
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         advertise_url: None,
         server_url: Some(url.clone()),
+        server_ca: Some(server.ca_file()),
+        server_ca_fingerprint: None,
         join_token: Some(JOIN.into()),
         credential: None,
         state_dir: dir.path().join("state"),
@@ -92,17 +109,13 @@ async fn cluster() -> Cluster {
     .await
     .unwrap();
     // Online, and the agent holds its credential (stored once the join was answered).
-    let admin = ApiClient::new(&url, Some(ADMIN.into()));
+    let admin = server.client(Some(ADMIN.into()));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let hosts: Vec<Host> = admin.get("/v1/hosts").await.unwrap();
-        let creds = server.state.store.agent_credential("hv1").await.unwrap();
-        let answers = match creds {
-            Some((u, s)) => ApiClient::new(&u, Some(s))
-                .get::<serde_json::Value>("/v1/facts")
-                .await
-                .is_ok(),
-            None => false,
+        let answers = match ferry_server::agents::agent_client(&server.state, "hv1").await {
+            Ok(agent) => agent.get::<serde_json::Value>("/v1/facts").await.is_ok(),
+            Err(_) => false,
         };
         if answers && hosts.iter().any(|h| h.state == HostState::Online) {
             break;

@@ -35,12 +35,14 @@ async fn a_closed_stdout_ends_the_cli_quietly() {
     .await
     .expect("server starts");
     let url = server.url();
+    let ca = server.ca_file();
     for args in [&["host", "list"][..], &["host", "list", "-o", "json"][..]] {
-        let (url, args) = (url.clone(), args.to_vec());
+        let (url, args, ca) = (url.clone(), args.to_vec(), ca.clone());
         let out = tokio::task::spawn_blocking(move || {
             Command::new(env!("CARGO_BIN_EXE_ferry"))
                 .args(&args)
                 .args(["--url", &url, "--token", ADMIN])
+                .env("FERRY_CA", &ca)
                 .stdout(Stdio::from(closed_pipe()))
                 .stderr(Stdio::piped())
                 .output()

@@ -71,13 +71,19 @@ impl Procs {
             toml::to_string(&server).unwrap(),
         )
         .unwrap();
-        let server_url = format!("http://127.0.0.1:{port}");
+        let server_url = format!("https://127.0.0.1:{port}");
+        // The CA exists before the server process starts, as in `ferry lab up`.
+        let ca_pem = ferry_chaos::daemons::prepare_ca(dir.path()).unwrap();
+        let ca_file = ferry_chaos::daemons::ca_file(dir.path());
         for h in &lab.hosts {
             let agent = agent_config(
                 h,
                 SocketAddr::from(([127, 0, 0, 1], free_port())),
-                &server_url,
-                JOIN,
+                ferry_chaos::daemons::ServerRef {
+                    url: &server_url,
+                    ca: &ca_file,
+                    join_token: JOIN,
+                },
                 dir.path().join(&h.name),
                 "tcg",
                 // The server accepts kernel and initrd only inside a datastore of the host.
@@ -94,7 +100,9 @@ impl Procs {
             .unwrap();
         }
         let mut p = Procs {
-            api: ApiClient::new(&server_url, Some(ADMIN.into())),
+            api: ApiClient::new(&server_url, Some(ADMIN.into()))
+                .with_tls(&ferry_api::TlsOptions::ca(ca_pem))
+                .unwrap(),
             dir,
             server: None,
             agents: vec![None, None],

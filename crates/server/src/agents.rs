@@ -1,4 +1,5 @@
-//! Reaching agents: the URL and credential of each host come from the store.
+//! Reaching agents: each host's URL comes from the store; the server proves itself with its
+//! client certificate and checks the agent's against the cluster CA.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -6,16 +7,18 @@ use std::time::{Duration, Instant};
 use ferry_api::{ApiClient, ApiError};
 use tokio::sync::watch;
 
-use crate::store::Store;
+use crate::server::AppState;
 use crate::ServerError;
 
-/// An API client for `host`'s agent, authenticated with that agent's credential.
-pub async fn agent_client(store: &Store, host: &str) -> Result<ApiClient, ServerError> {
-    let (url, secret) = store
-        .agent_credential(host)
+/// An API client for `host`'s agent over mutual TLS: the server's client identity, the
+/// agent's certificate verified against the cluster CA (revoked ones refused).
+pub async fn agent_client(state: &AppState, host: &str) -> Result<ApiClient, ServerError> {
+    let url = state
+        .store
+        .agent_url(host)
         .await?
         .ok_or_else(|| ServerError::not_found("host", host))?;
-    Ok(ApiClient::new(&url, Some(secret)))
+    Ok(ApiClient::new(&url, None).with_tls_config(state.pki.agents_tls()))
 }
 
 /// How long a job keeps calling an agent it cannot reach (a restart, a network blip) before

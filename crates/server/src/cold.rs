@@ -100,8 +100,8 @@ pub async fn drive(
         .await
         .map_err(ServerError::from)?
         .ok_or_else(|| ServerError::not_found("instance", &m.instance_id.to_string()))?;
-    let src = agent_client(&state.store, &m.source).await?;
-    let dst = agent_client(&state.store, &m.destination).await?;
+    let src = agent_client(state, &m.source).await?;
+    let dst = agent_client(state, &m.destination).await?;
     let mut job = ColdJob {
         state,
         m: m.clone(),
@@ -847,7 +847,7 @@ pub(crate) async fn remove_copies(
     who: &str,
     what: &str,
 ) -> Result<(), ServerError> {
-    let agent = agent_client(&state.store, host).await?;
+    let agent = agent_client(state, host).await?;
     let done: CleanedUp = agent
         .post(
             &format!("/v1/copies/{}/cleanup", m.id),

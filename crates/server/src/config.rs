@@ -1,6 +1,6 @@
 //! `ferry server --config FILE`: a TOML file, every field but the tokens with a default.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -75,6 +75,51 @@ impl Default for Preflight {
     }
 }
 
+/// HTTPS: what the server's certificate names, and the operator's own CA or certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Host names agents and CLIs reach the server by, added to its certificate (with
+    /// `localhost`).
+    pub names: Vec<String>,
+    /// Addresses added to the certificate (with 127.0.0.1 and the `listen` address).
+    pub addresses: Vec<IpAddr>,
+    /// The operator's own CA certificate (PEM), which signs instead of a CA the server makes;
+    /// needs `ca_key`.
+    pub ca_cert: Option<PathBuf>,
+    pub ca_key: Option<PathBuf>,
+    /// The operator's own certificate chain for the API (PEM), served as is instead of one
+    /// the cluster CA issues; needs `key`.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Serve the API over plain HTTP. For a test lab only: tokens then cross the network in
+    /// the clear. Agents' APIs keep mutual TLS.
+    pub plain_http_for_labs: bool,
+    /// How long an agent's certificate lasts (days).
+    #[serde(default = "default_agent_cert_days")]
+    pub agent_cert_days: u32,
+}
+
+fn default_agent_cert_days() -> u32 {
+    90
+}
+
+impl Default for TlsConfig {
+    /// HTTPS with a certificate from the server's own CA; agents' certificates last 90 days.
+    fn default() -> Self {
+        TlsConfig {
+            names: vec![],
+            addresses: vec![],
+            ca_cert: None,
+            ca_key: None,
+            cert: None,
+            key: None,
+            plain_http_for_labs: false,
+            agent_cert_days: default_agent_cert_days(),
+        }
+    }
+}
+
 /// The server's configuration. `Debug` leaves the tokens out.
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -105,6 +150,8 @@ pub struct ServerConfig {
     /// default) keeps them until `ferry migration cleanup ID`.
     #[serde(default)]
     pub cold_cleanup_after_s: u64,
+    #[serde(default)]
+    pub tls: TlsConfig,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -176,12 +223,32 @@ impl ServerConfig {
                 "preflight.link_cache_s must be between 1 and 86400".into(),
             ));
         }
+        if self.tls.ca_cert.is_some() != self.tls.ca_key.is_some() {
+            return Err(ServerError::config(
+                "tls.ca_cert and tls.ca_key go together (the operator's own CA)".into(),
+            ));
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(ServerError::config(
+                "tls.cert and tls.key go together (the operator's own certificate)".into(),
+            ));
+        }
+        if !(1..=3650).contains(&self.tls.agent_cert_days) {
+            return Err(ServerError::config(
+                "tls.agent_cert_days must be between 1 and 3650".into(),
+            ));
+        }
         if !(50..=1000).contains(&self.progress_poll_ms) {
             return Err(ServerError::config(
                 "progress_poll_ms must be between 50 and 1000".into(),
             ));
         }
         Ok(())
+    }
+
+    /// The directory of the cluster CA and the migration CA (`pki/` next to the database).
+    pub fn pki_dir(&self) -> PathBuf {
+        self.database.parent().unwrap_or(Path::new(".")).join("pki")
     }
 
     /// The file an auto-created admin token is written to.
@@ -213,6 +280,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(timed.cold_cleanup_after_s, 86400);
+        assert!(!c.tls.plain_http_for_labs, "HTTPS unless told otherwise");
+        assert_eq!(c.tls.agent_cert_days, 90);
+    }
+
+    #[test]
+    fn tls_settings_parse_and_pairs_are_checked() {
+        let c: ServerConfig = toml::from_str(
+            "database = \"/tmp/f.db\"\njoin_token = \"0123456789abcdef\"\n[tls]\nnames = [\"ferry.example\"]\naddresses = [\"10.0.0.1\"]\nplain_http_for_labs = true",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.tls.names, ["ferry.example"]);
+        assert!(c.tls.plain_http_for_labs);
+        assert_eq!(c.pki_dir(), PathBuf::from("/tmp/pki"));
+        let mut half = c.clone();
+        half.tls.ca_cert = Some("/etc/ca.pem".into());
+        assert!(half.validate().unwrap_err().to_string().contains("ca_key"));
     }
 
     #[test]

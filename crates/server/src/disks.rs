@@ -303,7 +303,7 @@ impl Created {
         if self.images.is_empty() {
             return;
         }
-        let agent = match crate::agents::agent_client(&state.store, &self.host).await {
+        let agent = match crate::agents::agent_client(state, &self.host).await {
             Ok(a) => Some(a),
             Err(e) => {
                 warn!(host = %self.host, error = %e, "cannot reach the agent to undo disks");
@@ -350,7 +350,7 @@ pub async fn prepare(
     req: &CreateInstance,
     created: &mut Created,
 ) -> Result<Prepared, ServerError> {
-    let agent = crate::agents::agent_client(&state.store, &host.name)
+    let agent = crate::agents::agent_client(state, &host.name)
         .await?
         .with_timeout(PREPARE_TIMEOUT);
     let ids = disk_ids(&req.disks);

@@ -181,7 +181,7 @@ async fn launch_destination(state: &AppState, m: &Migration) -> bool {
             .get_instance(&m.instance_id.to_string())
             .await?
             .ok_or_else(|| ServerError::not_found("instance", &m.instance_id.to_string()))?;
-        let dst = agent_client(&state.store, &m.destination).await?;
+        let dst = agent_client(state, &m.destination).await?;
         let body = LaunchIncoming {
             instance_id: instance.id,
             name: instance.name.clone(),
@@ -227,7 +227,7 @@ pub(crate) async fn dirty_rate(
     source: &str,
     instance_id: Uuid,
 ) -> Result<DirtyRate, String> {
-    let src = agent_client(&state.store, source)
+    let src = agent_client(state, source)
         .await
         .map_err(|e| e.body.message)?;
     let path = format!("/v1/instances/{instance_id}/dirty-rate");
@@ -627,7 +627,7 @@ async fn drive_live(
 /// is logged on the job.
 async fn remove_launched(state: &AppState, m: &Migration) {
     let path = format!("/v1/migrations/{}/incoming", m.id);
-    let removed = match agent_client(&state.store, &m.destination).await {
+    let removed = match agent_client(state, &m.destination).await {
         Ok(dst) => dst
             .delete::<serde_json::Value>(&path)
             .await
@@ -827,8 +827,8 @@ impl<'a> AgentHalves<'a> {
                 .as_ref()
                 .map(|p| p.params.clone())
                 .unwrap_or_else(|| m.options.to_params()),
-            src: agent_client(&state.store, &m.source).await?,
-            dst: agent_client(&state.store, &m.destination).await?,
+            src: agent_client(state, &m.source).await?,
+            dst: agent_client(state, &m.destination).await?,
             m: m.clone(),
             attach,
             cancel,

@@ -16,6 +16,7 @@ pub mod error;
 pub mod events;
 pub mod kept_copies;
 pub mod metrics;
+pub mod pki;
 pub mod preflight;
 mod qemu_settings;
 pub mod reconcile;

@@ -67,7 +67,7 @@ struct Fresh {
 }
 
 async fn fresh_facts(state: &AppState, host: &Host) -> Fresh {
-    let answer = match agent_client(&state.store, &host.name).await {
+    let answer = match agent_client(state, &host.name).await {
         Ok(c) => timed(FACTS_TIMEOUT, c.get::<HostFacts>("/v1/facts"))
             .await
             .ok(),
@@ -363,7 +363,7 @@ pub async fn evaluate(state: &AppState, req: &Request<'_>) -> Result<Vec<Candida
     let source_stale = fresh.get(&instance.host).is_some_and(|f| f.stale);
 
     // The features the instance's CPU model needs, from the source agent.
-    let src = agent_client(&state.store, &instance.host).await.ok();
+    let src = agent_client(state, &instance.host).await.ok();
     let (cpu_features, cpu_error) = match &src {
         Some(c) => match cpu_model(c, &instance.spec.cpu_model).await {
             Ok(f) => (Some(f), None),
@@ -488,7 +488,7 @@ pub async fn evaluate(state: &AppState, req: &Request<'_>) -> Result<Vec<Candida
                     return None;
                 }
                 let src = src?;
-                let dst = agent_client(&state.store, &t.name).await.ok()?;
+                let dst = agent_client(state, &t.name).await.ok()?;
                 let bandwidth_ms = state.config.preflight.bandwidth_probe_ms;
                 let link_ttl = Duration::from_secs(state.config.preflight.link_cache_s);
                 let stored = stored_link(state, &instance.host, &t.name).await;

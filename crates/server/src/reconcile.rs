@@ -244,7 +244,7 @@ async fn remove_if_stale_incoming(state: &AppState, host: &str, r: &AgentInstanc
     if !ended || r.state == InstanceState::Running {
         return;
     }
-    let Ok(agent) = agent_client(&state.store, host).await else {
+    let Ok(agent) = agent_client(state, host).await else {
         return;
     };
     match agent
@@ -336,7 +336,7 @@ async fn reconcile_one(state: &AppState, id: Uuid, fresh: Duration) -> Result<()
 }
 
 async fn fence(state: &AppState, host: &str, id: Uuid) {
-    let result = match agent_client(&state.store, host).await {
+    let result = match agent_client(state, host).await {
         Ok(agent) => agent
             .post::<_, AgentInstance>(&format!("/v1/instances/{id}/fence"), &())
             .await

@@ -28,6 +28,8 @@ pub struct AppState {
     pub reports: Arc<crate::reconcile::Reports>,
     /// Images claimed by instance creates in flight (see [`crate::disks::claim`]).
     pub disk_claims: Arc<crate::disks::DiskClaims>,
+    /// The cluster CA and the server's certificates.
+    pub pki: Arc<crate::pki::ServerPki>,
 }
 
 impl AppState {
@@ -45,13 +47,38 @@ impl AppState {
 pub struct ServerHandle {
     pub addr: SocketAddr,
     pub state: AppState,
+    plain: bool,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl ServerHandle {
+    /// `https://ADDR` (`http://` only with `tls.plain_http_for_labs`).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.plain { "http" } else { "https" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The cluster CA's certificate (PEM): what clients and agents trust.
+    pub fn ca_pem(&self) -> String {
+        self.state.pki.ca.ca_pem().to_string()
+    }
+
+    /// The file the CA's certificate is in (`STATE/pki/ca.pem`).
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        self.state.pki.ca.ca_file()
+    }
+
+    /// An API client for this server that trusts its CA.
+    pub fn client(&self, token: Option<String>) -> ferry_api::ApiClient {
+        ferry_api::ApiClient::new(&self.url(), token).with_tls_config(self.client_tls())
+    }
+
+    /// A client TLS configuration trusting this server's CA.
+    pub fn client_tls(&self) -> Arc<rustls::ClientConfig> {
+        // The CA's own PEM always parses: it was just loaded or made.
+        ferry_pki::tls::client_config(self.state.pki.ca.ca_pem(), None)
+            .expect("the cluster CA makes a client configuration")
     }
 
     /// Stops accepting requests and stops the background tasks. Migrations in flight keep
@@ -67,6 +94,11 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     config.validate()?;
     let store = Store::open(&config.database).await?;
     bootstrap_admin(&store, &config).await?;
+    let pki = Arc::new(crate::pki::ServerPki::open(&config, &store).await?);
+    let plain = config.tls.plain_http_for_labs;
+    if plain {
+        warn!("serving the API over plain HTTP (tls.plain_http_for_labs): for a test lab only");
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| {
@@ -89,6 +121,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         probes: Arc::default(),
         reports: Arc::default(),
         disk_claims: Arc::default(),
+        pki: pki.clone(),
     };
     let (stop, stop_rx) = watch::channel(false);
     driver::recover(&state).await;
@@ -100,21 +133,34 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     // The web panel at `/` renders from the same API router, called in process.
     let api = api::router(state.clone());
     let app = ferry_panel::router(api.clone()).merge(api);
+    tokio::spawn(crate::pki::run_renewal(pki.clone(), stop_rx.clone()));
     let mut stop_http = stop_rx.clone();
-    let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop_http.wait_for(|s| *s).await;
-            })
-            .await;
-        if let Err(e) = served {
-            warn!(error = %e, "API server stopped");
-        }
-    });
-    info!(%addr, "ferry server listening");
+    let shutdown = async move {
+        let _ = stop_http.wait_for(|s| *s).await;
+    };
+    let task = if plain {
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
+                warn!(error = %e, "API server stopped");
+            }
+        })
+    } else {
+        let tls = ferry_pki::TlsListener::new(listener, pki.https.clone())
+            .map_err(|e| ServerError::internal(format!("cannot serve HTTPS: {e}")))?;
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(tls, app).with_graceful_shutdown(shutdown).await {
+                warn!(error = %e, "API server stopped");
+            }
+        })
+    };
+    info!(%addr, tls = !plain, fingerprint = %pki.ca.fingerprint(), "ferry server listening");
     Ok(ServerHandle {
         addr,
         state,
+        plain,
         stop,
         task,
     })
@@ -123,7 +169,12 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
 /// `ferry server`: start, then serve until SIGINT or SIGTERM.
 pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     let handle = start(config).await?;
-    eprintln!("ferry server listening on {}", handle.url());
+    eprintln!(
+        "ferry server listening on {} (CA {}, fingerprint {})",
+        handle.url(),
+        handle.ca_file().display(),
+        handle.state.pki.ca.fingerprint()
+    );
     shutdown_signal().await;
     handle.shutdown().await;
     Ok(())

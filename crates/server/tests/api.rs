@@ -67,7 +67,8 @@ fn facts(name: &str) -> HostFacts {
     }
 }
 
-async fn fake_agent(name: &str) -> FakeAgent {
+/// A fake agent serves like a real one: mutual TLS with a certificate from the cluster CA.
+async fn fake_agent(name: &str, ca: &ferry_pki::ClusterCa) -> FakeAgent {
     let calls = Arc::new(Calls::default());
     let facts = facts(name);
     let router = Router::new()
@@ -133,7 +134,15 @@ async fn fake_agent(name: &str) -> FakeAgent {
         )
         .with_state(calls.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let mut spec =
+        ferry_pki::LeafSpec::new(name, ferry_pki::Usage::Server, Duration::from_secs(3600));
+    spec.ips.push([127, 0, 0, 1].into());
+    let cert = ca.issue(&spec).unwrap();
+    let tls =
+        ferry_pki::tls::agent_server_config(&cert.chain_pem, &cert.key_pem, ca.ca_pem()).unwrap();
+    let listener =
+        ferry_pki::TlsListener::new(listener, ferry_pki::ServerConfigSlot::new(Some(tls))).unwrap();
     tokio::spawn(async move {
         let _ = axum::serve(listener, router).await;
     });
@@ -161,13 +170,14 @@ async fn api() -> Api {
         preflight: Default::default(),
         progress_poll_ms: 250,
         cold_cleanup_after_s: 0,
+        tls: Default::default(),
     })
     .await
     .expect("server starts");
     let store = &server.state.store;
     let mut agents = HashMap::new();
     for name in ["hv1", "hv2"] {
-        let agent = fake_agent(name).await;
+        let agent = fake_agent(name, &server.state.pki.ca).await;
         store
             .join_host(name, &agent.url, &format!("secret-{name}"), &facts(name))
             .await
@@ -182,7 +192,7 @@ async fn api() -> Api {
         .create_token("viewer", Role::Reader, None)
         .await
         .unwrap();
-    let admin = ApiClient::new(&server.url(), Some(ADMIN.into()));
+    let admin = server.client(Some(ADMIN.into()));
     Api {
         server,
         agents,
@@ -217,7 +227,7 @@ async fn send(
     token: &str,
     body: Option<Vec<u8>>,
 ) -> (u16, serde_json::Value) {
-    let mut req = reqwest::Client::new()
+    let mut req = https_client(&api.server)
         .request(
             method.parse().unwrap(),
             format!("{}{path}", api.server.url()),
@@ -464,7 +474,7 @@ async fn candidate_requests_share_one_probe_per_host_pair() {
         .insert_instance(id, "vm", "hv1", &spec(), InstanceState::Running)
         .await
         .unwrap();
-    let viewer = ApiClient::new(&api.server.url(), Some(api.read_only.clone()));
+    let viewer = api.server.client(Some(api.read_only.clone()));
     let answers = futures_util::future::join_all((0..70).map(|_| {
         let viewer = viewer.clone();
         async move {
@@ -772,4 +782,12 @@ async fn roles_an_expired_token_is_refused_with_token_expired() {
     let (status, body) = send(&api, "GET", "/v1/hosts", &brief, None).await;
     assert_error(status, &body, 401, "token-expired");
     api.server.shutdown().await;
+}
+
+/// A plain reqwest client that trusts the server's CA (for requests `ApiClient` would not send).
+fn https_client(server: &ServerHandle) -> reqwest::Client {
+    reqwest::Client::builder()
+        .use_preconfigured_tls((*server.client_tls()).clone())
+        .build()
+        .unwrap()
 }

@@ -10,7 +10,6 @@ use ferry_api::migrations::{
     CreateMigration, Event, LogLine, Migration, MigrationKind, MigrationOptions, MigrationState,
     SamplePage, SAMPLES_PAGE_MAX,
 };
-use ferry_api::ApiClient;
 use ferry_server::config::Limits;
 
 fn slow() -> MigrationOptions {
@@ -49,7 +48,7 @@ async fn live_migration_through_the_api_with_progress_logs_and_events() {
     assert_eq!(vm.generation, 0);
 
     // Watch the cluster's events while the migration runs.
-    let watcher = ApiClient::new(&c.server.url(), Some(ADMIN.into()));
+    let watcher = c.server.client(Some(ADMIN.into()));
     let events = tokio::spawn(async move {
         let mut seen = Vec::new();
         let _ = watcher
@@ -138,7 +137,7 @@ async fn live_migration_through_the_api_with_progress_logs_and_events() {
         .create_token("chart-viewer", ferry_server::store::Role::Reader, None)
         .await
         .unwrap();
-    let reader = ApiClient::new(&c.server.url(), Some(viewer));
+    let reader = c.server.client(Some(viewer));
     let all: SamplePage = reader
         .get(&format!("/v1/migrations/{}/samples", m.id))
         .await
@@ -431,7 +430,7 @@ async fn bad_requests_are_4xx_with_code_and_hint_and_change_nothing() {
         .create_token("viewer", ferry_server::store::Role::Reader, None)
         .await
         .unwrap();
-    let ro_client = ApiClient::new(&c.server.url(), Some(ro.clone()));
+    let ro_client = c.server.client(Some(ro.clone()));
     let hosts: Vec<serde_json::Value> = ro_client.get("/v1/hosts").await.unwrap();
     assert_eq!(hosts.len(), 2, "read-only tokens can read");
 
@@ -564,7 +563,10 @@ async fn bad_requests_are_4xx_with_code_and_hint_and_change_nothing() {
             "instance-running",
         ),
     ];
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls((*c.server.client_tls()).clone())
+        .build()
+        .unwrap();
     for (method, path, body, token, status, code) in cases {
         let mut req = http.request(method.parse().unwrap(), format!("{}{path}", c.server.url()));
         if let Some(b) = body {

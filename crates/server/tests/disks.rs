@@ -49,6 +49,7 @@ impl Env {
             preflight: Default::default(),
             progress_poll_ms: 200,
             cold_cleanup_after_s: 0,
+            tls: Default::default(),
         })
         .await
         .expect("server starts");
@@ -60,6 +61,8 @@ impl Env {
                 listen: SocketAddr::from(([127, 0, 0, 1], 0)),
                 advertise_url: None,
                 server_url: Some(server.url()),
+                server_ca: Some(server.ca_file()),
+                server_ca_fingerprint: None,
                 join_token: Some(JOIN.into()),
                 credential: None,
                 state_dir: dir.path().join(format!("{name}-state")),
@@ -96,7 +99,7 @@ impl Env {
             ));
             configs.push(config);
         }
-        let admin = ApiClient::new(&server.url(), Some(ADMIN.into()));
+        let admin = server.client(Some(ADMIN.into()));
         let env = Env {
             server,
             agents,
@@ -205,17 +208,11 @@ impl Env {
         self.admin.get("/v1/instances").await.unwrap()
     }
 
-    /// A client for `host`'s agent with its real credential.
+    /// A client for `host`'s agent as the server calls it (its client certificate).
     async fn agent(&self, host: &str) -> ApiClient {
-        let (url, secret) = self
-            .server
-            .state
-            .store
-            .agent_credential(host)
+        ferry_server::agents::agent_client(&self.server.state, host)
             .await
             .unwrap()
-            .unwrap();
-        ApiClient::new(&url, Some(secret))
     }
 
     async fn shutdown(self) {
@@ -735,7 +732,7 @@ async fn an_instance_with_images_on_an_offline_host_is_deleted_only_once_the_hos
     let hv2 = env.agents[1].take().unwrap();
     // The restarted agent must listen where the server knows it.
     let url = hv2.url();
-    env.configs[1].listen = url.trim_start_matches("http://").parse().unwrap();
+    env.configs[1].listen = url.trim_start_matches("https://").parse().unwrap();
     hv2.shutdown().await;
     // Before the server notices, the agent just does not answer: refused, nothing changed.
     assert_refused(env.delete("far").await, 503, "host-unreachable");

@@ -71,8 +71,21 @@ impl Browser {
             assert!(Instant::now() < deadline, "chromedriver did not listen");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // Chromium trusts exactly the server's certificate (its public key), nothing else.
+        let authority = base.trim_start_matches("https://");
+        let port_part = authority
+            .rsplit(':')
+            .next()
+            .expect("a port in the base URL");
+        let chain =
+            ferry_pki::tls::probe_server_chain(&format!("127.0.0.1:{port_part}"), "localhost")
+                .await
+                .expect("the server presents a certificate");
+        let spki = ferry_pki::tls::spki_sha256_base64(&chain[0]).expect("a parsable certificate");
         let mut caps = DesiredCapabilities::chrome();
         caps.set_binary("/usr/bin/chromium").unwrap();
+        caps.add_arg(&format!("--ignore-certificate-errors-spki-list={spki}"))
+            .unwrap();
         for arg in [
             "--headless=new",
             "--no-sandbox",
@@ -293,9 +306,8 @@ impl Drop for Browser {
 }
 
 fn base(c: &Cluster) -> String {
-    // `localhost`, not 127.0.0.1: browsers treat it as a secure context, so the session
-    // cookie's Secure attribute holds over plain HTTP in the test.
-    format!("http://localhost:{}", c.server.addr.port())
+    // The panel is served over HTTPS like the API; `localhost` is in the server's certificate.
+    format!("https://localhost:{}", c.server.addr.port())
 }
 
 /// Waits for the migration screen's state, returning how many live updates it counted.
@@ -961,6 +973,7 @@ async fn roles_a_reader_sees_no_actions_and_its_forged_posts_are_refused_an_oper
     // Without the CSRF token, or from another site, even an admin's cookie acts on nothing.
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        .use_preconfigured_tls((*c.server.client_tls()).clone())
         .build()
         .unwrap();
     let url = format!("{}/instances/{}/stop", base(&c), inst.id);

@@ -57,7 +57,7 @@ async fn the_record_follows_the_agents_and_a_second_copy_is_paused() {
 
     // A second copy of the same guest on hv2, started behind the server's back (without a
     // NIC, so that it cannot take the owner's address on the guest network).
-    let hv2 = agent_client(&c.server.state.store, "hv2").await.unwrap();
+    let hv2 = agent_client(&c.server.state, "hv2").await.unwrap();
     let path = format!("/v1/instances/{}", vm.id);
     let mut spec = vm.spec.clone();
     spec.nics.clear();

@@ -17,6 +17,8 @@ pub enum HostCommand {
     Enable { name: String },
     /// Stop placing new instances and migrations on the host (running guests stay).
     Disable { name: String },
+    /// Give the host's agent a new key and certificate (the old one is revoked).
+    RotateCert { name: String },
 }
 
 pub async fn run(ctx: &Ctx, cmd: HostCommand) -> Result<u8, CliError> {
@@ -34,6 +36,10 @@ pub async fn run(ctx: &Ctx, cmd: HostCommand) -> Result<u8, CliError> {
         }
         HostCommand::Disable { name } => {
             ctx.post(&format!("/v1/hosts/{}/disable", seg(&name)), &())
+                .await?
+        }
+        HostCommand::RotateCert { name } => {
+            ctx.post(&format!("/v1/hosts/{}/rotate-cert", seg(&name)), &())
                 .await?
         }
     };

@@ -33,7 +33,7 @@ use crate::output::OutputFormat;
 pub enum LabCommand {
     /// Start a lab cluster: hosts hv1..N as namespaces, a server and one agent per host as
     /// daemons, and (unless --no-instance) a running test guest `vm1` on hv1. A stale lab of
-    /// the same name is removed first. Prints `export FERRY_URL=... FERRY_TOKEN=...` lines, so
+    /// the same name is removed first. Prints `export FERRY_URL=... FERRY_TOKEN=... FERRY_CA=...` lines, so
     /// `eval "$(ferry lab up)"` points the CLI at it.
     Up {
         #[arg(long, default_value = "lab")]
@@ -118,6 +118,9 @@ async fn up(name: &str, hosts: usize, no_instance: bool) -> Result<u8, CliError>
         Ok((cfg, summary)) => {
             println!("export FERRY_URL={}", cfg.url);
             println!("export FERRY_TOKEN={}", cfg.token.unwrap_or_default());
+            if let Some(ca) = &cfg.ca {
+                println!("export FERRY_CA={}", ca.display());
+            }
             eprintln!("{summary}");
             Ok(exit::OK)
         }
@@ -180,7 +183,10 @@ async fn start(
             "free some loopback ports",
         )
     })?;
-    let server_url = format!("http://127.0.0.1:{}", ports[0]);
+    let server_url = format!("https://127.0.0.1:{}", ports[0]);
+    // The CA exists before the server starts, so agents and this client trust it from the
+    // first request.
+    ferry_chaos::daemons::prepare_ca(dir)?;
     let admin_token = random_token()?;
     let join_token = random_token()?;
     let listen = SocketAddr::from(([127, 0, 0, 1], ports[0]));
@@ -199,8 +205,10 @@ async fn start(
     let cfg = ClientConfig {
         url: server_url.clone(),
         token: Some(admin_token),
+        ca: Some(ferry_chaos::daemons::ca_file(dir)),
+        fingerprint: None,
     };
-    let ctx = &Ctx::from_config(&cfg, OutputFormat::Table);
+    let ctx = &Ctx::from_config(&cfg, OutputFormat::Table)?;
     let exe = super::this_program()?;
     spawn_daemon(&exe, dir, "server", "server", &dir.join("server.toml"))?;
     wait_until(

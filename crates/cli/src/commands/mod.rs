@@ -7,6 +7,7 @@ pub mod datastore;
 pub mod host;
 pub mod instance;
 pub mod lab;
+pub mod login;
 pub mod migrate;
 pub mod token;
 
@@ -29,6 +30,10 @@ pub struct ApiOpts {
     /// API token (else `token` in the config file).
     #[arg(long, env = "FERRY_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
+    /// The cluster CA file to verify the server with (the server's pki/ca.pem); else the
+    /// fingerprint `ferry login` stored for this URL.
+    #[arg(long, env = "FERRY_CA", global = true)]
+    pub ca: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t, global = true)]
     pub output: OutputFormat,
@@ -47,9 +52,22 @@ impl std::fmt::Debug for ApiOpts {
 
 impl ApiOpts {
     pub fn resolve(&self) -> Result<ClientConfig, CliError> {
-        config::resolve(self.url.clone(), self.token.clone(), || {
+        let mut cfg = config::resolve(self.url.clone(), self.token.clone(), || {
             config::load_file(config::config_path())
-        })
+        })?;
+        cfg.ca = self.ca.clone().filter(|p| !p.as_os_str().is_empty());
+        if cfg.ca.is_none() {
+            // The file's trust applies to the server it was stored for only.
+            if let Ok(file) = config::load_file(config::config_path()) {
+                if file.url.as_deref().map(|u| u.trim_end_matches('/'))
+                    == Some(cfg.url.trim_end_matches('/'))
+                {
+                    cfg.ca = file.ca;
+                    cfg.fingerprint = file.fingerprint;
+                }
+            }
+        }
+        Ok(cfg)
     }
 }
 
@@ -63,7 +81,7 @@ pub struct Ctx {
 impl Ctx {
     pub fn new(opts: &ApiOpts) -> Result<Ctx, CliError> {
         let cfg = opts.resolve()?;
-        Ok(Ctx::from_config(&cfg, opts.output))
+        Ctx::from_config(&cfg, opts.output)
     }
 
     /// A context around a client that already carries its token (a local cluster's).
@@ -75,12 +93,12 @@ impl Ctx {
         }
     }
 
-    pub fn from_config(cfg: &ClientConfig, output: OutputFormat) -> Ctx {
-        Ctx {
-            client: ApiClient::new(&cfg.url, cfg.token.clone()),
+    pub fn from_config(cfg: &ClientConfig, output: OutputFormat) -> Result<Ctx, CliError> {
+        Ok(Ctx {
+            client: cfg.client()?,
             output,
             token_missing: cfg.token.is_none(),
-        }
+        })
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
@@ -197,6 +215,15 @@ pub enum ClusterCommand {
         #[command(subcommand)]
         cmd: token::TokenCommand,
     },
+    /// Remember a server: its URL, token and how to trust its certificate (FERRY_CA, or the
+    /// fingerprint it shows, accepted with --accept-fingerprint or interactively).
+    Login {
+        #[command(flatten)]
+        api: ApiOpts,
+        /// The CA fingerprint (sha256:AB:CD:...) the server printed at its first start.
+        #[arg(long, value_name = "FINGERPRINT")]
+        accept_fingerprint: Option<String>,
+    },
     /// Run the control plane (REST API, migration queue, database).
     Server(daemon::DaemonArgs),
     /// Run a host agent (this host's QEMU processes and migration halves).
@@ -221,6 +248,10 @@ impl ClusterCommand {
             }
             ClusterCommand::Migration { api, cmd } => migrate::run(&Ctx::new(&api)?, cmd).await,
             ClusterCommand::Token { api, cmd } => token::run(&Ctx::new(&api)?, cmd).await,
+            ClusterCommand::Login {
+                api,
+                accept_fingerprint,
+            } => login::run(&api, accept_fingerprint).await,
             ClusterCommand::Server(args) => daemon::run_server(args).await,
             ClusterCommand::Agent(args) => daemon::run_agent(args).await,
             ClusterCommand::Lab(cmd) => lab::run(cmd).await,

@@ -11,8 +11,9 @@ use crate::auth::{AgentCaller, Joiner};
 use crate::server::AppState;
 use crate::ServerError;
 
-/// An agent with the join token gets a credential of its own. Joining again (an agent that
-/// lost its state) replaces the old credential.
+/// An agent with the join token gets a credential of its own and a certificate for its API
+/// (its CSR signed by the cluster CA). Joining again (an agent that lost its state) replaces
+/// the old credential and revokes the old certificate.
 pub async fn join(
     State(state): State<AppState>,
     _j: Joiner,
@@ -31,11 +32,20 @@ pub async fn join(
             "use letters, digits, '-' and '.'",
         ));
     }
+    let issued = state.pki.sign_agent(&req.csr, &req.name, &req.agent_url)?;
     let secret = crate::store::secrets::new_secret().secret;
     state
         .store
         .join_host(&req.name, &req.agent_url, &secret, &req.facts)
         .await?;
+    let not_after = chrono::DateTime::<Utc>::from(issued.not_after);
+    for old in state
+        .store
+        .record_agent_cert(&req.name, &issued.serial, not_after)
+        .await?
+    {
+        state.pki.revoked.revoke(&old);
+    }
     state
         .store
         .record_heartbeat(&req.name, &req.facts, Utc::now())
@@ -46,7 +56,7 @@ pub async fn join(
             &format!("agent:{}", req.name),
             "host.join",
             &req.name,
-            &serde_json::json!({"agent_url": req.agent_url}),
+            &serde_json::json!({"agent_url": req.agent_url, "certificate_serial": issued.serial}),
         )
         .await?;
     state.events.publish(Event::Host {
@@ -55,6 +65,8 @@ pub async fn join(
     state.queue.notify_one();
     Ok(Json(JoinResponse {
         agent_token: secret,
+        certificate: issued.chain_pem,
+        ca_pem: state.pki.ca.ca_pem().to_string(),
     }))
 }
 

@@ -97,6 +97,53 @@ pub async fn disable(
     set_enabled(&state, &who, &name, false).await
 }
 
+/// Gives the host's agent a new key and certificate: the agent makes the key and a CSR, the
+/// cluster CA signs it, the agent serves it from its next connection, and the old
+/// certificate is revoked.
+#[utoipa::path(post, path = "/v1/hosts/{name}/rotate-cert", params(("name" = String, Path, description = "host name")), responses((status = 200, body = Host), (status = 404, description = "no such host", body = ferry_api::ErrorBody), (status = 502, description = "the agent could not be reached", body = ferry_api::ErrorBody)))]
+pub async fn rotate_cert(
+    State(state): State<AppState>,
+    who: Admin,
+    Path(name): Path<String>,
+) -> Result<Json<Host>, ServerError> {
+    let host = one_host(&state, &name).await?;
+    let agent = crate::agents::agent_client(&state, &name).await?;
+    let req: ferry_api::agent::CertificateSigningRequest = agent
+        .post("/v1/tls/csr", &())
+        .await
+        .map_err(|e| ServerError::from_agent(&name, e))?;
+    let issued = state.pki.sign_agent(&req.csr, &name, &host.agent_url)?;
+    // Installed while the old certificate is still accepted: this call goes over it.
+    agent
+        .post::<_, ()>(
+            "/v1/tls/certificate",
+            &ferry_api::agent::InstallCertificate {
+                certificate: issued.chain_pem.clone(),
+                ca_pem: state.pki.ca.ca_pem().to_string(),
+            },
+        )
+        .await
+        .map_err(|e| ServerError::from_agent(&name, e))?;
+    let not_after = chrono::DateTime::<chrono::Utc>::from(issued.not_after);
+    let revoked = state
+        .store
+        .record_agent_cert(&name, &issued.serial, not_after)
+        .await?;
+    for old in &revoked {
+        state.pki.revoked.revoke(old);
+    }
+    state
+        .store
+        .audit(
+            &who.name,
+            "host.rotate-cert",
+            &name,
+            &serde_json::json!({"serial": issued.serial, "revoked": revoked}),
+        )
+        .await?;
+    Ok(Json(one_host(&state, &name).await?))
+}
+
 /// Datastores across the fleet: hosts that report the same identity share one datastore;
 /// a datastore without an identity is local to its host.
 #[utoipa::path(get, path = "/v1/datastores", responses((status = 200, body = Vec<Datastore>)))]
@@ -199,7 +246,7 @@ pub async fn cpu_baseline(
             hosts: Vec::new(),
         }));
     };
-    let expander = agent_client(&state.store, &first.name).await?;
+    let expander = agent_client(&state, &first.name).await?;
     let flags: Vec<Vec<String>> = online
         .iter()
         .filter_map(|h| h.facts.as_ref().map(|f| f.cpu_flags.clone()))

@@ -511,7 +511,7 @@ async fn define(
     host: &Host,
     created: &mut disks::Created,
 ) -> Result<Instance, ServerError> {
-    let agent = agent_client(&state.store, &host.name).await?;
+    let agent = agent_client(state, &host.name).await?;
     let prepared = disks::prepare(state, host, req, created).await?;
     let mut spec = req.spec.clone();
     spec.disks = prepared.disks.clone();
@@ -563,7 +563,7 @@ async fn power(
     } else {
         ("stop", stop.query())
     };
-    let agent = agent_client(&state.store, &i.host).await?;
+    let agent = agent_client(state, &i.host).await?;
     let done: AgentInstance = agent
         .post(&format!("/v1/instances/{}/{verb}{query}", i.id), &())
         .await
@@ -685,7 +685,7 @@ pub async fn delete(
             "start the agent on that host and delete the instance again",
         ));
     }
-    let agent = agent_client(&state.store, &i.host).await?;
+    let agent = agent_client(&state, &i.host).await?;
     if let Err(e) = agent
         .delete::<serde_json::Value>(&format!("/v1/instances/{}", i.id))
         .await
@@ -819,7 +819,7 @@ pub async fn console(
             unreachable.push(host);
             continue;
         }
-        let answer = match agent_client(&state.store, &host).await {
+        let answer = match agent_client(&state, &host).await {
             Ok(agent) => agent
                 .with_timeout(CONSOLE_AGENT_TIMEOUT)
                 .get::<Vec<ConsoleSegment>>(&format!(
@@ -858,7 +858,7 @@ pub async fn console(
 /// the instance is gone either way, and a host that is down keeps a few files.
 async fn forget_console(state: &AppState, id: Uuid, hosts: &[String]) {
     for host in hosts {
-        let deleted = match agent_client(&state.store, host).await {
+        let deleted = match agent_client(state, host).await {
             Ok(agent) => agent
                 .with_timeout(CONSOLE_AGENT_TIMEOUT)
                 .delete::<serde_json::Value>(&format!("/v1/instances/{id}/console"))

@@ -429,7 +429,7 @@ pub async fn cancel(
                 // The source agent decides cancel against switchover under one lock: ask it
                 // first, so a refusal reaches the caller. Not reachable, or not started there
                 // yet: the request is recorded and the driver delivers it.
-                if let Ok(src) = agent_client(&state.store, &m.source).await {
+                if let Ok(src) = agent_client(&state, &m.source).await {
                     let path = format!("/v1/migrations/{}/cancel?wait=false", m.id);
                     if let Err(e) = src.post::<_, serde_json::Value>(&path, &()).await {
                         if e.code() == "too-late-to-cancel" {
@@ -515,7 +515,7 @@ pub async fn postcopy(
             "wait until it copies (state migrating)",
         ));
     }
-    let src = agent_client(&state.store, &m.source).await?;
+    let src = agent_client(&state, &m.source).await?;
     let _: () = src
         .post(&format!("/v1/migrations/{}/postcopy", m.id), &())
         .await
@@ -568,7 +568,7 @@ pub async fn update(
                 bandwidth: req.bandwidth_mib_s.map(|_| params.bandwidth),
                 downtime_limit_ms: req.downtime_ms,
             };
-            let src = agent_client(&state.store, &m.source).await?;
+            let src = agent_client(&state, &m.source).await?;
             let _: () = src
                 .post(&format!("/v1/migrations/{}/params", m.id), &body)
                 .await

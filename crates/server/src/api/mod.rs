@@ -135,6 +135,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
         hosts::show,
         hosts::enable,
         hosts::disable,
+        hosts::rotate_cert,
         hosts::datastores,
         hosts::cpu_baseline,
         hosts::networks,
@@ -207,6 +208,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/hosts/{name}", get(hosts::show))
         .route("/v1/hosts/{name}/enable", post(hosts::enable))
         .route("/v1/hosts/{name}/disable", post(hosts::disable))
+        .route("/v1/hosts/{name}/rotate-cert", post(hosts::rotate_cert))
         .route("/v1/datastores", get(hosts::datastores))
         .route("/v1/networks", get(hosts::networks))
         .route("/v1/cpu-baseline", get(hosts::cpu_baseline))

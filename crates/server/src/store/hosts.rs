@@ -42,11 +42,10 @@ impl Store {
     /// re-join; a new host starts enabled. Joining counts as a heartbeat, so the host is
     /// online right away.
     ///
-    /// To authenticate the agent's calls only a salted argon2 hash of the credential is kept,
-    /// found by the credential's lookup id. `agent_secret` itself is still stored as given
-    /// because the server presents it when calling the agent (until agents authenticate the
-    /// server by certificate). Fails with [`StoreError::Conflict`] if another host already
-    /// uses the same credential id.
+    /// Only a salted argon2 hash of the credential is kept, found by the credential's lookup
+    /// id: the server calls agents with its client certificate, so it never needs the
+    /// credential itself. Fails with [`StoreError::Conflict`] if another host already uses
+    /// the same credential id.
     pub async fn join_host(
         &self,
         name: &str,
@@ -57,12 +56,11 @@ impl Store {
         let at = ms(now());
         let hash = hash_blocking(agent_secret).await?;
         sqlx::query(
-            "INSERT INTO hosts (name, agent_url, agent_secret, agent_secret_sha256, agent_lookup,
+            "INSERT INTO hosts (name, agent_url, agent_secret_sha256, agent_lookup,
                                 agent_secret_hash, enabled, facts, last_heartbeat, joined_at)
-             VALUES ($1, $2, $3, 'retired:' || $1, $4, $5, $6, $7, $8, $8)
+             VALUES ($1, $2, 'retired:' || $1, $3, $4, $5, $6, $7, $7)
              ON CONFLICT (name) DO UPDATE SET
                  agent_url = excluded.agent_url,
-                 agent_secret = excluded.agent_secret,
                  agent_lookup = excluded.agent_lookup,
                  agent_secret_hash = excluded.agent_secret_hash,
                  facts = excluded.facts,
@@ -71,7 +69,6 @@ impl Store {
         )
         .bind(name)
         .bind(agent_url)
-        .bind(agent_secret)
         .bind(secrets::lookup_key(agent_secret))
         .bind(hash)
         .bind(true)
@@ -135,21 +132,61 @@ impl Store {
         Ok(Some(name))
     }
 
-    /// The agent's URL and the secret the server presents to it. The secret is stored in the
-    /// clear because the server needs it to call the agent; encryption at rest is out of
-    /// scope (protect the database file like a key file).
-    pub async fn agent_credential(
-        &self,
-        host: &str,
-    ) -> Result<Option<(String, String)>, StoreError> {
-        let row = sqlx::query("SELECT agent_url, agent_secret FROM hosts WHERE name = $1")
+    /// Where the server calls `host`'s agent (authenticated by the server's client
+    /// certificate, not by a secret).
+    pub async fn agent_url(&self, host: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT agent_url FROM hosts WHERE name = $1")
             .bind(host)
             .fetch_optional(&self.pool)
             .await?;
-        match row {
-            Some(r) => Ok(Some((col(&r, "agent_url")?, col(&r, "agent_secret")?))),
-            None => Ok(None),
-        }
+        row.as_ref().map(|r| col(r, "agent_url")).transpose()
+    }
+
+    /// Records a certificate the cluster CA signed for `host`'s agent, and revokes the ones it
+    /// had before (an agent that joins again made a new key); returns the revoked serials.
+    pub async fn record_agent_cert(
+        &self,
+        host: &str,
+        serial: &str,
+        not_after: DateTime<Utc>,
+    ) -> Result<Vec<String>, StoreError> {
+        let at = ms(now());
+        let mut tx = self.pool.begin().await?;
+        let old =
+            sqlx::query("SELECT serial FROM agent_certs WHERE host = $1 AND revoked_at IS NULL")
+                .bind(host)
+                .fetch_all(&mut *tx)
+                .await?;
+        let old = old
+            .iter()
+            .map(|r| col::<String>(r, "serial"))
+            .collect::<Result<Vec<_>, _>>()?;
+        sqlx::query(
+            "UPDATE agent_certs SET revoked_at = $2 WHERE host = $1 AND revoked_at IS NULL",
+        )
+        .bind(host)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO agent_certs (serial, host, issued_at, not_after) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(serial)
+        .bind(host)
+        .bind(at)
+        .bind(ms(not_after))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(old)
+    }
+
+    /// Every revoked agent certificate's serial, for the verifier of agents.
+    pub async fn revoked_agent_serials(&self) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT serial FROM agent_certs WHERE revoked_at IS NOT NULL")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| col(r, "serial")).collect()
     }
 
     /// Records a heartbeat: the host's latest facts and when they arrived. Fails with

@@ -63,6 +63,7 @@ const SCHEMA: &[(i64, &str)] = &[
     (7, include_str!("../../migrations/0007_send_rates.sql")),
     (8, include_str!("../../migrations/0008_links.sql")),
     (9, include_str!("../../migrations/0009_secrets_roles.sql")),
+    (10, include_str!("../../migrations/0010_agent_certs.sql")),
 ];
 
 /// Migration states that end a job, as an SQL list. Kept equal to
@@ -74,8 +75,8 @@ const TERMINAL_STATES_SQL: &str = "('completed', 'failed', 'cancelled')";
 /// [`ferry_api::migrations::MigrationState::is_active`] by a unit test.
 const ACTIVE_STATES_SQL: &str = "('preparing', 'migrating', 'completing')";
 
-/// Creates `dir` (and missing parents) readable by the owner only: the database is the
-/// cluster's record, and secrets' hashes are better unread too.
+/// Creates `dir` (and missing parents) readable by the owner only: the database (the
+/// cluster's record, with secrets' hashes) and the cluster CA's keys (`pki/`) live there.
 fn private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()

@@ -453,6 +453,32 @@ fn roles_parse_and_order() {
 }
 
 #[tokio::test]
+async fn agent_certificates_are_recorded_and_replaced_ones_revoked() {
+    let s = Store::open_memory().await.expect("open");
+    let later = Utc::now() + chrono::Duration::days(90);
+    assert!(s
+        .record_agent_cert("a", "01aa", later)
+        .await
+        .expect("first")
+        .is_empty());
+    assert!(s.revoked_agent_serials().await.expect("q").is_empty());
+    let revoked = s
+        .record_agent_cert("a", "01bb", later)
+        .await
+        .expect("second");
+    assert_eq!(revoked, vec!["01aa".to_string()]);
+    assert!(s
+        .record_agent_cert("b", "01cc", later)
+        .await
+        .expect("b")
+        .is_empty());
+    assert_eq!(
+        s.revoked_agent_serials().await.expect("q"),
+        vec!["01aa".to_string()]
+    );
+}
+
+#[tokio::test]
 async fn hosts_join_heartbeat_online_offline() {
     let s = Store::open_memory().await.expect("open");
     s.join_host("a", "http://a:1", "s1", &facts("a"))
@@ -463,8 +489,8 @@ async fn hosts_join_heartbeat_online_offline() {
         Some("a".into())
     );
     assert_eq!(
-        s.agent_credential("a").await.expect("q"),
-        Some(("http://a:1".into(), "s1".into()))
+        s.agent_url("a").await.expect("q").as_deref(),
+        Some("http://a:1")
     );
     // Re-join after state loss: new secret and URL replace the old ones; enabled kept.
     assert!(s.set_host_enabled("a", false).await.expect("disable"));
@@ -477,8 +503,8 @@ async fn hosts_join_heartbeat_online_offline() {
         Some("a".into())
     );
     assert_eq!(
-        s.agent_credential("a").await.expect("q"),
-        Some(("http://a:2".into(), "s2".into()))
+        s.agent_url("a").await.expect("q").as_deref(),
+        Some("http://a:2")
     );
     // Another host cannot take the same secret.
     let err = s

@@ -98,6 +98,7 @@ impl Cluster {
             },
             progress_poll_ms: 200,
             cold_cleanup_after_s: 0,
+            tls: Default::default(),
         };
         server_tweak(&mut server_config);
         let server = ferry_server::start(server_config)
@@ -112,6 +113,8 @@ impl Cluster {
                 listen: SocketAddr::from(([127, 0, 0, 1], port)),
                 advertise_url: None,
                 server_url: Some(server.url()),
+                server_ca: Some(server.ca_file()),
+                server_ca_fingerprint: None,
                 join_token: Some(JOIN.into()),
                 credential: None,
                 state_dir: dir.path().join(&h.name),
@@ -146,7 +149,7 @@ impl Cluster {
             ));
             agent_configs.push(config);
         }
-        let admin = ApiClient::new(&server.url(), Some(ADMIN.into()));
+        let admin = server.client(Some(ADMIN.into()));
         let cluster = Cluster {
             server,
             agents,
