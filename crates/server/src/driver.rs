@@ -182,11 +182,12 @@ async fn launch_destination(state: &AppState, m: &Migration) -> bool {
             .await?
             .ok_or_else(|| ServerError::not_found("instance", &m.instance_id.to_string()))?;
         let dst = agent_client(state, &m.destination).await?;
+        let tls = crate::stream_tls::for_migration(state, m).await?;
         let body = LaunchIncoming {
             instance_id: instance.id,
             name: instance.name.clone(),
             spec: destination_spec(&instance.spec, &[]),
-            tls: None,
+            tls: Some(tls.destination),
         };
         let path = format!("/v1/migrations/{}/incoming/launch", m.id);
         dst.post::<_, serde_json::Value>(&path, &body)
@@ -461,6 +462,7 @@ async fn finish_impact(state: &AppState, id: Uuid, ending: &Ending) {
 }
 
 async fn finish(state: &AppState, id: Uuid, ending: Ending) {
+    crate::stream_tls::forget(state, id);
     // Before the store lets go of the instance: heartbeats of both hosts collected during
     // the job must not be read as the state after it.
     if let Ok(Some(m)) = state.store.get_migration(id).await {
@@ -953,6 +955,19 @@ impl<'a> AgentHalves<'a> {
     }
 
     /// Records an agent's error and turns it into the engine's error type.
+    /// This job's stream credentials; a failure to issue them ends the job before any
+    /// stream starts, with the server's own error recorded.
+    async fn stream_tls(&mut self) -> Result<crate::stream_tls::HalvesTls, MigrateError> {
+        crate::stream_tls::for_migration(self.state, &self.m)
+            .await
+            .map_err(|e| {
+                let err =
+                    MigrateError::Tls(ferry_migrate::TlsError::Invalid(e.body.message.clone()));
+                self.last_error = Some(e.body);
+                err
+            })
+    }
+
     fn agent_failed(&mut self, host: &str, e: ApiError) -> MigrateError {
         let (body, err) = agent_error(host, e);
         self.last_error = Some(body);
@@ -1508,8 +1523,13 @@ impl MigrationHalves for AgentHalves<'_> {
             spec: destination_spec(&self.instance.spec, &self.copies),
             params: self.params.clone(),
             disks,
-            tls: None,
+            tls: Some(self.stream_tls().await?.destination),
         };
+        self.log(
+            "info",
+            "streams encrypted: TLS with certificates issued for this migration and these two hosts only",
+        )
+        .await;
         let ready: IncomingReady = self
             .step(Side::Destination, "/incoming", &body, true)
             .await?;
@@ -1572,7 +1592,7 @@ impl MigrationHalves for AgentHalves<'_> {
                 destination: dest.to_string(),
                 params: self.params.clone(),
                 disks: self.mirrors.clone(),
-                tls: None,
+                tls: Some(self.stream_tls().await?.source),
             };
             let _: SourceStatus = self.step(Side::Source, "/source", &body, true).await?;
         }

@@ -24,6 +24,7 @@ pub mod scheduler;
 pub mod send_rates;
 pub mod server;
 pub mod store;
+pub mod stream_tls;
 #[cfg(test)]
 mod test_support;
 

@@ -6,9 +6,12 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use ferry_pki::{ClusterCa, ExternalCa, Issued, RevokedSerials, ServerConfigSlot};
+use std::collections::HashMap;
+
+use ferry_pki::{ClusterCa, ExternalCa, Issued, MigrationCreds, RevokedSerials, ServerConfigSlot};
 use tokio::sync::watch;
 use tracing::{info, warn};
+use uuid::Uuid;
 
 use crate::store::Store;
 use crate::{ServerConfig, ServerError};
@@ -35,6 +38,9 @@ pub struct ServerPki {
     names: Vec<String>,
     ips: Vec<IpAddr>,
     agent_validity: Duration,
+    /// Each running migration's stream credentials, issued at its first use and forgotten
+    /// when the job ends; only in memory, so they never reach the database.
+    streams: Mutex<HashMap<Uuid, MigrationCreds>>,
 }
 
 impl std::fmt::Debug for ServerPki {
@@ -102,8 +108,36 @@ impl ServerPki {
             names,
             ips,
             agent_validity: Duration::from_secs(u64::from(config.tls.agent_cert_days) * 86400),
+            streams: Mutex::new(HashMap::new()),
             ca,
         })
+    }
+
+    /// The migration's stream credentials (both halves'), issued by the migration CA at the
+    /// first call and the same at every later one, so the destination launched ahead and the
+    /// one prepared later hold the pair the source gets.
+    pub fn stream_credentials(
+        &self,
+        migration: Uuid,
+        source: IpAddr,
+        destination: IpAddr,
+        ttl: Duration,
+    ) -> Result<MigrationCreds, ServerError> {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = streams.get(&migration) {
+            return Ok(c.clone());
+        }
+        let creds = self
+            .ca
+            .issue_migration_pair(migration, source, destination, ttl)?;
+        streams.insert(migration, creds.clone());
+        Ok(creds)
+    }
+
+    /// Drops a finished migration's stream credentials (the agents delete their copies).
+    pub fn forget_stream_credentials(&self, migration: Uuid) {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams.remove(&migration);
     }
 
     /// The client configuration for calling agents: the server's identity, the cluster CA,

@@ -127,6 +127,25 @@ async fn live_migration_through_the_api_with_progress_logs_and_events() {
         logs.iter().any(|l| l.message.contains("with a pause of")),
         "{logs:?}"
     );
+    // The streams ran over TLS with this migration's own certificates, whose files are gone
+    // from both agents now that the job ended.
+    assert!(
+        logs.iter()
+            .any(|l| l.message.starts_with("streams encrypted: TLS")),
+        "{logs:?}"
+    );
+    for config in &c.agent_configs {
+        let dir = config.state_dir.join("migrations");
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(
+            left.iter()
+                .all(|p| p.extension().is_none_or(|e| e != "tls")),
+            "credentials left on {}: {left:?}",
+            config.name
+        );
+    }
 
     // The progress history, for charts opened after the fact: a read-only token reads it,
     // numbered from 1, in time order, ending at the completed sample; paged by `after`.
