@@ -28,8 +28,11 @@ pub enum Config {
     /// polls (1 s) where remaining memory grew, auto-converge and XBZRLE (cache 10 % of RAM,
     /// rounded up to a power of two) on, no timeout (PVE/QemuMigrate.pm).
     Proxmox,
-    /// Ferry's auto policy: measured, predicted, chosen, escalated.
+    /// Ferry's auto policy: measured, predicted, chosen, escalated; its streams over TLS with
+    /// the migration's own certificates, as every Ferry migration.
     FerryAuto,
+    /// The same without TLS: what encryption costs, side by side (issue 12).
+    FerryAutoPlain,
     /// Ferry's auto policy with post-copy permitted (the user's choice: from then on a
     /// network failure pauses the guest until the link is back).
     FerryAutoPostcopy,
@@ -48,13 +51,14 @@ pub enum Config {
 }
 
 /// The default matrix.
-pub const ALL: [Config; 7] = [
+pub const ALL: [Config; 8] = [
     Config::QemuDefaults,
     Config::Virsh,
     Config::Nova,
     Config::KubeVirt,
     Config::Proxmox,
     Config::FerryAuto,
+    Config::FerryAutoPlain,
     Config::FerryAutoPostcopy,
 ];
 
@@ -106,6 +110,7 @@ impl Config {
             Config::KubeVirt => "kubevirt",
             Config::Proxmox => "proxmox",
             Config::FerryAuto => "ferry-auto",
+            Config::FerryAutoPlain => "ferry-auto-plain",
             Config::FerryAutoPostcopy => "ferry-auto-postcopy",
             Config::FerryAutoHard => "ferry-auto-hard",
             Config::FerryAutoHardZstd => "ferry-auto-hard-zstd",
@@ -124,6 +129,7 @@ impl Config {
         matches!(
             self,
             Config::FerryAuto
+                | Config::FerryAutoPlain
                 | Config::FerryAutoPostcopy
                 | Config::FerryAutoHard
                 | Config::FerryAutoHardZstd
@@ -133,8 +139,14 @@ impl Config {
         )
     }
 
+    /// Whether its streams run over TLS: Ferry's, as every Ferry migration, except the plain
+    /// column that shows what encryption costs; the platforms' as they ship (plain TCP).
+    pub fn encrypted(self) -> bool {
+        self.is_ferry() && self != Config::FerryAutoPlain
+    }
+
     /// The engine parameters of this configuration, and the plan behind them (Ferry auto);
-    /// every one runs on plain TCP with QEMU's announce defaults.
+    /// every one runs with QEMU's announce defaults.
     pub fn params(self, ctx: &Context) -> (MigrationParams, Option<Plan>) {
         let base = MigrationParams {
             announce: None,
@@ -198,6 +210,7 @@ impl Config {
                 None,
             ),
             Config::FerryAuto
+            | Config::FerryAutoPlain
             | Config::FerryAutoPostcopy
             | Config::FerryAutoHard
             | Config::FerryAutoHardZstd

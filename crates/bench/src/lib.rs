@@ -40,7 +40,7 @@ use ferry_lab::guest_client::{EchoProbe, GuestStatus};
 use ferry_lab::guest_config::{Fill, GuestConfig, ECHO_PORT, KERNEL_RESERVE_MIB};
 use ferry_lab::image::ImageOptions;
 use ferry_lab::net::{tcp_throughput, udp_bind_in};
-use ferry_lab::{GuestRequest, Lab, LabOptions, LabVm};
+use ferry_lab::{GuestRequest, Lab, LabMigrateOptions, LabOptions, LabTls, LabVm};
 use ferry_migrate::{plan, AbortHandle, SourceEvent};
 use serde::Serialize;
 
@@ -605,6 +605,30 @@ async fn boot_filled(
     Ok((vm, status))
 }
 
+/// The credentials of one encrypted lab migration to `to`, from a migration CA made for it,
+/// as the server issues them for a job.
+fn stream_tls(lab: &Lab, from: &str, to: &str) -> Result<LabTls, BenchError> {
+    let dir = tempfile::tempdir()?;
+    let pki = |e: ferry_pki::PkiError| BenchError::Failed(format!("migration credentials: {e}"));
+    let ca = ferry_pki::ClusterCa::load_or_create(&dir.path().join("pki"), None).map_err(pki)?;
+    let source = std::net::IpAddr::V4(lab.net.host(from)?.migration_addr);
+    let destination = std::net::IpAddr::V4(lab.net.host(to)?.migration_addr);
+    let c = ca
+        .issue_migration_pair(uuid::Uuid::new_v4(), source, destination, Duration::ZERO)
+        .map_err(pki)?;
+    let halves = ferry_migrate::HalvesTls::from_pair(
+        &c.ca_pem,
+        (c.source.cert_pem, c.source.key_pem),
+        (c.destination.cert_pem, c.destination.key_pem),
+        &c.source_dn,
+        destination,
+    );
+    Ok(LabTls {
+        source: Some(halves.source),
+        destination: Some(halves.destination),
+    })
+}
+
 /// One migration of one cell; `ctx` is the scenario's (the dirty rate is measured here, for
 /// Ferry auto).
 async fn run_cell(
@@ -673,11 +697,20 @@ async fn run_cell(
     let mut remaining = Vec::new();
     let mut decisions = Vec::new();
     let (_abort, signal) = AbortHandle::new();
+    let opts = LabMigrateOptions {
+        tls: if config.encrypted() {
+            stream_tls(lab, &vm.host, "hv2")?
+        } else {
+            LabTls::default()
+        },
+        copy_disks: false,
+    };
     let result = lab
-        .migrate(
+        .migrate_with(
             &mut vm,
             "hv2",
             &params,
+            &opts,
             &mut |e| match e {
                 SourceEvent::Progress(p) => {
                     prediction.saw(p.revision.as_ref());

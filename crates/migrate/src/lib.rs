@@ -29,4 +29,4 @@ pub use plan::{Plan, PlanInputs, Prediction};
 pub use progress::{Phase, Progress, ProgressTracker};
 pub use settings::QemuSettings;
 pub use source::{AbortHandle, AbortSignal, SourceEvent, SourceOutcome};
-pub use tls::{StreamTls, TlsCredentials, TlsError, TlsPeer};
+pub use tls::{HalvesTls, StreamTls, TlsCredentials, TlsError, TlsPeer};

@@ -86,6 +86,46 @@ impl fmt::Debug for TlsCredentials {
     }
 }
 
+/// One migration's two halves as an issuer hands them out: what the source opens the stream
+/// with and what the destination accepts it with.
+#[derive(Debug, Clone)]
+pub struct HalvesTls {
+    pub source: TlsCredentials,
+    pub destination: TlsCredentials,
+}
+
+impl HalvesTls {
+    /// From one pair of certificates of a migration CA (`ca_pem`): the source checks the
+    /// destination's certificate against `destination_addr` (its SAN), the destination lets in
+    /// `source_dn` only.
+    pub fn from_pair(
+        ca_pem: &str,
+        source: (String, String),
+        destination: (String, String),
+        source_dn: &str,
+        destination_addr: std::net::IpAddr,
+    ) -> HalvesTls {
+        HalvesTls {
+            source: TlsCredentials {
+                ca_pem: ca_pem.to_string(),
+                cert_pem: source.0,
+                key_pem: source.1,
+                peer: TlsPeer::Server {
+                    hostname: destination_addr.to_string(),
+                },
+            },
+            destination: TlsCredentials {
+                ca_pem: ca_pem.to_string(),
+                cert_pem: destination.0,
+                key_pem: destination.1,
+                peer: TlsPeer::Client {
+                    identity: source_dn.to_string(),
+                },
+            },
+        }
+    }
+}
+
 impl TlsCredentials {
     /// True for the half that accepts the stream (QEMU's `server` endpoint).
     pub fn is_server(&self) -> bool {

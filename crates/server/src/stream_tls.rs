@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use ferry_api::migrations::Migration;
-use ferry_migrate::{TlsCredentials, TlsPeer};
+pub use ferry_migrate::HalvesTls;
 
 use crate::server::AppState;
 use crate::ServerError;
@@ -19,13 +19,6 @@ use crate::ServerError;
 const MIN_LIFETIME: Duration = Duration::from_secs(30 * 60);
 /// Beyond the job's own budget, when it has one.
 const BUDGET_MARGIN: Duration = Duration::from_secs(15 * 60);
-
-/// Both halves' credentials.
-#[derive(Debug, Clone)]
-pub struct HalvesTls {
-    pub source: TlsCredentials,
-    pub destination: TlsCredentials,
-}
 
 /// A host's migration address as its agent reported it.
 async fn migration_addr(state: &AppState, host: &str) -> Result<IpAddr, ServerError> {
@@ -63,24 +56,13 @@ pub async fn for_migration(state: &AppState, m: &Migration) -> Result<HalvesTls,
     let creds = state
         .pki
         .stream_credentials(m.id, source_addr, destination_addr, lifetime)?;
-    Ok(HalvesTls {
-        source: TlsCredentials {
-            ca_pem: creds.ca_pem.clone(),
-            cert_pem: creds.source.cert_pem,
-            key_pem: creds.source.key_pem,
-            peer: TlsPeer::Server {
-                hostname: destination_addr.to_string(),
-            },
-        },
-        destination: TlsCredentials {
-            ca_pem: creds.ca_pem,
-            cert_pem: creds.destination.cert_pem,
-            key_pem: creds.destination.key_pem,
-            peer: TlsPeer::Client {
-                identity: creds.source_dn,
-            },
-        },
-    })
+    Ok(HalvesTls::from_pair(
+        &creds.ca_pem,
+        (creds.source.cert_pem, creds.source.key_pem),
+        (creds.destination.cert_pem, creds.destination.key_pem),
+        &creds.source_dn,
+        destination_addr,
+    ))
 }
 
 /// Forgets an ended job's credentials (the agents remove their files themselves).

@@ -7,7 +7,7 @@
 
 use std::net::IpAddr;
 
-use ferry_migrate::{TlsCredentials, TlsPeer};
+use ferry_migrate::TlsCredentials;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose, SanType,
@@ -96,22 +96,15 @@ pub fn issue_migration_pair(id: &str, destination_addr: IpAddr) -> MigrationCred
 /// What each half gets, (source, destination): the source checks the destination's address,
 /// the destination lets in the source's identity only.
 pub fn halves(c: &MigrationCreds, destination_addr: IpAddr) -> (TlsCredentials, TlsCredentials) {
-    (
-        TlsCredentials {
-            ca_pem: c.ca_pem.clone(),
-            cert_pem: c.source.cert_pem.clone(),
-            key_pem: c.source.key_pem.clone(),
-            peer: TlsPeer::Server {
-                hostname: destination_addr.to_string(),
-            },
-        },
-        TlsCredentials {
-            ca_pem: c.ca_pem.clone(),
-            cert_pem: c.destination.cert_pem.clone(),
-            key_pem: c.destination.key_pem.clone(),
-            peer: TlsPeer::Client {
-                identity: c.source_dn.clone(),
-            },
-        },
-    )
+    let h = ferry_migrate::HalvesTls::from_pair(
+        &c.ca_pem,
+        (c.source.cert_pem.clone(), c.source.key_pem.clone()),
+        (
+            c.destination.cert_pem.clone(),
+            c.destination.key_pem.clone(),
+        ),
+        &c.source_dn,
+        destination_addr,
+    );
+    (h.source, h.destination)
 }
