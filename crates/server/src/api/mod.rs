@@ -245,6 +245,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/audit", get(migrations::audit))
         .route("/v1/agents/join", post(agents::join))
         .route("/v1/agents/heartbeat", post(agents::heartbeat))
+        .route("/v1/agents/renew", post(agents::renew))
         .fallback(|| async {
             ServerError::new(
                 404,
