@@ -34,13 +34,8 @@ pub async fn join(
         ));
     }
     let issued = state.pki.sign_agent(&req.csr, &req.name, &req.agent_url)?;
-    let mut secret = [0u8; 32];
-    rand::thread_rng().fill_bytes(&mut secret);
-    let secret = hex::encode(secret);
-    state
-        .store
-        .join_host(&req.name, &req.agent_url, &secret, &req.facts)
-        .await?;
+    // The certificate is recorded (and the one it replaces revoked) before the host counts
+    // as joined: a host is never online without the certificate it serves with.
     let not_after = chrono::DateTime::<Utc>::from(issued.not_after);
     for old in state
         .store
@@ -49,6 +44,13 @@ pub async fn join(
     {
         state.pki.revoked.revoke(&old);
     }
+    let mut secret = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut secret);
+    let secret = hex::encode(secret);
+    state
+        .store
+        .join_host(&req.name, &req.agent_url, &secret, &req.facts)
+        .await?;
     state
         .store
         .record_heartbeat(&req.name, &req.facts, Utc::now())

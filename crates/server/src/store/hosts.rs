@@ -113,7 +113,9 @@ impl Store {
         not_after: DateTime<Utc>,
     ) -> Result<Vec<String>, StoreError> {
         let at = ms(now());
-        let mut tx = self.pool.begin().await?;
+        // Read then write: the write lock from the start, or two agents joining at once
+        // fail with "database is locked".
+        let mut tx = self.write_tx().await?;
         let old =
             sqlx::query("SELECT serial FROM agent_certs WHERE host = $1 AND revoked_at IS NULL")
                 .bind(host)
