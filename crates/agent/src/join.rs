@@ -133,6 +133,16 @@ async fn join(agent: &Agent, server: &str, advertise_url: &str, trust: &TlsOptio
             .await
         {
             Ok(resp) => {
+                // Served first (in memory), stored after: the heartbeat that brings the host
+                // online comes only after this, so the server never calls an agent without
+                // its certificate.
+                match ferry_pki::tls::agent_server_config(&resp.certificate, &key_pem, &resp.ca_pem)
+                {
+                    Ok(config) => agent.tls.set(config),
+                    Err(e) => {
+                        warn!(error = %e, "the server's certificate for this agent is unusable")
+                    }
+                }
                 let state_dir = &agent.config.state_dir;
                 if let Err(e) = auth::store_credential(state_dir, &resp.agent_token) {
                     warn!(error = %e, "joined, but cannot store the credential; it lasts until restart");
@@ -145,13 +155,6 @@ async fn join(agent: &Agent, server: &str, advertise_url: &str, trust: &TlsOptio
                     &resp.ca_pem,
                 ) {
                     warn!(error = %e, "joined, but cannot store the certificate; it lasts until restart");
-                }
-                match ferry_pki::tls::agent_server_config(&resp.certificate, &key_pem, &resp.ca_pem)
-                {
-                    Ok(config) => agent.tls.set(config),
-                    Err(e) => {
-                        warn!(error = %e, "the server's certificate for this agent is unusable")
-                    }
                 }
                 info!(%server, "joined the cluster");
                 return;

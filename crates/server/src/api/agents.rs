@@ -34,8 +34,8 @@ pub async fn join(
         ));
     }
     let issued = state.pki.sign_agent(&req.csr, &req.name, &req.agent_url)?;
-    // The certificate is recorded (and the one it replaces revoked) before the host counts
-    // as joined: a host is never online without the certificate it serves with.
+    // Recorded (and the certificate it replaces revoked) before anything else: the host is
+    // online only from its first heartbeat, which the agent sends once it serves this one.
     let not_after = chrono::DateTime::<Utc>::from(issued.not_after);
     for old in state
         .store
@@ -50,10 +50,6 @@ pub async fn join(
     state
         .store
         .join_host(&req.name, &req.agent_url, &secret, &req.facts)
-        .await?;
-    state
-        .store
-        .record_heartbeat(&req.name, &req.facts, Utc::now())
         .await?;
     state
         .store

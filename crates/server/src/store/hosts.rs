@@ -37,7 +37,8 @@ impl Store {
     /// Registers an agent's host, or re-registers it: an agent that lost its state joins
     /// again with a new secret and possibly a new URL, which replace the old ones. The
     /// enabled flag (an operator's choice) survives a re-join; a new host starts enabled.
-    /// Joining counts as a heartbeat, so the host is online right away.
+    /// A joined host is online from its first heartbeat, which its agent sends once it serves
+    /// the certificate it was given (before, the server could not call it yet).
     ///
     /// Only the secret's hash is stored: the server calls agents with its client certificate,
     /// so it never needs the secret itself. Fails with [`StoreError::Conflict`] if another host already uses the same secret.
@@ -52,7 +53,7 @@ impl Store {
         sqlx::query(
             "INSERT INTO hosts (name, agent_url, agent_secret_sha256, enabled,
                                 facts, last_heartbeat, joined_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $6)
+             VALUES ($1, $2, $3, $4, $5, NULL, $6)
              ON CONFLICT (name) DO UPDATE SET
                  agent_url = excluded.agent_url,
                  agent_secret_sha256 = excluded.agent_secret_sha256,
