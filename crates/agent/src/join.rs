@@ -15,6 +15,8 @@ use crate::{auth, Agent};
 
 /// Pause between join attempts.
 const JOIN_RETRY: Duration = Duration::from_secs(2);
+/// How often the agent looks at its certificate's expiry.
+const RENEW_CHECK: Duration = Duration::from_secs(3600);
 /// Repeated failures are logged at most this often.
 const LOG_EVERY: Duration = Duration::from_secs(60);
 
@@ -61,8 +63,21 @@ pub(crate) async fn join_and_heartbeat(agent: Arc<Agent>, advertise_url: String)
     let mut throttle = Throttle(None);
     let mut ticker = tokio::time::interval(Duration::from_millis(agent.config.heartbeat_ms));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_renewal_check = Instant::now();
     loop {
         ticker.tick().await;
+        if Instant::now() >= next_renewal_check {
+            // Hourly: renew the API's certificate when a third of its lifetime is left.
+            next_renewal_check = Instant::now() + RENEW_CHECK;
+            if crate::tls::needs_renewal(&agent.config.state_dir, std::time::SystemTime::now()) {
+                match crate::tls::renew(&agent, &client).await {
+                    Ok(()) => info!("renewed the agent's certificate"),
+                    Err(e) => {
+                        warn!(error = %e, "cannot renew the agent's certificate; retrying in an hour")
+                    }
+                }
+            }
+        }
         let facts = match agent.host_facts().await {
             Ok(f) => f,
             Err(e) => {
@@ -118,6 +133,16 @@ async fn join(agent: &Agent, server: &str, advertise_url: &str, trust: &TlsOptio
             .await
         {
             Ok(resp) => {
+                // Served first (in memory), stored after: the heartbeat that brings the host
+                // online comes only after this, so the server never calls an agent without
+                // its certificate.
+                match ferry_pki::tls::agent_server_config(&resp.certificate, &key_pem, &resp.ca_pem)
+                {
+                    Ok(config) => agent.tls.set(config),
+                    Err(e) => {
+                        warn!(error = %e, "the server's certificate for this agent is unusable")
+                    }
+                }
                 let state_dir = &agent.config.state_dir;
                 if let Err(e) = auth::store_credential(state_dir, &resp.agent_token) {
                     warn!(error = %e, "joined, but cannot store the credential; it lasts until restart");
@@ -130,13 +155,6 @@ async fn join(agent: &Agent, server: &str, advertise_url: &str, trust: &TlsOptio
                     &resp.ca_pem,
                 ) {
                     warn!(error = %e, "joined, but cannot store the certificate; it lasts until restart");
-                }
-                match ferry_pki::tls::agent_server_config(&resp.certificate, &key_pem, &resp.ca_pem)
-                {
-                    Ok(config) => agent.tls.set(config),
-                    Err(e) => {
-                        warn!(error = %e, "the server's certificate for this agent is unusable")
-                    }
                 }
                 info!(%server, "joined the cluster");
                 return;

@@ -190,6 +190,10 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         None => auth::load_credential(&config.state_dir)?,
     };
     let tls_config = tls::load_server_config(&config.state_dir)?;
+    if config.server_url.is_some() {
+        // An unreadable CA file is a configuration error now, not a join that never happens.
+        tls::server_trust(&config)?;
+    }
     if config.server_url.is_none() && tls_config.is_none() {
         return Err(AgentError::Config {
             file: "config".into(),

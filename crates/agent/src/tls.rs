@@ -90,3 +90,76 @@ pub(crate) fn server_trust(config: &AgentConfig) -> Result<TlsOptions, AgentErro
     }
     Ok(TlsOptions::default())
 }
+
+/// Whether the stored certificate has a third of its lifetime or less left (or cannot be
+/// read): time to ask the server for a new one.
+pub(crate) fn needs_renewal(state_dir: &Path, now: std::time::SystemTime) -> bool {
+    let files = TlsFiles::in_state_dir(state_dir);
+    let Ok(pem) = read_text(&files.cert) else {
+        return false;
+    };
+    let Some((not_before, not_after)) = ferry_pki::tls::certs_from_pem(&pem)
+        .ok()
+        .and_then(|c| c.first().and_then(|d| ferry_pki::tls::validity_of(d)))
+    else {
+        return true;
+    };
+    let life = not_after.duration_since(not_before).unwrap_or_default();
+    match not_after.duration_since(now) {
+        Ok(left) => left <= life / 3,
+        Err(_) => true,
+    }
+}
+
+/// Renews the agent's certificate through the server (`POST /v1/agents/renew`, with the
+/// agent's credential): a new key made here, the CSR signed there, served from the next
+/// connection on.
+pub(crate) async fn renew(
+    agent: &crate::Agent,
+    client: &ferry_api::ApiClient,
+) -> Result<(), String> {
+    let (key, csr) =
+        ferry_pki::generate_key_and_csr(&agent.config.name).map_err(|e| e.to_string())?;
+    let answer: ferry_api::agent::InstallCertificate = client
+        .post(
+            "/v1/agents/renew",
+            &ferry_api::agent::RenewRequest {
+                name: agent.config.name.clone(),
+                csr,
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let config = ferry_pki::tls::agent_server_config(&answer.certificate, &key, &answer.ca_pem)
+        .map_err(|e| e.to_string())?;
+    install_certificate(
+        &agent.config.state_dir,
+        &key,
+        &answer.certificate,
+        &answer.ca_pem,
+    )
+    .map_err(|e| e.to_string())?;
+    agent.tls.set(config);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn renewal_is_due_when_a_third_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = tempfile::tempdir().unwrap();
+        let ca = ferry_pki::ClusterCa::load_or_create(&ca_dir.path().join("pki"), None).unwrap();
+        let (key, csr) = ferry_pki::generate_key_and_csr("hv1").unwrap();
+        let day = Duration::from_secs(86400);
+        let issued = ca.sign_agent_csr(&csr, "hv1", &[], &[], 90 * day).unwrap();
+        super::install_certificate(dir.path(), &key, &issued.chain_pem, ca.ca_pem()).unwrap();
+        let now = SystemTime::now();
+        assert!(!super::needs_renewal(dir.path(), now));
+        assert!(!super::needs_renewal(dir.path(), now + 55 * day));
+        assert!(super::needs_renewal(dir.path(), now + 61 * day));
+        assert!(super::load_server_config(dir.path()).unwrap().is_some());
+    }
+}

@@ -80,6 +80,7 @@
 //! - `POST /v1/tls/csr` -> [`CertificateSigningRequest`] (a new key, for rotation)
 //! - `POST /v1/tls/certificate` [`InstallCertificate`] -> `()`
 //! - `POST /v1/agents/join` [`JoinRequest`] -> [`JoinResponse`]
+//! - `POST /v1/agents/renew` [`RenewRequest`] -> [`InstallCertificate`]
 //! - `POST /v1/agents/heartbeat` [`Heartbeat`] -> `()`
 
 use ferry_migrate::{Decision, MigrationParams, Progress, SourceOutcome};
@@ -155,6 +156,14 @@ impl std::fmt::Debug for JoinResponse {
             )
             .finish_non_exhaustive()
     }
+}
+
+/// `POST /v1/agents/renew` (agent -> server, with the agent's credential): a certificate for
+/// a new key before the current one expires. Answered with an [`InstallCertificate`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RenewRequest {
+    pub name: String,
+    pub csr: String,
 }
 
 /// Sent every few seconds; the server marks a silent host offline.

@@ -180,6 +180,16 @@ pub fn serial_of(der: &[u8]) -> Option<String> {
     Some(hex::encode(x509.raw_serial()))
 }
 
+/// A certificate's validity (notBefore, notAfter).
+pub fn validity_of(der: &[u8]) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
+    let (_, x509) = x509_parser::parse_x509_certificate(der).ok()?;
+    let at = |secs: i64| {
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(secs).unwrap_or(0))
+    };
+    let v = x509.validity();
+    Some((at(v.not_before.timestamp()), at(v.not_after.timestamp())))
+}
+
 /// A certificate's subject common name.
 pub fn common_name_of(der: &[u8]) -> Option<String> {
     let (_, x509) = x509_parser::parse_x509_certificate(der).ok()?;

@@ -78,7 +78,11 @@ impl ServerPki {
         }
         if let Ok(host) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
             let host = host.trim().to_string();
-            if !host.is_empty() && !names.contains(&host) {
+            // Only a name a certificate can carry; anything else is left to `tls.names`.
+            let valid = host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+            if valid && !host.is_empty() && !names.contains(&host) {
                 names.push(host);
             }
         }

@@ -233,6 +233,37 @@ async fn an_agent_joins_over_mutual_tls_and_its_certificate_rotates_live() {
         .await
         .expect("the server calls the agent with its new certificate");
     assert_eq!(facts["name"], "hv1");
+
+    // Renewal by the agent itself (what it does when a third of the lifetime is left): with
+    // its own credential, for its own name only.
+    let credential = std::fs::read_to_string(dir.path().join("hv1/credential")).unwrap();
+    let as_agent = s.client(Some(credential.trim().to_string()));
+    let (_, csr) = ferry_pki::generate_key_and_csr("hv1").unwrap();
+    let other = ferry_api::agent::RenewRequest {
+        name: "hv2".into(),
+        csr: csr.clone(),
+    };
+    let e = as_agent
+        .post::<_, ferry_api::agent::InstallCertificate>("/v1/agents/renew", &other)
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+    let renewed: ferry_api::agent::InstallCertificate = as_agent
+        .post(
+            "/v1/agents/renew",
+            &ferry_api::agent::RenewRequest {
+                name: "hv1".into(),
+                csr,
+            },
+        )
+        .await
+        .expect("renewal");
+    assert_eq!(renewed.ca_pem, s.ca_pem());
+    let rotated_serial = ferry_pki::tls::serial_of(&new[0]).unwrap();
+    assert!(
+        s.state.pki.revoked.contains(&rotated_serial),
+        "the replaced one is revoked"
+    );
     agent.shutdown().await;
     s.shutdown().await;
 }

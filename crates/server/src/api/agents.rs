@@ -3,7 +3,7 @@
 use axum::extract::State;
 use axum::Json;
 use chrono::Utc;
-use ferry_api::agent::{Heartbeat, JoinRequest, JoinResponse};
+use ferry_api::agent::{Heartbeat, InstallCertificate, JoinRequest, JoinResponse, RenewRequest};
 use ferry_api::migrations::Event;
 
 use super::ApiJson;
@@ -33,11 +33,8 @@ pub async fn join(
         ));
     }
     let issued = state.pki.sign_agent(&req.csr, &req.name, &req.agent_url)?;
-    let secret = crate::store::secrets::new_secret().secret;
-    state
-        .store
-        .join_host(&req.name, &req.agent_url, &secret, &req.facts)
-        .await?;
+    // Recorded (and the certificate it replaces revoked) before anything else: the host is
+    // online only from its first heartbeat, which the agent sends once it serves this one.
     let not_after = chrono::DateTime::<Utc>::from(issued.not_after);
     for old in state
         .store
@@ -46,9 +43,10 @@ pub async fn join(
     {
         state.pki.revoked.revoke(&old);
     }
+    let secret = crate::store::secrets::new_secret().secret;
     state
         .store
-        .record_heartbeat(&req.name, &req.facts, Utc::now())
+        .join_host(&req.name, &req.agent_url, &secret, &req.facts)
         .await?;
     state
         .store
@@ -87,4 +85,43 @@ pub async fn heartbeat(
     state.reports.record(&hb.name, hb.instances.clone());
     crate::reconcile::after_heartbeat(&state, &hb.name, &hb.instances).await;
     Ok(Json(()))
+}
+
+/// An agent renewing its certificate before it expires: its new key's CSR signed, the old
+/// certificate revoked.
+pub async fn renew(
+    State(state): State<AppState>,
+    caller: AgentCaller,
+    ApiJson(req): ApiJson<RenewRequest>,
+) -> Result<Json<InstallCertificate>, ServerError> {
+    if req.name != caller.host {
+        return Err(ServerError::forbidden());
+    }
+    let url = state
+        .store
+        .agent_url(&req.name)
+        .await?
+        .ok_or_else(|| ServerError::not_found("host", &req.name))?;
+    let issued = state.pki.sign_agent(&req.csr, &req.name, &url)?;
+    let not_after = chrono::DateTime::<Utc>::from(issued.not_after);
+    let revoked = state
+        .store
+        .record_agent_cert(&req.name, &issued.serial, not_after)
+        .await?;
+    for old in &revoked {
+        state.pki.revoked.revoke(old);
+    }
+    state
+        .store
+        .audit(
+            &format!("agent:{}", req.name),
+            "host.renew-cert",
+            &req.name,
+            &serde_json::json!({"serial": issued.serial, "revoked": revoked}),
+        )
+        .await?;
+    Ok(Json(InstallCertificate {
+        certificate: issued.chain_pem,
+        ca_pem: state.pki.ca.ca_pem().to_string(),
+    }))
 }

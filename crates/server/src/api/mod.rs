@@ -252,6 +252,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tokens/{name}", delete(tokens::revoke))
         .route("/v1/agents/join", post(agents::join))
         .route("/v1/agents/heartbeat", post(agents::heartbeat))
+        .route("/v1/agents/renew", post(agents::renew))
         .fallback(|| async {
             ServerError::new(
                 404,

@@ -39,8 +39,9 @@ impl Store {
     /// Registers an agent's host, or re-registers it: an agent that lost its state joins
     /// again with a new secret and possibly a new URL, which replace the old ones (the old
     /// credential stops working at once). The enabled flag (an operator's choice) survives a
-    /// re-join; a new host starts enabled. Joining counts as a heartbeat, so the host is
-    /// online right away.
+    /// re-join; a new host starts enabled. A joined host is online from its first heartbeat,
+    /// which its agent sends once it serves the certificate it was given (before, the server
+    /// could not call it yet).
     ///
     /// Only a salted argon2 hash of the credential is kept, found by the credential's lookup
     /// id: the server calls agents with its client certificate, so it never needs the
@@ -58,7 +59,7 @@ impl Store {
         sqlx::query(
             "INSERT INTO hosts (name, agent_url, agent_secret_sha256, agent_lookup,
                                 agent_secret_hash, enabled, facts, last_heartbeat, joined_at)
-             VALUES ($1, $2, 'retired:' || $1, $3, $4, $5, $6, $7, $7)
+             VALUES ($1, $2, 'retired:' || $1, $3, $4, $5, $6, NULL, $7)
              ON CONFLICT (name) DO UPDATE SET
                  agent_url = excluded.agent_url,
                  agent_lookup = excluded.agent_lookup,
@@ -151,7 +152,9 @@ impl Store {
         not_after: DateTime<Utc>,
     ) -> Result<Vec<String>, StoreError> {
         let at = ms(now());
-        let mut tx = self.pool.begin().await?;
+        // Read then write: the write lock from the start, or two agents joining at once
+        // fail with "database is locked".
+        let mut tx = self.write_tx().await?;
         let old =
             sqlx::query("SELECT serial FROM agent_certs WHERE host = $1 AND revoked_at IS NULL")
                 .bind(host)
