@@ -308,9 +308,22 @@ async fn a_receiver_with_other_credentials_refuses_the_sender() {
         (send, receive)
     };
     let (send_a, _) = tls_pair(dir.path());
+    // The sender trusts the receiver (its CA is in the sender's bundle, next to the one that
+    // signed the sender's own certificate, which QEMU checks at its start), but the sender's
+    // certificate comes from another CA: only the receiver's check of its client refuses it.
+    let foreign_client = {
+        let (_, receive) = tls_pair(dir.path());
+        let (mut send, _) = tls_pair(dir.path());
+        send.credentials.ca_pem = format!(
+            "{}{}",
+            send.credentials.ca_pem, receive.credentials.ca_pem
+        );
+        (send, receive)
+    };
     for (what, pair) in [
-        ("another CA", (send_a, other_ca)),
-        ("another identity", other_identity),
+        ("a receiver of another CA", (send_a, other_ca)),
+        ("a receiver for another identity", other_identity),
+        ("a client certificate of another CA", foreign_client),
     ] {
         let dirs = [pair.0.dir.clone(), pair.1.dir.clone()];
         let dst = dir.path().join("refused.qcow2");
