@@ -172,6 +172,7 @@ async fn a_disk_copy_through_two_agents_and_what_a_restart_cleans() {
         format: DiskFormat::Qcow2,
         size_bytes: measured.size_bytes,
         required_bytes: measured.allocated_bytes,
+        tls: None,
     };
     let at: CopyReceiving = c2
         .post(&format!("/v1/copies/{mid}/disk0/receive"), &receive)
@@ -191,6 +192,7 @@ async fn a_disk_copy_through_two_agents_and_what_a_restart_cleans() {
         destination: at.addr.clone(),
         export: at.export.clone(),
         rate_limit_bps: None,
+        tls: None,
     };
     let _: CopyStatus = c1
         .post(&format!("/v1/copies/{mid}/disk0/send"), &send)
@@ -285,6 +287,7 @@ async fn a_disk_copy_through_two_agents_and_what_a_restart_cleans() {
                 format: DiskFormat::Raw,
                 size_bytes: 8 << 20,
                 required_bytes: 0,
+                tls: None,
             },
         )
         .await
