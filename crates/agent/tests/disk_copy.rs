@@ -395,7 +395,10 @@ async fn a_tls_disk_copy_through_two_agents() {
         host("tls1", root.path(), "49340-49349"),
         host("tls2", root.path(), "49350-49359"),
     );
-    let stale = cfg2.state_dir.join("copies").join(format!("{}-disk0.tls", Uuid::new_v4()));
+    let stale = cfg2
+        .state_dir
+        .join("copies")
+        .join(format!("{}-disk0.tls", Uuid::new_v4()));
     std::fs::create_dir_all(&stale).unwrap();
     std::fs::write(stale.join("server-key.pem"), "left by a crash").unwrap();
     let a1 = ferry_agent::start(cfg1.clone()).await.expect("agent 1");
@@ -444,7 +447,10 @@ async fn a_tls_disk_copy_through_two_agents() {
         .await
         .unwrap();
     wait_sent(&c1, mid, "disk0").await;
-    assert!(!copy_tls_dir(&cfg1, mid, "disk0").exists(), "sender's credentials left");
+    assert!(
+        !copy_tls_dir(&cfg1, mid, "disk0").exists(),
+        "sender's credentials left"
+    );
     let received: CopyStatus = c2
         .post(&format!("/v1/copies/{mid}/disk0/finish"), &())
         .await
@@ -501,7 +507,10 @@ async fn a_tls_disk_copy_through_two_agents() {
         .await
         .unwrap();
     wait_gone(&at2.export).await;
-    assert!(!cfg2.datastores[0].path.join("refused.qcow2").exists(), "partial image left");
+    assert!(
+        !cfg2.datastores[0].path.join("refused.qcow2").exists(),
+        "partial image left"
+    );
     assert!(!copy_tls_dir(&cfg1, mid2, "disk0").exists());
     assert!(!copy_tls_dir(&cfg2, mid2, "disk0").exists());
 

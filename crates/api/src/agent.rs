@@ -605,7 +605,10 @@ mod tests {
             json["tls"]["peer"]["client"]["identity"],
             "CN=ferry-migration-x-source"
         );
-        assert_eq!(serde_json::from_value::<ReceiveCopy>(json).unwrap(), receive);
+        assert_eq!(
+            serde_json::from_value::<ReceiveCopy>(json).unwrap(),
+            receive
+        );
         let send = SendCopy {
             image,
             format: DiskFormat::Qcow2,

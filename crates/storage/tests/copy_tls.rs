@@ -68,7 +68,9 @@ struct Capture {
 impl Capture {
     fn start(ns: &Netns, file: &Path) -> Capture {
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &ns.0, "tcpdump", "-i", "lo", "-n", "-s", "0"])
+            .args([
+                "netns", "exec", &ns.0, "tcpdump", "-i", "lo", "-n", "-s", "0",
+            ])
             .args(["-B", "131072", "-U", "-w"])
             .arg(file)
             .arg("tcp")
@@ -181,7 +183,12 @@ fn tls_pair(base: &Path) -> (CopyTls, CopyTls) {
     )
 }
 
-fn receive_spec(path: &Path, size: u64, tls: Option<CopyTls>, netns: Option<&Netns>) -> ReceiveSpec {
+fn receive_spec(
+    path: &Path,
+    size: u64,
+    tls: Option<CopyTls>,
+    netns: Option<&Netns>,
+) -> ReceiveSpec {
     let first_port = if netns.is_some() {
         10809
     } else {
@@ -276,7 +283,10 @@ async fn a_tls_copy_is_identical_and_leaves_no_credentials() {
     assert_eq!(rx.borrow().percent, 100.0);
     assert!(!send_dir.exists(), "the sender's credentials outlived it");
     r.finish().await.unwrap();
-    assert!(!receive_dir.exists(), "the receiver's credentials outlived it");
+    assert!(
+        !receive_dir.exists(),
+        "the receiver's credentials outlived it"
+    );
     let opts = ChecksumOptions::default();
     let a = image_checksum(&src, DiskFormat::Qcow2, &opts, None)
         .await
@@ -314,10 +324,8 @@ async fn a_receiver_with_other_credentials_refuses_the_sender() {
     let foreign_client = {
         let (_, receive) = tls_pair(dir.path());
         let (mut send, _) = tls_pair(dir.path());
-        send.credentials.ca_pem = format!(
-            "{}{}",
-            send.credentials.ca_pem, receive.credentials.ca_pem
-        );
+        send.credentials.ca_pem =
+            format!("{}{}", send.credentials.ca_pem, receive.credentials.ca_pem);
         (send, receive)
     };
     for (what, pair) in [
@@ -328,9 +336,7 @@ async fn a_receiver_with_other_credentials_refuses_the_sender() {
         let dirs = [pair.0.dir.clone(), pair.1.dir.clone()];
         let dst = dir.path().join("refused.qcow2");
         let started = Instant::now();
-        let err = copy(&src, &dst, Some(pair), None)
-            .await
-            .expect_err(what);
+        let err = copy(&src, &dst, Some(pair), None).await.expect_err(what);
         eprintln!("{what}: {err}");
         assert_eq!(err.code(), "storage-tool-failed", "{what}: {err}");
         assert!(
@@ -410,9 +416,15 @@ async fn a_capture_of_a_tls_copy_holds_no_disk_content() {
             wire.len()
         );
         if tls {
-            assert!(!contains(&wire, MARKER), "the disk's content is on the wire of a TLS copy");
+            assert!(
+                !contains(&wire, MARKER),
+                "the disk's content is on the wire of a TLS copy"
+            );
         } else {
-            assert!(contains(&wire, MARKER), "a plain copy's capture lacks the marker: the capture is broken");
+            assert!(
+                contains(&wire, MARKER),
+                "a plain copy's capture lacks the marker: the capture is broken"
+            );
         }
         assert!(!dir.path().join("send.tls").exists() && !dir.path().join("receive.tls").exists());
     }
