@@ -26,8 +26,9 @@ use ferry_api::agent::{
 };
 use ferry_api::instances::{DiskFormat, ImageRef};
 use ferry_api::ErrorBody;
+use ferry_migrate::TlsCredentials;
 use ferry_storage::checksum::{image_checksum, ChecksumOptions};
-use ferry_storage::copy::{self, ReceiveSpec, Receiver, SendProgress, SendSpec};
+use ferry_storage::copy::{self, CopyTls, ReceiveSpec, Receiver, SendProgress, SendSpec};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -245,6 +246,20 @@ impl Agent {
             .join(format!("{mid}-{disk}.json"))
     }
 
+    /// Where a copy's half keeps its TLS credentials while it runs: beside its record, in the
+    /// agent's private state directory (never on a datastore). Removed by the half when it
+    /// ends, and at start by [`Agent::load_copies`] after a crash.
+    fn copy_tls(&self, mid: Uuid, disk: &str, creds: Option<TlsCredentials>) -> Option<CopyTls> {
+        creds.map(|credentials| CopyTls {
+            credentials,
+            dir: self
+                .config
+                .state_dir
+                .join("copies")
+                .join(format!("{mid}-{disk}.tls")),
+        })
+    }
+
     /// Whether an instance defined on this host uses `image` (as a disk, its base or its
     /// NVRAM): such an image is never created over, nor removed.
     pub(crate) async fn image_in_use(&self, image: &ImageRef) -> Option<String> {
@@ -273,6 +288,16 @@ impl Agent {
         };
         for file in files.flatten() {
             let path = file.path();
+            if path.extension().and_then(|e| e.to_str()) == Some("tls") && path.is_dir() {
+                // A half's credentials, left by a crash: nothing uses them any more.
+                match std::fs::remove_dir_all(&path) {
+                    Ok(()) => info!(dir = %path.display(), "stale copy credentials removed"),
+                    Err(e) => {
+                        warn!(dir = %path.display(), error = %e, "cannot remove stale copy credentials")
+                    }
+                }
+                continue;
+            }
             if path.extension().and_then(|e| e.to_str()) != Some("json") {
                 let _ = std::fs::remove_file(&path);
                 continue;
@@ -420,6 +445,7 @@ impl Agent {
             export: export.clone(),
             netns: self.config.netns.clone(),
             start_timeout: EXPORT_START,
+            tls: self.copy_tls(mid, &disk, req.tls),
         };
         let receiver = match Receiver::start(&spec).await {
             Ok(r) => r,
@@ -528,6 +554,7 @@ impl Agent {
             netns: self.config.netns.clone(),
             rate_limit_bps: req.rate_limit_bps,
             stall_timeout: STALL_TIMEOUT,
+            tls: self.copy_tls(mid, &disk, req.tls),
         };
         info!(%mid, %disk, image = %req.image, %destination, "sending a disk copy");
         let running = entry.clone();

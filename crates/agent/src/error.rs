@@ -240,7 +240,9 @@ impl From<ferry_storage::copy::CopyError> for AgentError {
                 message,
                 hint,
             },
-            CopyError::Invalid(_) => AgentError::BadRequest(message),
+            CopyError::Invalid(_) | CopyError::Tls(ferry_migrate::TlsError::Invalid(_)) => {
+                AgentError::BadRequest(message)
+            }
             _ => AgentError::Storage {
                 code,
                 message,

@@ -18,6 +18,8 @@ use ferry_api::instances::{BootSpec, DiskFormat, DiskSpec, ImageRef, InstanceSpe
 use ferry_api::{ApiClient, ApiError};
 use uuid::Uuid;
 
+#[path = "../../lab/tests/common/certs.rs"]
+mod certs;
 mod common;
 
 use common::{client, config};
@@ -172,6 +174,7 @@ async fn a_disk_copy_through_two_agents_and_what_a_restart_cleans() {
         format: DiskFormat::Qcow2,
         size_bytes: measured.size_bytes,
         required_bytes: measured.allocated_bytes,
+        tls: None,
     };
     let at: CopyReceiving = c2
         .post(&format!("/v1/copies/{mid}/disk0/receive"), &receive)
@@ -191,6 +194,7 @@ async fn a_disk_copy_through_two_agents_and_what_a_restart_cleans() {
         destination: at.addr.clone(),
         export: at.export.clone(),
         rate_limit_bps: None,
+        tls: None,
     };
     let _: CopyStatus = c1
         .post(&format!("/v1/copies/{mid}/disk0/send"), &send)
@@ -285,6 +289,7 @@ async fn a_disk_copy_through_two_agents_and_what_a_restart_cleans() {
                 format: DiskFormat::Raw,
                 size_bytes: 8 << 20,
                 required_bytes: 0,
+                tls: None,
             },
         )
         .await
@@ -366,6 +371,163 @@ async fn a_disk_copy_through_two_agents_and_what_a_restart_cleans() {
         .await
         .unwrap();
     assert_eq!((again.removed.len(), again.missing.len()), (0, 1));
+    a1.shutdown().await;
+    a2.shutdown().await;
+}
+
+/// Where an agent keeps a copy half's credentials while it runs.
+fn copy_tls_dir(config: &AgentConfig, mid: Uuid, disk: &str) -> PathBuf {
+    config
+        .state_dir
+        .join("copies")
+        .join(format!("{mid}-{disk}.tls"))
+}
+
+/// The server's sequence with per-migration credentials: the copy runs over TLS through both
+/// agents and is identical; a receiver holding another migration's credentials refuses the
+/// sender, the copy fails cleanly and abort removes the partial image; every credential
+/// directory is gone after both, and one a crash left is removed when the agent starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_disk_copy_through_two_agents() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::tempdir().unwrap();
+    let (cfg1, cfg2) = (
+        host("tls1", root.path(), "49340-49349"),
+        host("tls2", root.path(), "49350-49359"),
+    );
+    let stale = cfg2
+        .state_dir
+        .join("copies")
+        .join(format!("{}-disk0.tls", Uuid::new_v4()));
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("server-key.pem"), "left by a crash").unwrap();
+    let a1 = ferry_agent::start(cfg1.clone()).await.expect("agent 1");
+    let a2 = ferry_agent::start(cfg2.clone()).await.expect("agent 2");
+    assert!(!stale.exists(), "stale copy credentials survived the start");
+    let (c1, c2) = (client(&a1), client(&a2));
+    let src_path = cfg1.datastores[0].path.join("vm-disk0.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&src_path)
+        .arg("64M"));
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x5a 0 4M"])
+        .arg(&src_path));
+    let image = local("vm-disk0.qcow2");
+    let lo = std::net::IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let pair = certs::issue_migration_pair(&certs::fresh_id(), lo);
+    let (source_tls, destination_tls) = certs::halves(&pair, lo);
+
+    let mid = Uuid::new_v4();
+    let receive = ReceiveCopy {
+        image: image.clone(),
+        format: DiskFormat::Qcow2,
+        size_bytes: 64 << 20,
+        required_bytes: 0,
+        tls: Some(destination_tls.clone()),
+    };
+    let at: CopyReceiving = c2
+        .post(&format!("/v1/copies/{mid}/disk0/receive"), &receive)
+        .await
+        .unwrap();
+    let dst_dir = copy_tls_dir(&cfg2, mid, "disk0");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dst_dir), 0o700);
+    assert_eq!(mode(&dst_dir.join("server-key.pem")), 0o600);
+    let send = SendCopy {
+        image: image.clone(),
+        format: DiskFormat::Qcow2,
+        destination: at.addr.clone(),
+        export: at.export.clone(),
+        rate_limit_bps: None,
+        tls: Some(source_tls.clone()),
+    };
+    let _: CopyStatus = c1
+        .post(&format!("/v1/copies/{mid}/disk0/send"), &send)
+        .await
+        .unwrap();
+    wait_sent(&c1, mid, "disk0").await;
+    assert!(
+        !copy_tls_dir(&cfg1, mid, "disk0").exists(),
+        "sender's credentials left"
+    );
+    let received: CopyStatus = c2
+        .post(&format!("/v1/copies/{mid}/disk0/finish"), &())
+        .await
+        .unwrap();
+    assert_eq!(received.state, CopyState::Received);
+    assert!(!dst_dir.exists(), "receiver's credentials left");
+    let (s1, s2) = tokio::join!(
+        checksum(&c1, &image, DiskFormat::Qcow2),
+        checksum(&c2, &image, DiskFormat::Qcow2)
+    );
+    assert_eq!(s1, s2);
+
+    // A receiver with another migration's credentials (another CA, another identity).
+    let mid2 = Uuid::new_v4();
+    let other = certs::issue_migration_pair(&certs::fresh_id(), lo);
+    let (_, other_destination) = certs::halves(&other, lo);
+    let refused_image = local("refused.qcow2");
+    let at2: CopyReceiving = c2
+        .post(
+            &format!("/v1/copies/{mid2}/disk0/receive"),
+            &ReceiveCopy {
+                image: refused_image.clone(),
+                tls: Some(other_destination),
+                ..receive.clone()
+            },
+        )
+        .await
+        .unwrap();
+    let _: CopyStatus = c1
+        .post(
+            &format!("/v1/copies/{mid2}/disk0/send"),
+            &SendCopy {
+                destination: at2.addr.clone(),
+                export: at2.export.clone(),
+                ..send.clone()
+            },
+        )
+        .await
+        .unwrap();
+    let failed = loop {
+        let s: CopyStatus = c1
+            .get(&format!("/v1/copies/{mid2}/disk0?wait_ms=1000"))
+            .await
+            .unwrap();
+        if s.state != CopyState::Sending {
+            break s;
+        }
+    };
+    assert_eq!(failed.state, CopyState::Failed, "{failed:?}");
+    let error = failed.error.expect("a failed copy says why");
+    assert_eq!(error.code, "storage-tool-failed", "{error:?}");
+    let _: () = c2
+        .post(&format!("/v1/copies/{mid2}/disk0/abort"), &())
+        .await
+        .unwrap();
+    wait_gone(&at2.export).await;
+    assert!(
+        !cfg2.datastores[0].path.join("refused.qcow2").exists(),
+        "partial image left"
+    );
+    assert!(!copy_tls_dir(&cfg1, mid2, "disk0").exists());
+    assert!(!copy_tls_dir(&cfg2, mid2, "disk0").exists());
+
+    // Credentials for the wrong half are refused before anything starts.
+    let wrong = c2
+        .post::<_, CopyReceiving>(
+            &format!("/v1/copies/{}/disk0/receive", Uuid::new_v4()),
+            &ReceiveCopy {
+                image: local("wrong-half.qcow2"),
+                tls: Some(source_tls),
+                ..receive.clone()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.status(), Some(400), "{wrong}");
+    assert!(!cfg2.datastores[0].path.join("wrong-half.qcow2").exists());
     a1.shutdown().await;
     a2.shutdown().await;
 }

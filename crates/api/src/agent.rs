@@ -28,7 +28,8 @@
 //! - `incoming`, `incoming/launch` and `source` take an optional `tls`: that half's
 //!   per-migration credentials ([`ferry_migrate::TlsCredentials`]); every stream of the
 //!   migration (memory, multifd, post-copy recovery, NBD) then runs over TLS, and the files
-//!   are removed when the half ends
+//!   are removed when the half ends; the cold copy's `receive` and `send` take one too (the
+//!   NBD export and `qemu-img` then copy over TLS)
 //! - `GET  /v1/migrations/{mid}?after=SEQ[&wait_ms=MS]` -> [`SourceStatus`] (with `wait_ms`,
 //!   answers as soon as there is news, or after that long)
 //! - `POST /v1/migrations/{mid}/cancel[?wait=false]` -> [`SourceStatus`] (409
@@ -476,6 +477,13 @@ pub struct ReceiveCopy {
     /// Room the copy needs on the datastore; refused (`no-room`) when there is less.
     #[serde(default)]
     pub required_bytes: u64,
+    /// The destination's TLS credentials for the copy: the migration's CA, the destination's
+    /// server certificate (valid for its migration address) and key, and
+    /// [`TlsPeer::Client`](ferry_migrate::TlsPeer::Client) naming the source's identity, the
+    /// only client the export lets in. Written 0600 into the agent's state directory while
+    /// the export runs; `None` copies in the clear. `Debug` redacts the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ferry_migrate::TlsCredentials>,
 }
 
 /// Where the source sends the copy.
@@ -501,6 +509,13 @@ pub struct SendCopy {
     /// Bytes per second; absent: unlimited.
     #[serde(default)]
     pub rate_limit_bps: Option<u64>,
+    /// The source's TLS credentials for the copy: the migration's CA, the source's client
+    /// certificate and key, and [`TlsPeer::Server`](ferry_migrate::TlsPeer::Server) naming
+    /// the destination's migration address, which the export's certificate must be valid
+    /// for. Written 0600 into the agent's state directory while `qemu-img` sends; `None`
+    /// copies in the clear. `Debug` redacts the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ferry_migrate::TlsCredentials>,
 }
 
 /// A copy's half on one agent.
@@ -599,5 +614,62 @@ mod tests {
         assert!(plain.get("tls").is_none());
         let back: StartSource = serde_json::from_value(plain).unwrap();
         assert!(back.tls.is_none());
+    }
+
+    /// The copy requests carry credentials the same way: optional, absent when none, the key
+    /// never in `Debug` (they are `deny_unknown_fields`, so an old agent refuses them loudly
+    /// rather than copying in the clear).
+    #[test]
+    fn copy_requests_take_optional_tls() {
+        let creds = TlsCredentials {
+            ca_pem: "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n".into(),
+            cert_pem: "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n".into(),
+            key_pem: "-----BEGIN PRIVATE KEY-----\nTOP-SECRET\n-----END PRIVATE KEY-----\n".into(),
+            peer: TlsPeer::Client {
+                identity: "CN=ferry-migration-x-source".into(),
+            },
+        };
+        let image = ImageRef {
+            datastore: "local".into(),
+            file: "vm/disk0.qcow2".into(),
+        };
+        let receive = ReceiveCopy {
+            image: image.clone(),
+            format: DiskFormat::Qcow2,
+            size_bytes: 1 << 30,
+            required_bytes: 0,
+            tls: Some(creds.clone()),
+        };
+        assert!(!format!("{receive:?}").contains("TOP-SECRET"));
+        let json = serde_json::to_value(&receive).unwrap();
+        assert_eq!(
+            json["tls"]["peer"]["client"]["identity"],
+            "CN=ferry-migration-x-source"
+        );
+        assert_eq!(
+            serde_json::from_value::<ReceiveCopy>(json).unwrap(),
+            receive
+        );
+        let send = SendCopy {
+            image,
+            format: DiskFormat::Qcow2,
+            destination: "10.78.0.12:49152".into(),
+            export: "ferry-0123".into(),
+            rate_limit_bps: None,
+            tls: None,
+        };
+        let json = serde_json::to_value(&send).unwrap();
+        assert!(json.get("tls").is_none());
+        assert_eq!(serde_json::from_value::<SendCopy>(json).unwrap(), send);
+        let with = SendCopy {
+            tls: Some(TlsCredentials {
+                peer: TlsPeer::Server {
+                    hostname: "10.78.0.12".into(),
+                },
+                ..creds
+            }),
+            ..send
+        };
+        assert!(!format!("{with:?}").contains("TOP-SECRET"));
     }
 }

@@ -365,6 +365,8 @@ impl ColdJob<'_> {
             format: p.format,
             size_bytes: measured.size_bytes,
             required_bytes: measured.allocated_bytes,
+            // The copy's per-migration credentials come with the server's issuing.
+            tls: None,
         };
         let (dst, path) = (self.dst.clone(), self.path(&p.disk, "/receive"));
         let receiving: CopyReceiving = self
@@ -381,6 +383,7 @@ impl ColdJob<'_> {
                 .options
                 .bandwidth_mib_s
                 .map(|m| m.saturating_mul(1 << 20)),
+            tls: None,
         };
         let (src, path) = (self.src.clone(), self.path(&p.disk, "/send"));
         let started: Result<CopyStatus, ApiError> = self

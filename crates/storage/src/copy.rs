@@ -16,13 +16,19 @@
 //!
 //! The export is protected by its name, a random token only the two agents know: `qemu-nbd`
 //! refuses clients that ask for another export, so a stray connection on the migration
-//! network cannot write into the image. The data itself travels unencrypted, like a QEMU
-//! migration stream, which is why it uses the migration network.
+//! network cannot write into the image. With [`CopyTls`] on both halves (the migration's
+//! temporary credentials, the same kind as its memory streams use) the copy also travels
+//! over TLS: `qemu-nbd` presents the destination's certificate and lets in only a client
+//! whose certificate the migration's CA signed for the source's identity (`tls-authz`), and
+//! `qemu-img` checks the export's certificate against the destination's address. The
+//! credential files live in a 0700 directory of 0600 files that each half removes when it
+//! ends, whatever the outcome. Without credentials the data travels unencrypted.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use ferry_migrate::{StreamTls, TlsCredentials, TlsError, TlsPeer};
 use ferry_qemu::DiskFormat;
 use tokio::io::AsyncReadExt;
 use tokio::process::Child;
@@ -69,6 +75,9 @@ pub enum CopyError {
     /// A request this module refuses (an export name that is not a plain token).
     #[error("invalid copy request: {0}")]
     Invalid(String),
+    /// The copy's TLS credentials are unusable or could not be written.
+    #[error("the copy's TLS credentials cannot be used: {0}")]
+    Tls(#[from] TlsError),
 }
 
 impl CopyError {
@@ -84,6 +93,7 @@ impl CopyError {
             CopyError::ExportStuck { .. } => "copy-export-stuck",
             CopyError::BadImage { .. } => "copy-bad-image",
             CopyError::Invalid(_) => "copy-invalid-request",
+            CopyError::Tls(_) => "copy-tls-credentials",
         }
     }
 
@@ -106,6 +116,10 @@ impl CopyError {
             CopyError::ExportStuck { .. } => "check the destination's datastore and retry",
             CopyError::BadImage { .. } => "check the image with `qemu-img info`",
             CopyError::Invalid(_) => "a bug in the caller; report it",
+            CopyError::Tls(_) => {
+                "check the agent's state directory (writable, not full), then retry the \
+                 migration: it gets new credentials"
+            }
         }
     }
 }
@@ -165,6 +179,61 @@ fn check_export(export: &str) -> Result<(), CopyError> {
     }
 }
 
+/// The id of the credentials object given to `qemu-nbd` or `qemu-img`.
+const TLS_CREDS_ID: &str = "ferry-copy-tls";
+/// The id of the authz object naming the one client `qemu-nbd` accepts.
+const TLS_AUTHZ_ID: &str = "ferry-copy-authz";
+
+/// One half's TLS: the migration's temporary credentials and the directory their files are
+/// written to while the half runs. The directory is created 0700 (replacing what a crashed
+/// earlier half left there) and removed when the half ends, so it should be private to the
+/// agent (its state directory) and never on a datastore.
+#[derive(Debug, Clone)]
+pub struct CopyTls {
+    /// The receiver's must name the source's identity ([`TlsPeer::Client`]), the sender's the
+    /// destination's address ([`TlsPeer::Server`]).
+    pub credentials: TlsCredentials,
+    pub dir: PathBuf,
+}
+
+impl CopyTls {
+    /// Writes the files, refusing credentials made for the other half.
+    fn write(&self, server: bool) -> Result<StreamTls, CopyError> {
+        if self.credentials.is_server() != server {
+            let (half, wanted) = if server {
+                ("receiver", "the source's identity")
+            } else {
+                ("sender", "the destination's host name")
+            };
+            return Err(TlsError::Invalid(format!(
+                "the {half}'s credentials must name {wanted} as their peer"
+            ))
+            .into());
+        }
+        Ok(StreamTls::create(&self.dir, self.credentials.clone())?)
+    }
+}
+
+/// `--object tls-creds-x509,...` for credentials written by [`CopyTls::write`].
+fn tls_creds_object(tls: &StreamTls) -> String {
+    let endpoint = if tls.credentials().is_server() {
+        "server"
+    } else {
+        "client"
+    };
+    // verify-peer: a server asks for (and checks) the client's certificate; a client checks
+    // the server's either way.
+    format!(
+        "tls-creds-x509,id={TLS_CREDS_ID},endpoint={endpoint},verify-peer=on,dir={}",
+        opt_value(&tls.dir().to_string_lossy())
+    )
+}
+
+/// A value inside a QEMU option string: a comma is written twice.
+fn opt_value(v: &str) -> String {
+    v.replace(',', ",,")
+}
+
 /// The destination's half, as asked.
 #[derive(Debug, Clone)]
 pub struct ReceiveSpec {
@@ -184,6 +253,8 @@ pub struct ReceiveSpec {
     pub netns: Option<String>,
     /// How long `qemu-nbd` may take to listen.
     pub start_timeout: Duration,
+    /// Serve the export over TLS to the source named in these credentials only.
+    pub tls: Option<CopyTls>,
 }
 
 /// A new image exported writable over NBD, waiting for the sender. Dropped or aborted before
@@ -196,6 +267,9 @@ pub struct Receiver {
     export: String,
     /// The image is complete and belongs to the caller.
     kept: bool,
+    /// The credential files while the export runs; removed with the receiver (dropped after
+    /// [`Drop::drop`] has killed `qemu-nbd`).
+    tls: Option<StreamTls>,
 }
 
 impl Receiver {
@@ -224,6 +298,9 @@ impl Receiver {
             .args(["create", "-q", "-f", spec.format.as_str()])
             .arg(&spec.path)
             .arg(spec.size_bytes.to_string());
+        // Written before the image exists: unusable credentials leave nothing behind. Dropped
+        // on every failure below, which removes the files.
+        let tls = spec.tls.as_ref().map(|t| t.write(true)).transpose()?;
         // From here on the file is ours: removed on every failure below.
         let guard = RemoveOnDrop(Some(spec.path.clone()));
         if let Err(e) = tool::run(create, QUICK_TOOL).await {
@@ -232,7 +309,7 @@ impl Receiver {
         }
         for port in spec.first_port..=spec.last_port {
             let addr = SocketAddr::new(spec.addr, port);
-            match export(spec, addr).await? {
+            match export(spec, addr, tls.as_ref()).await? {
                 Some(child) => {
                     let mut guard = guard;
                     guard.0 = None;
@@ -242,6 +319,7 @@ impl Receiver {
                         addr,
                         export: spec.export.clone(),
                         kept: false,
+                        tls,
                     });
                 }
                 None => continue,
@@ -270,6 +348,11 @@ impl Receiver {
     /// The `qemu-nbd` process, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
+    }
+
+    /// Whether the export is served over TLS.
+    pub fn tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// Stops the export cleanly (flushed and closed) and keeps the image.
@@ -318,8 +401,23 @@ impl Drop for RemoveOnDrop {
 
 /// Starts `qemu-nbd` on `addr`: the running child once it listens, `None` when the port is
 /// taken (the caller tries the next one).
-async fn export(spec: &ReceiveSpec, addr: SocketAddr) -> Result<Option<Child>, CopyError> {
+async fn export(
+    spec: &ReceiveSpec,
+    addr: SocketAddr,
+    tls: Option<&StreamTls>,
+) -> Result<Option<Child>, CopyError> {
     let mut cmd = tool::command("qemu-nbd", spec.netns.as_deref());
+    if let Some(tls) = tls {
+        cmd.arg("--object").arg(tls_creds_object(tls));
+        if let TlsPeer::Client { identity } = &tls.credentials().peer {
+            cmd.arg("--object").arg(format!(
+                "authz-simple,id={TLS_AUTHZ_ID},identity={}",
+                opt_value(identity)
+            ));
+            cmd.arg(format!("--tls-authz={TLS_AUTHZ_ID}"));
+        }
+        cmd.arg(format!("--tls-creds={TLS_CREDS_ID}"));
+    }
     cmd.arg(format!("--bind={}", addr.ip()))
         .arg(format!("--port={}", addr.port()))
         .arg(format!("--format={}", spec.format.as_str()))
@@ -445,6 +543,9 @@ pub struct SendSpec {
     pub rate_limit_bps: Option<u64>,
     /// No progress for this long stops the copy.
     pub stall_timeout: Duration,
+    /// Send over TLS, to an export whose certificate is valid for the host name in these
+    /// credentials only.
+    pub tls: Option<CopyTls>,
 }
 
 /// How far a send is. `done_bytes` counts the virtual size processed (zero ranges included),
@@ -476,6 +577,9 @@ pub async fn send(
     progress: &watch::Sender<SendProgress>,
 ) -> Result<SendOutcome, CopyError> {
     check_export(&spec.export)?;
+    // Dropped when this future ends or is dropped (after `qemu-img`, killed on drop, has
+    // read them at its start), which removes the files.
+    let tls = spec.tls.as_ref().map(|t| t.write(false)).transpose()?;
     let started = Instant::now();
     let size = image_size(&spec.path, spec.format).await?;
     let total = size.virtual_bytes;
@@ -485,13 +589,42 @@ pub async fn send(
     });
     let mut cmd = tool::command("qemu-img", spec.netns.as_deref());
     cmd.args(["convert", "-n", "-p", "--target-is-zero", "-W"])
-        .args(["-f", spec.format.as_str(), "-O", "raw"]);
+        .args(["-f", spec.format.as_str()]);
     if let Some(r) = spec.rate_limit_bps.filter(|r| *r > 0) {
         cmd.arg("-r").arg(r.to_string());
     }
-    cmd.arg(&spec.path)
-        .arg(format!("nbd://{}/{}", spec.destination, spec.export))
-        .stdout(std::process::Stdio::piped());
+    match &tls {
+        Some(tls) => {
+            let hostname = match &tls.credentials().peer {
+                TlsPeer::Server { hostname } => hostname,
+                // CopyTls::write(false) refused these already.
+                TlsPeer::Client { .. } => {
+                    return Err(CopyError::Invalid(
+                        "the sender's credentials name no destination host".into(),
+                    ))
+                }
+            };
+            // An `nbd://` URL cannot carry TLS options: the target is given as image
+            // options, whose driver (nbd) makes it raw, as `-O raw` does for the URL.
+            cmd.arg("--object")
+                .arg(tls_creds_object(tls))
+                .arg(&spec.path)
+                .arg("--target-image-opts")
+                .arg(format!(
+                    "driver=nbd,host={},port={},export={},tls-creds={TLS_CREDS_ID},tls-hostname={}",
+                    opt_value(&spec.destination.ip().to_string()),
+                    spec.destination.port(),
+                    spec.export,
+                    opt_value(hostname)
+                ));
+        }
+        None => {
+            cmd.args(["-O", "raw"])
+                .arg(&spec.path)
+                .arg(format!("nbd://{}/{}", spec.destination, spec.export));
+        }
+    }
+    cmd.stdout(std::process::Stdio::piped());
     let name = tool::tool_name(&cmd);
     let mut child = cmd.spawn().map_err(|source| ToolError::Spawn {
         tool: name.clone(),
@@ -716,6 +849,7 @@ mod tests {
             export: "test-export-0123".into(),
             netns: None,
             start_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 
@@ -728,6 +862,7 @@ mod tests {
             netns: None,
             rate_limit_bps: None,
             stall_timeout: Duration::from_secs(60),
+            tls: None,
         }
     }
 
@@ -920,6 +1055,7 @@ mod tests {
             netns: None,
             rate_limit_bps: None,
             stall_timeout: Duration::from_secs(30),
+            tls: None,
         };
         let err = send(&nowhere, &tx).await.unwrap_err();
         assert_eq!(err.code(), "storage-tool-failed", "{err}");
