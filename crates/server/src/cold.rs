@@ -360,13 +360,17 @@ impl ColdJob<'_> {
             p.format.as_str()
         );
         self.log("info", &message).await;
+        // The copy travels over TLS with the migration's own pair, as a live migration's
+        // streams do.
+        let tls = crate::stream_tls::for_migration(self.state, &self.m)
+            .await
+            .map_err(|e| AttemptEnd::End(ColdEnd::Failed(e.body)))?;
         let receive = ReceiveCopy {
             image: p.image.clone(),
             format: p.format,
             size_bytes: measured.size_bytes,
             required_bytes: measured.allocated_bytes,
-            // The copy's per-migration credentials come with the server's issuing.
-            tls: None,
+            tls: Some(tls.destination),
         };
         let (dst, path) = (self.dst.clone(), self.path(&p.disk, "/receive"));
         let receiving: CopyReceiving = self
@@ -383,7 +387,7 @@ impl ColdJob<'_> {
                 .options
                 .bandwidth_mib_s
                 .map(|m| m.saturating_mul(1 << 20)),
-            tls: None,
+            tls: Some(tls.source),
         };
         let (src, path) = (self.src.clone(), self.path(&p.disk, "/send"));
         let started: Result<CopyStatus, ApiError> = self
