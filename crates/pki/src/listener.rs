@@ -11,7 +11,6 @@ use std::time::Duration;
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio_rustls::server::TlsStream;
 use tracing::debug;
 
@@ -39,51 +38,48 @@ impl ServerConfigSlot {
 }
 
 /// A TCP listener whose accepted connections have completed a TLS handshake.
+///
+/// The listener owns its TCP socket (no background task does): when the server stops and
+/// drops it, the port is free at once, so a restarted agent can bind it again immediately.
 pub struct TlsListener {
+    tcp: TcpListener,
+    slot: ServerConfigSlot,
+    tx: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
     rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
     local: SocketAddr,
-    accept: JoinHandle<()>,
 }
 
 impl TlsListener {
-    /// Starts accepting on `tcp` with the configuration in `slot`.
+    /// Accepts on `tcp` with the configuration in `slot`.
     pub fn new(tcp: TcpListener, slot: ServerConfigSlot) -> std::io::Result<TlsListener> {
         let local = tcp.local_addr()?;
         let (tx, rx) = mpsc::channel(64);
-        let accept = tokio::spawn(async move {
-            loop {
-                let (stream, peer) = match tcp.accept().await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        debug!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let Some(config) = slot.get() else {
-                    debug!(%peer, "no certificate yet; connection closed");
-                    continue;
-                };
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, peer)).await;
-                        }
-                        Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake refused"),
-                        Err(_) => debug!(%peer, "TLS handshake timed out"),
-                    }
-                });
+        Ok(TlsListener {
+            tcp,
+            slot,
+            tx,
+            rx,
+            local,
+        })
+    }
+
+    /// Starts the handshake of one accepted connection in its own task.
+    fn handshake(&self, stream: TcpStream, peer: SocketAddr) {
+        let Some(config) = self.slot.get() else {
+            debug!(%peer, "no certificate yet; connection closed");
+            return;
+        };
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => {
+                    let _ = tx.send((tls, peer)).await;
+                }
+                Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake refused"),
+                Err(_) => debug!(%peer, "TLS handshake timed out"),
             }
         });
-        Ok(TlsListener { rx, local, accept })
-    }
-}
-
-impl Drop for TlsListener {
-    fn drop(&mut self) {
-        self.accept.abort();
     }
 }
 
@@ -92,10 +88,17 @@ impl axum::serve::Listener for TlsListener {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.rx.recv().await {
-            Some(conn) => conn,
-            // The accept task only ends when this listener is dropped.
-            None => std::future::pending().await,
+        loop {
+            tokio::select! {
+                Some(conn) = self.rx.recv() => return conn,
+                accepted = self.tcp.accept() => match accepted {
+                    Ok((stream, peer)) => self.handshake(stream, peer),
+                    Err(e) => {
+                        debug!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
         }
     }
 
