@@ -86,6 +86,20 @@ pub fn agent_server_config(
     Ok(Arc::new(config))
 }
 
+/// Finishes a client configuration, presenting `identity` (chain PEM, key PEM) if given.
+fn with_identity(
+    builder: rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>,
+    identity: Option<(&str, &str)>,
+) -> Result<Arc<ClientConfig>, PkiError> {
+    let config = match identity {
+        Some((chain, key)) => {
+            builder.with_client_auth_cert(certs_from_pem(chain)?, key_from_pem(key)?)?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
+}
+
 /// A client that trusts only `ca_pem`, optionally presenting `identity` (chain PEM, key PEM).
 pub fn client_config(
     ca_pem: &str,
@@ -94,13 +108,7 @@ pub fn client_config(
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots(ca_pem)?);
-    let config = match identity {
-        Some((chain, key)) => {
-            builder.with_client_auth_cert(certs_from_pem(chain)?, key_from_pem(key)?)?
-        }
-        None => builder.with_no_client_auth(),
-    };
-    Ok(Arc::new(config))
+    with_identity(builder, identity)
 }
 
 /// A client that trusts the server whose CA (or leaf) certificate has the SHA-256 `pin`
@@ -118,13 +126,7 @@ pub fn pinned_client_config(
         .with_safe_default_protocol_versions()?
         .dangerous()
         .with_custom_certificate_verifier(verifier);
-    let config = match identity {
-        Some((chain, key)) => {
-            builder.with_client_auth_cert(certs_from_pem(chain)?, key_from_pem(key)?)?
-        }
-        None => builder.with_no_client_auth(),
-    };
-    Ok(Arc::new(config))
+    with_identity(builder, identity)
 }
 
 /// The server calling agents: presents its client identity, trusts the cluster CA, and

@@ -19,25 +19,14 @@ fn slow() -> MigrationOptions {
     }
 }
 
-async fn metrics(c: &Cluster) -> prometheus_parse::Scrape {
-    let text = c.admin.get_text("/metrics").await.expect("metrics");
-    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("parses")
+async fn metrics(c: &Cluster) -> String {
+    c.admin.get_text("/metrics").await.expect("metrics")
 }
 
-/// A counter's or gauge's value, or a histogram's count, of the sample with these labels.
-fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let s = scrape
-        .samples
-        .iter()
-        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .unwrap_or_else(|| panic!("no {name} {labels:?} in the metrics"));
-    match &s.value {
-        prometheus_parse::Value::Counter(v)
-        | prometheus_parse::Value::Gauge(v)
-        | prometheus_parse::Value::Untyped(v) => *v,
-        prometheus_parse::Value::Histogram(h) => h.iter().map(|b| b.count).fold(0.0, f64::max),
-        other => panic!("{name}: {other:?}"),
-    }
+/// A counter's or gauge's value, or a histogram's count, of the series with these labels.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    ferry_server::metrics::scraped_value(text, name, labels)
+        .unwrap_or_else(|| panic!("no {name} {labels:?} in the metrics"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
