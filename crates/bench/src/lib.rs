@@ -420,17 +420,14 @@ async fn bench(args: &BenchArgs, image: &ImageOptions) -> Result<Outcome, BenchE
     }
     let mut ceilings = Vec::new();
     // What QEMU got through on each link (unshaped, shaped) in this run's completed,
-    // uncapped migrations, learned as the server learns it per host pair.
-    let mut learned_per_link: [Option<f64>; 2] = [None, None];
-    let mut learned_switchover: [Option<f64>; 2] = [None, None];
+    // uncapped migrations, learned as the server learns it per host pair; over TLS (as every
+    // Ferry migration) and in the clear (the plain column) apart, since encryption is part of
+    // what QEMU gets through.
+    let mut learned_per_link: [[Option<f64>; 2]; 2] = [[None, None], [None, None]];
+    let mut learned_switchover: [[Option<f64>; 2]; 2] = [[None, None], [None, None]];
     for sc in scenarios(args.quick, &args.sizes, &args.loads) {
         let link = if sc.shaped { raw_shaped } else { raw_unshaped };
         shape(&hv1.netns, sc.shaped.then_some(args.link_mbit))?;
-        // What the source reached on the other link: with this link's own, the source's
-        // fastest, as the server keeps it per source host.
-        let other_link = learned_per_link[usize::from(!sc.shaped)];
-        let learned = &mut learned_per_link[usize::from(sc.shaped)];
-        let learned_switchover = &mut learned_switchover[usize::from(sc.shaped)];
         // The ceiling is taken before and after the scenario's cells (the machine is shared:
         // one paused migration can fall on a busy moment); the faster one counts.
         // They teach the learned rate nothing: the server only ever sees real jobs.
@@ -440,6 +437,12 @@ async fn bench(args: &BenchArgs, image: &ImageOptions) -> Result<Outcome, BenchE
         }
         let mut scenario_runs = Vec::new();
         for &config in &configs {
+            let tls = usize::from(config.encrypted());
+            // What the source reached on the other link: with this link's own, the source's
+            // fastest, as the server keeps it per source host.
+            let other_link = learned_per_link[tls][usize::from(!sc.shaped)];
+            let learned = &mut learned_per_link[tls][usize::from(sc.shaped)];
+            let learned_switchover = &mut learned_switchover[tls][usize::from(sc.shaped)];
             let mut detail = Vec::new();
             let mut budget_ms = None;
             for i in 0..runs {
