@@ -10,15 +10,16 @@ use ferry_cli::commands::lab::server_config;
 const ADMIN: &str = "admin-token-for-token-tests-01234";
 const JOIN: &str = "join-token-for-token-tests-012345";
 
-/// Runs `ferry ARGS --url URL --token TOKEN` off the async workers.
-async fn ferry(url: &str, token: &str, args: &[&str]) -> Output {
-    let (url, token) = (url.to_string(), token.to_string());
+/// Runs `ferry ARGS --url URL --token TOKEN` off the async workers, trusting the server's CA.
+async fn ferry(server: &ferry_server::ServerHandle, token: &str, args: &[&str]) -> Output {
+    let (url, token, ca) = (server.url(), token.to_string(), server.ca_file());
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_ferry"))
             .args(&args)
             .args(["--url", &url, "--token", &token])
             .env_remove("FERRY_CONFIG")
+            .env("FERRY_CA", &ca)
             .output()
             .unwrap()
     })
@@ -47,7 +48,7 @@ async fn roles_tokens_from_the_cli_work_with_their_role_until_revoked() {
     let url = server.url();
 
     let out = ferry(
-        &url,
+        &server,
         ADMIN,
         &[
             "token",
@@ -69,7 +70,7 @@ async fn roles_tokens_from_the_cli_work_with_their_role_until_revoked() {
         "{stdout}"
     );
 
-    let out = ferry(&url, ADMIN, &["token", "list"]).await;
+    let out = ferry(&server, ADMIN, &["token", "list"]).await;
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     for column in ["NAME", "ROLE", "CREATED", "EXPIRES", "LAST USED"] {
@@ -85,9 +86,9 @@ async fn roles_tokens_from_the_cli_work_with_their_role_until_revoked() {
     );
 
     // The operator reads, and is refused admin work with the role it needs (exit 5).
-    let out = ferry(&url, &secret, &["host", "list"]).await;
+    let out = ferry(&server, &secret, &["host", "list"]).await;
     assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
-    let out = ferry(&url, &secret, &["token", "list"]).await;
+    let out = ferry(&server, &secret, &["token", "list"]).await;
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(5), "{stderr}");
     assert!(
@@ -95,11 +96,11 @@ async fn roles_tokens_from_the_cli_work_with_their_role_until_revoked() {
         "{stderr}"
     );
 
-    let out = ferry(&url, ADMIN, &["token", "revoke", "ci"]).await;
+    let out = ferry(&server, ADMIN, &["token", "revoke", "ci"]).await;
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(stdout.contains("revoked token ci"), "{stdout}");
-    let out = ferry(&url, &secret, &["host", "list"]).await;
+    let out = ferry(&server, &secret, &["host", "list"]).await;
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(5), "{stderr}");
     assert!(stderr.contains("error[unauthorized]"), "{stderr}");
@@ -118,7 +119,7 @@ async fn roles_tokens_from_the_cli_work_with_their_role_until_revoked() {
             "30",
         ][..],
     ] {
-        let out = ferry(&url, ADMIN, args).await;
+        let out = ferry(&server, ADMIN, args).await;
         let (_, stderr) = text(&out);
         assert_ne!(out.status.code(), Some(0), "{args:?}: {stderr}");
         assert!(
