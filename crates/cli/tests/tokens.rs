@@ -45,7 +45,6 @@ async fn roles_tokens_from_the_cli_work_with_their_role_until_revoked() {
     ))
     .await
     .expect("server starts");
-    let url = server.url();
 
     let out = ferry(
         &server,
